@@ -1,0 +1,540 @@
+"""The gateway's configuration: typed, validated at load, every error reported at once.
+
+`load_config(path)` reads `conf/gateway.yaml` (or another file), the facility registry it
+names, substitutes `${NAME}` from the environment (secrets never live in the files), applies
+`GATEWAY_DB_URL`, and returns a frozen `GatewayConfig`. Any problem, anywhere, raises one
+`ConfigError` listing every problem as `file:line: key.path: message`.
+
+Relative paths in the files are resolved against the project root (the parent of `conf/`),
+so `make run` works from a fresh clone whatever the current directory is.
+"""
+from __future__ import annotations
+
+import codecs
+import difflib
+import io
+import ipaddress
+import os
+import re
+import zoneinfo
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any
+
+import yaml
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+
+class ConfigError(Exception):
+    """Configuration problems, all of them, as `file:line: key: message` lines."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n  " + "\n  ".join(self.problems))
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str  # SQLAlchemy URL: sqlite:///var/gateway.sqlite or postgresql+psycopg://...
+    pool_size: int = 4  # threads (and connections) for general database work
+    ingest_max_batch: int = 512  # most messages committed by one group commit
+
+
+@dataclass(frozen=True)
+class PkiConfig:
+    ca: str  # CA certificate (PEM) that client certificates must chain to
+    cert: str  # the gateway's own certificate (PEM)
+    key: str  # the gateway's private key (PEM)
+    dev_dir: str = "certs/dev"  # where `gateway pki init` writes the development PKI
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    """How the gateway names itself in the MSH-3/MSH-4 of the ACKs it sends."""
+
+    application: str = "MA_HIE_GATEWAY"
+    facility: str = "MA_HIE"
+
+
+@dataclass(frozen=True)
+class MllpListenerConfig:
+    name: str
+    port: int
+    interface: str = "127.0.0.1"
+    tls: bool = False  # TLS with a client certificate required and checked against pki.ca
+    max_frame_size: int = 16 * 1024 * 1024  # bytes; a larger frame closes the connection
+    idle_timeout: float = 300.0  # seconds without a byte before the connection is closed
+    frame_timeout: float = 60.0  # deadline for one frame, from its first byte to its end
+    commit_blocks: bool = False  # MLLP release 2: send a commit ACK block after storing
+    # Source addresses allowed to connect (CIDR); empty means any.
+    allow_sources: tuple[str, ...] = ()
+    # Accept messages from senders not in the facility registry (development only).
+    accept_unknown_senders: bool = False
+    processing_ids: tuple[str, ...] = ("P", "T", "D")  # MSH-11 values accepted
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    """One facility of the registry, as far as ingest needs it (issue 5 extends it)."""
+
+    id: str  # INPE or establishment code; also the name of its dev certificate
+    name: str
+    type: str  # hospital, clinic, doctor, laboratory, imaging, pharmacy
+    applications: tuple[str, ...] = ()  # MSH-3 values it uses (empty: any)
+    facilities: tuple[str, ...] = ()  # MSH-4 values it uses
+    charset_fallback: str | None = None  # Python codec tried when MSH-18 is wrong, e.g. cp1256
+    timezone: str = "Africa/Casablanca"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    path: str  # the file it was loaded from
+    root: str  # project root; relative paths are resolved against it
+    database: DatabaseConfig
+    pki: PkiConfig
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    mllp: tuple[MllpListenerConfig, ...] = ()
+    senders: tuple[SenderConfig, ...] = ()
+    node_name: str = "gateway-1"
+    log_level: str = "info"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation.
+#
+# The files are composed into YAML nodes (which keep their line numbers) and walked by small
+# checkers, one per kind of value. A checker takes (reader, node, key path) and returns the
+# value, or records a problem and returns _INVALID; nothing stops at the first problem.
+# --------------------------------------------------------------------------------------------
+
+_INVALID: Any = object()  # a checker's answer when it recorded a problem
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+DB_URL_VARIABLE = "GATEWAY_DB_URL"
+
+
+class _Reader:
+    """Reads the config files as YAML nodes and collects problems as `file:line: path: msg`."""
+
+    def __init__(self, root: str, environ: Mapping[str, str]):
+        self.root = root
+        self.environ = environ
+        self.problems: list[str] = []
+        # Values that come from outside the files, by key path (_INVALID if they were wrong).
+        self.overrides: dict[str, Any] = {}
+        self._constructor = yaml.constructor.SafeConstructor()
+        self._resolver = yaml.resolver.Resolver()
+
+    def fail(self, node: yaml.Node, path: str, message: str) -> Any:
+        mark = node.start_mark
+        self.problems.append(f"{mark.name}:{mark.line + 1}: {path or '(top level)'}: {message}")
+        return _INVALID
+
+    def read(self, file: str) -> Any:
+        """The root node of `file` (empty mapping if empty), or _INVALID; raises OSError."""
+        name = _display(file)
+        with open(file, "rb") as f:
+            data = f.read()
+        try:
+            stream = io.StringIO(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            self.problems.append(f"{name}: not UTF-8 text (byte {e.start}); save it as UTF-8")
+            return _INVALID
+        stream.name = name  # PyYAML puts the stream's name in every node's mark
+        try:
+            node = yaml.compose(stream, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            self.problems.append(f"{name}:{mark.line + 1}: YAML syntax error: {e.problem}")
+            return _INVALID
+        except yaml.YAMLError as e:
+            self.problems.append(f"{name}: YAML error: {e}")
+            return _INVALID
+        if node is None:
+            start = yaml.Mark(name, 0, 0, 0, None, None)
+            node = yaml.MappingNode("tag:yaml.org,2002:map", [], start)
+        return node
+
+    def value(self, node: yaml.ScalarNode, path: str) -> Any:
+        """The scalar's Python value, with `${NAME}` and `${NAME:-default}` substituted."""
+        if node.tag == "tag:yaml.org,2002:str" and "${" in node.value:
+            undefined: list[str] = []
+
+            def substitute(match: re.Match) -> str:
+                name, default = match.groups()
+                value = self.environ.get(name)
+                if default is not None and not value:
+                    return default
+                if value is None:
+                    undefined.append(name)
+                    return ""
+                return value
+
+            text = _VARIABLE.sub(substitute, node.value)
+            if undefined:
+                names = ", ".join(undefined)
+                return self.fail(node, path, f"environment variable {names} is not set "
+                                 f"(set it, or write ${{{undefined[0]}:-default}})")
+            # An unquoted `${PORT}` takes the type of its text, as if written in the file.
+            tag = (self._resolver.resolve(yaml.ScalarNode, text, (True, False))
+                   if node.style is None else node.tag)
+            node = yaml.ScalarNode(tag, text, node.start_mark, node.end_mark, node.style)
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as e:
+            return self.fail(node, path, f"cannot read this value: {getattr(e, 'problem', e)}")
+
+
+def _display(file: str) -> str:
+    """How a file is named in problems: relative to the current directory when inside it."""
+    relative = os.path.relpath(file)
+    return file if relative.startswith("..") else relative
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _describe(node: yaml.Node) -> str:
+    return {yaml.MappingNode: "a mapping", yaml.SequenceNode: "a list"}.get(type(node), "a value")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "an empty value" if value is None else repr(value)
+
+
+def _did_you_mean(word: Any, choices) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+Check = Callable[[_Reader, yaml.Node, str], Any]
+
+
+# -- Scalars: a converter takes the Python value and returns it (possibly normalised) or
+# -- raises _Invalid; _scalar() turns it into a checker.
+
+class _Invalid(ValueError):
+    """A converter's refusal: `must ...` message, optional hint, and how to show the value."""
+
+    def __init__(self, message: str, hint: str = "", got: str | None = None):
+        super().__init__(message)
+        self.message, self.hint, self.got = message, hint, got
+
+    def describe(self, value: Any) -> str:
+        got = self.got if self.got is not None else _show(value)
+        return f"{self.message}, got {got}{self.hint}"
+
+
+def _scalar(convert: Callable[[Any], Any]) -> Check:
+    def check(reader: _Reader, node: yaml.Node, path: str) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            return reader.fail(node, path, f"must be a single value, got {_describe(node)}")
+        value = reader.value(node, path)
+        if value is _INVALID:
+            return value
+        try:
+            return convert(value)
+        except _Invalid as e:
+            return reader.fail(node, path, e.describe(value))
+    return check
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str) and value.strip():
+        return value
+    quote = " (put it in quotes)" if isinstance(value, (int, float)) else ""
+    raise _Invalid("must be a non-empty string", quote)
+
+
+def _integer(low: int, high: int | None = None) -> Check:
+    def integer(value: Any) -> int:
+        if (isinstance(value, int) and not isinstance(value, bool)
+                and low <= value and (high is None or value <= high)):
+            return value
+        bounds = f"between {low} and {high}" if high is not None else f"of at least {low}"
+        raise _Invalid(f"must be an integer {bounds}")
+    return _scalar(integer)
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    raise _Invalid("must be a number of seconds greater than 0")
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _Invalid("must be true or false")
+
+
+def _one_of(*choices: str) -> Check:
+    def one_of(value: Any) -> str:
+        if value in choices:
+            return value
+        raise _Invalid(f"must be one of {', '.join(choices)}", _did_you_mean(value, choices))
+    return _scalar(one_of)
+
+
+def _ip_address(value: Any) -> str:
+    try:
+        ipaddress.ip_address(value if isinstance(value, str) else "")
+    except ValueError:
+        raise _Invalid("must be an IP address such as 127.0.0.1 or 0.0.0.0") from None
+    return value
+
+
+def _cidr(value: Any) -> str:
+    try:
+        return str(ipaddress.ip_network(value if isinstance(value, str) else "", strict=False))
+    except ValueError:
+        raise _Invalid("must be an address or network in CIDR form, such as 10.20.0.0/16") from None
+
+
+def _codec(value: Any) -> str:
+    try:
+        codecs.lookup(_text(value))
+    except (LookupError, _Invalid):
+        raise _Invalid("must be a Python codec name such as cp1256 or latin-1") from None
+    return value
+
+
+def _timezone(value: Any) -> str:
+    try:
+        zoneinfo.ZoneInfo(_text(value))
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise _Invalid("must be an IANA time zone such as Africa/Casablanca") from None
+    return value
+
+
+def _database_url(value: Any) -> str:
+    """A SQLAlchemy URL for SQLite or PostgreSQL; problems never echo the password."""
+    example = "sqlite:///var/gateway.sqlite or postgresql+psycopg://user:${PASSWORD}@host/db"
+    try:
+        url = make_url(_text(value))
+    except (ArgumentError, ValueError):
+        raise _Invalid(f"must be a database URL such as {example}",
+                       got="text that is not a URL") from None
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise _Invalid("must be a sqlite or postgresql URL",
+                       _did_you_mean(url.get_backend_name(), ("sqlite", "postgresql")),
+                       got=repr(url.render_as_string(hide_password=True)))
+    return value
+
+
+# -- Containers.
+
+def _list_of(item: Check, unique: tuple[str, ...] = ()) -> Check:
+    """A list whose items pass `item`; `unique` names attributes no two items may share."""
+
+    def check(reader: _Reader, node: yaml.Node, path: str) -> Any:
+        if not isinstance(node, yaml.SequenceNode):
+            return reader.fail(node, path, f"must be a list, got {_describe(node)}")
+        before = len(reader.problems)
+        values = [item(reader, n, f"{path}[{i}]") for i, n in enumerate(node.value)]
+        for attribute in unique:
+            # Compared as written, so that a duplicate shows even in an item with other errors.
+            first: dict[str, str] = {}
+            for i, item_node in enumerate(node.value):
+                key_node = _value_node(item_node, attribute)
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                item_path = f"{path}[{i}]"
+                if key_node.value in first:
+                    reader.fail(key_node, f"{item_path}.{attribute}",
+                                f"{attribute} {key_node.value} is already used by "
+                                f"{first[key_node.value]}")
+                first.setdefault(key_node.value, item_path)
+        return tuple(values) if len(reader.problems) == before else _INVALID
+
+    return check
+
+
+def _value_node(node: yaml.Node, key: str) -> yaml.Node | None:
+    """The value node of `key` in a mapping node, or None."""
+    for key_node, value_node in node.value if isinstance(node, yaml.MappingNode) else ():
+        if key_node.value == key:
+            return value_node
+    return None
+
+
+def _mapping(required: tuple[str, ...] = (), **checks: Check) -> Check:
+    """A mapping with the given keys, returned as a dict of the valid values present."""
+
+    def check(reader: _Reader, node: yaml.Node, path: str) -> Any:
+        if not isinstance(node, yaml.MappingNode):
+            return reader.fail(node, path, f"must be a mapping of keys, got {_describe(node)}")
+        values: dict[str, Any] = {}
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                reader.fail(key_node, path, "keys must be plain names")
+                continue
+            key = key_node.value
+            keypath = _join(path, key)
+            if key in lines:
+                reader.fail(key_node, keypath, f"duplicate key (first at line {lines[key]})")
+                continue
+            lines[key] = key_node.start_mark.line + 1
+            if key not in checks:
+                hint = _did_you_mean(key, checks) or f" (expected one of: {', '.join(checks)})"
+                reader.fail(key_node, keypath, f"unknown key{hint}")
+            elif keypath not in reader.overrides:
+                value = checks[key](reader, value_node, keypath)
+                if value is not _INVALID:
+                    values[key] = value
+        for key in checks:
+            keypath = _join(path, key)
+            if keypath in reader.overrides:
+                if reader.overrides[keypath] is not _INVALID:
+                    values[key] = reader.overrides[keypath]
+            elif key in required and key not in lines:
+                reader.fail(node, keypath, "required key is missing")
+        return values
+
+    return check
+
+
+def _record(cls: type, **checks: Check) -> Check:
+    """A mapping built into the dataclass `cls`; its fields without a default are required."""
+    required = tuple(f.name for f in fields(cls)
+                     if f.default is MISSING and f.default_factory is MISSING)
+    mapping = _mapping(required, **checks)
+
+    def check(reader: _Reader, node: yaml.Node, path: str) -> Any:
+        before = len(reader.problems)
+        values = mapping(reader, node, path)
+        # A required value may also be missing because its override was wrong.
+        if len(reader.problems) > before or not set(required) <= set(values):
+            return _INVALID
+        return cls(**values)
+
+    return check
+
+
+# -- The schema.
+
+_TEXT = _scalar(_text)
+_PORT = _integer(1, 65535)
+_SECONDS = _scalar(_seconds)
+_BOOLEAN = _scalar(_boolean)
+
+_SENDER = _record(
+    SenderConfig,
+    id=_TEXT,
+    name=_TEXT,
+    type=_one_of("hospital", "clinic", "doctor", "laboratory", "imaging", "pharmacy"),
+    applications=_list_of(_TEXT),
+    facilities=_list_of(_TEXT),
+    charset_fallback=_scalar(_codec),
+    timezone=_scalar(_timezone),
+)
+
+_FACILITY_REGISTRY = _mapping(("facilities",), facilities=_list_of(_SENDER, unique=("id",)))
+
+
+def _facility_registry(reader: _Reader, node: yaml.Node, path: str) -> Any:
+    """The path of the facility registry, read and checked in turn: its senders."""
+    relative = _TEXT(reader, node, path)
+    if relative is _INVALID:
+        return relative
+    file = os.path.normpath(os.path.join(reader.root, relative))
+    try:
+        registry = reader.read(file)
+    except OSError as e:
+        return reader.fail(node, path, f"cannot read {_display(file)}: {e.strerror}")
+    if registry is _INVALID:
+        return registry
+    before = len(reader.problems)
+    senders = _FACILITY_REGISTRY(reader, registry, "")
+    return senders.get("facilities", ()) if len(reader.problems) == before else _INVALID
+
+
+_MLLP_LISTENER = _record(
+    MllpListenerConfig,
+    name=_TEXT,
+    port=_PORT,
+    interface=_scalar(_ip_address),
+    tls=_BOOLEAN,
+    max_frame_size=_integer(1024),
+    idle_timeout=_SECONDS,
+    frame_timeout=_SECONDS,
+    commit_blocks=_BOOLEAN,
+    allow_sources=_list_of(_scalar(_cidr)),
+    accept_unknown_senders=_BOOLEAN,
+    processing_ids=_list_of(_one_of("P", "T", "D")),
+)
+
+_GATEWAY = _mapping(
+    ("database", "pki"),
+    node=_mapping(name=_TEXT),
+    log_level=_one_of("debug", "info", "warn", "error"),
+    database=_record(DatabaseConfig, url=_scalar(_database_url), pool_size=_integer(1, 256),
+                     ingest_max_batch=_integer(1, 100_000)),
+    pki=_record(PkiConfig, ca=_TEXT, cert=_TEXT, key=_TEXT, dev_dir=_TEXT),
+    identity=_record(IdentityConfig, application=_TEXT, facility=_TEXT),
+    listeners=_mapping(mllp=_list_of(_MLLP_LISTENER, unique=("name", "port"))),
+    facilities=_facility_registry,
+)
+
+
+def _absolute_path(path: str, root: str) -> str:
+    return os.path.normpath(os.path.join(root, path))
+
+
+def _absolute_database_url(url_text: str, root: str) -> str:
+    """A relative SQLite file in the URL made absolute against `root`; other URLs unchanged."""
+    url = make_url(url_text)
+    database = url.database
+    if (url.get_backend_name() != "sqlite" or not database or database == ":memory:"
+            or database.startswith("file:") or os.path.isabs(database)):
+        return url_text
+    return url.set(database=_absolute_path(database, root)).render_as_string(hide_password=False)
+
+
+def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Load, validate and resolve the configuration at `path`; raise ConfigError if wrong.
+
+    `environ` (default os.environ) supplies `${NAME}` values and `GATEWAY_DB_URL`, which
+    replaces database.url. The project root is the parent of the config file's directory.
+    """
+    environ = os.environ if environ is None else environ
+    path = os.path.abspath(path)
+    root = os.path.dirname(os.path.dirname(path))
+    reader = _Reader(root, environ)
+
+    if db_url := environ.get(DB_URL_VARIABLE):
+        try:
+            reader.overrides["database.url"] = _database_url(db_url)
+        except _Invalid as e:
+            reader.overrides["database.url"] = _INVALID
+            reader.problems.append(f"{DB_URL_VARIABLE} (environment): database.url: "
+                                   f"{e.describe(db_url)}")
+
+    try:
+        node = reader.read(path)
+    except OSError as e:
+        raise ConfigError([f"{_display(path)}: cannot read: {e.strerror}"]) from None
+    values = _GATEWAY(reader, node, "") if node is not _INVALID else _INVALID
+    if reader.problems:
+        raise ConfigError(reader.problems)
+
+    database, pki = values["database"], values["pki"]
+    optional = {
+        "identity": values.get("identity"),
+        "mllp": values.get("listeners", {}).get("mllp"),
+        "senders": values.get("facilities"),
+        "node_name": values.get("node", {}).get("name"),
+        "log_level": values.get("log_level"),
+    }
+    return GatewayConfig(
+        path=path,
+        root=root,
+        database=replace(database, url=_absolute_database_url(database.url, root)),
+        pki=replace(pki, **{f: _absolute_path(getattr(pki, f), root)
+                            for f in ("ca", "cert", "key", "dev_dir")}),
+        **{name: value for name, value in optional.items() if value is not None},
+    )

@@ -1,0 +1,234 @@
+"""Tests for gateway.config: the shipped files load, and every mistake is reported at once."""
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+FACILITIES = """\
+facilities:
+  - id: "INPE-100001"
+    name: "CHU Ibn Rochd Casablanca"
+    type: hospital
+    applications: [HIS_CHU]
+    facilities: [CHU_IBN_ROCHD]
+    charset_fallback: cp1256
+"""
+
+MINIMAL = """\
+database:
+  url: sqlite:///var/gateway.sqlite
+pki: {ca: certs/ca.crt, cert: certs/gw.crt, key: certs/gw.key}
+facilities: conf/facilities.yaml
+"""
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project root with a conf/ folder, made the current directory."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "facilities.yaml").write_text(FACILITIES)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write(project: Path, text: str, name: str = "gateway.yaml") -> Path:
+    path = project / "conf" / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems(path: Path, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path), environ or {})
+    return caught.value.problems
+
+
+def test_shipped_development_config_loads():
+    """conf/gateway.yaml loads with SQLite under var/, both MLLP listeners and four facilities."""
+    config = load_config(str(REPO / "conf" / "gateway.yaml"), {})
+    assert config.root == str(REPO)
+    assert config.database.url == f"sqlite:///{REPO}/var/gateway.sqlite"
+    assert config.pki.ca == str(REPO / "certs" / "dev" / "ca.crt")
+    assert [(m.name, m.port, m.interface, m.tls) for m in config.mllp] == [
+        ("mllp-plain", 2575, "127.0.0.1", False), ("mllp-tls", 2576, "127.0.0.1", True)]
+    assert config.mllp[0].accept_unknown_senders and config.mllp[0].allow_sources == ("127.0.0.0/8",)
+    assert [s.type for s in config.senders] == ["hospital", "laboratory", "imaging", "pharmacy"]
+    hospital = config.senders[0]
+    assert (hospital.applications, hospital.facilities, hospital.charset_fallback) == (
+        ("HIS_CHU",), ("CHU_IBN_ROCHD",), "cp1256")
+
+
+def test_shipped_production_example_loads_with_password_from_environment():
+    """conf/production.example.yaml loads once GATEWAY_DB_PASSWORD is in the environment."""
+    config = load_config(str(REPO / "conf" / "production.example.yaml"),
+                         {"GATEWAY_DB_PASSWORD": "s3cret"})
+    assert config.database.url == "postgresql+psycopg://gateway:s3cret@db.internal:5432/gateway"
+    assert config.pki.key == "/etc/ma-hie-gateway/pki/gateway.key"
+    plain = config.mllp[0]
+    assert plain.interface == "0.0.0.0" and not plain.accept_unknown_senders
+    assert plain.allow_sources and len(config.senders) == 4
+
+
+def test_every_mistake_is_reported_at_once_with_file_line_and_key_path(project):
+    """Several mistakes in both files give one ConfigError listing each with its line and path."""
+    write(project, """\
+        node: {name: t}
+        log_level: verbose
+        database:
+          url: sqlite:///var/g.sqlite
+          pool_size: many
+        pki: {ca: a.crt, cert: b.crt}
+        listeners:
+          mllp:
+            - {name: one, port: 2575, allow_sources: [10.0.0.0/33]}
+            - {name: two, port: abc, processing_ids: [P, X], interface: localhost}
+            - {name: one, port: 2575}
+        facilities: conf/facilities.yaml
+        """)
+    write(project, "facilities:\n  - {id: F-1, name: A, type: hopital}\n", "facilities.yaml")
+    assert problems(project / "conf" / "gateway.yaml") == [
+        "conf/gateway.yaml:2: log_level: must be one of debug, info, warn, error, got 'verbose'",
+        "conf/gateway.yaml:5: database.pool_size: must be an integer between 1 and 256, got 'many'",
+        "conf/gateway.yaml:6: pki.key: required key is missing",
+        "conf/gateway.yaml:9: listeners.mllp[0].allow_sources[0]: must be an address or network "
+        "in CIDR form, such as 10.20.0.0/16, got '10.0.0.0/33'",
+        "conf/gateway.yaml:10: listeners.mllp[1].port: must be an integer between 1 and 65535, "
+        "got 'abc'",
+        "conf/gateway.yaml:10: listeners.mllp[1].processing_ids[1]: must be one of P, T, D, got 'X'",
+        "conf/gateway.yaml:10: listeners.mllp[1].interface: must be an IP address such as "
+        "127.0.0.1 or 0.0.0.0, got 'localhost'",
+        "conf/gateway.yaml:11: listeners.mllp[2].name: name one is already used by listeners.mllp[0]",
+        "conf/gateway.yaml:11: listeners.mllp[2].port: port 2575 is already used by listeners.mllp[0]",
+        "conf/facilities.yaml:2: facilities[0].type: must be one of hospital, clinic, doctor, "
+        "laboratory, imaging, pharmacy, got 'hopital' (did you mean 'hospital'?)",
+    ]
+
+
+def test_unknown_key_suggests_the_closest_known_key(project):
+    """A misspelt key is reported as unknown with a did-you-mean for the nearest valid key."""
+    path = write(project, MINIMAL + "listeners:\n  mllp:\n    - name: a\n      prot: 2575\n")
+    assert problems(path) == [
+        "conf/gateway.yaml:8: listeners.mllp[0].prot: unknown key (did you mean 'port'?)",
+        "conf/gateway.yaml:7: listeners.mllp[0].port: required key is missing",
+    ]
+
+
+def test_key_written_twice_is_reported(project):
+    """A key repeated in one mapping is an error pointing at the first occurrence."""
+    path = write(project, MINIMAL + "log_level: info\nlog_level: debug\n")
+    assert problems(path) == ["conf/gateway.yaml:6: log_level: duplicate key (first at line 5)"]
+
+
+def test_environment_variables_are_substituted_with_defaults(project):
+    """${NAME} takes the environment's value, ${NAME:-default} the default when unset."""
+    path = write(project, """\
+        node: {name: "${NODE}-${SITE:-casa}"}
+        database: {url: "postgresql+psycopg://gw:${DB_PASSWORD}@db:5432/gw"}
+        pki: {ca: certs/ca.crt, cert: certs/gw.crt, key: certs/gw.key}
+        listeners:
+          mllp:
+            - name: plain
+              port: ${MLLP_PORT:-2575}
+        """)
+    config = load_config(str(path), {"NODE": "gw", "DB_PASSWORD": "p4ss"})
+    assert config.node_name == "gw-casa"
+    assert config.database.url == "postgresql+psycopg://gw:p4ss@db:5432/gw"
+    assert config.mllp[0].port == 2575  # an unquoted substitution is typed like YAML text
+
+
+def test_undefined_environment_variable_is_an_error_naming_the_key(project):
+    """A ${NAME} with no such variable and no default is reported at its key."""
+    path = write(project, """\
+        database:
+          url: "postgresql+psycopg://gw:${DB_PASSWORD}@db:5432/gw"
+        pki: {ca: certs/ca.crt, cert: certs/gw.crt, key: certs/gw.key}
+        """)
+    assert problems(path) == [
+        "conf/gateway.yaml:2: database.url: environment variable DB_PASSWORD is not set "
+        "(set it, or write ${DB_PASSWORD:-default})"]
+
+
+def test_gateway_db_url_overrides_database_url(project):
+    """GATEWAY_DB_URL replaces database.url, whose own variables are then not needed."""
+    path = write(project, """\
+        database:
+          url: "postgresql+psycopg://gw:${DB_PASSWORD}@db:5432/gw"
+          pool_size: 2
+        pki: {ca: certs/ca.crt, cert: certs/gw.crt, key: certs/gw.key}
+        """)
+    config = load_config(str(path), {"GATEWAY_DB_URL": "postgresql+psycopg://o@other:5432/x"})
+    assert config.database.url == "postgresql+psycopg://o@other:5432/x"
+    assert config.database.pool_size == 2
+
+
+def test_invalid_gateway_db_url_is_reported_without_its_password(project):
+    """A GATEWAY_DB_URL for another database is an error that hides the password."""
+    path = write(project, MINIMAL)
+    assert problems(path, {"GATEWAY_DB_URL": "mysql://gw:s3cret@db/gw"}) == [
+        "GATEWAY_DB_URL (environment): database.url: must be a sqlite or postgresql URL, "
+        "got 'mysql://gw:***@db/gw'"]
+
+
+def test_relative_paths_are_resolved_against_the_project_root(project, tmp_path_factory):
+    """A relative sqlite file and PKI paths resolve against conf/'s parent, not the cwd."""
+    path = write(project, MINIMAL)
+    os.chdir(tmp_path_factory.mktemp("elsewhere"))
+    config = load_config(str(path), {})
+    assert config.root == str(project) and config.path == str(path)
+    assert config.database.url == f"sqlite:///{project}/var/gateway.sqlite"
+    assert config.pki.cert == str(project / "certs" / "gw.crt")
+    assert config.pki.dev_dir == str(project / "certs" / "dev")
+
+
+def test_facility_errors_carry_the_registry_file_name_and_line(project):
+    """Problems in the facility registry name that file and the line of the faulty value."""
+    write(project, """\
+        facilities:
+          - id: "INPE-1"
+            name: A
+            type: hospital
+          - id: "INPE-1"
+            name: B
+            type: clinic
+            charset_fallback: cp9999
+            timezone: Africa/Casablanka
+          - {id: 100003, name: C, type: doctor, applications: HIS}
+        """, "facilities.yaml")
+    assert problems(write(project, MINIMAL)) == [
+        "conf/facilities.yaml:8: facilities[1].charset_fallback: must be a Python codec name "
+        "such as cp1256 or latin-1, got 'cp9999'",
+        "conf/facilities.yaml:9: facilities[1].timezone: must be an IANA time zone such as "
+        "Africa/Casablanca, got 'Africa/Casablanka'",
+        "conf/facilities.yaml:10: facilities[2].id: must be a non-empty string, got 100003 "
+        "(put it in quotes)",
+        "conf/facilities.yaml:10: facilities[2].applications: must be a list, got a value",
+        "conf/facilities.yaml:5: facilities[1].id: id INPE-1 is already used by facilities[0]",
+    ]
+
+
+def test_missing_facility_registry_is_reported_at_its_key(project):
+    """A facilities path that cannot be read is reported at the line that names it."""
+    (project / "conf" / "facilities.yaml").unlink()
+    assert problems(write(project, MINIMAL)) == [
+        "conf/gateway.yaml:4: facilities: cannot read conf/facilities.yaml: "
+        "No such file or directory"]
+
+
+def test_yaml_syntax_error_is_reported_with_its_line(project):
+    """Broken YAML gives a single problem with the file and line of the syntax error."""
+    path = write(project, "database:\n  url: [unclosed\npki: {}\n")
+    [problem] = problems(path)
+    assert problem.startswith("conf/gateway.yaml:3: YAML syntax error:")
+
+
+def test_missing_config_file_is_an_error():
+    """A config path that does not exist raises ConfigError naming it."""
+    with pytest.raises(ConfigError, match="nowhere.yaml: cannot read"):
+        load_config("/nonexistent/conf/nowhere.yaml", {})
