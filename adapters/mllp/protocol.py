@@ -1,0 +1,201 @@
+"""The MLLP server protocol: a thin Twisted shell around `MllpFramer`.
+
+One message is in flight per connection: frames that arrive before the previous answer was
+sent wait their turn, so answers always leave in order (and reading pauses if a sender
+pipelines too far ahead). Limits, each closing the connection with a logged reason:
+
+- `idle_timeout`: no byte received for that long;
+- `frame_timeout`: a frame not complete that long after its first byte (a deadline, so a
+  sender that trickles bytes cannot hold a connection open forever);
+- `max_frame_size`: the frame is refused (the handler answers from its first bytes), then
+  the connection is closed, since the rest of the frame cannot be told from a new one.
+
+The handler does the real work and calls `reply(answer)` when the message is stored.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Protocol as TypingProtocol
+
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+
+from adapters.mllp.framing import (COMMIT_ACK_BLOCK, COMMIT_NAK_BLOCK, DEFAULT_MAX_FRAME_SIZE,
+                                   CommitAcknowledged, CommitRejected, FrameReceived, FrameTooLarge,
+                                   JunkDiscarded, MllpFramer, frame)
+
+log = Logger()
+
+PIPELINE_LIMIT = 16  # frames waiting on one connection before reading pauses
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    stored: bool  # the frame's content is durably stored (MLLP release 2 commit ACK)
+    response: bytes | None  # HL7 bytes to send back, without framing; None: nothing
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    listener: str
+    peer: str  # "address:port"
+    certificate_subject: str | None = None  # RFC 4514 subject of the client certificate
+
+
+class FrameHandler(TypingProtocol):
+    def frame_received(self, payload: bytes, connection: ConnectionInfo,
+                       reply: Callable[[Answer], None]) -> None: ...
+
+    def frame_too_large(self, prefix: bytes, size: int, limit: int, connection: ConnectionInfo,
+                        reply: Callable[[Answer], None]) -> None: ...
+
+
+@dataclass(frozen=True)
+class MllpSettings:
+    listener: str
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    idle_timeout: float = 300.0
+    frame_timeout: float = 60.0
+    commit_blocks: bool = False  # MLLP release 2
+
+
+class MllpServerProtocol(Protocol, TimeoutMixin):
+    def __init__(self, handler: FrameHandler, settings: MllpSettings, clock):
+        self.handler = handler
+        self.settings = settings
+        self.clock = clock
+        self.callLater = clock.callLater  # TimeoutMixin schedules on the injected clock
+        self.framer = MllpFramer(settings.max_frame_size)
+        self.waiting: deque[bytes] = deque()
+        self.busy = False  # a frame is with the handler
+        self.paused = False
+        self.closing = False  # an oversize frame: close after answering it
+        self.info: ConnectionInfo | None = None
+        self._frame_deadline = None
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.info = ConnectionInfo(self.settings.listener, f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
+                                   _certificate_subject(self.transport))
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
+        self.setTimeout(self.settings.idle_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        for event in self.framer.receive_data(data):
+            kind = type(event)
+            if kind is FrameReceived:
+                self.waiting.append(event.payload)
+            elif kind is JunkDiscarded:
+                log.warn("mllp {listener} {peer}: discarded {size} bytes outside any frame",
+                         listener=self.info.listener, peer=self.info.peer, size=len(event.data))
+            elif kind is FrameTooLarge:
+                log.warn("mllp {listener} {peer}: frame of more than {size} bytes exceeds {limit}; "
+                         "refusing it and closing the connection", listener=self.info.listener,
+                         peer=self.info.peer, size=event.size, limit=event.limit)
+                self.waiting.append(event)  # answered in its turn, then the connection closes
+                self._pause()
+            # CommitAcknowledged / CommitRejected: release 2 receipts for our ACKs; nothing to do.
+        self._watch_frame_deadline()
+        if not self.busy and self.waiting:
+            self._next()
+        if len(self.waiting) >= PIPELINE_LIMIT:
+            self._pause()
+
+    def _pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def _next(self) -> None:
+        item = self.waiting.popleft()
+        self.busy = True
+        if type(item) is FrameTooLarge:
+            self.closing = True
+            self.handler.frame_too_large(item.prefix, item.size, item.limit, self.info, self._answer)
+        else:
+            self.handler.frame_received(item, self.info, self._answer)
+
+    def _answer(self, answer: Answer) -> None:
+        self.busy = False
+        if not self.connected:
+            return  # the sender left; it will re-send and get the stored ACK back
+        if self.settings.commit_blocks:
+            self.transport.write(COMMIT_ACK_BLOCK if answer.stored else COMMIT_NAK_BLOCK)
+        if answer.response is not None:
+            self.transport.write(frame(answer.response))
+        if self.closing:
+            self.transport.loseConnection()
+        elif self.waiting:
+            self._next()
+        elif self.paused:
+            self.paused = False
+            self.transport.resumeProducing()
+
+    def _watch_frame_deadline(self) -> None:
+        if self.framer.in_frame:
+            if self._frame_deadline is None:
+                self._frame_deadline = self.clock.callLater(self.settings.frame_timeout, self._frame_expired)
+        elif self._frame_deadline is not None:
+            self._frame_deadline.cancel()
+            self._frame_deadline = None
+
+    def _frame_expired(self) -> None:
+        self._frame_deadline = None
+        log.warn("mllp {listener} {peer}: frame not complete {timeout}s after it began "
+                 "({size} bytes so far); closing", listener=self.info.listener, peer=self.info.peer,
+                 timeout=self.settings.frame_timeout, size=self.framer.buffered)
+        self.transport.abortConnection()
+
+    def timeoutConnection(self) -> None:
+        log.info("mllp {listener} {peer}: idle for {timeout}s; closing", listener=self.info.listener,
+                 peer=self.info.peer, timeout=self.settings.idle_timeout)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        self.setTimeout(None)
+        if self._frame_deadline is not None:
+            self._frame_deadline.cancel()
+            self._frame_deadline = None
+        if self.framer.in_frame:
+            log.info("mllp {listener} {peer}: connection closed in the middle of a frame "
+                     "({size} bytes dropped, never acknowledged)", listener=self.info.listener,
+                     peer=self.info.peer, size=self.framer.buffered)
+        self.waiting.clear()
+
+
+class MllpServerFactory(ServerFactory):
+    """Builds one protocol per connection; refuses addresses outside the allow-list."""
+
+    def __init__(self, handler: FrameHandler, settings: MllpSettings, clock,
+                 allowed: Callable[[str], bool] = lambda address: True):
+        self.handler = handler
+        self.settings = settings
+        self.clock = clock
+        self.allowed = allowed
+
+    def buildProtocol(self, addr):
+        host = getattr(addr, "host", "")
+        if not self.allowed(host):
+            log.warn("mllp {listener}: connection from {host} refused (not in allow_sources)",
+                     listener=self.settings.listener, host=host)
+            return None
+        protocol = MllpServerProtocol(self.handler, self.settings, self.clock)
+        protocol.factory = self
+        return protocol
+
+
+def _certificate_subject(transport) -> str | None:
+    get = getattr(transport, "getPeerCertificate", None)
+    if get is None:
+        return None
+    try:
+        certificate = get()
+    except Exception:  # not TLS, or handshake not finished
+        return None
+    if certificate is None:
+        return None
+    return certificate.to_cryptography().subject.rfc4514_string()

@@ -1,0 +1,338 @@
+"""Ingest, first stage: one MLLP frame in, the records to store and their answers out.
+
+Pure code (no reactor, no database). It reads only what acknowledging needs: the MSH, the
+character set (the whole message must decode), the batch envelope; translation comes after
+the commit. Every frame yields at least one `Inbound` to store, whatever its state: a frame
+of binary garbage is kept, with the reason, like a good message.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from adapters.hl7v2 import reference
+from adapters.hl7v2.ack import AckBuilder, ErrorDetail, escape
+from adapters.hl7v2.batch import Batch, BatchError, is_batch, split_batch
+from adapters.hl7v2.charsets import CHARSETS, CharsetError, codec_for, decode
+from adapters.hl7v2.codes import AckCondition, AppErrorCode, ErrorCondition, Outcome
+from adapters.hl7v2.header import (DEFAULT_DELIMITERS, Delimiters, HeaderError, Location,
+                                   MessageHeader, message_start, parse_header)
+from gateway.config import SenderConfig
+from gateway.ingest.model import Inbound, MessageStatus
+
+
+_CODECS = dict(CHARSETS, **{"": "ascii"})
+_VERSIONS = frozenset(v.encode("ascii") for v in reference.SUPPORTED_VERSIONS)
+_ACK_WANTED = {condition.value.encode("ascii"): {True: condition.wants(True), False: condition.wants(False)}
+               for condition in AckCondition}
+_ALWAYS = {True: True, False: True}
+
+
+class SenderDirectory:
+    """Finds the registry facility behind an MSH-3 / MSH-4 pair (first components)."""
+
+    def __init__(self, senders: Iterable[SenderConfig] = ()):
+        self._by_facility: dict[str, list[SenderConfig]] = {}
+        for sender in senders:
+            for name in sender.facilities or (sender.id,):
+                self._by_facility.setdefault(name, []).append(sender)
+
+    def find(self, application: str, facility: str) -> SenderConfig | None:
+        for sender in self._by_facility.get(facility.split("^", 1)[0], ()):
+            if not sender.applications or application.split("^", 1)[0] in sender.applications:
+                return sender
+        return None
+
+
+@dataclass(frozen=True)
+class IngestPolicy:
+    """What one listener accepts."""
+
+    listener: str
+    processing_ids: frozenset[bytes] = frozenset({b"P", b"T", b"D"})
+    accept_unknown_senders: bool = True
+    senders: SenderDirectory = field(default_factory=SenderDirectory)
+
+
+@dataclass
+class FrameResult:
+    """The records of one frame, and how to answer once they are stored."""
+
+    items: list[Inbound]
+    batch: Batch | None = None
+
+    def response(self, builder: AckBuilder) -> bytes | None:
+        """The bytes to send back (without MLLP framing); None when no answer is due."""
+        if self.batch is None:
+            return self.items[0].ack
+        return _batch_response(self.batch, [item.ack for item in self.items], builder)
+
+
+class Inspector:
+    def __init__(self, builder: AckBuilder, policy: IngestPolicy):
+        self.builder = builder
+        self.policy = policy
+        self._types = frozenset(t.encode("ascii") for t in reference.message_types())
+        self._events = frozenset(e.encode("ascii") for e in reference.trigger_events())
+
+    def frame(self, payload: bytes) -> FrameResult:
+        """Inspect one frame's payload: a message or a batch of them."""
+        start = message_start(payload)
+        if payload[start:start + 3] == b"MSH":
+            if b"\rMSH" in payload or b"\nMSH" in payload:
+                return FrameResult([self._refused_frame(payload, ErrorDetail(
+                    ErrorCondition.SEGMENT_SEQUENCE_ERROR, Location("MSH", 2),
+                    "frame holds several messages without a BHS/BTS batch envelope"))])
+            return FrameResult([self.message(payload)])
+        if is_batch(payload):
+            try:
+                batch = split_batch(payload)
+            except (BatchError, HeaderError) as error:
+                detail = ErrorDetail(error.condition, error.location, error.reason,
+                                     getattr(error, "app_code", None))
+                return FrameResult([self._refused_frame(payload, detail)])
+            return FrameResult([self.message(raw) for raw in batch.messages], batch)
+        return FrameResult([self.message(payload)])
+
+    def message(self, raw: bytes) -> Inbound:
+        """Inspect one message: accepted, refused with its reason, or an ACK to keep quietly."""
+        digest = hashlib.sha256(raw).digest()
+        try:
+            header = parse_header(raw)
+        except HeaderError as error:
+            return self._refused(raw, digest, error, error.outcome,
+                                 ErrorDetail(error.condition, error.location, error.reason,
+                                             None if error.fields else AppErrorCode.NOT_HL7))
+        codec = _CODECS.get(header.charset)
+        if codec is None:
+            try:
+                codec = codec_for(header.charset)
+            except CharsetError as error:
+                return self._refused(raw, digest, header, Outcome.REJECT, ErrorDetail(
+                    ErrorCondition.TABLE_VALUE_NOT_FOUND, Location("MSH", 1, 18), error.reason))
+        fields = header.fields
+        application = fields[2].decode(codec, "replace")
+        facility = fields[3].decode(codec, "replace")
+        sender = self.policy.senders.find(application, facility)
+        try:
+            raw.decode(codec)  # the whole message must be text in its declared set
+        except UnicodeDecodeError:
+            try:
+                codec = decode(raw, header.charset, sender.charset_fallback if sender else None).codec
+            except CharsetError as error:
+                return self._refused(raw, digest, header, Outcome.ERROR, ErrorDetail(
+                    ErrorCondition.DATA_TYPE_ERROR, locate(raw, error.offset or 0, header.delimiters),
+                    error.reason, AppErrorCode.CHARSET_INVALID), codec, sender)
+        item = Inbound(raw, digest, Outcome.ACCEPT, MessageStatus.RECEIVED, None, None,
+                       application, facility, fields[4].decode(codec, "replace"),
+                       fields[5].decode(codec, "replace"), fields[9].decode(codec, "replace"),
+                       header.message_type, header.version.decode("ascii", "replace"),
+                       header.processing_id.decode("ascii", "replace"), header.charset, codec,
+                       False, len(raw), sender.id if sender else None, header)
+        if header.is_acknowledgement:
+            item.status = MessageStatus.IGNORED  # never acknowledge an acknowledgement
+            return item
+        problem = self._check(header, sender)
+        if problem is not None:
+            return self._refused(raw, digest, header, Outcome.REJECT, problem, codec, sender)
+        enhanced = bool(fields[14] or fields[15])
+        if not enhanced or _ACK_WANTED.get(fields[14], _ALWAYS)[True]:
+            item.ack = self.builder.build(header, Outcome.ACCEPT, enhanced)
+        return item
+
+    def oversize(self, prefix: bytes, size: int, limit: int) -> FrameResult:
+        """A frame past the size limit: keep its start, refuse it from what its MSH says."""
+        detail = ErrorDetail(ErrorCondition.APPLICATION_INTERNAL_ERROR, Location("MSH", 1),
+                             f"frame of more than {size} bytes exceeds the limit of {limit} bytes",
+                             AppErrorCode.FRAME_TOO_LARGE)
+        item = self._refused_frame(prefix, detail)
+        item.truncated = True
+        item.size = size
+        return FrameResult([item])
+
+    def reused(self, item: Inbound) -> None:
+        """Turn an accepted message into the refusal of a reused control id (store's finding)."""
+        detail = ErrorDetail(ErrorCondition.APPLICATION_INTERNAL_ERROR, Location("MSH", 1, 10),
+                             "control id already used by this sender for a different message",
+                             AppErrorCode.CONTROL_ID_REUSED)
+        item.outcome = Outcome.REJECT
+        item.status = MessageStatus.REJECTED
+        item.error = detail
+        header = item.header
+        item.ack = (self.builder.build(header, Outcome.REJECT, header.enhanced_mode, detail)
+                    if self._wants_ack(header, False) else None)
+
+    def _check(self, header: MessageHeader, sender: SenderConfig | None) -> ErrorDetail | None:
+        code, event = header.message_code, header.trigger_event
+        if code in self._types and (not event or event in self._events) \
+                and header.version in _VERSIONS and header.processing_id in self.policy.processing_ids \
+                and (sender is not None or self.policy.accept_unknown_senders):
+            return None  # the usual case, in one test
+        code_text, event_text = code.decode("ascii", "replace"), event.decode("ascii", "replace")
+        if code not in self._types and not code.startswith(b"Z"):
+            return ErrorDetail(ErrorCondition.UNSUPPORTED_MESSAGE_TYPE, Location("MSH", 1, 9, 1),
+                               f"message type {code_text!r} is not in HL7 table 0076")
+        if event and event not in self._events and not event.startswith(b"Z"):
+            return ErrorDetail(ErrorCondition.UNSUPPORTED_EVENT_CODE, Location("MSH", 1, 9, 2),
+                               f"trigger event {event_text!r} is not in HL7 table 0003")
+        version = header.version.decode("ascii", "replace")
+        if header.version not in _VERSIONS:
+            return ErrorDetail(ErrorCondition.UNSUPPORTED_VERSION_ID, Location("MSH", 1, 12),
+                               f"version {version!r} is not supported (2.1 to 2.9)")
+        if header.processing_id not in self.policy.processing_ids:
+            allowed = ", ".join(sorted(p.decode() for p in self.policy.processing_ids))
+            return ErrorDetail(ErrorCondition.UNSUPPORTED_PROCESSING_ID, Location("MSH", 1, 11),
+                               f"processing id {header.processing_id.decode('ascii', 'replace')!r} "
+                               f"is not accepted here ({allowed})")
+        if sender is None and not self.policy.accept_unknown_senders:
+            return ErrorDetail(ErrorCondition.APPLICATION_INTERNAL_ERROR, Location("MSH", 1, 4),
+                               "sending facility is not in the facility registry",
+                               AppErrorCode.SENDER_NOT_ALLOWED)
+        return None
+
+    @staticmethod
+    def _wants_ack(header: MessageHeader, positive: bool) -> bool:
+        if not header.enhanced_mode:
+            return True
+        # Empty or unknown MSH-15 in enhanced mode: always.
+        return _ACK_WANTED.get(header.field(15), _ALWAYS)[positive]
+
+    def _record(self, raw: bytes, digest: bytes, header: MessageHeader, codec: str | None,
+                sender: SenderConfig | None) -> Inbound:
+        text = codec or "iso8859-1"
+
+        def value(number: int) -> str:
+            return header.field(number).decode(text, "replace")
+
+        return Inbound(
+            raw=raw, sha256=digest, outcome=Outcome.ACCEPT, status=MessageStatus.RECEIVED, ack=None,
+            sending_application=value(3), sending_facility=value(4),
+            receiving_application=value(5), receiving_facility=value(6),
+            control_id=value(10), message_type=header.message_type, version=value(12).split("^")[0],
+            processing_id=header.processing_id.decode("ascii", "replace"), charset=header.charset,
+            codec=codec, size=len(raw), sender_id=sender.id if sender else None, header=header,
+        )
+
+    def _refused(self, raw: bytes, digest: bytes, source, outcome: Outcome, detail: ErrorDetail,
+                 codec: str | None = None, sender: SenderConfig | None = None) -> Inbound:
+        """A refusal, answered from a parsed header or from what a HeaderError could read."""
+        if isinstance(source, MessageHeader):
+            item = self._record(raw, digest, source, codec, sender)
+            enhanced = source.enhanced_mode
+            wanted = self._wants_ack(source, False)
+        else:
+            item = Inbound(raw=raw, sha256=digest, outcome=outcome, status=MessageStatus.REJECTED,
+                           ack=None, size=len(raw))
+            if source.fields:
+                item.sending_application = source.field(3).decode("iso8859-1")
+                item.sending_facility = source.field(4).decode("iso8859-1")
+                item.control_id = source.field(10).decode("iso8859-1") or None
+            enhanced = bool(source.field(15) or source.field(16))
+            wanted = True
+        item.outcome = outcome
+        item.status = MessageStatus.REJECTED
+        item.error = detail
+        if wanted:
+            item.ack = self.builder.build(source, outcome, enhanced, detail)
+        return item
+
+    def _refused_frame(self, payload: bytes, detail: ErrorDetail) -> Inbound:
+        """Refuse a whole frame, answering from its first header (MSH, BHS or FHS) if readable."""
+        view = FieldView.of(payload)
+        item = Inbound(raw=payload, sha256=hashlib.sha256(payload).digest(), outcome=Outcome.REJECT,
+                       status=MessageStatus.REJECTED, ack=None, error=detail, size=len(payload))
+        item.sending_application = view.field(3).decode("iso8859-1") or None
+        item.sending_facility = view.field(4).decode("iso8859-1") or None
+        item.control_id = view.field(10).decode("iso8859-1") or None
+        item.ack = self.builder.build(view, Outcome.REJECT, bool(view.field(15) or view.field(16)), detail)
+        return item
+
+
+class FieldView:
+    """MSH-like fields read leniently from the first segment of a frame (MSH, BHS or FHS).
+
+    For BHS/FHS, the batch control id (BHS-11 / FHS-11) stands in for MSH-10, so a refusal
+    names the batch the sender will look for.
+    """
+
+    def __init__(self, delimiters: Delimiters, fields: list[bytes], control_field: int = 10):
+        self.delimiters = delimiters
+        self._fields = fields
+        self._control_field = control_field
+
+    @classmethod
+    def of(cls, payload: bytes) -> "FieldView":
+        start = message_start(payload)
+        kind = payload[start:start + 3]
+        end = len(payload)
+        for terminator in (b"\r", b"\n"):
+            found = payload.find(terminator, start)
+            if 0 <= found < end:
+                end = found
+        segment = payload[start:end]
+        if kind not in (b"MSH", b"BHS", b"FHS"):
+            return cls(DEFAULT_DELIMITERS, [])
+        try:
+            from adapters.hl7v2.header import read_delimiters
+            delimiters = read_delimiters(segment, kind.decode())
+        except HeaderError:
+            return cls(DEFAULT_DELIMITERS, [])
+        fields = segment.split(delimiters.field)
+        return cls(delimiters, fields, 10 if kind == b"MSH" else 11)
+
+    def field(self, number: int) -> bytes:
+        if number == 10:
+            number = self._control_field
+        elif number in (9, 12, 15, 16) and self._control_field != 10:
+            return b""  # batch headers have no type, version or acknowledgement fields
+        return self._fields[number - 1] if 1 < number <= len(self._fields) else b""
+
+
+def locate(raw: bytes, offset: int, delimiters: Delimiters) -> Location:
+    """The segment and field holding byte `offset`, for an ERR-2 location."""
+    segment_start = max(raw.rfind(b"\r", 0, offset), raw.rfind(b"\n", 0, offset)) + 1
+    segment_id = raw[segment_start:segment_start + 3]
+    name = segment_id.decode("ascii", "replace")
+    sequence = 1
+    for line in raw[:segment_start].replace(b"\n", b"\r").split(b"\r"):
+        if line[:3] == segment_id:
+            sequence += 1
+    field_number = raw.count(delimiters.field, segment_start, offset)
+    if segment_id == b"MSH":
+        field_number += 1  # MSH-1 is the separator itself
+    return Location(name, sequence, field_number)
+
+
+def _batch_response(batch: Batch, acks: list[bytes | None], builder: AckBuilder) -> bytes | None:
+    """The batch of ACKs answering a batch: FHS/BHS echoing the sender's ids, then the ACKs."""
+    d = batch.delimiters
+    fs = d.field
+    timestamp = builder.clock.timestamp()
+    out: list[bytes] = []
+    if batch.file_header is not None:
+        fhs = batch.file_header
+        out.append(fs.join([b"FHS", d.encoding_characters, builder.sender.application,
+                            builder.sender.facility, _get(fhs, 3), _get(fhs, 4), timestamp,
+                            b"", b"", b"", builder.control_ids.next(), _get(fhs, 11)]))
+    position = 0
+    for part in batch.batches:
+        bhs = part.header
+        out.append(fs.join([b"BHS", d.encoding_characters, builder.sender.application,
+                            builder.sender.facility, _get(bhs, 3), _get(bhs, 4), timestamp,
+                            b"", b"", b"", builder.control_ids.next(), _get(bhs, 11)]))
+        answered = [ack for ack in acks[position:position + len(part.messages)] if ack]
+        position += len(part.messages)
+        out.extend(ack.rstrip(b"\r") for ack in answered)
+        out.append(fs.join([b"BTS", str(len(answered)).encode("ascii")]))
+    if batch.file_header is not None:
+        out.append(fs.join([b"FTS", str(len(batch.batches)).encode("ascii")]))
+    return b"\r".join(out) + b"\r"
+
+
+def _get(fields: list[bytes], number: int) -> bytes:
+    return fields[number - 1] if number <= len(fields) else b""
+
+
+__all__ = ["FieldView", "FrameResult", "IngestPolicy", "Inspector", "SenderDirectory", "escape",
+           "locate"]

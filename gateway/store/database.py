@@ -1,0 +1,90 @@
+"""The database: engine, migrations, and a thread pool that runs whole units of work.
+
+The reactor thread never touches a connection. `Database.run(work, ...)` runs `work(conn,
+...)` in one transaction on a pool thread and fires a Deferred with its result, which must
+be plain data (dataclasses, tuples), never SQLAlchemy objects. SQLite runs in WAL mode with
+`synchronous=FULL`, so a committed transaction survives a power cut, not only a crash.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, TypeVar
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import Connection, make_url
+
+T = TypeVar("T")
+
+_ALEMBIC_INI = os.path.join(os.path.dirname(__file__), "alembic.ini")
+
+
+def create_gateway_engine(url: str, pool_size: int = 4) -> Engine:
+    """An engine with the settings durability needs on each backend."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
+        engine = create_engine(url, pool_size=pool_size + 2, max_overflow=4,
+                               connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        # pysqlite's own transaction handling defers BEGIN; take control so that BEGIN is
+        # emitted when SQLAlchemy begins (as its documentation recommends).
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+        return engine
+    return create_engine(url, pool_size=pool_size + 2, max_overflow=4, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    dbapi_connection.isolation_level = None  # autocommit at the driver; SQLAlchemy sends BEGIN
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision (Alembic), the same on SQLite and PostgreSQL."""
+    config = AlembicConfig(_ALEMBIC_INI)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def table_names(engine: Engine) -> list[str]:
+    return inspect(engine).get_table_names()
+
+
+class Database:
+    """The engine and the thread pool that runs database work off the reactor thread."""
+
+    def __init__(self, engine: Engine, reactor, threads: int = 4, name: str = "db"):
+        from twisted.python.threadpool import ThreadPool
+
+        self.engine = engine
+        self.reactor = reactor
+        self.pool = ThreadPool(minthreads=1, maxthreads=threads, name=name)
+
+    def start(self) -> None:
+        self.pool.start()
+
+    def stop(self) -> None:
+        self.pool.stop()
+        self.engine.dispose()
+
+    def run(self, work: Callable[..., T], *args: Any, **kwargs: Any):
+        """Run `work(connection, *args)` in one transaction on a pool thread; a Deferred."""
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self.reactor, self.pool, self.run_now, work, *args, **kwargs)
+
+    def run_now(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """The same, in the calling thread (command line tools, tests, the pool itself)."""
+        with self.engine.begin() as connection:
+            return work(connection, *args, **kwargs)
+
+
+__all__ = ["Connection", "Database", "create_gateway_engine", "migrate", "table_names"]

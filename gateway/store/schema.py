@@ -1,0 +1,48 @@
+"""The database schema, as SQLAlchemy Core tables, in one module. Alembic migrations in
+`migrations/versions/` create exactly this; a test compares the two."""
+from __future__ import annotations
+
+from sqlalchemy import (BigInteger, Boolean, Column, DateTime, Index, Integer, LargeBinary,
+                        MetaData, String, Table, Text, text)
+
+metadata = MetaData()
+
+# SQLite only makes INTEGER PRIMARY KEY an alias of its rowid (autoincrementing).
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+messages = Table(
+    "messages", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("listener", String(64), nullable=False),
+    Column("peer", String(128)),
+    Column("sender_id", String(64)),  # facility of the registry, when known
+    Column("sending_application", String(227)),  # MSH-3, as text
+    Column("sending_facility", String(227)),  # MSH-4
+    Column("receiving_application", String(227)),  # MSH-5
+    Column("receiving_facility", String(227)),  # MSH-6
+    Column("control_id", String(199)),  # MSH-10
+    Column("message_type", String(32)),  # MSH-9 as CODE^TRIGGER
+    Column("version", String(16)),  # MSH-12
+    Column("processing_id", String(8)),  # MSH-11
+    Column("charset", String(32)),  # MSH-18 as declared
+    Column("codec", String(32)),  # the codec that decoded it
+    Column("sha256", LargeBinary(32), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("truncated", Boolean, nullable=False, default=False),
+    Column("raw", LargeBinary, nullable=False),
+    Column("status", String(16), nullable=False),  # gateway.ingest.model.MessageStatus
+    Column("accepted", Boolean, nullable=False),  # in the duplicate-detection scope
+    Column("ack_code", String(2)),
+    Column("ack", LargeBinary),  # the ACK sent, byte for byte (replayed to duplicates)
+    Column("error_code", Integer),  # HL7 table 0357
+    Column("error_location", String(64)),
+    Column("error_reason", Text),
+    Column("duplicate_count", Integer, nullable=False, default=0, server_default=text("0")),
+)
+
+# (MSH-3, MSH-4, MSH-10) identifies an accepted message; refusals may reuse it freely.
+Index("ux_messages_control", messages.c.sending_application, messages.c.sending_facility,
+      messages.c.control_id, unique=True,
+      sqlite_where=messages.c.accepted, postgresql_where=messages.c.accepted)
+Index("ix_messages_received_at", messages.c.received_at)
