@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from adapters.hl7v2 import reference
-from adapters.hl7v2.ack import AckBuilder, ErrorDetail, escape
+from adapters.hl7v2.ack import AckBuilder, ErrorDetail
 from adapters.hl7v2.batch import Batch, BatchError, is_batch, split_batch
 from adapters.hl7v2.charsets import CHARSETS, CharsetError, codec_for, decode
 from adapters.hl7v2.codes import AckCondition, AppErrorCode, ErrorCondition, Outcome
@@ -151,18 +151,6 @@ class Inspector:
         item.size = size
         return FrameResult([item])
 
-    def reused(self, item: Inbound) -> None:
-        """Turn an accepted message into the refusal of a reused control id (store's finding)."""
-        detail = ErrorDetail(ErrorCondition.APPLICATION_INTERNAL_ERROR, Location("MSH", 1, 10),
-                             "control id already used by this sender for a different message",
-                             AppErrorCode.CONTROL_ID_REUSED)
-        item.outcome = Outcome.REJECT
-        item.status = MessageStatus.REJECTED
-        item.error = detail
-        header = item.header
-        item.ack = (self.builder.build(header, Outcome.REJECT, header.enhanced_mode, detail)
-                    if self._wants_ack(header, False) else None)
-
     def _check(self, header: MessageHeader, sender: SenderConfig | None) -> ErrorDetail | None:
         code, event = header.message_code, header.trigger_event
         if code in self._types and (not event or event in self._events) \
@@ -247,6 +235,19 @@ class Inspector:
         item.control_id = view.field(10).decode("iso8859-1") or None
         item.ack = self.builder.build(view, Outcome.REJECT, bool(view.field(15) or view.field(16)), detail)
         return item
+
+
+def refuse_reused(builder: AckBuilder, item: Inbound) -> None:
+    """Turn an accepted message into the refusal of a reused control id (the store's finding)."""
+    detail = ErrorDetail(ErrorCondition.APPLICATION_INTERNAL_ERROR, Location("MSH", 1, 10),
+                         "control id already used by this sender for a different message",
+                         AppErrorCode.CONTROL_ID_REUSED)
+    item.outcome = Outcome.REJECT
+    item.status = MessageStatus.REJECTED
+    item.error = detail
+    header = item.header
+    item.ack = (builder.build(header, Outcome.REJECT, header.enhanced_mode, detail)
+                if Inspector._wants_ack(header, False) else None)
 
 
 class FieldView:
@@ -334,5 +335,3 @@ def _get(fields: list[bytes], number: int) -> bytes:
     return fields[number - 1] if number <= len(fields) else b""
 
 
-__all__ = ["FieldView", "FrameResult", "IngestPolicy", "Inspector", "SenderDirectory", "escape",
-           "locate"]

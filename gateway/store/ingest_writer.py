@@ -153,10 +153,12 @@ class IngestWriter:
                 _location_text(error.location) if error else None,
                 error.reason if error else None,
             ])
-        for row in rows:
-            for index, process in self._processors:
-                row[index] = process(row[index])
-        return rows
+        processors = self._processors
+        if processors:
+            for row in rows:
+                for index, process in processors:
+                    row[index] = process(row[index])
+        return [tuple(row) for row in rows]
 
     def _commit_checking(self, connection, jobs: list[IngestJob]) -> None:
         """The slow path: decide each accepted message against what is stored."""

@@ -1,0 +1,134 @@
+"""A small blocking MLLP client, for `gateway send` and for tests: send a message, wait for
+its answer. No reactor: hospital IT runs it from a shell to test a link.
+
+`split_messages` turns a file into what a sender would send: a batch file (FHS/BHS first)
+is one frame; otherwise each MSH starts a new message. Line endings become CR, the HL7
+segment terminator, unless `keep_line_endings`.
+"""
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+
+from adapters.mllp.framing import (CommitAcknowledged, CommitRejected, FrameReceived, FrameTooLarge,
+                                   MllpFramer, frame)
+
+_LINE_END = re.compile(rb"\r\n|\n|\r")
+
+
+class MllpClientError(Exception):
+    pass
+
+
+def split_messages(data: bytes, keep_line_endings: bool = False) -> list[bytes]:
+    """The messages of a file, each ending with CR; a batch file stays one frame."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if not keep_line_endings:
+        data = _LINE_END.sub(b"\r", data)
+    data = data.strip(b"\r\n \t")
+    if not data:
+        return []
+    if data[:3] in (b"FHS", b"BHS") or keep_line_endings:
+        return [data + b"\r" if not data.endswith((b"\r", b"\n")) else data]
+    starts = [m.start() for m in re.finditer(rb"(?:^|\r)MSH", data)]
+    starts = [s + 1 if data[s:s + 1] == b"\r" else s for s in starts] or [0]
+    if starts[0] != 0:
+        starts.insert(0, 0)  # leading non-MSH content is sent as is: the gateway will say why
+    pieces = [data[a:b].rstrip(b"\r") + b"\r" for a, b in zip(starts, starts[1:] + [len(data)])]
+    return [p for p in pieces if p.strip(b"\r")]
+
+
+@dataclass
+class Reply:
+    response: bytes | None  # the HL7 answer (None when the connection closed or timed out)
+    commit: bool | None = None  # MLLP release 2 commit block: True ACK, False NAK, None none
+    seconds: float = 0.0
+
+
+class MllpClient:
+    def __init__(self, host: str, port: int, timeout: float = 30.0, tls: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None):
+        self.timeout = timeout
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname=server_hostname or host)
+        self.sock = sock
+        self.framer = MllpFramer()
+
+    def send(self, payload: bytes, framed: bool = True) -> Reply:
+        """Send one message (framed here unless `framed` is False) and wait for its answer."""
+        started = time.monotonic()
+        self.sock.sendall(frame(payload) if framed else payload)
+        return self.receive(started)
+
+    def receive(self, started: float | None = None) -> Reply:
+        started = started or time.monotonic()
+        reply = Reply(None)
+        deadline = started + self.timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MllpClientError(f"no answer within {self.timeout:g} s")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                raise MllpClientError(f"no answer within {self.timeout:g} s") from None
+            if not data:
+                reply.seconds = time.monotonic() - started
+                return reply  # closed by the server
+            for event in self.framer.receive_data(data):
+                if isinstance(event, CommitAcknowledged):
+                    reply.commit = True
+                elif isinstance(event, CommitRejected):
+                    reply.commit = False
+                elif isinstance(event, FrameReceived):
+                    reply.response = event.payload
+                    reply.seconds = time.monotonic() - started
+                    return reply
+                elif isinstance(event, FrameTooLarge):
+                    raise MllpClientError("answer larger than the client accepts")
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> "MllpClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def client_tls_context(ca: str, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """TLS 1.2+ with the server checked against `ca`, presenting a client certificate if given."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def describe(response: bytes | None) -> dict:
+    """MSA-1, MSA-2 and the ERR segments of an answer (for printing); tolerant of anything."""
+    if response is None:
+        return {"msa1": None, "msa2": None, "errors": []}
+    segments = [s for s in _LINE_END.split(response) if s]
+    field_separator = segments[0][3:4] if segments and len(segments[0]) > 3 else b"|"
+    msa1 = msa2 = None
+    errors = []
+    for segment in segments:
+        fields = segment.split(field_separator)
+        if fields[0] == b"MSA":
+            msa1 = fields[1].decode("ascii", "replace") if len(fields) > 1 else None
+            msa2 = fields[2].decode("utf-8", "replace") if len(fields) > 2 else None
+        elif fields[0] == b"ERR":
+            errors.append(segment.decode("utf-8", "replace"))
+    return {"msa1": msa1, "msa2": msa2, "errors": errors}

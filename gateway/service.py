@@ -1,0 +1,95 @@
+"""The gateway's service tree, built in one function and started in order: the database
+(schema migrated), the ingest writer, then the listeners, so that nothing is accepted before
+it can be stored. Stopping runs in reverse: listeners close, the writer commits what it holds,
+the database closes last.
+"""
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+
+from adapters.hl7v2.ack import AckBuilder, Sender
+from adapters.mllp.protocol import MllpServerFactory, MllpSettings
+from gateway.config import GatewayConfig, MllpListenerConfig
+from gateway.ingest.inspect import IngestPolicy, Inspector, SenderDirectory, refuse_reused
+from gateway.ingest.pipeline import IngestPipeline
+from gateway.store.database import Database, create_gateway_engine, migrate
+from gateway.store.ingest_writer import IngestWriter
+from gateway.tls import server_tls_options
+
+log = logging.getLogger(__name__)
+
+
+class StoreService(Service):
+    """The database pool and the ingest writer; ready (schema migrated) before listeners start."""
+
+    name = "store"
+
+    def __init__(self, config: GatewayConfig, reactor):
+        self.engine = create_gateway_engine(config.database.url, config.database.pool_size)
+        self.database = Database(self.engine, reactor, config.database.pool_size)
+        self.builder = AckBuilder(Sender(config.identity.application.encode("ascii"),
+                                         config.identity.facility.encode("ascii")))
+        self.writer = IngestWriter(self.engine, reactor.callFromThread,
+                                   functools.partial(refuse_reused, self.builder),
+                                   config.database.ingest_max_batch)
+
+    def startService(self) -> None:
+        # Before the reactor accepts anything: the schema must exist to store the first message.
+        migrate(self.engine)
+        self.database.start()
+        self.writer.start()
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        self.writer.stop()
+        self.database.stop()
+
+
+def build_service(config: GatewayConfig, reactor) -> MultiService:
+    root = MultiService()
+    store = StoreService(config, reactor)
+    store.setServiceParent(root)
+    senders = SenderDirectory(config.senders)
+    for listener in config.mllp:
+        inspector = Inspector(store.builder, IngestPolicy(
+            listener.name, frozenset(p.encode("ascii") for p in listener.processing_ids),
+            listener.accept_unknown_senders, senders))
+        pipeline = IngestPipeline(inspector, store.writer)
+        factory = MllpServerFactory(pipeline, MllpSettings(
+            listener.name, listener.max_frame_size, listener.idle_timeout, listener.frame_timeout,
+            listener.commit_blocks), reactor, source_filter(listener.allow_sources))
+        service = StreamServerEndpointService(_endpoint(config, listener, reactor), factory)
+        service.setName(listener.name)
+        service._raiseSynchronously = True  # a port in use fails `gateway run` at once
+        service.setServiceParent(root)
+    return root
+
+
+def _endpoint(config: GatewayConfig, listener: MllpListenerConfig, reactor):
+    if listener.tls:
+        options = server_tls_options(config.pki.cert, config.pki.key, config.pki.ca)
+        return SSL4ServerEndpoint(reactor, listener.port, options, backlog=512, interface=listener.interface)
+    return TCP4ServerEndpoint(reactor, listener.port, backlog=512, interface=listener.interface)
+
+
+def source_filter(allow_sources: tuple[str, ...]):
+    """A predicate on the peer address: inside one of the CIDR ranges (any, when none given)."""
+    networks = [ipaddress.ip_network(cidr, strict=False) for cidr in allow_sources]
+    if not networks:
+        return lambda address: True
+
+    def allowed(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in networks)
+
+    return allowed
