@@ -4,9 +4,10 @@ cost of a commit (an fsync) is shared by every message waiting for it, and a lon
 committed at once, without waiting for company.
 
 Duplicates are left to the unique index on (MSH-3, MSH-4, MSH-10): the fast path inserts the
-whole round; only when the index objects is the round redone message by message, where a
-re-sent message (same bytes) gets the stored ACK back and is not stored again, and a reused
-control id with other bytes is refused.
+whole round, and only the messages whose key is taken are settled one by one: a re-sent
+message (same bytes) gets the stored ACK back and is not stored again; a reused control id
+with other bytes is refused (and kept, as every refusal is). Several nodes may share one
+PostgreSQL: its ON CONFLICT waits for the other node's transaction on the same key.
 
 The writer never touches the reactor: `deliver(function, *args)` is given (callFromThread).
 """
@@ -15,12 +16,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
-from sqlalchemy import Engine, and_, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine
 
 from gateway.ingest.model import Inbound
 from gateway.store.schema import messages
@@ -54,19 +55,21 @@ class IngestWriter:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         dialect = engine.dialect
-        self._sql = self._insert_sql(dialect)
+        mark = "?" if dialect.paramstyle == "qmark" else "%s"
+        names = ", ".join(c.name for c in _COLUMNS)
+        self._sql = f"INSERT INTO messages ({names}) VALUES ({', '.join([mark] * len(_COLUMNS))})"
+        self._sql_skipping = (self._sql + " ON CONFLICT (sending_application, sending_facility, "
+                              "control_id) WHERE accepted DO NOTHING RETURNING id")
+        # `accepted` written as the partial index's own predicate, so that SQLite uses the index.
+        self._sql_stored = ("SELECT id, sha256, ack FROM messages WHERE accepted AND "
+                            f"sending_application = {mark} AND sending_facility = {mark} AND control_id = {mark}")
+        self._sql_duplicate = f"UPDATE messages SET duplicate_count = duplicate_count + 1 WHERE id = {mark}"
         self._sqlite = dialect.name == "sqlite"
         self._integrity_error = dialect.loaded_dbapi.IntegrityError
         # SQLAlchemy's own conversion of the timestamp for this dialect (text on SQLite).
         self._timestamp = messages.c.received_at.type._cached_bind_processor(dialect) or (lambda v: v)
         self.commits = 0
         self.rows = 0
-
-    @staticmethod
-    def _insert_sql(dialect) -> str:
-        marker = "?" if dialect.paramstyle == "qmark" else "%s"
-        names = ", ".join(c.name for c in _COLUMNS)
-        return f"INSERT INTO messages ({names}) VALUES ({', '.join([marker] * len(_COLUMNS))})"
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
@@ -124,41 +127,70 @@ class IngestWriter:
             connection.close()
 
     def _commit(self, connection, jobs: list[IngestJob]) -> None:
-        try:
-            self._insert_round(connection.connection.driver_connection,
-                               [row for job in jobs for row in self._rows(job)])
-        except self._integrity_error:
-            # Another node may commit the same control id between our check and our insert:
-            # check again, a few times, before giving up on the round.
-            for attempt in range(3):
-                try:
-                    with connection.begin():
-                        self._commit_checking(connection, jobs)
-                    return
-                except IntegrityError:
-                    if attempt == 2:
-                        raise
-
-    def _insert_round(self, driver, rows: list[tuple]) -> None:
-        """The hot path: one executemany in one transaction, on the driver's own connection
-        (SQLAlchemy's per-statement machinery costs more than the insert itself here)."""
+        driver = connection.connection.driver_connection
         if self._sqlite:
-            driver.execute("BEGIN")
-            try:
-                driver.executemany(self._sql, rows)
-                driver.execute("COMMIT")
-            except BaseException:
-                if driver.in_transaction:
-                    driver.execute("ROLLBACK")
-                raise
+            self._commit_sqlite(driver, jobs)
+        else:
+            self._commit_postgresql(driver, jobs)
+
+    def _commit_sqlite(self, driver, jobs: list[IngestJob]) -> None:
+        """One executemany in one transaction, on the driver's own connection (SQLAlchemy's
+        per-statement machinery costs more than the insert here). If the unique index objects,
+        the round is redone message by message, settling each conflict."""
+        try:
+            with _sqlite_transaction(driver):
+                driver.executemany(self._sql, [row for job in jobs for row in self._rows(job)])
             return
+        except self._integrity_error:
+            pass
+        with _sqlite_transaction(driver):
+            cursor = driver.cursor()
+            for job in jobs:
+                for item in job.items:
+                    if item.deduplicated and self._settle_conflict(cursor, item):
+                        continue  # a duplicate: answered with the stored ACK, not stored again
+                    cursor.execute(self._sql, self._rows(job, [item])[0])
+
+    def _commit_postgresql(self, driver, jobs: list[IngestJob]) -> None:
+        """Insert the round skipping taken keys (ON CONFLICT DO NOTHING, which waits for another
+        node's transaction on the same key), then settle the skipped ones, in one transaction."""
+        pairs = [(job, item) for job in jobs for item in job.items]
         try:
             with driver.cursor() as cursor:
-                cursor.executemany(self._sql, rows)
+                cursor.executemany(self._sql_skipping, [row for job in jobs for row in self._rows(job)],
+                                   returning=True)
+                skipped = []
+                index = 0
+                while True:
+                    if cursor.fetchone() is None:
+                        skipped.append(pairs[index])
+                    index += 1
+                    if not cursor.nextset():
+                        break
+                for job, item in skipped:
+                    if not self._settle_conflict(cursor, item):
+                        cursor.execute(self._sql, self._rows(job, [item])[0])  # a refusal: kept
             driver.commit()
         except BaseException:
             driver.rollback()
             raise
+
+    def _settle_conflict(self, cursor, item: Inbound) -> bool:
+        """An accepted message against what is stored under its key. True for a duplicate (same
+        bytes): it gets the stored ACK and is not stored again. A reused control id (other
+        bytes) turns the item into a refusal, to be stored. False when the key is free."""
+        cursor.execute(self._sql_stored, (item.sending_application, item.sending_facility, item.control_id))
+        stored = cursor.fetchone()
+        if stored is None:
+            return False
+        stored_id, sha256, ack = stored
+        if bytes(sha256) == item.sha256:
+            item.duplicate = True
+            item.ack = bytes(ack) if ack is not None else None
+            cursor.execute(self._sql_duplicate, (stored_id,))
+            return True
+        self.on_reused(item)
+        return False
 
     def _rows(self, job: IngestJob, items: list[Inbound] | None = None) -> list[tuple]:
         received = self._timestamp(datetime.fromtimestamp(job.received_at, timezone.utc))
@@ -177,40 +209,17 @@ class IngestWriter:
             ))
         return rows
 
-    def _commit_checking(self, connection, jobs: list[IngestJob]) -> None:
-        """The slow path: decide each accepted message against what is stored."""
-        seen: dict[tuple, Inbound] = {}
-        for job in jobs:
-            keep = []
-            for item in job.items:
-                if item.deduplicated:
-                    key = (item.sending_application, item.sending_facility, item.control_id)
-                    prior = seen.get(key)
-                    stored = None if prior else _stored(connection, key)
-                    if prior is None and stored is None:
-                        seen[key] = item
-                    elif (prior.sha256 if prior else stored.sha256) == item.sha256:
-                        item.duplicate = True
-                        item.ack = prior.ack if prior else stored.ack
-                        if stored is not None:
-                            connection.execute(update(messages).where(messages.c.id == stored.id)
-                                               .values(duplicate_count=messages.c.duplicate_count + 1))
-                        continue
-                    else:
-                        self.on_reused(item)
-                keep.append(item)
-            if keep:
-                connection.exec_driver_sql(self._sql, self._rows(job, keep))
 
-
-def _stored(connection, key: tuple):
-    application, facility, control_id = key
-    # `accepted` written as the partial index's own predicate, so that SQLite uses the index.
-    return connection.execute(
-        select(messages.c.id, messages.c.sha256, messages.c.ack).where(and_(
-            text("accepted"), messages.c.sending_application == application,
-            messages.c.sending_facility == facility, messages.c.control_id == control_id))
-    ).first()
+@contextmanager
+def _sqlite_transaction(driver):
+    driver.execute("BEGIN")
+    try:
+        yield
+        driver.execute("COMMIT")
+    except BaseException:
+        if driver.in_transaction:
+            driver.execute("ROLLBACK")
+        raise
 
 
 def _finish(jobs: list[IngestJob], error: Exception | None) -> None:
