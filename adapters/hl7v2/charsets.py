@@ -7,6 +7,7 @@ sequence contains VT, FS or CR); UTF-16 and UTF-32 cannot travel over MLLP and a
 from __future__ import annotations
 
 import codecs
+import re
 from dataclasses import dataclass
 
 # HL7 table 0211 value -> Python codec. Values that Python cannot decode are left out and
@@ -75,6 +76,23 @@ def is_known_codec(name: str) -> bool:
     return True
 
 
+_C1_CONTROLS = re.compile(rb"[\x80-\x9f]")
+
+
+def decode_declared(raw: bytes, codec: str) -> str:
+    """`raw.decode(codec)`, except that an ISO 8859 set refuses bytes 0x80-0x9F: Python maps
+    them to C1 control characters, which no HL7 text contains; they are what windows-1252 /
+    windows-1256 letters and punctuation (0x81 peh, 0x92 apostrophe, 0x9C oe) look like
+    when a sender mislabels its bytes, and must reach the fallback instead of being garbled."""
+    text = raw.decode(codec)
+    if codec.startswith("iso8859"):
+        found = _C1_CONTROLS.search(raw)
+        if found is not None:
+            raise UnicodeDecodeError(codec, raw, found.start(), found.start() + 1,
+                                     "C1 control character, not text")
+    return text
+
+
 def decode(raw: bytes, declared: str, fallback: str | None = None) -> Decoded:
     """Decode a message's bytes as MSH-18 says, else with the sender's fallback codec.
 
@@ -83,7 +101,7 @@ def decode(raw: bytes, declared: str, fallback: str | None = None) -> Decoded:
     """
     codec = codec_for(declared)
     try:
-        return Decoded(raw.decode(codec), codec, False)
+        return Decoded(decode_declared(raw, codec), codec, False)
     except UnicodeDecodeError as error:
         first = error
     candidates = []

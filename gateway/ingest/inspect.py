@@ -14,7 +14,7 @@ from typing import Iterable
 from adapters.hl7v2 import reference
 from adapters.hl7v2.ack import AckBuilder, ErrorDetail
 from adapters.hl7v2.batch import Batch, BatchError, is_batch, split_batch
-from adapters.hl7v2.charsets import CHARSETS, CharsetError, codec_for, decode
+from adapters.hl7v2.charsets import CHARSETS, CharsetError, codec_for, decode, decode_declared
 from adapters.hl7v2.codes import AckCondition, AppErrorCode, ErrorCondition, Outcome
 from adapters.hl7v2.header import (DEFAULT_DELIMITERS, Delimiters, HeaderError, Location,
                                    MessageHeader, message_start, parse_header)
@@ -116,7 +116,7 @@ class Inspector:
         facility = fields[3].decode(codec, "replace")
         sender = self.policy.senders.find(application, facility)
         try:
-            raw.decode(codec)  # the whole message must be text in its declared set
+            decode_declared(raw, codec)  # the whole message must be text in its declared set
         except UnicodeDecodeError:
             try:
                 codec = decode(raw, header.charset, sender.charset_fallback if sender else None).codec

@@ -1,0 +1,422 @@
+"""Ingest inspection: one frame in, the records to store and their answers out (pure code)."""
+import glob
+import hashlib
+import os
+
+import hl7msgs
+import pytest
+
+from adapters.hl7v2.ack import AckBuilder, ControlIds, ErrorDetail, Hl7Clock, ack_code_of
+from adapters.hl7v2.codes import AckCode, AppErrorCode, ErrorCondition, Outcome
+from adapters.hl7v2.header import Location
+from adapters.mllp.client import split_messages
+from conftest import CORPUS
+from gateway.config import SenderConfig
+from gateway.ingest.inspect import (FieldView, IngestPolicy, Inspector, SenderDirectory, locate,
+                                    refuse_reused)
+from gateway.ingest.model import MessageStatus
+
+
+def make_builder() -> AckBuilder:
+    return AckBuilder(clock=Hl7Clock(now=lambda: 1_780_000_000.0), control_ids=ControlIds("T"))
+
+
+def inspector(**policy) -> Inspector:
+    """An Inspector for a test listener, with policy overrides."""
+    return Inspector(make_builder(), IngestPolicy("mllp-test", **policy))
+
+
+def message(kind="ORU^R01^ORU_R01", version="2.5", processing="P", msh15="", msh16="",
+            msh18="", facility="CHU_X", control_id="MSG0001", pid5=b"Test^Alice",
+            fs="|", enc="^~\\&") -> bytes:
+    """A synthetic message (MSH, PID, OBX) with the given header values."""
+    msh = fs.join(["MSH", enc, "LAB", facility, "HIE", "MA", "20260101120000", "", kind,
+                   control_id, processing, version, "", "", msh15, msh16, "MAR", msh18])
+    return (msh.encode("ascii") + b"\r" + b"PID|1||X1^^^CHU_X^PI||" + pid5 + b"\r"
+            + b"OBX|1|NM|718-7^Hemoglobin^LN||13.2|g/dL\r")
+
+
+def segments(ack: bytes) -> dict[bytes, list[bytes]]:
+    """ACK segments by id (last wins), each as its fields."""
+    return {s.split(b"|")[0]: s.split(b"|") for s in ack.rstrip(b"\r").split(b"\r")}
+
+
+def err(ack: bytes) -> list[bytes]:
+    return segments(ack)[b"ERR"]
+
+
+@pytest.mark.parametrize("kind", ["oru", "adt"])
+def test_benchmark_messages_accepted_ca(kind):
+    """The benchmark messages (enhanced mode, UTF-8) are RECEIVED with a CA echoing MSH-10."""
+    raw = hl7msgs.message(kind, 1).encode("utf-8")
+    result = inspector().frame(raw)
+    [item] = result.items
+    assert item.status is MessageStatus.RECEIVED and item.outcome is Outcome.ACCEPT
+    assert item.error is None
+    assert ack_code_of(item.ack) is AckCode.COMMIT_ACCEPT
+    assert segments(item.ack)[b"MSA"][2] == b"B00000000001"
+    assert result.response(make_builder()) == item.ack
+    assert item.codec == "utf-8" and item.charset == "UNICODE UTF-8"
+    assert item.sending_application == "SIH_LABO" and item.sending_facility == "CHU_LYON"
+    assert item.receiving_application == "PASSERELLE_HL7" and item.receiving_facility == "GHT_RHONE"
+    assert item.control_id == "B00000000001" and item.version == "2.5"
+    assert item.processing_id == "P" and item.size == len(raw) and not item.truncated
+    assert item.deduplicated
+
+
+def test_sha256_of_exact_raw_bytes():
+    """sha256 is the digest of the exact bytes received, and raw keeps them unchanged."""
+    raw = hl7msgs.message("oru", 42).encode("utf-8")
+    item = inspector().message(raw)
+    assert item.raw is raw or item.raw == raw
+    assert item.sha256 == hashlib.sha256(raw).digest()
+
+
+def test_original_mode_accepted_aa():
+    """A message with MSH-15/16 empty gets AA."""
+    item = inspector().message(message())
+    assert item.status is MessageStatus.RECEIVED
+    assert ack_code_of(item.ack) is AckCode.APPLICATION_ACCEPT
+    assert segments(item.ack)[b"MSA"] == [b"MSA", b"AA", b"MSG0001"]
+    assert item.message_type == "ORU^R01"
+
+
+def test_acknowledgement_is_ignored():
+    """An ACK sent to us is stored as IGNORED and never acknowledged."""
+    raw = b"MSH|^~\\&|LAB|CHU_X|HIE|MA|20260101||ACK^R01^ACK|A77|P|2.5\rMSA|AA|MSG0001\r"
+    item = inspector().message(raw)
+    assert item.status is MessageStatus.IGNORED
+    assert item.ack is None
+    assert inspector().frame(raw).response(make_builder()) is None
+
+
+@pytest.mark.parametrize("kwargs, policy, code, location", [
+    (dict(kind="XYZ^A01"), {}, 200, b"MSH^1^9^1^1"),
+    (dict(kind="ADT^X99"), {}, 201, b"MSH^1^9^1^2"),
+    (dict(version="3.0"), {}, 203, b"MSH^1^12"),
+    (dict(processing="T"), dict(processing_ids=frozenset({b"P"})), 202, b"MSH^1^11"),
+])
+def test_refused_header_values(kwargs, policy, code, location):
+    """Unknown type, trigger, version or processing id give AR with the table 0357 code."""
+    item = inspector(**policy).message(message(**kwargs))
+    assert item.status is MessageStatus.REJECTED and item.outcome is Outcome.REJECT
+    assert item.error.condition.value == code
+    assert ack_code_of(item.ack) is AckCode.APPLICATION_REJECT
+    e = err(item.ack)
+    assert e[3].split(b"^")[0] == str(code).encode()
+    assert e[2] == location
+    assert segments(item.ack)[b"MSA"][2] == b"MSG0001"
+    assert not item.deduplicated
+
+
+def test_z_message_types_accepted():
+    """Locally defined Z message types and events are accepted."""
+    item = inspector().message(message(kind="ZMA^Z01"))
+    assert item.status is MessageStatus.RECEIVED
+
+
+def test_refused_in_enhanced_mode_is_cr():
+    """A refusal in enhanced mode answers CR."""
+    item = inspector().message(message(kind="XYZ^A01", msh15="AL"))
+    assert ack_code_of(item.ack) is AckCode.COMMIT_REJECT
+
+
+def test_unsupported_charset_ar_103():
+    """An MSH-18 outside table 0211 (or UTF-16) gives AR with ERR-3 103 at MSH-18."""
+    for declared in ("KOI8-R", "UNICODE UTF-16"):
+        item = inspector().message(message(msh18=declared))
+        assert item.status is MessageStatus.REJECTED
+        assert ack_code_of(item.ack) is AckCode.APPLICATION_REJECT
+        assert err(item.ack)[3].startswith(b"103^")
+        assert err(item.ack)[2] == b"MSH^1^18"
+
+
+def test_invalid_bytes_in_declared_charset_ae_102():
+    """A lone 0xE9 in PID-5 of a UTF-8 message gives AE, ERR-3 102 at PID^1^5, CHARSET_INVALID."""
+    raw = message(msh18="UNICODE UTF-8", pid5=b"Ren\xe9^Alice")
+    item = inspector().message(raw)
+    assert item.status is MessageStatus.REJECTED and item.outcome is Outcome.ERROR
+    assert ack_code_of(item.ack) is AckCode.APPLICATION_ERROR
+    e = err(item.ack)
+    assert e[2] == b"PID^1^5"
+    assert e[3].startswith(b"102^")
+    assert e[5].split(b"^")[0] == b"CHARSET_INVALID"
+    assert item.error.app_code is AppErrorCode.CHARSET_INVALID
+    assert item.error.location == Location("PID", 1, 5)
+    assert item.raw == raw
+
+
+def test_registry_sender_fallback_accepts():
+    """A registry sender with charset_fallback cp1252 gets the same bytes accepted as cp1252."""
+    sender = SenderConfig(id="INPE-1", name="CHU X", type="hospital", facilities=("CHU_X",),
+                          charset_fallback="cp1252")
+    policy = dict(senders=SenderDirectory([sender]))
+    item = inspector(**policy).message(message(msh18="UNICODE UTF-8", pid5=b"Ren\xe9^Alice"))
+    assert item.status is MessageStatus.RECEIVED
+    assert item.codec == "cp1252"
+    assert item.sender_id == "INPE-1"
+    assert ack_code_of(item.ack) is AckCode.APPLICATION_ACCEPT
+
+
+def test_windows_1252_sent_as_8859_1_uses_fallback():
+    """cp1252 punctuation (0x92) declared 8859/1 is refused without a fallback and read as
+    cp1252 with one, never accepted as C1 control characters."""
+    raw = message(msh18="8859/1", pid5="L’Hôpital^Alice".encode("cp1252"))
+    refused = inspector().message(raw)
+    assert refused.status is MessageStatus.REJECTED
+    assert refused.error.app_code is AppErrorCode.CHARSET_INVALID
+    assert refused.error.location == Location("PID", 1, 5)
+    sender = SenderConfig(id="INPE-1", name="CHU X", type="hospital", facilities=("CHU_X",),
+                          charset_fallback="cp1252")
+    item = inspector(senders=SenderDirectory([sender])).message(raw)
+    assert item.status is MessageStatus.RECEIVED and item.codec == "cp1252"
+
+
+def test_empty_msh18_utf8_accepted():
+    """With MSH-18 empty, UTF-8 bytes are accepted as UTF-8."""
+    item = inspector().message(message(pid5="Benali^Réda".encode("utf-8")))
+    assert item.status is MessageStatus.RECEIVED and item.codec == "utf-8"
+
+
+def test_sender_directory_find():
+    """SenderDirectory matches MSH-4 first component, and MSH-3 when applications are listed."""
+    lab = SenderConfig(id="L1", name="Lab", type="laboratory", applications=("SIL",),
+                       facilities=("LABO_A",))
+    clinic = SenderConfig(id="C1", name="Clinic", type="clinic")
+    directory = SenderDirectory([lab, clinic])
+    assert directory.find("SIL", "LABO_A^1.2.3^ISO") is lab
+    assert directory.find("OTHER", "LABO_A") is None
+    assert directory.find("ANY", "C1") is clinic
+    assert directory.find("SIL", "NOWHERE") is None
+
+
+def test_unknown_sender_refused_when_policy_says_so():
+    """An unknown MSH-4 is refused with SENDER_NOT_ALLOWED when unknown senders are not accepted."""
+    item = inspector(accept_unknown_senders=False).message(message(facility="STRANGER"))
+    assert item.status is MessageStatus.REJECTED
+    assert item.error.app_code is AppErrorCode.SENDER_NOT_ALLOWED
+    assert err(item.ack)[5].split(b"^")[0] == b"SENDER_NOT_ALLOWED"
+    assert err(item.ack)[2] == b"MSH^1^4"
+    known = SenderConfig(id="INPE-2", name="CHU X", type="hospital", facilities=("CHU_X",))
+    ok = inspector(accept_unknown_senders=False, senders=SenderDirectory([known])).message(message())
+    assert ok.status is MessageStatus.RECEIVED and ok.sender_id == "INPE-2"
+
+
+@pytest.mark.parametrize("raw", [b"PID|1||X1\r", b"", b"\x00\x01\xff binary", b"GET / HTTP/1.1\r\n"])
+def test_no_msh_refused_not_hl7(raw):
+    """A frame without MSH gets an AR built from defaults with app code NOT_HL7."""
+    result = inspector().frame(raw)
+    [item] = result.items
+    assert item.status is MessageStatus.REJECTED
+    assert item.error.condition is ErrorCondition.SEGMENT_SEQUENCE_ERROR
+    assert item.error.app_code is AppErrorCode.NOT_HL7
+    assert ack_code_of(item.ack) is AckCode.APPLICATION_REJECT
+    s = segments(item.ack)
+    assert s[b"MSH"][1] == b"^~\\&" and s[b"MSH"][11] == b"2.5"
+    assert s[b"ERR"][5].startswith(b"NOT_HL7^")
+    assert result.response(make_builder()) == item.ack
+    assert item.raw == raw
+
+
+def test_header_error_with_fields_answers_from_them():
+    """An MSH with MSH-10 missing is refused with 101 and the ACK still addresses the sender."""
+    item = inspector().message(message(control_id=""))
+    assert item.status is MessageStatus.REJECTED
+    assert item.error.condition is ErrorCondition.REQUIRED_FIELD_MISSING
+    assert item.error.app_code is None
+    s = segments(item.ack)
+    assert s[b"MSH"][4] == b"LAB" and s[b"MSH"][5] == b"CHU_X"
+    assert s[b"ERR"][2] == b"MSH^1^10"
+    assert item.sending_facility == "CHU_X"
+
+
+def test_two_messages_without_batch_envelope_refused():
+    """A frame with two messages and no BHS/BTS gets one refusal (segment sequence error)."""
+    raw = message(control_id="M1") + message(control_id="M2")
+    result = inspector().frame(raw)
+    [item] = result.items
+    assert item.status is MessageStatus.REJECTED
+    assert item.error.condition is ErrorCondition.SEGMENT_SEQUENCE_ERROR
+    assert item.error.location == Location("MSH", 2)
+    assert ack_code_of(item.ack) is AckCode.APPLICATION_REJECT
+    assert segments(item.ack)[b"MSA"][2] == b"M1"
+    assert item.sha256 == hashlib.sha256(raw).digest()
+
+
+BHS = b"BHS|^~\\&|LAB|CHU_X|HIE|MA|20260101120000||||BATCH-42\r"
+
+
+def test_valid_batch_answered_with_batch_of_acks():
+    """A batch gets one item per message and a BHS ... ACKs ... BTS|n answer echoing BHS-11."""
+    raw = BHS + message(control_id="M1") + message(control_id="M2", kind="XYZ^A01") + b"BTS|2\r"
+    result = inspector().frame(raw)
+    assert [i.status for i in result.items] == [MessageStatus.RECEIVED, MessageStatus.REJECTED]
+    assert result.batch is not None
+    response = result.response(make_builder())
+    lines = response.rstrip(b"\r").split(b"\r")
+    bhs = lines[0].split(b"|")
+    assert bhs[0] == b"BHS"
+    assert bhs[2] == b"MA_HIE_GATEWAY"
+    assert bhs[4:6] == [b"LAB", b"CHU_X"]  # BHS-5/6 = original BHS-3/4
+    assert bhs[11] == b"BATCH-42"  # BHS-12 = original BHS-11
+    assert bhs[10] and bhs[10] != b"BATCH-42"
+    assert lines[-1] == b"BTS|2"
+    msas = [line.split(b"|")[1:3] for line in lines if line.startswith(b"MSA")]
+    assert msas == [[b"AA", b"M1"], [b"AR", b"M2"]]
+    assert sum(line.startswith(b"MSH") for line in lines) == 2
+
+
+def test_file_batch_response_has_fhs_and_fts():
+    """A file (FHS ... FTS) is answered with FHS ... FTS around the batch of ACKs."""
+    raw = (b"FHS|^~\\&|LAB|CHU_X|HIE|MA|20260101||||FILE-9\r" + BHS + message() + b"BTS|1\r"
+           + b"FTS|1\r")
+    response = inspector().frame(raw).response(make_builder())
+    lines = response.rstrip(b"\r").split(b"\r")
+    assert lines[0].split(b"|")[0] == b"FHS" and lines[0].split(b"|")[11] == b"FILE-9"
+    assert lines[-1] == b"FTS|1" and lines[-2] == b"BTS|1"
+
+
+def test_batch_without_wanted_acks_counts_zero():
+    """Messages whose MSH-15 is NE are not answered: the batch answer says BTS|0."""
+    raw = BHS + message(msh15="NE", msh16="NE") + b"BTS|1\r"
+    result = inspector().frame(raw)
+    assert result.items[0].status is MessageStatus.RECEIVED and result.items[0].ack is None
+    assert result.response(make_builder()).rstrip(b"\r").split(b"\r")[-1] == b"BTS|0"
+
+
+def test_bad_batch_refused_whole():
+    """A batch whose count does not match is refused as one frame, answered from BHS-11."""
+    raw = BHS + message() + b"BTS|5\r"
+    result = inspector().frame(raw)
+    [item] = result.items
+    assert result.batch is None
+    assert item.status is MessageStatus.REJECTED
+    assert item.error.app_code is AppErrorCode.BATCH_COUNT_MISMATCH
+    assert segments(item.ack)[b"MSA"][2] == b"BATCH-42"
+    assert item.raw == raw
+
+
+def test_oversize_frame():
+    """oversize() keeps the prefix, marks it truncated with the full size, and answers AR."""
+    prefix = message(control_id="BIG1")[:100]
+    result = inspector().oversize(prefix, 20_000_000, 16_777_216)
+    [item] = result.items
+    assert item.truncated and item.size == 20_000_000
+    assert item.raw == prefix
+    assert item.status is MessageStatus.REJECTED
+    assert item.error.app_code is AppErrorCode.FRAME_TOO_LARGE
+    assert ack_code_of(item.ack) is AckCode.APPLICATION_REJECT
+    assert err(item.ack)[5].split(b"^")[0] == b"FRAME_TOO_LARGE"
+    assert segments(item.ack)[b"MSA"][2] == b"BIG1"
+    assert result.response(make_builder()) == item.ack
+
+
+def test_refuse_reused_turns_accept_into_reject():
+    """refuse_reused makes an accepted item REJECTED with AR and ERR-5 CONTROL_ID_REUSED."""
+    item = inspector().message(message())
+    assert item.status is MessageStatus.RECEIVED
+    refuse_reused(make_builder(), item)
+    assert item.status is MessageStatus.REJECTED and item.outcome is Outcome.REJECT
+    assert ack_code_of(item.ack) is AckCode.APPLICATION_REJECT
+    assert err(item.ack)[5].split(b"^")[0] == b"CONTROL_ID_REUSED"
+    assert err(item.ack)[2] == b"MSH^1^10"
+    assert not item.deduplicated
+
+
+def test_refuse_reused_enhanced_is_cr():
+    """A reused control id in enhanced mode is answered CR."""
+    item = inspector().message(hl7msgs.message("oru", 3).encode("utf-8"))
+    refuse_reused(make_builder(), item)
+    assert ack_code_of(item.ack) is AckCode.COMMIT_REJECT
+
+
+def test_enhanced_never_gets_no_ack():
+    """MSH-15=NE in enhanced mode: accepted, and no ACK is due."""
+    item = inspector().message(message(msh15="NE", msh16="AL"))
+    assert item.status is MessageStatus.RECEIVED and item.ack is None
+
+
+def test_enhanced_error_only():
+    """MSH-15=ER: no ACK on success, a CR on refusal."""
+    ok = inspector().message(message(msh15="ER"))
+    assert ok.status is MessageStatus.RECEIVED and ok.ack is None
+    refused = inspector().message(message(msh15="ER", kind="XYZ^A01"))
+    assert refused.status is MessageStatus.REJECTED
+    assert ack_code_of(refused.ack) is AckCode.COMMIT_REJECT
+
+
+def test_enhanced_success_only():
+    """MSH-15=SU: a CA on success, no ACK on refusal."""
+    assert ack_code_of(inspector().message(message(msh15="SU")).ack) is AckCode.COMMIT_ACCEPT
+    refused = inspector().message(message(msh15="SU", kind="XYZ^A01"))
+    assert refused.status is MessageStatus.REJECTED and refused.ack is None
+
+
+def test_non_default_delimiters_message_accepted():
+    """A message with # $ * @ ! delimiters is accepted and answered in its own delimiters."""
+    raw = message(fs="#", enc="$*@!", kind="ORU$R01$ORU_R01")
+    item = inspector().message(raw)
+    assert item.status is MessageStatus.RECEIVED
+    assert item.ack.startswith(b"MSH#$*@!#")
+    assert b"MSA#AA#MSG0001" in item.ack
+
+
+def test_locate():
+    """locate() names the segment, its sequence and the field of a byte offset."""
+    raw = b"MSH|^~\\&|LAB\rOBX|1|ST\rOBX|2|ST|x|v\xe9\r"
+    d = FieldView.of(raw).delimiters
+    assert locate(raw, raw.index(b"\xe9"), d) == Location("OBX", 2, 4)
+    assert locate(raw, raw.index(b"LAB"), d) == Location("MSH", 1, 3)
+    assert locate(raw.replace(b"\r", b"\n"), raw.index(b"\xe9"), d) == Location("OBX", 2, 4)
+
+
+def test_field_view_of_batch_header():
+    """FieldView of a BHS reads BHS-11 as the control id and has no type or version."""
+    view = FieldView.of(BHS + b"BTS|0\r")
+    assert view.field(3) == b"LAB" and view.field(10) == b"BATCH-42"
+    assert view.field(9) == b"" and view.field(12) == b""
+    assert FieldView.of(b"garbage").field(3) == b""
+
+
+def test_inbound_record_fields_for_refusal():
+    """A refused message still records its sender, control id and type for the store."""
+    item = inspector().message(message(kind="XYZ^A01", control_id="Z9"))
+    assert item.sending_application == "LAB" and item.sending_facility == "CHU_X"
+    assert item.control_id == "Z9" and item.message_type == "XYZ^A01"
+    assert item.error == ErrorDetail(ErrorCondition.UNSUPPORTED_MESSAGE_TYPE,
+                                     Location("MSH", 1, 9, 1), item.error.reason)
+
+
+CORPUS_FILES = sorted(glob.glob(os.path.join(CORPUS, "**", "*.hl7"), recursive=True))
+
+
+def test_corpus_is_there():
+    """The shared corpus holds HL7 files to inspect."""
+    assert len(CORPUS_FILES) > 20
+
+
+@pytest.mark.parametrize("path", CORPUS_FILES, ids=lambda p: os.path.relpath(p, CORPUS))
+def test_corpus_never_crashes(path):
+    """Every corpus file, split as a sender would, inspects without raising: each item is
+    RECEIVED/IGNORED, or REJECTED with an error detail and (when due) a negative ACK."""
+    with open(path, "rb") as f:
+        data = f.read()
+    frames = split_messages(data)
+    inspect = inspector()
+    builder = make_builder()
+    for payload in frames:
+        result = inspect.frame(payload)
+        assert result.items
+        for item in result.items:
+            assert item.sha256 == hashlib.sha256(item.raw).digest()
+            if item.status is MessageStatus.REJECTED:
+                assert item.error is not None and item.error.reason
+                if item.ack is not None:
+                    assert not ack_code_of(item.ack).positive
+            else:
+                assert item.status in (MessageStatus.RECEIVED, MessageStatus.IGNORED)
+                assert item.error is None
+                if item.ack is not None:
+                    assert ack_code_of(item.ack).positive
+        response = result.response(builder)
+        assert response is None or response.endswith(b"\r")
