@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -56,10 +57,10 @@ class IngestWriter:
         self._thread: threading.Thread | None = None
         dialect = engine.dialect
         mark = "?" if dialect.paramstyle == "qmark" else "%s"
-        names = ", ".join(c.name for c in _COLUMNS)
-        self._sql = f"INSERT INTO messages ({names}) VALUES ({', '.join([mark] * len(_COLUMNS))})"
-        self._sql_skipping = (self._sql + " ON CONFLICT (sending_application, sending_facility, "
-                              "control_id) WHERE accepted DO NOTHING RETURNING id")
+        self._names = ", ".join(c.name for c in _COLUMNS)
+        self._sql = f"INSERT INTO messages ({self._names}) VALUES ({', '.join([mark] * len(_COLUMNS))})"
+        self._pg_row_marks = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
+        self._pg_insert_cache: dict[int, str] = {}
         # `accepted` written as the partial index's own predicate, so that SQLite uses the index.
         self._sql_stored = ("SELECT id, sha256, ack FROM messages WHERE accepted AND "
                             f"sending_application = {mark} AND sending_facility = {mark} AND control_id = {mark}")
@@ -152,28 +153,44 @@ class IngestWriter:
                     cursor.execute(self._sql, self._rows(job, [item])[0])
 
     def _commit_postgresql(self, driver, jobs: list[IngestJob]) -> None:
-        """Insert the round skipping taken keys (ON CONFLICT DO NOTHING, which waits for another
-        node's transaction on the same key), then settle the skipped ones, in one transaction."""
+        """One multi-row INSERT ... ON CONFLICT DO NOTHING RETURNING, in autocommit: a single
+        statement is atomic, so the round costs one round trip. Rows skipped because their key
+        is taken (ON CONFLICT waits for any other node's transaction on it) are then settled
+        in a second transaction. If that fails, the whole round is answered as not stored;
+        the rows already committed answer the sender's re-send with their stored ACK."""
         pairs = [(job, item) for job in jobs for item in job.items]
-        try:
-            with driver.cursor() as cursor:
-                cursor.executemany(self._sql_skipping, [row for job in jobs for row in self._rows(job)],
-                                   returning=True)
-                skipped = []
-                index = 0
-                while True:
-                    if cursor.fetchone() is None:
-                        skipped.append(pairs[index])
-                    index += 1
-                    if not cursor.nextset():
-                        break
+        rows = [row for job in jobs for row in self._rows(job)]
+        if not driver.autocommit:
+            driver.autocommit = True
+        with driver.cursor() as cursor:
+            cursor.execute(self._pg_insert_sql(len(rows)), [value for row in rows for value in row])
+            inserted = cursor.fetchall()
+            if len(inserted) == len(rows):
+                return
+            # Which rows were skipped: match returned (key, sha256) to the items, in order.
+            remaining = Counter((a, f, c, bytes(h)) for a, f, c, h in inserted)
+            skipped = []
+            for job, item in pairs:
+                key = (item.sending_application, item.sending_facility, item.control_id, item.sha256)
+                if remaining[key] > 0:
+                    remaining[key] -= 1
+                else:
+                    skipped.append((job, item))
+            with driver.transaction():
                 for job, item in skipped:
                     if not self._settle_conflict(cursor, item):
                         cursor.execute(self._sql, self._rows(job, [item])[0])  # a refusal: kept
-            driver.commit()
-        except BaseException:
-            driver.rollback()
-            raise
+
+    def _pg_insert_sql(self, count: int) -> str:
+        sql = self._pg_insert_cache.get(count)
+        if sql is None:
+            values = ", ".join([self._pg_row_marks] * count)
+            sql = (f"INSERT INTO messages ({self._names}) VALUES {values} ON CONFLICT "
+                   "(sending_application, sending_facility, control_id) WHERE accepted DO NOTHING "
+                   "RETURNING sending_application, sending_facility, control_id, sha256")
+            if len(self._pg_insert_cache) < 1024:
+                self._pg_insert_cache[count] = sql
+        return sql
 
     def _settle_conflict(self, cursor, item: Inbound) -> bool:
         """An accepted message against what is stored under its key. True for a duplicate (same
