@@ -17,7 +17,8 @@ from adapters.hl7v2.batch import Batch, BatchError, is_batch, split_batch
 from adapters.hl7v2.charsets import CHARSETS, CharsetError, codec_for, decode, decode_declared
 from adapters.hl7v2.codes import AckCondition, AppErrorCode, ErrorCondition, Outcome
 from adapters.hl7v2.header import (DEFAULT_DELIMITERS, Delimiters, HeaderError, Location,
-                                   MessageHeader, message_start, parse_header)
+                                   MessageHeader, message_start, parse_header, read_delimiters,
+                                   segment_end)
 from gateway.config import SenderConfig
 from gateway.ingest.model import Inbound, MessageStatus
 
@@ -266,16 +267,10 @@ class FieldView:
     def of(cls, payload: bytes) -> "FieldView":
         start = message_start(payload)
         kind = payload[start:start + 3]
-        end = len(payload)
-        for terminator in (b"\r", b"\n"):
-            found = payload.find(terminator, start)
-            if 0 <= found < end:
-                end = found
-        segment = payload[start:end]
+        segment = payload[start:segment_end(payload, start)]
         if kind not in (b"MSH", b"BHS", b"FHS"):
             return cls(DEFAULT_DELIMITERS, [])
         try:
-            from adapters.hl7v2.header import read_delimiters
             delimiters = read_delimiters(segment, kind.decode())
         except HeaderError:
             return cls(DEFAULT_DELIMITERS, [])
