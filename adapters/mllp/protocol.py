@@ -85,8 +85,11 @@ class MllpServerProtocol(Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
+        ended = False  # a frame ended in this read: a frame still open began after it
         for event in self.framer.receive_data(data):
             kind = type(event)
+            if kind is not JunkDiscarded:
+                ended = True
             if kind is FrameReceived:
                 self.waiting.append(event.payload)
             elif kind is JunkDiscarded:
@@ -99,7 +102,7 @@ class MllpServerProtocol(Protocol, TimeoutMixin):
                 self.waiting.append(event)  # answered in its turn, then the connection closes
                 self._pause()
             # CommitAcknowledged / CommitRejected: release 2 receipts for our ACKs; nothing to do.
-        self._watch_frame_deadline()
+        self._watch_frame_deadline(ended)
         if not self.busy and self.waiting:
             self._next()
         if len(self.waiting) >= PIPELINE_LIMIT:
@@ -135,13 +138,12 @@ class MllpServerProtocol(Protocol, TimeoutMixin):
             self.paused = False
             self.transport.resumeProducing()
 
-    def _watch_frame_deadline(self) -> None:
-        if self.framer.in_frame:
-            if self._frame_deadline is None:
-                self._frame_deadline = self.clock.callLater(self.settings.frame_timeout, self._frame_expired)
-        elif self._frame_deadline is not None:
-            self._frame_deadline.cancel()
+    def _watch_frame_deadline(self, restart: bool = False) -> None:
+        if self._frame_deadline is not None and (restart or not self.framer.in_frame):
+            self._frame_deadline.cancel()  # its frame ended; a new one gets its own deadline
             self._frame_deadline = None
+        if self.framer.in_frame and self._frame_deadline is None:
+            self._frame_deadline = self.clock.callLater(self.settings.frame_timeout, self._frame_expired)
 
     def _frame_expired(self) -> None:
         self._frame_deadline = None
@@ -156,6 +158,7 @@ class MllpServerProtocol(Protocol, TimeoutMixin):
         self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:
+        self.connected = False  # Twisted never resets it: _answer relies on it to drop late answers
         self.setTimeout(None)
         if self._frame_deadline is not None:
             self._frame_deadline.cancel()
