@@ -128,10 +128,20 @@ def test_file_count_mismatch():
     assert caught.value.location == Location("FTS", 1, 1)
 
 
+@pytest.mark.parametrize("segments, counts", [
+    ([BHS, *msg("1"), *msg("2")], [2]),  # no BTS
+    (["FHS|^~\\&|LAB", BHS, *msg("1"), "BTS|1"], [1]),  # no FTS
+    (["FHS|^~\\&|LAB", *msg("1"), *msg("2"), "FTS|1"], [2]),  # no BHS: one implicit batch
+    (["FHS|^~\\&|LAB", "FTS|0"], []),  # an empty file
+])
+def test_optional_envelope_segments(segments, counts):
+    """As in the HL7 grammar [FHS] {[BHS] {MSH...} [BTS]} [FTS], trailers and BHS are optional."""
+    batch = split_batch(join(*segments))
+    assert [len(part.messages) for part in batch.batches] == counts
+    assert all(m.startswith(b"MSH") for m in batch.messages)
+
+
 @pytest.mark.parametrize("segments, words", [
-    ([BHS, *msg("1")], "no BTS"),
-    (["FHS|^~\\&|LAB", BHS, *msg("1"), "BTS|1"], "no FTS"),
-    (["FHS|^~\\&|LAB", "FTS|0"], "no BHS"),
     ([BHS, *msg("1"), "BTS|1", *msg("2")], "outside a BHS"),
     ([BHS, "BTS|0", "BTS|0"], "BTS without an open batch"),
     ([BHS, "BTS|0", "FTS|1"], "FTS without FHS"),

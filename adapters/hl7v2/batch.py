@@ -1,8 +1,10 @@
 """HL7 batches (FHS/BHS ... MSH ... BTS/FTS) in one frame, split into messages.
 
 A batch is all or nothing: a segment out of place or a trailer count (BTS-1, FTS-1) that
-does not match the content rejects the whole frame, and nothing of it is accepted. A batch
-with no messages is valid when its trailer says 0 (the periodic "nothing to send" batch).
+does not match the content rejects the whole frame, and nothing of it is accepted. As in the
+HL7 grammar `[FHS] {[BHS] {MSH ...} [BTS]} [FTS]`, the trailers are optional (a count is
+checked when there is one) and a file may hold its messages without a BHS. A batch with no
+messages is valid (the periodic "nothing to send" batch) unless its trailer says otherwise.
 The messages are returned as slices of the original bytes, segment terminators included.
 """
 from __future__ import annotations
@@ -84,7 +86,10 @@ def split_batch(raw: bytes) -> Batch:
             part = BatchPart(segment.split(fs))
             batch.batches.append(part)
         elif kind == "MSH":
-            if part is None or part.trailer is not None:
+            if part is None and batch.file_header is not None and not batch.batches:
+                part = BatchPart([])  # a file of messages without BHS: one implicit batch
+                batch.batches.append(part)
+            elif part is None or part.trailer is not None:
                 raise BatchError("MSH outside a BHS ... BTS batch", where)
             close_message(begin)
             message_from = begin
@@ -97,18 +102,13 @@ def split_batch(raw: bytes) -> Batch:
         elif kind == "FTS":
             if batch.file_header is None or batch.file_trailer is not None:
                 raise BatchError("FTS without FHS", where)
-            if part is not None and part.trailer is None:
-                raise BatchError("FTS before the batch's BTS", where)
+            close_message(begin)  # the batch's BTS is optional
             batch.file_trailer = segment.split(fs)
             _check_count(batch.file_trailer, len(batch.batches), "FTS", "batches in the file", where)
         elif message_from is None:
             raise BatchError(f"{kind} segment outside a message (expected MSH, BTS or FTS)", where)
-    if not batch.batches:
-        raise BatchError("file has no BHS batch", Location("BHS", 1))
-    if part.trailer is None:
-        raise BatchError("batch has no BTS trailer", Location("BTS", 1))
-    if batch.file_header is not None and batch.file_trailer is None:
-        raise BatchError("file has no FTS trailer", Location("FTS", 1))
+    if part is not None:
+        close_message(len(raw))  # trailers are optional: the last message runs to the end
     return batch
 
 

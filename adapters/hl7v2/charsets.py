@@ -35,6 +35,14 @@ CHARSETS: dict[str, str] = {
     "UNICODE UTF-8": "utf-8",
 }
 
+# Not table 0211, but what some systems write in MSH-18; unambiguous, so understood.
+ALIASES: dict[str, str] = {
+    "UTF-8": "utf-8", "UTF8": "utf-8",
+    **{f"ISO-8859-{n}": f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 15)},
+    **{f"ISO8859-{n}": f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 15)},
+    "WINDOWS-1252": "cp1252", "CP1252": "cp1252", "WINDOWS-1256": "cp1256", "CP1256": "cp1256",
+}
+
 # Declared but impossible over byte framing: refused with a clear reason.
 MULTIBYTE_WIDE = frozenset({"UNICODE UTF-16", "UNICODE UTF-32"})
 
@@ -60,7 +68,7 @@ class Decoded:
 def codec_for(declared: str) -> str:
     """The Python codec for an MSH-18 value (first repetition); CharsetError if unsupported."""
     name = declared.strip().upper() if declared else DEFAULT_CHARSET
-    codec = CHARSETS.get(name)
+    codec = CHARSETS.get(name) or ALIASES.get(name)
     if codec is None:
         if name in MULTIBYTE_WIDE:
             raise CharsetError(f"MSH-18 {declared!r} cannot be carried over MLLP byte framing")

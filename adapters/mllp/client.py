@@ -59,6 +59,7 @@ class MllpClient:
             sock = tls.wrap_socket(sock, server_hostname=server_hostname or host)
         self.sock = sock
         self.framer = MllpFramer()
+        self._pending: list = []  # events read but not yet returned (pipelined answers)
 
     def send(self, payload: bytes, framed: bool = True) -> Reply:
         """Send one message (framed here unless `framed` is False) and wait for its answer."""
@@ -67,10 +68,23 @@ class MllpClient:
         return self.receive(started)
 
     def receive(self, started: float | None = None) -> Reply:
+        """The next answer: a frame (with any release-2 commit block before it)."""
         started = started or time.monotonic()
         reply = Reply(None)
         deadline = started + self.timeout
         while True:
+            while self._pending:
+                event = self._pending.pop(0)
+                if isinstance(event, CommitAcknowledged):
+                    reply.commit = True
+                elif isinstance(event, CommitRejected):
+                    reply.commit = False
+                elif isinstance(event, FrameReceived):
+                    reply.response = event.payload
+                    reply.seconds = time.monotonic() - started
+                    return reply
+                elif isinstance(event, FrameTooLarge):
+                    raise MllpClientError("answer larger than the client accepts")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise MllpClientError(f"no answer within {self.timeout:g} s")
@@ -82,17 +96,7 @@ class MllpClient:
             if not data:
                 reply.seconds = time.monotonic() - started
                 return reply  # closed by the server
-            for event in self.framer.receive_data(data):
-                if isinstance(event, CommitAcknowledged):
-                    reply.commit = True
-                elif isinstance(event, CommitRejected):
-                    reply.commit = False
-                elif isinstance(event, FrameReceived):
-                    reply.response = event.payload
-                    reply.seconds = time.monotonic() - started
-                    return reply
-                elif isinstance(event, FrameTooLarge):
-                    raise MllpClientError("answer larger than the client accepts")
+            self._pending.extend(self.framer.receive_data(data))
 
     def close(self) -> None:
         try:
