@@ -22,7 +22,15 @@ def test_codec_for(declared, codec):
     assert codec_for(declared) == codec
 
 
-@pytest.mark.parametrize("declared", ["KOI8-R", "UTF8", "8859/99", "windows-1256"])
+@pytest.mark.parametrize("declared, codec", [
+    ("UTF-8", "utf-8"), ("utf8", "utf-8"), ("ISO-8859-6", "iso8859-6"), ("windows-1256", "cp1256"),
+])
+def test_codec_for_common_aliases(declared, codec):
+    """Unambiguous names that some systems write instead of table 0211's are understood."""
+    assert codec_for(declared) == codec
+
+
+@pytest.mark.parametrize("declared", ["KOI8-R", "UTF-7", "8859/99", "windows-1250"])
 def test_codec_for_unknown(declared):
     """A value not in table 0211 is refused with CharsetError naming it."""
     with pytest.raises(CharsetError) as caught:
