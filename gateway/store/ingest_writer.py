@@ -119,13 +119,13 @@ class IngestWriter:
                 error = failure
                 if connection is not None:
                     try:
-                        connection.close()
+                        _discard(connection)
                     except Exception:  # already broken
                         pass
                     connection = None
             self.deliver(_finish, jobs, error)
         if connection is not None:
-            connection.close()
+            _discard(connection)
 
     def _commit(self, connection, jobs: list[IngestJob]) -> None:
         driver = connection.connection.driver_connection
@@ -237,6 +237,13 @@ def _sqlite_transaction(driver):
         if driver.in_transaction:
             driver.execute("ROLLBACK")
         raise
+
+
+def _discard(connection) -> None:
+    """Close the writer's connection for good: never back in the pool, where it would lend
+    its driver settings (autocommit on PostgreSQL) to other units of work."""
+    connection.invalidate()
+    connection.close()
 
 
 def _finish(jobs: list[IngestJob], error: Exception | None) -> None:
