@@ -1,0 +1,294 @@
+"""The `gateway` console script, run as a real process: run, send, messages, pki, and config errors."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import hl7msgs
+import pytest
+
+GATEWAY = os.path.join(sys.prefix, "bin", "gateway")
+
+FACILITIES = """\
+facilities:
+  - id: "INPE-100001"
+    name: "CHU Ibn Rochd Casablanca"
+    type: hospital
+    applications: [HIS_CHU]
+    facilities: [CHU_IBN_ROCHD]
+    charset_fallback: cp1256
+  - id: "INPE-100002"
+    name: "Laboratoire d'Analyses Médicales Al Amal, Rabat"
+    type: laboratory
+    applications: [LIS_ALAMAL]
+    facilities: [LAB_ALAMAL_RABAT]
+"""
+
+BAD_MESSAGE = (b"MSH|^~\\&|HIS_TEST|FAC_TEST|MA_HIE_GATEWAY|MA_HIE|20250114083512||XYZ^A01|BAD-CLI-1|P|2.5\r"
+               b"PID|1||P-1^^^CHU^PI||Test^Patient\r")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def child_environment() -> dict[str, str]:
+    """The environment of the processes: no configuration taken from the caller's."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GATEWAY_DB_URL", "GATEWAY_CONFIG")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def write_project(root: Path, dev_pki: str, db_url: str, port: int) -> Path:
+    """conf/gateway.yaml and conf/facilities.yaml under `root`; returns the config path."""
+    conf = root / "conf"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / "facilities.yaml").write_text(FACILITIES, encoding="utf-8")
+    config = conf / "gateway.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        node:
+          name: cli-test
+        log_level: info
+        database:
+          url: {db_url}
+          pool_size: 2
+        pki:
+          ca: {dev_pki}/ca.crt
+          cert: {dev_pki}/gateway.crt
+          key: {dev_pki}/gateway.key
+          dev_dir: certs/dev
+        identity:
+          application: MA_HIE_GATEWAY
+          facility: MA_HIE
+        listeners:
+          mllp:
+            - name: mllp-plain
+              port: {port}
+              interface: 127.0.0.1
+              accept_unknown_senders: true
+              allow_sources: [127.0.0.0/8]
+        facilities: conf/facilities.yaml
+        """), encoding="utf-8")
+    return config
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"gateway exited with {process.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
+@pytest.fixture
+def project(tmp_path, dev_pki):
+    port = free_port()
+    database = tmp_path / "var" / "gateway.sqlite"
+    config = write_project(tmp_path, dev_pki, f"sqlite:///{database}", port)
+    return SimpleNamespace(root=tmp_path, config=str(config), port=port, database=database)
+
+
+def cli(project, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `gateway ARGS` in the project folder; stdout and stderr decoded as UTF-8."""
+    done = subprocess.run([GATEWAY, *args], cwd=project.root, env=child_environment(),
+                          capture_output=True, timeout=timeout)
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode("utf-8"),
+                                       done.stderr.decode("utf-8"))
+
+
+@pytest.fixture
+def gateway(project):
+    """`gateway run -c conf/gateway.yaml` as a process, listening; killed after the test if still up."""
+    log = open(project.root / "gateway.log", "wb")
+    process = subprocess.Popen([GATEWAY, "run", "-c", project.config], cwd=project.root,
+                               env=child_environment(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(project.port, process)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        log.close()
+
+
+def stop(process: subprocess.Popen, timeout: float = 5.0) -> int:
+    """SIGTERM, then the exit code (fails if the process does not exit within `timeout`)."""
+    process.send_signal(signal.SIGTERM)
+    return process.wait(timeout)
+
+
+def write_file(project, name: str, data: bytes) -> str:
+    path = project.root / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_run_listens_then_stops_on_sigterm(project, gateway):
+    """`gateway run` listens on the configured port and exits 0 within seconds of SIGTERM."""
+    with socket.create_connection(("127.0.0.1", project.port), timeout=2):
+        pass
+    started = time.monotonic()
+    assert stop(gateway) == 0
+    assert time.monotonic() - started < 5
+    log = (project.root / "gateway.log").read_text("utf-8")
+    assert "gateway cli-test ready" in log and f"mllp-plain 127.0.0.1:{project.port}" in log
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", project.port), timeout=1).close()
+    assert project.database.exists()
+
+
+def test_send_prints_msa_of_a_stored_message(project, gateway):
+    """`gateway send` prints FILE#1: CA <control id> for the benchmark ORU and exits 0."""
+    path = write_file(project, "oru.hl7", hl7msgs.message("oru", 3).encode("utf-8"))
+    done = cli(project, "send", "--to", f"127.0.0.1:{project.port}", path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{path}#1: CA B00000000003"
+    listed = cli(project, "messages", "list", "--json", "-c", project.config)
+    assert [json.loads(line)["control_id"] for line in listed.stdout.splitlines()] == ["B00000000003"]
+    assert stop(gateway) == 0
+
+
+def test_send_prints_err_and_fails_for_a_refused_message(project, gateway):
+    """A message the gateway refuses: the MSA line, its ERR segment indented, exit code 1."""
+    path = write_file(project, "bad.hl7", BAD_MESSAGE)
+    done = cli(project, "send", "--to", f"127.0.0.1:{project.port}", path)
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"{path}#1: AR BAD-CLI-1"
+    assert lines[1].startswith("    ERR|") and "XYZ" in lines[1]
+    assert stop(gateway) == 0
+
+
+def test_send_to_a_closed_port_fails(project):
+    """`gateway send` to a port where nothing listens says so on stderr and exits 1."""
+    path = write_file(project, "oru.hl7", hl7msgs.message("oru", 4).encode("utf-8"))
+    done = cli(project, "send", "--to", f"127.0.0.1:{project.port}", path)
+    assert done.returncode == 1
+    assert f"cannot connect to 127.0.0.1:{project.port}" in done.stderr and done.stdout == ""
+
+
+def test_messages_list_json(project, gateway):
+    """`messages list --json` prints one JSON object per stored message, newest first."""
+    oru = write_file(project, "oru.hl7", hl7msgs.message("oru", 3).encode("utf-8"))
+    adt = write_file(project, "adt.hl7", hl7msgs.message("adt", 5).encode("utf-8"))
+    bad = write_file(project, "bad.hl7", BAD_MESSAGE)
+    cli(project, "send", "--to", f"127.0.0.1:{project.port}", oru, adt, bad)
+    done = cli(project, "messages", "list", "--json", "-c", project.config)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["control_id"] for r in rows] == ["BAD-CLI-1", "B00000000005", "B00000000003"]
+    for row in rows:
+        assert {"id", "control_id", "sending_application", "sending_facility", "message_type",
+                "status", "received_at"} <= set(row)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00", row["received_at"])
+    assert [r["status"] for r in rows] == ["rejected", "received", "received"]
+    assert [r["message_type"] for r in rows] == ["XYZ^A01", "ADT^A01", "ORU^R01"]
+    assert rows[2]["sending_application"] == "SIH_LABO" and rows[2]["sending_facility"] == "CHU_LYON"
+    assert rows[0]["id"] > rows[1]["id"] > rows[2]["id"]
+    filtered = cli(project, "messages", "list", "--json", "--status", "received", "--limit", "1",
+                   "-c", project.config)
+    assert [json.loads(line)["control_id"] for line in filtered.stdout.splitlines()] == ["B00000000005"]
+    assert stop(gateway) == 0
+
+
+def test_messages_show(project, gateway):
+    """`messages show ID` gives the text and the ACK: as JSON, and as text with French and Arabic intact."""
+    message = hl7msgs.message("oru", 3)
+    path = write_file(project, "oru.hl7", message.encode("utf-8"))
+    sent = cli(project, "send", "--to", f"127.0.0.1:{project.port}", path)
+    assert sent.returncode == 0
+    [row] = [json.loads(line) for line in
+             cli(project, "messages", "list", "--json", "-c", project.config).stdout.splitlines()]
+
+    as_json = cli(project, "messages", "show", str(row["id"]), "--json", "-c", project.config)
+    assert as_json.returncode == 0, as_json.stderr
+    detail = json.loads(as_json.stdout)
+    assert detail["text"] == message
+    assert detail["ack"].startswith("MSH|^~\\&|MA_HIE_GATEWAY|MA_HIE|SIH_LABO|CHU_LYON|")
+    assert "\rMSA|CA|B00000000003" in detail["ack"]
+    assert detail["control_id"] == "B00000000003" and detail["codec"] == "utf-8"
+
+    as_text = cli(project, "messages", "show", str(row["id"]), "-c", project.config)
+    assert as_text.returncode == 0, as_text.stderr
+    assert "PID|1||4500987654^^^CHU_LYON^PI||الحسيني^يوسف^^^^^L~El Husseini^Youssef" in as_text.stdout
+    assert "OBX|1|NM|718-7^Hémoglobine [Masse/Volume] Sang^LN|" in as_text.stdout
+    assert "Troponine très élevée" in as_text.stdout
+    assert "\r" not in as_text.stdout  # segments shown one per line
+    assert "--- ACK sent ---\nMSH|^~\\&|MA_HIE_GATEWAY" in as_text.stdout
+    assert "MSA|CA|B00000000003" in as_text.stdout
+
+    missing = cli(project, "messages", "show", str(row["id"] + 1000), "-c", project.config)
+    assert missing.returncode == 1 and f"no message {row['id'] + 1000}" in missing.stderr
+    assert stop(gateway) == 0
+
+
+def test_invalid_config_makes_run_exit_2_with_located_errors(project):
+    """`gateway run` on a wrong config exits 2 and lists every problem as file:line: key."""
+    Path(project.config).write_text(textwrap.dedent("""\
+        database:
+          url: mysql://gateway@db/gateway
+          pool_size: 0
+        pki: {ca: certs/ca.crt, cert: certs/gw.crt, key: certs/gw.key}
+        listeners:
+          mllp:
+            - name: mllp-plain
+              port: 70000
+              tls: maybe
+        colour: blue
+        facilities: conf/facilities.yaml
+        """), encoding="utf-8")
+    done = cli(project, "run", "-c", project.config, timeout=30)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    errors = done.stderr
+    assert "conf/gateway.yaml:2: database.url: must be a sqlite or postgresql URL" in errors
+    assert "conf/gateway.yaml:3: database.pool_size: must be an integer between 1 and 256" in errors
+    assert "conf/gateway.yaml:8: listeners.mllp[0].port: must be an integer between 1 and 65535" in errors
+    assert "conf/gateway.yaml:9: listeners.mllp[0].tls: must be true or false" in errors
+    assert "conf/gateway.yaml:10: colour: unknown key" in errors
+    assert not project.database.exists()  # it stopped before touching the database
+
+
+def test_pki_init_then_show(project, tmp_path):
+    """`pki init --dir D` writes the CA, parties and registry facilities; `pki show --dir D` lists them."""
+    directory = tmp_path / "pki-out"
+    init = cli(project, "pki", "init", "--dir", str(directory), "-c", project.config)
+    assert init.returncode == 0, init.stderr
+    written = sorted(line.removeprefix("wrote ") for line in init.stdout.splitlines())
+    names = ["INPE-100001", "INPE-100002", "ca", "gateway", "sandbox-cnss", "sandbox-record"]
+    assert written == sorted(str(directory / f"{n}.{ext}") for n in names for ext in ("crt", "key"))
+    assert (directory / "ca.key").stat().st_mode & 0o077 == 0
+
+    show = cli(project, "pki", "show", "--dir", str(directory), "-c", project.config)
+    assert show.returncode == 0, show.stderr
+    lines = show.stdout.splitlines()
+    assert [line.split(":", 1)[0] for line in lines] == sorted(f"{n}.crt" for n in names)
+    ca_line = next(line for line in lines if line.startswith("ca.crt:"))
+    assert "(CA)" in ca_line and "MA HIE Development CA" in ca_line
+    assert re.search(r"sha256 [0-9a-fA-F:]{32,}", ca_line)
+
+    again = cli(project, "pki", "init", "--dir", str(directory), "-c", project.config)
+    assert again.returncode == 0 and "nothing written" in again.stdout
+
+
+def test_pki_show_of_an_empty_directory_fails(project, tmp_path):
+    """`pki show` on a directory without certificates says to run `pki init` and exits 1."""
+    done = cli(project, "pki", "show", "--dir", str(tmp_path / "none"), "-c", project.config)
+    assert done.returncode == 1 and "gateway pki init" in done.stderr

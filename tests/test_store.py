@@ -1,0 +1,561 @@
+"""The store: migrations match the schema, SQLite durability settings, the group-commit ingest
+writer (duplicates, reused control ids, failures, two nodes), and the read queries."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import time
+
+import hl7msgs
+import pytest
+from sqlalchemy import event, inspect, select, text
+
+from adapters.hl7v2.ack import AckBuilder
+from adapters.mllp.client import describe
+from gateway.ingest.inspect import IngestPolicy, Inspector, refuse_reused
+from gateway.store.database import create_gateway_engine, migrate
+from gateway.store.ingest_writer import IngestJob, IngestWriter
+from gateway.store.queries import count_messages, get_message, list_messages
+from gateway.store.schema import messages, metadata
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def hl7(control_id: str, kind: str = "ADT^A01^ADT_A01", charset: str = "UNICODE UTF-8",
+        body: str = "PID|1||P-1^^^CHU^PI||Benali^Karim", application: str = "HIS_TEST",
+        facility: str = "FAC_TEST", encoding: str = "utf-8") -> bytes:
+    """A small synthetic v2.5 message in original acknowledgement mode."""
+    msh = (f"MSH|^~\\&|{application}|{facility}|MA_HIE_GATEWAY|MA_HIE|20250114083512||{kind}|"
+           f"{control_id}|P|2.5|||||MAR|{charset}")
+    return (msh + "\r" + body + "\r").encode(encoding)
+
+
+def bad_hl7(control_id: str, reason: str) -> bytes:
+    """A synthetic message refused by inspection (unknown message type)."""
+    return hl7(control_id, kind="XYZ^A01", body=f"NTE|1||{reason}")
+
+
+class Outcomes:
+    """Collects done(job, error) calls (any thread)."""
+
+    def __init__(self):
+        self.calls: list[tuple[IngestJob, Exception | None]] = []
+        self.lock = threading.Lock()
+        self.event = threading.Event()
+        self.expected = 0
+
+    def done(self, job, error):
+        with self.lock:
+            self.calls.append((job, error))
+            if len(self.calls) >= self.expected:
+                self.event.set()
+
+    def wait(self, count: int, timeout: float = 30.0) -> list[tuple[IngestJob, Exception | None]]:
+        with self.lock:
+            self.expected = count
+            if len(self.calls) >= count:
+                self.event.set()
+        assert self.event.wait(timeout), f"only {len(self.calls)} of {count} jobs answered"
+        with self.lock:
+            self.event.clear()
+            return list(self.calls)
+
+
+def sync_deliver(function, *args):
+    function(*args)
+
+
+class Harness:
+    """One engine, one Inspector and one IngestWriter with a synchronous `deliver`."""
+
+    def __init__(self, url: str, migrated: bool = False):
+        self.engine = create_gateway_engine(url)
+        if not migrated:
+            migrate(self.engine)
+        self.builder = AckBuilder()
+        self.inspector = Inspector(self.builder, IngestPolicy("t"))
+        self.writer = IngestWriter(self.engine, sync_deliver,
+                                   functools.partial(refuse_reused, self.builder))
+        self.outcomes = Outcomes()
+
+    def job(self, raw: bytes) -> IngestJob:
+        result = self.inspector.frame(raw)
+        return IngestJob(result.items, "t", "127.0.0.1:40000", time.time(), self.outcomes.done)
+
+    def submit(self, raw: bytes) -> IngestJob:
+        job = self.job(raw)
+        self.writer.submit(job)
+        return job
+
+    def rows(self):
+        with self.engine.connect() as conn:
+            return conn.execute(select(messages.c.control_id, messages.c.status, messages.c.raw,
+                                       messages.c.ack, messages.c.duplicate_count)
+                                .order_by(messages.c.id)).all()
+
+    def close(self):
+        self.writer.stop()
+        self.engine.dispose()
+
+
+@pytest.fixture
+def harness(db_url):
+    h = Harness(db_url)
+    yield h
+    h.close()
+
+
+@contextlib.contextmanager
+def lock_messages(engine):
+    """Hold a lock that makes every INSERT into messages wait until the block ends."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("COMMIT")  # the engine's own BEGIN, replaced by an IMMEDIATE one
+            conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            finally:
+                conn.connection.driver_connection.execute("COMMIT")
+        else:
+            conn.execute(text("LOCK TABLE messages IN SHARE ROW EXCLUSIVE MODE"))
+            try:
+                yield
+            finally:
+                conn.commit()
+
+
+def schema_snapshot(engine) -> dict:
+    """Tables, columns (name, nullable) and indexes (name, columns, unique, predicate)."""
+    inspector = inspect(engine)
+    snapshot = {}
+    for table in sorted(inspector.get_table_names()):
+        columns = [(c["name"], bool(c["nullable"])) for c in inspector.get_columns(table)]
+        indexes = sorted((i["name"], tuple(i["column_names"]), bool(i["unique"]),
+                          _predicate(engine, table, i)) for i in inspector.get_indexes(table))
+        snapshot[table] = {"columns": columns, "indexes": indexes,
+                           "pk": tuple(inspector.get_pk_constraint(table)["constrained_columns"])}
+    return snapshot
+
+
+def _predicate(engine, table, index) -> str | None:
+    """The WHERE of a partial index, normalised (reflected on PostgreSQL, read from SQLite)."""
+    options = index.get("dialect_options", {})
+    where = options.get("postgresql_where") or options.get("sqlite_where")
+    if where is None and engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            sql = conn.execute(text("SELECT sql FROM sqlite_master WHERE type='index' AND name=:n"),
+                               {"n": index["name"]}).scalar()
+        if sql and " WHERE " in sql.upper():
+            where = sql[sql.upper().index(" WHERE ") + 7:]
+    return None if where is None else str(where).strip().strip("()").lower()
+
+
+# --------------------------------------------------------------------------------------------
+# Migrations and engine settings
+# --------------------------------------------------------------------------------------------
+
+
+def test_migrate_creates_exactly_the_schema_module(db_url):
+    """Alembic's migrations produce the tables, columns, nullability and indexes of schema.metadata."""
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    migrated = schema_snapshot(engine)
+    engine.dispose()
+
+    assert set(migrated) == set(metadata.tables) | {"alembic_version"}
+    table = metadata.tables["messages"]
+    expected_columns = [(c.name, bool(c.nullable)) for c in table.columns]
+    assert migrated["messages"]["columns"] == expected_columns
+    assert migrated["messages"]["pk"] == ("id",)
+    expected_indexes = sorted(
+        (i.name, tuple(c.name for c in i.columns), bool(i.unique),
+         "accepted" if i.dialect_options[engine.dialect.name]["where"] is not None else None)
+        for i in table.indexes)
+    assert migrated["messages"]["indexes"] == expected_indexes
+    assert ("ux_messages_control", ("sending_application", "sending_facility", "control_id"),
+            True, "accepted") in migrated["messages"]["indexes"]
+    assert ("ix_messages_received_at", ("received_at",), False, None) in migrated["messages"]["indexes"]
+
+
+def test_migrate_twice_is_a_no_op(db_url, harness):
+    """A second migrate changes neither the schema, the revision, nor the stored rows."""
+    harness.writer.start()
+    harness.submit(hl7("MIG-1"))
+    harness.outcomes.wait(1)
+    before = schema_snapshot(harness.engine)
+    with harness.engine.connect() as conn:
+        revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    migrate(harness.engine)
+    assert schema_snapshot(harness.engine) == before
+    with harness.engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == revision
+        assert count_messages(conn) == 1
+    assert revision == ["0001"]
+
+
+def test_sqlite_engine_is_wal_and_synchronous_full_on_every_connection(tmp_path):
+    """Every pooled SQLite connection runs in WAL mode with synchronous=FULL (2)."""
+    engine = create_gateway_engine(f"sqlite:///{tmp_path / 'var' / 'durable.sqlite'}", pool_size=2)
+    connections = [engine.connect() for _ in range(5)]  # several at once: distinct DBAPI connections
+    try:
+        assert len({id(c.connection.dbapi_connection) for c in connections}) == 5
+        for conn in connections:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+    finally:
+        for conn in connections:
+            conn.close()
+        engine.dispose()
+    assert (tmp_path / "var" / "durable.sqlite").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The ingest writer
+# --------------------------------------------------------------------------------------------
+
+
+def test_writer_commits_a_job_then_calls_done(harness):
+    """A submitted job is committed before done(job, None) is called, with its ACK stored."""
+    raw = hl7("ONE-1")
+    seen_in_done = []
+
+    def done(job, error):
+        with harness.engine.connect() as conn:  # already committed, visible from elsewhere
+            seen_in_done.append(count_messages(conn, "received"))
+        harness.outcomes.done(job, error)
+
+    result = harness.inspector.frame(raw)
+    job = IngestJob(result.items, "t", "127.0.0.1:40000", time.time(), done)
+    harness.writer.start()
+    harness.writer.submit(job)
+    [(answered, error)] = harness.outcomes.wait(1)
+    assert answered is job and error is None
+    assert seen_in_done == [1]
+    [row] = harness.rows()
+    assert row.control_id == "ONE-1" and row.status == "received" and row.raw == raw
+    assert row.ack == job.items[0].ack and describe(row.ack)["msa1"] == "AA"
+    assert harness.writer.commits == 1 and harness.writer.rows == 1
+
+
+def test_writer_group_commits_queued_jobs(harness):
+    """200 jobs queued before the writer starts are stored in fewer commits than jobs."""
+    jobs = [harness.submit(hl7(f"GRP-{i:04d}")) for i in range(200)]
+    harness.writer.start()
+    answered = harness.outcomes.wait(200)
+    assert all(error is None for _, error in answered)
+    assert {id(job) for job, _ in answered} == {id(job) for job in jobs}
+    assert harness.writer.commits < 200
+    assert harness.writer.commits == 1  # all fit in one round (max_batch 512)
+    rows = harness.rows()
+    assert sorted(r.control_id for r in rows) == [f"GRP-{i:04d}" for i in range(200)]
+    assert {r.status for r in rows} == {"received"}
+
+
+def test_writer_group_commits_while_blocked(db_url, harness):
+    """Jobs that arrive while a commit waits on a database lock go together into the next commit."""
+    with lock_messages(harness.engine):
+        harness.writer.start()
+        harness.submit(hl7("BLK-0000"))
+        time.sleep(0.3)  # the writer takes this job alone, then waits on the lock
+        for i in range(1, 100):
+            harness.submit(hl7(f"BLK-{i:04d}"))
+        time.sleep(0.3)
+        assert harness.outcomes.calls == []  # nothing answered before it is committed
+    answered = harness.outcomes.wait(100)
+    assert all(error is None for _, error in answered)
+    assert harness.writer.commits <= 2
+    assert len(harness.rows()) == 100
+
+
+def test_duplicate_in_one_round_is_stored_once_with_one_ack(harness):
+    """The same bytes twice in one round are stored once and both get the same ACK."""
+    raw = hl7("DUP-1")
+    first, second = harness.submit(raw), harness.submit(raw)
+    harness.writer.start()
+    answered = harness.outcomes.wait(2)
+    assert [error for _, error in answered] == [None, None]
+    assert harness.writer.commits == 1
+    assert first.items[0].ack == second.items[0].ack
+    assert describe(first.items[0].ack) == {"msa1": "AA", "msa2": "DUP-1", "errors": []}
+    assert second.items[0].duplicate and not first.items[0].duplicate
+    [row] = harness.rows()
+    assert row.raw == raw and row.ack == first.items[0].ack and row.status == "received"
+
+
+def test_reused_control_id_in_one_round_is_rejected(harness):
+    """Same sender and control id with other bytes in one round: one received, one CONTROL_ID_REUSED."""
+    first = harness.submit(hl7("REUSE-1", body="PID|1||A-1"))
+    second = harness.submit(hl7("REUSE-1", body="PID|1||B-2"))
+    harness.writer.start()
+    assert [error for _, error in harness.outcomes.wait(2)] == [None, None]
+    assert describe(first.items[0].ack)["msa1"] == "AA"
+    reply = describe(second.items[0].ack)
+    assert reply["msa1"] == "AR" and reply["msa2"] == "REUSE-1"
+    assert any("CONTROL_ID_REUSED" in line for line in reply["errors"])
+    rows = harness.rows()
+    assert [(r.control_id, r.status) for r in rows] == [("REUSE-1", "received"), ("REUSE-1", "rejected")]
+    assert rows[1].raw == hl7("REUSE-1", body="PID|1||B-2") and rows[1].ack == second.items[0].ack
+    with harness.engine.connect() as conn:
+        stored = conn.execute(select(messages.c.error_reason, messages.c.accepted)
+                              .where(messages.c.status == "rejected")).one()
+    assert "control id already used" in stored.error_reason and not stored.accepted
+
+
+def test_duplicate_across_rounds_replays_the_stored_ack(harness):
+    """A re-sent message in a later round gets the stored ACK byte for byte and counts a duplicate."""
+    raw = hl7("LATER-1")
+    harness.writer.start()
+    first = harness.submit(raw)
+    harness.outcomes.wait(1)
+    again = harness.submit(raw)
+    third = harness.submit(raw)
+    assert [e for _, e in harness.outcomes.wait(3)] == [None, None, None]
+    assert again.items[0].ack is not None
+    # Left alone, the Inspector built a new ACK (new MSH-10); the store replaced it.
+    assert harness.job(raw).items[0].ack != first.items[0].ack
+    assert again.items[0].ack == first.items[0].ack == third.items[0].ack
+    [row] = harness.rows()
+    assert row.ack == first.items[0].ack and row.duplicate_count == 2
+
+
+def test_refused_messages_may_reuse_a_control_id(harness):
+    """Two different refused messages with the same MSH-10 are both stored, each with its own NAK."""
+    harness.writer.start()
+    one = harness.submit(bad_hl7("BAD-1", "first"))
+    two = harness.submit(bad_hl7("BAD-1", "second"))
+    harness.outcomes.wait(2)
+    three = harness.submit(bad_hl7("BAD-1", "first"))  # even the same bytes, in a later round
+    assert [e for _, e in harness.outcomes.wait(3)] == [None, None, None]
+    rows = harness.rows()
+    assert [(r.control_id, r.status) for r in rows] == [("BAD-1", "rejected")] * 3
+    assert [r.raw for r in rows] == [one.items[0].raw, two.items[0].raw, three.items[0].raw]
+    assert describe(rows[0].ack)["msa1"] == "AR"
+    # A good message may still take the control id the refusals used.
+    good = harness.submit(hl7("BAD-1"))
+    harness.outcomes.wait(4)
+    assert describe(good.items[0].ack)["msa1"] == "AA"
+    assert [r.status for r in harness.rows()] == ["rejected"] * 3 + ["received"]
+
+
+def test_database_failure_reports_the_error_and_the_writer_recovers(harness):
+    """With the table gone, done(job, error) gets the exception; once migrated again, jobs are stored."""
+    with harness.engine.begin() as conn:
+        conn.execute(text("DROP TABLE messages"))
+        conn.execute(text("DROP TABLE alembic_version"))
+    harness.writer.start()
+    lost = harness.submit(hl7("FAIL-1"))
+    [(job, error)] = harness.outcomes.wait(1)
+    assert job is lost and isinstance(error, Exception)
+    assert "messages" in str(error).lower()
+    assert harness.writer.commits == 0
+
+    migrate(harness.engine)
+    for attempt in range(3):  # more than one round, on the same writer thread
+        kept = harness.submit(hl7(f"FAIL-OK-{attempt}"))
+        job, error = harness.outcomes.wait(2 + attempt)[-1]
+        assert job is kept and error is None
+    assert [r.control_id for r in harness.rows()] == ["FAIL-OK-0", "FAIL-OK-1", "FAIL-OK-2"]
+    assert harness.writer.commits == 3
+
+
+def test_writer_leaves_pooled_connections_transactional(harness):
+    """After the writer fails a round or stops, rolled-back work on its engine is really rolled back."""
+    with harness.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE probe (x INTEGER)"))
+        conn.execute(text("DROP TABLE messages"))
+        conn.execute(text("DROP TABLE alembic_version"))
+    harness.writer.start()
+    harness.submit(hl7("POOL-1"))
+    [(_, error)] = harness.outcomes.wait(1)
+    assert error is not None  # the writer gave its connection back after the failure
+    migrate(harness.engine)
+    harness.submit(hl7("POOL-2"))
+    assert harness.outcomes.wait(2)[-1][1] is None
+    harness.writer.stop()  # and gives its connection back when it stops
+
+    connections = [harness.engine.connect() for _ in range(4)]  # every pooled one, and new ones
+    try:
+        for conn in connections:
+            conn.execute(text("INSERT INTO probe (x) VALUES (1)"))
+            conn.rollback()
+    finally:
+        for conn in connections:
+            conn.close()
+    with harness.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM probe")).scalar_one() == 0
+        assert count_messages(conn) == 1
+
+
+def test_sqlite_read_only_database_reports_the_error(tmp_path):
+    """A SQLite database that refuses writes (query_only): the job gets the error, nothing is stored."""
+    url = f"sqlite:///{tmp_path / 'gw.sqlite'}"
+    h = Harness(url)
+    h.engine.dispose()
+    event.listen(h.engine, "connect", lambda dbapi, _: dbapi.execute("PRAGMA query_only=ON"))
+    try:
+        h.writer.start()
+        job = h.submit(hl7("RO-1"))
+        [(answered, error)] = h.outcomes.wait(1)
+        assert answered is job and isinstance(error, Exception)
+        assert "readonly" in str(error).lower().replace("-", "").replace(" ", "")
+        assert h.writer.commits == 0
+    finally:
+        h.close()
+    check = create_gateway_engine(url)
+    with check.connect() as conn:
+        assert count_messages(conn) == 0
+    check.dispose()
+
+
+# --------------------------------------------------------------------------------------------
+# Read queries
+# --------------------------------------------------------------------------------------------
+
+
+def store_all(harness, raws: list[bytes]) -> list[IngestJob]:
+    harness.writer.start()
+    jobs = []
+    for raw in raws:  # one round each: ids follow the order sent
+        jobs.append(harness.submit(raw))
+        harness.outcomes.wait(len(jobs))
+    return jobs
+
+
+def test_list_messages_order_filters_and_limit(harness):
+    """Newest first; filtered by status, control id and before_id; cut at the limit."""
+    store_all(harness, [hl7("Q-1"), bad_hl7("Q-2", "x"), hl7("Q-3"), hl7("Q-4"), bad_hl7("Q-5", "y")])
+    with harness.engine.connect() as conn:
+        everything = list_messages(conn)
+        assert [m.control_id for m in everything] == ["Q-5", "Q-4", "Q-3", "Q-2", "Q-1"]
+        assert [m.id for m in everything] == sorted((m.id for m in everything), reverse=True)
+        assert [m.control_id for m in list_messages(conn, limit=2)] == ["Q-5", "Q-4"]
+        assert [m.control_id for m in list_messages(conn, status="received")] == ["Q-4", "Q-3", "Q-1"]
+        assert [m.control_id for m in list_messages(conn, status="rejected")] == ["Q-5", "Q-2"]
+        assert [m.control_id for m in list_messages(conn, control_id="Q-3")] == ["Q-3"]
+        assert list_messages(conn, control_id="nope") == []
+        middle = everything[2].id
+        assert [m.control_id for m in list_messages(conn, before_id=middle)] == ["Q-2", "Q-1"]
+        assert [m.control_id for m in list_messages(conn, limit=1, status="received", before_id=middle)] == ["Q-1"]
+    first = everything[-1]
+    assert first.status == "received" and first.ack_code == "AA" and first.listener == "t"
+    assert first.message_type == "ADT^A01" and first.sending_application == "HIS_TEST"
+    assert first.sending_facility == "FAC_TEST" and first.duplicate_count == 0
+    assert first.received_at.endswith("+00:00") and first.received_at[:2] == "20"
+    assert everything[0].ack_code == "AR" and everything[0].error_code == 200
+
+
+def test_count_messages(harness):
+    """count_messages counts all rows or those of one status."""
+    store_all(harness, [hl7("C-1"), hl7("C-2"), bad_hl7("C-3", "z"), hl7("C-1")])
+    with harness.engine.connect() as conn:
+        assert count_messages(conn) == 3  # the re-sent C-1 is not stored again
+        assert count_messages(conn, "received") == 2
+        assert count_messages(conn, "rejected") == 1
+        assert count_messages(conn, "ignored") == 0
+
+
+def test_get_message_returns_the_bytes_and_the_decoded_text(harness):
+    """get_message gives back the raw bytes as sent and the text decoded with the codec."""
+    oru = hl7msgs.message("oru", 11).encode("utf-8")
+    french_arabic = hl7("TXT-1", body="PID|1||P-9^^^CHU^PI||Lefèvre^Hélène~بن علي^فاطمة|||F\r"
+                                      "NTE|1||Œdème, très élevé : «appel» à 08h10")
+    arabic_8859 = hl7("TXT-2", charset="8859/6", encoding="iso8859-6",
+                      body="PID|1||P-10^^^CHU^PI||الحسيني^يوسف")
+    assert "الحسيني".encode("utf-8") not in arabic_8859  # really single-byte Arabic on the wire
+    store_all(harness, [oru, french_arabic, arabic_8859])
+    with harness.engine.connect() as conn:
+        by_control = {m.control_id: m.id for m in list_messages(conn)}
+        detail_oru = get_message(conn, by_control["B00000000011"])
+        detail_fr = get_message(conn, by_control["TXT-1"])
+        detail_ar = get_message(conn, by_control["TXT-2"])
+        assert get_message(conn, max(by_control.values()) + 100) is None
+
+    assert type(detail_oru.raw) is bytes and detail_oru.raw == oru
+    assert detail_oru.text == hl7msgs.message("oru", 11)
+    assert "الحسيني^يوسف" in detail_oru.text and "Hémoglobine" in detail_oru.text
+    assert detail_fr.raw == french_arabic and detail_fr.codec == "utf-8"
+    assert "Lefèvre^Hélène~بن علي^فاطمة" in detail_fr.text and "Œdème" in detail_fr.text
+    assert detail_ar.raw == arabic_8859 and detail_ar.codec == "iso8859-6"
+    assert detail_ar.charset == "8859/6"
+    assert "الحسيني^يوسف" in detail_ar.text and "\ufffd" not in detail_ar.text
+    data = detail_ar.as_dict()
+    assert data["text"] == detail_ar.text and data["id"] == by_control["TXT-2"]
+    assert data["ack"].startswith("MSH|") and "MSA|AA|TXT-2" in data["ack"]
+    import hashlib
+    assert detail_fr.sha256 == hashlib.sha256(french_arabic).hexdigest()
+    assert detail_fr.summary.size == len(french_arabic) and not detail_fr.truncated
+
+
+# --------------------------------------------------------------------------------------------
+# Two nodes on one PostgreSQL database
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.pg
+def test_two_nodes_store_the_same_message_once(pg_url):
+    """Two writers on two engines committing the same messages at once: one row each, identical positive ACKs."""
+    node_a, node_b = Harness(pg_url), Harness(pg_url)
+    try:
+        raws = [hl7msgs.message("oru", 900 + i).encode("utf-8") for i in range(20)]
+        jobs_a = [node_a.submit(raw) for raw in raws]
+        jobs_b = [node_b.submit(raw) for raw in raws]
+        assert jobs_a[0].items[0].ack != jobs_b[0].items[0].ack  # each node built its own ACK
+        with lock_messages(node_a.engine):  # both rounds wait, then run at the same moment
+            node_a.writer.start()
+            node_b.writer.start()
+            time.sleep(0.5)
+            assert node_a.outcomes.calls == [] and node_b.outcomes.calls == []
+        assert all(e is None for _, e in node_a.outcomes.wait(20))
+        assert all(e is None for _, e in node_b.outcomes.wait(20))
+
+        for a, b in zip(jobs_a, jobs_b):
+            assert describe(a.items[0].ack)["msa1"] == "CA"
+            assert b.items[0].ack == a.items[0].ack
+            assert a.items[0].duplicate != b.items[0].duplicate  # exactly one of them was stored
+        rows = sorted(node_a.rows(), key=lambda r: r.control_id)
+        assert [r.control_id for r in rows] == [f"B{900 + i:011d}" for i in range(20)]
+        assert {r.duplicate_count for r in rows} == {1}
+        assert [r.ack for r in rows] == [a.items[0].ack for a in jobs_a]
+        assert {r.status for r in rows} == {"received"}
+    finally:
+        node_a.close()
+        node_b.close()
+
+
+@pytest.mark.pg
+def test_two_nodes_racing_many_rounds(pg_url):
+    """Two nodes sending the same 100 messages concurrently, one per round: every id stored once."""
+    node_a, node_b = Harness(pg_url), Harness(pg_url)
+    try:
+        raws = [hl7(f"RACE-{i:03d}") for i in range(100)]
+        start = threading.Barrier(2)
+        jobs = {"a": [], "b": []}
+
+        def feed(name, node):
+            start.wait()
+            for raw in raws:
+                jobs[name].append(node.submit(raw))
+
+        node_a.writer.start()
+        node_b.writer.start()
+        threads = [threading.Thread(target=feed, args=("a", node_a)),
+                   threading.Thread(target=feed, args=("b", node_b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(e is None for _, e in node_a.outcomes.wait(100))
+        assert all(e is None for _, e in node_b.outcomes.wait(100))
+        for a, b in zip(jobs["a"], jobs["b"]):
+            assert a.items[0].ack == b.items[0].ack
+            assert describe(a.items[0].ack)["msa1"] == "AA"
+        rows = node_a.rows()
+        assert sorted(r.control_id for r in rows) == [f"RACE-{i:03d}" for i in range(100)]
+        assert {r.duplicate_count for r in rows} == {1}
+    finally:
+        node_a.close()
+        node_b.close()
