@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -59,8 +58,8 @@ class IngestWriter:
         mark = "?" if dialect.paramstyle == "qmark" else "%s"
         self._names = ", ".join(c.name for c in _COLUMNS)
         self._sql = f"INSERT INTO messages ({self._names}) VALUES ({', '.join([mark] * len(_COLUMNS))})"
-        self._pg_row_marks = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
-        self._pg_insert_cache: dict[int, str] = {}
+        self._sql_skipping = (self._sql + " ON CONFLICT (sending_application, sending_facility, "
+                              "control_id) WHERE accepted DO NOTHING")
         # `accepted` written as the partial index's own predicate, so that SQLite uses the index.
         self._sql_stored = ("SELECT id, sha256, ack FROM messages WHERE accepted AND "
                             f"sending_application = {mark} AND sending_facility = {mark} AND control_id = {mark}")
@@ -128,69 +127,55 @@ class IngestWriter:
             _discard(connection)
 
     def _commit(self, connection, jobs: list[IngestJob]) -> None:
+        """The round in one transaction, on the driver's own connection (SQLAlchemy's
+        per-statement machinery costs more than the insert here): one executemany. If a key is
+        taken, the round is rolled back and redone message by message, settling each conflict;
+        another node may take a key meanwhile, hence a few attempts."""
         driver = connection.connection.driver_connection
-        if self._sqlite:
-            self._commit_sqlite(driver, jobs)
-        else:
-            self._commit_postgresql(driver, jobs)
-
-    def _commit_sqlite(self, driver, jobs: list[IngestJob]) -> None:
-        """One executemany in one transaction, on the driver's own connection (SQLAlchemy's
-        per-statement machinery costs more than the insert here). If the unique index objects,
-        the round is redone message by message, settling each conflict."""
-        try:
-            with _sqlite_transaction(driver):
-                driver.executemany(self._sql, [row for job in jobs for row in self._rows(job)])
-            return
-        except self._integrity_error:
-            pass
-        with _sqlite_transaction(driver):
-            cursor = driver.cursor()
-            for job in jobs:
-                for item in job.items:
-                    if item.deduplicated and self._settle_conflict(cursor, item):
-                        continue  # a duplicate: answered with the stored ACK, not stored again
-                    cursor.execute(self._sql, self._rows(job, [item])[0])
-
-    def _commit_postgresql(self, driver, jobs: list[IngestJob]) -> None:
-        """One multi-row INSERT ... ON CONFLICT DO NOTHING RETURNING, in autocommit: a single
-        statement is atomic, so the round costs one round trip. Rows skipped because their key
-        is taken (ON CONFLICT waits for any other node's transaction on it) are then settled
-        in a second transaction. If that fails, the whole round is answered as not stored;
-        the rows already committed answer the sender's re-send with their stored ACK."""
-        pairs = [(job, item) for job in jobs for item in job.items]
-        rows = [row for job in jobs for row in self._rows(job)]
-        if not driver.autocommit:
+        if not self._sqlite and not driver.autocommit:
+            # Transactions are explicit (driver.transaction()); leave any implicit one the
+            # pool's ping opened, or transaction() would only make a savepoint inside it.
+            driver.rollback()
             driver.autocommit = True
-        with driver.cursor() as cursor:
-            cursor.execute(self._pg_insert_sql(len(rows)), [value for row in rows for value in row])
-            inserted = cursor.fetchall()
-            if len(inserted) == len(rows):
+        if self._insert_round(driver, [row for job in jobs for row in self._rows(job)]):
+            return
+        for attempt in range(3):
+            try:
+                with self._transaction(driver):
+                    cursor = driver.cursor()
+                    for job in jobs:
+                        for item in job.items:
+                            if item.deduplicated and self._settle_conflict(cursor, item):
+                                continue  # a duplicate: answered with the stored ACK, not stored again
+                            cursor.execute(self._sql, self._rows(job, [item])[0])
                 return
-            # Which rows were skipped: match returned (key, sha256) to the items, in order.
-            remaining = Counter((a, f, c, bytes(h)) for a, f, c, h in inserted)
-            skipped = []
-            for job, item in pairs:
-                key = (item.sending_application, item.sending_facility, item.control_id, item.sha256)
-                if remaining[key] > 0:
-                    remaining[key] -= 1
-                else:
-                    skipped.append((job, item))
-            with driver.transaction():
-                for job, item in skipped:
-                    if not self._settle_conflict(cursor, item):
-                        cursor.execute(self._sql, self._rows(job, [item])[0])  # a refusal: kept
+            except self._integrity_error:
+                if attempt == 2:
+                    raise
 
-    def _pg_insert_sql(self, count: int) -> str:
-        sql = self._pg_insert_cache.get(count)
-        if sql is None:
-            values = ", ".join([self._pg_row_marks] * count)
-            sql = (f"INSERT INTO messages ({self._names}) VALUES {values} ON CONFLICT "
-                   "(sending_application, sending_facility, control_id) WHERE accepted DO NOTHING "
-                   "RETURNING sending_application, sending_facility, control_id, sha256")
-            if len(self._pg_insert_cache) < 1024:
-                self._pg_insert_cache[count] = sql
-        return sql
+    def _insert_round(self, driver, rows: list[tuple]) -> bool:
+        """Insert every row in one transaction; False (and nothing stored) if a key is taken."""
+        if self._sqlite:
+            try:
+                with self._transaction(driver):
+                    driver.executemany(self._sql, rows)
+                return True
+            except self._integrity_error:
+                return False
+        # PostgreSQL: ON CONFLICT DO NOTHING keeps psycopg's pipeline from aborting; a short
+        # row count says a key was taken, and the round is rolled back.
+        try:
+            with self._transaction(driver):
+                with driver.cursor() as cursor:
+                    cursor.executemany(self._sql_skipping, rows)
+                    if cursor.rowcount != len(rows):
+                        raise _KeyTaken
+            return True
+        except _KeyTaken:
+            return False
+
+    def _transaction(self, driver):
+        return _sqlite_transaction(driver) if self._sqlite else driver.transaction()
 
     def _settle_conflict(self, cursor, item: Inbound) -> bool:
         """An accepted message against what is stored under its key. True for a duplicate (same
@@ -225,6 +210,10 @@ class IngestWriter:
                 error.reason if error else None,
             ))
         return rows
+
+
+class _KeyTaken(Exception):
+    """A round's insert skipped a row: redo the round message by message."""
 
 
 @contextmanager
