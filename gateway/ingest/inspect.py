@@ -81,7 +81,7 @@ class Inspector:
         """Inspect one frame's payload: a message or a batch of them."""
         start = message_start(payload)
         if payload[start:start + 3] == b"MSH":
-            if b"\rMSH" in payload or b"\nMSH" in payload:
+            if _second_msh(payload, start):
                 return FrameResult([self._refused_frame(payload, ErrorDetail(
                     ErrorCondition.SEGMENT_SEQUENCE_ERROR, Location("MSH", 2),
                     "frame holds several messages without a BHS/BTS batch envelope"))])
@@ -236,6 +236,16 @@ class Inspector:
         item.control_id = view.field(10).decode("iso8859-1") or None
         item.ack = self.builder.build(view, Outcome.REJECT, bool(view.field(15) or view.field(16)), detail)
         return item
+
+
+def _second_msh(payload: bytes, start: int) -> bool:
+    """Whether another MSH segment follows the first (one scan; MSH inside text is skipped)."""
+    found = payload.find(b"MSH", start + 3)
+    while found >= 0:
+        if payload[found - 1] in b"\r\n":
+            return True
+        found = payload.find(b"MSH", found + 3)
+    return False
 
 
 def refuse_reused(builder: AckBuilder, item: Inbound) -> None:
