@@ -121,16 +121,12 @@ class Inspector:
         except UnicodeDecodeError:
             try:
                 codec = decode(raw, header.charset, sender.charset_fallback if sender else None).codec
+                application = facility = None  # decode them again with the codec that worked
             except CharsetError as error:
                 return self._refused(raw, digest, header, Outcome.ERROR, ErrorDetail(
                     ErrorCondition.DATA_TYPE_ERROR, locate(raw, error.offset or 0, header.delimiters),
                     error.reason, AppErrorCode.CHARSET_INVALID), codec, sender)
-        item = Inbound(raw, digest, Outcome.ACCEPT, MessageStatus.RECEIVED, None, None,
-                       application, facility, fields[4].decode(codec, "replace"),
-                       fields[5].decode(codec, "replace"), fields[9].decode(codec, "replace"),
-                       header.message_type, header.version.decode("ascii", "replace"),
-                       header.processing_id.decode("ascii", "replace"), header.charset, codec,
-                       False, len(raw), sender.id if sender else None, header)
+        item = self._record(raw, digest, header, codec, sender, application, facility)
         if header.is_acknowledgement:
             item.status = MessageStatus.IGNORED  # never acknowledge an acknowledgement
             return item
@@ -187,21 +183,21 @@ class Inspector:
         # Empty or unknown MSH-15 in enhanced mode: always.
         return _ACK_WANTED.get(header.field(15), _ALWAYS)[positive]
 
-    def _record(self, raw: bytes, digest: bytes, header: MessageHeader, codec: str | None,
-                sender: SenderConfig | None) -> Inbound:
+    @staticmethod
+    def _record(raw: bytes, digest: bytes, header: MessageHeader, codec: str | None,
+                sender: SenderConfig | None, application: str | None = None,
+                facility: str | None = None) -> Inbound:
+        """The record of a message whose MSH was read, as accepted (callers may refuse it)."""
         text = codec or "iso8859-1"
-
-        def value(number: int) -> str:
-            return header.field(number).decode(text, "replace")
-
-        return Inbound(
-            raw=raw, sha256=digest, outcome=Outcome.ACCEPT, status=MessageStatus.RECEIVED, ack=None,
-            sending_application=value(3), sending_facility=value(4),
-            receiving_application=value(5), receiving_facility=value(6),
-            control_id=value(10), message_type=header.message_type, version=value(12).split("^")[0],
-            processing_id=header.processing_id.decode("ascii", "replace"), charset=header.charset,
-            codec=codec, size=len(raw), sender_id=sender.id if sender else None, header=header,
-        )
+        fields = header.fields
+        return Inbound(raw, digest, Outcome.ACCEPT, MessageStatus.RECEIVED, None, None,
+                       fields[2].decode(text, "replace") if application is None else application,
+                       fields[3].decode(text, "replace") if facility is None else facility,
+                       fields[4].decode(text, "replace"), fields[5].decode(text, "replace"),
+                       fields[9].decode(text, "replace"), header.message_type,
+                       header.version.decode("ascii", "replace"),
+                       header.processing_id.decode("ascii", "replace"), header.charset, codec,
+                       False, len(raw), sender.id if sender else None, header)
 
     def _refused(self, raw: bytes, digest: bytes, source, outcome: Outcome, detail: ErrorDetail,
                  codec: str | None = None, sender: SenderConfig | None = None) -> Inbound:
