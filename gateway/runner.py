@@ -9,17 +9,19 @@ from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredic
 
 from gateway.config import GatewayConfig
 
-_LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
-           "error": LogLevel.error}
+# log_level -> (Twisted's level, the standard library's level)
+_LEVELS = {"debug": (LogLevel.debug, logging.DEBUG), "info": (LogLevel.info, logging.INFO),
+           "warn": (LogLevel.warn, logging.WARNING), "error": (LogLevel.error, logging.ERROR)}
 
 
 def setup_logging(level: str) -> None:
-    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS.get(level, LogLevel.info))
+    """Twisted's log and the standard library's (SQLAlchemy, Alembic, ours) to stdout."""
+    twisted_level, stdlib_level = _LEVELS.get(level, _LEVELS["info"])
+    predicate = LogLevelFilterPredicate(defaultLogLevel=twisted_level)
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(textFileLogObserver(sys.stdout), [predicate])],
         redirectStandardIO=False)
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO) if level != "warn"
-                        else logging.WARNING, stream=sys.stdout,
+    logging.basicConfig(level=stdlib_level, stream=sys.stdout,
                         format="%(asctime)s [%(name)s] %(levelname)s %(message)s")
 
 

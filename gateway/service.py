@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import logging
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -21,8 +20,6 @@ from gateway.ingest.pipeline import IngestPipeline
 from gateway.store.database import Database, create_gateway_engine, migrate
 from gateway.store.ingest_writer import IngestWriter
 from gateway.tls import server_tls_options
-
-log = logging.getLogger(__name__)
 
 
 class StoreService(Service):
