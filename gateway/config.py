@@ -36,7 +36,9 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class DatabaseConfig:
-    url: str  # SQLAlchemy URL: sqlite:///var/gateway.sqlite or postgresql+psycopg://...
+    # SQLAlchemy URL: sqlite:///var/gateway.sqlite or postgresql+psycopg://...; it may hold a
+    # password (from the environment), so it stays out of repr() and therefore out of logs.
+    url: str = field(repr=False)
     pool_size: int = 4  # threads (and connections) for general database work
     ingest_max_batch: int = 512  # most messages committed by one group commit
 
