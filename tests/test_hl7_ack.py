@@ -246,6 +246,7 @@ def test_escape_non_ascii_stays_ascii():
     (b"MSH|^~\\&|A|B\r", None),
     (b"MSH|^~\\&|A|B\rMSA|ZZ|1\r", None),
     (b"MSA", None),
+    (b"MSH|^~\\&|HMSA|B\rMSA|CA|1\r", AckCode.COMMIT_ACCEPT),  # "MSA" inside MSH is not the segment
 ])
 def test_ack_code_of(ack, code):
     """ack_code_of reads MSA-1, or None when there is no valid MSA-1."""

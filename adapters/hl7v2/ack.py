@@ -152,12 +152,7 @@ def _version_traits(version: bytes) -> tuple[bool, bool]:
 
 def _err_modern(error: ErrorDetail, d: Delimiters) -> bytes:
     fs, cs = d.field, d.component
-    location = error.location
-    erl = [location.segment.encode("ascii"), str(location.sequence).encode("ascii")]
-    if location.field:
-        erl.append(str(location.field).encode("ascii"))
-        if location.component:
-            erl += [b"1", str(location.component).encode("ascii")]
+    erl = [part.encode("ascii") for part in error.location.components()]
     condition = cs.join([str(error.condition.value).encode("ascii"), escape(error.condition.text, d),
                          b"HL70357"])
     app = b""
@@ -189,9 +184,9 @@ def _base36(number: int) -> str:
 
 
 def ack_code_of(ack: bytes) -> AckCode | None:
-    """MSA-1 of an ACK message (for clients and tests); None when there is no MSA."""
-    start = ack.find(b"MSA")
-    if start < 0 or len(ack) < start + 6:
+    """MSA-1 of an ACK message; None when there is no MSA segment or no valid MSA-1."""
+    start = 0 if ack.startswith(b"MSA") else ack.find(b"\rMSA") + 1  # a segment, not MSH text
+    if (start == 0 and not ack.startswith(b"MSA")) or len(ack) < start + 6:
         return None
     try:
         return AckCode(ack[start + 4:start + 6].decode("ascii"))

@@ -29,6 +29,16 @@ class Location:
     field: int = 0
     component: int = 0
 
+    def components(self) -> list[str]:
+        """The ERL components (ERR-2): segment, sequence, then field, repetition 1, component
+        as far as known; joined with '^' this is also how the store records a location."""
+        parts = [self.segment, str(self.sequence)]
+        if self.field:
+            parts.append(str(self.field))
+            if self.component:
+                parts += ["1", str(self.component)]
+        return parts
+
 
 @dataclass(frozen=True, slots=True)
 class Delimiters:

@@ -23,6 +23,7 @@ from typing import Callable
 
 from sqlalchemy import Engine
 
+from adapters.hl7v2.ack import ack_code_of
 from gateway.ingest.model import Inbound
 from gateway.store.schema import messages
 
@@ -56,8 +57,8 @@ class IngestWriter:
         self._thread: threading.Thread | None = None
         dialect = engine.dialect
         mark = "?" if dialect.paramstyle == "qmark" else "%s"
-        self._names = ", ".join(c.name for c in _COLUMNS)
-        self._sql = f"INSERT INTO messages ({self._names}) VALUES ({', '.join([mark] * len(_COLUMNS))})"
+        names = ", ".join(c.name for c in _COLUMNS)
+        self._sql = f"INSERT INTO messages ({names}) VALUES ({', '.join([mark] * len(_COLUMNS))})"
         self._sql_skipping = (self._sql + " ON CONFLICT (sending_application, sending_facility, "
                               "control_id) WHERE accepted DO NOTHING")
         # `accepted` written as the partial index's own predicate, so that SQLite uses the index.
@@ -206,7 +207,7 @@ class IngestWriter:
                 it.size, it.truncated, it.raw, it.status.value, it.deduplicated,
                 _ack_code(it.ack), it.ack,
                 error.condition.value if error else None,
-                _location_text(error.location) if error else None,
+                "^".join(error.location.components()) if error else None,
                 error.reason if error else None,
             ))
         return rows
@@ -241,19 +242,7 @@ def _finish(jobs: list[IngestJob], error: Exception | None) -> None:
 
 
 def _ack_code(ack: bytes | None) -> str | None:
-    if not ack:
-        return None
-    start = ack.find(b"\rMSA")
-    return ack[start + 5:start + 7].decode("ascii", "replace") if start >= 0 else None
-
-
-def _location_text(location) -> str:
-    """An ERR-2 style location: MSH^1^10, PID^1^5^1."""
-    parts = [location.segment, str(location.sequence)]
-    if location.field:
-        parts.append(str(location.field))
-        if location.component:
-            parts.append(str(location.component))
-    return "^".join(parts)
+    code = ack_code_of(ack) if ack else None
+    return code.value if code else None
 
 
