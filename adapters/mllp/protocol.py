@@ -41,7 +41,6 @@ class Answer:
 class ConnectionInfo:
     listener: str
     peer: str  # "address:port"
-    certificate_subject: str | None = None  # RFC 4514 subject of the client certificate
 
 
 class FrameHandler(TypingProtocol):
@@ -77,8 +76,7 @@ class MllpServerProtocol(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
-        self.info = ConnectionInfo(self.settings.listener, f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
-                                   _certificate_subject(self.transport))
+        self.info = ConnectionInfo(self.settings.listener, f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}")
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
         self.setTimeout(self.settings.idle_timeout)
@@ -190,15 +188,3 @@ class MllpServerFactory(ServerFactory):
         protocol.factory = self
         return protocol
 
-
-def _certificate_subject(transport) -> str | None:
-    get = getattr(transport, "getPeerCertificate", None)
-    if get is None:
-        return None
-    try:
-        certificate = get()
-    except Exception:  # not TLS, or handshake not finished
-        return None
-    if certificate is None:
-        return None
-    return certificate.to_cryptography().subject.rfc4514_string()
