@@ -47,6 +47,7 @@ ALIASES: dict[str, str] = {
 MULTIBYTE_WIDE = frozenset({"UNICODE UTF-16", "UNICODE UTF-32"})
 
 DEFAULT_CHARSET = "ASCII"  # when MSH-18 is empty (HL7 2.x)
+_AS_WRITTEN = {**CHARSETS, "": CHARSETS[DEFAULT_CHARSET]}
 
 
 class CharsetError(ValueError):
@@ -67,6 +68,9 @@ class Decoded:
 
 def codec_for(declared: str) -> str:
     """The Python codec for an MSH-18 value (first repetition); CharsetError if unsupported."""
+    codec = _AS_WRITTEN.get(declared)  # the usual case: a table 0211 value, or nothing
+    if codec is not None:
+        return codec
     name = declared.strip().upper() if declared else DEFAULT_CHARSET
     codec = CHARSETS.get(name) or ALIASES.get(name)
     if codec is None:

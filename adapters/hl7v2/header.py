@@ -108,12 +108,17 @@ class MessageHeader:
 
     @property
     def enhanced_mode(self) -> bool:
-        """Enhanced acknowledgement mode: MSH-15 or MSH-16 valued (else original mode)."""
-        return bool(self.field(15) or self.field(16))
+        return enhanced_mode(self)
 
     @property
     def is_acknowledgement(self) -> bool:
         return self.message_code == b"ACK" or self.field(9).startswith(b"ACK")
+
+
+def enhanced_mode(header) -> bool:
+    """Enhanced acknowledgement mode: MSH-15 or MSH-16 valued (else original mode). Works on
+    anything with `field(n)`: a MessageHeader, a HeaderError's partial read, a FieldView."""
+    return bool(header.field(15) or header.field(16))
 
 
 def segment_end(raw: bytes, start: int = 0) -> int:

@@ -14,16 +14,16 @@ from typing import Iterable
 from adapters.hl7v2 import reference
 from adapters.hl7v2.ack import AckBuilder, ErrorDetail
 from adapters.hl7v2.batch import Batch, BatchError, is_batch, split_batch
-from adapters.hl7v2.charsets import CHARSETS, CharsetError, codec_for, decode, decode_declared
+from adapters.hl7v2.charsets import CharsetError, codec_for, decode, decode_declared
 from adapters.hl7v2.codes import AckCondition, AppErrorCode, ErrorCondition, Outcome
 from adapters.hl7v2.header import (DEFAULT_DELIMITERS, Delimiters, HeaderError, Location,
-                                   MessageHeader, message_start, parse_header, read_delimiters,
+                                   MessageHeader, enhanced_mode, message_start, parse_header,
+                                   read_delimiters,
                                    segment_end)
 from gateway.config import SenderConfig
 from gateway.ingest.model import Inbound, MessageStatus
 
 
-_CODECS = dict(CHARSETS, **{"": "ascii"})
 _VERSIONS = frozenset(v.encode("ascii") for v in reference.SUPPORTED_VERSIONS)
 _ACK_WANTED = {condition.value.encode("ascii"): {True: condition.wants(True), False: condition.wants(False)}
                for condition in AckCondition}
@@ -105,13 +105,11 @@ class Inspector:
             return self._refused(raw, digest, error, error.outcome,
                                  ErrorDetail(error.condition, error.location, error.reason,
                                              None if error.fields else AppErrorCode.NOT_HL7))
-        codec = _CODECS.get(header.charset)
-        if codec is None:
-            try:
-                codec = codec_for(header.charset)
-            except CharsetError as error:
-                return self._refused(raw, digest, header, Outcome.REJECT, ErrorDetail(
-                    ErrorCondition.TABLE_VALUE_NOT_FOUND, Location("MSH", 1, 18), error.reason))
+        try:
+            codec = codec_for(header.charset)
+        except CharsetError as error:
+            return self._refused(raw, digest, header, Outcome.REJECT, ErrorDetail(
+                ErrorCondition.TABLE_VALUE_NOT_FOUND, Location("MSH", 1, 18), error.reason))
         fields = header.fields
         application = fields[2].decode(codec, "replace")
         facility = fields[3].decode(codec, "replace")
@@ -133,9 +131,8 @@ class Inspector:
         problem = self._check(header, sender)
         if problem is not None:
             return self._refused(raw, digest, header, Outcome.REJECT, problem, codec, sender)
-        enhanced = bool(fields[14] or fields[15])
-        if not enhanced or _ACK_WANTED.get(fields[14], _ALWAYS)[True]:
-            item.ack = self.builder.build(header, Outcome.ACCEPT, enhanced)
+        if self._wants_ack(header, True):
+            item.ack = self.builder.build(header, Outcome.ACCEPT, header.enhanced_mode)
         return item
 
     def oversize(self, prefix: bytes, size: int, limit: int) -> FrameResult:
@@ -213,7 +210,7 @@ class Inspector:
                 item.sending_application = source.field(3).decode("iso8859-1")
                 item.sending_facility = source.field(4).decode("iso8859-1")
                 item.control_id = source.field(10).decode("iso8859-1") or None
-            enhanced = bool(source.field(15) or source.field(16))
+            enhanced = enhanced_mode(source)
             wanted = True
         item.outcome = outcome
         item.status = MessageStatus.REJECTED
@@ -230,7 +227,7 @@ class Inspector:
         item.sending_application = view.field(3).decode("iso8859-1") or None
         item.sending_facility = view.field(4).decode("iso8859-1") or None
         item.control_id = view.field(10).decode("iso8859-1") or None
-        item.ack = self.builder.build(view, Outcome.REJECT, bool(view.field(15) or view.field(16)), detail)
+        item.ack = self.builder.build(view, Outcome.REJECT, enhanced_mode(view), detail)
         return item
 
 

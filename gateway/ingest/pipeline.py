@@ -13,7 +13,7 @@ from typing import Callable
 
 from adapters.hl7v2.ack import ErrorDetail
 from adapters.hl7v2.codes import AppErrorCode, ErrorCondition, Outcome
-from adapters.hl7v2.header import Location
+from adapters.hl7v2.header import Location, enhanced_mode
 from adapters.mllp.protocol import Answer, ConnectionInfo
 from gateway.ingest.inspect import FieldView, FrameResult, Inspector
 from gateway.store.ingest_writer import IngestJob, IngestWriter
@@ -56,4 +56,4 @@ class IngestPipeline:
         detail = ErrorDetail(ErrorCondition.APPLICATION_INTERNAL_ERROR, Location("MSH", 1),
                              "the message could not be stored; nothing was kept, send it again",
                              AppErrorCode.STORE_UNAVAILABLE)
-        return self.inspector.builder.build(view, Outcome.ERROR, bool(view.field(15) or view.field(16)), detail)
+        return self.inspector.builder.build(view, Outcome.ERROR, enhanced_mode(view), detail)
