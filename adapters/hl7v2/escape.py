@@ -1,0 +1,77 @@
+"""HL7 v2 escape sequences (chapter 2, 2.7): decoded into the text they stand for.
+
+`\\F\\ \\S\\ \\T\\ \\R\\ \\E\\` give back the delimiters; `\\Xhh..\\` are bytes in the message's
+character set; `\\.br\\` and `\\.sp n\\` are line breaks, `\\.sk n\\` spaces; highlighting, fill and
+indent marks carry no text and are dropped. A sequence we do not understand, or a lone escape
+character (Windows paths, emoticons), is kept literally: dropping text would lose data.
+"""
+from __future__ import annotations
+
+import re
+
+
+def unescape(text: str, escape: str, field: str, component: str, repetition: str,
+             subcomponent: str, codec: str = "latin-1") -> str:
+    """The value of `text` with its escape sequences decoded (unchanged when it has none)."""
+    if escape not in text or not escape:
+        return text
+    simple = {"F": field, "S": component, "T": subcomponent, "R": repetition, "E": escape}
+    parts = text.split(escape)
+    # parts alternate text, sequence, text, ...; an odd count means every sequence is closed.
+    out = [parts[0]]
+    index = 1
+    last = len(parts) - 1
+    while index <= last:
+        sequence = parts[index]
+        if index == last:  # an escape character with no closing one: literal
+            out.append(escape + sequence)
+            break
+        value = _decode(sequence, simple, codec)
+        if value is None:
+            out.append(escape + sequence)  # unknown: keep it, and let its closer start anew
+            index += 1
+            continue
+        out.append(value)
+        out.append(parts[index + 1])
+        index += 2
+    return "".join(out)
+
+
+_COUNT = re.compile(r"\s*([+-]?\d*)\s*$")
+
+
+def _decode(sequence: str, simple: dict[str, str], codec: str) -> str | None:
+    value = simple.get(sequence)
+    if value is not None:
+        return value
+    if not sequence:
+        return None
+    head = sequence[0]
+    if head == "X":
+        digits = sequence[1:]
+        if len(digits) % 2 or not digits:
+            return None
+        try:
+            return bytes.fromhex(digits).decode(codec, "replace")
+        except ValueError:
+            return None
+    if head == ".":
+        command = sequence[1:3]
+        if command in ("br",) and len(sequence) == 3:
+            return "\n"
+        if command in ("sp", "sk"):
+            match = _COUNT.match(sequence[3:])
+            if not match:
+                return None
+            count = max(int(match.group(1) or "1"), 0)
+            return ("\n" if command == "sp" else " ") * count
+        if command in ("fi", "nf", "ce") and len(sequence) == 3:
+            return ""
+        if command in ("in", "ti") and _COUNT.match(sequence[3:]):
+            return ""
+        return None
+    if sequence in ("H", "N"):
+        return ""  # highlighting on/off: formatting only
+    if head in "CMZ" and len(sequence) > 1 and sequence[1:].isalnum():
+        return ""  # character set switches and local escapes: no text of their own
+    return None

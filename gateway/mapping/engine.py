@@ -1,0 +1,335 @@
+"""Message maps: which resources a message becomes, and the canonical Bundle they form.
+
+    # mappings/messages/ORU_R01.yaml
+    messages: [ORU^R01]
+    resources:
+      - name: patient
+        from: PID                   # the first PID
+        map: PID.Patient            # a segment map (mappings/segments/PID.Patient.yaml)
+      - each: [ORC, OBR]            # one group per order: ORC (if any), OBR and what follows
+        resources:
+          - name: report
+            from: OBR
+            map: OBR.DiagnosticReport
+          - name: observation
+            each: OBX               # one Observation per OBX of the group
+            map: OBX.Observation
+
+Entry keys: `name` (what `@name` references resolve to), `from`/`each` (a segment, a group of
+segments, or a field whose values become resources, such as PV1-7 practitioners), `when`,
+`map` (a named map with a resource type, or an inline map with `resource:`), `resources`
+(entries evaluated inside this one's scope).
+
+Ids are deterministic: from the first identifier (system and value), else from the message
+and the resource's place in it, so that the same message translated twice, or the same
+patient sent twice, gives the same ids and the record is updated instead of duplicated.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+from adapters.hl7v2.message import Hl7Message
+from gateway.mapping.path import PathError, parse_path
+from gateway.mapping.rules import RuleCompiler, _SegmentAt, _within
+from gateway.mapping.runtime import Run, Scope, TranslationContext, TranslationError
+from gateway.mapping.source import Located, line_of
+
+# Our namespace for name-based UUIDs (uuid5 of 'urn:ma:hie' in the URL namespace).
+ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:ma:hie")
+ENTRY_KEYS = ("name", "description", "resource", "from", "each", "when", "map", "resources")
+PROVENANCE_SOURCE = "urn:ma:hie:message"
+
+
+@dataclass
+class Entry:
+    name: str
+    resource_type: str
+    source: Callable | None  # node, run -> items (each) or item (from)
+    many: bool
+    group: tuple[str, ...]  # segment names that start a group ('' for field sources)
+    condition: Callable | None
+    build: Callable
+    children: list["Entry"] = field(default_factory=list)
+    place: str = ""
+
+
+@dataclass
+class MessageMap:
+    name: str
+    message_types: tuple[str, ...]
+    entries: list[Entry]
+    file: str
+
+
+def compile_message_map(name: str, document, compiler: RuleCompiler,
+                        resource_map: Callable[[str, int, str], tuple[str, Callable] | None]) -> MessageMap | None:
+    """Compile a message map document (problems go to the compiler's environment)."""
+    if not isinstance(document, dict):
+        compiler.problem(0, "", "a message map is a mapping with messages: and resources:")
+        return None
+    line = document.line_of if isinstance(document, Located) else (lambda key: 0)
+    for key in document:
+        if key not in ("messages", "description", "resources"):
+            compiler.problem(line(key), str(key), "unknown key; a message map has messages, description, resources")
+    types = document.get("messages")
+    if isinstance(types, str):
+        types = [types]
+    if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
+        compiler.problem(line("messages"), "messages", "list the message types handled, as CODE^TRIGGER")
+        types = []
+    entries = _entries(document.get("resources"), compiler, resource_map, "resources", line("resources"))
+    return MessageMap(name, tuple(types), entries, compiler.file)
+
+
+def _entries(specs, compiler: RuleCompiler, resource_map, key: str, line: int) -> list[Entry]:
+    if not isinstance(specs, list) or not specs:
+        compiler.problem(line, key, "resources is a list of entries")
+        return []
+    entries = []
+    for number, spec in enumerate(specs):
+        where = f"{key}[{number}]"
+        entry = _entry(spec, compiler, resource_map, where, line_of(spec, line))
+        if entry is not None:
+            entries.append(entry)
+    return entries
+
+
+def _entry(spec, compiler: RuleCompiler, resource_map, key: str, line: int) -> Entry | None:
+    if not isinstance(spec, dict):
+        compiler.problem(line, key, "an entry is a mapping (name, from/each, map, resources)")
+        return None
+    for name in spec:
+        if name not in ENTRY_KEYS:
+            compiler.problem(line, f"{key}.{name}", f"unknown key; an entry has {', '.join(ENTRY_KEYS)}")
+    name = spec.get("name", "")
+    if name and not (isinstance(name, str) and name.isidentifier() and name.islower()):
+        compiler.problem(line, f"{key}.name", "a name is lower_case (it is referenced as @name)")
+    if "from" in spec and "each" in spec:
+        compiler.problem(line, key, "use from or each, not both")
+    many = "each" in spec
+    text = spec.get("each", spec.get("from"))
+    source, group = None, ()
+    if isinstance(text, list):
+        group = tuple(str(item) for item in text)
+        if not all(_is_segment(item) for item in group):
+            compiler.problem(line, key, "a group is a list of segment names, such as [ORC, OBR]")
+        if not many:
+            compiler.problem(line, key, "a group of segments is read with each:")
+    elif text is not None:
+        try:
+            path = parse_path(text)
+        except PathError as error:
+            compiler.problem(line, key, str(error))
+            return None
+        if path.reference or path.relative:
+            compiler.problem(line, key, "an entry reads a segment or a field, such as PID or PV1-7")
+            return None
+        if path.field or path.column:
+            source = compiler._source(text, key, line, many)
+        else:
+            group = (path.segment,)
+    condition = compiler._condition(spec["when"], key, line) if "when" in spec else None
+    target = spec.get("map")
+    resource_type = spec.get("resource", "")
+    if isinstance(target, str):
+        found = resource_map(target, line, key)
+        if found is None:
+            return None
+        map_type, build = found
+        if resource_type and resource_type != map_type:
+            compiler.problem(line, f"{key}.resource", f"map {target!r} builds {map_type}, not {resource_type}")
+        resource_type = map_type
+    elif isinstance(target, dict):
+        from gateway.mapping import fhir_schema
+        if not resource_type or not fhir_schema.known_type(resource_type):
+            compiler.problem(line, f"{key}.resource", "an inline map names its FHIR resource type")
+            return None
+        build = compiler.object(target, resource_type, key, line_of(target, line))
+    elif target is None and "resources" in spec:
+        build = None
+    else:
+        compiler.problem(line, f"{key}.map", "map names a segment map (such as PID.Patient) or is inline")
+        return None
+    if build is not None and not name:
+        name = ""
+    children = _entries(spec["resources"], compiler, resource_map, f"{key}.resources", line) \
+        if "resources" in spec else []
+    if children and source is not None:
+        compiler.problem(line, f"{key}.resources", "nested resources need a segment or a group source")
+    return Entry(name or "", resource_type, source, many, group, condition, build, children,
+                 f"{compiler.file}:{line}")
+
+
+def _is_segment(text: str) -> bool:
+    try:
+        path = parse_path(text)
+    except PathError:
+        return False
+    return bool(path.segment) and not path.field and not path.column
+
+
+# -- running -------------------------------------------------------------------------------
+
+def run_message_map(message_map: MessageMap, message: Hl7Message, context: TranslationContext,
+                    mapping_version: str) -> tuple[dict, list[str]]:
+    """Translate one message into the canonical Bundle; returns it and the warnings."""
+    run = Run(message, context)
+    ordinals: dict[str, int] = {}
+    seen: dict[str, dict] = {}
+    for entry in message_map.entries:
+        _run_entry(entry, run, ordinals, seen)
+    _resolve_references(run)
+    resources = run.resources
+    resources.append(_provenance(resources, context, message, mapping_version))
+    key = context.message_key or context.control_id
+    bundle = {
+        "resourceType": "Bundle",
+        "id": str(uuid.uuid5(ID_NAMESPACE, "Bundle|" + key)),
+        "type": "collection",
+        "timestamp": _instant(context.received_at),
+        "entry": [{"fullUrl": "urn:uuid:" + resource["id"], "resource": resource} for resource in resources],
+    }
+    return bundle, run.warnings
+
+
+def _run_entry(entry: Entry, run: Run, ordinals: dict, seen: dict) -> None:
+    scope = run.scope
+    if entry.source is not None:  # a field: each value becomes a resource
+        found = entry.source(None, run)
+        items = found if entry.many else ([found] if found is not None else [])
+        for item in items:
+            if entry.condition is not None and not entry.condition(item, run):
+                continue
+            _make(entry, item, run, scope, ordinals, seen)
+        return
+    for start, end in _spans(entry, run):
+        child = Scope(start, end, scope)
+        saved = run.segment, run.position, run.scope
+        run.scope = child
+        if len(entry.group) == 1:
+            run.segment, run.position = run.message.segments[start], start
+        else:
+            run.segment, run.position = None, -1
+        try:
+            if entry.condition is not None and not entry.condition(run.segment, run):
+                continue
+            if entry.build is not None:
+                _make(entry, run.segment, run, scope, ordinals, seen)
+            for nested in entry.children:
+                _run_entry(nested, run, ordinals, seen)
+        finally:
+            run.segment, run.position, run.scope = saved
+
+
+def _spans(entry: Entry, run: Run) -> list[tuple[int, int]]:
+    """The (start, end) of each occurrence of the entry's segment or group in the scope."""
+    scope = run.scope
+    segments = run.message.segments
+    heads = entry.group
+    if len(heads) == 1:
+        positions = [at for at in run.message.positions(heads[0]) if scope.start <= at < scope.end]
+        if not entry.many:
+            positions = positions[:1]
+    else:
+        positions = []
+        rank_seen = -1
+        for at in range(scope.start, scope.end):
+            name = segments[at].name
+            if name in heads:
+                rank = heads.index(name)
+                if rank <= rank_seen or not positions:
+                    positions.append(at)
+                    rank_seen = rank
+                else:
+                    rank_seen = rank
+    if not entry.many and len(heads) == 1 and positions:
+        start = positions[0]
+        following = [at for at in run.message.positions(heads[0]) if start < at < scope.end]
+        return [(start, following[0] if following else scope.end)]
+    return [(start, positions[n + 1] if n + 1 < len(positions) else scope.end)
+            for n, start in enumerate(positions)]
+
+
+def _make(entry: Entry, node, run: Run, scope: Scope, ordinals: dict, seen: dict) -> None:
+    body = _within(entry.build, node, run) if node.__class__ is _SegmentAt else entry.build(node, run)
+    if not body:
+        return
+    resource_type = entry.resource_type
+    ordinal = ordinals.get(resource_type, 0) + 1
+    ordinals[resource_type] = ordinal
+    resource = {"resourceType": resource_type, "id": _resource_id(resource_type, body, run.context, ordinal)}
+    resource.update(body)
+    existing = seen.get(resource["id"])
+    if existing is not None:  # the same practitioner twice in one message: one resource
+        resource = existing
+    else:
+        seen[resource["id"]] = resource
+        run.resources.append(resource)
+    if entry.name:
+        scope.resources.setdefault(entry.name, []).append(resource)
+
+
+def _resource_id(resource_type: str, body: dict, context: TranslationContext, ordinal: int) -> str:
+    for identifier in body.get("identifier") or ():
+        if not isinstance(identifier, dict):
+            continue
+        value = identifier.get("value")
+        if not value:
+            continue
+        system = identifier.get("system")
+        if not system:  # a local identifier: only unique for this sender and assigner
+            assigner = identifier.get("assigner") or {}
+            coding = ((identifier.get("type") or {}).get("coding") or [{}])[0]
+            system = "|".join((context.sender_id, assigner.get("display", ""), coding.get("code", "")))
+        return str(uuid.uuid5(ID_NAMESPACE, f"{resource_type}|{system}|{value}"))
+    key = context.message_key or context.control_id
+    return str(uuid.uuid5(ID_NAMESPACE, f"{resource_type}|{key}|{ordinal}"))
+
+
+def _resolve_references(run: Run) -> None:
+    for holder, key, reference, scope in run.references:
+        targets = None
+        while scope is not None:
+            targets = scope.resources.get(reference.name)
+            if targets:
+                break
+            scope = scope.parent
+        if not targets:
+            del holder[key]
+            continue
+        links = [{"reference": "urn:uuid:" + target["id"]} for target in
+                 (targets if reference.every else targets[:1])]
+        holder[key] = links if reference.as_list else links[0]
+
+
+def _provenance(resources: list[dict], context: TranslationContext, message: Hl7Message,
+                mapping_version: str) -> dict:
+    key = context.message_key or context.control_id
+    sender = {"identifier": {"system": "urn:ma:inpe", "value": context.sender_id}} if context.sender_id \
+        else {"display": message.value("MSH", 4) or message.value("MSH", 3) or "unknown sender"}
+    return {
+        "resourceType": "Provenance",
+        "id": str(uuid.uuid5(ID_NAMESPACE, "Provenance|" + key)),
+        "target": [{"reference": "urn:uuid:" + resource["id"]} for resource in resources],
+        "recorded": _instant(context.received_at),
+        "policy": [f"urn:ma:hie:mappings:{mapping_version}"],
+        "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                                 "code": "CREATE", "display": "create"}],
+                     "text": "HL7 v2 to FHIR translation"},
+        "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                        "code": "author"}]},
+                   "who": sender}],
+        "entity": [{"role": "source",
+                    "what": {"identifier": {"system": PROVENANCE_SOURCE, "value": context.control_id},
+                             "display": message.message_type or "message"}}],
+    }
+
+
+def _instant(moment: datetime | None) -> str:
+    moment = moment or datetime.now(timezone.utc)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

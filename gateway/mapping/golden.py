@@ -1,0 +1,103 @@
+"""Golden cases: an input file beside the bundle it must translate into.
+
+    mappings/tests/<area>/<case>.hl7     (or .xml, .astm, .csv)
+    mappings/tests/<area>/<case>.json    the expected canonical bundle
+    mappings/tests/<area>/<case>.sender  optional: the facility id it comes from
+
+Every case is translated as received at GOLDEN_RECEIVED_AT, in the sender's zone
+(Africa/Casablanca), so that outputs are stable. The parts that change with every run or
+every edit of the mappings (bundle timestamp, Provenance recorded time and mapping version)
+are left out of the comparison.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from gateway.mapping.mapping_set import MappingSet, Translation
+from gateway.mapping.runtime import TranslationContext
+from gateway.translation.inputs import read_input
+
+GOLDEN_RECEIVED_AT = datetime(2026, 1, 15, 9, 30, tzinfo=timezone.utc)
+INPUT_SUFFIXES = (".hl7", ".xml", ".astm", ".csv")
+
+
+@dataclass
+class CaseResult:
+    input: Path
+    expected: Path
+    differences: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.differences
+
+
+def find_cases(root: Path) -> list[Path]:
+    return sorted(path for path in root.rglob("*") if path.suffix in INPUT_SUFFIXES and path.is_file())
+
+
+def translate_case(mapping_set: MappingSet, path: Path) -> Translation:
+    sender_file = path.with_suffix(".sender")
+    sender = sender_file.read_text(encoding="utf-8").strip() if sender_file.exists() else ""
+    parsed = read_input(path.read_bytes())
+    context = TranslationContext(sender_id=sender, timezone=ZoneInfo("Africa/Casablanca"),
+                                 received_at=GOLDEN_RECEIVED_AT,
+                                 message_key=f"{sender or parsed.sending_facility}|{parsed.control_id}",
+                                 control_id=parsed.control_id)
+    return mapping_set.translate(parsed.message, context, parsed.message_type)
+
+
+def stable(bundle: dict) -> dict:
+    """The bundle without what changes from run to run or with every mapping edit."""
+    bundle = json.loads(json.dumps(bundle))
+    bundle.pop("timestamp", None)
+    for entry in bundle.get("entry", ()):
+        resource = entry.get("resource", {})
+        if resource.get("resourceType") == "Provenance":
+            resource.pop("recorded", None)
+            resource.pop("policy", None)
+    return bundle
+
+
+def check_case(mapping_set: MappingSet, path: Path) -> CaseResult:
+    expected_path = path.with_suffix(".json")
+    actual = stable(translate_case(mapping_set, path).bundle)
+    if not expected_path.exists():
+        return CaseResult(path, expected_path, [f"no expected output {expected_path.name}"])
+    expected = stable(json.loads(expected_path.read_text(encoding="utf-8")))
+    return CaseResult(path, expected_path, list(differences(expected, actual)))
+
+
+def write_expected(mapping_set: MappingSet, path: Path) -> Path:
+    expected_path = path.with_suffix(".json")
+    bundle = stable(translate_case(mapping_set, path).bundle)
+    expected_path.write_text(json.dumps(bundle, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return expected_path
+
+
+def differences(expected, actual, where: str = "Bundle"):
+    """Human-readable differences, as element paths."""
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        for key in expected.keys() | actual.keys():
+            if key not in actual:
+                yield f"{where}.{key}: missing (expected {_short(expected[key])})"
+            elif key not in expected:
+                yield f"{where}.{key}: unexpected {_short(actual[key])}"
+            else:
+                yield from differences(expected[key], actual[key], f"{where}.{key}")
+    elif isinstance(expected, list) and isinstance(actual, list):
+        if len(expected) != len(actual):
+            yield f"{where}: {len(actual)} items, expected {len(expected)}"
+        for number, (left, right) in enumerate(zip(expected, actual)):
+            yield from differences(left, right, f"{where}[{number}]")
+    elif expected != actual:
+        yield f"{where}: {_short(actual)}, expected {_short(expected)}"
+
+
+def _short(value) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."

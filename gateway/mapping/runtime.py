@@ -1,0 +1,108 @@
+"""What compiled mapping rules run on: the values they read and the context of one translation.
+
+A value being mapped is either a `Segment` or a `Part`: one repetition of a field, one
+component or one subcomponent, still escaped (escapes are decoded when text is taken, after
+every split). Scopes bound where a path looks for a segment: an OBX's scope is that OBX and
+what follows it up to the next OBX, inside its order group, inside its patient, inside the
+message.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from adapters.hl7v2.message import Hl7Message, Segment, Separators
+
+FIELD, COMPONENT, SUBCOMPONENT = 1, 2, 3
+
+
+class Part:
+    """A field repetition (level 1), a component (2) or a subcomponent (3), raw."""
+
+    __slots__ = ("raw", "level")
+
+    def __init__(self, raw: str, level: int):
+        self.raw = raw
+        self.level = level
+
+    def __repr__(self) -> str:
+        return f"Part({self.raw!r}, {self.level})"
+
+
+class TranslationError(ValueError):
+    """A message that the mapping cannot translate; `location` is an ERR-2 style place
+    ('PID[1]-7') or a mapping key, `reason` says what is wrong."""
+
+    def __init__(self, reason: str, location: str = "", mapping: str = ""):
+        super().__init__(f"{location}: {reason}" if location else reason)
+        self.reason = reason
+        self.location = location
+        self.mapping = mapping  # file:line of the rule that failed
+
+
+@dataclass(slots=True)
+class Scope:
+    start: int
+    end: int
+    parent: "Scope | None"
+    resources: dict[str, list[dict]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class TranslationContext:
+    """Who sent the message and when: what transforms need besides the value."""
+
+    sender_id: str = ""
+    timezone: ZoneInfo = ZoneInfo("Africa/Casablanca")
+    received_at: datetime | None = None
+    message_key: str = ""  # sender and control id: seeds ids of resources without identifiers
+    control_id: str = ""
+
+
+class Run:
+    """The state of one translation: message, separators, scopes, pending references."""
+
+    __slots__ = ("message", "separators", "context", "segment", "position", "scope",
+                 "references", "warnings", "resources")
+
+    def __init__(self, message: Hl7Message, context: TranslationContext):
+        self.message = message
+        self.separators: Separators = message.separators
+        self.context = context
+        self.segment: Segment | None = None
+        self.position = -1
+        self.scope = Scope(0, len(message.segments), None)
+        self.references: list[tuple] = []  # (holder, key, name, scope, many)
+        self.warnings: list[str] = []
+        self.resources: list[dict] = []
+
+    def find(self, name: str) -> tuple[Segment | None, int]:
+        """The segment `name` nearest to where the mapping stands: the current segment, else
+        the first in the innermost scope that has one."""
+        segment = self.segment
+        if segment is not None and segment.name == name:
+            return segment, self.position
+        scope = self.scope
+        message = self.message
+        while scope is not None:
+            at = message.first(name, scope.start, scope.end)
+            if at >= 0:
+                return message.segments[at], at
+            scope = scope.parent
+        return None, -1
+
+    def following(self, name: str) -> list[tuple[Segment, int]]:
+        """The run of `name` segments right after the current segment (its NTEs, say), or every
+        `name` in the current scope when no segment is current."""
+        segments = self.message.segments
+        scope = self.scope
+        if self.segment is None:
+            return [(segments[at], at) for at in self.message.positions(name)
+                    if scope.start <= at < scope.end]
+        found = []
+        at = self.position + 1
+        while at < scope.end and segments[at].name == name:
+            found.append((segments[at], at))
+            at += 1
+        return found

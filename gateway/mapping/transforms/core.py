@@ -1,0 +1,148 @@
+"""Dates, times and numbers: HL7 v2 text into FHIR R4 primitives.
+
+FHIR R4 rules: a dateTime with a time has seconds and a zone; a date has no time. A v2 time
+without an offset is in the sender's zone (TranslationContext.timezone, Africa/Casablanca by
+default, whose offset changes around Ramadan: zoneinfo, never a fixed offset). A wall-clock
+time that occurs twice when clocks go back is read as the first (fold=0); one that does not
+exist when they go forward is moved forward by the gap, as zoneinfo does.
+"""
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+
+from gateway.mapping.transforms import transform
+
+_DTM = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,4}))?([+-]\d{4})?$")
+_TM = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,4}))?([+-]\d{4})?$")
+_cache: dict[tuple, str | None] = {}
+
+
+def _parts(text: str):
+    match = _DTM.match(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not an HL7 date/time (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])")
+    year, month, day, hour, minute, second, fraction, offset = match.groups()
+    if month and not 1 <= int(month) <= 12 or day and not 1 <= int(day) <= 31:
+        raise ValueError(f"{text!r} is not a valid date")
+    if hour and (int(hour) > 23 or minute and int(minute) > 59 or second and int(second) > 60):
+        raise ValueError(f"{text!r} is not a valid time")
+    return year, month, day, hour, minute, second, fraction, offset
+
+
+def fhir_datetime(text: str, zone) -> str:
+    """A v2 DTM/TS as a FHIR dateTime: partial dates kept, times completed to seconds with zone."""
+    key = (text, zone)
+    cached = _cache.get(key)
+    if cached is not None:
+        return cached
+    year, month, day, hour, minute, second, fraction, offset = _parts(text)
+    if not hour:
+        result = "-".join(part for part in (year, month, day) if part)
+        if day:
+            datetime(int(year), int(month), int(day))  # raises on 30 February
+    else:
+        moment = datetime(int(year), int(month), int(day or 1), int(hour), int(minute or 0),
+                          min(int(second or 0), 59))
+        if offset:
+            sign = 1 if offset[0] == "+" else -1
+            moment = moment.replace(tzinfo=timezone(sign * timedelta(hours=int(offset[1:3]),
+                                                                   minutes=int(offset[3:5]))))
+        else:
+            moment = _local(moment, zone)
+        result = moment.isoformat(timespec="seconds")
+        if fraction:
+            result = result[:19] + "." + fraction + result[19:]
+        if result.endswith("+00:00") and offset is None and zone is not None and str(zone) == "UTC":
+            result = result[:-6] + "Z"
+    if len(_cache) < 65536:
+        _cache[key] = result
+    return result
+
+
+def _local(moment: datetime, zone) -> datetime:
+    aware = moment.replace(tzinfo=zone, fold=0)
+    # A time in the spring-forward gap does not exist: zoneinfo gives it the offset before the
+    # change; normalising through UTC moves it forward by the gap.
+    return aware.astimezone(timezone.utc).astimezone(zone)
+
+
+@transform("datetime")
+def to_datetime(value: str, run) -> str:
+    """v2 DTM/TS -> FHIR dateTime (seconds and the sender's zone when a time is given)."""
+    return fhir_datetime(value, run.context.timezone)
+
+
+@transform("date")
+def to_date(value: str, run) -> str:
+    """v2 DT/DTM/TS -> FHIR date (the time, if any, is dropped)."""
+    year, month, day, *_ = _parts(value)
+    if day:
+        datetime(int(year), int(month), int(day))
+    return "-".join(part for part in (year, month, day) if part)
+
+
+@transform("instant")
+def to_instant(value: str, run) -> str:
+    """v2 DTM/TS with at least a time -> FHIR instant (a date alone is refused)."""
+    result = fhir_datetime(value, run.context.timezone)
+    if "T" not in result:
+        raise ValueError(f"{value!r} has no time; an instant needs one")
+    return result
+
+
+@transform("time")
+def to_time(value: str, run) -> str:
+    """v2 TM -> FHIR time (hh:mm:ss; the offset, which FHIR time cannot carry, is dropped)."""
+    match = _TM.match(value.strip())
+    if not match:
+        raise ValueError(f"{value!r} is not an HL7 time (HH[MM[SS[.S]]][+/-ZZZZ])")
+    hour, minute, second, fraction, _ = match.groups()
+    if int(hour) > 23 or int(minute or 0) > 59 or int(second or 0) > 59:
+        raise ValueError(f"{value!r} is not a valid time")
+    text = f"{hour}:{minute or '00'}:{second or '00'}"
+    return text + "." + fraction if fraction else text
+
+
+@transform("decimal")
+def to_decimal(value: str, run):
+    """v2 NM -> a JSON number (int or float, as written); '1,5' with a decimal comma is read."""
+    text = value.strip().replace(",", ".") if value.count(",") == 1 and "." not in value else value.strip()
+    if text.startswith("+"):
+        text = text[1:]
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"{value!r} is not a number") from None
+    if not number.is_finite():
+        raise ValueError(f"{value!r} is not a finite number")
+    if number == number.to_integral_value() and "." not in text and "e" not in text.lower():
+        return int(number)
+    return float(number)
+
+
+@transform("integer")
+def to_integer(value: str, run) -> int:
+    """v2 NM/SI -> a JSON integer."""
+    text = value.strip()
+    if not re.fullmatch(r"[+-]?\d+", text):
+        raise ValueError(f"{value!r} is not an integer")
+    return int(text)
+
+
+@transform("boolean")
+def to_boolean(value: str, run) -> bool:
+    """v2 ID Y/N (table 0136) -> true/false."""
+    text = value.strip().upper()
+    if text in ("Y", "YES", "T", "TRUE", "1"):
+        return True
+    if text in ("N", "NO", "F", "FALSE", "0"):
+        return False
+    raise ValueError(f"{value!r} is not Y or N")
+
+
+@transform("trim")
+def trimmed(value: str, run) -> str:
+    """Text without leading and trailing blanks."""
+    return value.strip()
