@@ -77,6 +77,8 @@ class Environment:
     named_map: Callable[[str, str, int, str], tuple[str, Rule] | None]  # name -> (type, rule)
     columns: dict[str, int]  # named fields of the file's format (CSV), else {}
     problems: list[Problem]
+    # Checks an absolute HL7 path against the HL7 reference: returns a reason or None.
+    check_path: Callable[[Hl7Path], str | None] | None = None
 
 
 class RuleCompiler:
@@ -345,6 +347,10 @@ class RuleCompiler:
             return lambda node, run: None  # a rule with a reference is handled by _reference
         if path.relative:
             return _relative(path, many)
+        if self.env.check_path is not None and not self.env.columns:
+            reason = self.env.check_path(path)
+            if reason:
+                self.problem(line, key, reason)
         if not path.field:
             return _segments(path.segment, many)
         return _field(path, many)
