@@ -26,6 +26,7 @@ patient sent twice, gives the same ids and the record is updated instead of dupl
 """
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -39,6 +40,16 @@ from gateway.mapping.source import Located, line_of
 
 # Our namespace for name-based UUIDs (uuid5 of 'urn:ma:hie' in the URL namespace).
 ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:ma:hie")
+_NAMESPACE_BYTES = ID_NAMESPACE.bytes
+
+
+def name_id(name: str) -> str:
+    """str(uuid.uuid5(ID_NAMESPACE, name)), without building UUID objects (hot path)."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    text = digest.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 ENTRY_KEYS = ("name", "description", "resource", "from", "each", "when", "map", "resources")
 PROVENANCE_SOURCE = "urn:ma:hie:message"
 
@@ -174,7 +185,7 @@ def _is_segment(text: str) -> bool:
 # -- running -------------------------------------------------------------------------------
 
 def run_message_map(message_map: MessageMap, message: Hl7Message, context: TranslationContext,
-                    mapping_version: str) -> tuple[dict, list[str]]:
+                    mapping_version: str, message_type: str = "") -> tuple[dict, list[str]]:
     """Translate one message into the canonical Bundle; returns it and the warnings."""
     run = Run(message, context)
     ordinals: dict[str, int] = {}
@@ -183,11 +194,11 @@ def run_message_map(message_map: MessageMap, message: Hl7Message, context: Trans
         _run_entry(entry, run, ordinals, seen)
     _resolve_references(run)
     resources = run.resources
-    resources.append(_provenance(resources, context, message, mapping_version))
+    resources.append(_provenance(resources, context, message, mapping_version, message_type))
     key = context.message_key or context.control_id
     bundle = {
         "resourceType": "Bundle",
-        "id": str(uuid.uuid5(ID_NAMESPACE, "Bundle|" + key)),
+        "id": name_id("Bundle|" + key),
         "type": "collection",
         "timestamp": _instant(context.received_at),
         "entry": [{"fullUrl": "urn:uuid:" + resource["id"], "resource": resource} for resource in resources],
@@ -284,9 +295,9 @@ def _resource_id(resource_type: str, body: dict, context: TranslationContext, or
             assigner = identifier.get("assigner") or {}
             coding = ((identifier.get("type") or {}).get("coding") or [{}])[0]
             system = "|".join((context.sender_id, assigner.get("display", ""), coding.get("code", "")))
-        return str(uuid.uuid5(ID_NAMESPACE, f"{resource_type}|{system}|{value}"))
+        return name_id(f"{resource_type}|{system}|{value}")
     key = context.message_key or context.control_id
-    return str(uuid.uuid5(ID_NAMESPACE, f"{resource_type}|{key}|{ordinal}"))
+    return name_id(f"{resource_type}|{key}|{ordinal}")
 
 
 def _resolve_references(run: Run) -> None:
@@ -306,13 +317,13 @@ def _resolve_references(run: Run) -> None:
 
 
 def _provenance(resources: list[dict], context: TranslationContext, message: Hl7Message,
-                mapping_version: str) -> dict:
+                mapping_version: str, message_type: str) -> dict:
     key = context.message_key or context.control_id
     sender = {"identifier": {"system": "urn:ma:inpe", "value": context.sender_id}} if context.sender_id \
         else {"display": message.value("MSH", 4) or message.value("MSH", 3) or "unknown sender"}
     return {
         "resourceType": "Provenance",
-        "id": str(uuid.uuid5(ID_NAMESPACE, "Provenance|" + key)),
+        "id": name_id("Provenance|" + key),
         "target": [{"reference": "urn:uuid:" + resource["id"]} for resource in resources],
         "recorded": _instant(context.received_at),
         "policy": [f"urn:ma:hie:mappings:{mapping_version}"],
@@ -324,7 +335,7 @@ def _provenance(resources: list[dict], context: TranslationContext, message: Hl7
                    "who": sender}],
         "entity": [{"role": "source",
                     "what": {"identifier": {"system": PROVENANCE_SOURCE, "value": context.control_id},
-                             "display": message.message_type or "message"}}],
+                             "display": message_type or "message"}}],
     }
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from adapters.hl7v2.message import Hl7Message
 from gateway.mapping import fhir_schema
 from gateway.mapping.engine import MessageMap, compile_message_map, run_message_map
+from gateway.mapping.hl7_reference import check_path
 from gateway.mapping.rules import Environment, RuleCompiler
 from gateway.mapping.runtime import TranslationContext, TranslationError
 from gateway.mapping.source import Located, MappingErrors, Problem, read_yaml
@@ -82,7 +83,8 @@ class _Layer:
         columns = {}
         if isinstance(document, dict) and isinstance(document.get("columns"), list):
             columns = {str(name): number for number, name in enumerate(document["columns"], 1)}
-        return RuleCompiler(Environment(self.transforms, self.tables, self.named, columns, self.problems), display)
+        return RuleCompiler(Environment(self.transforms, self.tables, self.named, columns, self.problems,
+                                        check_path=check_path), display)
 
     def _resource_map(self, display: str):
         def resource_map(name: str, line: int, key: str):
@@ -187,7 +189,7 @@ class MappingSet:
         message_map = layer.messages.get(message_type)
         if message_map is None:
             raise TranslationError(f"no mapping for message type {message_type!r}", "MSH[1]-9")
-        bundle, warnings = run_message_map(message_map, message, context, self.version)
+        bundle, warnings = run_message_map(message_map, message, context, self.version, message_type)
         return Translation(bundle, warnings, self.version, message_map.name)
 
 

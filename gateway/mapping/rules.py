@@ -119,9 +119,7 @@ class RuleCompiler:
                     continue
                 if value.__class__ is Reference:
                     run.references.append((result, target, value, run.scope))
-                    result[target] = value  # a placeholder, replaced at the end
-                elif not is_empty(value):
-                    result[target] = value
+                result[target] = value  # a Reference is a placeholder, replaced at the end
             return result or None
         return build
 
@@ -134,7 +132,7 @@ class RuleCompiler:
                      for n, item in enumerate(spec)]
             return _collect(parts)
         if not isinstance(spec, dict):
-            if spec is None:
+            if spec is None or spec == "":
                 self.problem(line, key, "no rule: write a constant, a list or a mapping")
                 return _nothing
             constant = [spec] if many else spec
@@ -172,6 +170,8 @@ class RuleCompiler:
         default = spec.get("default")
         if isinstance(default, (dict, list)):
             default = _plain(default)
+        if is_empty(default):
+            default = None
         mapping_place = f"{self.file}:{line}"
 
         if "first_of" in spec:
@@ -195,16 +195,17 @@ class RuleCompiler:
             each = self._source(spec["each"], key + ".each", line, many=True)
             if each is None:
                 return _nothing
+            segments = _names_segment(spec["each"])
 
             def iterate(node, run):
                 results = []
                 for item in each(node, run):
-                    value = _within(produce, item, run)
+                    value = _within(produce, item, run) if segments else produce(item, run)
                     if value is None:
                         continue
                     if value.__class__ is list:
                         results.extend(value)
-                    elif not is_empty(value):
+                    else:
                         results.append(value)
                 return results or None
             core = iterate
@@ -213,26 +214,31 @@ class RuleCompiler:
             if source is None:
                 return _nothing
 
-            def single(node, run):
-                item = source(node, run)
-                if item is None:
-                    return None
-                return _within(produce, item, run)
+            if _names_segment(spec["from"]):
+                def single(node, run):
+                    item = source(node, run)
+                    return None if item is None else _within(produce, item, run)
+            else:
+                def single(node, run):
+                    item = source(node, run)
+                    return None if item is None else produce(item, run)
             core = single
         else:
             core = produce
+
+        if condition is None and default is None and not required:
+            return core
 
         def rule(node, run):
             if condition is not None and not condition(node, run):
                 return None
             value = core(node, run)
-            if is_empty(value):
+            if value is None:
                 if default is not None:
                     return default
                 if required:
                     raise TranslationError(f"{key} is required and has no value",
                                            _location(run), mapping_place)
-                return None
             return value
         return rule
 
@@ -310,6 +316,8 @@ class RuleCompiler:
                     value = table.translate(value)
                 except KeyError as error:
                     raise TranslationError(f"{key}: {error.args[0]}", _location(run), place) from None
+                if is_empty(value):
+                    return None
             return value
         return after
 
@@ -388,17 +396,19 @@ class RuleCompiler:
 def _descend(part: Part, number: int, run: Run) -> Part | None:
     """Component (or subcomponent) `number` of a value, one level down."""
     level = part.level
-    raw = part.raw
     if level == SUBCOMPONENT:
         return part if number == 1 else None
-    separators = run.separators
-    separator = separators.component if level == FIELD else separators.subcomponent
-    if not separator or separator not in raw:
-        return Part(raw, level + 1) if number == 1 and raw else None
-    pieces = raw.split(separator)
-    if number > len(pieces) or not pieces[number - 1]:
+    pieces = part.pieces
+    if pieces is None:
+        separators = run.separators
+        separator = separators.component if level == FIELD else separators.subcomponent
+        raw = part.raw
+        pieces = raw.split(separator) if separator and separator in raw else (raw,)
+        part.pieces = pieces
+    if number > len(pieces):
         return None
-    return Part(pieces[number - 1], level + 1)
+    piece = pieces[number - 1]
+    return Part(piece, level + 1) if piece else None
 
 
 def _relative(path: Hl7Path, many: bool):
@@ -450,10 +460,14 @@ def _field(path: Hl7Path, many: bool):
         if unsplit:
             raw = segment.field(number)
             return [Part(raw, SUBCOMPONENT)] if raw else ()
-        return segment.repetitions(number, run.separators.repetition)
+        key = (segment, number)
+        found = run.parts.get(key)
+        if found is None:  # one set of Parts per field, so their splits are shared
+            found = [Part(raw, FIELD) for raw in segment.repetitions(number, run.separators.repetition)]
+            run.parts[key] = found
+        return found
 
-    def narrow(raw, run):
-        part = raw if raw.__class__ is Part else Part(raw, FIELD)
+    def narrow(part, run):
         if component:
             part = _descend(part, component, run)
             if part is not None and subcomponent:
@@ -513,6 +527,15 @@ def _value(source, node, run) -> str:
 
 
 # -- small combinators ---------------------------------------------------------------------
+
+def _names_segment(text) -> bool:
+    """Whether a source path reads segments (under which absolute paths change segment)."""
+    try:
+        path = parse_path(text)
+    except PathError:
+        return False
+    return bool(path.segment) and not path.field and not path.column
+
 
 def _implicit_map(spec: dict) -> dict:
     wrapped = Located({"map": spec})

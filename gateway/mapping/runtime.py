@@ -20,11 +20,12 @@ FIELD, COMPONENT, SUBCOMPONENT = 1, 2, 3
 class Part:
     """A field repetition (level 1), a component (2) or a subcomponent (3), raw."""
 
-    __slots__ = ("raw", "level")
+    __slots__ = ("raw", "level", "pieces")
 
     def __init__(self, raw: str, level: int):
         self.raw = raw
         self.level = level
+        self.pieces = None  # split one level down on first use, then kept
 
     def __repr__(self) -> str:
         return f"Part({self.raw!r}, {self.level})"
@@ -64,7 +65,7 @@ class Run:
     """The state of one translation: message, separators, scopes, pending references."""
 
     __slots__ = ("message", "separators", "context", "segment", "position", "scope",
-                 "references", "warnings", "resources")
+                 "references", "warnings", "resources", "parts")
 
     def __init__(self, message: Hl7Message, context: TranslationContext):
         self.message = message
@@ -76,6 +77,7 @@ class Run:
         self.references: list[tuple] = []  # (holder, key, name, scope, many)
         self.warnings: list[str] = []
         self.resources: list[dict] = []
+        self.parts: dict[tuple, list[Part]] = {}  # (segment, field) -> its repetitions as Parts
 
     def find(self, name: str) -> tuple[Segment | None, int]:
         """The segment `name` nearest to where the mapping stands: the current segment, else
