@@ -265,6 +265,7 @@ def _spans(entry: Entry, run: Run) -> list[tuple[int, int]]:
 
 
 def _make(entry: Entry, node, run: Run, scope: Scope, ordinals: dict, seen: dict) -> None:
+    pending = len(run.references)
     body = _within(entry.build, node, run) if node.__class__ is _SegmentAt else entry.build(node, run)
     if not body:
         return
@@ -273,6 +274,11 @@ def _make(entry: Entry, node, run: Run, scope: Scope, ordinals: dict, seen: dict
     ordinals[resource_type] = ordinal
     resource = {"resourceType": resource_type, "id": _resource_id(resource_type, body, run.context, ordinal)}
     resource.update(body)
+    references = run.references
+    for number in range(pending, len(references)):  # top-level references now live in `resource`
+        holder, key, reference, where = references[number]
+        if holder is body:
+            references[number] = (resource, key, reference, where)
     existing = seen.get(resource["id"])
     if existing is not None:  # the same practitioner twice in one message: one resource
         resource = existing

@@ -1,0 +1,309 @@
+"""The mapping engine on small mapping sets written by each test (pure)."""
+import textwrap
+from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from adapters.hl7v2.message import parse_message
+from gateway.mapping.engine import name_id
+from gateway.mapping.mapping_set import MappingSet
+from gateway.mapping.path import Hl7Path, PathError, parse_path
+from gateway.mapping.runtime import TranslationContext, TranslationError
+from gateway.mapping.source import MappingErrors
+from gateway.mapping.transforms.core import fhir_datetime
+
+CASABLANCA = ZoneInfo("Africa/Casablanca")
+
+ORU = ("MSH|^~\\&|LAB|LABO_RABAT|GW|MA|20250114083512||ORU^R01|M1|P|2.5\r"
+       "PID|1||P1^^^LABO^MR~BE123456^^^CNIE^NI||Alaoui^Samira~العلوي^سميرة||19800101|F\r"
+       "ORC|RE|ORD1\r"
+       "OBR|1|ORD1||GLU^Glucose^L\r"
+       "OBX|1|NM|GLU^Glucose^L||5.4|mmol/L|||||F|||202501140745\r"
+       "NTE|1||fasting\r"
+       "OBX|2|ST|COM^Comment^L||Hémolysé \\T\\ refait||||||P\r"
+       "OBR|2|ORD2||K^Potassium^L\r"
+       "OBX|1|NM|K^Potassium^L||4.1|mmol/L|||||F\r")
+
+BASE = {
+    "tables/gender.yaml": """
+        unmapped: error
+        codes: {F: female, M: male}
+    """,
+    "tables/status.yaml": """
+        unmapped: default
+        default: unknown
+        codes: {F: final, P: preliminary}
+    """,
+    "datatypes/CX.Identifier.yaml": """
+        type: Identifier
+        map:
+          value: {from: 1, required: true}
+          system: {when: {field: 4, is: CNIE}, default: "urn:ma:cnie"}
+    """,
+    "segments/PID.Patient.yaml": """
+        resource: Patient
+        map:
+          identifier: {each: PID-3, map: CX.Identifier}
+          name:
+            each: PID-5
+            map:
+              family: {from: 1}
+              given: {from: 2}
+          birthDate: {from: PID-7, transform: date}
+          gender: {from: PID-8, lookup: gender}
+    """,
+    "segments/OBX.Observation.yaml": """
+        resource: Observation
+        map:
+          status: {from: OBX-11, lookup: status}
+          code: {map: {text: {from: OBX-3.2}}}
+          subject: {from: "@patient"}
+          valueQuantity:
+            when: {field: OBX-2, is: NM}
+            map:
+              value: {from: OBX-5, transform: decimal}
+              unit: {from: OBX-6}
+          valueString: {when: {field: OBX-2, in: [ST, TX]}, from: OBX-5}
+          effectiveDateTime: {from: OBX-14, transform: datetime}
+          note: {each: NTE, map: {text: {from: NTE-3}}}
+    """,
+    "segments/OBR.DiagnosticReport.yaml": """
+        resource: DiagnosticReport
+        map:
+          status: final
+          code: {map: {text: {from: OBR-4.2}}}
+          subject: {from: "@patient"}
+          result: {each: "@observation"}
+    """,
+    "messages/ORU_R01.yaml": """
+        messages: [ORU^R01]
+        resources:
+          - name: patient
+            from: PID
+            map: PID.Patient
+          - each: [ORC, OBR]
+            resources:
+              - name: report
+                from: OBR
+                map: OBR.DiagnosticReport
+              - name: observation
+                each: OBX
+                map: OBX.Observation
+    """,
+}
+
+
+def write(root, files):
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+    return root
+
+
+def translate(mapping_set, text=ORU, sender=""):
+    message = parse_message(text)
+    context = TranslationContext(sender_id=sender, timezone=CASABLANCA,
+                                 received_at=datetime(2025, 1, 14, 8, 35, tzinfo=timezone.utc),
+                                 message_key=f"{sender}|M1", control_id="M1")
+    return mapping_set.translate(message, context).bundle
+
+
+def resources(bundle, kind):
+    return [entry["resource"] for entry in bundle["entry"] if entry["resource"]["resourceType"] == kind]
+
+
+@pytest.fixture
+def mapping_set(tmp_path):
+    return MappingSet.load(write(tmp_path / "mappings", BASE))
+
+
+def test_groups_observations_and_references(mapping_set):
+    """Each order group gets its report, which references that group's observations only;
+    every observation references the patient."""
+    bundle = translate(mapping_set)
+    patient, = resources(bundle, "Patient")
+    reports = resources(bundle, "DiagnosticReport")
+    observations = resources(bundle, "Observation")
+    assert [r["code"]["text"] for r in reports] == ["Glucose", "Potassium"]
+    assert len(observations) == 3
+    first, second = reports
+    ids = [o["id"] for o in observations]
+    assert [ref["reference"] for ref in first["result"]] == [f"urn:uuid:{i}" for i in ids[:2]]
+    assert [ref["reference"] for ref in second["result"]] == [f"urn:uuid:{ids[2]}"]
+    assert all(o["subject"] == {"reference": f"urn:uuid:{patient['id']}"} for o in observations)
+    assert bundle["entry"][-1]["resource"]["resourceType"] == "Provenance"
+    assert len(bundle["entry"][-1]["resource"]["target"]) == 6
+
+
+def test_values_conditions_lookups_and_notes(mapping_set):
+    """when/is picks the value type, escapes are decoded, lookups apply, and a segment's
+    NTE run belongs to it alone."""
+    first, comment, potassium = resources(translate(mapping_set), "Observation")
+    assert first["valueQuantity"] == {"value": 5.4, "unit": "mmol/L"}
+    assert "valueString" not in first
+    assert first["note"] == [{"text": "fasting"}]
+    assert first["effectiveDateTime"] == "2025-01-14T07:45:00+01:00"
+    assert comment["valueString"] == "Hémolysé & refait"
+    assert comment["status"] == "preliminary" and "note" not in comment
+    assert "valueQuantity" not in comment
+
+
+def test_repetitions_become_arrays_and_arabic_names_are_kept(mapping_set):
+    """A repeating field mapped with each gives one item per repetition, text kept exactly."""
+    patient, = resources(translate(mapping_set), "Patient")
+    assert patient["name"] == [{"family": "Alaoui", "given": ["Samira"]},
+                               {"family": "العلوي", "given": ["سميرة"]}]
+    assert patient["identifier"] == [{"value": "P1"}, {"value": "BE123456", "system": "urn:ma:cnie"}]
+    assert patient["birthDate"] == "1980-01-01" and patient["gender"] == "female"
+
+
+def test_ids_are_deterministic(mapping_set):
+    """Same message, same ids; a resource with an identifier keeps its id across messages."""
+    first, again = translate(mapping_set), translate(mapping_set)
+    assert [e["fullUrl"] for e in first["entry"]] == [e["fullUrl"] for e in again["entry"]]
+    other = translate(mapping_set, ORU.replace("|M1|", "|M2|"))
+    assert resources(other, "Patient")[0]["id"] == resources(first, "Patient")[0]["id"]
+
+
+def test_unmapped_code_with_policy_error_fails_with_location(mapping_set):
+    """A code missing from a table whose policy is error names the segment and the rule."""
+    with pytest.raises(TranslationError) as caught:
+        translate(mapping_set, ORU.replace("||19800101|F", "||19800101|X"))
+    assert caught.value.location == "PID[1]"
+    assert "'X' is not in table 'gender'" in caught.value.reason
+    assert caught.value.mapping.startswith("mappings/segments/PID.Patient.yaml:")
+
+
+def test_required_value_missing(mapping_set):
+    """required: true with nothing to read is an error, not a silent gap."""
+    with pytest.raises(TranslationError) as caught:
+        translate(mapping_set, ORU.replace("PID|1||P1^^^LABO^MR~", "PID|1||^^^LABO^MR~"))
+    assert "value is required" in caught.value.reason
+
+
+def test_bad_date_is_an_error(mapping_set):
+    """A transform that cannot read its value reports the location and the value."""
+    with pytest.raises(TranslationError) as caught:
+        translate(mapping_set, ORU.replace("19800101", "19801301"))
+    assert "not a valid date" in caught.value.reason
+
+
+def test_unknown_message_type(mapping_set):
+    with pytest.raises(TranslationError) as caught:
+        translate(mapping_set, ORU.replace("ORU^R01", "SIU^S12"))
+    assert "no mapping for message type 'SIU^S12'" in str(caught.value)
+
+
+def test_every_problem_is_reported_at_once_with_file_line_and_key(tmp_path):
+    """Unknown keys, FHIR elements, transforms, tables, maps and bad paths, all together."""
+    files = dict(BASE)
+    files["segments/PID.Patient.yaml"] = """
+        resource: Patient
+        map:
+          identifier: {each: PID-3, map: CX.Identifer}
+          brithDate: {from: PID-7}
+          gender: {from: PID-8, lookup: gendre}
+          name: {each: PID-5, fromm: 1}
+          deceasedDateTime: {from: PID-29, transform: datetiem}
+          active: {from: PID-x}
+    """
+    with pytest.raises(MappingErrors) as caught:
+        MappingSet.load(write(tmp_path / "mappings", files))
+    text = str(caught.value)
+    for expected in ["PID.Patient.yaml:3: map.identifier: no map 'CX.Identifer' (did you mean 'CX.Identifier'?)",
+                     "PID.Patient.yaml:4: map.brithDate: Patient has no element 'brithDate' (did you mean 'birthDate'?)",
+                     "PID.Patient.yaml:5: map.gender.lookup: no code table 'gendre' (did you mean 'gender'?)",
+                     "PID.Patient.yaml:6: map.name.fromm: unknown key",
+                     "PID.Patient.yaml:7: map.deceasedDateTime.transform: no transform 'datetiem'",
+                     "PID.Patient.yaml:8: map.active.from: no column 'x'"]:
+        assert expected in text, text
+    assert len(caught.value.problems) == 6
+
+
+def test_invalid_yaml_is_reported_with_its_line(tmp_path):
+    files = dict(BASE)
+    files["tables/gender.yaml"] = "codes: {F: female\nunmapped: [\n"
+    with pytest.raises(MappingErrors) as caught:
+        MappingSet.load(write(tmp_path / "mappings", files))
+    assert "mappings/tables/gender.yaml:" in str(caught.value) and "invalid YAML" in str(caught.value)
+
+
+def test_sender_override_extends_only_what_it_lists(tmp_path):
+    """A facility's file with extends: true replaces its listed elements; others keep the
+    shared map, and other senders are unaffected."""
+    files = dict(BASE)
+    files["senders/100001/segments/PID.Patient.yaml"] = """
+        extends: true
+        map:
+          identifier:
+            - map: {value: {from: PID-2}, system: urn:ma:cnie}
+    """
+    files["senders/100001/tables/gender.yaml"] = """
+        extends: true
+        codes: {X: other}
+    """
+    mapping_set = MappingSet.load(write(tmp_path / "mappings", files))
+    message = ORU.replace("PID|1||", "PID|1|AB998877|").replace("||19800101|F", "||19800101|X")
+    patient, = resources(translate(mapping_set, message, sender="100001"), "Patient")
+    assert patient["identifier"] == [{"value": "AB998877", "system": "urn:ma:cnie"}]
+    assert patient["gender"] == "other" and patient["name"][0]["family"] == "Alaoui"
+    with pytest.raises(TranslationError):
+        translate(mapping_set, message, sender="100002")
+
+
+def test_version_changes_with_any_file(tmp_path):
+    root = write(tmp_path / "mappings", BASE)
+    before = MappingSet.load(root).version
+    (root / "tables/status.yaml").write_text("unmapped: passthrough\ncodes: {F: final}\n")
+    assert MappingSet.load(root).version != before
+
+
+def test_name_id_is_uuid5():
+    import uuid
+    from gateway.mapping.engine import ID_NAMESPACE
+    assert name_id("Patient|urn:ma:cnie|BE1") == str(uuid.uuid5(ID_NAMESPACE, "Patient|urn:ma:cnie|BE1"))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("PID", Hl7Path("PID")),
+    ("PID-3", Hl7Path("PID", 3)),
+    ("PID-3.4.2", Hl7Path("PID", 3, 4, 2)),
+    ("4.10", Hl7Path(component=4, subcomponent=10)),
+    (1, Hl7Path(component=1)),
+    ("@patient", Hl7Path(reference="patient")),
+    ("R-3", Hl7Path("R", 3)),
+    ("ROW-ean13", Hl7Path("ROW", column="ean13")),
+])
+def test_paths(text, expected):
+    assert parse_path(text) == expected
+
+
+@pytest.mark.parametrize("text", ["PID-0", "pid-3", "PID-3.", "0", "@Patient", "PID-3..1", None])
+def test_bad_paths(text):
+    with pytest.raises(PathError):
+        parse_path(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2025", "2025"),
+    ("202501", "2025-01"),
+    ("20250114", "2025-01-14"),
+    ("2025011408", "2025-01-14T08:00:00+01:00"),
+    ("202501140835", "2025-01-14T08:35:00+01:00"),
+    ("20250114083512.123", "2025-01-14T08:35:12.123+01:00"),
+    ("20250114083512+0000", "2025-01-14T08:35:12+00:00"),
+    ("20250114083512-0500", "2025-01-14T08:35:12-05:00"),
+    # Ramadan 2025: Morocco moved to UTC+0 from 23 February to 6 April.
+    ("20250310120000", "2025-03-10T12:00:00+00:00"),
+])
+def test_hl7_datetimes_become_fhir_datetimes_in_the_sender_zone(text, expected):
+    """Seconds and zone whenever there is a time; Africa/Casablanca through zoneinfo."""
+    assert fhir_datetime(text, CASABLANCA) == expected
+
+
+@pytest.mark.parametrize("text", ["2025013", "20251301", "2025011425", "20250230", "abc"])
+def test_bad_datetimes(text):
+    with pytest.raises(ValueError):
+        fhir_datetime(text, CASABLANCA)
