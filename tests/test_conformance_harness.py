@@ -1,0 +1,117 @@
+"""The conformance harness's own pieces (bench/conformance.py): key facts, date agreement,
+scoring, classification of the corpus. Fast: no corpus run."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("conformance", ROOT / "bench" / "conformance.py")
+conformance = importlib.util.module_from_spec(_spec)
+sys.modules["conformance"] = conformance
+_spec.loader.exec_module(conformance)
+
+Fact = conformance.Fact
+
+
+def bundle(*resources):
+    return {"resourceType": "Bundle", "entry": [{"resource": r} for r in resources]}
+
+
+PATIENT = {"resourceType": "Patient", "identifier": [{"value": "PID123"}, {"system": "x"}],
+           "name": [{"family": "Everyman", "given": ["Adam", "A"]}],
+           "birthDate": "1988-08-18", "gender": "male"}
+OBSERVATION = {"resourceType": "Observation", "status": "final",
+               "code": {"coding": [{"system": "http://loinc.org", "code": "8302-2"}, {"code": "HT"}]},
+               "valueQuantity": {"value": 190.0, "unit": "cm", "code": "cm"},
+               "effectiveDateTime": "2024-10-15T10:20:00-04:00"}
+
+
+def kinds(facts):
+    return sorted((f.kind, tuple(sorted(f.values))) for f in facts)
+
+
+def test_facts_of_patient_and_observation():
+    facts = kinds(conformance.facts_of(bundle(PATIENT, OBSERVATION, {"resourceType": "Organization"})))
+    assert facts == sorted([
+        ("patient.identifier", ("pid123",)),  # the identifier without a value gives nothing
+        ("patient.family", ("everyman",)), ("patient.given", ("adam",)), ("patient.given", ("a",)),
+        ("patient.birthDate", ("date:1988-08-18",)), ("patient.gender", ("male",)),
+        ("observation.code", ("8302-2", "ht")), ("observation.value", ("190",)),
+        ("observation.unit", ("cm",)), ("observation.status", ("final",)),
+        ("observation.effective", ("date:2024-10-15T10:20:00-04:00",)),
+    ])
+
+
+def test_observation_values_of_each_type():
+    def values(**value):
+        return kinds(conformance.observation_value_facts(value))
+    assert values(valueString="  Positive\n result ") == [("observation.value", ("positive result",))]
+    assert values(valueCodeableConcept={"coding": [{"code": "260373001"}]}) == \
+        [("observation.value", ("260373001",))]
+    assert values(valueQuantity={"value": 7.50}) == [("observation.value", ("7.5",))]
+    assert values(valueRange={"low": {"value": 1}, "high": {"value": 2.0}}) == \
+        [("observation.value", ("1",)), ("observation.value", ("2",))]
+
+
+@pytest.mark.parametrize("left, right, same", [
+    ("1988-08-18", "1988-08-18", True),
+    ("1988-08", "1988-08-18", True),  # the precision both have
+    ("1988-08-18", "1988-08-19", False),
+    ("2024-10-15T10:20:00-04:00", "2024-10-15T14:20:00Z", True),  # the same instant
+    ("2024-10-15T10:20:00-04:00", "2024-10-15T10:20:00+01:00", False),
+    ("2024-10-15T10:20:00-04:00", "2024-10-15", True),
+    ("2024-10-15T10:20-04:00", "2024-10-15T10:20:59-04:00", True),
+    ("2024-10-15T10:20:00", "2024-10-15T10:21:00", False),
+])
+def test_dates_agree(left, right, same):
+    assert conformance.dates_agree(left, right) is same
+    assert conformance.dates_agree(right, left) is same
+
+
+def test_score_counts_each_actual_fact_once():
+    expected = [Fact("patient.given", frozenset({"eve"})), Fact("patient.given", frozenset({"eve"})),
+                Fact("patient.gender", frozenset({"female"}))]
+    actual = [Fact("patient.given", frozenset({"eve"})), Fact("patient.gender", frozenset({"female"}))]
+    matched, total, missing = conformance.score(expected, actual)
+    assert (matched, total) == (2, 3)
+    assert missing == [Fact("patient.given", frozenset({"eve"}))]
+
+
+def test_score_matches_alternatives_and_dates():
+    expected = conformance.facts_of(bundle(OBSERVATION))
+    actual = conformance.facts_of(bundle(dict(
+        OBSERVATION, code={"coding": [{"code": "8302-2"}]}, valueQuantity={"value": 190, "unit": "cm"},
+        effectiveDateTime="2024-10-15T14:20:00Z")))
+    matched, total, missing = conformance.score(expected, actual)
+    assert (matched, total, missing) == (5, 5, [])
+    assert conformance.score(expected, []) == (0, 5, expected)
+
+
+def test_malformed_files_are_recognised():
+    assert conformance.malformed_reason("nhapi/bad-inputs/PipeParser/HL7Exception/so5")
+    assert conformance.malformed_reason("python-hl7/sample_bad_file3.hl7")
+    assert conformance.malformed_reason("hl7apy/test_parser_L235.hl7")
+    assert not conformance.malformed_reason("hl7apy/test_parser_L40.hl7")
+    assert not conformance.malformed_reason("ms-fhir-converter/hl7v2/ADT-A01-01.hl7")
+
+
+def test_stored_bytes_undoes_the_storage_of_captures():
+    assert conformance.stored_bytes(b"[[5], [2, 49, 72], [4]]", "byte-array dump of captured frames") == \
+        b"\x05\x021H\x04"
+    assert conformance.stored_bytes(b'"\\vMSH|^~\\\\&|A\\rPID|1\\r\\u001c\\r"',
+                                    "stored as an escaped string literal; MLLP framing bytes present") == \
+        b"MSH|^~\\&|A\rPID|1\r\r"
+
+
+def test_result_verdicts():
+    outcome = conformance.Outcome
+    result = conformance.Result
+    assert result("a", "s", "ADT^A01", "", outcome("valid")).verdict == "ok"
+    assert result("a", "s", "ADT^A01", "", outcome("rejected", "x")).verdict == "rejected"
+    assert result("a", "s", "ADT^A01", "fuzzer", outcome("rejected", "x")).verdict == "ok"
+    assert result("a", "s", "ADT^A01", "fuzzer", outcome("crash", "x")).verdict == "failure"
+    assert result("a", "s", "ADT^A01", "", outcome("invalid", "x")).verdict == "failure"
