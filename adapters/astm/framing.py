@@ -1,0 +1,328 @@
+"""ASTM E1381 (CLSI LIS01) low-level protocol, receiver side, sans-IO: bytes in, events and
+bytes to send out. No sockets, no reactor, no clock: the caller passes `now` and asks for
+`deadline`.
+
+    neutral --ENQ--> (ACK) receiving --frames--> ... --EOT--> neutral, MessageReceived
+            --ENQ while busy--> (NAK) neutral
+
+A frame is `<STX> FN text <ETB|ETX> C1 C2 <CR><LF>`: FN is the frame number '1'..'7','0'
+(the first frame of a transfer is '1'), C1C2 the checksum, the sum of the bytes from FN
+through ETB/ETX modulo 256 as two hex digits. Each frame is answered:
+
+- ACK: a good frame with the expected number; its text is kept (an ETB frame continues in
+  the next one, an ETX frame ends a record);
+- ACK without keeping it: the previous frame again (our ACK was lost and the sender repeats);
+- NAK: bad checksum, wrong frame number, malformed trailer, or a frame longer than
+  `max_frame_size`; the sender retransmits, and after `max_attempts` (6) failures in a row
+  gives up: the transfer is aborted (`TransferAborted`) and the message discarded;
+- EOT ends the transfer: the records received are delivered as one `MessageReceived`
+  (records separated by CR, as in the frames). An EOT inside a frame or after an ETB frame
+  means the sender gave up mid-record: `TransferAborted`, nothing delivered.
+
+Timeouts are deadlines, never timers: after an ACK the next frame (or EOT) must begin within
+`receive_timeout` (30 s, E1381's receiver timer), and a begun frame must end within
+`frame_timeout` (15 s). The caller calls `check_timeout(now)` once `deadline` has passed;
+the transfer is then aborted and the receiver returns to neutral.
+
+A message larger than `max_message_size` is aborted with a receiver interrupt (EOT in place
+of the ACK); the receiver then ignores everything until the sender's EOT.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+STX, ETX, EOT, ENQ, ACK, NAK, ETB = b"\x02", b"\x03", b"\x04", b"\x05", b"\x06", b"\x15", b"\x17"
+CR, LF = b"\r", b"\n"
+
+DEFAULT_MAX_FRAME_SIZE = 64 * 1024  # E1381 says 247 bytes; analyzers exceed it, so be lenient
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+MAX_ATTEMPTS = 6
+RECEIVE_TIMEOUT = 30.0
+FRAME_TIMEOUT = 15.0
+
+
+def checksum(body: bytes) -> bytes:
+    """The two hex digits of a frame whose `body` runs from FN through ETB/ETX."""
+    return b"%02X" % (sum(body) & 0xFF)
+
+
+def frame(number: int, text: bytes, final: bool = True) -> bytes:
+    """One frame (for tests and for a future sender side)."""
+    body = str(number % 8).encode() + text + (ETX if final else ETB)
+    return STX + body + checksum(body) + CR + LF
+
+
+def frames(message: bytes, size: int = 240) -> list[bytes]:
+    """A message's records as frames: one record per frame, split at `size` with ETB."""
+    out, number = [], 1
+    for record in message.replace(b"\r\n", b"\r").split(b"\r"):
+        if not record:
+            continue
+        record += CR
+        for start in range(0, len(record), size):
+            out.append(frame(number, record[start:start + size], start + size >= len(record)))
+            number += 1
+    return out
+
+
+class State(Enum):
+    NEUTRAL = "neutral"  # waiting for ENQ
+    RECEIVING = "receiving"  # ENQ accepted: frames until EOT
+    DRAINING = "draining"  # transfer given up by us: ignore everything until EOT
+
+
+@dataclass(frozen=True, slots=True)
+class TransferStarted:
+    """An ENQ was accepted (answered ACK)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnquiryRefused:
+    """An ENQ arrived while the receiver was busy (answered NAK: the sender retries later)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FrameAccepted:
+    number: int
+    final: bool  # ETX (a record ends) rather than ETB
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class FrameRejected:
+    """A frame answered NAK; `attempts` failures in a row for the expected frame."""
+
+    reason: str
+    number: int | None  # the frame number read, if any
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    """A complete transfer: the records' text, each record ending with CR."""
+
+    data: bytes
+    frames: int
+
+
+@dataclass(frozen=True, slots=True)
+class TransferAborted:
+    """The transfer ended without a message: `reason` says why; `size` bytes were dropped."""
+
+    reason: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class JunkDiscarded:
+    """Bytes that belong to no frame and are not link control, dropped."""
+
+    data: bytes
+
+
+class AstmReceiver:
+    """The receiver's side of one connection."""
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 receive_timeout: float = RECEIVE_TIMEOUT, frame_timeout: float = FRAME_TIMEOUT,
+                 max_attempts: int = MAX_ATTEMPTS):
+        self.max_frame_size = max_frame_size
+        self.max_message_size = max_message_size
+        self.receive_timeout = receive_timeout
+        self.frame_timeout = frame_timeout
+        self.max_attempts = max_attempts
+        self.state = State.NEUTRAL
+        self.busy = False  # set by the caller while it cannot take a message (NAK to ENQ)
+        self.deadline: float | None = None
+        self._out = bytearray()
+        self._frame = bytearray()  # bytes of the frame in progress, from STX
+        self._in_frame = False
+        self._end = -1  # index in _frame of the ETX/ETB, once read
+        self._oversize = False  # the frame in progress passed max_frame_size: drop until ETX/ETB
+        self._records: list[bytes] = []
+        self._size = 0
+        self._expected = 1
+        self._previous: bytes | None = None  # the last accepted frame, to recognise a repeat
+        self._partial = False  # the last accepted frame ended in ETB
+        self._failures = 0
+        self._accepted = 0
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        """The bytes to write to the peer (ACK, NAK, EOT), emptied by the call."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def receive_data(self, data: bytes, now: float) -> list:
+        events: list = []
+        junk = bytearray()
+        index, size = 0, len(data)
+        while index < size:
+            if self._in_frame:
+                index = self._frame_bytes(data, index, now, events)
+                continue
+            byte = data[index:index + 1]
+            index += 1
+            if self.state is State.DRAINING:
+                if byte == EOT:
+                    self._neutral()
+                continue
+            if byte == ENQ:
+                self._flush_junk(junk, events)
+                self._enquiry(now, events)
+            elif byte == EOT:
+                self._flush_junk(junk, events)
+                if self.state is State.RECEIVING:
+                    self._end_of_transfer(events)
+            elif byte == STX and self.state is State.RECEIVING:
+                self._flush_junk(junk, events)
+                self._in_frame = True
+                self._frame = bytearray(STX)
+                self._end = -1
+                self._oversize = False
+                self.deadline = now + self.frame_timeout
+            elif byte in (CR, LF) and not junk:
+                continue  # stray line ends between frames: harmless
+            else:
+                junk += byte
+        self._flush_junk(junk, events)
+        return events
+
+    def check_timeout(self, now: float) -> list:
+        """Events when the deadline has passed (the transfer is abandoned), else []."""
+        if self.deadline is None or now < self.deadline:
+            return []
+        reason = ("frame not completed within %gs" % self.frame_timeout if self._in_frame
+                  else "no frame or EOT within %gs" % self.receive_timeout)
+        events = [TransferAborted(f"timeout: {reason}", self._size)] \
+            if self.state is not State.NEUTRAL else []
+        self._neutral()
+        return events
+
+    # -- states --------------------------------------------------------------------------------
+
+    def _enquiry(self, now: float, events: list) -> None:
+        if self.state is State.RECEIVING:
+            # The sender started over (it timed out waiting for us): what we had is lost.
+            events.append(TransferAborted("ENQ during a transfer: the sender restarted", self._size))
+            self._neutral()
+        if self.busy:
+            self._out += NAK
+            events.append(EnquiryRefused())
+            return
+        self._neutral()
+        self.state = State.RECEIVING
+        self.deadline = now + self.receive_timeout
+        self._out += ACK
+        events.append(TransferStarted())
+
+    def _end_of_transfer(self, events: list) -> None:
+        if self._in_frame or self._partial:
+            events.append(TransferAborted("EOT inside a record: the sender gave up", self._size))
+        elif self._records:
+            events.append(MessageReceived(b"".join(self._records), self._accepted))
+        self._neutral()
+
+    def _neutral(self) -> None:
+        self.state = State.NEUTRAL
+        self.deadline = None
+        self._in_frame = False
+        self._frame = bytearray()
+        self._records = []
+        self._size = 0
+        self._expected = 1
+        self._previous = None
+        self._partial = False
+        self._failures = 0
+        self._accepted = 0
+
+    # -- frames --------------------------------------------------------------------------------
+
+    def _frame_bytes(self, data: bytes, index: int, now: float, events: list) -> int:
+        """Consume bytes of the frame in progress; returns the next index."""
+        buffer = self._frame
+        if self._end < 0:
+            stops = [at for at in (data.find(ETX, index), data.find(ETB, index)) if at >= 0]
+            stop = min(stops) if stops else -1
+            take = data[index:stop] if stop >= 0 else data[index:]
+            index += len(take)
+            if len(buffer) + len(take) >= self.max_frame_size:
+                self._oversize = True  # keep counting nothing more; wait for its end
+            else:
+                buffer += take
+            if stop < 0:
+                return index
+            buffer += data[stop:stop + 1]
+            index += 1
+            self._end = len(buffer) - 1
+        # After ETX/ETB: two checksum characters, CR, LF.
+        need = self._end + 5 - len(buffer)
+        piece = data[index:index + need]
+        buffer += piece
+        index += len(piece)
+        if len(buffer) < self._end + 5:
+            return index
+        self._in_frame = False
+        self._complete(bytes(buffer), self._end, now, events)
+        return index
+
+    def _complete(self, raw: bytes, terminator: int, now: float, events: list) -> None:
+        body = raw[1:terminator + 1]  # FN .. ETX/ETB
+        trailer = raw[terminator + 1:]
+        number = int(body[:1]) if body[:1].isdigit() else None
+        if self._oversize:
+            return self._reject(f"frame longer than {self.max_frame_size} bytes", number, now, events)
+        if number is None or number > 7:
+            return self._reject(f"frame number {body[:1]!r} is not 0-7", None, now, events)
+        if trailer[2:] != CR + LF:
+            return self._reject("frame trailer is not checksum, CR, LF", number, now, events)
+        if trailer[:2].upper() != checksum(body):
+            return self._reject(f"checksum {trailer[:2].decode('latin-1')!r}, computed "
+                                f"{checksum(body).decode()}", number, now, events)
+        if number != self._expected:
+            if self._previous is not None and body == self._previous:
+                # Our ACK was lost: the sender repeats the frame we have. ACK it, keep one copy.
+                self._out += ACK
+                self.deadline = now + self.receive_timeout
+                return None
+            return self._reject(f"frame number {number}, expected {self._expected}", number, now, events)
+        text = body[1:-1]
+        if self._size + len(text) > self.max_message_size:
+            events.append(TransferAborted(f"message larger than {self.max_message_size} bytes",
+                                          self._size + len(text)))
+            self._neutral()
+            self.state = State.DRAINING
+            self._out += EOT  # receiver interrupt: asks the sender to stop
+            return None
+        self._records.append(text)
+        self._size += len(text)
+        self._previous = body
+        self._partial = body.endswith(ETB)
+        self._expected = (self._expected + 1) % 8
+        self._failures = 0
+        self._accepted += 1
+        self._out += ACK
+        self.deadline = now + self.receive_timeout
+        events.append(FrameAccepted(number, not self._partial, len(text)))
+        return None
+
+    def _reject(self, reason: str, number: int | None, now: float, events: list) -> None:
+        self._failures += 1
+        events.append(FrameRejected(reason, number, self._failures))
+        if self._failures >= self.max_attempts:
+            events.append(TransferAborted(f"{self._failures} failed attempts: {reason}", self._size))
+            self._neutral()
+            self.state = State.DRAINING  # the sender now sends EOT
+            return
+        self._out += NAK
+        self.deadline = now + self.receive_timeout
+
+    def _flush_junk(self, junk: bytearray, events: list) -> None:
+        if junk:
+            events.append(JunkDiscarded(bytes(junk)))
+            junk.clear()
+
