@@ -1,0 +1,71 @@
+"""Transforms for patient administration (ADT) maps: identifiers, names, places."""
+from __future__ import annotations
+
+import re
+
+from gateway.mapping.transforms import transform
+from gateway.mapping.transforms.core import fhir_datetime
+
+_OID = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$")
+_ARABIC = re.compile("[\u0600-\u06ff\u0750-\u077f\u08a0-\u08ff\ufb50-\ufdff\ufe70-\ufeff]")
+_TIFINAGH = re.compile("[\u2d30-\u2d7f]")
+LANGUAGE_EXTENSION = "http://hl7.org/fhir/StructureDefinition/language"
+BIRTH_TIME = "http://hl7.org/fhir/StructureDefinition/patient-birthTime"
+
+
+@transform("oid_uri")
+def oid_uri(value: str, run):
+    """An ISO OID (HD-2 with HD-3 'ISO') -> urn:oid:... ; anything else gives nothing."""
+    text = value.strip()
+    return "urn:oid:" + text if _OID.match(text) else None
+
+
+@transform("national_id")
+def national_id(value: str, run) -> str:
+    """CNIE/CIN number normalised as issued: upper case, no blanks (STANDARDS 6.4)."""
+    return re.sub(r"\s+", "", value).upper()
+
+
+@transform("name_language", node=True)
+def name_language(node, run):
+    """XPN -> the `language` extension when the name is in Arabic or Tifinagh script, so the
+    two written forms of one name (CNIE Latin and Arabic) can be told apart (STANDARDS 6.8)."""
+    text = run.separators.text(node.raw)
+    if _ARABIC.search(text):
+        code = "ar"
+    elif _TIFINAGH.search(text):
+        code = "zgh"
+    else:
+        return None
+    return {"url": LANGUAGE_EXTENSION, "valueCode": code}
+
+
+@transform("birth_time")
+def birth_time(value: str, run):
+    """PID-7 with a time -> the `_birthDate` element carrying patient-birthTime (v2-to-FHIR
+    PID-7 when longer than 8 characters); a date alone gives nothing."""
+    digits = value.strip()
+    if len(digits) <= 8:
+        return None
+    moment = fhir_datetime(digits, run.context.timezone)
+    return {"extension": [{"url": BIRTH_TIME, "valueDateTime": moment}]}
+
+
+@transform("location_text", node=True)
+def location_text(node, run):
+    """PL (point of care^room^bed^facility) -> one display text: 'CARDIO 12 B (CHU Ibn Rochd)'."""
+    separators = run.separators
+    components = node.raw.split(separators.component)
+
+    def text(number: int) -> str:
+        if number > len(components):
+            return ""
+        raw = components[number - 1]
+        if separators.subcomponent:
+            raw = raw.split(separators.subcomponent, 1)[0]
+        return separators.text(raw).strip()
+    place = " ".join(part for part in (text(1), text(2), text(3)) if part)
+    facility = text(4)
+    if facility:
+        place = f"{place} ({facility})" if place else facility
+    return place or None
