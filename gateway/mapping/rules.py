@@ -162,7 +162,8 @@ class RuleCompiler:
             return lambda node, run: reference if condition(node, run) else None
 
         # The value for one source node.
-        produce = self._produce(spec, type_name, element, key, line)
+        after = None if ("map" in spec or "first_of" in spec) else self._after(spec, key, line)
+        produce = self._produce(spec, type_name, element, key, line, after)
         required = spec.get("required", False)
         if not isinstance(required, bool):
             self.problem(line, f"{key}.required", "required is true or false")
@@ -214,7 +215,17 @@ class RuleCompiler:
             if source is None:
                 return _nothing
 
-            if _names_segment(spec["from"]):
+            reader = None
+            if "map" not in spec and not (after is not None and after.wants_node):
+                reader = self._text_reader(spec["from"])
+            if reader is not None and after is None:  # the most common rule: a field's text
+                def single(node, run):
+                    return reader(node, run) or None
+            elif reader is not None:
+                def single(node, run):
+                    text = reader(node, run)
+                    return after(text, node, run) if text else None
+            elif _names_segment(spec["from"]):
                 def single(node, run):
                     item = source(node, run)
                     return None if item is None else _within(produce, item, run)
@@ -242,7 +253,7 @@ class RuleCompiler:
             return value
         return rule
 
-    def _produce(self, spec: dict, type_name: str, element, key: str, line: int) -> Rule:
+    def _produce(self, spec: dict, type_name: str, element, key: str, line: int, after) -> Rule:
         """map | transform | text, then lookup (not for first_of, which applies them after)."""
         if "first_of" in spec:
             return _nothing
@@ -264,7 +275,6 @@ class RuleCompiler:
                 if extra in spec:
                     self.problem(line, f"{key}.{extra}", f"{extra} does not combine with map")
             return built
-        after = self._after(spec, key, line)
         if after is None:
             # With a source, its text; without one (`{when: .., default: x}`), only the default.
             return _text if "from" in spec or "each" in spec else _nothing
@@ -319,6 +329,7 @@ class RuleCompiler:
                 if is_empty(value):
                     return None
             return value
+        after.wants_node = wants_node
         return after
 
     def _reference(self, spec: dict, element) -> Reference | None:
@@ -332,6 +343,22 @@ class RuleCompiler:
                 many = element.is_list if element else False
                 return Reference(path.reference, name == "each", many or name == "each")
         return None
+
+    def _text_reader(self, text):
+        """For a field or component path: a reader straight to its decoded text (no Part
+        objects), or None when the path reads something else."""
+        try:
+            path = parse_path(text)
+        except PathError:
+            return None
+        if path.column:
+            number = self.env.columns.get(path.column)
+            if number is None:
+                return None
+            path = Hl7Path(path.segment, number, path.component, path.subcomponent)
+        if path.reference or (path.segment and not path.field):
+            return None
+        return _relative_text(path) if path.relative else _field_text(path)
 
     # -- sources -----------------------------------------------------------------------------
 
@@ -379,7 +406,11 @@ class RuleCompiler:
             source = self._source(item["field"], where + ".field", line, many=False)
             if source is None:
                 continue
-            tests.append(_test(source, item))
+            reader = self._text_reader(item["field"])
+            if reader is None:
+                def reader(node, run, source=source):
+                    return _value(source, node, run)
+            tests.append(_test(reader, item))
         if not tests:
             return None
 
@@ -409,6 +440,75 @@ def _descend(part: Part, number: int, run: Run) -> Part | None:
         return None
     piece = pieces[number - 1]
     return Part(piece, level + 1) if piece else None
+
+
+def _leaf(raw: str, level: int, separators) -> str:
+    """The decoded text of a raw value at `level`: first component, first subcomponent."""
+    if level == FIELD:
+        component = separators.component
+        if component in raw:
+            raw = raw.split(component, 1)[0]
+    if level != SUBCOMPONENT:
+        subcomponent = separators.subcomponent
+        if subcomponent and subcomponent in raw:
+            raw = raw.split(subcomponent, 1)[0]
+    if separators.escape in raw:
+        return separators.text(raw)
+    return raw
+
+
+def _pick(raw: str, separator: str, number: int) -> str:
+    if separator and separator in raw:
+        pieces = raw.split(separator)
+        return pieces[number - 1] if number <= len(pieces) else ""
+    return raw if number == 1 else ""
+
+
+def _field_text(path: Hl7Path):
+    name, number, component, subcomponent = path.segment, path.field, path.component, path.subcomponent
+    unsplit = name == "MSH" and number <= 2
+
+    def read(node, run) -> str:
+        segment = run.segment
+        if segment is None or segment.name != name:
+            segment = run.find(name)[0]
+            if segment is None:
+                return ""
+        fields = segment.fields
+        if number >= len(fields):
+            return ""
+        raw = fields[number]
+        if not raw or unsplit:
+            return raw
+        separators = run.separators
+        repetition = separators.repetition
+        if repetition in raw:
+            raw = raw.split(repetition, 1)[0]
+        if not component:
+            return _leaf(raw, FIELD, separators)
+        raw = _pick(raw, separators.component, component)
+        if subcomponent:
+            return _leaf(_pick(raw, separators.subcomponent, subcomponent), SUBCOMPONENT, separators)
+        return _leaf(raw, COMPONENT, separators)
+    return read
+
+
+def _relative_text(path: Hl7Path):
+    component, subcomponent = path.component, path.subcomponent
+
+    def read(node, run) -> str:
+        if node.__class__ is not Part:
+            return ""
+        part = _descend(node, component, run)
+        if part is None:
+            return ""
+        if subcomponent:
+            if part.level == COMPONENT:
+                return _leaf(_pick(part.raw, run.separators.subcomponent, subcomponent),
+                             SUBCOMPONENT, run.separators)
+            return part.raw if subcomponent == 1 else ""
+        return _leaf(part.raw, part.level, run.separators)
+    return read
 
 
 def _relative(path: Hl7Path, many: bool):
@@ -503,18 +603,19 @@ def _within(produce: Rule, item, run: Run):
         run.segment, run.position = saved
 
 
-def _test(source, spec: dict):
+def _test(read, spec: dict):
+    """A condition on the text `read(node, run)` gives."""
     if "is" in spec:
         expected = str(spec["is"])
-        return lambda node, run: _value(source, node, run) == expected
+        return lambda node, run: read(node, run) == expected
     if "in" in spec:
         allowed = frozenset(str(value) for value in spec["in"] or ())
-        return lambda node, run: _value(source, node, run) in allowed
+        return lambda node, run: read(node, run) in allowed
     if "not_in" in spec:
         refused = frozenset(str(value) for value in spec["not_in"] or ())
-        return lambda node, run: _value(source, node, run) not in refused
+        return lambda node, run: read(node, run) not in refused
     present = bool(spec.get("present", True))
-    return lambda node, run: (_value(source, node, run) != "") is present
+    return lambda node, run: (read(node, run) != "") is present
 
 
 def _value(source, node, run) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal, InvalidOperation
 
 from gateway.mapping.transforms import transform
 
@@ -105,21 +104,19 @@ def to_time(value: str, run) -> str:
     return text + "." + fraction if fraction else text
 
 
+_NUMBER = re.compile(r"^[+-]?(?:\d+(\.\d*)?|\.\d+)$")
+
+
 @transform("decimal")
 def to_decimal(value: str, run):
     """v2 NM -> a JSON number (int or float, as written); '1,5' with a decimal comma is read."""
-    text = value.strip().replace(",", ".") if value.count(",") == 1 and "." not in value else value.strip()
-    if text.startswith("+"):
-        text = text[1:]
-    try:
-        number = Decimal(text)
-    except InvalidOperation:
-        raise ValueError(f"{value!r} is not a number") from None
-    if not number.is_finite():
-        raise ValueError(f"{value!r} is not a finite number")
-    if number == number.to_integral_value() and "." not in text and "e" not in text.lower():
-        return int(number)
-    return float(number)
+    text = value.strip()
+    if "," in text and "." not in text and text.count(",") == 1:
+        text = text.replace(",", ".")
+    match = _NUMBER.match(text)
+    if match is None:
+        raise ValueError(f"{value!r} is not a number")
+    return float(text) if match.group(1) is not None or text.startswith((".", "+.", "-.")) else int(text)
 
 
 @transform("integer")
