@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONF   ?= conf/gateway.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench pki clean
+.PHONY: install run test bench bench-translate conformance pki clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py $(BENCH_ARGS)
+	$(BIN)/python bench/translate.py $(TRANSLATE_ARGS)
+
+# Translation speed on one core (ORU^R01 with 20 OBX, ADT^A01), python-hl7 as the reference.
+bench-translate: $(STAMP)
+	$(BIN)/python bench/translate.py $(TRANSLATE_ARGS)
+
+# Every HL7 v2, v2 XML and ASTM message of ../shared/corpus through the mappings; var/bench/conformance.json.
+conformance: $(STAMP)
+	$(BIN)/python bench/conformance.py $(CONFORMANCE_ARGS)
 
 clean:
 	rm -rf $(VENV) var/*.sqlite* build *.egg-info
