@@ -474,13 +474,22 @@ def pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "–"
 
 
-def table(title: str, groups: dict[str, list[Result]]) -> list[str]:
+def table(title: str, groups: dict[str, list[Result]], min_size: int = 1) -> list[str]:
     lines = [f"### by {title}", "",
              f"| {title} | msgs | well-formed | valid | rejected (no map) | invalid | crash | malformed "
              "rejected/ok | valid / well-formed | valid / in scope | key facts |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    small: list[Result] = []
+    names: list[str] = []
     for name, results in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])):
-        lines.append(_row(name, tally(results)))
+        if len(results) < min_size:
+            small += results
+            names.append(name)
+        else:
+            lines.append(_row(name, tally(results)))
+    if small:
+        lines.append(_row(f"{len(names)} others ({', '.join(sorted(names))})"
+                          if len(names) <= 12 else f"{len(names)} others, < {min_size} messages each", tally(small)))
     return lines
 
 
@@ -532,7 +541,8 @@ def run(mapping_dir: Path, corpus: Path, verbose: bool = False, only: str | None
         malformed = malformed_reason(row.path)
         for unit in units_of(row, corpus):
             outcome = translate_unit(mapping_set, unit)
-            message_type = short_type(outcome.message_type or row.message_type.split(",")[0])
+            message_type = "(malformed)" if malformed else \
+                short_type(outcome.message_type or row.message_type.split(",")[0])
             result = Result(unit.name, row.source, message_type, malformed, outcome)
             if expected_facts is not None and unit.number == 1:
                 actual = facts_of(outcome.bundle) if outcome.bundle else []
@@ -558,7 +568,7 @@ def report(results: list[Result], meta: dict) -> dict:
         by_type[r.message_type].append(r)
     print(f"\nmapping set {meta['mapping_version']}; message maps for: {', '.join(meta['message_types_mapped'])}\n")
     print("\n".join(table("source", by_source)) + "\n")
-    print("\n".join(table("message type", by_type)) + "\n")
+    print("\n".join(table("message type", by_type, min_size=3)) + "\n")
     print("| totals | msgs | well-formed | valid | rejected (no map) | invalid | crash | malformed rejected/ok "
           "| valid / well-formed | valid / in scope | key facts |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
