@@ -1,0 +1,205 @@
+"""ADT (patient administration) mappings: golden cases and the facts they must keep."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.mapping.golden import GOLDEN_RECEIVED_AT, check_case, find_cases, translate_case
+from gateway.mapping.mapping_set import MappingSet
+from gateway.mapping.runtime import TranslationContext, TranslationError
+from gateway.mapping.validation import bundle_problems
+from gateway.translation.inputs import read_input
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = ROOT / "mappings" / "tests" / "adt"
+CORPUS = Path("/work/shared/corpus/ms-fhir-converter/hl7v2")
+
+
+@pytest.fixture(scope="module")
+def mappings() -> MappingSet:
+    return MappingSet.load(ROOT / "mappings")
+
+
+def resources(bundle: dict, kind: str) -> list[dict]:
+    return [entry["resource"] for entry in bundle["entry"] if entry["resource"]["resourceType"] == kind]
+
+
+def bundle_of(mappings, name: str) -> dict:
+    return translate_case(mappings, CASES / name).bundle
+
+
+def translate_text(mappings, text: str, sender: str = "") -> dict:
+    parsed = read_input(text.replace("\n", "\r").encode("utf-8"))
+    context = TranslationContext(sender_id=sender, received_at=GOLDEN_RECEIVED_AT,
+                                 message_key=f"test|{parsed.control_id}", control_id=parsed.control_id)
+    return mappings.translate(parsed.message, context, parsed.message_type).bundle
+
+
+@pytest.mark.parametrize("case", find_cases(CASES), ids=lambda path: path.stem)
+def test_golden(mappings, case):
+    result = check_case(mappings, case)
+    assert result.passed, "\n".join(result.differences)
+
+
+@pytest.mark.parametrize("case", find_cases(CASES), ids=lambda path: path.stem)
+def test_golden_is_valid_fhir(mappings, case):
+    assert bundle_problems(translate_case(mappings, case).bundle) == []
+
+
+def test_every_trigger_has_a_case(mappings):
+    triggers = {path.read_text(encoding="utf-8").split("|")[8].split("^")[1] for path in find_cases(CASES)}
+    assert {"A01", "A02", "A03", "A04", "A05", "A08", "A11", "A13", "A28", "A31", "A40"} <= triggers
+    for trigger in triggers:
+        assert mappings.message_map(f"ADT^{trigger}") is not None
+
+
+def test_arabic_name_is_a_second_human_name_kept_exactly(mappings):
+    patient = resources(bundle_of(mappings, "a01-admission.hl7"), "Patient")[0]
+    latin, arabic = patient["name"]
+    assert latin["family"] == "BENALI" and latin["given"] == ["Fatima"]
+    assert arabic["family"] == "بنعلي" and arabic["given"] == ["فاطمة"]
+    assert arabic["extension"] == [{"url": "http://hl7.org/fhir/StructureDefinition/language", "valueCode": "ar"}]
+    assert "extension" not in latin
+
+
+def test_national_identifier_systems(mappings):
+    patient = resources(bundle_of(mappings, "a01-admission.hl7"), "Patient")[0]
+    systems = {identifier.get("system"): identifier["value"] for identifier in patient["identifier"]}
+    assert systems["urn:ma:cnie"] == "BE123456"  # sent as 'be123456': normalised
+    assert systems["urn:ma:cnss:immatriculation"] == "112233445"
+    practitioners = resources(bundle_of(mappings, "a01-admission.hl7"), "Practitioner")
+    assert {p["identifier"][0]["system"] for p in practitioners} == {"urn:ma:inpe"}
+    payer = [o for o in resources(bundle_of(mappings, "a01-admission.hl7"), "Organization")
+             if o.get("type")][0]
+    assert payer["identifier"][0] == {"value": "001525896000047", "system": "urn:ma:ice",
+                                      "assigner": {"display": "ICE"}}
+
+
+def test_same_patient_and_visit_get_the_same_ids_across_messages(mappings):
+    admit = bundle_of(mappings, "a01-admission.hl7")
+    update = bundle_of(mappings, "a08-update.hl7")
+    discharge = bundle_of(mappings, "a03-discharge.hl7")
+    ids = {resources(bundle, "Patient")[0]["id"] for bundle in (admit, update, discharge)}
+    assert len(ids) == 1
+    assert len({resources(bundle, "Encounter")[0]["id"] for bundle in (admit, update, discharge)}) == 1
+    assert resources(update, "Patient")[0]["address"][0]["city"] == "Rabat"
+
+
+def test_naive_times_take_the_casablanca_zone(mappings):
+    encounter = resources(bundle_of(mappings, "a01-admission.hl7"), "Encounter")[0]
+    assert encounter["period"]["start"] == "2025-01-14T08:35:00+01:00"  # PV1-44 202501140835
+    ramadan = resources(bundle_of(mappings, "a04-registration-ramadan.hl7"), "Encounter")[0]
+    assert ramadan["period"]["start"] == "2025-03-10T09:10:00+00:00"  # UTC+0 during Ramadan
+    newborn = resources(bundle_of(mappings, "a28-add-person-newborn.hl7"), "Patient")[0]
+    assert newborn["birthDate"] == "2025-01-12"
+    assert newborn["_birthDate"]["extension"][0]["valueDateTime"] == "2025-01-12T06:30:00+01:00"
+
+
+def test_encounter_status_follows_the_event(mappings):
+    def encounter(name):
+        return resources(bundle_of(mappings, name), "Encounter")[0]
+    assert encounter("a01-admission.hl7")["status"] == "in-progress"
+    assert encounter("a01-admission.hl7")["class"]["code"] == "IMP"
+    assert encounter("a03-discharge.hl7")["status"] == "finished"
+    assert encounter("a03-discharge.hl7")["hospitalization"]["dischargeDisposition"]["coding"][0]["code"] == "home"
+    assert encounter("a11-cancel-admit.hl7")["status"] == "cancelled"
+    assert encounter("a13-cancel-discharge.hl7")["status"] == "in-progress"
+    assert encounter("a05-preadmit.hl7")["status"] == "planned"
+    transfer = encounter("a02-transfer.hl7")["location"]
+    assert [(place["location"]["display"], place["status"]) for place in transfer] == [
+        ("USIC 2 A (CHUIR)", "active"), ("CARDIO 12 B (CHUIR)", "completed")]
+    # A28/A31 with a 'not applicable' visit: the person only
+    assert resources(bundle_of(mappings, "a28-add-person-newborn.hl7"), "Encounter") == []
+
+
+def test_encounter_references_patient_and_practitioners(mappings):
+    bundle = bundle_of(mappings, "a01-admission.hl7")
+    patient = resources(bundle, "Patient")[0]
+    encounter = resources(bundle, "Encounter")[0]
+    practitioners = {p["id"]: p for p in resources(bundle, "Practitioner")}
+    assert encounter["subject"] == {"reference": "urn:uuid:" + patient["id"]}
+    roles = {part["type"][0]["coding"][0]["code"]: part["individual"]["reference"].split(":")[-1]
+             for part in encounter["participant"]}
+    assert set(roles) == {"ATND", "REF", "CON", "ADM"}
+    assert practitioners[roles["ATND"]]["name"][0]["family"] == "EL FASSI"
+    assert roles["ATND"] == roles["ADM"]  # one Practitioner for the same INPE
+    visit = encounter["identifier"][0]
+    assert visit["value"] == "V2025-0001" and visit["type"]["coding"][0]["code"] == "VN"
+
+
+def test_coverage_with_cnss_payer(mappings):
+    bundle = bundle_of(mappings, "a01-admission.hl7")
+    coverage = resources(bundle, "Coverage")[0]
+    patient = resources(bundle, "Patient")[0]
+    assert coverage["status"] == "active"
+    assert coverage["beneficiary"] == {"reference": "urn:uuid:" + patient["id"]}
+    assert coverage["subscriberId"] == "112233445"
+    assert coverage["period"] == {"start": "2025-01-01", "end": "2025-12-31"}
+    payer_id = coverage["payor"][0]["reference"].split(":")[-1]
+    payer = [o for o in resources(bundle, "Organization") if o["id"] == payer_id][0]
+    assert payer["name"] == "Caisse Nationale de Sécurité Sociale"
+
+
+def test_a40_merge_links_both_patients(mappings):
+    survivor, merged = resources(bundle_of(mappings, "a40-merge.hl7"), "Patient")
+    assert survivor["link"] == [{"other": {"reference": "urn:uuid:" + merged["id"]}, "type": "replaces"}]
+    assert merged["link"] == [{"other": {"reference": "urn:uuid:" + survivor["id"]}, "type": "replaced-by"}]
+    assert merged["active"] is False
+    assert merged["identifier"][0]["value"] == "987654"
+    # the survivor is the patient of the other messages
+    assert survivor["id"] == resources(bundle_of(mappings, "a01-admission.hl7"), "Patient")[0]["id"]
+
+
+def test_sender_100001_puts_the_cnie_in_pid2(mappings):
+    patient = resources(bundle_of(mappings, "sender-100001-cnie-in-pid2.hl7"), "Patient")[0]
+    assert patient["identifier"][0]["system"] == "urn:ma:cnie"
+    assert patient["identifier"][0]["value"] == "AB654321"
+    # without the sender's layer, PID-2 is an ordinary local identifier
+    text = (CASES / "sender-100001-cnie-in-pid2.hl7").read_text(encoding="utf-8")
+    shared = resources(translate_text(mappings, text), "Patient")[0]
+    assert shared["identifier"][0].get("system") is None
+
+
+A01 = """MSH|^~\\&|HIS|CHUIR|HIE|MS|20250114083500||ADT^A01^ADT_A01|BAD1|P|2.5
+PID|1||123456^^^CHUIR^MR||BENALI^Fatima||19850312|F
+PV1|1|I|CARDIO^12^B|||||||||||||||V1^^^CHUIR^VN|||||||||||||||||||||||||202501140835"""
+
+
+def test_invalid_date_is_an_error_with_location(mappings):
+    with pytest.raises(TranslationError) as error:
+        translate_text(mappings, A01.replace("19850312", "19851332"))
+    assert error.value.location == "PID[1]"
+    assert "19851332" in error.value.reason
+    assert "PID.Patient.yaml" in error.value.mapping
+
+
+def test_unmapped_patient_class_is_an_error_with_location(mappings):
+    with pytest.raises(TranslationError) as error:
+        translate_text(mappings, A01.replace("PV1|1|I|", "PV1|1|X|"))
+    assert error.value.location == "PV1[1]"
+    assert "patient_class" in error.value.reason
+
+
+def test_merge_without_prior_identifier_is_an_error(mappings):
+    text = A01.replace("ADT^A01^ADT_A01", "ADT^A40^ADT_A39").split("\nPV1")[0] + "\nMRG|||||||BENALLI^Fatima"
+    with pytest.raises(TranslationError) as error:
+        translate_text(mappings, text)
+    assert error.value.location == "MRG[1]"
+    assert "required" in error.value.reason
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason="shared corpus not available")
+def test_corpus_adt_messages_translate_and_validate(mappings):
+    checked = 0
+    for path in sorted(CORPUS.glob("ADT*.hl7")):
+        parsed = read_input(path.read_bytes())
+        if mappings.message_map(parsed.message_type) is None:
+            continue
+        context = TranslationContext(received_at=GOLDEN_RECEIVED_AT, message_key=parsed.control_id,
+                                     control_id=parsed.control_id)
+        bundle = mappings.translate(parsed.message, context, parsed.message_type).bundle
+        assert bundle_problems(bundle) == [], path.name
+        assert resources(bundle, "Patient"), path.name
+        checked += 1
+    assert checked >= 25
