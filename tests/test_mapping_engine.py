@@ -64,7 +64,7 @@ BASE = {
             map:
               value: {from: OBX-5, transform: decimal}
               unit: {from: OBX-6}
-          valueString: {when: {field: OBX-2, in: [ST, TX]}, from: OBX-5}
+          valueString: {when: {any: [{field: OBX-2, is: ST}, {field: OBX-2, is: TX}]}, from: OBX-5}
           effectiveDateTime: {from: OBX-14, transform: datetime}
           note: {each: NTE, map: {text: {from: NTE-3}}}
     """,
@@ -75,6 +75,10 @@ BASE = {
           code: {map: {text: {from: OBR-4.2}}}
           subject: {from: "@patient"}
           result: {each: "@observation"}
+          performer:
+            - {from: "@patient"}
+            - {from: "@nobody"}
+            - {each: "@observation"}
     """,
     "messages/ORU_R01.yaml": """
         messages: [ORU^R01]
@@ -307,3 +311,13 @@ def test_hl7_datetimes_become_fhir_datetimes_in_the_sender_zone(text, expected):
 def test_bad_datetimes(text):
     with pytest.raises(ValueError):
         fhir_datetime(text, CASABLANCA)
+
+
+def test_references_listed_among_other_rules(mapping_set):
+    """A list of reference rules gives one array: missing targets dropped, `each` spliced in."""
+    bundle = translate(mapping_set)
+    patient, = resources(bundle, "Patient")
+    first = resources(bundle, "DiagnosticReport")[0]
+    observations = resources(bundle, "Observation")[:2]
+    assert first["performer"] == [{"reference": f"urn:uuid:{patient['id']}"}] + [
+        {"reference": f"urn:uuid:{o['id']}"} for o in observations]

@@ -307,6 +307,7 @@ def _resource_id(resource_type: str, body: dict, context: TranslationContext, or
 
 
 def _resolve_references(run: Run) -> None:
+    lists = []  # arrays holding references among other items: flattened once all are known
     for holder, key, reference, scope in run.references:
         targets = None
         while scope is not None:
@@ -314,12 +315,21 @@ def _resolve_references(run: Run) -> None:
             if targets:
                 break
             scope = scope.parent
+        if holder.__class__ is list:
+            lists.append(holder)
         if not targets:
-            del holder[key]
+            if holder.__class__ is list:
+                holder[key] = None
+            else:
+                del holder[key]
             continue
         links = [{"reference": "urn:uuid:" + target["id"]} for target in
                  (targets if reference.every else targets[:1])]
-        holder[key] = links if reference.as_list else links[0]
+        holder[key] = links if reference.as_list or holder.__class__ is list else links[0]
+    for holder in lists:
+        if any(item is None or item.__class__ is list for item in holder):
+            holder[:] = [link for item in holder if item is not None
+                         for link in (item if item.__class__ is list else (item,))]
 
 
 def _provenance(resources: list[dict], context: TranslationContext, message: Hl7Message,

@@ -397,8 +397,15 @@ class RuleCompiler:
         tests = []
         for item in specs:
             where = f"{key}.when"
+            if isinstance(item, dict) and list(item) == ["any"] and isinstance(item["any"], list):
+                options = [self._condition(option, f"{key}.any", line) for option in item["any"]]
+                options = [option for option in options if option is not None]
+                if options:
+                    tests.append(lambda node, run, options=options: any(o(node, run) for o in options))
+                continue
             if not isinstance(item, dict) or "field" not in item:
-                self.problem(line, where, "a condition is {field: PATH, is|in|not_in|present: ...}")
+                self.problem(line, where, "a condition is {field: PATH, is|in|not_in|present: ...}"
+                             " or {any: [conditions]}")
                 continue
             for name in item:
                 if name not in CONDITIONS:
@@ -673,6 +680,9 @@ def _collect(parts: list[Rule]) -> Rule:
                 continue
             if value.__class__ is list:
                 results.extend(value)
+            elif value.__class__ is Reference:  # resolved in place at the end
+                run.references.append((results, len(results), value, run.scope))
+                results.append(value)
             elif not is_empty(value):
                 results.append(value)
         return results or None
