@@ -87,11 +87,18 @@ class Run:
             return segment, self.position
         scope = self.scope
         message = self.message
+        inner = None
         while scope is not None:
-            at = message.first(name, scope.start, scope.end)
+            end = scope.end
+            if scope.parent is None and inner is not None:
+                # At the message level, only what comes before the first group of this kind
+                # (MSH, PID, PV1...): never a sibling group's segment (another order's RXR or TQ1).
+                head = message.first(message.segments[inner.start].name, 0, inner.start + 1)
+                end = head if head >= 0 else inner.start
+            at = message.first(name, scope.start, end)
             if at >= 0:
                 return message.segments[at], at
-            scope = scope.parent
+            inner, scope = scope, scope.parent
         return None, -1
 
     def following(self, name: str) -> list[tuple[Segment, int]]:
