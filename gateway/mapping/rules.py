@@ -506,15 +506,29 @@ def _relative_text(path: Hl7Path):
     def read(node, run) -> str:
         if node.__class__ is not Part:
             return ""
-        part = _descend(node, component, run)
-        if part is None:
+        level = node.level
+        if level == SUBCOMPONENT:
+            return _leaf(node.raw, SUBCOMPONENT, run.separators) if component == 1 and subcomponent <= 1 else ""
+        pieces = node.pieces
+        separators = run.separators
+        if pieces is None:
+            separator = separators.component if level == FIELD else separators.subcomponent
+            raw = node.raw
+            pieces = raw.split(separator) if separator and separator in raw else (raw,)
+            node.pieces = pieces
+        if component > len(pieces):
             return ""
-        if subcomponent:
-            if part.level == COMPONENT:
-                return _leaf(_pick(part.raw, run.separators.subcomponent, subcomponent),
-                             SUBCOMPONENT, run.separators)
-            return part.raw if subcomponent == 1 else ""
-        return _leaf(part.raw, part.level, run.separators)
+        raw = pieces[component - 1]
+        if not raw:
+            return raw
+        if level == FIELD:  # raw is a component
+            if subcomponent:
+                raw = _pick(raw, separators.subcomponent, subcomponent)
+            elif separators.subcomponent and separators.subcomponent in raw:
+                raw = raw.split(separators.subcomponent, 1)[0]
+        elif subcomponent > 1:  # raw is already a subcomponent
+            return ""
+        return separators.text(raw) if separators.escape in raw else raw
     return read
 
 
