@@ -1,0 +1,157 @@
+"""ASTM listener: the Twisted protocol (StringTransport, Clock), its configuration, and a real
+socket into a real store."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import pytest_twisted
+from sqlalchemy import text
+from twisted.internet import reactor, threads
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+
+from adapters.astm.framing import ACK, ENQ, EOT, NAK, frames
+from adapters.astm.protocol import AstmServerFactory, AstmSettings
+from gateway.astm_config import (AstmConfigError, AstmListenerConfig, astm_listener_factory,
+                                 astm_listeners_from, inbound_for)
+from gateway.store.database import create_gateway_engine, migrate
+from gateway.store.ingest_writer import IngestWriter
+
+MESSAGE = (b"H|\\^&|||XN-550^1|||||LIS|P|1\rP|1|PAT-1||BK123456|EL ALAOUI^Fatima\r"
+           b"O|1|SID-1||^^^GLU|R\rR|1|^^^GLU^Glycemie|1.05|g/L|0.70-1.10|N||F\rL|1|N\r")
+
+
+class RecordingHandler:
+    def __init__(self):
+        self.messages, self.pending = [], []
+
+    def message_received(self, data, connection, done):
+        self.messages.append((data, connection))
+        self.pending.append(done)
+
+
+def connect(handler, clock, **settings):
+    factory = AstmServerFactory(handler, AstmSettings("astm-test", "100234", **settings), clock)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_protocol_acks_frames_and_hands_over_the_message():
+    """ENQ, frames and EOT are answered ACK; the handler gets the message with the facility."""
+    handler, clock = RecordingHandler(), Clock()
+    protocol, transport = connect(handler, clock)
+    protocol.dataReceived(ENQ + b"".join(frames(MESSAGE)) + EOT)
+    assert transport.value() == ACK * 6
+    ((data, connection),) = handler.messages
+    assert data == MESSAGE and connection.facility == "100234" and connection.listener == "astm-test"
+
+
+def test_enq_is_refused_while_the_previous_message_is_being_stored():
+    """Until the store says done, a new ENQ gets NAK; afterwards ACK."""
+    handler, clock = RecordingHandler(), Clock()
+    protocol, transport = connect(handler, clock)
+    protocol.dataReceived(ENQ + b"".join(frames(MESSAGE)) + EOT)
+    transport.clear()
+    protocol.dataReceived(ENQ)
+    assert transport.value() == NAK
+    handler.pending.pop()(True)
+    transport.clear()
+    protocol.dataReceived(ENQ)
+    assert transport.value() == ACK
+
+
+def test_a_silent_sender_is_timed_out_by_the_clock():
+    """No frame 30 s after ENQ: the transfer is abandoned; the next ENQ starts afresh."""
+    handler, clock = RecordingHandler(), Clock()
+    protocol, transport = connect(handler, clock)
+    parts = frames(MESSAGE)
+    protocol.dataReceived(ENQ + parts[0])
+    clock.advance(29)
+    assert protocol.receiver.state.value == "receiving"
+    clock.advance(1)
+    assert protocol.receiver.state.value == "neutral"
+    protocol.dataReceived(EOT)
+    assert handler.messages == []
+    protocol.dataReceived(ENQ + b"".join(parts) + EOT)
+    assert handler.messages[0][0] == MESSAGE
+
+
+def test_an_idle_connection_is_closed():
+    """No byte for idle_timeout: the connection is closed."""
+    protocol, transport = connect(RecordingHandler(), Clock(), idle_timeout=60)
+    protocol.clock.advance(61)
+    assert transport.disconnecting
+
+
+def test_config_reads_listeners_and_reports_every_problem():
+    """Valid entries become AstmListenerConfig; all problems are reported together."""
+    (listener,) = astm_listeners_from([{"name": "lab", "port": 5000, "facility": 100234,
+                                        "interface": "0.0.0.0"}])
+    assert listener == AstmListenerConfig("lab", 5000, "100234", "0.0.0.0")
+    with pytest.raises(AstmConfigError) as caught:
+        astm_listeners_from([{"name": "a", "port": 70000}, {"port": "x", "facility": "1", "colour": 1}])
+    problems = caught.value.problems
+    assert any("[0].port: 70000" in p for p in problems)
+    assert any("[0].facility: required" in p for p in problems)
+    assert any("[1].colour: unknown key" in p for p in problems)
+    assert any("[1].port: expected" in p for p in problems)
+    assert any("[1].name: required" in p for p in problems)
+    assert astm_listeners_from(None) == ()
+
+
+def test_inbound_record_of_an_astm_message():
+    """format astm, type ASTM, received, no ACK, keyed by analyzer, facility and hash."""
+    item = inbound_for(MESSAGE, "100234")
+    assert (item.format, item.message_type, item.status.value, item.ack) == ("astm", "ASTM", "received", None)
+    assert item.sending_application == "XN-550" and item.sending_facility == "100234"
+    assert item.control_id.startswith("sha256:") and item.raw == MESSAGE
+    garbage = inbound_for(b"\x00junk", "100234")  # kept as received; translation reports it
+    assert garbage.raw == b"\x00junk" and garbage.sending_application == ""
+
+
+def _send_transfer(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        answers = b""
+        sock.sendall(ENQ)
+        answers += sock.recv(1)
+        for part in frames(data):
+            sock.sendall(part)
+            answers += sock.recv(1)
+        sock.sendall(EOT)
+        return answers
+
+
+@pytest_twisted.inlineCallbacks
+def test_real_socket_into_a_real_store(db_url):
+    """An analyzer's transfer over TCP is stored once per message, raw, as format astm."""
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    writer = IngestWriter(engine, reactor.callFromThread, lambda item: None)
+    writer.start()
+    config = AstmListenerConfig("astm-lab", 0, "100234")
+    port = reactor.listenTCP(0, astm_listener_factory(config, writer, reactor), interface="127.0.0.1")
+    try:
+        second = MESSAGE.replace(b"PAT-1", b"PAT-2")
+        answers = yield threads.deferToThread(_send_transfer, port.getHost().port, MESSAGE + second)
+        assert answers == ACK * 11
+        rows = []
+        deadline = time.monotonic() + 10
+        while len(rows) < 2 and time.monotonic() < deadline:
+            yield deferLater(reactor, 0.05, lambda: None)
+            with engine.connect() as conn:
+                rows = conn.execute(text(
+                    "SELECT raw, format, message_type, status, ack, sending_application, "
+                    "sending_facility, sender_id, listener FROM messages ORDER BY id")).all()
+        assert [bytes(row.raw) for row in rows] == [MESSAGE, second]
+        for row in rows:
+            assert (row.format, row.message_type, row.status, row.ack) == ("astm", "ASTM", "received", None)
+            assert (row.sending_application, row.sending_facility, row.sender_id, row.listener) == \
+                ("XN-550", "100234", "100234", "astm-lab")
+    finally:
+        yield port.stopListening()
+        writer.stop()
+        engine.dispose()
