@@ -74,6 +74,9 @@ class MllpListenerConfig:
     # Accept messages from senders not in the facility registry (development only).
     accept_unknown_senders: bool = False
     processing_ids: tuple[str, ...] = ("P", "T", "D")  # MSH-11 values accepted
+    # When the ACK leaves: once the message is stored (`commit`), or once it is also
+    # translated (`translation`: a translation failure is answered AE/CE with an ERR).
+    ack_after: str = "commit"
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,14 @@ class SenderConfig:
     facilities: tuple[str, ...] = ()  # MSH-4 values it uses
     charset_fallback: str | None = None  # Python codec tried when MSH-18 is wrong, e.g. cp1256
     timezone: str = "Africa/Casablanca"
+    # HL7 conformance validation (hl7apy, strict) before translation: off, warn (problems
+    # stored as warnings of the translation) or reject (the translation fails).
+    validation: str = "off"
 
+
+@dataclass(frozen=True)
+class MappingsConfig:
+    directory: str = "mappings"  # the mapping set; relative to the project root
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -98,8 +108,16 @@ class GatewayConfig:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     mllp: tuple[MllpListenerConfig, ...] = ()
     senders: tuple[SenderConfig, ...] = ()
+    # The mapping set; None (no `mappings:` section) runs ingest only: messages stay 'received'.
+    mappings: MappingsConfig | None = None
     node_name: str = "gateway-1"
     log_level: str = "info"
+    # Where `gateway run` writes its process id, for `gateway mappings reload` (SIGHUP).
+    pid_file: str = "var/gateway.pid"
+
+    def resolve(self, path: str) -> str:
+        """`path` from the files, made absolute against the project root."""
+        return os.path.normpath(os.path.join(self.root, path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +299,18 @@ def _one_of(*choices: str) -> Check:
     return _scalar(one_of)
 
 
+def _validation_level(value: Any) -> str:
+    # YAML 1.1 reads a bare `off` as false.
+    if value is False:
+        return "off"
+    if value in ("off", "warn", "reject"):
+        return value
+    raise _Invalid("must be one of off, warn, reject", _did_you_mean(value, ("off", "warn", "reject")))
+
+
+_validation = _scalar(_validation_level)
+
+
 def _ip_address(value: Any) -> str:
     try:
         ipaddress.ip_address(value if isinstance(value, str) else "")
@@ -433,6 +463,7 @@ _SENDER = _record(
     facilities=_list_of(_TEXT),
     charset_fallback=_scalar(_codec),
     timezone=_scalar(_timezone),
+    validation=_validation,
 )
 
 _FACILITY_REGISTRY = _mapping(("facilities",), facilities=_list_of(_SENDER, unique=("id",)))
@@ -468,6 +499,7 @@ _MLLP_LISTENER = _record(
     allow_sources=_list_of(_scalar(_cidr)),
     accept_unknown_senders=_BOOLEAN,
     processing_ids=_list_of(_one_of("P", "T", "D")),
+    ack_after=_one_of("commit", "translation"),
 )
 
 _GATEWAY = _mapping(
@@ -480,6 +512,8 @@ _GATEWAY = _mapping(
     identity=_record(IdentityConfig, application=_TEXT, facility=_TEXT),
     listeners=_mapping(mllp=_list_of(_MLLP_LISTENER, unique=("name", "port"))),
     facilities=_facility_registry,
+    mappings=_record(MappingsConfig, directory=_TEXT),
+    pid_file=_TEXT,
 )
 
 
@@ -521,6 +555,11 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
     except OSError as e:
         raise ConfigError([f"{_display(path)}: cannot read: {e.strerror}"]) from None
     values = _GATEWAY(reader, node, "") if node is not _INVALID else _INVALID
+    if values is not _INVALID and "mappings" not in values:
+        for index, listener in enumerate(values.get("listeners", {}).get("mllp", ())):
+            if listener.ack_after == "translation":
+                reader.problems.append(f"{_display(path)}: listeners.mllp[{index}].ack_after: "
+                                       "translation needs a mappings: section")
     if reader.problems:
         raise ConfigError(reader.problems)
 
@@ -531,7 +570,11 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
         "senders": values.get("facilities"),
         "node_name": values.get("node", {}).get("name"),
         "log_level": values.get("log_level"),
+        "pid_file": values.get("pid_file"),
     }
+    if "mappings" in values:
+        optional["mappings"] = replace(values["mappings"],
+                                       directory=_absolute_path(values["mappings"].directory, root))
     return GatewayConfig(
         path=path,
         root=root,

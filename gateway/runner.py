@@ -1,7 +1,10 @@
-"""`gateway run`: logging, the reactor, the service tree, and an orderly stop on SIGTERM/SIGINT."""
+"""`gateway run`: logging, the reactor, the service tree, an orderly stop on SIGTERM/SIGINT,
+the pid file, and a mapping reload on SIGHUP (`gateway mappings reload` sends it)."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 
 from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
@@ -36,11 +39,49 @@ def run(config: GatewayConfig) -> int:
     service = build_service(config, reactor)
     try:
         service.startService()
-    except Exception as error:  # a port in use, an unreadable certificate, an unreachable database
+    except Exception as error:  # a port in use, an unreadable certificate, an unreachable
+        # database, a broken mapping set (MappingErrors lists every problem)
         print(f"gateway: cannot start: {error}", file=sys.stderr)
+        _stop_started(service)
         return 1
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    pid_file = config.resolve(config.pid_file)
+    write_pid_file(pid_file)
+    reactor.addSystemEventTrigger("after", "shutdown", remove_pid_file, pid_file)
+    if config.mappings is not None:
+        translation = service.getServiceNamed("translation")
+        # The handler runs between bytecodes of the reactor thread: hand the work to the reactor.
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(translation.reload))
+    else:
+        log.warn("no mappings configured: messages are stored and acknowledged, not translated")
     listeners = ", ".join(f"{l.name} {l.interface}:{l.port}{' (TLS)' if l.tls else ''}" for l in config.mllp)
     log.info("gateway {node} ready: {listeners}", node=config.node_name, listeners=listeners)
     reactor.run()
     return 0
+
+
+def _stop_started(service) -> None:
+    """Stop the children that did start (their threads would keep the process alive)."""
+    for child in reversed(list(service)):
+        if child.running:
+            try:
+                child.stopService()
+            except Exception:  # already failing; the first error was reported
+                pass
+
+
+def write_pid_file(path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="ascii") as handle:
+        handle.write(f"{os.getpid()}\n")
+
+
+def remove_pid_file(path: str) -> None:
+    """Remove the pid file if it is still ours (another process may have replaced it)."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            if handle.read().strip() != str(os.getpid()):
+                return
+        os.remove(path)
+    except OSError:
+        pass

@@ -1,7 +1,8 @@
 """The gateway's service tree, built in one function and started in order: the database
-(schema migrated), the ingest writer, then the listeners, so that nothing is accepted before
-it can be stored. Stopping runs in reverse: listeners close, the writer commits what it holds,
-the database closes last.
+(schema migrated), the ingest writer, the translation service (mapping set loaded, worker
+started, untranslated messages swept), then the listeners, so that nothing is accepted before
+it can be stored and translated. Stopping runs in reverse: listeners close, the translation
+worker stores what it holds, the writer commits what it holds, the database closes last.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from gateway.ingest.pipeline import IngestPipeline
 from gateway.store.database import Database, create_gateway_engine, migrate
 from gateway.store.ingest_writer import IngestWriter
 from gateway.tls import server_tls_options
+from gateway.translation.service import TranslationService
 
 
 class StoreService(Service):
@@ -53,12 +55,17 @@ def build_service(config: GatewayConfig, reactor) -> MultiService:
     root = MultiService()
     store = StoreService(config, reactor)
     store.setServiceParent(root)
+    translation = None
+    if config.mappings is not None:
+        translation = TranslationService(config, store.engine, reactor)
+        translation.setServiceParent(root)
     senders = SenderDirectory(config.senders)
     for listener in config.mllp:
         inspector = Inspector(store.builder, IngestPolicy(
             listener.name, frozenset(p.encode("ascii") for p in listener.processing_ids),
             listener.accept_unknown_senders, senders))
-        pipeline = IngestPipeline(inspector, store.writer)
+        pipeline = IngestPipeline(inspector, store.writer, translation=translation,
+                                  ack_after_translation=listener.ack_after == "translation")
         factory = MllpServerFactory(pipeline, MllpSettings(
             listener.name, listener.max_frame_size, listener.idle_timeout, listener.frame_timeout,
             listener.commit_blocks), reactor, source_filter(listener.allow_sources))

@@ -11,9 +11,13 @@ from adapters.hl7v2.header import MessageHeader
 
 
 class MessageStatus(str, Enum):
+    """received -> translated | failed; rejected and ignored are final."""
+
     RECEIVED = "received"  # stored and acknowledged; waiting for translation
     REJECTED = "rejected"  # answered with a negative ACK; raw bytes kept with the reason
     IGNORED = "ignored"  # an acknowledgement sent to us: stored, never acknowledged
+    TRANSLATED = "translated"  # received, then translated into a canonical bundle
+    FAILED = "failed"  # received, but the translation failed (see its translation row)
 
 
 @dataclass(slots=True)
@@ -42,6 +46,7 @@ class Inbound:
     header: MessageHeader | None = None  # kept in memory to answer a reused control id
     # Set by the store: a re-sent message gets the stored ACK and is not stored again.
     duplicate: bool = False
+    format: str = "hl7v2"  # the input format (gateway.translation.inputs.FORMATS)
 
     @property
     def deduplicated(self) -> bool:

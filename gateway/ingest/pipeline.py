@@ -1,6 +1,11 @@
 """Ingest: inspect a frame, store it with group commit, then answer. In that order: a positive
 ACK leaves only after the raw bytes and their metadata are committed.
 
+After the commit, the accepted messages go to translation. By default the answer does not wait
+for it; a listener with `ack_after: translation` answers once the translation is stored, with
+AE/CE and an ERR when it failed (that ACK is stored in place of the first, so a re-sent
+message gets the same answer).
+
 If the store fails, nothing was stored and the sender is told to send again (AE/CE, ERR-3
 207, ERR-5 STORE_UNAVAILABLE); the frame is logged by size and hash, never by content.
 """
@@ -9,14 +14,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from typing import Callable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Callable
 
 from adapters.hl7v2.ack import ErrorDetail
 from adapters.hl7v2.codes import AppErrorCode, ErrorCondition, Outcome
 from adapters.hl7v2.header import Location, enhanced_mode
 from adapters.mllp.protocol import Answer, ConnectionInfo
 from gateway.ingest.inspect import FieldView, FrameResult, Inspector
+from gateway.ingest.model import Inbound
 from gateway.store.ingest_writer import IngestJob, IngestWriter
+from gateway.store.translations import Pending, TranslationRecord
+
+if TYPE_CHECKING:
+    from gateway.translation.service import TranslationService
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +35,13 @@ log = logging.getLogger(__name__)
 class IngestPipeline:
     """The frame handler of one listener (its own Inspector, the shared writer)."""
 
-    def __init__(self, inspector: Inspector, writer: IngestWriter, now: Callable[[], float] = time.time):
+    def __init__(self, inspector: Inspector, writer: IngestWriter, now: Callable[[], float] = time.time,
+                 translation: "TranslationService | None" = None, ack_after_translation: bool = False):
         self.inspector = inspector
         self.writer = writer
         self.now = now
+        self.translation = translation
+        self.ack_after_translation = ack_after_translation and translation is not None
 
     def frame_received(self, payload: bytes, connection: ConnectionInfo,
                        reply: Callable[[Answer], None]) -> None:
@@ -41,15 +55,57 @@ class IngestPipeline:
                reply: Callable[[Answer], None]) -> None:
         builder = self.inspector.builder
 
-        def done(_job: IngestJob, error: Exception | None) -> None:
+        def done(job: IngestJob, error: Exception | None) -> None:
             if error is None:
-                reply(Answer(True, result.response(builder)))
+                pending = self._to_translate(job)
+                if not pending:
+                    reply(Answer(True, result.response(builder)))
+                elif self.ack_after_translation:
+                    # Whatever the translation's fate, the items' ACKs are then the stored ones.
+                    self._translate(pending, lambda _job: reply(Answer(True, result.response(builder))),
+                                    self._failure_ack)
+                else:
+                    reply(Answer(True, result.response(builder)))
+                    self._translate(pending)
             else:
                 log.error("frame of %d bytes (sha256 %s) from %s not stored; answered AE/CE",
                           len(payload), hashlib.sha256(payload).hexdigest()[:16], connection.peer)
                 reply(Answer(False, self._not_stored(payload)))
 
         self.writer.submit(IngestJob(result.items, connection.listener, connection.peer, self.now(), done))
+
+    def _to_translate(self, job: IngestJob) -> list[Pending]:
+        """The newly stored accepted messages of a committed job (not duplicates, not refusals)."""
+        if self.translation is None:
+            return []
+        received_at = None
+        pending = []
+        for item in job.items:
+            if item.deduplicated and not item.duplicate:
+                received_at = received_at or datetime.fromtimestamp(job.received_at, timezone.utc)
+                pending.append(Pending(None, (item.sending_application, item.sending_facility,
+                                              item.control_id), item.raw, item.codec, item.format,
+                                       item.sender_id, received_at, item.message_type, item))
+        return pending
+
+    def _translate(self, pending: list[Pending], done=None, on_failure=None) -> None:
+        from gateway.translation.service import TranslationJob
+
+        self.translation.submit(TranslationJob(pending, done, on_failure))
+
+    def _failure_ack(self, pending: Pending, record: TranslationRecord) -> bytes | None:
+        """The AE/CE answering a failed translation (in the worker thread, before the commit
+        that stores it); None when MSH-15 wants no negative ACK."""
+        from gateway.translation.translator import error_detail
+
+        item: Inbound = pending.context
+        header = item.header
+        if header is None or not Inspector._wants_ack(header, False):
+            item.ack = None
+            return None
+        item.ack = self.inspector.builder.build(header, Outcome.ERROR, header.enhanced_mode,
+                                                error_detail(record))
+        return item.ack
 
     def _not_stored(self, payload: bytes) -> bytes:
         view = FieldView.of(payload)

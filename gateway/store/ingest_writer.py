@@ -208,7 +208,7 @@ class IngestWriter:
                 _ack_code(it.ack), it.ack,
                 error.condition.value if error else None,
                 "^".join(error.location.components()) if error else None,
-                error.reason if error else None,
+                error.reason if error else None, it.format,
             ))
         return rows
 

@@ -2,8 +2,8 @@
 `migrations/versions/` create exactly this; a test compares the two."""
 from __future__ import annotations
 
-from sqlalchemy import (BigInteger, Boolean, Column, DateTime, Index, Integer, LargeBinary,
-                        MetaData, String, Table, Text, text)
+from sqlalchemy import (BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer,
+                        LargeBinary, MetaData, String, Table, Text, text)
 
 metadata = MetaData()
 
@@ -39,6 +39,8 @@ messages = Table(
     Column("error_location", String(64)),
     Column("error_reason", Text),
     Column("duplicate_count", Integer, nullable=False, default=0, server_default=text("0")),
+    # The input format (gateway.translation.inputs.FORMATS); last, as migration 0002 adds it.
+    Column("format", String(16), nullable=False, server_default=text("'hl7v2'")),
 )
 
 # (MSH-3, MSH-4, MSH-10) identifies an accepted message; refusals may reuse it freely.
@@ -46,3 +48,18 @@ Index("ux_messages_control", messages.c.sending_application, messages.c.sending_
       messages.c.control_id, unique=True,
       sqlite_where=messages.c.accepted, postgresql_where=messages.c.accepted)
 Index("ix_messages_received_at", messages.c.received_at)
+
+# The translation of an accepted message into a canonical FHIR bundle: one row per message,
+# replaced when the message is translated again (replay, a second node, the start sweep).
+translations = Table(
+    "translations", metadata,
+    Column("message_id", Id, ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True),
+    Column("status", String(16), nullable=False),  # translated | failed
+    Column("mapping_version", String(64)),  # MappingSet.version that made it
+    Column("translated_at", DateTime(timezone=True), nullable=False),
+    Column("bundle", Text),  # the Bundle as JSON text (translated)
+    Column("error_code", Integer),  # HL7 table 0357 (failed)
+    Column("error_location", String(64)),  # ERR-2 style location, or a mapping key
+    Column("error_reason", Text),
+    Column("warnings", Text),  # JSON list of strings
+)

@@ -1,0 +1,187 @@
+"""The translation store: reading messages to translate and writing their translations.
+
+Functions take a connection (one transaction, the caller's) and plain data. Writing is an
+upsert keyed by the message id: translation is deterministic, so the same message translated
+twice (by two nodes, by the start sweep and the live path, by a replay) leaves one row, the
+last. A message's status only moves between received, translated and failed: a refusal or
+an ignored ACK is never touched.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from sqlalchemy import Connection, bindparam, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from gateway.ingest.model import MessageStatus
+from gateway.store.schema import messages, translations
+
+# Statuses a translation may move a message between.
+TRANSLATABLE = (MessageStatus.RECEIVED.value, MessageStatus.TRANSLATED.value,
+                MessageStatus.FAILED.value)
+
+_KEY_SQL = text("SELECT id FROM messages WHERE accepted AND sending_application = :application "
+                "AND sending_facility = :facility AND control_id = :control_id")
+
+
+@dataclass(slots=True)
+class Pending:
+    """A stored message to translate: by id (sweep, replay) or by its key (the live path,
+    where the ingest writer's insert gave no id)."""
+
+    message_id: int | None
+    key: tuple[str, str, str] | None  # (MSH-3, MSH-4, MSH-10) of an accepted message
+    raw: bytes
+    codec: str | None
+    format: str
+    sender_id: str | None
+    received_at: datetime
+    message_type: str | None = None
+    context: Any = None  # the caller's own (the Inbound being answered)
+
+
+@dataclass(slots=True)
+class TranslationRecord:
+    """The outcome of one translation, as stored."""
+
+    status: str  # translated | failed
+    mapping_version: str | None
+    bundle: dict | None = None
+    error_code: int | None = None
+    error_location: str | None = None
+    error_reason: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    ack: bytes | None = None  # a new ACK to store (ack_after: translation), else None
+
+    @property
+    def failed(self) -> bool:
+        return self.status == MessageStatus.FAILED.value
+
+
+@dataclass(frozen=True)
+class StoredTranslation:
+    message_id: int
+    status: str
+    mapping_version: str | None
+    translated_at: str  # ISO 8601, UTC
+    bundle: dict | None
+    error_code: int | None
+    error_location: str | None
+    error_reason: str | None
+    warnings: list[str]
+
+    def as_dict(self) -> dict:
+        return {"translation_status": self.status, "mapping_version": self.mapping_version,
+                "translated_at": self.translated_at, "translation_error_code": self.error_code,
+                "translation_error_location": self.error_location,
+                "translation_error_reason": self.error_reason,
+                "translation_warnings": self.warnings, "bundle": self.bundle}
+
+
+_PENDING_COLUMNS = (messages.c.id, messages.c.raw, messages.c.codec, messages.c.format,
+                    messages.c.sender_id, messages.c.received_at, messages.c.message_type)
+
+
+def _pending(row) -> Pending:
+    return Pending(row.id, None, bytes(row.raw), row.codec, row.format or "hl7v2", row.sender_id,
+                   utc(row.received_at), row.message_type)
+
+
+def pending_messages(connection: Connection, after_id: int = 0, limit: int = 256,
+                     status: str = MessageStatus.RECEIVED.value) -> list[Pending]:
+    """Messages of `status` with an id above `after_id`, oldest first, at most `limit`."""
+    query = (select(*_PENDING_COLUMNS).where(messages.c.status == status, messages.c.id > after_id)
+             .order_by(messages.c.id).limit(limit))
+    return [_pending(row) for row in connection.execute(query)]
+
+
+def messages_by_id(connection: Connection, ids: Iterable[int]) -> list[Pending]:
+    """The translatable messages among `ids` (received, translated or failed), by id."""
+    ids = list(ids)
+    if not ids:
+        return []
+    query = (select(*_PENDING_COLUMNS).where(messages.c.id.in_(ids),
+                                              messages.c.status.in_(TRANSLATABLE))
+             .order_by(messages.c.id))
+    return [_pending(row) for row in connection.execute(query)]
+
+
+def save_translations(connection: Connection, results: list[tuple[Pending, TranslationRecord]],
+                      now: datetime | None = None) -> int:
+    """Upsert the translation rows, move the messages' statuses (and ACKs, where a new one was
+    sent); returns how many were written. Messages found by key get their id set."""
+    now = now or datetime.now(timezone.utc)
+    rows, statuses, acks = [], [], []
+    for pending, record in results:
+        if pending.message_id is None and pending.key is not None:
+            application, facility, control_id = pending.key
+            pending.message_id = connection.execute(_KEY_SQL, {
+                "application": application, "facility": facility, "control_id": control_id}).scalar()
+        if pending.message_id is None:
+            continue  # not stored under that key (cannot happen after a commit; be safe)
+        rows.append({
+            "message_id": pending.message_id, "status": record.status,
+            "mapping_version": record.mapping_version, "translated_at": now,
+            "bundle": (json.dumps(record.bundle, ensure_ascii=False, separators=(",", ":"))
+                       if record.bundle is not None else None),
+            "error_code": record.error_code, "error_location": record.error_location,
+            "error_reason": record.error_reason,
+            "warnings": json.dumps(record.warnings, ensure_ascii=False) if record.warnings else None,
+        })
+        statuses.append({"b_id": pending.message_id, "b_status": record.status})
+        if record.ack is not None:
+            acks.append({"b_id": pending.message_id, "b_ack": record.ack, "b_code": _ack_code(record.ack)})
+    if not rows:
+        return 0
+    connection.execute(_upsert(connection), rows)
+    connection.execute(
+        update(messages).where(messages.c.id == bindparam("b_id"),
+                               messages.c.status.in_(TRANSLATABLE))
+        .values(status=bindparam("b_status")), statuses)
+    if acks:
+        connection.execute(update(messages).where(messages.c.id == bindparam("b_id"))
+                           .values(ack=bindparam("b_ack"), ack_code=bindparam("b_code")), acks)
+    return len(rows)
+
+
+def _upsert(connection: Connection):
+    insert = (postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert)(translations)
+    columns = [c.name for c in translations.columns if c.name != "message_id"]
+    return insert.on_conflict_do_update(index_elements=[translations.c.message_id],
+                                        set_={name: insert.excluded[name] for name in columns})
+
+
+def get_translation(connection: Connection, message_id: int) -> StoredTranslation | None:
+    row = connection.execute(select(translations).where(translations.c.message_id == message_id)).first()
+    if row is None:
+        return None
+    return StoredTranslation(row.message_id, row.status, row.mapping_version,
+                             utc(row.translated_at).isoformat(),
+                             json.loads(row.bundle) if row.bundle else None, row.error_code,
+                             row.error_location, row.error_reason,
+                             json.loads(row.warnings) if row.warnings else [])
+
+
+def message_ids(connection: Connection, status: str, limit: int | None = None) -> list[int]:
+    """Ids of the messages of `status`, oldest first."""
+    query = select(messages.c.id).where(messages.c.status == status).order_by(messages.c.id)
+    if limit:
+        query = query.limit(limit)
+    return list(connection.execute(query).scalars())
+
+
+def utc(value: datetime) -> datetime:
+    """A stored timestamp as an aware UTC datetime (SQLite keeps UTC without its offset)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def _ack_code(ack: bytes) -> str | None:
+    from adapters.hl7v2.ack import ack_code_of
+
+    code = ack_code_of(ack)
+    return code.value if code else None

@@ -1,0 +1,284 @@
+"""Translation after ingest: a dedicated worker thread turns stored messages into canonical
+FHIR bundles and stores them, off the ACK path unless a listener asks for `ack_after:
+translation`.
+
+    ingest commit --(accepted messages)--> queue --> worker: translate a batch, then one
+    transaction: upsert translations rows, messages.status received -> translated | failed
+
+- The live path hands over messages already in memory (no read); by key, since the ingest
+  writer's insert gives no id.
+- The sweep reads messages still 'received' (a crash, a full queue, a database outage) and
+  translates them: at start, and whenever the live path lost something. Live jobs go first,
+  between the sweep's batches, so that an ACK waiting for translation is not held behind a
+  backlog.
+- Translation is deterministic and the write an upsert: a message translated twice (two
+  nodes on one PostgreSQL, sweep and live path) is harmless.
+- Reload (SIGHUP, `gateway mappings reload`) reads the set in a thread and swaps it whole; a
+  broken set is refused, every problem logged, the old set kept.
+
+The worker never touches the reactor: `deliver(function, *args)` (callFromThread) is given.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from sqlalchemy import Engine
+from twisted.application.service import Service
+
+from gateway.config import GatewayConfig
+from gateway.mapping.mapping_set import MappingSet
+from gateway.mapping.source import MappingErrors
+from gateway.store.translations import (Pending, TranslationRecord, pending_messages,
+                                        save_translations)
+from gateway.translation.translator import Translator
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+IDLE_CHECK = 5.0  # seconds: how often an idle worker retries a sweep the live path asked for
+
+
+@dataclass(slots=True)
+class TranslationJob:
+    """Messages to translate together; `done(job)` runs on the reactor thread once they are
+    stored (or, with `error` set, could not be)."""
+
+    items: list[Pending]
+    done: Callable[["TranslationJob"], None] | None = None
+    # Called in the worker for each failed translation, before the commit: a new ACK to
+    # store with it (ack_after: translation), or None to keep the stored one.
+    on_failure: Callable[[Pending, TranslationRecord], bytes | None] | None = None
+    results: list[TranslationRecord] = field(default_factory=list)
+    error: Exception | None = None
+
+
+class TranslationWorker:
+    def __init__(self, engine: Engine, translator: Translator, deliver: Callable,
+                 max_batch: int = 256, max_queued: int = 10_000):
+        self.engine = engine
+        self.translator = translator
+        self.deliver = deliver
+        self.max_batch = max_batch
+        self.max_queued = max_queued  # jobs nobody waits for; beyond, left to the sweep
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._sweep = threading.Event()
+        self.translated = 0
+        self.failed = 0
+        self.commits = 0
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self, sweep: bool = True) -> None:
+        if sweep:
+            self._sweep.set()
+        self._thread = threading.Thread(target=self._run, name="translation-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Translate and store what is queued, then stop (a sweep in progress is left)."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, job: TranslationJob) -> None:
+        """Queue a job (any thread). A job nobody waits for is dropped when the queue is full:
+        its messages stay 'received' and the sweep takes them."""
+        if self._thread is None:
+            self._sweep.set()
+            if job.done is not None:
+                job.error = RuntimeError("translation is stopped")
+                self.deliver(job.done, job)
+            return
+        if job.done is None and self._queue.qsize() >= self.max_queued:
+            self._sweep.set()
+            return
+        self._queue.put(job)
+
+    def request_sweep(self) -> None:
+        self._sweep.set()
+
+    # -- the thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        after_id = 0
+        while True:
+            sweeping = self._sweep.is_set()
+            try:
+                job = self._queue.get_nowait() if sweeping else self._queue.get(timeout=IDLE_CHECK)
+            except queue.Empty:
+                job = None
+            if job is _STOP:
+                break
+            if job is not None:
+                jobs, stop = self._gather(job)
+                self._process(jobs)
+                if stop:
+                    break
+                continue
+            if sweeping:
+                after_id = self._sweep_batch(after_id)
+                if after_id == 0:
+                    self._sweep.clear()
+
+    def _gather(self, job: TranslationJob) -> tuple[list[TranslationJob], bool]:
+        jobs, count = [job], len(job.items)
+        while count < self.max_batch:
+            try:
+                more = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if more is _STOP:
+                return jobs, True
+            jobs.append(more)
+            count += len(more.items)
+        return jobs, False
+
+    def _process(self, jobs: list[TranslationJob]) -> None:
+        results = []
+        for job in jobs:
+            job.results = [self._translate(item) for item in job.items]
+            for item, record in zip(job.items, job.results):
+                if record.failed and job.on_failure is not None:
+                    record.ack = job.on_failure(item, record)
+                results.append((item, record))
+        try:
+            self._store(results)
+        except Exception as error:  # the database is down: the sweep retries later
+            log.error("storing %d translations failed: %s", len(results), error)
+            self._sweep.set()
+            for job in jobs:
+                job.error = error
+        for job in jobs:
+            if job.done is not None:
+                self.deliver(job.done, job)
+
+    def _sweep_batch(self, after_id: int) -> int:
+        """Translate the next batch of 'received' messages; the last id, or 0 when done."""
+        try:
+            with self.engine.connect() as connection:
+                batch = pending_messages(connection, after_id, self.max_batch)
+            if not batch:
+                return 0
+            self._store([(item, self._translate(item)) for item in batch])
+            log.info("sweep: translated %d stored messages (ids %d to %d)", len(batch),
+                     batch[0].message_id, batch[-1].message_id)
+            return batch[-1].message_id
+        except Exception as error:
+            log.error("sweep of untranslated messages failed: %s; retrying in %.0f s", error, IDLE_CHECK)
+            self._queue_wait(IDLE_CHECK)
+            return after_id
+
+    def _queue_wait(self, seconds: float) -> None:
+        """Sleep, but wake for a live job (put back for the main loop)."""
+        try:
+            job = self._queue.get(timeout=seconds)
+        except queue.Empty:
+            return
+        self._queue.put(job)
+
+    def _translate(self, item: Pending) -> TranslationRecord:
+        record = self.translator.translate(item)
+        if record.failed:
+            self.failed += 1
+            log.info("message %s (%s) not translated: %s at %s", _name(item), item.message_type,
+                     _condition_text(record), record.error_location or "-")
+        else:
+            self.translated += 1
+        return record
+
+    def _store(self, results: list[tuple[Pending, TranslationRecord]]) -> None:
+        if not results:
+            return
+        with self.engine.begin() as connection:
+            save_translations(connection, results, datetime.now(timezone.utc))
+        self.commits += 1
+
+
+def _name(item: Pending) -> str:
+    """How a message is named in logs: its id, or its control id (never content)."""
+    if item.message_id is not None:
+        return f"#{item.message_id}"
+    return f"control id {item.key[2]!r}" if item.key else "?"
+
+
+def _condition_text(record: TranslationRecord) -> str:
+    return f"error {record.error_code}"
+
+
+class TranslationService(Service):
+    """The mapping set, the translator and its worker; started after the store, before the
+    listeners, so that the first message has a translator."""
+
+    name = "translation"
+
+    def __init__(self, config: GatewayConfig, engine: Engine, reactor, max_batch: int = 256):
+        self.config = config
+        self.engine = engine
+        self.reactor = reactor
+        self.directory = Path(config.resolve(config.mappings.directory))
+        self.max_batch = max_batch
+        self.translator: Translator | None = None
+        self.worker: TranslationWorker | None = None
+
+    @property
+    def mappings(self) -> MappingSet | None:
+        return self.translator.mappings if self.translator else None
+
+    def startService(self) -> None:
+        # A broken set stops the start (MappingErrors lists every problem).
+        mappings = MappingSet.load(self.directory)
+        log.info("mapping set %s loaded from %s (%d files)", mappings.version, self.directory,
+                 mappings.files)
+        self.translator = Translator(mappings, self.config.senders)
+        self.worker = TranslationWorker(self.engine, self.translator, self.reactor.callFromThread,
+                                        self.max_batch)
+        self.worker.start(sweep=True)
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        if self.worker is not None:
+            self.worker.stop()
+
+    def submit(self, job: TranslationJob) -> None:
+        self.worker.submit(job)
+
+    def reload(self):
+        """Read the mapping set again (in a thread) and use it if valid; a Deferred firing
+        with True when it was replaced, False when refused."""
+        from twisted.internet.threads import deferToThreadPool
+
+        d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), MappingSet.load, self.directory)
+
+        def loaded(mappings: MappingSet) -> bool:
+            old = self.translator.mappings
+            self.translator.mappings = mappings
+            log.info("mapping set reloaded: %s -> %s (%d files)", old.version, mappings.version,
+                     mappings.files)
+            return True
+
+        def refused(failure) -> bool:
+            error = failure.value
+            problems = getattr(error, "problems", None)
+            if isinstance(error, MappingErrors) and problems:
+                log.error("mapping set in %s refused (%d problems); keeping %s", self.directory,
+                          len(problems), self.translator.mappings.version)
+                for problem in problems:
+                    log.error("  %s", problem)
+            else:
+                log.error("mapping set in %s refused: %s; keeping %s", self.directory, error,
+                          self.translator.mappings.version)
+            return False
+
+        d.addCallbacks(loaded, refused)
+        return d

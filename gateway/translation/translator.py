@@ -1,0 +1,116 @@
+"""One stored message in, one translation record out: reading the input, optional conformance
+validation, and the mapping set. Pure code: no reactor, no database, no logging of content.
+
+The mapping set is held in one attribute, replaced whole on reload, and read once per
+message, so a reload never mixes two sets inside one translation.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Iterable
+from zoneinfo import ZoneInfo
+
+from adapters.hl7v2.ack import ErrorDetail
+from adapters.hl7v2.codes import ErrorCondition
+from adapters.hl7v2.header import Location
+from gateway.config import SenderConfig
+from gateway.ingest.model import MessageStatus
+from gateway.mapping.mapping_set import MappingSet
+from gateway.mapping.runtime import TranslationContext, TranslationError
+from gateway.store.translations import Pending, TranslationRecord
+from gateway.translation import conformance
+from gateway.translation.inputs import InputError, read_input
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEZONE = "Africa/Casablanca"
+
+# 'PID[1]-7', 'OBX[2]-5.1', 'MSH[1]-9': the segment locations a TranslationError names.
+_SEGMENT_LOCATION = re.compile(r"^([A-Z][A-Z0-9]{2})\[(\d+)\](?:-(\d+)(?:\.(\d+))?)?$")
+# 'MSH^1^18', 'PID^1^3^1^4': ERL components, as inputs.InputError gives them.
+_ERL_LOCATION = re.compile(r"^([A-Z][A-Z0-9]{2})\^(\d+)(?:\^(\d+)(?:\^\d+\^(\d+))?)?$")
+
+
+class Translator:
+    def __init__(self, mappings: MappingSet, senders: Iterable[SenderConfig] = ()):
+        self.mappings = mappings
+        self.senders = {sender.id: sender for sender in senders}
+        self._zones: dict[str, ZoneInfo] = {}
+
+    def translate(self, pending: Pending) -> TranslationRecord:
+        """The translation of one message; never raises (a failure is a record)."""
+        mappings = self.mappings  # once: a reload may replace it meanwhile
+        sender = self.senders.get(pending.sender_id or "")
+        try:
+            parsed = read_input(pending.raw, (sender.charset_fallback if sender else None) or pending.codec,
+                                pending.format)
+        except InputError as error:
+            return _failed(mappings, ErrorCondition.DATA_TYPE_ERROR, error.location, error.reason)
+        warnings: list[str] = []
+        if sender is not None and sender.validation != "off":
+            problem = conformance.check(parsed.message)
+            if problem is not None:
+                if sender.validation == "reject":
+                    return _failed(mappings, problem.condition, "", problem.reason)
+                warnings.append(problem.reason)
+        sender_id = sender.id if sender else ""
+        context = TranslationContext(
+            sender_id=sender_id, timezone=self._zone(sender.timezone if sender else DEFAULT_TIMEZONE),
+            received_at=pending.received_at,
+            message_key=f"{sender_id or parsed.sending_facility}|{parsed.control_id}",
+            control_id=parsed.control_id)
+        try:
+            translation = mappings.translate(parsed.message, context, parsed.message_type)
+        except TranslationError as error:
+            reason = error.reason + (f" (rule at {error.mapping})" if error.mapping else "")
+            return _failed(mappings, _condition_of(error), error.location, reason, warnings)
+        except Exception as error:  # a transform's bug must not stop the worker
+            log.error("translation of message %s failed inside the mapping engine: %s",
+                      pending.message_id or pending.key and pending.key[2], type(error).__name__)
+            log.debug("engine failure", exc_info=True)
+            return _failed(mappings, ErrorCondition.APPLICATION_INTERNAL_ERROR, "",
+                           f"internal error in the mapping engine ({type(error).__name__})", warnings)
+        return TranslationRecord(MessageStatus.TRANSLATED.value, translation.mapping_version,
+                                 translation.bundle, warnings=warnings + list(translation.warnings))
+
+    def _zone(self, name: str) -> ZoneInfo:
+        zone = self._zones.get(name)
+        if zone is None:
+            zone = self._zones[name] = ZoneInfo(name)
+        return zone
+
+
+def _failed(mappings: MappingSet, condition: ErrorCondition, location: str, reason: str,
+            warnings: list[str] | None = None) -> TranslationRecord:
+    return TranslationRecord(MessageStatus.FAILED.value, mappings.version, None, int(condition),
+                             location or None, reason, list(warnings or ()))
+
+
+def _condition_of(error: TranslationError) -> ErrorCondition:
+    """HL7 table 0357 for a translation failure: what the engine's rule tripped on."""
+    cause = error.__context__  # the engine raises `from None`, which keeps the context
+    if isinstance(cause, KeyError):
+        return ErrorCondition.TABLE_VALUE_NOT_FOUND  # a code missing from a strict table
+    if isinstance(cause, (ValueError, TypeError)):
+        return ErrorCondition.DATA_TYPE_ERROR  # a transform refused the value (a bad date)
+    if "is required and has no value" in error.reason:
+        return ErrorCondition.REQUIRED_FIELD_MISSING
+    return ErrorCondition.APPLICATION_INTERNAL_ERROR  # no map for the type, and the rest
+
+
+def location_of(text: str | None) -> Location:
+    """The ERR-2 location of a stored translation error; the MSH when it names no segment."""
+    for pattern in (_SEGMENT_LOCATION, _ERL_LOCATION):
+        match = pattern.match(text or "")
+        if match:
+            segment, sequence, field, component = match.groups()
+            return Location(segment, int(sequence), int(field or 0), int(component or 0))
+    return Location("MSH", 1)
+
+
+def error_detail(record: TranslationRecord) -> ErrorDetail:
+    """The ERR of the ACK that answers a failed translation."""
+    return ErrorDetail(ErrorCondition(record.error_code or ErrorCondition.APPLICATION_INTERNAL_ERROR),
+                       location_of(record.error_location),
+                       f"translation failed: {record.error_reason}")
