@@ -5,6 +5,9 @@
     gateway send --to HOST:PORT [--tls --cert C --key K --ca CA] FILE...
     gateway messages list [--json] [--limit N] [--status S] [--control-id ID]
     gateway messages show ID [--json]
+    gateway messages replay ID... | --status failed
+    gateway translate FILE... [--sender FACILITY]
+    gateway mappings check [--list] | test [--update] | export [--format csv] | reload
 
 The configuration is `-c FILE`, else $GATEWAY_CONFIG, else conf/gateway.yaml in the current
 directory or in the project the package was installed from.
@@ -73,6 +76,36 @@ def _parser() -> argparse.ArgumentParser:
     detail.add_argument("id", type=int)
     detail.add_argument("--json", action="store_true")
     detail.set_defaults(handler=_messages_show)
+    replay = messages.add_parser("replay", parents=[common],
+                                 help="translate stored messages again with the mappings on disk")
+    replay.add_argument("ids", type=int, nargs="*", metavar="ID")
+    replay.add_argument("--status", choices=("failed", "received", "translated"),
+                        help="every message of this status")
+    replay.add_argument("--mappings", metavar="DIR", help="mapping directory (default: mappings.directory)")
+    replay.set_defaults(handler=_messages_replay)
+
+    translate = commands.add_parser("translate", parents=[common],
+                                    help="print the canonical FHIR bundle of each file (nothing is sent)")
+    translate.add_argument("files", nargs="+", metavar="FILE")
+    translate.add_argument("--sender", metavar="FACILITY", help="registry id of the sending facility")
+    translate.add_argument("--mappings", metavar="DIR", help="mapping directory (default: mappings.directory)")
+    translate.set_defaults(handler=_translate)
+
+    mappings = commands.add_parser("mappings", help="the mapping set").add_subparsers(metavar="ACTION")
+    check = mappings.add_parser("check", parents=[common], help="validate every mapping file")
+    check.add_argument("--list", action="store_true",
+                       help="also list message types, maps, tables and transforms")
+    test = mappings.add_parser("test", parents=[common], help="run the golden cases of mappings/tests")
+    test.add_argument("--update", action="store_true", help="rewrite the expected outputs")
+    export = mappings.add_parser("export", parents=[common],
+                                 help="every map as rows of the v2-to-FHIR guide's tables")
+    export.add_argument("--format", choices=("text", "csv", "tsv"), default="text")
+    reload = mappings.add_parser("reload", parents=[common],
+                                 help="check the set, then make the running gateway reload it (SIGHUP)")
+    for action, handler in ((check, _mappings_check), (test, _mappings_test),
+                            (export, _mappings_export), (reload, _mappings_reload)):
+        action.add_argument("--mappings", metavar="DIR", help="mapping directory (default: mappings.directory)")
+        action.set_defaults(handler=handler)
     return parser
 
 
@@ -188,14 +221,248 @@ def _messages_show(args) -> int:
         print(f"no message {args.id}", file=sys.stderr)
         return 1
     data = detail.as_dict()
+    data.update(_translation_of(database, args.id))
     if args.json:
         print(json.dumps(data, ensure_ascii=False))
         return 0
-    text, ack = data.pop("text"), data.pop("ack")
+    text, ack, bundle = data.pop("text"), data.pop("ack"), data.pop("bundle", None)
     for key, value in data.items():
-        print(f"{key:>22}: {value}")
+        if key.startswith("translation_") and value in (None, []):
+            continue
+        print(f"{key:>26}: {value}")
     print("\n--- message" + (" (truncated)" if detail.truncated else "") + " ---")
     print(text.replace("\r", "\n").rstrip("\n"))
     print("\n--- ACK sent ---")
     print(ack.replace("\r", "\n").rstrip("\n") if ack else "(none)")
+    if bundle is not None:
+        print("\n--- FHIR bundle ---")
+        print(json.dumps(bundle, ensure_ascii=False, indent=2))
+    return 0
+
+
+def _translation_of(database, message_id: int) -> dict:
+    from gateway.store.translations import get_translation
+
+    stored = database.run_now(get_translation, message_id)
+    if stored is None:
+        return {"translation_status": None, "mapping_version": None, "bundle": None}
+    return stored.as_dict()
+
+
+# -- Translation ---------------------------------------------------------------------------
+
+
+def _mapping_directory(args, config: GatewayConfig) -> str:
+    if getattr(args, "mappings", None):
+        return os.path.abspath(args.mappings)
+    if config.mappings is not None:
+        return config.mappings.directory
+    return config.resolve("mappings")
+
+
+def _load_mappings(args, config: GatewayConfig):
+    """The mapping set, or None after printing every problem on stderr."""
+    from gateway.mapping.mapping_set import MappingSet
+    from gateway.mapping.source import MappingErrors
+
+    directory = _mapping_directory(args, config)
+    try:
+        return MappingSet.load(directory)
+    except MappingErrors as errors:
+        for problem in errors.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(errors.problems)} problem(s) in {directory}", file=sys.stderr)
+        return None
+
+
+def _translate(args) -> int:
+    from datetime import datetime, timezone
+
+    from gateway.store.translations import Pending
+    from gateway.translation.translator import Translator
+
+    config = load(args)
+    if args.sender and args.sender not in {sender.id for sender in config.senders}:
+        print(f"--sender {args.sender}: not in the facility registry", file=sys.stderr)
+        return 2
+    mappings = _load_mappings(args, config)
+    if mappings is None:
+        return 1
+    translator = Translator(mappings, config.senders)
+    failures = 0
+    for path in args.files:
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as error:
+            print(f"{path}: {error.strerror}", file=sys.stderr)
+            failures += 1
+            continue
+        record = translator.translate(Pending(None, None, data, None, None, args.sender,
+                                              datetime.now(timezone.utc)))
+        for warning in record.warnings:
+            print(f"{path}: warning: {warning}", file=sys.stderr)
+        if record.failed:
+            failures += 1
+            where = f"{record.error_location}: " if record.error_location else ""
+            print(f"{path}: {where}{record.error_reason} (HL7 error {record.error_code})", file=sys.stderr)
+            continue
+        print(json.dumps(record.bundle, ensure_ascii=False))
+    return 1 if failures else 0
+
+
+def _messages_replay(args) -> int:
+    from gateway.store.translations import message_ids, messages_by_id, save_translations
+    from gateway.translation.translator import Translator
+
+    if bool(args.ids) == bool(args.status):
+        print("give message ids or --status (failed, received or translated)", file=sys.stderr)
+        return 2
+    config = load(args)
+    mappings = _load_mappings(args, config)
+    if mappings is None:
+        return 1
+    database = _database(args)
+    ids = list(args.ids) or database.run_now(message_ids, args.status)
+    translator = Translator(mappings, config.senders)
+    failures = 0
+    for start in range(0, len(ids), 256):
+        chunk = ids[start:start + 256]
+        found = database.run_now(messages_by_id, chunk)
+        missing = sorted(set(chunk) - {item.message_id for item in found})
+        for message_id in missing:
+            print(f"{message_id}: no stored message that can be translated "
+                  "(refused and ignored messages cannot)", file=sys.stderr)
+        failures += len(missing)
+        results = [(item, translator.translate(item)) for item in found]
+        database.run_now(save_translations, results)
+        for item, record in results:
+            if record.failed:
+                failures += 1
+                where = f" {record.error_location}:" if record.error_location else ""
+                print(f"{item.message_id}: failed{where} {record.error_reason}")
+            else:
+                print(f"{item.message_id}: translated")
+    print(f"{len(ids) - failures} of {len(ids)} translated with mapping set {mappings.version}",
+          file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _mappings_check(args) -> int:
+    config = load(args)
+    mappings = _load_mappings(args, config)
+    if mappings is None:
+        return 1
+    directory = _mapping_directory(args, config)
+    if args.list:
+        from pathlib import Path
+
+        from gateway.mapping.transforms import load_all
+
+        root = Path(directory)
+        print("message types:")
+        for message_type in mappings.message_types():
+            print(f"  {message_type:<12} {mappings.message_map(message_type).name}")
+        for kind, title in (("messages", "message maps"), ("segments", "segment maps"),
+                            ("datatypes", "datatype maps"), ("tables", "tables")):
+            names = sorted(str(p.relative_to(root).with_suffix("")).replace(f"{kind}/", "", 1)
+                           for p in root.glob(f"**/{kind}/*.yaml")
+                           if "tests" not in p.relative_to(root).parts)
+            print(f"{title}:")
+            for name in names:
+                print(f"  {name}")
+        print("transforms:")
+        for name, transform in sorted(load_all().items()):
+            print(f"  {name:<20} {transform.description}")
+    print(f"mapping set {mappings.version}: {mappings.files} files, "
+          f"{len(mappings.message_types())} message types, OK")
+    return 0
+
+
+def _mappings_test(args) -> int:
+    from pathlib import Path
+
+    from gateway.mapping.golden import differences, find_cases, stable, translate_case, write_expected
+    from gateway.mapping.validation import bundle_problems
+
+    config = load(args)
+    mappings = _load_mappings(args, config)
+    if mappings is None:
+        return 1
+    root = Path(_mapping_directory(args, config)) / "tests"
+    cases = find_cases(root) if root.is_dir() else []
+    failed = 0
+    for case in cases:
+        name = case.relative_to(root)
+        try:
+            if args.update:
+                print(f"wrote {write_expected(mappings, case).relative_to(root)}")
+                continue
+            bundle = translate_case(mappings, case).bundle
+            actual = stable(bundle)
+        except Exception as error:  # TranslationError, InputError: the case fails with its reason
+            failed += 1
+            print(f"FAIL {name}: {error}")
+            continue
+        expected_path = case.with_suffix(".json")
+        if not expected_path.exists():
+            problems = [f"no expected output {expected_path.name} (run with --update)"]
+        else:
+            expected = stable(json.loads(expected_path.read_text(encoding="utf-8")))
+            problems = list(differences(expected, actual))
+        problems += [f"FHIR: {problem}" for problem in bundle_problems(bundle)]
+        if problems:
+            failed += 1
+            print(f"FAIL {name}")
+            for problem in problems:
+                print(f"    {problem}")
+        else:
+            print(f"ok   {name}")
+    if not args.update:
+        print(f"{len(cases) - failed} of {len(cases)} golden cases pass", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _mappings_export(args) -> int:
+    import csv
+
+    from gateway.mapping.export import COLUMNS, export_rows
+
+    config = load(args)
+    if _load_mappings(args, config) is None:
+        return 1
+    rows = [row.values() for row in export_rows(_mapping_directory(args, config))]
+    if args.format in ("csv", "tsv"):
+        writer = csv.writer(sys.stdout, delimiter="," if args.format == "csv" else "\t",
+                            lineterminator="\n")
+        writer.writerow(COLUMNS)
+        writer.writerows(rows)
+        return 0
+    widths = [max([len(column)] + [len(row[n]) for row in rows]) for n, column in enumerate(COLUMNS)]
+    for row in [COLUMNS, *rows]:
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _mappings_reload(args) -> int:
+    import signal
+
+    config = load(args)
+    mappings = _load_mappings(args, config)
+    if mappings is None:
+        print("not reloaded: the running gateway keeps its mapping set", file=sys.stderr)
+        return 1
+    pid_file = config.resolve(config.pid_file)
+    try:
+        with open(pid_file, encoding="ascii") as handle:
+            pid = int(handle.read().strip())
+    except (OSError, ValueError):
+        print(f"no running gateway: cannot read {pid_file}", file=sys.stderr)
+        return 1
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"no running gateway: process {pid} of {pid_file} is gone", file=sys.stderr)
+        return 1
+    print(f"gateway (pid {pid}) asked to reload mapping set {mappings.version}; see its log")
     return 0
