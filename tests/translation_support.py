@@ -70,8 +70,10 @@ def hl7(control_id: str, kind: str = "ADT^A01^ADT_A01", birth: str = "19850714",
 
 
 def with_mappings(config, directory: Path):
-    return dataclasses.replace(config, mappings=dataclasses.replace(config.mappings,
-                                                                    directory=str(directory)))
+    """`config` translating with the mapping set in `directory`."""
+    from gateway.config import MappingsConfig
+
+    return dataclasses.replace(config, mappings=MappingsConfig(directory=str(directory)))
 
 
 def rows(db_url: str, sql: str, **params) -> list:

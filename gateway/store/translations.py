@@ -23,6 +23,8 @@ from gateway.store.schema import messages, translations
 TRANSLATABLE = (MessageStatus.RECEIVED.value, MessageStatus.TRANSLATED.value,
                 MessageStatus.FAILED.value)
 
+# Written out: an expanding IN cannot go into an executemany.
+_TRANSLATABLE_SQL = text("messages.status IN (%s)" % ", ".join(f"'{s}'" for s in TRANSLATABLE))
 _KEY_SQL = text("SELECT id FROM messages WHERE accepted AND sending_application = :application "
                 "AND sending_facility = :facility AND control_id = :control_id")
 
@@ -138,8 +140,7 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
         return 0
     connection.execute(_upsert(connection), rows)
     connection.execute(
-        update(messages).where(messages.c.id == bindparam("b_id"),
-                               messages.c.status.in_(TRANSLATABLE))
+        update(messages).where(messages.c.id == bindparam("b_id"), _TRANSLATABLE_SQL)
         .values(status=bindparam("b_status")), statuses)
     if acks:
         connection.execute(update(messages).where(messages.c.id == bindparam("b_id"))

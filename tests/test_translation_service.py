@@ -1,0 +1,230 @@
+"""Translation after ingest, over real MLLP sockets on SQLite and PostgreSQL: bundle and mapping
+version stored, ack_after: translation (AA, AE with ERR), the start sweep, reload, replay."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from datetime import datetime, timezone
+
+import pytest
+import pytest_twisted
+from twisted.internet import threads
+
+from adapters.mllp.client import MllpClient, describe
+from gateway.config import SenderConfig
+from gateway.mapping.mapping_set import MappingSet
+from gateway.store.database import create_gateway_engine, migrate
+from gateway.store.ingest_writer import IngestJob, IngestWriter
+from gateway.store.translations import (get_translation, message_ids, messages_by_id,
+                                        save_translations)
+from gateway.translation.translator import Translator, location_of
+from translation_support import ORU_FIX, hl7, rows, wait_for, with_mappings, write_mappings
+
+STATUS = "SELECT control_id, status FROM messages ORDER BY id"
+
+
+def send(port: int, *messages: bytes) -> list[bytes]:
+    with MllpClient("127.0.0.1", port, timeout=15) as client:
+        return [client.send(message).response for message in messages]
+
+
+def err_fields(ack: bytes) -> list[str]:
+    [err] = [segment for segment in ack.split(b"\r") if segment.startswith(b"ERR|")]
+    return err.decode().split("|")
+
+
+@pytest_twisted.inlineCallbacks
+def test_message_over_mllp_is_translated_with_bundle_and_version(db_url, make_config,
+                                                                 running_gateway, tmp_path):
+    """A message acknowledged at commit ends up translated: bundle and mapping version stored."""
+    directory = write_mappings(tmp_path / "mappings")
+    version = MappingSet.load(directory).version
+    ports = yield running_gateway(with_mappings(make_config(db_url), directory))
+    [ack] = yield threads.deferToThread(send, ports["mllp-test"], hl7("T-1"))
+    assert describe(ack)["msa1"] == "AA"
+    wait_for(db_url, STATUS, [("T-1", "translated")])
+    [row] = rows(db_url, "SELECT t.status, t.mapping_version, t.bundle, m.format FROM translations t "
+                         "JOIN messages m ON m.id = t.message_id")
+    assert (row.status, row.mapping_version, row.format) == ("translated", version, "hl7v2")
+    bundle = json.loads(row.bundle)
+    patient = bundle["entry"][0]["resource"]
+    assert (patient["resourceType"], patient["birthDate"], patient["gender"]) == ("Patient", "1985-07-14", "male")
+
+
+@pytest_twisted.inlineCallbacks
+def test_ack_after_translation_gives_aa_then_ae_with_err_and_keeps_the_message(
+        db_url, make_config, running_gateway, tmp_path):
+    """ack_after: translation: AA for a good message; AE with ERR-2/ERR-3 for an invalid date and
+    for an unmapped type, both stored as failed; a re-sent failure gets the same AE back."""
+    directory = write_mappings(tmp_path / "mappings")
+    config = make_config(db_url, mllp=[dict(name="mllp-test", accept_unknown_senders=True,
+                                            ack_after="translation")])
+    ports = yield running_gateway(with_mappings(config, directory))
+    good, bad_date, unmapped = hl7("A-1"), hl7("A-2", birth="19851399"), hl7("A-3", kind="ORU^R01^ORU_R01")
+    answers = yield threads.deferToThread(send, ports["mllp-test"], good, bad_date, unmapped, bad_date)
+    assert [describe(a)["msa1"] for a in answers] == ["AA", "AE", "AE", "AE"]
+    date_err, type_err = err_fields(answers[1]), err_fields(answers[2])
+    assert date_err[2] == "PID^1" and date_err[3].startswith("102^")
+    assert "not a valid date" in date_err[7]
+    assert type_err[2] == "MSH^1^9" and type_err[3].startswith("207^")
+    assert "no mapping for message type 'ORU\\S\\R01'" in type_err[7]  # ^ escaped as \S\
+    assert answers[3] == answers[1]  # the duplicate gets the stored AE, byte for byte
+    assert [tuple(r) for r in rows(db_url, STATUS)] == [("A-1", "translated"), ("A-2", "failed"),
+                                                         ("A-3", "failed")]
+    stored = rows(db_url, "SELECT m.ack_code, m.ack, t.error_code, t.error_location FROM messages m "
+                          "JOIN translations t ON t.message_id = m.id ORDER BY m.id")
+    assert [(r.ack_code, r.error_code, r.error_location) for r in stored] == [
+        ("AA", None, None), ("AE", 102, "PID[1]"), ("AE", 207, "MSH[1]-9")]
+    assert bytes(stored[1].ack) == answers[1]
+
+
+@pytest_twisted.inlineCallbacks
+def test_start_sweep_translates_messages_left_received(db_url, make_config, running_gateway, tmp_path):
+    """Messages stored but never translated (a crash after the commit) are translated at start."""
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    from adapters.hl7v2.ack import AckBuilder
+    from gateway.ingest.inspect import IngestPolicy, Inspector
+
+    inspector = Inspector(AckBuilder(), IngestPolicy("t"))
+    writer = IngestWriter(engine, lambda f, *a: f(*a), lambda item: None)
+    writer.start()
+    done = []
+    writer.submit(IngestJob([inspector.message(hl7("S-1")), inspector.message(hl7("S-2", birth="1985XX"))],
+                            "t", "peer", 1_700_000_000.0, lambda job, error: done.append(error)))
+    writer.stop()
+    engine.dispose()
+    assert done == [None]
+    assert [tuple(r) for r in rows(db_url, STATUS)] == [("S-1", "received"), ("S-2", "received")]
+
+    directory = write_mappings(tmp_path / "mappings")
+    yield running_gateway(with_mappings(make_config(db_url), directory))
+    wait_for(db_url, STATUS, [("S-1", "translated"), ("S-2", "failed")])
+
+
+def test_replay_after_a_mapping_fix_turns_failed_into_translated(db_url, tmp_path):
+    """A message failed for want of a map; after the map is added, replaying it translates it."""
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    from adapters.hl7v2.ack import AckBuilder
+    from gateway.ingest.inspect import IngestPolicy, Inspector
+
+    inspector = Inspector(AckBuilder(), IngestPolicy("t"))
+    writer = IngestWriter(engine, lambda f, *a: f(*a), lambda item: None)
+    writer.start()
+    writer.submit(IngestJob([inspector.message(hl7("R-1", kind="ORU^R01^ORU_R01"))], "t", "peer",
+                            1_700_000_000.0, lambda job, error: None))
+    writer.stop()
+    directory = write_mappings(tmp_path / "mappings")
+    with engine.begin() as conn:
+        ids = message_ids(conn, "received")
+        pending = messages_by_id(conn, ids)
+        translator = Translator(MappingSet.load(directory))
+        save_translations(conn, [(item, translator.translate(item)) for item in pending])
+        assert message_ids(conn, "failed") == ids
+        assert get_translation(conn, ids[0]).error_location == "MSH[1]-9"
+
+    write_mappings(directory, ORU_FIX)
+    fixed = MappingSet.load(directory)
+    with engine.begin() as conn:
+        translator = Translator(fixed)
+        save_translations(conn, [(item, translator.translate(item)) for item in messages_by_id(conn, ids)])
+    with engine.begin() as conn:
+        assert message_ids(conn, "translated") == ids
+        stored = get_translation(conn, ids[0])
+        assert (stored.status, stored.mapping_version, stored.error_reason) == ("translated", fixed.version, None)
+        assert stored.bundle["entry"][0]["resource"]["resourceType"] == "Patient"
+        # Translating again (a second node, a second replay) leaves one row.
+        save_translations(conn, [(item, translator.translate(item)) for item in messages_by_id(conn, ids)])
+        assert conn.exec_driver_sql("SELECT count(*) FROM translations").scalar() == 1
+    engine.dispose()
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_refuses_a_broken_set_and_keeps_the_old_one(make_config, running_gateway, tmp_path, caplog):
+    """reload() with a broken file logs every problem and keeps translating with the old set;
+    after the fix, reload() takes the new set (ORU^R01 now translates)."""
+    from twisted.internet import reactor
+
+    directory = write_mappings(tmp_path / "mappings")
+    db_url = f"sqlite:///{tmp_path / 'gw.sqlite'}"
+    config = with_mappings(make_config(db_url), directory)
+    yield running_gateway(config)
+    service = running_gateway_service(reactor)
+    translation = service.getServiceNamed("translation")
+    old = translation.mappings.version
+    (directory / "segments" / "PID.Patient.yaml").write_text(
+        "resource: Patient\nmap:\n  birthDat: {from: PID-7}\n  gender: {from: PID-8, transform: dat}\n", encoding="utf-8")
+    with caplog.at_level(logging.ERROR, logger="gateway.translation.service"):
+        replaced = yield translation.reload()
+    assert replaced is False and translation.mappings.version == old
+    text = caplog.text
+    assert "refused" in text and "birthDat" in text and "no transform 'dat'" in text
+
+    write_mappings(directory, ORU_FIX)
+    replaced = yield translation.reload()
+    assert replaced is True and translation.mappings.version != old
+    assert "ORU^R01" in translation.mappings.message_types()
+
+
+def running_gateway_service(reactor):
+    """The service tree the running_gateway fixture started (it keeps it to itself)."""
+    import gc
+
+    from twisted.application.service import MultiService
+
+    trees = [o for o in gc.get_objects() if isinstance(o, MultiService) and o.running
+             and "translation" in getattr(o, "namedServices", {})]
+    assert trees, "no running gateway service tree"
+    return trees[-1]
+
+
+def test_conformance_validation_per_sender(tmp_path):
+    """validation off: hl7apy never runs; warn: its finding is a warning; reject: a failure."""
+    from gateway.store.translations import Pending
+    from gateway.translation import conformance
+
+    directory = write_mappings(tmp_path / "mappings")
+    mappings = MappingSet.load(directory)
+    # PID-7 as a date of the wrong type for strict validation: 'X' in a TS/DTM field.
+    raw = hl7("V-1", birth="1985071X", facility="FAC_V")
+    calls = []
+    original = conformance.check
+
+    def spy(message):
+        calls.append(1)
+        return original(message)
+
+    conformance.check = spy
+    try:
+        results = {}
+        for level in ("off", "warn", "reject"):
+            sender = SenderConfig(id="V", name="v", type="hospital", facilities=("FAC_V",), validation=level)
+            translator = Translator(mappings, [sender])
+            results[level] = translator.translate(Pending(1, None, raw, "utf-8", "hl7v2", "V",
+                                                          datetime.now(timezone.utc)))
+            if level == "off":
+                assert calls == []
+    finally:
+        conformance.check = original
+    assert len(calls) == 2
+    assert results["off"].warnings == [] and results["off"].failed  # the date transform refuses it
+    assert results["warn"].warnings and "HL7 conformance" in results["warn"].warnings[0]
+    assert results["reject"].failed and "HL7 conformance" in results["reject"].error_reason
+    # ADT^A01 in 2.5 requires EVN and PV1, which the short test message leaves out.
+    msh, pid, _ = hl7("V-2", facility="FAC_V").split(b"\r")
+    conformant = b"\r".join([msh, b"EVN|A01|20250114083512", pid, b"PV1|1|I", b""])
+    good = Translator(mappings, [dataclasses.replace(sender, validation="reject")]).translate(
+        Pending(1, None, conformant, "utf-8", "hl7v2", "V", datetime.now(timezone.utc)))
+    assert not good.failed and good.warnings == []
+
+
+def test_error_locations_for_err2():
+    """Engine locations and ERL text become ERR-2 locations; anything else points at the MSH."""
+    assert location_of("PID[1]-7").components() == ["PID", "1", "7"]
+    assert location_of("OBX[2]-5.1").components() == ["OBX", "2", "5", "1", "1"]
+    assert location_of("PID[1]").components() == ["PID", "1"]
+    assert location_of("MSH^1^18").components() == ["MSH", "1", "18"]
+    assert location_of("map.birthDate").components() == ["MSH", "1"]
+    assert location_of(None).components() == ["MSH", "1"]
