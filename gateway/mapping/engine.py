@@ -34,7 +34,7 @@ from typing import Callable
 
 from adapters.hl7v2.message import Hl7Message
 from gateway.mapping.path import PathError, parse_path
-from gateway.mapping.rules import RuleCompiler, _SegmentAt, _within
+from gateway.mapping.rules import RuleCompiler
 from gateway.mapping.runtime import Run, Scope, TranslationContext, TranslationError
 from gateway.mapping.source import Located, line_of
 
@@ -266,7 +266,7 @@ def _spans(entry: Entry, run: Run) -> list[tuple[int, int]]:
 
 def _make(entry: Entry, node, run: Run, scope: Scope, ordinals: dict, seen: dict) -> None:
     pending = len(run.references)
-    body = _within(entry.build, node, run) if node.__class__ is _SegmentAt else entry.build(node, run)
+    body = entry.build(node, run)  # the entry's segment is already the current one
     if not body:
         return
     resource_type = entry.resource_type

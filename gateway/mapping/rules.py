@@ -348,34 +348,32 @@ class RuleCompiler:
         """For a field or component path: a reader straight to its decoded text (no Part
         objects), or None when the path reads something else."""
         try:
-            path = parse_path(text)
+            path = self._numbered(parse_path(text))
         except PathError:
             return None
-        if path.column:
-            number = self.env.columns.get(path.column)
-            if number is None:
-                return None
-            path = Hl7Path(path.segment, number, path.component, path.subcomponent)
         if path.reference or (path.segment and not path.field):
             return None
         return _relative_text(path) if path.relative else _field_text(path)
+
+    def _numbered(self, path: Hl7Path) -> Hl7Path:
+        """The path with a named column (CSV) replaced by its field number."""
+        if not path.column:
+            return path
+        number = self.env.columns.get(path.column)
+        if number is None:
+            raise PathError(f"no column {path.column!r} in this format's columns"
+                            + _suggest(path.column, self.env.columns))
+        return Hl7Path(path.segment, number, path.component, path.subcomponent)
 
     # -- sources -----------------------------------------------------------------------------
 
     def _source(self, text, key: str, line: int, many: bool):
         """An accessor: node, run -> node (from) or iterable of nodes (each)."""
         try:
-            path = parse_path(text)
+            path = self._numbered(parse_path(text))
         except PathError as error:
             self.problem(line, key, str(error))
             return None
-        if path.column:
-            number = self.env.columns.get(path.column)
-            if number is None:
-                self.problem(line, key, f"no column {path.column!r} in this format's columns"
-                             + _suggest(path.column, self.env.columns))
-                return None
-            path = Hl7Path(path.segment, number, path.component, path.subcomponent)
         if path.reference:
             if key.endswith(".field"):
                 self.problem(line, key, "a condition reads an HL7 path, not a resource")
