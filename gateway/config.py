@@ -80,6 +80,22 @@ class MllpListenerConfig:
 
 
 @dataclass(frozen=True)
+class AstmListenerConfig:
+    """An ASTM E1381/E1394 listener for lab analyzers (no MSH: the facility is configured)."""
+
+    name: str
+    port: int
+    facility: str  # the registry id of the laboratory whose analyzers connect here
+    interface: str = "127.0.0.1"
+    allow_sources: tuple[str, ...] = ()  # source networks (CIDR) allowed to connect; empty: any
+    max_frame_size: int = 64 * 1024  # bytes of one E1381 frame
+    max_message_size: int = 16 * 1024 * 1024  # bytes of one whole transfer
+    receive_timeout: float = 30.0  # seconds between frames once a transfer has started
+    frame_timeout: float = 15.0  # seconds to receive one frame
+    idle_timeout: float = 600.0  # seconds without a byte before the connection is closed
+
+
+@dataclass(frozen=True)
 class SenderConfig:
     """One facility of the registry, as far as ingest needs it (issue 5 extends it)."""
 
@@ -107,6 +123,7 @@ class GatewayConfig:
     pki: PkiConfig
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     mllp: tuple[MllpListenerConfig, ...] = ()
+    astm: tuple[AstmListenerConfig, ...] = ()
     senders: tuple[SenderConfig, ...] = ()
     # The mapping set; None (no `mappings:` section) runs ingest only: messages stay 'received'.
     mappings: MappingsConfig | None = None
@@ -502,6 +519,20 @@ _MLLP_LISTENER = _record(
     ack_after=_one_of("commit", "translation"),
 )
 
+_ASTM_LISTENER = _record(
+    AstmListenerConfig,
+    name=_TEXT,
+    port=_PORT,
+    facility=_TEXT,
+    interface=_scalar(_ip_address),
+    allow_sources=_list_of(_scalar(_cidr)),
+    max_frame_size=_integer(256),
+    max_message_size=_integer(1024),
+    receive_timeout=_SECONDS,
+    frame_timeout=_SECONDS,
+    idle_timeout=_SECONDS,
+)
+
 _GATEWAY = _mapping(
     ("database", "pki"),
     node=_mapping(name=_TEXT),
@@ -510,7 +541,8 @@ _GATEWAY = _mapping(
                      ingest_max_batch=_integer(1, 100_000)),
     pki=_record(PkiConfig, ca=_TEXT, cert=_TEXT, key=_TEXT, dev_dir=_TEXT),
     identity=_record(IdentityConfig, application=_TEXT, facility=_TEXT),
-    listeners=_mapping(mllp=_list_of(_MLLP_LISTENER, unique=("name", "port"))),
+    listeners=_mapping(mllp=_list_of(_MLLP_LISTENER, unique=("name", "port")),
+                       astm=_list_of(_ASTM_LISTENER, unique=("name", "port"))),
     facilities=_facility_registry,
     mappings=_record(MappingsConfig, directory=_TEXT),
     pid_file=_TEXT,
@@ -529,6 +561,29 @@ def _absolute_database_url(url_text: str, root: str) -> str:
             or database.startswith("file:") or os.path.isabs(database)):
         return url_text
     return url.set(database=_absolute_path(database, root)).render_as_string(hide_password=False)
+
+
+def _listener_problems(path: str, values: dict) -> list[str]:
+    """Across listener kinds: names and ports not shared; an ASTM listener's facility known.
+
+    (Within one kind, the list checker already refuses duplicates.)
+    """
+    problems = []
+    listeners = values.get("listeners", {})
+    mllp = listeners.get("mllp", ())
+    names = {listener.name for listener in mllp}
+    ports = {listener.port for listener in mllp}
+    registered = {sender.id for sender in values.get("facilities", ())}
+    for index, listener in enumerate(listeners.get("astm", ())):
+        where = f"{_display(path)}: listeners.astm[{index}]"
+        if listener.name in names:
+            problems.append(f"{where}.name: {listener.name!r} is also an MLLP listener's name")
+        if listener.port in ports:
+            problems.append(f"{where}.port: {listener.port} is also an MLLP listener's port")
+        if listener.facility not in registered:
+            problems.append(f"{where}.facility: {listener.facility!r} is not in the facility "
+                            "registry" + _did_you_mean(listener.facility, sorted(registered)))
+    return problems
 
 
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -560,6 +615,8 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
             if listener.ack_after == "translation":
                 reader.problems.append(f"{_display(path)}: listeners.mllp[{index}].ack_after: "
                                        "translation needs a mappings: section")
+    if values is not _INVALID:
+        reader.problems.extend(_listener_problems(path, values))
     if reader.problems:
         raise ConfigError(reader.problems)
 
@@ -567,6 +624,7 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
     optional = {
         "identity": values.get("identity"),
         "mllp": values.get("listeners", {}).get("mllp"),
+        "astm": values.get("listeners", {}).get("astm"),
         "senders": values.get("facilities"),
         "node_name": values.get("node", {}).get("name"),
         "log_level": values.get("log_level"),

@@ -1,6 +1,6 @@
 """The gateway's service tree, built in one function and started in order: the database
 (schema migrated), the ingest writer, the translation service (mapping set loaded, worker
-started, untranslated messages swept), then the listeners, so that nothing is accepted before
+started, untranslated messages swept), then the listeners (MLLP, then ASTM), so that nothing is accepted before
 it can be stored and translated. Stopping runs in reverse: listeners close, the translation
 worker stores what it holds, the writer commits what it holds, the database closes last.
 """
@@ -16,6 +16,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from adapters.hl7v2.ack import AckBuilder, Sender
 from adapters.mllp.protocol import MllpServerFactory, MllpSettings
 from gateway.config import GatewayConfig, MllpListenerConfig
+from gateway.ingest.astm import astm_listener_factory
 from gateway.ingest.inspect import IngestPolicy, Inspector, SenderDirectory, refuse_reused
 from gateway.ingest.pipeline import IngestPipeline
 from gateway.store.database import Database, create_gateway_engine, migrate
@@ -72,6 +73,14 @@ def build_service(config: GatewayConfig, reactor) -> MultiService:
         service = StreamServerEndpointService(_endpoint(config, listener, reactor), factory)
         service.setName(listener.name)
         service._raiseSynchronously = True  # a port in use fails `gateway run` at once
+        service.setServiceParent(root)
+    for listener in config.astm:
+        factory = astm_listener_factory(listener, store.writer, reactor, translation=translation,
+                                        allowed=source_filter(listener.allow_sources))
+        service = StreamServerEndpointService(
+            TCP4ServerEndpoint(reactor, listener.port, interface=listener.interface), factory)
+        service.setName(listener.name)
+        service._raiseSynchronously = True
         service.setServiceParent(root)
     return root
 

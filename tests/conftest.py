@@ -136,7 +136,7 @@ def running_gateway():
         service.startService()
         services.append(service)
         ports = {}
-        for listener in config.mllp:
+        for listener in config.mllp + config.astm:
             port = yield service.getServiceNamed(listener.name)._waitingForPort
             ports[listener.name] = port.getHost().port
         return ports

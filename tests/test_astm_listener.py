@@ -2,6 +2,7 @@
 socket into a real store."""
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -14,8 +15,8 @@ from twisted.internet.testing import StringTransport
 
 from adapters.astm.framing import ACK, ENQ, EOT, NAK, frames
 from adapters.astm.protocol import AstmServerFactory, AstmSettings
-from gateway.astm_config import (AstmConfigError, AstmListenerConfig, astm_listener_factory,
-                                 astm_listeners_from, inbound_for)
+from gateway.config import AstmListenerConfig, ConfigError, load_config
+from gateway.ingest.astm import astm_listener_factory, inbound_for
 from gateway.store.database import create_gateway_engine, migrate
 from gateway.store.ingest_writer import IngestWriter
 
@@ -87,20 +88,38 @@ def test_an_idle_connection_is_closed():
     assert transport.disconnecting
 
 
-def test_config_reads_listeners_and_reports_every_problem():
-    """Valid entries become AstmListenerConfig; all problems are reported together."""
-    (listener,) = astm_listeners_from([{"name": "lab", "port": 5000, "facility": 100234,
-                                        "interface": "0.0.0.0"}])
-    assert listener == AstmListenerConfig("lab", 5000, "100234", "0.0.0.0")
-    with pytest.raises(AstmConfigError) as caught:
-        astm_listeners_from([{"name": "a", "port": 70000}, {"port": "x", "facility": "1", "colour": 1}])
-    problems = caught.value.problems
-    assert any("[0].port: 70000" in p for p in problems)
-    assert any("[0].facility: required" in p for p in problems)
-    assert any("[1].colour: unknown key" in p for p in problems)
-    assert any("[1].port: expected" in p for p in problems)
-    assert any("[1].name: required" in p for p in problems)
-    assert astm_listeners_from(None) == ()
+def test_config_reads_astm_listeners_and_reports_every_problem(tmp_path):
+    """listeners.astm entries load with their defaults; every mistake is reported at once:
+    a missing facility, an unregistered one, a bad port, an unknown key, a clash with MLLP."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "facilities.yaml").write_text(
+        'facilities:\n  - {id: "INPE-100002", name: Lab, type: laboratory}\n')
+    base = ("database: {url: 'sqlite:///var/g.sqlite'}\n"
+            "pki: {ca: c, cert: c, key: k}\nfacilities: conf/facilities.yaml\n")
+    good = tmp_path / "conf" / "good.yaml"
+    good.write_text(base + "listeners:\n  astm:\n    - {name: lab, port: 5000, facility: INPE-100002,"
+                           " interface: 0.0.0.0, allow_sources: [10.0.0.0/8]}\n")
+    (listener,) = load_config(str(good), {}).astm
+    assert listener == AstmListenerConfig("lab", 5000, "INPE-100002", "0.0.0.0", ("10.0.0.0/8",))
+    bad = tmp_path / "conf" / "bad.yaml"
+    bad.write_text(base + "listeners:\n  mllp:\n    - {name: m, port: 2575}\n  astm:\n"
+                          "    - {name: a, port: 70000}\n"
+                          "    - {name: m, port: 2575, facility: INPE-100003, colour: 1}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(bad), {})
+    problems = "\n".join(caught.value.problems)
+    assert "listeners.astm[0].port" in problems and "70000" in problems
+    assert "listeners.astm[0]: missing required key 'facility'" in problems or \
+        "listeners.astm[0].facility" in problems
+    assert "listeners.astm[1].colour" in problems
+    bad.write_text(base + "listeners:\n  mllp:\n    - {name: m, port: 2575}\n  astm:\n"
+                          "    - {name: m, port: 2575, facility: INPE-100003}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(bad), {})
+    problems = "\n".join(caught.value.problems)
+    assert "listeners.astm[0].name: 'm' is also an MLLP listener's name" in problems
+    assert "listeners.astm[0].port: 2575 is also an MLLP listener's port" in problems
+    assert "'INPE-100003' is not in the facility registry (did you mean 'INPE-100002'?)" in problems
 
 
 def test_inbound_record_of_an_astm_message():
@@ -154,4 +173,55 @@ def test_real_socket_into_a_real_store(db_url):
     finally:
         yield port.stopListening()
         writer.stop()
+        engine.dispose()
+
+
+ASTM_MAPPINGS = {
+    "messages/ASTM.yaml": """\
+        messages: [ASTM]
+        resources:
+          - name: patient
+            from: P
+            map: ASTM_P.Patient
+        """,
+    "segments/ASTM_P.Patient.yaml": """\
+        resource: Patient
+        map:
+          identifier:
+            - map: {value: {from: P-3.1}}
+        """,
+}
+
+
+@pytest_twisted.inlineCallbacks
+def test_gateway_astm_listener_stores_and_translates(db_url, make_config, running_gateway, tmp_path):
+    """A gateway configured with listeners.astm takes an analyzer's transfer over TCP, stores it
+    and translates it after the commit, like an MLLP message."""
+    import dataclasses
+
+    from translation_support import with_mappings, write_mappings
+
+    directory = write_mappings(tmp_path / "mappings", ASTM_MAPPINGS)
+    config = dataclasses.replace(with_mappings(make_config(db_url), directory),
+                                 astm=(AstmListenerConfig("astm-lab", 0, "INPE-100002"),))
+    ports = yield running_gateway(config)
+    answers = yield threads.deferToThread(_send_transfer, ports["astm-lab"], MESSAGE)
+    assert answers == ACK * 6
+    engine = create_gateway_engine(db_url)
+    try:
+        row = None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            yield deferLater(reactor, 0.05, lambda: None)
+            with engine.connect() as conn:
+                row = conn.execute(text(
+                    "SELECT m.status, m.listener, t.bundle FROM messages m "
+                    "LEFT JOIN translations t ON t.message_id = m.id")).first()
+            if row is not None and row.status != "received":
+                break
+        assert row is not None and (row.status, row.listener) == ("translated", "astm-lab")
+        bundle = json.loads(row.bundle)
+        (patient,) = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"]
+        assert patient["identifier"] == [{"value": "PAT-1"}]
+    finally:
         engine.dispose()

@@ -136,12 +136,21 @@ class AstmServerProtocol(Protocol):
 
 
 class AstmServerFactory(ServerFactory):
-    def __init__(self, handler: MessageHandler, settings: AstmSettings, clock):
+    """Builds one protocol per connection; refuses addresses outside the allow-list."""
+
+    def __init__(self, handler: MessageHandler, settings: AstmSettings, clock,
+                 allowed: Callable[[str], bool] = lambda address: True):
         self.handler = handler
         self.settings = settings
         self.clock = clock
+        self.allowed = allowed
 
-    def buildProtocol(self, addr) -> AstmServerProtocol:
+    def buildProtocol(self, addr) -> AstmServerProtocol | None:
+        host = getattr(addr, "host", "")
+        if not self.allowed(host):
+            log.warn("astm {listener}: connection from {host} refused (not in allow_sources)",
+                     listener=self.settings.listener, host=host)
+            return None
         protocol = AstmServerProtocol(self.handler, self.settings, self.clock)
         protocol.factory = self
         return protocol

@@ -75,18 +75,7 @@ class IngestPipeline:
         self.writer.submit(IngestJob(result.items, connection.listener, connection.peer, self.now(), done))
 
     def _to_translate(self, job: IngestJob) -> list[Pending]:
-        """The newly stored accepted messages of a committed job (not duplicates, not refusals)."""
-        if self.translation is None:
-            return []
-        received_at = None
-        pending = []
-        for item in job.items:
-            if item.deduplicated and not item.duplicate:
-                received_at = received_at or datetime.fromtimestamp(job.received_at, timezone.utc)
-                pending.append(Pending(None, (item.sending_application, item.sending_facility,
-                                              item.control_id), item.raw, item.codec, item.format,
-                                       item.sender_id, received_at, item.message_type, item))
-        return pending
+        return pending_translations(job) if self.translation is not None else []
 
     def _translate(self, pending: list[Pending], done=None, on_failure=None) -> None:
         from gateway.translation.service import TranslationJob
@@ -113,3 +102,16 @@ class IngestPipeline:
                              "the message could not be stored; nothing was kept, send it again",
                              AppErrorCode.STORE_UNAVAILABLE)
         return self.inspector.builder.build(view, Outcome.ERROR, enhanced_mode(view), detail)
+
+
+def pending_translations(job: IngestJob) -> list[Pending]:
+    """The newly stored accepted messages of a committed job (not duplicates, not refusals)."""
+    received_at = None
+    pending = []
+    for item in job.items:
+        if item.deduplicated and not item.duplicate:
+            received_at = received_at or datetime.fromtimestamp(job.received_at, timezone.utc)
+            pending.append(Pending(None, (item.sending_application, item.sending_facility,
+                                          item.control_id), item.raw, item.codec, item.format,
+                                   item.sender_id, received_at, item.message_type, item))
+    return pending
