@@ -166,10 +166,13 @@ def parse_message(text: str, codec: str = "utf-8") -> Hl7Message:
     stop = text.find(field, 4)
     line_end = min((at for at in (text.find("\r"), text.find("\n")) if at >= 0), default=len(text))
     encoding = text[4:stop if 0 <= stop < line_end else line_end]
-    if not 4 <= len(encoding) <= 5 or len(set(encoding + field)) != len(encoding) + 1 \
+    # Component, repetition, escape, then (optional) subcomponent and, from v2.7, truncation:
+    # with three characters the message has no subcomponents (HL7 v2 2.5.5.2).
+    if not 3 <= len(encoding) <= 5 or len(set(encoding + field)) != len(encoding) + 1 \
             or any(char.isalnum() or char.isspace() for char in encoding):
         raise MessageParseError(f"MSH-2 encoding characters {encoding!r} are not valid", field=2)
-    separators = Separators(field, encoding[0], encoding[1], encoding[2], encoding[3], codec)
+    subcomponent = encoding[3] if len(encoding) > 3 else ""
+    separators = Separators(field, encoding[0], encoding[1], encoding[2], subcomponent, codec)
     if "\n" in text:
         text = text.replace("\r\n", "\r").replace("\n", "\r")
     segments = []

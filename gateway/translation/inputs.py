@@ -14,10 +14,10 @@ format, and where known a location. The raw bytes are never changed: callers kee
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from adapters.hl7v2.charsets import CharsetError, decode
-from adapters.hl7v2.header import HeaderError, parse_header
 from adapters.hl7v2.message import Hl7Message, MessageParseError, parse_message
 
 from adapters.astm import records as astm_records
@@ -93,20 +93,61 @@ def read_input(data: bytes, fallback_codec: str | None = None, format: str | Non
 
 
 def read_er7(data: bytes, fallback_codec: str | None = None) -> ParsedInput:
+    """An ER7 message, read as leniently as the mapping allows: ingest has already applied its
+    own header rules (control id, processing id, version) to what it accepted, and what the
+    mapping does not read is not refused here. What it needs: delimiters (MSH-1, MSH-2), a
+    character set it can decode (MSH-18), segments, and a message type (MSH-9)."""
+    charset = _declared_charset(data)
     try:
-        header = parse_header(data)
-    except HeaderError as error:
-        raise InputError(error.reason, "^".join(error.location.components()), "hl7v2") from None
-    try:
-        decoded = decode(data, header.charset, fallback_codec)
+        decoded = decode(data, charset, fallback_codec)
     except CharsetError as error:
         raise InputError(error.reason, "MSH^1^18", "hl7v2") from None
     try:
         message = parse_message(decoded.text, decoded.codec)
     except MessageParseError as error:
         raise InputError(error.reason, error.location, "hl7v2") from None
-    return ParsedInput(message, header.message_type, "hl7v2", message.value("MSH", 10),
+    message_type = er7_message_type(message)
+    if not message_type:
+        raise InputError("MSH-9 message type is empty", "MSH^1^9", "hl7v2")
+    return ParsedInput(message, message_type, "hl7v2", message.value("MSH", 10) or stand_in_control_id(data),
                        message.value("MSH", 3), message.value("MSH", 4))
+
+
+def stand_in_control_id(data: bytes) -> str:
+    """For a message without MSH-10 (ingest refuses those; a file given to `gateway translate`
+    may have none): a digest of its bytes, so that its Provenance names it and the ids of its
+    resources without identifiers (seeded by the control id) differ from another message's."""
+    return "sha1-" + hashlib.sha1(data).hexdigest()[:20]
+
+
+def _declared_charset(data: bytes) -> str:
+    """MSH-18 (first repetition) read from the raw bytes, before decoding; '' when absent or
+    when the MSH cannot be read (parse_message then says what is wrong with it)."""
+    start = data.find(b"MSH")
+    if start < 0 or len(data) < start + 8:
+        return ""
+    end = min((at for at in (data.find(b"\r", start), data.find(b"\n", start)) if at >= 0),
+              default=len(data))
+    line = data[start:end]
+    fields = line.split(line[3:4])
+    if len(fields) < 18:
+        return ""
+    repetition = fields[1][1:2] or b"~"
+    charset = fields[17].split(repetition, 1)[0].strip()
+    return charset.decode("ascii", "replace")
+
+
+def er7_message_type(message: Hl7Message) -> str:
+    """MSH-9 as the key of a message map, CODE^TRIGGER; when the trigger is missing, from the
+    message structure (MSH-9.3 'ORU_R01'), which names the same map."""
+    code = message.value("MSH", 9, 1).strip()
+    trigger = message.value("MSH", 9, 2).strip()
+    if code and not trigger:
+        structure = message.value("MSH", 9, 3).strip()
+        head, _, tail = structure.partition("_")
+        if head == code and tail:
+            trigger = tail
+    return f"{code}^{trigger}" if code and trigger else code
 
 
 def read_v2xml(data: bytes) -> ParsedInput:

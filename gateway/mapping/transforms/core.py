@@ -67,15 +67,31 @@ def _local(moment: datetime, zone) -> datetime:
     return aware.astimezone(timezone.utc).astimezone(zone)
 
 
+_ZEROS = re.compile(r"^0{4,}(?:\.0+)?(?:[+-]\d{4})?$")
+
+
+def is_placeholder(value: str, run) -> bool:
+    """An all-zero date ('0000', '00000000'): senders write it for 'unknown'. It is no date
+    (FHIR has no year 0), so nothing is mapped, with a warning."""
+    if _ZEROS.match(value.strip()) is None:
+        return False
+    run.warnings.append(f"date {value.strip()!r} is a placeholder for an unknown date: not mapped")
+    return True
+
+
 @transform("datetime")
-def to_datetime(value: str, run) -> str:
+def to_datetime(value: str, run) -> str | None:
     """v2 DTM/TS -> FHIR dateTime (seconds and the sender's zone when a time is given)."""
+    if is_placeholder(value, run):
+        return None
     return fhir_datetime(value, run.context.timezone)
 
 
 @transform("date")
-def to_date(value: str, run) -> str:
+def to_date(value: str, run) -> str | None:
     """v2 DT/DTM/TS -> FHIR date (the time, if any, is dropped)."""
+    if is_placeholder(value, run):
+        return None
     year, month, day, *_ = _parts(value)
     if day:
         datetime(int(year), int(month), int(day))
@@ -143,3 +159,16 @@ def to_boolean(value: str, run) -> bool:
 def trimmed(value: str, run) -> str:
     """Text without leading and trailing blanks."""
     return value.strip()
+
+
+_BLANKS = re.compile(r"\s+")
+
+
+@transform("code")
+def to_code(value: str, run):
+    """v2 ID/IS/CWE-1 -> FHIR code: no leading or trailing blanks, inner blanks as one space
+    (a code 'PI ' is 'PI'; FHIR refuses the blanks)."""
+    text = value.strip()
+    if not text:
+        return None
+    return _BLANKS.sub(" ", text) if not text.isalnum() else text
