@@ -55,6 +55,11 @@ TARGET_VALID = 0.95
 TARGET_SCORE = 0.90
 RECEIVED_AT = dt.datetime(2026, 1, 15, 9, 30, tzinfo=dt.timezone.utc)
 TIMEZONE = ZoneInfo("Africa/Casablanca")
+# A naive v2 time is in the sender's zone, which is sender configuration. ReportStream's
+# expected bundles were made with its senders' zone UTC (a naive '20241015034304' is
+# '2024-10-15T03:43:04Z' there): its messages are translated as from senders so configured,
+# else the same wall-clock time would be compared across two zones.
+SENDER_ZONES = {"cdc-reportstream": ZoneInfo("UTC")}
 
 # Deliberately malformed or not a standard format: rejection is the right answer.
 MALFORMED = {
@@ -221,7 +226,8 @@ def translate_unit(mapping_set, unit: Unit) -> Outcome:
         signal.alarm(TIME_LIMIT)
     try:
         parsed = read_input(unit.data)
-        context = TranslationContext(sender_id="", timezone=TIMEZONE, received_at=RECEIVED_AT,
+        zone = SENDER_ZONES.get(unit.row.source, TIMEZONE)
+        context = TranslationContext(sender_id="", timezone=zone, received_at=RECEIVED_AT,
                                      message_key=f"{parsed.sending_facility}|{parsed.control_id}",
                                      control_id=parsed.control_id)
         translation = mapping_set.translate(parsed.message, context, parsed.message_type)
