@@ -116,6 +116,57 @@ class MappingsConfig:
     directory: str = "mappings"  # the mapping set; relative to the project root
 
 @dataclass(frozen=True)
+class RetryConfig:
+    """Backoff between attempts (exponential with full jitter) and when to give up."""
+
+    base: float = 1.0  # seconds before the second attempt (on average half, with jitter)
+    factor: float = 2.0
+    cap: float = 300.0  # the longest wait between two attempts
+    max_attempts: int | None = None  # None: until max_age
+    max_age: float = 7 * 86400.0  # seconds after the first attempt: then a dead letter
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """A peer the gateway delivers to, over HTTPS with the gateway's client certificate."""
+
+    name: str
+    kind: str  # fhir-record (the shared record) | cnss (care sheets, SOAP)
+    url: str  # https://host:port/path
+    connect_timeout: float = 5.0
+    response_timeout: float = 30.0  # the whole request, until the answer is read
+    concurrency: int = 16  # requests in flight to this destination from one node
+    retry: RetryConfig = field(default_factory=RetryConfig)
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """What a route matches: every key given must match; in a key, any value may."""
+
+    message_types: tuple[str, ...] = ()  # 'ORU^R01', 'ADT^*', 'ASTM', '*'
+    senders: tuple[str, ...] = ()  # facility ids of the registry
+    sender_types: tuple[str, ...] = ()  # hospital, laboratory, ...
+    resources: tuple[str, ...] = ()  # FHIR resource types present in the canonical bundle
+    codes: tuple[str, ...] = ()  # 'system|code' or 'code', anywhere in a coding of the bundle
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    name: str
+    to: tuple[str, ...]  # destination names
+    when: RouteMatch = field(default_factory=RouteMatch)
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """The outbox workers of this node."""
+
+    lease: float = 60.0  # seconds a node holds a delivery it is sending (then another may)
+    poll_interval: float = 0.5  # seconds between looks at the outbox when idle
+    claim_batch: int = 256  # most deliveries claimed at once
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     path: str  # the file it was loaded from
     root: str  # project root; relative paths are resolved against it
@@ -127,6 +178,9 @@ class GatewayConfig:
     senders: tuple[SenderConfig, ...] = ()
     # The mapping set; None (no `mappings:` section) runs ingest only: messages stay 'received'.
     mappings: MappingsConfig | None = None
+    destinations: tuple[DestinationConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     node_name: str = "gateway-1"
     log_level: str = "info"
     # Where `gateway run` writes its process id, for `gateway mappings reload` (SIGHUP).
@@ -300,6 +354,12 @@ def _seconds(value: Any) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
         return float(value)
     raise _Invalid("must be a number of seconds greater than 0")
+
+
+def _factor(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1:
+        return float(value)
+    raise _Invalid("must be a number, 1 or more")
 
 
 def _boolean(value: Any) -> bool:
@@ -533,6 +593,68 @@ _ASTM_LISTENER = _record(
     idle_timeout=_SECONDS,
 )
 
+def _https_url(value: Any) -> str:
+    from urllib.parse import urlsplit
+
+    text = _text(value)
+    parts = urlsplit(text)
+    if parts.scheme != "https" or not parts.hostname:
+        raise _Invalid("must be an https:// URL with a host (deliveries use mutual TLS)", got=text)
+    return text
+
+
+_RETRY = _record(RetryConfig, base=_SECONDS, factor=_scalar(_factor), cap=_SECONDS,
+                 max_attempts=_integer(1), max_age=_SECONDS)
+_DESTINATION = _record(
+    DestinationConfig,
+    name=_TEXT,
+    kind=_one_of("fhir-record", "cnss"),
+    url=_scalar(_https_url),
+    connect_timeout=_SECONDS,
+    response_timeout=_SECONDS,
+    concurrency=_integer(1, 1024),
+    retry=_RETRY,
+)
+_ROUTE = _record(
+    RouteConfig,
+    name=_TEXT,
+    to=_list_of(_TEXT),
+    when=_record(RouteMatch, message_types=_list_of(_TEXT), senders=_list_of(_TEXT),
+                 sender_types=_list_of(_one_of("hospital", "clinic", "doctor", "laboratory",
+                                               "imaging", "pharmacy")),
+                 resources=_list_of(_TEXT), codes=_list_of(_TEXT)),
+)
+_ROUTES_FILE = _mapping(("routes",), routes=_list_of(_ROUTE, unique=("name",)))
+
+
+def _routes_file(reader: _Reader, node: yaml.Node, path: str) -> Any:
+    """The path of the routes file, read and checked in turn."""
+    relative = _TEXT(reader, node, path)
+    if relative is _INVALID:
+        return relative
+    file = os.path.normpath(os.path.join(reader.root, relative))
+    try:
+        routes = reader.read(file)
+    except OSError as e:
+        return reader.fail(node, path, f"cannot read {_display(file)}: {e.strerror}")
+    if routes is _INVALID:
+        return routes
+    before = len(reader.problems)
+    values = _ROUTES_FILE(reader, routes, "")
+    if len(reader.problems) > before:
+        return _INVALID
+    return _Located(file, routes, values.get("routes", ()))
+
+
+@dataclass(frozen=True)
+class _Located:
+    """A value read from another file, with that file and its node (for later checks)."""
+
+    file: str
+    node: yaml.Node
+    value: Any
+
+
 _GATEWAY = _mapping(
     ("database", "pki"),
     node=_mapping(name=_TEXT),
@@ -545,6 +667,10 @@ _GATEWAY = _mapping(
                        astm=_list_of(_ASTM_LISTENER, unique=("name", "port"))),
     facilities=_facility_registry,
     mappings=_record(MappingsConfig, directory=_TEXT),
+    destinations=_list_of(_DESTINATION, unique=("name",)),
+    routes=_routes_file,
+    delivery=_record(DeliveryConfig, lease=_SECONDS, poll_interval=_SECONDS,
+                     claim_batch=_integer(1, 10_000)),
     pid_file=_TEXT,
 )
 
@@ -586,6 +712,36 @@ def _listener_problems(path: str, values: dict) -> list[str]:
     return problems
 
 
+def _route_problems(path: str, values: dict) -> list[str]:
+    """Routes name known destinations, registered senders and FHIR resource types."""
+    from gateway.mapping.fhir_schema import is_resource
+
+    located = values.get("routes")
+    if located is None:
+        return []
+    problems = []
+    destinations = {d.name for d in values.get("destinations", ())}
+    registered = {sender.id for sender in values.get("facilities", ())}
+    for index, route in enumerate(located.value):
+        where = f"{_display(located.file)}: routes[{index}]"
+        for name in route.to:
+            if name not in destinations:
+                problems.append(f"{where}.to: {name!r} is not a destination of {_display(path)}"
+                                + _did_you_mean(name, sorted(destinations)))
+        for sender in route.when.senders:
+            if sender not in registered:
+                problems.append(f"{where}.when.senders: {sender!r} is not in the facility "
+                                "registry" + _did_you_mean(sender, sorted(registered)))
+        for resource in route.when.resources:
+            if not is_resource(resource):
+                problems.append(f"{where}.when.resources: {resource!r} is not a FHIR R4 resource type")
+        for pattern in route.when.message_types:
+            if not re.fullmatch(r"\*|[A-Z][A-Z0-9]{2}(\^(\*|[A-Z0-9]{3}))?|ASTM|CSV(\^[\w-]+)?", pattern):
+                problems.append(f"{where}.when.message_types: {pattern!r} is not a message type "
+                                "pattern (ORU^R01, ADT^*, ADT, ASTM, CSV^profile, *)")
+    return problems
+
+
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     """Load, validate and resolve the configuration at `path`; raise ConfigError if wrong.
 
@@ -617,6 +773,7 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
                                        "translation needs a mappings: section")
     if values is not _INVALID:
         reader.problems.extend(_listener_problems(path, values))
+        reader.problems.extend(_route_problems(path, values))
     if reader.problems:
         raise ConfigError(reader.problems)
 
@@ -629,6 +786,9 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
         "node_name": values.get("node", {}).get("name"),
         "log_level": values.get("log_level"),
         "pid_file": values.get("pid_file"),
+        "destinations": values.get("destinations"),
+        "routes": values["routes"].value if "routes" in values else None,
+        "delivery": values.get("delivery"),
     }
     if "mappings" in values:
         optional["mappings"] = replace(values["mappings"],

@@ -1,8 +1,10 @@
 """The gateway's service tree, built in one function and started in order: the database
 (schema migrated), the ingest writer, the translation service (mapping set loaded, worker
-started, untranslated messages swept), then the listeners (MLLP, then ASTM), so that nothing is accepted before
-it can be stored and translated. Stopping runs in reverse: listeners close, the translation
-worker stores what it holds, the writer commits what it holds, the database closes last.
+started, untranslated messages swept), the delivery service (when routes are configured),
+then the listeners (MLLP, then ASTM), so that nothing is accepted before it can be stored and
+translated. Stopping runs in reverse: listeners close, deliveries in flight finish and are
+recorded, the translation worker stores what it holds, the writer commits what it holds, the
+database closes last.
 """
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ import ipaddress
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 
 from adapters.hl7v2.ack import AckBuilder, Sender
 from adapters.mllp.protocol import MllpServerFactory, MllpSettings
 from gateway.config import GatewayConfig, MllpListenerConfig
+from gateway.delivery.service import DeliveryService
 from gateway.ingest.astm import astm_listener_factory
 from gateway.ingest.inspect import IngestPolicy, Inspector, SenderDirectory, refuse_reused
 from gateway.ingest.pipeline import IngestPipeline
@@ -52,14 +56,31 @@ class StoreService(Service):
         self.database.stop()
 
 
+class OrderedServices(MultiService):
+    """Starts children in order and stops them in reverse, each once the one after it has
+    finished stopping (MultiService stops them all at once): deliveries in flight must be
+    recorded before the database closes."""
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            yield defer.maybeDeferred(service.stopService)
+
+
 def build_service(config: GatewayConfig, reactor) -> MultiService:
-    root = MultiService()
+    root = OrderedServices()
     store = StoreService(config, reactor)
     store.setServiceParent(root)
-    translation = None
+    translation = delivery = None
+    if config.mappings is not None and config.routes:
+        delivery = DeliveryService(config, store.database, reactor)
     if config.mappings is not None:
-        translation = TranslationService(config, store.engine, reactor)
+        translation = TranslationService(config, store.engine, reactor,
+                                         on_enqueued=delivery.wake if delivery else None)
         translation.setServiceParent(root)
+    if delivery is not None:
+        delivery.setServiceParent(root)
     senders = SenderDirectory(config.senders)
     for listener in config.mllp:
         inspector = Inspector(store.builder, IngestPolicy(

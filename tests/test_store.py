@@ -193,7 +193,7 @@ def test_migrate_twice_is_a_no_op(db_url, harness):
     with harness.engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == revision
         assert count_messages(conn) == 1
-    assert revision == ["0002"]
+    assert revision == ["0003"]
 
 
 def test_sqlite_engine_is_wal_and_synchronous_full_on_every_connection(tmp_path):
@@ -344,8 +344,8 @@ def test_refused_messages_may_reuse_a_control_id(harness):
 def test_database_failure_reports_the_error_and_the_writer_recovers(harness):
     """With the table gone, done(job, error) gets the exception; once migrated again, jobs are stored."""
     with harness.engine.begin() as conn:
-        conn.execute(text("DROP TABLE translations"))
-        conn.execute(text("DROP TABLE messages"))
+        for table in ("delivery_attempts", "deliveries", "translations", "messages"):
+            conn.execute(text(f"DROP TABLE {table}"))
         conn.execute(text("DROP TABLE alembic_version"))
     harness.writer.start()
     lost = harness.submit(hl7("FAIL-1"))
@@ -367,8 +367,8 @@ def test_writer_leaves_pooled_connections_transactional(harness):
     """After the writer fails a round or stops, rolled-back work on its engine is really rolled back."""
     with harness.engine.begin() as conn:
         conn.execute(text("CREATE TABLE probe (x INTEGER)"))
-        conn.execute(text("DROP TABLE translations"))
-        conn.execute(text("DROP TABLE messages"))
+        for table in ("delivery_attempts", "deliveries", "translations", "messages"):
+            conn.execute(text(f"DROP TABLE {table}"))
         conn.execute(text("DROP TABLE alembic_version"))
     harness.writer.start()
     harness.submit(hl7("POOL-1"))

@@ -63,3 +63,49 @@ translations = Table(
     Column("error_reason", Text),
     Column("warnings", Text),  # JSON list of strings
 )
+
+# The outbox: one row per (message, destination), written in the translation's transaction.
+# A row stays `pending` while it waits or is in flight (a node holds it with a lease), then
+# becomes `delivered` or `dead` (a permanent refusal, or retries exhausted). Rows of one
+# patient go to one destination in message order: a row waits while an earlier one is pending.
+deliveries = Table(
+    "deliveries", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("message_id", Id, ForeignKey("messages.id", ondelete="CASCADE"), nullable=False),
+    Column("destination", String(64), nullable=False),
+    Column("patient_key", String(128), nullable=False),  # 'Patient/<id>', else per message
+    Column("status", String(16), nullable=False),  # pending | delivered | dead
+    Column("idempotency_key", String(64), nullable=False),  # sent with every attempt
+    Column("bundle_sha256", String(64), nullable=False),  # of the translation it carries
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("first_attempt_at", DateTime(timezone=True)),
+    Column("attempts", Integer, nullable=False, default=0, server_default=text("0")),
+    Column("lease_owner", String(64)),  # the node sending it now
+    Column("lease_until", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),  # delivered or dead
+    Column("last_reason", Text),  # short, no patient data
+    Column("last_code", Integer),  # the peer's HTTP status, if it answered
+    Column("last_response", LargeBinary),  # the peer's answer (dead letters keep it), capped
+)
+Index("ux_deliveries_message", deliveries.c.message_id, deliveries.c.destination, unique=True)
+Index("ix_deliveries_due", deliveries.c.next_attempt_at,
+      sqlite_where=deliveries.c.status == "pending", postgresql_where=deliveries.c.status == "pending")
+Index("ix_deliveries_patient", deliveries.c.destination, deliveries.c.patient_key,
+      deliveries.c.message_id,
+      sqlite_where=deliveries.c.status == "pending", postgresql_where=deliveries.c.status == "pending")
+Index("ix_deliveries_status", deliveries.c.status, deliveries.c.destination)
+
+# Every attempt, for the console and the audit: when, by which node, what came back.
+delivery_attempts = Table(
+    "delivery_attempts", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("delivery_id", Id, ForeignKey("deliveries.id", ondelete="CASCADE"), nullable=False),
+    Column("attempted_at", DateTime(timezone=True), nullable=False),
+    Column("node", String(64), nullable=False),
+    Column("outcome", String(16), nullable=False),  # delivered | transient | permanent
+    Column("reason", Text),
+    Column("code", Integer),
+    Column("duration_ms", Integer),
+)
+Index("ix_delivery_attempts_delivery", delivery_attempts.c.delivery_id)

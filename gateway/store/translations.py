@@ -1,7 +1,8 @@
 """The translation store: reading messages to translate and writing their translations.
 
 Functions take a connection (one transaction, the caller's) and plain data. Writing is an
-upsert keyed by the message id: translation is deterministic, so the same message translated
+upsert keyed by the message id, with the message's deliveries (gateway.store.outbox) in the
+same transaction: translation is deterministic, so the same message translated
 twice (by two nodes, by the start sweep and the live path, by a replay) leaves one row, the
 last. A message's status only moves between received, translated and failed: a refusal or
 an ignored ACK is never touched.
@@ -17,6 +18,7 @@ from sqlalchemy import Connection, bindparam, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.ingest.model import MessageStatus
+from gateway.store.outbox import Enqueue, bundle_digest, enqueue
 from gateway.store.schema import messages, translations
 
 # Statuses a translation may move a message between.
@@ -57,6 +59,9 @@ class TranslationRecord:
     error_reason: str | None = None
     warnings: list[str] = field(default_factory=list)
     ack: bytes | None = None  # a new ACK to store (ack_after: translation), else None
+    # Where the routes send it (gateway.delivery.routes); enqueued with the translation.
+    destinations: tuple[str, ...] = ()
+    patient_key: str | None = None  # the ordering key of its deliveries (None: per message)
 
     @property
     def failed(self) -> bool:
@@ -116,7 +121,7 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
     """Upsert the translation rows, move the messages' statuses (and ACKs, where a new one was
     sent); returns how many were written. Messages found by key get their id set."""
     now = now or datetime.now(timezone.utc)
-    rows, statuses, acks = [], [], []
+    rows, statuses, acks, outgoing = [], [], [], []
     for pending, record in results:
         if pending.message_id is None and pending.key is not None:
             application, facility, control_id = pending.key
@@ -124,11 +129,12 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
                 "application": application, "facility": facility, "control_id": control_id}).scalar()
         if pending.message_id is None:
             continue  # not stored under that key (cannot happen after a commit; be safe)
+        bundle = (json.dumps(record.bundle, ensure_ascii=False, separators=(",", ":"))
+                  if record.bundle is not None else None)
         rows.append({
             "message_id": pending.message_id, "status": record.status,
             "mapping_version": record.mapping_version, "translated_at": now,
-            "bundle": (json.dumps(record.bundle, ensure_ascii=False, separators=(",", ":"))
-                       if record.bundle is not None else None),
+            "bundle": bundle,
             "error_code": record.error_code, "error_location": record.error_location,
             "error_reason": record.error_reason,
             "warnings": json.dumps(record.warnings, ensure_ascii=False) if record.warnings else None,
@@ -136,6 +142,11 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
         statuses.append({"b_id": pending.message_id, "b_status": record.status})
         if record.ack is not None:
             acks.append({"b_id": pending.message_id, "b_ack": record.ack, "b_code": _ack_code(record.ack)})
+        if bundle is not None and record.destinations:
+            digest = bundle_digest(bundle)
+            patient = record.patient_key or f"message/{pending.message_id}"
+            outgoing.extend(Enqueue(pending.message_id, destination, patient, digest)
+                            for destination in record.destinations)
     if not rows:
         return 0
     connection.execute(_upsert(connection), rows)
@@ -145,6 +156,7 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
     if acks:
         connection.execute(update(messages).where(messages.c.id == bindparam("b_id"))
                            .values(ack=bindparam("b_ack"), ack_code=bindparam("b_code")), acks)
+    enqueue(connection, outgoing, now)
     return len(rows)
 
 

@@ -32,6 +32,7 @@ from sqlalchemy import Engine
 from twisted.application.service import Service
 
 from gateway.config import GatewayConfig
+from gateway.delivery.routes import Router
 from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.source import MappingErrors
 from gateway.store.translations import (Pending, TranslationRecord, pending_messages,
@@ -60,8 +61,10 @@ class TranslationJob:
 
 class TranslationWorker:
     def __init__(self, engine: Engine, translator: Translator, deliver: Callable,
-                 max_batch: int = 256, max_queued: int = 10_000):
+                 max_batch: int = 256, max_queued: int = 10_000,
+                 on_enqueued: Callable[[], None] | None = None):
         self.engine = engine
+        self.on_enqueued = on_enqueued  # called (through `deliver`) when deliveries were queued
         self.translator = translator
         self.deliver = deliver
         self.max_batch = max_batch
@@ -202,6 +205,8 @@ class TranslationWorker:
         with self.engine.begin() as connection:
             save_translations(connection, results, datetime.now(timezone.utc))
         self.commits += 1
+        if self.on_enqueued is not None and any(record.destinations for _, record in results):
+            self.deliver(self.on_enqueued)
 
 
 def _name(item: Pending) -> str:
@@ -221,8 +226,10 @@ class TranslationService(Service):
 
     name = "translation"
 
-    def __init__(self, config: GatewayConfig, engine: Engine, reactor, max_batch: int = 256):
+    def __init__(self, config: GatewayConfig, engine: Engine, reactor, max_batch: int = 256,
+                 on_enqueued: Callable[[], None] | None = None):
         self.config = config
+        self.on_enqueued = on_enqueued
         self.engine = engine
         self.reactor = reactor
         self.directory = Path(config.resolve(config.mappings.directory))
@@ -239,9 +246,10 @@ class TranslationService(Service):
         mappings = MappingSet.load(self.directory)
         log.info("mapping set %s loaded from %s (%d files)", mappings.version, self.directory,
                  mappings.files)
-        self.translator = Translator(mappings, self.config.senders)
+        router = Router(self.config.routes, self.config.senders) if self.config.routes else None
+        self.translator = Translator(mappings, self.config.senders, router)
         self.worker = TranslationWorker(self.engine, self.translator, self.reactor.callFromThread,
-                                        self.max_batch)
+                                        self.max_batch, on_enqueued=self.on_enqueued)
         self.worker.start(sweep=True)
         super().startService()
 

@@ -15,6 +15,7 @@ from adapters.hl7v2.ack import ErrorDetail
 from adapters.hl7v2.codes import ErrorCondition
 from adapters.hl7v2.header import Location
 from gateway.config import SenderConfig
+from gateway.delivery.routes import Router, patient_key
 from gateway.ingest.model import MessageStatus
 from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.runtime import TranslationContext, TranslationError
@@ -33,9 +34,11 @@ _ERL_LOCATION = re.compile(r"^([A-Z][A-Z0-9]{2})\^(\d+)(?:\^(\d+)(?:\^\d+\^(\d+)
 
 
 class Translator:
-    def __init__(self, mappings: MappingSet, senders: Iterable[SenderConfig] = ()):
+    def __init__(self, mappings: MappingSet, senders: Iterable[SenderConfig] = (),
+                 router: Router | None = None):
         self.mappings = mappings
         self.senders = {sender.id: sender for sender in senders}
+        self.router = router
         self._zones: dict[str, ZoneInfo] = {}
 
     def translate(self, pending: Pending) -> TranslationRecord:
@@ -71,8 +74,14 @@ class Translator:
             log.debug("engine failure", exc_info=True)
             return _failed(mappings, ErrorCondition.APPLICATION_INTERNAL_ERROR, "",
                            f"internal error in the mapping engine ({type(error).__name__})", warnings)
-        return TranslationRecord(MessageStatus.TRANSLATED.value, translation.mapping_version,
-                                 translation.bundle, warnings=warnings + list(translation.warnings))
+        record = TranslationRecord(MessageStatus.TRANSLATED.value, translation.mapping_version,
+                                   translation.bundle, warnings=warnings + list(translation.warnings))
+        if self.router is not None:
+            record.destinations = self.router.destinations(parsed.message_type, sender_id or None,
+                                                           translation.bundle)
+            if record.destinations:
+                record.patient_key = patient_key(translation.bundle)
+        return record
 
     def _zone(self, name: str) -> ZoneInfo:
         zone = self._zones.get(name)

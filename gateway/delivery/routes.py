@@ -1,0 +1,87 @@
+"""Routing: which destinations a translated message goes to. Pure code.
+
+A route matches when every key of its `when` matches (within a key, any of its values):
+the message type (`ORU^R01`, `ADT^*`, `ADT`, `ASTM`, `*`), the sending facility or its type,
+the resource types present in the canonical bundle, or a code present in any coding of it.
+A message goes to the union of the destinations of the routes it matches, each once, in the
+order the routes name them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from gateway.config import RouteConfig, SenderConfig
+
+
+class Router:
+    def __init__(self, routes: Iterable[RouteConfig], senders: Iterable[SenderConfig] = ()):
+        self.routes = tuple(routes)
+        self.sender_types = {sender.id: sender.type for sender in senders}
+
+    def destinations(self, message_type: str, sender_id: str | None, bundle: dict) -> tuple[str, ...]:
+        """The destination names for one translated message (possibly none)."""
+        chosen: dict[str, None] = {}
+        content: _Content | None = None
+        for route in self.routes:
+            when = route.when
+            if when.message_types and not any(_type_matches(p, message_type) for p in when.message_types):
+                continue
+            if when.senders and sender_id not in when.senders:
+                continue
+            if when.sender_types and self.sender_types.get(sender_id or "") not in when.sender_types:
+                continue
+            if when.resources or when.codes:
+                content = content or _Content(bundle)
+                if when.resources and not content.resource_types.intersection(when.resources):
+                    continue
+                if when.codes and not content.codes.intersection(when.codes):
+                    continue
+            chosen.update(dict.fromkeys(route.to))
+        return tuple(chosen)
+
+
+def _type_matches(pattern: str, message_type: str) -> bool:
+    if pattern == "*" or pattern == message_type:
+        return True
+    code, _, trigger = message_type.partition("^")
+    if pattern == code:
+        return True
+    return pattern.endswith("^*") and pattern[:-2] == code
+
+
+class _Content:
+    """What routes look at in a bundle, computed once per message."""
+
+    def __init__(self, bundle: dict):
+        resources = [entry.get("resource") or {} for entry in bundle.get("entry", ())]
+        self.resource_types = {resource.get("resourceType") for resource in resources}
+        self.codes: set[str] = set()
+        for resource in resources:
+            for coding in _codings(resource):
+                code = coding.get("code")
+                if isinstance(code, str):
+                    self.codes.add(code)
+                    if isinstance(coding.get("system"), str):
+                        self.codes.add(f"{coding['system']}|{code}")
+
+
+def _codings(value) -> Iterator[dict]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "coding" and isinstance(item, list):
+                yield from (c for c in item if isinstance(c, dict))
+            else:
+                yield from _codings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _codings(item)
+
+
+def patient_key(bundle: dict) -> str | None:
+    """The ordering key of a message's deliveries: its first Patient (None: it has none, and
+    its deliveries are ordered with nothing else)."""
+    for entry in bundle.get("entry", ()):
+        resource = entry.get("resource") or {}
+        if resource.get("resourceType") == "Patient" and resource.get("id"):
+            return f"Patient/{resource['id']}"
+    return None

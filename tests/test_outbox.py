@@ -1,0 +1,167 @@
+"""The outbox in a real database (SQLite and PostgreSQL): enqueueing with the translation,
+claiming due deliveries in per-patient order with leases, settling attempts, reopening on
+replay, and (PostgreSQL) two nodes claiming at once without overlap."""
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import insert, select, text
+
+from gateway.store import outbox
+from gateway.store.database import create_gateway_engine, migrate
+from gateway.store.schema import deliveries, delivery_attempts, messages, translations
+
+T0 = datetime(2026, 11, 22, 9, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def engine(db_url):
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+def add_messages(engine, count: int, bundle: str = '{"resourceType":"Bundle"}') -> list[int]:
+    ids = []
+    with engine.begin() as conn:
+        for n in range(count):
+            row = conn.execute(insert(messages).values(
+                received_at=T0, listener="test", control_id=f"C{n}-{len(ids)}-{id(conn)}",
+                sending_application="APP", sending_facility="FAC", sha256=bytes(32), size=1,
+                truncated=False, raw=b"MSH", status="translated", accepted=True, duplicate_count=0,
+                format="hl7v2").returning(messages.c.id)).scalar_one()
+            conn.execute(insert(translations).values(message_id=row, status="translated",
+                                                     translated_at=T0, bundle=bundle))
+            ids.append(row)
+    return ids
+
+
+def enqueue(engine, *entries, now=T0):
+    with engine.begin() as conn:
+        return outbox.enqueue(conn, [outbox.Enqueue(*e) for e in entries], now)
+
+
+def claim(engine, node="n1", destination="record", now=T0, lease=60.0, limit=100):
+    with engine.begin() as conn:
+        return outbox.claim(conn, node, destination, now, lease, limit)
+
+
+def settle(engine, node, *results):
+    with engine.begin() as conn:
+        outbox.settle(conn, node, results)
+
+
+def status(engine) -> list[tuple]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(select(
+            deliveries.c.message_id, deliveries.c.destination, deliveries.c.status,
+            deliveries.c.attempts).order_by(deliveries.c.id))]
+
+
+def done(claim_, kind="delivered", at=T0, next_at=None, response=None, code=200):
+    return outbox.Settlement(claim_.id, kind, kind, at, 5, code, response, next_at)
+
+
+def test_enqueue_claim_and_deliver(engine):
+    """A delivery is claimed once with its bundle and key, then settled delivered with an attempt row."""
+    (m,) = add_messages(engine, 1, '{"resourceType":"Bundle","id":"b1"}')
+    assert enqueue(engine, (m, "record", "Patient/p1", "sha-1"), (m, "cnss", "Patient/p1", "sha-1")) == 2
+    (c,) = claim(engine)
+    assert (c.message_id, c.destination, c.attempts, c.first_attempt_at) == (m, "record", 0, None)
+    assert c.bundle == '{"resourceType":"Bundle","id":"b1"}'
+    assert c.idempotency_key == outbox.idempotency_key("record", m, "sha-1")
+    assert claim(engine, now=T0 + timedelta(seconds=1)) == []  # held by the lease
+    settle(engine, "n1", done(c))
+    assert status(engine) == [(m, "record", "delivered", 1), (m, "cnss", "pending", 0)]
+    with engine.connect() as conn:
+        (attempt,) = conn.execute(select(delivery_attempts)).all()
+    assert (attempt.delivery_id, attempt.node, attempt.outcome, attempt.code) == (c.id, "n1", "delivered", 200)
+
+
+def test_per_patient_order_and_independent_patients(engine):
+    """A patient's second message waits for the first; another patient's goes ahead; a dead
+    letter does not block the patient for ever."""
+    a1, b1, a2, a3 = add_messages(engine, 4)
+    enqueue(engine, (a1, "record", "Patient/a", "s"), (b1, "record", "Patient/b", "s"),
+            (a2, "record", "Patient/a", "s"), (a3, "record", "Patient/a", "s"))
+    first = claim(engine)
+    assert [c.message_id for c in first] == [a1, b1]
+    retry_at = T0 + timedelta(seconds=30)
+    settle(engine, "n1", done(first[0], "transient", next_at=retry_at), done(first[1]))
+    assert claim(engine, now=T0 + timedelta(seconds=10)) == []  # a1 waits to retry, a2 waits for a1
+    (again,) = claim(engine, now=retry_at)
+    assert again.message_id == a1 and again.attempts == 1 and again.first_attempt_at == T0
+    settle(engine, "n1", done(again, "permanent", at=retry_at, response=b"<fault/>", code=400))
+    (next_,) = claim(engine, now=retry_at)
+    assert next_.message_id == a2
+    with engine.connect() as conn:
+        dead = conn.execute(select(deliveries).where(deliveries.c.message_id == a1)).one()
+    assert (dead.status, dead.attempts, dead.last_code, bytes(dead.last_response)) == ("dead", 2, 400, b"<fault/>")
+
+
+def test_an_expired_lease_is_claimed_again_and_the_old_holder_cannot_settle(engine):
+    """A node that died (or is too slow) loses its lease; its late result is recorded as an
+    attempt but does not change the delivery the new holder owns."""
+    (m,) = add_messages(engine, 1)
+    enqueue(engine, (m, "record", "Patient/p", "s"))
+    (lost,) = claim(engine, node="n1", lease=5)
+    (taken,) = claim(engine, node="n2", now=T0 + timedelta(seconds=6))
+    assert taken.id == lost.id and taken.idempotency_key == lost.idempotency_key
+    settle(engine, "n1", done(lost, "permanent"))
+    assert status(engine) == [(m, "record", "pending", 0)]
+    settle(engine, "n2", done(taken))
+    assert status(engine) == [(m, "record", "delivered", 1)]
+
+
+def test_replay_reopens_dead_and_changed_content_only(engine):
+    """Re-enqueueing (a replay): a dead letter is reopened with the same key; a delivered one
+    with the same content is left; changed content is reopened under a new key."""
+    m1, m2 = add_messages(engine, 2)
+    enqueue(engine, (m1, "record", "Patient/p", "s1"), (m2, "record", "Patient/q", "s2"))
+    c1, c2 = claim(engine)
+    settle(engine, "n1", done(c1, "permanent"), done(c2))
+    assert enqueue(engine, (m1, "record", "Patient/p", "s1"), (m2, "record", "Patient/q", "s2")) == 1
+    assert status(engine) == [(m1, "record", "pending", 0), (m2, "record", "delivered", 1)]
+    (reopened,) = claim(engine)
+    assert reopened.idempotency_key == c1.idempotency_key
+    assert enqueue(engine, (m2, "record", "Patient/q", "s2-fixed")) == 1
+    changed = [c for c in claim(engine) if c.message_id == m2][0]
+    assert changed.idempotency_key == outbox.idempotency_key("record", m2, "s2-fixed") != c2.idempotency_key
+
+
+def test_reopen_dead_for_messages_replay(engine):
+    (m,) = add_messages(engine, 1)
+    enqueue(engine, (m, "cnss", "message/1", "s"))
+    (c,) = claim(engine, destination="cnss")
+    settle(engine, "n1", done(c, "permanent"))
+    with engine.begin() as conn:
+        assert outbox.reopen_dead(conn, [m], T0) == 1
+    assert status(engine) == [(m, "cnss", "pending", 0)]
+
+
+def test_two_nodes_claim_disjoint_sets_at_once(pg_url):
+    """PostgreSQL: two transactions claiming concurrently never get the same delivery."""
+    engine = create_gateway_engine(pg_url)
+    migrate(engine)
+    try:
+        ids = add_messages(engine, 200)
+        enqueue(engine, *[(m, "record", f"Patient/{m}", "s") for m in ids])
+        got: dict[str, list[int]] = {}
+        barrier = threading.Barrier(2)
+
+        def node(name):
+            barrier.wait()
+            got[name] = [c.id for c in claim(engine, node=name, limit=150)]
+
+        threads = [threading.Thread(target=node, args=(n,)) for n in ("n1", "n2")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not set(got["n1"]) & set(got["n2"])
+        assert len(got["n1"]) + len(got["n2"]) == 200
+    finally:
+        engine.dispose()
