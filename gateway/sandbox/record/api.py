@@ -1,0 +1,126 @@
+"""The record's FHIR interactions as plain blocking functions: request parts in, `Answer` out.
+
+The Twisted resource (peer.py) runs them in the record's database thread; tests may call them
+directly. Every refusal is an `Answer` whose body is an OperationOutcome.
+
+Idempotency: a transaction with an `Idempotency-Key` stores its response under the key and
+the SHA-256 of the request's JSON (canonical form, so spacing and key order do not matter).
+The same key with the same request gets that response again and changes nothing; with
+another request it is a 422.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from gateway.sandbox.record.operation_outcome import FhirError
+from gateway.sandbox.record.search import parse_query_string, parse_search
+from gateway.sandbox.record.store import RecordStore, key_reused
+from gateway.sandbox.record.transaction import parse_json, read_transaction
+from gateway.sandbox.record.validation import is_resource_type, is_valid_id
+
+FHIR_JSON = "application/fhir+json; charset=utf-8"
+SEARCH_PARAMETERS = ("identifier", "patient", "subject", "code", "_id")
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def document(self) -> dict:
+        return json.loads(self.body)
+
+
+def json_answer(status: int, document: dict, **headers: str) -> Answer:
+    body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return Answer(status, body, headers)
+
+
+def error_answer(error: FhirError) -> Answer:
+    return json_answer(error.status, error.outcome())
+
+
+def request_sha256(document: object) -> str:
+    canonical = json.dumps(document, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class RecordApi:
+    def __init__(self, store: RecordStore, *, validate: bool = True):
+        self.store = store
+        self.validate = validate
+
+    def transaction(self, body: bytes, idempotency_key: str | None = None) -> Answer:
+        try:
+            document = parse_json(body)
+            digest = request_sha256(document) if idempotency_key is not None else ""
+            if idempotency_key is not None:
+                stored = self.store.stored_response(idempotency_key)
+                if stored is not None:
+                    if stored.body_sha256 != digest:
+                        raise key_reused()
+                    return Answer(stored.status, stored.response)
+            entries = read_transaction(document, validate=self.validate)
+            response = self.store.apply_transaction(entries, idempotency_key=idempotency_key,
+                                                    body_sha256=digest)
+        except FhirError as error:
+            return error_answer(error)
+        return Answer(200, response)
+
+    def read(self, resource_type: str, resource_id: str) -> Answer:
+        if not is_resource_type(resource_type):
+            return error_answer(FhirError.single(404, "not-supported", "unknown resource type"))
+        if not is_valid_id(resource_id):
+            return error_answer(FhirError.single(400, "value", "not a valid resource id"))
+        resource = self.store.read(resource_type, resource_id)
+        if resource is None:
+            return error_answer(FhirError.single(404, "not-found", f"no {resource_type} with this id"))
+        return json_answer(200, resource, etag=f'W/"{resource["meta"]["versionId"]}"')
+
+    def search(self, resource_type: str, query_string: str, base_url: str) -> Answer:
+        """`base_url` (`https://host:port/fhir`) makes the entries' fullUrl."""
+        if not is_resource_type(resource_type):
+            return error_answer(FhirError.single(404, "not-supported", "unknown resource type"))
+        try:
+            query = parse_search(resource_type, parse_query_string(query_string))
+        except FhirError as error:
+            return error_answer(error)
+        total, resources = self.store.search(query)
+        return json_answer(200, {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": total,
+            "entry": [{"fullUrl": f"{base_url}/{resource_type}/{resource['id']}", "resource": resource,
+                       "search": {"mode": "match"}} for resource in resources],
+        })
+
+    @staticmethod
+    def capability_statement() -> Answer:
+        return json_answer(200, {
+            "resourceType": "CapabilityStatement",
+            "status": "active",
+            "date": "2026-01-01",
+            "kind": "instance",
+            "software": {"name": "ma-hie-gateway sandbox shared record"},
+            "fhirVersion": "4.0.1",
+            "format": ["application/fhir+json", "json"],
+            "rest": [{
+                "mode": "server",
+                "interaction": [{"code": "transaction"}],
+                "resource": [{
+                    "type": resource_type,
+                    "interaction": [{"code": "read"}, {"code": "search-type"}],
+                    "conditionalCreate": True,
+                    "conditionalUpdate": True,
+                    "searchParam": [{"name": name, "type": "reference" if name in ("patient", "subject")
+                                     else "token"} for name in SEARCH_PARAMETERS],
+                } for resource_type in ("Patient", "Encounter", "Observation", "DiagnosticReport",
+                                        "DocumentReference", "ServiceRequest", "Specimen",
+                                        "MedicationRequest", "MedicationDispense", "Immunization",
+                                        "Practitioner", "Organization", "Coverage", "Provenance")],
+            }],
+        })

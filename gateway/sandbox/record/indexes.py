@@ -1,0 +1,69 @@
+"""The search index rows of a stored resource: what `identifier`, `patient`/`subject` and
+`code` searches look at.
+
+- identifiers: every `identifier` (list or single) with a value, as (system or "", value);
+- references: `subject` as ("subject", type, id), and also as ("patient", ...) when it points
+  to a Patient; `patient` and `beneficiary` (Coverage) as ("patient", type, id);
+- codes: the codings of `code`, `medicationCodeableConcept` and `vaccineCode`, as
+  (system or "", code): the elements the R4 `code` search parameter covers for the resources
+  of the canonical model.
+
+Only relative references `Type/id` (or absolute URLs ending so) are indexed: the record has
+rewritten every `urn:uuid:` reference of a transaction before it stores it.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_REFERENCE = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+_REFERENCE_ELEMENTS = (("subject", "subject"), ("patient", "patient"), ("beneficiary", "patient"))
+_CODE_ELEMENTS = ("code", "medicationCodeableConcept", "vaccineCode")
+
+
+@dataclass(frozen=True)
+class IndexRows:
+    identifiers: list[tuple[str, str]]
+    references: list[tuple[str, str, str]]
+    codes: list[tuple[str, str]]
+
+
+def parse_reference(text: object) -> tuple[str, str] | None:
+    """(type, id) of a literal reference `Type/id` (or `.../Type/id[/_history/n]`), else None."""
+    if not isinstance(text, str):
+        return None
+    found = _REFERENCE.search(text)
+    return (found.group(1), found.group(2)) if found else None
+
+
+def index_rows(resource: dict) -> IndexRows:
+    identifiers = []
+    for identifier in _as_list(resource.get("identifier")):
+        if isinstance(identifier, dict) and isinstance(identifier.get("value"), str):
+            system = identifier.get("system")
+            identifiers.append((system if isinstance(system, str) else "", identifier["value"]))
+    references = []
+    for element, param in _REFERENCE_ELEMENTS:
+        for link in _as_list(resource.get(element)):
+            target = parse_reference(link.get("reference")) if isinstance(link, dict) else None
+            if target is None:
+                continue
+            references.append((param, *target))
+            if param == "subject" and target[0] == "Patient":
+                references.append(("patient", *target))
+    codes = []
+    for element in _CODE_ELEMENTS:
+        concept = resource.get(element)
+        if not isinstance(concept, dict):
+            continue
+        for coding in _as_list(concept.get("coding")):
+            if isinstance(coding, dict) and isinstance(coding.get("code"), str):
+                system = coding.get("system")
+                codes.append((system if isinstance(system, str) else "", coding["code"]))
+    return IndexRows(identifiers, references, codes)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]

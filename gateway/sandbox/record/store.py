@@ -1,0 +1,299 @@
+"""The record's own persistent store: one SQLite file (WAL), used from one thread at a time.
+
+Tables:
+- `resources`: (type, id) → current version, lastUpdated and the JSON body (stored without
+  `meta.versionId`/`meta.lastUpdated`, which read() adds back);
+- `identifier_index`, `reference_index`, `code_index`: the search indexes (indexes.py),
+  rewritten with each new version;
+- `idempotency_keys`: key → SHA-256 of the request and the response it got.
+
+`apply_transaction` runs a whole transaction Bundle in one SQLite transaction: all of it is
+stored or none. An update whose content equals the stored one keeps its version, so a
+re-delivery leaves one copy and one version. `synchronous=NORMAL` in WAL mode survives a
+crash of the peer process (not a power cut), which is what a sandbox needs.
+
+Blocking code: the peer calls it from its own single database thread (peer.py).
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from gateway.sandbox.record.indexes import index_rows
+from gateway.sandbox.record.operation_outcome import FhirError
+from gateway.sandbox.record.search import IdClause, ReferenceClause, SearchQuery, TokenClause
+from gateway.sandbox.record.transaction import PlannedEntry, rewrite_references
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS resources (
+    type TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL,
+    last_updated TEXT NOT NULL, content TEXT NOT NULL, PRIMARY KEY (type, id));
+CREATE INDEX IF NOT EXISTS resources_by_update ON resources (type, last_updated, id);
+CREATE TABLE IF NOT EXISTS identifier_index (
+    type TEXT NOT NULL, id TEXT NOT NULL, system TEXT NOT NULL, value TEXT NOT NULL,
+    PRIMARY KEY (type, id, system, value)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS identifier_lookup ON identifier_index (type, value, system);
+CREATE TABLE IF NOT EXISTS reference_index (
+    type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL,
+    target_type TEXT NOT NULL, target_id TEXT NOT NULL,
+    PRIMARY KEY (type, id, param, target_type, target_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS reference_lookup ON reference_index (type, param, target_id);
+CREATE TABLE IF NOT EXISTS code_index (
+    type TEXT NOT NULL, id TEXT NOT NULL, system TEXT NOT NULL, code TEXT NOT NULL,
+    PRIMARY KEY (type, id, system, code)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS code_lookup ON code_index (type, code, system);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key TEXT PRIMARY KEY, body_sha256 TEXT NOT NULL, status INTEGER NOT NULL,
+    response BLOB NOT NULL, created TEXT NOT NULL);
+"""
+_INDEX_TABLES = ("identifier_index", "reference_index", "code_index")
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    body_sha256: str
+    status: int
+    response: bytes
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _dumps(document) -> str:
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+
+
+class RecordStore:
+    def __init__(self, path: str):
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{path}: record store schema {version} is newer than this code")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- idempotency ------------------------------------------------------------------------
+
+    def stored_response(self, key: str) -> StoredResponse | None:
+        row = self._db.execute("SELECT body_sha256, status, response FROM idempotency_keys WHERE key = ?",
+                               (key,)).fetchone()
+        return StoredResponse(row[0], row[1], bytes(row[2])) if row else None
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read(self, resource_type: str, resource_id: str) -> dict | None:
+        row = self._db.execute("SELECT version, last_updated, content FROM resources WHERE type = ? AND id = ?",
+                               (resource_type, resource_id)).fetchone()
+        return _with_meta(*row) if row else None
+
+    def search(self, query: SearchQuery) -> tuple[int, list[dict]]:
+        """(total matches, the first `query.count` of them, oldest update first)."""
+        where, args = _where(query)
+        total = self._db.execute(f"SELECT count(*) FROM resources r WHERE {where}", args).fetchone()[0]
+        rows = self._db.execute(f"SELECT version, last_updated, content FROM resources r WHERE {where} "
+                                "ORDER BY r.last_updated, r.id LIMIT ?", (*args, query.count)).fetchall()
+        return total, [_with_meta(*row) for row in rows]
+
+    def count(self, resource_type: str | None = None) -> int:
+        if resource_type is None:
+            return self._db.execute("SELECT count(*) FROM resources").fetchone()[0]
+        return self._db.execute("SELECT count(*) FROM resources WHERE type = ?", (resource_type,)).fetchone()[0]
+
+    def _matching_ids(self, query: SearchQuery, limit: int) -> set[str]:
+        where, args = _where(query)
+        rows = self._db.execute(f"SELECT r.id FROM resources r WHERE {where} LIMIT ?", (*args, limit))
+        return {row[0] for row in rows}
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def apply_transaction(self, entries: list[PlannedEntry], *, idempotency_key: str | None = None,
+                          body_sha256: str = "") -> bytes:
+        """Store every entry or none; return the transaction-response Bundle as JSON bytes.
+
+        Raises FhirError (412 several matches, 422 unresolved reference, 422 key reused with
+        another body), after which nothing has changed.
+        """
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if idempotency_key is not None:
+                stored = self.stored_response(idempotency_key)
+                if stored is not None:
+                    if stored.body_sha256 != body_sha256:
+                        raise key_reused()
+                    db.execute("ROLLBACK")
+                    return stored.response
+            response = self._apply(entries)
+            if idempotency_key is not None:
+                db.execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?)",
+                           (idempotency_key, body_sha256, 200, response, _now()))
+            db.execute("COMMIT")
+            return response
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _apply(self, entries: list[PlannedEntry]) -> bytes:
+        targets: dict[str, str] = {}
+        ids: list[str] = []
+        writes: list[bool] = []  # False: a conditional create that found its resource
+        planned_identifiers: dict[tuple, set[str]] = {}  # earlier entries, for later conditions
+        planned_ids: dict[str, set[str]] = {}
+        for entry in entries:
+            resource_id, write = self._decide(entry, planned_identifiers, planned_ids)
+            ids.append(resource_id)
+            writes.append(write)
+            if write:
+                planned_ids.setdefault(entry.resource_type, set()).add(resource_id)
+                for system, value in index_rows(entry.resource).identifiers:
+                    for key in ((entry.resource_type, system, value), (entry.resource_type, None, value)):
+                        planned_identifiers.setdefault(key, set()).add(resource_id)
+            if entry.full_url:
+                targets[entry.full_url] = f"{entry.resource_type}/{resource_id}"
+        now = _now()
+        answers = []
+        for entry, resource_id, write in zip(entries, ids, writes):
+            if write:
+                entry.resource["id"] = resource_id
+                rewrite_references(entry.resource, targets, entry.where + ".resource")
+                answers.append(self._write(entry.resource_type, resource_id, entry.resource, now))
+            else:
+                version, last_updated = self._db.execute(
+                    "SELECT version, last_updated FROM resources WHERE type = ? AND id = ?",
+                    (entry.resource_type, resource_id)).fetchone()
+                answers.append(_entry_response(entry.resource_type, resource_id, "200 OK", version, last_updated))
+        return _dumps({"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "transaction-response",
+                       "entry": answers}).encode("utf-8")
+
+    def _decide(self, entry: PlannedEntry, planned_identifiers: dict, planned_ids: dict) -> tuple[str, bool]:
+        """The id an entry will have, and whether it is written (see transaction.py)."""
+        if entry.condition is None:
+            if entry.method == "POST":
+                return str(uuid.uuid4()), True
+            return entry.target_id, True
+        matches = self._matching_ids(entry.condition, 2)
+        matches |= _planned_matches(entry.condition, planned_identifiers, planned_ids)
+        if len(matches) > 1:
+            where = entry.where + (".request.ifNoneExist" if entry.method == "POST" else ".request.url")
+            raise FhirError.single(412, "multiple-matches", "the condition matches several resources", where)
+        if entry.method == "POST":
+            return (next(iter(matches)), False) if matches else (str(uuid.uuid4()), True)
+        if matches:
+            return next(iter(matches)), True
+        return entry.resource.get("id") or str(uuid.uuid4()), True
+
+    def _write(self, resource_type: str, resource_id: str, resource: dict, now: str) -> dict:
+        meta = resource.get("meta")
+        if isinstance(meta, dict) and ("versionId" in meta or "lastUpdated" in meta):
+            meta = {key: value for key, value in meta.items() if key not in ("versionId", "lastUpdated")}
+            if meta:
+                resource["meta"] = meta
+            else:
+                del resource["meta"]
+        content = _dumps(resource)
+        db = self._db
+        row = db.execute("SELECT version, last_updated, content FROM resources WHERE type = ? AND id = ?",
+                         (resource_type, resource_id)).fetchone()
+        if row is not None:
+            version, last_updated, stored = row
+            if stored == content or json.loads(stored) == resource:
+                return _entry_response(resource_type, resource_id, "200 OK", version, last_updated)
+            version += 1
+            db.execute("UPDATE resources SET version = ?, last_updated = ?, content = ? WHERE type = ? AND id = ?",
+                       (version, now, content, resource_type, resource_id))
+            for table in _INDEX_TABLES:
+                db.execute(f"DELETE FROM {table} WHERE type = ? AND id = ?", (resource_type, resource_id))
+            status = "200 OK"
+        else:
+            version = 1
+            db.execute("INSERT INTO resources VALUES (?, ?, ?, ?, ?)",
+                       (resource_type, resource_id, version, now, content))
+            status = "201 Created"
+        rows = index_rows(resource)
+        key = (resource_type, resource_id)
+        if rows.identifiers:
+            db.executemany("INSERT OR IGNORE INTO identifier_index VALUES (?, ?, ?, ?)",
+                           [(*key, *row) for row in rows.identifiers])
+        if rows.references:
+            db.executemany("INSERT OR IGNORE INTO reference_index VALUES (?, ?, ?, ?, ?)",
+                           [(*key, *row) for row in rows.references])
+        if rows.codes:
+            db.executemany("INSERT OR IGNORE INTO code_index VALUES (?, ?, ?, ?)",
+                           [(*key, *row) for row in rows.codes])
+        return _entry_response(resource_type, resource_id, status, version, now)
+
+
+def key_reused() -> FhirError:
+    return FhirError.single(422, "business-rule",
+                            "Idempotency-Key already used for a different request body")
+
+
+def _entry_response(resource_type: str, resource_id: str, status: str, version: int, last_updated: str) -> dict:
+    return {"response": {"status": status, "location": f"{resource_type}/{resource_id}/_history/{version}",
+                         "etag": f'W/"{version}"', "lastModified": last_updated}}
+
+
+def _with_meta(version: int, last_updated: str, content: str) -> dict:
+    resource = json.loads(content)
+    meta = resource.get("meta")
+    resource["meta"] = {**(meta if isinstance(meta, dict) else {}),
+                        "versionId": str(version), "lastUpdated": last_updated}
+    return resource
+
+
+def _planned_matches(query: SearchQuery, planned_identifiers: dict, planned_ids: dict) -> set[str]:
+    """Ids given to earlier entries of the same transaction that `query` matches.
+
+    Only `identifier=` (with a value) and `_id=` are looked at; a condition with any other
+    parameter sees only what is already stored.
+    """
+    found: set[str] | None = None
+    for clause in query.clauses:
+        if isinstance(clause, IdClause):
+            ids = {clause.id} & planned_ids.get(query.resource_type, set())
+        elif isinstance(clause, TokenClause) and clause.param == "identifier" and clause.value is not None:
+            ids = planned_identifiers.get((query.resource_type, clause.system, clause.value), set())
+        else:
+            return set()
+        found = set(ids) if found is None else found & ids
+    return found or set()
+
+
+def _where(query: SearchQuery) -> tuple[str, list]:
+    where = ["r.type = ?"]
+    args: list = [query.resource_type]
+    for clause in query.clauses:
+        if isinstance(clause, IdClause):
+            where.append("r.id = ?")
+            args.append(clause.id)
+        elif isinstance(clause, TokenClause):
+            table, column = ("identifier_index", "value") if clause.param == "identifier" else ("code_index", "code")
+            sql = f"r.id IN (SELECT id FROM {table} WHERE type = ?"
+            args.append(query.resource_type)
+            if clause.value is not None:
+                sql += f" AND {column} = ?"
+                args.append(clause.value)
+            if clause.system is not None:
+                sql += " AND system = ?"
+                args.append(clause.system)
+            where.append(sql + ")")
+        elif isinstance(clause, ReferenceClause):
+            sql = "r.id IN (SELECT id FROM reference_index WHERE type = ? AND param = ? AND target_id = ?"
+            args += [query.resource_type, clause.param, clause.target_id]
+            if clause.target_type is not None:
+                sql += " AND target_type = ?"
+                args.append(clause.target_type)
+            where.append(sql + ")")
+    return " AND ".join(where), args

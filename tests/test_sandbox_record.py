@@ -1,0 +1,710 @@
+"""Tests for the reference shared-record peer (gateway/sandbox/record): a FHIR R4 REST subset
+over mutual TLS with its own SQLite store, exercised over real TLS sockets on free ports."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, endpoints, reactor
+from twisted.internet.protocol import Protocol
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from gateway.sandbox.record import RecordPeer, listen_record_peer
+from gateway.tls import client_tls_options, server_tls_options
+
+TIMEOUT = 5
+# Twisted's HTTP/1.1 client over TLS trips this warning inside readBody; harmless here.
+pytestmark = pytest.mark.filterwarnings("ignore:Using readBody with a transport:DeprecationWarning")
+CNIE = "urn:ma:cnie"
+LOINC = "http://loinc.org"
+
+
+# -- helpers shared with tests/test_delivery_fhir_record.py ---------------------------------
+
+@implementer(IPolicyForHTTPS)
+class _FixedPolicy:
+    def __init__(self, options):
+        self.options = options
+
+    def creatorForNetloc(self, hostname, port):
+        return self.options
+
+
+@dataclass
+class Reply:
+    code: int
+    headers: Headers
+    body: bytes
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.getRawHeaders(name)
+        return values[0] if values else None
+
+
+class RecordClient:
+    """An HTTPS client with a client certificate (`name` from the dev PKI, or None)."""
+
+    def __init__(self, pki_dir: str, port: int, name: str | None = "gateway"):
+        ca = os.path.join(pki_dir, "ca.crt")
+        cert = os.path.join(pki_dir, f"{name}.crt") if name else None
+        key = os.path.join(pki_dir, f"{name}.key") if name else None
+        self.base = f"https://127.0.0.1:{port}"
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.agent = Agent(reactor, contextFactory=_FixedPolicy(client_tls_options(ca, "127.0.0.1", cert, key)),
+                           pool=self.pool, connectTimeout=TIMEOUT)
+
+    @defer.inlineCallbacks
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        from twisted.web.client import FileBodyProducer
+        from io import BytesIO
+        all_headers = {"Content-Type": "application/fhir+json"} if body is not None else {}
+        all_headers.update(headers or {})
+        response = yield self.agent.request(
+            method.encode(), (self.base + path).encode(),
+            Headers({name: [value] for name, value in all_headers.items()}),
+            FileBodyProducer(BytesIO(body)) if body is not None else None,
+        ).addTimeout(TIMEOUT, reactor)
+        content = yield readBody(response)
+        return Reply(response.code, response.headers, content)
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+    def post(self, document, key: str | None = None, headers: dict | None = None):
+        body = document if isinstance(document, bytes) else json.dumps(document).encode()
+        extra = dict(headers or {})
+        if key is not None:
+            extra["Idempotency-Key"] = key
+        return self.request("POST", "/fhir", body, extra)
+
+    def close(self):
+        return self.pool.closeCachedConnections()
+
+
+class RunningPeer:
+    """A RecordPeer listening over TLS on a free port, restartable on the same store file."""
+
+    def __init__(self, pki_dir: str, store_path: str, **options):
+        self.pki_dir = pki_dir
+        self.store_path = store_path
+        self.options = options
+        self.clients: list[RecordClient] = []
+        self.start()
+
+    def start(self):
+        self.peer = RecordPeer(self.store_path, reactor=reactor, **self.options)
+        pki = self.pki_dir
+        tls = server_tls_options(os.path.join(pki, "sandbox-record.crt"), os.path.join(pki, "sandbox-record.key"),
+                                 os.path.join(pki, "ca.crt"), require_client_cert=True)
+        self.port = listen_record_peer(reactor, self.peer, 0, "127.0.0.1", tls)
+        self.port_number = self.port.getHost().port
+
+    @defer.inlineCallbacks
+    def stop(self):
+        for client in self.clients:
+            yield client.close()
+        self.clients = []
+        yield self.port.stopListening()
+        yield self.peer.close()
+
+    def client(self, name: str | None = "gateway") -> RecordClient:
+        client = RecordClient(self.pki_dir, self.port_number, name)
+        self.clients.append(client)
+        return client
+
+    def count(self, table: str = "resources", resource_type: str | None = None) -> int:
+        """Rows in the store, read through a separate SQLite connection."""
+        with sqlite3.connect(self.store_path) as db:
+            if resource_type is None:
+                return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            return db.execute(f"SELECT count(*) FROM {table} WHERE type = ?", (resource_type,)).fetchone()[0]
+
+
+def start_peer(dev_pki: str, store_path: str, **options) -> RunningPeer:
+    return RunningPeer(dev_pki, store_path, **options)
+
+
+# -- fixtures and builders -------------------------------------------------------------------
+
+@pytest.fixture
+def running(dev_pki, tmp_path):
+    peer = start_peer(dev_pki, str(tmp_path / "record.sqlite"))
+    yield peer
+    pytest_twisted.blockon(peer.stop())
+
+
+@pytest.fixture
+def client(running) -> RecordClient:
+    return running.client()
+
+
+def patient(cnie: str = "AB123456", family: str = "Benali", **extra) -> dict:
+    return {"resourceType": "Patient", "identifier": [{"system": CNIE, "value": cnie}],
+            "name": [{"family": family, "given": ["Amina"]}], "gender": "female", **extra}
+
+
+def observation(subject: str, loinc: str = "2093-3", value: float = 5.2, **extra) -> dict:
+    return {"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": LOINC, "code": loinc}]},
+            "subject": {"reference": subject}, "valueQuantity": {"value": value, "unit": "mmol/L"}, **extra}
+
+
+def entry(resource: dict, method: str, url: str, full_url: str | None = None, **request) -> dict:
+    item = {"resource": resource, "request": {"method": method, "url": url, **request}}
+    if full_url:
+        item["fullUrl"] = full_url
+    return item
+
+
+def transaction(*entries: dict) -> dict:
+    return {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
+
+
+def conditional_patient(cnie: str = "AB123456", full_url: str = "urn:uuid:p-1", **extra) -> dict:
+    return entry(patient(cnie, **extra), "PUT", f"Patient?identifier={CNIE}|{cnie}", full_url)
+
+
+def statuses(reply: Reply) -> list[str]:
+    return [item["response"]["status"] for item in reply.json["entry"]]
+
+
+def locations(reply: Reply) -> list[str]:
+    return [item["response"]["location"] for item in reply.json["entry"]]
+
+
+def issue(reply: Reply, number: int = 0) -> dict:
+    assert reply.json["resourceType"] == "OperationOutcome", reply.body
+    return reply.json["issue"][number]
+
+
+# -- transactions --------------------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_transaction_creates_and_resolves_urn_uuid_references(client):
+    """A transaction creates its resources and rewrites every urn:uuid reference to the stored Type/id."""
+    reply = yield client.post(transaction(
+        entry(observation("urn:uuid:p-1"), "POST", "Observation", "urn:uuid:o-1"),
+        conditional_patient(),
+        entry({"resourceType": "Provenance", "recorded": "2026-01-15T09:30:00Z",
+               "target": [{"reference": "urn:uuid:p-1"}, {"reference": "urn:uuid:o-1"}],
+               "agent": [{"who": {"display": "LABO_CASA"}}]}, "PUT", "Provenance/prov-1"),
+    ))
+    assert reply.code == 200 and reply.json["type"] == "transaction-response"
+    assert statuses(reply) == ["201 Created"] * 3
+    observation_location, patient_location, provenance_location = locations(reply)
+    assert provenance_location == "Provenance/prov-1/_history/1"
+    patient_ref = patient_location.rsplit("/_history/", 1)[0]
+    observation_ref = observation_location.rsplit("/_history/", 1)[0]
+    assert reply.json["entry"][1]["response"]["etag"] == 'W/"1"'
+
+    stored = yield client.get(f"/fhir/{observation_ref}")
+    assert stored.code == 200 and stored.json["subject"] == {"reference": patient_ref}
+    assert stored.json["meta"]["versionId"] == "1" and stored.header("etag") == 'W/"1"'
+    provenance = yield client.get("/fhir/Provenance/prov-1")
+    assert provenance.json["target"] == [{"reference": patient_ref}, {"reference": observation_ref}]
+
+
+@pytest_twisted.inlineCallbacks
+def test_conditional_update_updates_the_match_and_conditional_create_finds_it(client, running):
+    """PUT Type?identifier updates the one match (new version), POST ifNoneExist returns the match instead of creating."""
+    first = yield client.post(transaction(conditional_patient()))
+    assert statuses(first) == ["201 Created"]
+    [created] = locations(first)
+    patient_id = created.split("/")[1]
+
+    second = yield client.post(transaction(
+        conditional_patient(family="Benali-Alaoui"),
+        entry(patient(), "POST", "Patient", "urn:uuid:again", ifNoneExist=f"identifier={CNIE}|AB123456"),
+        entry(observation("urn:uuid:again"), "POST", "Observation"),
+    ))
+    assert statuses(second) == ["200 OK", "200 OK", "201 Created"]
+    assert locations(second)[:2] == [f"Patient/{patient_id}/_history/2"] * 2
+    assert running.count(resource_type="Patient") == 1
+    stored = yield client.get(f"/fhir/Patient/{patient_id}")
+    assert stored.json["name"][0]["family"] == "Benali-Alaoui" and stored.json["meta"]["versionId"] == "2"
+    found = yield client.get(f"/fhir/Observation?subject=Patient/{patient_id}")
+    assert found.json["total"] == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_conditional_update_without_match_creates_with_the_given_id_or_a_new_one(client):
+    """A conditional update that matches nothing creates the resource, with its own id when it has one."""
+    reply = yield client.post(transaction(
+        entry(patient("AA1", id="given-id"), "PUT", f"Patient?identifier={CNIE}|AA1"),
+        entry(patient("AA2"), "PUT", f"Patient?identifier={CNIE}|AA2"),
+    ))
+    assert statuses(reply) == ["201 Created", "201 Created"]
+    given, fresh = locations(reply)
+    assert given == "Patient/given-id/_history/1"
+    assert fresh.startswith("Patient/") and fresh.split("/")[1] != "given-id"
+
+
+@pytest_twisted.inlineCallbacks
+def test_same_identifier_twice_in_one_transaction_is_one_resource(client, running):
+    """Two entries for the same business identifier in one bundle (batched messages) end as one resource, the later content winning."""
+    reply = yield client.post(transaction(
+        entry(patient("BB1", family="First"), "PUT", f"Patient?identifier={CNIE}|BB1", "urn:uuid:a"),
+        entry(patient("BB1", family="Second"), "PUT", f"Patient?identifier={CNIE}|BB1", "urn:uuid:b"),
+        entry(observation("urn:uuid:a"), "POST", "Observation"),
+        entry(observation("urn:uuid:b", "718-7"), "POST", "Observation"),
+    ))
+    assert statuses(reply) == ["201 Created", "200 OK", "201 Created", "201 Created"]
+    assert running.count(resource_type="Patient") == 1
+    found = yield client.get(f"/fhir/Patient?identifier={CNIE}|BB1")
+    assert found.json["total"] == 1 and found.json["entry"][0]["resource"]["name"][0]["family"] == "Second"
+    patient_id = found.json["entry"][0]["resource"]["id"]
+    observations = yield client.get(f"/fhir/Observation?patient={patient_id}")
+    assert observations.json["total"] == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_several_matches_is_412_and_nothing_is_stored(client, running):
+    """A conditional update matching two resources fails with 412, and the other entries of the transaction are not stored."""
+    yield client.post(transaction(entry(patient("DUP", id="one"), "PUT", "Patient/one"),
+                                  entry(patient("DUP", id="two"), "PUT", "Patient/two")))
+    before = running.count()
+    reply = yield client.post(transaction(
+        entry(observation("Patient/one"), "POST", "Observation"),
+        entry(patient("DUP", family="Other"), "PUT", f"Patient?identifier={CNIE}|DUP"),
+    ))
+    assert reply.code == 412
+    assert issue(reply)["code"] == "multiple-matches"
+    assert issue(reply)["expression"] == ["Bundle.entry[1].request.url"]
+    assert running.count() == before
+
+
+@pytest_twisted.inlineCallbacks
+def test_unresolved_urn_uuid_is_422_and_the_transaction_is_rolled_back(client, running):
+    """A reference to a urn:uuid that no entry carries refuses the whole transaction."""
+    reply = yield client.post(transaction(
+        conditional_patient(),
+        entry(observation("urn:uuid:nowhere"), "POST", "Observation"),
+    ))
+    assert reply.code == 422
+    assert issue(reply)["code"] == "not-found"
+    assert issue(reply)["expression"] == ["Bundle.entry[1].resource.subject.reference"]
+    assert running.count() == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_put_by_id_mismatch_and_unsupported_methods_are_400(client):
+    """Entries that contradict their request URL or use an unsupported method are refused with their location."""
+    cases = [
+        (entry(patient(id="x"), "PUT", "Patient/y"), "Bundle.entry[0].resource.id"),
+        (entry(patient(), "PUT", "Observation/y"), "Bundle.entry[0].request.url"),
+        (entry(patient(), "DELETE", "Patient/y"), "Bundle.entry[0].request.method"),
+        (entry(patient(), "PUT", "Patient"), "Bundle.entry[0].request.url"),
+        (entry(patient(), "POST", "Patient?identifier=a|b"), "Bundle.entry[0].request.url"),
+        (entry(patient(), "PUT", "Patient?color=blue"), "Bundle.entry[0].request.url"),
+        ({"resource": patient()}, "Bundle.entry[0].request"),
+        ({"request": {"method": "POST", "url": "Patient"}}, "Bundle.entry[0].resource"),
+    ]
+    for item, where in cases:
+        reply = yield client.post(transaction(item))
+        assert reply.code == 400, (item, reply.body)
+        assert issue(reply)["expression"] == [where], item
+
+
+# -- idempotency ---------------------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_repeated_idempotency_key_gets_the_stored_answer_and_keeps_one_copy(client, running):
+    """Re-posting with the same key and body returns the first response and changes no row."""
+    bundle = transaction(conditional_patient(),
+                         entry(observation("urn:uuid:p-1"), "PUT", "Observation/obs-1", "urn:uuid:o"))
+    first = yield client.post(bundle, key="msg-1|record")
+    rows = running.count(), running.count("identifier_index"), running.count("reference_index")
+    again = yield client.post(json.dumps(bundle, indent=2).encode(), key="msg-1|record")
+    assert again.code == 200 and again.body == first.body
+    assert (running.count(), running.count("identifier_index"), running.count("reference_index")) == rows
+    assert running.count("idempotency_keys") == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_redelivery_under_another_key_leaves_one_copy_and_one_version(client, running):
+    """Unchanged content sent again (new key) is answered 200 without a new version."""
+    bundle = transaction(conditional_patient(),
+                         entry(observation("urn:uuid:p-1"), "PUT", "Observation/obs-1"))
+    first = yield client.post(bundle, key="k1")
+    second = yield client.post(bundle, key="k2")
+    assert statuses(first) == ["201 Created", "201 Created"]
+    assert statuses(second) == ["200 OK", "200 OK"]
+    assert locations(second) == locations(first)
+    assert running.count() == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_same_key_with_another_body_is_422(client, running):
+    """An Idempotency-Key reused for a different request is refused and stores nothing."""
+    yield client.post(transaction(conditional_patient()), key="reused")
+    reply = yield client.post(transaction(conditional_patient("OTHER")), key="reused")
+    assert reply.code == 422
+    assert issue(reply)["code"] == "business-rule" and "Idempotency-Key" in issue(reply)["diagnostics"]
+    assert running.count() == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_malformed_idempotency_key_is_400(client):
+    """An Idempotency-Key that is too long or not printable ASCII is refused."""
+    reply = yield client.post(transaction(conditional_patient()), key="k" * 201)
+    assert reply.code == 400 and "Idempotency-Key" in issue(reply)["diagnostics"]
+
+
+# -- validation ----------------------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_invalid_resource_is_422_with_entry_and_element(client, running):
+    """Resources the R4B models reject are listed with their entry index and element path; nothing is stored."""
+    bad_observation = observation("urn:uuid:p-1")
+    del bad_observation["code"]
+    bad_patient = patient(birthDate="1985-13-45")
+    reply = yield client.post(transaction(conditional_patient(), entry(bad_observation, "POST", "Observation"),
+                                          entry(bad_patient, "POST", "Patient")))
+    assert reply.code == 422
+    found = {(item["code"], item["expression"][0]) for item in reply.json["issue"]}
+    assert found == {("required", "Bundle.entry[1].resource.code"),
+                     ("value", "Bundle.entry[2].resource.birthDate")}
+    assert "1985-13-45" not in reply.body.decode()  # the peer never echoes values
+    assert running.count() == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_unknown_resource_type_is_422(client):
+    """A resource whose type R4 does not define is refused with its location."""
+    reply = yield client.post(transaction(entry({"resourceType": "HumanName"}, "POST", "HumanName")))
+    assert reply.code == 422 and issue(reply)["expression"] == ["Bundle.entry[0].resource.resourceType"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_validation_can_be_switched_off(dev_pki, tmp_path):
+    """With validate=False (benchmarks) a resource the models would reject is stored."""
+    running = start_peer(dev_pki, str(tmp_path / "lax.sqlite"), validate=False)
+    try:
+        bad = observation("urn:uuid:p-1")
+        del bad["code"]
+        reply = yield running.client().post(transaction(conditional_patient(), entry(bad, "POST", "Observation")))
+        assert reply.code == 200 and statuses(reply) == ["201 Created", "201 Created"]
+    finally:
+        yield running.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_malformed_requests_are_400(client):
+    """Not JSON, not UTF-8, not a Bundle, not a transaction, entries not a list: 400 with an OperationOutcome."""
+    cases = [
+        (b"{not json", "structure"),
+        (b'{"resourceType": "Bundle", "type": "transaction", "x": NaN}', "structure"),
+        ('{"resourceType": "Bundle", "n": "\u00e9"}'.encode("latin-1"), "structure"),
+        (b"[" * 100_000, "structure"),
+        (json.dumps(patient()).encode(), "invalid"),
+        (json.dumps({"resourceType": "Bundle", "type": "batch", "entry": []}).encode(), "not-supported"),
+        (json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": {}}).encode(), "structure"),
+        (b"[]", "invalid"),
+    ]
+    for body, code in cases:
+        reply = yield client.post(body)
+        assert reply.code == 400, body[:60]
+        assert issue(reply)["code"] == code, body[:60]
+
+
+@pytest_twisted.inlineCallbacks
+def test_wrong_content_type_is_415(client):
+    """A transaction sent as something other than FHIR JSON is refused."""
+    reply = yield client.post(transaction(), headers={"Content-Type": "application/xml"})
+    assert reply.code == 415 and issue(reply)["code"] == "not-supported"
+
+
+@pytest_twisted.inlineCallbacks
+def test_empty_transaction_is_an_empty_response(client):
+    """A transaction without entries succeeds with no entries."""
+    reply = yield client.post(transaction())
+    assert reply.code == 200 and reply.json["entry"] == []
+
+
+# -- read and search -----------------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_read_absent_unknown_type_and_bad_id(client):
+    """Read answers 404 for an absent resource or unknown type, 400 for a malformed id, each with an OperationOutcome."""
+    absent = yield client.get("/fhir/Patient/nobody")
+    assert absent.code == 404 and issue(absent)["code"] == "not-found"
+    unknown = yield client.get("/fhir/Nonsense/1")
+    assert unknown.code == 404 and issue(unknown)["code"] == "not-supported"
+    bad = yield client.get("/fhir/Patient/" + "x" * 65)
+    assert bad.code == 400
+    nowhere = yield client.get("/fhir/Patient/1/extra/path")
+    assert nowhere.code == 404 and nowhere.json["resourceType"] == "OperationOutcome"
+    outside = yield client.get("/elsewhere")
+    assert outside.code == 404 and outside.json["resourceType"] == "OperationOutcome"
+
+
+@pytest_twisted.inlineCallbacks
+def test_metadata_is_a_capability_statement(client):
+    """GET /fhir/metadata describes the record."""
+    reply = yield client.get("/fhir/metadata")
+    assert reply.code == 200 and reply.json["resourceType"] == "CapabilityStatement"
+    assert reply.json["fhirVersion"] == "4.0.1"
+    assert reply.header("content-type").startswith("application/fhir+json")
+
+
+@pytest.fixture
+def searchable(client):
+    """Two patients with observations and an encounter, for the search tests."""
+    local = {"value": "774411", "type": {"coding": [{"code": "PI"}]}}
+    pytest_twisted.blockon(client.post(transaction(
+        entry(patient("AB123456", identifier=[{"system": CNIE, "value": "AB123456"}, local]),
+              "PUT", "Patient/amina", "urn:uuid:a"),
+        entry(patient("CD789", family="Alaoui"), "PUT", "Patient/karim", "urn:uuid:k"),
+        entry(observation("urn:uuid:a", "2093-3", id="chol-a"), "PUT", "Observation/chol-a"),
+        entry(observation("urn:uuid:a", "718-7", id="hb-a"), "PUT", "Observation/hb-a"),
+        entry(observation("urn:uuid:k", "2093-3", id="chol-k",
+                          code={"coding": [{"system": LOINC, "code": "2093-3"},
+                                           {"system": "urn:local", "code": "CHOL"}]}),
+              "PUT", "Observation/chol-k"),
+        entry({"resourceType": "Encounter", "id": "enc-a", "status": "finished",
+               "class": {"code": "IMP"}, "subject": {"reference": "urn:uuid:a"}}, "PUT", "Encounter/enc-a"),
+    )))
+    return client
+
+
+def ids(reply: Reply) -> set[str]:
+    assert reply.code == 200, reply.body
+    assert reply.json["type"] == "searchset" and reply.json["total"] == len(reply.json["entry"])
+    return {item["resource"]["id"] for item in reply.json["entry"]}
+
+
+SEARCHES = {
+    f"Patient?identifier={CNIE}|AB123456": {"amina"},
+    "Patient?identifier=AB123456": {"amina"},
+    "Patient?identifier=|774411": {"amina"},
+    f"Patient?identifier={CNIE}|": {"amina", "karim"},
+    "Patient?identifier=urn:other|AB123456": set(),
+    "Patient?_id=karim": {"karim"},
+    "Observation?patient=Patient/amina": {"chol-a", "hb-a"},
+    "Observation?patient=amina": {"chol-a", "hb-a"},
+    "Observation?subject=Patient/karim": {"chol-k"},
+    "Observation?subject=karim": {"chol-k"},
+    "Encounter?patient=amina": {"enc-a"},
+    f"Observation?code={LOINC}|2093-3": {"chol-a", "chol-k"},
+    "Observation?code=2093-3": {"chol-a", "chol-k"},
+    "Observation?code=urn:local|CHOL": {"chol-k"},
+    f"Observation?code={LOINC}|2093-3&patient=amina": {"chol-a"},
+    "Observation?code=718-7&subject=Patient/karim": set(),
+    "Observation?_id=hb-a&_id=chol-a": set(),
+}
+
+
+@pytest.mark.parametrize("query", list(SEARCHES))
+@pytest_twisted.inlineCallbacks
+def test_search_parameters(searchable, query):
+    """Each search parameter, and their AND combinations, find exactly the expected resources."""
+    resource_type, _, params = query.partition("?")
+    reply = yield searchable.get(f"/fhir/{resource_type}?" + quote(params, safe="=&"))
+    assert ids(reply) == SEARCHES[query]
+
+
+@pytest_twisted.inlineCallbacks
+def test_search_count_pages_and_total_counts_all(searchable):
+    """_count limits the entries returned while total counts every match; the entries carry fullUrl and meta."""
+    reply = yield searchable.get("/fhir/Observation?_count=1")
+    assert reply.json["total"] == 3 and len(reply.json["entry"]) == 1
+    item = reply.json["entry"][0]
+    assert item["fullUrl"].startswith("https://127.0.0.1:") and item["fullUrl"].endswith("/fhir/Observation/" + item["resource"]["id"])
+    assert item["resource"]["meta"]["versionId"] == "1"
+
+
+@pytest_twisted.inlineCallbacks
+def test_bad_searches_are_refused(searchable):
+    """Unknown parameters, malformed values and unknown types are refused, not ignored."""
+    for path, code in [("/fhir/Patient?name=Benali", 400), ("/fhir/Patient?identifier:exact=x", 400),
+                       ("/fhir/Patient?identifier=", 400), ("/fhir/Patient?identifier=a|b|c", 400),
+                       ("/fhir/Observation?patient=Group/1", 400), ("/fhir/Patient?_count=many", 400),
+                       ("/fhir/Patient?_count=5000", 400), ("/fhir/Patient?_id=bad%20id", 400),
+                       ("/fhir/Patient?identifier=%ff", 400), ("/fhir/Nonsense?_id=1", 404)]:
+        reply = yield searchable.get(path)
+        assert reply.code == code, path
+        assert reply.json["resourceType"] == "OperationOutcome", path
+
+
+@pytest_twisted.inlineCallbacks
+def test_search_value_escapes(client):
+    """Identifier values with |, comma, & and spaces are found through FHIR escaping and percent-encoding."""
+    value = "A|B,C&D E\\F"
+    yield client.post(transaction(entry(patient(value), "PUT", "Patient/odd")))
+    escaped = value.replace("\\", "\\\\").replace("|", "\\|").replace(",", "\\,")
+    reply = yield client.get("/fhir/Patient?identifier=" + quote(f"{CNIE}|{escaped}", safe=""))
+    assert ids(reply) == {"odd"}
+
+
+# -- mutual TLS ----------------------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_certificate_not_allowed_is_403(running):
+    """A facility certificate from the same CA completes TLS but gets a 403 OperationOutcome, also on the fault control."""
+    stranger = running.client("INPE-100001")
+    reply = yield stranger.get("/fhir/metadata")
+    assert reply.code == 403 and issue(reply)["code"] == "forbidden"
+    assert "INPE-100001" in issue(reply)["diagnostics"]
+    control = yield stranger.request("PUT", "/_sandbox/faults", b'{"mode": "down"}')
+    assert control.code == 403
+    assert running.peer.faults.plan.mode == "none"
+
+
+@pytest_twisted.inlineCallbacks
+def test_allowed_clients_is_configurable(dev_pki, tmp_path):
+    """A peer told to accept a facility serves it."""
+    running = start_peer(dev_pki, str(tmp_path / "r.sqlite"), allowed_clients={"INPE-100001"})
+    try:
+        reply = yield running.client("INPE-100001").get("/fhir/metadata")
+        assert reply.code == 200
+        refused = yield running.client("gateway").get("/fhir/metadata")
+        assert refused.code == 403
+    finally:
+        yield running.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_without_certificate_cannot_connect(running):
+    """Without a client certificate the TLS handshake fails and no answer comes back."""
+    anonymous = running.client(None)
+    with pytest.raises(Exception) as caught:
+        yield anonymous.get("/fhir/metadata")
+    assert "certificate required" in repr(caught.value) or "ResponseNeverReceived" in repr(caught.value) \
+        or "ConnectionLost" in repr(caught.value)
+
+
+# -- request size --------------------------------------------------------------------------
+
+class _RawExchange(Protocol):
+    def __init__(self, payload: bytes):
+        self.payload = payload
+        self.received = b""
+        self.done = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.payload)
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.done.callback(self.received)
+
+
+@defer.inlineCallbacks
+def raw_exchange(running: RunningPeer, payload: bytes) -> bytes:
+    """Send raw bytes over mTLS as the gateway; everything received until the peer closes."""
+    pki = running.pki_dir
+    options = client_tls_options(os.path.join(pki, "ca.crt"), "127.0.0.1",
+                                 os.path.join(pki, "gateway.crt"), os.path.join(pki, "gateway.key"))
+    tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", running.port_number, timeout=TIMEOUT)
+    protocol = _RawExchange(payload)
+    yield endpoints.connectProtocol(endpoints.wrapClientTLS(options, tcp), protocol)
+    received = yield protocol.done.addTimeout(TIMEOUT, reactor)
+    return received
+
+
+@pytest_twisted.inlineCallbacks
+def test_oversize_declared_body_is_413_before_it_is_sent(running):
+    """A Content-Length above the limit (32 MiB) gets 413 with an OperationOutcome at once, and the connection closes."""
+    head = (b"POST /fhir HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/fhir+json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (32 * 1024 * 1024 + 1))
+    received = yield raw_exchange(running, head)
+    status, _, rest = received.partition(b"\r\n")
+    assert status == b"HTTP/1.1 413 Payload Too Large"
+    body = json.loads(rest.partition(b"\r\n\r\n")[2])
+    assert body["issue"][0]["code"] == "too-costly"
+
+
+@pytest_twisted.inlineCallbacks
+def test_oversize_chunked_body_is_413(dev_pki, tmp_path):
+    """A chunked body that grows past the limit is cut off with a 413."""
+    running = start_peer(dev_pki, str(tmp_path / "small.sqlite"), max_request_bytes=1024)
+    try:
+        chunk = b"x" * 2000
+        payload = (b"POST /fhir HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/fhir+json\r\n"
+                   b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(chunk) + chunk + b"\r\n")
+        received = yield raw_exchange(running, payload)
+        assert received.startswith(b"HTTP/1.1 413 ")
+        under = yield running.client().post(transaction())  # below the limit: served
+        assert under.code == 200
+    finally:
+        yield running.stop()
+
+
+# -- faults ----------------------------------------------------------------------------------
+
+@defer.inlineCallbacks
+def set_fault(client: RecordClient, **plan):
+    reply = yield client.request("PUT", "/_sandbox/faults", json.dumps(plan).encode())
+    assert reply.code == 200, reply.body
+
+
+@pytest_twisted.inlineCallbacks
+def test_fault_down_drops_the_connection_until_the_count_runs_out(client):
+    """`down` for one request: that request gets no answer, the next one is served."""
+    yield set_fault(client, mode="down", count=1)
+    with pytest.raises(Exception) as caught:
+        yield client.post(transaction(conditional_patient()))
+    assert "ResponseNeverReceived" in repr(caught.value) or "ConnectionLost" in repr(caught.value)
+    reply = yield client.post(transaction(conditional_patient()))
+    assert reply.code == 200
+
+
+@pytest.mark.parametrize("mode, status", [("http_500", 500), ("http_503", 503)])
+@pytest_twisted.inlineCallbacks
+def test_fault_http_errors_answer_an_operation_outcome(client, running, mode, status):
+    """`http_500`/`http_503` answer that status with an OperationOutcome and store nothing, for `count` requests."""
+    yield set_fault(client, mode=mode, count=2)
+    for _ in range(2):
+        reply = yield client.post(transaction(conditional_patient()))
+        assert reply.code == status and issue(reply)["code"] == "transient"
+    assert running.count() == 0
+    reply = yield client.post(transaction(conditional_patient()))
+    assert reply.code == 200 and running.count() == 1
+    plan = yield client.get("/_sandbox/faults")
+    assert json.loads(plan.body)["mode"] == "none"
+
+
+@pytest_twisted.inlineCallbacks
+def test_fault_slow_delays_the_answer_until_cleared(client):
+    """`slow` answers correctly after the delay, until the plan is deleted."""
+    yield set_fault(client, mode="slow", delay=0.3)
+    started = time.monotonic()
+    reply = yield client.get("/fhir/metadata")
+    assert reply.code == 200 and time.monotonic() - started >= 0.3
+    cleared = yield client.request("DELETE", "/_sandbox/faults")
+    assert cleared.code == 200
+    started = time.monotonic()
+    yield client.get("/fhir/metadata")
+    assert time.monotonic() - started < 0.3
+
+
+# -- persistence -----------------------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_data_and_idempotency_keys_persist_across_a_restart(running):
+    """After a restart on the same file, resources are still there and a repeated key still gets its stored answer."""
+    client = running.client()
+    bundle = transaction(conditional_patient())
+    first = yield client.post(bundle, key="persist-1")
+    yield running.stop()
+    running.start()
+    client = running.client()
+    found = yield client.get(f"/fhir/Patient?identifier={CNIE}|AB123456")
+    assert ids(found) and found.json["total"] == 1
+    again = yield client.post(bundle, key="persist-1")
+    assert again.body == first.body and running.count() == 1
