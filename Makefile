@@ -21,7 +21,7 @@ certs/dev/ca.crt: | $(STAMP)
 pki: certs/dev/ca.crt
 
 run: $(STAMP) certs/dev/ca.crt
-	$(BIN)/gateway run -c $(CONF)
+	$(BIN)/gateway run --sandbox -c $(CONF)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     run = commands.add_parser("run", parents=[common], help="run the gateway")
+    run.add_argument("--sandbox", action="store_true",
+                     help="also run the reference CNSS and shared-record peers (development)")
+    sandbox = commands.add_parser("sandbox", parents=[common],
+                                  help="run the reference CNSS and shared-record peers alone")
+    sandbox.set_defaults(handler=_sandbox)
     run.set_defaults(handler=_run)
 
     pki = commands.add_parser("pki", help="development certificates").add_subparsers(metavar="ACTION")
@@ -125,7 +130,13 @@ def load(args) -> GatewayConfig:
 def _run(args) -> int:
     from gateway.runner import run
 
-    return run(load(args))
+    return run(load(args), sandbox=args.sandbox)
+
+
+def _sandbox(args) -> int:
+    from gateway.runner import run_sandbox
+
+    return run_sandbox(load(args))
 
 
 def _pki(name: str):

@@ -167,6 +167,23 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class SandboxPeerConfig:
+    """One reference peer: where it listens and keeps its data. Its certificate is
+    `sandbox-<kind>.crt/.key` in pki.dev_dir, and it serves only the gateway's certificate."""
+
+    port: int
+    store: str  # its SQLite file
+    interface: str = "127.0.0.1"
+    validate: bool = True  # the shared record's input validation (off only for benchmarks)
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    record: SandboxPeerConfig | None = None  # the shared record (FHIR R4 REST, base /fhir)
+    cnss: SandboxPeerConfig | None = None  # CNSS (SOAP)
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     path: str  # the file it was loaded from
     root: str  # project root; relative paths are resolved against it
@@ -181,6 +198,7 @@ class GatewayConfig:
     destinations: tuple[DestinationConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     node_name: str = "gateway-1"
     log_level: str = "info"
     # Where `gateway run` writes its process id, for `gateway mappings reload` (SIGHUP).
@@ -655,6 +673,9 @@ class _Located:
     value: Any
 
 
+_SANDBOX_PEER = _record(SandboxPeerConfig, port=_PORT, store=_TEXT,
+                        interface=_scalar(_ip_address), validate=_BOOLEAN)
+
 _GATEWAY = _mapping(
     ("database", "pki"),
     node=_mapping(name=_TEXT),
@@ -671,6 +692,7 @@ _GATEWAY = _mapping(
     routes=_routes_file,
     delivery=_record(DeliveryConfig, lease=_SECONDS, poll_interval=_SECONDS,
                      claim_batch=_integer(1, 10_000)),
+    sandbox=_record(SandboxConfig, record=_SANDBOX_PEER, cnss=_SANDBOX_PEER),
     pid_file=_TEXT,
 )
 
@@ -742,6 +764,14 @@ def _route_problems(path: str, values: dict) -> list[str]:
     return problems
 
 
+def _sandbox_paths(sandbox: SandboxConfig | None, root: str) -> SandboxConfig | None:
+    if sandbox is None:
+        return None
+    return SandboxConfig(**{
+        kind: replace(peer, store=_absolute_path(peer.store, root)) if peer else None
+        for kind, peer in (("record", sandbox.record), ("cnss", sandbox.cnss))})
+
+
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     """Load, validate and resolve the configuration at `path`; raise ConfigError if wrong.
 
@@ -789,6 +819,7 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
         "destinations": values.get("destinations"),
         "routes": values["routes"].value if "routes" in values else None,
         "delivery": values.get("delivery"),
+        "sandbox": _sandbox_paths(values.get("sandbox"), root),
     }
     if "mappings" in values:
         optional["mappings"] = replace(values["mappings"],

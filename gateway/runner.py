@@ -28,15 +28,26 @@ def setup_logging(level: str) -> None:
                         format="%(asctime)s [%(name)s] %(levelname)s %(message)s")
 
 
-def run(config: GatewayConfig) -> int:
+def run(config: GatewayConfig, sandbox: bool = False) -> int:
     from twisted.internet import reactor
     from twisted.logger import Logger
 
-    from gateway.service import build_service
+    from gateway.service import OrderedServices, build_service
 
     setup_logging(config.log_level)
     log = Logger(namespace="gateway")
-    service = build_service(config, reactor)
+    gateway = build_service(config, reactor)
+    peers = _sandbox_service(config, reactor) if sandbox else None
+    if sandbox and peers is None:
+        log.warn("--sandbox: no sandbox peers configured (sandbox: record/cnss); running without")
+    if peers is not None:
+        # The peers first (deliveries find them up), stopped last (deliveries in flight end).
+        service = OrderedServices()
+        peers.setServiceParent(service)
+        gateway.setName("gateway")
+        gateway.setServiceParent(service)
+    else:
+        service = gateway
     try:
         service.startService()
     except Exception as error:  # a port in use, an unreadable certificate, an unreachable
@@ -49,7 +60,7 @@ def run(config: GatewayConfig) -> int:
     write_pid_file(pid_file)
     reactor.addSystemEventTrigger("after", "shutdown", remove_pid_file, pid_file)
     if config.mappings is not None:
-        translation = service.getServiceNamed("translation")
+        translation = gateway.getServiceNamed("translation")
         # The handler runs between bytecodes of the reactor thread: hand the work to the reactor.
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(translation.reload))
     else:
@@ -58,6 +69,38 @@ def run(config: GatewayConfig) -> int:
     log.info("gateway {node} ready: {listeners}", node=config.node_name, listeners=listeners)
     reactor.run()
     return 0
+
+
+def run_sandbox(config: GatewayConfig) -> int:
+    """`gateway sandbox`: the reference peers alone, until SIGTERM/SIGINT."""
+    from twisted.internet import reactor
+    from twisted.logger import Logger
+
+    setup_logging(config.log_level)
+    service = _sandbox_service(config, reactor)
+    if service is None:
+        print("gateway: no sandbox peers configured (sandbox: record/cnss)", file=sys.stderr)
+        return 1
+    failures = []
+    service.startService().addErrback(lambda f: (failures.append(f), reactor.stop()))
+    if failures:
+        print(f"gateway: cannot start the sandbox: {failures[0].getErrorMessage()}", file=sys.stderr)
+        return 1
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    peers = ", ".join(f"{kind} {peer.interface}:{peer.port}"
+                      for kind, peer in (("record", config.sandbox.record), ("cnss", config.sandbox.cnss))
+                      if peer is not None)
+    Logger(namespace="sandbox").info("sandbox peers ready: {peers}", peers=peers)
+    reactor.run()
+    return 1 if failures else 0
+
+
+def _sandbox_service(config: GatewayConfig, reactor):
+    from gateway.sandbox.service import SandboxService
+
+    if config.sandbox.record is None and config.sandbox.cnss is None:
+        return None
+    return SandboxService(config, reactor)
 
 
 def _stop_started(service) -> None:

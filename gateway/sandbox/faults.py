@@ -7,7 +7,10 @@
 - `none`: answer normally;
 - `down`: drop the connection without an answer (the client sees a connection error);
 - `slow`: answer normally after `delay` seconds;
-- `http_500`, `http_503`: answer with that status and an error body;
+- `http_500`, `http_503`: answer with that status and an error body (a transient failure);
+- `http_400`: answer 400 with an error body (a permanent refusal: the request is not done);
+- `drop_answer`: do the work, then drop the connection instead of answering (the client
+  cannot know it was done: it must retry with the same idempotency key);
 - `soap_fault`: (CNSS only) answer with a SOAP server fault.
 
 The control path itself is never subject to the faults.
@@ -18,7 +21,7 @@ import json
 import threading
 from dataclasses import asdict, dataclass
 
-MODES = ("none", "down", "slow", "http_500", "http_503", "soap_fault")
+MODES = ("none", "down", "slow", "http_500", "http_503", "http_400", "drop_answer", "soap_fault")
 CONTROL_PATH = b"/_sandbox/faults"
 
 

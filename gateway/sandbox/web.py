@@ -48,15 +48,15 @@ def with_faults(
     """Apply the current fault to `request`, then call `answer()` unless the fault replaces it.
 
     Returns `server.NOT_DONE_YET`: `answer` (or the fault) finishes the request. `error_answer`
-    writes a peer-specific body for `http_500`/`http_503` (plain text when not given).
+    writes a peer-specific body for `http_500`/`http_503`/`http_400` (plain text when not given).
     Modes a peer does not know (`soap_fault` on the record) are the caller's to handle first.
     """
     plan = faults.take()
     if plan.mode == "down":
         request.transport.abortConnection()
         return server.NOT_DONE_YET
-    if plan.mode in ("http_500", "http_503"):
-        code = 500 if plan.mode == "http_500" else 503
+    if plan.mode in ("http_500", "http_503", "http_400"):
+        code = int(plan.mode[5:])
         if error_answer is not None:
             error_answer(code)
         else:
@@ -64,6 +64,12 @@ def with_faults(
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             request.write(b"sandbox fault injected\n")
             request.finish()
+        return server.NOT_DONE_YET
+    if plan.mode == "drop_answer":
+        # The peer does the work; what it writes back never leaves.
+        request.write = lambda data: None
+        request.finish = request.transport.abortConnection
+        answer()
         return server.NOT_DONE_YET
     if plan.mode == "slow" and plan.delay > 0:
         gone: list[bool] = []
