@@ -1,0 +1,146 @@
+"""Destination adapter for the national shared record (FHIR R4 REST): the canonical bundle as
+a transaction request, and the record's answer as a delivery outcome. Pure code.
+
+`transaction_request(bundle, base_url=..., idempotency_key=...)` turns the mapping engine's
+`collection` Bundle into `POST {base_url}` with a `transaction` Bundle:
+- a resource with an identifier that has both a system and a value is a conditional update
+  on the first such identifier, `PUT Type?identifier=system|value` (the record keeps one
+  resource per business identifier, whatever id another sender gave it);
+- any other resource is `PUT Type/id` with its deterministic id;
+- fullUrls and references stay `urn:uuid:`: the record resolves them to the ids it stores.
+`transaction_request_for_bundles` does the same for several canonical bundles in one request
+(entries in the given order, so a later message about a resource wins).
+
+`classify_response(response)`:
+- 2xx with a `transaction-response` Bundle whose entries are all 2xx: delivered;
+- 408, 429 and 5xx: transient (retry later);
+- other statuses, and a 2xx that is not such a Bundle: permanent (dead letter).
+Reasons are short and made of the status, the OperationOutcome issue codes, element paths and
+the peer's diagnostics (which our peer writes without patient data), never of the bundle.
+Transport failures (refused connections, timeouts) are classified by the transport.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from urllib.parse import quote
+
+from gateway.delivery.outcome import DeliveryOutcome, HttpRequest, HttpResponse
+
+FHIR_JSON = "application/fhir+json"
+TRANSIENT_STATUSES = frozenset({408, 429})
+MAX_REASON = 200
+
+
+def escape_search_value(text: str) -> str:
+    """FHIR search escaping (`\\`, `|`, `,`, `$`) then percent-encoding, for one token part."""
+    return quote(re.sub(r"([\\|,$])", r"\\\1", text), safe=":/")
+
+
+def transaction_entry(entry: dict) -> dict:
+    """One canonical entry as a transaction entry (see the module docstring)."""
+    resource = entry["resource"]
+    resource_type = resource["resourceType"]
+    identifier = _business_identifier(resource)
+    if identifier is not None:
+        system, value = identifier
+        url = f"{resource_type}?identifier={escape_search_value(system)}|{escape_search_value(value)}"
+    else:
+        url = f"{resource_type}/{resource['id']}"
+    transaction = {"fullUrl": entry.get("fullUrl") or f"urn:uuid:{resource['id']}", "resource": resource,
+                   "request": {"method": "PUT", "url": url}}
+    return transaction
+
+
+def transaction_bundle(bundles: Sequence[dict]) -> dict:
+    return {"resourceType": "Bundle", "type": "transaction",
+            "entry": [transaction_entry(entry) for bundle in bundles for entry in bundle.get("entry", ())]}
+
+
+def transaction_request(bundle: dict, *, base_url: str, idempotency_key: str) -> HttpRequest:
+    """`POST {base_url}` of the canonical `bundle` as a transaction."""
+    return transaction_request_for_bundles([bundle], base_url=base_url, idempotency_key=idempotency_key)
+
+
+def transaction_request_for_bundles(bundles: Sequence[dict], *, base_url: str,
+                                    idempotency_key: str) -> HttpRequest:
+    """One transaction for several canonical bundles (batched delivery), all or nothing."""
+    body = json.dumps(transaction_bundle(bundles), ensure_ascii=False, separators=(",", ":"))
+    return HttpRequest(
+        method="POST",
+        url=base_url.rstrip("/"),
+        body=body.encode("utf-8"),
+        headers={"Content-Type": f"{FHIR_JSON}; charset=utf-8", "Accept": FHIR_JSON,
+                 "Idempotency-Key": idempotency_key},
+    )
+
+
+def classify_response(response: HttpResponse) -> DeliveryOutcome:
+    code = response.code
+    if 200 <= code < 300:
+        return _classify_success(response)
+    summary = _outcome_summary(response.body)
+    reason = _short(f"HTTP {code}" + (f": {summary}" if summary else ""))
+    if code in TRANSIENT_STATUSES or 500 <= code < 600:
+        return DeliveryOutcome.transient(reason, response)
+    return DeliveryOutcome.permanent(reason, response)
+
+
+def _business_identifier(resource: dict) -> tuple[str, str] | None:
+    identifiers = resource.get("identifier")
+    if isinstance(identifiers, dict):
+        identifiers = [identifiers]
+    for identifier in identifiers or ():
+        if isinstance(identifier, dict):
+            system, value = identifier.get("system"), identifier.get("value")
+            if isinstance(system, str) and system and isinstance(value, str) and value:
+                return system, value
+    return None
+
+
+def _classify_success(response: HttpResponse) -> DeliveryOutcome:
+    try:
+        document = json.loads(response.body)
+    except (ValueError, UnicodeDecodeError):
+        return DeliveryOutcome.permanent(f"unexpected answer: HTTP {response.code} body is not JSON", response)
+    if not isinstance(document, dict) or document.get("resourceType") != "Bundle" \
+            or document.get("type") != "transaction-response":
+        kind = document.get("resourceType") if isinstance(document, dict) else type(document).__name__
+        return DeliveryOutcome.permanent(_short(f"unexpected answer: HTTP {response.code} {kind}, "
+                                                "not a transaction-response"), response)
+    entries = document.get("entry") or []
+    if not isinstance(entries, list):
+        return DeliveryOutcome.permanent("unexpected answer: entry is not a list", response)
+    for number, entry in enumerate(entries):
+        status = ((entry or {}).get("response") or {}).get("status") if isinstance(entry, dict) else None
+        if not isinstance(status, str) or not status[:1] == "2":
+            return DeliveryOutcome.permanent(_short(f"entry {number} not stored: {status!r}"), response)
+    return DeliveryOutcome.delivered(f"delivered ({len(entries)} entries)", response)
+
+
+def _outcome_summary(body: bytes) -> str:
+    """`code at expression: diagnostics; ...` of an OperationOutcome, or "" for other bodies."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    if not isinstance(document, dict) or document.get("resourceType") != "OperationOutcome":
+        return ""
+    parts = []
+    for issue in document.get("issue") or ():
+        if not isinstance(issue, dict):
+            continue
+        part = str(issue.get("code", "unknown"))
+        expression = issue.get("expression")
+        if isinstance(expression, list) and expression:
+            part += f" at {expression[0]}"
+        if isinstance(issue.get("diagnostics"), str):
+            part += f": {issue['diagnostics']}"
+        parts.append(part)
+    return "; ".join(parts)
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_REASON else text[:MAX_REASON - 3] + "..."

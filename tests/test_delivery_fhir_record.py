@@ -1,0 +1,276 @@
+"""Tests for gateway/delivery/fhir_record.py: canonical bundles as FHIR transactions for the
+shared record, checked end to end against the real sandbox peer over mutual TLS, and the
+classification of every kind of answer."""
+from __future__ import annotations
+
+import copy
+import json
+from io import BytesIO
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.web.client import FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+
+from gateway.delivery.fhir_record import (
+    classify_response,
+    escape_search_value,
+    transaction_request,
+    transaction_request_for_bundles,
+)
+from gateway.delivery.outcome import HttpRequest, HttpResponse
+from gateway.mapping.golden import find_cases, translate_case
+from gateway.mapping.mapping_set import MappingSet
+from test_sandbox_record import TIMEOUT, RunningPeer, start_peer
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using readBody with a transport:DeprecationWarning")
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = find_cases(ROOT / "mappings" / "tests")
+BASE = "https://127.0.0.1:9444/fhir"
+
+
+@pytest.fixture(scope="module")
+def canonical() -> dict[str, dict]:
+    """Every golden case translated afresh (complete bundles, Provenance.recorded included)."""
+    mapping_set = MappingSet.load(ROOT / "mappings")
+    return {case.stem: translate_case(mapping_set, case).bundle for case in CASES}
+
+
+@pytest.fixture
+def running(dev_pki, tmp_path):
+    peer = start_peer(dev_pki, str(tmp_path / "record.sqlite"))
+    yield peer
+    pytest_twisted.blockon(peer.stop())
+
+
+@defer.inlineCallbacks
+def send(running: RunningPeer, request: HttpRequest):
+    """Send an adapter-built request to the peer as the gateway; the answer as an HttpResponse."""
+    client = running.clients[0] if running.clients else running.client()
+    url = request.url.replace(BASE, client.base + "/fhir")
+    response = yield client.agent.request(
+        request.method.encode(), url.encode(),
+        Headers({name: [value] for name, value in request.headers.items()}),
+        FileBodyProducer(BytesIO(request.body)),
+    ).addTimeout(TIMEOUT, reactor)
+    body = yield readBody(response)
+    headers = {name.decode().lower(): values[0].decode() for name, values in response.headers.getAllRawHeaders()}
+    return HttpResponse(response.code, headers, body)
+
+
+def business_identifier(resource: dict) -> tuple[str, str] | None:
+    for identifier in resource.get("identifier") or ():
+        if identifier.get("system") and identifier.get("value"):
+            return identifier["system"], identifier["value"]
+    return None
+
+
+# -- the request -----------------------------------------------------------------------------
+
+def test_request_shape_for_a_lab_result(canonical):
+    """Identified resources become conditional updates on their first system identifier, others PUT by id; references stay urn:uuid."""
+    bundle = canonical["lab-value-types"]
+    original = copy.deepcopy(bundle)
+    request = transaction_request(bundle, base_url=BASE + "/", idempotency_key="msg-42|record")
+    assert bundle == original  # the canonical bundle is left as it was
+    assert (request.method, request.url) == ("POST", BASE)
+    assert request.headers == {"Content-Type": "application/fhir+json; charset=utf-8",
+                               "Accept": "application/fhir+json", "Idempotency-Key": "msg-42|record"}
+    sent = json.loads(request.body)
+    assert sent["resourceType"] == "Bundle" and sent["type"] == "transaction"
+    assert [item["fullUrl"] for item in sent["entry"]] == [item["fullUrl"] for item in bundle["entry"]]
+    urls = {item["resource"]["resourceType"] + "/" + item["resource"]["id"]: item["request"]["url"]
+            for item in sent["entry"]}
+    patient_id = bundle["entry"][0]["resource"]["id"]
+    assert urls[f"Patient/{patient_id}"] == "Patient?identifier=urn:ma:cnie|AB123456"
+    for item in sent["entry"]:
+        resource = item["resource"]
+        assert item["request"]["method"] == "PUT"
+        if business_identifier(resource) is None:
+            assert item["request"]["url"] == f"{resource['resourceType']}/{resource['id']}"
+        else:
+            assert item["request"]["url"].startswith(resource["resourceType"] + "?identifier=")
+    observation = next(item["resource"] for item in sent["entry"] if item["resource"]["resourceType"] == "Observation")
+    assert observation["subject"] == {"reference": f"urn:uuid:{patient_id}"}
+
+
+def test_request_body_is_utf8_with_text_intact(canonical):
+    """French and Arabic text travel as UTF-8, not as escapes."""
+    bundle = copy.deepcopy(canonical["a01-admission"])
+    bundle["entry"][0]["resource"]["name"] = [{"family": "Benhaddou", "given": ["Hélène"], "text": "هيلين"}]
+    body = transaction_request(bundle, base_url=BASE, idempotency_key="k").body
+    assert "Hélène".encode() in body and "هيلين".encode() in body
+
+
+def test_identifier_values_are_escaped_for_the_search_url():
+    """|, comma, $, backslash, & and spaces in a system or value cannot break the conditional URL."""
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{
+        "fullUrl": "urn:uuid:x", "resource": {"resourceType": "Patient", "id": "x",
+                                              "identifier": [{"system": "urn:ma:cnie", "value": "A|B,C$D&E F\\G"}]}}]}
+    sent = json.loads(transaction_request(bundle, base_url=BASE, idempotency_key="k").body)
+    assert sent["entry"][0]["request"]["url"] == \
+        "Patient?identifier=urn:ma:cnie|" + quote("A\\|B\\,C\\$D&E F\\\\G", safe="")
+    assert escape_search_value("urn:ma:cnie") == "urn:ma:cnie"
+
+
+def test_identifier_without_system_or_value_is_not_a_condition():
+    """A resource whose identifiers lack a system (or a value) is addressed by its id."""
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{
+        "fullUrl": "urn:uuid:e", "resource": {"resourceType": "Encounter", "id": "e", "identifier": [
+            {"value": "V1"}, {"system": "urn:x"}, {"system": "", "value": "V2"}]}}]}
+    sent = json.loads(transaction_request(bundle, base_url=BASE, idempotency_key="k").body)
+    assert sent["entry"][0]["request"]["url"] == "Encounter/e"
+
+
+# -- end to end with the real peer -------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_every_golden_case_is_accepted_and_searchable(canonical, running):
+    """Each golden canonical bundle, as built by the adapter, is delivered over mTLS; its Patient is found by identifier and its Observations by subject."""
+    searched_observations = 0
+    for name, bundle in canonical.items():
+        request = transaction_request(bundle, base_url=BASE, idempotency_key=f"{name}|record")
+        response = yield send(running, request)
+        outcome = classify_response(response)
+        assert outcome.kind == "delivered", (name, outcome.reason, response.body[:500])
+        stored_ids = [item["response"]["location"].split("/")[1] for item in json.loads(response.body)["entry"]]
+        patients = [(resource, stored) for resource, stored in
+                    zip((item["resource"] for item in bundle["entry"]), stored_ids)
+                    if resource["resourceType"] == "Patient"]
+        if not patients:
+            continue
+        patient, patient_id = patients[0]
+        identifier = business_identifier(patient)
+        client = running.clients[0]
+        if identifier is not None:
+            query = f"{escape_search_value(identifier[0])}|{escape_search_value(identifier[1])}"
+            found = yield client.get(f"/fhir/Patient?identifier={query}")
+            assert found.json["total"] == 1 and found.json["entry"][0]["resource"]["id"] == patient_id, name
+        else:
+            value = patient["identifier"][0]["value"]
+            found = yield client.get(f"/fhir/Patient?identifier={escape_search_value(value)}")
+            assert patient_id in {item["resource"]["id"] for item in found.json["entry"]}, name
+        observation_ids = {item["resource"]["id"] for item in bundle["entry"]
+                           if item["resource"]["resourceType"] == "Observation"}
+        if observation_ids:
+            found = yield client.get(f"/fhir/Observation?subject=Patient/{patient_id}")
+            assert observation_ids <= {item["resource"]["id"] for item in found.json["entry"]}, name
+            searched_observations += len(observation_ids)
+    assert searched_observations >= 30
+
+
+@pytest_twisted.inlineCallbacks
+def test_redelivery_keeps_one_copy(canonical, running):
+    """The same request sent twice (a retry with its key) and again under a new key leaves the same rows."""
+    bundle = canonical["bench-oru-20-obx"]
+    request = transaction_request(bundle, base_url=BASE, idempotency_key="oru|record")
+    first = yield send(running, request)
+    rows = running.count()
+    retried = yield send(running, request)
+    assert retried.body == first.body and running.count() == rows == len(bundle["entry"])
+    replayed = yield send(running, transaction_request(bundle, base_url=BASE, idempotency_key="oru|replay"))
+    assert classify_response(replayed).kind == "delivered"
+    assert {item["response"]["status"] for item in json.loads(replayed.body)["entry"]} == {"200 OK"}
+    assert running.count() == rows
+
+
+@pytest_twisted.inlineCallbacks
+def test_several_bundles_in_one_transaction(canonical, running):
+    """Batched bundles for the same patient are delivered together and leave one Patient."""
+    bundles = [canonical["a01-admission"], canonical["a08-update"], canonical["lab-value-types"]]
+    request = transaction_request_for_bundles(bundles, base_url=BASE, idempotency_key="batch-1")
+    response = yield send(running, request)
+    outcome = classify_response(response)
+    assert outcome.kind == "delivered"
+    assert outcome.reason == f"delivered ({sum(len(b['entry']) for b in bundles)} entries)"
+
+
+@pytest_twisted.inlineCallbacks
+def test_invalid_bundle_is_a_permanent_failure_with_a_located_reason(canonical, running):
+    """A resource the peer rejects makes a permanent outcome whose reason names the element, not the value."""
+    bundle = copy.deepcopy(canonical["a01-admission"])
+    bundle["entry"][0]["resource"]["birthDate"] = "1985-13-45"
+    response = yield send(running, transaction_request(bundle, base_url=BASE, idempotency_key="bad"))
+    outcome = classify_response(response)
+    assert outcome.kind == "permanent" and outcome.response is response
+    assert outcome.reason.startswith("HTTP 422: value at Bundle.entry[0].resource.birthDate")
+    assert "1985-13-45" not in outcome.reason and running.count() == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_peer_faults_are_transient(canonical, running):
+    """An injected 503 from the peer is a transient outcome; the retry is delivered."""
+    client = running.client()
+    yield client.request("PUT", "/_sandbox/faults", b'{"mode": "http_503", "count": 1}')
+    request = transaction_request(canonical["a28-add-person-newborn"], base_url=BASE, idempotency_key="k")
+    first = yield send(running, request)
+    assert classify_response(first).kind == "transient"
+    assert classify_response(first).reason == "HTTP 503: transient: sandbox fault injected"
+    second = yield send(running, request)
+    assert classify_response(second).kind == "delivered"
+
+
+# -- classification ----------------------------------------------------------------------------
+
+def outcome_body(*issues: tuple) -> bytes:
+    return json.dumps({"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": code, "diagnostics": text, **({"expression": [where]} if where else {})}
+        for code, text, where in issues]}).encode()
+
+
+def response_bundle(*statuses: str, kind: str = "transaction-response") -> bytes:
+    return json.dumps({"resourceType": "Bundle", "type": kind,
+                       "entry": [{"response": {"status": status}} for status in statuses]}).encode()
+
+
+CLASSIFIED = [
+    # (code, body, kind, reason)
+    (200, response_bundle("201 Created", "200 OK"), "delivered", "delivered (2 entries)"),
+    (200, response_bundle(), "delivered", "delivered (0 entries)"),
+    (200, response_bundle("201 Created", "412 Precondition Failed"), "permanent",
+     "entry 1 not stored: '412 Precondition Failed'"),
+    (200, response_bundle("201", kind="batch-response"), "permanent",
+     "unexpected answer: HTTP 200 Bundle, not a transaction-response"),
+    (200, outcome_body(("informational", "all ok", None)), "permanent",
+     "unexpected answer: HTTP 200 OperationOutcome, not a transaction-response"),
+    (200, b"<html>proxy login</html>", "permanent", "unexpected answer: HTTP 200 body is not JSON"),
+    (201, b"[1, 2]", "permanent", "unexpected answer: HTTP 201 list, not a transaction-response"),
+    (408, b"", "transient", "HTTP 408"),
+    (429, b"slow down", "transient", "HTTP 429"),
+    (500, outcome_body(("exception", "internal error", None)), "transient", "HTTP 500: exception: internal error"),
+    (502, b"<html>bad gateway</html>", "transient", "HTTP 502"),
+    (503, outcome_body(("transient", "sandbox fault injected", None)), "transient",
+     "HTTP 503: transient: sandbox fault injected"),
+    (400, outcome_body(("structure", "the body is not JSON (line 1, column 2)", None)), "permanent",
+     "HTTP 400: structure: the body is not JSON (line 1, column 2)"),
+    (403, outcome_body(("forbidden", "client 'X' is not allowed", None)), "permanent",
+     "HTTP 403: forbidden: client 'X' is not allowed"),
+    (404, b"not found", "permanent", "HTTP 404"),
+    (412, outcome_body(("multiple-matches", "the condition matches several resources", "Bundle.entry[0].request.url")),
+     "permanent", "HTTP 412: multiple-matches at Bundle.entry[0].request.url: the condition matches several resources"),
+    (422, outcome_body(("required", "Field required", "Bundle.entry[1].resource.code"),
+                       ("value", "Input should be a valid string", "Bundle.entry[2].resource.id")), "permanent",
+     "HTTP 422: required at Bundle.entry[1].resource.code: Field required; "
+     "value at Bundle.entry[2].resource.id: Input should be a valid string"),
+    (301, b"", "permanent", "HTTP 301"),
+]
+
+
+@pytest.mark.parametrize("code, body, kind, reason", CLASSIFIED)
+def test_classify_response(code, body, kind, reason):
+    """Every kind of answer gets its outcome kind and a short reason."""
+    response = HttpResponse(code, {"content-type": "application/fhir+json"}, body)
+    outcome = classify_response(response)
+    assert (outcome.kind, outcome.reason) == (kind, reason)
+    assert outcome.response is response
+
+
+def test_reason_is_short():
+    """A long OperationOutcome makes a reason of at most 200 characters."""
+    body = outcome_body(*[("value", "x" * 100, f"Bundle.entry[{n}].resource") for n in range(50)])
+    outcome = classify_response(HttpResponse(422, {}, body))
+    assert outcome.kind == "permanent" and len(outcome.reason) <= 200 and outcome.reason.endswith("...")
