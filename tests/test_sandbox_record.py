@@ -679,6 +679,32 @@ def test_fault_http_errors_answer_an_operation_outcome(client, running, mode, st
     assert json.loads(plan.body)["mode"] == "none"
 
 
+@pytest.mark.parametrize("mode, status, code", [("http_400", 400, "invalid"), ("soap_fault", 500, "transient")])
+@pytest_twisted.inlineCallbacks
+def test_fault_other_errors(client, running, mode, status, code):
+    """`http_400` answers a refusal, and `soap_fault` (CNSS's) a server error, each once with count 1."""
+    yield set_fault(client, mode=mode, count=1)
+    reply = yield client.post(transaction(conditional_patient()))
+    assert reply.code == status and issue(reply)["code"] == code
+    assert running.count() == 0
+    reply = yield client.post(transaction(conditional_patient()))
+    assert reply.code == 200
+
+
+@pytest_twisted.inlineCallbacks
+def test_fault_drop_answer_stores_and_the_retry_gets_the_stored_answer(client, running):
+    """`drop_answer` stores the transaction but never answers; the retry with the same key gets the answer and leaves one copy."""
+    bundle = transaction(conditional_patient(), entry(observation("urn:uuid:p-1"), "POST", "Observation"))
+    yield set_fault(client, mode="drop_answer", count=1)
+    with pytest.raises(Exception) as caught:
+        yield client.post(bundle, key="lost-answer")
+    assert "ResponseNeverReceived" in repr(caught.value) or "ConnectionLost" in repr(caught.value)
+    assert running.count() == 2
+    retry = yield client.post(bundle, key="lost-answer")
+    assert retry.code == 200 and statuses(retry) == ["201 Created", "201 Created"]
+    assert running.count() == 2
+
+
 @pytest_twisted.inlineCallbacks
 def test_fault_slow_delays_the_answer_until_cleared(client):
     """`slow` answers correctly after the delay, until the plan is deleted."""

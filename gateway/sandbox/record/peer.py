@@ -6,6 +6,8 @@ Routes (under `/fhir`):
 - `GET /fhir/metadata`: the CapabilityStatement;
 - `GET /fhir/Type/id`: read; `GET /fhir/Type?...`: search (search.py);
 - `/_sandbox/faults`: the fault plan (gateway/sandbox/faults.py), never itself faulted.
+  Injected errors are OperationOutcomes (issue code `transient` for 5xx, `invalid` for 400);
+  `soap_fault`, which has no REST meaning, answers like `http_500`.
 
 Every request must come over TLS from a client whose certificate's subject CN is in
 `allowed_clients`; others get a 403 OperationOutcome (the TLS layer has already refused
@@ -111,6 +113,11 @@ def _forbidden(request, allowed_clients: frozenset[str]) -> bytes | None:
     return error_answer(FhirError.single(403, "forbidden", who)).body
 
 
+def _fault_answer(request, status: int) -> None:
+    code = "transient" if status >= 500 else "invalid"
+    _write(request, error_answer(FhirError.single(status, code, "sandbox fault injected")))
+
+
 class _GuardedFaultControl(FaultControl):
     def __init__(self, faults: Faults, allowed_clients: frozenset[str]):
         super().__init__(faults)
@@ -153,10 +160,13 @@ class FhirEndpoint(resource.Resource):
             return refusal
         request._record_gone = False
         request.notifyFinish().addErrback(lambda _: setattr(request, "_record_gone", True))
-        return with_faults(request, self.peer.faults, self.peer.reactor,
-                           lambda: self._answer(request),
-                           lambda code: _write(request, error_answer(FhirError.single(
-                               code, "transient", "sandbox fault injected"))))
+        faults = self.peer.faults
+        if faults.plan.mode == "soap_fault":  # CNSS's server fault is a 500 in REST terms
+            faults.take()
+            _fault_answer(request, 500)
+            return server.NOT_DONE_YET
+        return with_faults(request, faults, self.peer.reactor,
+                           lambda: self._answer(request), lambda code: _fault_answer(request, code))
 
     def _answer(self, request) -> None:
         path = [segment.decode("utf-8", "replace") for segment in request.postpath]
@@ -196,7 +206,10 @@ class FhirEndpoint(resource.Resource):
             if path == ["metadata"]:
                 return RecordApi.capability_statement()
             if len(path) == 1:
-                query = request.uri.partition(b"?")[2].decode("latin-1")
+                try:
+                    query = request.uri.partition(b"?")[2].decode("ascii")
+                except UnicodeDecodeError:
+                    raise FhirError.single(400, "invalid", "percent-encode the query string") from None
                 return lambda: api.search(path[0], query, self._base_url(request))
             if len(path) == 2:
                 return lambda: api.read(path[0], path[1])
