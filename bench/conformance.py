@@ -81,6 +81,7 @@ MALFORMED = {
     "ipf/*invalid*": "upstream negative case",
     "node-hl7-complete/invalid/*": "filed under invalid/ upstream",
     "hapi-hl7v2/xml/xml-with-xxe.xml": "XXE probe",
+    "hapi-hl7v2/xml/get_*.xml": "DOCTYPE with an external DTD (XXE probe, SOURCES.md: meant to be rejected)",
     "hapi-hl7v2/xml/weird_message.xml": "invalid TS, unknown root element",
     "mirth-connect/serializer/*.xml": "Mirth's own XML dialect, not HL7 v2 XML",
 }

@@ -156,7 +156,7 @@ def read_v2xml(data: bytes) -> ParsedInput:
         message = parse_v2xml(data)
     except MessageParseError as error:
         raise InputError(error.reason, error.location, "hl7v2-xml") from None
-    return ParsedInput(message, message.message_type, "hl7v2-xml", message.value("MSH", 10),
+    return ParsedInput(message, message.message_type, "hl7v2-xml", message.value("MSH", 10) or stand_in_control_id(data),
                        message.value("MSH", 3), message.value("MSH", 4))
 
 
