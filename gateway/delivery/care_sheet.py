@@ -1,0 +1,483 @@
+"""CNSS destination adapter: canonical bundle -> electronic care sheet (FSE) -> SOAP request.
+
+Pure: no reactor, no network. The envelope is built by zeep from the WSDL and XSD in
+`adapters/soap/cnss/` (a zeep Client loaded once, whose transport reads only those files) and
+checked against the XSD with lxml before it leaves, so what we send is what the contract says.
+
+- `care_sheet_from_bundle(bundle)`: the care sheet's fields, named and nested as the XSD's
+  elements (the keyword arguments of `SoumettreFeuilleDeSoins`, less the key), or None when
+  the bundle has nothing billable. Billable: a ChargeItem `billable` (an NGAP or NABM act,
+  FT1 of a DFT^P03) and a MedicationDispense `completed` (an EAN-13 drug: RDS^O13, pharmacy
+  CSV). One care sheet is one patient and one episode: several patients, prescribers,
+  practitioners or facilities in one message are refused rather than guessed.
+- `care_sheet_request(bundle, url=, idempotency_key=)`: the POST for `SoumettreFeuilleDeSoins`,
+  or None when nothing is billable.
+- `eligibility_request(url=, on=, immatriculation= | cnie=)`: the POST for `VerifierDroits`.
+- `classify_response(response)`: delivered (the reason names the care-sheet number), transient
+  (soap:Server fault, 408, 429, 5xx without a readable fault) or permanent (soap:Client and
+  other faults, any other unexpected answer).
+
+What a care sheet needs and the bundle lacks raises `CareSheetError(reason)`: the message is
+dead-lettered with that reason (never patient data), since retrying cannot fix it.
+
+Where the fields come from (identifier systems of DESIGN.md section 4):
+- insured person: the patient's `urn:ma:cnss:immatriculation` and/or `urn:ma:cnie`, or, when a
+  Coverage names the patient as a spouse or child, the Coverage's `subscriberId`;
+- performing facility: an Organization with an `urn:ma:inpe` identifier among the performers
+  (RXD-30, the CSV's pharmacy), else the sender as the registry knows it (the Provenance
+  author's `urn:ma:inpe` identifier, written on the live path);
+- practitioner and prescriber: Practitioners' `urn:ma:inpe` (ChargeItem performer PRF / OP;
+  MedicationDispense performer / its MedicationRequest's requester);
+- prescription: `urn:ma:hie:prescription` (MedicationRequest.groupIdentifier or identifier,
+  or authorizingPrescription.identifier);
+- amounts: ChargeItem.priceOverride (the line's amount, FT1-11 or FT1-12 x FT1-10), the
+  unit-price extension of a dispense (CSV). A dispense without a price is sent without one
+  (the contract lets CNSS value a drug at its regulated price); an act without one is refused.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal, InvalidOperation
+from urllib.parse import urlparse
+
+import zeep
+import zeep.exceptions
+from lxml import etree
+
+from adapters.soap.cnss import HERE as CONTRACT_DIR
+from adapters.soap.cnss import NAMESPACE, WSDL_PATH, XSD_PATH, soap_action, valid_ean13
+from gateway.delivery.outcome import DeliveryOutcome, HttpRequest, HttpResponse
+
+IMMATRICULATION = "urn:ma:cnss:immatriculation"
+CNIE = "urn:ma:cnie"
+INPE = "urn:ma:inpe"
+PRESCRIPTION = "urn:ma:hie:prescription"
+GTIN = "https://www.gs1.org/gtin"
+NOMENCLATURES = {"urn:ma:cnss:ngap": "NGAP", "urn:ma:cnss:nabm": "NABM"}
+UNIT_PRICE_EXTENSION = "urn:ma:hie:StructureDefinition/unit-price"
+PRACTITIONER_ROLE_ORDERING = "OP"  # v2-0443, as FT1.ChargeItem.yaml writes the FT1-21 orderer
+RELATIONSHIPS = {"self": "ASSURE", "spouse": "CONJOINT", "common": "CONJOINT", "child": "ENFANT"}
+
+SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
+CONTENT_TYPE = "text/xml; charset=utf-8"
+CENT = Decimal("0.01")
+REASON_LIMIT = 200
+TRANSIENT_STATUSES = {408, 429, 503}
+
+
+class CareSheetError(Exception):
+    """The bundle cannot make a valid care sheet; `reason` says why, without patient data."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# zeep, kept to the contract's own files
+
+class LocalContractTransport(zeep.Transport):
+    """A zeep transport that reads the contract's files and refuses everything else.
+
+    zeep fetches what a WSDL imports through its transport; ours never opens a socket, so a
+    WSDL edited to point at a URL fails loudly instead of reaching out at start-up.
+    """
+
+    def __init__(self, directory: str = str(CONTRACT_DIR)):
+        super().__init__()
+        self.directory = os.path.realpath(directory)
+
+    def load(self, url: str) -> bytes:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("", "file"):
+            raise zeep.exceptions.TransportError(f"refusing to fetch {url}: the CNSS contract is local")
+        path = os.path.realpath(parsed.path if parsed.scheme == "file" else url)
+        if os.path.dirname(path) != self.directory:
+            raise zeep.exceptions.TransportError(f"refusing to read {path}: outside {self.directory}")
+        with open(path, "rb") as f:
+            return f.read()
+
+    def get(self, address, params, headers):
+        raise zeep.exceptions.TransportError("this zeep client only builds messages")
+
+    def post(self, address, message, headers):
+        raise zeep.exceptions.TransportError("this zeep client only builds messages")
+
+
+@functools.lru_cache(maxsize=1)
+def cnss_client() -> zeep.Client:
+    """The zeep Client of the CNSS WSDL, loaded once per process."""
+    settings = zeep.Settings(strict=True, forbid_dtd=True, forbid_entities=True, xml_huge_tree=False)
+    return zeep.Client(WSDL_PATH, transport=LocalContractTransport(), settings=settings)
+
+
+@functools.lru_cache(maxsize=1)
+def _schema() -> etree.XMLSchema:
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+    return etree.XMLSchema(etree.parse(XSD_PATH, parser))
+
+
+def _envelope(operation: str, **fields) -> bytes:
+    """The SOAP envelope of `operation` built by zeep, checked against the XSD, as bytes."""
+    client = cnss_client()
+    try:
+        envelope = client.create_message(client.service, operation, **fields)
+    except (zeep.exceptions.ValidationError, TypeError, ValueError) as e:
+        raise CareSheetError(f"{operation}: {_first_line(str(e))}") from None
+    body = envelope.find(f"{{{SOAP_ENV}}}Body")
+    schema = _schema()
+    if not schema.validate(body[0]):
+        error = schema.error_log[0]
+        path = "/".join(step.split(":")[-1] for step in (error.path or "").split("/") if step)
+        rule = error.type_name.replace("SCHEMAV_", "").lower()
+        raise CareSheetError(f"{operation}: {path or 'request'} does not match the CNSS schema ({rule})")
+    return etree.tostring(envelope, xml_declaration=True, encoding="utf-8")
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0][:REASON_LIMIT] if text.strip() else "invalid"
+
+
+def _post(url: str, operation: str, body: bytes) -> HttpRequest:
+    return HttpRequest("POST", url, body, {
+        "Content-Type": CONTENT_TYPE,
+        "SOAPAction": f'"{soap_action(operation)}"',  # a quoted URI, SOAP 1.1 section 6.1.1
+    })
+
+
+# Requests
+
+def care_sheet_request(bundle: dict, *, url: str, idempotency_key: str) -> HttpRequest | None:
+    """The SoumettreFeuilleDeSoins POST for `bundle`, or None when nothing in it is billable."""
+    fields = care_sheet_from_bundle(bundle)
+    if fields is None:
+        return None
+    body = _envelope("SoumettreFeuilleDeSoins", cleIdempotence=idempotency_key, **fields)
+    return _post(url, "SoumettreFeuilleDeSoins", body)
+
+
+def eligibility_request(*, url: str, on: date, immatriculation: str | None = None,
+                        cnie: str | None = None) -> HttpRequest:
+    """The VerifierDroits POST: are AMO rights open on `on`, by member number or by CNIE."""
+    if (immatriculation is None) == (cnie is None):
+        raise ValueError("give exactly one of immatriculation and cnie")
+    who = {"immatriculation": immatriculation} if immatriculation is not None else {"cnie": cnie.upper()}
+    return _post(url, "VerifierDroits", _envelope("VerifierDroits", dateReference=on, **who))
+
+
+# Responses
+
+def classify_response(response: HttpResponse) -> DeliveryOutcome:
+    """The verdict on a SoumettreFeuilleDeSoins answer (see the module docstring)."""
+    body = _soap_body(response.body)
+    fault = body.find(f"{{{SOAP_ENV}}}Fault") if body is not None else None
+    if fault is not None:
+        code = (fault.findtext("faultcode") or "").strip()
+        kind = code.rsplit(":", 1)[-1].split(".", 1)[0]  # soap:Client, or soap:Client.Detail
+        error = fault.findtext(f"detail/{{{NAMESPACE}}}Erreur/{{{NAMESPACE}}}code")
+        text = " ".join((fault.findtext("faultstring") or "").split())[:REASON_LIMIT]
+        reason = f"CNSS {kind or 'unknown'} fault{f' {error.strip()}' if error else ''}: {text}"
+        if kind == "Server":
+            return DeliveryOutcome.transient(reason, response)
+        return DeliveryOutcome.permanent(reason, response)
+    if response.code == 200 and body is not None:
+        answer = body.find(f"{{{NAMESPACE}}}SoumettreFeuilleDeSoinsReponse")
+        number = answer.findtext(f"{{{NAMESPACE}}}numeroDossier") if answer is not None else None
+        if number:
+            status = answer.findtext(f"{{{NAMESPACE}}}statut") or "?"
+            return DeliveryOutcome.delivered(f"care sheet {number.strip()} {status.strip()}", response)
+        return DeliveryOutcome.permanent("CNSS answered 200 without a care-sheet number", response)
+    if response.code in TRANSIENT_STATUSES or 500 <= response.code <= 599:
+        return DeliveryOutcome.transient(f"CNSS HTTP {response.code}", response)
+    return DeliveryOutcome.permanent(f"CNSS HTTP {response.code}: unexpected answer", response)
+
+
+def _soap_body(data: bytes) -> etree._Element | None:
+    """The soap:Body of `data`, or None when it is not a SOAP 1.1 envelope (hardened parse)."""
+    if not data or not data.lstrip().startswith(b"<"):
+        return None
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
+    try:
+        root = etree.fromstring(data, parser)
+    except etree.XMLSyntaxError:
+        return None
+    if root.tag != f"{{{SOAP_ENV}}}Envelope" or root.getroottree().docinfo.doctype:
+        return None
+    return root.find(f"{{{SOAP_ENV}}}Body")
+
+
+# Bundle -> care sheet
+
+@dataclass
+class _Line:
+    fields: dict
+    day: date | None
+
+
+class _Bundle:
+    """The resources of a bundle and their references (urn:uuid fullUrls and Type/id)."""
+
+    def __init__(self, bundle: dict):
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+            raise CareSheetError("not a FHIR Bundle")
+        self.resources: list[dict] = []
+        self._by_reference: dict[str, dict] = {}
+        for entry in bundle.get("entry") or ():
+            resource = (entry or {}).get("resource")
+            if not isinstance(resource, dict):
+                continue
+            self.resources.append(resource)
+            if entry.get("fullUrl"):
+                self._by_reference[entry["fullUrl"]] = resource
+            if resource.get("id"):
+                self._by_reference[f"{resource.get('resourceType')}/{resource['id']}"] = resource
+
+    def of_type(self, resource_type: str) -> list[dict]:
+        return [r for r in self.resources if r.get("resourceType") == resource_type]
+
+    def resolve(self, reference: dict | None) -> dict | None:
+        if not isinstance(reference, dict):
+            return None
+        return self._by_reference.get(reference.get("reference") or "")
+
+
+def _identifier(resource: dict | None, system: str) -> str | None:
+    for identifier in (resource or {}).get("identifier") or ():
+        if identifier.get("system") == system and str(identifier.get("value") or "").strip():
+            return str(identifier["value"]).strip()
+    return None
+
+
+def _inpe_of(bundle: _Bundle, reference: dict | None, resource_type: str) -> str | None:
+    """The INPE of the `resource_type` that `reference` points at (in the bundle, or logically).
+
+    A logical reference by INPE that does not declare its type is taken for an establishment
+    (the pharmacy of the dispensing CSV export).
+    """
+    target = bundle.resolve(reference)
+    if target is not None:
+        return _identifier(target, INPE) if target.get("resourceType") == resource_type else None
+    logical = (reference or {}).get("identifier") or {}
+    declared = (reference or {}).get("type") or "Organization"
+    if logical.get("system") == INPE and logical.get("value") and declared == resource_type:
+        return str(logical["value"]).strip()
+    return None
+
+
+def _one(values: set, what: str) -> str | None:
+    values.discard(None)
+    if len(values) > 1:
+        raise CareSheetError(f"{len(values)} different {what} in one message: one care sheet has one")
+    return next(iter(values), None)
+
+
+def _day(value) -> date | None:
+    if not isinstance(value, str) or len(value) < 10:
+        return None
+    try:
+        return date.fromisoformat(value[:10])  # the date as the sender wrote it, in its zone
+    except ValueError:
+        return None
+
+
+def _amount(money: dict | None, what: str) -> Decimal | None:
+    if not isinstance(money, dict) or money.get("value") is None:
+        return None
+    currency = money.get("currency") or "MAD"
+    if currency != "MAD":
+        raise CareSheetError(f"{what} is in {currency}: CNSS takes MAD only")
+    try:
+        value = Decimal(str(money["value"]))
+    except InvalidOperation:
+        raise CareSheetError(f"{what} is not a number") from None
+    if value < 0 or value != value.quantize(CENT):
+        raise CareSheetError(f"{what} is negative or has more than 2 decimals")
+    return value.quantize(CENT)
+
+
+def _quantity(quantity: dict | None, what: str, default: Decimal | None = None) -> Decimal:
+    value = (quantity or {}).get("value")
+    if value is None:
+        if default is None:
+            raise CareSheetError(f"{what} has no quantity")
+        return default
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation:
+        raise CareSheetError(f"{what} quantity is not a number") from None
+    if number <= 0:
+        raise CareSheetError(f"{what} quantity is not positive")
+    return number.normalize() if number == number.to_integral_value() else number
+
+
+def _label(concept: dict, coding: dict) -> str:
+    label = coding.get("display") or concept.get("text") or coding.get("code") or ""
+    return " ".join(str(label).split())[:200]
+
+
+def _charge_item_line(bundle: _Bundle, item: dict, n: int, people: dict) -> _Line:
+    what = f"ChargeItem {n}"
+    concept = item.get("code") or {}
+    coding = next((c for c in concept.get("coding") or () if c.get("system") in NOMENCLATURES
+                   and c.get("code")), None)
+    if coding is None:
+        raise CareSheetError(f"{what} has no NGAP (urn:ma:cnss:ngap) or NABM (urn:ma:cnss:nabm) code")
+    quantity = _quantity(item.get("quantity"), what, default=Decimal(1))
+    amount = _amount(item.get("priceOverride"), f"{what} price")
+    if amount is None:
+        raise CareSheetError(f"{what} has no price (priceOverride): an act needs its amount")
+    line = {"acte": {"nomenclature": NOMENCLATURES[coding["system"]], "code": str(coding["code"]).strip()},
+            "libelle": _label(concept, coding), "quantite": quantity}
+    unit_price = amount / quantity
+    if unit_price == unit_price.quantize(CENT):  # only when exact: the peer checks q x p = amount
+        line["prixUnitaire"] = unit_price.quantize(CENT)
+    line["montant"] = amount
+    for performer in item.get("performer") or ():
+        codes = {c.get("code") for c in ((performer.get("function") or {}).get("coding") or ())}
+        role = "prescribers" if PRACTITIONER_ROLE_ORDERING in codes else "practitioners"
+        people[role].add(_inpe_of(bundle, performer.get("actor"), "Practitioner"))
+    people["facilities"].add(_inpe_of(bundle, item.get("performingOrganization"), "Organization"))
+    when = item.get("occurrenceDateTime") or (item.get("occurrencePeriod") or {}).get("start") \
+        or item.get("enteredDate")
+    return _Line(line, _day(when))
+
+
+def _dispense_line(bundle: _Bundle, dispense: dict, n: int, people: dict) -> _Line:
+    what = f"MedicationDispense {n}"
+    concept = dispense.get("medicationCodeableConcept")
+    if concept is None:
+        medication = bundle.resolve(dispense.get("medicationReference")) or {}
+        concept = medication.get("code") or {}
+    coding = next((c for c in concept.get("coding") or () if c.get("system") == GTIN and c.get("code")), None)
+    if coding is None:
+        raise CareSheetError(f"{what} has no EAN-13 drug code ({GTIN})")
+    code = str(coding["code"]).strip()
+    if not valid_ean13(code):
+        raise CareSheetError(f"{what} drug code is not a valid EAN-13 (13 digits, GS1 check digit)")
+    quantity = _quantity(dispense.get("quantity"), what)
+    line = {"codeEAN13": code, "libelle": _label(concept, coding), "quantite": quantity}
+    price = next((e.get("valueMoney") for e in dispense.get("extension") or ()
+                  if e.get("url") == UNIT_PRICE_EXTENSION), None)
+    unit_price = _amount(price, f"{what} unit price")
+    if unit_price is not None:
+        line["prixUnitaire"] = unit_price
+        line["montant"] = (unit_price * quantity).quantize(CENT)
+    for performer in dispense.get("performer") or ():
+        people["practitioners"].add(_inpe_of(bundle, performer.get("actor"), "Practitioner"))
+        people["facilities"].add(_inpe_of(bundle, performer.get("actor"), "Organization"))
+    for reference in dispense.get("authorizingPrescription") or ():
+        request = bundle.resolve(reference)
+        if request is not None:
+            people["prescribers"].add(_inpe_of(bundle, request.get("requester"), "Practitioner"))
+            group = request.get("groupIdentifier") or {}
+            people["prescriptions"].add(str(group["value"]).strip()
+                                        if group.get("system") == PRESCRIPTION and group.get("value")
+                                        else _identifier(request, PRESCRIPTION))
+        else:
+            logical = (reference or {}).get("identifier") or {}
+            if logical.get("system") == PRESCRIPTION and logical.get("value"):
+                people["prescriptions"].add(str(logical["value"]).strip())
+    when = dispense.get("whenHandedOver") or dispense.get("whenPrepared")
+    return _Line(line, _day(when))
+
+
+def _sender_inpe(bundle: _Bundle) -> str | None:
+    """The sending facility's INPE, as the live translation records it in the Provenance."""
+    for provenance in bundle.of_type("Provenance"):
+        for agent in provenance.get("agent") or ():
+            identifier = (agent.get("who") or {}).get("identifier") or {}
+            if identifier.get("system") == INPE and identifier.get("value"):
+                return str(identifier["value"]).strip()
+    return None
+
+
+def _insured_and_beneficiary(bundle: _Bundle, patient: dict) -> tuple[dict, dict]:
+    own_number = _identifier(patient, IMMATRICULATION)
+    own_cnie = (_identifier(patient, CNIE) or "").upper() or None
+    coverage = next((c for c in bundle.of_type("Coverage")
+                     if bundle.resolve(c.get("beneficiary")) is patient
+                     and c.get("status", "active") == "active"), None)
+    relationship = "self"
+    if coverage is not None:
+        codes = [c.get("code") for c in ((coverage.get("relationship") or {}).get("coding") or ())]
+        relationship = codes[0] if codes and codes[0] else "self"
+    link = RELATIONSHIPS.get(relationship)
+    if link is None:
+        raise CareSheetError(f"the patient is covered as {relationship!s:.20}: AMO care sheets "
+                             "cover the insured, a spouse or a child")
+    if link == "ASSURE":
+        if own_number is None and own_cnie is None:
+            raise CareSheetError(f"the patient has neither a CNSS immatriculation ({IMMATRICULATION}) "
+                                 f"nor a CNIE ({CNIE})")
+        insured = {k: v for k, v in (("immatriculation", own_number), ("cnie", own_cnie)) if v}
+        return insured, {"lien": "ASSURE"}
+    subscriber = str(coverage.get("subscriberId") or "").strip() or \
+        _identifier(bundle.resolve(coverage.get("subscriber")), IMMATRICULATION)
+    if not subscriber:
+        raise CareSheetError("the patient is a dependant but the Coverage names no subscriberId "
+                             "(the insured person's immatriculation)")
+    beneficiary: dict = {"lien": link}
+    if own_cnie:
+        beneficiary["cnie"] = own_cnie
+    name = next(iter(patient.get("name") or ()), {}) or {}
+    if name.get("family"):
+        beneficiary["nom"] = str(name["family"])[:100]
+    if name.get("given"):
+        beneficiary["prenom"] = str(name["given"][0])[:100]
+    if _day(patient.get("birthDate")):
+        beneficiary["dateNaissance"] = _day(patient["birthDate"])
+    return {"immatriculation": subscriber}, beneficiary
+
+
+def care_sheet_from_bundle(bundle: dict) -> dict | None:
+    """The care sheet for `bundle` as XSD-named fields, None if nothing is billable.
+
+    Raises CareSheetError when the billable content cannot make one valid care sheet.
+    """
+    resources = _Bundle(bundle)
+    charges = [r for r in resources.of_type("ChargeItem") if r.get("status") == "billable"]
+    dispenses = [r for r in resources.of_type("MedicationDispense") if r.get("status") == "completed"]
+    if not charges and not dispenses:
+        return None
+    people: dict[str, set] = {"prescribers": set(), "practitioners": set(), "facilities": set(),
+                              "prescriptions": set()}
+    lines = [_charge_item_line(resources, item, n, people) for n, item in enumerate(charges, 1)]
+    lines += [_dispense_line(resources, item, n, people) for n, item in enumerate(dispenses, 1)]
+
+    patients = {id(p): p for p in (resources.resolve(item.get("subject")) for item in charges + dispenses)
+                if p is not None and p.get("resourceType") == "Patient"}
+    if not patients:
+        raise CareSheetError("the billable items name no Patient of the bundle")
+    if len(patients) > 1:
+        raise CareSheetError(f"billable items for {len(patients)} patients in one message: "
+                             "a care sheet is for one person")
+    insured, beneficiary = _insured_and_beneficiary(resources, next(iter(patients.values())))
+
+    facility = _one(people["facilities"], "performing facilities") or _sender_inpe(resources)
+    if facility is None:
+        raise CareSheetError("no performing facility INPE: no Organization with urn:ma:inpe among the "
+                             "performers, and no sender INPE in the Provenance")
+    days = [line.day for line in lines if line.day is not None]
+    if not days:
+        raise CareSheetError("no date of care on any billable item")
+
+    sheet: dict = {"assure": insured, "beneficiaire": beneficiary}
+    prescriber = _one(people["prescribers"], "prescribers")
+    if prescriber:
+        sheet["inpePrescripteur"] = prescriber
+    executant = {"inpeEtablissement": facility}
+    practitioner = _one(people["practitioners"], "performing practitioners")
+    if practitioner:
+        executant["inpePraticien"] = practitioner
+    sheet["executant"] = executant
+    prescription = _one(people["prescriptions"], "prescriptions")
+    if prescription:
+        sheet["numeroPrescription"] = prescription
+    sheet["dateSoins"] = min(days)
+    sheet["lignes"] = {"ligne": [line.fields for line in lines]}
+    amounts = [line.fields.get("montant") for line in lines]
+    if all(amount is not None for amount in amounts):
+        sheet["montantTotal"] = sum(amounts, Decimal(0))
+    return sheet
