@@ -84,6 +84,11 @@ MALFORMED = {
     "hapi-hl7v2/xml/get_*.xml": "DOCTYPE with an external DTD (XXE probe, SOURCES.md: meant to be rejected)",
     "hapi-hl7v2/xml/weird_message.xml": "invalid TS, unknown root element",
     "mirth-connect/serializer/*.xml": "Mirth's own XML dialect, not HL7 v2 XML",
+    "linuxforhealth-hl7v2-fhir-converter/sample_*.hl7": "MSH-2 '^~\\\\&' repeats the escape character",
+}
+# INDEX.tsv notes that say a file is malformed (segments broken by stray line breaks).
+MALFORMED_NOTES = {
+    "malformed segment id(s)": "segment broken across lines (malformed segment ids)",
 }
 
 # Expected outputs the INDEX notes do not name in the `X.fhir` / `X-expected.json` form.
@@ -126,9 +131,12 @@ def expected_of(item: dict, corpus: Path) -> str:
     return ""
 
 
-def malformed_reason(path: str) -> str:
+def malformed_reason(path: str, notes: str = "") -> str:
     for pattern, reason in MALFORMED.items():
         if fnmatch.fnmatch(path, pattern):
+            return reason
+    for phrase, reason in MALFORMED_NOTES.items():
+        if phrase in notes:
             return reason
     return ""
 
@@ -150,6 +158,8 @@ def stored_bytes(data: bytes, notes: str) -> bytes:
             pass
     if "MLLP framing bytes present" in notes:
         data = data.replace(b"\x0b", b"").replace(b"\x1c", b"")
+    if "[SOM]/[EOM]" in notes:  # Mirth's simple sender frames messages with text markers
+        data = data.replace(b"[SOM]", b"").replace(b"[EOM]", b"")
     return data
 
 
@@ -545,7 +555,7 @@ def run(mapping_dir: Path, corpus: Path, verbose: bool = False, only: str | None
         expected_facts = None
         if row.expected:
             expected_facts = facts_of(json.loads((corpus / row.expected).read_text(encoding="utf-8-sig")))
-        malformed = malformed_reason(row.path)
+        malformed = malformed_reason(row.path, row.notes)
         for unit in units_of(row, corpus):
             outcome = translate_unit(mapping_set, unit)
             message_type = "(malformed)" if malformed else \

@@ -98,6 +98,10 @@ def read_er7(data: bytes, fallback_codec: str | None = None) -> ParsedInput:
     mapping does not read is not refused here. What it needs: delimiters (MSH-1, MSH-2), a
     character set it can decode (MSH-18), segments, and a message type (MSH-9)."""
     charset = _declared_charset(data)
+    if fallback_codec is None and charset.strip().upper() in ("ASCII", "ISO IR6"):
+        # ASCII is a subset of UTF-8: bytes beyond it that are valid UTF-8 are read as UTF-8
+        # (as with MSH-18 empty) rather than refused; other bytes still are.
+        fallback_codec = "utf-8"
     try:
         decoded = decode(data, charset, fallback_codec)
     except CharsetError as error:

@@ -71,9 +71,13 @@ _ZEROS = re.compile(r"^0{4,}(?:\.0+)?(?:[+-]\d{4})?$")
 
 
 def is_placeholder(value: str, run) -> bool:
-    """An all-zero date ('0000', '00000000'): senders write it for 'unknown'. It is no date
-    (FHIR has no year 0), so nothing is mapped, with a warning."""
-    if _ZEROS.match(value.strip()) is None:
+    """The HL7 null ('""': the value is deleted) or an all-zero date ('0000', '00000000'),
+    which senders write for 'unknown' and is no date (FHIR has no year 0): nothing is mapped,
+    the latter with a warning."""
+    text = value.strip()
+    if text == '""':
+        return True
+    if _ZEROS.match(text) is None:
         return False
     run.warnings.append(f"date {value.strip()!r} is a placeholder for an unknown date: not mapped")
     return True
@@ -99,12 +103,26 @@ def to_date(value: str, run) -> str | None:
 
 
 @transform("instant")
-def to_instant(value: str, run) -> str:
+def to_instant(value: str, run) -> str | None:
     """v2 DTM/TS with at least a time -> FHIR instant (a date alone is refused)."""
+    if is_placeholder(value, run):
+        return None
     result = fhir_datetime(value, run.context.timezone)
     if "T" not in result:
         raise ValueError(f"{value!r} has no time; an instant needs one")
     return result
+
+
+@transform("record_instant")
+def to_record_instant(value: str, run) -> str | None:
+    """v2 DTM/TS of a record-keeping time (when a report was released, a record last updated)
+    -> FHIR instant; a malformed one is left out with a warning instead of refusing the
+    message, since the clinical facts do not depend on it (clinical times use `datetime`)."""
+    try:
+        return to_instant(value, run)
+    except ValueError as error:
+        run.warnings.append(f"record time left out: {error}")
+        return None
 
 
 @transform("time")
