@@ -1,0 +1,382 @@
+"""The CNSS care-sheet adapter: canonical bundles -> zeep-built SOAP requests -> outcomes.
+
+The golden canonical outputs (DFT^P03 NGAP acts, RDS^O13 dispenses, the pharmacy CSV) become
+care sheets that the real CNSS peer accepts over mutual TLS; non-billable bundles give None;
+what cannot make a care sheet gives a precise CareSheetError; every kind of answer is
+classified as delivered, transient or permanent.
+"""
+from __future__ import annotations
+
+import json
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+import pytest_twisted
+import zeep
+from lxml import etree
+
+from adapters.soap.cnss import NAMESPACE, WSDL_PATH
+from gateway.delivery.care_sheet import (
+    CareSheetError,
+    LocalContractTransport,
+    care_sheet_from_bundle,
+    care_sheet_request,
+    classify_response,
+    cnss_client,
+    eligibility_request,
+)
+from gateway.delivery.outcome import HttpResponse
+from gateway.mapping.golden import GOLDEN_RECEIVED_AT
+from gateway.mapping.mapping_set import MappingSet
+from gateway.mapping.runtime import TranslationContext
+from gateway.translation.inputs import read_input
+from test_sandbox_cnss import certs, cnss, fault_of, http, read, rows, set_fault  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = ROOT / "mappings" / "tests"
+SENDER = "INPE-100001"  # the registry id the live path records in the Provenance
+KEY = "msg-000042:cnss"
+SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
+
+
+def golden(name: str) -> dict:
+    return json.loads((CASES / name).read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def mapping_set() -> MappingSet:
+    return MappingSet.load(ROOT / "mappings")
+
+
+def live(mapping_set: MappingSet, name: str, sender: str = SENDER) -> dict:
+    """The golden input translated as on the live path, from a sender known to the registry."""
+    parsed = read_input((CASES / name).read_bytes())
+    context = TranslationContext(sender_id=sender, timezone=ZoneInfo("Africa/Casablanca"),
+                                 received_at=GOLDEN_RECEIVED_AT,
+                                 message_key=f"{sender}|{parsed.control_id}", control_id=parsed.control_id)
+    return mapping_set.translate(parsed.message, context, parsed.message_type).bundle
+
+
+# -- canonical -> care sheet -----------------------------------------------------------------
+
+def test_rds_dispense_becomes_a_drug_care_sheet():
+    """RDS^O13: EAN-13 line without a price, prescriber from the order, pharmacy and pharmacist by INPE, prescription id."""
+    assert care_sheet_from_bundle(golden("orders/rds-o13-dispense.json")) == {
+        "assure": {"immatriculation": "112233445", "cnie": "BE123456"},
+        "beneficiaire": {"lien": "ASSURE"},
+        "inpePrescripteur": "100456789",
+        "executant": {"inpeEtablissement": "200123456", "inpePraticien": "200987654"},
+        "numeroPrescription": "ORD-2026-000123",
+        "dateSoins": date(2026, 1, 16),
+        "lignes": {"ligne": [{"codeEAN13": "6118001230068", "libelle": "DOLIPRANE 1000 mg comprimé B8",
+                              "quantite": Decimal("2")}]},
+    }
+
+
+def test_pharmacy_csv_becomes_a_priced_care_sheet_identified_by_cnie():
+    """The CSV export: insured by CNIE only, the pharmacy's INPE, unit prices x quantities and their total."""
+    sheet = care_sheet_from_bundle(golden("legacy/pharmacy-dispense-rabat.json"))
+    assert sheet["assure"] == {"cnie": "BK123456"} and sheet["executant"] == {"inpeEtablissement": "081234567"}
+    assert "inpePrescripteur" not in sheet and sheet["numeroPrescription"] == "ORD-2026-000123"
+    assert [(line["codeEAN13"], line["quantite"], line["prixUnitaire"], line["montant"])
+            for line in sheet["lignes"]["ligne"]] == [
+        ("6118001230068", Decimal("2"), Decimal("16.80"), Decimal("33.60")),
+        ("6118000041214", Decimal("1"), Decimal("98.50"), Decimal("98.50"))]
+    assert sheet["montantTotal"] == Decimal("132.10") and sheet["dateSoins"] == date(2026, 1, 14)
+
+
+def test_dft_acts_become_an_ngap_care_sheet_when_the_sender_is_known(mapping_set):
+    """DFT^P03 on the live path: NGAP C and K20 with amounts, unit price derived, ordering provider as prescriber, sender as facility."""
+    sheet = care_sheet_from_bundle(live(mapping_set, "orders/dft-p03-ngap.hl7"))
+    assert sheet["executant"] == {"inpeEtablissement": SENDER, "inpePraticien": "100234567"}
+    assert sheet["inpePrescripteur"] == "100345678" and "numeroPrescription" not in sheet
+    assert sheet["lignes"]["ligne"] == [
+        {"acte": {"nomenclature": "NGAP", "code": "C"}, "libelle": "Consultation de médecin spécialiste",
+         "quantite": Decimal("1"), "prixUnitaire": Decimal("250.00"), "montant": Decimal("250.00")},
+        {"acte": {"nomenclature": "NGAP", "code": "K"}, "libelle": "Acte de chirurgie (lettre clé K)",
+         "quantite": Decimal("20"), "prixUnitaire": Decimal("50.00"), "montant": Decimal("1000.00")},
+    ]
+    assert sheet["montantTotal"] == Decimal("1250.00") and sheet["dateSoins"] == date(2026, 1, 15)
+
+
+@pytest.mark.parametrize("name", ["orders/dft-p03-ngap.json", "orders/rds-o13-without-order.json"])
+def test_without_a_facility_inpe_the_care_sheet_is_refused(name):
+    """Golden outputs translated without a sender name no facility: a precise error, not a guess."""
+    with pytest.raises(CareSheetError, match="no performing facility INPE"):
+        care_sheet_from_bundle(golden(name))
+
+
+@pytest.mark.parametrize("name", ["adt/a01-admission.json", "adt/a08-update.json",
+                                  "orders/rde-o11-eprescription.json", "orders/orm-o01-radiology.json",
+                                  "legacy/astm-cbc-chu-rabat.json"])
+def test_non_billable_bundles_give_none(name):
+    """Admissions, orders and results carry nothing billable: no care sheet, no request."""
+    bundle = golden(name)
+    assert care_sheet_from_bundle(bundle) is None
+    assert care_sheet_request(bundle, url="https://127.0.0.1:9443/", idempotency_key=KEY) is None
+
+
+def test_charge_items_not_billable_and_dispenses_not_completed_are_ignored():
+    """Only ChargeItem `billable` and MedicationDispense `completed` count."""
+    bundle = golden("orders/rds-o13-dispense.json")
+    for entry in bundle["entry"]:
+        if entry["resource"]["resourceType"] == "MedicationDispense":
+            entry["resource"]["status"] = "in-progress"
+    assert care_sheet_from_bundle(bundle) is None
+
+
+def test_a_spouse_is_sent_as_beneficiary_of_the_subscriber():
+    """A Coverage naming the patient as spouse makes the subscriber the insured and the patient a CONJOINT beneficiary."""
+    bundle = golden("legacy/pharmacy-dispense-rabat.json")
+    patient = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+    patient.update(name=[{"family": "ALAOUI", "given": ["Leila"]}], birthDate="1980-04-02")
+    bundle["entry"].append({"fullUrl": "urn:uuid:cov", "resource": {
+        "resourceType": "Coverage", "status": "active", "subscriberId": "223344556",
+        "beneficiary": {"reference": f"urn:uuid:{patient['id']}"},
+        "relationship": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/subscriber-relationship",
+                                     "code": "spouse"}]}}})
+    sheet = care_sheet_from_bundle(bundle)
+    assert sheet["assure"] == {"immatriculation": "223344556"}
+    assert sheet["beneficiaire"] == {"lien": "CONJOINT", "cnie": "BK123456", "nom": "ALAOUI",
+                                     "prenom": "Leila", "dateNaissance": date(1980, 4, 2)}
+
+
+def _edit(name: str, resource_type: str, change) -> dict:
+    bundle = golden(name)
+    for entry in bundle["entry"]:
+        if entry["resource"]["resourceType"] == resource_type:
+            change(entry["resource"])
+    return bundle
+
+
+def _second_patient(bundle: dict) -> dict:
+    dispense = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "MedicationDispense")
+    bundle["entry"].append({"fullUrl": "urn:uuid:other", "resource": {
+        "resourceType": "Patient", "id": "other", "identifier": [{"system": "urn:ma:cnie", "value": "CD112233"}]}})
+    dispense["subject"] = {"reference": "urn:uuid:other"}
+    return bundle
+
+
+CSV = "legacy/pharmacy-dispense-rabat.json"
+RDS = "orders/rds-o13-dispense.json"
+DFT = "orders/dft-p03-ngap.json"
+
+REFUSALS = {
+    # case: (bundle, words of the reason)
+    "not a bundle": (lambda: {"resourceType": "Patient"}, "not a FHIR Bundle"),
+    "two patients": (lambda: _second_patient(golden(CSV)), "2 patients"),
+    "patient without national ids": (lambda: _edit(RDS, "Patient", lambda p: p.update(identifier=[])),
+                                     "neither a CNSS immatriculation"),
+    "drug without EAN-13": (lambda: _edit(RDS, "MedicationDispense", lambda d: d["medicationCodeableConcept"]
+                                          ["coding"][0].update(system="urn:oid:local")), "no EAN-13"),
+    "EAN-13 check digit wrong": (lambda: _edit(RDS, "MedicationDispense", lambda d: d["medicationCodeableConcept"]
+                                               ["coding"][0].update(code="6118001230069")), "not a valid EAN-13"),
+    "dispense without quantity": (lambda: _edit(RDS, "MedicationDispense", lambda d: d.pop("quantity")),
+                                  "has no quantity"),
+    "price with 3 decimals": (lambda: _edit(CSV, "MedicationDispense", lambda d: d["extension"][0]["valueMoney"]
+                                            .update(value=16.805)), "more than 2 decimals"),
+    "price in euros": (lambda: _edit(CSV, "MedicationDispense", lambda d: d["extension"][0]["valueMoney"]
+                                     .update(currency="EUR")), "MAD only"),
+    "act without NGAP code": (lambda: _edit(DFT, "ChargeItem", lambda c: c["code"]["coding"][0]
+                                            .update(system="urn:oid:local")), "no NGAP"),
+    "act without price": (lambda: _edit(DFT, "ChargeItem", lambda c: c.pop("priceOverride")), "has no price"),
+    "covered as a parent": (lambda: _coverage(golden(CSV), "parent"), "AMO care sheets cover"),
+    "dispense without date": (lambda: _edit(RDS, "MedicationDispense", lambda d: d.pop("whenHandedOver")),
+                              "no date of care"),
+}
+
+
+def _coverage(bundle: dict, relationship: str) -> dict:
+    patient = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+    bundle["entry"].append({"resource": {
+        "resourceType": "Coverage", "status": "active", "subscriberId": "223344556",
+        "beneficiary": {"reference": f"urn:uuid:{patient['id']}"},
+        "relationship": {"coding": [{"code": relationship}]}}})
+    return bundle
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_what_cannot_make_a_care_sheet_is_a_precise_error(case):
+    """Each gap gets its own reason, which names no patient data."""
+    make, words = REFUSALS[case]
+    with pytest.raises(CareSheetError) as error:
+        care_sheet_from_bundle(make())
+    assert words in error.value.reason
+    for value in ("BENALI", "BK123456", "BE123456", "112233445"):
+        assert value not in error.value.reason
+
+
+def test_several_prescribers_in_one_message_are_refused(mapping_set):
+    """Two different ordering providers cannot share one care sheet."""
+    bundle = live(mapping_set, "orders/dft-p03-ngap.hl7")
+    bundle["entry"].append({"fullUrl": "urn:uuid:another-doctor", "resource": {
+        "resourceType": "Practitioner", "id": "another-doctor",
+        "identifier": [{"system": "urn:ma:inpe", "value": "100999999"}]}})
+    consultation = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "ChargeItem")
+    consultation["performer"].append({
+        "function": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0443", "code": "OP"}]},
+        "actor": {"reference": "urn:uuid:another-doctor"}})
+    with pytest.raises(CareSheetError, match="2 different prescribers"):
+        care_sheet_from_bundle(bundle)
+
+
+def test_a_key_outside_the_contract_is_refused_before_sending():
+    """The envelope is checked against the XSD: a malformed idempotency key never leaves."""
+    with pytest.raises(CareSheetError, match="cleIdempotence does not match the CNSS schema"):
+        care_sheet_request(golden(CSV), url="https://127.0.0.1:9443/", idempotency_key="a b")
+
+
+# -- the request -----------------------------------------------------------------------------
+
+def test_the_request_is_a_zeep_envelope_with_the_wsdl_soap_action():
+    """POST text/xml with the operation's SOAPAction from the WSDL, the key, and a body valid for the XSD."""
+    request = care_sheet_request(golden(CSV), url="https://127.0.0.1:9443/", idempotency_key=KEY)
+    assert (request.method, request.url) == ("POST", "https://127.0.0.1:9443/")
+    assert request.headers["Content-Type"] == "text/xml; charset=utf-8"
+    action = cnss_client().service._binding.get("SoumettreFeuilleDeSoins").soapaction
+    assert request.headers["SOAPAction"] == f'"{action}"'
+    root = etree.fromstring(request.body)
+    operation = root.find(f"{{{SOAP_ENV}}}Body")[0]
+    assert operation.tag == f"{{{NAMESPACE}}}SoumettreFeuilleDeSoins"
+    assert operation.findtext(f"{{{NAMESPACE}}}cleIdempotence") == KEY
+    assert operation.findtext(f"{{{NAMESPACE}}}montantTotal") == "132.10"
+    again = care_sheet_request(golden(CSV), url="https://127.0.0.1:9443/", idempotency_key=KEY)
+    assert again.body == request.body  # a retry re-sends the same bytes
+
+
+def test_zeep_reads_only_the_contract_files():
+    """The client is built once; its transport refuses URLs and files outside the contract folder."""
+    assert cnss_client() is cnss_client()
+    transport = LocalContractTransport()
+    with pytest.raises(zeep.exceptions.TransportError, match="the CNSS contract is local"):
+        transport.load("https://cnss.example/cnss.wsdl")
+    with pytest.raises(zeep.exceptions.TransportError, match="outside"):
+        transport.load("/etc/passwd")
+    with pytest.raises(zeep.exceptions.TransportError):
+        transport.post("https://cnss.example/", b"", {})
+    assert transport.load(WSDL_PATH).startswith(b"<?xml")
+
+
+def test_eligibility_request_needs_exactly_one_identifier():
+    """VerifierDroits by immatriculation or by CNIE, never both nor neither."""
+    for bad in ({}, {"immatriculation": "112233445", "cnie": "BE123456"}):
+        with pytest.raises(ValueError):
+            eligibility_request(url="https://127.0.0.1:9443/", on=date(2026, 1, 15), **bad)
+
+
+# -- end to end with the real peer -----------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_golden_billable_bundles_are_accepted_by_the_peer_once(cnss, certs, mapping_set):
+    """Every golden billable message becomes a care sheet the peer accepts; a retry gets the same number and no second sheet."""
+    bundles = {
+        "dft": live(mapping_set, "orders/dft-p03-ngap.hl7"),
+        "rds": golden(RDS),
+        "rds without order": live(mapping_set, "orders/rds-o13-without-order.hl7"),
+        "csv": golden(CSV),
+    }
+    numbers = {}
+    for name, bundle in bundles.items():
+        request = care_sheet_request(bundle, url=cnss.url, idempotency_key=f"msg-{len(numbers) + 1:06d}:cnss")
+        response = yield http(certs, request.url, request.body, headers=request.headers)
+        outcome = classify_response(response)
+        assert outcome.kind == "delivered", (name, outcome.reason, response.body[:600])
+        numbers[name] = outcome.reason
+        retry = yield http(certs, request.url, request.body, headers=request.headers)
+        assert classify_response(retry).reason == outcome.reason
+    assert all(reason.startswith("care sheet FSE-") and reason.endswith("RECUE") for reason in numbers.values())
+    assert len(set(numbers.values())) == 4 and rows(cnss.store_path) == 4
+
+
+@pytest_twisted.inlineCallbacks
+def test_eligibility_request_is_answered_by_the_peer(cnss, certs):
+    """The VerifierDroits envelope is accepted; a lower-case CNIE is sent upper-case."""
+    request = eligibility_request(url=cnss.url, on=date(2026, 1, 15), cnie="be123456")
+    response = yield http(certs, request.url, request.body, headers=request.headers)
+    answer = read("VerifierDroits", response)
+    assert answer.droitsOuverts is True and answer.assure.immatriculation == "112233445"
+
+
+@pytest_twisted.inlineCallbacks
+def test_peer_faults_are_classified(cnss, certs):
+    """A Client fault from the peer is permanent with its code; an injected Server fault and a 503 are transient."""
+    request = care_sheet_request(golden(CSV), url=cnss.url, idempotency_key=KEY)
+    bad = request.body.replace(b"6118001230068", b"6118001230069")
+    response = yield http(certs, request.url, bad, headers=request.headers)
+    outcome = classify_response(response)
+    assert outcome.kind == "permanent" and outcome.response is response
+    assert outcome.reason.startswith("CNSS Client fault EAN13_INVALIDE: code EAN-13 invalide")
+
+    yield set_fault(certs, cnss, mode="soap_fault", count=1)
+    response = yield http(certs, request.url, request.body, headers=request.headers)
+    assert classify_response(response).kind == "transient"
+    assert "Server fault SERVICE_INDISPONIBLE" in classify_response(response).reason
+
+    yield set_fault(certs, cnss, mode="http_503", count=1)
+    response = yield http(certs, request.url, request.body, headers=request.headers)
+    assert (classify_response(response).kind, classify_response(response).reason) == ("transient", "CNSS HTTP 503")
+
+    yield set_fault(certs, cnss, mode="http_500", count=1)
+    response = yield http(certs, request.url, request.body, headers=request.headers)
+    assert classify_response(response).kind == "transient"
+
+    response = yield http(certs, request.url, request.body, headers=request.headers)
+    assert classify_response(response).kind == "delivered" and rows(cnss.store_path) == 1
+
+
+# -- classification of every kind of answer --------------------------------------------------
+
+def _fault(code: str, string: str = "x", error: str | None = None, status: int = 500) -> HttpResponse:
+    detail = (f'<detail><f:Erreur xmlns:f="{NAMESPACE}"><f:code>{error}</f:code><f:message>m</f:message>'
+              f"</f:Erreur></detail>") if error else ""
+    body = (f'<s:Envelope xmlns:s="{SOAP_ENV}"><s:Body><s:Fault><faultcode>{code}</faultcode>'
+            f"<faultstring>{string}</faultstring>{detail}</s:Fault></s:Body></s:Envelope>").encode()
+    return HttpResponse(status, {"content-type": "text/xml; charset=utf-8"}, body)
+
+
+ANSWER = (f'<s:Envelope xmlns:s="{SOAP_ENV}"><s:Body><f:SoumettreFeuilleDeSoinsReponse xmlns:f="{NAMESPACE}">'
+          "<f:numeroDossier>FSE-2026-00000007</f:numeroDossier><f:cleIdempotence>msg-000042:cnss</f:cleIdempotence>"
+          "<f:statut>RECUE</f:statut><f:dateReception>2026-01-15T09:30:00Z</f:dateReception>"
+          "</f:SoumettreFeuilleDeSoinsReponse></s:Body></s:Envelope>").encode()
+
+CLASSIFICATION = {
+    # case: (response, kind, reason or its start)
+    "answer": (HttpResponse(200, {}, ANSWER), "delivered", "care sheet FSE-2026-00000007 RECUE"),
+    "client fault": (_fault("soap:Client", "non conforme", "SCHEMA"), "permanent", "CNSS Client fault SCHEMA: non conforme"),
+    "client fault, dotted code": (_fault("SOAP-ENV:Client.Validation", "bad"), "permanent", "CNSS Client fault: bad"),
+    "server fault": (_fault("soap:Server", "indisponible", "SERVICE_INDISPONIBLE"), "transient",
+                     "CNSS Server fault SERVICE_INDISPONIBLE: indisponible"),
+    "version mismatch": (_fault("soap:VersionMismatch", "1.2"), "permanent", "CNSS VersionMismatch fault"),
+    "fault with status 200": (_fault("soap:Server", "late", status=200), "transient", "CNSS Server fault"),
+    "500 without a fault": (HttpResponse(500, {}, b"<html>Internal Server Error</html>"), "transient", "CNSS HTTP 500"),
+    "502 from a proxy": (HttpResponse(502, {}, b"Bad Gateway"), "transient", "CNSS HTTP 502"),
+    "503": (HttpResponse(503, {}, b"Service Unavailable"), "transient", "CNSS HTTP 503"),
+    "408": (HttpResponse(408, {}, b""), "transient", "CNSS HTTP 408"),
+    "429": (HttpResponse(429, {}, b""), "transient", "CNSS HTTP 429"),
+    "404": (HttpResponse(404, {}, b"not found"), "permanent", "CNSS HTTP 404"),
+    "401": (HttpResponse(401, {}, b""), "permanent", "CNSS HTTP 401"),
+    "302": (HttpResponse(302, {"location": "https://elsewhere/"}, b""), "permanent", "CNSS HTTP 302"),
+    "200 not XML": (HttpResponse(200, {}, b"OK"), "permanent", "CNSS HTTP 200"),
+    "200 other element": (HttpResponse(200, {}, ANSWER.replace(b"numeroDossier", b"autre")), "permanent",
+                          "CNSS answered 200 without a care-sheet number"),
+    "200 with a DOCTYPE": (HttpResponse(200, {}, b'<!DOCTYPE x [<!ENTITY e "e">]>' + ANSWER), "permanent",
+                           "CNSS HTTP 200"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLASSIFICATION))
+def test_classification(case):
+    """Every kind of answer gets its verdict and a short reason; the response is kept."""
+    response, kind, reason = CLASSIFICATION[case]
+    outcome = classify_response(response)
+    assert (outcome.kind, outcome.response) == (kind, response)
+    assert outcome.reason.startswith(reason), outcome.reason
+
+
+def test_a_long_fault_string_is_cut_short():
+    """The reason stays short (it is logged and shown), whatever the peer writes."""
+    outcome = classify_response(_fault("soap:Client", "x " * 5000))
+    assert outcome.kind == "permanent" and len(outcome.reason) < 260
