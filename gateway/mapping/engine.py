@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from adapters.hl7v2.message import Hl7Message
+from gateway.mapping import codegen
 from gateway.mapping.path import PathError, parse_path
 from gateway.mapping.rules import RuleCompiler
 from gateway.mapping.runtime import Run, Scope, TranslationContext, TranslationError
@@ -56,6 +57,9 @@ PROVENANCE_SOURCE = "urn:ma:hie:message"
 
 @dataclass
 class Entry:
+    """One resource entry. `source`, `condition` and `build` are codegen descriptions until
+    `bind_message_map` replaces them with the generated functions."""
+
     name: str
     resource_type: str
     source: Callable | None  # node, run -> items (each) or item (from)
@@ -139,7 +143,7 @@ def _entry(spec, compiler: RuleCompiler, resource_map, key: str, line: int) -> E
             compiler.problem(line, key, "an entry reads a segment or a field, such as PID or PV1-7")
             return None
         if path.field or path.column:
-            source = compiler._source(text, key, line, many)
+            source = compiler._source(text, key, line)
         else:
             group = (path.segment,)
     condition = compiler._condition(spec["when"], key, line) if "when" in spec else None
@@ -172,6 +176,38 @@ def _entry(spec, compiler: RuleCompiler, resource_map, key: str, line: int) -> E
         compiler.problem(line, f"{key}.resources", "nested resources need a segment or a group source")
     return Entry(name or "", resource_type, source, many, group, condition, build, children,
                  f"{compiler.file}:{line}")
+
+
+def bind_message_map(message_map: MessageMap, module: codegen.Module) -> None:
+    """Declare the functions of the message map's entries in `module`: inline resource maps,
+    conditions and field sources; once the module is built, they replace the descriptions."""
+    base = "entry_" + message_map.name
+
+    def declare(entries: list[Entry]) -> None:
+        for entry in entries:
+            comment = f"{entry.place} {entry.name or entry.resource_type}"
+            if entry.source is not None:
+                entry.source = codegen.source_function(module, base + "_source", comment, entry.source, entry.many)
+            if entry.condition is not None:
+                entry.condition = codegen.condition_function(module, base + "_when", comment, entry.condition)
+            if isinstance(entry.build, codegen.CallMap):
+                entry.build = entry.build.handle
+            elif entry.build is not None:
+                entry.build = codegen.map_function(module, base + "_" + (entry.name or "map"), comment, entry.build)
+            declare(entry.children)
+    declare(message_map.entries)
+
+
+def resolve_message_map(message_map: MessageMap) -> None:
+    """After the module is built: the entries' handles become their functions."""
+    def resolve(entries: list[Entry]) -> None:
+        for entry in entries:
+            for name in ("source", "condition", "build"):
+                value = getattr(entry, name)
+                if isinstance(value, codegen.Handle):
+                    setattr(entry, name, value.function)
+            resolve(entry.children)
+    resolve(message_map.entries)
 
 
 def _is_segment(text: str) -> bool:

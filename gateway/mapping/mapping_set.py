@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.hl7v2.message import Hl7Message
-from gateway.mapping import fhir_schema
-from gateway.mapping.engine import MessageMap, compile_message_map, run_message_map
+from gateway.mapping import codegen, fhir_schema
+from gateway.mapping.engine import (MessageMap, bind_message_map, compile_message_map, resolve_message_map,
+                                    run_message_map)
 from gateway.mapping.hl7_reference import check_path
 from gateway.mapping.rules import Environment, RuleCompiler
 from gateway.mapping.runtime import TranslationContext, TranslationError
@@ -59,9 +60,19 @@ class _Layer:
         self.tables = tables
         self.transforms = transforms
         self.problems = problems
-        self.compiled: dict[str, tuple[str, object]] = {}
-        self.compiling: set[str] = set()
+        self.compiled: dict[str, tuple[str, codegen.CallMap]] = {}
+        self.compiling: dict[str, codegen.CallMap] = {}
         self.messages: dict[str, MessageMap] = {}
+        self.module = codegen.Module(sender)
+
+    def build(self) -> None:
+        """Generate and compile the layer's code (only for a set without problems)."""
+        maps = {id(found): found for found in self.messages.values()}.values()
+        for message_map in maps:
+            bind_message_map(message_map, self.module)
+        self.module.build()
+        for message_map in maps:
+            resolve_message_map(message_map)
 
     def compile(self) -> None:
         for (kind, name), (document, display) in sorted(self.documents.items()):
@@ -106,11 +117,10 @@ class _Layer:
             self.problems.append(Problem(display, line, key, f"no map {name!r}" + _suggest(name, known)))
             return None
         document, file = found
-        if name in self.compiling:  # a map that contains itself (XON inside XON): bind late
-            def late(node, run, name=name):
-                return self.compiled[name][1](node, run)
-            return self._type_of(document), late
-        self.compiling.add(name)
+        if name in self.compiling:  # a map that contains itself (XON inside XON): a call by name
+            return self._type_of(document), self.compiling[name]
+        call = codegen.CallMap(codegen.Handle(""))
+        self.compiling[name] = call
         try:
             type_name = self._type_of(document)
             for extra in document:
@@ -123,10 +133,13 @@ class _Layer:
                 type_name = ""
             compiler = self._compiler(file, document)
             rule = compiler.object(document.get("map"), type_name, "map", document.line_of("map"))
-            self.compiled[name] = (type_name, rule)
+            handle = codegen.map_function(self.module, "map_" + name, f"{file} ({type_name})", rule)
+            call.handle.name = handle.name
+            call.handle = handle
+            self.compiled[name] = (type_name, call)
             return self.compiled[name]
         finally:
-            self.compiling.discard(name)
+            self.compiling.pop(name, None)
 
     @staticmethod
     def _type_of(document) -> str:
@@ -169,6 +182,8 @@ class MappingSet:
             problems.append(Problem(str(directory), 0, "messages", "no message map found"))
         if problems:
             raise MappingErrors(_unique(problems))
+        for layer in layers.values():
+            layer.build()
         count = sum(len(files) for files in [shared, *senders.values()])
         return cls(directory, "sha256:" + digest.hexdigest()[:12], layers, count)
 

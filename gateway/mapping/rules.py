@@ -1,4 +1,4 @@
-"""Field rules: the closed vocabulary of mapping files, compiled into Python closures.
+"""Field rules: the closed vocabulary of mapping files, checked and compiled into generated code.
 
 A rule is a constant (`status: final`), a list of rules (each value collected into an array),
 or a mapping with these keys, applied in this order:
@@ -16,56 +16,29 @@ or a mapping with these keys, applied in this order:
     required   true: nothing is an error (with the location)
 
 Compilation checks every key, path, transform, table and FHIR element, collecting every
-problem; evaluation is then a tree of closures `rule(value, run) -> result or None`.
+problem, and describes each rule as a tree of gateway.mapping.codegen nodes; the mapping set
+then generates one Python function per map from them (gateway.mapping.codegen).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
-from adapters.hl7v2.message import Segment
-from gateway.mapping import fhir_schema
+from gateway.mapping import codegen, fhir_schema
 from gateway.mapping.path import Hl7Path, PathError, parse_path
-from gateway.mapping.runtime import COMPONENT, FIELD, SUBCOMPONENT, Part, Run, TranslationError
-from gateway.mapping.source import Located, LocatedList, Problem, line_of
+from gateway.mapping.runtime import Reference, text_of  # noqa: F401 (text_of: for callers)
+from gateway.mapping.source import Located, Problem, line_of
 from gateway.mapping.tables import CodeTable
 from gateway.mapping.transforms import Transform
 
 VOCABULARY = ("when", "from", "each", "first_of", "map", "transform", "lookup", "default", "required")
 CONDITIONS = ("field", "is", "in", "not_in", "present")
 
-Rule = Callable[[object, Run], object]
+Rule = codegen.Rule
 
 
 def is_empty(value) -> bool:
     return value is None or value == "" or value == [] or value == {}
-
-
-def text_of(node, run: Run) -> str:
-    """The decoded text of a value: its first component's first subcomponent."""
-    if node.__class__ is not Part:
-        return ""
-    raw = node.raw
-    separators = run.separators
-    if node.level == FIELD and separators.component in raw:
-        raw = raw.split(separators.component, 1)[0]
-    if node.level != SUBCOMPONENT and separators.subcomponent and separators.subcomponent in raw:
-        raw = raw.split(separators.subcomponent, 1)[0]
-    if separators.escape in raw:
-        return separators.text(raw)
-    return raw
-
-
-class Reference:
-    """A pending reference to resources named by the message map, filled in at the end:
-    the nearest one (`from: '@x'`) or all of them (`each: '@x'`), as one Reference or a list."""
-
-    __slots__ = ("name", "every", "as_list")
-
-    def __init__(self, name: str, every: bool, as_list: bool):
-        self.name = name
-        self.every = every
-        self.as_list = as_list
 
 
 @dataclass
@@ -82,7 +55,7 @@ class Environment:
 
 
 class RuleCompiler:
-    """Compiles the rules of one mapping file."""
+    """Checks the rules of one mapping file and describes them as codegen nodes."""
 
     def __init__(self, env: Environment, file: str):
         self.env = env
@@ -97,7 +70,7 @@ class RuleCompiler:
         """A `map:` body: an object of FHIR type `type_name` ('' when unchecked)."""
         if not isinstance(spec, dict):
             self.problem(line, key, "map must be a mapping of target element -> rule, or a map name")
-            return _nothing
+            return codegen.NOTHING
         known = fhir_schema.elements(type_name) if type_name else {}
         fields: list[tuple[str, Rule]] = []
         for target, rule_spec in spec.items():
@@ -109,19 +82,7 @@ class RuleCompiler:
                              + _suggest(str(target), known))
                 continue
             fields.append((target, self.rule(rule_spec, element, where, target_line)))
-        fields_tuple = tuple(fields)
-
-        def build(node, run: Run):
-            result = {}
-            for target, rule in fields_tuple:
-                value = rule(node, run)
-                if value is None:
-                    continue
-                if value.__class__ is Reference:
-                    run.references.append((result, target, value, run.scope))
-                result[target] = value  # a Reference is a placeholder, replaced at the end
-            return result or None
-        return build
+        return codegen.Object(fields)
 
     # -- rules -------------------------------------------------------------------------------
 
@@ -130,19 +91,18 @@ class RuleCompiler:
         if isinstance(spec, list):
             parts = [self.rule(item, _single(element), f"{key}[{n}]", line_of(item, line))
                      for n, item in enumerate(spec)]
-            return _collect(parts)
+            return codegen.Collect(parts)
         if not isinstance(spec, dict):
             if spec is None or spec == "":
                 self.problem(line, key, "no rule: write a constant, a list or a mapping")
-                return _nothing
-            constant = [spec] if many else spec
-            return lambda node, run: constant
+                return codegen.NOTHING
+            return codegen.Constant(spec, listed=many)
         if not any(name in VOCABULARY for name in spec):
             # An object written directly (`{system: ..., code: {from: 1}}`): an implicit map.
             spec = _implicit_map(spec)
         rule = self._mapping_rule(spec, element, key, line)
         if many and "each" not in spec:
-            return _as_list(rule)
+            return codegen.AsList(rule)
         return rule
 
     def _mapping_rule(self, spec: dict, element, key: str, line: int) -> Rule:
@@ -157,9 +117,7 @@ class RuleCompiler:
         condition = self._condition(spec["when"], key, line) if "when" in spec else None
         reference = self._reference(spec, element)
         if reference is not None:
-            if condition is None:
-                return lambda node, run: reference
-            return lambda node, run: reference if condition(node, run) else None
+            return codegen.ReferenceRule(reference, condition)
 
         # The value for one source node.
         after = None if ("map" in spec or "first_of" in spec) else self._after(spec, key, line)
@@ -182,87 +140,40 @@ class RuleCompiler:
                 options = []
             alternatives = [self.rule(option, _single(element), f"{key}.first_of[{n}]", line_of(option, line))
                             for n, option in enumerate(options)]
-            after = self._after(spec, key, line)
-
-            def first_of(node, run):
-                value = None
-                for alternative in alternatives:
-                    value = alternative(node, run)
-                    if not is_empty(value):
-                        break
-                return after(value, node, run) if after else value
-            core = first_of
+            core: Rule = codegen.FirstOf(alternatives, self._after(spec, key, line))
         elif "each" in spec:
-            each = self._source(spec["each"], key + ".each", line, many=True)
+            each = self._source(spec["each"], key + ".each", line)
             if each is None:
-                return _nothing
-            segments = _names_segment(spec["each"])
-
-            def iterate(node, run):
-                results = []
-                for item in each(node, run):
-                    value = _within(produce, item, run) if segments else produce(item, run)
-                    if value is None:
-                        continue
-                    if value.__class__ is list:
-                        results.extend(value)
-                    else:
-                        results.append(value)
-                return results or None
-            core = iterate
+                return codegen.NOTHING
+            core = codegen.Each(each, produce)
         elif "from" in spec:
-            source = self._source(spec["from"], key + ".from", line, many=False)
+            source = self._source(spec["from"], key + ".from", line)
             if source is None:
-                return _nothing
-
+                return codegen.NOTHING
             reader = None
             if "map" not in spec and not (after is not None and after.wants_node):
                 reader = self._text_reader(spec["from"])
-            if reader is not None and after is None:  # the most common rule: a field's text
-                def single(node, run):
-                    return reader(node, run) or None
-            elif reader is not None:
-                def single(node, run):
-                    text = reader(node, run)
-                    return after(text, node, run) if text else None
-            elif _names_segment(spec["from"]):
-                def single(node, run):
-                    item = source(node, run)
-                    return None if item is None else _within(produce, item, run)
+            if reader is not None:
+                core = codegen.FromText(reader, after)
             else:
-                def single(node, run):
-                    item = source(node, run)
-                    return None if item is None else produce(item, run)
-            core = single
+                core = codegen.FromItem(source, produce)
         else:
             core = produce
 
         if condition is None and default is None and not required:
             return core
-
-        def rule(node, run):
-            if condition is not None and not condition(node, run):
-                return None
-            value = core(node, run)
-            if value is None:
-                if default is not None:
-                    return default
-                if required:
-                    raise TranslationError(f"{key} is required and has no value",
-                                           _location(run), mapping_place)
-            return value
-        return rule
+        return codegen.Guard(condition, core, default, required, key, mapping_place)
 
     def _produce(self, spec: dict, type_name: str, element, key: str, line: int, after) -> Rule:
         """map | transform | text, then lookup (not for first_of, which applies them after)."""
         if "first_of" in spec:
-            return _nothing
+            return codegen.NOTHING
         if "map" in spec:
             target = spec["map"]
             if isinstance(target, str):
                 found = self.env.named_map(target, self.file, line, key)
                 if found is None:
-                    return _nothing
+                    return codegen.NOTHING
                 map_type, built = found
                 if type_name and map_type and map_type != type_name:
                     self.problem(line, f"{key}.map", f"map {target!r} builds {map_type}, "
@@ -277,13 +188,10 @@ class RuleCompiler:
             return built
         if after is None:
             # With a source, its text; without one (`{when: .., default: x}`), only the default.
-            return _text if "from" in spec or "each" in spec else _nothing
+            return codegen.TEXT if "from" in spec or "each" in spec else codegen.NOTHING
+        return codegen.Apply(after)
 
-        def produce(node, run):
-            return after(None, node, run)
-        return produce
-
-    def _after(self, spec: dict, key: str, line: int):
+    def _after(self, spec: dict, key: str, line: int) -> codegen.After | None:
         """transform then lookup, on a node (or on the value first_of chose)."""
         transform = None
         if "transform" in spec:
@@ -301,36 +209,7 @@ class RuleCompiler:
                              + _suggest(str(name), self.env.tables))
         if transform is None and table is None:
             return None
-        place = f"{self.file}:{line}"
-        function = transform.function if transform else None
-        wants_node = transform.node if transform else False
-
-        def after(value, node, run):
-            if value is None:
-                value = node if wants_node else text_of(node, run)
-                if value == "":
-                    return None
-            elif wants_node:
-                value = Part(str(value), SUBCOMPONENT)
-            if function is not None:
-                try:
-                    value = function(value, run)
-                except TranslationError:
-                    raise
-                except (ValueError, TypeError, KeyError) as error:
-                    raise TranslationError(f"{key}: {error}", _location(run), place) from None
-                if is_empty(value):
-                    return None
-            if table is not None:
-                try:
-                    value = table.translate(value)
-                except KeyError as error:
-                    raise TranslationError(f"{key}: {error.args[0]}", _location(run), place) from None
-                if is_empty(value):
-                    return None
-            return value
-        after.wants_node = wants_node
-        return after
+        return codegen.After(transform, table, key, f"{self.file}:{line}")
 
     def _reference(self, spec: dict, element) -> Reference | None:
         for name in ("from", "each"):
@@ -353,7 +232,9 @@ class RuleCompiler:
             return None
         if path.reference or (path.segment and not path.field):
             return None
-        return _relative_text(path) if path.relative else _field_text(path)
+        if path.relative:
+            return codegen.RelativeText(path.component, path.subcomponent)
+        return codegen.FieldText(path)
 
     def _numbered(self, path: Hl7Path) -> Hl7Path:
         """The path with a named column (CSV) replaced by its field number."""
@@ -367,8 +248,8 @@ class RuleCompiler:
 
     # -- sources -----------------------------------------------------------------------------
 
-    def _source(self, text, key: str, line: int, many: bool):
-        """An accessor: node, run -> node (from) or iterable of nodes (each)."""
+    def _source(self, text, key: str, line: int):
+        """What a path reaches (a codegen source), None when the path is wrong (a problem)."""
         try:
             path = self._numbered(parse_path(text))
         except PathError as error:
@@ -377,16 +258,16 @@ class RuleCompiler:
         if path.reference:
             if key.endswith(".field"):
                 self.problem(line, key, "a condition reads an HL7 path, not a resource")
-            return lambda node, run: None  # a rule with a reference is handled by _reference
+            return _NO_SOURCE  # a rule with a reference is handled by _reference
         if path.relative:
-            return _relative(path, many)
+            return codegen.RelativeSource(path.component, path.subcomponent)
         if self.env.check_path is not None and not self.env.columns:
             reason = self.env.check_path(path)
             if reason:
                 self.problem(line, key, reason)
         if not path.field:
-            return _segments(path.segment, many)
-        return _field(path, many)
+            return codegen.SegmentSource(path.segment)
+        return codegen.FieldSource(path)
 
     # -- conditions --------------------------------------------------------------------------
 
@@ -399,7 +280,7 @@ class RuleCompiler:
                 options = [self._condition(option, f"{key}.any", line) for option in item["any"]]
                 options = [option for option in options if option is not None]
                 if options:
-                    tests.append(lambda node, run, options=options: any(o(node, run) for o in options))
+                    tests.append(codegen.AnyOf(options))
                 continue
             if not isinstance(item, dict) or "field" not in item:
                 self.problem(line, where, "a condition is {field: PATH, is|in|not_in|present: ...}"
@@ -408,254 +289,51 @@ class RuleCompiler:
             for name in item:
                 if name not in CONDITIONS:
                     self.problem(line, f"{where}.{name}", f"unknown condition key; use {', '.join(CONDITIONS)}")
-            source = self._source(item["field"], where + ".field", line, many=False)
+            source = self._source(item["field"], where + ".field", line)
             if source is None:
                 continue
             reader = self._text_reader(item["field"])
             if reader is None:
-                def reader(node, run, source=source):
-                    return _value(source, node, run)
+                # A segment path (`{field: SPM, present: false}`): its name when there is one.
+                reader = codegen.SegmentPresent(source.name) if isinstance(source, codegen.SegmentSource) \
+                    else _NO_TEXT
             tests.append(_test(reader, item))
         if not tests:
             return None
-
-        def condition(node, run):
-            for test in tests:
-                if not test(node, run):
-                    return False
-            return True
-        return condition
+        return codegen.AllOf(tests)
 
 
-# -- accessors -----------------------------------------------------------------------------
+class _NoSource:
+    """The source of a reference path (`@name`): the rule is a ReferenceRule instead."""
 
-def _descend(part: Part, number: int, run: Run) -> Part | None:
-    """Component (or subcomponent) `number` of a value, one level down."""
-    level = part.level
-    if level == SUBCOMPONENT:
-        return part if number == 1 else None
-    pieces = part.pieces
-    if pieces is None:
-        separators = run.separators
-        separator = separators.component if level == FIELD else separators.subcomponent
-        raw = part.raw
-        pieces = raw.split(separator) if separator and separator in raw else (raw,)
-        part.pieces = pieces
-    if number > len(pieces):
-        return None
-    piece = pieces[number - 1]
-    return Part(piece, level + 1) if piece else None
+    def emit_first(self, gen, node):
+        return "None"
+
+    def emit_loop(self, gen, node, body):
+        pass
 
 
-def _leaf(raw: str, level: int, separators) -> str:
-    """The decoded text of a raw value at `level`: first component, first subcomponent."""
-    if level == FIELD:
-        component = separators.component
-        if component in raw:
-            raw = raw.split(component, 1)[0]
-    if level != SUBCOMPONENT:
-        subcomponent = separators.subcomponent
-        if subcomponent and subcomponent in raw:
-            raw = raw.split(subcomponent, 1)[0]
-    if separators.escape in raw:
-        return separators.text(raw)
-    return raw
+class _NoText:
+    def emit_text(self, gen, node):
+        return "''"
 
 
-def _pick(raw: str, separator: str, number: int) -> str:
-    if separator and separator in raw:
-        pieces = raw.split(separator)
-        return pieces[number - 1] if number <= len(pieces) else ""
-    return raw if number == 1 else ""
+_NO_SOURCE = _NoSource()
+_NO_TEXT = _NoText()
 
 
-def _field_text(path: Hl7Path):
-    name, number, component, subcomponent = path.segment, path.field, path.component, path.subcomponent
-    unsplit = name == "MSH" and number <= 2
-
-    def read(node, run) -> str:
-        segment = run.segment
-        if segment is None or segment.name != name:
-            segment = run.find(name)[0]
-            if segment is None:
-                return ""
-        fields = segment.fields
-        if number >= len(fields):
-            return ""
-        raw = fields[number]
-        if not raw or unsplit:
-            return raw
-        separators = run.separators
-        repetition = separators.repetition
-        if repetition in raw:
-            raw = raw.split(repetition, 1)[0]
-        if not component:
-            return _leaf(raw, FIELD, separators)
-        raw = _pick(raw, separators.component, component)
-        if subcomponent:
-            return _leaf(_pick(raw, separators.subcomponent, subcomponent), SUBCOMPONENT, separators)
-        return _leaf(raw, COMPONENT, separators)
-    return read
-
-
-def _relative_text(path: Hl7Path):
-    component, subcomponent = path.component, path.subcomponent
-
-    def read(node, run) -> str:
-        if node.__class__ is not Part:
-            return ""
-        level = node.level
-        if level == SUBCOMPONENT:
-            return _leaf(node.raw, SUBCOMPONENT, run.separators) if component == 1 and subcomponent <= 1 else ""
-        pieces = node.pieces
-        separators = run.separators
-        if pieces is None:
-            separator = separators.component if level == FIELD else separators.subcomponent
-            raw = node.raw
-            pieces = raw.split(separator) if separator and separator in raw else (raw,)
-            node.pieces = pieces
-        if component > len(pieces):
-            return ""
-        raw = pieces[component - 1]
-        if not raw:
-            return raw
-        if level == FIELD:  # raw is a component
-            if subcomponent:
-                raw = _pick(raw, separators.subcomponent, subcomponent)
-            elif separators.subcomponent and separators.subcomponent in raw:
-                raw = raw.split(separators.subcomponent, 1)[0]
-        elif subcomponent > 1:  # raw is already a subcomponent
-            return ""
-        return separators.text(raw) if separators.escape in raw else raw
-    return read
-
-
-def _relative(path: Hl7Path, many: bool):
-    component, subcomponent = path.component, path.subcomponent
-
-    def access(node, run):
-        if node.__class__ is not Part:
-            return None
-        part = _descend(node, component, run)
-        if part is not None and subcomponent:
-            part = _descend(part, subcomponent, run) if part.level == COMPONENT else (
-                part if subcomponent == 1 else None)
-        return part
-    if many:
-        return lambda node, run: [part] if (part := access(node, run)) is not None else []
-    return access
-
-
-def _segments(name: str, many: bool):
-    if many:
-        def each(node, run):
-            return [_SegmentAt(segment, at) for segment, at in run.following(name)]
-        return each
-
-    def first(node, run):
-        segment, at = run.find(name)
-        return _SegmentAt(segment, at) if segment is not None else None
-    return first
-
-
-class _SegmentAt:
-    """A segment reached by a path; evaluating under it makes it the current segment."""
-
-    __slots__ = ("segment", "position")
-
-    def __init__(self, segment: Segment, position: int):
-        self.segment = segment
-        self.position = position
-
-
-def _field(path: Hl7Path, many: bool):
-    name, number, component, subcomponent = path.segment, path.field, path.component, path.subcomponent
-    unsplit = name == "MSH" and number <= 2
-
-    def parts(run):
-        segment, _ = run.find(name)
-        if segment is None:
-            return ()
-        if unsplit:
-            raw = segment.field(number)
-            return [Part(raw, SUBCOMPONENT)] if raw else ()
-        key = (segment, number)
-        found = run.parts.get(key)
-        if found is None:  # one set of Parts per field, so their splits are shared
-            found = [Part(raw, FIELD) for raw in segment.repetitions(number, run.separators.repetition)]
-            run.parts[key] = found
-        return found
-
-    def narrow(part, run):
-        if component:
-            part = _descend(part, component, run)
-            if part is not None and subcomponent:
-                part = _descend(part, subcomponent, run)
-        return part
-
-    if many:
-        def each(node, run):
-            found = []
-            for raw in parts(run):
-                part = narrow(raw, run)
-                if part is not None:
-                    found.append(part)
-            return found
-        return each
-
-    def first(node, run):
-        for raw in parts(run):
-            return narrow(raw, run)
-        return None
-    return first
-
-
-def _within(produce: Rule, item, run: Run):
-    """Evaluate under `item`; a segment becomes the current one for absolute paths."""
-    if item.__class__ is not _SegmentAt:
-        return produce(item, run)
-    saved = run.segment, run.position
-    run.segment, run.position = item.segment, item.position
-    try:
-        return produce(item.segment, run)
-    finally:
-        run.segment, run.position = saved
-
-
-def _test(read, spec: dict):
-    """A condition on the text `read(node, run)` gives."""
+def _test(reader, spec: dict) -> codegen.Test:
+    """A condition on the text the reader gives."""
     if "is" in spec:
-        expected = str(spec["is"])
-        return lambda node, run: read(node, run) == expected
+        return codegen.Test(reader, "is", str(spec["is"]))
     if "in" in spec:
-        allowed = frozenset(str(value) for value in spec["in"] or ())
-        return lambda node, run: read(node, run) in allowed
+        return codegen.Test(reader, "in", frozenset(str(value) for value in spec["in"] or ()))
     if "not_in" in spec:
-        refused = frozenset(str(value) for value in spec["not_in"] or ())
-        return lambda node, run: read(node, run) not in refused
-    present = bool(spec.get("present", True))
-    return lambda node, run: (read(node, run) != "") is present
+        return codegen.Test(reader, "not_in", frozenset(str(value) for value in spec["not_in"] or ()))
+    return codegen.Test(reader, "present", bool(spec.get("present", True)))
 
 
-def _value(source, node, run) -> str:
-    found = source(node, run)
-    if found is None:
-        return ""
-    if found.__class__ is _SegmentAt:
-        return found.segment.name
-    return text_of(found, run)
-
-
-# -- small combinators ---------------------------------------------------------------------
-
-def _names_segment(text) -> bool:
-    """Whether a source path reads segments (under which absolute paths change segment)."""
-    try:
-        path = parse_path(text)
-    except PathError:
-        return False
-    return bool(path.segment) and not path.field and not path.column
-
+# -- small helpers -------------------------------------------------------------------------
 
 def _implicit_map(spec: dict) -> dict:
     wrapped = Located({"map": spec})
@@ -663,42 +341,6 @@ def _implicit_map(spec: dict) -> dict:
     wrapped.line = getattr(spec, "line", 0)
     wrapped.lines = {"map": wrapped.line}
     return wrapped
-
-
-def _nothing(node, run):
-    return None
-
-
-def _text(node, run):
-    text = text_of(node, run)
-    return text or None
-
-
-def _as_list(rule: Rule) -> Rule:
-    def listed(node, run):
-        value = rule(node, run)
-        if value is None or value.__class__ is list or value.__class__ is Reference:
-            return value
-        return [value]
-    return listed
-
-
-def _collect(parts: list[Rule]) -> Rule:
-    def collect(node, run):
-        results = []
-        for part in parts:
-            value = part(node, run)
-            if value is None:
-                continue
-            if value.__class__ is list:
-                results.extend(value)
-            elif value.__class__ is Reference:  # resolved in place at the end
-                run.references.append((results, len(results), value, run.scope))
-                results.append(value)
-            elif not is_empty(value):
-                results.append(value)
-        return results or None
-    return collect
 
 
 def _single(element):
@@ -713,14 +355,6 @@ def _plain(value):
     if isinstance(value, list):
         return [_plain(item) for item in value]
     return value
-
-
-def _location(run: Run) -> str:
-    segment = run.segment
-    if segment is None:
-        return ""
-    sequence = sum(1 for at in run.message.positions(segment.name) if at <= run.position)
-    return f"{segment.name}[{sequence}]"
 
 
 def _suggest(word: str, choices) -> str:

@@ -31,6 +31,21 @@ class Part:
         return f"Part({self.raw!r}, {self.level})"
 
 
+class Reference:
+    """A pending reference to resources named by the message map, filled in at the end:
+    the nearest one (`from: '@x'`) or all of them (`each: '@x'`), as one Reference or a list."""
+
+    __slots__ = ("name", "every", "as_list")
+
+    def __init__(self, name: str, every: bool, as_list: bool):
+        self.name = name
+        self.every = every
+        self.as_list = as_list
+
+    def __repr__(self) -> str:
+        return f"Reference({self.name!r}, every={self.every}, as_list={self.as_list})"
+
+
 class TranslationError(ValueError):
     """A message that the mapping cannot translate; `location` is an ERR-2 style place
     ('PID[1]-7') or a mapping key, `reason` says what is wrong."""
@@ -64,12 +79,17 @@ class TranslationContext:
 class Run:
     """The state of one translation: message, separators, scopes, pending references."""
 
-    __slots__ = ("message", "separators", "context", "segment", "position", "scope",
+    __slots__ = ("message", "separators", "seps", "context", "segment", "position", "scope",
                  "references", "warnings", "resources", "parts")
 
     def __init__(self, message: Hl7Message, context: TranslationContext):
         self.message = message
-        self.separators: Separators = message.separators
+        separators = message.separators
+        self.separators: Separators = separators
+        # What generated rules unpack once per call: repetition, component, subcomponent and
+        # escape characters, and the unescaping function.
+        self.seps = (separators.repetition, separators.component, separators.subcomponent,
+                     separators.escape, separators.text)
         self.context = context
         self.segment: Segment | None = None
         self.position = -1
@@ -115,3 +135,77 @@ class Run:
             found.append((segments[at], at))
             at += 1
         return found
+
+
+# -- what generated rules call (gateway.mapping.codegen) ------------------------------------
+
+EMPTY = (None, "", [], {})  # `value in EMPTY`: nothing to map (0 and False are values)
+
+
+def text_of(node, run: Run) -> str:
+    """The decoded text of a value: its first component's first subcomponent."""
+    if node.__class__ is not Part:
+        return ""
+    raw = node.raw
+    separators = run.separators
+    if node.level == FIELD and separators.component in raw:
+        raw = raw.split(separators.component, 1)[0]
+    if node.level != SUBCOMPONENT and separators.subcomponent and separators.subcomponent in raw:
+        raw = raw.split(separators.subcomponent, 1)[0]
+    if separators.escape in raw:
+        return separators.text(raw)
+    return raw
+
+
+def descend(part: Part, number: int, run: Run) -> Part | None:
+    """Component (or subcomponent) `number` of a value, one level down."""
+    level = part.level
+    if level == SUBCOMPONENT:
+        return part if number == 1 else None
+    pieces = part.pieces
+    if pieces is None:
+        separators = run.separators
+        separator = separators.component if level == FIELD else separators.subcomponent
+        raw = part.raw
+        pieces = raw.split(separator) if separator and separator in raw else (raw,)
+        part.pieces = pieces
+    if number > len(pieces):
+        return None
+    piece = pieces[number - 1]
+    return Part(piece, level + 1) if piece else None
+
+
+def field_parts(segment: Segment, number: int, run: Run) -> list[Part]:
+    """The repetitions of SEG-n as Parts, made once per translation so their splits are shared."""
+    key = (segment, number)
+    found = run.parts.get(key)
+    if found is None:
+        found = [Part(raw, FIELD) for raw in segment.repetitions(number, run.separators.repetition)]
+        run.parts[key] = found
+    return found
+
+
+def unsplit_parts(segment: Segment, number: int, run: Run) -> list[Part]:
+    """MSH-1 and MSH-2, never split."""
+    raw = segment.field(number)
+    return [Part(raw, SUBCOMPONENT)] if raw else []
+
+
+def relative_part(node, component: int, subcomponent: int, run: Run) -> Part | None:
+    """Component `component` (and subcomponent) of the value being mapped, as a Part."""
+    if node.__class__ is not Part:
+        return None
+    part = descend(node, component, run)
+    if part is not None and subcomponent:
+        part = descend(part, subcomponent, run) if part.level == COMPONENT else (
+            part if subcomponent == 1 else None)
+    return part
+
+
+def location(run: Run) -> str:
+    """The ERR-style place of the current segment ('OBX[3]'), for errors."""
+    segment = run.segment
+    if segment is None:
+        return ""
+    sequence = sum(1 for at in run.message.positions(segment.name) if at <= run.position)
+    return f"{segment.name}[{sequence}]"
