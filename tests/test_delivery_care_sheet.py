@@ -21,12 +21,15 @@ from lxml import etree
 from adapters.soap.cnss import NAMESPACE, WSDL_PATH
 from gateway.delivery.care_sheet import (
     CareSheetError,
+    Eligibility,
+    EligibilityUnavailable,
     LocalContractTransport,
     care_sheet_from_bundle,
     care_sheet_request,
     classify_response,
     cnss_client,
     eligibility_request,
+    read_eligibility,
 )
 from gateway.delivery.outcome import HttpResponse
 from gateway.mapping.golden import GOLDEN_RECEIVED_AT
@@ -293,11 +296,32 @@ def test_golden_billable_bundles_are_accepted_by_the_peer_once(cnss, certs, mapp
 
 @pytest_twisted.inlineCallbacks
 def test_eligibility_request_is_answered_by_the_peer(cnss, certs):
-    """The VerifierDroits envelope is accepted; a lower-case CNIE is sent upper-case."""
+    """The VerifierDroits envelope is accepted (a lower-case CNIE is sent upper-case) and its answer read."""
     request = eligibility_request(url=cnss.url, on=date(2026, 1, 15), cnie="be123456")
     response = yield http(certs, request.url, request.body, headers=request.headers)
-    answer = read("VerifierDroits", response)
-    assert answer.droitsOuverts is True and answer.assure.immatriculation == "112233445"
+    assert read("VerifierDroits", response).droitsOuverts is True
+    eligibility = read_eligibility(response)
+    assert (eligibility.rights_open, eligibility.motive, eligibility.on) == (True, "DROITS_OUVERTS", date(2026, 1, 15))
+    assert (eligibility.immatriculation, eligibility.cnie) == ("112233445", "BE123456")
+    assert [(d.rank, d.relationship, d.cnie) for d in eligibility.dependants] == \
+        [(1, "CONJOINT", "BE654321"), (2, "ENFANT", None), (3, "ENFANT", None)]
+
+    unknown = eligibility_request(url=cnss.url, on=date(2026, 1, 15), immatriculation="999999999")
+    response = yield http(certs, unknown.url, unknown.body, headers=unknown.headers)
+    assert read_eligibility(response) == Eligibility(False, "ASSURE_INCONNU", date(2026, 1, 15))
+
+    yield set_fault(certs, cnss, mode="soap_fault", count=1)
+    response = yield http(certs, request.url, request.body, headers=request.headers)
+    with pytest.raises(EligibilityUnavailable) as unavailable:
+        read_eligibility(response)
+    assert unavailable.value.outcome.kind == "transient"
+
+
+def test_an_answer_that_is_not_an_eligibility_is_refused():
+    """A 200 that is not a valid VerifierDroitsReponse is a permanent EligibilityUnavailable."""
+    with pytest.raises(EligibilityUnavailable) as unavailable:
+        read_eligibility(HttpResponse(200, {}, ANSWER))
+    assert unavailable.value.outcome.kind == "permanent"
 
 
 @pytest_twisted.inlineCallbacks

@@ -643,6 +643,30 @@ def test_http_503_mode_answers_plain_text(cnss, certs):
 
 
 @pytest_twisted.inlineCallbacks
+def test_http_400_mode_answers_a_client_fault(cnss, certs):
+    """http_400 answers status 400 with a soap:Client fault: a refusal, nothing stored."""
+    yield set_fault(certs, cnss, mode="http_400", count=1)
+    response = yield call(certs, cnss, "SoumettreFeuilleDeSoins", **care_sheet())
+    assert response.code == 400
+    root = etree.fromstring(response.body)
+    assert root.findtext("soap:Body/soap:Fault/faultcode", namespaces=NS) == "soap:Client"
+    assert root.findtext("soap:Body/soap:Fault/detail/fse:Erreur/fse:code", namespaces=NS) == "REQUETE_REFUSEE"
+    assert rows(cnss.store_path) == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_drop_answer_mode_keeps_the_sheet_and_a_retry_gets_its_answer(cnss, certs):
+    """drop_answer stores the care sheet but loses the answer; the retry with the same key gets it, one row."""
+    yield set_fault(certs, cnss, mode="drop_answer", count=1)
+    with pytest.raises(Exception):
+        yield call(certs, cnss, "SoumettreFeuilleDeSoins", **care_sheet())
+    assert rows(cnss.store_path) == 1
+    retry = yield call(certs, cnss, "SoumettreFeuilleDeSoins", **care_sheet())
+    assert read("SoumettreFeuilleDeSoins", retry).numeroDossier.endswith("00000001")
+    assert rows(cnss.store_path) == 1
+
+
+@pytest_twisted.inlineCallbacks
 def test_down_mode_drops_the_connection(cnss, certs):
     """down closes the connection without an answer and stores nothing."""
     yield set_fault(certs, cnss, mode="down", count=1)

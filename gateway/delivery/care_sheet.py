@@ -12,7 +12,9 @@ checked against the XSD with lxml before it leaves, so what we send is what the 
   practitioners or facilities in one message are refused rather than guessed.
 - `care_sheet_request(bundle, url=, idempotency_key=)`: the POST for `SoumettreFeuilleDeSoins`,
   or None when nothing is billable.
-- `eligibility_request(url=, on=, immatriculation= | cnie=)`: the POST for `VerifierDroits`.
+- `eligibility_request(url=, on=, immatriculation= | cnie=)`: the POST for `VerifierDroits`;
+  `read_eligibility(response)` its answer as an `Eligibility`, or `EligibilityUnavailable`
+  carrying the same kind of outcome as a delivery.
 - `classify_response(response)`: delivered (the reason names the care-sheet number), transient
   (soap:Server fault, 408, 429, 5xx without a readable fault) or permanent (soap:Client and
   other faults, any other unexpected answer).
@@ -172,6 +174,19 @@ def eligibility_request(*, url: str, on: date, immatriculation: str | None = Non
 def classify_response(response: HttpResponse) -> DeliveryOutcome:
     """The verdict on a SoumettreFeuilleDeSoins answer (see the module docstring)."""
     body = _soap_body(response.body)
+    failed = _failure(response, body)
+    if failed is not None:
+        return failed
+    answer = body.find(f"{{{NAMESPACE}}}SoumettreFeuilleDeSoinsReponse")
+    number = answer.findtext(f"{{{NAMESPACE}}}numeroDossier") if answer is not None else None
+    if number:
+        status = answer.findtext(f"{{{NAMESPACE}}}statut") or "?"
+        return DeliveryOutcome.delivered(f"care sheet {number.strip()} {status.strip()}", response)
+    return DeliveryOutcome.permanent("CNSS answered 200 without a care-sheet number", response)
+
+
+def _failure(response: HttpResponse, body: etree._Element | None) -> DeliveryOutcome | None:
+    """The outcome of a fault or of a non-200 answer; None for a 200 SOAP answer to read."""
     fault = body.find(f"{{{SOAP_ENV}}}Fault") if body is not None else None
     if fault is not None:
         code = (fault.findtext("faultcode") or "").strip()
@@ -183,15 +198,67 @@ def classify_response(response: HttpResponse) -> DeliveryOutcome:
             return DeliveryOutcome.transient(reason, response)
         return DeliveryOutcome.permanent(reason, response)
     if response.code == 200 and body is not None:
-        answer = body.find(f"{{{NAMESPACE}}}SoumettreFeuilleDeSoinsReponse")
-        number = answer.findtext(f"{{{NAMESPACE}}}numeroDossier") if answer is not None else None
-        if number:
-            status = answer.findtext(f"{{{NAMESPACE}}}statut") or "?"
-            return DeliveryOutcome.delivered(f"care sheet {number.strip()} {status.strip()}", response)
-        return DeliveryOutcome.permanent("CNSS answered 200 without a care-sheet number", response)
+        return None
     if response.code in TRANSIENT_STATUSES or 500 <= response.code <= 599:
         return DeliveryOutcome.transient(f"CNSS HTTP {response.code}", response)
     return DeliveryOutcome.permanent(f"CNSS HTTP {response.code}: unexpected answer", response)
+
+
+@dataclass(frozen=True)
+class Dependant:
+    rank: int
+    relationship: str  # CONJOINT or ENFANT
+    cnie: str | None
+    birth_date: date
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """A VerifierDroits answer: rights open on `on`, why (MotifDroits), and who is covered."""
+
+    rights_open: bool
+    motive: str  # DROITS_OUVERTS, DROITS_FERMES, DROITS_SUSPENDUS or ASSURE_INCONNU
+    on: date
+    immatriculation: str | None = None
+    cnie: str | None = None
+    dependants: tuple[Dependant, ...] = ()
+
+
+class EligibilityUnavailable(Exception):
+    """No eligibility answer: `outcome` says whether asking again later may help (transient)."""
+
+    def __init__(self, outcome: DeliveryOutcome):
+        super().__init__(outcome.reason)
+        self.outcome = outcome
+
+
+def read_eligibility(response: HttpResponse) -> Eligibility:
+    """The answer to an `eligibility_request`, or EligibilityUnavailable (fault, HTTP error...)."""
+    body = _soap_body(response.body)
+    failed = _failure(response, body)
+    if failed is not None:
+        raise EligibilityUnavailable(failed)
+    answer = body.find(f"{{{NAMESPACE}}}VerifierDroitsReponse")
+    try:
+        if answer is None or not _schema().validate(answer):
+            raise ValueError
+        text = functools.partial(_child_text, answer)
+        dependants = tuple(
+            Dependant(int(_child_text(node, "rang")), _child_text(node, "lien"), _child_text(node, "cnie"),
+                      date.fromisoformat(_child_text(node, "dateNaissance")))
+            for node in answer.iterfind(f"{{{NAMESPACE}}}ayantsDroit/{{{NAMESPACE}}}ayantDroit"))
+        return Eligibility(text("droitsOuverts") in ("true", "1"), text("motif"),
+                           date.fromisoformat(text("dateReference")), text("assure/immatriculation"),
+                           text("assure/cnie"), dependants)
+    except ValueError:
+        raise EligibilityUnavailable(DeliveryOutcome.permanent(
+            "CNSS answered 200 without a valid VerifierDroitsReponse", response)) from None
+
+
+def _child_text(parent: etree._Element, path: str) -> str | None:
+    qualified = "/".join(f"{{{NAMESPACE}}}{step}" for step in path.split("/"))
+    value = parent.findtext(qualified)
+    return value.strip() if value is not None else None
 
 
 def _soap_body(data: bytes) -> etree._Element | None:

@@ -10,8 +10,9 @@ ACCES_REFUSE, HTTP 500, as for every SOAP fault).
 Request bodies over `max_request_bytes` are not kept (counted and dropped as they arrive) and
 get a TAILLE_EXCESSIVE fault. Fault injection applies to `POST /` only, after the access check:
 `soap_fault` answers a soap:Server fault, `http_500` a soap:Server fault with status 500,
-`http_503` a plain-text 503 (as a proxy in front of the service would), `down` drops the
-connection, `slow` delays the answer.
+`http_503` a plain-text 503 (as a proxy in front of the service would), `http_400` a
+soap:Client fault REQUETE_REFUSEE with status 400, `down` drops the connection, `slow` delays
+the answer, `drop_answer` does the work (the care sheet is stored) and drops the connection.
 """
 from __future__ import annotations
 
@@ -141,6 +142,9 @@ class CnssResource(resource.Resource):
             request.setResponseCode(503)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             request.write(b"Service Unavailable\n")
+        elif code < 500:
+            request.write(self._fault(request, client_fault("REQUETE_REFUSEE", "requête refusée par le service"),
+                                      code))
         else:
             request.write(self._fault(request, server_fault("ERREUR_INTERNE", "erreur interne du service"),
                                       code))
