@@ -84,6 +84,7 @@ MALFORMED = {
     "hapi-hl7v2/xml/get_*.xml": "DOCTYPE with an external DTD (XXE probe, SOURCES.md: meant to be rejected)",
     "hapi-hl7v2/xml/weird_message.xml": "invalid TS, unknown root element",
     "mirth-connect/serializer/*.xml": "Mirth's own XML dialect, not HL7 v2 XML",
+    "astm/tgenaux-astm-lis/RepeatFields.txt": "a lone O record (no H header): a fragment, not a message",
     "linuxforhealth-hl7v2-fhir-converter/sample_*.hl7": "MSH-2 '^~\\\\&' repeats the escape character",
 }
 # INDEX.tsv notes that say a file is malformed (segments broken by stray line breaks).
@@ -185,7 +186,7 @@ def units_of(row: Row, corpus: Path = CORPUS) -> list[Unit]:
     data = stored_bytes((corpus / row.path).read_bytes(), row.notes)
     head = data.lstrip(b"\xef\xbb\xbf\r\n\t \x0b")
     if not head.startswith((b"MSH", b"FHS", b"BHS")):
-        return [Unit(row, 1, data)]  # XML, ASTM, or something read_input must refuse
+        return astm_units(row, data)  # XML, ASTM, or something read_input must refuse
     if is_batch(head):
         try:
             batch = split_batch(head)
@@ -198,6 +199,21 @@ def units_of(row: Row, corpus: Path = CORPUS) -> list[Unit]:
     if starts <= 1:
         return [Unit(row, 1, data)]  # as stored: line ends and BOM are read_input's business
     return [Unit(row, n, m) for n, m in enumerate(split_messages(head), 1)]
+
+
+def astm_units(row: Row, data: bytes) -> list[Unit]:
+    """An analyzer capture may hold several ASTM messages (H ... L, one per transfer): each is
+    a unit, as the E1381 receiver hands them over one by one. Anything else is one unit."""
+    from adapters.astm.records import split_messages, strip_low_level
+    from gateway.translation.inputs import detect_format
+
+    if detect_format(data) != "astm":
+        return [Unit(row, 1, data)]
+    text = strip_low_level(data).decode("latin-1")  # bytes kept as they are
+    parts = split_messages(text)
+    if len(parts) <= 1 or any(detect_format(part.encode("latin-1")) != "astm" for part in parts):
+        return [Unit(row, 1, data)]  # one message (with comment lines, say): as stored
+    return [Unit(row, n, part.encode("latin-1")) for n, part in enumerate(parts, 1)]
 
 
 # --------------------------------------------------------------------------- translation

@@ -106,9 +106,7 @@ def test_split_messages_of_one_transfer():
     ("astm", "levinalex-lis", "immulite_results_upload.astm.txt"),
     ("astm", "ruby-astm", "sysmex_550_sample.txt"),
     ("astm", "tgenaux-astm-lis", "Vision.txt"),
-    pytest.param(("astm", "tgenaux-astm-lis", "PhadiaLIS2SampleMessage.txt"), marks=pytest.mark.xfail(
-        reason="known gap: a text value with units ('Examine' in g/L) fails the decimal transform; "
-               "the mapping language has no 'is a number' condition", strict=True)),
+    ("astm", "tgenaux-astm-lis", "PhadiaLIS2SampleMessage.txt"),  # 'Examine' in a test with units
 ])
 def test_corpus_messages_translate_into_valid_bundles(path):
     """Real analyzer messages read and translate with the shared ASTM map into valid FHIR."""
@@ -137,3 +135,37 @@ def test_golden_case():
     assert kinds == ["Patient", "DiagnosticReport", "Observation", "Observation", "Observation", "Provenance"]
     from gateway.mapping.golden import translate_case
     assert bundle_problems(translate_case(mapping_set, GOLDEN).bundle) == []
+
+
+def _translated(text: str) -> dict:
+    from zoneinfo import ZoneInfo
+    from gateway.mapping.runtime import TranslationContext
+    from gateway.mapping.golden import GOLDEN_RECEIVED_AT
+    parsed = read_input(text.encode("latin-1"))
+    context = TranslationContext(sender_id="", timezone=ZoneInfo("Africa/Casablanca"),
+                                 received_at=GOLDEN_RECEIVED_AT, message_key=parsed.control_id,
+                                 control_id=parsed.control_id)
+    bundle = MappingSet.load(ROOT / "mappings").translate(parsed.message, context, parsed.message_type).bundle
+    assert bundle_problems(bundle) == []
+    return bundle
+
+
+def test_result_values_are_numbers_when_they_are_and_text_otherwise():
+    """R-4 with units: a number (comparator kept, decimal comma read) is a Quantity; text in a
+    test with units, or a value without units, is a string; never an error."""
+    bundle = _translated("H|\\^&|||ANALYZER\rP|1||PAT-1\rO|1|SPC-1||^^^CHEM\r"
+                         "R|1|^^^GLU|5,4|mmol/L||N||F\rR|2|^^^CRP|<3.00|mg/L||N||F\r"
+                         "R|3|^^^IGE|Examine|g/L||N||F\rR|4|^^^ASP|Clair|||||F\rL|1|N\r")
+    values = [{k: v for k, v in entry["resource"].items() if k.startswith("value")}
+              for entry in bundle["entry"] if entry["resource"]["resourceType"] == "Observation"]
+    assert values == [{"valueQuantity": {"value": 5.4, "unit": "mmol/L"}},
+                      {"valueQuantity": {"value": 3.0, "unit": "mg/L", "comparator": "<"}},
+                      {"valueString": "Examine"}, {"valueString": "Clair"}]
+
+
+def test_order_without_a_test_id_reports_the_test_of_its_result():
+    """Stago sends the test id in R only: the report's code comes from its first result."""
+    bundle = _translated("H|\\^&|||STA\rP|1\rO|1|000004782|226||R\rR|1|^^^SPT^F^64|14.02|S||||F\rL|1|N\r")
+    report = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
+    assert report["code"]["coding"][0]["code"] == "SPT"
+

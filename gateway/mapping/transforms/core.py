@@ -50,6 +50,10 @@ def fhir_datetime(text: str, zone) -> str:
                                                                    minutes=int(offset[3:5]))))
         else:
             moment = _local(moment, zone)
+            if moment.utcoffset().seconds % 60:
+                # Local mean time before standard zones (Casablanca before 1913: -00:30:20):
+                # FHIR offsets are whole minutes, so the instant is written in UTC, exactly.
+                moment = moment.astimezone(timezone.utc)
         result = moment.isoformat(timespec="seconds")
         if fraction:
             result = result[:19] + "." + fraction + result[19:]
