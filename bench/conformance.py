@@ -353,6 +353,34 @@ def observation_value_facts(resource: dict) -> list[Fact]:
     return [f for f in facts if f]
 
 
+# Observations that Microsoft's converter makes from segments that are not observations (PDA
+# death and autopsy indicators, ACC accident text), coded in its own placeholder code system:
+# no code of the message, no row of the v2-to-FHIR guide; not comparable.
+INVENTED_CODE_SYSTEMS = ("http://example.com/v2-to-fhir-converter/CodeSystem/observation-code",)
+# Message types whose OBX the guide maps into another resource than Observation: MDM_T02's OBX
+# are the document's content (OBX[DocumentReference]), which is how the issue wants them; an
+# expected bundle's Observations for them are not comparable with ours.
+NOT_OBSERVATIONS = ("MDM",)
+# Order messages: the guide maps their OBR to ServiceRequest (ORM_O01, OML_O21; OMG_O19 has the
+# same shape), not to a DiagnosticReport as Microsoft's converter does; report facts of the
+# expected bundle are not comparable.
+NOT_REPORTS = ("ORM", "OML", "OMG")
+
+
+def _invented(resource: dict) -> bool:
+    codings = [c for c in (resource.get("code") or {}).get("coding", ()) if isinstance(c, dict)]
+    return bool(codings) and all(c.get("system") in INVENTED_CODE_SYSTEMS for c in codings)
+
+
+def comparable_facts(facts: list[Fact], message_type: str) -> list[Fact]:
+    """The facts of an expected bundle that our mapping can be compared on (see above)."""
+    if message_type.startswith(NOT_OBSERVATIONS):
+        facts = [fact for fact in facts if not fact.kind.startswith("observation.")]
+    if message_type.startswith(NOT_REPORTS):
+        facts = [fact for fact in facts if not fact.kind.startswith("report.")]
+    return facts
+
+
 def facts_of(bundle: dict) -> list[Fact]:
     """The key facts of a bundle (a list: the same fact twice counts twice)."""
     facts: list[Fact | None] = []
@@ -361,6 +389,8 @@ def facts_of(bundle: dict) -> list[Fact]:
         if not isinstance(resource, dict):
             continue
         kind = resource.get("resourceType")
+        if kind == "Observation" and _invented(resource):
+            continue
         if kind == "Patient":
             for identifier in resource.get("identifier", ()):
                 facts.append(_fact("patient.identifier", _text(identifier.get("value", ""))))
@@ -570,7 +600,8 @@ def run(mapping_dir: Path, corpus: Path, verbose: bool = False, only: str | None
             continue
         expected_facts = None
         if row.expected:
-            expected_facts = facts_of(json.loads((corpus / row.expected).read_text(encoding="utf-8-sig")))
+            expected_facts = comparable_facts(
+                facts_of(json.loads((corpus / row.expected).read_text(encoding="utf-8-sig"))), row.message_type)
         malformed = malformed_reason(row.path, row.notes)
         for unit in units_of(row, corpus):
             outcome = translate_unit(mapping_set, unit)
