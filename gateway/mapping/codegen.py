@@ -112,6 +112,7 @@ class Gen:
         self.depth = 1
         self.count = 0
         self.seps = False  # the body reads separators: unpack run.seps first
+        self.levels: dict[str, int] = {}  # variables known to hold a Part of this level
         # One cache per open block, valid in the block and those nested in it; a barrier (the
         # body of a segment `each`/`from`) hides the absolute reads made outside it.
         self.scopes: list[tuple[dict, bool]] = [({}, False)]
@@ -251,6 +252,17 @@ def _pieces(gen: Gen, node: str) -> tuple[str, str]:
     if found:
         return found
     gen.use_seps()
+    known = gen.levels.get(node)
+    if known in (1, 2):  # a Part of a known level, not yet split
+        pieces, raw = gen.new("pc"), gen.new("w")
+        separator = "sc" if known == 1 else "ss"
+        gen.emit(f"{pieces} = {node}.pieces")
+        with gen.block(f"if {pieces} is None:"):
+            gen.emit(f"{raw} = {node}.raw")
+            test = f"{separator} in {raw}" if known == 1 else f"{separator} and {separator} in {raw}"
+            gen.emit(f"{pieces} = {node}.pieces = {raw}.split({separator}) if {test} else ({raw},)")
+        gen.remember(key, (str(known), pieces))
+        return str(known), pieces
     level, pieces = gen.new("lv"), gen.new("pc")
     gen.emit(f"{pieces} = None")
     with gen.block(f"if {node}.__class__ is Part:"):
@@ -283,8 +295,31 @@ class RelativeText:
         found = gen.cached(key, absolute=False)
         if found:
             return found
+        if gen.levels.get(node) == 3:  # a subcomponent: itself, or nothing
+            var = gen.new("t")
+            if component == 1 and subcomponent <= 1:
+                gen.use_seps()
+                gen.emit(f"{var} = {node}.raw")
+                gen.emit(f"if se in {var}: {var} = unescape({var})")
+            else:
+                gen.emit(f"{var} = ''")
+            gen.remember(key, var)
+            return var
         level, pieces = _pieces(gen, node)
         var = gen.new("t")
+        if level in ("1", "2"):  # known statically
+            gen.emit(f"{var} = {pieces}[{component - 1}] if len({pieces}) > {component - 1} else ''")
+            with gen.block(f"if {var}:"):
+                if subcomponent:
+                    if level == "1":
+                        _emit_pick(gen, var, "ss", subcomponent, check_empty=True)
+                    elif subcomponent > 1:
+                        gen.emit(f"{var} = ''")
+                elif level == "1":
+                    gen.emit(f"if ss and ss in {var}: {var} = {var}.split(ss, 1)[0]")
+                gen.emit(f"if se in {var}: {var} = unescape({var})")
+            gen.remember(key, var)
+            return var
         with gen.block(f"if {level} == 1 or {level} == 2:"):
             gen.emit(f"{var} = {pieces}[{component - 1}] if len({pieces}) > {component - 1} else ''")
             with gen.block(f"if {var}:"):
@@ -328,12 +363,22 @@ class FieldSource:
     def __init__(self, path: Hl7Path):
         self.path = path
 
+    # Fields 1 and 2 may be unsplit (MSH-1, MSH-2, ASTM H-1, H-2): read through the segment,
+    # which knows; any other field is split here, one Part per repetition.
+
     def _parts(self, gen: Gen) -> str:
         path = self.path
         segment = segment_var(gen, path.segment)
-        helper = "unsplit_parts" if path.segment == "MSH" and path.field <= 2 else "field_parts"
         var = gen.new("ps")
-        gen.emit(f"{var} = {helper}({segment}, {path.field}, run) if {segment} is not None else ()")
+        gen.emit(f"{var} = field_parts({segment}, {path.field}, run) if {segment} is not None else ()")
+        return var
+
+    def _raw(self, gen: Gen) -> str:
+        fields = fields_var(gen, self.path.segment)
+        var = gen.new("w")
+        number = self.path.field
+        gen.emit(f"{var} = {fields}[{number}] if len({fields}) > {number} else ''")
+        gen.use_seps()
         return var
 
     def _narrow(self, gen: Gen, var: str) -> None:
@@ -343,19 +388,38 @@ class FieldSource:
             if path.subcomponent:
                 gen.emit(f"if {var} is not None: {var} = descend({var}, {path.subcomponent}, run)")
 
+    def _level(self) -> int:
+        path = self.path
+        return 3 if path.subcomponent else 2 if path.component else 1
+
     def emit_first(self, gen: Gen, node: str) -> str:
-        parts = self._parts(gen)
         var = gen.new("n")
-        gen.emit(f"{var} = {parts}[0] if {parts} else None")
+        if self.path.field > 2:
+            raw = self._raw(gen)
+            gen.emit(f"{var} = Part({raw}.split(sr, 1)[0] if sr in {raw} else {raw}, 1) if {raw} else None")
+        else:
+            parts = self._parts(gen)
+            gen.emit(f"{var} = {parts}[0] if {parts} else None")
         if self.path.component:
             with gen.block(f"if {var} is not None:"):
                 self._narrow(gen, var)
+        if self.path.field > 2:
+            gen.levels[var] = self._level()
         return var
 
     def emit_loop(self, gen: Gen, node: str, body: Callable[[str], None]) -> None:
-        parts = self._parts(gen)
         var = gen.new("n")
-        with gen.block(f"for {var} in {parts}:"):
+        if self.path.field > 2:
+            raw = self._raw(gen)
+            repetition = gen.new("w")
+            block = gen.block(f"for {repetition} in ({raw}.split(sr) if sr in {raw} else ({raw},)) "
+                              f"if {raw} else ():")
+        else:
+            block = gen.block(f"for {var} in {self._parts(gen)}:")
+        with block:
+            if self.path.field > 2:
+                gen.emit(f"{var} = Part({repetition}, 1)")
+                gen.levels[var] = self._level()
             if self.path.component:
                 self._narrow(gen, var)
                 with gen.block(f"if {var} is not None:"):
@@ -476,7 +540,8 @@ class AnyOf:
 # -- rules -----------------------------------------------------------------------------------
 # Each rule writes code that sets `out` to its value, or None for nothing. `kind` says what
 # that value can be, so that its consumer checks only what it must: 'one' (neither a list nor
-# a Reference), 'list', 'ref' (a Reference), 'any'.
+# a Reference), 'list', 'ref' (a Reference), 'val' (a list or not, never a Reference: what a
+# transform or a table gives), 'any'.
 
 def _merge(*kinds: str) -> str:
     return kinds[0] if len(set(kinds)) == 1 else "any"
@@ -492,6 +557,10 @@ def _add(gen: Gen, kind: str, value: str, holder: str, collect: bool) -> None:
         with gen.block(f"if {value} is not None:"):
             gen.emit(f"run.references.append(({holder}, len({holder}), {value}, run.scope))")
             gen.emit(f"{holder}.append({value})")
+    elif kind == "val" or not collect:
+        with gen.block(f"if {value} is not None:"):
+            gen.emit(f"if {value}.__class__ is list: {holder}.extend({value})")
+            gen.emit(f"else: {holder}.append({value})")
     else:
         with gen.block(f"if {value} is not None:"):
             with gen.block(f"if {value}.__class__ is list:"):
@@ -576,12 +645,14 @@ class AsList(Rule):
 
     def __init__(self, inner: Rule):
         self.inner = inner
-        self.kind = {"ref": "ref", "one": "list", "list": "list"}.get(inner.kind, "any")
+        self.kind = {"ref": "ref", "one": "list", "list": "list", "val": "list"}.get(inner.kind, "any")
 
     def emit(self, gen, node, out):
         self.inner.emit(gen, node, out)
         if self.inner.kind == "one":
             gen.emit(f"if {out} is not None: {out} = [{out}]")
+        elif self.inner.kind == "val":
+            gen.emit(f"if {out} is not None and {out}.__class__ is not list: {out} = [{out}]")
         elif self.inner.kind == "any":
             gen.emit(f"if {out} is not None and {out}.__class__ is not list "
                      f"and {out}.__class__ is not Reference: {out} = [{out}]")
@@ -662,12 +733,24 @@ class After:
                 gen.emit(f"if {out} in EMPTY: {out} = None")
             if self.table is not None:
                 translate = gen.module.constant(self.table.translate)
+                # A text looked up as written (codes are kept stripped): the dict, then the rules.
+                direct = self.function is None and not self.wants_node and all(
+                    code.__class__ is str and code == code.strip() for code in self.table.codes)
                 with gen.block(f"if {out} is not None:") if self.function is not None else nullcontext():
-                    with gen.block("try:"):
-                        gen.emit(f"{out} = {translate}({out})")
-                    with gen.block("except KeyError as error:"):
-                        gen.emit(f"raise TranslationError({self.key + ': '!r} + format(error.args[0]), "
-                                 f"location(run), {self.place!r}) from None")
+                    if direct:
+                        found = gen.new("k")
+                        gen.emit(f"{found} = {gen.module.constant(self.table.codes)}.get({out})")
+                        with gen.block(f"if {found} is not None:"):
+                            gen.emit(f"{out} = {found}")
+                        block = gen.block("else:")
+                    else:
+                        block = nullcontext()
+                    with block:
+                        with gen.block("try:"):
+                            gen.emit(f"{out} = {translate}({out})")
+                        with gen.block("except KeyError as error:"):
+                            gen.emit(f"raise TranslationError({self.key + ': '!r} + format(error.args[0]), "
+                                     f"location(run), {self.place!r}) from None")
                     gen.emit(f"if {out} in EMPTY: {out} = None")
         if guard:
             with gen.block("else:"):
@@ -680,7 +763,7 @@ class FirstOf(Rule):
     def __init__(self, alternatives: list[Rule], after: After | None):
         self.alternatives = alternatives
         self.after = after
-        self.kind = "any" if after is not None else _merge(*(a.kind for a in alternatives)) \
+        self.kind = "val" if after is not None else _merge(*(a.kind for a in alternatives)) \
             if alternatives else "one"
 
     def emit(self, gen, node, out):
@@ -716,6 +799,8 @@ TEXT = TextOf()
 
 class Apply(Produce):
     """transform/lookup on the value (`{transform: obx_quantity}` reads the segment)."""
+
+    kind = "val"
 
     def __init__(self, after: After):
         self.after = after
@@ -758,6 +843,11 @@ class Object(Produce):
             if isinstance(rule, Constant):
                 gen.emit(f"{result}[{key}] = {rule.literal(gen)}")
                 continue
+            if isinstance(rule, ReferenceRule) and rule.condition is None:
+                name = gen.module.constant(rule.reference)
+                gen.emit(f"run.references.append(({result}, {key}, {name}, run.scope))")
+                gen.emit(f"{result}[{key}] = {name}")
+                continue
             value = gen.new()
             rule.emit(gen, node, value)
             if rule.kind == "ref" or rule.kind == "any":
@@ -779,7 +869,7 @@ class FromText(Rule):
     def __init__(self, reader, after: After | None):
         self.reader = reader
         self.after = after
-        self.kind = "one" if after is None else "any"
+        self.kind = "one" if after is None else "val"
 
     def emit(self, gen, node, out):
         text = self.reader.emit_text(gen, node)
