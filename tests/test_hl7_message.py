@@ -89,3 +89,11 @@ def test_custom_delimiters_are_read_from_msh():
     message = parse_message("MSH|#~\\&|A|B|||||ADT#A01|1|P|2.5\rPID|1||9#X#Y#AUTH")
     assert message.separators == Separators("|", "#", "~", "\\", "&", "utf-8")
     assert message.value("PID", 3, 4) == "AUTH"
+
+
+def test_three_encoding_characters_mean_no_subcomponents():
+    """MSH-2 '^~\\' (no subcomponent separator, allowed by the standard): '&' is then text."""
+    message = parse_message("MSH|^~\\|A|B|||||ORU^R01|1|P|2.5.1\rPID|1||9^^^LAB&1.2&ISO")
+    assert message.separators.subcomponent == ""
+    assert message.value("PID", 3, 4) == "LAB&1.2&ISO"
+

@@ -1,0 +1,120 @@
+"""Reading messages for translation (gateway.translation.inputs): lenient where ingest has its
+own rules or the mapping does not care, precise where the mapping cannot go on; and the value
+rules that keep a message translatable (placeholders, HL7 null, a CX without an ID number).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.mapping.golden import GOLDEN_RECEIVED_AT
+from gateway.mapping.mapping_set import MappingSet
+from gateway.mapping.runtime import TranslationContext, TranslationError
+from gateway.mapping.validation import bundle_problems
+from gateway.translation.inputs import InputError, read_input
+
+ROOT = Path(__file__).resolve().parent.parent
+PID = "PID|1||123456^^^CHUIR^MR||BENALI^Fatima||19850312|F"
+
+
+@pytest.fixture(scope="module")
+def mappings() -> MappingSet:
+    return MappingSet.load(ROOT / "mappings")
+
+
+def msh(msh9: str = "ADT^A04^ADT_A01", control: str = "C1", processing: str = "P",
+        charset: str = "", encoding: str = "^~\\&") -> str:
+    return f"MSH|{encoding}|HIS|CHUIR|HIE|MS|20250114093000||{msh9}|{control}|{processing}|2.5|||||MAR|{charset}"
+
+
+def translate(mappings, text: str) -> dict:
+    parsed = read_input(text.encode("utf-8"))
+    context = TranslationContext(received_at=GOLDEN_RECEIVED_AT, message_key=f"t|{parsed.control_id}",
+                                 control_id=parsed.control_id)
+    bundle = mappings.translate(parsed.message, context, parsed.message_type).bundle
+    assert bundle_problems(bundle) == []
+    return bundle
+
+
+def resource(bundle: dict, kind: str) -> dict:
+    return next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind)
+
+
+def test_empty_processing_id_is_not_the_translations_business(mappings):
+    """MSH-11 empty (ingest decides about it): the message still translates."""
+    parsed = read_input(f"{msh(processing='')}\r{PID}\r".encode())
+    assert parsed.message_type == "ADT^A04"
+
+
+def test_missing_control_id_gets_a_stable_stand_in(mappings):
+    """MSH-10 empty: a digest of the bytes names the message (Provenance, ids), the same for
+    the same bytes and different for other ones."""
+    first = read_input(f"{msh(control='')}\r{PID}\r".encode())
+    again = read_input(f"{msh(control='')}\r{PID}\r".encode())
+    other = read_input(f"{msh(control='')}\r{PID.replace('BENALI', 'ALAOUI')}\r".encode())
+    assert first.control_id.startswith("sha1-") and first.control_id == again.control_id
+    assert first.control_id != other.control_id
+    bundle = translate(mappings, f"{msh(control='')}\r{PID}\r")
+    provenance = resource(bundle, "Provenance")
+    assert provenance["entity"][0]["what"]["identifier"]["value"] == first.control_id
+
+
+def test_trigger_missing_is_read_from_the_message_structure():
+    """MSH-9 'ORU^^ORU_R01' names the ORU^R01 map; without a structure it stays 'ORU'."""
+    assert read_input(f"{msh('ORU^^ORU_R01')}\r{PID}\r".encode()).message_type == "ORU^R01"
+    assert read_input(f"{msh('ORU')}\r{PID}\r".encode()).message_type == "ORU"
+
+
+def test_empty_message_type_is_refused_precisely():
+    with pytest.raises(InputError) as error:
+        read_input(f"{msh('')}\r{PID}\r".encode())
+    assert error.value.reason == "MSH-9 message type is empty" and error.value.location == "MSH^1^9"
+
+
+def test_declared_ascii_with_utf8_bytes_is_read_as_utf8():
+    """ASCII is a subset of UTF-8: 'Ménara' sent as UTF-8 under MSH-18 ASCII is read, not refused;
+    bytes that are not UTF-8 either are still refused."""
+    parsed = read_input(f"{msh(charset='ASCII')}\rPID|1||1^^^X^MR||MÉNARA^Zineb\r".encode())
+    assert parsed.message.value("PID", 5) == "MÉNARA"
+    with pytest.raises(InputError) as error:
+        read_input(f"{msh(charset='ASCII')}\rPID|1||1^^^X^MR||".encode() + b"M\xc9NARA\r")
+    assert "not valid ASCII" in error.value.reason
+
+
+def test_three_character_msh2_translates(mappings):
+    """'^~\\' (no subcomponents) as ELR senders write it."""
+    bundle = translate(mappings, f"{msh(encoding='^~' + chr(92))}\r{PID}\r")
+    assert resource(bundle, "Patient")["name"][0]["family"] == "BENALI"
+
+
+def test_placeholder_and_null_dates_map_to_nothing(mappings):
+    """Birth date '0000' (unknown) and PV1-45 '\"\"' (HL7 null) give no value, not an error."""
+    bundle = translate(mappings, f"{msh()}\r{PID.replace('19850312', '0000')}\r"
+                                 "PV1|1|O|CONS^1^^CHUIR" + "|" * 42 + '|20250114090000|""')
+    assert "birthDate" not in resource(bundle, "Patient")
+    assert "end" not in resource(bundle, "Encounter").get("period", {})
+
+
+def test_cx_without_id_number_is_no_identifier(mappings):
+    """PID-2 '^^' (sent empty with its separators) gives no identifier (was an error)."""
+    bundle = translate(mappings, f"{msh()}\r{PID.replace('PID|1||', 'PID|1|^^|')}\r")
+    assert [i["value"] for i in resource(bundle, "Patient")["identifier"]] == ["123456"]
+
+
+def test_malformed_report_release_time_is_left_out_with_a_warning(mappings):
+    """OBR-22 (when the report was released) '2008081830-0700' (hour 30): no `issued`, a warning;
+    the results still arrive. A clinical time (OBX-14) malformed is still an error."""
+    text = (f"{msh('ORU^R01^ORU_R01')}\r{PID}\rOBR|1|P1||2345-7^Glucose^LN|||202501140800"
+            + "|" * 14 + "|2008081830-0700|||F\rOBX|1|NM|2345-7^Glucose^LN||0.9|g/L|||||F\r")
+    parsed = read_input(text.encode())
+    context = TranslationContext(received_at=GOLDEN_RECEIVED_AT, message_key="t|1", control_id="1")
+    translation = mappings.translate(parsed.message, context, parsed.message_type)
+    assert "issued" not in resource(translation.bundle, "DiagnosticReport")
+    assert any("record time left out" in warning for warning in translation.warnings)
+    clinical = text.replace("|||||F\r", "|||||F|||2008081830\r")
+    parsed = read_input(clinical.encode())
+    with pytest.raises(TranslationError) as error:
+        mappings.translate(parsed.message, context, parsed.message_type)
+    assert error.value.location == "OBX[1]" and "not a valid time" in error.value.reason
+
