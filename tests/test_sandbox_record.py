@@ -271,6 +271,23 @@ def test_same_identifier_twice_in_one_transaction_is_one_resource(client, runnin
 
 
 @pytest_twisted.inlineCallbacks
+def test_condition_skips_a_resource_another_entry_writes_by_id(client):
+    """An identifier change (A47): the old record, written by id in the same transaction, is not the new record's match."""
+    yield client.post(transaction(entry(patient("BE1", id="old"), "PUT", "Patient/old")))
+    new = patient("BE1", id="new", link=[{"other": {"reference": "urn:uuid:old"}, "type": "replaces"}])
+    old = {"resourceType": "Patient", "id": "old", "identifier": [{"value": "MR-1"}],
+           "link": [{"other": {"reference": "urn:uuid:new"}, "type": "replaced-by"}]}
+    reply = yield client.post(transaction(
+        entry(new, "PUT", f"Patient?identifier={CNIE}|BE1", "urn:uuid:new"),
+        entry(old, "PUT", "Patient/old", "urn:uuid:old"),
+    ))
+    assert locations(reply) == ["Patient/new/_history/1", "Patient/old/_history/2"]
+    found = yield client.get(f"/fhir/Patient?identifier={CNIE}|BE1")
+    assert ids(found) == {"new"}
+    assert found.json["entry"][0]["resource"]["link"][0]["other"] == {"reference": "Patient/old"}
+
+
+@pytest_twisted.inlineCallbacks
 def test_several_matches_is_412_and_nothing_is_stored(client, running):
     """A conditional update matching two resources fails with 412, and the other entries of the transaction are not stored."""
     yield client.post(transaction(entry(patient("DUP", id="one"), "PUT", "Patient/one"),

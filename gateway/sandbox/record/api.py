@@ -14,6 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from gateway.sandbox.record import json_codec
 from gateway.sandbox.record.operation_outcome import FhirError
 from gateway.sandbox.record.search import parse_query_string, parse_search
 from gateway.sandbox.record.store import RecordStore, key_reused
@@ -36,8 +37,7 @@ class Answer:
 
 
 def json_answer(status: int, document: dict, **headers: str) -> Answer:
-    body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return Answer(status, body, headers)
+    return Answer(status, json_codec.dumps_bytes(document), headers)
 
 
 def error_answer(error: FhirError) -> Answer:
@@ -45,8 +45,7 @@ def error_answer(error: FhirError) -> Answer:
 
 
 def request_sha256(document: object) -> str:
-    canonical = json.dumps(document, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return hashlib.sha256(json_codec.dumps_bytes(document, sort_keys=True)).hexdigest()
 
 
 class RecordApi:

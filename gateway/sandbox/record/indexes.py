@@ -36,31 +36,54 @@ def parse_reference(text: object) -> tuple[str, str] | None:
     return (found.group(1), found.group(2)) if found else None
 
 
-def index_rows(resource: dict) -> IndexRows:
-    identifiers = []
+def index_rows(resource: dict, targets: dict[str, str] | None = None) -> IndexRows:
+    """Every index row of `resource`; `targets` maps `urn:uuid:` references not yet rewritten."""
+    return IndexRows(identifier_rows(resource), reference_rows(resource, targets), code_rows(resource))
+
+
+def identifier_rows(resource: dict) -> list[tuple[str, str]]:
+    rows = []
     for identifier in _as_list(resource.get("identifier")):
-        if isinstance(identifier, dict) and isinstance(identifier.get("value"), str):
-            system = identifier.get("system")
-            identifiers.append((system if isinstance(system, str) else "", identifier["value"]))
-    references = []
+        if isinstance(identifier, dict):
+            value = identifier.get("value")
+            if isinstance(value, str):
+                system = identifier.get("system")
+                rows.append((system if isinstance(system, str) else "", value))
+    return rows
+
+
+def reference_rows(resource: dict, targets: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
+    rows = []
     for element, param in _REFERENCE_ELEMENTS:
-        for link in _as_list(resource.get(element)):
-            target = parse_reference(link.get("reference")) if isinstance(link, dict) else None
+        links = resource.get(element)
+        if links is None:
+            continue
+        for link in _as_list(links):
+            text = link.get("reference") if isinstance(link, dict) else None
+            if targets and isinstance(text, str):
+                text = targets.get(text, text)
+            target = parse_reference(text)
             if target is None:
                 continue
-            references.append((param, *target))
+            rows.append((param, *target))
             if param == "subject" and target[0] == "Patient":
-                references.append(("patient", *target))
-    codes = []
+                rows.append(("patient", *target))
+    return rows
+
+
+def code_rows(resource: dict) -> list[tuple[str, str]]:
+    rows = []
     for element in _CODE_ELEMENTS:
         concept = resource.get(element)
         if not isinstance(concept, dict):
             continue
         for coding in _as_list(concept.get("coding")):
-            if isinstance(coding, dict) and isinstance(coding.get("code"), str):
-                system = coding.get("system")
-                codes.append((system if isinstance(system, str) else "", coding["code"]))
-    return IndexRows(identifiers, references, codes)
+            if isinstance(coding, dict):
+                code = coding.get("code")
+                if isinstance(code, str):
+                    system = coding.get("system")
+                    rows.append((system if isinstance(system, str) else "", code))
+    return rows
 
 
 def _as_list(value) -> list:

@@ -18,7 +18,7 @@ The access log is off: URLs carry identifiers.
 """
 from __future__ import annotations
 
-import json
+import io
 
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -48,7 +48,9 @@ class SizeLimitedRequest(server.Request):
         if length is not None and length > self.max_body_bytes:
             self._refuse_oversize()
             return
-        super().gotLength(length)
+        # In memory whatever the size (Twisted would spill bodies over 100 kB to a temporary
+        # file): the limit bounds it, and batched transactions are often that large.
+        self.content = io.BytesIO()
 
     def handleContentChunk(self, data):
         if self.body_too_large:
@@ -85,9 +87,14 @@ class _QuietSite(server.Site):
 
 
 def _client_name(request) -> str | None:
-    transport = getattr(request.channel, "transport", None) or request.transport
-    cert = peer_certificate(transport)
-    return certificate_common_name(cert) if cert is not None else None
+    """The subject CN of the client's certificate, read once per connection."""
+    channel = request.channel
+    name = getattr(channel, "_record_client_name", False)
+    if name is False:
+        cert = peer_certificate(getattr(channel, "transport", None) or request.transport)
+        name = certificate_common_name(cert) if cert is not None else None
+        channel._record_client_name = name
+    return name
 
 
 def _write(request, answer: Answer) -> None:

@@ -16,41 +16,55 @@ Blocking code: the peer calls it from its own single database thread (peer.py).
 """
 from __future__ import annotations
 
-import json
+import re
 import sqlite3
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from gateway.sandbox.record.indexes import index_rows
+from gateway.sandbox.record import json_codec
+from gateway.sandbox.record.indexes import code_rows, identifier_rows, reference_rows
 from gateway.sandbox.record.operation_outcome import FhirError
 from gateway.sandbox.record.search import IdClause, ReferenceClause, SearchQuery, TokenClause
-from gateway.sandbox.record.transaction import PlannedEntry, rewrite_references
+from gateway.sandbox.record.transaction import URN_UUID, PlannedEntry, rewrite_references
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Index tables are keyed in lookup order; the rows of a resource being updated are found
+# again from its stored content, so no second index per table is needed.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
     type TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL,
     last_updated TEXT NOT NULL, content TEXT NOT NULL, PRIMARY KEY (type, id));
-CREATE INDEX IF NOT EXISTS resources_by_update ON resources (type, last_updated, id);
 CREATE TABLE IF NOT EXISTS identifier_index (
-    type TEXT NOT NULL, id TEXT NOT NULL, system TEXT NOT NULL, value TEXT NOT NULL,
-    PRIMARY KEY (type, id, system, value)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS identifier_lookup ON identifier_index (type, value, system);
+    type TEXT NOT NULL, value TEXT NOT NULL, system TEXT NOT NULL, id TEXT NOT NULL,
+    PRIMARY KEY (type, value, system, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reference_index (
-    type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL,
-    target_type TEXT NOT NULL, target_id TEXT NOT NULL,
-    PRIMARY KEY (type, id, param, target_type, target_id)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS reference_lookup ON reference_index (type, param, target_id);
+    type TEXT NOT NULL, param TEXT NOT NULL, target_id TEXT NOT NULL, target_type TEXT NOT NULL,
+    id TEXT NOT NULL, PRIMARY KEY (type, param, target_id, target_type, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS code_index (
-    type TEXT NOT NULL, id TEXT NOT NULL, system TEXT NOT NULL, code TEXT NOT NULL,
-    PRIMARY KEY (type, id, system, code)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS code_lookup ON code_index (type, code, system);
+    type TEXT NOT NULL, code TEXT NOT NULL, system TEXT NOT NULL, id TEXT NOT NULL,
+    PRIMARY KEY (type, code, system, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS idempotency_keys (
     key TEXT PRIMARY KEY, body_sha256 TEXT NOT NULL, status INTEGER NOT NULL,
     response BLOB NOT NULL, created TEXT NOT NULL);
 """
-_INDEX_TABLES = ("identifier_index", "reference_index", "code_index")
+_INSERT_INDEX = {
+    "identifier_index": "INSERT OR IGNORE INTO identifier_index (type, id, system, value) VALUES (?, ?, ?, ?)",
+    "reference_index": "INSERT OR IGNORE INTO reference_index (type, id, param, target_type, target_id) "
+                       "VALUES (?, ?, ?, ?, ?)",
+    "code_index": "INSERT OR IGNORE INTO code_index (type, id, system, code) VALUES (?, ?, ?, ?)",
+}
+_DELETE_INDEX = {
+    "identifier_index": "DELETE FROM identifier_index WHERE type = ? AND id = ? AND system = ? AND value = ?",
+    "reference_index": "DELETE FROM reference_index WHERE type = ? AND id = ? AND param = ? "
+                       "AND target_type = ? AND target_id = ?",
+    "code_index": "DELETE FROM code_index WHERE type = ? AND id = ? AND system = ? AND code = ?",
+}
+_INDEX_TABLES = ("identifier_index", "reference_index", "code_index")  # in IndexRows order
+# A reference in compact JSON text (see _dumps). Inside a JSON string the quotes would be
+# escaped, so this cannot match text that merely looks like a reference.
+_URN_REFERENCE = re.compile(r'"reference":"(urn:uuid:[^"\\]*)"')
+_URN_REFERENCE_START = '"reference":"urn:uuid:'
 
 
 @dataclass(frozen=True)
@@ -64,8 +78,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _dumps(document) -> str:
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+_dumps = json_codec.dumps  # compact: the reference pattern above relies on it
 
 
 class RecordStore:
@@ -77,8 +90,21 @@ class RecordStore:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{path}: record store schema {version} is newer than this code")
+        if version == 1:  # indexes keyed by resource: rebuilt in lookup order
+            self._db.executescript("DROP INDEX IF EXISTS resources_by_update; DROP TABLE identifier_index; "
+                                   "DROP TABLE reference_index; DROP TABLE code_index;")
         self._db.executescript(_SCHEMA)
+        if version == 1:
+            self._reindex()
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _reindex(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        index = {(resource_type, resource_id): _index_rows(json_codec.loads(content))
+                 for resource_type, resource_id, content in self._db.execute(
+                     "SELECT type, id, content FROM resources")}
+        self._insert_index_rows(index)
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         self._db.close()
@@ -98,11 +124,11 @@ class RecordStore:
         return _with_meta(*row) if row else None
 
     def search(self, query: SearchQuery) -> tuple[int, list[dict]]:
-        """(total matches, the first `query.count` of them, oldest update first)."""
+        """(total matches, the first `query.count` of them, in order of creation)."""
         where, args = _where(query)
         total = self._db.execute(f"SELECT count(*) FROM resources r WHERE {where}", args).fetchone()[0]
         rows = self._db.execute(f"SELECT version, last_updated, content FROM resources r WHERE {where} "
-                                "ORDER BY r.last_updated, r.id LIMIT ?", (*args, query.count)).fetchall()
+                                "ORDER BY r.rowid LIMIT ?", (*args, query.count)).fetchall()
         return total, [_with_meta(*row) for row in rows]
 
     def count(self, resource_type: str | None = None) -> int:
@@ -149,42 +175,58 @@ class RecordStore:
         targets: dict[str, str] = {}
         ids: list[str] = []
         writes: list[bool] = []  # False: a conditional create that found its resource
+        identifiers: list[list[tuple[str, str]]] = []
         planned_identifiers: dict[tuple, set[str]] = {}  # earlier entries, for later conditions
         planned_ids: dict[str, set[str]] = {}
+        claimed = {(entry.resource_type, entry.target_id) for entry in entries if entry.target_id}
         for entry in entries:
-            resource_id, write = self._decide(entry, planned_identifiers, planned_ids)
+            resource_id, write = self._decide(entry, planned_identifiers, planned_ids, claimed)
             ids.append(resource_id)
             writes.append(write)
+            rows = identifier_rows(entry.resource) if write else []
+            identifiers.append(rows)
             if write:
                 planned_ids.setdefault(entry.resource_type, set()).add(resource_id)
-                for system, value in index_rows(entry.resource).identifiers:
+                for system, value in rows:
                     for key in ((entry.resource_type, system, value), (entry.resource_type, None, value)):
                         planned_identifiers.setdefault(key, set()).add(resource_id)
             if entry.full_url:
                 targets[entry.full_url] = f"{entry.resource_type}/{resource_id}"
         now = _now()
         answers = []
-        for entry, resource_id, write in zip(entries, ids, writes):
+        index: dict[tuple[str, str], tuple] = {}  # rows to insert once all entries are written
+        for entry, resource_id, write, identifier_list in zip(entries, ids, writes, identifiers):
             if write:
                 entry.resource["id"] = resource_id
-                rewrite_references(entry.resource, targets, entry.where + ".resource")
-                answers.append(self._write(entry.resource_type, resource_id, entry.resource, now))
+                content = _stored_form(entry, targets)
+                answers.append(self._write(entry.resource_type, resource_id, content, now, index,
+                                           (identifier_list, reference_rows(entry.resource, targets),
+                                            code_rows(entry.resource))))
             else:
                 version, last_updated = self._db.execute(
                     "SELECT version, last_updated FROM resources WHERE type = ? AND id = ?",
                     (entry.resource_type, resource_id)).fetchone()
                 answers.append(_entry_response(entry.resource_type, resource_id, "200 OK", version, last_updated))
+        self._insert_index_rows(index)
         return _dumps({"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "transaction-response",
                        "entry": answers}).encode("utf-8")
 
-    def _decide(self, entry: PlannedEntry, planned_identifiers: dict, planned_ids: dict) -> tuple[str, bool]:
+    def _insert_index_rows(self, index: dict[tuple[str, str], tuple]) -> None:
+        for number, table in enumerate(_INDEX_TABLES):
+            rows = [(*key, *row) for key, lists in index.items() for row in lists[number]]
+            if rows:
+                self._db.executemany(_INSERT_INDEX[table], rows)
+
+    def _decide(self, entry: PlannedEntry, planned_identifiers: dict, planned_ids: dict,
+                claimed: set[tuple[str, str]]) -> tuple[str, bool]:
         """The id an entry will have, and whether it is written (see transaction.py)."""
         if entry.condition is None:
             if entry.method == "POST":
                 return str(uuid.uuid4()), True
             return entry.target_id, True
-        matches = self._matching_ids(entry.condition, 2)
+        matches = self._matching_ids(entry.condition, 2 + len(claimed))
         matches |= _planned_matches(entry.condition, planned_identifiers, planned_ids)
+        matches = {match for match in matches if (entry.resource_type, match) not in claimed}
         if len(matches) > 1:
             where = entry.where + (".request.ifNoneExist" if entry.method == "POST" else ".request.url")
             raise FhirError.single(412, "multiple-matches", "the condition matches several resources", where)
@@ -194,45 +236,64 @@ class RecordStore:
             return next(iter(matches)), True
         return entry.resource.get("id") or str(uuid.uuid4()), True
 
-    def _write(self, resource_type: str, resource_id: str, resource: dict, now: str) -> dict:
-        meta = resource.get("meta")
-        if isinstance(meta, dict) and ("versionId" in meta or "lastUpdated" in meta):
-            meta = {key: value for key, value in meta.items() if key not in ("versionId", "lastUpdated")}
-            if meta:
-                resource["meta"] = meta
-            else:
-                del resource["meta"]
-        content = _dumps(resource)
+    def _write(self, resource_type: str, resource_id: str, content: str, now: str,
+               index: dict, rows: tuple) -> dict:
+        """Insert or update one resource (its index rows go to `index`); its response entry."""
         db = self._db
-        row = db.execute("SELECT version, last_updated, content FROM resources WHERE type = ? AND id = ?",
-                         (resource_type, resource_id)).fetchone()
-        if row is not None:
-            version, last_updated, stored = row
-            if stored == content or json.loads(stored) == resource:
-                return _entry_response(resource_type, resource_id, "200 OK", version, last_updated)
-            version += 1
-            db.execute("UPDATE resources SET version = ?, last_updated = ?, content = ? WHERE type = ? AND id = ?",
-                       (version, now, content, resource_type, resource_id))
-            for table in _INDEX_TABLES:
-                db.execute(f"DELETE FROM {table} WHERE type = ? AND id = ?", (resource_type, resource_id))
-            status = "200 OK"
-        else:
-            version = 1
-            db.execute("INSERT INTO resources VALUES (?, ?, ?, ?, ?)",
-                       (resource_type, resource_id, version, now, content))
-            status = "201 Created"
-        rows = index_rows(resource)
         key = (resource_type, resource_id)
-        if rows.identifiers:
-            db.executemany("INSERT OR IGNORE INTO identifier_index VALUES (?, ?, ?, ?)",
-                           [(*key, *row) for row in rows.identifiers])
-        if rows.references:
-            db.executemany("INSERT OR IGNORE INTO reference_index VALUES (?, ?, ?, ?, ?)",
-                           [(*key, *row) for row in rows.references])
-        if rows.codes:
-            db.executemany("INSERT OR IGNORE INTO code_index VALUES (?, ?, ?, ?)",
-                           [(*key, *row) for row in rows.codes])
-        return _entry_response(resource_type, resource_id, status, version, now)
+        created = db.execute("INSERT INTO resources VALUES (?, ?, 1, ?, ?) ON CONFLICT (type, id) DO NOTHING",
+                             (resource_type, resource_id, now, content)).rowcount
+        if created:
+            index[key] = rows
+            return _entry_response(resource_type, resource_id, "201 Created", 1, now)
+        version, last_updated, stored = db.execute(
+            "SELECT version, last_updated, content FROM resources WHERE type = ? AND id = ?", key).fetchone()
+        if stored == content or json_codec.loads(stored) == json_codec.loads(content):
+            return _entry_response(resource_type, resource_id, "200 OK", version, last_updated)
+        version += 1
+        db.execute("UPDATE resources SET version = ?, last_updated = ?, content = ? WHERE type = ? AND id = ?",
+                   (version, now, content, resource_type, resource_id))
+        for table, rows_before in zip(_INDEX_TABLES, _index_rows(json_codec.loads(stored))):
+            if rows_before:
+                db.executemany(_DELETE_INDEX[table], [(*key, *row) for row in rows_before])
+        index[key] = rows  # replaces the rows of an earlier entry of this transaction, if any
+        return _entry_response(resource_type, resource_id, "200 OK", version, now)
+
+
+def _stored_form(entry: PlannedEntry, targets: dict[str, str]) -> str:
+    """The JSON text stored for an entry's resource: without meta.versionId/lastUpdated, its
+    `urn:uuid:` references rewritten (on the text: one pass instead of a walk of the tree)."""
+    resource = entry.resource
+    meta = resource.get("meta")
+    if isinstance(meta, dict) and ("versionId" in meta or "lastUpdated" in meta):
+        meta = {key: value for key, value in meta.items() if key not in ("versionId", "lastUpdated")}
+        if meta:
+            resource["meta"] = meta
+        else:
+            del resource["meta"]
+    content = _dumps(resource)
+    if URN_UUID not in content:
+        return content
+    missing = []
+
+    def resolve(found: re.Match) -> str:
+        target = targets.get(found.group(1))
+        if target is None:
+            missing.append(found.group(1))
+            return found.group(0)
+        return f'"reference":"{target}"'
+
+    content = _URN_REFERENCE.sub(resolve, content)
+    if missing or _URN_REFERENCE_START in content:
+        # An unresolved reference (or one the text pass could not read): walk the tree, which
+        # locates the culprit for the OperationOutcome, or rewrites what the regex missed.
+        rewrite_references(resource, targets, entry.where + ".resource")
+        content = _dumps(resource)
+    return content
+
+
+def _index_rows(resource: dict) -> tuple:
+    return identifier_rows(resource), reference_rows(resource), code_rows(resource)
 
 
 def key_reused() -> FhirError:
@@ -246,7 +307,7 @@ def _entry_response(resource_type: str, resource_id: str, status: str, version: 
 
 
 def _with_meta(version: int, last_updated: str, content: str) -> dict:
-    resource = json.loads(content)
+    resource = json_codec.loads(content)
     meta = resource.get("meta")
     resource["meta"] = {**(meta if isinstance(meta, dict) else {}),
                         "versionId": str(version), "lastUpdated": last_updated}

@@ -8,15 +8,18 @@ Accepted entries (`request.method` / `request.url`):
 - `PUT Type?identifier=system|value` (conditional update; any search of search.py works).
 
 Entries apply in bundle order; the same resource may appear more than once (several messages
-batched in one request), the later entry winning. A request that is not JSON, not a Bundle,
+batched in one request), the later entry winning. A condition never resolves to a resource
+that another entry of the transaction writes by id (`PUT Type/id`): that one is spoken for.
+(An A47 identifier change names the old record by id and moves an identifier to the new
+record: the new record's conditional update must not land on the old one.) A request that is not JSON, not a Bundle,
 not a transaction, or whose entries are malformed is a 400; resources the R4B models reject
 are a 422 listing every problem with its location, when validation is on.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
+from gateway.sandbox.record import json_codec
 from gateway.sandbox.record.operation_outcome import FhirError, Issue
 from gateway.sandbox.record.search import SearchQuery, parse_query_string, parse_search
 from gateway.sandbox.record.validation import is_resource_type, is_valid_id, resource_issues
@@ -43,16 +46,12 @@ class PlannedEntry:
 def parse_json(body: bytes) -> object:
     """The JSON document of a request body; a 400 when it is not UTF-8 JSON."""
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
+        return json_codec.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise FhirError.single(400, "structure", "the body is not UTF-8") from None
     except (ValueError, RecursionError) as error:
         where = f" (line {error.lineno}, column {error.colno})" if hasattr(error, "lineno") else ""
         raise FhirError.single(400, "structure", f"the body is not JSON{where}") from None
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
 
 
 def read_transaction(document: object, *, validate: bool = True) -> list[PlannedEntry]:
