@@ -1,0 +1,653 @@
+"""Outbound HTTPS for deliveries: mutual TLS, persistent connections, timeouts, size limits.
+
+`HttpsTransport.request(HttpRequest)` returns a Deferred that fires with the peer's whole
+`HttpResponse` (whatever its status code: judging it is the destination adapter's job) or
+fails with `TransportError(reason, kind)`. `kind` is a closed set:
+
+- `connect`: the peer could not be reached (connection refused, name not resolved, no route);
+- `tls`: the TLS handshake failed: server certificate not trusted (expired, another CA,
+  hostname mismatch, ...; the reason says which), no common protocol version or cipher
+  suite, our client certificate refused by the server, or our own TLS files unusable;
+- `timeout`: the TCP connection was not established within `connect_timeout`, or the whole
+  exchange (handshake, request, response head and body) took longer than `response_timeout`;
+- `protocol`: the peer broke HTTP: unparseable response, body over `max_response_size`,
+  connection closed before or in the middle of the response;
+- `request`: the request was refused before any I/O (plain `http://` without
+  `allow_plain_http`, a malformed URL or header, a framing header the transport owns, the
+  transport closed). A retry cannot fix these; every other kind is worth retrying.
+
+Reasons are short, name at most the peer's host and port, and never carry the URL path,
+query, headers or body (they are logged and shown to operators; patient data stays out).
+
+TLS: the client presents the gateway's own certificate and trusts only the configured CA
+(`gateway.tls.client_tls_options`, TLS 1.2+, ECDHE+AEAD). Certificate verification is
+re-done here per connection so that a failure says *why* ("expired", "issued by another CA",
+"does not name 127.0.0.1"), and so that a server certificate without any subjectAltName is
+refused: Twisted's stock callback lets service_identity's CertificateError escape and then
+keeps OpenSSL's verdict, which accepts such a certificate for any name.
+
+Connections: one `HTTPConnectionPool` with keep-alive; at most `max_connections_per_host`
+requests in flight per (scheme, host, port), the others wait their turn (the timeout clock
+starts when a request gets its slot), and as many idle connections are kept for reuse, for
+`idle_timeout` seconds. A POST that meets a kept connection the peer has just closed is not
+replayed here (Twisted replays only bodiless idempotent requests): it fails with kind
+`protocol` and the outbox retries it with the same idempotency key.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import urlsplit
+
+from OpenSSL import SSL
+from service_identity import CertificateError, VerificationError
+from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._newclient import ParseError  # no public alias: unparseable status, headers, chunks
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    PotentialDataLoss,
+    ResponseDone,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IPolicyForHTTPS
+from zope.interface import implementer
+
+from gateway.delivery.outcome import HttpRequest, HttpResponse
+from gateway.tls import TlsConfigError, client_tls_options
+
+TransportErrorKind = Literal["connect", "tls", "timeout", "protocol", "request"]
+
+_log = Logger()
+
+# RFC 9110 token: method and header names.
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Framing and connection management belong to the transport: a caller's value would clash
+# with the one Twisted writes (two Content-Length headers is a request-smuggling classic).
+_MANAGED_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te",
+     "trailer", "upgrade", "proxy-connection"}
+)
+_BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
+
+
+class TransportError(Exception):
+    """A request that got no usable HTTP response; `kind` says what went wrong (module doc)."""
+
+    def __init__(self, reason: str, kind: TransportErrorKind):
+        super().__init__(reason, kind)
+        self.reason = reason
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.reason}"
+
+
+class ServerCertificateRejected(Exception):
+    """Raised into the TLS connection when our verification refuses the server's certificate."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class ResponseTooLarge(Exception):
+    """The response body exceeds the configured limit."""
+
+    def __init__(self, limit: int, declared: int | None = None):
+        super().__init__(limit, declared)
+        self.limit = limit
+        self.declared = declared
+
+
+# -- TLS: per-host client options and a verification that names the failure ----------------
+
+# OpenSSL's X509_V_ERR_* codes (stable across 1.1 and 3.x) for what a misconfigured peer
+# actually shows; others are reported by number.
+_X509_ERRORS = {
+    2: "issued by a CA other than the configured one",  # UNABLE_TO_GET_ISSUER_CERT
+    7: "bad signature",  # CERT_SIGNATURE_FAILURE
+    9: "not yet valid",  # CERT_NOT_YET_VALID
+    10: "expired",  # CERT_HAS_EXPIRED
+    13: "malformed validity dates",  # ERROR_IN_CERT_NOT_BEFORE_FIELD
+    14: "malformed validity dates",  # ERROR_IN_CERT_NOT_AFTER_FIELD
+    18: "self-signed, not issued by the configured CA",  # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: "chain ends in a CA other than the configured one",  # SELF_SIGNED_CERT_IN_CHAIN
+    20: "issued by a CA other than the configured one",  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: "issued by a CA other than the configured one",  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    23: "revoked",  # CERT_REVOKED
+    24: "issued by a certificate that is not a CA",  # INVALID_CA
+    25: "chain too long",  # PATH_LENGTH_EXCEEDED
+    26: "not valid for TLS server use (extended key usage)",  # INVALID_PURPOSE
+    28: "rejected by the trust settings",  # CERT_REJECTED
+    32: "issuer key usage does not allow signing certificates",  # KEYUSAGE_NO_CERTSIGN
+}
+
+
+def describe_x509_error(code: int, depth: int) -> str:
+    """A short description of an OpenSSL certificate verification error for an operator."""
+    what = _X509_ERRORS.get(code, f"failed verification (OpenSSL X509 error {code})")
+    where = "server certificate" if depth == 0 else f"certificate {depth} of the server chain"
+    return f"{where} {what}"
+
+
+def _service_id(hostname: str):
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        return DNS_ID(hostname)
+    return IPAddress_ID(hostname)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _VerifyingConnectionCreator:
+    """Wraps Twisted's client connection creator and replaces its verification callback.
+
+    The replacement keeps the same checks (OpenSSL's chain verification against the CA, then
+    the leaf against the expected name with service_identity) but fails closed on anything
+    unexpected and reports the cause through `failVerification`, which Twisted delivers as
+    the connection's loss reason.
+    """
+
+    def __init__(self, inner: IOpenSSLClientConnectionCreator, hostname: str):
+        self._inner = inner
+        self._hostname = hostname
+        self._service_id = _service_id(hostname)
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = self._inner.clientConnectionForTLS(tlsProtocol)
+        connection.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+            self._verify_callback(tlsProtocol),
+        )
+        return connection
+
+    def _verify_callback(self, tls_protocol):
+        protocol_ref = [tls_protocol]  # dropped after the first refusal: no reference cycle
+        hostname, service_id = self._hostname, self._service_id
+
+        def refuse(detail: str) -> bool:
+            if protocol_ref:
+                protocol_ref.pop().failVerification(Failure(ServerCertificateRejected(detail)))
+            return False
+
+        def verify(connection, cert, err, depth, ok) -> bool:
+            try:
+                if not ok:
+                    return refuse(describe_x509_error(err, depth))
+                if depth != 0:
+                    return True
+                try:
+                    verify_service_identity(extract_patterns(cert), [service_id], [])
+                except VerificationError:
+                    return refuse(f"server certificate does not name {hostname} (hostname mismatch)")
+                except CertificateError:
+                    return refuse(
+                        f"server certificate has no subjectAltName, cannot match {hostname}"
+                    )
+                return True
+            except BaseException:  # an exception inside an OpenSSL callback would be lost
+                _log.failure("verifying a server certificate")
+                return refuse("server certificate could not be verified (internal error)")
+
+        return verify
+
+
+@implementer(IPolicyForHTTPS)
+class MutualTlsPolicy:
+    """Client TLS options per host: trust only `ca_path`, present `cert_path`/`key_path`.
+
+    Options are built once per host name and cached (building reads and parses the PEM
+    files and creates an OpenSSL context). Host names may be IP addresses, matched against
+    the certificate's IP subjectAltName.
+    """
+
+    def __init__(self, ca_path: str, cert_path: str, key_path: str):
+        self._ca_path = ca_path
+        self._cert_path = cert_path
+        self._key_path = key_path
+        self._cache: dict[str, _VerifyingConnectionCreator] = {}
+
+    def creator_for(self, hostname: str) -> _VerifyingConnectionCreator:
+        creator = self._cache.get(hostname)
+        if creator is None:
+            inner = client_tls_options(self._ca_path, hostname, self._cert_path, self._key_path)
+            creator = _VerifyingConnectionCreator(inner, hostname)
+            self._cache[hostname] = creator
+        return creator
+
+    def creatorForNetloc(self, hostname: bytes, port: int):
+        host = hostname.decode("ascii") if isinstance(hostname, bytes) else hostname
+        return self.creator_for(host.strip("[]"))  # an IPv6 literal may keep its brackets
+
+
+# -- bodies ----------------------------------------------------------------------------------
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """The whole request body at once, with its length (so Content-Length is sent)."""
+
+    def __init__(self, body: bytes):
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer):
+        consumer.write(self._body)
+        return defer.succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+class _LimitedBodyReader(Protocol):
+    """Collects a response body up to `limit` bytes, dropping the connection beyond it.
+
+    `finished` fires with the body, or fails with ResponseTooLarge or the connection's loss
+    reason; cancelling it drops the connection. A body delimited by the connection's close
+    (no length, not chunked) ends with PotentialDataLoss, which HTTP/1.1 allows: accepted.
+    """
+
+    def __init__(self, limit: int, declared_length):
+        self._limit = limit
+        self._declared = None if declared_length is UNKNOWN_LENGTH else declared_length
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._done = False
+        self.finished: defer.Deferred[bytes] = defer.Deferred(self._cancel)
+
+    def connectionMade(self):
+        if self._declared is not None and self._declared > self._limit:
+            self._fail(ResponseTooLarge(self._limit, self._declared))
+
+    def dataReceived(self, data: bytes):
+        if self._done:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._fail(ResponseTooLarge(self._limit))
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason=None):
+        if self._done:
+            return
+        self._done = True
+        if reason is not None and reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(b"".join(self._chunks))
+        else:
+            self.finished.errback(reason)
+        self._chunks = []
+
+    def _fail(self, exc: Exception):
+        self._done = True
+        self._chunks = []
+        self.finished.errback(Failure(exc))
+        self._drop_connection()
+
+    def _cancel(self, _deferred):
+        if not self._done:
+            self._done = True
+            self._chunks = []
+            self._drop_connection()
+        # Deferred.cancel then fails `finished` with CancelledError.
+
+    def _drop_connection(self):
+        # The response's transport is a proxy without abortConnection; stopProducing closes
+        # the underlying TCP connection, which the pool then forgets.
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+
+# -- the transport ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Target:
+    scheme: str
+    host: str
+    port: int
+    url: bytes
+
+    @property
+    def netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+class _Attempt:
+    """Mutable state of one request: for the timeout and for naming the stage that failed."""
+
+    def __init__(self, target: _Target):
+        self.target = target
+        self.stage = "queued"  # queued → waiting (connect, TLS, request, head) → body
+        self.timed_out = False
+        self.deferred: defer.Deferred | None = None
+        self.timer = None
+
+    def expire(self):
+        self.timer = None
+        self.timed_out = True
+        if self.deferred is not None:
+            self.deferred.cancel()
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, not {value!r}")
+
+
+class HttpsTransport:
+    """Sends `HttpRequest`s over mutual TLS with a keep-alive pool (see the module doc)."""
+
+    def __init__(
+        self,
+        reactor,
+        ca_path: str,
+        cert_path: str,
+        key_path: str,
+        *,
+        connect_timeout: float = 5.0,
+        response_timeout: float = 30.0,
+        max_response_size: int = 10 * 1024 * 1024,
+        max_connections_per_host: int = 8,
+        idle_timeout: float = 30.0,
+        allow_plain_http: bool = False,
+    ):
+        """Raise ValueError for a bad limit and TlsConfigError for unusable PEM files.
+
+        The TLS files are loaded once here so that a bad configuration stops the gateway at
+        start-up rather than failing every delivery.
+        """
+        _positive("connect_timeout", connect_timeout)
+        _positive("response_timeout", response_timeout)
+        _positive("idle_timeout", idle_timeout)
+        for name, value in (("max_response_size", max_response_size),
+                            ("max_connections_per_host", max_connections_per_host)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
+        self._reactor = reactor
+        self.connect_timeout = float(connect_timeout)
+        self.response_timeout = float(response_timeout)
+        self.max_response_size = max_response_size
+        self.max_connections_per_host = max_connections_per_host
+        self.allow_plain_http = allow_plain_http
+        self._policy = MutualTlsPolicy(ca_path, cert_path, key_path)
+        self._policy.creator_for("localhost")  # load and check the files now
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = max_connections_per_host
+        self._pool.cachedConnectionTimeout = float(idle_timeout)
+        self._agent = Agent(
+            reactor,
+            contextFactory=self._policy,
+            connectTimeout=self.connect_timeout,
+            pool=self._pool,
+        )
+        self._slots: dict[tuple[str, str, int], defer.DeferredSemaphore] = {}
+        self._in_flight: set[defer.Deferred] = set()
+        self._closed = False
+
+    # -- public API --------------------------------------------------------------------------
+
+    def request(self, req: HttpRequest) -> defer.Deferred[HttpResponse]:
+        """Send `req` and read the whole answer; fails with TransportError (module doc).
+
+        Cancelling the returned Deferred drops the request's connection and fails it with
+        CancelledError.
+        """
+        if self._closed:
+            return defer.fail(TransportError("transport closed", "request"))
+        try:
+            target = self._target(req.url)
+            method, headers, producer = self._prepare(req)
+        except TransportError as e:
+            return defer.fail(e)
+        attempt = _Attempt(target)
+        d = self._send(attempt, method, headers, producer)
+        attempt.deferred = d
+        if not d.called:
+            self._in_flight.add(d)
+            d.addBoth(self._forget, d)
+        return d
+
+    def close(self) -> defer.Deferred[None]:
+        """Cancel requests still in flight and close the kept connections.
+
+        Fires once the kept connections are closed; later requests fail with kind `request`.
+        """
+        self._closed = True
+        for d in list(self._in_flight):
+            d.cancel()
+        return self._pool.closeCachedConnections()
+
+    # -- checks before any I/O ---------------------------------------------------------------
+
+    def _target(self, url: str) -> _Target:
+        if not isinstance(url, str):
+            raise TransportError("URL must be text", "request")
+        if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+            raise TransportError("URL contains whitespace or control characters", "request")
+        try:
+            url_bytes = url.encode("ascii")
+        except UnicodeEncodeError:
+            raise TransportError("URL must be ASCII (percent-encode the rest)", "request") from None
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme == "http":
+            if not self.allow_plain_http:
+                raise TransportError(
+                    "plain http:// refused: deliveries go over https:// "
+                    "(allow_plain_http is for local tests only)",
+                    "request",
+                )
+        elif scheme != "https":
+            raise TransportError(f"unsupported URL scheme {scheme or '(none)'!r}", "request")
+        if parts.username is not None or parts.password is not None:
+            raise TransportError("credentials in the URL are refused", "request")
+        host = parts.hostname
+        if not host:
+            raise TransportError("URL has no host", "request")
+        try:
+            port = parts.port
+        except ValueError:
+            raise TransportError("URL has an invalid port", "request") from None
+        if port is None:
+            port = 443 if scheme == "https" else 80
+        if parts.fragment:
+            url_bytes = url_bytes.split(b"#", 1)[0]  # fragments are never sent
+        return _Target(scheme, host, port, url_bytes)
+
+    def _prepare(self, req: HttpRequest):
+        method = req.method
+        if not isinstance(method, str) or not _TOKEN.match(method):
+            raise TransportError("invalid HTTP method", "request")
+        if not isinstance(req.body, (bytes, bytearray, memoryview)):
+            raise TransportError("request body must be bytes", "request")
+        headers = Headers()
+        for name, value in req.headers.items():
+            if not isinstance(name, str) or not _TOKEN.match(name):
+                raise TransportError("invalid request header name", "request")
+            if name.lower() in _MANAGED_HEADERS:
+                raise TransportError(f"header {name.lower()} is set by the transport", "request")
+            if not isinstance(value, str) or any(c in value for c in "\r\n\x00"):
+                raise TransportError(f"invalid value for request header {name.lower()}", "request")
+            headers.addRawHeader(name.encode("ascii"), value.encode("utf-8"))
+        body = bytes(req.body)
+        upper = method.upper()
+        producer = None if (not body and upper in _BODYLESS_METHODS) else _BytesProducer(body)
+        return method.encode("ascii"), headers, producer
+
+    # -- the exchange ------------------------------------------------------------------------
+
+    def _slot(self, target: _Target) -> defer.DeferredSemaphore:
+        key = (target.scheme, target.host, target.port)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = defer.DeferredSemaphore(self.max_connections_per_host)
+        return slot
+
+    @defer.inlineCallbacks
+    def _send(self, attempt: _Attempt, method: bytes, headers: Headers, producer):
+        slot = self._slot(attempt.target)
+        yield slot.acquire()
+        try:
+            attempt.stage = "waiting"
+            attempt.timer = self._reactor.callLater(self.response_timeout, attempt.expire)
+            try:
+                response = yield self._agent.request(method, attempt.target.url, headers, producer)
+                attempt.stage = "body"
+                reader = _LimitedBodyReader(self.max_response_size, response.length)
+                response.deliverBody(reader)
+                body = yield reader.finished
+            except Exception as e:
+                raise self._classify(e, attempt) from None
+        finally:
+            if attempt.timer is not None and attempt.timer.active():
+                attempt.timer.cancel()
+            attempt.timer = None
+            slot.release()
+        return HttpResponse(code=response.code, headers=_lower_headers(response.headers), body=body)
+
+    def _forget(self, result, d):
+        self._in_flight.discard(d)
+        return result
+
+    # -- failures ----------------------------------------------------------------------------
+
+    def _classify(self, exc: BaseException, attempt: _Attempt) -> BaseException:
+        """Turn whatever Twisted raised into a TransportError (or let a cancellation through)."""
+        netloc = attempt.target.netloc
+        causes = _root_causes(exc)
+        if attempt.timed_out:
+            if attempt.stage == "body":
+                return TransportError(
+                    f"response body from {netloc} not complete within "
+                    f"{self.response_timeout:g} s", "timeout")
+            return TransportError(
+                f"no response from {netloc} within {self.response_timeout:g} s", "timeout")
+        for cause in causes:
+            if isinstance(cause, ServerCertificateRejected):
+                return TransportError(f"{cause.detail} ({netloc})", "tls")
+        for cause in causes:
+            if isinstance(cause, SSL.Error):
+                return TransportError(f"{_describe_ssl_error(cause)} ({netloc})", "tls")
+            if isinstance(cause, VerificationError):  # should not happen: we verify ourselves
+                return TransportError(
+                    f"server certificate does not match the host name ({netloc})", "tls")
+            if isinstance(cause, TlsConfigError):
+                return TransportError(f"client TLS configuration unusable: {cause}", "tls")
+        for cause in causes:
+            if isinstance(cause, ResponseTooLarge):
+                return TransportError(_describe_too_large(cause, netloc), "protocol")
+            if isinstance(cause, (error.TimeoutError, error.TCPTimedOutError)):
+                return TransportError(
+                    f"connection to {netloc} not established within "
+                    f"{self.connect_timeout:g} s", "timeout")
+            if isinstance(cause, error.ConnectionRefusedError):
+                return TransportError(f"connection refused by {netloc}", "connect")
+            if isinstance(cause, error.DNSLookupError):
+                return TransportError(f"cannot resolve {attempt.target.host}", "connect")
+            if isinstance(cause, error.NoRouteError):
+                return TransportError(f"no route to {netloc}", "connect")
+            if isinstance(cause, error.ConnectError):
+                return TransportError(
+                    f"cannot connect to {netloc} ({type(cause).__name__})", "connect")
+            if isinstance(cause, ParseError):
+                return TransportError(f"malformed HTTP response from {netloc}", "protocol")
+        for cause in causes:
+            if isinstance(cause, defer.CancelledError):
+                return exc if isinstance(exc, defer.CancelledError) else defer.CancelledError()
+        if attempt.stage == "body":
+            return TransportError(f"connection to {netloc} lost mid-response", "protocol")
+        if any(isinstance(c, (error.ConnectionDone, error.ConnectionLost)) for c in causes):
+            return TransportError(
+                f"connection to {netloc} closed before a response", "protocol")
+        _log.debug("unclassified transport failure: {error!r}", error=exc)
+        return TransportError(
+            f"request to {netloc} failed ({type(causes[0]).__name__})", "protocol")
+
+
+def _root_causes(exc: BaseException) -> list[BaseException]:
+    """The leaf exceptions inside Twisted's wrapper exceptions (which carry `reasons`)."""
+    reasons = getattr(exc, "reasons", None)
+    if not isinstance(reasons, list) or not reasons:
+        return [exc]
+    found: list[BaseException] = []
+    for reason in reasons:
+        value = reason.value if isinstance(reason, Failure) else reason
+        if isinstance(value, BaseException):
+            found.extend(_root_causes(value))
+    return found or [exc]
+
+
+def _ssl_reasons(exc: SSL.Error) -> list[str]:
+    """OpenSSL's reason strings from an SSL.Error (its args hold (lib, func, reason) tuples)."""
+    reasons: list[str] = []
+    for arg in exc.args:
+        if isinstance(arg, list):
+            reasons += [str(item[2]) for item in arg if isinstance(item, tuple) and len(item) == 3]
+        elif isinstance(arg, str):
+            reasons.append(arg)
+    return [r for r in reasons if r]
+
+
+def _describe_ssl_error(exc: SSL.Error) -> str:
+    reasons = _ssl_reasons(exc)
+    text = "; ".join(reasons).lower()
+    shown = "; ".join(reasons) or type(exc).__name__
+    if "certificate verify failed" in text:
+        return f"server certificate not trusted ({shown})"
+    if any(k in text for k in ("wrong version number", "packet length too long", "http request")):
+        return f"TLS handshake failed: the server did not answer in TLS, is it plain HTTP? ({shown})"
+    if any(k in text for k in ("unsupported protocol", "protocol version", "version too low")):
+        return f"TLS handshake failed: no common protocol version, TLS 1.2 or newer required ({shown})"
+    if "no shared cipher" in text or "no cipher" in text:
+        return f"TLS handshake failed: no common cipher suite ({shown})"
+    if any(k in text for k in ("alert certificate required", "alert bad certificate",
+                               "alert unknown ca", "alert certificate expired",
+                               "alert certificate unknown", "alert certificate revoked",
+                               "alert unsupported certificate", "alert access denied")):
+        return f"server refused our client certificate ({shown})"
+    return f"TLS handshake failed ({shown})"
+
+
+def _describe_too_large(exc: ResponseTooLarge, netloc: str) -> str:
+    if exc.declared is not None:
+        return (f"response from {netloc} declares {exc.declared} bytes, "
+                f"over the {exc.limit}-byte limit")
+    return f"response body from {netloc} exceeds the {exc.limit}-byte limit"
+
+
+def _lower_headers(headers: Headers) -> dict[str, str]:
+    """Header names lower-cased; repeated headers joined with ", " (RFC 9110 §5.3)."""
+    result: dict[str, str] = {}
+    for name, values in headers.getAllRawHeaders():
+        key = name.decode("latin-1").lower()
+        value = ", ".join(v.decode("latin-1") for v in values)
+        result[key] = f"{result[key]}, {value}" if key in result else value
+    return result
+
+
+__all__ = [
+    "HttpsTransport",
+    "MutualTlsPolicy",
+    "ResponseTooLarge",
+    "ServerCertificateRejected",
+    "TransportError",
+    "TransportErrorKind",
+    "describe_x509_error",
+]
