@@ -36,11 +36,14 @@ _LITERALS = (str, int, float, bool, type(None))
 class Handle:
     """A generated function, known by name before the module is built."""
 
-    __slots__ = ("name", "function")
+    __slots__ = ("name", "function", "rule", "comment", "variants")
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, rule: "Rule | None" = None, comment: str = ""):
         self.name = name
         self.function: Callable | None = None
+        self.rule = rule  # a map's rule, for variants specialised to the value's level
+        self.comment = comment
+        self.variants: dict[int, str] = {}
 
 
 class Module:
@@ -71,11 +74,26 @@ class Module:
         self._names.add(name)
         return name
 
-    def function(self, base: str, comment: str, body: Callable[["Gen"], None]) -> Handle:
+    def function(self, base: str, comment: str, body: Callable[["Gen"], None], rule=None) -> Handle:
         """Declare a function `(node, run)`; `body(gen)` writes its statements when built."""
-        handle = Handle(self.name(base))
+        handle = Handle(self.name(base), rule, comment)
         self._bodies.append((handle, comment, body))
         return handle
+
+    def variant(self, handle: Handle, level: int) -> str:
+        """The name of `handle`'s map specialised to a Part of `level` (made on first use)."""
+        name = handle.variants.get(level)
+        if name is None:
+            name = handle.variants[level] = self.name(f"{handle.name}__{level}")
+            rule = handle.rule
+
+            def body(gen: Gen) -> None:
+                gen.levels["node"] = level
+                out = gen.new("result")
+                rule.emit(gen, "node", out)
+                gen.emit(f"return {out}")
+            self._bodies.append((Handle(name), f"{handle.comment}, for a Part of level {level}", body))
+        return name
 
     def constant(self, value) -> str:
         """The global name bound to `value` (the same object every time: shared, never copied)."""
@@ -90,7 +108,10 @@ class Module:
         """Generate, compile and run the source; every Handle gets its function."""
         chunks = [f"# Generated from the mapping files ({self.label or 'shared layer'}); "
                   "see gateway.mapping.codegen.\n"]
-        for handle, comment, body in self._bodies:
+        done = 0
+        while done < len(self._bodies):  # variants are declared while bodies are written
+            handle, comment, body = self._bodies[done]
+            done += 1
             gen = Gen(self)
             body(gen)
             chunks.append(gen.function_source(handle.name, comment))
@@ -818,7 +839,11 @@ class CallMap(Produce):
         self.handle = handle
 
     def emit(self, gen, node, out):
-        gen.emit(f"{out} = {self.handle.name}({node}, run)")
+        name = self.handle.name
+        level = gen.levels.get(node)
+        if level == 1 and self.handle.rule is not None:
+            name = gen.module.variant(self.handle, level)
+        gen.emit(f"{out} = {name}({node}, run)")
 
 
 class Object(Produce):
@@ -932,7 +957,7 @@ def map_function(module: Module, base: str, comment: str, rule: Rule) -> Handle:
         out = gen.new("result")
         rule.emit(gen, "node", out)
         gen.emit(f"return {out}")
-    return module.function(base, comment, body)
+    return module.function(base, comment, body, rule)
 
 
 def condition_function(module: Module, base: str, comment: str, condition) -> Handle:

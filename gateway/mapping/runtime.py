@@ -63,6 +63,7 @@ class Scope:
     end: int
     parent: "Scope | None"
     resources: dict[str, list[dict]] = field(default_factory=dict)
+    found: dict | None = None  # Run.find's answers at this level: every OBX asks for its OBR
 
 
 @dataclass(slots=True)
@@ -109,13 +110,21 @@ class Run:
         message = self.message
         inner = None
         while scope is not None:
-            end = scope.end
-            if scope.parent is None and inner is not None:
-                # At the message level, only what comes before the first group of this kind
-                # (MSH, PID, PV1...): never a sibling group's segment (another order's RXR or TQ1).
-                head = message.first(message.segments[inner.start].name, 0, inner.start + 1)
-                end = head if head >= 0 else inner.start
-            at = message.first(name, scope.start, end)
+            # At the message level the answer depends on the group we come from (see below).
+            key = (name, inner.start) if scope.parent is None and inner is not None else name
+            found = scope.found
+            at = found.get(key) if found is not None else None
+            if at is None:
+                end = scope.end
+                if scope.parent is None and inner is not None:
+                    # At the message level, only what comes before the first group of this kind
+                    # (MSH, PID, PV1...): never a sibling group's segment (another order's RXR or TQ1).
+                    head = message.first(message.segments[inner.start].name, 0, inner.start + 1)
+                    end = head if head >= 0 else inner.start
+                at = message.first(name, scope.start, end)
+                if found is None:
+                    scope.found = found = {}
+                found[key] = at
             if at >= 0:
                 return message.segments[at], at
             inner, scope = scope, scope.parent
