@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import socket
 import time
 
 import pytest
@@ -397,6 +398,34 @@ def test_sequential_requests_reuse_one_connection(net):
 
 
 @pytest_twisted.inlineCallbacks
+def test_error_statuses_are_answers_not_transport_errors(net):
+    """A 503 with its headers and body comes back as an HttpResponse: judging it is the
+    destination adapter's job."""
+    factory = ScriptedFactory(lambda t: t.write(
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 4\r\n\r\nbusy"))
+    port = yield net.listen(factory, net.tls_options())
+    response = yield net.transport().request(_post(port))
+    assert (response.code, response.body) == (503, b"busy")
+    assert response.headers["retry-after"] == "5"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_kept_connection_closed_by_the_peer_is_replaced(net):
+    """When the peer closes an idle kept connection, the next request opens a new one."""
+    echo = Echo()
+    site = CountingSite(echo, timeout=0.2)  # the peer drops idle connections after 0.2 s
+    port = yield net.listen(site, net.tls_options())
+    transport = net.transport()
+    yield transport.request(_post(port, b"one"))
+    while site.channels[0]._channel.transport.connected:
+        yield task.deferLater(reactor, 0.05, lambda: None)
+    yield task.deferLater(reactor, 0.05, lambda: None)  # let our side see the close
+    response = yield transport.request(_post(port, b"two"))
+    assert response.body == b"ack:two"
+    assert site.connections == 2
+
+
+@pytest_twisted.inlineCallbacks
 def test_concurrent_requests_are_bounded_per_host(net):
     """Twenty concurrent requests all succeed over at most max_connections_per_host connections."""
     echo = Echo()
@@ -522,6 +551,34 @@ def test_connection_refused_is_a_connect_error(net):
     e = yield _failure(net.transport().request(_post(port)))
     assert e.kind == "connect"
     assert e.reason == f"connection refused by 127.0.0.1:{port}"
+
+
+@pytest_twisted.inlineCallbacks
+def test_connect_timeout_when_the_peer_drops_our_syn(net):
+    """A listener whose accept queue is full drops new SYNs: kind "timeout" after
+    connect_timeout, named as a connection that was not established."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    fillers = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(4):  # fill the accept queue (backlog 0 still admits one or two)
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        transport = net.transport(connect_timeout=0.3, response_timeout=3.0)
+        started = time.monotonic()
+        e = yield _failure(transport.request(_post(port)))
+        elapsed = time.monotonic() - started
+    finally:
+        for sock in fillers + [listener]:
+            sock.close()
+    assert e.kind == "timeout", e.reason
+    assert e.reason == f"connection to 127.0.0.1:{port} not established within 0.3 s"
+    assert 0.3 <= elapsed < 1.0
 
 
 @pytest_twisted.inlineCallbacks

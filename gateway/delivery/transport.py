@@ -35,6 +35,7 @@ replayed here (Twisted replays only bodiless idempotent requests): it fails with
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ from service_identity import CertificateError, VerificationError
 from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
 from service_identity.pyopenssl import extract_patterns
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -58,7 +60,7 @@ from twisted.web.client import (
     ResponseDone,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IPolicyForHTTPS
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 from gateway.delivery.outcome import HttpRequest, HttpResponse
@@ -229,6 +231,34 @@ class MutualTlsPolicy:
         return self.creator_for(host.strip("[]"))  # an IPv6 literal may keep its brackets
 
 
+@implementer(IAgentEndpointFactory)
+class _EndpointCache:
+    """One endpoint per (scheme, host, port), built once.
+
+    Twisted's default factory builds a new endpoint (IDNA checks, TLS policy look-up) for
+    every request, even when the pool then hands out a kept connection; endpoints are
+    stateless recipes for new connections, so one per destination is enough.
+    """
+
+    def __init__(self, reactor, policy: MutualTlsPolicy, connect_timeout: float):
+        self._reactor = reactor
+        self._policy = policy
+        self._connect_timeout = connect_timeout
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            host = uri.host.decode("ascii").strip("[]")
+            endpoint = HostnameEndpoint(self._reactor, host, uri.port,
+                                        timeout=self._connect_timeout)
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self._policy.creator_for(host), endpoint)
+            self._endpoints[key] = endpoint
+        return endpoint
+
+
 # -- bodies ----------------------------------------------------------------------------------
 
 
@@ -346,6 +376,45 @@ class _Attempt:
             self.deferred.cancel()
 
 
+_BAD_URL_CHARACTERS = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+@functools.lru_cache(maxsize=512)  # deliveries go to a handful of URLs, again and again
+def _parse_target(url: str, allow_plain_http: bool) -> _Target:
+    """Check an absolute URL and split it; raise TransportError (kind "request") if unusable."""
+    if _BAD_URL_CHARACTERS.search(url):
+        raise TransportError("URL contains whitespace or control characters", "request")
+    try:
+        url_bytes = url.encode("ascii")
+    except UnicodeEncodeError:
+        raise TransportError("URL must be ASCII (percent-encode the rest)", "request") from None
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "http":
+        if not allow_plain_http:
+            raise TransportError(
+                "plain http:// refused: deliveries go over https:// "
+                "(allow_plain_http is for local tests only)",
+                "request",
+            )
+    elif scheme != "https":
+        raise TransportError(f"unsupported URL scheme {scheme or '(none)'!r}", "request")
+    if parts.username is not None or parts.password is not None:
+        raise TransportError("credentials in the URL are refused", "request")
+    host = parts.hostname
+    if not host:
+        raise TransportError("URL has no host", "request")
+    try:
+        port = parts.port
+    except ValueError:
+        raise TransportError("URL has an invalid port", "request") from None
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    if parts.fragment:
+        url_bytes = url_bytes.split(b"#", 1)[0]  # fragments are never sent
+    return _Target(scheme, host, port, url_bytes)
+
+
 def _positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{name} must be a positive number, not {value!r}")
@@ -391,11 +460,8 @@ class HttpsTransport:
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = max_connections_per_host
         self._pool.cachedConnectionTimeout = float(idle_timeout)
-        self._agent = Agent(
-            reactor,
-            contextFactory=self._policy,
-            connectTimeout=self.connect_timeout,
-            pool=self._pool,
+        self._agent = Agent.usingEndpointFactory(
+            reactor, _EndpointCache(reactor, self._policy, self.connect_timeout), pool=self._pool
         )
         self._slots: dict[tuple[str, str, int], defer.DeferredSemaphore] = {}
         self._in_flight: set[defer.Deferred] = set()
@@ -439,37 +505,7 @@ class HttpsTransport:
     def _target(self, url: str) -> _Target:
         if not isinstance(url, str):
             raise TransportError("URL must be text", "request")
-        if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
-            raise TransportError("URL contains whitespace or control characters", "request")
-        try:
-            url_bytes = url.encode("ascii")
-        except UnicodeEncodeError:
-            raise TransportError("URL must be ASCII (percent-encode the rest)", "request") from None
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme == "http":
-            if not self.allow_plain_http:
-                raise TransportError(
-                    "plain http:// refused: deliveries go over https:// "
-                    "(allow_plain_http is for local tests only)",
-                    "request",
-                )
-        elif scheme != "https":
-            raise TransportError(f"unsupported URL scheme {scheme or '(none)'!r}", "request")
-        if parts.username is not None or parts.password is not None:
-            raise TransportError("credentials in the URL are refused", "request")
-        host = parts.hostname
-        if not host:
-            raise TransportError("URL has no host", "request")
-        try:
-            port = parts.port
-        except ValueError:
-            raise TransportError("URL has an invalid port", "request") from None
-        if port is None:
-            port = 443 if scheme == "https" else 80
-        if parts.fragment:
-            url_bytes = url_bytes.split(b"#", 1)[0]  # fragments are never sent
-        return _Target(scheme, host, port, url_bytes)
+        return _parse_target(url, self.allow_plain_http)
 
     def _prepare(self, req: HttpRequest):
         method = req.method
