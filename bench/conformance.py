@@ -10,9 +10,11 @@ Each message ends in one of:
   crash      any other exception (or more than TIME_LIMIT seconds): a gateway bug
 
 Messages the corpus marks as deliberately malformed (fuzzer output, broken envelopes, bad MSH,
-XXE probes, Mirth's own XML dialect: MALFORMED below, from CURATED_NOTES.tsv and SOURCES.md)
-are correct when rejected (or translated into a valid bundle); only invalid output and crashes
-count as failures there. Well-formed messages of a type no message map covers are `rejected`
+XXE probes and DOCTYPEs SOURCES.md says are meant to be rejected, Mirth's own XML dialect,
+segments broken across lines: MALFORMED and MALFORMED_NOTES below, from CURATED_NOTES.tsv,
+INDEX.tsv and SOURCES.md) are correct when rejected (or translated into a valid bundle); only
+invalid output and crashes count as failures there. An analyzer capture holding several
+ASTM messages is split into them, as the E1381 receiver hands them over. Well-formed messages of a type no message map covers are `rejected`
 too, and counted apart ("no map"), so that the translated share can be read both over every
 well-formed message and over those in scope.
 
@@ -21,6 +23,12 @@ Where the corpus has an expected FHIR output (Microsoft `X-expected.json`, Repor
 comparable facts of both bundles: patient identifier values, family and given names, birth
 date, gender; observation codes, values, units, statuses and effective dates, report statuses
 and effective dates (dates at the precision both have). Score = matched / expected facts.
+Facts our guide-following representation cannot have are not compared: Observations Microsoft's
+converter makes from non-observation segments (coded in its placeholder code system), the
+Observation facts of MDM (the guide makes MDM's OBX the DocumentReference's content) and the
+DiagnosticReport facts of order messages (the guide makes their OBR a ServiceRequest). A naive
+v2 time is in the sender's zone: ReportStream's messages are translated as from senders whose
+zone is UTC, as its expected bundles were made (SENDER_ZONES).
 
     .venv/bin/python bench/conformance.py              # table, top reasons, var/bench/conformance.json
     .venv/bin/python bench/conformance.py --verbose    # one line per message

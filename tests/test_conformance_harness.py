@@ -97,6 +97,9 @@ def test_malformed_files_are_recognised():
     assert conformance.malformed_reason("hl7apy/test_parser_L235.hl7")
     assert not conformance.malformed_reason("hl7apy/test_parser_L40.hl7")
     assert not conformance.malformed_reason("ms-fhir-converter/hl7v2/ADT-A01-01.hl7")
+    assert conformance.malformed_reason("hapi-hl7v2/xml/get_version.xml")  # external DTD
+    assert conformance.malformed_reason("x.hl7", "LF terminators; malformed segment id(s): '8866'")
+    assert not conformance.malformed_reason("x.hl7", "LF segment terminators; repeated fields")
 
 
 def test_stored_bytes_undoes_the_storage_of_captures():
@@ -105,6 +108,30 @@ def test_stored_bytes_undoes_the_storage_of_captures():
     assert conformance.stored_bytes(b'"\\vMSH|^~\\\\&|A\\rPID|1\\r\\u001c\\r"',
                                     "stored as an escaped string literal; MLLP framing bytes present") == \
         b"MSH|^~\\&|A\rPID|1\r\r"
+    assert conformance.stored_bytes(b"[SOM]MSH|^~\\&|A\r[EOM]", "[SOM]/[EOM] sender markers") == b"MSH|^~\\&|A\r"
+
+
+def test_analyzer_captures_are_split_into_their_messages():
+    row = conformance.Row("astm/x.txt", "astm/x", "ASTM", "")
+    two = b"\x05\x021H|\\^&\rP|1\rL|1|N\r\x0385\r\n\x04\x05\x021H|\\^&\rP|1\rL|1|N\r\x0386\r\n\x04"
+    units = conformance.astm_units(row, two)
+    assert [unit.number for unit in units] == [1, 2] and units[1].data.startswith(b"H|")
+    one = b"# comment\nH|\\^&\nP|1\nL|1\n"
+    assert [unit.data for unit in conformance.astm_units(row, one)] == [one]
+
+
+def test_facts_that_are_not_comparable_are_left_out():
+    """Observations the expected converter invents (its placeholder code system), Observation
+    facts of MDM (document content for the guide) and report facts of orders."""
+    invented = {"resourceType": "Observation", "status": "final",
+                "code": {"coding": [{"system": conformance.INVENTED_CODE_SYSTEMS[0], "code": "autopsy"}]}}
+    assert conformance.facts_of(bundle(invented)) == []
+    report = {"resourceType": "DiagnosticReport", "status": "final"}
+    facts = conformance.facts_of(bundle(PATIENT, OBSERVATION, report))
+    kinds_of = lambda found: {fact.kind.split(".")[0] for fact in found}  # noqa: E731
+    assert kinds_of(conformance.comparable_facts(facts, "MDM^T02^MDM_T02")) == {"patient", "report"}
+    assert kinds_of(conformance.comparable_facts(facts, "ORM^O01")) == {"patient", "observation"}
+    assert kinds_of(conformance.comparable_facts(facts, "ORU^R01")) == {"patient", "observation", "report"}
 
 
 def test_result_verdicts():
