@@ -522,7 +522,7 @@ class HttpsTransport:
             if not isinstance(value, str) or any(c in value for c in "\r\n\x00"):
                 raise TransportError(f"invalid value for request header {name.lower()}", "request")
             headers.addRawHeader(name.encode("ascii"), value.encode("utf-8"))
-        body = bytes(req.body)
+        body = req.body if isinstance(req.body, bytes) else bytes(req.body)
         upper = method.upper()
         producer = None if (not body and upper in _BODYLESS_METHODS) else _BytesProducer(body)
         return method.encode("ascii"), headers, producer
