@@ -23,8 +23,10 @@ TLS: the client presents the gateway's own certificate and trusts only the confi
 (`gateway.tls.client_tls_options`, TLS 1.2+, ECDHE+AEAD). Certificate verification is
 re-done here per connection so that a failure says *why* ("expired", "issued by another CA",
 "does not name 127.0.0.1"), and so that a server certificate without any subjectAltName is
-refused: Twisted's stock callback lets service_identity's CertificateError escape and then
-keeps OpenSSL's verdict, which accepts such a certificate for any name.
+refused: Twisted's stock callback (Twisted 26.10, service_identity 26.1) catches only
+VerificationError, so the CertificateError raised for a certificate without subjectAltName
+is merely logged and OpenSSL's verdict stands: such a certificate, if the CA signed it,
+would be accepted for any host name.
 
 Connections: one `HTTPConnectionPool` with keep-alive; at most `max_connections_per_host`
 requests in flight per (scheme, host, port), the others wait their turn (the timeout clock
@@ -195,6 +197,7 @@ class _VerifyingConnectionCreator:
                     return refuse(
                         f"server certificate has no subjectAltName, cannot match {hostname}"
                     )
+                protocol_ref.clear()  # the leaf comes last: no further call needs it
                 return True
             except BaseException:  # an exception inside an OpenSSL callback would be lost
                 _log.failure("verifying a server certificate")
