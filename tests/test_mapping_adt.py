@@ -203,3 +203,26 @@ def test_corpus_adt_messages_translate_and_validate(mappings):
         assert resources(bundle, "Patient"), path.name
         checked += 1
     assert checked >= 25
+
+
+def test_allergies_diagnoses_procedures_and_observations_of_the_patient(mappings):
+    """AL1 -> AllergyIntolerance, DG1 -> Condition, PR1 -> Procedure, OBX -> Observation, each
+    of the patient (v2-to-FHIR AL1, DG1, PR1, OBX rows); an AL1 naming no allergen gives none."""
+    text = A01 + ("\nOBX|1|NM|29463-7^Poids^LN||64.5|kg^kg^UCUM|||||F"
+                  "\nAL1|1|DA^Médicament^HL70127|J01CA04^Amoxicilline^ATC|SV^Sévère^HL70128|Urticaire"
+                  "\nAL1|2|FA^Aliment^HL70127"
+                  "\nDG1|1||I20.9^Angor^I10|Angor stable|20250114"
+                  "\nPR1|1||0JH60DZ^Pose de pacemaker^I10P||20250114103000")
+    bundle = translate_text(mappings, text)
+    allergy, = resources(bundle, "AllergyIntolerance")
+    assert (allergy["category"], allergy["criticality"], allergy["reaction"][0]["severity"]) == \
+        (["medication"], "high", "severe")
+    condition, = resources(bundle, "Condition")
+    assert condition["code"]["text"] == "Angor stable" and condition["onsetDateTime"] == "2025-01-14"
+    procedure, = resources(bundle, "Procedure")
+    assert procedure["status"] == "unknown" and procedure["performedDateTime"] == "2025-01-14T10:30:00+01:00"
+    observation, = resources(bundle, "Observation")
+    patient = resources(bundle, "Patient")[0]
+    for found in (allergy["patient"], condition["subject"], procedure["subject"], observation["subject"]):
+        assert found["reference"] == "urn:uuid:" + patient["id"]
+    assert bundle_problems(bundle) == []
