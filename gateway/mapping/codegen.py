@@ -31,6 +31,11 @@ from gateway.mapping.path import Hl7Path
 from gateway.mapping.runtime import Part, Reference, TranslationError
 
 _LITERALS = (str, int, float, bool, type(None))
+# Compiled code by source text: a reload (or a test) that finds the same files generates the
+# same source and skips compile(), the larger part of the generation cost. Code objects are
+# immutable; each build runs them in its own namespace with its own constants.
+_COMPILED: dict[tuple[str, str], object] = {}
+_COMPILED_MAX = 16
 
 
 class Handle:
@@ -116,7 +121,13 @@ class Module:
             body(gen)
             chunks.append(gen.function_source(handle.name, comment))
         self.source = "\n".join(chunks)
-        code = compile(self.source, self.filename, "exec")
+        key = (self.filename, self.source)
+        code = _COMPILED.get(key)
+        if code is None:
+            code = compile(self.source, self.filename, "exec")
+            if len(_COMPILED) >= _COMPILED_MAX:
+                _COMPILED.pop(next(iter(_COMPILED)))
+            _COMPILED[key] = code
         exec(code, self.namespace)
         linecache.cache[self.filename] = (len(self.source), None, self.source.splitlines(True), self.filename)
         for handle, _, _ in self._bodies:

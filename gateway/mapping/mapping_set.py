@@ -193,6 +193,11 @@ class MappingSet:
     def message_map(self, message_type: str, sender: str = "") -> MessageMap | None:
         return self._layer(sender).messages.get(message_type)
 
+    def generated_source(self, sender: str = "") -> str:
+        """The Python generated from the mapping files of `sender`'s layer (the shared one by
+        default): one function per map, each headed by the file it comes from; for debugging."""
+        return self._layer(sender).module.source
+
     def _layer(self, sender: str) -> _Layer:
         return self._layers.get(sender) or self._layers[""]
 

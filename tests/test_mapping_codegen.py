@@ -1,0 +1,282 @@
+"""The generated code of the mapping engine (gateway.mapping.codegen): every keyword of the
+vocabulary in one map, the errors it raises (file, line, key, HL7 location), the readers of
+paths (repetitions, components, subcomponents, escapes), maps specialised to a value's level,
+the source kept for debugging, and sets that do not share state (reload swaps whole sets)."""
+import textwrap
+import traceback
+from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from adapters.hl7v2.message import parse_message
+from gateway.mapping.mapping_set import MappingSet
+from gateway.mapping.runtime import TranslationContext, TranslationError
+from gateway.mapping.source import MappingErrors
+from gateway.mapping.transforms import REGISTRY, transform
+
+CASABLANCA = ZoneInfo("Africa/Casablanca")
+
+MESSAGE = ("MSH|^~\\&|LAB|LABO_RABAT|GW|MA|20250114083512||ORU^R01|M1|P|2.5\r"
+           "PID|1||P1^^^LABO&1.2.3&ISO^MR~BE123456^^^CNIE^NI||Alaoui^Samira^^^Mme~العلوي^سميرة||19800101|f\r"
+           "OBR|1|ORD1|FIL1|GLU^Glucose^L|||20250114074500\r"
+           "OBX|1|NM|GLU^Glucose^L||5.4|mmol/L|||||F\r"
+           "OBX|2|ST|COM^Comm\\S\\ent^L||Hémolysé \\T\\ refait\\.br\\ligne 2||||||P|||20250114080000\r"
+           "OBX|3|XX|SUB^A&B&C^L||x||||||Q\r")
+
+FILES = {
+    "tables/gender.yaml": """
+        unmapped: error
+        codes: {F: female, M: male}
+    """,
+    "tables/status.yaml": """
+        unmapped: default
+        default: unknown
+        codes: {F: final, P: preliminary}
+    """,
+    "tables/system.yaml": """
+        unmapped: passthrough
+        codes: {L: "urn:lab:local"}
+    """,
+    "datatypes/CWE.CodeableConcept.yaml": """
+        type: CodeableConcept
+        map:
+          coding:
+            - code: {from: 1}
+              display: {from: 2}
+              system: {from: 3, lookup: system}
+          text: {first_of: [{from: 9}, {from: 2}]}
+    """,
+    "datatypes/CX.Identifier.yaml": """
+        type: Identifier
+        map:
+          value: {from: 1, required: true}
+          system:
+            first_of:
+              - {when: {field: 4.1, is: CNIE}, default: "urn:ma:cnie"}
+              - {when: {field: 4.3, in: [ISO]}, from: 4.2, transform: trim}
+          assigner: {when: {field: 4.1, present: true}, map: {display: {from: 4.1}}}
+    """,
+    "segments/PID.Patient.yaml": """
+        resource: Patient
+        map:
+          identifier: {each: PID-3, map: CX.Identifier}
+          name:
+            each: PID-5
+            map:
+              family: {from: 1}
+              given: [{from: 2}, {from: 3}]
+              prefix: {from: 5}
+          gender: {from: PID-8, lookup: gender}
+          birthDate: {from: PID-7, transform: date}
+    """,
+    # Every keyword of the vocabulary, several in one rule.
+    "segments/OBX.Observation.yaml": """
+        resource: Observation
+        map:
+          status: {from: OBX-11, lookup: status, default: unknown}
+          code: {from: OBX-3, map: CWE.CodeableConcept, required: true}
+          subject: {from: "@patient"}
+          valueQuantity:
+            when: [{field: OBX-2, is: NM}, {field: OBX-5, present: true}]
+            map:
+              value: {from: OBX-5, transform: decimal}
+              unit: {from: OBX-6}
+          valueString:
+            when: {any: [{field: OBX-2, in: [ST, TX]}, {field: OBX-2, not_in: [NM, ST, TX, XX]}]}
+            from: OBX-5
+          effectiveDateTime: {first_of: [{from: OBX-14}, {from: OBR-7}], transform: datetime}
+          note: {each: PID-3.4.2, map: {text: {from: 1}}}
+          method: {when: {field: PID-3.4.3, present: true}, map: {text: {from: PID-3.4.3}}}
+          interpretation: {each: OBX-8, map: CWE.CodeableConcept, default: [{text: none}]}
+          basedOn: {when: {field: OBR, present: true}, map: {display: {from: OBR-3}}}
+    """,
+    "messages/ORU_R01.yaml": """
+        messages: [ORU^R01]
+        resources:
+          - name: patient
+            from: PID
+            map: PID.Patient
+          - each: OBR
+            resources:
+              - name: observation
+                each: OBX
+                when: {field: OBX-2, not_in: [ED]}
+                map: OBX.Observation
+    """,
+}
+
+
+def write(root, files):
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+    return root
+
+
+def translate(mapping_set, text=MESSAGE, sender=""):
+    context = TranslationContext(sender_id=sender, timezone=CASABLANCA,
+                                 received_at=datetime(2025, 1, 14, 8, 35, tzinfo=timezone.utc),
+                                 message_key="LABO|M1", control_id="M1")
+    return mapping_set.translate(parse_message(text), context).bundle
+
+
+def of_type(bundle, kind):
+    return [entry["resource"] for entry in bundle["entry"] if entry["resource"]["resourceType"] == kind]
+
+
+@pytest.fixture
+def mapping_set(tmp_path):
+    return MappingSet.load(write(tmp_path / "mappings", FILES))
+
+
+def test_every_keyword_of_the_vocabulary(mapping_set):
+    bundle = translate(mapping_set)
+    patient, = of_type(bundle, "Patient")
+    first, second, third = of_type(bundle, "Observation")
+    assert patient["identifier"] == [
+        {"value": "P1", "system": "1.2.3", "assigner": {"display": "LABO"}},
+        {"value": "BE123456", "system": "urn:ma:cnie", "assigner": {"display": "CNIE"}}]
+    assert patient["name"] == [{"family": "Alaoui", "given": ["Samira"], "prefix": ["Mme"]},
+                               {"family": "العلوي", "given": ["سميرة"]}]
+    assert patient["gender"] == "female"  # 'f': the table folds case
+    assert patient["birthDate"] == "1980-01-01"
+    assert first["status"] == "final"
+    assert first["code"] == {"coding": [{"code": "GLU", "display": "Glucose", "system": "urn:lab:local"}],
+                             "text": "Glucose"}
+    assert first["valueQuantity"] == {"value": 5.4, "unit": "mmol/L"}
+    assert "valueString" not in first
+    assert first["effectiveDateTime"] == "2025-01-14T07:45:00+01:00"  # OBR-7: OBX-14 is empty
+    assert first["interpretation"] == [{"text": "none"}]  # each gave nothing: the default
+    assert first["basedOn"] == [{"display": "FIL1"}]  # a list element: one item
+    assert first["subject"] == {"reference": "urn:uuid:" + patient["id"]}
+    # Escapes decoded at the leaf, after the split: \S\ is a '^' inside a component.
+    assert second["code"]["coding"][0]["display"] == "Comm^ent"
+    assert second["valueString"] == "Hémolysé & refait\nligne 2"
+    assert second["status"] == "preliminary"
+    assert second["effectiveDateTime"] == "2025-01-14T08:00:00+01:00"
+    # Subcomponents: PID-3.4 is LABO&1.2.3&ISO, read from the OBX (the message's PID).
+    assert third["status"] == "unknown"  # Q is not in the table: its default
+    assert third["code"]["coding"][0]["display"] == "A"
+    assert third["note"] == [{"text": "1.2.3"}]
+    assert third["method"] == {"text": "ISO"}
+    assert "valueString" not in third  # XX: neither ST/TX nor outside [NM, ST, TX, XX]
+
+
+def test_required_and_lookup_errors_name_file_line_key_and_segment(mapping_set):
+    with pytest.raises(TranslationError) as caught:
+        translate(mapping_set, MESSAGE.replace("|f\r", "|X\r"))
+    error = caught.value
+    assert error.location == "PID[1]"
+    assert error.mapping.endswith("segments/PID.Patient.yaml:10")
+    assert "map.gender" in error.reason and "'X'" in error.reason
+    # A required value missing in a datatype map: its own file and line, the segment mapped.
+    with pytest.raises(TranslationError) as caught:
+        translate(mapping_set, MESSAGE.replace("OBX|2|ST|COM^Comm\\S\\ent^L|", "OBX|2|ST||"))
+    error = caught.value
+    assert error.location == "OBX[2]"
+    assert error.mapping.endswith("segments/OBX.Observation.yaml:4")
+    assert error.reason == "map.code is required and has no value"
+
+
+def test_transform_errors_keep_their_reason_and_location(mapping_set):
+    with pytest.raises(TranslationError) as caught:
+        translate(mapping_set, MESSAGE.replace("|5.4|", "|cinq|"))
+    error = caught.value
+    assert error.location == "OBX[1]"
+    assert error.mapping.endswith("segments/OBX.Observation.yaml:9")
+    assert error.reason.startswith("map.valueQuantity.value: 'cinq' is not a number")
+
+
+def test_an_unexpected_exception_shows_the_generated_line_and_its_mapping_file(tmp_path):
+    if "test_codegen_boom" not in REGISTRY:
+        @transform("test_codegen_boom")
+        def boom(value, run):
+            raise RuntimeError("a transform bug")
+    files = dict(FILES)
+    files["segments/PID.Patient.yaml"] = """
+        resource: Patient
+        map:
+          gender: {from: PID-8, transform: test_codegen_boom}
+    """
+    mapping_set = MappingSet.load(write(tmp_path / "mappings", files))
+    with pytest.raises(RuntimeError) as caught:  # a bug is not a TranslationError: it shows
+        translate(mapping_set)
+    text = "".join(traceback.format_exception(caught.value))
+    assert '"<mappings shared>"' in text and "map_PID_Patient" in text
+    source = mapping_set.generated_source()
+    assert "PID.Patient.yaml" in source.split("def map_PID_Patient")[0].rsplit("\n#", 1)[-1]
+
+
+def test_generated_source_is_python_with_one_function_per_map(mapping_set):
+    source = mapping_set.generated_source()
+    compile(source, "<check>", "exec")
+    for name in ("map_PID_Patient", "map_OBX_Observation", "map_CX_Identifier", "map_CWE_CodeableConcept"):
+        assert f"def {name}(node, run):" in source
+    # A field-level variant where the caller passes a field repetition (PID-3, OBX-3).
+    assert "def map_CX_Identifier__1(node, run):" in source
+    assert mapping_set.generated_source("unknown sender") == source
+
+
+def test_a_map_gives_the_same_for_a_field_and_for_a_component(tmp_path):
+    files = dict(FILES)
+    files["segments/OBX.Observation.yaml"] = """
+        resource: Observation
+        map:
+          status: final
+          code: {from: OBX-3, map: CWE.CodeableConcept}
+          method: {from: OBX-3.2, map: CWE.CodeableConcept}
+          bodySite: {each: PID-3.4.2, map: CWE.CodeableConcept}
+    """
+    bundle = translate(MappingSet.load(write(tmp_path / "mappings", files)))
+    third = of_type(bundle, "Observation")[2]
+    # A field: 2 reads component 2's first subcomponent.
+    assert third["code"] == {"coding": [{"code": "SUB", "display": "A", "system": "urn:lab:local"}],
+                             "text": "A"}
+    # A component: its subcomponents are what 1, 2, 3 read.
+    assert third["method"] == {"coding": [{"code": "A", "display": "B", "system": "C"}], "text": "B"}
+    assert third["bodySite"] == [{"coding": [{"code": "1.2.3"}]}]  # a subcomponent: 1 is itself
+
+
+def test_sets_share_no_state_same_code_different_tables(tmp_path):
+    """A reload builds a whole new set; when only a table changed, the generated code is the
+    same (compiled once), and each set translates with its own table."""
+    first = MappingSet.load(write(tmp_path / "mappings", FILES))
+    write(tmp_path / "mappings", {"tables/status.yaml": """
+        unmapped: default
+        default: unknown
+        codes: {F: amended, P: preliminary}
+    """})
+    second = MappingSet.load(tmp_path / "mappings")
+    assert first.generated_source() == second.generated_source()
+    assert first.version != second.version
+    assert of_type(translate(first), "Observation")[0]["status"] == "final"
+    assert of_type(translate(second), "Observation")[0]["status"] == "amended"
+    assert of_type(translate(first), "Observation")[0]["status"] == "final"
+
+
+def test_a_broken_set_is_refused_and_the_loaded_one_keeps_working(tmp_path):
+    good = MappingSet.load(write(tmp_path / "mappings", FILES))
+    before = translate(good)
+    write(tmp_path / "mappings", {"segments/OBX.Observation.yaml": """
+        resource: Observation
+        map:
+          status: {from: OBX-11, lookup: no_such_table}
+          code: {from: OBX-3, map: No.Such}
+    """})
+    with pytest.raises(MappingErrors) as caught:
+        MappingSet.load(tmp_path / "mappings")
+    assert {problem.key for problem in caught.value.problems} >= {"map.status.lookup", "map.code"}
+    assert translate(good) == before
+
+
+def test_reading_hostile_values(mapping_set):
+    # Empty repetitions, trailing delimiters, a field cut short, an escape at the end.
+    text = (MESSAGE.replace("P1^^^LABO&1.2.3&ISO^MR~BE123456^^^CNIE^NI", "~^^^^~P2\\")
+            .replace("OBX|3|XX|SUB^A&B&C^L||x||||||Q", "OBX|3|XX|^&&&^"))
+    with pytest.raises(TranslationError) as caught:
+        translate(mapping_set, text)
+    # The first PID-3 repetition is empty: CX value required.
+    assert caught.value.location == "PID[1]"
+    assert caught.value.mapping.endswith("datatypes/CX.Identifier.yaml:3")
