@@ -5,7 +5,8 @@ read_input and the mapping set, as the gateway translates them.
 Each message ends in one of:
 
   valid      translated into a Bundle whose every resource validates (fhir.resources R4B)
-  rejected   refused with a precise reason (InputError, TranslationError, BatchError)
+  rejected   refused with a precise reason (InputError, TranslationError, BatchError), or
+             translated into nothing (a Bundle with only its Provenance: a query, an MSH alone)
   invalid    translated, but the Bundle does not validate: a mapping bug
   crash      any other exception (or more than TIME_LIMIT seconds): a gateway bug
 
@@ -289,6 +290,12 @@ def translate_unit(mapping_set, unit: Unit) -> Outcome:
             signal.alarm(0)
             signal.signal(signal.SIGALRM, previous)
     seconds = time.perf_counter() - started
+    kinds = [entry["resource"]["resourceType"] for entry in translation.bundle.get("entry", ())]
+    if all(kind == "Provenance" for kind in kinds):
+        # A query, an MSH alone, segments run together on one line: nothing was translated
+        # (and a Provenance without target is not valid FHIR, though the models accept it).
+        return Outcome("rejected", "translation: the message gives no resource (nothing to translate)",
+                       parsed.message_type, parsed.format, seconds=seconds)
     problems = bundle_problems(translation.bundle)
     if problems:
         return Outcome("invalid", problems[0], parsed.message_type, parsed.format,

@@ -142,3 +142,16 @@ def test_result_verdicts():
     assert result("a", "s", "ADT^A01", "fuzzer", outcome("rejected", "x")).verdict == "ok"
     assert result("a", "s", "ADT^A01", "fuzzer", outcome("crash", "x")).verdict == "failure"
     assert result("a", "s", "ADT^A01", "", outcome("invalid", "x")).verdict == "failure"
+
+
+def test_a_translation_into_nothing_is_a_rejection():
+    """An MSH alone (or a query) gives a Bundle with only its Provenance: not counted as translated."""
+    from gateway.mapping.mapping_set import MappingSet
+    mapping_set = MappingSet.load(ROOT / "mappings")
+    row = conformance.Row("x.hl7", "x", "ORU^R01", "")
+    msh_only = conformance.Unit(row, 1, b"MSH|^~\\&|LAB|F|||20250101||ORU^R01^ORU_R01|1|P|2.5.1\r")
+    outcome = conformance.translate_unit(mapping_set, msh_only)
+    assert (outcome.status, outcome.reason) == \
+        ("rejected", "translation: the message gives no resource (nothing to translate)")
+    with_patient = conformance.Unit(row, 1, msh_only.data + b"PID|1||1^^^F^MR||DOE^JOHN\r")
+    assert conformance.translate_unit(mapping_set, with_patient).status == "valid"
