@@ -29,7 +29,8 @@ converter makes from non-observation segments (coded in its placeholder code sys
 Observation facts of MDM (the guide makes MDM's OBX the DocumentReference's content) and the
 DiagnosticReport facts of order messages (the guide makes their OBR a ServiceRequest). A naive
 v2 time is in the sender's zone: ReportStream's messages are translated as from senders whose
-zone is UTC, as its expected bundles were made (SENDER_ZONES).
+zone is UTC, as its expected bundles were made (SENDER_ZONES); a file INDEX.tsv says is in
+ISO-8859-1 without MSH-18 is read as from a sender configured with that fallback (SENDER_CHARSETS).
 
     .venv/bin/python bench/conformance.py              # table, top reasons, var/bench/conformance.json
     .venv/bin/python bench/conformance.py --verbose    # one line per message
@@ -69,6 +70,9 @@ TIMEZONE = ZoneInfo("Africa/Casablanca")
 # '2024-10-15T03:43:04Z' there): its messages are translated as from senders so configured,
 # else the same wall-clock time would be compared across two zones.
 SENDER_ZONES = {"cdc-reportstream": ZoneInfo("UTC")}
+# The character set a sender that declares none (MSH-18 empty) is configured with (its
+# `charset_fallback`), where INDEX.tsv says which one its bytes are in.
+SENDER_CHARSETS = {"ISO-8859-1 bytes": "iso8859-1"}
 
 # Deliberately malformed or not a standard format: rejection is the right answer.
 MALFORMED = {
@@ -99,6 +103,7 @@ MALFORMED = {
 # INDEX.tsv notes that say a file is malformed (segments broken by stray line breaks).
 MALFORMED_NOTES = {
     "malformed segment id(s)": "segment broken across lines (malformed segment ids)",
+    "(no segment terminators)": "segments run together on one line (no segment terminators)",
 }
 
 # Expected outputs the INDEX notes do not name in the `X.fhir` / `X-expected.json` form.
@@ -261,7 +266,8 @@ def translate_unit(mapping_set, unit: Unit) -> Outcome:
         previous = signal.signal(signal.SIGALRM, _alarm)
         signal.alarm(TIME_LIMIT)
     try:
-        parsed = read_input(unit.data)
+        fallback = next((codec for phrase, codec in SENDER_CHARSETS.items() if phrase in unit.row.notes), None)
+        parsed = read_input(unit.data, fallback)
         zone = SENDER_ZONES.get(unit.row.source, TIMEZONE)
         context = TranslationContext(sender_id="", timezone=zone, received_at=RECEIVED_AT,
                                      message_key=f"{parsed.sending_facility}|{parsed.control_id}",
