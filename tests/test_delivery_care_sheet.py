@@ -36,7 +36,7 @@ from gateway.mapping.golden import GOLDEN_RECEIVED_AT
 from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.runtime import TranslationContext
 from gateway.translation.inputs import read_input
-from test_sandbox_cnss import certs, cnss, fault_of, http, read, rows, set_fault  # noqa: F401 (fixtures)
+from test_sandbox_cnss import certs, cnss, http, read, rows, set_fault  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ROOT / "mappings" / "tests"
