@@ -82,10 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     detail.add_argument("--json", action="store_true")
     detail.set_defaults(handler=_messages_show)
     replay = messages.add_parser("replay", parents=[common],
-                                 help="translate stored messages again with the mappings on disk")
+                                 help="translate stored messages again with the mappings on "
+                                      "disk and send their dead letters again")
     replay.add_argument("ids", type=int, nargs="*", metavar="ID")
-    replay.add_argument("--status", choices=("failed", "received", "translated"),
-                        help="every message of this status")
+    replay.add_argument("--status", choices=("failed", "received", "translated", "dead"),
+                        help="every message of this status (dead: with a dead-letter delivery)")
     replay.add_argument("--mappings", metavar="DIR", help="mapping directory (default: mappings.directory)")
     replay.set_defaults(handler=_messages_replay)
 
@@ -323,19 +324,29 @@ def _translate(args) -> int:
 
 
 def _messages_replay(args) -> int:
+    """Translate again; the translation's deliveries are enqueued again with it: a dead letter
+    is reopened (same idempotency key), changed content goes out under a new key."""
+    from gateway.delivery.routes import Router
+    from gateway.store.outbox import dead_message_ids
     from gateway.store.translations import message_ids, messages_by_id, save_translations
     from gateway.translation.translator import Translator
 
     if bool(args.ids) == bool(args.status):
-        print("give message ids or --status (failed, received or translated)", file=sys.stderr)
+        print("give message ids or --status (failed, received, translated or dead)", file=sys.stderr)
         return 2
     config = load(args)
     mappings = _load_mappings(args, config)
     if mappings is None:
         return 1
     database = _database(args)
-    ids = list(args.ids) or database.run_now(message_ids, args.status)
-    translator = Translator(mappings, config.senders)
+    if args.ids:
+        ids = list(args.ids)
+    elif args.status == "dead":
+        ids = database.run_now(dead_message_ids)
+    else:
+        ids = database.run_now(message_ids, args.status)
+    router = Router(config.routes, config.senders) if config.routes else None
+    translator = Translator(mappings, config.senders, router)
     failures = 0
     for start in range(0, len(ids), 256):
         chunk = ids[start:start + 256]
@@ -346,7 +357,7 @@ def _messages_replay(args) -> int:
                   "(refused and ignored messages cannot)", file=sys.stderr)
         failures += len(missing)
         results = [(item, translator.translate(item)) for item in found]
-        database.run_now(save_translations, results)
+        database.run_write_now(save_translations, results)
         for item, record in results:
             if record.failed:
                 failures += 1

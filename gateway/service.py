@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -27,6 +28,9 @@ from gateway.store.database import Database, create_gateway_engine, migrate
 from gateway.store.ingest_writer import IngestWriter
 from gateway.tls import server_tls_options
 from gateway.translation.service import TranslationService
+
+
+log = logging.getLogger(__name__)
 
 
 class StoreService(Service):
@@ -64,8 +68,15 @@ class OrderedServices(MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         Service.stopService(self)
+        failure = None
         for service in reversed(list(self)):
-            yield defer.maybeDeferred(service.stopService)
+            try:
+                yield defer.maybeDeferred(service.stopService)
+            except Exception as error:  # stop the others all the same: their threads must end
+                log.error("stopping %s failed: %s", service.name or type(service).__name__, error)
+                failure = failure or error
+        if failure is not None:
+            raise failure
 
 
 def build_service(config: GatewayConfig, reactor) -> MultiService:

@@ -11,16 +11,27 @@ bad configuration stops the gateway at start-up instead of failing the first han
 """
 from __future__ import annotations
 
+import ipaddress
+
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
+from service_identity import CertificateError, VerificationError
+from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 # TLS 1.2 suites: forward secrecy (ECDHE) and authenticated encryption only. OpenSSL keeps the
 # TLS 1.3 suites apart from this list; they are all AEAD.
 CIPHER_STRING = "ECDHE+AESGCM:ECDHE+CHACHA20"
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
+
+
+_log = Logger()
 
 
 class TlsConfigError(Exception):
@@ -145,9 +156,113 @@ def client_tls_options(
         # wrap them in pyOpenSSL objects that pyOpenSSL now deprecates; the effect is the same.
         cert, key, extra = _load_identity(cert_path, key_path)
         extra_options.update(privateKey=key, certificate=cert, extraCertChain=extra)
-    return ssl.optionsForClientTLS(
+    # Twisted's own check lets a certificate without subjectAltName through (service_identity
+    # raises CertificateError, which it only logs): verify ourselves, failing closed.
+    return _VerifyingConnectionCreator(ssl.optionsForClientTLS(
         hostname, trustRoot=trust, extraCertificateOptions=extra_options
-    )
+    ), hostname)
+
+
+class ServerCertificateRejected(Exception):
+    """Raised into the TLS connection when our verification refuses the server's certificate."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+# -- Server certificate verification that fails closed and names the failure ---------------
+
+# OpenSSL's X509_V_ERR_* codes (stable across 1.1 and 3.x) for what a misconfigured peer
+# actually shows; others are reported by number.
+_X509_ERRORS = {
+    2: "issued by a CA other than the configured one",  # UNABLE_TO_GET_ISSUER_CERT
+    7: "bad signature",  # CERT_SIGNATURE_FAILURE
+    9: "not yet valid",  # CERT_NOT_YET_VALID
+    10: "expired",  # CERT_HAS_EXPIRED
+    13: "malformed validity dates",  # ERROR_IN_CERT_NOT_BEFORE_FIELD
+    14: "malformed validity dates",  # ERROR_IN_CERT_NOT_AFTER_FIELD
+    18: "self-signed, not issued by the configured CA",  # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: "chain ends in a CA other than the configured one",  # SELF_SIGNED_CERT_IN_CHAIN
+    20: "issued by a CA other than the configured one",  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: "issued by a CA other than the configured one",  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    23: "revoked",  # CERT_REVOKED
+    24: "issued by a certificate that is not a CA",  # INVALID_CA
+    25: "chain too long",  # PATH_LENGTH_EXCEEDED
+    26: "not valid for TLS server use (extended key usage)",  # INVALID_PURPOSE
+    28: "rejected by the trust settings",  # CERT_REJECTED
+    32: "issuer key usage does not allow signing certificates",  # KEYUSAGE_NO_CERTSIGN
+}
+
+
+def describe_x509_error(code: int, depth: int) -> str:
+    """A short description of an OpenSSL certificate verification error for an operator."""
+    what = _X509_ERRORS.get(code, f"failed verification (OpenSSL X509 error {code})")
+    where = "server certificate" if depth == 0 else f"certificate {depth} of the server chain"
+    return f"{where} {what}"
+
+
+def _service_id(hostname: str):
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        return DNS_ID(hostname)
+    return IPAddress_ID(hostname)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _VerifyingConnectionCreator:
+    """Wraps Twisted's client connection creator and replaces its verification callback.
+
+    The replacement keeps the same checks (OpenSSL's chain verification against the CA, then
+    the leaf against the expected name with service_identity) but fails closed on anything
+    unexpected and reports the cause through `failVerification`, which Twisted delivers as
+    the connection's loss reason.
+    """
+
+    def __init__(self, inner: IOpenSSLClientConnectionCreator, hostname: str):
+        self._inner = inner
+        self._hostname = hostname
+        self._service_id = _service_id(hostname)
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = self._inner.clientConnectionForTLS(tlsProtocol)
+        connection.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+            self._verify_callback(tlsProtocol),
+        )
+        return connection
+
+    def _verify_callback(self, tls_protocol):
+        protocol_ref = [tls_protocol]  # dropped after the first refusal: no reference cycle
+        hostname, service_id = self._hostname, self._service_id
+
+        def refuse(detail: str) -> bool:
+            if protocol_ref:
+                protocol_ref.pop().failVerification(Failure(ServerCertificateRejected(detail)))
+            return False
+
+        def verify(connection, cert, err, depth, ok) -> bool:
+            try:
+                if not ok:
+                    return refuse(describe_x509_error(err, depth))
+                if depth != 0:
+                    return True
+                try:
+                    verify_service_identity(extract_patterns(cert), [service_id], [])
+                except VerificationError:
+                    return refuse(f"server certificate does not name {hostname} (hostname mismatch)")
+                except CertificateError:
+                    return refuse(
+                        f"server certificate has no subjectAltName, cannot match {hostname}"
+                    )
+                protocol_ref.clear()  # the leaf comes last: no further call needs it
+                return True
+            except BaseException:  # an exception inside an OpenSSL callback would be lost
+                _log.failure("verifying a server certificate")
+                return refuse("server certificate could not be verified (internal error)")
+
+        return verify
 
 
 def peer_certificate(transport) -> x509.Certificate | None:

@@ -84,8 +84,8 @@ class DeliveryService(Service):
     def _https_transport(self, destination):
         from gateway.delivery.transport import HttpsTransport
 
-        return HttpsTransport(self.reactor, ca=self.config.pki.ca, cert=self.config.pki.cert,
-                              key=self.config.pki.key,
+        return HttpsTransport(self.reactor, ca_path=self.config.pki.ca,
+                              cert_path=self.config.pki.cert, key_path=self.config.pki.key,
                               connect_timeout=destination.connect_timeout,
                               response_timeout=destination.response_timeout,
                               max_connections_per_host=destination.concurrency)
@@ -111,14 +111,14 @@ class DeliveryService(Service):
         if not wanted:
             return  # every destination is busy: a settled attempt wakes us
         self._claiming = True
-        d = self.database.run(_claim_all, self.node, wanted, _now(),
+        d = self.database.run_write(_claim_all, self.node, wanted, _now(),
                               self.config.delivery.lease, self.config.delivery.claim_batch)
         d.addCallbacks(self._claimed, self._claim_failed)
 
     def _claimed(self, claims: list[outbox.Claim]) -> None:
         self._claiming = False
         if self._stopping:
-            self.database.run(outbox.release, self.node, [c.id for c in claims])
+            self.database.run_write(outbox.release, self.node, [c.id for c in claims])
             return
         for claim in claims:
             self._send(claim)
@@ -200,7 +200,7 @@ class DeliveryService(Service):
         if not self._settlements:
             return defer.succeed(None)
         batch, self._settlements = self._settlements, []
-        d = self.database.run(outbox.settle, self.node, batch)
+        d = self.database.run_write(outbox.settle, self.node, batch)
 
         def settled(_):
             self._flushing = None
@@ -230,7 +230,9 @@ def _transport_failure(failure) -> DeliveryOutcome:
     from gateway.delivery.transport import TransportError
 
     if failure.check(TransportError):
-        return DeliveryOutcome.transient(str(failure.value.reason))
+        if failure.value.kind == "request":  # refused before any I/O: a retry cannot help
+            return DeliveryOutcome.permanent(failure.value.reason)
+        return DeliveryOutcome.transient(failure.value.reason)
     return DeliveryOutcome.transient(f"{failure.type.__name__}: {failure.getErrorMessage()}")
 
 

@@ -20,13 +20,9 @@ Reasons are short, name at most the peer's host and port, and never carry the UR
 query, headers or body (they are logged and shown to operators; patient data stays out).
 
 TLS: the client presents the gateway's own certificate and trusts only the configured CA
-(`gateway.tls.client_tls_options`, TLS 1.2+, ECDHE+AEAD). Certificate verification is
-re-done here per connection so that a failure says *why* ("expired", "issued by another CA",
-"does not name 127.0.0.1"), and so that a server certificate without any subjectAltName is
-refused: Twisted's stock callback (Twisted 26.10, service_identity 26.1) catches only
-VerificationError, so the CertificateError raised for a certificate without subjectAltName
-is merely logged and OpenSSL's verdict stands: such a certificate, if the CA signed it,
-would be accepted for any host name.
+(`gateway.tls.client_tls_options`, TLS 1.2+, ECDHE+AEAD), whose verification fails closed and
+says *why* ("expired", "issued by another CA", "does not name 127.0.0.1"); a failure arrives
+here as `ServerCertificateRejected` and becomes kind `tls`.
 
 Connections: one `HTTPConnectionPool` with keep-alive; at most `max_connections_per_host`
 requests in flight per (scheme, host, port), the others wait their turn (the timeout clock
@@ -38,16 +34,13 @@ replayed here (Twisted replays only bodiless idempotent requests): it fails with
 from __future__ import annotations
 
 import functools
-import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
 from OpenSSL import SSL
-from service_identity import CertificateError, VerificationError
-from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
-from service_identity.pyopenssl import extract_patterns
+from service_identity import VerificationError
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
@@ -66,7 +59,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProduce
 from zope.interface import implementer
 
 from gateway.delivery.outcome import HttpRequest, HttpResponse
-from gateway.tls import TlsConfigError, client_tls_options
+from gateway.tls import ServerCertificateRejected, TlsConfigError, client_tls_options
 
 TransportErrorKind = Literal["connect", "tls", "timeout", "protocol", "request"]
 
@@ -95,14 +88,6 @@ class TransportError(Exception):
         return f"{self.kind}: {self.reason}"
 
 
-class ServerCertificateRejected(Exception):
-    """Raised into the TLS connection when our verification refuses the server's certificate."""
-
-    def __init__(self, detail: str):
-        super().__init__(detail)
-        self.detail = detail
-
-
 class ResponseTooLarge(Exception):
     """The response body exceeds the configured limit."""
 
@@ -112,98 +97,7 @@ class ResponseTooLarge(Exception):
         self.declared = declared
 
 
-# -- TLS: per-host client options and a verification that names the failure ----------------
-
-# OpenSSL's X509_V_ERR_* codes (stable across 1.1 and 3.x) for what a misconfigured peer
-# actually shows; others are reported by number.
-_X509_ERRORS = {
-    2: "issued by a CA other than the configured one",  # UNABLE_TO_GET_ISSUER_CERT
-    7: "bad signature",  # CERT_SIGNATURE_FAILURE
-    9: "not yet valid",  # CERT_NOT_YET_VALID
-    10: "expired",  # CERT_HAS_EXPIRED
-    13: "malformed validity dates",  # ERROR_IN_CERT_NOT_BEFORE_FIELD
-    14: "malformed validity dates",  # ERROR_IN_CERT_NOT_AFTER_FIELD
-    18: "self-signed, not issued by the configured CA",  # DEPTH_ZERO_SELF_SIGNED_CERT
-    19: "chain ends in a CA other than the configured one",  # SELF_SIGNED_CERT_IN_CHAIN
-    20: "issued by a CA other than the configured one",  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
-    21: "issued by a CA other than the configured one",  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
-    23: "revoked",  # CERT_REVOKED
-    24: "issued by a certificate that is not a CA",  # INVALID_CA
-    25: "chain too long",  # PATH_LENGTH_EXCEEDED
-    26: "not valid for TLS server use (extended key usage)",  # INVALID_PURPOSE
-    28: "rejected by the trust settings",  # CERT_REJECTED
-    32: "issuer key usage does not allow signing certificates",  # KEYUSAGE_NO_CERTSIGN
-}
-
-
-def describe_x509_error(code: int, depth: int) -> str:
-    """A short description of an OpenSSL certificate verification error for an operator."""
-    what = _X509_ERRORS.get(code, f"failed verification (OpenSSL X509 error {code})")
-    where = "server certificate" if depth == 0 else f"certificate {depth} of the server chain"
-    return f"{where} {what}"
-
-
-def _service_id(hostname: str):
-    try:
-        ipaddress.ip_address(hostname)
-    except ValueError:
-        return DNS_ID(hostname)
-    return IPAddress_ID(hostname)
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class _VerifyingConnectionCreator:
-    """Wraps Twisted's client connection creator and replaces its verification callback.
-
-    The replacement keeps the same checks (OpenSSL's chain verification against the CA, then
-    the leaf against the expected name with service_identity) but fails closed on anything
-    unexpected and reports the cause through `failVerification`, which Twisted delivers as
-    the connection's loss reason.
-    """
-
-    def __init__(self, inner: IOpenSSLClientConnectionCreator, hostname: str):
-        self._inner = inner
-        self._hostname = hostname
-        self._service_id = _service_id(hostname)
-
-    def clientConnectionForTLS(self, tlsProtocol):
-        connection = self._inner.clientConnectionForTLS(tlsProtocol)
-        connection.set_verify(
-            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
-            self._verify_callback(tlsProtocol),
-        )
-        return connection
-
-    def _verify_callback(self, tls_protocol):
-        protocol_ref = [tls_protocol]  # dropped after the first refusal: no reference cycle
-        hostname, service_id = self._hostname, self._service_id
-
-        def refuse(detail: str) -> bool:
-            if protocol_ref:
-                protocol_ref.pop().failVerification(Failure(ServerCertificateRejected(detail)))
-            return False
-
-        def verify(connection, cert, err, depth, ok) -> bool:
-            try:
-                if not ok:
-                    return refuse(describe_x509_error(err, depth))
-                if depth != 0:
-                    return True
-                try:
-                    verify_service_identity(extract_patterns(cert), [service_id], [])
-                except VerificationError:
-                    return refuse(f"server certificate does not name {hostname} (hostname mismatch)")
-                except CertificateError:
-                    return refuse(
-                        f"server certificate has no subjectAltName, cannot match {hostname}"
-                    )
-                protocol_ref.clear()  # the leaf comes last: no further call needs it
-                return True
-            except BaseException:  # an exception inside an OpenSSL callback would be lost
-                _log.failure("verifying a server certificate")
-                return refuse("server certificate could not be verified (internal error)")
-
-        return verify
+# -- TLS: per-host client options (gateway.tls verifies and names the failure) -------------
 
 
 @implementer(IPolicyForHTTPS)
@@ -219,13 +113,12 @@ class MutualTlsPolicy:
         self._ca_path = ca_path
         self._cert_path = cert_path
         self._key_path = key_path
-        self._cache: dict[str, _VerifyingConnectionCreator] = {}
+        self._cache: dict[str, IOpenSSLClientConnectionCreator] = {}
 
-    def creator_for(self, hostname: str) -> _VerifyingConnectionCreator:
+    def creator_for(self, hostname: str) -> IOpenSSLClientConnectionCreator:
         creator = self._cache.get(hostname)
         if creator is None:
-            inner = client_tls_options(self._ca_path, hostname, self._cert_path, self._key_path)
-            creator = _VerifyingConnectionCreator(inner, hostname)
+            creator = client_tls_options(self._ca_path, hostname, self._cert_path, self._key_path)
             self._cache[hostname] = creator
         return creator
 
@@ -688,5 +581,4 @@ __all__ = [
     "ServerCertificateRejected",
     "TransportError",
     "TransportErrorKind",
-    "describe_x509_error",
 ]

@@ -8,7 +8,8 @@ be plain data (dataclasses, tuples), never SQLAlchemy objects. SQLite runs in WA
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -16,6 +17,7 @@ from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import Connection, make_url
 
 T = TypeVar("T")
+WRITE = "gateway_write"  # execution option: this transaction writes (see _sqlite_begin)
 
 _ALEMBIC_INI = os.path.join(os.path.dirname(__file__), "alembic.ini")
 
@@ -31,9 +33,26 @@ def create_gateway_engine(url: str, pool_size: int = 4) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling defers BEGIN; take control so that BEGIN is
         # emitted when SQLAlchemy begins (as its documentation recommends).
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_size=pool_size + 2, max_overflow=4, pool_pre_ping=True)
+
+
+def _sqlite_begin(conn) -> None:
+    # A transaction that reads and then writes must take the write lock at BEGIN: upgrading a
+    # read transaction fails at once ("database is locked", no busy wait) when another writer
+    # committed since it began.
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE) else "BEGIN")
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """`with write_transaction(engine) as conn:` a transaction that will write (BEGIN
+    IMMEDIATE on SQLite; an ordinary transaction elsewhere)."""
+    with engine.connect() as connection:
+        connection.execution_options(**{WRITE: True})
+        with connection.begin():
+            yield connection
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -81,9 +100,20 @@ class Database:
 
         return deferToThreadPool(self.reactor, self.pool, self.run_now, work, *args, **kwargs)
 
+    def run_write(self, work: Callable[..., T], *args: Any, **kwargs: Any):
+        """`run` for work that reads then writes (a claim, a settlement): on SQLite the write
+        lock is taken at BEGIN, so it waits for other writers instead of failing."""
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self.reactor, self.pool, self.run_write_now, work, *args, **kwargs)
+
     def run_now(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """The same, in the calling thread (command line tools, tests, the pool itself)."""
         with self.engine.begin() as connection:
+            return work(connection, *args, **kwargs)
+
+    def run_write_now(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with write_transaction(self.engine) as connection:
             return work(connection, *args, **kwargs)
 
 

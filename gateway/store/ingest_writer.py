@@ -219,7 +219,7 @@ class _KeyTaken(Exception):
 
 @contextmanager
 def _sqlite_transaction(driver):
-    driver.execute("BEGIN")
+    driver.execute("BEGIN IMMEDIATE")  # it reads, then writes: take the write lock first
     try:
         yield
         driver.execute("COMMIT")

@@ -210,6 +210,13 @@ def reopen_dead(connection: Connection, message_ids: Iterable[int], now: datetim
                 finished_at=None, lease_owner=None, lease_until=None)).rowcount
 
 
+def dead_message_ids(connection: Connection) -> list[int]:
+    """Messages with at least one dead delivery, oldest first."""
+    return list(connection.execute(
+        select(deliveries.c.message_id).where(deliveries.c.status == DEAD).distinct()
+        .order_by(deliveries.c.message_id)).scalars())
+
+
 def _coalesce(column, value):
     from sqlalchemy import func
 

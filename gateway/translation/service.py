@@ -35,6 +35,7 @@ from gateway.config import GatewayConfig
 from gateway.delivery.routes import Router
 from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.source import MappingErrors
+from gateway.store.database import write_transaction
 from gateway.store.translations import (Pending, TranslationRecord, pending_messages,
                                         save_translations)
 from gateway.translation.translator import Translator
@@ -202,7 +203,7 @@ class TranslationWorker:
     def _store(self, results: list[tuple[Pending, TranslationRecord]]) -> None:
         if not results:
             return
-        with self.engine.begin() as connection:
+        with write_transaction(self.engine) as connection:
             save_translations(connection, results, datetime.now(timezone.utc))
         self.commits += 1
         if self.on_enqueued is not None and any(record.destinations for _, record in results):
