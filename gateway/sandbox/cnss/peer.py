@@ -21,7 +21,6 @@ import os
 import re
 from datetime import datetime, timezone
 
-from cryptography.x509.oid import NameOID
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -29,6 +28,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web import resource, server
 
 from adapters.soap.cnss import WSDL_PATH, XSD_NAME, XSD_PATH
+from gateway.pki import certificate_common_name
 from gateway.sandbox.cnss import seed
 from gateway.sandbox.cnss.service import CnssService
 from gateway.sandbox.cnss.soap import client_fault, fault_envelope, server_fault
@@ -75,10 +75,7 @@ def _asks_for_wsdl(uri: bytes) -> bool:
 
 def _common_name(request) -> str | None:
     cert = peer_certificate(request.transport)
-    if cert is None:
-        return None
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else None
+    return certificate_common_name(cert) if cert is not None else None
 
 
 class CnssResource(resource.Resource):
