@@ -146,6 +146,17 @@ def running_gateway():
         pytest_twisted.blockon(defer.maybeDeferred(service.stopService))
 
 
+@pytest.fixture
+def peers(make_config, dev_pki, tmp_path):
+    """The sandbox peers (shared record, CNSS) on free ports in this process; see
+    delivery_support.Peers."""
+    from delivery_support import start_peers, stop_peers
+
+    started = start_peers(make_config, dev_pki, tmp_path)
+    yield started
+    stop_peers(started)
+
+
 def corpus_path(*parts: str) -> str:
     return os.path.join(CORPUS, *parts)
 
