@@ -179,3 +179,22 @@ def test_a_server_certificate_from_another_ca_is_refused(db_url, make_config, ru
     finally:
         yield port.stopListening()
         yield impostor.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_billable_act_becomes_a_care_sheet_at_cnss(db_url, make_config, running_gateway, peers):
+    """A DFT^P03 from a registered hospital goes to CNSS as an electronic care sheet (and its
+    patient to the shared record); CNSS answers with a care-sheet number."""
+    from gateway.config import SenderConfig
+
+    with open(os.path.join(ROOT, "mappings", "tests", "orders", "dft-p03-ngap.hl7"), "rb") as f:
+        dft = f.read()
+    config = gateway_config(make_config, db_url, peers)
+    config = dataclasses.replace(config, senders=(SenderConfig(
+        "INPE-100001", "CHU Ibn Rochd", "hospital", ("SIH_CHUIR",), ("CHUIR",)),))
+    ports = yield running_gateway(config)
+    yield threads.deferToThread(send, ports["mllp-test"], dft)
+    found = yield until(DELIVERIES, all_delivered(2), db_url)
+    by_destination = {r.destination: r for r in found}
+    assert set(by_destination) == {"shared-record", "cnss"}
+    assert by_destination["cnss"].attempts == 1 and by_destination["cnss"].last_code == 200
