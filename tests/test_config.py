@@ -66,9 +66,15 @@ def test_shipped_development_config_loads():
 
 
 def test_shipped_production_example_loads_with_password_from_environment():
-    """conf/production.example.yaml loads once GATEWAY_DB_PASSWORD is in the environment."""
+    """conf/production.example.yaml loads once the password and the peers' URLs are in the
+    environment; its deliveries go to both national peers."""
     config = load_config(str(REPO / "conf" / "production.example.yaml"),
-                         {"GATEWAY_DB_PASSWORD": "s3cret"})
+                         {"GATEWAY_DB_PASSWORD": "s3cret",
+                          "SHARED_RECORD_URL": "https://record.example.ma/fhir",
+                          "CNSS_FSE_URL": "https://fse.example.ma/"})
+    assert [(d.name, d.kind) for d in config.destinations] == [
+        ("shared-record", "fhir-record"), ("cnss", "cnss")]
+    assert {name for route in config.routes for name in route.to} == {"shared-record", "cnss"}
     assert config.database.url == "postgresql+psycopg://gateway:s3cret@db.internal:5432/gateway"
     assert config.pki.key == "/etc/ma-hie-gateway/pki/gateway.key"
     plain = config.mllp[0]
