@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONF   ?= conf/gateway.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench bench-translate conformance pki clean
+.PHONY: install run test bench bench-translate bench-deliver conformance pki clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py $(BENCH_ARGS)
 	$(BIN)/python bench/translate.py $(TRANSLATE_ARGS)
+	$(BIN)/python bench/deliver.py $(DELIVER_ARGS)
+
+# MLLP in -> delivered to the sandbox shared record, ORU^R01 at 8 connections on PostgreSQL.
+bench-deliver: $(STAMP)
+	$(BIN)/python bench/deliver.py $(DELIVER_ARGS)
 
 # Translation speed on one core (ORU^R01 with 20 OBX, ADT^A01), python-hl7 as the reference.
 bench-translate: $(STAMP)
