@@ -48,6 +48,10 @@ def run(config: GatewayConfig, sandbox: bool = False) -> int:
         gateway.setServiceParent(service)
     else:
         service = gateway
+    # Listeners open before reactor.run() installs its signal handlers: a SIGTERM or SIGINT in
+    # between must still mean an orderly stop, once the reactor runs.
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: reactor.callFromThread(reactor.stop))
     try:
         service.startService()
     except Exception as error:  # a port in use, an unreadable certificate, an unreachable

@@ -84,8 +84,8 @@ def test_peer_down_then_back_delivers_everything_in_patient_order_once(
     yield peers.faults("record", "down")
     ports = yield running_gateway(gateway_config(make_config, db_url, peers))
     yield threads.deferToThread(send, ports["mllp-test"], adt(1), adt(2), oru(3), adt(4))
-    yield until("SELECT attempts FROM deliveries", lambda f: len(f) == 4 and all(r.attempts >= 1 for r in f[:1]),
-                db_url)
+    yield until("SELECT attempts FROM deliveries ORDER BY id",
+                lambda f: len(f) == 4 and f[0].attempts >= 1, db_url)
     waiting = yield threads.deferToThread(rows, db_url, "SELECT status, attempts FROM deliveries ORDER BY id")
     assert all(r.status == "pending" for r in waiting)
     assert waiting[1].attempts == 0 and waiting[3].attempts == 0  # behind the patient's first
