@@ -751,3 +751,25 @@ def test_data_and_idempotency_keys_persist_across_a_restart(running):
     assert ids(found) and found.json["total"] == 1
     again = yield client.post(bundle, key="persist-1")
     assert again.body == first.body and running.count() == 1
+
+
+def test_older_store_layout_gets_its_indexes_rebuilt(tmp_path):
+    """A store file from an older schema version is searchable again once reopened."""
+    from gateway.sandbox.record.api import RecordApi
+    from gateway.sandbox.record.search import parse_search
+    from gateway.sandbox.record.store import RecordStore
+
+    path = str(tmp_path / "old.sqlite")
+    store = RecordStore(path)
+    RecordApi(store).transaction(json.dumps(transaction(
+        conditional_patient(), entry(observation("urn:uuid:p-1"), "POST", "Observation"))).encode())
+    store.close()
+    with sqlite3.connect(path) as db:  # as a version-2 file would be: other index tables
+        db.executescript("DROP TABLE reference_index; CREATE TABLE reference_index (x); PRAGMA user_version=2;")
+    store = RecordStore(path)
+    try:
+        [patient_id] = [row["id"] for row in store.search(parse_search("Patient", [("identifier", "AB123456")]))[1]]
+        total, _ = store.search(parse_search("Observation", [("patient", patient_id)]))
+        assert total == 1
+    finally:
+        store.close()

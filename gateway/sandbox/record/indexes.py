@@ -2,8 +2,9 @@
 `code` searches look at.
 
 - identifiers: every `identifier` (list or single) with a value, as (system or "", value);
-- references: `subject` as ("subject", type, id), and also as ("patient", ...) when it points
-  to a Patient; `patient` and `beneficiary` (Coverage) as ("patient", type, id);
+- references: the `subject`, `patient` and `beneficiary` (Coverage) elements, as (element,
+  type, id); a `patient` search looks at all three when they point to a Patient, a `subject`
+  search at `subject` only;
 - codes: the codings of `code`, `medicationCodeableConcept` and `vaccineCode`, as
   (system or "", code): the elements the R4 `code` search parameter covers for the resources
   of the canonical model.
@@ -17,7 +18,8 @@ import re
 from dataclasses import dataclass
 
 _REFERENCE = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
-_REFERENCE_ELEMENTS = (("subject", "subject"), ("patient", "patient"), ("beneficiary", "patient"))
+REFERENCE_ELEMENTS = ("subject", "patient", "beneficiary")
+PATIENT_ELEMENTS = REFERENCE_ELEMENTS  # what `patient=` searches (targets of type Patient)
 _CODE_ELEMENTS = ("code", "medicationCodeableConcept", "vaccineCode")
 
 
@@ -54,7 +56,7 @@ def identifier_rows(resource: dict) -> list[tuple[str, str]]:
 
 def reference_rows(resource: dict, targets: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
     rows = []
-    for element, param in _REFERENCE_ELEMENTS:
+    for element in REFERENCE_ELEMENTS:
         links = resource.get(element)
         if links is None:
             continue
@@ -63,11 +65,8 @@ def reference_rows(resource: dict, targets: dict[str, str] | None = None) -> lis
             if targets and isinstance(text, str):
                 text = targets.get(text, text)
             target = parse_reference(text)
-            if target is None:
-                continue
-            rows.append((param, *target))
-            if param == "subject" and target[0] == "Patient":
-                rows.append(("patient", *target))
+            if target is not None:
+                rows.append((element, *target))
     return rows
 
 
