@@ -280,3 +280,131 @@ def test_reading_hostile_values(mapping_set):
     # The first PID-3 repetition is empty: CX value required.
     assert caught.value.location == "PID[1]"
     assert caught.value.mapping.endswith("datatypes/CX.Identifier.yaml:3")
+
+
+# -- the message map as generated code (gateway.mapping.message_codegen) -----------------------
+
+MESSAGE_MAP_FILES = {
+    "datatypes/XCN.Practitioner.yaml": """
+        resource: Practitioner
+        map:
+          identifier: [{value: {from: 1}}]
+          name: [{family: {from: 2}}]
+    """,
+    "segments/PV1.Encounter.yaml": """
+        resource: Encounter
+        map:
+          status: {from: PV1-2}
+          subject: {from: "@patient"}
+          account: {each: "@doctor"}  # any list of references will do
+    """,
+    "segments/ORC.Task.yaml": """
+        resource: Task
+        map:
+          id: {from: ORC-2}
+          status: requested
+          for: {from: "@patient"}
+    """,
+    "messages/ADT_A01.yaml": """
+        messages: [ADT^A01]
+        resources:
+          - name: patient
+            from: PID
+            map: PID.Patient
+          - name: doctor
+            each: PV1-7
+            map: XCN.Practitioner
+          - name: doctor
+            each: PV1-17
+            when: {field: 1, present: true}
+            map: XCN.Practitioner
+          - name: encounter
+            from: PV1
+            when: {field: PV1-2, not_in: [N]}
+            map: PV1.Encounter
+          - each: [ORC, OBR]
+            resources:
+              - name: task
+                from: ORC
+                map: ORC.Task
+              - name: note
+                resource: Observation
+                each: OBX
+                map:
+                  status: final
+                  code: {text: {from: OBX-3}}
+                  subject: {from: "@patient"}
+                  derivedFrom: {each: "@task"}
+    """,
+}
+
+ADT = ("MSH|^~\\&|HIS|HOP|GW|MA|20250114083512||ADT^A01|A1|P|2.5\r"
+       "PID|1||P1^^^HOP^MR||Alaoui^Samira||19800101|F\r"
+       "PV1|1|I|||||D1^Bennani~D2^Idrissi||||||||||D1^Bennani\r"
+       "ORC|NW|O1\r"
+       "OBR|1|O1\r"
+       "OBX|1|ST|first\r"
+       "OBX|2|ST|second\r"
+       "OBR|2|O2\r"
+       "OBX|3|ST|third\r"
+       "ORC|NW|O3\r"
+       "OBX|4|ST|fourth\r")
+
+
+@pytest.fixture
+def message_map_set(tmp_path):
+    return MappingSet.load(write(tmp_path / "mappings", {**FILES, **MESSAGE_MAP_FILES}))
+
+
+def test_the_message_map_is_one_generated_function(message_map_set):
+    source = message_map_set.generated_source()
+    assert "def message_ADT_A01(node, run):" in source and "def message_ORU_R01(node, run):" in source
+    # Entries name their mapping file and line; maps build their resource in place.
+    assert "# messages/ADT_A01.yaml:" in source.replace("mappings/", "")
+    assert "def map_PID_Patient__0_Patient(node, run):" in source
+    assert "def map_XCN_Practitioner__1_Practitioner(node, run):" in source  # a field's values
+    bundle = translate(message_map_set)
+    for entry in bundle["entry"]:
+        assert list(entry["resource"])[:2] == ["resourceType", "id"]
+        assert entry["fullUrl"] == "urn:uuid:" + entry["resource"]["id"]
+
+
+def test_entries_spans_groups_conditions_and_references(message_map_set):
+    bundle = translate(message_map_set, ADT)
+    patient, = of_type(bundle, "Patient")
+    # PV1-7 twice and PV1-17: one resource per identifier, each name registered every time.
+    first, second = of_type(bundle, "Practitioner")
+    assert [p["identifier"][0]["value"] for p in (first, second)] == ["D1", "D2"]
+    encounter, = of_type(bundle, "Encounter")
+    assert encounter["subject"] == {"reference": "urn:uuid:" + patient["id"]}
+    assert encounter["account"] == [{"reference": "urn:uuid:" + p["id"]} for p in (first, second, first)]
+    # [ORC, OBR] groups: ORC OBR OBX OBX | OBR OBX (an OBR after an OBR starts a group) | ORC OBX.
+    first_task, second_task = of_type(bundle, "Task")
+    notes = of_type(bundle, "Observation")
+    assert [note["code"]["text"] for note in notes] == ["first", "second", "third", "fourth"]
+    assert [note.get("derivedFrom") for note in notes] == [
+        [{"reference": "urn:uuid:" + first_task["id"]}]] * 2 + [None] + [
+        [{"reference": "urn:uuid:" + second_task["id"]}]]
+    assert all(note["subject"] == {"reference": "urn:uuid:" + patient["id"]} for note in notes)
+    # A map that writes `id` itself keeps it (its value wins, as a copy of the body did).
+    assert [first_task["id"], second_task["id"]] == ["O1", "O3"]
+    # Ids without identifiers: the type's ordinal in the message, as before.
+    from gateway.mapping.engine import name_id
+    assert [note["id"] for note in notes] == [name_id(f"Observation|LABO|M1|{n}") for n in range(1, 5)]
+
+
+def test_an_entry_condition_false_gives_no_resource_and_no_ordinal(message_map_set):
+    bundle = translate(message_map_set, ADT.replace("PV1|1|I|", "PV1|1|N|"))
+    assert of_type(bundle, "Encounter") == []
+    # The admitting doctor's `when` reads its own value (XCN-1): an empty one is skipped.
+    bundle = translate(message_map_set, ADT.replace("|||D1^Bennani\r", "|||^Bennani\r"))
+    assert len(of_type(bundle, "Practitioner")) == 2
+
+
+def test_group_spans():
+    from adapters.hl7v2.message import Segment
+    from gateway.mapping.message_codegen import group_spans
+    segments = [Segment(name, [name]) for name in "MSH PID ORC OBR OBX OBR OBX ORC ORC OBX".split()]
+    assert group_spans(segments, ("ORC", "OBR"), 0, len(segments)) == [(2, 5), (5, 7), (7, 8), (8, 10)]
+    assert group_spans(segments, ("ORC", "OBR"), 3, 6) == [(3, 5), (5, 6)]
+    assert group_spans(segments, ("ORC", "OBR"), 0, 2) == []

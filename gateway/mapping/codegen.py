@@ -85,19 +85,29 @@ class Module:
         self._bodies.append((handle, comment, body))
         return handle
 
-    def variant(self, handle: Handle, level: int) -> str:
-        """The name of `handle`'s map specialised to a Part of `level` (made on first use)."""
-        name = handle.variants.get(level)
+    def variant(self, handle: Handle, level: int, resource_type: str = "") -> str:
+        """The name of `handle`'s map specialised to a Part of `level` (0: any value), and with
+        `resource_type`, to building the resource itself (see Object.emit); made on first use."""
+        key = (level, resource_type) if resource_type else level
+        name = handle.variants.get(key)
         if name is None:
-            name = handle.variants[level] = self.name(f"{handle.name}__{level}")
+            suffix = f"{level}" + (f"_{resource_type}" if resource_type else "")
+            name = handle.variants[key] = self.name(f"{handle.name}__{suffix}")
             rule = handle.rule
 
             def body(gen: Gen) -> None:
-                gen.levels["node"] = level
+                if level:
+                    gen.levels["node"] = level
                 out = gen.new("result")
-                rule.emit(gen, "node", out)
+                if resource_type:
+                    rule.emit(gen, "node", out, resource_type)
+                else:
+                    rule.emit(gen, "node", out)
                 gen.emit(f"return {out}")
-            self._bodies.append((Handle(name), f"{handle.comment}, for a Part of level {level}", body))
+            what = f"for a Part of level {level}" if level else "for any value"
+            if resource_type:
+                what += f", as the {resource_type} itself"
+            self._bodies.append((Handle(name), f"{handle.comment}, {what}", body))
         return name
 
     def constant(self, value) -> str:
@@ -865,10 +875,19 @@ class Object(Produce):
     def __init__(self, fields: list[tuple[str, Rule]]):
         self.fields = fields
 
-    def emit(self, gen, node, out):
+    def builds_resource(self) -> bool:
+        """Whether `emit(..., resource_type)` may build the resource itself: not when the map
+        writes `resourceType` or `id`, which the engine's own values would hide."""
+        return not any(target in ("resourceType", "id") for target, _ in self.fields)
+
+    def emit(self, gen, node, out, resource_type: str = ""):
+        """With `resource_type`, the dict starts with resourceType and a placeholder id (the
+        engine sets it from the identifiers), so that references land in the resource itself
+        and nothing is copied; empty (None) when the map gives nothing else."""
         result = gen.new("r")
         start = 0
-        literal = []
+        literal = [f"'resourceType': {resource_type!r}", "'id': ''"] if resource_type else []
+        fixed = len(literal)
         while start < len(self.fields) and isinstance(self.fields[start][1], Constant):
             target, rule = self.fields[start]
             literal.append(f"{gen.lit(target)}: {rule.literal(gen)}")
@@ -896,7 +915,12 @@ class Object(Produce):
                     gen.emit(f"{result}[{key}] = {value}")
             else:
                 gen.emit(f"if {value} is not None: {result}[{key}] = {value}")
-        gen.emit(f"{out} = {result} or None" if not literal else f"{out} = {result}")
+        if len(literal) > fixed:
+            gen.emit(f"{out} = {result}")
+        elif fixed:
+            gen.emit(f"{out} = {result} if len({result}) > {fixed} else None")
+        else:
+            gen.emit(f"{out} = {result} or None")
 
 
 class FromText(Rule):

@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from bisect import bisect_left
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
 from adapters.hl7v2.message import Hl7Message
-from gateway.mapping import codegen
+from gateway.mapping import codegen, message_codegen
 from gateway.mapping.path import PathError, parse_path
 from gateway.mapping.rules import RuleCompiler
-from gateway.mapping.runtime import Run, Scope, TranslationContext, TranslationError
+from gateway.mapping.runtime import Run, TranslationContext
 from gateway.mapping.source import Located, line_of
 
 # Our namespace for name-based UUIDs (uuid5 of 'urn:ma:hie' in the URL namespace).
@@ -64,8 +63,8 @@ PROVENANCE_SOURCE = "urn:ma:hie:message"
 
 @dataclass
 class Entry:
-    """One resource entry. `source`, `condition` and `build` are codegen descriptions until
-    `bind_message_map` replaces them with the generated functions."""
+    """One resource entry. `source`, `condition` and `build` are codegen descriptions, written
+    out by gateway.mapping.message_codegen."""
 
     name: str
     resource_type: str
@@ -84,6 +83,7 @@ class MessageMap:
     message_types: tuple[str, ...]
     entries: list[Entry]
     file: str
+    function: Callable | None = None  # (None, run): runs the entries (set when the layer is built)
 
 
 def compile_message_map(name: str, document, compiler: RuleCompiler,
@@ -186,35 +186,17 @@ def _entry(spec, compiler: RuleCompiler, resource_map, key: str, line: int) -> E
 
 
 def bind_message_map(message_map: MessageMap, module: codegen.Module) -> None:
-    """Declare the functions of the message map's entries in `module`: inline resource maps,
-    conditions and field sources; once the module is built, they replace the descriptions."""
-    base = "entry_" + message_map.name
-
-    def declare(entries: list[Entry]) -> None:
-        for entry in entries:
-            comment = f"{entry.place} {entry.name or entry.resource_type}"
-            if entry.source is not None:
-                entry.source = codegen.source_function(module, base + "_source", comment, entry.source, entry.many)
-            if entry.condition is not None:
-                entry.condition = codegen.condition_function(module, base + "_when", comment, entry.condition)
-            if isinstance(entry.build, codegen.CallMap):
-                entry.build = entry.build.handle
-            elif entry.build is not None:
-                entry.build = codegen.map_function(module, base + "_" + (entry.name or "map"), comment, entry.build)
-            declare(entry.children)
-    declare(message_map.entries)
+    """Declare the message map's function in `module` (gateway.mapping.message_codegen): its
+    entries, conditions, field sources and inline maps, written out as one function."""
+    message_map.function = message_codegen.message_function(
+        module, "message_" + message_map.name, f"{message_map.file} (message map)", message_map.entries,
+        place_resource, copy_resource, name_id)
 
 
 def resolve_message_map(message_map: MessageMap) -> None:
-    """After the module is built: the entries' handles become their functions."""
-    def resolve(entries: list[Entry]) -> None:
-        for entry in entries:
-            for name in ("source", "condition", "build"):
-                value = getattr(entry, name)
-                if isinstance(value, codegen.Handle):
-                    setattr(entry, name, value.function)
-            resolve(entry.children)
-    resolve(message_map.entries)
+    """After the module is built: the handle becomes the function."""
+    if isinstance(message_map.function, codegen.Handle):
+        message_map.function = message_map.function.function
 
 
 def _is_segment(text: str) -> bool:
@@ -231,115 +213,50 @@ def run_message_map(message_map: MessageMap, message: Hl7Message, context: Trans
                     mapping_version: str, message_type: str = "") -> tuple[dict, list[str]]:
     """Translate one message into the canonical Bundle; returns it and the warnings."""
     run = Run(message, context)
-    ordinals: dict[str, int] = {}
-    seen: dict[str, dict] = {}
-    for entry in message_map.entries:
-        _run_entry(entry, run, ordinals, seen)
+    message_map.function(None, run)
     _resolve_references(run)
     resources = run.resources
-    resources.append(_provenance(resources, context, message, mapping_version, message_type))
+    instant = _instant(context.received_at)
+    resources.append(_provenance(resources, context, message, mapping_version, message_type, instant))
     key = context.message_key or context.control_id
     bundle = {
         "resourceType": "Bundle",
         "id": name_id("Bundle|" + key),
         "type": "collection",
-        "timestamp": _instant(context.received_at),
+        "timestamp": instant,
         "entry": [{"fullUrl": "urn:uuid:" + resource["id"], "resource": resource} for resource in resources],
     }
     return bundle, run.warnings
 
 
-def _run_entry(entry: Entry, run: Run, ordinals: dict, seen: dict) -> None:
-    scope = run.scope
-    condition = entry.condition
-    if entry.source is not None:  # a field: each value becomes a resource
-        found = entry.source(None, run)
-        items = found if entry.many else ([found] if found is not None else [])
-        for item in items:
-            if condition is not None and not condition(item, run):
-                continue
-            _make(entry, item, run, scope, ordinals, seen)
-        return
-    spans = _spans(entry, run)
-    if not spans:
-        return
-    segments = run.message.segments
-    single = len(entry.group) == 1
-    build, children = entry.build, entry.children
-    saved_segment, saved_position = run.segment, run.position
-    try:
-        for start, end in spans:
-            run.scope = Scope(start, end, scope)
-            if single:
-                segment = run.segment = segments[start]
-                run.position = start
-            else:
-                segment = run.segment = None
-                run.position = -1
-            if condition is not None and not condition(segment, run):
-                continue
-            if build is not None:
-                _make(entry, segment, run, scope, ordinals, seen)
-            for nested in children:
-                _run_entry(nested, run, ordinals, seen)
-    finally:
-        run.segment, run.position, run.scope = saved_segment, saved_position, scope
+def place_resource(resource: dict, resource_type: str, ordinal: int, run: Run, seen: dict) -> dict:
+    """Give a resource built in place its id; the one already made with that id if any (the
+    same practitioner twice in one message: one resource), else the resource, now in the Bundle."""
+    resource_id = resource["id"] = _resource_id(resource_type, resource, run.context, ordinal)
+    existing = seen.get(resource_id)
+    if existing is not None:
+        return existing
+    seen[resource_id] = resource
+    run.resources.append(resource)
+    return resource
 
 
-def _spans(entry: Entry, run: Run) -> list[tuple[int, int]]:
-    """The (start, end) of each occurrence of the entry's segment or group in the scope."""
-    scope = run.scope
-    segments = run.message.segments
-    heads = entry.group
-    if len(heads) == 1:
-        # Positions are sorted: those of the scope are a slice; each span runs to the next one.
-        positions = run.message.positions(heads[0])
-        low = bisect_left(positions, scope.start)
-        high = bisect_left(positions, scope.end, low)
-        if low == high:
-            return []
-        if not entry.many:  # the first, up to the next of its kind
-            return [(positions[low], positions[low + 1] if low + 1 < high else scope.end)]
-        return [(positions[at], positions[at + 1] if at + 1 < high else scope.end) for at in range(low, high)]
-    else:
-        positions = []
-        rank_seen = -1
-        for at in range(scope.start, scope.end):
-            name = segments[at].name
-            if name in heads:
-                rank = heads.index(name)
-                if rank <= rank_seen or not positions:
-                    positions.append(at)
-                    rank_seen = rank
-                else:
-                    rank_seen = rank
-    return [(start, positions[n + 1] if n + 1 < len(positions) else scope.end)
-            for n, start in enumerate(positions)]
-
-
-def _make(entry: Entry, node, run: Run, scope: Scope, ordinals: dict, seen: dict) -> None:
-    references = run.references
-    pending = len(references)
-    body = entry.build(node, run)  # the entry's segment is already the current one
-    if not body:
-        return
-    resource_type = entry.resource_type
-    ordinal = ordinals.get(resource_type, 0) + 1
-    ordinals[resource_type] = ordinal
+def copy_resource(body: dict, resource_type: str, ordinal: int, run: Run, seen: dict, pending: int) -> dict:
+    """`place_resource` for a map that writes `id` or `resourceType` itself: the resource is a
+    copy of its body (whose values win), and the references made at its top level move to it."""
     resource = {"resourceType": resource_type, "id": _resource_id(resource_type, body, run.context, ordinal)}
     resource.update(body)
-    for number in range(pending, len(references)):  # top-level references now live in `resource`
+    references = run.references
+    for number in range(pending, len(references)):
         found = references[number]
         if found[0] is body:
             references[number] = (resource, found[1], found[2], found[3])
     existing = seen.get(resource["id"])
-    if existing is not None:  # the same practitioner twice in one message: one resource
-        resource = existing
-    else:
-        seen[resource["id"]] = resource
-        run.resources.append(resource)
-    if entry.name:
-        scope.resources.setdefault(entry.name, []).append(resource)
+    if existing is not None:
+        return existing
+    seen[resource["id"]] = resource
+    run.resources.append(resource)
+    return resource
 
 
 def _resource_id(resource_type: str, body: dict, context: TranslationContext, ordinal: int) -> str:
@@ -386,7 +303,7 @@ def _resolve_references(run: Run) -> None:
 
 
 def _provenance(resources: list[dict], context: TranslationContext, message: Hl7Message,
-                mapping_version: str, message_type: str) -> dict:
+                mapping_version: str, message_type: str, instant: str) -> dict:
     key = context.message_key or context.control_id
     sender = {"identifier": {"system": "urn:ma:inpe", "value": context.sender_id}} if context.sender_id \
         else {"display": message.value("MSH", 4) or message.value("MSH", 3) or "unknown sender"}
@@ -394,7 +311,7 @@ def _provenance(resources: list[dict], context: TranslationContext, message: Hl7
         "resourceType": "Provenance",
         "id": name_id("Provenance|" + key),
         "target": [{"reference": "urn:uuid:" + resource["id"]} for resource in resources],
-        "recorded": _instant(context.received_at),
+        "recorded": instant,
         "policy": [f"urn:ma:hie:mappings:{mapping_version}"],
         "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
                                  "code": "CREATE", "display": "create"}],
