@@ -564,21 +564,40 @@ _SENDER = _record(
 _FACILITY_REGISTRY = _mapping(("facilities",), facilities=_list_of(_SENDER, unique=("id",)))
 
 
-def _facility_registry(reader: _Reader, node: yaml.Node, path: str) -> Any:
-    """The path of the facility registry, read and checked in turn: its senders."""
-    relative = _TEXT(reader, node, path)
-    if relative is _INVALID:
-        return relative
-    file = os.path.normpath(os.path.join(reader.root, relative))
-    try:
-        registry = reader.read(file)
-    except OSError as e:
-        return reader.fail(node, path, f"cannot read {_display(file)}: {e.strerror}")
-    if registry is _INVALID:
-        return registry
-    before = len(reader.problems)
-    senders = _FACILITY_REGISTRY(reader, registry, "")
-    return senders.get("facilities", ()) if len(reader.problems) == before else _INVALID
+@dataclass(frozen=True)
+class _Located:
+    """A value read from another file, with that file and its node (for later checks)."""
+
+    file: str
+    node: yaml.Node
+    value: Any
+
+
+def _file_of(key: str, contents: Check) -> Check:
+    """A path to another YAML file (relative to the project root) whose `key` list is read and
+    checked in turn; the value is `_Located(file, node, that list)`."""
+
+    def check(reader: _Reader, node: yaml.Node, path: str) -> Any:
+        relative = _TEXT(reader, node, path)
+        if relative is _INVALID:
+            return relative
+        file = os.path.normpath(os.path.join(reader.root, relative))
+        try:
+            document = reader.read(file)
+        except OSError as e:
+            return reader.fail(node, path, f"cannot read {_display(file)}: {e.strerror}")
+        if document is _INVALID:
+            return document
+        before = len(reader.problems)
+        values = contents(reader, document, "")
+        if len(reader.problems) > before:
+            return _INVALID
+        return _Located(file, document, values.get(key, ()))
+
+    return check
+
+
+_facility_registry = _file_of("facilities", _FACILITY_REGISTRY)
 
 
 _MLLP_LISTENER = _record(
@@ -645,32 +664,7 @@ _ROUTE = _record(
 _ROUTES_FILE = _mapping(("routes",), routes=_list_of(_ROUTE, unique=("name",)))
 
 
-def _routes_file(reader: _Reader, node: yaml.Node, path: str) -> Any:
-    """The path of the routes file, read and checked in turn."""
-    relative = _TEXT(reader, node, path)
-    if relative is _INVALID:
-        return relative
-    file = os.path.normpath(os.path.join(reader.root, relative))
-    try:
-        routes = reader.read(file)
-    except OSError as e:
-        return reader.fail(node, path, f"cannot read {_display(file)}: {e.strerror}")
-    if routes is _INVALID:
-        return routes
-    before = len(reader.problems)
-    values = _ROUTES_FILE(reader, routes, "")
-    if len(reader.problems) > before:
-        return _INVALID
-    return _Located(file, routes, values.get("routes", ()))
-
-
-@dataclass(frozen=True)
-class _Located:
-    """A value read from another file, with that file and its node (for later checks)."""
-
-    file: str
-    node: yaml.Node
-    value: Any
+_routes_file = _file_of("routes", _ROUTES_FILE)
 
 
 _SANDBOX_PEER = _record(SandboxPeerConfig, port=_PORT, store=_TEXT,
@@ -711,6 +705,11 @@ def _absolute_database_url(url_text: str, root: str) -> str:
     return url.set(database=_absolute_path(database, root)).render_as_string(hide_password=False)
 
 
+def _registered(values: dict) -> set[str]:
+    located = values.get("facilities")
+    return {sender.id for sender in located.value} if located else set()
+
+
 def _listener_problems(path: str, values: dict) -> list[str]:
     """Across listener kinds: names and ports not shared; an ASTM listener's facility known.
 
@@ -721,7 +720,7 @@ def _listener_problems(path: str, values: dict) -> list[str]:
     mllp = listeners.get("mllp", ())
     names = {listener.name for listener in mllp}
     ports = {listener.port for listener in mllp}
-    registered = {sender.id for sender in values.get("facilities", ())}
+    registered = _registered(values)
     for index, listener in enumerate(listeners.get("astm", ())):
         where = f"{_display(path)}: listeners.astm[{index}]"
         if listener.name in names:
@@ -743,7 +742,7 @@ def _route_problems(path: str, values: dict) -> list[str]:
         return []
     problems = []
     destinations = {d.name for d in values.get("destinations", ())}
-    registered = {sender.id for sender in values.get("facilities", ())}
+    registered = _registered(values)
     for index, route in enumerate(located.value):
         where = f"{_display(located.file)}: routes[{index}]"
         for name in route.to:
@@ -812,7 +811,7 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
         "identity": values.get("identity"),
         "mllp": values.get("listeners", {}).get("mllp"),
         "astm": values.get("listeners", {}).get("astm"),
-        "senders": values.get("facilities"),
+        "senders": values["facilities"].value if "facilities" in values else None,
         "node_name": values.get("node", {}).get("name"),
         "log_level": values.get("log_level"),
         "pid_file": values.get("pid_file"),
