@@ -1,17 +1,26 @@
 """Ingest benchmark: the gateway's MLLP listener against two references measured in the same run.
 
-For each store (sqlite, pg), message type (adt, oru) and connection count (1, 8, 64) it loads:
+For each store (sqlite, pg), message type (adt, oru) and connection count (8 and 64 by default;
+1 with --conns 1,8,64) it loads:
 
   ref      shared/bench/srv_ref_twisted.py: frame + fixed ACK, the physical limit of Twisted
            (store-independent, measured once per message type and connection count);
   durable  shared/bench/srv_durable_twisted.py: raw message committed (group commit) before the
            ACK, the floor for any gateway that commits before it acknowledges;
-  gateway  `python -m gateway run` with a temporary configuration and a fresh database.
+  gateway  `python -m gateway run` with a temporary configuration and a fresh database;
+  translating  the same gateway with `mappings:` (every message translated after its commit,
+           on the same core), at the connection counts of --translation-conns: after the
+           load, the backlog (messages still `received`) and the time it takes to drain.
 
 Each server runs on one core (taskset -c 0), the load client (shared/bench/loadclient.py) on
 another (taskset -c 1). Figures are only meaningful as ratios to the references of the same run.
+The translation table compares `translating` with `gateway` (ingest only) of the same run:
+msgs/s acknowledged, and sustained msgs/s = messages / (load time + drain time), whose
+difference from ingest only, per message, is what translation costs the gateway's core
+(warm-up messages included on both sides, as their backlog drains with the rest).
 
-    .venv/bin/python bench/ingest.py                       # everything (~5 min on 2 cores)
+    .venv/bin/python bench/ingest.py                       # the default run (~2 min on 2 cores)
+    .venv/bin/python bench/ingest.py --conns 1,8,64 --translation-conns 8,64   # everything
     .venv/bin/python bench/ingest.py --quick --stores sqlite --servers ref,durable
 """
 from __future__ import annotations
@@ -35,8 +44,9 @@ SHARED = ROOT.parent / "shared" / "bench"
 
 STORES = ("sqlite", "pg")
 MSGS = ("adt", "oru")
-CONNS = (1, 8, 64)
-SERVERS = ("ref", "durable", "gateway")
+CONNS = (8, 64)            # default; 1 connection (latency-bound, no target) with --conns 1,8,64
+SERVERS = ("ref", "durable", "gateway", "translating")
+TRANSLATION_CONNS = (8,)   # default connection counts of the `translating` runs
 
 PG_ADMIN_DSN = "host=127.0.0.1 user=postgres dbname=postgres"
 PG_REF_DB = "gateway_bench_ref"
@@ -46,11 +56,14 @@ PG_GW_URL = f"postgresql+psycopg://postgres@127.0.0.1:5432/{PG_GW_DB}"
 
 COUNT_ONE_CONN = 3000      # measured messages at 1 connection (latency-bound, slow)
 COUNT_MANY_CONNS = 20000   # measured messages at 8 and 64 connections
+TRANSLATION_COUNT = 3000   # measured messages of a `translating` run (then its backlog drains)
 WARMUP = 500
 QUICK_DIVISOR = 5
 MAX_SECONDS = 20           # loadclient's hard stop per phase: bounds the run if a server is slow
 
 START_TIMEOUT = 30.0       # seconds for a server to accept TCP connections
+DRAIN_TIMEOUT = 120.0      # seconds the translation backlog may take to drain after the load
+DRAIN_POLL = 0.1           # seconds between two counts of the backlog
 STOP_TIMEOUT = 5.0         # seconds between SIGTERM and SIGKILL
 
 TARGET_CONNS = (8, 64)     # rows where the throughput target applies
@@ -92,9 +105,14 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stores", type=csv_of(STORES), default=list(STORES), help="default: sqlite,pg")
     ap.add_argument("--msgs", type=csv_of(MSGS), default=list(MSGS), help="default: adt,oru")
-    ap.add_argument("--conns", type=positive_csv, default=list(CONNS), help="default: 1,8,64")
+    ap.add_argument("--conns", type=positive_csv, default=list(CONNS), help="default: 8,64")
     ap.add_argument("--servers", type=csv_of(SERVERS), default=list(SERVERS),
-                    help="default: ref,durable,gateway")
+                    help="default: ref,durable,gateway,translating")
+    ap.add_argument("--translation-conns", type=positive_csv, default=list(TRANSLATION_CONNS),
+                    help="connection counts of the `translating` runs (default: 8)")
+    ap.add_argument("--translation-count", type=int, default=TRANSLATION_COUNT,
+                    help=f"measured messages of a `translating` run (default {TRANSLATION_COUNT}; "
+                         f"translation runs at a few hundred to a few thousand messages/s)")
     ap.add_argument("--quick", action="store_true", help=f"divide message counts by {QUICK_DIVISOR}")
     ap.add_argument("--count", type=int, default=None,
                     help=f"measured messages per run, any connection count "
@@ -104,10 +122,13 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def counts_for(conns, args):
+def counts_for(conns, args, server="gateway"):
     """(measured count, warmup) for one run."""
     div = QUICK_DIVISOR if args.quick else 1
-    count = args.count or (COUNT_ONE_CONN if conns == 1 else COUNT_MANY_CONNS)
+    if server == "translating" and not args.count:
+        count = args.translation_count
+    else:
+        count = args.count or (COUNT_ONE_CONN if conns == 1 else COUNT_MANY_CONNS)
     return max(1, count // div), WARMUP // div
 
 
@@ -177,10 +198,41 @@ def fresh_store(server, store, tmp):
         recreate_pg_db(PG_REF_DB if server == "durable" else PG_GW_DB)
 
 
+def message_counts(store, tmp):
+    """{status: count} of the gateway's messages table, read while the gateway runs."""
+    sql = "SELECT status, count(*) FROM messages GROUP BY status"
+    if store == "sqlite":
+        import sqlite3
+        db = sqlite3.connect(f"file:{tmp / 'gw.sqlite'}?mode=ro", uri=True, timeout=10)
+        try:
+            return dict(db.execute(sql).fetchall())
+        finally:
+            db.close()
+    import psycopg
+    with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={PG_GW_DB}", connect_timeout=5) as db:
+        return dict(db.execute(sql).fetchall())
+
+
+def drain(store, tmp, proc):
+    """After the load: the translation backlog (messages still `received`), then the seconds
+    until there is none (None if it does not drain within DRAIN_TIMEOUT), and the counts."""
+    started = time.monotonic()
+    counts = message_counts(store, tmp)
+    backlog = counts.get("received", 0)
+    left = backlog
+    while left and time.monotonic() - started < DRAIN_TIMEOUT and proc.poll() is None:
+        time.sleep(DRAIN_POLL)
+        counts = message_counts(store, tmp)
+        left = counts.get("received", 0)
+    return {"backlog_at_end": backlog, "drain_s": round(time.monotonic() - started, 2) if not left else None,
+            "received_left": left, "translated": counts.get("translated", 0), "failed": counts.get("failed", 0)}
+
+
 # --------------------------------------------------------------------------- gateway
 
-def write_gateway_config(path, store, tmp, port):
-    """The gateway's temporary YAML configuration: one plain MLLP listener on `port`."""
+def write_gateway_config(path, store, tmp, port, translate=False):
+    """The gateway's temporary YAML configuration: one plain MLLP listener on `port`; with
+    `translate`, the project's mapping set (every message translated after its commit)."""
     import yaml
     url = f"sqlite:///{tmp / 'gw.sqlite'}" if store == "sqlite" else PG_GW_URL
     dev = ROOT / "certs" / "dev"
@@ -196,6 +248,8 @@ def write_gateway_config(path, store, tmp, port):
         }]},
         "facilities": str(ROOT / "conf" / "facilities.yaml"),
     }
+    if translate:
+        cfg["mappings"] = {"directory": str(ROOT / "mappings")}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
 
 
@@ -222,7 +276,7 @@ def server_command(server, store, port, tmp, py):
             return cmd + ["--sync", "FULL", "--db", str(tmp / "ref.sqlite")]
         return cmd + ["--dsn", PG_REF_DSN]
     config = tmp / "gateway.yaml"
-    write_gateway_config(config, store, tmp, port)
+    write_gateway_config(config, store, tmp, port, translate=(server == "translating"))
     return [py, "-m", "gateway", "run", "-c", str(config)]
 
 
@@ -290,7 +344,7 @@ def run_load(client_prefix, py, port, pid, msg, conns, count, warmup, verify, wa
 
 def measure(server, store, msg, conns, ctx):
     """Start one server with a fresh store, load it, stop it; return the result record."""
-    count, warmup = counts_for(conns, ctx["args"])
+    count, warmup = counts_for(conns, ctx["args"], server)
     port = free_port()
     fresh_store(server, store, ctx["tmp"])
     cmd = ctx["server_prefix"] + server_command(server, store, port, ctx["tmp"], ctx["py"])
@@ -298,6 +352,8 @@ def measure(server, store, msg, conns, ctx):
     with running(cmd, port, server, log) as proc:
         report = run_load(ctx["client_prefix"], ctx["py"], port, proc.pid, msg, conns, count, warmup,
                           "code" if server == "ref" else "id", watch_pg=(store == "pg"))
+        if server == "translating":
+            report.update(drain(store, ctx["tmp"], proc))
     report.pop("label", None)
     report.update(server=server, store=store, warmup=warmup, ok=load_ok(report))
     if not report["ok"]:
@@ -317,10 +373,14 @@ def show(r):
     pg = f" pg cpu {r['pg_cpu']:.2f}" if r.get("pg_cpu") is not None else ""
     flag = "" if r["ok"] else (f"  !! bad_acks={r['bad_acks']} closed_early={r['closed_early']}"
                                f" {r.get('bad_ack_sample', '')[:120]!r}")
-    print(f"{r['msg']:<4} conns={r['conns']:<3} {store:<6} {r['server']:<8} "
+    backlog = ""
+    if r["server"] == "translating":
+        backlog = (f"  backlog {r['backlog_at_end']} drained in {fmt(r['drain_s'], '.1f')} s"
+                   f" ({r['translated']} translated, {r['failed']} failed, {r['received_left']} left)")
+    print(f"{r['msg']:<4} conns={r['conns']:<3} {store:<6} {r['server']:<11} "
           f"{fmt(r['msgs_per_s'], '>9.1f')} msgs/s  p50 {fmt(r['p50_ms'], '7.3f')} ms  "
           f"p99 {fmt(r['p99_ms'], '7.3f')} ms  "
-          f"{cpu}{pg}  ({r['acked']}/{r['requested']} acked){flag}", flush=True)
+          f"{cpu}{pg}  ({r['acked']}/{r['requested']} acked){flag}{backlog}", flush=True)
 
 
 def plan(args):
@@ -332,6 +392,8 @@ def plan(args):
                 runs.append(("ref", None, msg, conns))
             for store in args.stores:
                 runs += [(s, store, msg, conns) for s in ("durable", "gateway") if s in args.servers]
+                if "translating" in args.servers and conns in args.translation_conns:
+                    runs.append(("translating", store, msg, conns))
     return runs
 
 
@@ -371,14 +433,14 @@ def fmt(value, spec):
 
 def store_table(results, store, msgs, conns_list):
     """Markdown table for one store, and the verdicts per (msg, conns) row."""
-    lines = [f"### store: {store}", "",
+    lines = [f"### store: {store}, ingest", "",
              "| msg | conns | ref msgs/s | durable msgs/s | gateway msgs/s | gateway/durable "
              "| gateway p50 ms | gateway p99 ms | durable p99 ms | target |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     verdicts = {}
     for msg in msgs:
         for conns in conns_list:
-            ref, dur, gw = (find(results, s, store, msg, conns) for s in SERVERS)
+            ref, dur, gw = (find(results, s, store, msg, conns) for s in ("ref", "durable", "gateway"))
             ratio = gw["msgs_per_s"] / dur["msgs_per_s"] if gw and dur and dur["msgs_per_s"] else None
             verdict = verdicts[(msg, conns)] = row_verdict(gw, dur, conns)
             lines.append(f"| {msg} | {conns} | {fmt(field(ref, 'msgs_per_s'), '.0f')} "
@@ -386,6 +448,41 @@ def store_table(results, store, msgs, conns_list):
                          f"| {fmt(ratio, '.2f')} | {fmt(field(gw, 'p50_ms'), '.2f')} "
                          f"| {fmt(field(gw, 'p99_ms'), '.2f')} | {fmt(field(dur, 'p99_ms'), '.2f')} | {verdict} |")
     return lines, verdicts
+
+
+def sustained(result):
+    """Messages per second ingested and translated: every message handled (warm-up included,
+    as its backlog is part of the drain) over the load, at the measured rate, and the drain of
+    the backlog; None when the backlog did not drain."""
+    if result is None or result["drain_s"] is None or not result["msgs_per_s"]:
+        return None
+    handled = result["translated"] + result["failed"]
+    return handled / (handled / result["msgs_per_s"] + result["drain_s"])
+
+
+def translation_table(results, store, msgs, conns_list):
+    """Markdown table for one store: ingest only against ingest with translation, same run."""
+    lines = [f"### store: {store}, translation on (`translating`) against ingest only (`gateway`)", "",
+             "| msg | conns | ingest only msgs/s | with translation msgs/s | ratio | p99 ms "
+             "| backlog at end | drain s | sustained msgs/s | sustained / ingest only "
+             "| translation cost µs/msg | failed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for msg in msgs:
+        for conns in conns_list:
+            gw, tr = (find(results, s, store, msg, conns) for s in ("gateway", "translating"))
+            if tr is None:
+                continue
+            ingest = field(gw, "msgs_per_s")
+            ratio = tr["msgs_per_s"] / ingest if ingest and tr["msgs_per_s"] else None
+            steady = sustained(tr)
+            cost = 1e6 / steady - 1e6 / ingest if steady and ingest else None
+            backlog = f"{tr['backlog_at_end']}" + (f" ({tr['received_left']} left)" if tr["received_left"] else "")
+            lines.append(f"| {msg} | {conns} | {fmt(ingest, '.0f')} | {fmt(tr['msgs_per_s'], '.0f')} "
+                         f"| {fmt(ratio, '.2f')} | {fmt(tr['p99_ms'], '.2f')} | {backlog} "
+                         f"| {fmt(tr['drain_s'], '.1f')} | {fmt(steady, '.0f')} "
+                         f"| {fmt(steady / ingest if steady and ingest else None, '.2f')} "
+                         f"| {fmt(cost, '.0f')} | {tr['failed']} |")
+    return lines if len(lines) > 4 else []
 
 
 def verdict_lines(store, msgs, verdicts):
@@ -409,6 +506,9 @@ def print_report(results, args):
     for store in args.stores:
         lines, verdicts = store_table(results, store, args.msgs, args.conns)
         lines += [""] + verdict_lines(store, args.msgs, verdicts)
+        translated = translation_table(results, store, args.msgs, args.conns)
+        if translated:
+            lines += [""] + translated
         print("\n".join(lines) + "\n")
         all_verdicts[store] = {f"{m}/{c}": v for (m, c), v in verdicts.items()}
     return all_verdicts
@@ -450,7 +550,7 @@ def main(argv=None):
     if not args.stores and args.servers != ["ref"]:
         sys.exit("no store left to measure")
     py = python_exe()
-    if "gateway" in args.servers:
+    if "gateway" in args.servers or "translating" in args.servers:
         try:
             ensure_dev_certs(py)
         except BenchError as e:
