@@ -586,7 +586,12 @@ class AnyOf:
 # transform or a table gives), 'any'.
 
 def _merge(*kinds: str) -> str:
-    return kinds[0] if len(set(kinds)) == 1 else "any"
+    """The kind of a value that is one of `kinds`: a mix of single values and lists that
+    are never References is 'val'."""
+    found = set(kinds)
+    if len(found) == 1:
+        return kinds[0]
+    return "val" if found <= {"one", "list", "val"} else "any"
 
 
 def _add(gen: Gen, kind: str, value: str, holder: str, collect: bool) -> None:
@@ -779,6 +784,9 @@ class After:
                 direct = self.function is None and not self.wants_node and all(
                     code.__class__ is str and code == code.strip() for code in self.table.codes)
                 with gen.block(f"if {out} is not None:") if self.function is not None else nullcontext():
+                    # A table whose values are all something: a code found as written needs
+                    # no emptiness check, only what the table's policy gives.
+                    filled = direct and not any(value in runtime.EMPTY for value in self.table.codes.values())
                     if direct:
                         found = gen.new("k")
                         gen.emit(f"{found} = {gen.module.constant(self.table.codes)}.get({out})")
@@ -793,7 +801,10 @@ class After:
                         with gen.block("except KeyError as error:"):
                             gen.emit(f"raise TranslationError({self.key + ': '!r} + format(error.args[0]), "
                                      f"location(run), {self.place!r}) from None")
-                    gen.emit(f"if {out} in EMPTY: {out} = None")
+                        if filled:
+                            gen.emit(f"if {out} in EMPTY: {out} = None")
+                    if not filled:
+                        gen.emit(f"if {out} in EMPTY: {out} = None")
         if guard:
             with gen.block("else:"):
                 gen.emit(f"{out} = None")
