@@ -20,6 +20,10 @@ segments, or a field whose values become resources, such as PV1-7 practitioners)
 `map` (a named map with a resource type, or an inline map with `resource:`), `resources`
 (entries evaluated inside this one's scope).
 
+The entries of a message map run as generated code (gateway.mapping.message_codegen: one
+function per message map, next to the segment and datatype maps); this module compiles them,
+then resolves references and assembles the Provenance and the Bundle.
+
 Ids are deterministic: from the first identifier (system and value), else from the message
 and the resource's place in it, so that the same message translated twice, or the same
 patient sent twice, gives the same ids and the record is updated instead of duplicated.
