@@ -93,6 +93,15 @@ def dev_pki(tmp_path_factory) -> str:
     return directory
 
 
+@pytest.fixture(scope="session")
+def repo_mappings():
+    """The repository's mapping set (mappings/), loaded once for the whole run: loading
+    compiles every map, and translating never changes the set."""
+    from gateway.mapping.mapping_set import MappingSet
+
+    return MappingSet.load(os.path.join(ROOT, "mappings"))
+
+
 @pytest.fixture
 def make_config(dev_pki, tmp_path):
     """Build a GatewayConfig for tests: the shipped dev config with the given overrides.

@@ -11,7 +11,6 @@ from adapters.astm.framing import ENQ, EOT, frames
 from adapters.astm.records import parse_records, split_messages
 from conftest import corpus_path
 from gateway.mapping.golden import check_case
-from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.validation import bundle_problems
 from gateway.translation.inputs import InputError, detect_format, read_input
 
@@ -108,7 +107,7 @@ def test_split_messages_of_one_transfer():
     ("astm", "tgenaux-astm-lis", "Vision.txt"),
     ("astm", "tgenaux-astm-lis", "PhadiaLIS2SampleMessage.txt"),  # 'Examine' in a test with units
 ])
-def test_corpus_messages_translate_into_valid_bundles(path):
+def test_corpus_messages_translate_into_valid_bundles(path, repo_mappings):
     """Real analyzer messages read and translate with the shared ASTM map into valid FHIR."""
     full = corpus_path(*path)
     if not os.path.exists(full):
@@ -117,17 +116,16 @@ def test_corpus_messages_translate_into_valid_bundles(path):
     from gateway.mapping.runtime import TranslationContext
     from gateway.mapping.golden import GOLDEN_RECEIVED_AT
     parsed = read_input(open(full, "rb").read())
-    mapping_set = MappingSet.load(ROOT / "mappings")
     context = TranslationContext(sender_id="", timezone=ZoneInfo("Africa/Casablanca"),
                                  received_at=GOLDEN_RECEIVED_AT, message_key=parsed.control_id,
                                  control_id=parsed.control_id)
-    bundle = mapping_set.translate(parsed.message, context, parsed.message_type).bundle
+    bundle = repo_mappings.translate(parsed.message, context, parsed.message_type).bundle
     assert bundle_problems(bundle) == []
 
 
-def test_golden_case():
+def test_golden_case(repo_mappings):
     """The synthetic Moroccan CBC translates into its expected, valid bundle."""
-    mapping_set = MappingSet.load(ROOT / "mappings")
+    mapping_set = repo_mappings
     result = check_case(mapping_set, GOLDEN)
     assert result.passed, result.differences
     expected = json.loads(GOLDEN.with_suffix(".json").read_text())
@@ -137,7 +135,7 @@ def test_golden_case():
     assert bundle_problems(translate_case(mapping_set, GOLDEN).bundle) == []
 
 
-def _translated(text: str) -> dict:
+def _translated(mapping_set, text: str) -> dict:
     from zoneinfo import ZoneInfo
     from gateway.mapping.runtime import TranslationContext
     from gateway.mapping.golden import GOLDEN_RECEIVED_AT
@@ -145,15 +143,15 @@ def _translated(text: str) -> dict:
     context = TranslationContext(sender_id="", timezone=ZoneInfo("Africa/Casablanca"),
                                  received_at=GOLDEN_RECEIVED_AT, message_key=parsed.control_id,
                                  control_id=parsed.control_id)
-    bundle = MappingSet.load(ROOT / "mappings").translate(parsed.message, context, parsed.message_type).bundle
+    bundle = mapping_set.translate(parsed.message, context, parsed.message_type).bundle
     assert bundle_problems(bundle) == []
     return bundle
 
 
-def test_result_values_are_numbers_when_they_are_and_text_otherwise():
+def test_result_values_are_numbers_when_they_are_and_text_otherwise(repo_mappings):
     """R-4 with units: a number (comparator kept, decimal comma read) is a Quantity; text in a
     test with units, or a value without units, is a string; never an error."""
-    bundle = _translated("H|\\^&|||ANALYZER\rP|1||PAT-1\rO|1|SPC-1||^^^CHEM\r"
+    bundle = _translated(repo_mappings, "H|\\^&|||ANALYZER\rP|1||PAT-1\rO|1|SPC-1||^^^CHEM\r"
                          "R|1|^^^GLU|5,4|mmol/L||N||F\rR|2|^^^CRP|<3.00|mg/L||N||F\r"
                          "R|3|^^^IGE|Examine|g/L||N||F\rR|4|^^^ASP|Clair|||||F\rL|1|N\r")
     values = [{k: v for k, v in entry["resource"].items() if k.startswith("value")}
@@ -163,9 +161,9 @@ def test_result_values_are_numbers_when_they_are_and_text_otherwise():
                       {"valueString": "Examine"}, {"valueString": "Clair"}]
 
 
-def test_order_without_a_test_id_reports_the_test_of_its_result():
+def test_order_without_a_test_id_reports_the_test_of_its_result(repo_mappings):
     """Stago sends the test id in R only: the report's code comes from its first result."""
-    bundle = _translated("H|\\^&|||STA\rP|1\rO|1|000004782|226||R\rR|1|^^^SPT^F^64|14.02|S||||F\rL|1|N\r")
+    bundle = _translated(repo_mappings, "H|\\^&|||STA\rP|1\rO|1|000004782|226||R\rR|1|^^^SPT^F^64|14.02|S||||F\rL|1|N\r")
     report = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
     assert report["code"]["coding"][0]["code"] == "SPT"
 

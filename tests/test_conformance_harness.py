@@ -144,10 +144,9 @@ def test_result_verdicts():
     assert result("a", "s", "ADT^A01", "", outcome("invalid", "x")).verdict == "failure"
 
 
-def test_a_translation_into_nothing_is_a_rejection():
+def test_a_translation_into_nothing_is_a_rejection(repo_mappings):
     """An MSH alone (or a query) gives a Bundle with only its Provenance: not counted as translated."""
-    from gateway.mapping.mapping_set import MappingSet
-    mapping_set = MappingSet.load(ROOT / "mappings")
+    mapping_set = repo_mappings
     row = conformance.Row("x.hl7", "x", "ORU^R01", "")
     msh_only = conformance.Unit(row, 1, b"MSH|^~\\&|LAB|F|||20250101||ORU^R01^ORU_R01|1|P|2.5.1\r")
     outcome = conformance.translate_unit(mapping_set, msh_only)

@@ -7,7 +7,6 @@ import pytest
 
 from adapters.legacy.csv_export import csv_profiles
 from gateway.mapping.golden import check_case, translate_case
-from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.validation import bundle_problems
 from gateway.translation.inputs import InputError, detect_format, read_input
 
@@ -78,9 +77,9 @@ def test_empty_and_garbage_csv(data, reason, location):
     assert reason in str(caught.value) and caught.value.location == location
 
 
-def test_golden_case():
+def test_golden_case(repo_mappings):
     """The pharmacy export translates into its expected, valid bundle (one dispense per row)."""
-    mapping_set = MappingSet.load(ROOT / "mappings")
+    mapping_set = repo_mappings
     result = check_case(mapping_set, GOLDEN)
     assert result.passed, result.differences
     bundle = translate_case(mapping_set, GOLDEN).bundle

@@ -49,9 +49,9 @@ def golden(name: str) -> dict:
     return json.loads((CASES / name).read_text(encoding="utf-8"))
 
 
-@pytest.fixture(scope="module")
-def mapping_set() -> MappingSet:
-    return MappingSet.load(ROOT / "mappings")
+@pytest.fixture
+def mapping_set(repo_mappings) -> MappingSet:
+    return repo_mappings
 
 
 def live(mapping_set: MappingSet, name: str, sender: str = SENDER) -> dict:

@@ -16,9 +16,9 @@ CASES = ROOT / "mappings" / "tests" / "adt"
 CORPUS = Path("/work/shared/corpus/ms-fhir-converter/hl7v2")
 
 
-@pytest.fixture(scope="module")
-def mappings() -> MappingSet:
-    return MappingSet.load(ROOT / "mappings")
+@pytest.fixture
+def mappings(repo_mappings) -> MappingSet:
+    return repo_mappings
 
 
 def resources(bundle: dict, kind: str) -> list[dict]:

@@ -27,9 +27,9 @@ GTIN = "https://www.gs1.org/gtin"
 ORDER_TYPES = ("ORM", "OML", "RDE", "RDS", "DFT", "VXU", "OMP")
 
 
-@pytest.fixture(scope="module")
-def mapping_set() -> MappingSet:
-    return MappingSet.load(MAPPINGS)
+@pytest.fixture
+def mapping_set(repo_mappings) -> MappingSet:
+    return repo_mappings
 
 
 def resources(bundle: dict, resource_type: str) -> list[dict]:

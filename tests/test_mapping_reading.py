@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PID = "PID|1||123456^^^CHUIR^MR||BENALI^Fatima||19850312|F"
 
 
-@pytest.fixture(scope="module")
-def mappings() -> MappingSet:
-    return MappingSet.load(ROOT / "mappings")
+@pytest.fixture
+def mappings(repo_mappings) -> MappingSet:
+    return repo_mappings
 
 
 def msh(msh9: str = "ADT^A04^ADT_A01", control: str = "C1", processing: str = "P",

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CASES = ROOT / "mappings" / "tests" / "records"
 
 
-@pytest.fixture(scope="module")
-def mapping_set() -> MappingSet:
-    return MappingSet.load(ROOT / "mappings")
+@pytest.fixture
+def mapping_set(repo_mappings) -> MappingSet:
+    return repo_mappings
 
 
 def resources(mapping_set, name: str, kind: str) -> list[dict]:

@@ -20,9 +20,9 @@ CASES = ROOT / "mappings" / "tests" / "results"
 CORPUS = ROOT.parent / "shared" / "corpus"
 
 
-@pytest.fixture(scope="module")
-def mappings() -> MappingSet:
-    return MappingSet.load(ROOT / "mappings")
+@pytest.fixture
+def mappings(repo_mappings) -> MappingSet:
+    return repo_mappings
 
 
 def translate(mappings, text: str) -> dict:

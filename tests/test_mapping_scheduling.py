@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CASES = ROOT / "mappings" / "tests" / "scheduling"
 
 
-@pytest.fixture(scope="module")
-def mapping_set() -> MappingSet:
-    return MappingSet.load(ROOT / "mappings")
+@pytest.fixture
+def mapping_set(repo_mappings) -> MappingSet:
+    return repo_mappings
 
 
 def appointment(mapping_set, name: str) -> dict:

@@ -9,7 +9,6 @@ import pytest
 from adapters.legacy.v2xml import parse_v2xml
 from conftest import corpus_path
 from gateway.mapping.golden import check_case, translate_case
-from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.validation import bundle_problems
 from gateway.translation.inputs import InputError, detect_format, read_input
 
@@ -128,9 +127,9 @@ def test_size_limit():
         parse_v2xml(doc(b"<PID><PID.1>" + b"x" * 2000 + b"</PID.1></PID>"), max_size=1000)
 
 
-def test_golden_case_with_the_shared_adt_map():
+def test_golden_case_with_the_shared_adt_map(repo_mappings):
     """The v2 XML ADT^A01 golden case translates with the ER7 maps into its valid bundle."""
-    mapping_set = MappingSet.load(ROOT / "mappings")
+    mapping_set = repo_mappings
     result = check_case(mapping_set, GOLDEN)
     assert result.passed, result.differences
     bundle = translate_case(mapping_set, GOLDEN).bundle
