@@ -125,6 +125,12 @@ class RetryConfig:
     max_attempts: int | None = None  # None: until max_age
     max_age: float = 7 * 86400.0  # seconds after the first attempt: then a dead letter
 
+    def policy(self):
+        """The delivery retry policy these settings describe (ValueError if inconsistent)."""
+        from gateway.delivery.retry import RetryPolicy
+
+        return RetryPolicy(self.base, self.factor, self.cap, "full", self.max_attempts, self.max_age)
+
 
 @dataclass(frozen=True)
 class DestinationConfig:
@@ -733,6 +739,17 @@ def _listener_problems(path: str, values: dict) -> list[str]:
     return problems
 
 
+def _retry_problems(path: str, values: dict) -> list[str]:
+    """Retry settings that are each valid but do not fit together (a cap below the base)."""
+    problems = []
+    for index, destination in enumerate(values.get("destinations", ())):
+        try:
+            destination.retry.policy()
+        except ValueError as error:
+            problems.append(f"{_display(path)}: destinations[{index}].retry: {error}")
+    return problems
+
+
 def _route_problems(path: str, values: dict) -> list[str]:
     """Routes name known destinations, registered senders and FHIR resource types."""
     from gateway.mapping.fhir_schema import is_resource
@@ -803,6 +820,7 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
     if values is not _INVALID:
         reader.problems.extend(_listener_problems(path, values))
         reader.problems.extend(_route_problems(path, values))
+        reader.problems.extend(_retry_problems(path, values))
     if reader.problems:
         raise ConfigError(reader.problems)
 

@@ -201,33 +201,3 @@ def test_non_finite_times_raise(name, value):
     args[name] = value
     with pytest.raises(ValueError, match=f"{name} must be a finite number"):
         RetryPolicy().next_attempt(args["now"], 1, args["first_attempt_at"], _rand())
-
-
-def test_from_config_reads_known_keys_and_keeps_defaults():
-    """from_config takes the constructor's keys; strings of digits (YAML quoting) are accepted."""
-    policy = RetryPolicy.from_config(
-        {"base": 0.5, "factor": "3", "cap": 60, "jitter": "equal", "max_attempts": 10.0,
-         "max_age": "86400"}
-    )
-    assert policy == RetryPolicy(base=0.5, factor=3.0, cap=60.0, jitter="equal",
-                                 max_attempts=10, max_age=86400.0)
-    assert RetryPolicy.from_config({}) == RetryPolicy()
-    assert RetryPolicy.from_config(None) == RetryPolicy()
-    assert RetryPolicy.from_config({"max_attempts": None}) == RetryPolicy()
-
-
-@pytest.mark.parametrize(
-    "mapping, message",
-    [
-        ({"max_attemps": 3}, r"unknown retry setting\(s\): max_attemps"),
-        ({"base": "soon"}, "base must be a number, not 'soon'"),
-        ({"cap": True}, "cap must be a number, not True"),
-        ({"max_attempts": 2.5}, "max_attempts must be a whole number"),
-        ({"jitter": "lots"}, "jitter must be one of"),
-        ([("base", 1)], "retry settings must be a mapping"),
-    ],
-)
-def test_from_config_rejects_bad_settings(mapping, message):
-    """A typo or a wrong type in the configuration is a ValueError naming the key."""
-    with pytest.raises(ValueError, match=message):
-        RetryPolicy.from_config(mapping)

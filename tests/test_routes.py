@@ -144,3 +144,17 @@ routes: conf/routes.yaml
     assert "'INPE-100003' is not in the facility registry" in problems
     assert "'Observaton' is not a FHIR R4 resource type" in problems
     assert "'oru' is not a message type pattern" in problems
+
+
+def test_retry_settings_that_do_not_fit_together_are_a_configuration_problem(conf):
+    """A cap below the base is reported at load with its destination, not at the first retry."""
+    (conf / "routes.yaml").write_text("routes:\n  - name: all\n    to: [record]\n")
+    (conf / "gateway.yaml").write_text(BASE + """\
+destinations:
+  - {name: record, kind: fhir-record, url: "https://127.0.0.1:9444/fhir", retry: {base: 60, cap: 5}}
+routes: conf/routes.yaml
+""")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(conf / "gateway.yaml"), {})
+    (problem,) = caught.value.problems
+    assert "destinations[0].retry: cap (5.0) must not be below base (60.0)" in problem

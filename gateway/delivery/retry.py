@@ -25,7 +25,7 @@ Both None (the default): retry for ever, at most `cap` seconds apart.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,53 +110,9 @@ class RetryPolicy:
             at = min(at, deadline)
         return at
 
-    @classmethod
-    def from_config(cls, mapping: Mapping[str, Any] | None) -> RetryPolicy:
-        """Build a policy from a configuration mapping with the constructor's keys.
-
-        Missing keys take the defaults; an unknown key (a typo such as `max_attemps`) raises
-        ValueError naming it rather than being silently ignored. Numbers may be given as
-        strings of digits (YAML quoting); booleans are refused where numbers are expected.
-        """
-        if mapping is None:
-            return cls()
-        if not isinstance(mapping, Mapping):
-            raise ValueError(f"retry settings must be a mapping, not {type(mapping).__name__}")
-        known = ("base", "factor", "cap", "jitter", "max_attempts", "max_age")
-        unknown = sorted(str(k) for k in mapping if k not in known)
-        if unknown:
-            raise ValueError(
-                f"unknown retry setting(s): {', '.join(unknown)} (known: {', '.join(known)})"
-            )
-        values: dict[str, Any] = {}
-        for key in ("base", "factor", "cap", "max_age"):
-            if key in mapping and mapping[key] is not None:
-                values[key] = _number(key, mapping[key])
-        if "max_attempts" in mapping and mapping["max_attempts"] is not None:
-            value = _number("max_attempts", mapping["max_attempts"])
-            if value != int(value):
-                raise ValueError(f"max_attempts must be a whole number, not {mapping['max_attempts']!r}")
-            values["max_attempts"] = int(value)
-        if "jitter" in mapping:
-            values["jitter"] = mapping["jitter"]
-        return cls(**values)
-
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(key: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{key} must be a number, not {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            pass
-    raise ValueError(f"{key} must be a number, not {value!r}")
 
 
 def _check_finite(name: str, value: Any) -> None:

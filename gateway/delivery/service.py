@@ -25,7 +25,6 @@ from twisted.internet import defer
 from gateway.config import GatewayConfig
 from gateway.delivery.destinations import Destination, destination_for
 from gateway.delivery.outcome import DeliveryOutcome
-from gateway.delivery.retry import RetryPolicy
 from gateway.store import outbox
 from gateway.store.database import Database
 
@@ -45,9 +44,7 @@ class DeliveryService(Service):
         self.node = config.node_name
         self.destinations: dict[str, Destination] = {
             d.name: destination_for(d) for d in config.destinations}
-        self.policies = {d.name: RetryPolicy(d.retry.base, d.retry.factor, d.retry.cap, "full",
-                                             d.retry.max_attempts, d.retry.max_age)
-                         for d in config.destinations}
+        self.policies = {d.name: d.retry.policy() for d in config.destinations}
         self._transport_factory = transport_factory or self._https_transport
         self.transports: dict = {}
         self.in_flight: dict[str, int] = {name: 0 for name in self.destinations}
