@@ -20,6 +20,7 @@ import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from sqlalchemy.engine import make_url
@@ -637,8 +638,6 @@ _ASTM_LISTENER = _record(
 )
 
 def _https_url(value: Any) -> str:
-    from urllib.parse import urlsplit
-
     text = _text(value)
     parts = urlsplit(text)
     if parts.scheme != "https" or not parts.hostname:

@@ -86,15 +86,21 @@ def run_sandbox(config: GatewayConfig) -> int:
         print("gateway: no sandbox peers configured (sandbox: record/cnss)", file=sys.stderr)
         return 1
     failures = []
-    service.startService().addErrback(lambda f: (failures.append(f), reactor.stop()))
-    if failures:
-        print(f"gateway: cannot start the sandbox: {failures[0].getErrorMessage()}", file=sys.stderr)
-        return 1
+
+    def failed(failure) -> None:  # a port in use, an unreadable certificate or store
+        failures.append(failure)
+        print(f"gateway: cannot start the sandbox: {failure.getErrorMessage()}", file=sys.stderr)
+        # Stop through the reactor, even before it runs: the peer that did start has threads
+        # that only an orderly stop ends.
+        reactor.callWhenRunning(reactor.stop)
+
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    service.startService().addErrback(failed)
     peers = ", ".join(f"{kind} {peer.interface}:{peer.port}"
                       for kind, peer in (("record", config.sandbox.record), ("cnss", config.sandbox.cnss))
                       if peer is not None)
-    Logger(namespace="sandbox").info("sandbox peers ready: {peers}", peers=peers)
+    if not failures:
+        Logger(namespace="sandbox").info("sandbox peers ready: {peers}", peers=peers)
     reactor.run()
     return 1 if failures else 0
 

@@ -17,10 +17,6 @@ class Destination:
     build: Callable[[dict, str], HttpRequest | None]
     classify: Callable[[HttpResponse], DeliveryOutcome]
 
-    @property
-    def name(self) -> str:
-        return self.config.name
-
 
 def destination_for(config: DestinationConfig) -> Destination:
     if config.kind == "fhir-record":

@@ -43,7 +43,7 @@ class Router:
 def _type_matches(pattern: str, message_type: str) -> bool:
     if pattern == "*" or pattern == message_type:
         return True
-    code, _, trigger = message_type.partition("^")
+    code = message_type.partition("^")[0]
     if pattern == code:
         return True
     return pattern.endswith("^*") and pattern[:-2] == code
