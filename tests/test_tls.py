@@ -107,6 +107,18 @@ def _exchange(port, client_options):
     return probe, reason
 
 
+@defer.inlineCallbacks
+def _session(server_options, client_options):
+    """A server with `server_options`, one client exchange, the server closed again;
+    returns (probe, reason, factory)."""
+    port, factory = yield _listen(server_options)
+    try:
+        probe, reason = yield _exchange(port, client_options)
+    finally:
+        yield port.stopListening()
+    return probe, reason, factory
+
+
 def _server_options(main):
     return server_tls_options(main("gateway.crt"), main("gateway.key"), main("ca.crt"))
 
@@ -116,14 +128,10 @@ def _server_options(main):
 def test_client_with_dev_certificate_exchanges_bytes(certs, hostname):
     """A client with a facility certificate from the dev CA completes TLS and gets its echo."""
     main, _ = certs
-    port, factory = yield _listen(_server_options(main))
-    try:
-        client = client_tls_options(
-            main("ca.crt"), hostname, main("FAC001.crt"), main("FAC001.key")
-        )
-        probe, reason = yield _exchange(port, client)
-    finally:
-        yield port.stopListening()
+    client = client_tls_options(
+        main("ca.crt"), hostname, main("FAC001.crt"), main("FAC001.key")
+    )
+    probe, reason, factory = yield _session(_server_options(main), client)
     assert probe.handshake_done
     assert probe.received == b"ping"
     assert reason.check(ConnectionDone)
@@ -135,11 +143,8 @@ def test_client_with_dev_certificate_exchanges_bytes(certs, hostname):
 def test_client_without_certificate_is_refused(certs):
     """A client that presents no certificate never gets data echoed and loses the connection."""
     main, _ = certs
-    port, factory = yield _listen(_server_options(main))
-    try:
-        probe, reason = yield _exchange(port, client_tls_options(main("ca.crt"), "localhost"))
-    finally:
-        yield port.stopListening()
+    client = client_tls_options(main("ca.crt"), "localhost")
+    probe, reason, factory = yield _session(_server_options(main), client)
     assert probe.received == b""
     assert factory.received == []
     assert reason.check(SSL.Error)
@@ -150,14 +155,10 @@ def test_client_without_certificate_is_refused(certs):
 def test_client_certificate_from_another_ca_is_refused(certs):
     """A client whose certificate was issued by a different CA is refused by the server."""
     main, other = certs
-    port, factory = yield _listen(_server_options(main))
-    try:
-        client = client_tls_options(
-            main("ca.crt"), "localhost", other("ROGUE.crt"), other("ROGUE.key")
-        )
-        probe, reason = yield _exchange(port, client)
-    finally:
-        yield port.stopListening()
+    client = client_tls_options(
+        main("ca.crt"), "localhost", other("ROGUE.crt"), other("ROGUE.key")
+    )
+    probe, reason, factory = yield _session(_server_options(main), client)
     assert probe.received == b""
     assert factory.received == []
     assert reason.check(SSL.Error)
@@ -169,14 +170,10 @@ def test_server_from_another_ca_is_refused_by_client(certs):
     """A client trusting only the dev CA refuses a server whose certificate comes from another CA."""
     main, other = certs
     options = server_tls_options(other("gateway.crt"), other("gateway.key"), main("ca.crt"))
-    port, factory = yield _listen(options)
-    try:
-        client = client_tls_options(
-            main("ca.crt"), "localhost", main("FAC001.crt"), main("FAC001.key")
-        )
-        probe, reason = yield _exchange(port, client)
-    finally:
-        yield port.stopListening()
+    client = client_tls_options(
+        main("ca.crt"), "localhost", main("FAC001.crt"), main("FAC001.key")
+    )
+    probe, reason, factory = yield _session(options, client)
     assert not probe.handshake_done
     assert probe.received == b""
     assert factory.received == []
@@ -213,12 +210,8 @@ class Tls11OnlyClient:
 def test_client_limited_to_tls_1_1_is_refused(certs):
     """A client offering at most TLS 1.1 fails the handshake with a protocol version error."""
     main, _ = certs
-    port, factory = yield _listen(_server_options(main))
-    try:
-        client = Tls11OnlyClient(main("FAC001.crt"), main("FAC001.key"))
-        probe, reason = yield _exchange(port, client)
-    finally:
-        yield port.stopListening()
+    client = Tls11OnlyClient(main("FAC001.crt"), main("FAC001.key"))
+    probe, reason, factory = yield _session(_server_options(main), client)
     assert not probe.handshake_done
     assert probe.received == b""
     assert factory.received == []
@@ -230,14 +223,10 @@ def test_client_limited_to_tls_1_1_is_refused(certs):
 def test_wrong_hostname_is_refused_by_client(certs):
     """A client expecting "wrong.example" refuses the gateway certificate (made for localhost)."""
     main, _ = certs
-    port, factory = yield _listen(_server_options(main))
-    try:
-        client = client_tls_options(
-            main("ca.crt"), "wrong.example", main("FAC001.crt"), main("FAC001.key")
-        )
-        probe, reason = yield _exchange(port, client)
-    finally:
-        yield port.stopListening()
+    client = client_tls_options(
+        main("ca.crt"), "wrong.example", main("FAC001.crt"), main("FAC001.key")
+    )
+    probe, reason, factory = yield _session(_server_options(main), client)
     assert probe.received == b""
     assert factory.received == []
     assert reason.check(ServerCertificateRejected)
@@ -251,11 +240,8 @@ def test_optional_client_certificate(certs):
     options = server_tls_options(
         main("gateway.crt"), main("gateway.key"), main("ca.crt"), require_client_cert=False
     )
-    port, factory = yield _listen(options)
-    try:
-        probe, reason = yield _exchange(port, client_tls_options(main("ca.crt"), "localhost"))
-    finally:
-        yield port.stopListening()
+    client = client_tls_options(main("ca.crt"), "localhost")
+    probe, reason, factory = yield _session(options, client)
     assert probe.received == b"ping"
     assert factory.peers == [None]
 
