@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import hl7msgs
 import pytest
+from process_support import child_environment, free_port, wait_for_port
 from translation_support import write_mappings
 
 GATEWAY = os.path.join(sys.prefix, "bin", "gateway")
@@ -36,19 +37,6 @@ facilities:
 
 BAD_MESSAGE = (b"MSH|^~\\&|HIS_TEST|FAC_TEST|MA_HIE_GATEWAY|MA_HIE|20250114083512||XYZ^A01|BAD-CLI-1|P|2.5\r"
                b"PID|1||P-1^^^CHU^PI||Test^Patient\r")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def child_environment() -> dict[str, str]:
-    """The environment of the processes: no configuration taken from the caller's."""
-    env = {k: v for k, v in os.environ.items() if k not in ("GATEWAY_DB_URL", "GATEWAY_CONFIG")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def write_project(root: Path, dev_pki: str, db_url: str, port: int) -> Path:
@@ -85,19 +73,6 @@ def write_project(root: Path, dev_pki: str, db_url: str, port: int) -> Path:
         """), encoding="utf-8")
     write_mappings(root / "mappings")
     return config
-
-
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"gateway exited with {process.returncode} before listening")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import json
 import time
 
 import pytest
-from test_cli import cli, free_port, gateway, project, stop, write_file  # noqa: F401 (fixtures)
+from test_cli import cli, gateway, project, stop, write_file  # noqa: F401 (fixtures)
 from translation_support import ORU_FIX, hl7, write_mappings
 
 

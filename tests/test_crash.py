@@ -3,11 +3,7 @@ message that got a positive ACK is in the store exactly once, and re-sending it 
 stored ACK. Run on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -21,15 +17,10 @@ from sqlalchemy import func, select
 from adapters.mllp.client import MllpClient, describe
 from gateway.store.database import create_gateway_engine
 from gateway.store.schema import messages
+from process_support import free_port, start_gateway
 
 THREADS = 6
 LOAD_SECONDS = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_config(root, dev_pki: str, db_url: str, port: int) -> str:
@@ -55,26 +46,6 @@ def write_config(root, dev_pki: str, db_url: str, port: int) -> str:
         facilities: conf/facilities.yaml
         """), encoding="utf-8")
     return str(path)
-
-
-def start_gateway(config: str, root, port: int, log_name: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("GATEWAY_DB_URL", "GATEWAY_CONFIG")}
-    log = open(root / log_name, "wb")
-    process = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", config], cwd=root,
-                               env=env, stdout=log, stderr=subprocess.STDOUT)
-    log.close()  # the child has its own descriptor
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"gateway exited with {process.returncode}: "
-                                 + (root / log_name).read_text("utf-8", "replace")[-2000:])
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return process
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise AssertionError(f"gateway not listening on {port} after 20 s")
 
 
 def message(kind: str, control_id: str) -> bytes:

@@ -15,7 +15,7 @@ from twisted.internet import threads
 import hl7msgs
 from adapters.mllp.client import MllpClient, describe
 from delivery_support import until
-from test_crash import free_port, start_gateway
+from process_support import free_port, start_gateway
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATIENTS = 24  # one ORU each, 12 through each node
