@@ -50,6 +50,12 @@ class PkiConfig:
     cert: str  # the gateway's own certificate (PEM)
     key: str  # the gateway's private key (PEM)
     dev_dir: str = "certs/dev"  # where `gateway pki init` writes the development PKI
+    # Certificate revocation list (PEM or DER) of pki.ca; a client certificate listed there is
+    # refused on every door. None: no CRL (development).
+    crl: str | None = None
+    # Ed25519 key that signs prescription QR payloads (`gateway pki init` creates it in
+    # dev_dir); its public half is published at /v1/prescriptions/signing-key.
+    prescription_key: str = "certs/dev/prescription-signing.key"
 
 
 @dataclass(frozen=True)
@@ -97,19 +103,94 @@ class AstmListenerConfig:
 
 
 @dataclass(frozen=True)
+class HttpsListenerConfig:
+    """The HTTPS door: REST API under /v1/, SOAP under /soap/; client certificate required."""
+
+    name: str
+    port: int
+    interface: str = "127.0.0.1"
+    max_request_size: int = 16 * 1024 * 1024  # bytes; a larger body is refused with 413
+    idle_timeout: float = 60.0  # seconds without a byte before the connection is closed
+    request_timeout: float = 30.0  # seconds to answer once the request is read (then 503)
+
+
+FACILITY_TYPES = ("hospital", "clinic", "doctor", "laboratory", "imaging", "pharmacy")
+
+# The operations of the REST and SOAP doors a facility type may be allowed.
+API_OPERATIONS = (
+    "hl7v2.submit",            # POST /v1/hl7v2, SOAP SubmitHL7Message
+    "fhir.submit",             # POST /v1/fhir
+    "messages.read",           # GET /v1/messages/{id} (its own messages only)
+    "reports.submit",          # SOAP SubmitReport (imaging reports)
+    "prescriptions.qr",        # GET /v1/prescriptions/{id}/qr (the prescriber's own)
+    "prescriptions.lookup",    # GET /v1/prescriptions/{id}, POST /v1/prescriptions/lookup
+    "prescriptions.dispense",  # record a dispensation (RDS^O13, MedicationDispense)
+    "prescriptions.perform",   # record acts performed against a prescription (labs, imaging)
+)
+
+
+@dataclass(frozen=True)
+class FacilityTypeConfig:
+    """What one type of facility may do: message types it may send (patterns as in routes:
+    'ADT^*', 'ORU^R01', 'ASTM', 'CSV^profile', '*') and API operations (API_OPERATIONS)."""
+
+    messages: tuple[str, ...] = ()
+    operations: tuple[str, ...] = ()
+
+
+_COMMON_OPERATIONS = ("hl7v2.submit", "fhir.submit", "messages.read")
+# Used for the types that facilities.yaml's `types:` section leaves out.
+DEFAULT_FACILITY_TYPES: dict[str, FacilityTypeConfig] = {
+    "hospital": FacilityTypeConfig(("*",), _COMMON_OPERATIONS + ("reports.submit", "prescriptions.qr")),
+    "clinic": FacilityTypeConfig(("*",), _COMMON_OPERATIONS + ("reports.submit", "prescriptions.qr")),
+    "doctor": FacilityTypeConfig(
+        ("ADT^*", "ORM^O01", "OML^O21", "RDE^O11", "OMP^O09", "MDM^*", "DFT^P03", "VXU^V04"),
+        _COMMON_OPERATIONS + ("prescriptions.qr",)),
+    "laboratory": FacilityTypeConfig(
+        ("ORU^R01", "OUL^*", "ORL^*", "ASTM", "DFT^P03"),
+        _COMMON_OPERATIONS + ("prescriptions.lookup", "prescriptions.perform")),
+    "imaging": FacilityTypeConfig(
+        ("ORU^R01", "MDM^*", "DFT^P03"),
+        _COMMON_OPERATIONS + ("reports.submit", "prescriptions.lookup", "prescriptions.perform")),
+    "pharmacy": FacilityTypeConfig(
+        ("RDS^O13", "CSV^*"),
+        _COMMON_OPERATIONS + ("prescriptions.lookup", "prescriptions.dispense")),
+}
+
+
+@dataclass(frozen=True)
 class SenderConfig:
-    """One facility of the registry, as far as ingest needs it (issue 5 extends it)."""
+    """One facility of the registry (conf/facilities.yaml)."""
 
     id: str  # INPE or establishment code; also the name of its dev certificate
     name: str
     type: str  # hospital, clinic, doctor, laboratory, imaging, pharmacy
     applications: tuple[str, ...] = ()  # MSH-3 values it uses (empty: any)
     facilities: tuple[str, ...] = ()  # MSH-4 values it uses
+    # Certificate binding: the subject (RFC 4514 text, e.g. "CN=INPE-100001,O=MA HIE facility")
+    # and/or the SHA-256 fingerprint (hex, colons optional) of its client certificate. Neither:
+    # a certificate whose common name is the facility id (the development PKI's naming).
+    certificate_subject: str | None = None
+    certificate_sha256: str | None = None
+    # Source networks (CIDR) it may send from over plain MLLP; empty: those of the listener.
+    allow_sources: tuple[str, ...] = ()
+    mappings: str | None = None  # its folder under mappings/senders/ (default: its id)
     charset_fallback: str | None = None  # Python codec tried when MSH-18 is wrong, e.g. cp1256
     timezone: str = "Africa/Casablanca"
     # HL7 conformance validation (hl7apy, strict) before translation: off, warn (problems
     # stored as warnings of the translation) or reject (the translation fails).
     validation: str = "off"
+
+
+@dataclass(frozen=True)
+class PrescriptionsConfig:
+    """The e-prescription flow."""
+
+    validity_days: int = 90  # a prescription may be dispensed until this many days after issue
+    # Check AMO eligibility at this CNSS destination (a `destinations:` name of kind cnss)
+    # before accepting a dispensation or an act; None: no check.
+    eligibility: str | None = None
+    eligibility_timeout: float = 10.0  # seconds; no answer is a refusal to retry (AE)
 
 
 @dataclass(frozen=True)
@@ -199,7 +280,12 @@ class GatewayConfig:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     mllp: tuple[MllpListenerConfig, ...] = ()
     astm: tuple[AstmListenerConfig, ...] = ()
+    https: tuple[HttpsListenerConfig, ...] = ()
     senders: tuple[SenderConfig, ...] = ()
+    # What each facility type may do (facilities.yaml `types:`, over DEFAULT_FACILITY_TYPES).
+    facility_types: Mapping[str, FacilityTypeConfig] = field(
+        default_factory=lambda: dict(DEFAULT_FACILITY_TYPES))
+    prescriptions: PrescriptionsConfig = field(default_factory=PrescriptionsConfig)
     # The mapping set; None (no `mappings:` section) runs ingest only: messages stay 'received'.
     mappings: MappingsConfig | None = None
     destinations: tuple[DestinationConfig, ...] = ()
@@ -401,6 +487,37 @@ def _one_of(*choices: str) -> Check:
     return _scalar(one_of)
 
 
+def _fingerprint(value: Any) -> str:
+    """A SHA-256 fingerprint, as lowercase hex without separators."""
+    text = _text(value).replace(":", "").strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise _Invalid("must be a SHA-256 fingerprint: 64 hex digits, colons allowed",
+                       "`openssl x509 -in FACILITY.crt -noout -fingerprint -sha256` prints it")
+    return text
+
+
+def _subject(value: Any) -> str:
+    from cryptography import x509
+
+    text = _text(value)
+    try:
+        x509.Name.from_rfc4514_string(text)
+    except ValueError as error:
+        raise _Invalid(f"must be a certificate subject in RFC 4514 form such as "
+                       f"'CN=INPE-100001,O=MA HIE facility' ({error})") from None
+    return text
+
+
+def _message_pattern(value: Any) -> str:
+    text = _text(value)
+    if not re.fullmatch(_MESSAGE_PATTERN, text):
+        raise _Invalid("must be a message type pattern (ORU^R01, ADT^*, ADT, ASTM, CSV^profile, *)")
+    return text
+
+
+_MESSAGE_PATTERN = r"\*|[A-Z][A-Z0-9]{2}(\^(\*|[A-Z0-9]{3}))?|ASTM|CSV(\^[\w*-]+)?"
+
+
 def _validation_level(value: Any) -> str:
     # YAML 1.1 reads a bare `off` as false.
     if value is False:
@@ -560,15 +677,23 @@ _SENDER = _record(
     SenderConfig,
     id=_TEXT,
     name=_TEXT,
-    type=_one_of("hospital", "clinic", "doctor", "laboratory", "imaging", "pharmacy"),
+    type=_one_of(*FACILITY_TYPES),
     applications=_list_of(_TEXT),
     facilities=_list_of(_TEXT),
     charset_fallback=_scalar(_codec),
     timezone=_scalar(_timezone),
     validation=_validation,
+    certificate_subject=_scalar(_subject),
+    certificate_sha256=_scalar(_fingerprint),
+    allow_sources=_list_of(_scalar(_cidr)),
+    mappings=_TEXT,
 )
 
-_FACILITY_REGISTRY = _mapping(("facilities",), facilities=_list_of(_SENDER, unique=("id",)))
+_FACILITY_TYPE = _record(FacilityTypeConfig, messages=_list_of(_scalar(_message_pattern)),
+                         operations=_list_of(_one_of(*API_OPERATIONS)))
+_FACILITY_REGISTRY = _mapping(
+    ("facilities",), facilities=_list_of(_SENDER, unique=("id",)),
+    types=_mapping(**{kind: _FACILITY_TYPE for kind in FACILITY_TYPES}))
 
 
 @dataclass(frozen=True)
@@ -578,6 +703,7 @@ class _Located:
     file: str
     node: yaml.Node
     value: Any
+    others: Mapping[str, Any] = field(default_factory=dict)  # the file's other keys
 
 
 def _file_of(key: str, contents: Check) -> Check:
@@ -599,7 +725,8 @@ def _file_of(key: str, contents: Check) -> Check:
         values = contents(reader, document, "")
         if len(reader.problems) > before:
             return _INVALID
-        return _Located(file, document, values.get(key, ()))
+        return _Located(file, document, values.get(key, ()),
+                        {name: value for name, value in values.items() if name != key})
 
     return check
 
@@ -637,6 +764,17 @@ _ASTM_LISTENER = _record(
     idle_timeout=_SECONDS,
 )
 
+_HTTPS_LISTENER = _record(
+    HttpsListenerConfig,
+    name=_TEXT,
+    port=_PORT,
+    interface=_scalar(_ip_address),
+    max_request_size=_integer(1024),
+    idle_timeout=_SECONDS,
+    request_timeout=_SECONDS,
+)
+
+
 def _https_url(value: Any) -> str:
     text = _text(value)
     parts = urlsplit(text)
@@ -662,8 +800,7 @@ _ROUTE = _record(
     name=_TEXT,
     to=_list_of(_TEXT),
     when=_record(RouteMatch, message_types=_list_of(_TEXT), senders=_list_of(_TEXT),
-                 sender_types=_list_of(_one_of("hospital", "clinic", "doctor", "laboratory",
-                                               "imaging", "pharmacy")),
+                 sender_types=_list_of(_one_of(*FACILITY_TYPES)),
                  resources=_list_of(_TEXT), codes=_list_of(_TEXT)),
 )
 _ROUTES_FILE = _mapping(("routes",), routes=_list_of(_ROUTE, unique=("name",)))
@@ -681,10 +818,12 @@ _GATEWAY = _mapping(
     log_level=_one_of("debug", "info", "warn", "error"),
     database=_record(DatabaseConfig, url=_scalar(_database_url), pool_size=_integer(1, 256),
                      ingest_max_batch=_integer(1, 100_000)),
-    pki=_record(PkiConfig, ca=_TEXT, cert=_TEXT, key=_TEXT, dev_dir=_TEXT),
+    pki=_record(PkiConfig, ca=_TEXT, cert=_TEXT, key=_TEXT, dev_dir=_TEXT, crl=_TEXT,
+                prescription_key=_TEXT),
     identity=_record(IdentityConfig, application=_TEXT, facility=_TEXT),
     listeners=_mapping(mllp=_list_of(_MLLP_LISTENER, unique=("name", "port")),
-                       astm=_list_of(_ASTM_LISTENER, unique=("name", "port"))),
+                       astm=_list_of(_ASTM_LISTENER, unique=("name", "port")),
+                       https=_list_of(_HTTPS_LISTENER, unique=("name", "port"))),
     facilities=_facility_registry,
     mappings=_record(MappingsConfig, directory=_TEXT),
     destinations=_list_of(_DESTINATION, unique=("name",)),
@@ -692,6 +831,8 @@ _GATEWAY = _mapping(
     delivery=_record(DeliveryConfig, lease=_SECONDS, poll_interval=_SECONDS,
                      claim_batch=_integer(1, 10_000)),
     sandbox=_record(SandboxConfig, record=_SANDBOX_PEER, cnss=_SANDBOX_PEER),
+    prescriptions=_record(PrescriptionsConfig, validity_days=_integer(1, 3650),
+                          eligibility=_TEXT, eligibility_timeout=_SECONDS),
     pid_file=_TEXT,
 )
 
@@ -726,16 +867,38 @@ def _listener_problems(path: str, values: dict) -> list[str]:
     names = {listener.name for listener in mllp}
     ports = {listener.port for listener in mllp}
     registered = _registered(values)
-    for index, listener in enumerate(listeners.get("astm", ())):
-        where = f"{_display(path)}: listeners.astm[{index}]"
+    for index, listener in enumerate(listeners.get("https", ())):
+        where = f"{_display(path)}: listeners.https[{index}]"
         if listener.name in names:
             problems.append(f"{where}.name: {listener.name!r} is also an MLLP listener's name")
         if listener.port in ports:
             problems.append(f"{where}.port: {listener.port} is also an MLLP listener's port")
+    names |= {listener.name for listener in listeners.get("https", ())}
+    ports |= {listener.port for listener in listeners.get("https", ())}
+    for index, listener in enumerate(listeners.get("astm", ())):
+        where = f"{_display(path)}: listeners.astm[{index}]"
+        if listener.name in names:
+            problems.append(f"{where}.name: {listener.name!r} is also another listener's name")
+        if listener.port in ports:
+            problems.append(f"{where}.port: {listener.port} is also another listener's port")
         if listener.facility not in registered:
             problems.append(f"{where}.facility: {listener.facility!r} is not in the facility "
                             "registry" + _did_you_mean(listener.facility, sorted(registered)))
     return problems
+
+
+def _prescription_problems(path: str, values: dict) -> list[str]:
+    """The eligibility check names a CNSS destination."""
+    prescriptions = values.get("prescriptions")
+    if prescriptions is None or prescriptions.eligibility is None:
+        return []
+    kinds = {d.name: d.kind for d in values.get("destinations", ())}
+    name = prescriptions.eligibility
+    if kinds.get(name) != "cnss":
+        cnss = sorted(n for n, kind in kinds.items() if kind == "cnss")
+        return [f"{_display(path)}: prescriptions.eligibility: {name!r} is not a destination of "
+                f"kind cnss" + _did_you_mean(name, cnss)]
+    return []
 
 
 def _retry_problems(path: str, values: dict) -> list[str]:
@@ -773,7 +936,7 @@ def _route_problems(path: str, values: dict) -> list[str]:
             if not is_resource(resource):
                 problems.append(f"{where}.when.resources: {resource!r} is not a FHIR R4 resource type")
         for pattern in route.when.message_types:
-            if not re.fullmatch(r"\*|[A-Z][A-Z0-9]{2}(\^(\*|[A-Z0-9]{3}))?|ASTM|CSV(\^[\w-]+)?", pattern):
+            if not re.fullmatch(_MESSAGE_PATTERN, pattern):
                 problems.append(f"{where}.when.message_types: {pattern!r} is not a message type "
                                 "pattern (ORU^R01, ADT^*, ADT, ASTM, CSV^profile, *)")
     return problems
@@ -820,6 +983,7 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
         reader.problems.extend(_listener_problems(path, values))
         reader.problems.extend(_route_problems(path, values))
         reader.problems.extend(_retry_problems(path, values))
+        reader.problems.extend(_prescription_problems(path, values))
     if reader.problems:
         raise ConfigError(reader.problems)
 
@@ -828,7 +992,11 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
         "identity": values.get("identity"),
         "mllp": values.get("listeners", {}).get("mllp"),
         "astm": values.get("listeners", {}).get("astm"),
+        "https": values.get("listeners", {}).get("https"),
         "senders": values["facilities"].value if "facilities" in values else None,
+        "facility_types": ({**DEFAULT_FACILITY_TYPES, **values["facilities"].others.get("types", {})}
+                           if "facilities" in values else None),
+        "prescriptions": values.get("prescriptions"),
         "node_name": values.get("node", {}).get("name"),
         "log_level": values.get("log_level"),
         "pid_file": values.get("pid_file"),
@@ -845,6 +1013,7 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
         root=root,
         database=replace(database, url=_absolute_database_url(database.url, root)),
         pki=replace(pki, **{f: _absolute_path(getattr(pki, f), root)
-                            for f in ("ca", "cert", "key", "dev_dir")}),
+                            for f in ("ca", "cert", "key", "dev_dir", "crl", "prescription_key")
+                            if getattr(pki, f) is not None}),
         **{name: value for name, value in optional.items() if value is not None},
     )

@@ -59,7 +59,9 @@ def test_shipped_development_config_loads():
     assert [(m.name, m.port, m.interface, m.tls) for m in config.mllp] == [
         ("mllp-plain", 2575, "127.0.0.1", False), ("mllp-tls", 2576, "127.0.0.1", True)]
     assert config.mllp[0].accept_unknown_senders and config.mllp[0].allow_sources == ("127.0.0.0/8",)
-    assert [s.type for s in config.senders] == ["hospital", "laboratory", "imaging", "pharmacy"]
+    assert [s.type for s in config.senders] == ["hospital", "laboratory", "imaging", "pharmacy", "doctor"]
+    assert config.https[0].port == 8443 and config.prescriptions.eligibility == "cnss"
+    assert config.facility_types["pharmacy"].messages == ("RDS^O13", "CSV^*")
     hospital = config.senders[0]
     assert (hospital.applications, hospital.facilities, hospital.charset_fallback) == (
         ("HIS_CHU",), ("CHU_IBN_ROCHD",), "cp1256")
@@ -79,7 +81,7 @@ def test_shipped_production_example_loads_with_password_from_environment():
     assert config.pki.key == "/etc/ma-hie-gateway/pki/gateway.key"
     plain = config.mllp[0]
     assert plain.interface == "0.0.0.0" and not plain.accept_unknown_senders
-    assert plain.allow_sources and len(config.senders) == 4
+    assert plain.allow_sources and len(config.senders) == 5
 
 
 def test_every_mistake_is_reported_at_once_with_file_line_and_key_path(project):

@@ -41,6 +41,10 @@ class Answer:
 class ConnectionInfo:
     listener: str
     peer: str  # "address:port"
+    # The registry facility its verified client certificate names (TLS doors); None on plain
+    # TCP, where MSH-3/MSH-4 and the source address identify the sender.
+    facility_id: str | None = None
+    tls: bool = False  # the connection is TLS with a verified client certificate
 
 
 class FrameHandler(TypingProtocol):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from gateway.config import RouteConfig, SenderConfig
+from gateway.facilities import type_matches
 
 
 class Router:
@@ -24,7 +25,7 @@ class Router:
         content: _Content | None = None
         for route in self.routes:
             when = route.when
-            if when.message_types and not any(_type_matches(p, message_type) for p in when.message_types):
+            if when.message_types and not any(type_matches(p, message_type) for p in when.message_types):
                 continue
             if when.senders and sender_id not in when.senders:
                 continue
@@ -38,15 +39,6 @@ class Router:
                     continue
             chosen.update(dict.fromkeys(route.to))
         return tuple(chosen)
-
-
-def _type_matches(pattern: str, message_type: str) -> bool:
-    if pattern == "*" or pattern == message_type:
-        return True
-    code = message_type.partition("^")[0]
-    if pattern == code:
-        return True
-    return pattern.endswith("^*") and pattern[:-2] == code
 
 
 class _Content:

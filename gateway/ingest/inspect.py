@@ -77,8 +77,9 @@ class Inspector:
         self._types = frozenset(t.encode("ascii") for t in reference.message_types())
         self._events = frozenset(e.encode("ascii") for e in reference.trigger_events())
 
-    def frame(self, payload: bytes) -> FrameResult:
-        """Inspect one frame's payload: a message or a batch of them."""
+    def frame(self, payload: bytes, connection=None) -> FrameResult:
+        """Inspect one frame's payload: a message or a batch of them. `connection` (an
+        adapters.mllp.protocol.ConnectionInfo) says who sent it, where a door knows."""
         start = message_start(payload)
         if payload[start:start + 3] == b"MSH":
             if _second_msh(payload, start):

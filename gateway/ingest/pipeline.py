@@ -45,7 +45,7 @@ class IngestPipeline:
 
     def frame_received(self, payload: bytes, connection: ConnectionInfo,
                        reply: Callable[[Answer], None]) -> None:
-        self._store(payload, self.inspector.frame(payload), connection, reply)
+        self._store(payload, self.inspector.frame(payload, connection), connection, reply)
 
     def frame_too_large(self, prefix: bytes, size: int, limit: int, connection: ConnectionInfo,
                         reply: Callable[[Answer], None]) -> None:
