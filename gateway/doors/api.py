@@ -1,0 +1,92 @@
+"""The shapes every REST operation of the HTTPS door shares. Pure code (no reactor).
+
+An operation is a `Route`: method, path template, the API operation a facility's type must
+allow (facilities.yaml `types:`), the handler, and its OpenAPI 3.1 Operation Object, from which
+`/v1/openapi.json` is built, so that the document cannot drift from what is served. The door
+identifies the caller by its client certificate, checks the operation, honours
+`Idempotency-Key`, limits sizes and turns `Problem` into RFC 9457 problem+json; handlers only
+do their job.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import SenderConfig
+
+PROBLEM_TYPE_BASE = "https://ma-hie.example/problems/"  # + a slug: our problem types
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    method: str
+    path: str  # as received, without the query
+    path_params: Mapping[str, str]  # from the route's template: {"id": "..."}
+    query: Mapping[str, tuple[str, ...]]
+    headers: Mapping[str, str]  # names in lower case
+    body: bytes
+    facility: SenderConfig  # the caller, named by its verified client certificate
+    peer: str  # "address:port"
+    request_id: str  # for logs and problem bodies
+
+
+@dataclass
+class ApiResponse:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Problem(Exception):
+    """An RFC 9457 problem: raised by a handler, answered as application/problem+json."""
+
+    def __init__(self, status: int, slug: str, title: str, detail: str, **extensions: Any):
+        super().__init__(detail)
+        self.status = status
+        self.slug = slug  # the type is PROBLEM_TYPE_BASE + slug
+        self.title = title
+        self.detail = detail
+        self.extensions = extensions
+
+    def as_dict(self, instance: str | None = None) -> dict:
+        body = {"type": PROBLEM_TYPE_BASE + self.slug, "title": self.title,
+                "status": self.status, "detail": self.detail}
+        if instance:
+            body["instance"] = instance
+        body.update(self.extensions)
+        return body
+
+
+def json_response(status: int, data: Any, headers: dict[str, str] | None = None) -> ApiResponse:
+    return ApiResponse(status, json.dumps(data, ensure_ascii=False).encode("utf-8"),
+                       "application/json", dict(headers or {}))
+
+
+def read_json(request: ApiRequest, limit_detail: str = "the body") -> Any:
+    """The request body as JSON, or a 400 problem saying why not."""
+    try:
+        return json.loads(request.body.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise Problem(400, "bad-encoding", "Body is not UTF-8",
+                      f"{limit_detail} is not UTF-8 (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise Problem(400, "bad-json", "Body is not JSON",
+                      f"{limit_detail} is not JSON: {error.msg} at line {error.lineno} "
+                      f"column {error.colno}") from None
+
+
+Handler = Callable[[ApiRequest], "ApiResponse | Awaitable[ApiResponse]"]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str  # GET, POST
+    template: str  # "/v1/prescriptions/{id}" (path parameters in braces, one segment each)
+    operation: str  # an API operation of gateway.config.API_OPERATIONS the caller must be allowed
+    handler: Handler  # returns an ApiResponse, or a Deferred/coroutine of one; may raise Problem
+    spec: Mapping[str, Any]  # its OpenAPI 3.1 Operation Object (summary, parameters, responses)
+    # Schemas its spec refers to as "#/components/schemas/NAME".
+    schemas: Mapping[str, Any] = field(default_factory=dict)
