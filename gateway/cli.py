@@ -225,7 +225,7 @@ def _messages_list(args) -> int:
 
 
 def _messages_show(args) -> int:
-    from gateway.store.queries import get_message
+    from gateway.store.queries import deliveries_of, get_message
 
     database = _database(args)
     detail = database.run_now(get_message, args.id)
@@ -234,10 +234,12 @@ def _messages_show(args) -> int:
         return 1
     data = detail.as_dict()
     data.update(_translation_of(database, args.id))
+    data["deliveries"] = [d.as_dict() for d in database.run_now(deliveries_of, args.id)]
     if args.json:
         print(json.dumps(data, ensure_ascii=False))
         return 0
     text, ack, bundle = data.pop("text"), data.pop("ack"), data.pop("bundle", None)
+    outgoing = data.pop("deliveries")
     for key, value in data.items():
         if key.startswith("translation_") and value in (None, []):
             continue
@@ -249,6 +251,16 @@ def _messages_show(args) -> int:
     if bundle is not None:
         print("\n--- FHIR bundle ---")
         print(json.dumps(bundle, ensure_ascii=False, indent=2))
+    if outgoing:
+        print("\n--- deliveries ---")
+    for delivery in outgoing:
+        when = delivery["finished_at"] or f"next attempt {delivery['next_attempt_at']}"
+        print(f"{delivery['destination']}: {delivery['status']} after {delivery['attempts']} "
+              f"attempt(s), {when}; key {delivery['idempotency_key']}")
+        for attempt in delivery["history"]:
+            code = f" HTTP {attempt['code']}" if attempt["code"] is not None else ""
+            print(f"  {attempt['attempted_at']} {attempt['node']}: {attempt['outcome']}{code}"
+                  + (f" ({attempt['reason']})" if attempt["reason"] else ""))
     return 0
 
 

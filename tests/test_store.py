@@ -561,3 +561,45 @@ def test_two_nodes_racing_many_rounds(pg_url):
     finally:
         node_a.close()
         node_b.close()
+
+
+def test_deliveries_of_lists_each_destination_with_its_attempts(db_url, harness):
+    """`deliveries_of` (messages show, the REST status) gives every delivery of one message,
+    with its attempts in order, and nothing of another message."""
+    from datetime import datetime, timezone
+
+    from gateway.store.queries import deliveries_of
+    from gateway.store.schema import deliveries, delivery_attempts
+
+    harness.writer.start()
+    harness.submit(hl7("DLV-1"))
+    harness.submit(hl7("DLV-2"))
+    harness.outcomes.wait(2)
+    at = datetime(2026, 11, 22, 9, 0, tzinfo=timezone.utc)
+    with harness.engine.begin() as conn:
+        first, second = conn.execute(select(messages.c.id).order_by(messages.c.id)).scalars().all()
+        common = dict(patient_key="Patient/p1", bundle_sha256="0" * 64, created_at=at,
+                      next_attempt_at=at)
+        record = conn.execute(deliveries.insert().values(
+            message_id=first, destination="shared-record", status="delivered", attempts=2,
+            idempotency_key="k-record", finished_at=at, last_code=200, **common)).inserted_primary_key[0]
+        conn.execute(deliveries.insert().values(
+            message_id=first, destination="cnss", status="pending", attempts=0,
+            idempotency_key="k-cnss", **common))
+        conn.execute(deliveries.insert().values(
+            message_id=second, destination="cnss", status="dead", attempts=1,
+            idempotency_key="k-other", **common))
+        conn.execute(delivery_attempts.insert(), [
+            dict(delivery_id=record, attempted_at=at, node="n1", outcome="transient",
+                 reason="connection refused", code=None, duration_ms=3),
+            dict(delivery_id=record, attempted_at=at, node="n2", outcome="delivered",
+                 reason="200 OK", code=200, duration_ms=9)])
+    with harness.engine.connect() as conn:
+        views = deliveries_of(conn, first)
+        assert deliveries_of(conn, first + second + 100) == []
+    assert [(v.destination, v.status, v.attempts) for v in views] == [
+        ("shared-record", "delivered", 2), ("cnss", "pending", 0)]
+    assert [(a.node, a.outcome, a.code) for a in views[0].history] == [
+        ("n1", "transient", None), ("n2", "delivered", 200)]
+    assert views[0].next_attempt_at is None and views[0].finished_at.startswith("2026-11-22T09:00")
+    assert views[1].next_attempt_at.startswith("2026-11-22T09:00") and views[1].history == ()

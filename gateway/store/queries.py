@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import Connection, func, select
 
-from gateway.store.schema import messages
+from gateway.store.schema import deliveries, delivery_attempts, messages
 
 _SUMMARY = [messages.c.id, messages.c.control_id, messages.c.sending_application,
             messages.c.sending_facility, messages.c.message_type, messages.c.status,
@@ -88,6 +88,53 @@ def get_message(connection: Connection, message_id: int) -> MessageDetail | None
                          row.receiving_facility, row.version, row.processing_id, row.charset,
                          row.codec, bytes(row.sha256).hex(), bool(row.truncated), row.error_location,
                          bytes(row.raw), bytes(row.ack) if row.ack is not None else None)
+
+
+@dataclass(frozen=True)
+class AttemptView:
+    attempted_at: str  # ISO 8601, UTC
+    node: str
+    outcome: str  # delivered | transient | permanent
+    reason: str | None
+    code: int | None  # the peer's HTTP status, if it answered
+    duration_ms: int | None
+
+
+@dataclass(frozen=True)
+class DeliveryView:
+    destination: str
+    status: str  # pending | delivered | dead
+    attempts: int
+    idempotency_key: str
+    next_attempt_at: str | None  # while pending
+    finished_at: str | None
+    last_reason: str | None
+    last_code: int | None
+    history: tuple[AttemptView, ...]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def deliveries_of(connection: Connection, message_id: int) -> list[DeliveryView]:
+    """A message's deliveries, one per destination, each with its attempts, oldest first."""
+    rows = connection.execute(select(deliveries).where(deliveries.c.message_id == message_id)
+                              .order_by(deliveries.c.id)).all()
+    if not rows:
+        return []
+    history: dict[int, list[AttemptView]] = {row.id: [] for row in rows}
+    attempts = connection.execute(
+        select(delivery_attempts).where(delivery_attempts.c.delivery_id.in_(list(history)))
+        .order_by(delivery_attempts.c.id))
+    for attempt in attempts:
+        history[attempt.delivery_id].append(AttemptView(
+            _iso(attempt.attempted_at), attempt.node, attempt.outcome, attempt.reason,
+            attempt.code, attempt.duration_ms))
+    return [DeliveryView(row.destination, row.status, row.attempts, row.idempotency_key,
+                         _iso(row.next_attempt_at) if row.status == "pending" else None,
+                         _iso(row.finished_at) if row.finished_at else None,
+                         row.last_reason, row.last_code, tuple(history[row.id]))
+            for row in rows]
 
 
 def count_messages(connection: Connection, status: str | None = None) -> int:
