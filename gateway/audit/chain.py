@@ -1,0 +1,124 @@
+"""The audit trail's hash chain. Pure code.
+
+Every record carries the SHA-256 of the one before it (`prev_hash`) and its own (`hash`, over
+the previous hash and the record's canonical JSON). Altering a record breaks its own hash;
+removing or inserting one breaks the next record's link or the sequence; `verify` names the
+record where each break is. (Cutting records off the end leaves a shorter, valid chain: the
+head hash is therefore logged and exported, so that an outside copy shows how far it went.)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+GENESIS = "0" * 64  # the previous hash of the first record
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """Something to record: who did what to which subject, from where. Never patient data:
+    subjects are ids (message #42, prescription RX-...), details are codes, sizes, hashes."""
+
+    action: str  # message.received, message.acknowledged, message.refused, message.read, ...
+    actor: str  # a facility id, a console user, or the node itself ("system")
+    outcome: str = "success"  # success | failure | refused
+    subject: str | None = None  # "message/42", "prescription/RX-...", "config"
+    source: str | None = None  # the network address it came from
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    at: datetime | None = None  # default: when it is appended
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    seq: int  # 1, 2, 3 ... without gaps
+    at: datetime  # UTC
+    node: str
+    action: str
+    actor: str
+    outcome: str
+    subject: str | None
+    source: str | None
+    detail: Mapping[str, Any]
+    prev_hash: str
+    hash: str
+
+    def as_dict(self) -> dict:
+        return {"seq": self.seq, "at": _instant(self.at), "node": self.node, "action": self.action,
+                "actor": self.actor, "outcome": self.outcome, "subject": self.subject,
+                "source": self.source, "detail": dict(self.detail), "prev_hash": self.prev_hash,
+                "hash": self.hash}
+
+
+def canonical(seq: int, at: datetime, node: str, event: AuditEvent) -> bytes:
+    """The bytes a record's hash covers: every field but the hashes, as sorted compact JSON."""
+    return json.dumps({"seq": seq, "at": _instant(at), "node": node, "action": event.action,
+                       "actor": event.actor, "outcome": event.outcome, "subject": event.subject,
+                       "source": event.source, "detail": event.detail},
+                      sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def link(prev_hash: str, content: bytes) -> str:
+    return hashlib.sha256(prev_hash.encode("ascii") + b"\n" + content).hexdigest()
+
+
+def chain(prev_seq: int, prev_hash: str, node: str, events: Iterable[AuditEvent],
+          now: datetime) -> list[AuditRecord]:
+    """The records that follow (prev_seq, prev_hash) for `events`, in order."""
+    records = []
+    for event in events:
+        prev_seq += 1
+        at = _utc(event.at or now)
+        digest = link(prev_hash, canonical(prev_seq, at, node, event))
+        records.append(AuditRecord(prev_seq, at, node, event.action, event.actor, event.outcome,
+                                   event.subject, event.source, dict(event.detail), prev_hash, digest))
+        prev_hash = digest
+    return records
+
+
+@dataclass(frozen=True)
+class Finding:
+    seq: int  # where the break is
+    problem: str  # altered | removed | inserted | reordered | broken-link
+
+    reason: str
+
+    def __str__(self) -> str:
+        return f"record {self.seq}: {self.problem}: {self.reason}"
+
+
+def verify(records: Iterable[AuditRecord], start_seq: int = 1,
+           start_hash: str = GENESIS) -> Iterator[Finding]:
+    """Every break in `records` (in seq order), each named by the record where it shows."""
+    expected_seq, expected_prev = start_seq, start_hash
+    for record in records:
+        content = canonical(record.seq, record.at, record.node, AuditEvent(
+            record.action, record.actor, record.outcome, record.subject, record.source, record.detail))
+        altered = link(record.prev_hash, content) != record.hash
+        if altered:
+            yield Finding(record.seq, "altered", "its content no longer matches its hash")
+        if record.seq > expected_seq:
+            missing = (f"{expected_seq}" if record.seq == expected_seq + 1
+                       else f"{expected_seq} to {record.seq - 1}")
+            yield Finding(record.seq, "removed", f"record(s) {missing} before it are missing")
+        elif record.seq < expected_seq:
+            yield Finding(record.seq, "inserted" if record.prev_hash != expected_prev else "reordered",
+                          f"sequence goes back from {expected_seq - 1} to {record.seq}")
+        elif record.prev_hash != expected_prev:
+            yield Finding(record.seq, "broken-link",
+                          "its previous hash is not the hash of the record before it "
+                          "(a record was replaced, inserted or removed before it)")
+        expected_seq, expected_prev = record.seq + 1, record.hash
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)  # SQLite gives back UTC without its offset
+    return value.astimezone(timezone.utc)
+
+
+def _instant(value: datetime) -> str:
+    return _utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
