@@ -321,3 +321,39 @@ def test_references_listed_among_other_rules(mapping_set):
     observations = resources(bundle, "Observation")[:2]
     assert first["performer"] == [{"reference": f"urn:uuid:{patient['id']}"}] + [
         {"reference": f"urn:uuid:{o['id']}"} for o in observations]
+
+
+def test_identity_joins_the_identifier_in_the_id(tmp_path):
+    """`identity: [code]`: two reports sharing an order number but not their code are two
+    resources; the id ignores the code's display text."""
+    files = dict(BASE)
+    files["segments/OBR.DiagnosticReport.yaml"] = """
+        resource: DiagnosticReport
+        identity: [code]
+        map:
+          identifier: {each: OBR-2, map: {value: {from: 1}}}
+          status: final
+          code: {map: {coding: [{system: "urn:x", code: {from: OBR-4.1}, display: {from: OBR-4.2}}]}}
+    """
+    mapping_set = MappingSet.load(write(tmp_path / "mappings", files))
+    shared = ORU.replace("OBR|2|ORD2|", "OBR|2|ORD1|")
+    first, second = resources(translate(mapping_set, shared), "DiagnosticReport")
+    assert first["id"] != second["id"]
+    renamed = translate(mapping_set, shared.replace("GLU^Glucose^L", "GLU^Glycémie^L"))
+    assert resources(renamed, "DiagnosticReport")[0]["id"] == first["id"]
+
+
+def test_identity_is_checked(tmp_path):
+    files = dict(BASE)
+    files["segments/OBR.DiagnosticReport.yaml"] = """
+        resource: DiagnosticReport
+        identity: [kode]
+        map:
+          status: final
+          code: {map: {text: {from: OBR-4.2}}}
+    """
+    with pytest.raises(MappingErrors) as caught:
+        MappingSet.load(write(tmp_path / "mappings", files))
+    text = str(caught.value)
+    assert "DiagnosticReport has no element 'kode'" in text
+    assert "the map gives no identifier" in text

@@ -188,3 +188,25 @@ def test_corpus_placeholder_pdf_is_refused(mappings):
     with pytest.raises(TranslationError) as error:
         translate_case(mappings, path)
     assert error.value.location == "OBX[4]-5"
+
+
+def test_panels_of_one_requisition_are_separate_reports(mappings):
+    """Several OBR with one placer number (a requisition of several panels) are one report
+    each, each with its own results; the same panel sent again keeps its id."""
+    panels = ("MSH|^~\\&|LAB|LABO|HIE|MA|20260115101500||ORU^R01^ORU_R01|T2|P|2.5.1\n"
+              "PID|1||AB1^^^CNIE^NI||Test^Patient\n"
+              "ORC|RE|REQ1^HOP\n"
+              "OBR|1|REQ1^HOP||2093-3^Chol^LN|||20260115073000||||||||||||||||||F\n"
+              "OBX|1|NM|2093-3^Chol^LN||1.92|g/L|||||F\n"
+              "OBR|2|REQ1^HOP||2345-7^Glucose^LN|||20260115073000||||||||||||||||||P\n"
+              "OBX|1|NM|2345-7^Glucose^LN||0.95|g/L|||||P\n")
+    bundle = translate(mappings, panels)
+    reports = resources(bundle, "DiagnosticReport")
+    assert [r["code"]["coding"][0]["code"] for r in reports] == ["2093-3", "2345-7"]
+    assert [r["status"] for r in reports] == ["final", "preliminary"]
+    assert len({r["id"] for r in reports}) == 2
+    observations = resources(bundle, "Observation")
+    assert [[link["reference"] for link in r["result"]] for r in reports] == \
+        [["urn:uuid:" + observations[0]["id"]], ["urn:uuid:" + observations[1]["id"]]]
+    alone = translate(mappings, panels.replace("|T2|", "|T3|").split("OBR|2|")[0])
+    assert resources(alone, "DiagnosticReport")[0]["id"] == reports[0]["id"]

@@ -869,6 +869,7 @@ class CallMap(Produce):
 
     def __init__(self, handle: Handle):
         self.handle = handle
+        self.identity: tuple[str, ...] = ()  # a resource map's `identity:` elements
 
     def emit(self, gen, node, out):
         name = self.handle.name

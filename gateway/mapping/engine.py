@@ -24,13 +24,15 @@ The entries of a message map run as generated code (gateway.mapping.message_code
 function per message map, next to the segment and datatype maps); this module compiles them,
 then resolves references and assembles the Provenance and the Bundle.
 
-Ids are deterministic: from the first identifier (system and value), else from the message
-and the resource's place in it, so that the same message translated twice, or the same
-patient sent twice, gives the same ids and the record is updated instead of duplicated.
+Ids are deterministic: from the first identifier (system and value, joined by the map's
+`identity:` elements: a report's service code), else from the message and the resource's
+place in it, so that the same message translated twice, or the same patient sent twice,
+gives the same ids and the record is updated instead of duplicated.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -233,10 +235,11 @@ def run_message_map(message_map: MessageMap, message: Hl7Message, context: Trans
     return bundle, run.warnings
 
 
-def place_resource(resource: dict, resource_type: str, ordinal: int, run: Run, seen: dict) -> dict:
+def place_resource(resource: dict, resource_type: str, ordinal: int, run: Run, seen: dict,
+                   identity: tuple[str, ...] = ()) -> dict:
     """Give a resource built in place its id; the one already made with that id if any (the
     same practitioner twice in one message: one resource), else the resource, now in the Bundle."""
-    resource_id = resource["id"] = _resource_id(resource_type, resource, run.context, ordinal)
+    resource_id = resource["id"] = _resource_id(resource_type, resource, run.context, ordinal, identity)
     existing = seen.get(resource_id)
     if existing is not None:
         return existing
@@ -245,10 +248,12 @@ def place_resource(resource: dict, resource_type: str, ordinal: int, run: Run, s
     return resource
 
 
-def copy_resource(body: dict, resource_type: str, ordinal: int, run: Run, seen: dict, pending: int) -> dict:
+def copy_resource(body: dict, resource_type: str, ordinal: int, run: Run, seen: dict, pending: int,
+                  identity: tuple[str, ...] = ()) -> dict:
     """`place_resource` for a map that writes `id` or `resourceType` itself: the resource is a
     copy of its body (whose values win), and the references made at its top level move to it."""
-    resource = {"resourceType": resource_type, "id": _resource_id(resource_type, body, run.context, ordinal)}
+    resource = {"resourceType": resource_type,
+                "id": _resource_id(resource_type, body, run.context, ordinal, identity)}
     resource.update(body)
     references = run.references
     for number in range(pending, len(references)):
@@ -263,7 +268,8 @@ def copy_resource(body: dict, resource_type: str, ordinal: int, run: Run, seen: 
     return resource
 
 
-def _resource_id(resource_type: str, body: dict, context: TranslationContext, ordinal: int) -> str:
+def _resource_id(resource_type: str, body: dict, context: TranslationContext, ordinal: int,
+                 identity: tuple[str, ...] = ()) -> str:
     for identifier in body.get("identifier") or ():
         if not isinstance(identifier, dict):
             continue
@@ -275,9 +281,29 @@ def _resource_id(resource_type: str, body: dict, context: TranslationContext, or
             assigner = identifier.get("assigner") or {}
             coding = ((identifier.get("type") or {}).get("coding") or [{}])[0]
             system = "|".join((context.sender_id, assigner.get("display", ""), coding.get("code", "")))
+        if identity:  # the map's `identity:` elements join it (a report: its service code)
+            value = "|".join([value, *(_identity_text(body.get(name)) for name in identity)])
         return name_id(f"{resource_type}|{system}|{value}")
     key = context.message_key or context.control_id
     return name_id(f"{resource_type}|{key}|{ordinal}")
+
+
+def _identity_text(value) -> str:
+    """The text an `identity:` element adds to an id: a concept by its first coding (system
+    and code; display and text may change between two messages about the same thing), else
+    its text; a primitive as it is."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, dict):
+        for coding in value.get("coding") or ():
+            if isinstance(coding, dict) and coding.get("code"):
+                return f"{coding.get('system', '')}^{coding['code']}"
+        if "text" in value:
+            return str(value["text"])
+        return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    if isinstance(value, list):
+        return _identity_text(value[0]) if value else ""
+    return str(value)
 
 
 def _resolve_references(run: Run) -> None:

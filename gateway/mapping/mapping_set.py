@@ -12,7 +12,9 @@
 
 A map file has `resource: Patient` (segment maps) or `type: Identifier` (datatype maps),
 `map:` (target element -> rule, see gateway.mapping.rules), and optionally `description:`,
-`columns:` (field names of a CSV format, in order) and `extends:`.
+`columns:` (field names of a CSV format, in order), `extends:` and, in a resource map,
+`identity:` (elements that join the first identifier in the resource's id: a report is its
+order number and its service code, since one requisition number can cover several panels).
 
 Loading reads and checks everything, reports every problem at once (MappingErrors), and
 gives an immutable set whose `version` is a hash of all the files: the version stored with
@@ -39,7 +41,7 @@ from gateway.mapping.transforms import load_all
 log = logging.getLogger(__name__)
 
 KINDS = ("messages", "segments", "datatypes", "tables")
-MAP_KEYS = ("resource", "type", "description", "map", "columns", "extends")
+MAP_KEYS = ("resource", "type", "description", "map", "columns", "extends", "identity")
 
 
 @dataclass(frozen=True)
@@ -136,10 +138,35 @@ class _Layer:
             handle = codegen.map_function(self.module, "map_" + name, f"{file} ({type_name})", rule)
             call.handle.name = handle.name
             call.handle = handle
+            call.identity = self._identity(document, file, type_name)
             self.compiled[name] = (type_name, call)
             return self.compiled[name]
         finally:
             self.compiling.pop(name, None)
+
+    def _identity(self, document, file: str, type_name: str) -> tuple[str, ...]:
+        """The `identity:` elements of a resource map, checked: top-level elements of the
+        resource, and the map must give an identifier for them to join."""
+        names = document.get("identity")
+        if names is None:
+            return ()
+        line = document.line_of("identity")
+        if isinstance(names, str):
+            names = [names]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            self.problems.append(Problem(file, line, "identity", "list the elements that join the identifier, such as [code]"))
+            return ()
+        if not type_name or not fhir_schema.is_resource(type_name):
+            self.problems.append(Problem(file, line, "identity", "identity: belongs to a resource map"))
+            return ()
+        found = document.get("map")
+        if not isinstance(found, dict) or "identifier" not in found:
+            self.problems.append(Problem(file, line, "identity",
+                                         "the map gives no identifier: its id is its place in the message"))
+        for name in names:
+            if fhir_schema.element(type_name, name) is None:
+                self.problems.append(Problem(file, line, "identity", f"{type_name} has no element {name!r}"))
+        return tuple(names)
 
     @staticmethod
     def _type_of(document) -> str:

@@ -47,9 +47,10 @@ def group_spans(segments: list, heads: tuple[str, ...], start: int, end: int) ->
 def message_function(module: codegen.Module, base: str, comment: str, entries: list,
                      place_resource: Callable, copy_resource: Callable, name_id: Callable) -> codegen.Handle:
     """Declare the function (node, run) that runs `entries` (engine.Entry, descriptions still
-    unbound). The engine's helpers: `place_resource(resource, type, ordinal, run, seen)` (the
-    id from the identifiers), `copy_resource(body, type, ordinal, run, seen, pending)` (for a
-    map that writes `id` itself), `name_id(text)`: a map without `identifier` gets its id
+    unbound). The engine's helpers: `place_resource(resource, type, ordinal, run, seen[,
+    identity])` (the id from the identifiers, and the map's `identity:` elements),
+    `copy_resource(body, type, ordinal, run, seen, pending[, identity])` (for a map that
+    writes `id` itself), `name_id(text)`: a map without `identifier` gets its id
     from its ordinal inline, as place_resource would give it."""
     module.namespace.update({"Scope": Scope, "bisect_left": bisect_left, "group_spans": group_spans,
                              "place_resource": place_resource, "copy_resource": copy_resource,
@@ -187,6 +188,8 @@ class _Writer:
             direct = isinstance(rule, codegen.Object) and rule.builds_resource()
             level = None
         ordinal = self.ordinals[resource_type]
+        identity = getattr(build, "identity", ())
+        extra = f", {identity!r}" if identity else ""
         if direct:
             if level is None:
                 rule.emit(gen, node, resource, resource_type)
@@ -196,7 +199,7 @@ class _Writer:
             with gen.block(f"if {resource} is not None:"):
                 gen.emit(f"{ordinal} += 1")
                 if any(target == "identifier" for target, _ in rule.fields):
-                    gen.emit(f"{resource} = place_resource({resource}, {resource_type!r}, {ordinal}, run, seen)")
+                    gen.emit(f"{resource} = place_resource({resource}, {resource_type!r}, {ordinal}, run, seen{extra})")
                 else:  # no identifier: the id of the resource's place in the message
                     rid, existing = gen.new("rid"), gen.new("old")
                     gen.emit(f"{rid} = {resource}['id'] = name_id(f'{resource_type}|{{key}}|{{{ordinal}}}')")
@@ -216,7 +219,7 @@ class _Writer:
             gen.emit(f"{body} = {build.handle.name}({node}, run)")
         with gen.block(f"if {body}:"):
             gen.emit(f"{ordinal} += 1")
-            gen.emit(f"{resource} = copy_resource({body}, {resource_type!r}, {ordinal}, run, seen, {pending})")
+            gen.emit(f"{resource} = copy_resource({body}, {resource_type!r}, {ordinal}, run, seen, {pending}{extra})")
             self.register(entry, resource, scope)
 
     def register(self, entry, resource: str, scope: str) -> None:
