@@ -1,5 +1,6 @@
 """`gateway run`: logging, the reactor, the service tree, an orderly stop on SIGTERM/SIGINT,
-the pid file, and a mapping reload on SIGHUP (`gateway mappings reload` sends it)."""
+the pid file, and a reload on SIGHUP (`gateway mappings reload` sends it): the facility
+registry, the CRL and the mapping set."""
 from __future__ import annotations
 
 import logging
@@ -32,11 +33,16 @@ def run(config: GatewayConfig, sandbox: bool = False) -> int:
     from twisted.internet import reactor
     from twisted.logger import Logger
 
-    from gateway.service import OrderedServices, build_service
+    from gateway.service import OrderedServices, build_service, reload_service
 
     setup_logging(config.log_level)
     log = Logger(namespace="gateway")
-    gateway = build_service(config, reactor)
+    try:
+        gateway = build_service(config, reactor)
+    except Exception as error:  # a registry that does not fit the listeners, an unusable
+        # certificate or CRL
+        print(f"gateway: cannot start: {error}", file=sys.stderr)
+        return 1
     peers = _sandbox_service(config, reactor) if sandbox else None
     if sandbox and peers is None:
         log.warn("--sandbox: no sandbox peers configured (sandbox: record/cnss); running without")
@@ -63,11 +69,9 @@ def run(config: GatewayConfig, sandbox: bool = False) -> int:
     pid_file = config.resolve(config.pid_file)
     write_pid_file(pid_file)
     reactor.addSystemEventTrigger("after", "shutdown", remove_pid_file, pid_file)
-    if config.mappings is not None:
-        translation = gateway.getServiceNamed("translation")
-        # The handler runs between bytecodes of the reactor thread: hand the work to the reactor.
-        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(translation.reload))
-    else:
+    # The handler runs between bytecodes of the reactor thread: hand the work to the reactor.
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload_service, gateway))
+    if config.mappings is None:
         log.warn("no mappings configured: messages are stored and acknowledged, not translated")
     listeners = ", ".join(f"{l.name} {l.interface}:{l.port}{' (TLS)' if l.tls else ''}" for l in config.mllp)
     log.info("gateway {node} ready: {listeners}", node=config.node_name, listeners=listeners)

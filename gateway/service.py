@@ -1,15 +1,14 @@
 """The gateway's service tree, built in one function and started in order: the database
-(schema migrated), the ingest writer, the translation service (mapping set loaded, worker
-started, untranslated messages swept), the delivery service (when routes are configured),
-then the listeners (MLLP, then ASTM), so that nothing is accepted before it can be stored and
-translated. Stopping runs in reverse: listeners close, deliveries in flight finish and are
+(schema migrated), the ingest writer, the identity service (facility registry and CRL, shared
+by every door), the translation service (mapping set loaded, worker started, untranslated
+messages swept), the delivery service (when routes are configured), then the listeners (MLLP,
+then ASTM), so that nothing is accepted before it can be stored and translated. Stopping runs in reverse: listeners close, deliveries in flight finish and are
 recorded, the translation worker stores what it holds, the writer commits what it holds, the
 database closes last.
 """
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 
 from twisted.application.internet import StreamServerEndpointService
@@ -22,7 +21,9 @@ from adapters.mllp.protocol import MllpServerFactory, MllpSettings
 from gateway.config import GatewayConfig, MllpListenerConfig
 from gateway.delivery.service import DeliveryService
 from gateway.ingest.astm import astm_listener_factory
-from gateway.ingest.inspect import IngestPolicy, Inspector, SenderDirectory, refuse_reused
+from gateway.facilities import SourceNetworks
+from gateway.identity import IdentityService
+from gateway.ingest.inspect import IngestPolicy, Inspector, refuse_reused
 from gateway.ingest.pipeline import IngestPipeline
 from gateway.store.database import Database, create_gateway_engine, migrate
 from gateway.store.ingest_writer import IngestWriter
@@ -80,9 +81,13 @@ class OrderedServices(MultiService):
 
 
 def build_service(config: GatewayConfig, reactor) -> MultiService:
+    """The whole tree; raises IdentityError or TlsConfigError when the registry, the CRL or a
+    certificate cannot serve the listeners."""
     root = OrderedServices()
     store = StoreService(config, reactor)
     store.setServiceParent(root)
+    identity = IdentityService(config, reactor)
+    identity.setServiceParent(root)
     translation = delivery = None
     if config.mappings is not None and config.routes:
         delivery = DeliveryService(config, store.database, reactor)
@@ -92,49 +97,59 @@ def build_service(config: GatewayConfig, reactor) -> MultiService:
         translation.setServiceParent(root)
     if delivery is not None:
         delivery.setServiceParent(root)
-    senders = SenderDirectory(config.senders)
     for listener in config.mllp:
-        inspector = Inspector(store.builder, IngestPolicy(
-            listener.name, frozenset(p.encode("ascii") for p in listener.processing_ids),
-            listener.accept_unknown_senders, senders))
-        pipeline = IngestPipeline(inspector, store.writer, translation=translation,
-                                  ack_after_translation=listener.ack_after == "translation")
-        factory = MllpServerFactory(pipeline, MllpSettings(
-            listener.name, listener.max_frame_size, listener.idle_timeout, listener.frame_timeout,
-            listener.commit_blocks), reactor, source_filter(listener.allow_sources))
-        service = StreamServerEndpointService(_endpoint(config, listener, reactor), factory)
-        service.setName(listener.name)
-        service._raiseSynchronously = True  # a port in use fails `gateway run` at once
-        service.setServiceParent(root)
+        _listen(root, listener.name, _endpoint(config, listener, identity, reactor),
+                _mllp_factory(listener, store, identity, translation, reactor))
     for listener in config.astm:
         factory = astm_listener_factory(listener, store.writer, reactor, translation=translation,
                                         allowed=source_filter(listener.allow_sources))
-        service = StreamServerEndpointService(
-            TCP4ServerEndpoint(reactor, listener.port, interface=listener.interface), factory)
-        service.setName(listener.name)
-        service._raiseSynchronously = True
-        service.setServiceParent(root)
+        _listen(root, listener.name,
+                TCP4ServerEndpoint(reactor, listener.port, interface=listener.interface), factory)
     return root
 
 
-def _endpoint(config: GatewayConfig, listener: MllpListenerConfig, reactor):
+def reload_service(root: MultiService) -> defer.Deferred:
+    """What SIGHUP reloads: the facility registry and CRL, and the mapping set when the
+    gateway translates. Fires when both are done (each logs its own outcome)."""
+    reloads = [root.getServiceNamed("identity").reload()]
+    try:
+        reloads.append(root.getServiceNamed("translation").reload())
+    except KeyError:
+        pass
+    return defer.gatherResults(reloads)
+
+
+def _mllp_factory(listener: MllpListenerConfig, store: StoreService, identity: IdentityService,
+                  translation, reactor) -> MllpServerFactory:
+    inspector = Inspector(store.builder, IngestPolicy(
+        listener.name, frozenset(p.encode("ascii") for p in listener.processing_ids),
+        listener.accept_unknown_senders, identity.registry))
+    pipeline = IngestPipeline(inspector, store.writer, translation=translation,
+                              ack_after_translation=listener.ack_after == "translation")
+    return MllpServerFactory(pipeline, MllpSettings(
+        listener.name, listener.max_frame_size, listener.idle_timeout, listener.frame_timeout,
+        listener.commit_blocks), reactor, source_filter(listener.allow_sources),
+        identify=identity.identify if listener.tls else None)
+
+
+def _listen(root: MultiService, name: str, endpoint, factory) -> None:
+    service = StreamServerEndpointService(endpoint, factory)
+    service.setName(name)
+    service._raiseSynchronously = True  # a port in use fails `gateway run` at once
+    service.setServiceParent(root)
+
+
+def _endpoint(config: GatewayConfig, listener: MllpListenerConfig, identity: IdentityService,
+              reactor):
     if listener.tls:
-        options = server_tls_options(config.pki.cert, config.pki.key, config.pki.ca)
+        options = server_tls_options(config.pki.cert, config.pki.key, config.pki.ca,
+                                     revocations=identity.revocations, name=f"mllp {listener.name}")
         return SSL4ServerEndpoint(reactor, listener.port, options, backlog=512, interface=listener.interface)
     return TCP4ServerEndpoint(reactor, listener.port, backlog=512, interface=listener.interface)
 
 
 def source_filter(allow_sources: tuple[str, ...]):
     """A predicate on the peer address: inside one of the CIDR ranges (any, when none given)."""
-    networks = [ipaddress.ip_network(cidr, strict=False) for cidr in allow_sources]
-    if not networks:
+    if not allow_sources:
         return lambda address: True
-
-    def allowed(address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in networks)
-
-    return allowed
+    return SourceNetworks(allow_sources).allows

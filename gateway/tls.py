@@ -8,10 +8,18 @@ trust store is never used.
 
 Every file problem raises `TlsConfigError(path, reason)` when the options are built, so a
 bad configuration stops the gateway at start-up instead of failing the first handshake.
+
+Servers that verify client certificates log every refused certificate with its reason (other
+CA, expired, revoked...) and, given `Revocations`, refuse certificates a CRL lists (`load_crl`:
+PEM or DER, signed by a CA of the CA file). OpenSSL checks the CRL in the handshake, so a
+revoked certificate never completes one; `Revocations.use` installs a newer CRL while the
+listeners run (a reload).
 """
 from __future__ import annotations
 
+import datetime
 import ipaddress
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -97,6 +105,8 @@ def server_tls_options(
     ca_path: str | None,
     *,
     require_client_cert: bool = True,
+    revocations: "Revocations | None" = None,
+    name: str = "tls",
 ) -> ssl.CertificateOptions:
     """Options for a TLS listener presenting `cert_path` (leaf first, then any intermediates).
 
@@ -104,7 +114,9 @@ def server_tls_options(
     to a CA in `ca_path` and carries clientAuth if it has an extended key usage; otherwise the
     handshake fails. Without it, a client certificate is optional but still verified against
     `ca_path` when one is presented (and `ca_path` may then be None: no client certificates
-    are requested at all). Revocation is not checked.
+    are requested at all). A certificate in `revocations`' CRL fails the handshake (without
+    `revocations`, revocation is not checked). Refused client certificates are logged with
+    the listener's `name`, the peer address and the reason.
     """
     cert, key, extra = _load_identity(cert_path, key_path)
     ca_certs = None
@@ -113,7 +125,7 @@ def server_tls_options(
     elif require_client_cert:
         raise TlsConfigError("<none>", "a CA file is needed to require client certificates")
     try:
-        return ssl.CertificateOptions(
+        options = ssl.CertificateOptions(
             privateKey=key,
             certificate=cert,
             extraCertChain=extra,
@@ -125,6 +137,144 @@ def server_tls_options(
         )
     except ValueError as e:
         raise TlsConfigError(cert_path, f"unusable TLS configuration: {e}") from e
+    if ca_certs is not None:
+        # Twisted builds the context once and reuses it for every connection: what is set
+        # here (before any connection, after which pyOpenSSL forbids changes) serves all.
+        context = options.getContext()
+        mode = SSL.VERIFY_PEER | (SSL.VERIFY_FAIL_IF_NO_PEER_CERT if require_client_cert else 0)
+        context.set_verify(mode, _client_verify_callback(name, revocations))
+        if revocations is not None:
+            revocations.attach(context)
+    return options
+
+
+# -- certificate revocation ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Crl:
+    """One certificate revocation list, as loaded and checked by `load_crl`."""
+
+    path: str
+    issuer: x509.Name
+    serials: frozenset[int]
+    last_update: datetime.datetime
+    next_update: datetime.datetime | None
+    crl: x509.CertificateRevocationList = field(repr=False, compare=False)
+
+    def revokes(self, cert: x509.Certificate) -> bool:
+        return cert.serial_number in self.serials and cert.issuer == self.issuer
+
+    def expired(self, now: datetime.datetime | None = None) -> bool:
+        """Past its nextUpdate: a newer CRL should have been published and installed."""
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        return self.next_update is not None and now > self.next_update
+
+
+def load_crl(path: str, ca_path: str) -> Crl:
+    """Read a CRL (PEM or DER) issued and signed by one of the CAs in `ca_path`.
+
+    Raises TlsConfigError naming the file: unreadable, not a CRL, from another issuer, or a
+    signature that does not verify. An expired CRL loads (callers warn, handshakes use it):
+    refusing every client because a publication is late would stop the national service.
+    """
+    data = _read(path, "CRL")
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            crl = x509.load_pem_x509_crl(data)
+        else:
+            crl = x509.load_der_x509_crl(data)
+    except ValueError as e:
+        raise TlsConfigError(path, f"not a certificate revocation list (PEM or DER): {e}") from e
+    cas = [c for c in _load_certificates(ca_path, "CA certificates") if c.subject == crl.issuer]
+    if not cas:
+        raise TlsConfigError(path, f"CRL issued by {crl.issuer.rfc4514_string()!r}, which is not "
+                                   f"a CA of {ca_path}")
+    if not any(_crl_signed_by(crl, ca) for ca in cas):
+        raise TlsConfigError(path, f"CRL signature does not verify with the key of "
+                                   f"{crl.issuer.rfc4514_string()!r} in {ca_path}")
+    return Crl(path, crl.issuer, frozenset(entry.serial_number for entry in crl),
+               crl.last_update_utc, crl.next_update_utc, crl)
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    try:
+        return crl.is_signature_valid(ca.public_key())
+    except (TypeError, ValueError):  # a key type that cannot sign CRLs
+        return False
+
+
+class Revocations:
+    """The CRL in force for the TLS listeners built with it (None: none).
+
+    OpenSSL checks it in the handshake (X509_V_FLAG_CRL_CHECK: the client's certificate
+    against the CRL of its issuer), so a revoked client gets the 'certificate revoked' alert.
+    `use(crl)` installs a newer CRL in every listener's store, where OpenSSL prefers, among
+    the CRLs of one issuer, the one with the latest lastUpdate; a store never forgets a CRL,
+    so an older file put back is ignored (reissue it with a newer date).
+    """
+
+    def __init__(self, crl: Crl | None = None):
+        self.crl = crl
+        self._contexts: list[tuple[SSL.Context, crypto.X509Store]] = []
+
+    def attach(self, context: SSL.Context) -> None:
+        store = context.get_cert_store()
+        store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+        if self.crl is not None:
+            store.add_crl(self.crl.crl)
+        # The store object borrows the context's: keep the context alive with it.
+        self._contexts.append((context, store))
+
+    def use(self, crl: Crl) -> bool:
+        """Install `crl` (True), unless it is the one in force (False)."""
+        if self.crl is not None and self.crl.crl == crl.crl:
+            return False
+        for _, store in self._contexts:
+            store.add_crl(crl.crl)
+        self.crl = crl
+        return True
+
+
+# Verification errors that a configured CRL lets pass: no CRL for the certificate's issuer
+# (pki.crl covers one CA of the CA file), and a CRL not yet or no longer valid (warned about
+# when loaded; its list still applies). OpenSSL X509_V_ERR_* codes.
+_CRL_LENIENT = {3, 11, 12}  # UNABLE_TO_GET_CRL, CRL_NOT_YET_VALID, CRL_HAS_EXPIRED
+
+
+def _client_verify_callback(name: str, revocations: Revocations | None):
+    """OpenSSL's verification result (CRL included), every refusal logged with its reason."""
+
+    def verify(connection, cert, err, depth, ok) -> bool:
+        try:
+            if ok:
+                return True
+            if revocations is not None and err in _CRL_LENIENT:
+                return True
+            reason = describe_x509_error(err, depth, "client")
+            if err == 23 and revocations is not None and revocations.crl is not None:
+                reason += f" (serial {cert.get_serial_number():x} is in the CRL {revocations.crl.path})"
+            _log_refusal(name, connection, cert, reason)
+            return False
+        except BaseException:  # an exception inside an OpenSSL callback would be lost
+            _log.failure("verifying a client certificate")
+            return False
+
+    return verify
+
+
+def _log_refusal(name: str, connection, cert, reason: str) -> None:
+    try:
+        peer = connection.get_app_data().transport.getPeer()
+        address = f"{peer.host}:{peer.port}"
+    except Exception:  # no transport any more: the refusal matters more than the address
+        address = "?"
+    try:
+        subject = cert.to_cryptography().subject.rfc4514_string()
+    except Exception:
+        subject = "?"
+    _log.warn("{name}: TLS client {address} refused: {reason} (subject {subject})",
+              name=name, address=address, reason=reason, subject=subject)
 
 
 def client_tls_options(
@@ -195,10 +345,13 @@ _X509_ERRORS = {
 }
 
 
-def describe_x509_error(code: int, depth: int) -> str:
-    """A short description of an OpenSSL certificate verification error for an operator."""
+def describe_x509_error(code: int, depth: int, role: str = "server") -> str:
+    """A short description of an OpenSSL certificate verification error for an operator;
+    `role`: whose certificate it is, "server" or "client"."""
     what = _X509_ERRORS.get(code, f"failed verification (OpenSSL X509 error {code})")
-    where = "server certificate" if depth == 0 else f"certificate {depth} of the server chain"
+    if code == 26:
+        what = f"not valid for TLS {role} use (extended key usage)"
+    where = f"{role} certificate" if depth == 0 else f"certificate {depth} of the {role} chain"
     return f"{where} {what}"
 
 

@@ -12,8 +12,8 @@ from adapters.hl7v2.header import Location
 from adapters.mllp.client import split_messages
 from conftest import CORPUS
 from gateway.config import SenderConfig
-from gateway.ingest.inspect import (FieldView, IngestPolicy, Inspector, SenderDirectory, locate,
-                                    refuse_reused)
+from gateway.facilities import FacilityRegistry
+from gateway.ingest.inspect import FieldView, IngestPolicy, Inspector, locate, refuse_reused
 from gateway.ingest.model import MessageStatus
 
 
@@ -150,7 +150,7 @@ def test_registry_sender_fallback_accepts():
     """A registry sender with charset_fallback cp1252 gets the same bytes accepted as cp1252."""
     sender = SenderConfig(id="INPE-1", name="CHU X", type="hospital", facilities=("CHU_X",),
                           charset_fallback="cp1252")
-    policy = dict(senders=SenderDirectory([sender]))
+    policy = dict(registry=FacilityRegistry([sender]))
     item = inspector(**policy).message(message(msh18="UNICODE UTF-8", pid5=b"Ren\xe9^Alice"))
     assert item.status is MessageStatus.RECEIVED
     assert item.codec == "cp1252"
@@ -168,7 +168,7 @@ def test_windows_1252_sent_as_8859_1_uses_fallback():
     assert refused.error.location == Location("PID", 1, 5)
     sender = SenderConfig(id="INPE-1", name="CHU X", type="hospital", facilities=("CHU_X",),
                           charset_fallback="cp1252")
-    item = inspector(senders=SenderDirectory([sender])).message(raw)
+    item = inspector(registry=FacilityRegistry([sender])).message(raw)
     assert item.status is MessageStatus.RECEIVED and item.codec == "cp1252"
 
 
@@ -178,16 +178,16 @@ def test_empty_msh18_utf8_accepted():
     assert item.status is MessageStatus.RECEIVED and item.codec == "utf-8"
 
 
-def test_sender_directory_find():
-    """SenderDirectory matches MSH-4 first component, and MSH-3 when applications are listed."""
+def test_registry_by_header():
+    """The registry matches MSH-4 first component, and MSH-3 when applications are listed."""
     lab = SenderConfig(id="L1", name="Lab", type="laboratory", applications=("SIL",),
                        facilities=("LABO_A",))
     clinic = SenderConfig(id="C1", name="Clinic", type="clinic")
-    directory = SenderDirectory([lab, clinic])
-    assert directory.find("SIL", "LABO_A^1.2.3^ISO") is lab
-    assert directory.find("OTHER", "LABO_A") is None
-    assert directory.find("ANY", "C1") is clinic
-    assert directory.find("SIL", "NOWHERE") is None
+    registry = FacilityRegistry([lab, clinic])
+    assert registry.by_header("SIL", "LABO_A^1.2.3^ISO") is lab
+    assert registry.by_header("OTHER", "LABO_A") is None
+    assert registry.by_header("ANY", "C1") is clinic
+    assert registry.by_header("SIL", "NOWHERE") is None
 
 
 def test_unknown_sender_refused_when_policy_says_so():
@@ -198,7 +198,7 @@ def test_unknown_sender_refused_when_policy_says_so():
     assert err(item.ack)[5].split(b"^")[0] == b"SENDER_NOT_ALLOWED"
     assert err(item.ack)[2] == b"MSH^1^4"
     known = SenderConfig(id="INPE-2", name="CHU X", type="hospital", facilities=("CHU_X",))
-    ok = inspector(accept_unknown_senders=False, senders=SenderDirectory([known])).message(message())
+    ok = inspector(accept_unknown_senders=False, registry=FacilityRegistry([known])).message(message())
     assert ok.status is MessageStatus.RECEIVED and ok.sender_id == "INPE-2"
 
 

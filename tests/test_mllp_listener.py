@@ -339,9 +339,13 @@ def test_batch_is_stored_message_by_message(sqlite_url, make_config, running_gat
 
 @pytest_twisted.inlineCallbacks
 def test_tls_listener_accepts_a_facility_certificate(db_url, make_config, running_gateway, dev_pki):
-    """Over the TLS listener a client presenting a facility certificate from the CA gets its message accepted."""
-    ports = yield running_gateway(make_config(db_url, mllp=[dict(name="mllp-tls", tls=True,
-                                                                accept_unknown_senders=True)]))
+    """Over the TLS listener a client presenting a facility certificate from the CA gets its
+    message accepted (MSH-4 is one of the names of the facility the certificate names)."""
+    from gateway.config import SenderConfig
+
+    chu = SenderConfig(id="INPE-100001", name="CHU", type="hospital", facilities=("CHU_TEST",))
+    ports = yield running_gateway(make_config(db_url, mllp=[dict(name="mllp-tls", tls=True)],
+                                              senders=[chu]))
     context = client_tls_context(os.path.join(dev_pki, "ca.crt"), os.path.join(dev_pki, "INPE-100001.crt"),
                                  os.path.join(dev_pki, "INPE-100001.key"))
 
@@ -351,7 +355,8 @@ def test_tls_listener_accepts_a_facility_certificate(db_url, make_config, runnin
 
     answer = yield in_thread(exchange)
     assert ack_fields(answer)["msa1"] == "CA" and ack_fields(answer)["msa2"] == "TLS1"
-    assert [r.summary.control_id for r in stored(db_url)] == ["TLS1"]
+    [row] = stored(db_url)
+    assert row.summary.control_id == "TLS1" and row.sender_id == "INPE-100001"
 
 
 @pytest_twisted.inlineCallbacks

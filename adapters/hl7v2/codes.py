@@ -116,6 +116,9 @@ class AppErrorCode(str, Enum):
     BATCH_COUNT_MISMATCH = "BATCH_COUNT_MISMATCH"
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
     SENDER_NOT_ALLOWED = "SENDER_NOT_ALLOWED"
+    FACILITY_MISMATCH = "FACILITY_MISMATCH"
+    MESSAGE_TYPE_NOT_ALLOWED = "MESSAGE_TYPE_NOT_ALLOWED"
+    SOURCE_NOT_ALLOWED = "SOURCE_NOT_ALLOWED"
 
     @property
     def text(self) -> str:
@@ -132,4 +135,7 @@ _APP_ERROR_TEXT = {
     AppErrorCode.BATCH_COUNT_MISMATCH: "Batch trailer count does not match its content",
     AppErrorCode.STORE_UNAVAILABLE: "Message could not be stored; send it again",
     AppErrorCode.SENDER_NOT_ALLOWED: "Sender not allowed on this listener",
+    AppErrorCode.FACILITY_MISMATCH: "Sending facility is not the one the certificate names",
+    AppErrorCode.MESSAGE_TYPE_NOT_ALLOWED: "Message type not allowed for this type of facility",
+    AppErrorCode.SOURCE_NOT_ALLOWED: "Sender not allowed from this network address",
 }

@@ -11,16 +11,24 @@ pipelines too far ahead). Limits, each closing the connection with a logged reas
   the connection is closed, since the rest of the frame cannot be told from a new one.
 
 The handler does the real work and calls `reply(answer)` when the message is stored.
+
+Over TLS, the factory's `identify(transport)` names the facility of the verified client
+certificate once the handshake completes (before any data is read); it raises `PeerRefused`
+for a certificate that names no facility, and the connection is closed with that reason
+logged. The facility then travels with every frame in `ConnectionInfo`.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol as TypingProtocol
 
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from adapters.mllp.framing import (COMMIT_ACK_BLOCK, COMMIT_NAK_BLOCK, DEFAULT_MAX_FRAME_SIZE,
                                    CommitAcknowledged, CommitRejected, FrameReceived, FrameTooLarge,
@@ -47,6 +55,10 @@ class ConnectionInfo:
     tls: bool = False  # the connection is TLS with a verified client certificate
 
 
+class PeerRefused(Exception):
+    """Raised by an `identify` callable: this TLS peer is not served (the reason is logged)."""
+
+
 class FrameHandler(TypingProtocol):
     def frame_received(self, payload: bytes, connection: ConnectionInfo,
                        reply: Callable[[Answer], None]) -> None: ...
@@ -64,9 +76,16 @@ class MllpSettings:
     commit_blocks: bool = False  # MLLP release 2
 
 
+@implementer(IHandshakeListener)
 class MllpServerProtocol(Protocol, TimeoutMixin):
-    def __init__(self, handler: FrameHandler, settings: MllpSettings, clock):
+    def __init__(self, handler: FrameHandler, settings: MllpSettings, clock,
+                 identify: Callable[[object], str] | None = None):
         self.handler = handler
+        # TLS listeners: the facility of the client certificate, asked once per connection;
+        # until it answers (after the handshake), nothing received is read.
+        self.identify = identify
+        self.identified = identify is None
+        self.refused = False  # identify refused the peer: closing, reason logged
         self.settings = settings
         self.clock = clock
         self.callLater = clock.callLater  # TimeoutMixin schedules on the injected clock
@@ -85,7 +104,25 @@ class MllpServerProtocol(Protocol, TimeoutMixin):
             self.transport.setTcpNoDelay(True)
         self.setTimeout(self.settings.idle_timeout)
 
+    def handshakeCompleted(self) -> None:
+        if self.identify is None:
+            return
+        try:
+            facility_id = self.identify(self.transport)
+        except PeerRefused as refused:
+            log.warn("mllp {listener} {peer}: {reason}; closing", listener=self.info.listener,
+                     peer=self.info.peer, reason=refused)
+            self.refused = True
+            self.transport.loseConnection()
+            return
+        self.info = replace(self.info, facility_id=facility_id, tls=True)
+        self.identified = True
+        log.info("mllp {listener} {peer}: TLS client certificate of facility {facility}",
+                 listener=self.info.listener, peer=self.info.peer, facility=facility_id)
+
     def dataReceived(self, data: bytes) -> None:
+        if not self.identified:
+            return  # a refused TLS peer (bytes that came with its handshake are dropped)
         self.resetTimeout()
         ended = False  # a frame ended in this read: a frame still open began after it
         for event in self.framer.receive_data(data):
@@ -162,6 +199,13 @@ class MllpServerProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason=None) -> None:
         self.connected = False  # Twisted never resets it: _answer relies on it to drop late answers
         self.setTimeout(None)
+        if self.identify is not None and not self.info.tls and not self.refused \
+                and reason is not None and not reason.check(ConnectionDone):
+            # The handshake failed (no certificate, an old protocol, a refused certificate:
+            # gateway.tls logs which) or the peer left during it.
+            log.info("mllp {listener} {peer}: TLS connection ended before the client was "
+                     "identified: {error}", listener=self.info.listener, peer=self.info.peer,
+                     error=reason.getErrorMessage())
         if self._frame_deadline is not None:
             self._frame_deadline.cancel()
             self._frame_deadline = None
@@ -176,11 +220,13 @@ class MllpServerFactory(ServerFactory):
     """Builds one protocol per connection; refuses addresses outside the allow-list."""
 
     def __init__(self, handler: FrameHandler, settings: MllpSettings, clock,
-                 allowed: Callable[[str], bool] = lambda address: True):
+                 allowed: Callable[[str], bool] = lambda address: True,
+                 identify: Callable[[object], str] | None = None):
         self.handler = handler
         self.settings = settings
         self.clock = clock
         self.allowed = allowed
+        self.identify = identify  # TLS listeners: transport -> facility id, or PeerRefused
 
     def buildProtocol(self, addr):
         host = getattr(addr, "host", "")
@@ -188,7 +234,7 @@ class MllpServerFactory(ServerFactory):
             log.warn("mllp {listener}: connection from {host} refused (not in allow_sources)",
                      listener=self.settings.listener, host=host)
             return None
-        protocol = MllpServerProtocol(self.handler, self.settings, self.clock)
+        protocol = MllpServerProtocol(self.handler, self.settings, self.clock, self.identify)
         protocol.factory = self
         return protocol
 

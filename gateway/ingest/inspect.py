@@ -1,13 +1,16 @@
 """Ingest, first stage: one MLLP frame in, the records to store and their answers out.
 
 Pure code (no reactor, no database). It reads only what acknowledging needs: the MSH, the
-character set (the whole message must decode), the batch envelope; translation comes after
-the commit. Every frame yields at least one `Inbound` to store, whatever its state: a frame
+character set (the whole message must decode), the batch envelope, and whether the sender may
+send it (gateway.facilities: over TLS, the certificate's facility must be MSH-4 and its type
+must allow MSH-9; on plain MLLP, MSH-3/MSH-4 find the sender in the registry); translation
+comes after the commit. Every frame yields at least one `Inbound` to store, whatever its state: a frame
 of binary garbage is kept, with the reason, like a good message.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -21,7 +24,11 @@ from adapters.hl7v2.header import (DEFAULT_DELIMITERS, Delimiters, HeaderError, 
                                    read_delimiters,
                                    segment_end)
 from gateway.config import SenderConfig
+from gateway.facilities import (FacilityRegistry, RegistryRef, Refusal, authorize_certified,
+                                authorize_sender)
 from gateway.ingest.model import Inbound, MessageStatus
+
+log = logging.getLogger(__name__)
 
 
 _VERSIONS = frozenset(v.encode("ascii") for v in reference.SUPPORTED_VERSIONS)
@@ -30,30 +37,25 @@ _ACK_WANTED = {condition.value.encode("ascii"): {True: condition.wants(True), Fa
 _ALWAYS = {True: True, False: True}
 
 
-class SenderDirectory:
-    """Finds the registry facility behind an MSH-3 / MSH-4 pair (first components)."""
-
-    def __init__(self, senders: Iterable[SenderConfig] = ()):
-        self._by_facility: dict[str, list[SenderConfig]] = {}
-        for sender in senders:
-            for name in sender.facilities or (sender.id,):
-                self._by_facility.setdefault(name, []).append(sender)
-
-    def find(self, application: str, facility: str) -> SenderConfig | None:
-        for sender in self._by_facility.get(facility.split("^", 1)[0], ()):
-            if not sender.applications or application.split("^", 1)[0] in sender.applications:
-                return sender
-        return None
+def SenderDirectory(senders: Iterable[SenderConfig] = ()) -> FacilityRegistry:
+    """Former name of the registry's MSH-3/MSH-4 look-up, kept for callers not yet moved to
+    `gateway.facilities.FacilityRegistry` (tests/test_corpus.py)."""
+    return FacilityRegistry(senders)
 
 
 @dataclass(frozen=True)
 class IngestPolicy:
-    """What one listener accepts."""
+    """What one listener accepts. `registry`: the facility registry shared by every door (a
+    `RegistryRef`, whose registry a reload replaces; a bare FacilityRegistry is wrapped)."""
 
     listener: str
     processing_ids: frozenset[bytes] = frozenset({b"P", b"T", b"D"})
     accept_unknown_senders: bool = True
-    senders: SenderDirectory = field(default_factory=SenderDirectory)
+    registry: RegistryRef = field(default_factory=RegistryRef)
+
+    def __post_init__(self):
+        if isinstance(self.registry, FacilityRegistry):
+            object.__setattr__(self, "registry", RegistryRef(self.registry))
 
 
 @dataclass
@@ -86,7 +88,7 @@ class Inspector:
                 return FrameResult([self._refused_frame(payload, ErrorDetail(
                     ErrorCondition.SEGMENT_SEQUENCE_ERROR, Location("MSH", 2),
                     "frame holds several messages without a BHS/BTS batch envelope"))])
-            return FrameResult([self.message(payload)])
+            return FrameResult([self.message(payload, connection)])
         if is_batch(payload):
             try:
                 batch = split_batch(payload)
@@ -94,11 +96,13 @@ class Inspector:
                 detail = ErrorDetail(error.condition, error.location, error.reason,
                                      getattr(error, "app_code", None))
                 return FrameResult([self._refused_frame(payload, detail)])
-            return FrameResult([self.message(raw) for raw in batch.messages], batch)
-        return FrameResult([self.message(payload)])
+            return FrameResult([self.message(raw, connection) for raw in batch.messages], batch)
+        return FrameResult([self.message(payload, connection)])
 
-    def message(self, raw: bytes) -> Inbound:
-        """Inspect one message: accepted, refused with its reason, or an ACK to keep quietly."""
+    def message(self, raw: bytes, connection=None) -> Inbound:
+        """Inspect one message: accepted, refused with its reason, or an ACK to keep quietly.
+        `connection` (ConnectionInfo) says who sent it; None: no door (every sender is plain,
+        without a source address)."""
         digest = hashlib.sha256(raw).digest()
         try:
             header = parse_header(raw)
@@ -114,7 +118,12 @@ class Inspector:
         fields = header.fields
         application = fields[2].decode(codec, "replace")
         facility = fields[3].decode(codec, "replace")
-        sender = self.policy.senders.find(application, facility)
+        registry = self.policy.registry.current
+        certified = connection is not None and connection.tls
+        if certified:  # the facility its certificate names, as the registry now has it
+            sender = registry.get(connection.facility_id)
+        else:
+            sender = registry.by_header(application, facility)
         try:
             decode_declared(raw, codec)  # the whole message must be text in its declared set
         except UnicodeDecodeError:
@@ -129,9 +138,19 @@ class Inspector:
         if header.is_acknowledgement:
             item.status = MessageStatus.IGNORED  # never acknowledge an acknowledgement
             return item
-        problem = self._check(header, sender)
+        problem = self._check(header)
         if problem is not None:
             return self._refused(raw, digest, header, Outcome.REJECT, problem, codec, sender)
+        if certified:
+            refusal = authorize_certified(registry, sender, item.sending_facility,
+                                          item.message_type, connection.facility_id)
+        elif sender is None and self.policy.accept_unknown_senders:
+            refusal = None  # development: anyone, anything
+        else:
+            refusal = authorize_sender(registry, sender, item.sending_facility, item.message_type,
+                                       _address(connection), self.policy.accept_unknown_senders)
+        if refusal is not None:
+            return self._unauthorized(raw, digest, header, codec, sender, refusal, connection)
         if self._wants_ack(header, True):
             item.ack = self.builder.build(header, Outcome.ACCEPT, header.enhanced_mode)
         return item
@@ -146,11 +165,11 @@ class Inspector:
         item.size = size
         return FrameResult([item])
 
-    def _check(self, header: MessageHeader, sender: SenderConfig | None) -> ErrorDetail | None:
+    def _check(self, header: MessageHeader) -> ErrorDetail | None:
+        """What the message is: a type, event, version and processing id we take."""
         code, event = header.message_code, header.trigger_event
         if code in self._types and (not event or event in self._events) \
-                and header.version in _VERSIONS and header.processing_id in self.policy.processing_ids \
-                and (sender is not None or self.policy.accept_unknown_senders):
+                and header.version in _VERSIONS and header.processing_id in self.policy.processing_ids:
             return None  # the usual case, in one test
         code_text, event_text = code.decode("ascii", "replace"), event.decode("ascii", "replace")
         if code not in self._types and not code.startswith(b"Z"):
@@ -168,11 +187,20 @@ class Inspector:
             return ErrorDetail(ErrorCondition.UNSUPPORTED_PROCESSING_ID, Location("MSH", 1, 11),
                                f"processing id {header.processing_id.decode('ascii', 'replace')!r} "
                                f"is not accepted here ({allowed})")
-        if sender is None and not self.policy.accept_unknown_senders:
-            return ErrorDetail(ErrorCondition.APPLICATION_INTERNAL_ERROR, Location("MSH", 1, 4),
-                               "sending facility is not in the facility registry",
-                               AppErrorCode.SENDER_NOT_ALLOWED)
         return None
+
+    def _unauthorized(self, raw: bytes, digest: bytes, header: MessageHeader, codec: str | None,
+                      sender: SenderConfig | None, refusal: Refusal, connection) -> Inbound:
+        """A sender refused at the door: AR/CR with ERR 207 and our code, stored and logged
+        (facility, type, control id and reason: no patient data)."""
+        item = self._refused(raw, digest, header, Outcome.REJECT, ErrorDetail(
+            ErrorCondition.APPLICATION_INTERNAL_ERROR, Location("MSH", 1, refusal.field),
+            refusal.reason, refusal.code), codec, sender)
+        log.info("%s %s: refused %s %s from MSH-4 %r (facility %s): %s: %s",
+                 connection.listener if connection else "-", connection.peer if connection else "-",
+                 item.message_type, item.control_id, item.sending_facility,
+                 sender.id if sender else "unknown", refusal.code.value, refusal.reason)
+        return item
 
     @staticmethod
     def _wants_ack(header: MessageHeader, positive: bool) -> bool:
@@ -230,6 +258,13 @@ class Inspector:
         item.control_id = view.field(10).decode("iso8859-1") or None
         item.ack = self.builder.build(view, Outcome.REJECT, enhanced_mode(view), detail)
         return item
+
+
+def _address(connection) -> str | None:
+    """The peer's IP address ('10.1.2.3:50123' -> '10.1.2.3'), None without a connection."""
+    if connection is None:
+        return None
+    return connection.peer.rpartition(":")[0] or None
 
 
 def _second_msh(payload: bytes, start: int) -> bool:

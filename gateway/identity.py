@@ -1,0 +1,143 @@
+"""Who is on the other end, for every door: the facility registry and the CRL in force, held
+once per process, and reloaded together (SIGHUP, `gateway mappings reload`).
+
+- `registry`: a `RegistryRef`; the inspectors (and the HTTPS door) read `registry.current`
+  for each message, so a reload applies to the next message of every open connection;
+- `revocations`: the `Revocations` every TLS listener checks in its handshakes;
+- `identify(transport)`: the facility id a TLS connection's verified client certificate names,
+  or `PeerRefused` (from our CA, but no facility of the registry is bound to it).
+
+A reload reads the configuration again with `load_config` (in a thread: files only) and takes
+its registry; a configuration with any problem is refused whole, every problem logged, and the
+old registry kept. The CRL file is read again too, on its own: a broken CRL keeps the old CRL
+and does not hold back a good registry. Other changes to the configuration wait for a restart.
+"""
+from __future__ import annotations
+
+import logging
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+
+from adapters.mllp.protocol import PeerRefused
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.facilities import FacilityRegistry, RegistryRef
+from gateway.pki import certificate_fingerprint
+from gateway.tls import Crl, Revocations, TlsConfigError, load_crl, peer_certificate
+
+log = logging.getLogger(__name__)
+
+ASTM = "ASTM"  # the message type of everything an ASTM listener receives
+
+
+class IdentityError(Exception):
+    """The registry cannot serve the configured listeners (every problem, one per line)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def registry_problems(config: GatewayConfig, registry: FacilityRegistry) -> list[str]:
+    """What the running listeners need of a registry: each ASTM listener's laboratory is in it,
+    and its type may send ASTM."""
+    problems = []
+    for listener in config.astm:
+        facility = registry.get(listener.facility)
+        if facility is None:
+            problems.append(f"listeners.astm {listener.name}: facility {listener.facility!r} "
+                            "is not in the facility registry")
+        elif not registry.may_send(facility, ASTM):
+            problems.append(f"listeners.astm {listener.name}: facility {facility.id} is of type "
+                            f"{facility.type}, which may not send ASTM (facilities.yaml types:)")
+    return problems
+
+
+def read_crl(config: GatewayConfig) -> Crl | None:
+    """pki.crl, checked against pki.ca (TlsConfigError); None when no CRL is configured."""
+    if config.pki.crl is None:
+        return None
+    crl = load_crl(config.pki.crl, config.pki.ca)
+    if crl.expired():
+        log.warning("CRL %s is past its nextUpdate (%s): install the newer one and reload; "
+                    "certificates it lists are still refused", crl.path, crl.next_update.isoformat())
+    return crl
+
+
+class IdentityService(Service):
+    name = "identity"
+
+    def __init__(self, config: GatewayConfig, reactor):
+        """Raises IdentityError (the registry does not fit the listeners) or TlsConfigError
+        (an unusable CRL): the gateway does not start."""
+        self.config = config
+        self.reactor = reactor
+        registry = FacilityRegistry.from_config(config)
+        problems = registry_problems(config, registry)
+        if problems:
+            raise IdentityError(problems)
+        self.registry = RegistryRef(registry)
+        self.revocations = Revocations(read_crl(config))
+
+    def identify(self, transport) -> str:
+        """The facility id the verified client certificate of a TLS `transport` names."""
+        cert = peer_certificate(transport)
+        if cert is None:
+            raise PeerRefused("no client certificate")
+        facility = self.registry.current.by_certificate(cert)
+        if facility is None:
+            raise PeerRefused(f"client certificate {cert.subject.rfc4514_string()!r} (sha256 "
+                              f"{certificate_fingerprint(cert)}) is from the configured CA but "
+                              "names no facility of the registry (certificate_subject, "
+                              "certificate_sha256, or a common name equal to a facility id)")
+        return facility.id
+
+    def reload(self) -> defer.Deferred:
+        """Read the registry and the CRL again; a Deferred firing with True when the registry
+        was replaced, False when it was refused (the CRL is replaced or kept on its own)."""
+        pool = self.reactor.getThreadPool()
+        return deferToThreadPool(self.reactor, pool, self._read).addCallback(self._use)
+
+    def _read(self):
+        """(registry or None, [problems], crl or None, crl problem or None), in a thread."""
+        registry, problems = None, []
+        try:
+            fresh = load_config(self.config.path)
+        except ConfigError as error:
+            problems = error.problems
+        except Exception as error:  # unreadable files: refused like any other problem
+            problems = [f"{self.config.path}: {error}"]
+        else:
+            registry = FacilityRegistry.from_config(fresh)
+            problems = registry_problems(self.config, registry)
+        crl, crl_problem = None, None
+        try:
+            crl = read_crl(self.config)
+        except TlsConfigError as error:
+            crl_problem = str(error)
+        return registry, problems, crl, crl_problem
+
+    def _use(self, read) -> bool:
+        registry, problems, crl, crl_problem = read
+        if crl_problem is not None:
+            log.error("CRL refused: %s; keeping the CRL in force", crl_problem)
+        elif crl is not None:
+            old = self.revocations.crl
+            if self.revocations.use(crl):
+                log.info("CRL %s reloaded: %d revoked certificates, issued %s (was %s)", crl.path,
+                         len(crl.serials), crl.last_update.isoformat(),
+                         len(old.serials) if old is not None else "none")
+        if problems or registry is None:
+            log.error("facility registry refused (%d problems); keeping the registry in force "
+                      "(%d facilities)", len(problems), len(self.registry.current.facilities))
+            for problem in problems:
+                log.error("  %s", problem)
+            return False
+        old_ids = {f.id for f in self.registry.current.facilities}
+        new_ids = {f.id for f in registry.facilities}
+        self.registry.current = registry
+        log.info("facility registry reloaded: %d facilities (added: %s; removed: %s)",
+                 len(new_ids), ", ".join(sorted(new_ids - old_ids)) or "none",
+                 ", ".join(sorted(old_ids - new_ids)) or "none")
+        return True
