@@ -80,7 +80,8 @@ def test_adt_and_oru_reach_the_shared_record(db_url, make_config, running_gatewa
 def test_peer_down_then_back_delivers_everything_in_patient_order_once(
         db_url, make_config, running_gateway, peers):
     """The record is down: deliveries queue and retry; once it is back, all are delivered, the
-    same patient's messages in their order, none twice."""
+    same patient's messages in their order (in the same request as an earlier one, or after it
+    was done), none twice."""
     yield peers.faults("record", "down")
     ports = yield running_gateway(gateway_config(make_config, db_url, peers))
     yield threads.deferToThread(send, ports["mllp-test"], adt(1), adt(2), oru(3), adt(4))
@@ -88,16 +89,22 @@ def test_peer_down_then_back_delivers_everything_in_patient_order_once(
                 lambda f: len(f) == 4 and f[0].attempts >= 1, db_url)
     waiting = yield threads.deferToThread(rows, db_url, "SELECT status, attempts FROM deliveries ORDER BY id")
     assert all(r.status == "pending" for r in waiting)
-    assert waiting[1].attempts == 0 and waiting[3].attempts == 0  # behind the patient's first
     yield peers.faults("record", "none")
     yield until(DELIVERIES, all_delivered(4), db_url)
-    order = yield threads.deferToThread(rows, db_url, """
-        SELECT m.control_id, d.finished_at,
-               (SELECT MIN(a.attempted_at) FROM delivery_attempts a WHERE a.delivery_id = d.id) AS first_try
+    attempts = yield threads.deferToThread(rows, db_url, """
+        SELECT m.control_id, d.finished_at, a.attempted_at, a.outcome
         FROM deliveries d JOIN messages m ON m.id = d.message_id
-        WHERE m.control_id IN ('B00000000001', 'B00000000002', 'B00000000004') ORDER BY d.id""")
-    for earlier, later in zip(order, order[1:]):
-        assert later.first_try >= earlier.finished_at  # never sent before the previous one was done
+        JOIN delivery_attempts a ON a.delivery_id = d.id
+        WHERE m.control_id IN ('B00000000001', 'B00000000002', 'B00000000004') ORDER BY d.id, a.id""")
+    by_message: dict[str, list] = {}
+    for row in attempts:
+        by_message.setdefault(row.control_id, []).append(row)
+    assert all([a.outcome for a in tries].count("delivered") == 1 for tries in by_message.values())
+    ordered = [by_message[c] for c in ("B00000000001", "B00000000002", "B00000000004")]
+    for earlier, later in zip(ordered, ordered[1:]):
+        together = {a.attempted_at for a in earlier}
+        for attempt in later:  # never sent before the previous one was done, unless with it
+            assert attempt.attempted_at in together or attempt.attempted_at >= earlier[0].finished_at
     history = yield peers.search("/Patient?identifier=" + quote("4500123456"))
     assert history["total"] == 1
 
@@ -122,20 +129,28 @@ def test_a_lost_answer_is_retried_with_the_same_key_and_the_peer_keeps_one_copy(
 @pytest_twisted.inlineCallbacks
 def test_a_permanent_refusal_is_a_dead_letter_with_the_answer_and_replay_revives_it(
         db_url, make_config, running_gateway, peers):
-    """A 400 from the record: the delivery is dead with the peer's answer kept, and later
-    deliveries of the same patient go on; reopened (as `messages replay` does), it is delivered."""
+    """A 400 from the record: the deliveries of the refused request (the patient's two
+    messages, batched) are dead letters with the peer's answer kept, and a later message goes
+    on; reopened (as `messages replay` does), they are delivered."""
     from gateway.store import outbox
     from gateway.store.database import create_gateway_engine
 
-    yield peers.faults("record", "http_400", count=1)
+    yield peers.faults("record", "down")  # both wait, then travel in one request
     ports = yield running_gateway(gateway_config(make_config, db_url, peers))
     yield threads.deferToThread(send, ports["mllp-test"], adt(1), adt(2))
-    found = yield until(DELIVERIES, lambda f: len(f) == 2 and f[0].status == "dead"
-                        and f[1].status == "delivered", db_url)
-    assert (found[0].attempts, found[0].last_code) == (1, 400)
-    (dead,) = yield threads.deferToThread(rows, db_url,
-                                          "SELECT last_response, message_id FROM deliveries WHERE status = 'dead'")
-    assert b"OperationOutcome" in bytes(dead.last_response)
+    # Once the second has been tried with the first, they are retried together.
+    yield until("SELECT attempts FROM deliveries ORDER BY id", lambda f: len(f) == 2 and f[1].attempts, db_url)
+    yield peers.faults("record", "http_400", count=1)
+    found = yield until(DELIVERIES, lambda f: len(f) == 2 and all(r.status == "dead" for r in f), db_url)
+    assert [r.last_code for r in found] == [400, 400]
+    attempts = yield threads.deferToThread(
+        rows, db_url, "SELECT delivery_id, outcome, code FROM delivery_attempts WHERE outcome = 'permanent'")
+    assert len(attempts) == 2 and {a.code for a in attempts} == {400}
+    dead = yield threads.deferToThread(
+        rows, db_url, "SELECT last_response, message_id FROM deliveries WHERE status = 'dead' ORDER BY id")
+    assert all(b"OperationOutcome" in bytes(r.last_response) for r in dead)
+    yield threads.deferToThread(send, ports["mllp-test"], adt(3))
+    yield until(DELIVERIES, lambda f: len(f) == 3 and f[2].status == "delivered", db_url)
 
     def reopen():
         from datetime import datetime, timezone
@@ -143,12 +158,12 @@ def test_a_permanent_refusal_is_a_dead_letter_with_the_answer_and_replay_revives
         engine = create_gateway_engine(db_url)
         try:
             with engine.begin() as conn:
-                return outbox.reopen_dead(conn, [dead.message_id], datetime.now(timezone.utc))
+                return outbox.reopen_dead(conn, [r.message_id for r in dead], datetime.now(timezone.utc))
         finally:
             engine.dispose()
 
-    assert (yield threads.deferToThread(reopen)) == 1
-    yield until(DELIVERIES, all_delivered(2), db_url)
+    assert (yield threads.deferToThread(reopen)) == 2
+    yield until(DELIVERIES, all_delivered(3), db_url)
 
 
 @pytest_twisted.inlineCallbacks

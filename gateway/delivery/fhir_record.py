@@ -9,7 +9,8 @@ a transaction request, and the record's answer as a delivery outcome. Pure code.
 - any other resource is `PUT Type/id` with its deterministic id;
 - fullUrls and references stay `urn:uuid:`: the record resolves them to the ids it stores.
 `transaction_request_for_bundles` does the same for several canonical bundles in one request
-(entries in the given order, so a later message about a resource wins).
+(entries in the given order, so a later message about a resource wins): the batched delivery
+of several messages, of one patient or several, all or nothing at the record.
 
 `classify_response(response)`:
 - 2xx with a `transaction-response` Bundle whose entries are all 2xx: delivered;
@@ -25,6 +26,8 @@ import json
 import re
 from collections.abc import Sequence
 from urllib.parse import quote
+
+import orjson
 
 from gateway.delivery.outcome import DeliveryOutcome, HttpRequest, HttpResponse
 
@@ -65,12 +68,13 @@ def transaction_request(bundle: dict, *, base_url: str, idempotency_key: str) ->
 
 def transaction_request_for_bundles(bundles: Sequence[dict], *, base_url: str,
                                     idempotency_key: str) -> HttpRequest:
-    """One transaction for several canonical bundles (batched delivery), all or nothing."""
-    body = json.dumps(transaction_bundle(bundles), ensure_ascii=False, separators=(",", ":"))
+    """One transaction for several canonical bundles (batched delivery), all or nothing.
+    The body is compact UTF-8 JSON and depends only on the bundles and their order, so the
+    same deliveries give the same bytes under the same key on every retry."""
     return HttpRequest(
         method="POST",
         url=base_url.rstrip("/"),
-        body=body.encode("utf-8"),
+        body=orjson.dumps(transaction_bundle(bundles)),
         headers={"Content-Type": f"{FHIR_JSON}; charset=utf-8", "Accept": FHIR_JSON,
                  "Idempotency-Key": idempotency_key},
     )

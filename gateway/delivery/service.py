@@ -12,12 +12,14 @@ them, and gives back what it had claimed but not sent.
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
+
+import orjson
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -108,18 +110,21 @@ class DeliveryService(Service):
         if not wanted:
             return  # every destination is busy: a settled attempt wakes us
         self._claiming = True
-        d = self.database.run_write(_claim_all, self.node, wanted, _now(),
-                              self.config.delivery.lease, self.config.delivery.claim_batch)
+        plan = {name: _ClaimPlan(min(count, max(1, self.config.delivery.claim_batch
+                                                // self.destinations[name].batch_size)),
+                                 self.destinations[name].batch_size, self.destinations[name].batch_bytes)
+                for name, count in wanted.items()}
+        d = self.database.run_write(_claim_all, self.node, plan, _now(), self.config.delivery.lease)
         d.addCallbacks(self._claimed, self._claim_failed)
 
-    def _claimed(self, claims: list[outbox.Claim]) -> None:
+    def _claimed(self, batches: list[outbox.Batch]) -> None:
         self._claiming = False
         if self._stopping:
-            self.database.run_write(outbox.release, self.node, [c.id for c in claims])
+            self.database.run_write(outbox.release, self.node, [i for b in batches for i in b.ids])
             return
-        for claim in claims:
-            self._send(claim)
-        if self._again or claims:
+        for batch in batches:
+            self._send(batch)
+        if self._again or batches:
             self._again = False
             self._claim()  # more may be due (a full batch, or woken meanwhile)
         else:
@@ -136,57 +141,72 @@ class DeliveryService(Service):
 
     # -- one attempt ------------------------------------------------------------------------
 
-    def _send(self, claim: outbox.Claim) -> None:
-        destination = self.destinations[claim.destination]
+    def _send(self, batch: outbox.Batch) -> None:
+        name = batch.claims[0].destination
+        destination = self.destinations[name]
         started = time.monotonic()
         attempted_at = _now()
-        self.in_flight[claim.destination] += 1
+        self.in_flight[name] += 1
         try:
-            request = destination.build(json.loads(claim.bundle), claim.idempotency_key)
-        except Exception as error:  # a bundle this destination cannot take: never will
-            log.warning("delivery %d to %s: no request could be built: %s", claim.id,
-                        claim.destination, type(error).__name__)
+            request = destination.build([orjson.loads(c.bundle) for c in batch.claims],
+                                        batch.idempotency_key)
+        except Exception as error:  # bundles this destination cannot take: never will
+            log.warning("deliveries %s to %s: no request could be built: %s", _ids(batch), name,
+                        type(error).__name__)
             d = defer.succeed(DeliveryOutcome.permanent(f"cannot build the request: {error}"))
         else:
             if request is None:
                 d = defer.succeed(DeliveryOutcome.delivered("nothing for this destination"))
             else:
-                d = self.transports[claim.destination].request(request)
+                d = self.transports[name].request(request)
                 d.addCallbacks(destination.classify, _transport_failure)
         d.addErrback(lambda f: DeliveryOutcome.transient(f"internal error: {f.getErrorMessage()}"))
-        d.addCallback(self._attempted, claim, attempted_at, started)
+        d.addCallback(self._attempted, batch, attempted_at, started)
         self._sending.add(d)
-        d.addBoth(self._sent, d, claim.destination)
+        d.addBoth(self._sent, d, name)
 
     def _sent(self, result, d, destination: str):
         self._sending.discard(d)
         self.in_flight[destination] -= 1
         return result
 
-    def _attempted(self, outcome: DeliveryOutcome, claim: outbox.Claim, attempted_at: datetime,
+    def _attempted(self, outcome: DeliveryOutcome, batch: outbox.Batch, attempted_at: datetime,
                    started: float) -> None:
+        """Settle every delivery of the request with its outcome. After a transient failure
+        each is retried on its own schedule (its own attempts and age: one that has reached
+        its limit becomes a dead letter, the others wait); one draw of jitter for the request
+        keeps those with the same history together, so they travel together again."""
         response = outcome.response
-        next_at = None
-        if outcome.kind == "transient":
-            first = (claim.first_attempt_at or attempted_at).timestamp()
-            at = self.policies[claim.destination].next_attempt(
-                attempted_at.timestamp(), claim.attempts + 1, first, self.rand)
-            if at is not None:
-                next_at = datetime.fromtimestamp(at, timezone.utc)
-        if outcome.kind == "delivered":
-            self.delivered += 1
-        elif next_at is not None:
-            self.retried += 1
-            log.info("delivery %d to %s: attempt %d failed (%s); next at %s", claim.id,
-                     claim.destination, claim.attempts + 1, outcome.reason, next_at.isoformat())
-        else:
-            self.dead += 1
-            log.warning("delivery %d to %s: dead letter after %d attempts: %s", claim.id,
-                        claim.destination, claim.attempts + 1, outcome.reason)
-        self._settlements.append(outbox.Settlement(
-            claim.id, outcome.kind, outcome.reason[:1000], attempted_at,
-            int((time.monotonic() - started) * 1000), response.code if response else None,
-            response.body if response else None, next_at))
+        name = batch.claims[0].destination
+        duration_ms = int((time.monotonic() - started) * 1000)
+        draw = self.rand()
+        retried = dead = 0
+        for claim in batch.claims:
+            next_at = None
+            if outcome.kind == "transient":
+                first = (claim.first_attempt_at or attempted_at).timestamp()
+                at = self.policies[name].next_attempt(attempted_at.timestamp(), claim.attempts + 1,
+                                                      first, lambda: draw)
+                if at is not None:
+                    next_at = datetime.fromtimestamp(at, timezone.utc)
+            if outcome.kind == "delivered":
+                self.delivered += 1
+            elif next_at is not None:
+                self.retried += 1
+                retried += 1
+            else:
+                self.dead += 1
+                dead += 1
+            self._settlements.append(outbox.Settlement(
+                claim.id, outcome.kind, outcome.reason[:1000], attempted_at, duration_ms,
+                response.code if response else None, response.body if response else None, next_at))
+        attempts = batch.claims[0].attempts + 1
+        if retried:
+            log.info("deliveries %s to %s: attempt %d failed (%s); %d to retry", _ids(batch), name,
+                     attempts, outcome.reason, retried)
+        if dead:
+            log.warning("deliveries %s to %s: %d dead letters after attempt %d: %s", _ids(batch), name,
+                        dead, attempts, outcome.reason)
         if not self._stopping:
             self._flush()
 
@@ -215,12 +235,27 @@ class DeliveryService(Service):
         return d
 
 
-def _claim_all(connection, node: str, wanted: dict[str, int], now: datetime, lease: float,
-               batch: int) -> list[outbox.Claim]:
-    claims = []
-    for destination, count in wanted.items():
-        claims.extend(outbox.claim(connection, node, destination, now, lease, min(count, batch)))
-    return claims
+@dataclass(frozen=True)
+class _ClaimPlan:
+    requests: int
+    batch_size: int
+    batch_bytes: int | None
+
+
+def _claim_all(connection, node: str, plans: dict[str, _ClaimPlan], now: datetime,
+               lease: float) -> list[outbox.Batch]:
+    batches = []
+    for destination, plan in plans.items():
+        batches.extend(outbox.claim_batches(connection, node, destination, now, lease,
+                                            requests=plan.requests, batch_size=plan.batch_size,
+                                            batch_bytes=plan.batch_bytes))
+    return batches
+
+
+def _ids(batch: outbox.Batch) -> str:
+    """Delivery ids for a log line: the first and the count beyond it."""
+    ids = batch.ids
+    return str(ids[0]) if len(ids) == 1 else f"{ids[0]} (+{len(ids) - 1})"
 
 
 def _transport_failure(failure) -> DeliveryOutcome:

@@ -5,11 +5,15 @@ transaction, the caller's) and plain data, like the rest of the store.
   its deliveries commit together. Translating a message again (a replay) reopens a delivery
   that is dead, or one whose content changed (with a new idempotency key: a new request);
   an unchanged delivered one is left alone.
-- `claim` hands due deliveries to one node for `lease` seconds. On PostgreSQL several nodes
-  claim concurrently with `FOR UPDATE SKIP LOCKED`; on SQLite (one node) the same query runs
-  in a write transaction. A delivery is due when its time has come, nobody holds a live lease
-  on it, and no earlier delivery of the same patient to the same destination is pending:
-  per-patient order, across nodes.
+- `claim_batches` hands due deliveries to one node for `lease` seconds, grouped into batches
+  (one request each). On PostgreSQL several nodes claim concurrently with `FOR UPDATE SKIP
+  LOCKED`; on SQLite (one node) the same queries run in a write transaction. A delivery is due
+  when its time has come, nobody holds a live lease on it, and no earlier delivery of the same
+  patient to the same destination is pending: per-patient order, across nodes. A patient's
+  first due delivery (its head) may bring the deliveries that follow it (its run: consecutive,
+  due, free, up to `batch_size` and `batch_bytes`); runs of several patients share a batch,
+  and a run is never split between batches, so two requests in flight never carry the same
+  patient. `claim` is the one-delivery-per-request form.
 - `settle` records attempts: delivered, retry at a given time, or dead. A node whose lease was
   taken over meanwhile (it was too slow) records its attempt but does not change the row.
 """
@@ -19,7 +23,7 @@ import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from sqlalchemy import Connection, DateTime, bindparam, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -31,6 +35,7 @@ STATUSES = (PENDING, DELIVERED, DEAD)
 # A dead letter keeps the peer's answer, up to this many bytes.
 MAX_KEPT_RESPONSE = 64 * 1024
 _KEY_NAMESPACE = uuid.UUID("7d0c3f1e-2b7a-5b8e-9a43-4d1f6a2c8e10")
+_BATCH_NAMESPACE = uuid.UUID("0b5e4c2a-6f1d-5a3b-8c7e-2d9f4a6b1c30")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,23 @@ class Claim:
     attempts: int
     first_attempt_at: datetime | None
     bundle: str  # the canonical bundle, as stored JSON text
+    patient_key: str = ""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Deliveries that travel in one request, in message order (so each patient's are in
+    order), all or nothing at the peer."""
+
+    claims: tuple[Claim, ...]
+
+    @property
+    def idempotency_key(self) -> str:
+        return batch_idempotency_key([claim.idempotency_key for claim in self.claims])
+
+    @property
+    def ids(self) -> list[int]:
+        return [claim.id for claim in self.claims]
 
 
 @dataclass(frozen=True)
@@ -76,6 +98,17 @@ def idempotency_key(destination: str, message_id: int, bundle_sha256: str) -> st
     """Stable for the same content to the same destination: retries, restarts, other nodes
     and replays of unchanged content all send the same key; changed content gets a new one."""
     return str(uuid.uuid5(_KEY_NAMESPACE, f"{destination}\n{message_id}\n{bundle_sha256}"))
+
+
+def batch_idempotency_key(keys: Sequence[str]) -> str:
+    """The key of a request carrying these deliveries: a lone delivery's own key; for several,
+    a name derived from the set (not its order), so that a retry of the same set repeats the
+    key and a different set never gets the answer stored for another one."""
+    if len(keys) == 1:
+        return keys[0]
+    if not keys:
+        raise ValueError("a batch needs at least one delivery")
+    return str(uuid.uuid5(_BATCH_NAMESPACE, "\n".join(sorted(keys))))
 
 
 def enqueue(connection: Connection, entries: Iterable[Enqueue], now: datetime) -> int:
@@ -123,7 +156,7 @@ def enqueue(connection: Connection, entries: Iterable[Enqueue], now: datetime) -
 
 
 _DUE = """
-    SELECT d.id FROM deliveries d
+    SELECT d.id, d.patient_key, d.message_id FROM deliveries d
     WHERE d.status = 'pending' AND d.destination = :destination AND d.next_attempt_at <= :now
       AND (d.lease_until IS NULL OR d.lease_until < :now)
       AND NOT EXISTS (
@@ -133,28 +166,141 @@ _DUE = """
     ORDER BY d.message_id
     LIMIT :limit
 """
+# A patient's pending deliveries in order, from its head: whether each is free to take now,
+# and its bundle's size. `{patient}` is a parameter, or a column of the PostgreSQL LATERAL join.
+_RUN = """
+    SELECT f.id, f.patient_key, f.message_id,
+           CASE WHEN f.next_attempt_at <= :now AND (f.lease_until IS NULL OR f.lease_until < :now)
+                THEN 1 ELSE 0 END AS free,
+           {size} AS size
+    FROM deliveries f JOIN translations t ON t.message_id = f.message_id
+    WHERE f.status = 'pending' AND f.destination = :destination AND f.patient_key = {patient}
+    ORDER BY f.message_id
+    LIMIT :run
+"""
+_RUNS_PG = ("SELECT r.* FROM unnest(CAST(:patients AS text[])) AS h(patient_key) CROSS JOIN LATERAL ("
+            + _RUN.format(size="octet_length(t.bundle)", patient="h.patient_key") + ") r")
+_RUN_SQLITE = _RUN.format(size="length(CAST(t.bundle AS BLOB))", patient=":patient")
 
 
 def claim(connection: Connection, node: str, destination: str, now: datetime, lease: float,
           limit: int) -> list[Claim]:
-    """Take up to `limit` due deliveries to `destination` for `node`, oldest message first."""
-    params = {"destination": destination, "now": now, "limit": limit}
-    locking = " FOR UPDATE OF d SKIP LOCKED" if connection.dialect.name == "postgresql" else ""
-    # Typed, so that SQLite compares the timestamp in the form it stores them.
-    query = text(_DUE + locking).bindparams(bindparam("now", type_=DateTime(timezone=True)))
-    ids = list(connection.execute(query, params).scalars())
-    if not ids:
+    """Take up to `limit` due deliveries to `destination` for `node`, oldest message first,
+    one per request."""
+    batches = claim_batches(connection, node, destination, now, lease, requests=limit)
+    return sorted((batch.claims[0] for batch in batches), key=lambda c: c.message_id)
+
+
+def claim_batches(connection: Connection, node: str, destination: str, now: datetime, lease: float,
+                  *, requests: int, batch_size: int = 1, batch_bytes: int | None = None) -> list[Batch]:
+    """Take due deliveries to `destination` for `node`, as up to `requests` batches of at most
+    `batch_size` deliveries and `batch_bytes` bytes of bundles (a lone delivery may be larger).
+    Patients whose head is oldest come first."""
+    if requests < 1 or batch_size < 1:
+        raise ValueError("requests and batch_size must be at least 1")
+    is_pg = connection.dialect.name == "postgresql"
+    params = {"destination": destination, "now": now, "limit": requests * batch_size}
+    # Typed, so that SQLite compares the timestamps in the form it stores them.
+    now_type = bindparam("now", type_=DateTime(timezone=True))
+    heads = connection.execute(text(_DUE + (" FOR UPDATE OF d SKIP LOCKED" if is_pg else ""))
+                               .bindparams(now_type), params).all()
+    if not heads:
         return []
-    connection.execute(update(deliveries).where(deliveries.c.id.in_(ids))
-                       .values(lease_owner=node, lease_until=now + timedelta(seconds=lease)))
-    rows = connection.execute(
+    if batch_size == 1:
+        runs = [[(head.id, 0)] for head in heads]
+    else:
+        runs = _runs(connection, is_pg, heads, destination, now, batch_size, batch_bytes)
+    packed = pack_runs(runs, requests, batch_size, batch_bytes)
+    wanted = [delivery_id for batch in packed for delivery_id in batch]
+    # Only rows still pending and free: a node whose lease expired may have settled one of the
+    # run meanwhile (the heads themselves are locked by this transaction).
+    leased = set(connection.execute(
+        update(deliveries).where(deliveries.c.id.in_(wanted), deliveries.c.status == PENDING,
+                                 (deliveries.c.lease_until.is_(None)) | (deliveries.c.lease_until < now))
+        .values(lease_owner=node, lease_until=now + timedelta(seconds=lease))
+        .returning(deliveries.c.id)).scalars())
+    if len(leased) < len(wanted):
+        packed, dropped = _cut_at_gaps(packed, runs, leased)
+        release(connection, node, dropped)
+    rows = {row.id: row for row in connection.execute(
         select(deliveries.c.id, deliveries.c.message_id, deliveries.c.destination,
-               deliveries.c.idempotency_key, deliveries.c.attempts, deliveries.c.first_attempt_at,
-               translations.c.bundle)
+               deliveries.c.patient_key, deliveries.c.idempotency_key, deliveries.c.attempts,
+               deliveries.c.first_attempt_at, translations.c.bundle)
         .join(translations, translations.c.message_id == deliveries.c.message_id)
-        .where(deliveries.c.id.in_(ids)).order_by(deliveries.c.message_id))
-    return [Claim(row.id, row.message_id, row.destination, row.idempotency_key, row.attempts,
-                  _aware(row.first_attempt_at), row.bundle) for row in rows]
+        .where(deliveries.c.id.in_([i for batch in packed for i in batch])))}
+    return [Batch(tuple(sorted((_claim(rows[i]) for i in batch), key=lambda c: c.message_id)))
+            for batch in packed if batch]
+
+
+def _claim(row) -> Claim:
+    return Claim(row.id, row.message_id, row.destination, row.idempotency_key, row.attempts,
+                 _aware(row.first_attempt_at), row.bundle, row.patient_key)
+
+
+def _runs(connection: Connection, is_pg: bool, heads, destination: str, now: datetime,
+          batch_size: int, batch_bytes: int | None) -> list[list[tuple[int, int]]]:
+    """Each head's run as (id, bundle bytes): the head, then the patient's next deliveries
+    while they are free, within the limits. A head that is no longer its patient's first
+    pending delivery (an earlier one was enqueued meanwhile) is left for the next claim."""
+    params = {"destination": destination, "now": now, "run": batch_size}
+    now_type = bindparam("now", type_=DateTime(timezone=True))
+    by_patient: dict[str, list] = {}
+    if is_pg:
+        params["patients"] = [head.patient_key for head in heads]
+        for row in connection.execute(text(_RUNS_PG).bindparams(now_type), params):
+            by_patient.setdefault(row.patient_key, []).append(row)
+    else:
+        query = text(_RUN_SQLITE).bindparams(now_type)
+        for head in heads:
+            by_patient[head.patient_key] = connection.execute(query, {**params, "patient": head.patient_key}).all()
+    runs = []
+    for head in heads:
+        rows = sorted(by_patient.get(head.patient_key, ()), key=lambda r: r.message_id)
+        if not rows or rows[0].id != head.id:
+            continue
+        run, size = [], 0
+        for row in rows:
+            if run and (not row.free or (batch_bytes is not None and size + (row.size or 0) > batch_bytes)):
+                break
+            run.append((row.id, row.size or 0))
+            size += row.size or 0
+        runs.append(run)
+    return runs
+
+
+def pack_runs(runs: Sequence[Sequence[tuple[int, int]]], requests: int, batch_size: int,
+              batch_bytes: int | None) -> list[list[int]]:
+    """Runs (each a patient's deliveries as (id, bytes), in order; oldest head first) packed
+    into at most `requests` batches of ids: each run whole in the first batch it fits, a
+    run that fits nowhere left for later. A run is never split: two batches may be in flight
+    at once, and a patient's deliveries must reach the peer in order."""
+    batches: list[list[int]] = []
+    sizes: list[int] = []
+    for run in runs:
+        count, size = len(run), sum(b for _, b in run)
+        for number, batch in enumerate(batches):
+            if len(batch) + count <= batch_size and (batch_bytes is None or sizes[number] + size <= batch_bytes):
+                batch.extend(i for i, _ in run)
+                sizes[number] += size
+                break
+        else:
+            if len(batches) < requests:
+                batches.append([i for i, _ in run])
+                sizes.append(size)
+    return batches
+
+
+def _cut_at_gaps(packed: list[list[int]], runs, leased: set[int]) -> tuple[list[list[int]], list[int]]:
+    """Batches without any delivery that follows, in its run, one that could not be leased;
+    and the leased deliveries so dropped."""
+    keep: set[int] = set()
+    for run in runs:
+        for delivery_id, _ in run:
+            if delivery_id not in leased:
+                break
+            keep.add(delivery_id)
+    dropped = [i for i in leased if i not in keep]
+    return [[i for i in batch if i in keep] for batch in packed], dropped
 
 
 def settle(connection: Connection, node: str, node_results: Iterable[Settlement]) -> None:
