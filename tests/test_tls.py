@@ -15,9 +15,11 @@ from zope.interface import implementer
 
 from gateway import pki
 from gateway.tls import (
+    Revocations,
     ServerCertificateRejected,
     TlsConfigError,
     client_tls_options,
+    load_crl,
     peer_certificate,
     server_tls_options,
 )
@@ -179,6 +181,45 @@ def test_server_from_another_ca_is_refused_by_client(certs):
     assert factory.received == []
     assert reason.check(ServerCertificateRejected)
     assert "issued by a CA other than the configured one" in str(reason.value)
+
+
+def _write_crl(main, revoked: str) -> str:
+    """A CRL of `main`'s CA revoking the certificate of `revoked`; returns its path."""
+    import datetime
+
+    from cryptography.hazmat.primitives import hashes
+
+    ca = x509.load_pem_x509_certificate(open(main("ca.crt"), "rb").read())
+    key = serialization.load_pem_private_key(open(main("ca.key"), "rb").read(), None)
+    serial = x509.load_pem_x509_certificate(open(main(f"{revoked}.crt"), "rb").read()).serial_number
+    now = datetime.datetime.now(datetime.timezone.utc)
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject).last_update(now)
+           .next_update(now + datetime.timedelta(days=1))
+           .add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(serial)
+                                    .revocation_date(now).build())
+           .sign(key, hashes.SHA256()))
+    path = main("revoked.crl")
+    with open(path, "wb") as f:
+        f.write(crl.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+@pytest_twisted.inlineCallbacks
+def test_revoked_client_certificate_is_refused_with_the_revoked_alert(certs):
+    """With Revocations, a client certificate in the CRL fails the handshake: the client is
+    told 'certificate revoked' and the server's protocol never sees a byte."""
+    main, _ = certs
+    revocations = Revocations(load_crl(_write_crl(main, "FAC001"), main("ca.crt")))
+    options = server_tls_options(main("gateway.crt"), main("gateway.key"), main("ca.crt"),
+                                 revocations=revocations)
+    client = client_tls_options(main("ca.crt"), "localhost", main("FAC001.crt"), main("FAC001.key"))
+    probe, reason, factory = yield _session(options, client)
+    assert probe.received == b"" and factory.received == []
+    assert reason.check(SSL.Error)
+    assert "certificate revoked" in str(reason.value)
+    # The same certificate is served by options without the CRL.
+    probe, reason, factory = yield _session(_server_options(main), client)
+    assert probe.received == b"ping"
 
 
 @implementer(IOpenSSLClientConnectionCreator)

@@ -115,6 +115,12 @@ class MllpServerProtocol(Protocol, TimeoutMixin):
             self.refused = True
             self.transport.loseConnection()
             return
+        except Exception:  # a fault of ours: fail closed, with the traceback
+            log.failure("mllp {listener} {peer}: identifying the TLS client failed; closing",
+                        listener=self.info.listener, peer=self.info.peer)
+            self.refused = True
+            self.transport.abortConnection()
+            return
         self.info = replace(self.info, facility_id=facility_id, tls=True)
         self.identified = True
         log.info("mllp {listener} {peer}: TLS client certificate of facility {facility}",

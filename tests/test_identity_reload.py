@@ -1,0 +1,196 @@
+"""Reloading the facility registry (and the CRL) while connections stay open: in process
+through the identity service, and in a real `gateway run` process through SIGHUP."""
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+import time
+
+import pytest
+import pytest_twisted
+from process_support import free_port, start_gateway
+from twisted.internet import defer, reactor, threads
+
+from adapters.mllp.client import MllpClient
+from gateway.config import load_config
+from gateway.service import build_service, reload_service
+
+HOST = "127.0.0.1"
+
+REGISTRY = """\
+facilities:
+  - id: "INPE-100001"
+    name: "CHU Ibn Rochd Casablanca"
+    type: hospital
+    applications: [HIS_CHU]
+    facilities: [CHU_IBN_ROCHD]
+"""
+
+NEW_LAB = """\
+  - id: "INPE-100002"
+    name: "Laboratoire Al Amal, Rabat"
+    type: laboratory
+    facilities: [LAB_ALAMAL_RABAT]
+"""
+
+BROKEN = REGISTRY + """\
+  - id: "INPE-100002"
+    name: "Laboratoire Al Amal, Rabat"
+    type: laboratoire
+    facilities: [LAB_ALAMAL_RABAT]
+    allow_sources: [10.0.0.300/8]
+"""
+
+
+def write_project(root, dev_pki: str, port: int, crl: str | None = None) -> str:
+    """conf/gateway.yaml (one plain listener refusing unknown senders, no mappings) and
+    conf/facilities.yaml under `root`; returns the config path."""
+    conf = root / "conf"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / "facilities.yaml").write_text(REGISTRY, encoding="utf-8")
+    crl_line = f"\n          crl: {crl}" if crl else ""
+    (conf / "gateway.yaml").write_text(textwrap.dedent(f"""\
+        node:
+          name: reload-test
+        database:
+          url: sqlite:///{root / 'gateway.sqlite'}
+        pki:
+          ca: {dev_pki}/ca.crt
+          cert: {dev_pki}/gateway.crt
+          key: {dev_pki}/gateway.key{crl_line}
+        listeners:
+          mllp:
+            - name: mllp-plain
+              port: {port}
+              interface: 127.0.0.1
+              accept_unknown_senders: false
+        facilities: conf/facilities.yaml
+        pid_file: var/gateway.pid
+        """), encoding="utf-8")
+    return str(conf / "gateway.yaml")
+
+
+def lab_message(control_id: str) -> bytes:
+    return (f"MSH|^~\\&|LIS|LAB_ALAMAL_RABAT|GW|MA|20260114083512||ORU^R01^ORU_R01|{control_id}|P|2.5\r"
+            "PID|1||4500123^^^FAC^PI||TEST^PATIENT\r").encode("ascii")
+
+
+def msa(response: bytes | None) -> tuple[str, str | None]:
+    """(MSA-1, ERR-5 code or None) of an answer."""
+    assert response is not None, "no answer"
+    segments = {s[:3]: s.split(b"|") for s in response.split(b"\r") if s}
+    err = segments.get(b"ERR")
+    return segments[b"MSA"][1].decode(), err[5].split(b"^")[0].decode() if err else None
+
+
+class Connection:
+    """One MLLP connection used from the test across reloads (its calls run in a thread)."""
+
+    def __init__(self, port: int):
+        self.client = MllpClient(HOST, port, timeout=10)
+
+    def send(self, payload: bytes):
+        return threads.deferToThread(lambda: msa(self.client.send(payload).response))
+
+    def close(self):
+        self.client.close()
+
+
+@pytest.fixture
+def gateway_of():
+    """`start(config_path)` -> Deferred of the running service tree; stopped after the test."""
+    services = []
+
+    def start(path):
+        service = build_service(load_config(path, environ={}), reactor)
+        service.startService()
+        services.append(service)
+        return service
+
+    yield start
+    for service in services:
+        pytest_twisted.blockon(defer.maybeDeferred(service.stopService))
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_adds_a_facility_on_an_open_connection_and_refuses_a_broken_registry(
+        tmp_path, dev_pki, gateway_of, caplog):
+    """A laboratory refused as unknown is accepted on the same connection once a reload adds
+    it; a broken registry is then refused with every problem logged, and the one in force kept."""
+    caplog.set_level("INFO", logger="gateway.identity")
+    port = free_port()
+    path = write_project(tmp_path, dev_pki, port)
+    service = gateway_of(path)
+    yield service.getServiceNamed("mllp-plain")._waitingForPort
+    connection = Connection(port)
+    try:
+        assert (yield connection.send(lab_message("R-1"))) == ("AR", "SENDER_NOT_ALLOWED")
+
+        (tmp_path / "conf" / "facilities.yaml").write_text(REGISTRY + NEW_LAB, encoding="utf-8")
+        assert (yield reload_service(service)) == [True]
+        assert (yield connection.send(lab_message("R-2"))) == ("AA", None)
+        assert any("added: INPE-100002" in r.getMessage() for r in caplog.records)
+
+        (tmp_path / "conf" / "facilities.yaml").write_text(BROKEN, encoding="utf-8")
+        assert (yield reload_service(service)) == [False]
+        assert (yield connection.send(lab_message("R-3"))) == ("AA", None)
+    finally:
+        connection.close()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "facility registry refused (2 problems); keeping the registry in force (2 facilities)" in logged
+    assert "facilities.yaml:9: facilities[1].type" in logged and "laboratoire" in logged
+    assert "allow_sources[0]" in logged
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_keeps_the_crl_in_force_when_the_new_file_is_broken(tmp_path, dev_pki, gateway_of, caplog):
+    """A CRL file overwritten with garbage is refused on reload (logged), the old one stays, and
+    the registry reloads all the same."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ca_cert = x509.load_pem_x509_certificate(open(f"{dev_pki}/ca.crt", "rb").read())
+    ca_key = serialization.load_pem_private_key(open(f"{dev_pki}/ca.key", "rb").read(), None)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject).last_update(now)
+           .next_update(now + datetime.timedelta(days=1)).sign(ca_key, hashes.SHA256()))
+    crl_path = tmp_path / "ca.crl"
+    crl_path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    path = write_project(tmp_path, dev_pki, free_port(), crl=str(crl_path))
+    service = gateway_of(path)
+    identity = service.getServiceNamed("identity")
+    before = identity.revocations.crl
+    assert before is not None and before.serials == frozenset()
+
+    crl_path.write_bytes(b"-----BEGIN X509 CRL-----\ngarbage\n-----END X509 CRL-----\n")
+    (tmp_path / "conf" / "facilities.yaml").write_text(REGISTRY + NEW_LAB, encoding="utf-8")
+    caplog.set_level("INFO", logger="gateway.identity")
+    assert (yield identity.reload()) is True
+    assert identity.revocations.crl is before
+    assert identity.registry.current.get("INPE-100002") is not None
+    assert any("CRL refused" in r.getMessage() and "ca.crl" in r.getMessage() for r in caplog.records)
+
+
+def test_sighup_reloads_the_registry_of_a_running_gateway(tmp_path, dev_pki):
+    """`gateway run`: after SIGHUP, a facility added to facilities.yaml is accepted on the
+    connection that was refused before, which stays open."""
+    port = free_port()
+    path = write_project(tmp_path, dev_pki, port)
+    process = start_gateway(path, tmp_path, port, "gateway.log")
+    try:
+        with MllpClient(HOST, port, timeout=10) as client:
+            assert msa(client.send(lab_message("H-1")).response) == ("AR", "SENDER_NOT_ALLOWED")
+            (tmp_path / "conf" / "facilities.yaml").write_text(REGISTRY + NEW_LAB, encoding="utf-8")
+            os.kill(process.pid, signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            log = tmp_path / "gateway.log"
+            while "facility registry reloaded" not in log.read_text("utf-8", "replace"):
+                assert time.monotonic() < deadline, log.read_text("utf-8", "replace")[-2000:]
+                time.sleep(0.05)
+            assert msa(client.send(lab_message("H-2")).response) == ("AA", None)
+    finally:
+        process.terminate()
+        assert process.wait(timeout=20) == 0
