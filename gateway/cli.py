@@ -8,6 +8,7 @@
     gateway messages replay ID... | --status failed
     gateway translate FILE... [--sender FACILITY]
     gateway mappings check [--list] | test [--update] | export [--format csv] | reload
+    gateway reload (facility registry, CRL and mapping set, checked first)
 
 The configuration is `-c FILE`, else $GATEWAY_CONFIG, else conf/gateway.yaml in the current
 directory or in the project the package was installed from.
@@ -112,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
                             (export, _mappings_export), (reload, _mappings_reload)):
         action.add_argument("--mappings", metavar="DIR", help="mapping directory (default: mappings.directory)")
         action.set_defaults(handler=handler)
+    everything = commands.add_parser(
+        "reload", parents=[common],
+        help="check the configuration, facility registry, CRL and mapping set, then make the "
+             "running gateway reload them (SIGHUP)")
+    everything.set_defaults(handler=_reload)
     return parser
 
 
@@ -479,13 +485,43 @@ def _mappings_export(args) -> int:
 
 
 def _mappings_reload(args) -> int:
-    import signal
-
     config = load(args)
     mappings = _load_mappings(args, config)
     if mappings is None:
         print("not reloaded: the running gateway keeps its mapping set", file=sys.stderr)
         return 1
+    if _signal_reload(config) != 0:
+        return 1
+    print(f"gateway asked to reload mapping set {mappings.version}; see its log")
+    return 0
+
+
+def _reload(args) -> int:
+    """Everything a running gateway reloads on SIGHUP, checked here first so that a mistake
+    is reported to the operator instead of only in the gateway's log."""
+    from gateway.tls import TlsConfigError, load_crl
+
+    config = load(args)  # the configuration and the facility registry (exit 2 if wrong)
+    if config.pki.crl is not None:
+        try:
+            load_crl(config.pki.crl, config.pki.ca)
+        except TlsConfigError as error:  # unreadable, not ours, badly signed: say which
+            print(f"not reloaded: pki.crl: {error}", file=sys.stderr)
+            return 1
+    if config.mappings is not None and _load_mappings(args, config) is None:
+        print("not reloaded: the running gateway keeps its configuration", file=sys.stderr)
+        return 1
+    if _signal_reload(config) != 0:
+        return 1
+    print(f"gateway asked to reload its facility registry ({len(config.senders)} facilities)"
+          + (", CRL" if config.pki.crl else "") + (" and mapping set" if config.mappings else "")
+          + "; see its log")
+    return 0
+
+
+def _signal_reload(config: GatewayConfig) -> int:
+    import signal
+
     pid_file = config.resolve(config.pid_file)
     try:
         with open(pid_file, encoding="ascii") as handle:
@@ -498,5 +534,5 @@ def _mappings_reload(args) -> int:
     except ProcessLookupError:
         print(f"no running gateway: process {pid} of {pid_file} is gone", file=sys.stderr)
         return 1
-    print(f"gateway (pid {pid}) asked to reload mapping set {mappings.version}; see its log")
+    print(f"gateway pid {pid}: SIGHUP sent")
     return 0

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import pytest_twisted
-from process_support import free_port, start_gateway
+from process_support import child_environment, free_port, start_gateway
 from twisted.internet import defer, reactor, threads
 
 from adapters.mllp.client import MllpClient
@@ -174,17 +174,31 @@ def test_reload_keeps_the_crl_in_force_when_the_new_file_is_broken(tmp_path, dev
     assert any("CRL refused" in r.getMessage() and "ca.crl" in r.getMessage() for r in caplog.records)
 
 
-def test_sighup_reloads_the_registry_of_a_running_gateway(tmp_path, dev_pki):
-    """`gateway run`: after SIGHUP, a facility added to facilities.yaml is accepted on the
-    connection that was refused before, which stays open."""
+def test_reload_command_reloads_the_registry_of_a_running_gateway(tmp_path, dev_pki):
+    """`gateway run`: `gateway reload` refuses a broken registry without signalling; after a
+    good one, a facility added to facilities.yaml is accepted on the connection that was
+    refused before, which stays open."""
+    import subprocess
+    import sys
+
+    def reload_command():
+        return subprocess.run([sys.executable, "-m", "gateway", "reload", "-c", path],
+                              capture_output=True, text=True, env=child_environment(), timeout=60)
+
     port = free_port()
     path = write_project(tmp_path, dev_pki, port)
     process = start_gateway(path, tmp_path, port, "gateway.log")
     try:
         with MllpClient(HOST, port, timeout=10) as client:
             assert msa(client.send(lab_message("H-1")).response) == ("AR", "SENDER_NOT_ALLOWED")
-            (tmp_path / "conf" / "facilities.yaml").write_text(REGISTRY + NEW_LAB, encoding="utf-8")
-            os.kill(process.pid, signal.SIGHUP)
+            registry = tmp_path / "conf" / "facilities.yaml"
+            registry.write_text(REGISTRY + NEW_LAB.replace("type: laboratory", "type: labo"),
+                                encoding="utf-8")
+            refused = reload_command()
+            assert refused.returncode == 2 and "labo" in refused.stderr, refused.stderr
+            registry.write_text(REGISTRY + NEW_LAB, encoding="utf-8")
+            done = reload_command()
+            assert done.returncode == 0 and f"pid {process.pid}" in done.stdout, done.stderr
             deadline = time.monotonic() + 10
             log = tmp_path / "gateway.log"
             while "facility registry reloaded" not in log.read_text("utf-8", "replace"):
