@@ -2,8 +2,6 @@
 through the identity service, and in a real `gateway run` process through SIGHUP."""
 from __future__ import annotations
 
-import os
-import signal
 import textwrap
 import time
 
