@@ -6,7 +6,8 @@ Each message ends in one of:
 
   valid      translated into a Bundle whose every resource validates (fhir.resources R4B)
   rejected   refused with a precise reason (InputError, TranslationError, BatchError), or
-             translated into nothing (a Bundle with only its Provenance: a query, an MSH alone)
+             translated into nothing (a Bundle with only its Provenance)
+  not translated  the mapping set says so (NotTranslated: an acknowledgement, a query)
   invalid    translated, but the Bundle does not validate: a mapping bug
   crash      any other exception (or more than TIME_LIMIT seconds): a gateway bug
 
@@ -19,6 +20,17 @@ ASTM messages is split into them, as the E1381 receiver hands them over. Well-fo
 too, and counted apart ("no map"), so that the translated share can be read both over every
 well-formed message and over those in scope.
 
+A message with no segment after its header (an MSH alone: a parser's or a header map's test
+fixture) is malformed too: every HL7 message structure requires segments after the MSH, and
+there is nothing in it to translate. Well-formed messages that carry no clinical data, by their
+type (NOT_CLINICAL: acknowledgements, which ingest stores as 'ignored' and never translates;
+queries, which ask for data and carry none) or, for ASTM, a host query (a Q record and no
+result), are counted apart as "not clinical": translating them is not the gateway's job, so the
+share over clinical messages leaves them out; their outcome is correct whatever it is, unless
+invalid output or a crash. This list is the harness's own, not read from the mappings, so that
+a mapping cannot take a clinical type out of the count by declaring it not translated (such a
+message counts as rejected).
+
 Where the corpus has an expected FHIR output (Microsoft `X-expected.json`, ReportStream
 `X.fhir`, the IG's `FHIR_bundle.hl7_ADT_A01.json`), a key-field agreement score compares
 comparable facts of both bundles: patient identifier values, family and given names, birth
@@ -27,7 +39,7 @@ and effective dates (dates at the precision both have). Score = matched / expect
 Facts our guide-following representation cannot have are not compared: Observations Microsoft's
 converter makes from non-observation segments (coded in its placeholder code system), the
 Observation facts of MDM (the guide makes MDM's OBX the DocumentReference's content) and the
-DiagnosticReport facts of order messages (the guide makes their OBR a ServiceRequest). A naive
+DiagnosticReport facts of order messages and MDM (the guide makes their OBR a ServiceRequest). A naive
 v2 time is in the sender's zone: ReportStream's messages are translated as from senders whose
 zone is UTC, as its expected bundles were made (SENDER_ZONES); a file INDEX.tsv says is in
 ISO-8859-1 without MSH-18 is read as from a sender configured with that fallback (SENDER_CHARSETS).
@@ -100,6 +112,16 @@ MALFORMED = {
     "astm/tgenaux-astm-lis/RepeatFields.txt": "a lone O record (no H header): a fragment, not a message",
     "linuxforhealth-hl7v2-fhir-converter/sample_*.hl7": "MSH-2 '^~\\\\&' repeats the escape character",
 }
+# Message types that carry no clinical data (HL7 table 0076): the gateway does not translate them.
+NOT_CLINICAL = {
+    "ACK": "an acknowledgement (ingest stores it as 'ignored')",
+    "QBP": "a query", "QRY": "a query", "VXQ": "a query", "OSQ": "a query", "SQM": "a query",
+    "RQI": "a request for patient information (a query)",
+}
+# Segments (or ASTM records) that are only the envelope of a message.
+ENVELOPE = {"MSH", "SFT", "H", "L"}
+HEADER_ONLY = "no segment after the header (every message structure requires one): a test fixture"
+
 # INDEX.tsv notes that say a file is malformed (segments broken by stray line breaks).
 MALFORMED_NOTES = {
     "malformed segment id(s)": "segment broken across lines (malformed segment ids)",
@@ -239,6 +261,8 @@ class Outcome:
     message_type: str = ""
     format: str = ""
     no_map: bool = False  # rejected because no message map covers the type
+    not_clinical: str = ""  # why the message carries no clinical data (NOT_CLINICAL, host query)
+    header_only: bool = False  # nothing after the header: malformed (HEADER_ONLY)
     problems: list[str] = field(default_factory=list)
     bundle: dict | None = None
     seconds: float = 0.0
@@ -253,7 +277,7 @@ def _alarm(signum, frame):
 
 
 def translate_unit(mapping_set, unit: Unit) -> Outcome:
-    from gateway.mapping.runtime import TranslationContext, TranslationError
+    from gateway.mapping.runtime import NotTranslated, TranslationContext, TranslationError
     from gateway.mapping.validation import bundle_problems
     from gateway.translation.inputs import InputError, read_input
 
@@ -268,6 +292,7 @@ def translate_unit(mapping_set, unit: Unit) -> Outcome:
     try:
         fallback = next((codec for phrase, codec in SENDER_CHARSETS.items() if phrase in unit.row.notes), None)
         parsed = read_input(unit.data, fallback)
+        not_clinical, header_only = content_of(parsed)
         zone = SENDER_ZONES.get(unit.row.source, TIMEZONE)
         context = TranslationContext(sender_id="", timezone=zone, received_at=RECEIVED_AT,
                                      message_key=f"{parsed.sending_facility}|{parsed.control_id}",
@@ -276,12 +301,17 @@ def translate_unit(mapping_set, unit: Unit) -> Outcome:
     except InputError as error:
         return Outcome("rejected", f"input: {error.reason}", format=error.format,
                        seconds=time.perf_counter() - started)
+    except NotTranslated as error:
+        return Outcome("not translated", f"translation: {error.reason}", parsed.message_type, parsed.format,
+                       not_clinical=not_clinical, header_only=header_only,
+                       seconds=time.perf_counter() - started)
     except TranslationError as error:
         kind = parsed.message_type if parsed else ""
         no_map = error.reason.startswith("no mapping for message type")
         where = f" at {error.location}" if error.location and not no_map else ""
         return Outcome("rejected", f"translation: {error.reason}{where}", kind,
-                       parsed.format if parsed else "", no_map=no_map, seconds=time.perf_counter() - started)
+                       parsed.format if parsed else "", no_map=no_map, seconds=time.perf_counter() - started,
+                       not_clinical=not_clinical if parsed else "", header_only=header_only if parsed else False)
     except _Timeout:
         return Outcome("crash", f"no answer within {TIME_LIMIT} s",
                        parsed.message_type if parsed else "", seconds=time.perf_counter() - started)
@@ -301,12 +331,25 @@ def translate_unit(mapping_set, unit: Unit) -> Outcome:
         # A query, an MSH alone, segments run together on one line: nothing was translated
         # (and a Provenance without target is not valid FHIR, though the models accept it).
         return Outcome("rejected", "translation: the message gives no resource (nothing to translate)",
-                       parsed.message_type, parsed.format, seconds=seconds)
+                       parsed.message_type, parsed.format, seconds=seconds, not_clinical=not_clinical,
+                       header_only=header_only)
     problems = bundle_problems(translation.bundle)
     if problems:
-        return Outcome("invalid", problems[0], parsed.message_type, parsed.format,
-                       problems=problems, bundle=translation.bundle, seconds=seconds)
-    return Outcome("valid", "", parsed.message_type, parsed.format, bundle=translation.bundle, seconds=seconds)
+        return Outcome("invalid", problems[0], parsed.message_type, parsed.format, problems=problems,
+                       bundle=translation.bundle, seconds=seconds, not_clinical=not_clinical)
+    return Outcome("valid", "", parsed.message_type, parsed.format, bundle=translation.bundle, seconds=seconds,
+                   not_clinical=not_clinical)
+
+
+def content_of(parsed) -> tuple[str, bool]:
+    """(why the message carries no clinical data, or ''; whether it has nothing after its
+    header), from its type and its segments: the harness's own reading, not the mappings'."""
+    names = [segment.name for segment in parsed.message.segments]
+    code = (parsed.message_type or "").split("^", 1)[0]
+    reason = NOT_CLINICAL.get(code, "")
+    if not reason and parsed.format == "astm" and "Q" in names and "R" not in names:
+        reason = "an analyzer's host query (a Q record, no result)"
+    return reason, bool(names) and all(name in ENVELOPE for name in names)
 
 
 # --------------------------------------------------------------------------- key facts
@@ -384,8 +427,10 @@ INVENTED_CODE_SYSTEMS = ("http://example.com/v2-to-fhir-converter/CodeSystem/obs
 NOT_OBSERVATIONS = ("MDM",)
 # Order messages: the guide maps their OBR to ServiceRequest (ORM_O01, OML_O21; OMG_O19 has the
 # same shape), not to a DiagnosticReport as Microsoft's converter does; report facts of the
-# expected bundle are not comparable.
-NOT_REPORTS = ("ORM", "OML", "OMG")
+# expected bundle are not comparable. The same holds for MDM: the guide's MDM_T02 maps its OBR
+# to ServiceRequest and its OBX to the DocumentReference, where Microsoft makes a
+# DiagnosticReport of the ED OBX.
+NOT_REPORTS = ("ORM", "OML", "OMG", "MDM")
 
 
 def _invented(resource: dict) -> bool:
@@ -522,15 +567,19 @@ class Result:
         status = self.outcome.status
         if status in ("invalid", "crash"):
             return "failure"
-        if status == "valid" or self.malformed:
+        if status == "valid" or self.malformed or self.outcome.not_clinical:
             return "ok"
         return "rejected"
+
+
+REFUSED = ("rejected", "not translated")
 
 
 def tally(results: list[Result]) -> dict:
     well = [r for r in results if not r.malformed]
     bad = [r for r in results if r.malformed]
-    in_scope = [r for r in well if not r.outcome.no_map]
+    clinical = [r for r in well if not r.outcome.not_clinical]
+    in_scope = [r for r in clinical if not r.outcome.no_map]
     count = collections.Counter
     matched = sum(r.score[0] for r in results if r.score)
     expected = sum(r.score[1] for r in results if r.score)
@@ -538,12 +587,15 @@ def tally(results: list[Result]) -> dict:
         "messages": len(results),
         "well_formed": len(well),
         "valid": sum(r.outcome.status == "valid" for r in well),
-        "rejected": sum(r.outcome.status == "rejected" for r in well),
+        "rejected": sum(r.outcome.status in REFUSED for r in well),
         "no_map": sum(r.outcome.no_map for r in well),
+        "not_clinical": len(well) - len(clinical),
+        "clinical": len(clinical),
+        "clinical_valid": sum(r.outcome.status == "valid" for r in clinical),
         "in_scope": len(in_scope),
         "in_scope_valid": sum(r.outcome.status == "valid" for r in in_scope),
         "malformed": len(bad),
-        "malformed_rejected": sum(r.outcome.status == "rejected" for r in bad),
+        "malformed_rejected": sum(r.outcome.status in REFUSED for r in bad),
         "malformed_translated": sum(r.outcome.status == "valid" for r in bad),
         "invalid": sum(r.outcome.status == "invalid" for r in results),
         "crash": sum(r.outcome.status == "crash" for r in results),
@@ -559,10 +611,7 @@ def pct(part: int, whole: int) -> str:
 
 
 def table(title: str, groups: dict[str, list[Result]], min_size: int = 1) -> list[str]:
-    lines = [f"### by {title}", "",
-             f"| {title} | msgs | well-formed | valid | rejected (no map) | invalid | crash | malformed "
-             "rejected/ok | valid / well-formed | valid / in scope | key facts |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"### by {title}", "", f"| {title} " + HEADER, RULE]
     small: list[Result] = []
     names: list[str] = []
     for name, results in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])):
@@ -577,19 +626,29 @@ def table(title: str, groups: dict[str, list[Result]], min_size: int = 1) -> lis
     return lines
 
 
+HEADER = ("| msgs | well-formed | not clinical | valid | rejected (no map) | invalid | crash | malformed rejected/ok "
+          "| valid / well-formed | valid / clinical | valid / in scope | key facts |")
+RULE = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+
+
 def _row(name: str, t: dict) -> str:
     facts = (f"{t['facts_matched']}/{t['facts_expected']} {pct(t['facts_matched'], t['facts_expected'])}"
              if t["facts_expected"] else "–")
-    return (f"| {name} | {t['messages']} | {t['well_formed']} | {t['valid']} | {t['rejected']} ({t['no_map']}) "
-            f"| {t['invalid']} | {t['crash']} | {t['malformed_rejected'] + t['malformed_translated']}/"
-            f"{t['malformed']} | {pct(t['valid'], t['well_formed'])} | {pct(t['in_scope_valid'], t['in_scope'])} "
-            f"| {facts} |")
+    return (f"| {name} | {t['messages']} | {t['well_formed']} | {t['not_clinical']} | {t['valid']} "
+            f"| {t['rejected']} ({t['no_map']}) | {t['invalid']} | {t['crash']} "
+            f"| {t['malformed_rejected'] + t['malformed_translated']}/{t['malformed']} "
+            f"| {pct(t['valid'], t['well_formed'])} | {pct(t['clinical_valid'], t['clinical'])} "
+            f"| {pct(t['in_scope_valid'], t['in_scope'])} | {facts} |")
 
 
-def top_reasons(results: list[Result], statuses: tuple[str, ...], limit: int, malformed: bool = False):
-    """(reason pattern, count, example units) of the commonest reasons."""
+def top_reasons(results: list[Result], statuses: tuple[str, ...], limit: int, malformed: bool = False,
+                clinical: bool | None = None):
+    """(reason pattern, count, example units) of the commonest reasons (of well-formed messages
+    that are clinical or not, when `clinical` says which)."""
     groups: dict[str, list[str]] = collections.defaultdict(list)
     for r in results:
+        if clinical is not None and (bool(r.malformed) or clinical == bool(r.outcome.not_clinical)):
+            continue
         if r.outcome.status in statuses and bool(r.malformed) == malformed:
             groups[_pattern(r.outcome.reason)].append(r.unit)
     ranked = sorted(groups.items(), key=lambda item: -len(item[1]))[:limit]
@@ -623,9 +682,10 @@ def run(mapping_dir: Path, corpus: Path, verbose: bool = False, only: str | None
         if row.expected:
             expected_facts = comparable_facts(
                 facts_of(json.loads((corpus / row.expected).read_text(encoding="utf-8-sig"))), row.message_type)
-        malformed = malformed_reason(row.path, row.notes)
+        listed = malformed_reason(row.path, row.notes)
         for unit in units_of(row, corpus):
             outcome = translate_unit(mapping_set, unit)
+            malformed = listed or (HEADER_ONLY if outcome.header_only else "")
             message_type = "(malformed)" if malformed else \
                 short_type(outcome.message_type or row.message_type.split(",")[0])
             result = Result(unit.name, row.source, message_type, malformed, outcome)
@@ -654,22 +714,26 @@ def report(results: list[Result], meta: dict) -> dict:
     print(f"\nmapping set {meta['mapping_version']}; message maps for: {', '.join(meta['message_types_mapped'])}\n")
     print("\n".join(table("source", by_source)) + "\n")
     print("\n".join(table("message type", by_type, min_size=3)) + "\n")
-    print("| totals | msgs | well-formed | valid | rejected (no map) | invalid | crash | malformed rejected/ok "
-          "| valid / well-formed | valid / in scope | key facts |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| totals " + HEADER)
+    print(RULE)
     print(_row("**all**", totals) + "\n")
     share = totals["valid"] / totals["well_formed"] if totals["well_formed"] else 0.0
+    clinical = totals["clinical_valid"] / totals["clinical"] if totals["clinical"] else 0.0
     in_scope = totals["in_scope_valid"] / totals["in_scope"] if totals["in_scope"] else 0.0
     agreement = totals["facts_matched"] / totals["facts_expected"] if totals["facts_expected"] else 0.0
     verdicts = {
         "translated_valid": "PASS" if share >= TARGET_VALID else "FAIL",
+        "translated_valid_clinical": "PASS" if clinical >= TARGET_VALID else "FAIL",
         "translated_valid_in_scope": "PASS" if in_scope >= TARGET_VALID else "FAIL",
         "no_failures": "PASS" if not totals["invalid"] and not totals["crash"] else "FAIL",
         "key_field_agreement": "PASS" if agreement >= TARGET_SCORE else "FAIL",
     }
     print(f"verdict translated+valid / well-formed: {pct(totals['valid'], totals['well_formed'])} "
           f"(target >= {TARGET_VALID:.0%}): {verdicts['translated_valid']}")
-    print(f"verdict translated+valid / in scope (a message map exists): "
+    print(f"verdict translated+valid / clinical ({totals['not_clinical']} acknowledgements and queries left out): "
+          f"{pct(totals['clinical_valid'], totals['clinical'])} (target >= {TARGET_VALID:.0%}): "
+          f"{verdicts['translated_valid_clinical']}")
+    print(f"verdict translated+valid / in scope (clinical, a message map exists): "
           f"{pct(totals['in_scope_valid'], totals['in_scope'])}: {verdicts['translated_valid_in_scope']}")
     print(f"verdict failures (invalid FHIR {totals['invalid']}, crashes {totals['crash']}): {verdicts['no_failures']}")
     print(f"verdict key-field agreement over {totals['scored']} pairs: "
@@ -678,8 +742,9 @@ def report(results: list[Result], meta: dict) -> dict:
     sections = {
         "failures (invalid FHIR, crashes)": top_reasons(results, ("invalid", "crash"), 15)
         + top_reasons(results, ("invalid", "crash"), 15, malformed=True),
-        "rejections of well-formed messages": top_reasons(results, ("rejected",), 15),
-        "rejections of malformed messages (correct)": top_reasons(results, ("rejected",), 8, malformed=True),
+        "rejections of well-formed clinical messages": top_reasons(results, REFUSED, 15, clinical=True),
+        "not clinical, not translated (correct)": top_reasons(results, REFUSED, 8, clinical=False),
+        "rejections of malformed messages (correct)": top_reasons(results, REFUSED, 8, malformed=True),
     }
     for title, reasons in sections.items():
         print(f"top reasons: {title}")
@@ -722,6 +787,7 @@ def main(argv=None) -> int:
         "messages": [{"unit": r.unit, "source": r.source, "message_type": r.message_type,
                       "malformed": r.malformed, "status": r.outcome.status, "verdict": r.verdict,
                       "reason": r.outcome.reason, "no_map": r.outcome.no_map,
+                      "not_clinical": r.outcome.not_clinical,
                       "problems": r.outcome.problems[:10], "score": r.score, "missing": r.missing,
                       "ms": round(r.outcome.seconds * 1000, 2)} for r in results],
     }, indent=1, ensure_ascii=False), encoding="utf-8")

@@ -122,14 +122,14 @@ def test_analyzer_captures_are_split_into_their_messages():
 
 def test_facts_that_are_not_comparable_are_left_out():
     """Observations the expected converter invents (its placeholder code system), Observation
-    facts of MDM (document content for the guide) and report facts of orders."""
+    facts of MDM (document content for the guide) and report facts of orders and of MDM."""
     invented = {"resourceType": "Observation", "status": "final",
                 "code": {"coding": [{"system": conformance.INVENTED_CODE_SYSTEMS[0], "code": "autopsy"}]}}
     assert conformance.facts_of(bundle(invented)) == []
     report = {"resourceType": "DiagnosticReport", "status": "final"}
     facts = conformance.facts_of(bundle(PATIENT, OBSERVATION, report))
     kinds_of = lambda found: {fact.kind.split(".")[0] for fact in found}  # noqa: E731
-    assert kinds_of(conformance.comparable_facts(facts, "MDM^T02^MDM_T02")) == {"patient", "report"}
+    assert kinds_of(conformance.comparable_facts(facts, "MDM^T02^MDM_T02")) == {"patient"}
     assert kinds_of(conformance.comparable_facts(facts, "ORM^O01")) == {"patient", "observation"}
     assert kinds_of(conformance.comparable_facts(facts, "ORU^R01")) == {"patient", "observation", "report"}
 
@@ -145,12 +145,50 @@ def test_result_verdicts():
 
 
 def test_a_translation_into_nothing_is_a_rejection(repo_mappings):
-    """An MSH alone (or a query) gives a Bundle with only its Provenance: not counted as translated."""
+    """A message none of whose segments gives a resource is refused by the engine; an MSH
+    alone is also malformed (nothing after the header)."""
     mapping_set = repo_mappings
     row = conformance.Row("x.hl7", "x", "ORU^R01", "")
     msh_only = conformance.Unit(row, 1, b"MSH|^~\\&|LAB|F|||20250101||ORU^R01^ORU_R01|1|P|2.5.1\r")
     outcome = conformance.translate_unit(mapping_set, msh_only)
-    assert (outcome.status, outcome.reason) == \
-        ("rejected", "translation: the message gives no resource (nothing to translate)")
+    assert outcome.status == "rejected" and outcome.header_only
+    assert outcome.reason.startswith("translation: nothing to translate: no segment of the message gives a resource")
+    stray = conformance.Unit(row, 1, msh_only.data + b"NTE|1||note\r")
+    outcome = conformance.translate_unit(mapping_set, stray)
+    assert outcome.status == "rejected" and not outcome.header_only
     with_patient = conformance.Unit(row, 1, msh_only.data + b"PID|1||1^^^F^MR||DOE^JOHN\r")
     assert conformance.translate_unit(mapping_set, with_patient).status == "valid"
+
+
+QBP = (b"MSH|^~\\&|HIS|F|GW|MA|20250101||QBP^Q22^QBP_Q21|Q1|P|2.5\r"
+       b"QPD|IHE PDQ Query|Q1|@PID.5.1^DOE\rRCP|I|10^RD\r")
+
+
+def test_acknowledgements_and_queries_are_not_clinical(repo_mappings):
+    """The harness's own list says an ACK or a query carries no clinical data; the mappings
+    say they are not translated; that is a correct outcome, left out of the clinical share."""
+    row = conformance.Row("q.hl7", "x", "QBP^Q22", "")
+    outcome = conformance.translate_unit(repo_mappings, conformance.Unit(row, 1, QBP))
+    assert outcome.status == "not translated" and outcome.not_clinical == "a query"
+    assert outcome.reason.startswith("translation: not translated: a query asks for data")
+    ack = b"MSH|^~\\&|HIS|F|GW|MA|20250101||ACK^A01|A1|P|2.5\rMSA|AA|M1\r"
+    outcome = conformance.translate_unit(repo_mappings, conformance.Unit(row, 1, ack))
+    assert (outcome.status, outcome.not_clinical) == ("not translated", "an acknowledgement (ingest stores it as 'ignored')")
+    query = b"H|\\^&|||LIS\rQ|1|^SPEC1||ALL||||||||O\rL|1|N\r"
+    outcome = conformance.translate_unit(repo_mappings, conformance.Unit(row, 1, query))
+    assert outcome.status == "not translated" and outcome.not_clinical.startswith("an analyzer's host query")
+    result = conformance.Result("q.hl7", "x", "QBP^Q22", "", outcome)
+    assert result.verdict == "ok"
+    totals = conformance.tally([result, conformance.Result("o.hl7", "x", "ORU^R01", "", conformance.Outcome("valid"))])
+    assert (totals["well_formed"], totals["not_clinical"], totals["clinical"], totals["clinical_valid"]) == (2, 1, 1, 1)
+    assert totals["rejected"] == 1 and totals["valid"] == 1
+
+
+def test_a_clinical_message_the_mappings_do_not_translate_counts_as_rejected():
+    """The scope is the harness's: a mapping that declares a clinical type not translated
+    does not take it out of the count."""
+    skipped = conformance.Outcome("not translated", "translation: not translated: we said so")
+    result = conformance.Result("o.hl7", "x", "ORU^R01", "", skipped)
+    assert result.verdict == "rejected"
+    totals = conformance.tally([result])
+    assert (totals["clinical"], totals["clinical_valid"], totals["rejected"]) == (1, 0, 1)

@@ -357,3 +357,65 @@ def test_identity_is_checked(tmp_path):
     text = str(caught.value)
     assert "DiagnosticReport has no element 'kode'" in text
     assert "the map gives no identifier" in text
+
+
+def test_messages_that_are_not_translated(tmp_path):
+    """`not_translated: REASON` for every message of the types (CODE^* for every trigger);
+    `{when, reason}` beside resources for some; either raises NotTranslated with the reason."""
+    from gateway.mapping.runtime import NotTranslated
+    files = dict(BASE)
+    files["messages/ACK.yaml"] = """
+        messages: ["ACK^*"]
+        not_translated: an acknowledgement carries no clinical data
+    """
+    files["messages/ORU_R01.yaml"] = BASE["messages/ORU_R01.yaml"].replace("messages: [ORU^R01]", """\
+        messages: [ORU^R01]
+        not_translated:
+          when: {field: OBR, present: false}
+          reason: no order""")
+    mapping_set = MappingSet.load(write(tmp_path / "mappings", files))
+    for kind in ("ACK^A01", "ACK"):
+        with pytest.raises(NotTranslated) as caught:
+            translate(mapping_set, f"MSH|^~\\&|A|B|C|D|20250101||{kind}|M1|P|2.5\rMSA|AA|X1\r")
+        assert caught.value.reason == "not translated: an acknowledgement carries no clinical data"
+        assert caught.value.location == "MSH[1]-9"
+    with pytest.raises(NotTranslated, match="not translated: no order"):
+        translate(mapping_set, ORU.split("ORC|")[0])
+    assert resources(translate(mapping_set), "DiagnosticReport")
+    with pytest.raises(TranslationError, match="no mapping for message type 'ACQ'"):
+        translate(mapping_set, ORU.replace("ORU^R01", "ACQ"))
+
+
+def test_not_translated_is_checked(tmp_path):
+    files = dict(BASE)
+    files["messages/ACK.yaml"] = """
+        messages: ["ACK^*"]
+        not_translated: {reason: forgot when}
+    """
+    files["messages/QRY.yaml"] = """
+        messages: ["QRY^*"]
+        not_translated: a query
+        resources:
+          - {from: PID, map: PID.Patient}
+    """
+    with pytest.raises(MappingErrors) as caught:
+        MappingSet.load(write(tmp_path / "mappings", files))
+    text = str(caught.value)
+    assert "ACK.yaml:2: not_translated: give the reason (text), or {when: CONDITION, reason: TEXT}" in text
+    assert "QRY.yaml:2: not_translated: a message map whose messages are not translated has no resources" in text
+
+
+def test_a_message_that_gives_no_resource_is_refused(mapping_set):
+    """Nothing to store (and a Provenance needs a target): refused, naming the segments."""
+    with pytest.raises(TranslationError) as caught:
+        translate(mapping_set, "MSH|^~\\&|A|B|C|D|20250101||ORU^R01|M1|P|2.5\rNTE|1||x\r")
+    assert caught.value.reason == \
+        "nothing to translate: no segment of the message gives a resource (segments: MSH, NTE)"
+    assert caught.value.location == "MSH[1]"
+
+
+def test_a_site_defined_message_without_a_map_says_what_is_needed(mapping_set):
+    with pytest.raises(TranslationError) as caught:
+        translate(mapping_set, ORU.replace("ORU^R01", "ZDT^Z01"))
+    assert caught.value.reason == ("no mapping for message type 'ZDT^Z01'; a site-defined (Z) message needs "
+                                   "its facility's own map (mappings/senders/<facility>/messages/)")

@@ -15,6 +15,12 @@
             each: OBX               # one Observation per OBX of the group
             map: OBX.Observation
 
+A message map may instead say that its types are not translated, by design (`not_translated:
+REASON`: acknowledgements, queries: no clinical data to store), or that some of its messages
+are not (`not_translated: {when: CONDITION, reason: REASON}` beside `resources:`: an analyzer's
+host query in the ASTM map). Either raises NotTranslated with the reason. A message that gives
+no resource at all is refused: there is nothing to store, and a Provenance needs a target.
+
 Entry keys: `name` (what `@name` references resolve to), `from`/`each` (a segment, a group of
 segments, or a field whose values become resources, such as PV1-7 practitioners), `when`,
 `map` (a named map with a resource type, or an inline map with `resource:`), `resources`
@@ -42,7 +48,7 @@ from adapters.hl7v2.message import Hl7Message
 from gateway.mapping import codegen, message_codegen
 from gateway.mapping.path import PathError, parse_path
 from gateway.mapping.rules import RuleCompiler
-from gateway.mapping.runtime import Run, TranslationContext
+from gateway.mapping.runtime import NotTranslated, Run, TranslationContext, TranslationError
 from gateway.mapping.source import Located, line_of
 
 # Our namespace for name-based UUIDs (uuid5 of 'urn:ma:hie' in the URL namespace).
@@ -64,6 +70,7 @@ def name_id(name: str) -> str:
     text = _sha1(_NAMESPACE_BYTES + name.encode()).hexdigest()
     return f"{text[:8]}-{text[8:12]}-5{text[13:16]}-{_VARIANT[text[16]]}{text[17:20]}-{text[20:32]}"
 ENTRY_KEYS = ("name", "description", "resource", "from", "each", "when", "map", "resources")
+MESSAGE_KEYS = ("messages", "description", "resources", "not_translated")
 PROVENANCE_SOURCE = "urn:ma:hie:message"
 
 
@@ -90,6 +97,8 @@ class MessageMap:
     entries: list[Entry]
     file: str
     function: Callable | None = None  # (None, run): runs the entries (set when the layer is built)
+    not_translated: str = ""  # the reason no message of these types is translated
+    skip: tuple | None = None  # (condition, reason): the messages that are not translated
 
 
 def compile_message_map(name: str, document, compiler: RuleCompiler,
@@ -100,16 +109,40 @@ def compile_message_map(name: str, document, compiler: RuleCompiler,
         return None
     line = document.line_of if isinstance(document, Located) else (lambda key: 0)
     for key in document:
-        if key not in ("messages", "description", "resources"):
-            compiler.problem(line(key), str(key), "unknown key; a message map has messages, description, resources")
+        if key not in MESSAGE_KEYS:
+            compiler.problem(line(key), str(key), "unknown key; a message map has " + ", ".join(MESSAGE_KEYS))
     types = document.get("messages")
     if isinstance(types, str):
         types = [types]
     if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
         compiler.problem(line("messages"), "messages", "list the message types handled, as CODE^TRIGGER")
         types = []
+    reason, skip = _not_translated(document, compiler, line)
+    if reason:
+        return MessageMap(name, tuple(types), [], compiler.file, not_translated=reason)
     entries = _entries(document.get("resources"), compiler, resource_map, "resources", line("resources"))
-    return MessageMap(name, tuple(types), entries, compiler.file)
+    return MessageMap(name, tuple(types), entries, compiler.file, skip=skip)
+
+
+def _not_translated(document, compiler: RuleCompiler, line) -> tuple[str, tuple | None]:
+    """(reason every message is not translated, or ''; (condition, reason) for some, or None)."""
+    spec = document.get("not_translated")
+    if spec is None:
+        return "", None
+    where = line("not_translated")
+    if isinstance(spec, str) and spec.strip():
+        if "resources" in document:
+            compiler.problem(where, "not_translated", "a message map whose messages are not translated has no "
+                             "resources (or say which are not: {when: ..., reason: ...})")
+        return spec.strip(), None
+    if isinstance(spec, dict) and set(spec) == {"when", "reason"} and isinstance(spec["reason"], str) \
+            and spec["reason"].strip():
+        if "resources" not in document:
+            compiler.problem(where, "not_translated", "with when:, resources: maps the other messages")
+        condition = compiler._condition(spec["when"], "not_translated.when", where)
+        return "", (condition, spec["reason"].strip()) if condition is not None else None
+    compiler.problem(where, "not_translated", "give the reason (text), or {when: CONDITION, reason: TEXT}")
+    return "", None
 
 
 def _entries(specs, compiler: RuleCompiler, resource_map, key: str, line: int) -> list[Entry]:
@@ -196,7 +229,7 @@ def bind_message_map(message_map: MessageMap, module: codegen.Module) -> None:
     entries, conditions, field sources and inline maps, written out as one function."""
     message_map.function = message_codegen.message_function(
         module, "message_" + message_map.name, f"{message_map.file} (message map)", message_map.entries,
-        place_resource, copy_resource, name_id)
+        place_resource, copy_resource, name_id, message_map.skip)
 
 
 def resolve_message_map(message_map: MessageMap) -> None:
@@ -218,10 +251,17 @@ def _is_segment(text: str) -> bool:
 def run_message_map(message_map: MessageMap, message: Hl7Message, context: TranslationContext,
                     mapping_version: str, message_type: str = "") -> tuple[dict, list[str]]:
     """Translate one message into the canonical Bundle; returns it and the warnings."""
+    if message_map.not_translated:
+        raise NotTranslated(f"not translated: {message_map.not_translated}", "MSH[1]-9")
     run = Run(message, context)
     message_map.function(None, run)
     _resolve_references(run)
     resources = run.resources
+    if not resources:
+        names = list(dict.fromkeys(segment.name for segment in message.segments))
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise TranslationError(f"nothing to translate: no segment of the message gives a resource "
+                               f"(segments: {shown})", "MSH[1]")
     instant = _instant(context.received_at)
     resources.append(_provenance(resources, context, message, mapping_version, message_type, instant))
     key = context.message_key or context.control_id

@@ -218,7 +218,9 @@ class MappingSet:
         return sorted(self._layer(sender).messages)
 
     def message_map(self, message_type: str, sender: str = "") -> MessageMap | None:
-        return self._layer(sender).messages.get(message_type)
+        """The map of `message_type` (CODE^TRIGGER), or of every trigger of its code (CODE^*)."""
+        messages = self._layer(sender).messages
+        return messages.get(message_type) or messages.get(message_type.split("^", 1)[0] + "^*")
 
     def generated_source(self, sender: str = "") -> str:
         """The Python generated from the mapping files of `sender`'s layer (the shared one by
@@ -230,12 +232,16 @@ class MappingSet:
 
     def translate(self, message: Hl7Message, context: TranslationContext,
                   message_type: str | None = None) -> Translation:
-        """The canonical Bundle of one tokenized message; TranslationError if it cannot be made."""
+        """The canonical Bundle of one tokenized message; TranslationError if it cannot be made
+        (NotTranslated, a TranslationError, when the mapping set says the message is not
+        translated by design: an acknowledgement, a query)."""
         message_type = message_type or message.message_type
-        layer = self._layer(context.sender_id)
-        message_map = layer.messages.get(message_type)
+        message_map = self.message_map(message_type, context.sender_id)
         if message_map is None:
-            raise TranslationError(f"no mapping for message type {message_type!r}", "MSH[1]-9")
+            code, _, event = message_type.partition("^")
+            site = "; a site-defined (Z) message needs its facility's own map (mappings/senders/<facility>/" \
+                "messages/)" if code.startswith("Z") or event.startswith("Z") else ""
+            raise TranslationError(f"no mapping for message type {message_type!r}{site}", "MSH[1]-9")
         bundle, warnings = run_message_map(message_map, message, context, self.version, message_type)
         return Translation(bundle, warnings, self.version, message_map.name)
 

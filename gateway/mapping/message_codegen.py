@@ -25,7 +25,7 @@ from bisect import bisect_left
 from typing import Callable
 
 from gateway.mapping import codegen
-from gateway.mapping.runtime import Scope
+from gateway.mapping.runtime import NotTranslated, Scope
 
 
 def group_spans(segments: list, heads: tuple[str, ...], start: int, end: int) -> list[tuple[int, int]]:
@@ -45,16 +45,18 @@ def group_spans(segments: list, heads: tuple[str, ...], start: int, end: int) ->
 
 
 def message_function(module: codegen.Module, base: str, comment: str, entries: list,
-                     place_resource: Callable, copy_resource: Callable, name_id: Callable) -> codegen.Handle:
+                     place_resource: Callable, copy_resource: Callable, name_id: Callable,
+                     skip: tuple | None = None) -> codegen.Handle:
     """Declare the function (node, run) that runs `entries` (engine.Entry, descriptions still
     unbound). The engine's helpers: `place_resource(resource, type, ordinal, run, seen[,
     identity])` (the id from the identifiers, and the map's `identity:` elements),
     `copy_resource(body, type, ordinal, run, seen, pending[, identity])` (for a map that
     writes `id` itself), `name_id(text)`: a map without `identifier` gets its id
-    from its ordinal inline, as place_resource would give it."""
+    from its ordinal inline, as place_resource would give it. `skip`, (condition, reason):
+    a message for which the condition holds raises NotTranslated(reason) before anything."""
     module.namespace.update({"Scope": Scope, "bisect_left": bisect_left, "group_spans": group_spans,
                              "place_resource": place_resource, "copy_resource": copy_resource,
-                             "name_id": name_id})
+                             "name_id": name_id, "NotTranslated": NotTranslated})
 
     def body(gen: codegen.Gen) -> None:
         writer = _Writer(gen)
@@ -70,6 +72,14 @@ def message_function(module: codegen.Module, base: str, comment: str, entries: l
         gen.emit("key = run.context.message_key or run.context.control_id")
         gen.emit("scope0 = run.scope")
         gen.emit("end0 = len(segments)")
+        if skip is not None:
+            condition, reason = skip
+            gen.scopes.append(({}, True))
+            try:
+                with gen.block(f"if {condition.emit_test(gen, 'node')}:"):
+                    gen.emit(f"raise NotTranslated({'not translated: ' + reason!r}, 'MSH[1]-9')")
+            finally:
+                gen.scopes.pop()
         writer.entries(entries, "scope0", "0", "end0", top=True)
         gen.emit("return None")
     return module.function(base, comment, body)

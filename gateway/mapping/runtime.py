@@ -57,6 +57,12 @@ class TranslationError(ValueError):
         self.mapping = mapping  # file:line of the rule that failed
 
 
+class NotTranslated(TranslationError):
+    """A message the mapping set says is not translated, by design: it carries no clinical data
+    to store (an acknowledgement, a query). Not a fault of the message nor of the mappings; a
+    TranslationError still, so that a caller that knows only those refuses it with the reason."""
+
+
 @dataclass(slots=True)
 class Scope:
     start: int
