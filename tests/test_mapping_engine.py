@@ -419,3 +419,21 @@ def test_a_site_defined_message_without_a_map_says_what_is_needed(mapping_set):
         translate(mapping_set, ORU.replace("ORU^R01", "ZDT^Z01"))
     assert caught.value.reason == ("no mapping for message type 'ZDT^Z01'; a site-defined (Z) message needs "
                                    "its facility's own map (mappings/senders/<facility>/messages/)")
+
+
+def test_before_the_first_segment(tmp_path):
+    """`{before: ORC}`: an OBX before the first order is the patient's; `before:` is checked."""
+    files = dict(BASE)
+    files["messages/ORU_R01.yaml"] = BASE["messages/ORU_R01.yaml"].rstrip(" ") + """\
+          - name: observation
+            each: OBX
+            when: {before: ORC}
+            map: OBX.Observation
+    """
+    mapping_set = MappingSet.load(write(tmp_path / "mappings", files))
+    text = ORU.replace("ORC|RE|ORD1\r", "OBX|1|NM|WT^Poids^L||70|kg|||||F\rORC|RE|ORD1\r")
+    observations = resources(translate(mapping_set, text), "Observation")
+    assert [o["code"]["text"] for o in observations] == ["Glucose", "Comment", "Potassium", "Poids"]
+    files["messages/ORU_R01.yaml"] = files["messages/ORU_R01.yaml"].replace("{before: ORC}", "{before: orc1}")
+    with pytest.raises(MappingErrors, match=r"before: names a segment, such as ORC"):
+        MappingSet.load(write(tmp_path / "other", files))

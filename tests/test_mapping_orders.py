@@ -171,6 +171,36 @@ def test_immunizations_completed_and_refused(mapping_set):
     assert "route" not in refused and "site" not in refused and "doseQuantity" not in refused
 
 
+def test_immunization_message_keeps_the_patients_own_observations(mapping_set):
+    """VXU's PERSON_OBSERVATION (OBX before the first order) is an Observation too (v2-to-FHIR
+    VXU_V04); the administration's OBX stay one per OBX, none read twice."""
+    text = ("MSH|^~\\&|APP|FAC|HIE|MS|20260115103000||VXU^V04^VXU_V04|1|P|2.5.1\n"
+            "PID|1||BE123456^^^CNIE^NI||BENALI^Fatima||20250101|F\n"
+            "OBX|1|NM|29463-7^Poids^LN||4.2|kg^kg^UCUM|||||F\n"
+            "ORC|RE||197027\n"
+            "RXA|0|1|20260110||08^HepB^CVX|0.5|mL^mL^UCUM||00\n"
+            "OBX|1|CE|64994-7^Eligibility^LN|1|V02^VFC^HL70064||||||F\n")
+    observations = resources(translate_text(mapping_set, text).bundle, "Observation")
+    assert [o["code"]["coding"][0]["code"] for o in observations] == ["29463-7", "64994-7"]
+
+
+def test_charged_orders_are_reports_with_their_results(mapping_set):
+    """DFT's common orders: each OBR is the report of the service charged, with its OBX."""
+    text = ("MSH|^~\\&|APP|FAC|HIE|MS|20260115103000||DFT^P03^DFT_P03|1|P|2.5\n"
+            "EVN|P03|20260115103000\n"
+            "PID|1||BE123456^^^CNIE^NI||BENALI^Fatima\n"
+            "ORC|RE|PL1|FI1\n"
+            "OBR|1|PL1|FI1|57698-3^Bilan lipidique^LN|||20260115080000||||||||||||||||||F\n"
+            "OBX|1|NM|2093-3^Cholestérol^LN||1.92|g/L|||||F\n"
+            "FT1|1|T1||20260115|20260115|CG|B^Acte de biologie^urn:ma:cnss:ngap|||1|80&MAD\n")
+    bundle = translate_text(mapping_set, text).bundle
+    report, = resources(bundle, "DiagnosticReport")
+    observation, = resources(bundle, "Observation")
+    assert report["status"] == "final" and report["code"]["coding"][0]["code"] == "57698-3"
+    assert report["result"] == [{"reference": "urn:uuid:" + observation["id"]}]
+    assert len(resources(bundle, "ChargeItem")) == 1 and bundle_problems(bundle) == []
+
+
 # -- errors --------------------------------------------------------------------------------
 
 RDE_WITHOUT_DRUG = """MSH|^~\\&|APP|FAC|HIE|MS|20260115103000||RDE^O11^RDE_O11|1|P|2.5

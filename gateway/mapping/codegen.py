@@ -65,7 +65,7 @@ class Module:
             "TranslationError": TranslationError, "EMPTY": runtime.EMPTY, "text_of": runtime.text_of,
             "descend": runtime.descend, "field_parts": runtime.field_parts,
             "unsplit_parts": runtime.unsplit_parts, "relative_part": runtime.relative_part,
-            "location": runtime.location,
+            "location": runtime.location, "before_first": runtime.before_first,
         }
         self.source = ""
 
@@ -540,6 +540,16 @@ class Test:
         if self.operator == "not_in":
             return f"{text} not in {gen.module.constant(self.operand)}"
         return f"{text} != ''" if self.operand else f"{text} == ''"
+
+
+class Before:
+    """`{before: ORC}`: the current segment comes before the message's first ORC (or none)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def emit_test(self, gen: Gen, node: str) -> str:
+        return f"before_first(run, {self.name!r})"
 
 
 class AllOf:

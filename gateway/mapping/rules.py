@@ -282,9 +282,16 @@ class RuleCompiler:
                 if options:
                     tests.append(codegen.AnyOf(options))
                 continue
+            if isinstance(item, dict) and list(item) == ["before"]:
+                name = item["before"]
+                if isinstance(name, str) and _is_segment_name(name):
+                    tests.append(codegen.Before(name))
+                else:
+                    self.problem(line, f"{where}.before", "before: names a segment, such as ORC")
+                continue
             if not isinstance(item, dict) or "field" not in item:
-                self.problem(line, where, "a condition is {field: PATH, is|in|not_in|present: ...}"
-                             " or {any: [conditions]}")
+                self.problem(line, where, "a condition is {field: PATH, is|in|not_in|present: ...},"
+                             " {before: SEGMENT} or {any: [conditions]}")
                 continue
             for name in item:
                 if name not in CONDITIONS:
@@ -301,6 +308,12 @@ class RuleCompiler:
         if not tests:
             return None
         return codegen.AllOf(tests)
+
+
+def _is_segment_name(text: str) -> bool:
+    """An HL7 segment name (PID, ZBE) or an ASTM record type (O)."""
+    return (len(text) == 3 and text[0].isalpha() and text.isalnum() and text.isupper()) or \
+        (len(text) == 1 and text.isalpha() and text.isupper())
 
 
 class _NoSource:

@@ -172,6 +172,15 @@ def text_of(node, run: Run) -> str:
     return raw
 
 
+def before_first(run: Run, name: str) -> bool:
+    """The current segment comes before the message's first `name` (or it has none): a
+    patient-level OBX, before the first order (`when: {before: ORC}`)."""
+    if run.segment is None or run.position < 0:
+        return False
+    found = run.message.positions(name)
+    return not found or run.position < found[0]
+
+
 def descend(part: Part, number: int, run: Run) -> Part | None:
     """Component (or subcomponent) `number` of a value, one level down."""
     level = part.level
