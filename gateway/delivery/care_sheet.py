@@ -31,7 +31,12 @@ Where the fields come from (identifier systems of DESIGN.md section 4):
 - practitioner and prescriber: Practitioners' `urn:ma:inpe` (ChargeItem performer PRF / OP;
   MedicationDispense performer / its MedicationRequest's requester);
 - prescription: `urn:ma:hie:prescription` (MedicationRequest.groupIdentifier or identifier,
-  or authorizingPrescription.identifier);
+  or authorizingPrescription.identifier); per dispensed line, the prescription line it fills
+  (`prescription`: the MedicationRequest's `urn:ma:hie:prescription-line` identifier RX-.../n
+  and the dispensation's `urn:ma:hie:dispensation` identifier, the line's own idempotency key
+  at CNSS), as the e-prescription flow (gateway.prescriptions) writes them;
+- paper prescription: a dispense with the extension PAPER_EXTENSION true makes the sheet
+  `ordonnancePapier` (and may not name an e-prescription);
 - amounts: ChargeItem.priceOverride (the line's amount, FT1-11 or FT1-12 x FT1-10), the
   unit-price extension of a dispense (CSV). A dispense without a price is sent without one
   (the contract lets CNSS value a drug at its regulated price); an act without one is refused.
@@ -57,6 +62,9 @@ IMMATRICULATION = "urn:ma:cnss:immatriculation"
 CNIE = "urn:ma:cnie"
 INPE = "urn:ma:inpe"
 PRESCRIPTION = "urn:ma:hie:prescription"
+PRESCRIPTION_LINE = "urn:ma:hie:prescription-line"  # RX-XXXX-XXXX-C/<line>
+DISPENSATION = "urn:ma:hie:dispensation"
+PAPER_EXTENSION = "urn:ma:hie:StructureDefinition/paper-prescription"
 GTIN = "https://www.gs1.org/gtin"
 NOMENCLATURES = {"urn:ma:cnss:ngap": "NGAP", "urn:ma:cnss:nabm": "NABM"}
 UNIT_PRICE_EXTENSION = "urn:ma:hie:StructureDefinition/unit-price"
@@ -434,6 +442,7 @@ def _dispense_line(bundle: _Bundle, dispense: dict, n: int, people: dict) -> _Li
     for performer in dispense.get("performer") or ():
         people["practitioners"].add(_inpe_of(bundle, performer.get("actor"), "Practitioner"))
         people["facilities"].add(_inpe_of(bundle, performer.get("actor"), "Organization"))
+    prescribed_line = None
     for reference in dispense.get("authorizingPrescription") or ():
         request = bundle.resolve(reference)
         if request is not None:
@@ -442,12 +451,29 @@ def _dispense_line(bundle: _Bundle, dispense: dict, n: int, people: dict) -> _Li
             people["prescriptions"].add(str(group["value"]).strip()
                                         if group.get("system") == PRESCRIPTION and group.get("value")
                                         else _identifier(request, PRESCRIPTION))
+            prescribed_line = prescribed_line or _identifier(request, PRESCRIPTION_LINE)
         else:
             logical = (reference or {}).get("identifier") or {}
             if logical.get("system") == PRESCRIPTION and logical.get("value"):
                 people["prescriptions"].add(str(logical["value"]).strip())
+    if any(isinstance(e, dict) and e.get("url") == PAPER_EXTENSION and e.get("valueBoolean") is True
+           for e in dispense.get("extension") or ()):
+        people["paper"].add(True)
+    reference = _prescription_reference(prescribed_line, _identifier(dispense, DISPENSATION))
+    if reference is not None:
+        line["prescription"] = reference
     when = dispense.get("whenHandedOver") or dispense.get("whenPrepared")
     return _Line(line, _day(when))
+
+
+def _prescription_reference(prescribed_line: str | None, key: str | None) -> dict | None:
+    """The line's ReferencePrescription: from 'RX-XXXX-XXXX-C/2' and the dispensation id."""
+    if not prescribed_line or not key:
+        return None
+    number, _, rank = prescribed_line.rpartition("/")
+    if not number or not rank.isdigit() or int(rank) < 1:
+        raise CareSheetError(f"prescription line identifier is not <prescription>/<line> ({PRESCRIPTION_LINE})")
+    return {"numero": number, "ligne": int(rank), "cleLigne": key}
 
 
 def _sender_inpe(bundle: _Bundle) -> str | None:
@@ -509,7 +535,7 @@ def care_sheet_from_bundle(bundle: dict) -> dict | None:
     if not charges and not dispenses:
         return None
     people: dict[str, set] = {"prescribers": set(), "practitioners": set(), "facilities": set(),
-                              "prescriptions": set()}
+                              "prescriptions": set(), "paper": set()}
     lines = [_charge_item_line(resources, item, n, people) for n, item in enumerate(charges, 1)]
     lines += [_dispense_line(resources, item, n, people) for n, item in enumerate(dispenses, 1)]
 
@@ -542,6 +568,14 @@ def care_sheet_from_bundle(bundle: dict) -> dict | None:
     prescription = _one(people["prescriptions"], "prescriptions")
     if prescription:
         sheet["numeroPrescription"] = prescription
+    if people["paper"]:
+        if prescription:
+            raise CareSheetError("a dispense marked paper-based names an e-prescription: one or the other")
+        sheet["ordonnancePapier"] = True
+    for line in lines:
+        numero = (line.fields.get("prescription") or {}).get("numero")
+        if numero is not None and numero != prescription:
+            raise CareSheetError("a line's prescription reference is not the care sheet's prescription")
     sheet["dateSoins"] = min(days)
     sheet["lignes"] = {"ligne": [line.fields for line in lines]}
     amounts = [line.fields.get("montant") for line in lines]

@@ -6,6 +6,13 @@ for it; a listener with `ack_after: translation` answers once the translation is
 AE/CE and an ERR when it failed (that ACK is stored in place of the first, so a re-sent
 message gets the same answer).
 
+Whatever the listener says, a message whose answer depends on the translation step (the
+e-prescription flow: RDE^O11, OMP^O09, RDS^O13) is answered once it has run: with the
+prescription's RRE^O12 / ORP^O10, or the dispensation's AA or AE. Until then the ACK stored
+with it is a provisional AE ("not processed yet; send again later"), so that a re-sent copy
+never gets an AA that carries no prescription id; the step's answer replaces it in the same
+transaction as the translation.
+
 If the store fails, nothing was stored and the sender is told to send again (AE/CE, ERR-3
 207, ERR-5 STORE_UNAVAILABLE); the frame is logged by size and hash, never by content.
 """
@@ -23,6 +30,7 @@ from adapters.hl7v2.header import Location, enhanced_mode
 from adapters.mllp.protocol import Answer, ConnectionInfo
 from gateway.ingest.inspect import FieldView, FrameResult, Inspector
 from gateway.ingest.model import Inbound
+from gateway.prescriptions.codes import PrescriptionError
 from gateway.store.ingest_writer import IngestJob, IngestWriter
 from gateway.store.translations import Pending, TranslationRecord
 
@@ -54,15 +62,16 @@ class IngestPipeline:
     def _store(self, payload: bytes, result: FrameResult, connection: ConnectionInfo,
                reply: Callable[[Answer], None]) -> None:
         builder = self.inspector.builder
+        waiting = self._provisional(result)
 
         def done(job: IngestJob, error: Exception | None) -> None:
             if error is None:
                 pending = self._to_translate(job)
                 if not pending:
                     reply(Answer(True, result.response(builder)))
-                elif self.ack_after_translation:
+                elif self.ack_after_translation or waiting:
                     # Whatever the translation's fate, the items' ACKs are then the stored ones.
-                    self._translate(pending, lambda _job: reply(Answer(True, result.response(builder))),
+                    self._translate(pending, lambda tjob: self._answered(tjob, result, reply),
                                     self._failure_ack)
                 else:
                     reply(Answer(True, result.response(builder)))
@@ -73,6 +82,35 @@ class IngestPipeline:
                 reply(Answer(False, self._not_stored(payload)))
 
         self.writer.submit(IngestJob(result.items, connection.listener, connection.peer, self.now(), done))
+
+    def _provisional(self, result: FrameResult) -> bool:
+        """Give the messages answered after the translation step their provisional AE (see
+        the module docstring); whether there is any."""
+        if self.translation is None:
+            return False
+        waiting = False
+        for item in result.items:
+            if not (item.deduplicated and self.translation.answers_after_translation(item.message_type)):
+                continue
+            waiting = True
+            header = item.header
+            if header is None or item.ack is None:
+                continue
+            item.ack = (self.inspector.builder.build(header, Outcome.ERROR, header.enhanced_mode, ErrorDetail(
+                ErrorCondition.APPLICATION_INTERNAL_ERROR, Location("MSH", 1),
+                "received but not processed yet: send the message again later",
+                PrescriptionError.PRESCRIPTION_NOT_PROCESSED))
+                if Inspector._wants_ack(header, False) else None)
+        return waiting
+
+    def _answered(self, job, result: FrameResult, reply: Callable[[Answer], None]) -> None:
+        """Answer once translated: with the answers stored with the translations (the step's),
+        or, when storing failed, with what the items hold (the provisional AE)."""
+        if job.error is None:
+            for pending, record in zip(job.items, job.results):
+                if record.ack is not None and pending.context is not None:
+                    pending.context.ack = record.ack
+        reply(Answer(True, result.response(self.inspector.builder)))
 
     def _to_translate(self, job: IngestJob) -> list[Pending]:
         return pending_translations(job) if self.translation is not None else []

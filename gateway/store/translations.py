@@ -116,6 +116,15 @@ def messages_by_id(connection: Connection, ids: Iterable[int]) -> list[Pending]:
     return [_pending(row) for row in connection.execute(query)]
 
 
+def resolve_message_id(connection: Connection, pending: Pending) -> int | None:
+    """The stored id of `pending` (found by its key on the live path, and then kept on it)."""
+    if pending.message_id is None and pending.key is not None:
+        application, facility, control_id = pending.key
+        pending.message_id = connection.execute(_KEY_SQL, {
+            "application": application, "facility": facility, "control_id": control_id}).scalar()
+    return pending.message_id
+
+
 def save_translations(connection: Connection, results: list[tuple[Pending, TranslationRecord]],
                       now: datetime | None = None) -> int:
     """Upsert the translation rows, move the messages' statuses (and ACKs, where a new one was
@@ -123,11 +132,7 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
     now = now or datetime.now(timezone.utc)
     rows, statuses, acks, outgoing = [], [], [], []
     for pending, record in results:
-        if pending.message_id is None and pending.key is not None:
-            application, facility, control_id = pending.key
-            pending.message_id = connection.execute(_KEY_SQL, {
-                "application": application, "facility": facility, "control_id": control_id}).scalar()
-        if pending.message_id is None:
+        if resolve_message_id(connection, pending) is None:
             continue  # not stored under that key (cannot happen after a commit; be safe)
         bundle = (json.dumps(record.bundle, ensure_ascii=False, separators=(",", ":"))
                   if record.bundle is not None else None)

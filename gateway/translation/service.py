@@ -16,6 +16,12 @@ translation`.
 - Reload (SIGHUP, `gateway mappings reload`) reads the set in a thread and swaps it whole; a
   broken set is refused, every problem logged, the old set kept.
 
+A `step` (gateway.prescriptions.flow.PrescriptionFlow) may run between translation and
+storage: `prepare(results)` first, with no transaction open (it may ask a peer, bounded by its
+own timeout), then `apply(connection, results, prepared, now)` inside the write transaction,
+before the translations and their deliveries are saved: what it records commits with them or
+not at all. It may change a record (its bundle, status, ACK, destinations).
+
 The worker never touches the reactor: `deliver(function, *args)` (callFromThread) is given.
 """
 from __future__ import annotations
@@ -26,7 +32,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 from sqlalchemy import Engine
 from twisted.application.service import Service
@@ -46,6 +52,18 @@ _STOP = object()
 IDLE_CHECK = 5.0  # seconds: how often an idle worker retries a sweep the live path asked for
 
 
+class TranslationStep(Protocol):
+    """Work on translated messages before they are stored (see the module docstring)."""
+
+    def waits_for(self, message_type: str | None) -> bool:
+        """Whether messages of this type are answered only after the step has run."""
+
+    def prepare(self, results: list[tuple[Pending, TranslationRecord]]) -> Any: ...
+
+    def apply(self, connection, results: list[tuple[Pending, TranslationRecord]], prepared: Any,
+              now: datetime) -> None: ...
+
+
 @dataclass(slots=True)
 class TranslationJob:
     """Messages to translate together; `done(job)` runs on the reactor thread once they are
@@ -63,8 +81,9 @@ class TranslationJob:
 class TranslationWorker:
     def __init__(self, engine: Engine, translator: Translator, deliver: Callable,
                  max_batch: int = 256, max_queued: int = 10_000,
-                 on_enqueued: Callable[[], None] | None = None):
+                 on_enqueued: Callable[[], None] | None = None, step: TranslationStep | None = None):
         self.engine = engine
+        self.step = step
         self.on_enqueued = on_enqueued  # called (through `deliver`) when deliveries were queued
         self.translator = translator
         self.deliver = deliver
@@ -203,8 +222,12 @@ class TranslationWorker:
     def _store(self, results: list[tuple[Pending, TranslationRecord]]) -> None:
         if not results:
             return
+        prepared = self.step.prepare(results) if self.step is not None else None
+        now = datetime.now(timezone.utc)
         with write_transaction(self.engine) as connection:
-            save_translations(connection, results, datetime.now(timezone.utc))
+            if self.step is not None:
+                self.step.apply(connection, results, prepared, now)
+            save_translations(connection, results, now)
         self.commits += 1
         if self.on_enqueued is not None and any(record.destinations for _, record in results):
             self.deliver(self.on_enqueued)
@@ -228,8 +251,9 @@ class TranslationService(Service):
     name = "translation"
 
     def __init__(self, config: GatewayConfig, engine: Engine, reactor, max_batch: int = 256,
-                 on_enqueued: Callable[[], None] | None = None):
+                 on_enqueued: Callable[[], None] | None = None, step: TranslationStep | None = None):
         self.config = config
+        self.step = step
         self.on_enqueued = on_enqueued
         self.engine = engine
         self.reactor = reactor
@@ -250,7 +274,7 @@ class TranslationService(Service):
         router = Router(self.config.routes, self.config.senders) if self.config.routes else None
         self.translator = Translator(mappings, self.config.senders, router)
         self.worker = TranslationWorker(self.engine, self.translator, self.reactor.callFromThread,
-                                        self.max_batch, on_enqueued=self.on_enqueued)
+                                        self.max_batch, on_enqueued=self.on_enqueued, step=self.step)
         self.worker.start(sweep=True)
         super().startService()
 
@@ -261,6 +285,11 @@ class TranslationService(Service):
 
     def submit(self, job: TranslationJob) -> None:
         self.worker.submit(job)
+
+    def answers_after_translation(self, message_type: str | None) -> bool:
+        """Whether a message of this type must be answered once translated (its answer
+        depends on the step: a prescription id, a dispensation's refusal)."""
+        return self.step is not None and self.step.waits_for(message_type)
 
     def reload(self):
         """Read the mapping set again (in a thread) and use it if valid; a Deferred firing

@@ -11,7 +11,10 @@ the first violation with its line and element), then the rules the schema cannot
   lines, which must then all carry their amount (MONTANT_INCOHERENT);
 - the idempotency key: same key and same content, the stored answer again (one care sheet);
   same key and other content, CLE_REUTILISEE. "Same content" ignores namespace prefixes and
-  whitespace between elements, so any client serialising the same sheet is recognised.
+  whitespace between elements, so any client serialising the same sheet is recognised;
+- e-prescription lines: a line's prescription reference names the sheet's numeroPrescription,
+  a paper sheet (ordonnancePapier) names no prescription (ORDONNANCE_INCOHERENTE), and a
+  line's key (cleLigne) is billed once across all sheets (LIGNE_DEJA_FACTUREE).
 
 Every violation is a soap:Client fault; an unexpected exception is a soap:Server fault
 (ERREUR_INTERNE), logged without the request.
@@ -39,7 +42,7 @@ from gateway.sandbox.cnss.soap import (
     parse_request,
     server_fault,
 )
-from gateway.sandbox.cnss.store import CareSheetStore, KeyReused
+from gateway.sandbox.cnss.store import CareSheetStore, KeyReused, LineAlreadyBilled
 
 log = Logger()
 
@@ -193,15 +196,24 @@ class CnssService:
     def submit_care_sheet(self, request: etree._Element, received_at: datetime) -> bytes:
         self._check_care_sheet(request)
         key = _text(request, "fse:cleIdempotence")
+        lines = tuple((_text(reference, "fse:cleLigne"), _text(reference, "fse:numero"),
+                       int(_text(reference, "fse:ligne")))
+                      for reference in request.findall("fse:lignes/fse:ligne/fse:prescription", NS))
+        paper = _text(request, "fse:ordonnancePapier") in ("true", "1")
         try:
             record, created = self.store.submit(
                 key, content_fingerprint(request), element_bytes(request), utc_timestamp(received_at),
                 lambda number, status, at: self._submission_answer(number, key, status, at),
+                lines, paper,
             )
         except KeyReused:
             raise client_fault("CLE_REUTILISEE",
                                "clé d'idempotence déjà utilisée pour une autre feuille de soins",
                                element="cleIdempotence") from None
+        except LineAlreadyBilled:
+            raise client_fault("LIGNE_DEJA_FACTUREE",
+                               "ligne de prescription déjà facturée dans une autre feuille de soins",
+                               element="cleLigne") from None
         log.info("CNSS peer: care sheet {number} {what}", number=record.number,
                  what="received" if created else "already received (same key, same content)")
         return record.answer
@@ -219,7 +231,28 @@ class CnssService:
         if insured.find("fse:immatriculation", NS) is None and insured.find("fse:cnie", NS) is None:
             raise client_fault("SCHEMA", "assuré non identifié: immatriculation ou cnie requis",
                                line=insured.sourceline, element="assure")
+        prescription = _text(request, "fse:numeroPrescription")
+        paper = request.find("fse:ordonnancePapier", NS)
+        if paper is not None and _text(request, "fse:ordonnancePapier") in ("true", "1") and prescription:
+            raise client_fault("ORDONNANCE_INCOHERENTE",
+                               "feuille sur ordonnance papier avec un numéro de prescription électronique",
+                               line=paper.sourceline, element="ordonnancePapier")
         lines = request.findall("fse:lignes/fse:ligne", NS)
+        keys: set[str] = set()
+        for number, line in enumerate(lines, start=1):
+            reference = line.find("fse:prescription", NS)
+            if reference is None:
+                continue
+            if _text(reference, "fse:numero") != prescription:
+                raise client_fault("ORDONNANCE_INCOHERENTE",
+                                   f"la ligne de soins {number} exécute une autre prescription que numeroPrescription",
+                                   line=reference.sourceline, element="prescription")
+            line_key = _text(reference, "fse:cleLigne")
+            if line_key in keys:
+                raise client_fault("LIGNE_DEJA_FACTUREE",
+                                   f"ligne de soins {number}: clé de ligne répétée dans la feuille",
+                                   line=reference.sourceline, element="cleLigne")
+            keys.add(line_key)
         amounts: list[Decimal | None] = []
         for number, line in enumerate(lines, start=1):
             ean = line.find("fse:codeEAN13", NS)

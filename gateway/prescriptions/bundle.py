@@ -1,0 +1,490 @@
+"""Reading prescriptions and dispensations out of canonical bundles, and writing the
+prescription's identifiers back into them. Pure code: plain dicts in, plain data out.
+
+Whatever the input (HL7 RDE^O11, OMP^O09, RDS^O13, a FHIR bundle), the flow looks at the
+canonical FHIR resources only:
+
+- a prescription is the message's MedicationRequests, one line each, in bundle order; each
+  line needs a medication code (EAN-13 `https://www.gs1.org/gtin` preferred, else the first
+  coded one) and a quantity to dispense (`dispenseRequest.quantity`, RXE-10 / RXO-11);
+- a dispensation is a MedicationDispense; the prescription it fills is named by
+  `authorizingPrescription`: the MedicationRequest it points at (its `groupIdentifier`, RDS^O13
+  ORC-4 `RX-...^HIE`) or a logical reference by identifier (FHIR, RXD-7), system
+  `urn:ma:hie:prescription`; a paper prescription is marked by the extension
+  PAPER_EXTENSION = true (RDS^O13: ORC-4.2 `PAPIER`).
+
+Problems are `Refusal`s with a precise reason (never patient data) and, for HL7 inputs, the
+segment they came from.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+
+from adapters.hl7v2.codes import ErrorCondition
+from adapters.soap.cnss import valid_ean13
+from gateway.prescriptions import ids
+from gateway.prescriptions.codes import PrescriptionError
+
+SYSTEM = ids.SYSTEM
+LINE_SYSTEM = "urn:ma:hie:prescription-line"  # one MedicationRequest = one line: RX-.../n
+DISPENSATION_SYSTEM = "urn:ma:hie:dispensation"  # MedicationDispense.identifier we give
+PAPER_EXTENSION = "urn:ma:hie:StructureDefinition/paper-prescription"
+GTIN = "https://www.gs1.org/gtin"
+INPE = "urn:ma:inpe"
+IMMATRICULATION = "urn:ma:cnss:immatriculation"
+CNIE = "urn:ma:cnie"
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+ORDER_INTENTS = ("order", "original-order", "instance-order")
+MAX_LINES = 100
+
+
+class Refusal(Exception):
+    """Why a prescription or a dispensation is refused; safe to send back and to log."""
+
+    def __init__(self, code: PrescriptionError, reason: str, location: str = "",
+                 condition: ErrorCondition = ErrorCondition.APPLICATION_INTERNAL_ERROR):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.location = location  # 'RXD[2]-4' (HL7) or 'MedicationDispense[2].quantity'
+        self.condition = condition
+
+
+class Resources:
+    """The resources of a bundle and their references (fullUrls and Type/id)."""
+
+    def __init__(self, bundle: dict):
+        self.bundle = bundle
+        self.entries: list[dict] = [e for e in bundle.get("entry") or () if isinstance(e, dict)
+                                    and isinstance(e.get("resource"), dict)]
+        self._by_reference: dict[str, dict] = {}
+        for entry in self.entries:
+            resource = entry["resource"]
+            if entry.get("fullUrl"):
+                self._by_reference[entry["fullUrl"]] = entry
+            if resource.get("id"):
+                self._by_reference[f"{resource.get('resourceType')}/{resource['id']}"] = entry
+
+    def of_type(self, resource_type: str) -> list[dict]:
+        return [e for e in self.entries if e["resource"].get("resourceType") == resource_type]
+
+    def resolve(self, reference) -> dict | None:
+        """The entry a reference points at, or None (logical, or outside the bundle)."""
+        if not isinstance(reference, dict):
+            return None
+        return self._by_reference.get(reference.get("reference") or "")
+
+
+@dataclass(frozen=True)
+class Medication:
+    system: str | None
+    code: str
+    display: str | None
+
+    def matches(self, other: "Medication") -> bool:
+        if self.system == GTIN or other.system == GTIN:
+            return self.system == other.system and self.code == other.code
+        return self.code == other.code
+
+
+@dataclass
+class PrescribedLine:
+    number: int
+    medication: Medication
+    quantity: Decimal
+    unit: str | None
+    entry: dict  # the MedicationRequest's bundle entry (annotated in place)
+
+
+@dataclass
+class PrescriptionDraft:
+    lines: list[PrescribedLine]
+    patient_key: str | None
+    patient_identifiers: tuple[str, ...]
+    prescriber_inpe: str | None
+    prescriber_entry: dict | None  # the requester Practitioner's entry, when in the bundle
+
+
+@dataclass
+class DispenseItem:
+    index: int  # 1-based, among the MedicationDispenses
+    entry: dict
+    medication: Medication
+    quantity: Decimal
+    unit: str | None
+    prescription_id: str | None  # parsed: RX-XXXX-XXXX-C
+    paper: bool
+    dispensation_ref: str | None  # the sender's own id of this dispensation (FILL, identifier)
+    handed_over: str | None  # whenHandedOver as sent
+
+
+@dataclass
+class DispensationDraft:
+    items: list[DispenseItem]
+    patient_identifiers: tuple[str, ...]
+    patient_reference: dict | None
+    coverage: dict = field(default_factory=dict)  # 'immatriculation'/'cnie' to check AMO rights
+
+
+def location(hl7: bool, segment: str, resource: str, index: int, field_number: int = 0,
+             element: str = "") -> str:
+    if hl7:
+        return f"{segment}[{index}]" + (f"-{field_number}" if field_number else "")
+    return f"{resource}[{index}]" + (f".{element}" if element else "")
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+def medication_of(resource: dict, resources: Resources) -> Medication | None:
+    concept = resource.get("medicationCodeableConcept")
+    if concept is None:
+        target = resources.resolve(resource.get("medicationReference"))
+        concept = (target or {}).get("resource", {}).get("code") if target else None
+    codings = [c for c in (concept or {}).get("coding") or () if isinstance(c, dict)
+               and str(c.get("code") or "").strip()]
+    if not codings:
+        return None
+    coding = next((c for c in codings if c.get("system") == GTIN), codings[0])
+    display = coding.get("display") or (concept or {}).get("text")
+    return Medication(coding.get("system"), str(coding["code"]).strip(),
+                      " ".join(str(display).split())[:200] if display else None)
+
+
+def quantity_of(quantity) -> tuple[Decimal | None, str | None]:
+    if not isinstance(quantity, dict) or quantity.get("value") is None:
+        return None, None
+    try:
+        value = Decimal(str(quantity["value"]))
+    except InvalidOperation:
+        return None, None
+    if not value.is_finite():
+        return None, None
+    unit = quantity.get("unit") or quantity.get("code")
+    return value, (" ".join(str(unit).split())[:64] if unit else None)
+
+
+def identifiers_of(resource: dict | None) -> tuple[str, ...]:
+    """'system|value' of every identifier with both."""
+    found = []
+    for identifier in (resource or {}).get("identifier") or ():
+        if isinstance(identifier, dict) and identifier.get("system") and str(identifier.get("value") or "").strip():
+            found.append(f"{identifier['system']}|{str(identifier['value']).strip()}")
+    return tuple(dict.fromkeys(found))
+
+
+def _identifier(resource: dict | None, system: str) -> str | None:
+    for identifier in (resource or {}).get("identifier") or ():
+        if isinstance(identifier, dict) and identifier.get("system") == system \
+                and str(identifier.get("value") or "").strip():
+            return str(identifier["value"]).strip()
+    return None
+
+
+def _patient_entry(resources: Resources, resource: dict) -> dict | None:
+    entry = resources.resolve(resource.get("subject"))
+    if entry is not None and entry["resource"].get("resourceType") == "Patient":
+        return entry
+    return None
+
+
+def national_group(resource: dict) -> str | None:
+    """The national prescription id a MedicationRequest already carries, as sent (unparsed)."""
+    group = resource.get("groupIdentifier") or {}
+    if isinstance(group, dict) and group.get("system") == SYSTEM and str(group.get("value") or "").strip():
+        return str(group["value"]).strip()
+    return None
+
+
+def is_prescription_bundle(bundle: dict) -> bool:
+    """A FHIR input that asks for a prescription: MedicationRequests to order, none of them
+    already carrying a national id, and no MedicationDispense."""
+    resources = Resources(bundle)
+    if resources.of_type("MedicationDispense"):
+        return False
+    requests = [e["resource"] for e in resources.of_type("MedicationRequest")]
+    return bool(requests) and all(r.get("intent") in ORDER_INTENTS and national_group(r) is None
+                                  for r in requests)
+
+
+def is_dispensation_bundle(bundle: dict) -> bool:
+    return bool(Resources(bundle).of_type("MedicationDispense"))
+
+
+def read_prescription(bundle: dict, segment: str | None) -> PrescriptionDraft:
+    """The lines, patient and prescriber of a prescription message, or a Refusal. `segment`:
+    the HL7 segment of the lines (RXE for RDE^O11, RXO for OMP^O09), None for FHIR input."""
+    hl7 = segment is not None
+    resources = Resources(bundle)
+    requests = resources.of_type("MedicationRequest")
+    if not requests:
+        raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                      "the prescription has no line (no RXE/RXO, no MedicationRequest)",
+                      "RXE[1]" if hl7 else "MedicationRequest",
+                      ErrorCondition.SEGMENT_SEQUENCE_ERROR)
+    if len(requests) > MAX_LINES:
+        raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                      f"the prescription has {len(requests)} lines; at most {MAX_LINES}")
+    lines: list[PrescribedLine] = []
+    patients: dict[str, dict] = {}
+    prescribers: set[str] = set()
+    prescriber_entry = None
+    for number, entry in enumerate(requests, start=1):
+        request = entry["resource"]
+        medication = medication_of(request, resources)
+        if medication is None:
+            raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                          f"line {number} has no coded medication",
+                          location(hl7, segment, "MedicationRequest", number, 2, "medicationCodeableConcept"),
+                          ErrorCondition.REQUIRED_FIELD_MISSING)
+        if medication.system == GTIN and not valid_ean13(medication.code):
+            raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                          f"line {number}: the drug code is not a valid EAN-13 (GS1 check digit)",
+                          location(hl7, segment, "MedicationRequest", number, 2, "medicationCodeableConcept"),
+                          ErrorCondition.DATA_TYPE_ERROR)
+        quantity, unit = quantity_of((request.get("dispenseRequest") or {}).get("quantity"))
+        if quantity is None or quantity <= 0 or quantity > 100_000:
+            field_number = 10 if segment == "RXE" else 11
+            raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                          f"line {number} has no quantity to dispense (a positive number up to 100000)",
+                          location(hl7, segment, "MedicationRequest", number, field_number,
+                                   "dispenseRequest.quantity"),
+                          ErrorCondition.REQUIRED_FIELD_MISSING)
+        if request.get("status") in ("cancelled", "revoked", "entered-in-error", "stopped"):
+            raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                          f"line {number} is not an active order (status {request.get('status')})",
+                          location(hl7, "ORC", "MedicationRequest", number, 1, "status"),
+                          ErrorCondition.TABLE_VALUE_NOT_FOUND)
+        patient = _patient_entry(resources, request)
+        if patient is not None:
+            patients[patient.get("fullUrl") or patient["resource"].get("id")] = patient
+        requester = resources.resolve(request.get("requester"))
+        if requester is not None and requester["resource"].get("resourceType") == "Practitioner":
+            inpe = _identifier(requester["resource"], INPE)
+            if inpe:
+                prescribers.add(inpe)
+                prescriber_entry = prescriber_entry or requester
+        else:
+            logical = ((request.get("requester") or {}).get("identifier") or {})
+            if logical.get("system") == INPE and logical.get("value"):
+                prescribers.add(str(logical["value"]).strip())
+        lines.append(PrescribedLine(number, medication, quantity, unit, entry))
+    if len(patients) != 1:
+        raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                      "a prescription is for one patient" if patients else
+                      "the prescription names no patient (PID, MedicationRequest.subject)",
+                      "PID[1]" if hl7 else "MedicationRequest.subject",
+                      ErrorCondition.REQUIRED_FIELD_MISSING)
+    patient = next(iter(patients.values()))
+    identifiers = identifiers_of(patient["resource"])
+    if not identifiers:
+        raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                      "the patient has no identifier with a system (PID-3 with an assigning "
+                      "authority): a pharmacy could not match the prescription",
+                      "PID[1]-3" if hl7 else "Patient.identifier",
+                      ErrorCondition.REQUIRED_FIELD_MISSING)
+    if len(prescribers) > 1:
+        raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                      f"{len(prescribers)} different prescribers in one prescription",
+                      "ORC[1]-12" if hl7 else "MedicationRequest.requester")
+    patient_id = patient["resource"].get("id")
+    return PrescriptionDraft(lines, f"Patient/{patient_id}" if patient_id else None, identifiers,
+                             next(iter(prescribers), None), prescriber_entry)
+
+
+def read_dispensation(bundle: dict, hl7: bool) -> DispensationDraft:
+    """The dispensed items of a dispensation message, or a Refusal."""
+    resources = Resources(bundle)
+    dispenses = resources.of_type("MedicationDispense")
+    if not dispenses:
+        raise Refusal(PrescriptionError.PRESCRIPTION_INVALID, "the message dispenses nothing",
+                      "RXD[1]" if hl7 else "MedicationDispense", ErrorCondition.SEGMENT_SEQUENCE_ERROR)
+    items: list[DispenseItem] = []
+    patients: dict[str, dict] = {}
+    for index, entry in enumerate(dispenses, start=1):
+        dispense = entry["resource"]
+        medication = medication_of(dispense, resources)
+        if medication is None:
+            raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                          f"dispensation {index} has no coded medication",
+                          location(hl7, "RXD", "MedicationDispense", index, 2, "medicationCodeableConcept"),
+                          ErrorCondition.REQUIRED_FIELD_MISSING)
+        quantity, unit = quantity_of(dispense.get("quantity"))
+        if quantity is None or quantity <= 0:
+            raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                          f"dispensation {index} has no positive quantity dispensed",
+                          location(hl7, "RXD", "MedicationDispense", index, 4, "quantity"),
+                          ErrorCondition.REQUIRED_FIELD_MISSING)
+        paper = any(isinstance(e, dict) and e.get("url") == PAPER_EXTENSION and e.get("valueBoolean") is True
+                    for e in dispense.get("extension") or ())
+        reference, dispensation_ref = _prescription_reference(resources, dispense)
+        prescription_id = None
+        if reference is not None:
+            try:
+                prescription_id = ids.parse(reference)
+            except ids.PrescriptionIdError as error:
+                raise Refusal(PrescriptionError.PRESCRIPTION_UNKNOWN,
+                              f"dispensation {index}: {error.reason}",
+                              location(hl7, "ORC", "MedicationDispense", index, 4, "authorizingPrescription"),
+                              ErrorCondition.UNKNOWN_KEY_IDENTIFIER) from None
+        if prescription_id is not None and paper:
+            raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                          f"dispensation {index} names an e-prescription and is marked paper-based: one or the other",
+                          location(hl7, "ORC", "MedicationDispense", index, 4, "extension"))
+        if prescription_id is None and not paper:
+            raise Refusal(PrescriptionError.PRESCRIPTION_MISSING,
+                          f"dispensation {index} names no prescription id (ORC-4 RX-...^HIE, "
+                          f"authorizingPrescription {SYSTEM}) and is not marked paper-based "
+                          "(ORC-4.2 PAPIER, extension " + PAPER_EXTENSION + ")",
+                          location(hl7, "ORC", "MedicationDispense", index, 4, "authorizingPrescription"),
+                          ErrorCondition.REQUIRED_FIELD_MISSING)
+        explicit = _identifier_value(dispense) or dispensation_ref
+        patient = _patient_entry(resources, dispense)
+        if patient is not None:
+            patients[patient.get("fullUrl") or patient["resource"].get("id")] = patient
+        items.append(DispenseItem(index, entry, medication, quantity, unit, prescription_id, paper,
+                                  explicit, dispense.get("whenHandedOver")))
+    kinds = {item.prescription_id or "paper" for item in items}
+    if len(kinds) > 1:
+        raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                      "one message dispenses against one prescription (or one paper prescription): "
+                      "send the others separately", "ORC[2]-4" if hl7 else "MedicationDispense")
+    if len(patients) != 1:
+        raise Refusal(PrescriptionError.PATIENT_MISMATCH,
+                      "a dispensation is for one patient" if patients else
+                      "the dispensation names no patient (PID, MedicationDispense.subject)",
+                      "PID[1]" if hl7 else "MedicationDispense.subject",
+                      ErrorCondition.REQUIRED_FIELD_MISSING)
+    patient_entry = next(iter(patients.values()))
+    patient = patient_entry["resource"]
+    coverage = {}
+    number = _identifier(patient, IMMATRICULATION)
+    cnie = _identifier(patient, CNIE)
+    if number:
+        coverage["immatriculation"] = number
+    elif cnie:
+        coverage["cnie"] = cnie.upper()
+    else:
+        for entry in resources.of_type("Coverage"):
+            beneficiary = resources.resolve(entry["resource"].get("beneficiary"))
+            subscriber = str(entry["resource"].get("subscriberId") or "").strip()
+            if beneficiary is patient_entry and subscriber:
+                coverage["immatriculation"] = subscriber
+                break
+    reference = {"reference": patient_entry["fullUrl"]} if patient_entry.get("fullUrl") else None
+    return DispensationDraft(items, identifiers_of(patient), reference, coverage)
+
+
+def _identifier_value(resource: dict) -> str | None:
+    for identifier in resource.get("identifier") or ():
+        if isinstance(identifier, dict) and identifier.get("system") != DISPENSATION_SYSTEM \
+                and str(identifier.get("value") or "").strip():
+            return str(identifier["value"]).strip()[:64]
+    return None
+
+
+def _prescription_reference(resources: Resources, dispense: dict) -> tuple[str | None, str | None]:
+    """(the national prescription id named, as sent; the sender's dispensation id: the filler
+    order number of the order it fills, ORC-3)."""
+    found, filler = None, None
+    for reference in dispense.get("authorizingPrescription") or ():
+        target = resources.resolve(reference)
+        if target is not None:
+            request = target["resource"]
+            found = found or national_group(request) or _identifier(request, SYSTEM)
+            for identifier in request.get("identifier") or ():
+                codes = {c.get("code") for c in ((identifier.get("type") or {}).get("coding") or ())}
+                if "FILL" in codes and str(identifier.get("value") or "").strip():
+                    filler = filler or str(identifier["value"]).strip()[:64]
+        else:
+            logical = (reference or {}).get("identifier") or {} if isinstance(reference, dict) else {}
+            if logical.get("system") == SYSTEM and str(logical.get("value") or "").strip():
+                found = found or str(logical["value"]).strip()
+            elif logical.get("system") == LINE_SYSTEM and str(logical.get("value") or "").strip():
+                found = found or str(logical["value"]).strip().split("/", 1)[0]
+    return found, filler
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+def annotate_prescription(draft: PrescriptionDraft, prescription_id: str) -> None:
+    """Put the national id on every line: `groupIdentifier` (the prescription) and a first
+    `identifier` RX-.../n (the line, the shared record's business key for it). The sender's
+    own placer group number is kept as an identifier of type PGN, without our system."""
+    for line in draft.lines:
+        request = line.entry["resource"]
+        identifiers = [i for i in request.get("identifier") or ()
+                       if not (isinstance(i, dict) and i.get("system") in (SYSTEM, LINE_SYSTEM))]
+        group = request.get("groupIdentifier")
+        if isinstance(group, dict) and group.get("value") and group.get("value") != prescription_id:
+            kept = {k: v for k, v in group.items() if k != "system"}
+            kept["type"] = {"coding": [{"system": V2_0203, "code": "PGN"}]}
+            identifiers.append(kept)
+        request["identifier"] = [{"system": LINE_SYSTEM, "value": f"{prescription_id}/{line.number}"}] + identifiers
+        request["groupIdentifier"] = {"system": SYSTEM, "value": prescription_id}
+
+
+def annotate_dispensation(bundle: dict, draft: DispensationDraft, recorded: dict[int, tuple[str, int | None]],
+                          issued: dict[int, dict], prescriber: dict | None) -> None:
+    """Rewrite an accepted dispensation's bundle for the shared record and CNSS.
+
+    `recorded`: item index -> (dispensation id, prescription line or None for paper);
+    `issued`: prescription line -> the MedicationRequest entry as issued. The message's own
+    copies of the order (MedicationRequests) are replaced by the issued ones, so that the
+    shared record keeps one MedicationRequest per prescription line; each MedicationDispense
+    gets its dispensation id and points at its line.
+    """
+    if issued:
+        bundle["entry"] = [e for e in bundle.get("entry") or ()
+                           if ((e or {}).get("resource") or {}).get("resourceType") != "MedicationRequest"]
+        present = {e.get("fullUrl") for e in bundle["entry"]}
+        prescriber_url = None
+        if prescriber is not None:
+            prescriber_url = prescriber.get("fullUrl")
+            if prescriber_url not in present:
+                bundle["entry"].insert(_after_patient(bundle), copy.deepcopy(prescriber))
+                present.add(prescriber_url)
+        for line in sorted(issued):
+            entry = copy.deepcopy(issued[line])
+            request = entry["resource"]
+            if draft.patient_reference is not None:
+                request["subject"] = dict(draft.patient_reference)
+            if prescriber_url:
+                request["requester"] = {"reference": prescriber_url}
+            _drop_dangling(request, present)
+            bundle["entry"].append(entry)
+            present.add(entry.get("fullUrl"))
+    for item in draft.items:
+        dispensation_id, line = recorded[item.index]
+        dispense = item.entry["resource"]
+        identifiers = [i for i in dispense.get("identifier") or ()
+                       if not (isinstance(i, dict) and i.get("system") == DISPENSATION_SYSTEM)]
+        dispense["identifier"] = [{"system": DISPENSATION_SYSTEM, "value": dispensation_id}] + identifiers
+        if line is not None and line in issued:
+            dispense["authorizingPrescription"] = [{"reference": issued[line]["fullUrl"]}]
+        elif not dispense.get("authorizingPrescription"):
+            dispense.pop("authorizingPrescription", None)  # FHIR arrays are never empty
+
+
+def _after_patient(bundle: dict) -> int:
+    for position, entry in enumerate(bundle["entry"]):
+        if ((entry or {}).get("resource") or {}).get("resourceType") == "Patient":
+            return position + 1
+    return 0
+
+
+_REFERENCE_ELEMENTS = ("encounter", "reasonReference", "supportingInformation", "basedOn",
+                       "insurance", "performer", "recorder", "priorPrescription", "detectedIssue",
+                       "eventHistory", "informationSource")
+
+
+def _drop_dangling(resource: dict, present: set) -> None:
+    """Drop references to urn:uuid entries of the prescription's own message: the shared
+    record refuses unresolved ones, and it already holds what they named."""
+    for name in _REFERENCE_ELEMENTS:
+        value = resource.get(name)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, dict) and str(v.get("reference") or "").startswith("urn:uuid:")
+               and v.get("reference") not in present for v in values):
+            resource.pop(name, None)

@@ -1,0 +1,445 @@
+"""The e-prescription flow as a step of the translation worker: after a message is translated
+and inside the same write transaction as its translation and its deliveries, so that an issued
+id, a recorded dispensation and what is routed commit together or not at all.
+
+    worker: translate a batch -> prepare(results)  (no transaction: AMO eligibility at CNSS)
+            -> BEGIN; apply(connection, results, prepared); save_translations(...); COMMIT
+
+Which messages (by type for HL7, by content for FHIR input):
+- a prescription: RDE^O11, OMP^O09, or a FHIR bundle of MedicationRequests to order. The
+  prescriber's facility must be in the registry and its type allowed to send RDE^O11 or
+  OMP^O09. The gateway issues the id (ids.py) and the signed QR payload (qr.py), stores the
+  prescription and its lines, and writes the id into every MedicationRequest of the canonical
+  bundle (bundle.annotate_prescription) before it goes to the shared record. The answer (HL7):
+  RRE^O12 / ORP^O10 with ORC-3 = the id and the QR payload in an NTE.
+- a dispensation: RDS^O13, or a FHIR bundle with MedicationDispenses. The dispensing facility's
+  type must allow `prescriptions.dispense`; AMO rights must be open at CNSS (when
+  `prescriptions.eligibility` names a CNSS destination); against an e-prescription: it exists,
+  is active and not expired, the patient shares an identifier with it, each drug is on it,
+  in its unit, within what remains, and the same dispensation was not recorded before.
+  A paper prescription (no id, marked paper) skips the prescription checks. Accepted: recorded,
+  the bundle rewritten (bundle.annotate_dispensation) and routed as the routes say (shared
+  record, CNSS care sheet). Refused: the message is `failed` with the reason, nothing routed,
+  AE with an ERR naming the segment and our ERR-5 code (codes.py).
+
+Applying the same message again (a replay, the start sweep, a second node) finds what it
+recorded the first time and gives the same outcome: one id per prescription message, one
+record per dispensation.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import unicodedata
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Connection, select
+
+from adapters.hl7v2.ack import AckBuilder, ErrorDetail
+from adapters.hl7v2.codes import ErrorCondition, Outcome
+from adapters.hl7v2.header import HeaderError, MessageHeader, parse_header
+from adapters.hl7v2.order_response import order_response, response_type
+from gateway.config import GatewayConfig
+from gateway.facilities import FacilityRegistry
+from gateway.ingest.model import MessageStatus
+from gateway.prescriptions import bundle as rules
+from gateway.prescriptions import ids, qr
+from gateway.prescriptions import store
+from gateway.prescriptions.bundle import Refusal
+from gateway.prescriptions.codes import PrescriptionError
+from gateway.prescriptions.eligibility import EligibilityAnswer, EligibilityChecker, EligibilityQuery
+from gateway.store.schema import messages
+from gateway.store.translations import Pending, TranslationRecord, resolve_message_id
+
+log = logging.getLogger(__name__)
+
+PRESCRIBE = {"RDE^O11": "RXE", "OMP^O09": "RXO"}  # message type -> the segment of its lines
+DISPENSE = frozenset({"RDS^O13"})
+FHIR_FORMATS = frozenset({"fhir"})
+HL7_FORMATS = frozenset({"hl7v2"})
+DEFAULT_ZONE = "Africa/Casablanca"
+
+
+def answers_after_translation(message_type: str | None) -> bool:
+    """Whether an HL7 message of this type is answered only once the flow has run (its
+    answer carries the prescription id, or the dispensation's refusal)."""
+    return message_type in PRESCRIBE or message_type in DISPENSE
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    eligibility: dict[EligibilityQuery, EligibilityAnswer]
+
+
+class PrescriptionFlow:
+    def __init__(self, config: GatewayConfig, key: qr.SigningKey, registry: FacilityRegistry,
+                 builder: AckBuilder | None = None, eligibility: EligibilityChecker | None = None,
+                 zone: str = DEFAULT_ZONE):
+        self.validity = timedelta(days=config.prescriptions.validity_days)
+        self.key = key
+        self.registry = registry
+        self.builder = builder
+        self.eligibility = eligibility
+        self.zone = ZoneInfo(zone)
+        self.issued = self.dispensed = self.refused = 0
+
+    # -- which messages ----------------------------------------------------------------------
+
+    def waits_for(self, message_type: str | None) -> bool:
+        return answers_after_translation(message_type)
+
+    def kind_of(self, pending: Pending, record: TranslationRecord) -> str | None:
+        """'prescribe', 'dispense' or None (not part of the flow)."""
+        if pending.format in FHIR_FORMATS:
+            if record.bundle is None:
+                return None
+            if rules.is_dispensation_bundle(record.bundle):
+                return "dispense"
+            return "prescribe" if rules.is_prescription_bundle(record.bundle) else None
+        if pending.format not in HL7_FORMATS:
+            return None
+        if pending.message_type in PRESCRIBE:
+            return "prescribe"
+        if pending.message_type in DISPENSE:
+            return "dispense"
+        return None
+
+    # -- before the transaction --------------------------------------------------------------
+
+    def prepare(self, results: list[tuple[Pending, TranslationRecord]]) -> _Prepared:
+        """AMO eligibility of every dispensation of the batch, asked at once (worker thread,
+        no transaction open)."""
+        if self.eligibility is None:
+            return _Prepared({})
+        queries = []
+        for pending, record in results:
+            if record.failed or self.kind_of(pending, record) != "dispense":
+                continue
+            try:
+                draft = rules.read_dispensation(record.bundle, pending.format in HL7_FORMATS)
+            except Refusal:
+                continue  # refused in apply, with its reason
+            query = self._query(draft, pending)
+            if query is not None:
+                queries.append(query)
+        return _Prepared(self.eligibility.check_many(queries) if queries else {})
+
+    def _query(self, draft: rules.DispensationDraft, pending: Pending) -> EligibilityQuery | None:
+        if not draft.coverage:
+            return None
+        kind, value = next(iter(draft.coverage.items()))
+        return EligibilityQuery(kind, value, self._care_date(draft, pending))
+
+    def _care_date(self, draft: rules.DispensationDraft, pending: Pending) -> date:
+        for item in draft.items:
+            text = item.handed_over
+            if isinstance(text, str) and len(text) >= 10:
+                try:
+                    return date.fromisoformat(text[:10])
+                except ValueError:
+                    pass
+        return pending.received_at.astimezone(self.zone).date()
+
+    # -- inside the transaction --------------------------------------------------------------
+
+    def apply(self, connection: Connection, results: list[tuple[Pending, TranslationRecord]],
+              prepared: _Prepared | None, now: datetime) -> None:
+        """Run the flow for each message of the batch, in the worker's write transaction,
+        before save_translations; each message in its own savepoint."""
+        prepared = prepared or _Prepared({})
+        for pending, record in results:
+            kind = self.kind_of(pending, record)
+            if kind is None:
+                continue
+            if record.failed:
+                self._answer_failure(pending, record)
+                continue
+            message_id = resolve_message_id(connection, pending)
+            if message_id is None:
+                continue
+            savepoint = connection.begin_nested()
+            try:
+                if kind == "prescribe":
+                    issued = self._prescribe(connection, pending, record, message_id, now)
+                    self._answer(pending, record, Outcome.ACCEPT, prescription=issued)
+                    self.issued += 1
+                else:
+                    self._dispense(connection, pending, record, message_id, prepared, now)
+                    self._answer(pending, record, Outcome.ACCEPT)
+                    self.dispensed += 1
+                savepoint.commit()
+            except Refusal as refusal:
+                savepoint.rollback()
+                self._refuse(pending, record, refusal)
+            except Exception as error:  # a bug here must not block the batch or the sweep
+                savepoint.rollback()
+                log.error("prescription flow failed on message #%s: %s", message_id, type(error).__name__)
+                log.debug("prescription flow failure", exc_info=True)
+                record.bundle = None
+                self._refuse(pending, record, Refusal(
+                    PrescriptionError.PRESCRIPTION_INTERNAL,
+                    f"internal error in the prescription flow ({type(error).__name__}); send again later"))
+
+    # -- prescriptions -----------------------------------------------------------------------
+
+    def _prescribe(self, connection: Connection, pending: Pending, record: TranslationRecord,
+                   message_id: int, now: datetime) -> store.Prescription:
+        segment = PRESCRIBE.get(pending.message_type or "") if pending.format in HL7_FORMATS else None
+        facility = self._facility(pending)
+        if not (self.registry.may_send(facility, "RDE^O11") or self.registry.may_send(facility, "OMP^O09")):
+            raise Refusal(PrescriptionError.OPERATION_NOT_ALLOWED,
+                          f"facility {facility.id} ({facility.type}) may not issue prescriptions",
+                          "MSH[1]-4" if segment else "")
+        draft = rules.read_prescription(record.bundle, segment)
+        existing = store.prescription_for_message(connection, message_id)
+        if existing is not None:  # the same message again: the same id, nothing new
+            rules.annotate_prescription(draft, existing.id)
+            return existing
+        prescription_id = ids.new_id()
+        while store.id_taken(connection, prescription_id):
+            prescription_id = ids.new_id()
+        inpe = draft.prescriber_inpe or facility.id
+        lines = [(line.number, line.medication.code, line.quantity, line.unit) for line in draft.lines]
+        payload = qr.sign(self.key, prescription_id, inpe, now.astimezone(self.zone).date(),
+                          qr.lines_digest(lines))
+        rules.annotate_prescription(draft, prescription_id)
+        prescription = store.Prescription(
+            prescription_id, facility.id, inpe, draft.patient_key, draft.patient_identifiers, now,
+            now + self.validity, store.ACTIVE, message_id, payload,
+            {"prescriber": copy.deepcopy(draft.prescriber_entry)} if draft.prescriber_entry else {},
+            tuple(store.Line(prescription_id, line.number, line.medication.system, line.medication.code,
+                             line.medication.display, line.quantity, line.unit, resource=copy.deepcopy(line.entry))
+                  for line in draft.lines))
+        store.insert_prescription(connection, prescription)
+        log.info("prescription %s issued for message #%d (%d lines)", prescription_id, message_id,
+                 len(draft.lines))
+        return prescription
+
+    def _facility(self, pending: Pending):
+        facility = self.registry.get(pending.sender_id)
+        if facility is None:
+            raise Refusal(PrescriptionError.OPERATION_NOT_ALLOWED,
+                          "the sending facility is not in the facility registry: only registered "
+                          "facilities take part in the e-prescription flow",
+                          "MSH[1]-4" if pending.format in HL7_FORMATS else "")
+        return facility
+
+    # -- dispensations -----------------------------------------------------------------------
+
+    def _dispense(self, connection: Connection, pending: Pending, record: TranslationRecord,
+                  message_id: int, prepared: _Prepared, now: datetime) -> None:
+        hl7 = pending.format in HL7_FORMATS
+        facility = self._facility(pending)
+        if not self.registry.may(facility, "prescriptions.dispense"):
+            raise Refusal(PrescriptionError.OPERATION_NOT_ALLOWED,
+                          f"facility {facility.id} ({facility.type}) may not dispense prescriptions",
+                          "MSH[1]-4" if hl7 else "")
+        draft = rules.read_dispensation(record.bundle, hl7)
+        prescription_id = draft.items[0].prescription_id
+        prescription = None
+        if prescription_id is not None:  # locked first: what remains cannot change under us
+            prescription = store.get_prescription(connection, prescription_id, lock=True, with_resources=True)
+        recorded: dict[int, tuple[str, int | None]] = {}
+        already = store.dispensations_of_message(connection, message_id)
+        if already and len(already) == len(draft.items):
+            # The same message again (replay, sweep, another node): what it recorded stands.
+            recorded = {item.index: (row.dispensation_id, row.line) for item, row in zip(draft.items, already)}
+            self._annotate(record, draft, recorded, prescription)
+            return
+        if prescription_id is not None:
+            self._check_prescription(prescription, prescription_id, draft, hl7, now)
+        if self.eligibility is not None:
+            self._check_coverage(draft, pending, prepared)
+        control_id = _control_id(connection, pending, message_id)
+        writes = []
+        taken: dict[int, object] = {}  # line -> quantity taken by earlier items of this message
+        for item in draft.items:
+            line = self._line_for(prescription, item, taken, hl7) if prescription is not None else None
+            number = line.line if line is not None else None
+            reference = f"id:{item.dispensation_ref}" if item.dispensation_ref else f"msg:{control_id}#{item.index}"
+            dedup_key = f"{facility.id}|{reference}|{number or item.index}"[:255]
+            digest = hashlib.sha256(dedup_key.encode("utf-8")).hexdigest()
+            dispensation_id = (f"{prescription_id}.{number}.{digest[:12]}" if prescription_id
+                               else f"PAPIER.{digest[:16]}")
+            existing = store.dispensation_by_key(connection, dedup_key)
+            if existing is not None and existing.message_id != message_id:
+                raise Refusal(PrescriptionError.DISPENSATION_DUPLICATE,
+                              f"dispensation {item.index} was already recorded (message #{existing.message_id})",
+                              rules.location(hl7, "ORC", "MedicationDispense", item.index, 3, "identifier"),
+                              ErrorCondition.DUPLICATE_KEY_IDENTIFIER)
+            recorded[item.index] = (dispensation_id, number)
+            if existing is None:
+                writes.append(dict(dispensation_id=dispensation_id, prescription_id=prescription_id,
+                                   line=number, paper=item.paper, dispensing_facility=facility.id,
+                                   message_id=message_id, medication_code=item.medication.code,
+                                   quantity=item.quantity, dedup_key=dedup_key, now=now))
+        for write in writes:
+            store.record_dispensation(connection, **write)
+        self._annotate(record, draft, recorded, prescription)
+        if writes:
+            log.info("dispensation of message #%d recorded (%s, %d lines)", message_id,
+                     prescription_id or "paper prescription", len(writes))
+
+    @staticmethod
+    def _annotate(record: TranslationRecord, draft: rules.DispensationDraft,
+                  recorded: dict[int, tuple[str, int | None]], prescription: store.Prescription | None) -> None:
+        issued, prescriber = {}, None
+        if prescription is not None:
+            by_number = {line.line: line for line in prescription.lines}
+            issued = {number: by_number[number].resource for _, number in recorded.values()
+                      if number in by_number and by_number[number].resource is not None}
+            prescriber = prescription.payload.get("prescriber")
+        rules.annotate_dispensation(record.bundle, draft, recorded, issued, prescriber)
+
+    def _check_coverage(self, draft: rules.DispensationDraft, pending: Pending, prepared: _Prepared) -> None:
+        query = self._query(draft, pending)
+        hl7 = pending.format in HL7_FORMATS
+        if query is None:
+            raise Refusal(PrescriptionError.NOT_COVERED,
+                          "not covered: the patient has no CNSS immatriculation nor CNIE to check AMO rights",
+                          "PID[1]-3" if hl7 else "Patient.identifier", ErrorCondition.REQUIRED_FIELD_MISSING)
+        answer = prepared.eligibility.get(query)
+        if answer is None or answer.eligibility is None:
+            problem = answer.problem if answer is not None else "not asked"
+            raise Refusal(PrescriptionError.ELIGIBILITY_UNAVAILABLE,
+                          f"AMO eligibility could not be checked at CNSS ({problem}); "
+                          "send the dispensation again later with a new control id")
+        if not answer.covered:
+            raise Refusal(PrescriptionError.NOT_COVERED,
+                          f"not covered: AMO rights are not open on {query.on.isoformat()} "
+                          f"({answer.eligibility.motive})",
+                          "PID[1]-3" if hl7 else "Patient.identifier")
+
+    def _check_prescription(self, prescription: store.Prescription | None, prescription_id: str,
+                            draft: rules.DispensationDraft, hl7: bool, now: datetime) -> None:
+        where = "ORC[1]-4" if hl7 else "MedicationDispense.authorizingPrescription"
+        if prescription is None:
+            raise Refusal(PrescriptionError.PRESCRIPTION_UNKNOWN,
+                          f"unknown prescription {prescription_id}", where,
+                          ErrorCondition.UNKNOWN_KEY_IDENTIFIER)
+        if prescription.status == store.CANCELLED:
+            raise Refusal(PrescriptionError.PRESCRIPTION_CANCELLED,
+                          f"prescription {prescription_id} was cancelled", where)
+        if prescription.status == store.COMPLETED:
+            raise Refusal(PrescriptionError.PRESCRIPTION_COMPLETED,
+                          f"over-dispensing: prescription {prescription_id} was already fully dispensed",
+                          where)
+        if now >= prescription.expires_at:
+            day = prescription.expires_at.astimezone(self.zone).date().isoformat()
+            raise Refusal(PrescriptionError.PRESCRIPTION_EXPIRED,
+                          f"prescription {prescription_id} expired on {day}", where)
+        if not set(draft.patient_identifiers) & set(prescription.patient_identifiers):
+            raise Refusal(PrescriptionError.PATIENT_MISMATCH,
+                          f"the patient does not match prescription {prescription_id} "
+                          "(no identifier in common)",
+                          "PID[1]-3" if hl7 else "Patient.identifier")
+
+    def _line_for(self, prescription: store.Prescription, item: rules.DispenseItem, taken: dict,
+                  hl7: bool) -> store.Line:
+        candidates = [line for line in prescription.lines
+                      if rules.Medication(line.medication_system, line.medication_code, None).matches(item.medication)]
+        where = rules.location(hl7, "RXD", "MedicationDispense", item.index, 2, "medicationCodeableConcept")
+        if not candidates:
+            raise Refusal(PrescriptionError.NOT_PRESCRIBED,
+                          f"dispensation {item.index}: drug {item.medication.code} is not on prescription "
+                          f"{prescription.id}", where)
+        quantity_where = rules.location(hl7, "RXD", "MedicationDispense", item.index, 4, "quantity")
+        for line in candidates:
+            if item.unit and line.unit and _unit(item.unit) != _unit(line.unit):
+                raise Refusal(PrescriptionError.UNIT_MISMATCH,
+                              f"dispensation {item.index}: line {line.line} of {prescription.id} is "
+                              f"prescribed in {line.unit!r}, dispensed in {item.unit!r}",
+                              rules.location(hl7, "RXD", "MedicationDispense", item.index, 5, "quantity.unit"))
+            left = line.remaining - taken.get(line.line, 0)
+            if item.quantity <= left:
+                taken[line.line] = taken.get(line.line, 0) + item.quantity
+                return line
+        line = candidates[-1]
+        left = max(line.remaining - taken.get(line.line, 0), 0)
+        raise Refusal(PrescriptionError.OVER_DISPENSING,
+                      f"over-dispensing: line {line.line} of {prescription.id} ({line.medication_code}) "
+                      f"has {_text(left)} {line.unit or 'units'} left of {_text(line.quantity)} "
+                      f"prescribed; {_text(item.quantity)} dispensed", quantity_where)
+
+    # -- answers -----------------------------------------------------------------------------
+
+    def _refuse(self, pending: Pending, record: TranslationRecord, refusal: Refusal) -> None:
+        self.refused += 1
+        log.info("message %s refused by the prescription flow: %s", _name(pending), refusal.code.value)
+        record.status = MessageStatus.FAILED.value
+        record.error_code = int(refusal.condition)
+        record.error_location = refusal.location or None
+        record.error_reason = refusal.reason
+        record.destinations = ()
+        from gateway.translation.translator import location_of
+
+        self._answer(pending, record, Outcome.ERROR, error=ErrorDetail(
+            refusal.condition, location_of(refusal.location), _ascii(refusal.reason), refusal.code))
+
+    def _answer_failure(self, pending: Pending, record: TranslationRecord) -> None:
+        """A prescription message whose translation failed: its answer is the AE saying why
+        (stored in place of the provisional one)."""
+        from gateway.translation.translator import error_detail
+
+        self._answer(pending, record, Outcome.ERROR, error=error_detail(record))
+
+    def _answer(self, pending: Pending, record: TranslationRecord, outcome: Outcome, *,
+                prescription: store.Prescription | None = None, error: ErrorDetail | None = None) -> None:
+        """The HL7 answer to store with the translation (and send, on the live path)."""
+        if self.builder is None or pending.format not in HL7_FORMATS:
+            return
+        header = _header(pending)
+        if header is None:
+            return
+        from gateway.ingest.inspect import Inspector
+
+        if not Inspector._wants_ack(header, outcome is Outcome.ACCEPT):
+            return
+        if response_type(header.message_code) is not None:
+            record.ack = order_response(
+                self.builder, header, pending.raw, outcome, header.enhanced_mode,
+                filler_number=prescription.id if prescription else None,
+                note=prescription.qr_payload if prescription else None, error=error)
+        else:
+            record.ack = self.builder.build(header, outcome, header.enhanced_mode, error)
+
+
+def _header(pending: Pending) -> MessageHeader | None:
+    header = getattr(pending.context, "header", None)
+    if isinstance(header, MessageHeader):
+        return header
+    try:
+        return parse_header(pending.raw)
+    except HeaderError:
+        return None
+
+
+def _control_id(connection: Connection, pending: Pending, message_id: int) -> str:
+    if pending.key is not None:
+        return pending.key[2]
+    value = connection.execute(select(messages.c.control_id).where(messages.c.id == message_id)).scalar()
+    return value or f"message-{message_id}"
+
+
+def _ascii(text: str) -> str:
+    """ERR-7 text in ASCII (a unit such as 'boîte' read as 'boite'): the ACK builder writes
+    reasons as ASCII, and every receiver can read that."""
+    folded = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in folded if not unicodedata.combining(c)).encode("ascii", "replace").decode()
+
+
+def _unit(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def _text(value) -> str:
+    return format(value.normalize(), "f") if hasattr(value, "normalize") else str(value)
+
+
+def _name(pending: Pending) -> str:
+    if pending.message_id is not None:
+        return f"#{pending.message_id}"
+    return f"control id {pending.key[2]!r}" if pending.key else "?"

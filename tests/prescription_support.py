@@ -1,0 +1,153 @@
+"""Synthetic e-prescription messages (no real person: the sandbox CNSS's invented insured
+BENALI Fatima) and a harness that runs the real translation worker with the prescription step
+on a real database."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from datetime import datetime, timezone
+
+from sqlalchemy import insert
+
+from gateway.config import load_config
+from gateway.delivery.care_sheet import Eligibility
+from gateway.delivery.routes import Router
+from gateway.facilities import FacilityRegistry
+from gateway.prescriptions import qr
+from gateway.prescriptions.eligibility import EligibilityAnswer
+from gateway.prescriptions.flow import PrescriptionFlow
+from gateway.store.database import create_gateway_engine, migrate
+from gateway.store.schema import messages
+from gateway.store.translations import Pending
+from gateway.translation.service import TranslationJob, TranslationWorker
+from gateway.translation.translator import Translator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DOCTOR = ("CABINET_BENALI", "CAB_BENALI_KENITRA", "INPE-200001")
+PHARMACY = ("PHARMA_AGDAL", "PHARM_AGDAL", "INPE-100004")
+LABORATORY = ("LIS_ALAMAL", "LAB_ALAMAL_RABAT", "INPE-100002")
+PATIENT = "PID|1||BE123456^^^CNIE^NI~112233445^^^CNSS^SB||BENALI^Fatima||19850312|F"
+OTHER_PATIENT = "PID|1||CD112233^^^CNIE^NI~334455667^^^CNSS^SB||TAHIRI^Khadija||19900115|F"
+DOLIPRANE = "6118001230068^DOLIPRANE 1000 mg comprimé B8^EAN13"
+AMOXIL = "6118012345676^AMOXIL 1 g comprimé B12^EAN13"
+
+
+def _msh(sender, kind: str, control_id: str, modes: str = "|") -> str:
+    application, facility, _ = sender
+    return (f"MSH|^~\\&|{application}|{facility}|MA_HIE_GATEWAY|MA_HIE|20260115103000||{kind}|"
+            f"{control_id}|P|2.5|||{modes}|MAR|UNICODE UTF-8|fr")
+
+
+def rde(control_id: str, lines=((DOLIPRANE, 2), (AMOXIL, 1)), patient: str = PATIENT,
+        sender=DOCTOR, modes: str = "|") -> bytes:
+    """RDE^O11: one ORC + RXE per line (drug, boxes to dispense)."""
+    segments = [_msh(sender, "RDE^O11^RDE_O11", control_id, modes), patient]
+    for n, (drug, quantity) in enumerate(lines, start=1):
+        segments.append(f"ORC|NW|CMD-{control_id}-{n}^CAB||GRP-{control_id}^CAB|||||20260115102500|||"
+                        f"200001^BENALI^Amina^^^Dr^^^INPE")
+        segments.append(f"RXE||{drug}|1||CP^comprimé^L|||||{quantity}|BT^boîte^L|0")
+    return ("\r".join(segments) + "\r").encode("utf-8")
+
+
+def omp(control_id: str, drug: str = DOLIPRANE, quantity: int = 3, sender=DOCTOR) -> bytes:
+    segments = [_msh(sender, "OMP^O09^OMP_O09", control_id), PATIENT,
+                f"ORC|NW|CMD-{control_id}^CAB||GRP-{control_id}^CAB|||||20260115105500|||"
+                f"200001^BENALI^Amina^^^Dr^^^INPE",
+                f"RXO|{drug}|1||CP^comprimé^L|||||G||{quantity}|BT^boîte^L|0"]
+    return ("\r".join(segments) + "\r").encode("utf-8")
+
+
+def rds(control_id: str, prescription: str | None, lines=((DOLIPRANE, 1),), patient: str = PATIENT,
+        sender=PHARMACY, dispensation: str | None = None, paper: bool = False, unit: str = "BT^boîte^L",
+        modes: str = "|") -> bytes:
+    """RDS^O13: one ORC + RXD per dispensed line; ORC-4 RX-...^HIE (or ^PAPIER for paper),
+    ORC-3 the pharmacy's dispensation number."""
+    segments = [_msh(sender, "RDS^O13^RDS_O13", control_id, modes), patient]
+    group = "^PAPIER" if paper else (f"{prescription}^HIE" if prescription else "")
+    for n, (drug, quantity) in enumerate(lines, start=1):
+        filler = f"{dispensation or 'DISP-' + control_id}-{n}^{sender[1]}"
+        segments.append(f"ORC|RE||{filler}|{group}|CM||||20260116152500")
+        segments.append(f"RXD|{n}|{drug}|20260116152000|{quantity}|{unit}|||||||||||||||||||||||||"
+                        f"{sender[2]}^Pharmacie Centrale Agdal^INPE")
+    return ("\r".join(segments) + "\r").encode("utf-8")
+
+
+def config_for(db_url: str, tmp_path, **prescriptions):
+    """The shipped development configuration (registry, routes, destinations) on `db_url`,
+    with the prescription signing key in `tmp_path`."""
+    config = load_config(os.path.join(ROOT, "conf", "gateway.yaml"), environ={})
+    key = str(tmp_path / "prescription-signing.key")
+    qr.ensure_signing_key(key)
+    return dataclasses.replace(
+        config, database=dataclasses.replace(config.database, url=db_url),
+        pki=dataclasses.replace(config.pki, prescription_key=key),
+        prescriptions=dataclasses.replace(config.prescriptions, **prescriptions))
+
+
+class FakeEligibility:
+    """Answers VerifierDroits from a table (no network); counts the questions."""
+
+    def __init__(self, open_rights=("112233445", "BE123456"), unavailable: bool = False):
+        self.open_rights = set(open_rights)
+        self.unavailable = unavailable
+        self.asked = []
+
+    def check_many(self, queries):
+        self.asked.extend(queries)
+        answers = {}
+        for query in queries:
+            if self.unavailable:
+                answers[query] = EligibilityAnswer(query, None, "timeout")
+            else:
+                opened = query.value in self.open_rights
+                answers[query] = EligibilityAnswer(query, Eligibility(
+                    opened, "DROITS_OUVERTS" if opened else "DROITS_FERMES", query.on))
+        return answers
+
+
+class Harness:
+    """Messages stored as ingest would, then translated by the real worker with the step."""
+
+    def __init__(self, db_url: str, mappings, config, eligibility=None, builder=None):
+        self.engine = create_gateway_engine(db_url)
+        migrate(self.engine)
+        self.config = config
+        self.key = qr.load_signing_key(config.pki.prescription_key)
+        self.flow = PrescriptionFlow(config, self.key, FacilityRegistry.from_config(config),
+                                     builder, eligibility)
+        translator = Translator(mappings, config.senders, Router(config.routes, config.senders))
+        self.worker = TranslationWorker(self.engine, translator, lambda f, *a: f(*a), step=self.flow)
+        self.registry = FacilityRegistry.from_config(config)
+
+    def close(self):
+        self.engine.dispose()
+
+    def store(self, raw: bytes) -> Pending:
+        fields = raw.split(b"\r", 1)[0].split(b"|")
+        application, facility = fields[2].decode(), fields[3].decode()
+        sender = self.registry.by_header(application, facility)
+        kind = fields[8].decode().split("^")
+        now = datetime.now(timezone.utc)
+        with self.engine.begin() as connection:
+            message_id = connection.execute(insert(messages).values(
+                received_at=now, listener="test", peer="127.0.0.1:1", sender_id=sender.id if sender else None,
+                sending_application=application, sending_facility=facility, control_id=fields[9].decode(),
+                message_type=f"{kind[0]}^{kind[1]}", version="2.5", processing_id="P", codec="utf-8",
+                sha256=hashlib.sha256(raw).digest(), size=len(raw), truncated=False, raw=raw,
+                status="received", accepted=True, ack_code="AA", ack=b"", format="hl7v2")).inserted_primary_key[0]
+        return Pending(message_id, None, raw, "utf-8", "hl7v2", sender.id if sender else None, now,
+                       f"{kind[0]}^{kind[1]}")
+
+    def translate(self, *raws: bytes):
+        """Store and translate messages in one worker batch; their TranslationRecords."""
+        job = TranslationJob([self.store(raw) for raw in raws])
+        self.worker._process([job])
+        assert job.error is None, job.error
+        return job.results
+
+    def again(self, pending: Pending):
+        job = TranslationJob([pending])
+        self.worker._process([job])
+        return job.results[0]

@@ -1,0 +1,352 @@
+"""The e-prescription flow through the real translation worker, the repository's mappings and a
+real database: prescriptions issued (id, signed QR, RRE^O12/ORP^O10), dispensations checked
+and recorded or refused with a precise reason, paper prescriptions, AMO eligibility, the care
+sheet built from an accepted dispensation, and concurrency on PostgreSQL."""
+from __future__ import annotations
+
+import json
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import text
+
+from adapters.hl7v2.ack import AckBuilder
+from gateway.delivery.care_sheet import care_sheet_from_bundle
+from gateway.prescriptions import ids, qr, store
+from gateway.prescriptions.bundle import DISPENSATION_SYSTEM, LINE_SYSTEM, PAPER_EXTENSION
+from gateway.store.database import write_transaction
+from gateway.store.translations import get_translation
+from prescription_support import (AMOXIL, DOLIPRANE, LABORATORY, OTHER_PATIENT, FakeEligibility,
+                                  Harness, config_for, omp, rde, rds)
+
+
+@pytest.fixture
+def harness(tmp_path, repo_mappings):
+    url = f"sqlite:///{tmp_path / 'gateway.sqlite'}"
+    made = Harness(url, repo_mappings, config_for(url, tmp_path), FakeEligibility(), AckBuilder())
+    yield made
+    made.close()
+
+
+def segments(ack: bytes) -> dict[str, list[list[str]]]:
+    found: dict[str, list[list[str]]] = {}
+    for segment in ack.decode().strip("\r").split("\r"):
+        fields = segment.split("|")
+        found.setdefault(fields[0], []).append(fields)
+    return found
+
+
+def issue(harness, control_id="RDE-1", **kwargs) -> str:
+    [record] = harness.translate(rde(control_id, **kwargs))
+    assert record.status == "translated", record.error_reason
+    return segments(record.ack)["ORC"][0][3].split("^")[0]
+
+
+def resources(record, kind):
+    return [e["resource"] for e in record.bundle["entry"] if e["resource"]["resourceType"] == kind]
+
+
+def refusal(record):
+    assert record.status == "failed" and record.destinations == ()
+    err = segments(record.ack)["ERR"][0]
+    return segments(record.ack)["MSA"][0][1], err[2], err[5].split("^")[0], record.error_reason
+
+
+def count(harness, sql) -> int:
+    with harness.engine.connect() as connection:
+        return connection.execute(text(sql)).scalar()
+
+
+# -- issuing ------------------------------------------------------------------------------------
+
+def test_rde_o11_gets_an_id_a_signed_qr_and_an_rre_o12(harness):
+    """RDE^O11: RRE^O12 with MSA AA, ORC-3 = the new id on each order (ORC-2/4 echoed), the QR
+    payload in an NTE that verifies with the public key; the stored prescription has both lines;
+    every MedicationRequest carries the id (groupIdentifier) and its line id, and goes to the
+    shared record."""
+    [record] = harness.translate(rde("RDE-1"))
+    answer = segments(record.ack)
+    assert answer["MSH"][0][8] == "RRE^O12^RRE_O12" and answer["MSA"][0][1:3] == ["AA", "RDE-1"]
+    orcs = answer["ORC"]
+    prescription_id = orcs[0][3].split("^")[0]
+    assert ids.parse(prescription_id) == prescription_id
+    assert [o[:5] for o in orcs] == [["ORC", "OK", "CMD-RDE-1-1^CAB", f"{prescription_id}^HIE", "GRP-RDE-1^CAB"],
+                                     ["ORC", "OK", "CMD-RDE-1-2^CAB", f"{prescription_id}^HIE", "GRP-RDE-1^CAB"]]
+    [nte] = answer["NTE"]
+    claims = qr.verify(nte[3], {harness.key.key_id: harness.key.public})
+    assert (claims.prescription_id, claims.prescriber_inpe) == (prescription_id, "200001")
+    with harness.engine.connect() as connection:
+        stored = store.get_prescription(connection, prescription_id)
+    assert stored.status == "active" and stored.prescriber_facility == "INPE-200001"
+    assert stored.expires_at - stored.issued_at == timedelta(days=90)
+    assert [(l.line, l.medication_code, l.quantity, l.unit, l.remaining) for l in stored.lines] == [
+        (1, "6118001230068", 2, "boîte", 2), (2, "6118012345676", 1, "boîte", 1)]
+    assert claims.digest == qr.lines_digest([(1, "6118001230068", 2, "boîte"), (2, "6118012345676", 1, "boîte")])
+    requests = resources(record, "MedicationRequest")
+    assert [r["groupIdentifier"] for r in requests] == [{"system": ids.SYSTEM, "value": prescription_id}] * 2
+    assert [r["identifier"][0] for r in requests] == [
+        {"system": LINE_SYSTEM, "value": f"{prescription_id}/1"}, {"system": LINE_SYSTEM, "value": f"{prescription_id}/2"}]
+    pgn = [i for i in requests[0]["identifier"] if (i.get("type") or {}).get("coding", [{}])[0].get("code") == "PGN"]
+    assert pgn and pgn[0]["value"] == "GRP-RDE-1" and "system" not in pgn[0]
+    assert record.destinations == ("shared-record",)
+
+
+def test_omp_o09_is_answered_with_orp_o10(harness):
+    [record] = harness.translate(omp("OMP-1"))
+    answer = segments(record.ack)
+    assert answer["MSH"][0][8] == "ORP^O10^ORP_O10" and answer["MSA"][0][1] == "AA"
+    assert ids.is_prescription_id(answer["ORC"][0][3].split("^")[0])
+
+
+def test_translating_the_same_message_again_keeps_its_id(harness):
+    """A replay of a prescription message finds its prescription: same id, same QR, one row."""
+    [first] = harness.translate(rde("RDE-1"))
+    pending = harness.store  # noqa: F841 (the harness stored it as message 1)
+    with harness.engine.connect() as connection:
+        message_id = connection.execute(text("SELECT id FROM messages")).scalar()
+    from gateway.store.translations import messages_by_id
+
+    with harness.engine.connect() as connection:
+        [again] = messages_by_id(connection, [message_id])
+    second = harness.again(again)
+    assert segments(second.ack)["ORC"] == segments(first.ack)["ORC"]
+    assert segments(second.ack)["NTE"] == segments(first.ack)["NTE"]
+    assert count(harness, "SELECT count(*) FROM prescriptions") == 1
+    with harness.engine.connect() as connection:
+        [issued] = store.prescriptions_for_message(connection, message_id)
+    assert issued.id == segments(first.ack)["ORC"][0][3].split("^")[0]
+
+
+def test_prescription_without_quantity_is_refused_naming_rxe_10(harness):
+    message = rde("RDE-Q").replace(b"|||||2|BT^bo", b"||||||BT^bo")
+    [record] = harness.translate(message)
+    msa, location, code, reason = refusal(record)
+    assert (msa, location, code) == ("AE", "RXE^1^10", "PRESCRIPTION_INVALID")
+    assert "line 1 has no quantity to dispense" in reason
+    assert segments(record.ack)["MSH"][0][8] == "RRE^O12^RRE_O12" and "ORC" not in segments(record.ack)
+    assert count(harness, "SELECT count(*) FROM prescriptions") == 0
+
+
+def test_a_pharmacy_cannot_prescribe_and_an_unknown_facility_cannot_either(harness):
+    [pharmacy] = harness.translate(rde("RDE-P", sender=("PHARMA_AGDAL", "PHARM_AGDAL", "INPE-100004")))
+    assert refusal(pharmacy)[2:] == ("OPERATION_NOT_ALLOWED",
+                                     "facility INPE-100004 (pharmacy) may not issue prescriptions")
+    [unknown] = harness.translate(rde("RDE-U", sender=("NOBODY", "NOWHERE", "-")))
+    assert "not in the facility registry" in refusal(unknown)[3]
+
+
+# -- dispensing ---------------------------------------------------------------------------------
+
+def test_partial_then_remaining_dispensation_then_over_dispensing_is_refused(harness):
+    """1 then 1 box of line 1 and 1 of line 2: accepted, the prescription completed; a third
+    dispensation: AE OVER_DISPENSING-like refusal (completed), nothing routed, nothing recorded."""
+    prescription_id = issue(harness)
+    [first] = harness.translate(rds("RDS-1", prescription_id, ((DOLIPRANE, 1),)))
+    assert segments(first.ack)["MSA"][0][1:3] == ["AA", "RDS-1"] and "ERR" not in segments(first.ack)
+    assert first.destinations == ("shared-record", "cnss")
+    [second] = harness.translate(rds("RDS-2", prescription_id, ((DOLIPRANE, 1), (AMOXIL, 1))))
+    assert segments(second.ack)["MSA"][0][1] == "AA"
+    with harness.engine.connect() as connection:
+        stored = store.get_prescription(connection, prescription_id)
+    assert stored.status == "completed" and [l.remaining for l in stored.lines] == [0, 0]
+    [third] = harness.translate(rds("RDS-3", prescription_id, ((DOLIPRANE, 1),)))
+    msa, location, code, reason = refusal(third)
+    assert (msa, location, code) == ("AE", "ORC^1^4", "PRESCRIPTION_COMPLETED")
+    assert reason == f"over-dispensing: prescription {prescription_id} was already fully dispensed"
+    assert count(harness, "SELECT count(*) FROM dispensations") == 3
+    assert count(harness, "SELECT count(*) FROM deliveries d JOIN messages m ON m.id = d.message_id "
+                          "WHERE m.control_id = 'RDS-3'") == 0
+    with harness.engine.connect() as connection:
+        stored_third = get_translation(connection, 4)
+    assert stored_third.status == "failed" and stored_third.error_reason == reason
+
+
+def test_more_than_remains_on_a_line_is_refused_with_the_quantities(harness):
+    prescription_id = issue(harness)
+    harness.translate(rds("RDS-1", prescription_id, ((DOLIPRANE, 1),)))
+    [record] = harness.translate(rds("RDS-2", prescription_id, ((DOLIPRANE, 2),)))
+    msa, location, code, reason = refusal(record)
+    assert (msa, location, code) == ("AE", "RXD^1^4", "OVER_DISPENSING")
+    assert reason == (f"over-dispensing: line 1 of {prescription_id} (6118001230068) has 1 boîte left "
+                      "of 2 prescribed; 2 dispensed")
+    assert "has 1 boite left" in segments(record.ack)["ERR"][0][7]  # ERR-7 in ASCII
+    with harness.engine.connect() as connection:
+        assert [l.dispensed for l in store.get_prescription(connection, prescription_id).lines] == [1, 0]
+
+
+def test_two_lines_of_the_same_drug_in_one_message_add_up(harness):
+    prescription_id = issue(harness)
+    [record] = harness.translate(rds("RDS-1", prescription_id, ((DOLIPRANE, 1), (DOLIPRANE, 2))))
+    assert refusal(record)[2] == "OVER_DISPENSING"
+    assert count(harness, "SELECT count(*) FROM dispensations") == 0
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("unknown", ("ORC^1^4", "PRESCRIPTION_UNKNOWN", "unknown prescription RX-")),
+    ("malformed", ("ORC^1^4", "PRESCRIPTION_UNKNOWN", "dispensation 1: not a prescription id: it must start with RX-")),
+    ("mistyped", ("ORC^1^4", "PRESCRIPTION_UNKNOWN", "dispensation 1: wrong check character")),
+    ("patient", ("PID^1^3", "PATIENT_MISMATCH", "the patient does not match prescription")),
+    ("drug", ("RXD^1^2", "NOT_PRESCRIBED", "dispensation 1: drug 6118009876541 is not on prescription")),
+    ("unit", ("RXD^1^5", "UNIT_MISMATCH", "is prescribed in 'boîte', dispensed in 'comprimé'")),
+    ("nothing", ("ORC^1^4", "PRESCRIPTION_MISSING", "dispensation 1 names no prescription id")),
+    ("laboratory", ("MSH^1^4", "OPERATION_NOT_ALLOWED", "facility INPE-100002 (laboratory) may not dispense")),
+])
+def test_dispensations_refused_with_a_precise_reason(harness, case, expected):
+    prescription_id = issue(harness)
+    unknown = ids.format_id("ABCDEFGH")
+    mistyped = prescription_id[:-1] + next(c for c in ids.ALPHABET if c != prescription_id[-1])
+    message = {
+        "unknown": rds("R", unknown),
+        "malformed": rds("R", "ORD-2026-000123"),
+        "mistyped": rds("R", mistyped),
+        "patient": rds("R", prescription_id, patient=OTHER_PATIENT),
+        "drug": rds("R", prescription_id, (("6118009876541^GLUCOPHAGE 850 mg^EAN13", 1),)),
+        "unit": rds("R", prescription_id, unit="CP^comprimé^L"),
+        "nothing": rds("R", None),
+        "laboratory": rds("R", prescription_id, sender=LABORATORY),
+    }[case]
+    [record] = harness.translate(message)
+    msa, location, code, reason = refusal(record)
+    assert (msa, location, code) == ("AE",) + expected[:2]
+    assert expected[2] in reason
+    assert count(harness, "SELECT count(*) FROM dispensations") == 0
+
+
+def test_expired_prescription_is_refused(harness):
+    prescription_id = issue(harness)
+    with harness.engine.begin() as connection:
+        connection.execute(text("UPDATE prescriptions SET expires_at = :at"),
+                           {"at": datetime.now(timezone.utc) - timedelta(days=1)})
+    [record] = harness.translate(rds("RDS-1", prescription_id))
+    assert refusal(record)[2] == "PRESCRIPTION_EXPIRED"
+    assert f"prescription {prescription_id} expired on " in record.error_reason
+
+
+def test_the_same_dispensation_is_never_recorded_twice(harness):
+    """The pharmacy re-sends a dispensation (same ORC-3 number) under a new control id: 205."""
+    prescription_id = issue(harness)
+    harness.translate(rds("RDS-1", prescription_id, dispensation="DISP-42"))
+    [again] = harness.translate(rds("RDS-2", prescription_id, dispensation="DISP-42"))
+    msa, location, code, reason = refusal(again)
+    assert (code, reason) == ("DISPENSATION_DUPLICATE", "dispensation 1 was already recorded (message #2)")
+    assert segments(again.ack)["ERR"][0][3].startswith("205^")
+    assert count(harness, "SELECT count(*) FROM dispensations") == 1
+
+
+def test_replaying_an_accepted_dispensation_counts_it_once(harness):
+    """The same message translated again (replay, sweep) is accepted again, not added again."""
+    from gateway.store.translations import messages_by_id
+
+    prescription_id = issue(harness)
+    [first] = harness.translate(rds("RDS-1", prescription_id, ((DOLIPRANE, 2),)))
+    with harness.engine.connect() as connection:
+        [pending] = messages_by_id(connection, [2])
+    second = harness.again(pending)
+    assert segments(second.ack)["MSA"][0][1] == "AA" and second.bundle == first.bundle
+    with harness.engine.connect() as connection:
+        assert [l.dispensed for l in store.get_prescription(connection, prescription_id).lines] == [2, 0]
+    assert count(harness, "SELECT count(*) FROM dispensations") == 1
+
+
+def test_accepted_dispensation_bundle_and_its_care_sheet(harness):
+    """The dispense bundle carries the issued MedicationRequest (line id, prescription id), the
+    dispensation id, and its care sheet the prescription and the line reference with its key."""
+    prescription_id = issue(harness)
+    [record] = harness.translate(rds("RDS-1", prescription_id, ((AMOXIL, 1),)))
+    [request] = resources(record, "MedicationRequest")
+    assert request["identifier"][0] == {"system": LINE_SYSTEM, "value": f"{prescription_id}/2"}
+    [dispense] = resources(record, "MedicationDispense")
+    key = dispense["identifier"][0]
+    assert key["system"] == DISPENSATION_SYSTEM and key["value"].startswith(f"{prescription_id}.2.")
+    sheet = care_sheet_from_bundle(record.bundle)
+    assert sheet["numeroPrescription"] == prescription_id and sheet["inpePrescripteur"] == "200001"
+    assert sheet["lignes"]["ligne"][0]["prescription"] == {"numero": prescription_id, "ligne": 2,
+                                                            "cleLigne": key["value"]}
+    assert "ordonnancePapier" not in sheet
+
+
+def test_paper_prescription_is_accepted_recorded_and_flagged(harness):
+    [record] = harness.translate(rds("RDS-P", None, paper=True))
+    assert segments(record.ack)["MSA"][0][1] == "AA" and record.destinations == ("shared-record", "cnss")
+    [dispense] = resources(record, "MedicationDispense")
+    assert {"url": PAPER_EXTENSION, "valueBoolean": True} in dispense["extension"]
+    assert "authorizingPrescription" not in dispense
+    sheet = care_sheet_from_bundle(record.bundle)
+    assert sheet["ordonnancePapier"] is True and "numeroPrescription" not in sheet
+    with harness.engine.connect() as connection:
+        [row] = connection.execute(text("SELECT prescription_id, paper, quantity_milli FROM dispensations"))
+    assert tuple(row) == (None, True, 1000)
+
+
+def test_amo_rights_are_checked_before_accepting(tmp_path, repo_mappings):
+    """Rights closed: NOT_COVERED; CNSS unreachable: ELIGIBILITY_UNAVAILABLE; asked once per batch."""
+    url = f"sqlite:///{tmp_path / 'g.sqlite'}"
+    closed = FakeEligibility(open_rights=())
+    harness = Harness(url, repo_mappings, config_for(url, tmp_path), closed, AckBuilder())
+    try:
+        prescription_id = issue(harness)
+        [record] = harness.translate(rds("RDS-1", prescription_id))
+        assert refusal(record)[2] == "NOT_COVERED" and "(DROITS_FERMES)" in record.error_reason
+        assert [(q.kind, q.value, q.on.isoformat()) for q in closed.asked] == [
+            ("immatriculation", "112233445", "2026-01-16")]
+        harness.flow.eligibility = FakeEligibility(unavailable=True)
+        [record] = harness.translate(rds("RDS-2", prescription_id))
+        assert refusal(record)[2] == "ELIGIBILITY_UNAVAILABLE" and "timeout" in record.error_reason
+        assert count(harness, "SELECT count(*) FROM dispensations") == 0
+    finally:
+        harness.close()
+
+
+def test_a_batch_mixing_prescriptions_and_dispensations_commits_together(harness):
+    """One worker batch: prescription, a good and an over-dispensing dispensation (of another
+    prescription issued before): each gets its own outcome; one transaction."""
+    earlier = issue(harness, "RDE-0")
+    results = harness.translate(rde("RDE-1"), rds("RDS-1", earlier, ((DOLIPRANE, 2),)),
+                                rds("RDS-2", earlier, ((DOLIPRANE, 1),)))
+    assert [r.status for r in results] == ["translated", "translated", "failed"]
+    assert refusal(results[2])[2] == "OVER_DISPENSING"
+
+
+# -- PostgreSQL: concurrent dispensations -------------------------------------------------------
+
+@pytest.mark.pg
+def test_concurrent_dispensations_never_exceed_what_remains(pg_url, tmp_path, repo_mappings):
+    """Two dispensations of 2 boxes against a line of 3, at the same time on two connections:
+    the second waits for the first's lock (FOR UPDATE), then sees 1 left and is refused."""
+    harness = Harness(pg_url, repo_mappings, config_for(pg_url, tmp_path), FakeEligibility(), AckBuilder())
+    try:
+        prescription_id = issue(harness, lines=((DOLIPRANE, 3),))
+        first_holds_lock = threading.Event()
+        release = threading.Event()
+        outcomes = {}
+
+        def dispense(name: str, hold: bool):
+            pending = harness.store(rds(name, prescription_id, ((DOLIPRANE, 2),)))
+            record = harness.worker.translator.translate(pending)
+            results = [(pending, record)]
+            prepared = harness.flow.prepare(results)
+            with write_transaction(harness.engine) as connection:
+                harness.flow.apply(connection, results, prepared, datetime.now(timezone.utc))
+                if hold:
+                    first_holds_lock.set()
+                    release.wait(10)
+            outcomes[name] = (record.status, record.error_reason, datetime.now(timezone.utc))
+
+        first = threading.Thread(target=dispense, args=("RDS-A", True))
+        first.start()
+        assert first_holds_lock.wait(10)
+        second = threading.Thread(target=dispense, args=("RDS-B", False))
+        second.start()
+        second.join(0.5)
+        assert second.is_alive(), "the second dispensation did not wait for the first's lock"
+        release.set()
+        first.join(10)
+        second.join(10)
+        assert outcomes["RDS-A"][0] == "translated"
+        assert outcomes["RDS-B"][0] == "failed" and "has 1 boîte left of 3" in outcomes["RDS-B"][1]
+        with harness.engine.connect() as connection:
+            [line] = store.get_prescription(connection, prescription_id).lines
+        assert (line.dispensed, line.remaining) == (2, 1)
+    finally:
+        harness.close()
