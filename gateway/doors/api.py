@@ -60,6 +60,22 @@ class Problem(Exception):
         return body
 
 
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+
+def problem_response(problem: Problem, instance: str | None = None) -> ApiResponse:
+    """A Problem as its RFC 9457 answer (with Allow for a 405, Retry-After when it says)."""
+    headers = {}
+    allow = problem.extensions.get("allow")
+    if allow:
+        headers["Allow"] = ", ".join(allow)
+    retry = problem.extensions.get("retry_after")
+    if retry is not None:
+        headers["Retry-After"] = str(retry)
+    body = json.dumps(problem.as_dict(instance), ensure_ascii=False).encode("utf-8")
+    return ApiResponse(problem.status, body, PROBLEM_CONTENT_TYPE, headers)
+
+
 def json_response(status: int, data: Any, headers: dict[str, str] | None = None) -> ApiResponse:
     return ApiResponse(status, json.dumps(data, ensure_ascii=False).encode("utf-8"),
                        "application/json", dict(headers or {}))

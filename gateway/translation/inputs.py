@@ -7,6 +7,12 @@ whitespace) and hands them to its adapter:
     <                       'hl7v2-xml'  v2 XML (adapters.legacy.v2xml), hardened parser
     H| or 1H| (any delim.)  'astm'       ASTM E1394 records (adapters.astm.records)
     a delimited first line  'csv'        a CSV export (adapters.legacy.csv_export)
+    {                       'fhir'       a FHIR Bundle (gateway.translation.fhir_input)
+
+Two formats are documents rather than messages: 'fhir' (a Bundle received by POST /v1/fhir)
+and 'soap-report' (a SubmitReport received by SOAP, never detected: the door names it). They
+do not go through the mapping engine: `read_document` parses them and the translator makes
+them canonical directly (DOCUMENT_FORMATS).
 
 Each decodes with the declared character set (or the sender's fallback) and tokenizes into an
 Hl7Message that the same mapping engine reads. Errors are InputError with a precise reason, the
@@ -24,7 +30,8 @@ from adapters.astm import records as astm_records
 from adapters.legacy import csv_export
 from adapters.legacy.v2xml import parse_v2xml
 
-FORMATS = ("hl7v2", "hl7v2-xml", "astm", "csv")
+FORMATS = ("hl7v2", "hl7v2-xml", "astm", "csv", "fhir", "soap-report")
+DOCUMENT_FORMATS = ("fhir", "soap-report")
 
 
 class InputError(ValueError):
@@ -52,6 +59,8 @@ def detect_format(data: bytes) -> str:
         return "hl7v2"
     if start.startswith(b"<"):
         return "hl7v2-xml"
+    if start.startswith(b"{"):
+        return "fhir"
     if _is_astm(start):
         return "astm"
     if csv_export.looks_like_csv(data):
@@ -87,9 +96,40 @@ def read_input(data: bytes, fallback_codec: str | None = None, format: str | Non
         return read_astm(data, fallback_codec)
     if format == "csv":
         return read_csv(data, fallback_codec, csv_profiles)
+    if format in DOCUMENT_FORMATS:
+        raise InputError(f"{format} input is a document, not a message: read it with read_document",
+                         format=format)
     if format:
         raise InputError(f"unknown input format {format!r}; known: {', '.join(FORMATS)}")
     raise InputError("unrecognised input: not HL7 v2 (MSH), v2 XML, ASTM or a known CSV export")
+
+
+def read_document(data: bytes, format: str):
+    """A document input ('fhir': the Bundle as a dict, checked; 'soap-report': the
+    SubmitReport element), or InputError naming the element at fault."""
+    if format == "fhir":
+        from gateway.translation.fhir_input import BundleError, bundle_issues, read_bundle
+
+        try:
+            document = read_bundle(data)
+        except BundleError as error:
+            raise InputError(error.issues[0].diagnostics, error.issues[0].expression or "", "fhir") from None
+        issues = bundle_issues(document)
+        if issues:
+            first = issues[0]
+            more = f" (and {len(issues) - 1} more)" if len(issues) > 1 else ""
+            raise InputError(first.diagnostics + more, first.expression or "Bundle", "fhir")
+        return document
+    if format == "soap-report":
+        from gateway.translation.report_input import ReportError, pdf_bytes, read_report
+
+        try:
+            report = read_report(data)
+            pdf_bytes(report)  # a PDF that is not one fails here, not half-way
+        except ReportError as error:
+            raise InputError(error.reason, error.location, "soap-report") from None
+        return report
+    raise InputError(f"{format!r} is not a document format ({', '.join(DOCUMENT_FORMATS)})")
 
 
 def read_er7(data: bytes, fallback_codec: str | None = None) -> ParsedInput:

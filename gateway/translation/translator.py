@@ -21,7 +21,8 @@ from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.runtime import TranslationContext, TranslationError
 from gateway.store.translations import Pending, TranslationRecord
 from gateway.translation import conformance
-from gateway.translation.inputs import InputError, read_input
+from gateway.translation.inputs import (DOCUMENT_FORMATS, InputError, detect_format,
+                                        read_document, read_input, stand_in_control_id)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class Translator:
         """The translation of one message; never raises (a failure is a record)."""
         mappings = self.mappings  # once: a reload may replace it meanwhile
         sender = self.senders.get(pending.sender_id or "")
+        if (pending.format or detect_format(pending.raw)) in DOCUMENT_FORMATS:
+            return self._translate_document(pending, sender, mappings)
         try:
             parsed = read_input(pending.raw, (sender.charset_fallback if sender else None) or pending.codec,
                                 pending.format)
@@ -83,11 +86,49 @@ class Translator:
                 record.patient_key = patient_key(translation.bundle)
         return record
 
+    def _translate_document(self, pending: Pending, sender: SenderConfig | None,
+                            mappings: MappingSet) -> TranslationRecord:
+        """A FHIR Bundle or a SOAP report: made canonical directly, no mapping file involved."""
+        from gateway.translation import fhir_input, report_input
+
+        format = pending.format or detect_format(pending.raw)
+        try:
+            document = read_document(pending.raw, format)
+        except InputError as error:
+            return _failed(mappings, ErrorCondition.DATA_TYPE_ERROR, error.location, error.reason)
+        sender_id = sender.id if sender else ""
+        control_id = pending.key[2] if pending.key else stand_in_control_id(pending.raw)
+        context = document_context(sender_id, control_id, pending.received_at,
+                                   self._zone(sender.timezone if sender else DEFAULT_TIMEZONE))
+        message_type = pending.message_type or format
+        try:
+            if format == "fhir":
+                bundle = fhir_input.canonical_bundle(document, context, mappings.version, message_type)
+            else:
+                bundle = report_input.canonical_bundle(document, context, mappings.version)
+        except report_input.ReportError as error:
+            return _failed(mappings, ErrorCondition.DATA_TYPE_ERROR, error.location, error.reason)
+        record = TranslationRecord(MessageStatus.TRANSLATED.value, mappings.version, bundle)
+        if self.router is not None:
+            record.destinations = self.router.destinations(message_type, sender_id or None, bundle)
+            if record.destinations:
+                record.patient_key = patient_key(bundle)
+        return record
+
     def _zone(self, name: str) -> ZoneInfo:
         zone = self._zones.get(name)
         if zone is None:
             zone = self._zones[name] = ZoneInfo(name)
         return zone
+
+
+def document_context(sender_id: str, control_id: str, received_at, zone: ZoneInfo | None = None
+                     ) -> TranslationContext:
+    """The context of a document's translation: its ids are seeded by sender and control id,
+    as a message's are (the HTTPS door computes the same ids for its answer)."""
+    return TranslationContext(sender_id=sender_id, timezone=zone or ZoneInfo(DEFAULT_TIMEZONE),
+                              received_at=received_at, message_key=f"{sender_id}|{control_id}",
+                              control_id=control_id)
 
 
 def _failed(mappings: MappingSet, condition: ErrorCondition, location: str, reason: str,

@@ -1,0 +1,256 @@
+"""The REST door's own operations under /v1/: POST /v1/hl7v2, POST /v1/fhir and
+GET /v1/messages/{id}, each a Route with its OpenAPI description.
+
+POST /v1/hl7v2 answers with HTTP status by the HL7 answer: 200 for AA/CA (the ACK and the
+message id as JSON), 202 when no answer is due (an ACK posted to us, MSH-15 NE), 422 problem
+for AE/AR/CE/CR (the ACK is in the problem body: the refusal is an HL7 answer, but the
+exchange did not do what was asked), 503 problem when the store failed (nothing kept).
+"""
+from __future__ import annotations
+
+import hashlib
+import uuid
+from sqlalchemy import select
+
+from adapters.hl7v2.batch import is_batch
+from adapters.hl7v2.charsets import CharsetError, codec_for
+from adapters.hl7v2.codes import Outcome
+from adapters.hl7v2.header import HeaderError, parse_header
+from adapters.mllp.protocol import ConnectionInfo
+from gateway.doors.api import ApiRequest, ApiResponse, Problem, Route, json_response
+from gateway.doors.ingest_bridge import IngestBridge, StoreUnavailable
+from gateway.doors.schemas import (FHIR_SCHEMAS, HL7V2_SCHEMAS, MESSAGE_SCHEMAS, fhir_spec,
+                                   hl7v2_spec, message_spec)
+from gateway.ingest.model import Inbound, MessageStatus
+from gateway.store.queries import deliveries_of
+from gateway.store.schema import messages, translations
+from gateway.store.translations import utc
+from gateway.translation.fhir_input import BundleError, bundle_issues, canonical_entries, read_bundle
+from gateway.translation.translator import document_context
+
+HL7_MEDIA_TYPES = ("application/hl7-v2", "x-application/hl7-v2+er7", "application/hl7-v2+er7")
+FHIR_MEDIA_TYPES = ("application/fhir+json", "application/json")
+# Content-Type charsets that need no transcoding: what an empty MSH-18 is read as.
+_ASCII_COMPATIBLE = ("utf-8", "ascii")
+
+
+def media_type(request: ApiRequest) -> tuple[str, dict[str, str]]:
+    """The request's media type (lower case) and its parameters."""
+    parts = (request.headers.get("content-type") or "").split(";")
+    params = {}
+    for part in parts[1:]:
+        name, _, value = part.partition("=")
+        params[name.strip().lower()] = value.strip().strip('"')
+    return parts[0].strip().lower(), params
+
+
+def _require(request: ApiRequest, accepted: tuple[str, ...]) -> dict[str, str]:
+    kind, params = media_type(request)
+    if kind not in accepted:
+        raise Problem(415, "unsupported-media-type", "Unsupported media type",
+                      f"send the body as {accepted[0]} (Content-Type {kind or 'missing'})")
+    return params
+
+
+def er7_bytes(body: bytes, charset: str | None) -> bytes:
+    """The message's bytes as ingest reads them. MSH-18 governs when valued; when it is empty
+    and the Content-Type names another character set than UTF-8/ASCII, the text is re-encoded
+    as UTF-8 (what an empty MSH-18 is read as), so that it is not garbled."""
+    if not charset:
+        return body
+    try:
+        declared = parse_header(body).charset
+    except HeaderError:
+        return body  # ingest refuses it with the reason
+    if declared.strip():
+        return body
+    try:
+        codec = codec_for(charset)
+    except CharsetError:
+        try:
+            codec = "".join(charset.split()).lower()
+            b"".decode(codec)
+        except LookupError:
+            raise Problem(415, "unsupported-charset", "Unsupported charset",
+                          f"charset {charset!r} of the Content-Type is unknown") from None
+    if codec.replace("-", "").replace("_", "") in ("utf8", "ascii", "usascii"):
+        return body
+    try:
+        return body.decode(codec).encode("utf-8")
+    except (UnicodeDecodeError, LookupError) as error:
+        raise Problem(400, "bad-encoding", "Body not in its charset",
+                      f"the body is not valid {charset}: {error}") from None
+
+
+def ack_text(answer: bytes, codec: str) -> str:
+    return answer.decode(codec, "replace")
+
+
+def refusal_detail(ack: str) -> str:
+    """Why an HL7 answer refused: MSA-3, else ERR-8 (user message), else its code."""
+    separator = ack[3:4] if ack.startswith("MSH") else "|"
+    for segment in ack.replace("\n", "\r").split("\r"):
+        fields = segment.split(separator)
+        if fields[0] == "MSA" and len(fields) > 3 and fields[3]:
+            return fields[3]
+        if fields[0] == "ERR" and len(fields) > 8 and fields[8]:
+            return fields[8]
+    return "the message was not accepted; see the acknowledgement"
+
+
+class RestOperations:
+    """The core operations of /v1/ over one ingest bridge."""
+
+    def __init__(self, bridge: IngestBridge, database, listener: str):
+        self.bridge = bridge
+        self.database = database
+        self.listener = listener
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("POST", "/v1/hl7v2", "hl7v2.submit", self.submit_hl7v2, hl7v2_spec(), HL7V2_SCHEMAS),
+            Route("POST", "/v1/fhir", "fhir.submit", self.submit_fhir, fhir_spec(), FHIR_SCHEMAS),
+            Route("GET", "/v1/messages/{id}", "messages.read", self.message_status, message_spec(),
+                  MESSAGE_SCHEMAS),
+        ]
+
+    # -- POST /v1/hl7v2 --------------------------------------------------------------------
+
+    async def submit_hl7v2(self, request: ApiRequest) -> ApiResponse:
+        params = _require(request, HL7_MEDIA_TYPES)
+        if not request.body.strip():
+            raise Problem(400, "empty-body", "Empty body", "the body must hold one HL7 v2 message (ER7)")
+        if is_batch(request.body):
+            raise Problem(400, "batch-not-supported", "Batches are not accepted here",
+                          "send one message per request (batches go over MLLP)")
+        payload = er7_bytes(request.body, params.get("charset"))
+        connection = ConnectionInfo(self.listener, request.peer, request.facility.id, True)
+        outcome = await self.bridge.submit_er7(payload, connection)
+        text = ack_text(outcome.answer, outcome.codec) if outcome.answer else None
+        data = {"message_id": outcome.message_id, "ack": text, "ack_code": outcome.ack_code}
+        if not outcome.stored:
+            raise Problem(503, "store-unavailable", "Message not stored",
+                          "the message could not be stored; nothing was kept, send it again",
+                          retry_after=5, **data)
+        if text is None:
+            return json_response(202, data, _location(outcome.message_id))
+        if outcome.ack_code in ("AA", "CA"):
+            if outcome.message_id is not None and outcome.answer[:3] == b"MSH" and _answers_order(text):
+                data["prescriptions"] = await self.database.run(issued_prescriptions, outcome.message_id)
+            return json_response(200, data, _location(outcome.message_id))
+        raise Problem(422, "hl7-refused", "HL7 message refused", refusal_detail(text), **data)
+
+    # -- POST /v1/fhir ---------------------------------------------------------------------
+
+    async def submit_fhir(self, request: ApiRequest) -> ApiResponse:
+        _require(request, FHIR_MEDIA_TYPES)
+        try:
+            document = read_bundle(request.body)
+        except BundleError as error:
+            raise Problem(400, "bad-json", "Body is not a JSON object", error.issues[0].diagnostics) from None
+        issues = bundle_issues(document)
+        if issues:
+            first = issues[0]
+            raise Problem(422, "invalid-fhir", "Invalid FHIR Bundle",
+                          f"{first.expression or 'Bundle'}: {first.diagnostics}"
+                          + (f" (and {len(issues) - 1} more issues)" if len(issues) > 1 else ""),
+                          issues=[issue.to_json() for issue in issues[:100]])
+        facility = request.facility
+        control_id = request.headers.get("idempotency-key") or str(uuid.uuid4())
+        item = Inbound(raw=request.body, sha256=hashlib.sha256(request.body).digest(),
+                       outcome=Outcome.ACCEPT, status=MessageStatus.RECEIVED, ack=None,
+                       sending_application="FHIR", sending_facility=facility.id,
+                       control_id=control_id, message_type=f"FHIR^{document['type']}",
+                       codec="utf-8", size=len(request.body), sender_id=facility.id, format="fhir")
+        try:
+            outcome = await self.bridge.submit_document(item, request.peer)
+        except StoreUnavailable:
+            raise Problem(503, "store-unavailable", "Bundle not stored",
+                          "the Bundle could not be stored; nothing was kept, send it again",
+                          retry_after=5) from None
+        record = outcome.translation
+        if record is not None and record.status == MessageStatus.FAILED.value:
+            raise Problem(422, "translation-failed", "Bundle not translated",
+                          f"{record.error_location or 'Bundle'}: {record.error_reason}",
+                          message_id=outcome.message_id)
+        translated = record is not None
+        entries = canonical_entries(document, document_context(facility.id, control_id, None))
+        status = "201 Created" if translated else "202 Accepted"
+        answer = {
+            "resourceType": "Bundle",
+            "type": "batch-response" if document["type"] == "batch" else "transaction-response",
+            "identifier": {"system": "urn:ma:hie:message", "value": str(outcome.message_id)},
+            "entry": [{"response": {"status": status, "location": entry.location}} for entry in entries],
+        }
+        return ApiResponse(200, json_response(200, answer).body, "application/fhir+json",
+                           _location(outcome.message_id))
+
+    # -- GET /v1/messages/{id} -------------------------------------------------------------
+
+    async def message_status(self, request: ApiRequest) -> ApiResponse:
+        text = request.path_params.get("id", "")
+        found = None
+        if text.isascii() and text.isdigit() and len(text) < 19:
+            found = await self.database.run(message_status, int(text), request.facility.id)
+        if found is None:  # someone else's message is as absent as a missing one
+            raise Problem(404, "not-found", "No such message", "no message of yours has this id")
+        return json_response(200, found)
+
+
+def _answers_order(ack: str) -> bool:
+    """Whether the answer is an order response (RRE^O12, ORP^O10): prescriptions may be in it."""
+    separator = ack[3:4]
+    fields = ack.split("\r", 1)[0].split(separator)
+    return len(fields) > 8 and fields[8].split(ack[4:5] or "^")[0] in ("RRE", "ORP")
+
+
+def issued_prescriptions(connection, message_id: int) -> list[dict]:
+    """The prescriptions the gateway issued for a message: id, signed QR payload, validity."""
+    from gateway.prescriptions.store import prescriptions_for_message
+
+    return [{"id": issued.id, "qr_payload": issued.qr_payload,
+             "issued_at": issued.issued_at.isoformat(), "expires_at": issued.expires_at.isoformat()}
+            for issued in prescriptions_for_message(connection, message_id)]
+
+
+def _location(message_id: int | None) -> dict[str, str]:
+    return {"Content-Location": f"/v1/messages/{message_id}"} if message_id is not None else {}
+
+
+def message_status(connection, message_id: int, facility_id: str) -> dict | None:
+    """The status of message `message_id` if `facility_id` sent it, else None."""
+    row = connection.execute(select(
+        messages.c.id, messages.c.sender_id, messages.c.status, messages.c.message_type,
+        messages.c.control_id, messages.c.received_at, messages.c.ack_code, messages.c.format,
+        messages.c.error_code, messages.c.error_location, messages.c.error_reason,
+        messages.c.duplicate_count).where(messages.c.id == message_id)).first()
+    if row is None or row.sender_id != facility_id:
+        return None
+    translation = connection.execute(select(
+        translations.c.status, translations.c.translated_at, translations.c.error_code,
+        translations.c.error_location, translations.c.error_reason).where(
+        translations.c.message_id == message_id)).first()
+    return {
+        "id": row.id,
+        "status": row.status,
+        "format": row.format,
+        "message_type": row.message_type,
+        "control_id": row.control_id,
+        "received_at": _iso(row.received_at),
+        "ack_code": row.ack_code,
+        "duplicates": row.duplicate_count,
+        "error": {"code": row.error_code, "location": row.error_location, "reason": row.error_reason}
+        if row.error_code is not None or row.error_reason else None,
+        "translation": None if translation is None else {
+            "status": translation.status, "translated_at": _iso(translation.translated_at),
+            "error": {"code": translation.error_code, "location": translation.error_location,
+                      "reason": translation.error_reason} if translation.status == "failed" else None},
+        "deliveries": [{"destination": d.destination, "status": d.status, "attempts": d.attempts,
+                        "next_attempt_at": d.next_attempt_at, "finished_at": d.finished_at,
+                        "last_code": d.last_code, "last_reason": d.last_reason}
+                       for d in deliveries_of(connection, message_id)],
+    }
+
+
+def _iso(value) -> str:
+    return utc(value).isoformat()

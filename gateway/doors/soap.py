@@ -1,0 +1,193 @@
+"""The SOAP door under /soap/: the contract (GET /soap/?wsdl, /soap/gateway.xsd) and its two
+operations (POST /soap/), SOAP 1.1 document/literal (adapters/soap/gateway).
+
+- SubmitHL7Message (right hl7v2.submit): the ER7 text through the same ingest as MLLP and
+  REST; answered with the ACK text (a refusal is an ordinary answer with its AR/AE ACK; only a
+  store outage is a soap:Server fault, as the message was not kept).
+- SubmitReport (right reports.submit): an imaging report stored as a 'soap-report' message
+  (the SubmitReport element as received) and translated into a canonical DiagnosticReport
+  with its PDF; the answer waits for the translation.
+
+Requests are parsed by the hardened parser and validated against gateway.xsd before anything
+is stored. Faults: soap:Client for what the caller must fix (HTTP 500, as SOAP 1.1 wants),
+soap:Server for an outage. Fault strings name rules and elements, never values.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from lxml import etree
+
+from adapters.hl7v2.charsets import CharsetError, codec_for
+from adapters.hl7v2.codes import Outcome
+from adapters.hl7v2.header import HeaderError, parse_header
+from adapters.mllp.protocol import ConnectionInfo
+from adapters.soap.gateway import NAMESPACE, WSDL_PATH, XSD_NAME, XSD_PATH
+from adapters.soap.gateway.envelope import (SoapFault, answer_envelope, child_text, client_fault,
+                                            fault_envelope, parse_request, server_fault)
+from gateway.config import SenderConfig
+from gateway.doors.ingest_bridge import IngestBridge, StoreUnavailable
+from gateway.ingest.model import Inbound, MessageStatus
+from gateway.translation.report_input import MESSAGE_TYPE, ReportError, pdf_bytes
+
+SOAP_CONTENT_TYPE = "text/xml; charset=utf-8"
+OPERATION_RIGHTS = {"SubmitHL7Message": "hl7v2.submit", "SubmitReport": "reports.submit"}
+_HOST = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
+_ADDRESS = re.compile(rb'(<soap:address location=")[^"]*(")')
+
+
+@dataclass(frozen=True)
+class SoapAnswer:
+    status: int
+    body: bytes
+    content_type: str = SOAP_CONTENT_TYPE
+
+
+class Unauthorized(Exception):
+    """An operation the caller's facility type may not call (the door records the refusal)."""
+
+    def __init__(self, operation: str, right: str, fault: SoapFault):
+        super().__init__(fault.message)
+        self.operation = operation
+        self.right = right
+        self.fault = fault
+
+
+def fault_answer(fault: SoapFault) -> SoapAnswer:
+    return SoapAnswer(500, fault_envelope(fault))
+
+
+class SoapDoor:
+    def __init__(self, bridge: IngestBridge, listener: str):
+        self.bridge = bridge
+        self.listener = listener
+        with open(WSDL_PATH, "rb") as f:
+            self.wsdl = f.read()
+        with open(XSD_PATH, "rb") as f:
+            self.xsd = f.read()
+        # Parsed once; validation runs on the reactor thread only (lxml schemas are not
+        # shared between threads).
+        self.schema = etree.XMLSchema(etree.fromstring(self.xsd))
+
+    # -- the contract ----------------------------------------------------------------------
+
+    def document(self, name: str, host: str | None) -> bytes | None:
+        """GET: the WSDL (addressed to the host the client used) or the XSD; None otherwise."""
+        if name == "wsdl":
+            if not host or not _HOST.match(host):
+                return self.wsdl
+            address = b"https://" + host.encode("ascii") + b"/soap/"
+            return _ADDRESS.sub(rb"\g<1>" + address + rb"\g<2>", self.wsdl, count=1)
+        if name == XSD_NAME:
+            return self.xsd
+        return None
+
+    # -- requests --------------------------------------------------------------------------
+
+    def operation_of(self, body: bytes, may) -> tuple[str, etree._Element]:
+        """The operation element of a request, parsed, validated and authorized
+        (`may(right)` says whether the caller has a right); raises SoapFault or Unauthorized."""
+        element = parse_request(body, self.schema)
+        qname = etree.QName(element)
+        operation = qname.localname
+        if qname.namespace != NAMESPACE or operation not in OPERATION_RIGHTS:
+            raise client_fault("UNKNOWN_OPERATION", f"no operation {operation} in this service",
+                               line=element.sourceline, element=operation)
+        right = OPERATION_RIGHTS[operation]
+        if not may(right):
+            raise Unauthorized(operation, right, client_fault(
+                "ACCESS_DENIED", f"{operation} is not allowed for this facility's type",
+                element=operation))
+        return operation, element
+
+    async def handle(self, operation: str, element: etree._Element, facility: SenderConfig,
+                     peer: str) -> SoapAnswer:
+        try:
+            if operation == "SubmitHL7Message":
+                answer = await self._submit_hl7(element, facility, peer)
+            else:
+                answer = await self._submit_report(element, facility, peer)
+        except SoapFault as fault:
+            return fault_answer(fault)
+        return SoapAnswer(200, answer_envelope(answer))
+
+    async def _submit_hl7(self, element, facility: SenderConfig, peer: str) -> etree._Element:
+        text = child_text(element, "message") or ""
+        # XML turns a raw CR into LF: segments come back as CR-separated ER7.
+        text = text.replace("\r\n", "\r").replace("\n", "\r")
+        payload = _encode_er7(text)
+        outcome = await self.bridge.submit_er7(payload, ConnectionInfo(self.listener, peer, facility.id, True))
+        if not outcome.stored:
+            raise server_fault("STORE_UNAVAILABLE", "the message could not be stored; nothing was kept, "
+                                                    "send it again later")
+        answer = etree.Element(f"{{{NAMESPACE}}}SubmitHL7MessageResponse", nsmap={"gw": NAMESPACE})
+        if outcome.message_id is not None:
+            etree.SubElement(answer, f"{{{NAMESPACE}}}messageId").text = str(outcome.message_id)
+        if outcome.ack_code:
+            etree.SubElement(answer, f"{{{NAMESPACE}}}ackCode").text = outcome.ack_code
+        if outcome.answer is not None:
+            etree.SubElement(answer, f"{{{NAMESPACE}}}acknowledgement").text = \
+                outcome.answer.decode(outcome.codec, "replace")
+        return answer
+
+    async def _submit_report(self, element, facility: SenderConfig, peer: str) -> etree._Element:
+        try:
+            pdf_bytes(element)
+        except ReportError as error:
+            raise client_fault("INVALID_PDF", error.reason, line=element.sourceline, element="pdf") from None
+        raw = etree.tostring(element, encoding="utf-8")  # the operation element, standalone
+        digest = hashlib.sha256(raw).digest()
+        # Keyed by content, as ASTM is: the same report sent again is a duplicate; a corrected
+        # one is a new message (and updates the same DiagnosticReport, by its identifier).
+        control_id = "sha256:" + digest.hex()[:32]
+        item = Inbound(raw=raw, sha256=digest, outcome=Outcome.ACCEPT, status=MessageStatus.RECEIVED,
+                       ack=None, sending_application="SOAP-REPORT", sending_facility=facility.id,
+                       control_id=control_id, message_type=MESSAGE_TYPE, codec="utf-8",
+                       size=len(raw), sender_id=facility.id, format="soap-report")
+        try:
+            outcome = await self.bridge.submit_document(item, peer)
+        except StoreUnavailable:
+            raise server_fault("STORE_UNAVAILABLE", "the report could not be stored; nothing was kept, "
+                                                    "send it again later") from None
+        record = outcome.translation
+        if record is not None and record.status == MessageStatus.FAILED.value:
+            raise client_fault("REPORT_NOT_TRANSLATED",
+                               f"the report was stored (message {outcome.message_id}) but could not "
+                               f"be translated: {record.error_reason}")
+        answer = etree.Element(f"{{{NAMESPACE}}}SubmitReportResponse", nsmap={"gw": NAMESPACE})
+        etree.SubElement(answer, f"{{{NAMESPACE}}}messageId").text = str(outcome.message_id)
+        etree.SubElement(answer, f"{{{NAMESPACE}}}status").text = outcome.status
+        if record is not None:
+            report = _report_id(record)
+            if report:
+                etree.SubElement(answer, f"{{{NAMESPACE}}}diagnosticReport").text = report
+        return answer
+
+
+def _report_id(record) -> str | None:
+    bundle = record.bundle or {}
+    for entry in bundle.get("entry", ()):
+        resource = entry.get("resource") or {}
+        if resource.get("resourceType") == "DiagnosticReport":
+            return f"DiagnosticReport/{resource['id']}"
+    return None
+
+
+def _encode_er7(text: str) -> bytes:
+    """ER7 text as bytes in the character set MSH-18 declares (UTF-8 when it is empty)."""
+    probe = text.encode("utf-8", "replace")
+    try:
+        codec = codec_for(parse_header(probe).charset)
+    except (HeaderError, CharsetError):
+        return probe  # ingest refuses it, with the reason
+    if codec == "ascii":
+        codec = "utf-8"  # an empty MSH-18 is read as UTF-8 beyond ASCII
+    try:
+        return text.encode(codec)
+    except UnicodeEncodeError as error:
+        raise client_fault("CHARSET_MISMATCH", f"the message holds a character that MSH-18's character "
+                                               f"set cannot carry (offset {error.start})",
+                           element="message") from None
+

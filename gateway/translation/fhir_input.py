@@ -1,0 +1,193 @@
+"""FHIR Bundles from modern software (POST /v1/fhir) as an input format ('fhir'). Pure code.
+
+`read_bundle(data)` parses the JSON; `bundle_issues(document)` says what is wrong with it
+(the Bundle's shape, then each resource against the fhir.resources R4B models, as the shared
+record sandbox checks them), every issue located by a FHIRPath-like expression
+(`Bundle.entry[2].resource.birthDate`) and never quoting values.
+
+`canonical_bundle(document, context, mapping_version)` turns an accepted Bundle (transaction,
+batch or collection) into the canonical `collection` Bundle that every other input becomes:
+- each entry's resource is kept, its id replaced by the deterministic id of DESIGN §5 (the
+  same rule as the mapping engine: first identifier with system and value, else the message
+  and the entry's place), so that the same patient sent as HL7 v2 or as FHIR is one resource;
+- references to other entries (by fullUrl, `Type/id` or `urn:uuid:`) become `urn:uuid:<id>`;
+  references to anything outside the Bundle are left as they are;
+- a Provenance names the source message, as for every translation.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.mapping.engine import PROVENANCE_SOURCE, _instant, name_id
+from gateway.mapping.engine import _resource_id as resource_id  # the id rule of every translation
+from gateway.mapping.runtime import TranslationContext
+from gateway.sandbox.record.operation_outcome import Issue
+from gateway.sandbox.record.validation import is_resource_type, resource_issues
+
+BUNDLE_TYPES = ("transaction", "batch", "collection")
+ENTRY_METHODS = ("POST", "PUT")  # what a submitted entry may ask: the gateway upserts
+MAX_ENTRIES = 1000
+
+
+class BundleError(ValueError):
+    """A body that is not a usable Bundle: its issues, each located."""
+
+    def __init__(self, issues: list[Issue]):
+        super().__init__("; ".join(f"{i.expression or 'Bundle'}: {i.diagnostics}" for i in issues))
+        self.issues = issues
+
+
+def read_bundle(data: bytes) -> dict:
+    """The JSON document of `data`, or BundleError (not UTF-8, not JSON, not an object)."""
+    try:
+        document = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise BundleError([Issue("invalid", f"body is not UTF-8 (byte {error.start})")]) from None
+    except json.JSONDecodeError as error:
+        raise BundleError([Issue("invalid", f"body is not JSON: {error.msg} at line {error.lineno} "
+                                            f"column {error.colno}")]) from None
+    if not isinstance(document, dict):
+        raise BundleError([Issue("structure", "a FHIR Bundle is a JSON object")])
+    return document
+
+
+def bundle_issues(document: dict) -> list[Issue]:
+    """Everything wrong with a submitted Bundle; empty when it can be accepted."""
+    if document.get("resourceType") != "Bundle":
+        return [Issue("structure", "resourceType must be Bundle", "Bundle.resourceType")]
+    issues = []
+    if document.get("type") not in BUNDLE_TYPES:
+        issues.append(Issue("value", f"type must be one of {', '.join(BUNDLE_TYPES)}", "Bundle.type"))
+    entries = document.get("entry")
+    if not isinstance(entries, list) or not entries:
+        return issues + [Issue("required", "a Bundle needs at least one entry", "Bundle.entry")]
+    if len(entries) > MAX_ENTRIES:
+        return issues + [Issue("too-costly", f"at most {MAX_ENTRIES} entries per Bundle", "Bundle.entry")]
+    full_urls: set[str] = set()
+    for index, entry in enumerate(entries):
+        where = f"Bundle.entry[{index}]"
+        if not isinstance(entry, dict):
+            issues.append(Issue("structure", "an entry is an object", where))
+            continue
+        request = entry.get("request")
+        if isinstance(request, dict) and request.get("method") not in ENTRY_METHODS:
+            issues.append(Issue("not-supported", "request.method must be POST or PUT (resources "
+                                                 "are created or updated, never read or deleted here)",
+                                f"{where}.request.method"))
+        full_url = entry.get("fullUrl")
+        if full_url is not None:
+            if not isinstance(full_url, str) or not full_url:
+                issues.append(Issue("value", "fullUrl must be a non-empty string", f"{where}.fullUrl"))
+            elif full_url in full_urls:
+                issues.append(Issue("duplicate", "fullUrl repeats an earlier entry's", f"{where}.fullUrl"))
+            else:
+                full_urls.add(full_url)
+        resource = entry.get("resource")
+        if not isinstance(resource, dict):
+            issues.append(Issue("required", "each entry carries a resource", f"{where}.resource"))
+            continue
+        resource_type = resource.get("resourceType")
+        if not is_resource_type(resource_type) or resource_type == "Bundle":
+            issues.append(Issue("not-supported", "resourceType is not a FHIR R4 resource type "
+                                                 "accepted in a Bundle entry",
+                                f"{where}.resource.resourceType"))
+            continue
+        issues.extend(resource_issues(resource, f"{where}.resource"))
+    return issues
+
+
+@dataclass(frozen=True)
+class CanonicalEntry:
+    resource_type: str
+    id: str
+
+    @property
+    def location(self) -> str:
+        return f"{self.resource_type}/{self.id}"
+
+
+def canonical_entries(document: dict, context: TranslationContext) -> list[CanonicalEntry]:
+    """The canonical type and id of each entry of an accepted Bundle, in entry order."""
+    return [CanonicalEntry(entry["resource"]["resourceType"],
+                           resource_id(entry["resource"]["resourceType"], entry["resource"], context, ordinal))
+            for ordinal, entry in enumerate(document["entry"], 1)]
+
+
+def canonical_bundle(document: dict, context: TranslationContext, mapping_version: str,
+                     message_type: str = "FHIR") -> dict:
+    """The canonical collection Bundle of an accepted submitted Bundle (see the module doc)."""
+    entries = canonical_entries(document, context)
+    targets: dict[str, str] = {}
+    for entry, canonical in zip(document["entry"], entries):
+        resource = entry["resource"]
+        new = "urn:uuid:" + canonical.id
+        if isinstance(entry.get("fullUrl"), str):
+            targets[entry["fullUrl"]] = new
+        if isinstance(resource.get("id"), str):
+            targets[f"{canonical.resource_type}/{resource['id']}"] = new
+    resources: list[dict] = []
+    place: dict[str, int] = {}
+    for entry, canonical in zip(document["entry"], entries):
+        resource = _rewrite(entry["resource"], targets)
+        resource["id"] = canonical.id
+        if canonical.id in place:  # the same resource twice (same identifier): the later wins
+            resources[place[canonical.id]] = resource
+        else:
+            place[canonical.id] = len(resources)
+            resources.append(resource)
+    return collection_bundle(resources, context, mapping_version, message_type,
+                             "FHIR submission made canonical")
+
+
+def collection_bundle(resources: list[dict], context: TranslationContext, mapping_version: str,
+                      message_type: str, activity: str) -> dict:
+    """The canonical Bundle of `resources`, with the Provenance every translation adds."""
+    instant = _instant(context.received_at)
+    resources = resources + [provenance(resources, context, mapping_version, message_type,
+                                        instant, activity)]
+    key = context.message_key or context.control_id
+    return {
+        "resourceType": "Bundle",
+        "id": name_id("Bundle|" + key),
+        "type": "collection",
+        "timestamp": instant,
+        "entry": [{"fullUrl": "urn:uuid:" + resource["id"], "resource": resource} for resource in resources],
+    }
+
+
+def _rewrite(value: Any, targets: dict[str, str]) -> Any:
+    """A deep copy of `value` whose references to entries of the Bundle are `urn:uuid:` ones."""
+    if isinstance(value, dict):
+        copy = {key: _rewrite(item, targets) for key, item in value.items()}
+        reference = copy.get("reference")
+        if isinstance(reference, str) and reference in targets:
+            copy["reference"] = targets[reference]
+        return copy
+    if isinstance(value, list):
+        return [_rewrite(item, targets) for item in value]
+    return value
+
+
+def provenance(resources: list[dict], context: TranslationContext, mapping_version: str,
+               message_type: str, instant: str, activity: str) -> dict:
+    """The Provenance of a translation: its targets, the sender, the source message."""
+    key = context.message_key or context.control_id
+    return {
+        "resourceType": "Provenance",
+        "id": name_id("Provenance|" + key),
+        "target": [{"reference": "urn:uuid:" + resource["id"]} for resource in resources],
+        "recorded": instant,
+        "policy": [f"urn:ma:hie:mappings:{mapping_version}"],
+        "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                                 "code": "CREATE", "display": "create"}],
+                     "text": activity},
+        "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                        "code": "author"}]},
+                   "who": {"identifier": {"system": "urn:ma:inpe", "value": context.sender_id}}
+                   if context.sender_id else {"display": "unknown sender"}}],
+        "entity": [{"role": "source",
+                    "what": {"identifier": {"system": PROVENANCE_SOURCE, "value": context.control_id},
+                             "display": message_type}}],
+    }
