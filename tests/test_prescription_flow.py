@@ -350,3 +350,103 @@ def test_concurrent_dispensations_never_exceed_what_remains(pg_url, tmp_path, re
         assert (line.dispensed, line.remaining) == (2, 1)
     finally:
         harness.close()
+
+
+# -- FHIR input (format 'fhir', from the REST door) ---------------------------------------------
+
+def _fhir_pending(harness, control_id: str, sender: str):
+    """A stored message of format 'fhir' (the REST door stores the bundle it received)."""
+    from gateway.store.translations import Pending
+
+    raw = b'{"resourceType": "Bundle"}'
+    pending = harness.store(rde(control_id))  # a messages row to hang the records on
+    with harness.engine.begin() as connection:
+        connection.execute(text("UPDATE messages SET format = 'fhir', sender_id = :s WHERE id = :id"),
+                           {"s": sender, "id": pending.message_id})
+    return Pending(pending.message_id, None, raw, "utf-8", "fhir", sender, pending.received_at, "FHIR")
+
+
+PATIENT = {"fullUrl": "urn:uuid:p1", "resource": {
+    "resourceType": "Patient", "id": "p1",
+    "identifier": [{"system": "urn:ma:cnie", "value": "BE123456"},
+                   {"system": "urn:ma:cnss:immatriculation", "value": "112233445"}]}}
+GTIN = "https://www.gs1.org/gtin"
+
+
+def _apply(harness, pending, bundle):
+    from gateway.store.translations import TranslationRecord, save_translations
+
+    record = TranslationRecord("translated", "test", bundle, destinations=("shared-record",))
+    results = [(pending, record)]
+    prepared = harness.flow.prepare(results)
+    with write_transaction(harness.engine) as connection:
+        harness.flow.apply(connection, results, prepared, datetime.now(timezone.utc))
+        save_translations(connection, results)
+    return record
+
+
+def test_fhir_medication_request_then_dispense_and_paper(harness):
+    """A FHIR bundle of MedicationRequests from the doctor gets an id (groupIdentifier and line
+    identifiers written in); a FHIR MedicationDispense naming it by identifier is checked and
+    recorded; one with the paper extension is accepted as paper; the REST door finds the id
+    with prescriptions_for_message."""
+    request = {"fullUrl": "urn:uuid:r1", "resource": {
+        "resourceType": "MedicationRequest", "id": "r1", "status": "active", "intent": "order",
+        "subject": {"reference": "urn:uuid:p1"},
+        "requester": {"identifier": {"system": "urn:ma:inpe", "value": "200001"}},
+        "medicationCodeableConcept": {"coding": [{"system": GTIN, "code": "6118001230068"}]},
+        "dispenseRequest": {"quantity": {"value": 3, "unit": "boîte"}}}}
+    pending = _fhir_pending(harness, "FHIR-RX-1", "INPE-200001")
+    record = _apply(harness, pending, {"resourceType": "Bundle", "type": "collection",
+                                       "entry": [PATIENT, request]})
+    assert record.status == "translated" and record.ack is None  # REST answers from the store
+    with harness.engine.connect() as connection:
+        [issued] = store.prescriptions_for_message(connection, pending.message_id)
+    assert resources(record, "MedicationRequest")[0]["groupIdentifier"]["value"] == issued.id
+    assert qr.verify(issued.qr_payload, {harness.key.key_id: harness.key.public}).prescriber_inpe == "200001"
+
+    dispense = {"fullUrl": "urn:uuid:d1", "resource": {
+        "resourceType": "MedicationDispense", "id": "d1", "status": "completed",
+        "identifier": [{"system": "urn:pharmacy:agdal", "value": "V-981"}],
+        "subject": {"reference": "urn:uuid:p1"},
+        "authorizingPrescription": [{"identifier": {"system": ids.SYSTEM, "value": issued.id.lower()}}],
+        "medicationCodeableConcept": {"coding": [{"system": GTIN, "code": "6118001230068"}]},
+        "performer": [{"actor": {"identifier": {"system": "urn:ma:inpe", "value": "INPE-100004"}}}],
+        "quantity": {"value": 2, "unit": "boîte"}, "whenHandedOver": "2026-01-16T10:00:00+01:00"}}
+    pending = _fhir_pending(harness, "FHIR-DS-1", "INPE-100004")
+    record = _apply(harness, pending, {"resourceType": "Bundle", "type": "collection",
+                                       "entry": [PATIENT, json.loads(json.dumps(dispense))]})
+    assert record.status == "translated", record.error_reason
+    [written] = resources(record, "MedicationDispense")
+    assert written["identifier"][0]["value"].startswith(f"{issued.id}.1.")
+    with harness.engine.connect() as connection:
+        assert store.get_prescription(connection, issued.id).lines[0].remaining == 1
+
+    again = _fhir_pending(harness, "FHIR-DS-2", "INPE-100004")  # same dispensation id V-981
+    record = _apply(harness, again, {"resourceType": "Bundle", "type": "collection",
+                                     "entry": [PATIENT, json.loads(json.dumps(dispense))]})
+    assert record.status == "failed" and record.error_code == 205 and record.error_location == \
+        "MedicationDispense[1].identifier"
+
+    paper = json.loads(json.dumps(dispense))
+    paper["resource"].pop("authorizingPrescription")
+    paper["resource"]["identifier"] = [{"system": "urn:pharmacy:agdal", "value": "V-982"}]
+    paper["resource"]["extension"] = [{"url": PAPER_EXTENSION, "valueBoolean": True}]
+    record = _apply(harness, _fhir_pending(harness, "FHIR-DS-3", "INPE-100004"),
+                    {"resourceType": "Bundle", "type": "collection", "entry": [PATIENT, paper]})
+    assert record.status == "translated" and care_sheet_from_bundle(record.bundle)["ordonnancePapier"] is True
+
+
+def test_fhir_bundles_outside_the_flow_are_left_alone(harness):
+    """A FHIR bundle with a MedicationRequest that already carries a national id (an update
+    from the shared record's side) or with no medication at all is not a prescription."""
+    request = {"fullUrl": "urn:uuid:r1", "resource": {
+        "resourceType": "MedicationRequest", "id": "r1", "status": "active", "intent": "order",
+        "groupIdentifier": {"system": ids.SYSTEM, "value": ids.format_id("ABCDEFGH")},
+        "subject": {"reference": "urn:uuid:p1"},
+        "medicationCodeableConcept": {"coding": [{"system": GTIN, "code": "6118001230068"}]}}}
+    for entries in ([PATIENT, request], [PATIENT]):
+        bundle = {"resourceType": "Bundle", "type": "collection", "entry": entries}
+        record = _apply(harness, _fhir_pending(harness, f"FHIR-X-{len(entries)}", "INPE-100001"), bundle)
+        assert record.status == "translated" and record.destinations == ("shared-record",)
+    assert count(harness, "SELECT count(*) FROM prescriptions") == 0

@@ -256,22 +256,25 @@ class PrescriptionFlow:
         control_id = _control_id(connection, pending, message_id)
         writes = []
         taken: dict[int, object] = {}  # line -> quantity taken by earlier items of this message
-        for item in draft.items:
-            line = self._line_for(prescription, item, taken, hl7) if prescription is not None else None
-            number = line.line if line is not None else None
-            reference = f"id:{item.dispensation_ref}" if item.dispensation_ref else f"msg:{control_id}#{item.index}"
-            dedup_key = f"{facility.id}|{reference}|{number or item.index}"[:255]
-            digest = hashlib.sha256(dedup_key.encode("utf-8")).hexdigest()
-            dispensation_id = (f"{prescription_id}.{number}.{digest[:12]}" if prescription_id
-                               else f"PAPIER.{digest[:16]}")
-            existing = store.dispensation_by_key(connection, dedup_key)
+        keys = {}
+        for item in draft.items:  # a dispensation seen before is named as such, first
+            reference = f"id:{item.dispensation_ref}" if item.dispensation_ref else f"msg:{control_id}"
+            keys[item.index] = f"{facility.id}|{reference}|{item.index}"[:255]
+            existing = store.dispensation_by_key(connection, keys[item.index])
             if existing is not None and existing.message_id != message_id:
                 raise Refusal(PrescriptionError.DISPENSATION_DUPLICATE,
                               f"dispensation {item.index} was already recorded (message #{existing.message_id})",
                               rules.location(hl7, "ORC", "MedicationDispense", item.index, 3, "identifier"),
                               ErrorCondition.DUPLICATE_KEY_IDENTIFIER)
+        for item in draft.items:
+            line = self._line_for(prescription, item, taken, hl7) if prescription is not None else None
+            number = line.line if line is not None else None
+            dedup_key = keys[item.index]
+            digest = hashlib.sha256(dedup_key.encode("utf-8")).hexdigest()
+            dispensation_id = (f"{prescription_id}.{number}.{digest[:12]}" if prescription_id
+                               else f"PAPIER.{digest[:16]}")
             recorded[item.index] = (dispensation_id, number)
-            if existing is None:
+            if store.dispensation_by_key(connection, dedup_key) is None:
                 writes.append(dict(dispensation_id=dispensation_id, prescription_id=prescription_id,
                                    line=number, paper=item.paper, dispensing_facility=facility.id,
                                    message_id=message_id, medication_code=item.medication.code,
