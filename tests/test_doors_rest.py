@@ -65,7 +65,8 @@ def door(pki, tmp_path, preloaded):
 
 def rows(door, table, *where):
     with door.store.engine.connect() as connection:
-        return connection.execute(select(table).where(*where).order_by(table.c.id)).all()
+        key = table.c.id if "id" in table.c else table.c.message_id
+        return connection.execute(select(table).where(*where).order_by(key)).all()
 
 
 # -- POST /v1/hl7v2 -------------------------------------------------------------------------
@@ -81,3 +82,249 @@ def test_hl7v2_accepted_is_answered_with_the_ack_and_the_stored_message_id(door)
     assert data["message_id"] == row.id and row.listener == "https-test" and row.sender_id == HOSPITAL.id
     assert answer.header("content-location") == f"/v1/messages/{row.id}"
     assert answer.header("cache-control") == "no-store"
+
+
+@pytest_twisted.inlineCallbacks
+def test_hl7v2_from_a_pharmacy_sending_adt_is_refused_in_the_ack(door):
+    """A pharmacy may not send ADT: the answer is a 422 problem carrying the AR ACK (ERR 207), and the refusal is stored as the pharmacy's."""
+    message = hl7("REST-PH1", application="PHARMA_AGDAL", facility="PHARM_AGDAL")
+    answer = yield Client(door, PHARMACY.id).post("/v1/hl7v2", message, HL7)
+    assert answer.code == 422 and answer.header("content-type") == "application/problem+json"
+    problem = answer.json()
+    assert problem["ack_code"] == "AR" and "\rMSA|AR|REST-PH1" in problem["ack"] and "ERR|" in problem["ack"]
+    assert "pharmacy" in problem["detail"] and problem["status"] == 422
+    [row] = rows(door, messages, messages.c.control_id == "REST-PH1")
+    assert row.id == problem["message_id"] and row.status == "rejected" and row.sender_id == PHARMACY.id
+
+
+@pytest_twisted.inlineCallbacks
+def test_hl7v2_in_another_facilitys_name_is_refused(door):
+    """The hospital's certificate with the laboratory's MSH-4: AR, nothing accepted."""
+    message = hl7("REST-IMP", kind="ORU^R01^ORU_R01", application="LIS_ALAMAL", facility="LAB_ALAMAL_RABAT")
+    answer = yield Client(door, HOSPITAL.id).post("/v1/hl7v2", message, HL7)
+    assert answer.code == 422 and answer.json()["ack_code"] == "AR"
+    assert "MSH-4" in answer.json()["detail"]
+    assert [r.status for r in rows(door, messages, messages.c.control_id == "REST-IMP")] == ["rejected"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_bad_er7_is_refused_with_the_reason_and_kept(door):
+    """Bytes that are not HL7 get an AR naming the problem; the raw bytes are stored for inspection."""
+    answer = yield Client(door, HOSPITAL.id).post("/v1/hl7v2", b"hello, this is not HL7\r", HL7)
+    assert answer.code == 422 and answer.json()["ack_code"] == "AR"
+    stored = rows(door, messages, messages.c.raw == b"hello, this is not HL7\r")
+    assert len(stored) == 1 and stored[0].status == "rejected" and stored[0].id == answer.json()["message_id"]
+    empty = yield Client(door, HOSPITAL.id).post("/v1/hl7v2", b"  \r\n", HL7)
+    assert empty.code == 400 and empty.json()["type"].endswith("/empty-body")
+    wrong = yield Client(door, HOSPITAL.id).post("/v1/hl7v2", hl7("REST-CT"), "application/json")
+    assert wrong.code == 415 and not rows(door, messages, messages.c.control_id == "REST-CT")
+    batch = yield Client(door, HOSPITAL.id).post("/v1/hl7v2", b"BHS|^~\\&|A|B\r" + hl7("REST-B") + b"BTS|1\r", HL7)
+    assert batch.code == 400 and batch.json()["type"].endswith("/batch-not-supported")
+
+
+@pytest_twisted.inlineCallbacks
+def test_content_type_charset_reads_a_message_without_msh18(door):
+    """Arabic in ISO 8859-6 without MSH-18, declared by the Content-Type charset: stored as UTF-8, the name intact."""
+    message = hl7("REST-AR", charset="", body="PID|1||P-9^^^CHU^PI||بناني^كريم").decode("utf-8").encode("iso8859-6")
+    answer = yield Client(door, HOSPITAL.id).post("/v1/hl7v2", message, "application/hl7-v2; charset=ISO-8859-6")
+    assert answer.code == 200, answer.body
+    [row] = rows(door, messages, messages.c.control_id == "REST-AR")
+    assert "بناني^كريم" in bytes(row.raw).decode("utf-8")
+
+
+# -- identity and rights ---------------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_unknown_certificate_gets_401_and_the_refusal_is_kept(door):
+    """A certificate from the CA that names no facility: 401 problem+json on every path, logged and stored."""
+    client = Client(door, STRANGER)
+    answer = yield client.post("/v1/hl7v2", hl7("REST-X"), HL7)
+    assert answer.code == 401 and answer.json()["type"].endswith("/unknown-certificate")
+    other = yield client.get("/v1/openapi.json")
+    assert other.code == 401
+    assert not rows(door, messages, messages.c.control_id == "REST-X")
+    refusals = rows(door, api_refusals)
+    assert [(r.status, r.facility_id, r.door) for r in refusals] == [(401, None, "rest")] * 2
+    assert "CN=INPE-999999" in refusals[0].certificate and refusals[0].peer.startswith("127.0.0.1:")
+
+
+@pytest_twisted.inlineCallbacks
+def test_operation_outside_the_facility_type_gets_403(door):
+    """A laboratory may not dispense: 403 problem, refusal stored with the operation; a pharmacy may."""
+    answer = yield Client(door, LAB.id).post("/v1/prescriptions/RX1/dispense", b"{}", "application/json")
+    assert answer.code == 403 and answer.json()["type"].endswith("/operation-not-allowed")
+    [refusal] = rows(door, api_refusals)
+    assert (refusal.status, refusal.facility_id, refusal.operation) == (403, LAB.id, "prescriptions.dispense")
+    allowed = yield Client(door, PHARMACY.id).post("/v1/prescriptions/RX1/dispense", b"{}", "application/json")
+    assert allowed.code == 204
+
+
+@pytest_twisted.inlineCallbacks
+def test_unknown_paths_and_methods_are_problems(door):
+    """404 outside the API, 405 with Allow for a known path and another method."""
+    client = Client(door, HOSPITAL.id)
+    missing = yield client.get("/v1/nothing-here")
+    assert missing.code == 404 and missing.header("content-type") == "application/problem+json"
+    root = yield client.get("/")
+    assert root.code == 404
+    method = yield client.get("/v1/hl7v2")
+    assert method.code == 405 and method.header("allow") == "POST"
+    assert method.json()["status"] == 405
+
+
+# -- POST /v1/fhir --------------------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_fhir_bundle_is_stored_translated_and_answered_with_a_transaction_response(door):
+    """A transaction Bundle: 200 transaction-response with one entry per input entry, locations
+    the canonical (identifier-derived) ids, the bytes kept, the canonical bundle stored."""
+    body = json.dumps(fhir_bundle()).encode("utf-8")
+    answer = yield Client(door, LAB.id).post("/v1/fhir", body, FHIR, Idempotency_Key="fhir-1")
+    assert answer.code == 200, answer.body
+    assert answer.header("content-type") == "application/fhir+json"
+    data = answer.json()
+    assert data["resourceType"] == "Bundle" and data["type"] == "transaction-response"
+    assert [e["response"]["status"] for e in data["entry"]] == ["201 Created"] * 2
+    patient, observation = (e["response"]["location"] for e in data["entry"])
+    [row] = rows(door, messages, messages.c.format == "fhir")
+    assert bytes(row.raw) == body and row.control_id == "fhir-1" and row.sender_id == LAB.id
+    assert row.status == "translated" and data["identifier"]["value"] == str(row.id)
+    [translation] = rows(door, translations)
+    canonical = json.loads(translation.bundle)
+    ids = {(e["resource"]["resourceType"], e["resource"]["id"]) for e in canonical["entry"]}
+    assert ("Patient", patient.split("/")[1]) in ids and ("Observation", observation.split("/")[1]) in ids
+    [obs] = [e["resource"] for e in canonical["entry"] if e["resource"]["resourceType"] == "Observation"]
+    assert obs["subject"]["reference"] == "urn:uuid:" + patient.split("/")[1]
+    assert any(e["resource"]["resourceType"] == "Provenance" for e in canonical["entry"])
+
+
+@pytest_twisted.inlineCallbacks
+def test_fhir_bad_json_and_invalid_resources_are_problems(door):
+    """Not JSON: 400; a birthDate that is not a date and a missing status: 422 naming each element."""
+    client = Client(door, HOSPITAL.id)
+    broken = yield client.post("/v1/fhir", b'{"resourceType": "Bundle",', FHIR)
+    assert broken.code == 400 and broken.json()["type"].endswith("/bad-json")
+    bundle = fhir_bundle()
+    bundle["entry"][0]["resource"]["birthDate"] = "09/03/1984"
+    del bundle["entry"][1]["resource"]["status"]
+    invalid = yield client.post("/v1/fhir", json.dumps(bundle).encode(), FHIR)
+    assert invalid.code == 422
+    problem = invalid.json()
+    where = [issue["expression"][0] for issue in problem["issues"]]
+    assert "Bundle.entry[0].resource.birthDate" in where and "Bundle.entry[1].resource.status" in where
+    assert "09/03/1984" not in invalid.body.decode()  # values are never echoed
+    delete = fhir_bundle()
+    delete["entry"][0]["request"] = {"method": "DELETE", "url": "Patient/1"}
+    refused = yield client.post("/v1/fhir", json.dumps(delete).encode(), FHIR)
+    assert refused.code == 422 and refused.json()["issues"][0]["expression"] == ["Bundle.entry[0].request.method"]
+    assert not rows(door, messages, messages.c.format == "fhir")
+
+
+# -- GET /v1/messages/{id} ------------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_message_status_is_for_the_sender_only(door):
+    """The sender reads its message's status and translation; another facility gets 404, as for a missing id."""
+    posted = yield Client(door, LAB.id).post("/v1/fhir", json.dumps(fhir_bundle()).encode(), FHIR)
+    message_id = int(posted.json()["identifier"]["value"])
+    mine = yield Client(door, LAB.id).get(f"/v1/messages/{message_id}")
+    assert mine.code == 200
+    status = mine.json()
+    assert (status["id"], status["status"], status["format"]) == (message_id, "translated", "fhir")
+    assert status["translation"]["status"] == "translated" and status["deliveries"] == []
+    theirs = yield Client(door, HOSPITAL.id).get(f"/v1/messages/{message_id}")
+    missing = yield Client(door, HOSPITAL.id).get(f"/v1/messages/{message_id + 1000}")
+    junk = yield Client(door, HOSPITAL.id).get("/v1/messages/abc")
+    assert theirs.code == missing.code == junk.code == 404
+    assert theirs.json()["detail"] == missing.json()["detail"]
+
+
+# -- Idempotency-Key ------------------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_idempotency_key_replays_the_answer_and_refuses_another_body(door):
+    """Same key, same body: the first answer again, marked replayed, one message stored;
+    same key, other body: 422; the key is per facility."""
+    client = Client(door, HOSPITAL.id)
+    first = yield client.post("/v1/hl7v2", hl7("IDEM-1"), HL7, Idempotency_Key="k-1")
+    again = yield client.post("/v1/hl7v2", hl7("IDEM-1"), HL7, Idempotency_Key="k-1")
+    assert first.code == again.code == 200 and first.body == again.body
+    assert again.header("idempotency-replayed") == "true" and first.header("idempotency-replayed") is None
+    assert again.header("content-location") == first.header("content-location")
+    [row] = rows(door, messages, messages.c.control_id == "IDEM-1")
+    assert row.duplicate_count == 0  # not even seen again by ingest
+    other = yield client.post("/v1/hl7v2", hl7("IDEM-2"), HL7, Idempotency_Key="k-1")
+    assert other.code == 422 and other.json()["type"].endswith("/idempotency-key-reused")
+    assert not rows(door, messages, messages.c.control_id == "IDEM-2")
+    bad = yield client.post("/v1/hl7v2", hl7("IDEM-3"), HL7, Idempotency_Key="has space")
+    assert bad.code == 400
+    [claim] = rows(door, api_requests)
+    assert (claim.facility_id, claim.idempotency_key, claim.state, claim.status) == (HOSPITAL.id, "k-1", "done", 200)
+
+
+# -- limits ---------------------------------------------------------------------------------
+
+def raw_exchange(door, who: str, data: bytes, wait: float = 5.0) -> tuple[bytes, float]:
+    """Send `data` over a fresh mutual TLS connection; what came back until the server closed
+    (or `wait` passed), and how long that took."""
+    import time
+
+    context = ssl.create_default_context(cafile=door.path("ca.crt"))
+    context.load_cert_chain(door.path(f"{who}.crt"), door.path(f"{who}.key"))
+    started = time.monotonic()
+    chunks = []
+    with socket.create_connection(("127.0.0.1", door.port), timeout=wait) as sock:
+        with context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            if data:
+                tls.sendall(data)
+            try:
+                while not _complete(b"".join(chunks)):
+                    chunk = tls.recv(65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+            except (OSError, ssl.SSLError):
+                pass
+    return b"".join(chunks), time.monotonic() - started
+
+
+def _complete(data: bytes) -> bool:
+    """A whole HTTP answer with a Content-Length."""
+    head, found, body = data.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
+
+
+@defer.inlineCallbacks
+def eventually(check, timeout: float = 3.0):
+    """Wait (without blocking the reactor) until `check()` is true."""
+    for _ in range(int(timeout / 0.02)):
+        if check():
+            return
+        yield task.deferLater(reactor, 0.02, lambda: None)
+    assert check()
+
+
+@pytest_twisted.inlineCallbacks
+def test_oversize_body_is_refused_413_before_it_is_read(door):
+    """A Content-Length over the limit is answered 413 at once, without the body being sent;
+    a chunked body is refused once it passes the limit; both refusals are kept."""
+    head = (f"POST /v1/hl7v2 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/hl7-v2\r\n"
+            f"Content-Length: {10 * 1024 * 1024}\r\n\r\n").encode() + b"MSH|^~\\&|"
+    answer, _ = yield threads.deferToThread(raw_exchange, door, HOSPITAL.id, head)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    problem = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert problem["status"] == 413 and problem["limit"] == 64 * 1024
+    chunk = b"x" * 8192
+    chunked = (b"POST /v1/fhir HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/fhir+json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n" + (b"2000\r\n" + chunk + b"\r\n") * 10)
+    answer, _ = yield threads.deferToThread(raw_exchange, door, HOSPITAL.id, chunked)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    yield eventually(lambda: len(rows(door, api_refusals)) == 2)
+    assert [(r.status, r.facility_id) for r in rows(door, api_refusals)] == [(413, HOSPITAL.id)] * 2
+    assert not rows(door, messages)

@@ -146,8 +146,9 @@ class HttpsDoor(resource.Resource):
         return identity
 
     def refuse(self, request, identity: Identity, door: str, operation: str | None, status: int,
-               reason: str) -> None:
-        """Log and keep a refusal (never content: who, what, why)."""
+               reason: str) -> defer.Deferred:
+        """Log and keep a refusal (never content: who, what, why); fires once stored (a
+        storage failure is logged, not raised: the caller is refused all the same)."""
         peer = _peer(request)
         facility = identity.facility.id if identity.facility else None
         log.warning("%s refused %d on %s: facility %s, certificate %s, operation %s: %s",
@@ -155,8 +156,9 @@ class HttpsDoor(resource.Resource):
                     operation or "-", reason)
         refusal = Refusal(datetime.fromtimestamp(self.now(), timezone.utc), self.listener.name, peer,
                           facility, identity.subject, door, operation, status, reason)
-        d = self.database.run(record_refusal, refusal)
+        d = self.database.run_write(record_refusal, refusal)
         d.addErrback(lambda failure: log.error("refusal not stored: %s", failure.value))
+        return d
 
     def oversize(self, request: DoorRequest, length: int | None) -> bytes:
         """The 413 body for an oversize request, refused before its body is read."""
@@ -191,7 +193,7 @@ class HttpsDoor(resource.Resource):
         method = request.method.decode("ascii", "replace")
         try:
             if identity.facility is None:
-                self.refuse(request, identity, "rest", path, 401, "certificate names no facility")
+                await self.refuse(request, identity, "rest", path, 401, "certificate names no facility")
                 raise Problem(401, "unknown-certificate", "Unknown certificate",
                               "the client certificate names no facility of the registry")
             if not path.startswith("/v1/"):
@@ -200,7 +202,7 @@ class HttpsDoor(resource.Resource):
             route = match.route
             facility = identity.facility
             if route.operation and not self.registry().may(facility, route.operation):
-                self.refuse(request, identity, "rest", route.operation, 403,
+                await self.refuse(request, identity, "rest", route.operation, 403,
                             f"operation not allowed for facility type {facility.type}")
                 raise Problem(403, "operation-not-allowed", "Operation not allowed",
                               f"a facility of type {facility.type} may not call {route.operation}")
@@ -222,7 +224,7 @@ class HttpsDoor(resource.Resource):
             name = "wsdl" if path in ("/soap", "/soap/") and _asks_for_wsdl(request.uri) else path[len("/soap/"):]
             document = self.soap.document(name, (request.getHeader(b"host") or b"").decode("ascii", "replace"))
             if identity.facility is None:
-                self.refuse(request, identity, "soap", "contract", 401, "certificate names no facility")
+                await self.refuse(request, identity, "soap", "contract", 401, "certificate names no facility")
                 return self._send(request, problem_response(Problem(
                     401, "unknown-certificate", "Unknown certificate",
                     "the client certificate names no facility of the registry"), path))
@@ -240,7 +242,7 @@ class HttpsDoor(resource.Resource):
         from adapters.soap.gateway.envelope import client_fault
 
         if identity.facility is None:
-            self.refuse(request, identity, "soap", None, 401, "certificate names no facility")
+            await self.refuse(request, identity, "soap", None, 401, "certificate names no facility")
             return self._send_soap(request, fault_answer(client_fault(
                 "UNKNOWN_CERTIFICATE", "the client certificate names no facility of the registry")))
         media = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
@@ -253,7 +255,7 @@ class HttpsDoor(resource.Resource):
             operation, element = self.soap.operation_of(_body(request),
                                                         lambda right: registry.may(facility, right))
         except Unauthorized as refused:
-            self.refuse(request, identity, "soap", refused.right, 403,
+            await self.refuse(request, identity, "soap", refused.right, 403,
                         f"{refused.operation} not allowed for facility type {facility.type}")
             return self._send_soap(request, fault_answer(refused.fault))
         except Exception as fault:  # SoapFault, from parsing or the schema

@@ -87,15 +87,21 @@ def ack_text(answer: bytes, codec: str) -> str:
 
 
 def refusal_detail(ack: str) -> str:
-    """Why an HL7 answer refused: MSA-3, else ERR-8 (user message), else its code."""
+    """Why an HL7 answer refused: ERR-7 or ERR-8 (v2.5+), else MSA-3 (older versions)."""
     separator = ack[3:4] if ack.startswith("MSH") else "|"
+    escape = ack[6:7] if ack.startswith("MSH") else "\\"
+    found = None
     for segment in ack.replace("\n", "\r").split("\r"):
         fields = segment.split(separator)
-        if fields[0] == "MSA" and len(fields) > 3 and fields[3]:
-            return fields[3]
-        if fields[0] == "ERR" and len(fields) > 8 and fields[8]:
-            return fields[8]
-    return "the message was not accepted; see the acknowledgement"
+        if fields[0] == "ERR":
+            found = next((f for f in fields[7:9] if f), None) or found
+        elif fields[0] == "MSA" and len(fields) > 3 and fields[3]:
+            found = found or fields[3]
+    if not found:
+        return "the message was not accepted; see the acknowledgement"
+    for code, text in (("F", separator), ("S", "^"), ("T", "&"), ("R", "~"), ("E", escape)):
+        found = found.replace(f"{escape}{code}{escape}", text)
+    return found
 
 
 class RestOperations:
