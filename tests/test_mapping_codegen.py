@@ -11,9 +11,9 @@ import pytest
 
 from adapters.hl7v2.message import parse_message
 from gateway.mapping.mapping_set import MappingSet
-from gateway.mapping.runtime import TranslationContext, TranslationError
+from gateway.mapping.runtime import Run, TranslationContext, TranslationError
 from gateway.mapping.source import MappingErrors
-from gateway.mapping.transforms import REGISTRY, transform
+from gateway.mapping.transforms import REGISTRY, load_all, transform
 
 CASABLANCA = ZoneInfo("Africa/Casablanca")
 
@@ -408,3 +408,54 @@ def test_group_spans():
     assert group_spans(segments, ("ORC", "OBR"), 0, len(segments)) == [(2, 5), (5, 7), (7, 8), (8, 10)]
     assert group_spans(segments, ("ORC", "OBR"), 3, 6) == [(3, 5), (5, 6)]
     assert group_spans(segments, ("ORC", "OBR"), 0, 2) == []
+
+
+OBX_TYPES = ("NM", "SN", "NR", "ST", "TX", "FT", "CE", "CWE", "DT", "DTM", "TS", "TM", "DR", "ED", "XX", "", " nm ")
+
+
+@pytest.mark.parametrize("name", sorted(n for n, t in load_all().items() if t.guard is not None))
+def test_a_transform_guard_never_skips_a_value(name):
+    """The generated code calls a guarded transform only when its guard holds: for every OBX-2
+    the guard refuses, the transform itself gives nothing, so skipping it changes nothing."""
+    found = REGISTRY[name]
+    values = {"NM": "5.4", "SN": "<^10", "NR": "1^2", "DT": "20250114", "DTM": "20250114080000",
+              "TS": "20250114080000", "TM": "0800", "DR": "20250101^20250102"}
+    for kind in OBX_TYPES:
+        value = values.get(kind.strip().upper(), "x")
+        message = parse_message("MSH|^~\\&|A|B|C|D|20250114||ORU^R01|M1|P|2.5\r"
+                                f"OBX|1|{kind}|C^c^L||{value}|mmol/L|||||F\r")
+        segment = message.segments[1]
+        run = Run(message, TranslationContext(timezone=CASABLANCA, message_key="k", control_id="M1"))
+        if not found.guard.allows(segment):
+            assert found.function(segment, run) is None, (name, kind)
+
+
+def test_guarded_transforms_run_once_per_value_type(tmp_path, monkeypatch):
+    """The OBX value transforms: OBX-2 read once by the generated code, and only the one for
+    the OBX's type called."""
+    calls = []
+    files = {"segments/OBX.Observation.yaml": """
+        resource: Observation
+        map:
+          status: final
+          code: {map: {text: {from: OBX-3.2}}}
+          valueQuantity: {transform: obx_quantity}
+          valueString: {transform: obx_string}
+          valueDateTime: {transform: obx_datetime}
+    """, "messages/ORU_R01.yaml": """
+        messages: [ORU^R01]
+        resources:
+          - {each: OBX, map: OBX.Observation}
+    """}
+    for name in ("obx_quantity", "obx_string", "obx_datetime"):
+        original = REGISTRY[name]
+        def spy(node, run, _function=original.function, _name=name):
+            calls.append(_name)
+            return _function(node, run)
+        monkeypatch.setitem(REGISTRY, name, original.__class__(name, spy, True, "", original.guard))
+    mapping_set = MappingSet.load(write(tmp_path / "mappings", files))
+    bundle = translate(mapping_set, MESSAGE)
+    values = [{k: v for k, v in e["resource"].items() if k.startswith("value")} for e in bundle["entry"][:3]]
+    assert values == [{"valueQuantity": {"value": 5.4, "unit": "mmol/L"}}, {"valueString": "Hémolysé & refait\nligne 2"},
+                      {"valueString": "x"}]
+    assert calls == ["obx_quantity", "obx_string", "obx_string"]

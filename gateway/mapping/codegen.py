@@ -26,6 +26,7 @@ import linecache
 from contextlib import contextmanager, nullcontext
 from typing import Callable
 
+from adapters.hl7v2.message import Segment
 from gateway.mapping import runtime
 from gateway.mapping.path import Hl7Path
 from gateway.mapping.runtime import Part, Reference, TranslationError
@@ -61,7 +62,7 @@ class Module:
         self._names: set[str] = set()
         self._constants: dict[int, tuple[str, object]] = {}
         self.namespace: dict = {
-            "__name__": "gateway.mapping.generated", "Part": Part, "Reference": Reference,
+            "__name__": "gateway.mapping.generated", "Part": Part, "Reference": Reference, "Segment": Segment,
             "TranslationError": TranslationError, "EMPTY": runtime.EMPTY, "text_of": runtime.text_of,
             "descend": runtime.descend, "field_parts": runtime.field_parts,
             "unsplit_parts": runtime.unsplit_parts, "relative_part": runtime.relative_part,
@@ -755,6 +756,7 @@ class After:
     def __init__(self, transform, table, key: str, place: str):
         self.function = transform.function if transform else None
         self.wants_node = transform.node if transform else False
+        self.guard = getattr(transform, "guard", None) if transform else None
         self.table = table
         self.key = key
         self.place = place
@@ -766,6 +768,8 @@ class After:
         if value is None:
             if self.wants_node:
                 gen.emit(f"{out} = {node}")
+                if self.guard is not None:  # the transform's own test on the segment, read once
+                    guard = _guard_test(gen, node, self.guard)
             else:
                 gen.emit(f"{out} = text_of({node}, run)")
                 guard = out
@@ -818,6 +822,25 @@ class After:
         if guard:
             with gen.block("else:"):
                 gen.emit(f"{out} = None")
+
+
+def _guard_test(gen: Gen, node: str, guard) -> str:
+    """The test of a transform's FieldGuard on `node`: true when the transform may give
+    something (or `node` is not a segment: the transform decides). The field is read once per
+    node and block, for every transform that guards on it."""
+    key = ("guard field", node, guard.field)
+    var = gen.cached(key, absolute=False)
+    if var is None:
+        var = gen.new("g")
+        fields = gen.new("gf")
+        with gen.block(f"if {node}.__class__ is Segment:"):
+            gen.emit(f"{fields} = {node}.fields")
+            gen.emit(f"{var} = {fields}[{guard.field}].strip().upper() if len({fields}) > {guard.field} else ''")
+        with gen.block("else:"):
+            gen.emit(f"{var} = None")
+        gen.remember(key, var)
+    operator = "in" if guard.inside else "not in"
+    return f"{var} is None or {var} {operator} {gen.module.constant(guard.values)}"
 
 
 class FirstOf(Rule):

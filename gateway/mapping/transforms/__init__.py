@@ -15,23 +15,44 @@ from typing import Callable
 
 
 @dataclass(frozen=True, slots=True)
+class FieldGuard:
+    """What a node transform declares about the segment it reads: it gives nothing unless
+    field `field` (stripped, upper case) is one of `values` (or, `inside` false, is not one).
+    The generated code reads that field once per segment and calls only the transforms whose
+    guard holds: the OBX value transforms, one per value[x], skip the other types at no cost."""
+
+    field: int
+    values: frozenset
+    inside: bool = True
+
+    def allows(self, segment) -> bool:
+        fields = segment.fields
+        value = fields[self.field].strip().upper() if len(fields) > self.field else ""
+        return (value in self.values) is self.inside
+
+
+@dataclass(frozen=True, slots=True)
 class Transform:
     name: str
     function: Callable
     node: bool  # receives the value (Part or Segment) rather than its text
     description: str
+    guard: FieldGuard | None = None  # node transforms: when called on a segment, None unless it holds
 
 
 REGISTRY: dict[str, Transform] = {}
 
 
-def transform(name: str, node: bool = False):
-    """Register `function` as the transform `name`."""
+def transform(name: str, node: bool = False, guard: FieldGuard | None = None):
+    """Register `function` as the transform `name` (`guard`: see FieldGuard; node only)."""
+    if guard is not None and not node:
+        raise ValueError(f"transform {name!r}: a guard reads a segment, so the transform is node=True")
+
     def register(function: Callable) -> Callable:
         if name in REGISTRY:
             raise ValueError(f"transform {name!r} is registered twice")
         doc = (function.__doc__ or "").strip().splitlines()
-        REGISTRY[name] = Transform(name, function, node, doc[0] if doc else "")
+        REGISTRY[name] = Transform(name, function, node, doc[0] if doc else "", guard)
         return function
     return register
 

@@ -12,7 +12,7 @@ import hashlib
 
 from adapters.hl7v2.message import Segment
 from gateway.mapping.runtime import FIELD, Part, TranslationError
-from gateway.mapping.transforms import transform
+from gateway.mapping.transforms import FieldGuard, transform
 
 # ED-2 (type of data, table 0191) and ED-3 (subtype, table 0291) -> MIME type, when the sender
 # did not already send a MIME type ('application^pdf').
@@ -239,6 +239,8 @@ def obx_unvalued_status(node, run):
 # -- OBX-5 by OBX-2 (v2-to-FHIR OBX[Observation]) -------------------------------------------
 # One transform per value[x] element, each returning None at once for the other types: the
 # OBX-2 test is a string comparison, far cheaper than a YAML condition per type and element.
+# Each declares the types it maps (its guard): the generated code reads OBX-2 once per OBX and
+# calls only the transform of that type, the test inside staying for direct calls.
 
 UCUM = "http://unitsofmeasure.org"
 CODED = frozenset(("CE", "CWE", "CNE", "CF", "IS", "ID"))
@@ -246,6 +248,11 @@ MAPPED = frozenset(("NM", "SN", "NR", "DT", "DTM", "TS", "TM", "DR", "ED", "NA")
 COMPARATORS = frozenset(("<", "<=", ">=", ">"))
 _RATIO = frozenset((":", "/"))
 _NOT_QUANTITY = frozenset((":", "/", "-", "+"))
+
+
+def _types(*names: str) -> FieldGuard:
+    """The OBX-2 values for which a value transform may give something."""
+    return FieldGuard(2, frozenset(names))
 
 
 def _type_of(segment, run) -> str:
@@ -284,7 +291,7 @@ def _number(text: str, run):
     return to_decimal(text, run)
 
 
-@transform("obx_quantity", node=True)
+@transform("obx_quantity", node=True, guard=_types("NM", "SN"))
 def obx_quantity(segment, run):
     """valueQuantity: NM (OBX-6 units), or SN comparator^number (the original text kept as an
     extension when a separator or second number would be lost)."""
@@ -309,7 +316,7 @@ def obx_quantity(segment, run):
     return _units(segment, run, quantity)
 
 
-@transform("obx_range", node=True)
+@transform("obx_range", node=True, guard=_types("NR", "SN"))
 def obx_range(segment, run):
     """valueRange: NR low^high, or SN num1^-^num2 (with OBX-6 units)."""
     kind = _type_of(segment, run)
@@ -333,7 +340,7 @@ def obx_range(segment, run):
     return found
 
 
-@transform("obx_ratio", node=True)
+@transform("obx_ratio", node=True, guard=_types("SN"))
 def obx_ratio(segment, run):
     """valueRatio: SN num1^:^num2 or num1^/^num2 (OBX-6 units on both, as the guide)."""
     if _type_of(segment, run) != "SN":
@@ -350,7 +357,7 @@ def obx_ratio(segment, run):
     return ratio
 
 
-@transform("obx_string", node=True)
+@transform("obx_string", node=True, guard=FieldGuard(2, MAPPED - {"SN"}, inside=False))
 def obx_string(segment, run):
     """valueString: ST/TX/FT (repetitions as lines, \\.br\\ as line breaks); SN that is text
     ('<>' comparator, '+' suffix, or written in one component); a type the guide does not map."""
@@ -367,7 +374,7 @@ def obx_string(segment, run):
     return _obx5_text(segment, run) or None
 
 
-@transform("obx_datetime", node=True)
+@transform("obx_datetime", node=True, guard=_types("DT", "DTM", "TS"))
 def obx_datetime(segment, run):
     """valueDateTime: DT, DTM, TS."""
     if _type_of(segment, run) not in ("DT", "DTM", "TS"):
@@ -379,7 +386,7 @@ def obx_datetime(segment, run):
     return fhir_datetime(run.separators.text(_components(raw, run)[0]), run.context.timezone)
 
 
-@transform("obx_time", node=True)
+@transform("obx_time", node=True, guard=_types("TM"))
 def obx_time(segment, run):
     """valueTime: TM."""
     if _type_of(segment, run) != "TM":
@@ -391,7 +398,7 @@ def obx_time(segment, run):
     return to_time(run.separators.text(raw), run)
 
 
-@transform("obx_period", node=True)
+@transform("obx_period", node=True, guard=_types("DR"))
 def obx_period(segment, run):
     """valuePeriod: DR start^end."""
     if _type_of(segment, run) != "DR":
