@@ -328,3 +328,47 @@ def test_oversize_body_is_refused_413_before_it_is_read(door):
     yield eventually(lambda: len(rows(door, api_refusals)) == 2)
     assert [(r.status, r.facility_id) for r in rows(door, api_refusals)] == [(413, HOSPITAL.id)] * 2
     assert not rows(door, messages)
+
+
+@pytest.fixture
+def quick_door(pki, tmp_path, preloaded):
+    """A door with short timeouts (0.3 s to answer, 0.5 s idle) and no translation."""
+    config = with_listener(door_config(pki, f"sqlite:///{tmp_path / 'quick.sqlite'}"),
+                           request_timeout=0.3, idle_timeout=0.5)
+    running = pytest_twisted.blockon(start_door(config, pki, extra_routes=[_slow_route()], translate=False))
+    yield running
+    pytest_twisted.blockon(stop_door(running))
+
+
+@pytest_twisted.inlineCallbacks
+def test_request_timeout_answers_503_and_the_kept_answer_is_replayed(quick_door):
+    """A request slower than request_timeout gets 503; the same key meanwhile gets 409; once
+    done, the same key gets the real answer without running it again."""
+    client = Client(quick_door, HOSPITAL.id)
+    first = client.post("/v1/test/slow", b"{}", "application/json", Idempotency_Key="slow-1")
+    yield task.deferLater(reactor, 0.1, lambda: None)
+    second = yield client.post("/v1/test/slow", b"{}", "application/json", Idempotency_Key="slow-1")
+    assert second.code == 409 and second.header("retry-after") == "1"
+    first = yield first
+    assert first.code == 503 and first.json()["type"].endswith("/request-timeout")
+    yield task.deferLater(reactor, 0.6, lambda: None)
+    third = yield client.post("/v1/test/slow", b"{}", "application/json", Idempotency_Key="slow-1")
+    assert third.code == 200 and third.json() == {"slow": True}
+    assert third.header("idempotency-replayed") == "true"
+
+
+@pytest_twisted.inlineCallbacks
+def test_idle_connection_is_closed(quick_door):
+    """A client that connects and sends nothing is disconnected after idle_timeout."""
+    answer, elapsed = yield threads.deferToThread(raw_exchange, quick_door, HOSPITAL.id, b"", 5.0)
+    assert answer == b"" and 0.4 < elapsed < 3.0
+
+
+@pytest_twisted.inlineCallbacks
+def test_without_translation_fhir_is_stored_and_answered_202(quick_door):
+    """With no mapping set, a Bundle is still validated and stored: entries answered 202 Accepted."""
+    answer = yield Client(quick_door, LAB.id).post("/v1/fhir", json.dumps(fhir_bundle("batch")).encode(), FHIR)
+    assert answer.code == 200 and answer.json()["type"] == "batch-response"
+    assert [e["response"]["status"] for e in answer.json()["entry"]] == ["202 Accepted"] * 2
+    [row] = rows(quick_door, messages)
+    assert row.status == "received" and answer.json()["identifier"]["value"] == str(row.id)
