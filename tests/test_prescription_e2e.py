@@ -60,7 +60,8 @@ def start(config):
     does it: the translation step, and the service stopped before the translation worker."""
     root = build_service(config, reactor)
     store = root.getServiceNamed("store")
-    prescriptions = PrescriptionService(config, store.database, store.builder, reactor)
+    prescriptions = PrescriptionService(config, store.database, store.builder, reactor,
+                                        registry=root.getServiceNamed("identity").registry)
     root.getServiceNamed("translation").step = prescriptions.flow
     prescriptions.setServiceParent(root)
     root.startService()

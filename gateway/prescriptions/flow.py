@@ -43,7 +43,7 @@ from adapters.hl7v2.codes import ErrorCondition, Outcome
 from adapters.hl7v2.header import HeaderError, MessageHeader, parse_header
 from adapters.hl7v2.order_response import order_response, response_type
 from gateway.config import GatewayConfig
-from gateway.facilities import FacilityRegistry
+from gateway.facilities import FacilityRegistry, RegistryRef
 from gateway.ingest.model import MessageStatus
 from gateway.prescriptions import bundle as rules
 from gateway.prescriptions import ids, qr
@@ -75,16 +75,26 @@ class _Prepared:
 
 
 class PrescriptionFlow:
-    def __init__(self, config: GatewayConfig, key: qr.SigningKey, registry: FacilityRegistry,
-                 builder: AckBuilder | None = None, eligibility: EligibilityChecker | None = None,
-                 zone: str = DEFAULT_ZONE):
+    def __init__(self, config: GatewayConfig, key: qr.SigningKey,
+                 registry: "FacilityRegistry | RegistryRef", builder: AckBuilder | None = None,
+                 eligibility: EligibilityChecker | None = None, zone: str = DEFAULT_ZONE):
         self.validity = timedelta(days=config.prescriptions.validity_days)
         self.key = key
-        self.registry = registry
+        self._registry = registry  # a RegistryRef follows reloads (SIGHUP)
         self.builder = builder
         self.eligibility = eligibility
         self.zone = ZoneInfo(zone)
         self.issued = self.dispensed = self.refused = 0
+
+    @property
+    def registry(self) -> FacilityRegistry:
+        """The facility registry in force (the shared RegistryRef's current one)."""
+        registry = self._registry
+        return registry.current if isinstance(registry, RegistryRef) else registry
+
+    @registry.setter
+    def registry(self, registry: "FacilityRegistry | RegistryRef") -> None:
+        self._registry = registry
 
     # -- which messages ----------------------------------------------------------------------
 

@@ -3,7 +3,8 @@ checker and the translation step, built once and stopped in order.
 
 Wiring (gateway/service.py):
 
-    prescriptions = PrescriptionService(config, store.database, store.builder, reactor)
+    prescriptions = PrescriptionService(config, store.database, store.builder, reactor,
+                                        registry=identity.registry)
     translation = TranslationService(config, store.engine, reactor, on_enqueued=...,
                                       step=prescriptions.flow)
     translation.setServiceParent(root)
@@ -18,7 +19,7 @@ import os
 from twisted.application.service import Service
 
 from gateway.config import GatewayConfig
-from gateway.facilities import FacilityRegistry
+from gateway.facilities import FacilityRegistry, RegistryRef
 from gateway.prescriptions import qr
 from gateway.prescriptions.eligibility import EligibilityChecker
 from gateway.prescriptions.flow import PrescriptionFlow
@@ -41,7 +42,7 @@ class PrescriptionService(Service):
     name = "prescriptions"
 
     def __init__(self, config: GatewayConfig, database, builder, reactor,
-                 registry: FacilityRegistry | None = None, transport_factory=None):
+                 registry: "FacilityRegistry | RegistryRef | None" = None, transport_factory=None):
         self.config = config
         self.database = database  # gateway.store.database.Database, for the REST routes
         self.reactor = reactor
@@ -66,11 +67,6 @@ class PrescriptionService(Service):
 
         return EligibilityChecker(self.reactor, destination.url, transport_factory or https,
                                   settings.eligibility_timeout)
-
-    def set_registry(self, registry: FacilityRegistry) -> None:
-        """Use a reloaded facility registry from now on."""
-        self.registry = registry
-        self.flow.registry = registry
 
     def stopService(self):
         super().stopService()

@@ -1,0 +1,92 @@
+"""Ingest of prescription messages: answered once the prescription step has run, whatever the
+listener's ack_after; until then, and when the step could not run, the stored answer is a
+provisional AE (never an AA without a prescription id)."""
+from __future__ import annotations
+
+import queue
+
+import pytest
+from sqlalchemy import text
+
+from adapters.hl7v2.ack import AckBuilder
+from adapters.mllp.protocol import ConnectionInfo
+from gateway.facilities import FacilityRegistry
+from gateway.ingest.inspect import IngestPolicy, Inspector
+from gateway.ingest.pipeline import IngestPipeline
+from gateway.store.ingest_writer import IngestWriter
+from gateway.translation.service import TranslationService, TranslationWorker
+from gateway.translation.translator import Translator
+from prescription_support import FakeEligibility, Harness, config_for, rde, rds
+
+
+class Replies:
+    def __init__(self):
+        self.answers: queue.SimpleQueue = queue.SimpleQueue()
+
+    def __call__(self, answer):
+        self.answers.put(answer)
+
+    def get(self):
+        return self.answers.get(timeout=10)
+
+
+@pytest.fixture
+def setup(tmp_path, repo_mappings):
+    url = f"sqlite:///{tmp_path / 'gateway.sqlite'}"
+    config = config_for(url, tmp_path)
+    builder = AckBuilder()
+    harness = Harness(url, repo_mappings, config, FakeEligibility(), builder)
+    writer = IngestWriter(harness.engine, lambda f, *a: f(*a), lambda item: None)
+    writer.start()
+    translation = TranslationService(config, harness.engine, None, step=harness.flow)
+    translation.worker = TranslationWorker(harness.engine, Translator(repo_mappings, config.senders),
+                                           lambda f, *a: f(*a), step=harness.flow)
+    inspector = Inspector(builder, IngestPolicy("mllp-test", registry=FacilityRegistry.from_config(config)))
+    pipeline = IngestPipeline(inspector, writer, translation=translation, ack_after_translation=False)
+    yield harness, translation, pipeline
+    translation.worker.stop()
+    writer.stop()
+    harness.close()
+
+
+def receive(pipeline, raw: bytes):
+    replies = Replies()
+    pipeline.frame_received(raw, ConnectionInfo("mllp-test", "127.0.0.1:5000"), replies)
+    return replies.get()
+
+
+def msa(answer) -> list[str]:
+    return [s for s in answer.response.decode().split("\r") if s.startswith("MSA|")][0].split("|")
+
+
+def test_prescription_answered_after_the_step_even_with_ack_after_commit(setup):
+    """ack_after: commit, yet the RDE^O11 gets its RRE^O12 with the id (stored in place of the
+    provisional answer); an ADT on the same listener is answered AA at commit."""
+    harness, translation, pipeline = setup
+    translation.worker.start(sweep=False)
+    answer = receive(pipeline, rde("RDE-P1"))
+    assert answer.stored and b"RRE^O12" in answer.response and msa(answer)[1] == "AA"
+    with harness.engine.connect() as connection:
+        stored = connection.execute(text("SELECT ack, ack_code FROM messages")).one()
+    assert bytes(stored.ack) == answer.response and stored.ack_code == "AA"
+    assert translation.answers_after_translation("RDS^O13") and not translation.answers_after_translation("ADT^A01")
+
+
+def test_without_the_step_the_answer_is_the_provisional_ae(setup):
+    """The translation worker is not running: the prescription cannot be issued now; the sender
+    gets (and a re-sent copy would get) AE 'not processed yet', never AA."""
+    harness, _, pipeline = setup
+    answer = receive(pipeline, rde("RDE-P2"))
+    assert msa(answer)[1] == "AE"
+    err = [s for s in answer.response.decode().split("\r") if s.startswith("ERR|")][0].split("|")
+    assert err[5].startswith("PRESCRIPTION_NOT_PROCESSED^") and "send the message again later" in err[7]
+    with harness.engine.connect() as connection:
+        stored = connection.execute(text("SELECT ack, ack_code, status FROM messages")).one()
+    assert (stored.ack_code, stored.status) == ("AE", "received") and bytes(stored.ack) == answer.response
+
+
+def test_refused_dispensation_answered_ae_on_a_commit_listener(setup):
+    harness, translation, pipeline = setup
+    translation.worker.start(sweep=False)
+    answer = receive(pipeline, rds("RDS-P1", "RX-ABCD-EFGH-F"))
+    assert msa(answer)[1] == "AE" and b"PRESCRIPTION_UNKNOWN" in answer.response
