@@ -90,3 +90,16 @@ def test_refused_dispensation_answered_ae_on_a_commit_listener(setup):
     translation.worker.start(sweep=False)
     answer = receive(pipeline, rds("RDS-P1", "RX-ABCD-EFGH-F"))
     assert msa(answer)[1] == "AE" and b"PRESCRIPTION_UNKNOWN" in answer.response
+
+
+def test_enhanced_mode_answers_only_what_the_sender_asked_for(setup):
+    """MSH-15 AL: RRE^O12 with CA; MSH-15 ER: nothing for an issued prescription, CE for a
+    refused dispensation (never a provisional answer the sender did not ask for)."""
+    harness, translation, pipeline = setup
+    translation.worker.start(sweep=False)
+    always = receive(pipeline, rde("RDE-E1", modes="AL|NE"))
+    assert msa(always)[1] == "CA" and b"RRE^O12" in always.response and b"ORC|OK|" in always.response
+    errors_only = receive(pipeline, rde("RDE-E2", modes="ER|NE"))
+    assert errors_only.stored and errors_only.response is None
+    refused = receive(pipeline, rds("RDS-E3", "RX-ABCD-EFGH-F", modes="ER|NE"))
+    assert msa(refused)[1] == "CE"

@@ -94,13 +94,15 @@ class IngestPipeline:
                 continue
             waiting = True
             header = item.header
-            if header is None or item.ack is None:
+            # Only where the sender wants every answer: with MSH-15 ER or SU (enhanced mode) the
+            # commit-time answer stands (none, or CA: committed), and the step answers only the
+            # outcome the sender asked for.
+            if header is None or item.ack is None or not Inspector._wants_ack(header, False):
                 continue
-            item.ack = (self.inspector.builder.build(header, Outcome.ERROR, header.enhanced_mode, ErrorDetail(
+            item.ack = self.inspector.builder.build(header, Outcome.ERROR, header.enhanced_mode, ErrorDetail(
                 ErrorCondition.APPLICATION_INTERNAL_ERROR, Location("MSH", 1),
                 "received but not processed yet: send the message again later",
                 PrescriptionError.PRESCRIPTION_NOT_PROCESSED))
-                if Inspector._wants_ack(header, False) else None)
         return waiting
 
     def _answered(self, job, result: FrameResult, reply: Callable[[Answer], None]) -> None:
