@@ -1,7 +1,8 @@
 """`/v1/openapi.json`: the OpenAPI 3.1 document of the REST door, built from its Routes, so
 that what is described is what is served. Pure code.
 
-Each Route brings its Operation Object and the schemas it refers to; the door adds what every
+Each Route brings its Operation Object and the schemas it refers to (a `Problem` schema of a
+route is the door's own, PROBLEM_SCHEMA, whatever the route says); the door adds what every
 operation shares and no module should have to repeat: the `Idempotency-Key` header of every
 POST, the path parameters of the template when the spec leaves them out, and the problem
 answers the door itself gives (401, 403, 404 for paths with parameters, 409/422 for POST
@@ -67,6 +68,8 @@ def openapi_document(routes: Iterable[Route], *, title: str = "MA-HIE gateway RE
     paths: dict[str, dict] = {}
     for route in routes:
         for name, schema in route.schemas.items():
+            if name == "Problem":
+                continue  # the door's own: every problem answer is the door's
             if name in schemas and schemas[name] != schema:
                 raise SpecConflict(f"schema {name!r} is declared differently by two routes "
                                    f"({route.method} {route.template})")

@@ -108,8 +108,9 @@ def claim_request(connection: Connection, facility_id: str, key: str, operation:
     inserted = connection.execute(insert.values(
         facility_id=facility_id, idempotency_key=key, operation=operation, request_sha256=digest,
         state=PROCESSING, created_at=now, lease_until=until).on_conflict_do_nothing(
-        index_elements=[api_requests.c.facility_id, api_requests.c.idempotency_key]))
-    if inserted.rowcount == 1:
+        index_elements=[api_requests.c.facility_id, api_requests.c.idempotency_key])
+        .returning(api_requests.c.id))  # (rowcount is not reliable here on psycopg)
+    if inserted.first() is not None:
         return Claim("new")
     query = select(api_requests).where(api_requests.c.facility_id == facility_id,
                                        api_requests.c.idempotency_key == key)
