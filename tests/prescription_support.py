@@ -51,6 +51,16 @@ def rde(control_id: str, lines=((DOLIPRANE, 2), (AMOXIL, 1)), patient: str = PAT
     return ("\r".join(segments) + "\r").encode("utf-8")
 
 
+def cancel(control_id: str, prescription_id: str, lines: int = 2, sender=DOCTOR) -> bytes:
+    """RDE^O11 cancelling a prescription: ORC-1 CA, ORC-3 the id, one ORC + RXE per line."""
+    segments = [_msh(sender, "RDE^O11^RDE_O11", control_id), PATIENT]
+    for n, drug in enumerate((DOLIPRANE, AMOXIL)[:lines], start=1):
+        segments.append(f"ORC|CA|CMD-{control_id}-{n}^CAB|{prescription_id}^HIE|GRP-{control_id}^CAB|||||"
+                        f"20260115120000|||200001^BENALI^Amina^^^Dr^^^INPE")
+        segments.append(f"RXE||{drug}|1||CP^comprimé^L|||||1|BT^boîte^L|0")
+    return ("\r".join(segments) + "\r").encode("utf-8")
+
+
 def omp(control_id: str, drug: str = DOLIPRANE, quantity: int = 3, sender=DOCTOR) -> bytes:
     segments = [_msh(sender, "OMP^O09^OMP_O09", control_id), PATIENT,
                 f"ORC|NW|CMD-{control_id}^CAB||GRP-{control_id}^CAB|||||20260115105500|||"

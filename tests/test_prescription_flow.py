@@ -18,7 +18,7 @@ from gateway.prescriptions.bundle import DISPENSATION_SYSTEM, LINE_SYSTEM, PAPER
 from gateway.store.database import write_transaction
 from gateway.store.translations import get_translation
 from prescription_support import (AMOXIL, DOLIPRANE, LABORATORY, OTHER_PATIENT, FakeEligibility,
-                                  Harness, config_for, omp, rde, rds)
+                                  Harness, cancel, config_for, omp, rde, rds)
 
 
 @pytest.fixture
@@ -134,6 +134,35 @@ def test_a_pharmacy_cannot_prescribe_and_an_unknown_facility_cannot_either(harne
                                      "facility INPE-100004 (pharmacy) may not issue prescriptions")
     [unknown] = harness.translate(rde("RDE-U", sender=("NOBODY", "NOWHERE", "-")))
     assert "not in the facility registry" in refusal(unknown)[3]
+
+
+def test_the_prescriber_cancels_before_anything_is_dispensed(harness):
+    """ORC-1 CA with ORC-3 = the id: RRE^O12 with ORC-1 CR; the prescription is cancelled, its
+    MedicationRequests go to the shared record cancelled; a dispensation is then refused."""
+    prescription_id = issue(harness)
+    [record] = harness.translate(cancel("CAN-1", prescription_id))
+    answer = segments(record.ack)
+    assert answer["MSA"][0][1] == "AA" and [o[1] for o in answer["ORC"]] == ["CR", "CR"]
+    assert answer["ORC"][0][3] == f"{prescription_id}^HIE" and "NTE" not in answer
+    assert [r["status"] for r in resources(record, "MedicationRequest")] == ["cancelled", "cancelled"]
+    assert resources(record, "MedicationRequest")[1]["identifier"][0]["value"] == f"{prescription_id}/2"
+    assert record.destinations == ("shared-record",)
+    with harness.engine.connect() as connection:
+        assert store.get_prescription(connection, prescription_id).status == "cancelled"
+    [dispensed] = harness.translate(rds("RDS-1", prescription_id))
+    assert refusal(dispensed)[2] == "PRESCRIPTION_CANCELLED"
+
+
+def test_cancellation_refused_after_dispensing_or_from_another_facility(harness):
+    prescription_id = issue(harness)
+    [other] = harness.translate(cancel("CAN-1", prescription_id, sender=("HIS_CHU", "CHU_IBN_ROCHD", "INPE-100001")))
+    assert refusal(other)[2:] == ("OPERATION_NOT_ALLOWED",
+                                  f"only the facility that issued prescription {prescription_id} may cancel it")
+    harness.translate(rds("RDS-1", prescription_id))
+    [late] = harness.translate(cancel("CAN-2", prescription_id))
+    assert refusal(late)[2] == "PRESCRIPTION_INVALID" and "can no longer be cancelled" in late.error_reason
+    [unknown] = harness.translate(cancel("CAN-3", "RX-1234"))
+    assert refusal(unknown)[1:3] == ("ORC^1^3", "PRESCRIPTION_UNKNOWN")
 
 
 # -- dispensing ---------------------------------------------------------------------------------

@@ -29,11 +29,12 @@ def response_type(message_code: bytes) -> tuple[bytes, bytes] | None:
 
 def order_response(builder: AckBuilder, original: HeaderView, raw: bytes, outcome: Outcome,
                    enhanced: bool, *, filler_number: str | None = None, note: str | None = None,
-                   error: ErrorDetail | None = None) -> bytes:
+                   error: ErrorDetail | None = None, control: bytes = b"OK") -> bytes:
     """The RRE^O12 / ORP^O10 answering `raw` (whose MSH is `original`), segments ended by CR.
 
-    With `filler_number`, one ORC per ORC of the original carries it in ORC-3; `note` goes in
-    an NTE after the MSA (and ERR).
+    With `filler_number`, one ORC per ORC of the original carries it in ORC-3, with ORC-1
+    `control` (table 0119: OK order accepted, CR cancelled as requested); `note` goes in an NTE
+    after the MSA (and ERR).
     """
     d = original.delimiters
     fs, cs = d.field, d.component
@@ -56,8 +57,22 @@ def order_response(builder: AckBuilder, original: HeaderView, raw: bytes, outcom
             fields = orc.split(fs)
             placer = fields[2] if len(fields) > 2 else b""
             group = fields[4] if len(fields) > 4 else b""
-            segments.append(fs.join([b"ORC", b"OK", placer, filler, group]))
+            segments.append(fs.join([b"ORC", control, placer, filler, group]))
     return b"\r".join(segments) + b"\r"
+
+
+def order_controls(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """(ORC-1, ORC-3 first component) of each ORC of an ER7 message, as bytes."""
+    start = raw.find(b"MSH")
+    if start < 0 or len(raw) < start + 8:
+        return []
+    fs = raw[start + 3:start + 4]
+    cs = raw[start + 4:start + 5]
+    found = []
+    for orc in _segments(raw, b"ORC", fs):
+        fields = orc.split(fs) + [b"", b"", b"", b""]
+        found.append((fields[1].strip(), fields[3].split(cs, 1)[0].strip()))
+    return found
 
 
 def _segments(raw: bytes, name: bytes, fs: bytes) -> list[bytes]:

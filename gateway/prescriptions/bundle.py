@@ -208,6 +208,33 @@ def is_prescription_bundle(bundle: dict) -> bool:
                                   for r in requests)
 
 
+def cancelled_group(bundle: dict) -> str | None:
+    """A FHIR input that cancels a prescription: every MedicationRequest cancelled (or revoked)
+    and carrying the same national id; that id, as sent."""
+    resources = Resources(bundle)
+    requests = [e["resource"] for e in resources.of_type("MedicationRequest")]
+    if not requests or resources.of_type("MedicationDispense"):
+        return None
+    groups = {national_group(r) for r in requests}
+    if len(groups) != 1 or None in groups:
+        return None
+    if all(r.get("status") in ("cancelled", "revoked") for r in requests):
+        return groups.pop()
+    return None
+
+
+def mark_cancelled(bundle: dict, prescription_id: str) -> None:
+    """Every MedicationRequest of a cancelling message: status cancelled, with the ids of the
+    prescription's lines (in order), so that the shared record updates the ones it holds."""
+    for number, entry in enumerate(Resources(bundle).of_type("MedicationRequest"), start=1):
+        request = entry["resource"]
+        identifiers = [i for i in request.get("identifier") or ()
+                       if not (isinstance(i, dict) and i.get("system") in (SYSTEM, LINE_SYSTEM))]
+        request["identifier"] = [{"system": LINE_SYSTEM, "value": f"{prescription_id}/{number}"}] + identifiers
+        request["groupIdentifier"] = {"system": SYSTEM, "value": prescription_id}
+        request["status"] = "cancelled"
+
+
 def is_dispensation_bundle(bundle: dict) -> bool:
     return bool(Resources(bundle).of_type("MedicationDispense"))
 

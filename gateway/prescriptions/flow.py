@@ -12,6 +12,10 @@ Which messages (by type for HL7, by content for FHIR input):
   prescription and its lines, and writes the id into every MedicationRequest of the canonical
   bundle (bundle.annotate_prescription) before it goes to the shared record. The answer (HL7):
   RRE^O12 / ORP^O10 with ORC-3 = the id and the QR payload in an NTE.
+- a cancellation: the same message types with every ORC-1 = CA and ORC-3 = the id (FHIR:
+  MedicationRequests cancelled or revoked, carrying the id), from the facility that issued
+  it, before anything was dispensed. Answered with ORC-1 = CR; the shared record gets the
+  MedicationRequests cancelled; look-ups and dispensations then meet a cancelled prescription.
 - a dispensation: RDS^O13, or a FHIR bundle with MedicationDispenses. The dispensing facility's
   type must allow `prescriptions.dispense`; AMO rights must be open at CNSS (when
   `prescriptions.eligibility` names a CNSS destination); against an e-prescription: it exists,
@@ -41,7 +45,7 @@ from sqlalchemy import Connection, select
 from adapters.hl7v2.ack import AckBuilder, ErrorDetail
 from adapters.hl7v2.codes import ErrorCondition, Outcome
 from adapters.hl7v2.header import HeaderError, MessageHeader, parse_header
-from adapters.hl7v2.order_response import order_response, response_type
+from adapters.hl7v2.order_response import order_controls, order_response, response_type
 from gateway.config import GatewayConfig
 from gateway.facilities import FacilityRegistry, RegistryRef
 from gateway.ingest.model import MessageStatus
@@ -102,16 +106,21 @@ class PrescriptionFlow:
         return answers_after_translation(message_type)
 
     def kind_of(self, pending: Pending, record: TranslationRecord) -> str | None:
-        """'prescribe', 'dispense' or None (not part of the flow)."""
+        """'prescribe', 'cancel', 'dispense' or None (not part of the flow)."""
         if pending.format in FHIR_FORMATS:
             if record.bundle is None:
                 return None
             if rules.is_dispensation_bundle(record.bundle):
                 return "dispense"
+            if rules.cancelled_group(record.bundle) is not None:
+                return "cancel"
             return "prescribe" if rules.is_prescription_bundle(record.bundle) else None
         if pending.format not in HL7_FORMATS:
             return None
         if pending.message_type in PRESCRIBE:
+            controls = order_controls(pending.raw)
+            if controls and all(control == b"CA" for control, _ in controls):
+                return "cancel"
             return "prescribe"
         if pending.message_type in DISPENSE:
             return "dispense"
@@ -176,6 +185,9 @@ class PrescriptionFlow:
                     issued = self._prescribe(connection, pending, record, message_id, now)
                     self._answer(pending, record, Outcome.ACCEPT, prescription=issued)
                     self.issued += 1
+                elif kind == "cancel":
+                    cancelled = self._cancel(connection, pending, record)
+                    self._answer(pending, record, Outcome.ACCEPT, prescription=cancelled, control=b"CR")
                 else:
                     self._dispense(connection, pending, record, message_id, prepared, now)
                     self._answer(pending, record, Outcome.ACCEPT)
@@ -226,6 +238,40 @@ class PrescriptionFlow:
         store.insert_prescription(connection, prescription)
         log.info("prescription %s issued for message #%d (%d lines)", prescription_id, message_id,
                  len(draft.lines))
+        return prescription
+
+    def _cancel(self, connection: Connection, pending: Pending, record: TranslationRecord) -> store.Prescription:
+        """ORC-1 CA with ORC-3 = the id (FHIR: MedicationRequests cancelled, with the id): the
+        facility that issued it cancels a prescription nothing was dispensed against."""
+        hl7 = pending.format in HL7_FORMATS
+        where = "ORC[1]-3" if hl7 else "MedicationRequest.groupIdentifier"
+        facility = self._facility(pending)
+        if hl7:
+            numbers = {filler for _, filler in order_controls(pending.raw)}
+            text = numbers.pop().decode("ascii", "replace") if len(numbers) == 1 else ""
+        else:
+            text = rules.cancelled_group(record.bundle) or ""
+        try:
+            prescription_id = ids.parse(text)
+        except ids.PrescriptionIdError as error:
+            raise Refusal(PrescriptionError.PRESCRIPTION_UNKNOWN,
+                          f"cancellation: {error.reason} (every ORC-3 must be the prescription id)", where,
+                          ErrorCondition.UNKNOWN_KEY_IDENTIFIER) from None
+        prescription = store.get_prescription(connection, prescription_id, lock=True)
+        if prescription is None:
+            raise Refusal(PrescriptionError.PRESCRIPTION_UNKNOWN, f"unknown prescription {prescription_id}",
+                          where, ErrorCondition.UNKNOWN_KEY_IDENTIFIER)
+        if prescription.prescriber_facility != facility.id:
+            raise Refusal(PrescriptionError.OPERATION_NOT_ALLOWED,
+                          f"only the facility that issued prescription {prescription_id} may cancel it", where)
+        if prescription.status != store.CANCELLED:
+            if any(line.dispensed > 0 for line in prescription.lines):
+                raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                              f"prescription {prescription_id} was already dispensed, in part or whole: "
+                              "it can no longer be cancelled", where)
+            store.set_status(connection, prescription_id, store.CANCELLED)
+            log.info("prescription %s cancelled by its prescriber", prescription_id)
+        rules.mark_cancelled(record.bundle, prescription_id)
         return prescription
 
     def _facility(self, pending: Pending):
@@ -400,7 +446,8 @@ class PrescriptionFlow:
         self._answer(pending, record, Outcome.ERROR, error=error_detail(record))
 
     def _answer(self, pending: Pending, record: TranslationRecord, outcome: Outcome, *,
-                prescription: store.Prescription | None = None, error: ErrorDetail | None = None) -> None:
+                prescription: store.Prescription | None = None, error: ErrorDetail | None = None,
+                control: bytes = b"OK") -> None:
         """The HL7 answer to store with the translation (and send, on the live path)."""
         if self.builder is None or pending.format not in HL7_FORMATS:
             return
@@ -415,7 +462,8 @@ class PrescriptionFlow:
             record.ack = order_response(
                 self.builder, header, pending.raw, outcome, header.enhanced_mode,
                 filler_number=prescription.id if prescription else None,
-                note=prescription.qr_payload if prescription else None, error=error)
+                note=prescription.qr_payload if prescription and control == b"OK" else None,
+                error=error, control=control)
         else:
             record.ack = self.builder.build(header, outcome, header.enhanced_mode, error)
 
