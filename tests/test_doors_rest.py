@@ -372,3 +372,22 @@ def test_without_translation_fhir_is_stored_and_answered_202(quick_door):
     assert [e["response"]["status"] for e in answer.json()["entry"]] == ["202 Accepted"] * 2
     [row] = rows(quick_door, messages)
     assert row.status == "received" and answer.json()["identifier"]["value"] == str(row.id)
+
+
+@pytest.mark.pg
+@pytest_twisted.inlineCallbacks
+def test_idempotency_over_the_door_on_postgresql(pki, pg_url, preloaded):
+    """On PostgreSQL: a FHIR Bundle sent twice with one key is stored and translated once, the second answer replayed."""
+    door = yield start_door(door_config(pki, pg_url), pki)
+    try:
+        client = Client(door, LAB.id)
+        body = json.dumps(fhir_bundle()).encode()
+        first = yield client.post("/v1/fhir", body, FHIR, Idempotency_Key="pg-1")
+        again = yield client.post("/v1/fhir", body, FHIR, Idempotency_Key="pg-1")
+        assert first.code == again.code == 200 and first.body == again.body
+        assert again.header("idempotency-replayed") == "true"
+        assert len(rows(door, messages)) == 1 and len(rows(door, translations)) == 1
+        [claim] = rows(door, api_requests)
+        assert (claim.state, claim.status, bytes(claim.response)) == ("done", 200, first.body)
+    finally:
+        yield stop_door(door)
