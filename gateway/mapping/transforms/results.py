@@ -13,6 +13,7 @@ import hashlib
 from adapters.hl7v2.message import Segment
 from gateway.mapping.runtime import FIELD, Part, TranslationError
 from gateway.mapping.transforms import FieldGuard, transform
+from gateway.mapping.transforms.core import to_decimal
 
 # ED-2 (type of data, table 0191) and ED-3 (subtype, table 0291) -> MIME type, when the sender
 # did not already send a MIME type ('application^pdf').
@@ -276,18 +277,22 @@ def _units(segment, run, quantity: dict) -> dict:
     fields = segment.fields
     raw = fields[6] if len(fields) > 6 else ""
     if raw:
-        parts = [run.separators.text(part) for part in _components(raw, run)] + ["", ""]
-        unit = parts[1] or parts[0]
+        separators = run.separators
+        if separators.repetition in raw:
+            raw = raw.split(separators.repetition, 1)[0]
+        parts = raw.split(separators.component, 3) if separators.component in raw else (raw,)
+        text = separators.text
+        code = text(parts[0]) if parts[0] else ""
+        unit = (text(parts[1]) if len(parts) > 1 and parts[1] else "") or code
         if unit:
             quantity["unit"] = unit
-        if parts[0] and parts[2].strip().upper() == "UCUM":
+        if code and len(parts) > 2 and parts[2].strip().upper() == "UCUM":
             quantity["system"] = UCUM
-            quantity["code"] = parts[0]
+            quantity["code"] = code
     return quantity
 
 
 def _number(text: str, run):
-    from gateway.mapping.transforms.core import to_decimal
     return to_decimal(text, run)
 
 
@@ -300,7 +305,10 @@ def obx_quantity(segment, run):
         raw = _obx5_first(segment, run)
         if not raw:
             return None
-        return _units(segment, run, {"value": _number(run.separators.text(_components(raw, run)[0]), run)})
+        component = run.separators.component
+        if component in raw:
+            raw = raw.split(component, 1)[0]
+        return _units(segment, run, {"value": to_decimal(run.separators.text(raw), run)})
     if kind != "SN":
         return None
     parts = _sn(segment, run)
