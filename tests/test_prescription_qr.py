@@ -143,3 +143,16 @@ def test_payload_fits_a_small_qr_code(key):
 
     code = segno.make(_payload(key), error="m", micro=False)
     assert code.version <= 10 and code.error == "M"
+
+
+def test_non_canonical_base64_is_refused(key):
+    """The signature's last character holds 2 bits of data and 4 unused ones: setting an unused
+    bit leaves the decoded bytes alike, and must still be refused (payloads are not malleable)."""
+    payload = _payload(key)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = payload[-1]
+    twin = alphabet[alphabet.index(last) ^ 1]
+    assert base64.urlsafe_b64decode(payload.split(".")[2][:-1] + twin + "==") == \
+        base64.urlsafe_b64decode(payload.split(".")[2] + "==")
+    with pytest.raises(QrPayloadError, match="not base64url"):
+        qr.verify(payload[:-1] + twin, {key.key_id: key.public})

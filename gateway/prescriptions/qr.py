@@ -221,7 +221,13 @@ def b64encode(data: bytes) -> str:
 
 
 def b64decode(text: str) -> bytes:
+    """Strict base64url without padding: only the canonical text of some bytes is accepted (a
+    last character whose unused bits are set would otherwise decode to the same bytes, and a
+    payload could be altered without the signature noticing)."""
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except binascii.Error as error:
         raise ValueError(str(error)) from None
+    if b64encode(data) != text:
+        raise ValueError("not canonical base64url")
+    return data
