@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
+import orjson
+
 from gateway.config import DestinationConfig
 from gateway.delivery.outcome import DeliveryOutcome, HttpRequest, HttpResponse
 
@@ -26,9 +28,9 @@ RECORD_BATCH_BYTES = 8 * 1024 * 1024
 @dataclass(frozen=True)
 class Destination:
     config: DestinationConfig
-    # (bundles in delivery order, idempotency key) -> the request, or None when the bundles
-    # have nothing for this peer.
-    build: Callable[[Sequence[dict], str], HttpRequest | None]
+    # (canonical bundles as stored JSON text, in delivery order; idempotency key) -> the
+    # request, or None when the bundles have nothing for this peer.
+    build: Callable[[Sequence[str], str], HttpRequest | None]
     classify: Callable[[HttpResponse], DeliveryOutcome]
     batch_size: int = 1  # most deliveries in one request
     batch_bytes: int | None = None  # most bundle bytes in one request (a lone delivery may exceed)
@@ -40,7 +42,7 @@ def destination_for(config: DestinationConfig, *, batch_size: int = RECORD_BATCH
     if config.kind == "fhir-record":
         from gateway.delivery import fhir_record
 
-        return Destination(config, lambda bundles, key: fhir_record.transaction_request_for_bundles(
+        return Destination(config, lambda bundles, key: fhir_record.transaction_request_for_texts(
             bundles, base_url=config.url, idempotency_key=key), fhir_record.classify_response,
             batch_size, batch_bytes)
     if config.kind == "cnss":
@@ -51,7 +53,7 @@ def destination_for(config: DestinationConfig, *, batch_size: int = RECORD_BATCH
     raise ValueError(f"unknown destination kind {config.kind!r}")
 
 
-def _single(bundles: Sequence[dict]) -> dict:
+def _single(bundles: Sequence[str]) -> dict:
     if len(bundles) != 1:
         raise ValueError(f"one care sheet per request, not {len(bundles)}")
-    return bundles[0]
+    return orjson.loads(bundles[0])

@@ -10,7 +10,8 @@ a transaction request, and the record's answer as a delivery outcome. Pure code.
 - fullUrls and references stay `urn:uuid:`: the record resolves them to the ids it stores.
 `transaction_request_for_bundles` does the same for several canonical bundles in one request
 (entries in the given order, so a later message about a resource wins): the batched delivery
-of several messages, of one patient or several, all or nothing at the record.
+of several messages, of one patient or several, all or nothing at the record;
+`transaction_request_for_texts` takes the bundles as stored JSON text (what the outbox holds).
 
 `classify_response(response)`:
 - 2xx with a `transaction-response` Bundle whose entries are all 2xx: delivered;
@@ -71,10 +72,32 @@ def transaction_request_for_bundles(bundles: Sequence[dict], *, base_url: str,
     """One transaction for several canonical bundles (batched delivery), all or nothing.
     The body is compact UTF-8 JSON and depends only on the bundles and their order, so the
     same deliveries give the same bytes under the same key on every retry."""
+    return _request(orjson.dumps(transaction_bundle(bundles)), base_url, idempotency_key)
+
+
+def transaction_request_for_texts(bundle_texts: Sequence[str | bytes], *, base_url: str,
+                                  idempotency_key: str) -> HttpRequest:
+    """`transaction_request_for_bundles` of bundles given as their stored JSON text, with the
+    same bytes. One bundle is parsed at a time and its entries written out before the next, so
+    a batch of a thousand resources never lives as objects all at once (the garbage collector
+    of a busy gateway makes such a heap of young objects expensive)."""
+    parts = []
+    for text in bundle_texts:
+        bundle = orjson.loads(text)
+        entries = [transaction_entry(entry) for entry in bundle.get("entry", ())]
+        if entries:
+            parts.append(orjson.dumps(entries)[1:-1])
+    return _request(_TRANSACTION_START + b",".join(parts) + b"]}", base_url, idempotency_key)
+
+
+_TRANSACTION_START = b'{"resourceType":"Bundle","type":"transaction","entry":['
+
+
+def _request(body: bytes, base_url: str, idempotency_key: str) -> HttpRequest:
     return HttpRequest(
         method="POST",
         url=base_url.rstrip("/"),
-        body=orjson.dumps(transaction_bundle(bundles)),
+        body=body,
         headers={"Content-Type": f"{FHIR_JSON}; charset=utf-8", "Accept": FHIR_JSON,
                  "Idempotency-Key": idempotency_key},
     )
@@ -105,7 +128,7 @@ def _business_identifier(resource: dict) -> tuple[str, str] | None:
 
 def _classify_success(response: HttpResponse) -> DeliveryOutcome:
     try:
-        document = json.loads(response.body)
+        document = orjson.loads(response.body)
     except (ValueError, UnicodeDecodeError):
         return DeliveryOutcome.permanent(f"unexpected answer: HTTP {response.code} body is not JSON", response)
     if not isinstance(document, dict) or document.get("resourceType") != "Bundle" \

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
-import orjson
-
 from twisted.application.service import Service
 from twisted.internet import defer
 
@@ -148,8 +146,7 @@ class DeliveryService(Service):
         attempted_at = _now()
         self.in_flight[name] += 1
         try:
-            request = destination.build([orjson.loads(c.bundle) for c in batch.claims],
-                                        batch.idempotency_key)
+            request = destination.build([c.bundle for c in batch.claims], batch.idempotency_key)
         except Exception as error:  # bundles this destination cannot take: never will
             log.warning("deliveries %s to %s: no request could be built: %s", _ids(batch), name,
                         type(error).__name__)

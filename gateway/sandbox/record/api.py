@@ -7,6 +7,9 @@ Idempotency: a transaction with an `Idempotency-Key` stores its response under t
 the SHA-256 of the request's JSON (canonical form, so spacing and key order do not matter).
 The same key with the same request gets that response again and changes nothing; with
 another request it is a 422.
+
+`RecordApi.counts` tells how many transaction requests came and what became of them (served
+at `/_sandbox/stats`: benchmarks show how many requests a batched delivery took).
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ class Answer:
     status: int
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    replayed: bool = False  # a transaction's stored answer, given again
+    entries: int = 0  # entries a transaction stored
 
     @property
     def document(self) -> dict:
@@ -48,12 +53,39 @@ def request_sha256(document: object) -> str:
     return hashlib.sha256(json_codec.dumps_bytes(document, sort_keys=True)).hexdigest()
 
 
+@dataclass
+class TransactionCounts:
+    """Transaction requests received since the peer started, by what became of them."""
+
+    applied: int = 0  # stored (all their entries)
+    replayed: int = 0  # answered from the idempotency store, nothing changed
+    refused: int = 0  # an error answer, nothing changed
+    entries: int = 0  # entries of the applied ones
+
+    def as_dict(self) -> dict[str, int]:
+        return {"requests": self.applied + self.replayed + self.refused, "applied": self.applied,
+                "replayed": self.replayed, "refused": self.refused, "entries": self.entries}
+
+
 class RecordApi:
     def __init__(self, store: RecordStore, *, validate: bool = True):
         self.store = store
         self.validate = validate
+        self.counts = TransactionCounts()
 
     def transaction(self, body: bytes, idempotency_key: str | None = None) -> Answer:
+        answer = self._transaction(body, idempotency_key)
+        counts = self.counts
+        if answer.status != 200:
+            counts.refused += 1
+        elif answer.replayed:
+            counts.replayed += 1
+        else:
+            counts.applied += 1
+            counts.entries += answer.entries
+        return answer
+
+    def _transaction(self, body: bytes, idempotency_key: str | None) -> Answer:
         try:
             document = parse_json(body)
             digest = request_sha256(document) if idempotency_key is not None else ""
@@ -62,13 +94,13 @@ class RecordApi:
                 if stored is not None:
                     if stored.body_sha256 != digest:
                         raise key_reused()
-                    return Answer(stored.status, stored.response)
+                    return Answer(stored.status, stored.response, replayed=True)
             entries = read_transaction(document, validate=self.validate)
             response = self.store.apply_transaction(entries, idempotency_key=idempotency_key,
                                                     body_sha256=digest)
         except FhirError as error:
             return error_answer(error)
-        return Answer(200, response)
+        return Answer(200, response, entries=len(entries))
 
     def read(self, resource_type: str, resource_id: str) -> Answer:
         if not is_resource_type(resource_type):
