@@ -1,0 +1,4 @@
+"""The e-prescription flow: ids (ids.py), signed QR payloads (qr.py), the store (store.py),
+reading and annotating canonical bundles (bundle.py), the translation step (flow.py), AMO
+eligibility (eligibility.py), the REST operations (api.py) and the service that holds them
+(service.py)."""
