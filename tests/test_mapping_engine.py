@@ -437,3 +437,20 @@ def test_before_the_first_segment(tmp_path):
     files["messages/ORU_R01.yaml"] = files["messages/ORU_R01.yaml"].replace("{before: ORC}", "{before: orc1}")
     with pytest.raises(MappingErrors, match=r"before: names a segment, such as ORC"):
         MappingSet.load(write(tmp_path / "other", files))
+
+
+def test_export_shows_what_is_not_translated_and_before(tmp_path):
+    from gateway.mapping.export import export_rows
+    files = dict(BASE)
+    files["messages/ACK.yaml"] = """
+        messages: ["ACK^*"]
+        not_translated: an acknowledgement carries no clinical data
+    """
+    files["messages/ORU_R01.yaml"] = BASE["messages/ORU_R01.yaml"].rstrip(" ") + """\
+          - {name: observation, each: OBX, when: {before: ORC}, map: OBX.Observation}
+    """
+    root = write(tmp_path / "mappings", files)
+    MappingSet.load(root)
+    rows = [row.values() for row in export_rows(root)]
+    assert ("ACK", "MSH-9", "", "not translated: an acknowledgement carries no clinical data", "", "", "") in rows
+    assert ("ORU_R01", "OBX", "before the first ORC", "observation", "", "", "OBX.Observation") in rows

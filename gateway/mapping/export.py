@@ -51,12 +51,23 @@ def export_rows(directory: Path | str) -> list[Row]:
                     continue
                 name = prefix + path.stem
                 if kind == "messages":
+                    rows += _not_translated(name, document.get("not_translated"))
                     rows += _entries(name, document.get("resources") or [], "")
                 else:
                     rows += _object(name, document.get("map") or {}, "")
     if problems:
         raise MappingErrors(problems)
     return rows
+
+
+def _not_translated(name: str, spec) -> list[Row]:
+    """A map's `not_translated:`: one row, the reason as its target (and its condition)."""
+    if isinstance(spec, str):
+        return [Row(name, "MSH-9", "", f"not translated: {spec.strip()}", "", "", "")]
+    if isinstance(spec, dict):
+        return [Row(name, "", _condition(spec.get("when")), f"not translated: {spec.get('reason', '')}",
+                    "", "", "")]
+    return []
 
 
 def _entries(name: str, entries, scope: str) -> list[Row]:
@@ -131,4 +142,6 @@ def _condition(when) -> str:
             return f"{field} {word} {shown}"
     if "present" in when:
         return f"{field} {'present' if when['present'] else 'absent'}"
+    if list(when) == ["before"]:
+        return f"before the first {when['before']}"
     return ", ".join(f"{key}={value}" for key, value in when.items())
