@@ -10,7 +10,8 @@ Layout written by `init_dev_pki(directory, facility_ids)`:
 - `gateway.crt/.key`, `sandbox-cnss.crt/.key`, `sandbox-record.crt/.key`: server and client
   authentication, valid for `localhost`, `127.0.0.1` and `::1`;
 - `FACILITY.crt/.key` for each facility id: client authentication only, subject
-  `CN=<facility id>, O=MA HIE facility`, which is how the gateway recognises the facility.
+  `CN=<facility id>, O=MA HIE facility`, which is how the gateway recognises the facility;
+- `prescription-signing.key`: the Ed25519 key that signs prescription QR payloads.
 
 All keys are ECDSA P-256, all signatures SHA-256.
 """
@@ -31,7 +32,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.prescriptions.qr import ensure_signing_key
+
 CA_NAME = "ca"
+PRESCRIPTION_SIGNING_KEY = "prescription-signing.key"  # pki.prescription_key's default name
 CA_COMMON_NAME = "MA HIE Development CA"
 ORGANIZATION = "MA HIE"
 FACILITY_ORGANIZATION = "MA HIE facility"
@@ -139,6 +143,9 @@ def init_dev_pki(
         _write_private_key(key_path, key)
         _write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         written += [cert_path, key_path]
+    signing_key = os.path.join(directory, PRESCRIPTION_SIGNING_KEY)
+    if ensure_signing_key(signing_key):
+        written.append(signing_key)
     return written
 
 

@@ -1,10 +1,11 @@
 """The gateway's service tree, built in one function and started in order: the database
 (schema migrated), the ingest writer, the identity service (facility registry and CRL, shared
-by every door), the translation service (mapping set loaded, worker started, untranslated
-messages swept), the delivery service (when routes are configured), then the listeners (MLLP,
-then ASTM), so that nothing is accepted before it can be stored and translated. Stopping runs in reverse: listeners close, deliveries in flight finish and are
-recorded, the translation worker stores what it holds, the writer commits what it holds, the
-database closes last.
+by every door), the translation service with the prescription step (mapping set loaded,
+worker started, untranslated messages swept), the delivery service (when routes are
+configured), then the listeners (MLLP, ASTM, HTTPS), so that nothing is accepted before it can
+be stored and translated. Stopping runs in reverse: listeners close, deliveries in flight
+finish and are recorded, the translation worker stores what it holds, the writer commits what
+it holds, the database closes last.
 """
 from __future__ import annotations
 
@@ -20,11 +21,14 @@ from adapters.hl7v2.ack import AckBuilder, Sender
 from adapters.mllp.protocol import MllpServerFactory, MllpSettings
 from gateway.config import GatewayConfig, MllpListenerConfig
 from gateway.delivery.service import DeliveryService
-from gateway.ingest.astm import astm_listener_factory
+from gateway.doors.https import https_door_services
 from gateway.facilities import SourceNetworks
 from gateway.identity import IdentityService
+from gateway.ingest.astm import astm_listener_factory
 from gateway.ingest.inspect import IngestPolicy, Inspector, refuse_reused
 from gateway.ingest.pipeline import IngestPipeline
+from gateway.prescriptions.api import prescription_routes
+from gateway.prescriptions.service import PrescriptionService
 from gateway.store.database import Database, create_gateway_engine, migrate
 from gateway.store.ingest_writer import IngestWriter
 from gateway.tls import server_tls_options
@@ -88,13 +92,18 @@ def build_service(config: GatewayConfig, reactor) -> MultiService:
     store.setServiceParent(root)
     identity = IdentityService(config, reactor)
     identity.setServiceParent(root)
-    translation = delivery = None
+    translation = delivery = prescriptions = None
     if config.mappings is not None and config.routes:
         delivery = DeliveryService(config, store.database, reactor)
     if config.mappings is not None:
+        # Prescriptions are a step of the translation (same transaction), so they need it.
+        prescriptions = PrescriptionService(config, store.database, store.builder, reactor,
+                                            registry=identity.registry)
         translation = TranslationService(config, store.engine, reactor,
-                                         on_enqueued=delivery.wake if delivery else None)
+                                         on_enqueued=delivery.wake if delivery else None,
+                                         step=prescriptions.flow)
         translation.setServiceParent(root)
+        prescriptions.setServiceParent(root)  # stopped before the translation worker is joined
     if delivery is not None:
         delivery.setServiceParent(root)
     for listener in config.mllp:
@@ -105,6 +114,9 @@ def build_service(config: GatewayConfig, reactor) -> MultiService:
                                         allowed=source_filter(listener.allow_sources))
         _listen(root, listener.name,
                 TCP4ServerEndpoint(reactor, listener.port, interface=listener.interface), factory)
+    routes = prescription_routes(prescriptions) if prescriptions is not None else []
+    for door in https_door_services(config, store, translation, identity, reactor, extra_routes=routes):
+        door.setServiceParent(root)
     return root
 
 

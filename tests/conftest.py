@@ -120,7 +120,8 @@ def make_config(dev_pki, tmp_path):
             path=os.path.join(ROOT, "conf", "gateway.yaml"), root=ROOT,
             database=DatabaseConfig(url=db_url, **database),
             pki=PkiConfig(ca=os.path.join(dev_pki, "ca.crt"), cert=os.path.join(dev_pki, "gateway.crt"),
-                          key=os.path.join(dev_pki, "gateway.key"), dev_dir=dev_pki),
+                          key=os.path.join(dev_pki, "gateway.key"), dev_dir=dev_pki,
+                          prescription_key=os.path.join(dev_pki, "prescription-signing.key")),
             mllp=tuple(MllpListenerConfig(**{"port": 0, **spec}) for spec in listeners),
             senders=tuple(senders or ()),
         )
@@ -145,7 +146,7 @@ def running_gateway():
         service.startService()
         services.append(service)
         ports = {}
-        for listener in config.mllp + config.astm:
+        for listener in config.mllp + config.astm + config.https:
             port = yield service.getServiceNamed(listener.name)._waitingForPort
             ports[listener.name] = port.getHost().port
         return ports

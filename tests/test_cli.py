@@ -254,8 +254,10 @@ def test_pki_init_then_show(project, tmp_path):
     assert init.returncode == 0, init.stderr
     written = sorted(line.removeprefix("wrote ") for line in init.stdout.splitlines())
     names = ["INPE-100001", "INPE-100002", "ca", "gateway", "sandbox-cnss", "sandbox-record"]
-    assert written == sorted(str(directory / f"{n}.{ext}") for n in names for ext in ("crt", "key"))
+    assert written == sorted([str(directory / f"{n}.{ext}") for n in names for ext in ("crt", "key")]
+                             + [str(directory / "prescription-signing.key")])
     assert (directory / "ca.key").stat().st_mode & 0o077 == 0
+    assert (directory / "prescription-signing.key").stat().st_mode & 0o077 == 0
 
     show = cli(project, "pki", "show", "--dir", str(directory), "-c", project.config)
     assert show.returncode == 0, show.stderr

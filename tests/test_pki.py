@@ -30,6 +30,7 @@ def test_creates_all_files_with_private_keys_0600(tmp_path):
     written = pki.init_dev_pki(str(tmp_path), ["FAC001", "FAC002"])
     names = PARTIES + ("FAC001", "FAC002")
     expected = {str(tmp_path / f"{n}.{ext}") for n in names for ext in ("crt", "key")}
+    expected.add(str(tmp_path / "prescription-signing.key"))
     assert set(written) == expected
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in expected)
     for name in names:
@@ -192,7 +193,7 @@ def test_cmd_pki_init_and_show(tmp_path, capsys):
     args = SimpleNamespace(dir=None, force=False)
     assert pki.cmd_pki_init(config, args) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 10
+    assert len(out) == 11  # CA, 3 parties, 1 facility (certificate and key), the signing key
     assert (tmp_path / "certs" / "dev" / "FAC001.crt").exists()
     assert pki.cmd_pki_init(config, args) == 0
     assert "nothing written" in capsys.readouterr().out

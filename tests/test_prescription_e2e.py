@@ -17,7 +17,6 @@ from adapters.mllp.client import MllpClient
 from gateway.config import (DeliveryConfig, DestinationConfig, MappingsConfig, RetryConfig,
                             load_config)
 from gateway.prescriptions import qr
-from gateway.prescriptions.service import PrescriptionService
 from gateway.service import build_service
 from delivery_support import until
 from prescription_support import AMOXIL, DOLIPRANE, omp, rde, rds
@@ -56,14 +55,9 @@ def gateway_config(make_config, db_url, peers, tmp_path):
 
 @pytest_twisted.inlineCallbacks
 def start(config):
-    """The gateway's service tree with the prescription service wired in, as gateway/service.py
-    does it: the translation step, and the service stopped before the translation worker."""
+    """The gateway's service tree (gateway/service.py wires the prescription service in)."""
     root = build_service(config, reactor)
-    store = root.getServiceNamed("store")
-    prescriptions = PrescriptionService(config, store.database, store.builder, reactor,
-                                        registry=root.getServiceNamed("identity").registry)
-    root.getServiceNamed("translation").step = prescriptions.flow
-    prescriptions.setServiceParent(root)
+    prescriptions = root.getServiceNamed("prescriptions")
     root.startService()
     port = yield root.getServiceNamed("mllp-test")._waitingForPort
     return root, prescriptions, port.getHost().port

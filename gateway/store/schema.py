@@ -109,3 +109,9 @@ delivery_attempts = Table(
     Column("duration_ms", Integer),
 )
 Index("ix_delivery_attempts_delivery", delivery_attempts.c.delivery_id)
+
+# Tables defined beside the code that owns them (the HTTPS door's idempotency and refusals,
+# the prescriptions) register on this metadata when their module is imported: import them
+# here so that `metadata` is always the whole schema, whatever was imported first.
+from gateway.doors import store as _doors_store  # noqa: E402,F401
+from gateway.prescriptions import store as _prescriptions_store  # noqa: E402,F401
