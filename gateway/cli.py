@@ -337,6 +337,9 @@ def _translate(args) -> int:
             where = f"{record.error_location}: " if record.error_location else ""
             print(f"{path}: {where}{record.error_reason} (HL7 error {record.error_code})", file=sys.stderr)
             continue
+        if record.bundle is None:  # not translated by design (a query, an acknowledgement)
+            print(f"{path}: {record.error_reason}", file=sys.stderr)
+            continue
         print(json.dumps(record.bundle, ensure_ascii=False))
     return 1 if failures else 0
 

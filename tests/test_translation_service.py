@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -77,6 +78,25 @@ def test_ack_after_translation_gives_aa_then_ae_with_err_and_keeps_the_message(
     assert [(r.ack_code, r.error_code, r.error_location) for r in stored] == [
         ("AA", None, None), ("AE", 102, "PID[1]"), ("AE", 207, "MSH[1]-9")]
     assert bytes(stored[1].ack) == answers[1]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_query_is_acknowledged_and_kept_but_not_translated(make_config, running_gateway, tmp_path):
+    """A message the mapping set does not translate by design (a query) is answered AA even
+    with ack_after: translation, kept as 'ignored' with the reason, and routed nowhere."""
+    from conftest import ROOT
+
+    db_url = f"sqlite:///{tmp_path / 'gateway.sqlite'}"
+    config = make_config(db_url, mllp=[dict(name="mllp-test", accept_unknown_senders=True,
+                                            ack_after="translation")])
+    ports = yield running_gateway(with_mappings(config, Path(ROOT) / "mappings"))
+    [answer] = yield threads.deferToThread(send, ports["mllp-test"], hl7("Q-1", kind="QBP^Q22^QBP_Q21"))
+    assert describe(answer)["msa1"] == "AA"
+    [stored] = rows(db_url, "SELECT m.status, t.status AS translation, t.bundle, t.error_reason "
+                            "FROM messages m JOIN translations t ON t.message_id = m.id")
+    assert (stored.status, stored.translation, stored.bundle) == ("ignored", "ignored", None)
+    assert stored.error_reason.startswith("not translated: ")
+    assert rows(db_url, "SELECT * FROM deliveries") == []
 
 
 @pytest_twisted.inlineCallbacks

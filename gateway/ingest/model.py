@@ -15,7 +15,8 @@ class MessageStatus(str, Enum):
 
     RECEIVED = "received"  # stored and acknowledged; waiting for translation
     REJECTED = "rejected"  # answered with a negative ACK; raw bytes kept with the reason
-    IGNORED = "ignored"  # an acknowledgement sent to us: stored, never acknowledged
+    IGNORED = "ignored"  # an acknowledgement sent to us: stored, never acknowledged; or a
+    # message the mapping set does not translate by design (a query): acknowledged, kept
     TRANSLATED = "translated"  # received, then translated into a canonical bundle
     FAILED = "failed"  # received, but the translation failed (see its translation row)
 

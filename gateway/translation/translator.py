@@ -18,7 +18,7 @@ from gateway.config import SenderConfig
 from gateway.delivery.routes import Router, patient_key
 from gateway.ingest.model import MessageStatus
 from gateway.mapping.mapping_set import MappingSet
-from gateway.mapping.runtime import TranslationContext, TranslationError
+from gateway.mapping.runtime import NotTranslated, TranslationContext, TranslationError
 from gateway.store.translations import Pending, TranslationRecord
 from gateway.translation import conformance
 from gateway.translation.inputs import (DOCUMENT_FORMATS, InputError, detect_format,
@@ -68,6 +68,10 @@ class Translator:
             control_id=parsed.control_id)
         try:
             translation = mappings.translate(parsed.message, context, parsed.message_type)
+        except NotTranslated as error:  # by design (a query): kept, acknowledged, not routed
+            return TranslationRecord(MessageStatus.IGNORED.value, mappings.version,
+                                     error_location=error.location, error_reason=error.reason,
+                                     warnings=warnings)
         except TranslationError as error:
             reason = error.reason + (f" (rule at {error.mapping})" if error.mapping else "")
             return _failed(mappings, _condition_of(error), error.location, reason, warnings)
