@@ -117,8 +117,8 @@ def test_config_reads_astm_listeners_and_reports_every_problem(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(str(bad), {})
     problems = "\n".join(caught.value.problems)
-    assert "listeners.astm[0].name: 'm' is also an MLLP listener's name" in problems
-    assert "listeners.astm[0].port: 2575 is also an MLLP listener's port" in problems
+    assert "listeners.astm[0].name: 'm' is also another listener's name" in problems
+    assert "listeners.astm[0].port: 2575 is also another listener's port" in problems
     assert "'INPE-100003' is not in the facility registry (did you mean 'INPE-100002'?)" in problems
 
 
@@ -202,7 +202,10 @@ def test_gateway_astm_listener_stores_and_translates(db_url, make_config, runnin
     from translation_support import with_mappings, write_mappings
 
     directory = write_mappings(tmp_path / "mappings", ASTM_MAPPINGS)
-    config = dataclasses.replace(with_mappings(make_config(db_url), directory),
+    from gateway.config import SenderConfig
+
+    laboratory = SenderConfig("INPE-100002", "Laboratoire Al Amal", "laboratory")
+    config = dataclasses.replace(with_mappings(make_config(db_url, senders=[laboratory]), directory),
                                  astm=(AstmListenerConfig("astm-lab", 0, "INPE-100002"),))
     ports = yield running_gateway(config)
     answers = yield threads.deferToThread(_send_transfer, ports["astm-lab"], MESSAGE)
