@@ -901,6 +901,20 @@ def _prescription_problems(path: str, values: dict) -> list[str]:
     return []
 
 
+def _sender_mapping_problems(root: str, values: dict) -> list[str]:
+    """A facility's `mappings:` names a folder of the mapping set's senders/."""
+    located, mappings = values.get("facilities"), values.get("mappings")
+    if located is None or mappings is None:
+        return []
+    senders = os.path.join(_absolute_path(mappings.directory, root), "senders")
+    problems = []
+    for index, facility in enumerate(located.value):
+        if facility.mappings and not os.path.isdir(os.path.join(senders, facility.mappings)):
+            problems.append(f"{_display(located.file)}: facilities[{index}].mappings: "
+                            f"{facility.mappings!r} is not a folder of {_display(senders)}")
+    return problems
+
+
 def _retry_problems(path: str, values: dict) -> list[str]:
     """Retry settings that are each valid but do not fit together (a cap below the base)."""
     problems = []
@@ -984,6 +998,7 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
         reader.problems.extend(_route_problems(path, values))
         reader.problems.extend(_retry_problems(path, values))
         reader.problems.extend(_prescription_problems(path, values))
+        reader.problems.extend(_sender_mapping_problems(root, values))
     if reader.problems:
         raise ConfigError(reader.problems)
 

@@ -240,3 +240,60 @@ def test_missing_config_file_is_an_error():
     """A config path that does not exist raises ConfigError naming it."""
     with pytest.raises(ConfigError, match="nowhere.yaml: cannot read"):
         load_config("/nonexistent/conf/nowhere.yaml", {})
+
+
+def test_facility_identity_types_and_doors_are_checked(project):
+    """Certificate bindings, source networks, a facility's mapping folder, the types' rights,
+    the HTTPS listener's port and the eligibility destination are each checked, all at once."""
+    (project / "mappings" / "senders" / "INPE-1").mkdir(parents=True)
+    write(project, """\
+        types:
+          pharmacy:
+            messages: ["RDS^O13", "rds"]
+            operations: [prescriptions.lookup, prescriptions.steal]
+          dentist: {messages: ["*"]}
+        facilities:
+          - id: "INPE-1"
+            name: A
+            type: hospital
+            certificate_sha256: "AB:CD"
+            mappings: INPE-1
+          - id: "INPE-2"
+            name: B
+            type: pharmacy
+            certificate_subject: "not a subject"
+            allow_sources: [10.0.0.0/33]
+            mappings: INPE-9
+        """, "facilities.yaml")
+    found = problems(write(project, MINIMAL + textwrap.dedent("""\
+        mappings: {directory: mappings}
+        listeners:
+          mllp: [{name: m, port: 2575}]
+          https: [{name: h, port: 2575}]
+        destinations: [{name: record, kind: fhir-record, url: "https://record/fhir"}]
+        prescriptions: {eligibility: record}
+        """)))
+    expected = [
+        "conf/facilities.yaml:3: types.pharmacy.messages[1]: must be a message type pattern",
+        "conf/facilities.yaml:4: types.pharmacy.operations[1]: must be one of",
+        "conf/facilities.yaml:5: types.dentist: unknown key",
+        "conf/facilities.yaml:10: facilities[0].certificate_sha256: must be a SHA-256 fingerprint",
+        "conf/facilities.yaml:15: facilities[1].certificate_subject: must be a certificate subject",
+        "conf/facilities.yaml:16: facilities[1].allow_sources[0]: must be an address or network",
+        "conf/gateway.yaml: listeners.https[0].port: 2575 is also an MLLP listener's port",
+        "conf/gateway.yaml: prescriptions.eligibility: 'record' is not a destination of kind cnss",
+    ]
+    for start in expected:
+        assert any(problem.startswith(start) for problem in found), (start, found)
+    assert len(found) == len(expected), found
+    # With those fixed, a mapping folder that does not exist is named.
+    write(project, """\
+        facilities:
+          - {id: "INPE-1", name: A, type: hospital, mappings: INPE-1,
+             certificate_sha256: "ab:cd:ef:01:23:45:67:89:ab:cd:ef:01:23:45:67:89:ab:cd:ef:01:23:45:67:89:ab:cd:ef:01:23:45:67:89"}
+          - {id: "INPE-2", name: B, type: pharmacy, mappings: INPE-9}
+        """, "facilities.yaml")
+    assert problems(write(project, MINIMAL + "mappings: {directory: mappings}\n")) == [
+        "conf/facilities.yaml: facilities[1].mappings: 'INPE-9' is not a folder of mappings/senders"]
+    config = load_config(str(write(project, MINIMAL)), {})
+    assert config.senders[0].certificate_sha256 == "abcdef0123456789" * 4

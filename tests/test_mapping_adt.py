@@ -152,13 +152,39 @@ def test_a40_merge_links_both_patients(mappings):
 
 
 def test_sender_100001_puts_the_cnie_in_pid2(mappings):
-    patient = resources(bundle_of(mappings, "sender-100001-cnie-in-pid2.hl7"), "Patient")[0]
+    patient = resources(bundle_of(mappings, "sender-INPE-100001-cnie-in-pid2.hl7"), "Patient")[0]
     assert patient["identifier"][0]["system"] == "urn:ma:cnie"
     assert patient["identifier"][0]["value"] == "AB654321"
     # without the sender's layer, PID-2 is an ordinary local identifier
-    text = (CASES / "sender-100001-cnie-in-pid2.hl7").read_text(encoding="utf-8")
+    text = (CASES / "sender-INPE-100001-cnie-in-pid2.hl7").read_text(encoding="utf-8")
     shared = resources(translate_text(mappings, text), "Patient")[0]
     assert shared["identifier"][0].get("system") is None
+
+
+def test_the_gateway_uses_the_layer_of_the_registry_facility(mappings):
+    """The translator reads a facility's own files from mappings/senders/<its id>, or from the
+    folder its `mappings:` setting names."""
+    from datetime import datetime, timezone
+
+    from gateway.config import SenderConfig
+    from gateway.store.translations import Pending
+    from gateway.translation.translator import Translator
+
+    raw = (CASES / "sender-INPE-100001-cnie-in-pid2.hl7").read_bytes().replace(b"\n", b"\r")
+    chu = SenderConfig("INPE-100001", "CHU", "hospital")
+    renamed = SenderConfig("INPE-777777", "CHU, new id", "hospital", mappings="INPE-100001")
+    other = SenderConfig("INPE-100009", "Another hospital", "hospital")
+    translator = Translator(mappings, [chu, renamed, other])
+
+    def first_identifier(sender_id):
+        record = translator.translate(Pending(None, None, raw, None, "hl7v2", sender_id,
+                                              datetime.now(timezone.utc)))
+        assert not record.failed, record.error_reason
+        return resources(record.bundle, "Patient")[0]["identifier"][0].get("system")
+
+    assert first_identifier("INPE-100001") == "urn:ma:cnie"
+    assert first_identifier("INPE-777777") == "urn:ma:cnie"
+    assert first_identifier("INPE-100009") is None
 
 
 A01 = """MSH|^~\\&|HIS|CHUIR|HIE|MS|20250114083500||ADT^A01^ADT_A01|BAD1|P|2.5

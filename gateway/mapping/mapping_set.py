@@ -236,7 +236,7 @@ class MappingSet:
         (NotTranslated, a TranslationError, when the mapping set says the message is not
         translated by design: an acknowledgement, a query)."""
         message_type = message_type or message.message_type
-        message_map = self.message_map(message_type, context.sender_id)
+        message_map = self.message_map(message_type, context.mapping_layer or context.sender_id)
         if message_map is None:
             code, _, event = message_type.partition("^")
             site = "; a site-defined (Z) message needs its facility's own map (mappings/senders/<facility>/" \

@@ -81,6 +81,7 @@ class TranslationContext:
     received_at: datetime | None = None
     message_key: str = ""  # sender and control id: seeds ids of resources without identifiers
     control_id: str = ""
+    mapping_layer: str = ""  # the sender's folder under mappings/senders/ (default: sender_id)
 
 
 class Run:

@@ -65,7 +65,7 @@ class Translator:
             sender_id=sender_id, timezone=self._zone(sender.timezone if sender else DEFAULT_TIMEZONE),
             received_at=pending.received_at,
             message_key=f"{sender_id or parsed.sending_facility}|{parsed.control_id}",
-            control_id=parsed.control_id)
+            control_id=parsed.control_id, mapping_layer=(sender.mappings or sender.id) if sender else "")
         try:
             translation = mappings.translate(parsed.message, context, parsed.message_type)
         except NotTranslated as error:  # by design (a query): kept, acknowledged, not routed
