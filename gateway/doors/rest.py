@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+
 from sqlalchemy import select
+from twisted.internet import threads
 
 from adapters.hl7v2.batch import is_batch
 from adapters.hl7v2.charsets import CharsetError, codec_for
@@ -151,10 +153,11 @@ class RestOperations:
     async def submit_fhir(self, request: ApiRequest) -> ApiResponse:
         _require(request, FHIR_MEDIA_TYPES)
         try:
-            document = read_bundle(request.body)
+            # Off the reactor thread: validating a large Bundle takes long enough to stall
+            # every MLLP connection if it ran there.
+            document, issues = await threads.deferToThread(_read_and_check, request.body)
         except BundleError as error:
             raise Problem(400, "bad-json", "Body is not a JSON object", error.issues[0].diagnostics) from None
-        issues = bundle_issues(document)
         if issues:
             first = issues[0]
             raise Problem(422, "invalid-fhir", "Invalid FHIR Bundle",
@@ -201,6 +204,12 @@ class RestOperations:
         if found is None:  # someone else's message is as absent as a missing one
             raise Problem(404, "not-found", "No such message", "no message of yours has this id")
         return json_response(200, found)
+
+
+def _read_and_check(body: bytes):
+    """The Bundle of a request body and its validation issues (BundleError if not JSON)."""
+    document = read_bundle(body)
+    return document, bundle_issues(document)
 
 
 def _answers_order(ack: str) -> bool:
