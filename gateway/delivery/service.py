@@ -1,8 +1,11 @@
 """The delivery service: this node's outbox worker.
 
-It claims due deliveries per destination (up to the destination's `concurrency` in flight),
-builds each request with the destination's adapter, sends it over mutual TLS, classifies the
-answer, and settles the attempts in batches: delivered, retried later with backoff, or dead.
+It claims due deliveries per destination as batches (up to the destination's `concurrency`
+requests in flight; a batch is one request: up to the adapter's batch size of deliveries for
+the shared record, of one patient or several, in order; one care sheet for CNSS), builds each
+request with the destination's adapter under the batch's idempotency key, sends it over
+mutual TLS, classifies the answer, and settles every delivery of the batch with it, in
+batches of settlements: delivered, retried later with backoff, or dead.
 It looks at the outbox when woken (a translation stored new deliveries, an attempt was
 settled) and every `poll_interval` otherwise, so deliveries enqueued by other nodes, retries
 that fall due and leases that expire are all picked up.

@@ -155,14 +155,53 @@ def enqueue(connection: Connection, entries: Iterable[Enqueue], now: datetime) -
     return len(new) + len(reopened)
 
 
-_DUE = """
+# Heads (each patient's first pending delivery, when it is free to take) are found two ways.
+# Usually from the oldest pending deliveries (a window read in message order: a patient's first
+# row there is its first pending delivery, since every older pending one is in the window too),
+# which costs the window whatever the mix. When the window holds fewer heads than wanted and
+# more deliveries wait beyond it (one patient's long backlog fills it), from each patient with
+# pending deliveries in turn (a skip scan of the patient index): that costs the number of such
+# patients, not of deliveries.
+_WINDOW_HEADS = """
+    WITH w AS (
+        SELECT d.id, d.patient_key, d.message_id, d.next_attempt_at, d.lease_until FROM deliveries d
+        WHERE d.status = 'pending' AND d.destination = :destination
+        ORDER BY d.message_id
+        LIMIT :window),
+    firsts AS (
+        SELECT w.*, ROW_NUMBER() OVER (PARTITION BY w.patient_key ORDER BY w.message_id) AS n FROM w)
+    SELECT id FROM firsts
+    WHERE n = 1 AND next_attempt_at <= :now AND (lease_until IS NULL OR lease_until < :now)
+    ORDER BY message_id
+"""
+_WINDOW_FULL = """
+    SELECT 1 FROM deliveries WHERE status = 'pending' AND destination = :destination
+    ORDER BY message_id LIMIT 1 OFFSET :last
+"""
+_WINDOW_PER_HEAD = 8  # window rows read per head wanted
+_PATIENT_HEADS = """
+    WITH RECURSIVE patients(patient_key) AS (
+        SELECT min(patient_key) FROM deliveries WHERE status = 'pending' AND destination = :destination
+      UNION ALL
+        SELECT (SELECT min(e.patient_key) FROM deliveries e
+                WHERE e.status = 'pending' AND e.destination = :destination AND e.patient_key > p.patient_key)
+        FROM patients p WHERE p.patient_key IS NOT NULL
+    )
+    SELECT d.id, d.patient_key, d.message_id FROM patients p
+    JOIN deliveries d ON d.id = (SELECT h.id FROM deliveries h
+                                 WHERE h.status = 'pending' AND h.destination = :destination
+                                   AND h.patient_key = p.patient_key
+                                 ORDER BY h.message_id LIMIT 1)
+    WHERE d.next_attempt_at <= :now AND (d.lease_until IS NULL OR d.lease_until < :now)
+    ORDER BY d.message_id
+    LIMIT :window
+"""
+# The oldest of the heads found, taken: still pending and free. Several nodes may have found
+# the same heads: each takes those the others are not taking (more are found than wanted).
+_TAKE_HEADS = """
     SELECT d.id, d.patient_key, d.message_id FROM deliveries d
-    WHERE d.status = 'pending' AND d.destination = :destination AND d.next_attempt_at <= :now
+    WHERE d.id IN :ids AND d.status = 'pending' AND d.next_attempt_at <= :now
       AND (d.lease_until IS NULL OR d.lease_until < :now)
-      AND NOT EXISTS (
-        SELECT 1 FROM deliveries e
-        WHERE e.status = 'pending' AND e.destination = d.destination
-          AND e.patient_key = d.patient_key AND e.message_id < d.message_id)
     ORDER BY d.message_id
     LIMIT :limit
 """
@@ -199,11 +238,7 @@ def claim_batches(connection: Connection, node: str, destination: str, now: date
     if requests < 1 or batch_size < 1:
         raise ValueError("requests and batch_size must be at least 1")
     is_pg = connection.dialect.name == "postgresql"
-    params = {"destination": destination, "now": now, "limit": requests * batch_size}
-    # Typed, so that SQLite compares the timestamps in the form it stores them.
-    now_type = bindparam("now", type_=DateTime(timezone=True))
-    heads = connection.execute(text(_DUE + (" FOR UPDATE OF d SKIP LOCKED" if is_pg else ""))
-                               .bindparams(now_type), params).all()
+    heads = _heads(connection, is_pg, destination, now, requests * batch_size)
     if not heads:
         return []
     if batch_size == 1:
@@ -230,6 +265,28 @@ def claim_batches(connection: Connection, node: str, destination: str, now: date
         .where(deliveries.c.id.in_([i for batch in packed for i in batch])))}
     return [Batch(tuple(sorted((_claim(rows[i]) for i in batch), key=lambda c: c.message_id)))
             for batch in packed if batch]
+
+
+def _heads(connection: Connection, is_pg: bool, destination: str, now: datetime, limit: int) -> list:
+    """Up to `limit` heads, oldest first, locked for this transaction (PostgreSQL: skipping
+    those another node is locking)."""
+    # Typed, so that SQLite compares the timestamps in the form it stores them.
+    now_type = bindparam("now", type_=DateTime(timezone=True))
+    params = {"destination": destination, "now": now, "limit": limit, "window": limit * _WINDOW_PER_HEAD}
+    found = list(connection.execute(text(_WINDOW_HEADS).bindparams(now_type), params).scalars())
+    if len(found) < limit and connection.execute(text(_WINDOW_FULL),
+                                                 {"destination": destination, "last": params["window"] - 1}).first():
+        found = list(connection.execute(text(_PATIENT_HEADS).bindparams(now_type), params).scalars())
+    if not found:
+        return []
+    # Twice as many as wanted: room for the ones another node is taking at the same time.
+    found = found[:2 * limit]
+    if is_pg:
+        take = text(_TAKE_HEADS.replace("IN :ids", "= ANY(CAST(:ids AS bigint[]))")
+                    + " FOR UPDATE OF d SKIP LOCKED").bindparams(now_type)
+    else:
+        take = text(_TAKE_HEADS).bindparams(now_type, bindparam("ids", expanding=True))
+    return connection.execute(take, {"now": now, "ids": found, "limit": limit}).all()
 
 
 def _claim(row) -> Claim:
@@ -272,11 +329,13 @@ def pack_runs(runs: Sequence[Sequence[tuple[int, int]]], requests: int, batch_si
               batch_bytes: int | None) -> list[list[int]]:
     """Runs (each a patient's deliveries as (id, bytes), in order; oldest head first) packed
     into at most `requests` batches of ids: each run whole in the first batch it fits, a
-    run that fits nowhere left for later. A run is never split: two batches may be in flight
-    at once, and a patient's deliveries must reach the peer in order."""
+    run that fits nowhere left for later; a run longer than a batch keeps its first
+    `batch_size`. A run is never spread over two batches: they may be in flight at once,
+    and a patient's deliveries must reach the peer in order."""
     batches: list[list[int]] = []
     sizes: list[int] = []
     for run in runs:
+        run = run[:batch_size]
         count, size = len(run), sum(b for _, b in run)
         for number, batch in enumerate(batches):
             if len(batch) + count <= batch_size and (batch_bytes is None or sizes[number] + size <= batch_bytes):

@@ -8,8 +8,9 @@ the SHA-256 of the request's JSON (canonical form, so spacing and key order do n
 The same key with the same request gets that response again and changes nothing; with
 another request it is a 422.
 
-`RecordApi.counts` tells how many transaction requests came and what became of them (served
-at `/_sandbox/stats`: benchmarks show how many requests a batched delivery took).
+`RecordApi.counts` tells how many transaction requests reached the API and what became of them
+(served at `/_sandbox/stats`: benchmarks show how many requests a batched delivery took);
+answers replaced by an injected fault are not counted.
 """
 from __future__ import annotations
 

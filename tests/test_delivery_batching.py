@@ -1,0 +1,371 @@
+"""Batched delivery: the outbox claims a patient's consecutive due deliveries with its first one
+and packs several patients' runs into one request (never splitting a run), the request's
+idempotency key follows the set of deliveries it carries, and end to end (MLLP in, the
+reference shared record out) batches keep each patient's order through an outage, deliver
+every message once, and a refused batch makes every member a dead letter with the answer."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import threading
+from datetime import datetime, timedelta, timezone
+from urllib.parse import quote
+
+import pytest
+import pytest_twisted
+from sqlalchemy import insert, text, update
+from twisted.internet import defer, reactor, threads
+
+import hl7msgs
+from delivery_support import until
+from gateway.config import DeliveryConfig, DestinationConfig, RetryConfig, RouteConfig, RouteMatch
+from gateway.delivery.outcome import HttpRequest
+from gateway.delivery.routes import patient_key
+from gateway.delivery.service import DeliveryService
+from gateway.store import outbox
+from gateway.store.database import Database, create_gateway_engine, migrate
+from gateway.store.schema import deliveries, messages, translations
+from test_delivery_e2e import send
+from translation_support import rows, with_mappings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T0 = datetime(2026, 11, 22, 9, 0, tzinfo=timezone.utc)
+_CONTROL_IDS = itertools.count(1)
+
+
+# -- pure: packing and keys -------------------------------------------------------------------
+
+def test_runs_are_packed_whole_within_the_limits():
+    """Runs go whole into the first batch with room (count and bytes); a run with no room
+    anywhere waits for a later claim; a lone delivery larger than the byte cap goes alone."""
+    runs = [[(1, 10), (2, 10)], [(3, 10)], [(4, 10), (5, 10), (6, 10)], [(7, 500)], [(8, 10)]]
+    assert outbox.pack_runs(runs, requests=3, batch_size=4, batch_bytes=100) == [[1, 2, 3, 8], [4, 5, 6], [7]]
+    assert outbox.pack_runs(runs, requests=1, batch_size=4, batch_bytes=100) == [[1, 2, 3, 8]]
+    assert outbox.pack_runs(runs, requests=9, batch_size=4, batch_bytes=None) == [[1, 2, 3, 7], [4, 5, 6, 8]]
+
+
+def test_a_run_longer_than_a_batch_keeps_its_head_and_leaves_its_tail():
+    """A run is cut to the batch size from its start (the rest waits), never spread over two
+    batches that could travel at once."""
+    assert outbox.pack_runs([[(1, 1), (2, 1), (3, 1)], [(4, 1)]], requests=5, batch_size=2,
+                            batch_bytes=None) == [[1, 2], [4]]
+    assert outbox.pack_runs([[(1, 1), (2, 1)], [(3, 1)]], requests=5, batch_size=1,
+                            batch_bytes=None) == [[1], [3]]
+
+
+def test_batch_key_is_the_lone_key_or_a_name_of_the_set():
+    """One delivery keeps its own key; several get a key of the set, whatever their order,
+    and another set (one more or one less) gets another key."""
+    a, b, c = (outbox.idempotency_key("record", n, "sha") for n in (1, 2, 3))
+    assert outbox.batch_idempotency_key([a]) == a
+    assert outbox.batch_idempotency_key([a, b]) == outbox.batch_idempotency_key([b, a])
+    assert len({outbox.batch_idempotency_key([a, b]), outbox.batch_idempotency_key([a, b, c]),
+                outbox.batch_idempotency_key([b, c]), a, b}) == 5
+    with pytest.raises(ValueError, match="at least one"):
+        outbox.batch_idempotency_key([])
+
+
+# -- the outbox (SQLite and PostgreSQL) -------------------------------------------------------
+
+@pytest.fixture
+def engine(db_url):
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+def add(engine, *patients: str, bundle: str = '{"resourceType":"Bundle","entry":[]}',
+        destination: str = "record") -> list[int]:
+    """One translated message per patient key given (in order), each with its delivery."""
+    ids = []
+    with engine.begin() as conn:
+        for patient in patients:
+            row = conn.execute(insert(messages).values(
+                received_at=T0, listener="test", control_id=f"C{next(_CONTROL_IDS)}",
+                sending_application="APP", sending_facility="FAC", sha256=bytes(32), size=1,
+                truncated=False, raw=b"MSH", status="translated", accepted=True, duplicate_count=0,
+                format="hl7v2").returning(messages.c.id)).scalar_one()
+            conn.execute(insert(translations).values(message_id=row, status="translated",
+                                                     translated_at=T0, bundle=bundle))
+            outbox.enqueue(conn, [outbox.Enqueue(row, destination, patient, f"sha-{row}")], T0)
+            ids.append(row)
+    return ids
+
+
+def claim(engine, node="n1", now=T0, requests=4, batch_size=64, batch_bytes=None, destination="record"):
+    with engine.begin() as conn:
+        return outbox.claim_batches(conn, node, destination, now, 60.0, requests=requests,
+                                    batch_size=batch_size, batch_bytes=batch_bytes)
+
+
+def settle(engine, batch, kind="delivered", node="n1", at=T0, next_at=None):
+    with engine.begin() as conn:
+        outbox.settle(conn, node, [outbox.Settlement(c.id, kind, kind, at, 5, 200, None, next_at)
+                                   for c in batch.claims])
+
+
+def message_ids(batches) -> list[list[int]]:
+    return [[c.message_id for c in batch.claims] for batch in batches]
+
+
+def test_a_patients_waiting_deliveries_travel_together_in_order(engine):
+    """One patient's five deliveries: one batch of the first three (batch size 3); the other
+    two wait until those are settled, then go together."""
+    m = add(engine, *["Patient/a"] * 5)
+    (first,) = claim(engine, batch_size=3)
+    assert message_ids([first]) == [m[:3]]
+    assert claim(engine, batch_size=3) == []  # behind the batch in flight
+    settle(engine, first)
+    assert message_ids(claim(engine, batch_size=3)) == [m[3:]]
+
+
+def test_several_patients_share_a_batch_and_a_run_is_never_split(engine):
+    """Interleaved patients: all in one batch (message order, so each patient's in order);
+    with a smaller batch, each patient's run stays whole in one batch."""
+    m = add(engine, "Patient/a", "Patient/b", "Patient/a", "Patient/c", "Patient/b", "Patient/a")
+    (batch,) = claim(engine)
+    assert message_ids([batch]) == [m]
+    assert [c.patient_key for c in batch.claims] == ["Patient/a", "Patient/b", "Patient/a", "Patient/c",
+                                                     "Patient/b", "Patient/a"]
+    settle(engine, batch, "transient", next_at=T0)  # all due again at once
+    small = claim(engine, batch_size=3)
+    by_batch = [{c.patient_key for c in b.claims} for b in small]
+    assert message_ids(small) == [[m[0], m[2], m[5]], [m[1], m[3], m[4]]]
+    assert by_batch == [{"Patient/a"}, {"Patient/b", "Patient/c"}]
+
+
+def test_a_run_stops_at_a_delivery_that_is_not_free(engine):
+    """A patient's run ends before a delivery waiting for a later time (or leased): the ones
+    after it are not taken either."""
+    m = add(engine, *["Patient/a"] * 4)
+    with engine.begin() as conn:
+        conn.execute(update(deliveries).where(deliveries.c.message_id == m[2])
+                     .values(next_attempt_at=T0 + timedelta(minutes=5)))
+    (batch,) = claim(engine)
+    assert message_ids([batch]) == [m[:2]]
+
+
+def test_the_byte_cap_bounds_a_batch(engine):
+    """Bundles of 1,000 bytes and a cap of 2,500: two per batch, a patient's run cut there."""
+    bundle = json.dumps({"resourceType": "Bundle", "entry": [], "pad": "x" * 950})
+    assert len(bundle) == 1000
+    m = add(engine, "Patient/a", "Patient/a", "Patient/a", "Patient/b", bundle=bundle)
+    batches = claim(engine, batch_bytes=2500)
+    assert message_ids(batches) == [m[:2], [m[3]]]
+
+
+def test_a_retry_of_the_same_set_has_the_same_key_and_another_set_another(engine):
+    """After a transient failure the same deliveries are claimed again under the same key;
+    once another message of the patient has joined them, the set and so the key differ."""
+    add(engine, "Patient/a", "Patient/a", "Patient/b")
+    (first,) = claim(engine)
+    assert len(first.claims) == 3 and first.idempotency_key == outbox.batch_idempotency_key(
+        [c.idempotency_key for c in first.claims])
+    retry_at = T0 + timedelta(seconds=30)
+    settle(engine, first, "transient", next_at=retry_at)
+    assert claim(engine, now=T0 + timedelta(seconds=10)) == []
+    (again,) = claim(engine, now=retry_at)
+    assert again.ids == first.ids and again.idempotency_key == first.idempotency_key
+    assert [c.attempts for c in again.claims] == [1, 1, 1]
+    settle(engine, again, "transient", at=retry_at, next_at=retry_at)
+    add(engine, "Patient/a")
+    (grown,) = claim(engine, now=retry_at)
+    assert len(grown.claims) == 4 and grown.idempotency_key != first.idempotency_key
+
+
+def test_a_lone_delivery_keeps_its_own_key(engine):
+    """A batch of one is sent under the delivery's own key (as before batching)."""
+    (m,) = add(engine, "Patient/a")
+    (batch,) = claim(engine)
+    assert batch.idempotency_key == outbox.idempotency_key("record", m, f"sha-{m}")
+
+
+def test_two_nodes_claim_batches_without_sharing_a_patient(pg_url):
+    """PostgreSQL: two nodes claiming at once never get the same delivery, and a patient's
+    deliveries in flight are all with one node."""
+    engine = create_gateway_engine(pg_url)
+    migrate(engine)
+    try:
+        add(engine, *[f"Patient/{n % 200}" for n in range(400)])
+        got: dict[str, list] = {}
+        barrier = threading.Barrier(2)
+
+        def node(name):
+            barrier.wait()
+            got[name] = claim(engine, node=name, requests=4, batch_size=16)
+
+        workers = [threading.Thread(target=node, args=(n,)) for n in ("n1", "n2")]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        ids = {name: {c.id for b in batches for c in b.claims} for name, batches in got.items()}
+        patients = {name: {c.patient_key for b in batches for c in b.claims} for name, batches in got.items()}
+        assert ids["n1"] and ids["n2"] and not ids["n1"] & ids["n2"]
+        assert not patients["n1"] & patients["n2"]
+        for batches in got.values():
+            for batch in batches:
+                assert len(batch.claims) <= 16
+                assert [c.message_id for c in batch.claims] == sorted(c.message_id for c in batch.claims)
+    finally:
+        engine.dispose()
+
+
+def test_claim_is_cheap_on_a_large_outbox(pg_url):
+    """PostgreSQL, 100,000 deliveries (most delivered, a backlog of one patient and of many):
+    every query of the claim reads an index of pending deliveries (the window of the oldest,
+    the skip scan by patient, the runs), never the whole outbox; the claim takes its batches."""
+    engine = create_gateway_engine(pg_url)
+    migrate(engine)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(_FILL))
+            conn.execute(text("ANALYZE"))
+            params = {"destination": "record", "now": datetime.now(timezone.utc), "limit": 256, "run": 64,
+                      "patients": ["Patient/1", "Patient/one"], "window": 2048}
+            plans = {name: "\n".join(r[0] for r in conn.execute(text("EXPLAIN " + sql), params))
+                     for name, sql in (("window", outbox._WINDOW_HEADS), ("patients", outbox._PATIENT_HEADS),
+                                       ("runs", outbox._RUNS_PG))}
+        for name, index in (("window", "ix_deliveries_pending"), ("patients", "ix_deliveries_patient"),
+                            ("runs", "ix_deliveries_patient")):
+            assert "Seq Scan on deliveries" not in plans[name] and index in plans[name], (name, plans[name])
+        # The one patient's backlog fills the window: the others are found by the skip scan.
+        batches = claim(engine, now=datetime.now(timezone.utc), requests=4, batch_size=64)
+        assert sum(len(b.claims) for b in batches) > 64
+        assert "Patient/one" in {c.patient_key for b in batches for c in b.claims}
+    finally:
+        engine.dispose()
+
+
+# 100,000 messages and deliveries: 90,000 delivered, 5,000 pending for one patient, 5,000
+# pending for 1,000 patients.
+_FILL = """
+INSERT INTO messages (id, received_at, listener, control_id, sha256, size, truncated, raw, status,
+                      accepted, duplicate_count, format)
+SELECT n, now(), 'test', 'C' || n, '\\x00', 1, false, 'MSH', 'translated', true, 0, 'hl7v2'
+FROM generate_series(1, 100000) n;
+INSERT INTO translations (message_id, status, translated_at, bundle)
+SELECT n, 'translated', now(), '{"resourceType":"Bundle","entry":[]}' FROM generate_series(1, 100000) n;
+INSERT INTO deliveries (message_id, destination, patient_key, status, idempotency_key, bundle_sha256,
+                        created_at, next_attempt_at, attempts, finished_at)
+SELECT n, 'record',
+       CASE WHEN n <= 90000 THEN 'Patient/' || (n % 5000) WHEN n <= 95000 THEN 'Patient/one'
+            ELSE 'Patient/' || (n % 1000) END,
+       CASE WHEN n <= 90000 THEN 'delivered' ELSE 'pending' END, 'k' || n, 's', now(), now(),
+       CASE WHEN n <= 90000 THEN 1 ELSE 0 END, CASE WHEN n <= 90000 THEN now() END
+FROM generate_series(1, 100000) n;
+SELECT setval(pg_get_serial_sequence('messages', 'id'), 100000);
+"""
+
+
+# -- end to end: MLLP in, the reference shared record out --------------------------------------
+
+FAST_RETRY = RetryConfig(base=0.2, factor=2.0, cap=0.5, max_age=600)
+
+
+def adt(control: int, patient: str, birth: str) -> bytes:
+    """The benchmark's ADT^A01 for `patient` (PID-3) born on `birth` (PID-7)."""
+    return (hl7msgs.message("adt", control).replace("4500123456", patient)
+            .replace("19850714", birth).encode("utf-8"))
+
+
+def gateway_config(make_config, db_url, peers):
+    config = with_mappings(make_config(db_url), os.path.join(ROOT, "mappings"))
+    record = DestinationConfig("shared-record", "fhir-record", peers.url("record"),
+                               response_timeout=5, retry=FAST_RETRY)
+    return dataclasses.replace(
+        config, destinations=(record,),
+        routes=(RouteConfig("clinical", ("shared-record",), RouteMatch(resources=("Patient",))),),
+        delivery=DeliveryConfig(lease=5, poll_interval=0.1))
+
+
+@defer.inlineCallbacks
+def record_stats(peers):
+    response = yield peers.client.request(HttpRequest(
+        "GET", f"https://127.0.0.1:{peers.service.port('record')}/_sandbox/stats", b"", {}))
+    assert response.code == 200
+    return json.loads(response.body)
+
+
+A, B = "8800000001", "8800000002"
+SENT = [(1, A, "19850101"), (2, B, "19700101"), (3, A, "19850102"), (4, B, "19700102"), (5, A, "19850103")]
+DELIVERIES = ("SELECT m.control_id, d.status, d.attempts, d.last_code, d.last_response "
+              "FROM deliveries d JOIN messages m ON m.id = d.message_id ORDER BY d.id")
+
+
+@pytest_twisted.inlineCallbacks
+def test_batches_keep_each_patients_order_through_an_outage_and_deliver_once(
+        db_url, make_config, running_gateway, peers):
+    """The record is down while two patients' messages arrive; once it is back, every
+    message is delivered once: each patient's record went through its messages' versions in
+    order (the last birth date is kept, one version per message), the record applied each
+    message's entries exactly once, and it took fewer requests than messages."""
+    yield peers.faults("record", "down")
+    ports = yield running_gateway(gateway_config(make_config, db_url, peers))
+    yield threads.deferToThread(send, ports["mllp-test"], *[adt(*m) for m in SENT])
+    yield until("SELECT attempts FROM deliveries ORDER BY id", lambda f: len(f) == 5 and f[0].attempts >= 1, db_url)
+    yield peers.faults("record", "none")
+    found = yield until(DELIVERIES, lambda f: len(f) == 5 and all(r.status == "delivered" for r in f), db_url)
+    assert [r.last_code for r in found] == [200] * 5
+    delivered = yield threads.deferToThread(
+        rows, db_url, "SELECT count(*) AS n FROM delivery_attempts WHERE outcome = 'delivered' GROUP BY delivery_id")
+    assert [r.n for r in delivered] == [1] * 5
+    for patient, births in ((A, ["1985-01-01", "1985-01-02", "1985-01-03"]), (B, ["1970-01-01", "1970-01-02"])):
+        found = yield peers.search("/Patient?identifier=" + quote(patient))
+        (resource,) = [e["resource"] for e in found["entry"]]
+        assert resource["birthDate"] == births[-1]
+        assert resource["meta"]["versionId"] == str(len(births))
+    bundles = yield threads.deferToThread(rows, db_url, "SELECT bundle FROM translations")
+    stats = yield record_stats(peers)
+    assert stats["entries"] == sum(len(json.loads(r.bundle)["entry"]) for r in bundles)
+    assert stats["replayed"] == 0 and stats["applied"] < 5
+
+
+@pytest_twisted.inlineCallbacks
+def test_two_patients_in_one_request_refused_then_replayed(db_url, make_config, peers, repo_mappings):
+    """Two patients' deliveries due together go in one request; refused with a 400, each is a
+    dead letter with the record's OperationOutcome; reopened (a replay), they go again in one
+    request and the record holds both patients."""
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    for number, patient, birth in SENT[:2]:
+        bundle = translate(repo_mappings, adt(number, patient, birth))
+        add(engine, patient_key(bundle), bundle=json.dumps(bundle), destination="shared-record")
+    yield peers.faults("record", "http_400", count=1)
+    config = gateway_config(make_config, db_url, peers)
+    database = Database(engine, reactor, 2)
+    database.start()
+    service = DeliveryService(config, database, reactor)
+    service.startService()
+    try:
+        found = yield until(DELIVERIES, lambda f: len(f) == 2 and all(r.status == "dead" for r in f), db_url)
+        assert [(r.attempts, r.last_code) for r in found] == [(1, 400), (1, 400)]
+        assert all(b"OperationOutcome" in bytes(r.last_response) for r in found)
+        with engine.begin() as conn:
+            assert outbox.reopen_dead(conn, outbox.dead_message_ids(conn), datetime.now(timezone.utc)) == 2
+        service.wake()
+        yield until(DELIVERIES, lambda f: all(r.status == "delivered" for r in f), db_url)
+        stats = yield record_stats(peers)
+        assert stats["applied"] == 1  # both patients in one request (the 400 was injected before the API)
+        for patient in (A, B):
+            found = yield peers.search("/Patient?identifier=" + quote(patient))
+            assert found["total"] == 1
+    finally:
+        yield service.stopService()
+        database.stop()
+
+
+def translate(mapping_set, message: bytes) -> dict:
+    from zoneinfo import ZoneInfo
+
+    from gateway.mapping.runtime import TranslationContext
+    from gateway.translation.inputs import read_input
+
+    parsed = read_input(message)
+    context = TranslationContext(sender_id="", timezone=ZoneInfo("Africa/Casablanca"), received_at=T0,
+                                 message_key=f"{parsed.sending_facility}|{parsed.control_id}",
+                                 control_id=parsed.control_id)
+    return mapping_set.translate(parsed.message, context, parsed.message_type).bundle
