@@ -150,7 +150,8 @@ def test_routes_and_their_openapi_operations(setup):
     _, routes, _, _ = setup
     assert sorted(routes) == [("GET", "/v1/prescriptions/signing-key"), ("GET", "/v1/prescriptions/{id}"),
                               ("GET", "/v1/prescriptions/{id}/qr"), ("POST", "/v1/prescriptions/lookup")]
-    assert {r.operation for r in routes.values()} <= set(API_OPERATIONS)
+    assert {r.operation for r in routes.values()} - {None} <= set(API_OPERATIONS)
+    assert routes[("GET", "/v1/prescriptions/signing-key")].operation is None  # any known facility
     assert routes[("GET", "/v1/prescriptions/{id}/qr")].operation == "prescriptions.qr"
     paths: dict = {}
     for (method, template), route in routes.items():
@@ -161,3 +162,51 @@ def test_routes_and_their_openapi_operations(setup):
     text_form = json.dumps(document)
     for name in SCHEMAS:
         assert f"#/components/schemas/{name}" in text_form or name == "Problem"
+
+
+@pytest.fixture(scope="module")
+def door_pki(tmp_path_factory):
+    from doors_support import PKI_NAMES
+    from gateway.pki import init_dev_pki
+
+    directory = str(tmp_path_factory.mktemp("signing-key-pki"))
+    init_dev_pki(directory, PKI_NAMES)
+    return directory
+
+
+@pytest_twisted.inlineCallbacks
+def test_signing_key_is_open_to_every_known_facility_through_the_door(door_pki, tmp_path, repo_mappings,
+                                                                       monkeypatch):
+    """Over mutual TLS: a hospital (no prescriptions.lookup) reads the signing key, the OpenAPI
+    document says so (x-any-facility, no x-operation), the look-up itself stays 403 for it,
+    and a certificate that names no facility still gets 401."""
+    from doors_support import HOSPITAL, STRANGER, Client, door_config, start_door, stop_door
+    from gateway.doors.api import Route
+    from gateway.mapping.mapping_set import MappingSet
+
+    monkeypatch.setattr(MappingSet, "load", classmethod(lambda cls, directory: repo_mappings))
+    key_path = str(tmp_path / "signing.key")
+    qr.ensure_signing_key(key_path)
+
+    class KeyOnly:
+        key = qr.load_signing_key(key_path)
+        database = None
+
+    door = yield start_door(door_config(door_pki, f"sqlite:///{tmp_path / 'door.sqlite'}"), door_pki,
+                            extra_routes=prescription_routes(KeyOnly()))
+    try:
+        hospital = Client(door, HOSPITAL.id)
+        jwk = yield hospital.get("/v1/prescriptions/signing-key")
+        assert jwk.code == 200 and jwk.json()["keys"][0]["kid"] == KeyOnly.key.key_id
+        lookup = yield hospital.get("/v1/prescriptions/RX-0000-0000-0")
+        assert lookup.code == 403
+        stranger = yield Client(door, STRANGER).get("/v1/prescriptions/signing-key")
+        assert stranger.code == 401
+        document = (yield hospital.get("/v1/openapi.json")).json()
+        operation = document["paths"]["/v1/prescriptions/signing-key"]["get"]
+        assert operation["x-any-facility"] is True and "x-operation" not in operation
+        assert document["paths"]["/v1/prescriptions/{id}"]["get"]["x-operation"] == "prescriptions.lookup"
+    finally:
+        yield stop_door(door)
+    with pytest.raises(ValueError, match="ANY_FACILITY"):
+        Route("GET", "/v1/x", "", lambda request: None, {})

@@ -1,7 +1,8 @@
 """The shapes every REST operation of the HTTPS door shares. Pure code (no reactor).
 
 An operation is a `Route`: method, path template, the API operation a facility's type must
-allow (facilities.yaml `types:`), the handler, and its OpenAPI 3.1 Operation Object, from which
+allow (facilities.yaml `types:`; ANY_FACILITY, None, for what every facility named by its
+certificate may call, such as the OpenAPI document or the QR signing key), the handler, and its OpenAPI 3.1 Operation Object, from which
 `/v1/openapi.json` is built, so that the document cannot drift from what is served. The door
 identifies the caller by its client certificate, checks the operation, honours
 `Idempotency-Key`, limits sizes and turns `Problem` into RFC 9457 problem+json; handlers only
@@ -94,6 +95,8 @@ def read_json(request: ApiRequest, limit_detail: str = "the body") -> Any:
                       f"column {error.colno}") from None
 
 
+ANY_FACILITY = None  # Route.operation of what every known facility may call
+
 Handler = Callable[[ApiRequest], "ApiResponse | Awaitable[ApiResponse]"]
 
 
@@ -101,8 +104,15 @@ Handler = Callable[[ApiRequest], "ApiResponse | Awaitable[ApiResponse]"]
 class Route:
     method: str  # GET, POST
     template: str  # "/v1/prescriptions/{id}" (path parameters in braces, one segment each)
-    operation: str  # an API operation of gateway.config.API_OPERATIONS the caller must be allowed
+    # An API operation of gateway.config.API_OPERATIONS the caller's type must be allowed, or
+    # ANY_FACILITY (None): any facility its certificate names may call it (never a 403).
+    operation: str | None
     handler: Handler  # returns an ApiResponse, or a Deferred/coroutine of one; may raise Problem
     spec: Mapping[str, Any]  # its OpenAPI 3.1 Operation Object (summary, parameters, responses)
     # Schemas its spec refers to as "#/components/schemas/NAME".
     schemas: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.operation is not ANY_FACILITY and not (isinstance(self.operation, str) and self.operation):
+            raise ValueError(f"route {self.method} {self.template}: operation must name an API "
+                             "operation, or be ANY_FACILITY (None) for every facility")

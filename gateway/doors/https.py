@@ -6,7 +6,8 @@ Every request:
    looked up once per connection); TLS has already checked that the certificate chains to
    pki.ca. A certificate that names no facility: 401 (a soap:Client fault on SOAP);
 2. its route (404/405 problem otherwise), and the API operation the route needs: a
-   facility whose type lacks it gets 403 (a soap:Client fault on SOAP);
+   facility whose type lacks it gets 403 (a soap:Client fault on SOAP); a route that needs
+   none (ANY_FACILITY) is open to every facility the certificate names;
 3. POSTs with an Idempotency-Key go through the idempotency guard;
 4. answers are JSON, problem+json (RFC 9457) for every error, SOAP envelopes on /soap/.
 
@@ -36,7 +37,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.web import resource, server
 
 from gateway.config import GatewayConfig, HttpsListenerConfig, SenderConfig
-from gateway.doors.api import (ApiRequest, ApiResponse, Problem, Route, json_response,
+from gateway.doors.api import (ANY_FACILITY, ApiRequest, ApiResponse, Problem, Route, json_response,
                                problem_response)
 from gateway.doors.idempotency import IdempotencyGuard, idempotency_key
 from gateway.doors.ingest_bridge import IngestBridge
@@ -126,7 +127,7 @@ class HttpsDoor(resource.Resource):
         self.now = now
         routes = list(routes)
         self.openapi: dict | None = None
-        routes.append(Route("GET", "/v1/openapi.json", "", self._openapi, openapi_spec()))
+        routes.append(Route("GET", "/v1/openapi.json", ANY_FACILITY, self._openapi, openapi_spec()))
         self.routes = RouteTable(routes)
         self.openapi = openapi_document(self.routes.routes)
         self.soap = soap
@@ -201,7 +202,7 @@ class HttpsDoor(resource.Resource):
             match = self.routes.match(method, path)
             route = match.route
             facility = identity.facility
-            if route.operation and not self.registry().may(facility, route.operation):
+            if route.operation is not ANY_FACILITY and not self.registry().may(facility, route.operation):
                 await self.refuse(request, identity, "rest", route.operation, 403,
                             f"operation not allowed for facility type {facility.type}")
                 raise Problem(403, "operation-not-allowed", "Operation not allowed",

@@ -7,6 +7,8 @@ operation shares and no module should have to repeat: the `Idempotency-Key` head
 POST, the path parameters of the template when the spec leaves them out, and the problem
 answers the door itself gives (401, 403, 404 for paths with parameters, 409/422 for POST
 idempotency, 413, 503), all as RFC 9457 problem+json. Security is mutual TLS for everything.
+An operation says the facility right it needs in `x-operation`; one open to every facility
+its certificate names (Route.operation ANY_FACILITY) says `x-any-facility: true` instead.
 """
 from __future__ import annotations
 
@@ -101,8 +103,10 @@ def openapi_document(routes: Iterable[Route], *, title: str = "MA-HIE gateway RE
 
 def _operation(route: Route) -> dict:
     operation = copy.deepcopy(dict(route.spec))
-    if route.operation:
+    if route.operation is not None:
         operation.setdefault("x-operation", route.operation)  # the facility right it needs
+    else:
+        operation.setdefault("x-any-facility", True)  # no right needed beyond a known certificate
     parameters = list(operation.get("parameters", ()))
     declared = {(p.get("in"), p.get("name")) for p in parameters if isinstance(p, dict)}
     path_parameters = [text for is_parameter, text in compile_template(route.template) if is_parameter]

@@ -6,7 +6,9 @@
     GET  /v1/prescriptions/{id}/qr            the QR code (?format=png|svg), the prescriber's own
 
 Look-ups are for the facility types allowed `prescriptions.lookup` (pharmacies, laboratories,
-imaging centres); the door checks the operation before the handler runs. A prescription that
+imaging centres); the door checks the operation before the handler runs. The signing key is
+public: any facility its certificate names may read it (ANY_FACILITY), to verify QR codes
+offline. A prescription that
 is cancelled, fully dispensed or expired is 410 Gone; an unknown one 404; a malformed id or a
 QR payload whose signature fails is 400. The QR image is served to the facility that issued
 the prescription only (another facility gets 404, as if it did not exist, so that ids cannot
@@ -17,7 +19,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from gateway.doors.api import ApiRequest, ApiResponse, Problem, Route, json_response, read_json
+from gateway.doors.api import ANY_FACILITY, ApiRequest, ApiResponse, Problem, Route, json_response, read_json
 from gateway.prescriptions import ids, qr, store
 
 if TYPE_CHECKING:
@@ -190,7 +192,7 @@ def prescription_routes(service: "PrescriptionService") -> list[Route]:
     """The REST routes of the prescription operations, with their OpenAPI operations."""
     api = PrescriptionApi(service)
     return [
-        Route("GET", "/v1/prescriptions/signing-key", "prescriptions.lookup", api.signing_key, {
+        Route("GET", "/v1/prescriptions/signing-key", ANY_FACILITY, api.signing_key, {
             "operationId": "getPrescriptionSigningKey", "tags": ["prescriptions"],
             "summary": "The public key that signs prescription QR payloads (verify them offline)",
             "parameters": [{"name": "format", "in": "query", "required": False,
