@@ -39,7 +39,9 @@ Where the fields come from (identifier systems of DESIGN.md section 4):
   `ordonnancePapier` (and may not name an e-prescription);
 - amounts: ChargeItem.priceOverride (the line's amount, FT1-11 or FT1-12 x FT1-10), the
   unit-price extension of a dispense (CSV). A dispense without a price is sent without one
-  (the contract lets CNSS value a drug at its regulated price); an act without one is refused.
+  (the contract lets CNSS value a drug at its regulated price), and so is an act performed
+  against an e-prescription (valued at the national reference tariff); any other act without
+  one is refused.
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ INPE = "urn:ma:inpe"
 PRESCRIPTION = "urn:ma:hie:prescription"
 PRESCRIPTION_LINE = "urn:ma:hie:prescription-line"  # RX-XXXX-XXXX-C/<line>
 DISPENSATION = "urn:ma:hie:dispensation"
+ACT = "urn:ma:hie:act"  # a performed act's id (ChargeItem.identifier): its line key at CNSS
 PAPER_EXTENSION = "urn:ma:hie:StructureDefinition/paper-prescription"
 GTIN = "https://www.gs1.org/gtin"
 NOMENCLATURES = {"urn:ma:cnss:ngap": "NGAP", "urn:ma:cnss:nabm": "NABM"}
@@ -401,14 +404,18 @@ def _charge_item_line(bundle: _Bundle, item: dict, n: int, people: dict) -> _Lin
         raise CareSheetError(f"{what} has no NGAP (urn:ma:cnss:ngap) or NABM (urn:ma:cnss:nabm) code")
     quantity = _quantity(item.get("quantity"), what, default=Decimal(1))
     amount = _amount(item.get("priceOverride"), f"{what} price")
-    if amount is None:
+    reference = _act_reference(bundle, item, people)
+    if amount is None and reference is None:
         raise CareSheetError(f"{what} has no price (priceOverride): an act needs its amount")
     line = {"acte": {"nomenclature": NOMENCLATURES[coding["system"]], "code": str(coding["code"]).strip()},
             "libelle": _label(concept, coding), "quantite": quantity}
-    unit_price = amount / quantity
-    if unit_price == unit_price.quantize(CENT):  # only when exact: the peer checks q x p = amount
-        line["prixUnitaire"] = unit_price.quantize(CENT)
-    line["montant"] = amount
+    if amount is not None:
+        unit_price = amount / quantity
+        if unit_price == unit_price.quantize(CENT):  # only when exact: the peer checks q x p = amount
+            line["prixUnitaire"] = unit_price.quantize(CENT)
+        line["montant"] = amount
+    if reference is not None:
+        line["prescription"] = reference
     for performer in item.get("performer") or ():
         codes = {c.get("code") for c in ((performer.get("function") or {}).get("coding") or ())}
         role = "prescribers" if PRACTITIONER_ROLE_ORDERING in codes else "practitioners"
@@ -464,6 +471,31 @@ def _dispense_line(bundle: _Bundle, dispense: dict, n: int, people: dict) -> _Li
         line["prescription"] = reference
     when = dispense.get("whenHandedOver") or dispense.get("whenPrepared")
     return _Line(line, _day(when))
+
+
+def _act_reference(bundle: _Bundle, item: dict, people: dict) -> dict | None:
+    """The ReferencePrescription of an act performed against an e-prescription: the ChargeItem's
+    act id (ACT) and, through its service (the report) and the report's basedOn, the
+    ServiceRequest's line id RX-.../n; the prescription joins the sheet's. None otherwise."""
+    key = _identifier(item, ACT)
+    if key is None:
+        return None
+    for service in item.get("service") or ():
+        report = bundle.resolve(service)
+        for based_on in (report or {}).get("basedOn") or ():
+            request = bundle.resolve(based_on)
+            if request is None or request.get("resourceType") != "ServiceRequest":
+                continue
+            prescribed_line = _identifier(request, PRESCRIPTION_LINE)
+            if prescribed_line is None:
+                continue
+            requisition = request.get("requisition") or {}
+            people["prescriptions"].add(str(requisition["value"]).strip()
+                                        if requisition.get("system") == PRESCRIPTION and requisition.get("value")
+                                        else prescribed_line.rpartition("/")[0])
+            return _prescription_reference(prescribed_line, key)
+    raise CareSheetError("an act performed against a prescription (urn:ma:hie:act) names no prescription "
+                         "line: its service's basedOn must be the prescribed ServiceRequest")
 
 
 def _prescription_reference(prescribed_line: str | None, key: str | None) -> dict | None:

@@ -7,8 +7,11 @@ AE/CE and an ERR when it failed (that ACK is stored in place of the first, so a 
 message gets the same answer).
 
 Whatever the listener says, a message whose answer depends on the translation step (the
-e-prescription flow: RDE^O11, OMP^O09, RDS^O13) is answered once it has run: with the
-prescription's RRE^O12 / ORP^O10, or the dispensation's AA or AE. Until then the ACK stored
+e-prescription flow: RDE^O11, OMP^O09, RDS^O13; a prescriber's ORM^O01 / OML^O21; a result
+whose ORC-4 names a prescription) is answered once it has run: with the prescription's
+RRE^O12 / ORP^O10 / ORR^O02 / ORL^O22, or the dispensation's or the acts' AA or AE. The step
+decides from the type, the sender and a byte search of the raw message, before the commit;
+ordinary results are answered at commit as before. Until then the ACK stored
 with it is a provisional AE ("not processed yet; send again later"), so that a re-sent copy
 never gets an AA that carries no prescription id; the step's answer replaces it in the same
 transaction as the translation.
@@ -90,7 +93,8 @@ class IngestPipeline:
             return False
         waiting = False
         for item in result.items:
-            if not (item.deduplicated and self.translation.answers_after_translation(item.message_type)):
+            if not (item.deduplicated and self.translation.answers_after_translation(
+                    item.message_type, item.raw, item.sender_id)):
                 continue
             waiting = True
             header = item.header

@@ -2,6 +2,7 @@
 
     GET  /v1/prescriptions/signing-key        the QR signing key (JWK set; ?format=pem: PEM)
     GET  /v1/prescriptions/{id}               a valid prescription and what remains per line
+                                              (drugs to dispense, acts to perform)
     POST /v1/prescriptions/lookup             the same, from a scanned QR payload {"qr": "..."}
     GET  /v1/prescriptions/{id}/qr            the QR code (?format=png|svg), the prescriber's own
 
@@ -44,17 +45,27 @@ SCHEMAS = {
         "required": ["type", "title", "status"]},
     "PrescriptionLine": {
         "type": "object",
+        "description": "A drug to dispense (kind drug, its medication) or an act to perform (kind act: "
+                       "a lab test or an imaging examination, quantity 1)",
         "properties": {
             "line": {"type": "integer", "minimum": 1},
+            "kind": {"type": "string", "enum": list(store.KINDS)},
             "medication": {"type": "object", "properties": {
                 "system": {"type": ["string", "null"], "description": "https://www.gs1.org/gtin for EAN-13"},
                 "code": {"type": "string"}, "display": {"type": ["string", "null"]}},
                 "required": ["code"]},
-            "quantity": {"type": "number", "description": "prescribed"},
+            "act": {"type": "object", "properties": {
+                "system": {"type": ["string", "null"],
+                           "description": "urn:ma:cnss:nabm or urn:ma:cnss:ngap when it has a CNSS code, "
+                                          "else http://loinc.org or a local system"},
+                "code": {"type": "string"}, "display": {"type": ["string", "null"]}},
+                "required": ["code"]},
+            "quantity": {"type": "number", "description": "prescribed (an act: 1)"},
             "unit": {"type": ["string", "null"]},
-            "dispensed": {"type": "number"},
+            "dispensed": {"type": "number", "description": "dispensed, or performed (an act: 0 or 1)"},
             "remaining": {"type": "number"}},
-        "required": ["line", "medication", "quantity", "dispensed", "remaining"]},
+        "required": ["line", "kind", "quantity", "dispensed", "remaining"],
+        "oneOf": [{"required": ["medication"]}, {"required": ["act"]}]},
     "Prescription": {
         "type": "object",
         "properties": {
@@ -81,11 +92,11 @@ SCHEMAS = {
         "required": ["keys"]},
 }
 
-_FOUND = {"200": {"description": "The prescription, with what remains to dispense per line",
+_FOUND = {"200": {"description": "The prescription, with what remains to dispense or perform per line",
                   "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Prescription"}}}},
           "400": _problem_response("Malformed id or QR payload, or a QR signature that is not valid"),
           "404": _problem_response("No such prescription"),
-          "410": _problem_response("The prescription is cancelled, fully dispensed or expired")}
+          "410": _problem_response("The prescription is cancelled, fully dispensed and performed, or expired")}
 
 
 def prescription_view(prescription: store.Prescription) -> dict:

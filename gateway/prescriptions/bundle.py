@@ -4,14 +4,23 @@ prescription's identifiers back into them. Pure code: plain dicts in, plain data
 Whatever the input (HL7 RDE^O11, OMP^O09, RDS^O13, a FHIR bundle), the flow looks at the
 canonical FHIR resources only:
 
-- a prescription is the message's MedicationRequests, one line each, in bundle order; each
-  line needs a medication code (EAN-13 `https://www.gs1.org/gtin` preferred, else the first
-  coded one) and a quantity to dispense (`dispenseRequest.quantity`, RXE-10 / RXO-11);
+- a prescription is the message's MedicationRequests (drugs) and ServiceRequests (acts: lab
+  tests, imaging examinations), one line each, in bundle order; a drug line needs a medication
+  code (EAN-13 `https://www.gs1.org/gtin` preferred, else the first coded one) and a quantity
+  to dispense (`dispenseRequest.quantity`, RXE-10 / RXO-11); an act line needs a coded act
+  (`code`, OBR-4: a CNSS nomenclature code, NABM or NGAP, preferred, else LOINC, else the
+  first coded one) and is performed once;
 - a dispensation is a MedicationDispense; the prescription it fills is named by
   `authorizingPrescription`: the MedicationRequest it points at (its `groupIdentifier`, RDS^O13
   ORC-4 `RX-...^HIE`) or a logical reference by identifier (FHIR, RXD-7), system
   `urn:ma:hie:prescription`; a paper prescription is marked by the extension
-  PAPER_EXTENSION = true (RDS^O13: ORC-4.2 `PAPIER`).
+  PAPER_EXTENSION = true (RDS^O13: ORC-4.2 `PAPIER`);
+- acts performed are DiagnosticReports whose `basedOn` names the prescription: a logical
+  reference by identifier, system `urn:ma:hie:prescription` (ORU^R01 ORC-4 `RX-...^HIE`, a
+  SOAP report's prescriptionId, FHIR), or a ServiceRequest of the bundle that carries the id
+  (`requisition`, or its line id). Each is matched to a prescribed act by its code (`code`,
+  OBR-4: any coding in common). A report that is not a result yet (`registered`) or is
+  cancelled performs nothing.
 
 Problems are `Refusal`s with a precise reason (never patient data) and, for HL7 inputs, the
 segment they came from.
@@ -19,6 +28,7 @@ segment they came from.
 from __future__ import annotations
 
 import copy
+import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
@@ -38,6 +48,14 @@ CNIE = "urn:ma:cnie"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 ORDER_INTENTS = ("order", "original-order", "instance-order")
 MAX_LINES = 100
+ACT_SYSTEM = "urn:ma:hie:act"  # ChargeItem.identifier of a performed act: its care-sheet line key
+CNSS_NOMENCLATURES = ("urn:ma:cnss:nabm", "urn:ma:cnss:ngap")  # what a care-sheet act is coded in
+LOINC = "http://loinc.org"
+NOT_PERFORMED = ("registered", "cancelled", "entered-in-error")  # DiagnosticReport.status
+V2_0443 = "http://terminology.hl7.org/CodeSystem/v2-0443"
+ORDER_TYPES = ("MedicationRequest", "ServiceRequest")
+INACTIVE_ORDER = {"MedicationRequest": ("cancelled", "revoked", "entered-in-error", "stopped"),
+                  "ServiceRequest": ("revoked", "entered-in-error", "completed")}
 
 
 class Refusal(Exception):
@@ -92,10 +110,11 @@ class Medication:
 @dataclass
 class PrescribedLine:
     number: int
-    medication: Medication
+    medication: Medication  # the drug, or the act (kind 'act')
     quantity: Decimal
     unit: str | None
-    entry: dict  # the MedicationRequest's bundle entry (annotated in place)
+    entry: dict  # the MedicationRequest's (ServiceRequest's) bundle entry (annotated in place)
+    kind: str = "drug"
 
 
 @dataclass
@@ -128,6 +147,25 @@ class DispensationDraft:
     coverage: dict = field(default_factory=dict)  # 'immatriculation'/'cnie' to check AMO rights
 
 
+@dataclass
+class PerformedAct:
+    index: int  # 1-based, among the bundle's DiagnosticReports (an HL7 message: its OBR)
+    entry: dict  # the DiagnosticReport's entry
+    codings: tuple[tuple[str | None, str], ...]  # the act's codes as sent (OBR-4 and alternates)
+    display: str | None
+    prescription_id: str  # parsed: RX-XXXX-XXXX-C
+    report: str  # the report's own identifier ('system|value', FILL first), '' without one
+    day: str | None  # when performed (effective, else issued), as sent
+
+
+@dataclass
+class PerformanceDraft:
+    items: list[PerformedAct]  # empty: the reports name a prescription but perform nothing yet
+    patient_identifiers: tuple[str, ...]
+    patient_reference: dict | None
+    coverage: dict = field(default_factory=dict)
+
+
 def location(hl7: bool, segment: str, resource: str, index: int, field_number: int = 0,
              element: str = "") -> str:
     if hl7:
@@ -150,6 +188,48 @@ def medication_of(resource: dict, resources: Resources) -> Medication | None:
     display = coding.get("display") or (concept or {}).get("text")
     return Medication(coding.get("system"), str(coding["code"]).strip(),
                       " ".join(str(display).split())[:200] if display else None)
+
+
+def codings_of(concept) -> tuple[tuple[str | None, str], ...]:
+    """(system, code) of every coding of a CodeableConcept that has a code."""
+    found = []
+    for coding in (concept or {}).get("coding") or () if isinstance(concept, dict) else ():
+        if isinstance(coding, dict) and str(coding.get("code") or "").strip():
+            found.append((coding.get("system") or None, str(coding["code"]).strip()))
+    return tuple(dict.fromkeys(found))
+
+
+def act_of(concept) -> Medication | None:
+    """The code an act is kept and billed by: a CNSS nomenclature's (NABM, NGAP) first, then
+    LOINC, then the first coded one."""
+    codings = codings_of(concept)
+    if not codings:
+        return None
+    ranked = sorted(codings, key=lambda c: 0 if c[0] in CNSS_NOMENCLATURES else 1 if c[0] == LOINC else 2)
+    system, code = ranked[0]
+    display = next((c.get("display") for c in concept.get("coding") or ()
+                    if isinstance(c, dict) and str(c.get("code") or "").strip() == code and c.get("display")),
+                   None) or concept.get("text")
+    return Medication(system, code, " ".join(str(display).split())[:200] if display else None)
+
+
+def acts_match(prescribed: tuple, performed: tuple) -> bool:
+    """Whether two acts' codings share a code: same system and code, or the same code where
+    one side names no system (a local code)."""
+    for system, code in performed:
+        for other_system, other_code in prescribed:
+            if code == other_code and (system == other_system or system is None or other_system is None):
+                return True
+    return False
+
+
+def cnss_coding(*codings: tuple) -> tuple[str, str] | None:
+    """The first (system, code) in a CNSS nomenclature among `codings` (in order)."""
+    for group in codings:
+        for system, code in group:
+            if system in CNSS_NOMENCLATURES:
+                return system, code
+    return None
 
 
 def quantity_of(quantity) -> tuple[Decimal | None, str | None]:
@@ -190,30 +270,43 @@ def _patient_entry(resources: Resources, resource: dict) -> dict | None:
 
 
 def national_group(resource: dict) -> str | None:
-    """The national prescription id a MedicationRequest already carries, as sent (unparsed)."""
-    group = resource.get("groupIdentifier") or {}
+    """The national prescription id a MedicationRequest (groupIdentifier) or a ServiceRequest
+    (requisition) already carries, as sent (unparsed)."""
+    group = resource.get("requisition" if resource.get("resourceType") == "ServiceRequest"
+                         else "groupIdentifier") or {}
     if isinstance(group, dict) and group.get("system") == SYSTEM and str(group.get("value") or "").strip():
         return str(group["value"]).strip()
     return None
 
 
+def _orders(resources: Resources) -> list[dict]:
+    """The MedicationRequest and ServiceRequest entries, in bundle order (the lines' order)."""
+    return [e for e in resources.entries if e["resource"].get("resourceType") in ORDER_TYPES]
+
+
 def is_prescription_bundle(bundle: dict) -> bool:
-    """A FHIR input that asks for a prescription: MedicationRequests to order, none of them
-    already carrying a national id, and no MedicationDispense."""
+    """A FHIR input that asks for a prescription: MedicationRequests and/or ServiceRequests to
+    order, none of them already carrying a national id, and no MedicationDispense nor
+    DiagnosticReport (results that come with their order are not a new prescription)."""
     resources = Resources(bundle)
-    if resources.of_type("MedicationDispense"):
+    if resources.of_type("MedicationDispense") or resources.of_type("DiagnosticReport"):
         return False
-    requests = [e["resource"] for e in resources.of_type("MedicationRequest")]
+    requests = [e["resource"] for e in _orders(resources)]
     return bool(requests) and all(r.get("intent") in ORDER_INTENTS and national_group(r) is None
                                   for r in requests)
 
 
+def only_acts(bundle: dict) -> bool:
+    """Whether the orders of a bundle are all ServiceRequests (acts)."""
+    return not Resources(bundle).of_type("MedicationRequest")
+
+
 def cancelled_group(bundle: dict) -> str | None:
     """A FHIR input that cancels a prescription: every MedicationRequest cancelled (or revoked)
-    and carrying the same national id; that id, as sent."""
+    and every ServiceRequest revoked, all carrying the same national id; that id, as sent."""
     resources = Resources(bundle)
-    requests = [e["resource"] for e in resources.of_type("MedicationRequest")]
-    if not requests or resources.of_type("MedicationDispense"):
+    requests = [e["resource"] for e in _orders(resources)]
+    if not requests or resources.of_type("MedicationDispense") or resources.of_type("DiagnosticReport"):
         return None
     groups = {national_group(r) for r in requests}
     if len(groups) != 1 or None in groups:
@@ -224,15 +317,17 @@ def cancelled_group(bundle: dict) -> str | None:
 
 
 def mark_cancelled(bundle: dict, prescription_id: str) -> None:
-    """Every MedicationRequest of a cancelling message: status cancelled, with the ids of the
-    prescription's lines (in order), so that the shared record updates the ones it holds."""
-    for number, entry in enumerate(Resources(bundle).of_type("MedicationRequest"), start=1):
+    """Every order of a cancelling message: MedicationRequests cancelled, ServiceRequests
+    revoked, with the ids of the prescription's lines (in order), so that the shared record
+    updates the ones it holds."""
+    for number, entry in enumerate(_orders(Resources(bundle)), start=1):
         request = entry["resource"]
+        act = request["resourceType"] == "ServiceRequest"
         identifiers = [i for i in request.get("identifier") or ()
                        if not (isinstance(i, dict) and i.get("system") in (SYSTEM, LINE_SYSTEM))]
         request["identifier"] = [{"system": LINE_SYSTEM, "value": f"{prescription_id}/{number}"}] + identifiers
-        request["groupIdentifier"] = {"system": SYSTEM, "value": prescription_id}
-        request["status"] = "cancelled"
+        request["requisition" if act else "groupIdentifier"] = {"system": SYSTEM, "value": prescription_id}
+        request["status"] = "revoked" if act else "cancelled"
 
 
 def is_dispensation_bundle(bundle: dict) -> bool:
@@ -241,47 +336,38 @@ def is_dispensation_bundle(bundle: dict) -> bool:
 
 def read_prescription(bundle: dict, segment: str | None) -> PrescriptionDraft:
     """The lines, patient and prescriber of a prescription message, or a Refusal. `segment`:
-    the HL7 segment of the lines (RXE for RDE^O11, RXO for OMP^O09), None for FHIR input."""
+    the HL7 segment of the drug lines (RXE for RDE^O11, RXO for OMP^O09 and ORM^O01), None
+    for FHIR input; act lines come from OBR."""
     hl7 = segment is not None
     resources = Resources(bundle)
-    requests = resources.of_type("MedicationRequest")
-    if not requests:
+    orders = _orders(resources)
+    if not orders:
         raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
-                      "the prescription has no line (no RXE/RXO, no MedicationRequest)",
-                      "RXE[1]" if hl7 else "MedicationRequest",
+                      "the prescription has no line (no RXE/RXO, no MedicationRequest)"
+                      if segment in ("RXE", None) else
+                      "the prescription has no line (no OBR/RXO, no ServiceRequest or MedicationRequest)",
+                      f"{segment or 'RXE'}[1]" if hl7 else "MedicationRequest",
                       ErrorCondition.SEGMENT_SEQUENCE_ERROR)
-    if len(requests) > MAX_LINES:
+    if len(orders) > MAX_LINES:
         raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
-                      f"the prescription has {len(requests)} lines; at most {MAX_LINES}")
+                      f"the prescription has {len(orders)} lines; at most {MAX_LINES}")
     lines: list[PrescribedLine] = []
     patients: dict[str, dict] = {}
     prescribers: set[str] = set()
     prescriber_entry = None
-    for number, entry in enumerate(requests, start=1):
+    counts = {"MedicationRequest": 0, "ServiceRequest": 0}
+    for number, entry in enumerate(orders, start=1):
         request = entry["resource"]
-        medication = medication_of(request, resources)
-        if medication is None:
-            raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
-                          f"line {number} has no coded medication",
-                          location(hl7, segment, "MedicationRequest", number, 2, "medicationCodeableConcept"),
-                          ErrorCondition.REQUIRED_FIELD_MISSING)
-        if medication.system == GTIN and not valid_ean13(medication.code):
-            raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
-                          f"line {number}: the drug code is not a valid EAN-13 (GS1 check digit)",
-                          location(hl7, segment, "MedicationRequest", number, 2, "medicationCodeableConcept"),
-                          ErrorCondition.DATA_TYPE_ERROR)
-        quantity, unit = quantity_of((request.get("dispenseRequest") or {}).get("quantity"))
-        if quantity is None or quantity <= 0 or quantity > 100_000:
-            field_number = 10 if segment == "RXE" else 11
-            raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
-                          f"line {number} has no quantity to dispense (a positive number up to 100000)",
-                          location(hl7, segment, "MedicationRequest", number, field_number,
-                                   "dispenseRequest.quantity"),
-                          ErrorCondition.REQUIRED_FIELD_MISSING)
-        if request.get("status") in ("cancelled", "revoked", "entered-in-error", "stopped"):
+        kind = request["resourceType"]
+        counts[kind] += 1
+        if kind == "ServiceRequest":
+            lines.append(_act_line(number, counts[kind], entry, hl7))
+        else:
+            lines.append(_drug_line(number, counts[kind], entry, resources, segment))
+        if request.get("status") in INACTIVE_ORDER[kind]:
             raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
                           f"line {number} is not an active order (status {request.get('status')})",
-                          location(hl7, "ORC", "MedicationRequest", number, 1, "status"),
+                          location(hl7, "ORC", kind, number, 1, "status"),
                           ErrorCondition.TABLE_VALUE_NOT_FOUND)
         patient = _patient_entry(resources, request)
         if patient is not None:
@@ -296,7 +382,6 @@ def read_prescription(bundle: dict, segment: str | None) -> PrescriptionDraft:
             logical = ((request.get("requester") or {}).get("identifier") or {})
             if logical.get("system") == INPE and logical.get("value"):
                 prescribers.add(str(logical["value"]).strip())
-        lines.append(PrescribedLine(number, medication, quantity, unit, entry))
     if len(patients) != 1:
         raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
                       "a prescription is for one patient" if patients else
@@ -318,6 +403,40 @@ def read_prescription(bundle: dict, segment: str | None) -> PrescriptionDraft:
     patient_id = patient["resource"].get("id")
     return PrescriptionDraft(lines, f"Patient/{patient_id}" if patient_id else None, identifiers,
                              next(iter(prescribers), None), prescriber_entry)
+
+
+def _drug_line(number: int, position: int, entry: dict, resources: Resources,
+               segment: str | None) -> PrescribedLine:
+    hl7 = segment is not None
+    request = entry["resource"]
+    medication = medication_of(request, resources)
+    where = location(hl7, segment, "MedicationRequest", position, 2, "medicationCodeableConcept")
+    if medication is None:
+        raise Refusal(PrescriptionError.PRESCRIPTION_INVALID, f"line {number} has no coded medication",
+                      where, ErrorCondition.REQUIRED_FIELD_MISSING)
+    if medication.system == GTIN and not valid_ean13(medication.code):
+        raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                      f"line {number}: the drug code is not a valid EAN-13 (GS1 check digit)",
+                      where, ErrorCondition.DATA_TYPE_ERROR)
+    quantity, unit = quantity_of((request.get("dispenseRequest") or {}).get("quantity"))
+    if quantity is None or quantity <= 0 or quantity > 100_000:
+        field_number = 10 if segment == "RXE" else 11
+        raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                      f"line {number} has no quantity to dispense (a positive number up to 100000)",
+                      location(hl7, segment, "MedicationRequest", position, field_number,
+                               "dispenseRequest.quantity"),
+                      ErrorCondition.REQUIRED_FIELD_MISSING)
+    return PrescribedLine(number, medication, quantity, unit, entry)
+
+
+def _act_line(number: int, position: int, entry: dict, hl7: bool) -> PrescribedLine:
+    """An act: its code (act_of), quantity 1 (an act is performed once)."""
+    act = act_of(entry["resource"].get("code"))
+    if act is None:
+        raise Refusal(PrescriptionError.PRESCRIPTION_INVALID, f"line {number} has no coded act",
+                      location(hl7, "OBR", "ServiceRequest", position, 4, "code"),
+                      ErrorCondition.REQUIRED_FIELD_MISSING)
+    return PrescribedLine(number, act, Decimal(1), None, entry, "act")
 
 
 def read_dispensation(bundle: dict, hl7: bool) -> DispensationDraft:
@@ -385,22 +504,109 @@ def read_dispensation(bundle: dict, hl7: bool) -> DispensationDraft:
                       ErrorCondition.REQUIRED_FIELD_MISSING)
     patient_entry = next(iter(patients.values()))
     patient = patient_entry["resource"]
-    coverage = {}
+    reference = {"reference": patient_entry["fullUrl"]} if patient_entry.get("fullUrl") else None
+    return DispensationDraft(items, identifiers_of(patient), reference, _coverage(resources, patient_entry))
+
+
+def _coverage(resources: Resources, patient_entry: dict) -> dict:
+    """How to ask CNSS about the patient's AMO rights: {'immatriculation': ...} or {'cnie': ...}
+    (the patient's own, else a Coverage's subscriber), {} when nothing says."""
+    patient = patient_entry["resource"]
     number = _identifier(patient, IMMATRICULATION)
     cnie = _identifier(patient, CNIE)
     if number:
-        coverage["immatriculation"] = number
-    elif cnie:
-        coverage["cnie"] = cnie.upper()
-    else:
-        for entry in resources.of_type("Coverage"):
-            beneficiary = resources.resolve(entry["resource"].get("beneficiary"))
-            subscriber = str(entry["resource"].get("subscriberId") or "").strip()
-            if beneficiary is patient_entry and subscriber:
-                coverage["immatriculation"] = subscriber
-                break
+        return {"immatriculation": number}
+    if cnie:
+        return {"cnie": cnie.upper()}
+    for entry in resources.of_type("Coverage"):
+        beneficiary = resources.resolve(entry["resource"].get("beneficiary"))
+        subscriber = str(entry["resource"].get("subscriberId") or "").strip()
+        if beneficiary is patient_entry and subscriber:
+            return {"immatriculation": subscriber}
+    return {}
+
+
+def named_prescription(resources: Resources, report: dict) -> str | None:
+    """The national prescription id a DiagnosticReport's basedOn names, as sent (unparsed)."""
+    for reference in report.get("basedOn") or ():
+        if not isinstance(reference, dict):
+            continue
+        target = resources.resolve(reference)
+        if target is not None:
+            request = target["resource"]
+            found = national_group(request) or _identifier(request, SYSTEM)
+            line = _identifier(request, LINE_SYSTEM)
+            if found or line:
+                return found or line.split("/", 1)[0]
+            continue
+        logical = reference.get("identifier") or {}
+        value = str(logical.get("value") or "").strip() if isinstance(logical, dict) else ""
+        if value and logical.get("system") == SYSTEM:
+            return value
+        if value and logical.get("system") == LINE_SYSTEM:
+            return value.split("/", 1)[0]
+    return None
+
+
+def is_performance_bundle(bundle: dict) -> bool:
+    """Results (DiagnosticReports) of which one names a prescription: acts performed."""
+    resources = Resources(bundle)
+    return any(named_prescription(resources, e["resource"]) is not None
+               for e in resources.of_type("DiagnosticReport"))
+
+
+def read_performance(bundle: dict, hl7: bool) -> PerformanceDraft:
+    """The acts a results message performs against a prescription, or a Refusal. Reports that
+    name no prescription are not acts of it (routed as any result); reports that name one but
+    are not a result yet (NOT_PERFORMED) are left out of the items."""
+    resources = Resources(bundle)
+    items: list[PerformedAct] = []
+    named: set[str] = set()
+    patients: dict[str, dict] = {}
+    for index, entry in enumerate(resources.of_type("DiagnosticReport"), start=1):
+        report = entry["resource"]
+        reference = named_prescription(resources, report)
+        if reference is None:
+            continue
+        where = location(hl7, "ORC", "DiagnosticReport", index, 4, "basedOn")
+        try:
+            prescription_id = ids.parse(reference)
+        except ids.PrescriptionIdError as error:
+            raise Refusal(PrescriptionError.PRESCRIPTION_UNKNOWN, f"result {index}: {error.reason}", where,
+                          ErrorCondition.UNKNOWN_KEY_IDENTIFIER) from None
+        named.add(prescription_id)
+        patient = _patient_entry(resources, report)
+        if patient is not None:
+            patients[patient.get("fullUrl") or patient["resource"].get("id")] = patient
+        if report.get("status") in NOT_PERFORMED:
+            continue
+        codings = codings_of(report.get("code"))
+        act = act_of(report.get("code"))
+        if act is None:
+            raise Refusal(PrescriptionError.PRESCRIPTION_INVALID, f"result {index} has no coded act",
+                          location(hl7, "OBR", "DiagnosticReport", index, 4, "code"),
+                          ErrorCondition.REQUIRED_FIELD_MISSING)
+        own = identifiers_of(report)
+        plain = [str(i.get("value")).strip() for i in report.get("identifier") or ()
+                 if isinstance(i, dict) and str(i.get("value") or "").strip()]
+        period = report.get("effectivePeriod") or {}
+        day = report.get("effectiveDateTime") or period.get("start") or report.get("issued")
+        items.append(PerformedAct(index, entry, codings, act.display, prescription_id,
+                                  (own[0] if own else f"|{plain[0]}" if plain else "")[:200],
+                                  day if isinstance(day, str) else None))
+    if len(named) > 1:
+        raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                      "one message performs acts of one prescription: send the others separately",
+                      "ORC[2]-4" if hl7 else "DiagnosticReport.basedOn")
+    if len(patients) != 1:
+        raise Refusal(PrescriptionError.PATIENT_MISMATCH,
+                      "the results are for one patient" if patients else
+                      "the results name no patient (PID, DiagnosticReport.subject)",
+                      "PID[1]" if hl7 else "DiagnosticReport.subject", ErrorCondition.REQUIRED_FIELD_MISSING)
+    patient_entry = next(iter(patients.values()))
     reference = {"reference": patient_entry["fullUrl"]} if patient_entry.get("fullUrl") else None
-    return DispensationDraft(items, identifiers_of(patient), reference, coverage)
+    return PerformanceDraft(items, identifiers_of(patient_entry["resource"]), reference,
+                            _coverage(resources, patient_entry))
 
 
 def _identifier_value(resource: dict) -> str | None:
@@ -436,20 +642,22 @@ def _prescription_reference(resources: Resources, dispense: dict) -> tuple[str |
 # -- writing ---------------------------------------------------------------------------------
 
 def annotate_prescription(draft: PrescriptionDraft, prescription_id: str) -> None:
-    """Put the national id on every line: `groupIdentifier` (the prescription) and a first
-    `identifier` RX-.../n (the line, the shared record's business key for it). The sender's
-    own placer group number is kept as an identifier of type PGN, without our system."""
+    """Put the national id on every line: `groupIdentifier` (a MedicationRequest) or
+    `requisition` (a ServiceRequest) for the prescription, and a first `identifier` RX-.../n
+    (the line, the shared record's business key for it). The sender's own placer group number
+    is kept as an identifier of type PGN, without our system."""
     for line in draft.lines:
         request = line.entry["resource"]
+        element = "requisition" if request.get("resourceType") == "ServiceRequest" else "groupIdentifier"
         identifiers = [i for i in request.get("identifier") or ()
                        if not (isinstance(i, dict) and i.get("system") in (SYSTEM, LINE_SYSTEM))]
-        group = request.get("groupIdentifier")
+        group = request.get(element)
         if isinstance(group, dict) and group.get("value") and group.get("value") != prescription_id:
             kept = {k: v for k, v in group.items() if k != "system"}
             kept["type"] = {"coding": [{"system": V2_0203, "code": "PGN"}]}
             identifiers.append(kept)
         request["identifier"] = [{"system": LINE_SYSTEM, "value": f"{prescription_id}/{line.number}"}] + identifiers
-        request["groupIdentifier"] = {"system": SYSTEM, "value": prescription_id}
+        request[element] = {"system": SYSTEM, "value": prescription_id}
 
 
 def annotate_dispensation(bundle: dict, draft: DispensationDraft, recorded: dict[int, tuple[str, int | None]],
@@ -462,26 +670,7 @@ def annotate_dispensation(bundle: dict, draft: DispensationDraft, recorded: dict
     shared record keeps one MedicationRequest per prescription line; each MedicationDispense
     gets its dispensation id and points at its line.
     """
-    if issued:
-        bundle["entry"] = [e for e in bundle.get("entry") or ()
-                           if ((e or {}).get("resource") or {}).get("resourceType") != "MedicationRequest"]
-        present = {e.get("fullUrl") for e in bundle["entry"]}
-        prescriber_url = None
-        if prescriber is not None:
-            prescriber_url = prescriber.get("fullUrl")
-            if prescriber_url not in present:
-                bundle["entry"].insert(_after_patient(bundle), copy.deepcopy(prescriber))
-                present.add(prescriber_url)
-        for line in sorted(issued):
-            entry = copy.deepcopy(issued[line])
-            request = entry["resource"]
-            if draft.patient_reference is not None:
-                request["subject"] = dict(draft.patient_reference)
-            if prescriber_url:
-                request["requester"] = {"reference": prescriber_url}
-            _drop_dangling(request, present)
-            bundle["entry"].append(entry)
-            present.add(entry.get("fullUrl"))
+    _add_issued(bundle, "MedicationRequest", issued, prescriber, draft.patient_reference)
     for item in draft.items:
         dispensation_id, line = recorded[item.index]
         dispense = item.entry["resource"]
@@ -492,6 +681,93 @@ def annotate_dispensation(bundle: dict, draft: DispensationDraft, recorded: dict
             dispense["authorizingPrescription"] = [{"reference": issued[line]["fullUrl"]}]
         elif not dispense.get("authorizingPrescription"):
             dispense.pop("authorizingPrescription", None)  # FHIR arrays are never empty
+
+
+def _add_issued(bundle: dict, resource_type: str, issued: dict[int, dict], prescriber: dict | None,
+                patient_reference: dict | None, status: str | None = None) -> None:
+    """Replace the message's own copies of the order (`resource_type`) by the prescription's
+    lines as issued (`issued`: line -> entry), pointing at the message's patient and at the
+    prescriber (added when missing), so that the shared record keeps one resource per line."""
+    if not issued:
+        return
+    bundle["entry"] = [e for e in bundle.get("entry") or ()
+                       if ((e or {}).get("resource") or {}).get("resourceType") != resource_type]
+    present = {e.get("fullUrl") for e in bundle["entry"]}
+    prescriber_url = None
+    if prescriber is not None:
+        prescriber_url = prescriber.get("fullUrl")
+        if prescriber_url not in present:
+            bundle["entry"].insert(_after_patient(bundle), copy.deepcopy(prescriber))
+            present.add(prescriber_url)
+    for line in sorted(issued):
+        entry = copy.deepcopy(issued[line])
+        request = entry["resource"]
+        if patient_reference is not None:
+            request["subject"] = dict(patient_reference)
+        if prescriber_url:
+            request["requester"] = {"reference": prescriber_url}
+        if status is not None:
+            request["status"] = status
+        _drop_dangling(request, present)
+        bundle["entry"].append(entry)
+        present.add(entry.get("fullUrl"))
+
+
+def act_charge_id(act_id: str) -> str:
+    """The ChargeItem id of a performed act: deterministic, like every canonical id."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{ACT_SYSTEM}|{act_id}"))
+
+
+def annotate_performance(bundle: dict, draft: PerformanceDraft, recorded: dict[int, tuple[str, int, bool]],
+                         issued: dict[int, dict], prescriber: dict | None,
+                         billing: dict[int, tuple[tuple[str, str], str]]) -> None:
+    """Rewrite an accepted results message for the shared record and CNSS.
+
+    `recorded`: item index -> (act id, prescription line, billed by this message);
+    `issued`: line -> the ServiceRequest entry as issued; `billing`: item index -> (the CNSS
+    coding (system, code), the day of care). The prescription's lines performed go in as
+    issued, `completed`; each report points at its line (basedOn); each act this message
+    bills gets a ChargeItem (status billable, quantity 1, its act id as identifier, the
+    report as its service, the prescriber as ordering performer), which the care sheet
+    builder turns into a line with the prescription reference. A correction or a re-sent
+    result of an act billed before bills nothing.
+    """
+    _add_issued(bundle, "ServiceRequest", issued, prescriber, draft.patient_reference, "completed")
+    prescriber_url = prescriber.get("fullUrl") if prescriber is not None else None
+    present = {e.get("fullUrl") for e in bundle.get("entry") or ()}
+    for item in draft.items:
+        act_id, line, billed = recorded[item.index]
+        report = item.entry["resource"]
+        kept = [r for r in report.get("basedOn") or ()
+                if isinstance(r, dict) and not _names_prescription(r)
+                and (not r.get("reference") or r["reference"] in present)]
+        if line in issued:
+            report["basedOn"] = [{"reference": issued[line]["fullUrl"]}] + kept
+        if not billed:
+            continue
+        (system, code), day = billing[item.index]
+        charge: dict = {
+            "resourceType": "ChargeItem", "id": act_charge_id(act_id),
+            "identifier": [{"system": ACT_SYSTEM, "value": act_id}],
+            "status": "billable",
+            "code": {"coding": [{"system": system, "code": code}]},
+            "subject": dict(draft.patient_reference or report.get("subject") or {}),
+            "occurrenceDateTime": day,
+            "quantity": {"value": 1},
+        }
+        if item.display:
+            charge["code"]["text"] = item.display
+        if prescriber_url:
+            charge["performer"] = [{"function": {"coding": [{"system": V2_0443, "code": "OP"}]},
+                                    "actor": {"reference": prescriber_url}}]
+        if item.entry.get("fullUrl"):
+            charge["service"] = [{"reference": item.entry["fullUrl"]}]
+        bundle["entry"].append({"fullUrl": f"urn:uuid:{charge['id']}", "resource": charge})
+
+
+def _names_prescription(reference: dict) -> bool:
+    logical = reference.get("identifier") or {}
+    return isinstance(logical, dict) and logical.get("system") in (SYSTEM, LINE_SYSTEM)
 
 
 def _after_patient(bundle: dict) -> int:

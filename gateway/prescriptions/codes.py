@@ -14,6 +14,8 @@ class PrescriptionError(str, Enum):
     PRESCRIPTION_CANCELLED = "PRESCRIPTION_CANCELLED"
     PRESCRIPTION_COMPLETED = "PRESCRIPTION_COMPLETED"
     NOT_PRESCRIBED = "NOT_PRESCRIBED"
+    ACT_ALREADY_PERFORMED = "ACT_ALREADY_PERFORMED"
+    ACT_NOT_BILLABLE = "ACT_NOT_BILLABLE"
     OVER_DISPENSING = "OVER_DISPENSING"
     UNIT_MISMATCH = "UNIT_MISMATCH"
     PATIENT_MISMATCH = "PATIENT_MISMATCH"
@@ -36,7 +38,9 @@ _TEXT = {
     PrescriptionError.PRESCRIPTION_EXPIRED: "Prescription expired",
     PrescriptionError.PRESCRIPTION_CANCELLED: "Prescription cancelled",
     PrescriptionError.PRESCRIPTION_COMPLETED: "Prescription already fully dispensed",
-    PrescriptionError.NOT_PRESCRIBED: "Medication not on the prescription",
+    PrescriptionError.NOT_PRESCRIBED: "Drug or act not on the prescription",
+    PrescriptionError.ACT_ALREADY_PERFORMED: "Act already performed",
+    PrescriptionError.ACT_NOT_BILLABLE: "Act has no CNSS code (NABM, NGAP)",
     PrescriptionError.OVER_DISPENSING: "More than what remains to dispense",
     PrescriptionError.UNIT_MISMATCH: "Dispensed unit differs from the prescribed unit",
     PrescriptionError.PATIENT_MISMATCH: "Patient does not match the prescription",

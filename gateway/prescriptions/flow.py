@@ -8,11 +8,16 @@ id, a recorded dispensation and what is routed commit together or not at all.
 Which messages (by type for HL7, by content for FHIR input):
 - a prescription: RDE^O11, OMP^O09, or a FHIR bundle of MedicationRequests to order. The
   prescriber's facility must be in the registry and its type allowed to send RDE^O11 or
-  OMP^O09. The gateway issues the id (ids.py) and the signed QR payload (qr.py), stores the
+  OMP^O09 (a prescriber: doctor, clinic, hospital). A prescription of acts (lab tests,
+  imaging examinations): ORM^O01 or OML^O21 whose every ORC-1 is NW, or a FHIR bundle of
+  ServiceRequests to order, from a prescriber (the same orders from any other sender are
+  ordinary traffic); its lines are the ServiceRequests (OBR), quantity 1 each, answered
+  ORR^O02 / ORL^O22 like drugs. The gateway issues the id (ids.py) and the signed QR payload (qr.py), stores the
   prescription and its lines, and writes the id into every MedicationRequest of the canonical
   bundle (bundle.annotate_prescription) before it goes to the shared record. The answer (HL7):
   RRE^O12 / ORP^O10 with ORC-3 = the id and the QR payload in an NTE.
-- a cancellation: the same message types with every ORC-1 = CA and ORC-3 = the id (FHIR:
+- a cancellation: the same message types with every ORC-1 = CA and ORC-3 = the id (for
+  ORM^O01 / OML^O21: every ORC-3 a prescription id, else an ordinary cancellation) (FHIR:
   MedicationRequests cancelled or revoked, carrying the id), from the facility that issued
   it, before anything was dispensed. Answered with ORC-1 = CR; the shared record gets the
   MedicationRequests cancelled; look-ups and dispensations then meet a cancelled prescription.
@@ -25,6 +30,18 @@ Which messages (by type for HL7, by content for FHIR input):
   the bundle rewritten (bundle.annotate_dispensation) and routed as the routes say (shared
   record, CNSS care sheet). Refused: the message is `failed` with the reason, nothing routed,
   AE with an ERR naming the segment and our ERR-5 code (codes.py).
+- acts performed: results (ORU^R01, a SOAP imaging report, FHIR DiagnosticReports) whose
+  reports name a prescription (ORC-4 `RX-...^HIE`: bundle.read_performance). The performing
+  facility's type must allow `prescriptions.perform`; the prescription exists, the patient
+  shares an identifier with it; each act (OBR-4) is an act line of it not performed yet, by
+  code. An act line is performed once: its key is the prescription and line, its act id
+  RX-.../n.<digest of performer and report id>; the same report again (re-sent, corrected:
+  OBR-25 C, preliminary then final) is accepted and bills nothing; another report of it is
+  refused (ACT_ALREADY_PERFORMED). A new act needs the prescription active, not expired, open
+  AMO rights, and a CNSS code (NABM, NGAP) on the result or the prescription. Accepted: the
+  bundle rewritten (bundle.annotate_performance: the report points at its line, a ChargeItem
+  per act billed) and routed again, so the routes send it to CNSS as a care-sheet line with
+  the prescription reference. Results that name no prescription are not part of the flow.
 
 Applying the same message again (a replay, the start sweep, a second node) finds what it
 recorded the first time and gives the same outcome: one id per prescription message, one
@@ -38,6 +55,7 @@ import logging
 import unicodedata
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, select
@@ -45,8 +63,10 @@ from sqlalchemy import Connection, select
 from adapters.hl7v2.ack import AckBuilder, ErrorDetail
 from adapters.hl7v2.codes import ErrorCondition, Outcome
 from adapters.hl7v2.header import HeaderError, MessageHeader, parse_header
-from adapters.hl7v2.order_response import order_controls, order_response, response_type
+from adapters.hl7v2.order_response import (order_controls, order_response, placer_groups,
+                                           response_type)
 from gateway.config import GatewayConfig
+from gateway.delivery.routes import Router, patient_key
 from gateway.facilities import FacilityRegistry, RegistryRef
 from gateway.ingest.model import MessageStatus
 from gateway.prescriptions import bundle as rules
@@ -62,15 +82,36 @@ log = logging.getLogger(__name__)
 
 PRESCRIBE = {"RDE^O11": "RXE", "OMP^O09": "RXO"}  # message type -> the segment of its lines
 DISPENSE = frozenset({"RDS^O13"})
+# Orders that are prescriptions of acts when a prescriber sends them (their drug lines, if any: RXO)
+ORDER_ACTS = {"ORM^O01": "RXO", "OML^O21": "RXO"}
+RESULTS = frozenset({"ORU^R01", "ORU"})  # acts performed, when an ORC-4 names a prescription
+# ORC-4.2 namespaces of a national prescription id: the keys of the mapping table
+# mappings/tables/prescription_id_system.yaml (a test keeps them equal).
+PRESCRIPTION_NAMESPACES = frozenset({b"HIE", b"FSE", b"EPRESCRIPTION", b"ORDONNANCE"})
 FHIR_FORMATS = frozenset({"fhir"})
+DOCUMENT_FORMATS = frozenset({"fhir", "soap-report"})
 HL7_FORMATS = frozenset({"hl7v2"})
 DEFAULT_ZONE = "Africa/Casablanca"
 
 
 def answers_after_translation(message_type: str | None) -> bool:
-    """Whether an HL7 message of this type is answered only once the flow has run (its
-    answer carries the prescription id, or the dispensation's refusal)."""
+    """Whether every HL7 message of this type is answered only once the flow has run (its
+    answer carries the prescription id, or the dispensation's refusal). Orders of acts and
+    results depend on their content too: PrescriptionFlow.waits_for."""
     return message_type in PRESCRIBE or message_type in DISPENSE
+
+
+def names_prescription(raw: bytes) -> bool:
+    """Whether an ER7 message has an ORC whose placer group number (ORC-4) is in a national
+    prescription namespace (`RX-...^HIE`). Byte search only: cheap enough for every result."""
+    return any(namespace in PRESCRIPTION_NAMESPACES for _, namespace in placer_groups(raw))
+
+
+def _act_id(prescription_id: str, line: int, facility_id: str, report: str) -> str:
+    """The public id of an act performed (the care-sheet line key at CNSS): the same for
+    every message about the same report of the same performer."""
+    digest = hashlib.sha256(f"{facility_id}|{report}".encode("utf-8")).hexdigest()
+    return f"{prescription_id}.{line}.{digest[:12]}"
 
 
 @dataclass(frozen=True)
@@ -81,14 +122,18 @@ class _Prepared:
 class PrescriptionFlow:
     def __init__(self, config: GatewayConfig, key: qr.SigningKey,
                  registry: "FacilityRegistry | RegistryRef", builder: AckBuilder | None = None,
-                 eligibility: EligibilityChecker | None = None, zone: str = DEFAULT_ZONE):
+                 eligibility: EligibilityChecker | None = None, zone: str = DEFAULT_ZONE,
+                 router: Router | None = None):
         self.validity = timedelta(days=config.prescriptions.validity_days)
+        # Results that perform acts are routed again once annotated (their ChargeItems go to
+        # CNSS): the same routes as the translator's.
+        self.router = router or (Router(config.routes, config.senders) if config.routes else None)
         self.key = key
         self._registry = registry  # a RegistryRef follows reloads (SIGHUP)
         self.builder = builder
         self.eligibility = eligibility
         self.zone = ZoneInfo(zone)
-        self.issued = self.dispensed = self.refused = 0
+        self.issued = self.dispensed = self.performed = self.refused = 0
 
     @property
     def registry(self) -> FacilityRegistry:
@@ -102,19 +147,36 @@ class PrescriptionFlow:
 
     # -- which messages ----------------------------------------------------------------------
 
-    def waits_for(self, message_type: str | None) -> bool:
-        return answers_after_translation(message_type)
+    def waits_for(self, message_type: str | None, raw: bytes = b"", sender_id: str | None = None) -> bool:
+        """Whether a stored HL7 message is answered only after the step (ingest asks before
+        the commit, for every message: cheap, from the type, the raw bytes and the sender)."""
+        if answers_after_translation(message_type):
+            return True
+        if message_type in RESULTS:
+            return names_prescription(raw)
+        if message_type in ORDER_ACTS:
+            return self._act_order(raw, sender_id) is not None
+        return False
 
     def kind_of(self, pending: Pending, record: TranslationRecord) -> str | None:
-        """'prescribe', 'cancel', 'dispense' or None (not part of the flow)."""
-        if pending.format in FHIR_FORMATS:
-            if record.bundle is None:
+        """'prescribe', 'cancel', 'dispense', 'perform' or None (not part of the flow)."""
+        if pending.format in DOCUMENT_FORMATS:
+            bundle = record.bundle
+            if bundle is None:
                 return None
-            if rules.is_dispensation_bundle(record.bundle):
+            if rules.is_dispensation_bundle(bundle):
                 return "dispense"
-            if rules.cancelled_group(record.bundle) is not None:
+            if rules.is_performance_bundle(bundle):
+                return "perform"
+            if pending.format not in FHIR_FORMATS:
+                return None
+            if rules.cancelled_group(bundle) is not None:
                 return "cancel"
-            return "prescribe" if rules.is_prescription_bundle(record.bundle) else None
+            if not rules.is_prescription_bundle(bundle):
+                return None
+            if rules.only_acts(bundle) and not self._prescriber(pending.sender_id):
+                return None  # another sender's orders: ordinary traffic
+            return "prescribe"
         if pending.format not in HL7_FORMATS:
             return None
         if pending.message_type in PRESCRIBE:
@@ -124,7 +186,34 @@ class PrescriptionFlow:
             return "prescribe"
         if pending.message_type in DISPENSE:
             return "dispense"
+        if pending.message_type in RESULTS:
+            return "perform" if names_prescription(pending.raw) else None
+        if pending.message_type in ORDER_ACTS:
+            return self._act_order(pending.raw, pending.sender_id)
         return None
+
+    def _act_order(self, raw: bytes, sender_id: str | None) -> str | None:
+        """'prescribe' for an ORM^O01 / OML^O21 of new orders (every ORC-1 NW) from a
+        prescriber, 'cancel' when every ORC-1 is CA and every ORC-3 a prescription id; None:
+        an ordinary order (another sender, another control, another system's order number)."""
+        if not self._prescriber(sender_id):
+            return None
+        controls = order_controls(raw)
+        if not controls:
+            return None
+        if all(control == b"NW" for control, _ in controls):
+            return "prescribe"
+        if all(control == b"CA" and ids.is_prescription_id(filler.decode("ascii", "replace"))
+               for control, filler in controls):
+            return "cancel"
+        return None
+
+    def _prescriber(self, sender_id: str | None) -> bool:
+        """Whether the facility may issue prescriptions (its type may send RDE^O11 or OMP^O09)."""
+        registry = self.registry
+        facility = registry.get(sender_id) if sender_id else None
+        return facility is not None and (registry.may_send(facility, "RDE^O11")
+                                         or registry.may_send(facility, "OMP^O09"))
 
     # -- before the transaction --------------------------------------------------------------
 
@@ -135,26 +224,33 @@ class PrescriptionFlow:
             return _Prepared({})
         queries = []
         for pending, record in results:
-            if record.failed or self.kind_of(pending, record) != "dispense":
+            kind = None if record.failed else self.kind_of(pending, record)
+            if kind not in ("dispense", "perform"):
                 continue
+            hl7 = pending.format in HL7_FORMATS
             try:
-                draft = rules.read_dispensation(record.bundle, pending.format in HL7_FORMATS)
+                draft = (rules.read_dispensation(record.bundle, hl7) if kind == "dispense"
+                         else rules.read_performance(record.bundle, hl7))
             except Refusal:
                 continue  # refused in apply, with its reason
+            if not draft.items:
+                continue
             query = self._query(draft, pending)
             if query is not None:
                 queries.append(query)
         return _Prepared(self.eligibility.check_many(queries) if queries else {})
 
-    def _query(self, draft: rules.DispensationDraft, pending: Pending) -> EligibilityQuery | None:
+    def _query(self, draft, pending: Pending) -> EligibilityQuery | None:
         if not draft.coverage:
             return None
         kind, value = next(iter(draft.coverage.items()))
         return EligibilityQuery(kind, value, self._care_date(draft, pending))
 
-    def _care_date(self, draft: rules.DispensationDraft, pending: Pending) -> date:
+    def _care_date(self, draft, pending: Pending) -> date:
+        """The day of care: the first dispensation's handing over or act's performance, as
+        sent, else the day the message was received (in the gateway's zone)."""
         for item in draft.items:
-            text = item.handed_over
+            text = getattr(item, "handed_over", None) or getattr(item, "day", None)
             if isinstance(text, str) and len(text) >= 10:
                 try:
                     return date.fromisoformat(text[:10])
@@ -188,6 +284,10 @@ class PrescriptionFlow:
                 elif kind == "cancel":
                     cancelled = self._cancel(connection, pending, record)
                     self._answer(pending, record, Outcome.ACCEPT, prescription=cancelled, control=b"CR")
+                elif kind == "perform":
+                    self._perform(connection, pending, record, message_id, prepared, now)
+                    self._answer(pending, record, Outcome.ACCEPT)
+                    self.performed += 1
                 else:
                     self._dispense(connection, pending, record, message_id, prepared, now)
                     self._answer(pending, record, Outcome.ACCEPT)
@@ -209,7 +309,8 @@ class PrescriptionFlow:
 
     def _prescribe(self, connection: Connection, pending: Pending, record: TranslationRecord,
                    message_id: int, now: datetime) -> store.Prescription:
-        segment = PRESCRIBE.get(pending.message_type or "") if pending.format in HL7_FORMATS else None
+        segment = ((PRESCRIBE.get(pending.message_type or "") or ORDER_ACTS.get(pending.message_type or ""))
+                   if pending.format in HL7_FORMATS else None)
         facility = self._facility(pending)
         if not (self.registry.may_send(facility, "RDE^O11") or self.registry.may_send(facility, "OMP^O09")):
             raise Refusal(PrescriptionError.OPERATION_NOT_ALLOWED,
@@ -233,7 +334,8 @@ class PrescriptionFlow:
             now + self.validity, store.ACTIVE, message_id, payload,
             {"prescriber": copy.deepcopy(draft.prescriber_entry)} if draft.prescriber_entry else {},
             tuple(store.Line(prescription_id, line.number, line.medication.system, line.medication.code,
-                             line.medication.display, line.quantity, line.unit, resource=copy.deepcopy(line.entry))
+                             line.medication.display, line.quantity, line.unit, resource=copy.deepcopy(line.entry),
+                             kind=line.kind)
                   for line in draft.lines))
         store.insert_prescription(connection, prescription)
         log.info("prescription %s issued for message #%d (%d lines)", prescription_id, message_id,
@@ -267,8 +369,8 @@ class PrescriptionFlow:
         if prescription.status != store.CANCELLED:
             if any(line.dispensed > 0 for line in prescription.lines):
                 raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
-                              f"prescription {prescription_id} was already dispensed, in part or whole: "
-                              "it can no longer be cancelled", where)
+                              f"prescription {prescription_id} was already dispensed or performed, in part "
+                              "or whole: it can no longer be cancelled", where)
             store.set_status(connection, prescription_id, store.CANCELLED)
             log.info("prescription %s cancelled by its prescriber", prescription_id)
         rules.mark_cancelled(record.bundle, prescription_id)
@@ -342,6 +444,128 @@ class PrescriptionFlow:
             log.info("dispensation of message #%d recorded (%s, %d lines)", message_id,
                      prescription_id or "paper prescription", len(writes))
 
+    # -- acts performed ----------------------------------------------------------------------
+
+    def _perform(self, connection: Connection, pending: Pending, record: TranslationRecord,
+                 message_id: int, prepared: _Prepared, now: datetime) -> None:
+        hl7 = pending.format in HL7_FORMATS
+        facility = self._facility(pending)
+        if not self.registry.may(facility, "prescriptions.perform"):
+            raise Refusal(PrescriptionError.OPERATION_NOT_ALLOWED,
+                          f"facility {facility.id} ({facility.type}) may not perform the acts of prescriptions",
+                          "MSH[1]-4" if hl7 else "")
+        draft = rules.read_performance(record.bundle, hl7)
+        if not draft.items:
+            return  # not a result yet (or cancelled): nothing performed, routed as any result
+        prescription_id = draft.items[0].prescription_id
+        where = rules.location(hl7, "ORC", "DiagnosticReport", draft.items[0].index, 4, "basedOn")
+        # Locked first: whether a line is performed cannot change under us.
+        prescription = store.get_prescription(connection, prescription_id, lock=True, with_resources=True)
+        if prescription is None:
+            raise Refusal(PrescriptionError.PRESCRIPTION_UNKNOWN, f"unknown prescription {prescription_id}",
+                          where, ErrorCondition.UNKNOWN_KEY_IDENTIFIER)
+        if not set(draft.patient_identifiers) & set(prescription.patient_identifiers):
+            raise Refusal(PrescriptionError.PATIENT_MISMATCH,
+                          f"the patient does not match prescription {prescription_id} (no identifier in common)",
+                          "PID[1]-3" if hl7 else "Patient.identifier")
+        found = []  # (item, line, act id, the record of it or None)
+        taken: set[int] = set()
+        for item in draft.items:
+            line, act_id, existing = self._act_line(connection, prescription, item, facility.id, taken, hl7)
+            taken.add(line.line)
+            found.append((item, line, act_id, existing))
+        new = [entry for entry in found if entry[3] is None]
+        if new:  # corrections of acts recorded before stand whatever became of the prescription
+            self._check_valid(prescription, where, now)
+            if self.eligibility is not None:
+                self._check_coverage(draft, pending, prepared)
+        recorded: dict[int, tuple[str, int, bool]] = {}
+        billing: dict[int, tuple[tuple[str, str], str]] = {}
+        for item, line, act_id, existing in found:
+            # Billed by this message: a new act, or the same message again (a replay).
+            billed = existing is None or existing.message_id == message_id
+            recorded[item.index] = (act_id, line.line, billed)
+            if billed:
+                billing[item.index] = (self._cnss_code(item, line, hl7), self._day(item, pending))
+        for item, line, act_id, existing in new:
+            store.record_dispensation(
+                connection, dispensation_id=act_id, prescription_id=prescription_id, line=line.line,
+                paper=False, dispensing_facility=facility.id, message_id=message_id,
+                medication_code=billing[item.index][0][1], quantity=Decimal(1),
+                dedup_key=store.act_key(prescription_id, line.line), now=now)
+        by_number = {line.line: line.resource for line in prescription.lines}
+        issued = {number: by_number[number] for _, number, _ in recorded.values()
+                  if by_number.get(number) is not None}
+        rules.annotate_performance(record.bundle, draft, recorded, issued,
+                                   prescription.payload.get("prescriber"), billing)
+        if self.router is not None:
+            record.destinations = self.router.destinations(pending.message_type or pending.format,
+                                                           pending.sender_id, record.bundle)
+            record.patient_key = patient_key(record.bundle) if record.destinations else None
+        if new:
+            log.info("acts of message #%d recorded (%s, %d lines; %d already recorded)", message_id,
+                     prescription_id, len(new), len(found) - len(new))
+
+    def _act_line(self, connection: Connection, prescription: store.Prescription, item: rules.PerformedAct,
+                  facility_id: str, taken: set[int], hl7: bool):
+        """(the act line `item` performs, its act id, the record of it when performed before
+        by the same report); a Refusal when the act is not prescribed or was performed by
+        another report. The same report's line first (a correction), then a free one."""
+        where = rules.location(hl7, "OBR", "DiagnosticReport", item.index, 4, "code")
+        candidates = [line for line in prescription.lines if line.kind == store.ACT and line.line not in taken
+                      and rules.acts_match(_line_codings(line), item.codings)]
+        if not candidates:
+            raise Refusal(PrescriptionError.NOT_PRESCRIBED,
+                          f"result {item.index}: act {item.codings[0][1]} is not prescribed on "
+                          f"{prescription.id}" + (" (or is already named by another result of this message)"
+                                                  if taken else ""), where)
+        free = None
+        for line in candidates:
+            act_id = _act_id(prescription.id, line.line, facility_id, item.report)
+            existing = store.dispensation_by_key(connection, store.act_key(prescription.id, line.line))
+            if existing is not None and existing.dispensation_id == act_id:
+                return line, act_id, existing
+            if existing is None and free is None:
+                free = (line, act_id, None)
+        if free is not None:
+            return free
+        line = candidates[0]
+        raise Refusal(PrescriptionError.ACT_ALREADY_PERFORMED,
+                      f"result {item.index}: act {line.medication_code} (line {line.line} of {prescription.id}) "
+                      "was already performed and reported under another report number or by another facility",
+                      where, ErrorCondition.DUPLICATE_KEY_IDENTIFIER)
+
+    def _check_valid(self, prescription: store.Prescription, where: str, now: datetime) -> None:
+        if prescription.status == store.CANCELLED:
+            raise Refusal(PrescriptionError.PRESCRIPTION_CANCELLED,
+                          f"prescription {prescription.id} was cancelled", where)
+        if now >= prescription.expires_at:
+            day = prescription.expires_at.astimezone(self.zone).date().isoformat()
+            raise Refusal(PrescriptionError.PRESCRIPTION_EXPIRED,
+                          f"prescription {prescription.id} expired on {day}", where)
+
+    @staticmethod
+    def _cnss_code(item: rules.PerformedAct, line: store.Line, hl7: bool) -> tuple[str, str]:
+        coding = rules.cnss_coding(item.codings, _line_codings(line))
+        if coding is None:
+            raise Refusal(PrescriptionError.ACT_NOT_BILLABLE,
+                          f"result {item.index}: act {line.medication_code} has no CNSS code (NABM "
+                          f"{rules.CNSS_NOMENCLATURES[0]} or NGAP {rules.CNSS_NOMENCLATURES[1]}) on the result "
+                          "nor on the prescription: send it as an alternate coding of OBR-4",
+                          rules.location(hl7, "OBR", "DiagnosticReport", item.index, 4, "code"),
+                          ErrorCondition.REQUIRED_FIELD_MISSING)
+        return coding
+
+    def _day(self, item: rules.PerformedAct, pending: Pending) -> str:
+        """The act's day of care as a FHIR dateTime: as performed, else the day received."""
+        if item.day and len(item.day) >= 10:
+            try:
+                date.fromisoformat(item.day[:10])
+                return item.day
+            except ValueError:
+                pass
+        return pending.received_at.astimezone(self.zone).date().isoformat()
+
     @staticmethod
     def _annotate(record: TranslationRecord, draft: rules.DispensationDraft,
                   recorded: dict[int, tuple[str, int | None]], prescription: store.Prescription | None) -> None:
@@ -353,7 +577,7 @@ class PrescriptionFlow:
             prescriber = prescription.payload.get("prescriber")
         rules.annotate_dispensation(record.bundle, draft, recorded, issued, prescriber)
 
-    def _check_coverage(self, draft: rules.DispensationDraft, pending: Pending, prepared: _Prepared) -> None:
+    def _check_coverage(self, draft, pending: Pending, prepared: _Prepared) -> None:
         query = self._query(draft, pending)
         hl7 = pending.format in HL7_FORMATS
         if query is None:
@@ -365,7 +589,7 @@ class PrescriptionFlow:
             problem = answer.problem if answer is not None else "not asked"
             raise Refusal(PrescriptionError.ELIGIBILITY_UNAVAILABLE,
                           f"AMO eligibility could not be checked at CNSS ({problem}); "
-                          "send the dispensation again later with a new control id")
+                          "send the message again later with a new control id")
         if not answer.covered:
             raise Refusal(PrescriptionError.NOT_COVERED,
                           f"not covered: AMO rights are not open on {query.on.isoformat()} "
@@ -466,6 +690,13 @@ class PrescriptionFlow:
                 error=error, control=control)
         else:
             record.ack = self.builder.build(header, outcome, header.enhanced_mode, error)
+
+
+def _line_codings(line: store.Line) -> tuple:
+    """The codes a prescribed act is known by: every coding of its ServiceRequest as issued,
+    and the code it is kept by."""
+    issued = rules.codings_of(((line.resource or {}).get("resource") or {}).get("code"))
+    return ((line.medication_system, line.medication_code),) + issued
 
 
 def _header(pending: Pending) -> MessageHeader | None:

@@ -1,6 +1,14 @@
-"""The prescription store: prescriptions, their lines, and what was dispensed against them.
+"""The prescription store: prescriptions, their lines, and what was dispensed or performed
+against them.
 
-Tables on the shared `metadata` (gateway.store.schema), created by migration 0005. Functions
+A line is a drug (`kind` 'drug': an EAN-13 or local code, a quantity to dispense) or an act
+(`kind` 'act': a lab test or an imaging examination, NABM/NGAP/LOINC or local code, quantity 1:
+performed once). Performed acts are kept in `dispensations` beside dispensed drugs (the
+performing facility as `dispensing_facility`, quantity 1), under the key `act|RX-.../n`: an
+act line is performed once, whatever message brings its result again.
+
+Tables on the shared `metadata` (gateway.store.schema), created by migration 0005 (the line
+kind by 0007). Functions
 take a connection (one transaction, the caller's) and return plain dataclasses, like the rest
 of the store.
 
@@ -24,6 +32,8 @@ from gateway.store.schema import Id, metadata
 
 ACTIVE, CANCELLED, COMPLETED = "active", "cancelled", "completed"
 STATUSES = (ACTIVE, CANCELLED, COMPLETED)
+DRUG, ACT = "drug", "act"
+KINDS = (DRUG, ACT)
 MILLI = Decimal(1000)
 
 prescriptions = Table(
@@ -47,13 +57,16 @@ prescription_lines = Table(
     Column("prescription_id", String(16), ForeignKey("prescriptions.id", ondelete="CASCADE"),
            primary_key=True),
     Column("line", Integer, primary_key=True),  # 1, 2... in message order
-    Column("medication_system", String(128)),  # https://www.gs1.org/gtin for EAN-13, else local
+    # The drug's code (https://www.gs1.org/gtin for EAN-13, else local), or the act's (its CNSS
+    # nomenclature code when it has one: urn:ma:cnss:nabm, urn:ma:cnss:ngap; else LOINC, local)
+    Column("medication_system", String(128)),
     Column("medication_code", String(64), nullable=False),
     Column("display", Text),
     Column("quantity_milli", BigInteger, nullable=False),  # prescribed, in thousandths
     Column("unit", String(64)),
     Column("dispensed_milli", BigInteger, nullable=False, default=0),  # so far, in thousandths
-    Column("resource", Text),  # the MedicationRequest as issued (JSON), sent again with dispensations
+    Column("resource", Text),  # the MedicationRequest / ServiceRequest as issued (JSON), sent again
+    Column("kind", String(8), nullable=False, default=DRUG, server_default=DRUG),  # drug | act (0007)
 )
 
 dispensations = Table(
@@ -97,15 +110,17 @@ class Line:
     unit: str | None
     dispensed: Decimal = Decimal(0)
     resource: dict | None = None
+    kind: str = DRUG
 
     @property
     def remaining(self) -> Decimal:
         return max(self.quantity - self.dispensed, Decimal(0))
 
     def as_dict(self) -> dict:
-        return {"line": self.line,
-                "medication": {"system": self.medication_system, "code": self.medication_code,
-                               "display": self.display},
+        """The REST view: a drug's `medication`, or an act's `act`; `dispensed` counts what was
+        dispensed or performed (an act: 0 or 1)."""
+        code = {"system": self.medication_system, "code": self.medication_code, "display": self.display}
+        return {"line": self.line, "kind": self.kind, ("act" if self.kind == ACT else "medication"): code,
                 "quantity": _number(self.quantity), "unit": self.unit,
                 "dispensed": _number(self.dispensed), "remaining": _number(self.remaining)}
 
@@ -177,7 +192,8 @@ def insert_prescription(connection: Connection, prescription: Prescription) -> N
              "display": line.display, "quantity_milli": to_milli(line.quantity), "unit": line.unit,
              "dispensed_milli": to_milli(line.dispensed),
              "resource": (json.dumps(line.resource, ensure_ascii=False, separators=(",", ":"))
-                          if line.resource is not None else None)}
+                          if line.resource is not None else None),
+             "kind": line.kind}
             for line in prescription.lines])
 
 
@@ -230,7 +246,7 @@ def _lines(connection: Connection, prescription_id: str, with_resources: bool) -
     return tuple(Line(row.prescription_id, row.line, row.medication_system, row.medication_code,
                       row.display, from_milli(row.quantity_milli), row.unit,
                       from_milli(row.dispensed_milli),
-                      json.loads(row.resource) if with_resources and row.resource else None)
+                      json.loads(row.resource) if with_resources and row.resource else None, row.kind)
                  for row in rows)
 
 
@@ -258,6 +274,11 @@ def dispensations_of(connection: Connection, prescription_id: str) -> list[Dispe
     rows = connection.execute(select(dispensations).where(
         dispensations.c.prescription_id == prescription_id).order_by(dispensations.c.id))
     return [_dispensation(row) for row in rows]
+
+
+def act_key(prescription_id: str, line: int) -> str:
+    """The dedup key of an act line performed: once per line, whoever performs it."""
+    return f"act|{prescription_id}/{line}"
 
 
 def record_dispensation(connection: Connection, *, dispensation_id: str, prescription_id: str | None,

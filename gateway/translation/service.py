@@ -55,8 +55,10 @@ IDLE_CHECK = 5.0  # seconds: how often an idle worker retries a sweep the live p
 class TranslationStep(Protocol):
     """Work on translated messages before they are stored (see the module docstring)."""
 
-    def waits_for(self, message_type: str | None) -> bool:
-        """Whether messages of this type are answered only after the step has run."""
+    def waits_for(self, message_type: str | None, raw: bytes = b"", sender_id: str | None = None) -> bool:
+        """Whether this message is answered only after the step has run. Asked by ingest for
+        every message before its commit: must be cheap (the type, a byte search in `raw`,
+        the sender), never a parse."""
 
     def prepare(self, results: list[tuple[Pending, TranslationRecord]]) -> Any: ...
 
@@ -286,10 +288,12 @@ class TranslationService(Service):
     def submit(self, job: TranslationJob) -> None:
         self.worker.submit(job)
 
-    def answers_after_translation(self, message_type: str | None) -> bool:
-        """Whether a message of this type must be answered once translated (its answer
-        depends on the step: a prescription id, a dispensation's refusal)."""
-        return self.step is not None and self.step.waits_for(message_type)
+    def answers_after_translation(self, message_type: str | None, raw: bytes = b"",
+                                  sender_id: str | None = None) -> bool:
+        """Whether a message must be answered once translated (its answer depends on the
+        step: a prescription id, a dispensation's or an act's refusal). Ordinary traffic
+        (results naming no prescription, ADT...) is answered at commit."""
+        return self.step is not None and self.step.waits_for(message_type, raw, sender_id)
 
     def reload(self):
         """Read the mapping set again (in a thread) and use it if valid; a Deferred firing

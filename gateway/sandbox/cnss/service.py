@@ -6,7 +6,8 @@ the first violation with its line and element), then the rules the schema cannot
 
 - the insured person is named by immatriculation, CNIE, or both (at least one);
 - every EAN-13 has a correct GS1 check digit (EAN13_INVALIDE);
-- an act line carries its amount (ACTE_SANS_MONTANT); where a line gives unit price and
+- an act line carries its amount (ACTE_SANS_MONTANT), unless it executes an e-prescription
+  line (CNSS values it at the national reference tariff); where a line gives unit price and
   amount, amount = quantity x unit price to the centime; a total, when given, is the sum of the
   lines, which must then all carry their amount (MONTANT_INCOHERENT);
 - the idempotency key: same key and same content, the stored answer again (one care sheet);
@@ -261,7 +262,7 @@ class CnssService:
                                    f"code EAN-13 invalide (chiffre de contrôle), ligne de soins {number}",
                                    line=ean.sourceline, element="codeEAN13")
             amount = _decimal(line, "fse:montant")
-            if amount is None and line.find("fse:acte", NS) is not None:
+            if amount is None and line.find("fse:acte", NS) is not None and line.find("fse:prescription", NS) is None:
                 raise client_fault("ACTE_SANS_MONTANT", f"acte sans montant, ligne de soins {number}",
                                    line=line.sourceline, element="montant")
             unit_price = _decimal(line, "fse:prixUnitaire")
