@@ -125,8 +125,8 @@ def _valid(prescription: store.Prescription | None, prescription_id: str,
         raise Problem(410, "prescription-cancelled", "Prescription cancelled",
                       f"prescription {prescription_id} was cancelled")
     if prescription.status == store.COMPLETED:
-        raise Problem(410, "prescription-completed", "Prescription fully dispensed",
-                      f"prescription {prescription_id} was fully dispensed: nothing remains")
+        raise Problem(410, "prescription-completed", "Prescription fully dispensed and performed",
+                      f"prescription {prescription_id} was fully dispensed and performed: nothing remains")
     if now >= prescription.expires_at:
         raise Problem(410, "prescription-expired", "Prescription expired",
                       f"prescription {prescription_id} expired at {prescription.expires_at.isoformat()}")
