@@ -98,11 +98,12 @@ def placer_groups(raw: bytes) -> list[tuple[bytes, bytes]]:
     at = raw.find(marker, start)
     while at >= 0:
         if raw[at - 1:at] in (b"\r", b"\n"):  # a segment's start, not text inside a field
-            end = len(raw)
-            for terminator in (b"\r", b"\n"):
-                stop = raw.find(terminator, at)
-                if 0 <= stop < end:
-                    end = stop
+            end = raw.find(b"\r", at)
+            if end < 0:
+                end = len(raw)
+            newline = raw.find(b"\n", at, end)  # within the segment only: no scan to the end
+            if newline >= 0:
+                end = newline
             fields = raw[at:end].split(fs, 5)
             if len(fields) > 4:
                 parts = fields[4].split(cs, 2)
