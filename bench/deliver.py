@@ -2,12 +2,14 @@
 shared record over mutual TLS and confirmed, on PostgreSQL, ORU^R01 at 8 connections, with the
 ingest-only figure of the same run.
 
-Three runs, each on a fresh database, everything on this machine (no pinning: the gateway,
+Four runs, each on a fresh database, everything on this machine (no pinning: the gateway,
 the record, PostgreSQL and the load client share its cores):
 
   ingest   the gateway without mappings or routes (ingest only), loaded by the shared load
            client (../shared/bench/loadclient.py): the ACK rate of the same gateway, settings
            and load when it has nothing else to do;
+  translate  the gateway with mappings but no routes (ingest and translation, nothing to
+           deliver): the sustained rate without delivery, and what translation costs;
   one      the whole path with the shared load client, whose messages are all about one
            patient: per-patient order makes every delivery wait for the previous one, so they
            go one request (batch) at a time;
@@ -48,15 +50,16 @@ import ingest  # noqa: E402  (servers, load client, PostgreSQL helpers)
 
 DB = "gateway_bench_deliver"
 URL = f"postgresql+psycopg://postgres@127.0.0.1:5432/{DB}"
-RUNS = ("ingest", "one", "many")
+RUNS = ("ingest", "translate", "one", "many")
 TARGET_RATE = 1000.0
 TARGET_P99 = 2.0
 CONCURRENCY = 4  # requests in flight to the record: batches of up to 64 messages each
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def write_config(tmp: Path, mllp_port: int, record_port: int, deliver: bool) -> Path:
-    """The gateway's (and the sandbox's) temporary configuration; ingest only without `deliver`."""
+def write_config(tmp: Path, mllp_port: int, record_port: int, deliver: bool, translate: bool = True) -> Path:
+    """The gateway's (and the sandbox's) temporary configuration: ingest only, ingest and
+    translation (`translate` without `deliver`: no routes), or the whole path."""
     import yaml
 
     dev = ingest.ROOT / "certs" / "dev"
@@ -67,11 +70,13 @@ def write_config(tmp: Path, mllp_port: int, record_port: int, deliver: bool) -> 
         "log_level": "warn",
         "database": {"url": URL, "pool_size": 4, "ingest_max_batch": 512},
         "pki": {"ca": str(dev / "ca.crt"), "cert": str(dev / "gateway.crt"), "key": str(dev / "gateway.key"),
-                "dev_dir": str(dev)},
+                "dev_dir": str(dev), "prescription_key": str(dev / "prescription-signing.key")},
         "listeners": {"mllp": [{"name": "bench", "port": mllp_port, "interface": "127.0.0.1",
                                 "accept_unknown_senders": True}]},
         "facilities": str(ingest.ROOT / "conf" / "facilities.yaml"),
     }
+    if translate and not deliver:
+        config["mappings"] = {"directory": str(ingest.ROOT / "mappings")}
     if deliver:
         (conf / "routes.yaml").write_text(
             "routes:\n  - name: results\n    when: {resources: [Observation]}\n    to: [shared-record]\n")
@@ -84,7 +89,7 @@ def write_config(tmp: Path, mllp_port: int, record_port: int, deliver: bool) -> 
             "sandbox": {"record": {"port": record_port, "store": str(tmp / "record.sqlite"),
                                    "validate": False}},
         })
-    path = conf / ("gateway.yaml" if deliver else "ingest.yaml")
+    path = conf / ("gateway.yaml" if deliver else "translate.yaml" if translate else "ingest.yaml")
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
 
@@ -197,15 +202,42 @@ def record_provenance(path: Path) -> list[str]:
 
 # -- runs -------------------------------------------------------------------------------------
 
-def run_ingest(py: str, args, tmp: Path) -> dict:
+def run_ingest(py: str, args, tmp: Path, translate: bool = False) -> dict:
+    """The gateway without delivery: ingest only, or ingest and translation (then the
+    sustained rate: messages / time from the first receipt to the last translation)."""
     ingest.recreate_pg_db(DB)
     port = ingest.free_port()
-    config = write_config(tmp, port, 0, deliver=False)
+    config = write_config(tmp, port, 0, deliver=False, translate=translate)
+    run = "translate" if translate else "ingest"
     with ingest.running([py, "-m", "gateway", "run", "-c", str(config)], port, "gateway",
-                        tmp / "ingest.log") as proc:
+                        tmp / f"{run}.log") as proc:
+        before = cpu_snapshot(proc.pid, 0)
         report = ingest.run_load([], py, port, proc.pid, "oru", args.conns, args.count, 0, "id", watch_pg=False)
-    return {"run": "ingest", "ack_msgs_s": report.get("msgs_per_s"), "ack_p99_ms": report.get("p99_ms"),
-            "acked": report.get("acked"), "bad_acks": report.get("bad_acks")}
+        acked = report.get("acked") or 0
+        sustained = wait_translated(acked, timeout=max(120.0, acked / 20)) if translate else None
+        after = cpu_snapshot(proc.pid, 0)
+    result = {"run": run, "ack_msgs_s": report.get("msgs_per_s"), "ack_p99_ms": report.get("p99_ms"),
+              "acked": acked, "bad_acks": report.get("bad_acks"),
+              "cpu_ms_per_msg": {name: round((after[name] - before[name]) / TICK * 1000 / acked, 3)
+                                 if acked else None for name in ("gateway", "postgres")}}
+    if translate:
+        result["sustained_msgs_s"] = sustained
+    return result
+
+
+def wait_translated(count: int, timeout: float) -> float:
+    """Wait until `count` messages are translated; messages / (last translation - first receipt)."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={DB}", autocommit=True) as db:
+        while time.monotonic() < deadline:
+            if db.execute("SELECT count(*) FROM translations").fetchone()[0] >= count:
+                break
+            time.sleep(0.1)
+        done, span = db.execute("""SELECT count(*), EXTRACT(EPOCH FROM max(t.translated_at) - min(m.received_at))
+                                   FROM translations t JOIN messages m ON m.id = t.message_id""").fetchone()
+    return round(done / float(span), 1) if span else 0.0
 
 
 def run_delivery(py: str, args, tmp: Path, run: str) -> dict:
@@ -251,7 +283,13 @@ def run_delivery(py: str, args, tmp: Path, run: str) -> dict:
 
 def show(result: dict, ingest_rate) -> None:
     if result["run"] == "ingest":
-        print(f"ingest only: {result['ack_msgs_s']} msgs/s acknowledged (p99 {result['ack_p99_ms']} ms)")
+        print(f"ingest only: {result['ack_msgs_s']} msgs/s acknowledged (p99 {result['ack_p99_ms']} ms); "
+              f"CPU ms per message: {result['cpu_ms_per_msg']}")
+        return
+    if result["run"] == "translate":
+        print(f"ingest and translation (no delivery): {result['ack_msgs_s']} msgs/s acknowledged, "
+              f"{result['sustained_msgs_s']} msgs/s translated (sustained); "
+              f"CPU ms per message: {result['cpu_ms_per_msg']}")
         return
     r = result
     cpu = ", ".join(f"{k} {v}" for k, v in r["cpu_ms_per_msg"].items())
@@ -275,18 +313,23 @@ def main(argv=None) -> int:
     parser.add_argument("--conns", type=int, default=8)
     parser.add_argument("--patients", type=int, default=200, help="patients of the `many` run")
     parser.add_argument("--runs", type=ingest.csv_of(RUNS), default=RUNS,
-                        help="ingest,one,many (default: all three)")
+                        help="ingest,translate,one,many (default: all four)")
     parser.add_argument("--json-out", type=Path, default=None,
                         help="default var/bench/deliver-<timestamp>.json")
     args = parser.parse_args(argv)
     py = ingest.python_exe()
     ingest.ensure_dev_certs(py)
+    if not (ingest.ROOT / "certs" / "dev" / "prescription-signing.key").exists():
+        # A development PKI made before prescriptions existed: `pki init` adds what is missing.
+        subprocess.run([py, "-m", "gateway", "pki", "init"], cwd=ingest.ROOT, check=True, capture_output=True)
     results = []
     ingest_rate = None
     with tempfile.TemporaryDirectory(prefix="bench-deliver-") as name:
         for run in args.runs:
-            result = run_ingest(py, args, Path(name)) if run == "ingest" else \
-                run_delivery(py, args, Path(name), run)
+            if run in ("ingest", "translate"):
+                result = run_ingest(py, args, Path(name), translate=(run == "translate"))
+            else:
+                result = run_delivery(py, args, Path(name), run)
             if run == "ingest":
                 ingest_rate = result["ack_msgs_s"]
             results.append(result)

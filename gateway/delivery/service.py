@@ -105,18 +105,26 @@ class DeliveryService(Service):
         self._claim()
 
     def _claim(self) -> None:
-        wanted = {name: destination.config.concurrency - self.in_flight[name]
-                  for name, destination in self.destinations.items()}
-        wanted = {name: n for name, n in wanted.items() if n > 0}
-        if not wanted:
+        if self._claiming:  # a claim runs (perhaps with a settlement): look again after it
+            self._again = True
+            return
+        plan = self._claim_plan()
+        if not plan:
             return  # every destination is busy: a settled attempt wakes us
         self._claiming = True
-        plan = {name: _ClaimPlan(min(count, max(1, self.config.delivery.claim_batch
-                                                // self.destinations[name].batch_size)),
-                                 self.destinations[name].batch_size, self.destinations[name].batch_bytes)
-                for name, count in wanted.items()}
         d = self.database.run_write(_claim_all, self.node, plan, _now(), self.config.delivery.lease)
         d.addCallbacks(self._claimed, self._claim_failed)
+
+    def _claim_plan(self) -> dict[str, _ClaimPlan]:
+        """What to claim per destination: requests it has room for (at most `claim_batch`
+        deliveries' worth), each of up to its adapter's batch size."""
+        plan = {}
+        for name, destination in self.destinations.items():
+            room = destination.config.concurrency - self.in_flight[name]
+            if room > 0:
+                requests = min(room, max(1, self.config.delivery.claim_batch // destination.batch_size))
+                plan[name] = _ClaimPlan(requests, destination.batch_size, destination.batch_bytes)
+        return plan
 
     def _claimed(self, batches: list[outbox.Batch]) -> None:
         self._claiming = False
@@ -168,6 +176,8 @@ class DeliveryService(Service):
     def _sent(self, result, d, destination: str):
         self._sending.discard(d)
         self.in_flight[destination] -= 1
+        if not self._stopping:
+            self._flush()
         return result
 
     def _attempted(self, outcome: DeliveryOutcome, batch: outbox.Batch, attempted_at: datetime,
@@ -207,28 +217,38 @@ class DeliveryService(Service):
         if dead:
             log.warning("deliveries %s to %s: %d dead letters after attempt %d: %s", _ids(batch), name,
                         dead, attempts, outcome.reason)
-        if not self._stopping:
-            self._flush()
 
     def _flush(self) -> defer.Deferred:
-        """Settle what is waiting, one batch at a time; then look at the outbox again."""
+        """Settle what is waiting, one batch at a time, and in the same transaction claim what
+        is now due (a patient's next deliveries are, once these are settled): one trip to the
+        database between two requests of a patient instead of two."""
         if self._flushing is not None:
             return self._flushing
         if not self._settlements:
             return defer.succeed(None)
         batch, self._settlements = self._settlements, []
-        d = self.database.run_write(outbox.settle, self.node, batch)
+        plan = {} if (self._stopping or self._claiming or not self.running) else self._claim_plan()
+        if plan:
+            self._claiming = True
+        d = self.database.run_write(_settle_and_claim, self.node, batch, plan, _now(),
+                                    self.config.delivery.lease)
 
-        def settled(_):
+        def settled(batches):
             self._flushing = None
+            if plan:
+                self._claimed(batches)
             if self._settlements:
                 return self._flush()
-            self.wake()  # a later delivery of the same patient may now be due
+            if not plan:
+                self.wake()  # a later delivery of the same patient may now be due
 
         def failed(failure):
             self._flushing = None
             # The leases expire and another attempt follows: nothing is lost, only repeated.
             log.error("delivery: recording %d attempts failed: %s", len(batch), failure.getErrorMessage())
+            if plan:
+                self._claiming = False
+                self._sleep()
 
         d.addCallbacks(settled, failed)
         self._flushing = d
@@ -250,6 +270,12 @@ def _claim_all(connection, node: str, plans: dict[str, _ClaimPlan], now: datetim
                                             requests=plan.requests, batch_size=plan.batch_size,
                                             batch_bytes=plan.batch_bytes))
     return batches
+
+
+def _settle_and_claim(connection, node: str, settlements: list[outbox.Settlement],
+                      plans: dict[str, _ClaimPlan], now: datetime, lease: float) -> list[outbox.Batch]:
+    outbox.settle(connection, node, settlements)
+    return _claim_all(connection, node, plans, now, lease) if plans else []
 
 
 def _ids(batch: outbox.Batch) -> str:
