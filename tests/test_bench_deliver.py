@@ -14,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import patient_load  # noqa: E402
 
 
-
 def test_messages_cycle_through_patients_each_with_its_own_order_and_control_id():
     """Message n is about patient n % patients (PID-3 and visit number), with placer and
     filler numbers and MSH-10 of its own; the rest of the template is untouched."""
