@@ -431,3 +431,48 @@ def test_concurrent_results_for_one_act_bill_it_once(pg_url, tmp_path, repo_mapp
         assert len(acts_recorded(harness)) == 1
     finally:
         harness.close()
+
+
+# -- an imaging centre's SOAP report ------------------------------------------------------------
+
+def _report(prescription_id: str, code: str = "Z15", system: str = "urn:ma:cnss:ngap") -> bytes:
+    """A SubmitReport element as the SOAP door stores it (format 'soap-report')."""
+    return f"""<gw:SubmitReport xmlns:gw="urn:ma:hie:gateway:soap:1">
+  <gw:reportId>CR-2026-0042</gw:reportId>
+  <gw:patient><gw:identifier><gw:system>urn:ma:cnie</gw:system><gw:value>BE123456</gw:value></gw:identifier>
+    <gw:familyName>BENALI</gw:familyName></gw:patient>
+  <gw:prescriptionId>{prescription_id}</gw:prescriptionId>
+  <gw:examination><gw:system>{system}</gw:system><gw:code>{code}</gw:code><gw:display>Radiographie thorax</gw:display></gw:examination>
+  <gw:status>final</gw:status><gw:text>Examen normal.</gw:text><gw:performed>2026-01-17T10:00:00+01:00</gw:performed>
+</gw:SubmitReport>""".encode()
+
+
+def test_imaging_report_by_soap_performs_the_prescribed_examination(harness):
+    """A doctor's ORM^O01 for a chest X-ray (local code, NGAP Z15 as alternate); the imaging
+    centre's SubmitReport naming the prescription performs it: billed as an NGAP act line; the
+    same report sent again (another message) bills nothing; a laboratory may send no such report
+    for it either (another report of an act already performed)."""
+    from gateway.store.translations import Pending
+    from gateway.translation.service import TranslationJob
+
+    prescription_id = issue(harness, orm("ORM-1", tests=(THORAX,)))
+
+    def submit(control_id: str, sender: str, raw: bytes):
+        placeholder = harness.store(oml(control_id))
+        with harness.engine.begin() as connection:
+            connection.execute(text("UPDATE messages SET format = 'soap-report', sender_id = :s, raw = :r "
+                                    "WHERE id = :id"), {"s": sender, "r": raw, "id": placeholder.message_id})
+        job = TranslationJob([Pending(placeholder.message_id, ("SOAP", sender, control_id), raw, "utf-8",
+                                      "soap-report", sender, placeholder.received_at, "SOAP^REPORT")])
+        harness.worker._process([job])
+        return job.results[0]
+
+    report = submit("SOAP-1", "INPE-100003", _report(prescription_id))
+    assert report.status == "translated", report.error_reason
+    [line] = care_sheet_from_bundle(report.bundle)["lignes"]["ligne"]
+    assert line["acte"] == {"nomenclature": "NGAP", "code": "Z15"} and line["prescription"]["ligne"] == 1
+    assert report.destinations == ("shared-record", "cnss")
+    again = submit("SOAP-2", "INPE-100003", _report(prescription_id))
+    assert again.status == "translated" and not resources(again, "ChargeItem")
+    other = submit("SOAP-3", "INPE-100002", _report(prescription_id))
+    assert other.status == "failed" and "already performed" in other.error_reason
