@@ -476,3 +476,21 @@ def test_imaging_report_by_soap_performs_the_prescribed_examination(harness):
     assert again.status == "translated" and not resources(again, "ChargeItem")
     other = submit("SOAP-3", "INPE-100002", _report(prescription_id))
     assert other.status == "failed" and "already performed" in other.error_reason
+
+
+def test_hostile_and_mixed_references(harness):
+    """Two prescriptions named in one result, an ORC-4 of 5,000 characters, and a pharmacy's
+    dispensation of a code that is an act of the prescription: refused with a reason, nothing
+    recorded."""
+    first, second = issue(harness), issue(harness, oml("OML-2"))
+    two = oru("ORU-2P", first, tests=(GLUCOSE,)) + \
+        f"ORC|RE|BIO-9^CAB|ACC-9^LAB|{second}^HIE|CM\rOBR|2|BIO-9^CAB|ACC-9^LAB|{HBA1C}|||20260116090000\r".encode()
+    [mixed] = harness.translate(two)
+    assert refusal(mixed)[1:3] == ("ORC^2^4", "PRESCRIPTION_INVALID") and "one prescription" in mixed.error_reason
+    [long] = harness.translate(oru("ORU-L", "RX-" + "A" * 5000))
+    assert refusal(long)[2] == "PRESCRIPTION_UNKNOWN" and "longer than 64" in long.error_reason
+    from prescription_support import rds
+
+    [dispensed] = harness.translate(rds("RDS-A", first, (("B0412^Glycemie^NABM", 1),)))
+    assert refusal(dispensed)[2] == "NOT_PRESCRIBED"
+    assert not acts_recorded(harness)

@@ -623,8 +623,8 @@ class PrescriptionFlow:
 
     def _line_for(self, prescription: store.Prescription, item: rules.DispenseItem, taken: dict,
                   hl7: bool) -> store.Line:
-        candidates = [line for line in prescription.lines
-                      if rules.Medication(line.medication_system, line.medication_code, None).matches(item.medication)]
+        candidates = [line for line in prescription.lines if line.kind == store.DRUG
+                      and rules.Medication(line.medication_system, line.medication_code, None).matches(item.medication)]
         where = rules.location(hl7, "RXD", "MedicationDispense", item.index, 2, "medicationCodeableConcept")
         if not candidates:
             raise Refusal(PrescriptionError.NOT_PRESCRIBED,
