@@ -176,3 +176,50 @@ def test_the_reform_end_to_end(make_config, peers, dev_pki, foreign_pki, tmp_pat
         assert patients["total"] == 1
     finally:
         yield root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_fhir_prescription_over_rest_comes_back_with_its_id_and_qr(make_config, peers, dev_pki, tmp_path):
+    """Modern software prescribes with a FHIR Bundle: the transaction-response gives back the
+    MedicationRequest with the prescription id; its QR image is the prescriber's to fetch, and
+    another facility cannot."""
+    db_url = f"sqlite:///{tmp_path / 'gateway.sqlite'}"
+    config = reform_config(make_config, db_url, peers)
+    root = build_service(config, reactor)
+    root.startService()
+    try:
+        https = (yield root.getServiceNamed("https")._waitingForPort).getHost().port
+        door = Door(config, https, dev_pki, None, None)
+        doctor = Client(door, DOCTOR_ID)
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": "urn:uuid:p1", "request": {"method": "POST", "url": "Patient"},
+             "resource": {"resourceType": "Patient", "identifier": [
+                 {"system": "urn:ma:cnie", "value": "BE123456"},
+                 {"system": "urn:ma:cnss:immatriculation", "value": "112233445"}]}},
+            {"fullUrl": "urn:uuid:r1", "request": {"method": "POST", "url": "MedicationRequest"},
+             "resource": {
+                 "resourceType": "MedicationRequest", "status": "active", "intent": "order",
+                 "subject": {"reference": "urn:uuid:p1"},
+                 "requester": {"identifier": {"system": "urn:ma:inpe", "value": "200001"}},
+                 "medicationCodeableConcept": {"coding": [
+                     {"system": "https://www.gs1.org/gtin", "code": "6118001230068"}]},
+                 "dispenseRequest": {"quantity": {"value": 2, "unit": "boîte"}}}}]}
+        answer = yield doctor.post("/v1/fhir", json.dumps(bundle).encode(), "application/fhir+json")
+        assert answer.code == 200, answer.body
+        response = answer.json()
+        assert response["type"] == "transaction-response"
+        patient, request = response["entry"]
+        assert "resource" not in patient  # only what the gateway added something to comes back
+        prescription_id = request["resource"]["groupIdentifier"]["value"]
+        assert prescription_id.startswith("RX-")
+        assert request["response"]["location"] == "MedicationRequest/" + request["resource"]["id"]
+
+        image = yield doctor.request("GET", f"/v1/prescriptions/{prescription_id}/qr?format=svg")
+        assert image.code == 200 and image.header("content-type").startswith("image/svg+xml")
+        assert b"<svg" in image.body
+        other = yield Client(door, PHARMACY_ID).request("GET", f"/v1/prescriptions/{prescription_id}/qr")
+        assert other.code in (403, 404)  # a pharmacy may not fetch the prescriber's QR image
+        looked_up = yield Client(door, PHARMACY_ID).request("GET", f"/v1/prescriptions/{prescription_id}")
+        assert looked_up.code == 200 and looked_up.json()["lines"][0]["remaining"] == 2
+    finally:
+        yield root.stopService()

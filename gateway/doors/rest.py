@@ -24,6 +24,7 @@ from gateway.doors.ingest_bridge import IngestBridge, StoreUnavailable
 from gateway.doors.schemas import (FHIR_SCHEMAS, HL7V2_SCHEMAS, MESSAGE_SCHEMAS, fhir_spec,
                                    hl7v2_spec, message_spec)
 from gateway.ingest.model import Inbound, MessageStatus
+from gateway.prescriptions.ids import SYSTEM as PRESCRIPTION_SYSTEM
 from gateway.store.queries import deliveries_of
 from gateway.store.schema import messages, translations
 from gateway.store.translations import utc
@@ -185,11 +186,12 @@ class RestOperations:
         translated = record is not None
         entries = canonical_entries(document, document_context(facility.id, control_id, None))
         status = "201 Created" if translated else "202 Accepted"
+        issued = _prescribed(record.bundle if translated else None)
         answer = {
             "resourceType": "Bundle",
             "type": "batch-response" if document["type"] == "batch" else "transaction-response",
             "identifier": {"system": "urn:ma:hie:message", "value": str(outcome.message_id)},
-            "entry": [{"response": {"status": status, "location": entry.location}} for entry in entries],
+            "entry": [_response_entry(status, entry, issued) for entry in entries],
         }
         return ApiResponse(200, json_response(200, answer).body, "application/fhir+json",
                            _location(outcome.message_id))
@@ -204,6 +206,26 @@ class RestOperations:
         if found is None:  # someone else's message is as absent as a missing one
             raise Problem(404, "not-found", "No such message", "no message of yours has this id")
         return json_response(200, found)
+
+
+def _prescribed(bundle: dict | None) -> dict[str, dict]:
+    """The canonical requests of a translated bundle that carry a prescription id the gateway
+    issued, by id: the prescriber gets them back with the id (and the QR at .../qr)."""
+    found = {}
+    for entry in (bundle or {}).get("entry", ()):
+        resource = entry.get("resource") or {}
+        group = resource.get("groupIdentifier") or {}
+        if resource.get("resourceType") in ("MedicationRequest", "ServiceRequest") \
+                and group.get("system") == PRESCRIPTION_SYSTEM:
+            found[resource.get("id")] = resource
+    return found
+
+
+def _response_entry(status: str, entry, issued: dict[str, dict]) -> dict:
+    answer = {"response": {"status": status, "location": entry.location}}
+    if entry.id in issued:  # as stored, with groupIdentifier = the prescription id
+        answer["resource"] = issued[entry.id]
+    return answer
 
 
 def _read_and_check(body: bytes):
