@@ -90,7 +90,17 @@ FHIR_SCHEMAS = {
                 "properties": {"response": {
                     "type": "object", "required": ["status", "location"],
                     "properties": {"status": {"type": "string", "pattern": "^[0-9]{3}( .*)?$"},
-                                   "location": {"type": "string", "pattern": "^[A-Z][A-Za-z]+/[A-Za-z0-9.-]{1,64}$"}}}}}},
+                                   "location": {"type": "string", "pattern": "^[A-Z][A-Za-z]+/[A-Za-z0-9.-]{1,64}$"}}},
+                    "resource": {
+                        "type": "object", "required": ["resourceType", "id", "groupIdentifier"],
+                        "description": "A MedicationRequest or ServiceRequest the gateway issued a "
+                                       "prescription id for, as stored: groupIdentifier is the id "
+                                       "(urn:ma:hie:prescription); its QR image is at "
+                                       "/v1/prescriptions/{id}/qr",
+                        "properties": {"resourceType": {"enum": ["MedicationRequest", "ServiceRequest"]},
+                                       "groupIdentifier": {"type": "object", "required": ["system", "value"],
+                                                           "properties": {"system": {"const": "urn:ma:hie:prescription"},
+                                                                          "value": {"type": "string"}}}}}}}},
         },
     },
     "FhirProblem": {
