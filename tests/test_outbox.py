@@ -79,6 +79,9 @@ def test_enqueue_claim_and_deliver(engine):
     with engine.connect() as conn:
         (attempt,) = conn.execute(select(delivery_attempts)).all()
     assert (attempt.delivery_id, attempt.node, attempt.outcome, attempt.code) == (c.id, "n1", "delivered", 200)
+    with engine.connect() as conn:  # finished when the answer came: sent at T0, answered in 5 ms
+        finished = conn.execute(select(deliveries.c.finished_at).where(deliveries.c.id == c.id)).scalar_one()
+    assert (finished if finished.tzinfo else finished.replace(tzinfo=timezone.utc)) == T0 + timedelta(milliseconds=5)
 
 
 def test_per_patient_order_and_independent_patients(engine):

@@ -380,7 +380,9 @@ def settle(connection: Connection, node: str, node_results: Iterable[Settlement]
         else:
             status = DELIVERED if r.kind == "delivered" else DEAD
             response = r.response[:MAX_KEPT_RESPONSE] if (status == DEAD and r.response) else None
-            finished.append({**common, "b_status": status, "b_response": response})
+            # Finished when the answer came (or the attempt gave up), not when it was sent.
+            finished.append({**common, "b_status": status, "b_response": response,
+                             "b_end": r.attempted_at + timedelta(milliseconds=r.duration_ms)})
     mine = (deliveries.c.id == bindparam("b_id")) & (deliveries.c.lease_owner == bindparam("b_node"))
     attempted = {"attempts": deliveries.c.attempts + 1,
                  "first_attempt_at": _coalesce(deliveries.c.first_attempt_at, bindparam("b_at")),
@@ -391,7 +393,7 @@ def settle(connection: Connection, node: str, node_results: Iterable[Settlement]
             next_attempt_at=bindparam("b_next"), **attempted), retried)
     if finished:
         connection.execute(update(deliveries).where(mine).values(
-            status=bindparam("b_status"), finished_at=bindparam("b_at"),
+            status=bindparam("b_status"), finished_at=bindparam("b_end"),
             last_response=bindparam("b_response"), **attempted), finished)
 
 
