@@ -605,3 +605,18 @@ def test_deliveries_of_lists_each_destination_with_its_attempts(db_url, harness)
         ("n1", "transient", None), ("n2", "delivered", 200)]
     assert views[0].next_attempt_at is None and views[0].finished_at.startswith("2026-11-22T09:00")
     assert views[1].next_attempt_at.startswith("2026-11-22T09:00") and views[1].history == ()
+
+
+def test_bundle_text_is_compact_utf8_json_whatever_the_encoder():
+    """Stored bundles are compact UTF-8 JSON, the same text json.dumps would give (so digests
+    and idempotency keys do not change), including what orjson cannot encode."""
+    import json
+
+    from gateway.store.translations import bundle_text
+
+    bundle = {"resourceType": "Bundle", "entry": [{"resource": {
+        "resourceType": "Patient", "name": [{"family": "بنعلي", "given": ["Élodie"]}],
+        "extension": [{"valueDecimal": 0.1}, {"valueInteger": 7}, {"valueBoolean": False}]}}]}
+    assert bundle_text(bundle) == json.dumps(bundle, ensure_ascii=False, separators=(",", ":"))
+    huge = {"value": 2 ** 70}
+    assert bundle_text(huge) == '{"value":1180591620717411303424}'

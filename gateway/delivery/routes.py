@@ -8,6 +8,7 @@ order the routes name them.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 
 from gateway.config import RouteConfig, SenderConfig
@@ -42,19 +43,24 @@ class Router:
 
 
 class _Content:
-    """What routes look at in a bundle, computed once per message."""
+    """What routes look at in a bundle, computed once per message and only when asked (most
+    routes never look at codes, and walking a whole bundle for them is not free)."""
 
     def __init__(self, bundle: dict):
-        resources = [entry.get("resource") or {} for entry in bundle.get("entry", ())]
-        self.resource_types = {resource.get("resourceType") for resource in resources}
-        self.codes: set[str] = set()
-        for resource in resources:
+        self.resources = [entry.get("resource") or {} for entry in bundle.get("entry", ())]
+        self.resource_types = {resource.get("resourceType") for resource in self.resources}
+
+    @functools.cached_property
+    def codes(self) -> set[str]:
+        codes: set[str] = set()
+        for resource in self.resources:
             for coding in _codings(resource):
                 code = coding.get("code")
                 if isinstance(code, str):
-                    self.codes.add(code)
+                    codes.add(code)
                     if isinstance(coding.get("system"), str):
-                        self.codes.add(f"{coding['system']}|{code}")
+                        codes.add(f"{coding['system']}|{code}")
+        return codes
 
 
 def _codings(value) -> Iterator[dict]:

@@ -95,6 +95,9 @@ Index("ix_deliveries_patient", deliveries.c.destination, deliveries.c.patient_ke
       deliveries.c.message_id,
       sqlite_where=deliveries.c.status == "pending", postgresql_where=deliveries.c.status == "pending")
 Index("ix_deliveries_status", deliveries.c.status, deliveries.c.destination)
+# The claim's window: a destination's pending deliveries in message order (migration 0006).
+Index("ix_deliveries_pending", deliveries.c.destination, deliveries.c.message_id,
+      sqlite_where=deliveries.c.status == "pending", postgresql_where=deliveries.c.status == "pending")
 
 # Every attempt, for the console and the audit: when, by which node, what came back.
 delivery_attempts = Table(

