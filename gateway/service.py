@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from datetime import datetime, timezone
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -18,7 +19,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 
 from adapters.hl7v2.ack import AckBuilder, Sender
-from adapters.mllp.protocol import MllpServerFactory, MllpSettings
+from adapters.mllp.protocol import MllpServerFactory, MllpSettings, PeerRefused
 from gateway.config import GatewayConfig, MllpListenerConfig
 from gateway.delivery.service import DeliveryService
 from gateway.doors.https import https_door_services
@@ -31,7 +32,7 @@ from gateway.prescriptions.api import prescription_routes
 from gateway.prescriptions.service import PrescriptionService
 from gateway.store.database import Database, create_gateway_engine, migrate
 from gateway.store.ingest_writer import IngestWriter
-from gateway.tls import server_tls_options
+from gateway.tls import peer_certificate, server_tls_options
 from gateway.translation.service import TranslationService
 
 
@@ -141,7 +142,27 @@ def _mllp_factory(listener: MllpListenerConfig, store: StoreService, identity: I
     return MllpServerFactory(pipeline, MllpSettings(
         listener.name, listener.max_frame_size, listener.idle_timeout, listener.frame_timeout,
         listener.commit_blocks), reactor, source_filter(listener.allow_sources),
-        identify=identity.identify if listener.tls else None)
+        identify=functools.partial(_identify_or_keep, identity, store.database, listener.name)
+        if listener.tls else None)
+
+
+def _identify_or_keep(identity: IdentityService, database: Database, listener: str, transport) -> str:
+    """The facility of a TLS client (IdentityService.identify); a certificate that names none
+    is refused, and the refusal kept with the HTTPS door's (door 'mllp', status 401: what the
+    door would have answered) before the connection closes."""
+    try:
+        return identity.identify(transport)
+    except PeerRefused as refused:
+        from gateway.doors.store import Refusal, record_refusal
+
+        peer, cert = transport.getPeer(), peer_certificate(transport)
+        refusal = Refusal(datetime.now(timezone.utc), listener,
+                          f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}", None,
+                          cert.subject.rfc4514_string() if cert is not None else None,
+                          "mllp", None, 401, str(refused))
+        database.run_write(record_refusal, refusal).addErrback(
+            lambda failure: log.error("refusal not stored: %s", failure.value))
+        raise
 
 
 def _listen(root: MultiService, name: str, endpoint, factory) -> None:

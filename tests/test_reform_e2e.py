@@ -150,6 +150,10 @@ def test_the_reform_end_to_end(make_config, peers, dev_pki, foreign_pki, tmp_pat
         closed = yield threads.deferToThread(over_tls, mllp, dev_pki, STRANGER_ID,
                                              rds("REFORM-X-1", prescription_id))
         assert closed == [None]  # disconnected without an answer
+        kept = yield until("SELECT door, status, certificate FROM api_refusals WHERE facility_id IS NULL",
+                           lambda rows: len(rows) == 2, db_url)
+        assert sorted((r.door, r.status) for r in kept) == [("mllp", 401), ("rest", 401)]
+        assert all(STRANGER_ID in r.certificate for r in kept)  # kept for the audit, by subject
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
             yield threads.deferToThread(over_tls, mllp, foreign_pki, PHARMACY_ID,
                                         rds("REFORM-X-2", prescription_id))

@@ -53,9 +53,9 @@ api_refusals = Table(
     Column("peer", String(128)),
     Column("facility_id", String(64)),  # None: the certificate names no facility
     Column("certificate", String(512)),  # the client certificate's subject (RFC 4514)
-    Column("door", String(8), nullable=False),  # rest | soap
+    Column("door", String(8), nullable=False),  # rest | soap | mllp (a TLS client refused)
     Column("operation", String(64)),  # the API operation, or the route when it has none
-    Column("status", Integer, nullable=False),  # the HTTP status answered
+    Column("status", Integer, nullable=False),  # the HTTP status answered (mllp: the one it would be)
     Column("reason", Text, nullable=False),
 )
 Index("ix_api_refusals_refused_at", api_refusals.c.refused_at)
