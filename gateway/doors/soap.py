@@ -25,8 +25,8 @@ from adapters.hl7v2.codes import Outcome
 from adapters.hl7v2.header import HeaderError, parse_header
 from adapters.mllp.protocol import ConnectionInfo
 from adapters.soap.gateway import NAMESPACE, WSDL_PATH, XSD_NAME, XSD_PATH
-from adapters.soap.gateway.envelope import (SoapFault, answer_envelope, child_text, client_fault,
-                                            fault_envelope, parse_request, server_fault)
+from adapters.soap.envelope import SoapFault, answer_envelope, client_fault, server_fault
+from adapters.soap.gateway.envelope import child_text, fault_envelope, parse_request
 from gateway.config import SenderConfig
 from gateway.doors.ingest_bridge import IngestBridge, StoreUnavailable
 from gateway.ingest.model import Inbound, MessageStatus

@@ -28,10 +28,11 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web import resource, server
 
 from adapters.soap.cnss import WSDL_PATH, XSD_NAME, XSD_PATH
+from adapters.soap.envelope import client_fault, server_fault
 from gateway.pki import certificate_common_name
 from gateway.sandbox.cnss import seed
 from gateway.sandbox.cnss.service import CnssService
-from gateway.sandbox.cnss.soap import client_fault, fault_envelope, server_fault
+from gateway.sandbox.cnss.soap import fault_envelope
 from gateway.sandbox.cnss.store import CareSheetStore
 from gateway.sandbox.faults import CONTROL_PATH, Faults
 from gateway.sandbox.web import FaultControl, with_faults

@@ -32,17 +32,9 @@ from lxml import etree
 from twisted.logger import Logger
 
 from adapters.soap.cnss import NAMESPACE, XSD_PATH, valid_ean13
+from adapters.soap.envelope import SoapFault, answer_envelope, client_fault, hardened_parser, server_fault
 from gateway.sandbox.cnss import seed
-from gateway.sandbox.cnss.soap import (
-    SoapFault,
-    answer_envelope,
-    client_fault,
-    element_bytes,
-    fault_envelope,
-    hardened_parser,
-    parse_request,
-    server_fault,
-)
+from gateway.sandbox.cnss.soap import element_bytes, fault_envelope, parse_request
 from gateway.sandbox.cnss.store import CareSheetStore, KeyReused, LineAlreadyBilled
 
 log = Logger()

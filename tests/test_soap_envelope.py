@@ -1,0 +1,69 @@
+"""The shared SOAP 1.1 envelope code (adapters/soap/envelope.py): one hardening for both
+contracts, which differ only in their words and fault detail. Pure: no reactor, no sockets."""
+from __future__ import annotations
+
+import pytest
+from lxml import etree
+
+from adapters.soap import envelope
+from adapters.soap.gateway import envelope as gateway
+from gateway.sandbox.cnss import soap as cnss
+
+ENV = b'<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/">'
+HOSTILE = {
+    "empty": (b" \n", "invalid_xml"),
+    "doctype after BOM and comment": (b'\xef\xbb\xbf<!-- c --><!DOCTYPE x><x/>', "dtd_forbidden"),
+    "doctype in UTF-16": ('<?xml version="1.0" encoding="utf-16"?><!DOCTYPE x><x/>'.encode("utf-16"),
+                          "dtd_forbidden"),
+    "truncated": (ENV + b"<s:Body><op>", "invalid_xml"),
+    "SOAP 1.2": (b'<e:Envelope xmlns:e="http://www.w3.org/2003/05/soap-envelope"/>', "invalid_envelope"),
+    "two operations": (ENV + b"<s:Body><a/><b/></s:Body></s:Envelope>", "invalid_envelope"),
+    "text in Body": (ENV + b"<s:Body>x<a/></s:Body></s:Envelope>", "invalid_envelope"),
+    "mustUnderstand header": (ENV + b'<s:Header><h s:mustUnderstand="1"/></s:Header>'
+                              b"<s:Body><a/></s:Body></s:Envelope>", "invalid_envelope"),
+}
+
+
+@pytest.mark.parametrize("contract", [gateway, cnss], ids=["gateway", "cnss"])
+@pytest.mark.parametrize("case", HOSTILE)
+def test_both_contracts_refuse_the_same_envelopes_each_with_its_own_code(contract, case):
+    """Every hostile envelope is a fault in both contracts, with the code the contract's words name."""
+    body, code = HOSTILE[case]
+    with pytest.raises(envelope.SoapFault) as raised:
+        contract.parse_request(body)
+    assert raised.value.error == getattr(contract.WORDS, code)
+
+
+def test_a_good_request_yields_its_operation_past_header_comments_and_pis():
+    """The one element of the Body comes back; an optional header and comments are passed over."""
+    body = ENV + b'<s:Header><h s:mustUnderstand="0"/></s:Header><s:Body><!-- c --><?pi x?>' \
+                 b'<op xmlns="urn:x">v</op></s:Body></s:Envelope>'
+    operation = cnss.parse_request(body)
+    assert (operation.tag, operation.text) == ("{urn:x}op", "v")
+
+
+def test_the_parser_message_goes_to_the_detail_only_where_the_contract_allows_it():
+    """CNSS writes the parser's cause in fse:Erreur/message; the gateway writes it (cut) in its fault string."""
+    body = b"<a>\n<b></a>"
+    with pytest.raises(envelope.SoapFault) as raised:
+        cnss.parse_request(body)
+    fault = raised.value
+    assert (fault.message, fault.line) == ("XML mal formé (ligne 2)", 2) and fault.detail_text
+    cnss_detail = etree.fromstring(cnss.fault_envelope(fault)).findtext(".//{urn:ma:cnss:amo:fse:1}message")
+    assert cnss_detail == f"XML mal formé (ligne 2): {fault.detail_text}"
+    with pytest.raises(envelope.SoapFault) as raised:
+        gateway.parse_request(body)
+    tree = etree.fromstring(gateway.fault_envelope(raised.value))
+    assert tree.findtext(".//faultstring").startswith("malformed XML (line 2): ")
+    assert tree.findtext(".//{urn:ma:hie:gateway:soap:1}message") == tree.findtext(".//faultstring")
+    assert tree.findtext(".//{urn:ma:hie:gateway:soap:1}line") == "2"
+
+
+def test_a_fault_with_control_characters_still_serialises():
+    """Characters XML 1.0 cannot carry become '?' in fault string and detail, instead of failing the answer."""
+    fault = envelope.client_fault("X", "bad \x01 byte", element="e", detail_text="cause \x02")
+    tree = etree.fromstring(cnss.fault_envelope(fault))
+    assert tree.findtext(".//faultstring") == "bad ? byte"
+    assert tree.findtext(".//{urn:ma:cnss:amo:fse:1}message") == "bad ? byte: cause ?"
+    assert tree.findtext(".//{urn:ma:cnss:amo:fse:1}element") == "e"
+    assert tree.find(".//{urn:ma:cnss:amo:fse:1}ligne") is None
