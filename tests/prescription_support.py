@@ -1,15 +1,19 @@
 """Synthetic e-prescription messages (no real person: the sandbox CNSS's invented insured
-BENALI Fatima) and a harness that runs the real translation worker with the prescription step
-on a real database."""
+BENALI Fatima), a harness that runs the real translation worker with the prescription step
+on a real database, and what the flow tests of drugs and of acts both read: the answers'
+segments, the bundles' resources, a refusal's code, a race of two messages for one lock."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import os
+import threading
 from datetime import datetime, timezone
 
+import pytest
 from sqlalchemy import insert
 
+from adapters.hl7v2.ack import AckBuilder
 from gateway.config import load_config
 from gateway.delivery.care_sheet import Eligibility
 from gateway.delivery.routes import Router
@@ -17,7 +21,7 @@ from gateway.facilities import FacilityRegistry
 from gateway.prescriptions import qr
 from gateway.prescriptions.eligibility import EligibilityAnswer
 from gateway.prescriptions.flow import PrescriptionFlow
-from gateway.store.database import create_gateway_engine, migrate
+from gateway.store.database import create_gateway_engine, migrate, write_transaction
 from gateway.store.schema import messages
 from gateway.store.translations import Pending
 from gateway.translation.service import TranslationJob, TranslationWorker
@@ -161,3 +165,74 @@ class Harness:
         job = TranslationJob([pending])
         self.worker._process([job])
         return job.results[0]
+
+
+def standard_harness(db_url: str, tmp_path, mappings, eligibility=None) -> Harness:
+    """A harness on `db_url` with the shipped configuration, HL7 answers built, and AMO rights
+    open for the sandbox's insured unless `eligibility` says otherwise."""
+    return Harness(db_url, mappings, config_for(db_url, tmp_path),
+                   eligibility if eligibility is not None else FakeEligibility(), AckBuilder())
+
+
+@pytest.fixture(name="harness")
+def harness_fixture(tmp_path, repo_mappings):
+    """`harness`: a standard harness on a fresh SQLite database. A test module imports
+    `harness_fixture` to have it (the name differs so that arguments do not shadow an import)."""
+    made = standard_harness(f"sqlite:///{tmp_path / 'gateway.sqlite'}", tmp_path, repo_mappings)
+    yield made
+    made.close()
+
+
+def segments(ack: bytes) -> dict[str, list[list[str]]]:
+    """An ER7 answer's segments by name, each as its list of fields."""
+    found: dict[str, list[list[str]]] = {}
+    for segment in ack.decode().strip("\r").split("\r"):
+        fields = segment.split("|")
+        found.setdefault(fields[0], []).append(fields)
+    return found
+
+
+def resources(record, kind):
+    """The resources of type `kind` in a translation record's bundle."""
+    return [e["resource"] for e in record.bundle["entry"] if e["resource"]["resourceType"] == kind]
+
+
+def refusal(record):
+    """(MSA-1, ERR-2, ERR-5 code, error reason) of a refused message, which goes nowhere."""
+    assert record.status == "failed" and record.destinations == ()
+    err = segments(record.ack)["ERR"][0]
+    return segments(record.ack)["MSA"][0][1], err[2], err[5].split("^")[0], record.error_reason
+
+
+def race_for_the_lock(harness: Harness, first: bytes, second: bytes):
+    """Translates `first` and `second` on two connections at once, `first` keeping its
+    transaction open until `second` has had 0.5 s to block on the prescription's lock; their
+    records, in that order. Fails when `second` did not wait (the step took no lock)."""
+    first_holds_lock = threading.Event()
+    release = threading.Event()
+    records = {}
+
+    def apply(raw: bytes, hold: bool):
+        pending = harness.store(raw)
+        record = harness.worker.translator.translate(pending)
+        results = [(pending, record)]
+        prepared = harness.flow.prepare(results)
+        with write_transaction(harness.engine) as connection:
+            harness.flow.apply(connection, results, prepared, datetime.now(timezone.utc))
+            if hold:
+                first_holds_lock.set()
+                release.wait(10)
+        records[hold] = record
+
+    holder = threading.Thread(target=apply, args=(first, True))
+    holder.start()
+    assert first_holds_lock.wait(10)
+    waiter = threading.Thread(target=apply, args=(second, False))
+    waiter.start()
+    waiter.join(0.5)
+    waited = waiter.is_alive()
+    release.set()
+    holder.join(10)
+    waiter.join(10)
+    assert waited, "the second message did not wait for the first's lock"
+    return records[True], records[False]

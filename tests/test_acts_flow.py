@@ -7,50 +7,23 @@ accepted without a second line, refusals with a precise reason; ordinary orders 
 are left alone."""
 from __future__ import annotations
 
-import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
 import yaml
 from sqlalchemy import inspect, text
 
-from adapters.hl7v2.ack import AckBuilder
 from adapters.hl7v2.order_response import placer_groups
 from gateway.delivery.care_sheet import care_sheet_from_bundle, care_sheet_request
 from gateway.prescriptions import ids, qr, store
 from gateway.prescriptions.bundle import ACT_SYSTEM, LINE_SYSTEM
 from gateway.prescriptions.flow import PRESCRIPTION_NAMESPACES, names_prescription
-from gateway.store.database import create_gateway_engine, migrate, write_transaction
+from gateway.store.database import create_gateway_engine, migrate
 from acts_support import (CHOLESTEROL, GLUCOSE, HBA1C, IMAGING, LOINC_ONLY, PHARMACY, THORAX, oml,
                           orm, oru)
-from prescription_support import (LABORATORY, OTHER_PATIENT, ROOT, FakeEligibility, Harness,
-                                  config_for)
-
-
-@pytest.fixture
-def harness(tmp_path, repo_mappings):
-    url = f"sqlite:///{tmp_path / 'gateway.sqlite'}"
-    made = Harness(url, repo_mappings, config_for(url, tmp_path), FakeEligibility(), AckBuilder())
-    yield made
-    made.close()
-
-
-def segments(ack: bytes) -> dict[str, list[list[str]]]:
-    found: dict[str, list[list[str]]] = {}
-    for segment in ack.decode().strip("\r").split("\r"):
-        fields = segment.split("|")
-        found.setdefault(fields[0], []).append(fields)
-    return found
-
-
-def resources(record, kind):
-    return [e["resource"] for e in record.bundle["entry"] if e["resource"]["resourceType"] == kind]
-
-
-def refusal(record):
-    assert record.status == "failed" and record.destinations == ()
-    err = segments(record.ack)["ERR"][0]
-    return segments(record.ack)["MSA"][0][1], err[2], err[5].split("^")[0], record.error_reason
+from prescription_support import harness_fixture  # noqa: F401 (the fixture 'harness')
+from prescription_support import (LABORATORY, OTHER_PATIENT, ROOT, FakeEligibility, race_for_the_lock,
+                                  refusal, resources, segments, standard_harness)
 
 
 def issue(harness, message=None) -> str:
@@ -397,37 +370,13 @@ def test_migration_creates_the_prescription_tables_as_declared(db_url):
 def test_concurrent_results_for_one_act_bill_it_once(pg_url, tmp_path, repo_mappings):
     """Two laboratories report the same prescribed act at the same time on two connections: the
     second waits for the first's lock (FOR UPDATE), then finds the act performed and is refused."""
-    harness = Harness(pg_url, repo_mappings, config_for(pg_url, tmp_path), FakeEligibility(), AckBuilder())
+    harness = standard_harness(pg_url, tmp_path, repo_mappings)
     try:
         prescription_id = issue(harness)
-        first_holds_lock = threading.Event()
-        release = threading.Event()
-        outcomes = {}
-
-        def perform(name: str, sender, hold: bool):
-            pending = harness.store(oru(name, prescription_id, sender=sender))
-            record = harness.worker.translator.translate(pending)
-            results = [(pending, record)]
-            prepared = harness.flow.prepare(results)
-            with write_transaction(harness.engine) as connection:
-                harness.flow.apply(connection, results, prepared, datetime.now(timezone.utc))
-                if hold:
-                    first_holds_lock.set()
-                    release.wait(10)
-            outcomes[name] = (record.status, record.error_reason)
-
-        first = threading.Thread(target=perform, args=("ORU-A", LABORATORY, True))
-        first.start()
-        assert first_holds_lock.wait(10)
-        second = threading.Thread(target=perform, args=("ORU-B", IMAGING, False))
-        second.start()
-        second.join(0.5)
-        assert second.is_alive(), "the second result did not wait for the first's lock"
-        release.set()
-        first.join(10)
-        second.join(10)
-        assert outcomes["ORU-A"][0] == "translated"
-        assert outcomes["ORU-B"][0] == "failed" and "already performed" in outcomes["ORU-B"][1]
+        first, second = race_for_the_lock(harness, oru("ORU-A", prescription_id, sender=LABORATORY),
+                                          oru("ORU-B", prescription_id, sender=IMAGING))
+        assert first.status == "translated"
+        assert second.status == "failed" and "already performed" in second.error_reason
         assert len(acts_recorded(harness)) == 1
     finally:
         harness.close()

@@ -5,52 +5,26 @@ sheet built from an accepted dispensation, and concurrency on PostgreSQL."""
 from __future__ import annotations
 
 import json
-import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import text
 
-from adapters.hl7v2.ack import AckBuilder
 from gateway.delivery.care_sheet import care_sheet_from_bundle
 from gateway.prescriptions import ids, qr, store
 from gateway.prescriptions.bundle import DISPENSATION_SYSTEM, LINE_SYSTEM, PAPER_EXTENSION
 from gateway.store.database import write_transaction
 from gateway.store.translations import get_translation
-from prescription_support import (AMOXIL, DOLIPRANE, LABORATORY, OTHER_PATIENT, FakeEligibility,
-                                  Harness, cancel, config_for, omp, rde, rds)
-
-
-@pytest.fixture
-def harness(tmp_path, repo_mappings):
-    url = f"sqlite:///{tmp_path / 'gateway.sqlite'}"
-    made = Harness(url, repo_mappings, config_for(url, tmp_path), FakeEligibility(), AckBuilder())
-    yield made
-    made.close()
-
-
-def segments(ack: bytes) -> dict[str, list[list[str]]]:
-    found: dict[str, list[list[str]]] = {}
-    for segment in ack.decode().strip("\r").split("\r"):
-        fields = segment.split("|")
-        found.setdefault(fields[0], []).append(fields)
-    return found
+from prescription_support import harness_fixture  # noqa: F401 (the fixture 'harness')
+from prescription_support import (AMOXIL, DOLIPRANE, LABORATORY, OTHER_PATIENT, FakeEligibility, cancel, omp,
+                                  race_for_the_lock, rde, rds, refusal, resources, segments,
+                                  standard_harness)
 
 
 def issue(harness, control_id="RDE-1", **kwargs) -> str:
     [record] = harness.translate(rde(control_id, **kwargs))
     assert record.status == "translated", record.error_reason
     return segments(record.ack)["ORC"][0][3].split("^")[0]
-
-
-def resources(record, kind):
-    return [e["resource"] for e in record.bundle["entry"] if e["resource"]["resourceType"] == kind]
-
-
-def refusal(record):
-    assert record.status == "failed" and record.destinations == ()
-    err = segments(record.ack)["ERR"][0]
-    return segments(record.ack)["MSA"][0][1], err[2], err[5].split("^")[0], record.error_reason
 
 
 def count(harness, sql) -> int:
@@ -312,7 +286,7 @@ def test_amo_rights_are_checked_before_accepting(tmp_path, repo_mappings):
     """Rights closed: NOT_COVERED; CNSS unreachable: ELIGIBILITY_UNAVAILABLE; asked once per batch."""
     url = f"sqlite:///{tmp_path / 'g.sqlite'}"
     closed = FakeEligibility(open_rights=())
-    harness = Harness(url, repo_mappings, config_for(url, tmp_path), closed, AckBuilder())
+    harness = standard_harness(url, tmp_path, repo_mappings, closed)
     try:
         prescription_id = issue(harness)
         [record] = harness.translate(rds("RDS-1", prescription_id))
@@ -343,37 +317,13 @@ def test_a_batch_mixing_prescriptions_and_dispensations_commits_together(harness
 def test_concurrent_dispensations_never_exceed_what_remains(pg_url, tmp_path, repo_mappings):
     """Two dispensations of 2 boxes against a line of 3, at the same time on two connections:
     the second waits for the first's lock (FOR UPDATE), then sees 1 left and is refused."""
-    harness = Harness(pg_url, repo_mappings, config_for(pg_url, tmp_path), FakeEligibility(), AckBuilder())
+    harness = standard_harness(pg_url, tmp_path, repo_mappings)
     try:
         prescription_id = issue(harness, lines=((DOLIPRANE, 3),))
-        first_holds_lock = threading.Event()
-        release = threading.Event()
-        outcomes = {}
-
-        def dispense(name: str, hold: bool):
-            pending = harness.store(rds(name, prescription_id, ((DOLIPRANE, 2),)))
-            record = harness.worker.translator.translate(pending)
-            results = [(pending, record)]
-            prepared = harness.flow.prepare(results)
-            with write_transaction(harness.engine) as connection:
-                harness.flow.apply(connection, results, prepared, datetime.now(timezone.utc))
-                if hold:
-                    first_holds_lock.set()
-                    release.wait(10)
-            outcomes[name] = (record.status, record.error_reason, datetime.now(timezone.utc))
-
-        first = threading.Thread(target=dispense, args=("RDS-A", True))
-        first.start()
-        assert first_holds_lock.wait(10)
-        second = threading.Thread(target=dispense, args=("RDS-B", False))
-        second.start()
-        second.join(0.5)
-        assert second.is_alive(), "the second dispensation did not wait for the first's lock"
-        release.set()
-        first.join(10)
-        second.join(10)
-        assert outcomes["RDS-A"][0] == "translated"
-        assert outcomes["RDS-B"][0] == "failed" and "has 1 boîte left of 3" in outcomes["RDS-B"][1]
+        first, second = race_for_the_lock(harness, rds("RDS-A", prescription_id, ((DOLIPRANE, 2),)),
+                                          rds("RDS-B", prescription_id, ((DOLIPRANE, 2),)))
+        assert first.status == "translated"
+        assert second.status == "failed" and "has 1 boîte left of 3" in second.error_reason
         with harness.engine.connect() as connection:
             [line] = store.get_prescription(connection, prescription_id).lines
         assert (line.dispensed, line.remaining) == (2, 1)
