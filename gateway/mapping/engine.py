@@ -262,17 +262,10 @@ def run_message_map(message_map: MessageMap, message: Hl7Message, context: Trans
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         raise TranslationError(f"nothing to translate: no segment of the message gives a resource "
                                f"(segments: {shown})", "MSH[1]")
-    instant = _instant(context.received_at)
-    resources.append(_provenance(resources, context, message, mapping_version, message_type, instant))
-    key = context.message_key or context.control_id
-    bundle = {
-        "resourceType": "Bundle",
-        "id": name_id("Bundle|" + key),
-        "type": "collection",
-        "timestamp": instant,
-        "entry": [{"fullUrl": "urn:uuid:" + resource["id"], "resource": resource} for resource in resources],
-    }
-    return bundle, run.warnings
+    # Read only for a sender the registry does not know (the usual one has an INPE).
+    sender = "" if context.sender_id else message.value("MSH", 4) or message.value("MSH", 3) or "unknown sender"
+    return collection_bundle(resources, context, mapping_version, message_type or "message",
+                             "HL7 v2 to FHIR translation", sender), run.warnings
 
 
 def place_resource(resource: dict, resource_type: str, ordinal: int, run: Run, seen: dict,
@@ -372,12 +365,18 @@ def _resolve_references(run: Run) -> None:
                          for link in (item if item.__class__ is list else (item,))]
 
 
-def _provenance(resources: list[dict], context: TranslationContext, message: Hl7Message,
-                mapping_version: str, message_type: str, instant: str) -> dict:
+def collection_bundle(resources: list[dict], context: TranslationContext, mapping_version: str,
+                      message_type: str, activity: str, sender: str = "unknown sender") -> dict:
+    """The canonical Bundle of a translation: `resources`, then the Provenance every translation
+    adds, whatever its input (an HL7 v2 message, a submitted FHIR Bundle, a SOAP report), so that
+    each input's Bundle says the same things the same way: what was made, when, by which mapping
+    version, from which message of which sender. `sender` is shown when the registry gives no
+    INPE. Ids come from the message's key: a replay makes the same Bundle."""
+    instant = _instant(context.received_at)
     key = context.message_key or context.control_id
-    sender = {"identifier": {"system": "urn:ma:inpe", "value": context.sender_id}} if context.sender_id \
-        else {"display": message.value("MSH", 4) or message.value("MSH", 3) or "unknown sender"}
-    return {
+    who = {"identifier": {"system": "urn:ma:inpe", "value": context.sender_id}} if context.sender_id \
+        else {"display": sender}
+    provenance = {
         "resourceType": "Provenance",
         "id": name_id("Provenance|" + key),
         "target": [{"reference": "urn:uuid:" + resource["id"]} for resource in resources],
@@ -385,13 +384,21 @@ def _provenance(resources: list[dict], context: TranslationContext, message: Hl7
         "policy": [f"urn:ma:hie:mappings:{mapping_version}"],
         "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
                                  "code": "CREATE", "display": "create"}],
-                     "text": "HL7 v2 to FHIR translation"},
+                     "text": activity},
         "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
                                         "code": "author"}]},
-                   "who": sender}],
+                   "who": who}],
         "entity": [{"role": "source",
                     "what": {"identifier": {"system": PROVENANCE_SOURCE, "value": context.control_id},
-                             "display": message_type or "message"}}],
+                             "display": message_type}}],
+    }
+    return {
+        "resourceType": "Bundle",
+        "id": name_id("Bundle|" + key),
+        "type": "collection",
+        "timestamp": instant,
+        "entry": [{"fullUrl": "urn:uuid:" + resource["id"], "resource": resource}
+                  for resource in (*resources, provenance)],
     }
 
 

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.mapping.engine import PROVENANCE_SOURCE, _instant, name_id
+from gateway.mapping.engine import collection_bundle  # also report_input's: one Bundle shape for every input
 from gateway.mapping.engine import _resource_id as resource_id  # the id rule of every translation
 from gateway.mapping.runtime import TranslationContext
 from gateway.sandbox.record.operation_outcome import Issue
@@ -141,22 +141,6 @@ def canonical_bundle(document: dict, context: TranslationContext, mapping_versio
                              "FHIR submission made canonical")
 
 
-def collection_bundle(resources: list[dict], context: TranslationContext, mapping_version: str,
-                      message_type: str, activity: str) -> dict:
-    """The canonical Bundle of `resources`, with the Provenance every translation adds."""
-    instant = _instant(context.received_at)
-    resources = resources + [provenance(resources, context, mapping_version, message_type,
-                                        instant, activity)]
-    key = context.message_key or context.control_id
-    return {
-        "resourceType": "Bundle",
-        "id": name_id("Bundle|" + key),
-        "type": "collection",
-        "timestamp": instant,
-        "entry": [{"fullUrl": "urn:uuid:" + resource["id"], "resource": resource} for resource in resources],
-    }
-
-
 def _rewrite(value: Any, targets: dict[str, str]) -> Any:
     """A deep copy of `value` whose references to entries of the Bundle are `urn:uuid:` ones."""
     if isinstance(value, dict):
@@ -168,26 +152,3 @@ def _rewrite(value: Any, targets: dict[str, str]) -> Any:
     if isinstance(value, list):
         return [_rewrite(item, targets) for item in value]
     return value
-
-
-def provenance(resources: list[dict], context: TranslationContext, mapping_version: str,
-               message_type: str, instant: str, activity: str) -> dict:
-    """The Provenance of a translation: its targets, the sender, the source message."""
-    key = context.message_key or context.control_id
-    return {
-        "resourceType": "Provenance",
-        "id": name_id("Provenance|" + key),
-        "target": [{"reference": "urn:uuid:" + resource["id"]} for resource in resources],
-        "recorded": instant,
-        "policy": [f"urn:ma:hie:mappings:{mapping_version}"],
-        "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
-                                 "code": "CREATE", "display": "create"}],
-                     "text": activity},
-        "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
-                                        "code": "author"}]},
-                   "who": {"identifier": {"system": "urn:ma:inpe", "value": context.sender_id}}
-                   if context.sender_id else {"display": "unknown sender"}}],
-        "entity": [{"role": "source",
-                    "what": {"identifier": {"system": PROVENANCE_SOURCE, "value": context.control_id},
-                             "display": message_type}}],
-    }
