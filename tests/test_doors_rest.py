@@ -12,7 +12,7 @@ import pytest_twisted
 from sqlalchemy import select
 from twisted.internet import defer, reactor, task, threads
 
-from doors_support import (HOSPITAL, IMAGING, LAB, PHARMACY, PKI_NAMES, STRANGER, Client,
+from doors_support import (HOSPITAL, LAB, PHARMACY, PKI_NAMES, STRANGER, Client,
                            door_config, fhir_bundle, hl7, start_door, stop_door, with_listener)
 from gateway.doors.api import ApiResponse, Route, json_response
 from gateway.doors.store import api_refusals, api_requests

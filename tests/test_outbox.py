@@ -7,7 +7,7 @@ import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import insert, select, text
+from sqlalchemy import insert, select
 
 from gateway.store import outbox
 from gateway.store.database import create_gateway_engine, migrate

@@ -31,7 +31,7 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from adapters.mllp.framing import (COMMIT_ACK_BLOCK, COMMIT_NAK_BLOCK, DEFAULT_MAX_FRAME_SIZE,
-                                   CommitAcknowledged, CommitRejected, FrameReceived, FrameTooLarge,
+                                   FrameReceived, FrameTooLarge,
                                    JunkDiscarded, MllpFramer, frame)
 
 log = Logger()
