@@ -377,13 +377,18 @@ class PrescriptionFlow:
         rules.mark_cancelled(record.bundle, prescription_id)
         return prescription
 
-    def _facility(self, pending: Pending):
+    def _facility(self, pending: Pending, operation: str | None = None, doing: str = ""):
+        """The registered sending facility; with `operation`, one its type allows (a Refusal
+        saying it may not be `doing` otherwise)."""
+        where = "MSH[1]-4" if pending.format in HL7_FORMATS else ""
         facility = self.registry.get(pending.sender_id)
         if facility is None:
             raise Refusal(PrescriptionError.OPERATION_NOT_ALLOWED,
                           "the sending facility is not in the facility registry: only registered "
-                          "facilities take part in the e-prescription flow",
-                          "MSH[1]-4" if pending.format in HL7_FORMATS else "")
+                          "facilities take part in the e-prescription flow", where)
+        if operation is not None and not self.registry.may(facility, operation):
+            raise Refusal(PrescriptionError.OPERATION_NOT_ALLOWED,
+                          f"facility {facility.id} ({facility.type}) may not {doing}", where)
         return facility
 
     # -- dispensations -----------------------------------------------------------------------
@@ -391,11 +396,7 @@ class PrescriptionFlow:
     def _dispense(self, connection: Connection, pending: Pending, record: TranslationRecord,
                   message_id: int, prepared: _Prepared, now: datetime) -> None:
         hl7 = pending.format in HL7_FORMATS
-        facility = self._facility(pending)
-        if not self.registry.may(facility, "prescriptions.dispense"):
-            raise Refusal(PrescriptionError.OPERATION_NOT_ALLOWED,
-                          f"facility {facility.id} ({facility.type}) may not dispense prescriptions",
-                          "MSH[1]-4" if hl7 else "")
+        facility = self._facility(pending, "prescriptions.dispense", "dispense prescriptions")
         draft = rules.read_dispensation(record.bundle, hl7)
         prescription_id = draft.items[0].prescription_id
         prescription = None
@@ -450,11 +451,7 @@ class PrescriptionFlow:
     def _perform(self, connection: Connection, pending: Pending, record: TranslationRecord,
                  message_id: int, prepared: _Prepared, now: datetime) -> None:
         hl7 = pending.format in HL7_FORMATS
-        facility = self._facility(pending)
-        if not self.registry.may(facility, "prescriptions.perform"):
-            raise Refusal(PrescriptionError.OPERATION_NOT_ALLOWED,
-                          f"facility {facility.id} ({facility.type}) may not perform the acts of prescriptions",
-                          "MSH[1]-4" if hl7 else "")
+        facility = self._facility(pending, "prescriptions.perform", "perform the acts of prescriptions")
         draft = rules.read_performance(record.bundle, hl7)
         if not draft.items:
             return  # not a result yet (or cancelled): nothing performed, routed as any result
