@@ -94,6 +94,18 @@ def dev_pki(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> str:
+    """The HTTPS door tests' PKI: one facility of each kind and a certificate of a facility
+    the registry does not know (doors_support.PKI_NAMES). A module may define its own."""
+    from doors_support import PKI_NAMES
+    from gateway.pki import init_dev_pki
+
+    directory = str(tmp_path_factory.mktemp("doors-pki"))
+    init_dev_pki(directory, PKI_NAMES)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def repo_mappings():
     """The repository's mapping set (mappings/), loaded once for the whole run: loading
     compiles every map, and translating never changes the set."""

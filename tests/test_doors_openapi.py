@@ -9,20 +9,11 @@ import pytest
 import pytest_twisted
 from openapi_spec_validator import validate as validate_spec
 
-from doors_support import HOSPITAL, LAB, PHARMACY, PKI_NAMES, STRANGER, Client, door_config, fhir_bundle, hl7, start_door, stop_door
+from doors_support import HOSPITAL, LAB, PHARMACY, STRANGER, Client, door_config, fhir_bundle, hl7, start_door, stop_door
 from gateway.doors.api import Route
 from gateway.doors.openapi import SpecConflict, openapi_document
 from gateway.mapping.mapping_set import MappingSet
 from gateway.prescriptions.api import prescription_routes
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    from gateway.pki import init_dev_pki
-
-    directory = str(tmp_path_factory.mktemp("openapi-pki"))
-    init_dev_pki(directory, PKI_NAMES)
-    return directory
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest_twisted
 from sqlalchemy import select
 from twisted.internet import defer, reactor, task, threads
 
-from doors_support import (HOSPITAL, LAB, PHARMACY, PKI_NAMES, STRANGER, Client,
+from doors_support import (HOSPITAL, LAB, PHARMACY, STRANGER, Client,
                            door_config, fhir_bundle, hl7, start_door, stop_door, with_listener)
 from gateway.doors.api import ApiResponse, Route, json_response
 from gateway.doors.store import api_refusals, api_requests
@@ -21,15 +21,6 @@ from gateway.store.schema import messages, translations
 
 HL7 = "application/hl7-v2"
 FHIR = "application/fhir+json"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    from gateway.pki import init_dev_pki
-
-    directory = str(tmp_path_factory.mktemp("doors-pki"))
-    init_dev_pki(directory, PKI_NAMES)
-    return directory
 
 
 @pytest.fixture

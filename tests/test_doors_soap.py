@@ -15,7 +15,7 @@ from sqlalchemy import select
 from twisted.internet import threads
 
 from adapters.soap.gateway import NAMESPACE
-from doors_support import HOSPITAL, IMAGING, LAB, PHARMACY, PKI_NAMES, STRANGER, Client, door_config, hl7, start_door, stop_door
+from doors_support import HOSPITAL, IMAGING, LAB, PHARMACY, STRANGER, Client, door_config, hl7, start_door, stop_door
 from gateway.doors.store import api_refusals
 from gateway.mapping.mapping_set import MappingSet
 from gateway.store.schema import messages, translations
@@ -23,15 +23,6 @@ from gateway.store.schema import messages, translations
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
 NS = {"soap": SOAP_ENV, "gw": NAMESPACE}
 PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<</Type/Catalog>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    from gateway.pki import init_dev_pki
-
-    directory = str(tmp_path_factory.mktemp("soap-pki"))
-    init_dev_pki(directory, PKI_NAMES)
-    return directory
 
 
 @pytest.fixture
