@@ -114,6 +114,74 @@ class HttpsListenerConfig:
     request_timeout: float = 30.0  # seconds to answer once the request is read (then 503)
 
 
+@dataclass(frozen=True)
+class AdminListenerConfig:
+    """The operators' listener: the console at /, /metrics and /health/. Plain HTTP is for
+    loopback in development; in production `tls: true` serves pki.cert/key (accounts log in,
+    no client certificate is asked)."""
+
+    name: str
+    port: int = 8080
+    interface: str = "127.0.0.1"
+    tls: bool = False
+    allow_sources: tuple[str, ...] = ()  # source networks (CIDR) allowed to connect; empty: any
+
+
+ROLES = ("viewer", "operator", "admin")  # each may do what the one before it may
+# `gateway accounts hash` writes: scrypt$N$r$p$salt$hash (salt and hash unpadded base64url).
+PASSWORD_HASH = re.compile(r"scrypt\$(\d+)\$(\d+)\$(\d+)\$([A-Za-z0-9_-]{16,})\$([A-Za-z0-9_-]{32,})")
+
+
+@dataclass(frozen=True)
+class ConsoleAccount:
+    name: str  # the login
+    role: str  # viewer | operator | admin
+    password_hash: str = field(repr=False)  # from `gateway accounts hash`; never the password
+    display_name: str | None = None
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """The console's accounts and sessions (sessions live in the database: any node serves)."""
+
+    accounts: tuple[ConsoleAccount, ...] = ()
+    session_idle_timeout: float = 1800.0  # seconds without a request before a new login
+    session_max_age: float = 12 * 3600.0  # seconds after login, whatever the activity
+    login_attempts: int = 5  # failed logins per account and address before a pause
+    login_pause: float = 300.0  # seconds of that pause
+
+
+@dataclass(frozen=True)
+class AuditExportConfig:
+    """IHE ATNA export of the audit trail: RFC 5424 syslog over TLS (RFC 5425) to a collector,
+    with pki.cert/key as client certificate and the collector checked against `ca`."""
+
+    host: str
+    port: int = 6514
+    ca: str | None = None  # the collector's CA; default pki.ca
+    source_id: str = "MA-HIE"  # AuditSourceIdentification
+    enterprise_site: str = "MA"  # AuditEnterpriseSiteID
+    queue_limit: int = 100_000  # records waiting for the collector; more are counted, not kept
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    flush_interval: float = 0.2  # seconds between appends of the events gathered meanwhile
+    export: AuditExportConfig | None = None
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """How many days each kind of data is kept (None: forever), and when expiry runs. On
+    PostgreSQL the kinds live in monthly partitions and expire a whole month at a time."""
+
+    raw_payloads: int | None = None  # the bytes received (message_payloads)
+    canonical: int | None = None  # the FHIR bundles made from them (canonical_bundles)
+    audit: int | None = None  # the audit trail (audit_log)
+    run_at: str = "03:00"  # local time of the daily run, HH:MM
+    batch_size: int = 5000  # rows deleted per transaction (SQLite)
+
+
 FACILITY_TYPES = ("hospital", "clinic", "doctor", "laboratory", "imaging", "pharmacy")
 
 # The operations of the REST and SOAP doors a facility type may be allowed.
@@ -292,8 +360,13 @@ class GatewayConfig:
     routes: tuple[RouteConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    admin: tuple[AdminListenerConfig, ...] = ()
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     node_name: str = "gateway-1"
     log_level: str = "info"
+    log_format: str = "json"  # json (one JSON object per line) | text (for a terminal)
     # Where `gateway run` writes its process id, for `gateway mappings reload` (SIGHUP).
     pid_file: str = "var/gateway.pid"
 
@@ -775,6 +848,44 @@ _HTTPS_LISTENER = _record(
 )
 
 
+_ADMIN_LISTENER = _record(
+    AdminListenerConfig,
+    name=_TEXT,
+    port=_PORT,
+    interface=_scalar(_ip_address),
+    tls=_BOOLEAN,
+    allow_sources=_list_of(_scalar(_cidr)),
+)
+
+
+def _password_hash(value: Any) -> str:
+    text = _text(value)
+    if not PASSWORD_HASH.fullmatch(text):
+        raise _Invalid("must be a hash made by `gateway accounts hash` (scrypt$N$r$p$salt$hash), "
+                       "never a password", got="another text")
+    return text
+
+
+def _clock_time(value: Any) -> str:
+    text = _text(value)
+    if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", text):
+        raise _Invalid("must be a time of day as HH:MM", got=text)
+    return text
+
+
+_ACCOUNT = _record(ConsoleAccount, name=_TEXT, role=_one_of(*ROLES),
+                   password_hash=_scalar(_password_hash), display_name=_TEXT)
+_CONSOLE = _record(ConsoleConfig, accounts=_list_of(_ACCOUNT, unique=("name",)),
+                   session_idle_timeout=_SECONDS, session_max_age=_SECONDS,
+                   login_attempts=_integer(1, 1000), login_pause=_SECONDS)
+_AUDIT = _record(AuditConfig, flush_interval=_SECONDS, export=_record(
+    AuditExportConfig, host=_TEXT, port=_PORT, ca=_TEXT, source_id=_TEXT,
+    enterprise_site=_TEXT, queue_limit=_integer(1)))
+_DAYS = _integer(1, 36500)
+_RETENTION = _record(RetentionConfig, raw_payloads=_DAYS, canonical=_DAYS, audit=_DAYS,
+                     run_at=_scalar(_clock_time), batch_size=_integer(1, 1_000_000))
+
+
 def _https_url(value: Any) -> str:
     text = _text(value)
     parts = urlsplit(text)
@@ -816,6 +927,7 @@ _GATEWAY = _mapping(
     ("database", "pki"),
     node=_mapping(name=_TEXT),
     log_level=_one_of("debug", "info", "warn", "error"),
+    log_format=_one_of("json", "text"),
     database=_record(DatabaseConfig, url=_scalar(_database_url), pool_size=_integer(1, 256),
                      ingest_max_batch=_integer(1, 100_000)),
     pki=_record(PkiConfig, ca=_TEXT, cert=_TEXT, key=_TEXT, dev_dir=_TEXT, crl=_TEXT,
@@ -823,7 +935,11 @@ _GATEWAY = _mapping(
     identity=_record(IdentityConfig, application=_TEXT, facility=_TEXT),
     listeners=_mapping(mllp=_list_of(_MLLP_LISTENER, unique=("name", "port")),
                        astm=_list_of(_ASTM_LISTENER, unique=("name", "port")),
-                       https=_list_of(_HTTPS_LISTENER, unique=("name", "port"))),
+                       https=_list_of(_HTTPS_LISTENER, unique=("name", "port")),
+                       admin=_list_of(_ADMIN_LISTENER, unique=("name", "port"))),
+    console=_CONSOLE,
+    audit=_AUDIT,
+    retention=_RETENTION,
     facilities=_facility_registry,
     mappings=_record(MappingsConfig, directory=_TEXT),
     destinations=_list_of(_DESTINATION, unique=("name",)),
@@ -884,6 +1000,14 @@ def _listener_problems(path: str, values: dict) -> list[str]:
         if listener.facility not in registered:
             problems.append(f"{where}.facility: {listener.facility!r} is not in the facility "
                             "registry" + _did_you_mean(listener.facility, sorted(registered)))
+    names |= {listener.name for listener in listeners.get("astm", ())}
+    ports |= {listener.port for listener in listeners.get("astm", ())}
+    for index, listener in enumerate(listeners.get("admin", ())):
+        where = f"{_display(path)}: listeners.admin[{index}]"
+        if listener.name in names:
+            problems.append(f"{where}.name: {listener.name!r} is also another listener's name")
+        if listener.port in ports:
+            problems.append(f"{where}.port: {listener.port} is also another listener's port")
     return problems
 
 
@@ -956,6 +1080,12 @@ def _route_problems(path: str, values: dict) -> list[str]:
     return problems
 
 
+def _audit_paths(audit: AuditConfig | None, root: str) -> AuditConfig | None:
+    if audit is None or audit.export is None or audit.export.ca is None:
+        return audit
+    return replace(audit, export=replace(audit.export, ca=_absolute_path(audit.export.ca, root)))
+
+
 def _sandbox_paths(sandbox: SandboxConfig | None, root: str) -> SandboxConfig | None:
     if sandbox is None:
         return None
@@ -1008,6 +1138,11 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
         "mllp": values.get("listeners", {}).get("mllp"),
         "astm": values.get("listeners", {}).get("astm"),
         "https": values.get("listeners", {}).get("https"),
+        "admin": values.get("listeners", {}).get("admin"),
+        "console": values.get("console"),
+        "audit": _audit_paths(values.get("audit"), root),
+        "retention": values.get("retention"),
+        "log_format": values.get("log_format"),
         "senders": values["facilities"].value if "facilities" in values else None,
         "facility_types": ({**DEFAULT_FACILITY_TYPES, **values["facilities"].others.get("types", {})}
                            if "facilities" in values else None),

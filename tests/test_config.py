@@ -73,7 +73,8 @@ def test_shipped_production_example_loads_with_password_from_environment():
     config = load_config(str(REPO / "conf" / "production.example.yaml"),
                          {"GATEWAY_DB_PASSWORD": "s3cret",
                           "SHARED_RECORD_URL": "https://record.example.ma/fhir",
-                          "CNSS_FSE_URL": "https://fse.example.ma/"})
+                          "CNSS_FSE_URL": "https://fse.example.ma/",
+                          "CONSOLE_NOC_HASH": NOC_HASH, "CONSOLE_ADMIN_HASH": NOC_HASH})
     assert [(d.name, d.kind) for d in config.destinations] == [
         ("shared-record", "fhir-record"), ("cnss", "cnss")]
     assert {name for route in config.routes for name in route.to} == {"shared-record", "cnss"}
@@ -82,6 +83,34 @@ def test_shipped_production_example_loads_with_password_from_environment():
     plain = config.mllp[0]
     assert plain.interface == "0.0.0.0" and not plain.accept_unknown_senders
     assert plain.allow_sources and len(config.senders) == 5
+    assert config.admin[0].tls and config.log_format == "json"
+    assert [(a.name, a.role) for a in config.console.accounts] == [("noc", "operator"), ("dsi", "admin")]
+
+
+NOC_HASH = "scrypt$32768$8$1$ZtCebQbdS7oUb_he6RqmkQ$REXwWX_puC3LsdMrZ5yZ_46z7ryYVqizU9quv5k9uY4"
+
+
+def test_console_accounts_take_hashes_never_passwords_and_listener_ports_are_not_shared(project):
+    write(project, """\
+        database: {url: "sqlite:///var/g.sqlite"}
+        pki: {ca: ca.crt, cert: g.crt, key: g.key}
+        listeners:
+          mllp: [{name: m, port: 2575}]
+          admin: [{name: admin, port: 2575}]
+        console:
+          accounts:
+            - {name: a, role: admin, password_hash: "hunter2"}
+            - {name: b, role: root, password_hash: "%s"}
+        retention: {raw_payloads: 0, run_at: "25:00"}
+        """ % NOC_HASH)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(project / "conf" / "gateway.yaml"))
+    text = str(caught.value)
+    assert "console.accounts[0].password_hash: must be a hash made by `gateway accounts hash`" in text
+    assert "hunter2" not in text
+    assert "console.accounts[1].role" in text
+    assert "retention.raw_payloads" in text and "retention.run_at" in text
+    assert "listeners.admin[0].port: 2575 is also another listener's port" in text
 
 
 def test_every_mistake_is_reported_at_once_with_file_line_and_key_path(project):
