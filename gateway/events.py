@@ -58,7 +58,7 @@ class Event:
     destination: str | None = None  # for delivery events
     listener: str | None = None  # the listener's name (mllp-tls, https, admin, ...)
     duration: float | None = None  # seconds
-    detail: Mapping[str, Any] = field(default=_EMPTY)  # codes, sizes, hashes; no patient data
+    detail: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)  # codes, sizes, hashes; no patient data
     at: datetime | None = None  # when; None: now, as the listener sees it
 
 
