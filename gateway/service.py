@@ -22,6 +22,7 @@ from adapters.hl7v2.ack import AckBuilder, Sender
 from adapters.mllp.protocol import MllpServerFactory, MllpSettings, PeerRefused
 from gateway.config import GatewayConfig, MllpListenerConfig
 from gateway.delivery.service import DeliveryService
+from gateway.events import EventBus
 from gateway.doors.https import https_door_services
 from gateway.facilities import SourceNetworks
 from gateway.identity import IdentityService
@@ -89,6 +90,8 @@ def build_service(config: GatewayConfig, reactor) -> MultiService:
     """The whole tree; raises IdentityError or TlsConfigError when the registry, the CRL or a
     certificate cannot serve the listeners."""
     root = OrderedServices()
+    # One bus for the whole tree: the metrics and the audit trail subscribe to root.events.
+    root.events = events = EventBus()
     store = StoreService(config, reactor)
     store.setServiceParent(root)
     identity = IdentityService(config, reactor)

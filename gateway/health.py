@@ -1,0 +1,180 @@
+"""/health/live and /health/ready, for a load balancer or an orchestrator.
+
+- live: 200 {"status": "up"} whenever the reactor answers at all (the request is served by it).
+- ready: each check, and 200 when all pass, else 503:
+  database (SELECT 1 in a database thread, answered within 2 s), listeners (every configured
+  listener is listening), mappings (the translation service holds a mapping set, when the
+  gateway translates).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+DATABASE_TIMEOUT = 2.0  # seconds
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, **({"detail": self.detail} if self.detail else {})}
+
+
+def listening(service) -> bool:
+    """Whether a StreamServerEndpointService is listening now: its factory counts the ports
+    it was started on (Factory.doStart/doStop; a TLS port's wrapping factory passes both on)."""
+    if service is None or not service.running:
+        return False
+    return getattr(getattr(service, "factory", None), "numPorts", 0) > 0
+
+
+class ReadinessChecks:
+    """The checks of /health/ready; `run()` is a Deferred firing with a list of Checks."""
+
+    def __init__(self, reactor, database=None, listeners: Callable[[], Iterable[tuple[str, object]]] = lambda: (),
+                 mappings: Callable[[], bool] | None = None, timeout: float = DATABASE_TIMEOUT):
+        self._reactor = reactor
+        self._database = database
+        self._listeners = listeners
+        self._mappings = mappings
+        self._timeout = timeout
+
+    @classmethod
+    def for_gateway(cls, gateway, config, reactor) -> "ReadinessChecks":
+        store = gateway.getServiceNamed("store")
+        names = [l.name for l in (*config.mllp, *config.astm, *config.https, *config.admin)]
+
+        def listeners():
+            for name in names:
+                try:
+                    yield name, gateway.getServiceNamed(name)
+                except KeyError:
+                    yield name, None
+
+        mappings = None
+        if config.mappings is not None:
+            def mappings() -> bool:
+                try:
+                    translation = gateway.getServiceNamed("translation")
+                except KeyError:
+                    return False
+                return getattr(translation, "mappings", None) is not None
+
+        return cls(reactor, store.database, listeners, mappings)
+
+    @defer.inlineCallbacks
+    def run(self):
+        checks = []
+        if self._database is not None:
+            checks.append((yield self._database_check()))
+        down = [name for name, service in self._listeners() if not listening(service)]
+        checks.append(Check("listeners", not down, f"not listening: {', '.join(down)}" if down else ""))
+        if self._mappings is not None:
+            loaded = self._mappings()
+            checks.append(Check("mappings", loaded, "" if loaded else "no mapping set loaded"))
+        return checks
+
+    def _database_check(self) -> defer.Deferred:
+        answer = defer.Deferred()
+
+        def settle(check: Check) -> None:
+            if not answer.called:
+                answer.callback(check)
+
+        timer = self._reactor.callLater(
+            self._timeout, settle, Check("database", False, f"no answer within {self._timeout:g} s"))
+
+        def answered(result):
+            if timer.active():
+                timer.cancel()
+            if isinstance(result, Failure):
+                settle(Check("database", False, _short(result.getErrorMessage())))
+            else:
+                settle(Check("database", True))
+
+        try:
+            self._database.run(_select_one).addBoth(answered)
+        except Exception as error:  # the pool is not running
+            answered(Failure(error))
+        return answer
+
+
+def _select_one(conn) -> int:
+    from sqlalchemy import text
+
+    return conn.execute(text("SELECT 1")).scalar_one()
+
+
+def _short(text: str) -> str:
+    first = text.strip().splitlines()[0] if text.strip() else "error"
+    return first[:200]
+
+
+class LiveResource(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        return _json(request, 200, {"status": "up"})
+
+
+class ReadyResource(Resource):
+    isLeaf = True
+
+    def __init__(self, checks: ReadinessChecks):
+        super().__init__()
+        self._checks = checks
+
+    def render_GET(self, request):
+        finished = request.notifyFinish()
+        finished.addErrback(lambda _: None)
+
+        def answer(checks):
+            if finished.called:
+                return
+            ready = all(check.ok for check in checks)
+            body = {"status": "ready" if ready else "not ready",
+                    "checks": {check.name: check.as_dict() for check in checks}}
+            request.write(_json(request, 200 if ready else 503, body))
+            request.finish()
+
+        def broken(failure):
+            if not finished.called:
+                request.write(_json(request, 503, {"status": "not ready",
+                                                   "error": _short(failure.getErrorMessage())}))
+                request.finish()
+
+        self._checks.run().addCallbacks(answer, broken)
+        return NOT_DONE_YET
+
+
+class HealthResource(Resource):
+    """/health/: `live` and `ready` below it."""
+
+    def __init__(self, checks: ReadinessChecks):
+        super().__init__()
+        self.putChild(b"live", LiveResource())
+        self.putChild(b"ready", ReadyResource(checks))
+
+    @classmethod
+    def for_gateway(cls, gateway, config, reactor) -> "HealthResource":
+        return cls(ReadinessChecks.for_gateway(gateway, config, reactor))
+
+    def render_GET(self, request):
+        return _json(request, 404, {"error": "see /health/live and /health/ready"})
+
+
+def _json(request, status: int, body: dict) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body).encode("utf-8")
