@@ -4,8 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONF   ?= conf/gateway.yaml
 STAMP  := $(VENV)/.installed
+# The console's browser test drives Debian's Chromium through Playwright (never a browser of
+# Playwright's own: `playwright install` is not used). The file itself is the stamp.
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: install run test bench bench-translate bench-deliver conformance pki clean
+.PHONY: install browser run test bench bench-translate bench-deliver conformance pki clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,7 +16,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) $(CHROMIUM)
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then sudo=; \
+	elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+	else echo "make: $(CHROMIUM) is missing and installing Debian's chromium needs root or sudo: run 'apt-get install chromium' as root" >&2; exit 1; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "make: $(CHROMIUM) is missing and there is no apt-get: install Chromium at $(CHROMIUM) (the browser test uses it)" >&2; exit 1; fi; \
+	echo "Installing Debian's chromium for the console's browser test"; \
+	$$sudo apt-get update -q && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core \
+		|| { echo "make: could not install Debian's chromium (see apt-get above); the browser test needs $(CHROMIUM)" >&2; exit 1; }
+	@test -x $(CHROMIUM) || { echo "make: chromium installed but $(CHROMIUM) is missing" >&2; exit 1; }
+
+browser: $(CHROMIUM)
 
 certs/dev/ca.crt: | $(STAMP)
 	$(BIN)/gateway pki init
@@ -23,7 +40,7 @@ pki: certs/dev/ca.crt
 run: $(STAMP) certs/dev/ca.crt
 	$(BIN)/gateway run --sandbox -c $(CONF)
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
