@@ -94,6 +94,7 @@ def build_service(config: GatewayConfig, reactor) -> MultiService:
     root.events = events = EventBus()
     store = StoreService(config, reactor)
     store.setServiceParent(root)
+    _audit(root, config, store, events)
     identity = IdentityService(config, reactor)
     identity.setServiceParent(root)
     translation = delivery = prescriptions = None
@@ -122,6 +123,20 @@ def build_service(config: GatewayConfig, reactor) -> MultiService:
     for door in https_door_services(config, store, translation, identity, reactor, extra_routes=routes):
         door.setServiceParent(root)
     return root
+
+
+def _audit(root: MultiService, config: GatewayConfig, store: StoreService, events) -> None:
+    """The audit recorder (and the ATNA export when configured), right after the store: they
+    stop just before the database closes, once everything else has told what it did."""
+    from gateway.audit.recorder import AuditRecorder
+    from gateway.audit.trail import AuditTrail
+
+    trail = AuditTrail(store.engine, config.node_name)
+    AuditRecorder(trail, events, store.database, config.audit.flush_interval).setServiceParent(root)
+    if config.audit.export is not None:
+        from gateway.audit.export import AuditExportService
+
+        AuditExportService(config, trail, store.database).setServiceParent(root)
 
 
 def reload_service(root: MultiService) -> defer.Deferred:
