@@ -12,10 +12,12 @@ from twisted.internet import defer, reactor
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
+from sqlalchemy import select
 from zope.interface import implementer
 
 from gateway.config import (DatabaseConfig, GatewayConfig, HttpsListenerConfig, MappingsConfig,
                             PkiConfig, SenderConfig)
+from gateway.store.schema import canonical_bundles, message_payloads, messages, translations
 from gateway.tls import client_tls_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,3 +177,20 @@ def fhir_bundle(kind: str = "transaction", cnie: str = "AB123456") -> dict:
 
 def with_listener(config: GatewayConfig, **changes) -> GatewayConfig:
     return replace(config, https=tuple(replace(listener, **changes) for listener in config.https))
+
+
+def rows(door, table, *where):
+    """Rows of `table` in the door's store; a message row also has its `raw` payload, a
+    translation its `bundle`."""
+    query = select(table)
+    if table is messages:
+        query = (select(messages, message_payloads.c.raw)
+                 .select_from(messages.outerjoin(message_payloads,
+                                                 message_payloads.c.message_id == messages.c.id)))
+    elif table is translations:
+        query = (select(translations, canonical_bundles.c.bundle)
+                 .select_from(translations.outerjoin(
+                     canonical_bundles, canonical_bundles.c.message_id == translations.c.message_id)))
+    key = table.c.id if "id" in table.c else table.c.message_id
+    with door.store.engine.connect() as connection:
+        return connection.execute(query.where(*where).order_by(key)).all()

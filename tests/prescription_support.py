@@ -22,7 +22,7 @@ from gateway.prescriptions import qr
 from gateway.prescriptions.eligibility import EligibilityAnswer
 from gateway.prescriptions.flow import PrescriptionFlow
 from gateway.store.database import create_gateway_engine, migrate, write_transaction
-from gateway.store.schema import messages
+from gateway.store.schema import message_payloads, messages
 from gateway.store.translations import Pending
 from gateway.translation.service import TranslationJob, TranslationWorker
 from gateway.translation.translator import Translator
@@ -149,8 +149,9 @@ class Harness:
                 received_at=now, listener="test", peer="127.0.0.1:1", sender_id=sender.id if sender else None,
                 sending_application=application, sending_facility=facility, control_id=fields[9].decode(),
                 message_type=f"{kind[0]}^{kind[1]}", version="2.5", processing_id="P", codec="utf-8",
-                sha256=hashlib.sha256(raw).digest(), size=len(raw), truncated=False, raw=raw,
+                sha256=hashlib.sha256(raw).digest(), size=len(raw), truncated=False,
                 status="received", accepted=True, ack_code="AA", ack=b"", format="hl7v2")).inserted_primary_key[0]
+            connection.execute(insert(message_payloads).values(message_id=message_id, received_at=now, raw=raw))
         return Pending(message_id, None, raw, "utf-8", "hl7v2", sender.id if sender else None, now,
                        f"{kind[0]}^{kind[1]}")
 

@@ -301,8 +301,10 @@ def _fhir(harness, control_id: str, sender: str, bundle: dict):
     raw = json.dumps(bundle).encode()
     placeholder = harness.store(oml(control_id))
     with harness.engine.begin() as connection:
-        connection.execute(text("UPDATE messages SET format = 'fhir', sender_id = :s, raw = :r WHERE id = :id"),
-                           {"s": sender, "r": raw, "id": placeholder.message_id})
+        connection.execute(text("UPDATE messages SET format = 'fhir', sender_id = :s WHERE id = :id"),
+                           {"s": sender, "id": placeholder.message_id})
+        connection.execute(text("UPDATE message_payloads SET raw = :r WHERE message_id = :id"),
+                           {"r": raw, "id": placeholder.message_id})
     pending = Pending(placeholder.message_id, None, raw, "utf-8", "fhir", sender, placeholder.received_at, "FHIR")
     from gateway.translation.service import TranslationJob
 
@@ -409,8 +411,10 @@ def test_imaging_report_by_soap_performs_the_prescribed_examination(harness):
     def submit(control_id: str, sender: str, raw: bytes):
         placeholder = harness.store(oml(control_id))
         with harness.engine.begin() as connection:
-            connection.execute(text("UPDATE messages SET format = 'soap-report', sender_id = :s, raw = :r "
-                                    "WHERE id = :id"), {"s": sender, "r": raw, "id": placeholder.message_id})
+            connection.execute(text("UPDATE messages SET format = 'soap-report', sender_id = :s "
+                                    "WHERE id = :id"), {"s": sender, "id": placeholder.message_id})
+            connection.execute(text("UPDATE message_payloads SET raw = :r WHERE message_id = :id"),
+                               {"r": raw, "id": placeholder.message_id})
         job = TranslationJob([Pending(placeholder.message_id, ("SOAP", sender, control_id), raw, "utf-8",
                                       "soap-report", sender, placeholder.received_at, "SOAP^REPORT")])
         harness.worker._process([job])

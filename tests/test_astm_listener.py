@@ -164,7 +164,8 @@ def test_real_socket_into_a_real_store(db_url):
             with engine.connect() as conn:
                 rows = conn.execute(text(
                     "SELECT raw, format, message_type, status, ack, sending_application, "
-                    "sending_facility, sender_id, listener FROM messages ORDER BY id")).all()
+                    "sending_facility, sender_id, listener FROM messages "
+                    "JOIN message_payloads ON message_id = id ORDER BY id")).all()
         assert [bytes(row.raw) for row in rows] == [MESSAGE, second]
         for row in rows:
             assert (row.format, row.message_type, row.status, row.ack) == ("astm", "ASTM", "received", None)
@@ -219,7 +220,7 @@ def test_gateway_astm_listener_stores_and_translates(db_url, make_config, runnin
             with engine.connect() as conn:
                 row = conn.execute(text(
                     "SELECT m.status, m.listener, t.bundle FROM messages m "
-                    "LEFT JOIN translations t ON t.message_id = m.id")).first()
+                    "LEFT JOIN canonical_bundles t ON t.message_id = m.id")).first()
             if row is not None and row.status != "received":
                 break
         assert row is not None and (row.status, row.listener) == ("translated", "astm-lab")

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from adapters.mllp.client import MllpClient, describe
 from gateway.store.database import create_gateway_engine
-from gateway.store.schema import messages
+from gateway.store.schema import message_payloads, messages
 from process_support import free_port, start_gateway
 
 THREADS = 6
@@ -126,8 +126,9 @@ def test_positive_acks_survive_sigkill(db_url, dev_pki, tmp_path):
     engine = create_gateway_engine(db_url)
     try:
         with engine.connect() as conn:
-            rows = conn.execute(select(messages.c.control_id, messages.c.status, messages.c.raw,
-                                       messages.c.ack)).all()
+            rows = conn.execute(select(messages.c.control_id, messages.c.status, message_payloads.c.raw,
+                                       messages.c.ack)
+                                .join(message_payloads, message_payloads.c.message_id == messages.c.id)).all()
         per_id = Counter(r.control_id for r in rows)
         stored = {r.control_id: r for r in rows}
 

@@ -26,7 +26,7 @@ from gateway.delivery.routes import patient_key
 from gateway.delivery.service import DeliveryService
 from gateway.store import outbox
 from gateway.store.database import Database, create_gateway_engine, migrate
-from gateway.store.schema import deliveries, messages, translations
+from gateway.store.schema import canonical_bundles, deliveries, message_payloads, messages, translations
 from test_delivery_e2e import send
 from translation_support import rows, with_mappings
 
@@ -86,10 +86,12 @@ def add(engine, *patients: str, bundle: str = '{"resourceType":"Bundle","entry":
             row = conn.execute(insert(messages).values(
                 received_at=T0, listener="test", control_id=f"C{next(_CONTROL_IDS)}",
                 sending_application="APP", sending_facility="FAC", sha256=bytes(32), size=1,
-                truncated=False, raw=b"MSH", status="translated", accepted=True, duplicate_count=0,
+                truncated=False, status="translated", accepted=True, duplicate_count=0,
                 format="hl7v2").returning(messages.c.id)).scalar_one()
+            conn.execute(insert(message_payloads).values(message_id=row, received_at=T0, raw=b"MSH"))
             conn.execute(insert(translations).values(message_id=row, status="translated",
-                                                     translated_at=T0, bundle=bundle))
+                                                     translated_at=T0))
+            conn.execute(insert(canonical_bundles).values(message_id=row, received_at=T0, bundle=bundle))
             outbox.enqueue(conn, [outbox.Enqueue(row, destination, patient, f"sha-{row}")], T0)
             ids.append(row)
     return ids
@@ -243,12 +245,14 @@ def test_claim_is_cheap_on_a_large_outbox(pg_url):
 # 100,000 messages and deliveries: 90,000 delivered, 5,000 pending for one patient, 5,000
 # pending for 1,000 patients.
 _FILL = """
-INSERT INTO messages (id, received_at, listener, control_id, sha256, size, truncated, raw, status,
+INSERT INTO messages (id, received_at, listener, control_id, sha256, size, truncated, status,
                       accepted, duplicate_count, format)
-SELECT n, now(), 'test', 'C' || n, '\\x00', 1, false, 'MSH', 'translated', true, 0, 'hl7v2'
+SELECT n, now(), 'test', 'C' || n, '\\x00', 1, false, 'translated', true, 0, 'hl7v2'
 FROM generate_series(1, 100000) n;
-INSERT INTO translations (message_id, status, translated_at, bundle)
-SELECT n, 'translated', now(), '{"resourceType":"Bundle","entry":[]}' FROM generate_series(1, 100000) n;
+INSERT INTO translations (message_id, status, translated_at)
+SELECT n, 'translated', now() FROM generate_series(1, 100000) n;
+INSERT INTO canonical_bundles (message_id, received_at, bundle)
+SELECT n, now(), '{"resourceType":"Bundle","entry":[]}' FROM generate_series(1, 100000) n;
 INSERT INTO deliveries (message_id, destination, patient_key, status, idempotency_key, bundle_sha256,
                         created_at, next_attempt_at, attempts, finished_at)
 SELECT n, 'record',
@@ -318,7 +322,7 @@ def test_batches_keep_each_patients_order_through_an_outage_and_deliver_once(
         (resource,) = [e["resource"] for e in found["entry"]]
         assert resource["birthDate"] == births[-1]
         assert resource["meta"]["versionId"] == str(len(births))
-    bundles = yield threads.deferToThread(rows, db_url, "SELECT bundle FROM translations")
+    bundles = yield threads.deferToThread(rows, db_url, "SELECT bundle FROM canonical_bundles")
     stats = yield record_stats(peers)
     assert stats["entries"] == sum(len(json.loads(r.bundle)["entry"]) for r in bundles)
     assert stats["replayed"] == 0 and stats["applied"] < 5

@@ -9,15 +9,14 @@ import ssl
 
 import pytest
 import pytest_twisted
-from sqlalchemy import select
 from twisted.internet import defer, reactor, task, threads
 
 from doors_support import (HOSPITAL, LAB, PHARMACY, STRANGER, Client,
-                           door_config, fhir_bundle, hl7, start_door, stop_door, with_listener)
+                           door_config, fhir_bundle, hl7, rows, start_door, stop_door, with_listener)
 from gateway.doors.api import ApiResponse, Route, json_response
 from gateway.doors.store import api_refusals, api_requests
 from gateway.mapping.mapping_set import MappingSet
-from gateway.store.schema import messages, translations
+from gateway.store.schema import message_payloads, messages, translations
 
 HL7 = "application/hl7-v2"
 FHIR = "application/fhir+json"
@@ -52,12 +51,6 @@ def door(pki, tmp_path, preloaded):
     running = pytest_twisted.blockon(start_door(config, pki, extra_routes=[_slow_route(), _dispense_route()]))
     yield running
     pytest_twisted.blockon(stop_door(running))
-
-
-def rows(door, table, *where):
-    with door.store.engine.connect() as connection:
-        key = table.c.id if "id" in table.c else table.c.message_id
-        return connection.execute(select(table).where(*where).order_by(key)).all()
 
 
 # -- POST /v1/hl7v2 -------------------------------------------------------------------------
@@ -103,8 +96,9 @@ def test_bad_er7_is_refused_with_the_reason_and_kept(door):
     """Bytes that are not HL7 get an AR naming the problem; the raw bytes are stored for inspection."""
     answer = yield Client(door, HOSPITAL.id).post("/v1/hl7v2", b"hello, this is not HL7\r", HL7)
     assert answer.code == 422 and answer.json()["ack_code"] == "AR"
-    stored = rows(door, messages, messages.c.raw == b"hello, this is not HL7\r")
-    assert len(stored) == 1 and stored[0].status == "rejected" and stored[0].id == answer.json()["message_id"]
+    stored = rows(door, message_payloads, message_payloads.c.raw == b"hello, this is not HL7\r")
+    assert len(stored) == 1 and stored[0].message_id == answer.json()["message_id"]
+    assert rows(door, messages, messages.c.id == stored[0].message_id)[0].status == "rejected"
     empty = yield Client(door, HOSPITAL.id).post("/v1/hl7v2", b"  \r\n", HL7)
     assert empty.code == 400 and empty.json()["type"].endswith("/empty-body")
     wrong = yield Client(door, HOSPITAL.id).post("/v1/hl7v2", hl7("REST-CT"), "application/json")

@@ -11,11 +11,11 @@ import pytest_twisted
 import requests
 import zeep
 from lxml import etree
-from sqlalchemy import select
 from twisted.internet import threads
 
 from adapters.soap.gateway import NAMESPACE
-from doors_support import HOSPITAL, IMAGING, LAB, PHARMACY, STRANGER, Client, door_config, hl7, start_door, stop_door
+from doors_support import (HOSPITAL, IMAGING, LAB, PHARMACY, STRANGER, Client, door_config, hl7, rows,
+                           start_door, stop_door)
 from gateway.doors.store import api_refusals
 from gateway.mapping.mapping_set import MappingSet
 from gateway.store.schema import messages, translations
@@ -53,12 +53,6 @@ def call(door, who: str, operation: str, **arguments):
         return getattr(client.service, operation)(**arguments)
 
     return threads.deferToThread(run)
-
-
-def rows(door, table, *where):
-    with door.store.engine.connect() as connection:
-        key = table.c.id if "id" in table.c else table.c.message_id
-        return connection.execute(select(table).where(*where).order_by(key)).all()
 
 
 def report(**changes) -> dict:

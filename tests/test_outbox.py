@@ -11,7 +11,8 @@ from sqlalchemy import insert, select
 
 from gateway.store import outbox
 from gateway.store.database import create_gateway_engine, migrate
-from gateway.store.schema import deliveries, delivery_attempts, messages, translations
+from gateway.store.schema import (canonical_bundles, deliveries, delivery_attempts, message_payloads,
+                                  messages, translations)
 
 T0 = datetime(2026, 11, 22, 9, 0, tzinfo=timezone.utc)
 
@@ -31,10 +32,12 @@ def add_messages(engine, count: int, bundle: str = '{"resourceType":"Bundle"}') 
             row = conn.execute(insert(messages).values(
                 received_at=T0, listener="test", control_id=f"C{n}-{len(ids)}-{id(conn)}",
                 sending_application="APP", sending_facility="FAC", sha256=bytes(32), size=1,
-                truncated=False, raw=b"MSH", status="translated", accepted=True, duplicate_count=0,
+                truncated=False, status="translated", accepted=True, duplicate_count=0,
                 format="hl7v2").returning(messages.c.id)).scalar_one()
+            conn.execute(insert(message_payloads).values(message_id=row, received_at=T0, raw=b"MSH"))
             conn.execute(insert(translations).values(message_id=row, status="translated",
-                                                     translated_at=T0, bundle=bundle))
+                                                     translated_at=T0))
+            conn.execute(insert(canonical_bundles).values(message_id=row, received_at=T0, bundle=bundle))
             ids.append(row)
     return ids
 

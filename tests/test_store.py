@@ -19,7 +19,7 @@ from gateway.ingest.inspect import IngestPolicy, Inspector, refuse_reused
 from gateway.store.database import _ALEMBIC_INI as ALEMBIC_INI, create_gateway_engine, migrate
 from gateway.store.ingest_writer import IngestJob, IngestWriter
 from gateway.store.queries import count_messages, get_message, list_messages
-from gateway.store.schema import messages, metadata
+from gateway.store.schema import message_payloads, messages, metadata
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -94,8 +94,9 @@ class Harness:
 
     def rows(self):
         with self.engine.connect() as conn:
-            return conn.execute(select(messages.c.control_id, messages.c.status, messages.c.raw,
+            return conn.execute(select(messages.c.control_id, messages.c.status, message_payloads.c.raw,
                                        messages.c.ack, messages.c.duplicate_count)
+                                .join(message_payloads, message_payloads.c.message_id == messages.c.id)
                                 .order_by(messages.c.id)).all()
 
     def close(self):
@@ -133,7 +134,12 @@ def schema_snapshot(engine) -> dict:
     """Tables, columns (name, nullable) and indexes (name, columns, unique, predicate)."""
     inspector = inspect(engine)
     snapshot = {}
-    for table in sorted(inspector.get_table_names()):
+    partitions = set()
+    if engine.dialect.name == "postgresql":  # monthly and DEFAULT partitions are not the schema
+        with engine.connect() as conn:
+            partitions = set(conn.execute(text(
+                "SELECT relname FROM pg_class WHERE relispartition AND relkind = 'r'")).scalars())
+    for table in sorted(set(inspector.get_table_names()) - partitions):
         columns = [(c["name"], bool(c["nullable"])) for c in inspector.get_columns(table)]
         indexes = sorted((i["name"], tuple(i["column_names"]), bool(i["unique"]),
                           _predicate(engine, table, i)) for i in inspector.get_indexes(table))
@@ -196,6 +202,40 @@ def test_migrate_twice_is_a_no_op(db_url, harness):
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == revision
         assert count_messages(conn) == 1
     assert revision == [ScriptDirectory.from_config(AlembicConfig(ALEMBIC_INI)).get_current_head()]
+
+
+def test_migration_0008_moves_payloads_and_bundles_out_of_the_index(db_url):
+    """A database at revision 0007 with a message and its translation keeps both through 0008:
+    the raw bytes in message_payloads, the bundle in canonical_bundles, both under the
+    message's received_at; the old columns are gone."""
+    from alembic import command
+
+    engine = create_gateway_engine(db_url)
+    config = AlembicConfig(ALEMBIC_INI)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0007")
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO messages (id, received_at, listener, sha256, size, truncated, raw, status, "
+            "accepted, duplicate_count, format) VALUES (7, :at, 'mllp', :sha, 4, false, :raw, "
+            "'translated', true, 0, 'hl7v2')"), {"at": "2026-01-31 23:30:00+00:00", "sha": bytes(32),
+                                                 "raw": b"MSH|"})
+        connection.execute(text("INSERT INTO translations (message_id, status, translated_at, bundle) "
+                                "VALUES (7, 'translated', :at, '{\"resourceType\":\"Bundle\"}')"),
+                           {"at": "2026-02-01 00:00:00+00:00"})
+    migrate(engine)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT message_id, raw FROM message_payloads")).all() == [(7, b"MSH|")]
+        assert connection.execute(text("SELECT message_id, bundle FROM canonical_bundles")).all() == [
+            (7, '{"resourceType":"Bundle"}')]
+        same = connection.execute(text(
+            "SELECT count(*) FROM messages m JOIN message_payloads p ON p.received_at = m.received_at "
+            "JOIN canonical_bundles c ON c.received_at = m.received_at")).scalar()
+    columns = {t: {c["name"] for c in inspect(engine).get_columns(t)} for t in ("messages", "translations")}
+    engine.dispose()
+    assert same == 1
+    assert "raw" not in columns["messages"] and "bundle" not in columns["translations"]
 
 
 def test_sqlite_engine_is_wal_and_synchronous_full_on_every_connection(tmp_path):

@@ -45,8 +45,9 @@ def test_message_over_mllp_is_translated_with_bundle_and_version(db_url, make_co
     [ack] = yield threads.deferToThread(send, ports["mllp-test"], hl7("T-1"))
     assert describe(ack)["msa1"] == "AA"
     wait_for(db_url, STATUS, [("T-1", "translated")])
-    [row] = rows(db_url, "SELECT t.status, t.mapping_version, t.bundle, m.format FROM translations t "
-                         "JOIN messages m ON m.id = t.message_id")
+    [row] = rows(db_url, "SELECT t.status, t.mapping_version, c.bundle, m.format FROM translations t "
+                         "JOIN messages m ON m.id = t.message_id "
+                         "JOIN canonical_bundles c ON c.message_id = m.id AND c.received_at = m.received_at")
     assert (row.status, row.mapping_version, row.format) == ("translated", version, "hl7v2")
     bundle = json.loads(row.bundle)
     patient = bundle["entry"][0]["resource"]
@@ -92,8 +93,9 @@ def test_a_query_is_acknowledged_and_kept_but_not_translated(make_config, runnin
     ports = yield running_gateway(with_mappings(config, Path(ROOT) / "mappings"))
     [answer] = yield threads.deferToThread(send, ports["mllp-test"], hl7("Q-1", kind="QBP^Q22^QBP_Q21"))
     assert describe(answer)["msa1"] == "AA"
-    [stored] = rows(db_url, "SELECT m.status, t.status AS translation, t.bundle, t.error_reason "
-                            "FROM messages m JOIN translations t ON t.message_id = m.id")
+    [stored] = rows(db_url, "SELECT m.status, t.status AS translation, c.bundle, t.error_reason "
+                            "FROM messages m JOIN translations t ON t.message_id = m.id "
+                            "LEFT JOIN canonical_bundles c ON c.message_id = m.id")
     assert (stored.status, stored.translation, stored.bundle) == ("ignored", "ignored", None)
     assert stored.error_reason.startswith("not translated: ")
     assert rows(db_url, "SELECT * FROM deliveries") == []

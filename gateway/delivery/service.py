@@ -157,6 +157,8 @@ class DeliveryService(Service):
         attempted_at = _now()
         self.in_flight[name] += 1
         try:
+            if any(c.bundle is None for c in batch.claims):
+                raise LookupError("the canonical bundle expired (retention) before it was delivered")
             request = destination.build([c.bundle for c in batch.claims], batch.idempotency_key)
         except Exception as error:  # bundles this destination cannot take: never will
             log.warning("deliveries %s to %s: no request could be built: %s", _ids(batch), name,

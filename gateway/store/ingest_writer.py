@@ -9,6 +9,10 @@ message (same bytes) gets the stored ACK back and is not stored again; a reused 
 with other bytes is refused (and kept, as every refusal is). Several nodes may share one
 PostgreSQL: its ON CONFLICT waits for the other node's transaction on the same key.
 
+Each message's bytes go to `message_payloads` in the same transaction (retention expires them
+apart from the index): on PostgreSQL one statement per message inserts both (a data-modifying
+WITH), on SQLite the round's ids are read back from the rowids it was given.
+
 The writer never touches the reactor: `deliver(function, *args)` is given (callFromThread).
 """
 from __future__ import annotations
@@ -59,8 +63,14 @@ class IngestWriter:
         mark = "?" if dialect.paramstyle == "qmark" else "%s"
         names = ", ".join(c.name for c in _COLUMNS)
         self._sql = f"INSERT INTO messages ({names}) VALUES ({', '.join([mark] * len(_COLUMNS))})"
-        self._sql_skipping = (self._sql + " ON CONFLICT (sending_application, sending_facility, "
-                              "control_id) WHERE accepted DO NOTHING")
+        skip = " ON CONFLICT (sending_application, sending_facility, control_id) WHERE accepted DO NOTHING"
+        # PostgreSQL: message and payload in one statement; a skipped message inserts neither,
+        # so the row count still says whether a key was taken. The raw bytes are the last value.
+        with_payload = (" RETURNING id, received_at) INSERT INTO message_payloads "
+                        "(message_id, received_at, raw) SELECT id, received_at, %s FROM m")
+        self._sql_pg = "WITH m AS (" + self._sql + with_payload
+        self._sql_pg_skipping = "WITH m AS (" + self._sql + skip + with_payload
+        self._sql_payload = "INSERT INTO message_payloads (message_id, received_at, raw) VALUES (?, ?, ?)"
         # `accepted` written as the partial index's own predicate, so that SQLite uses the index.
         self._sql_stored = ("SELECT id, sha256, ack FROM messages WHERE accepted AND "
                             f"sending_application = {mark} AND sending_facility = {mark} AND control_id = {mark}")
@@ -148,7 +158,7 @@ class IngestWriter:
                         for item in job.items:
                             if item.deduplicated and self._settle_conflict(cursor, item):
                                 continue  # a duplicate: answered with the stored ACK, not stored again
-                            cursor.execute(self._sql, self._rows(job, [item])[0])
+                            self._insert_one(cursor, self._rows(job, [item])[0])
                 return
             except self._integrity_error:
                 if attempt == 2:
@@ -159,7 +169,13 @@ class IngestWriter:
         if self._sqlite:
             try:
                 with self._transaction(driver):
-                    driver.executemany(self._sql, rows)
+                    driver.executemany(self._sql, [row[:-1] for row in rows])
+                    # Under BEGIN IMMEDIATE nobody else inserts: SQLite gave the round's rows
+                    # consecutive rowids (one more than the largest), ending at the last one.
+                    last = driver.execute("SELECT last_insert_rowid()").fetchone()[0]
+                    first = last - len(rows) + 1
+                    driver.executemany(self._sql_payload, [
+                        (first + i, row[0], row[-1]) for i, row in enumerate(rows)])
                 return True
             except self._integrity_error:
                 return False
@@ -168,12 +184,19 @@ class IngestWriter:
         try:
             with self._transaction(driver):
                 with driver.cursor() as cursor:
-                    cursor.executemany(self._sql_skipping, rows)
+                    cursor.executemany(self._sql_pg_skipping, rows)
                     if cursor.rowcount != len(rows):
                         raise _KeyTaken
             return True
         except _KeyTaken:
             return False
+
+    def _insert_one(self, cursor, row: tuple) -> None:
+        if self._sqlite:
+            cursor.execute(self._sql, row[:-1])
+            cursor.execute(self._sql_payload, (cursor.lastrowid, row[0], row[-1]))
+        else:
+            cursor.execute(self._sql_pg, row)
 
     def _transaction(self, driver):
         return _sqlite_transaction(driver) if self._sqlite else driver.transaction()
@@ -204,11 +227,12 @@ class IngestWriter:
                 received, job.listener, job.peer, it.sender_id, it.sending_application,
                 it.sending_facility, it.receiving_application, it.receiving_facility, it.control_id,
                 it.message_type, it.version, it.processing_id, it.charset, it.codec, it.sha256,
-                it.size, it.truncated, it.raw, it.status.value, it.deduplicated,
+                it.size, it.truncated, it.status.value, it.deduplicated,
                 _ack_code(it.ack), it.ack,
                 error.condition.value if error else None,
                 "^".join(error.location.components()) if error else None,
                 error.reason if error else None, it.format,
+                it.raw,  # last: it goes to message_payloads
             ))
         return rows
 

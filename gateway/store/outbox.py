@@ -28,11 +28,12 @@ from typing import Iterable, Sequence
 from sqlalchemy import Connection, DateTime, bindparam, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from gateway.store.schema import deliveries, delivery_attempts, translations
+from gateway.store.schema import canonical_bundles, deliveries, delivery_attempts
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 STATUSES = (PENDING, DELIVERED, DEAD)
 # A dead letter keeps the peer's answer, up to this many bytes.
+MAX_ATTEMPT_RESPONSE = 2048  # bytes of a successful answer kept with its attempt
 MAX_KEPT_RESPONSE = 64 * 1024
 _KEY_NAMESPACE = uuid.UUID("7d0c3f1e-2b7a-5b8e-9a43-4d1f6a2c8e10")
 _BATCH_NAMESPACE = uuid.UUID("0b5e4c2a-6f1d-5a3b-8c7e-2d9f4a6b1c30")
@@ -56,7 +57,7 @@ class Claim:
     idempotency_key: str
     attempts: int
     first_attempt_at: datetime | None
-    bundle: str  # the canonical bundle, as stored JSON text
+    bundle: str | None  # the canonical bundle, as stored JSON text; None: retention expired it
     patient_key: str = ""
 
 
@@ -212,7 +213,7 @@ _RUN = """
            CASE WHEN f.next_attempt_at <= :now AND (f.lease_until IS NULL OR f.lease_until < :now)
                 THEN 1 ELSE 0 END AS free,
            {size} AS size
-    FROM deliveries f JOIN translations t ON t.message_id = f.message_id
+    FROM deliveries f LEFT JOIN canonical_bundles t ON t.message_id = f.message_id
     WHERE f.status = 'pending' AND f.destination = :destination AND f.patient_key = {patient}
     ORDER BY f.message_id
     LIMIT :run
@@ -260,8 +261,8 @@ def claim_batches(connection: Connection, node: str, destination: str, now: date
     rows = {row.id: row for row in connection.execute(
         select(deliveries.c.id, deliveries.c.message_id, deliveries.c.destination,
                deliveries.c.patient_key, deliveries.c.idempotency_key, deliveries.c.attempts,
-               deliveries.c.first_attempt_at, translations.c.bundle)
-        .join(translations, translations.c.message_id == deliveries.c.message_id)
+               deliveries.c.first_attempt_at, canonical_bundles.c.bundle)
+        .outerjoin(canonical_bundles, canonical_bundles.c.message_id == deliveries.c.message_id)
         .where(deliveries.c.id.in_([i for batch in packed for i in batch])))}
     return [Batch(tuple(sorted((_claim(rows[i]) for i in batch), key=lambda c: c.message_id)))
             for batch in packed if batch]
@@ -369,7 +370,8 @@ def settle(connection: Connection, node: str, node_results: Iterable[Settlement]
         return
     connection.execute(delivery_attempts.insert(), [
         {"delivery_id": r.delivery_id, "attempted_at": r.attempted_at, "node": node,
-         "outcome": r.kind, "reason": r.reason, "code": r.code, "duration_ms": r.duration_ms}
+         "outcome": r.kind, "reason": r.reason, "code": r.code, "duration_ms": r.duration_ms,
+         "response": _attempt_response(r)}
         for r in results])
     finished, retried = [], []
     for r in results:
@@ -395,6 +397,14 @@ def settle(connection: Connection, node: str, node_results: Iterable[Settlement]
         connection.execute(update(deliveries).where(mine).values(
             status=bindparam("b_status"), finished_at=bindparam("b_end"),
             last_response=bindparam("b_response"), **attempted), finished)
+
+
+def _attempt_response(result: Settlement) -> bytes | None:
+    """The peer's answer kept with an attempt, for the console: whole up to the cap when it
+    failed, the start of it when it was delivered (a batch's answer is kept with each)."""
+    if not result.response:
+        return None
+    return result.response[:MAX_KEPT_RESPONSE if result.kind != "delivered" else MAX_ATTEMPT_RESPONSE]
 
 
 def release(connection: Connection, node: str, ids: Iterable[int]) -> None:

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import Connection, func, select
 
-from gateway.store.schema import deliveries, delivery_attempts, messages
+from gateway.store.schema import deliveries, delivery_attempts, message_payloads, messages
 
 _SUMMARY = [messages.c.id, messages.c.control_id, messages.c.sending_application,
             messages.c.sending_facility, messages.c.message_type, messages.c.status,
@@ -48,13 +48,13 @@ class MessageDetail:
     sha256: str
     truncated: bool
     error_location: str | None
-    raw: bytes
+    raw: bytes | None  # None once retention expired it
     ack: bytes | None
 
     @property
-    def text(self) -> str:
+    def text(self) -> str | None:
         """The message decoded as it was accepted (undecodable bytes shown as U+FFFD)."""
-        return self.raw.decode(self.codec or "utf-8", "replace")
+        return None if self.raw is None else self.raw.decode(self.codec or "utf-8", "replace")
 
     def as_dict(self) -> dict:
         data = self.summary.as_dict()
@@ -63,7 +63,8 @@ class MessageDetail:
                     receiving_facility=self.receiving_facility, version=self.version,
                     processing_id=self.processing_id, charset=self.charset, codec=self.codec,
                     sha256=self.sha256, truncated=self.truncated, error_location=self.error_location,
-                    text=self.text, ack=self.ack.decode(self.codec or "utf-8", "replace") if self.ack else None)
+                    text=self.text, payload_expired=self.raw is None,
+                    ack=self.ack.decode(self.codec or "utf-8", "replace") if self.ack else None)
         return data
 
 
@@ -81,13 +82,17 @@ def list_messages(connection: Connection, limit: int = 50, status: str | None = 
 
 
 def get_message(connection: Connection, message_id: int) -> MessageDetail | None:
-    row = connection.execute(select(messages).where(messages.c.id == message_id)).first()
+    query = (select(messages, message_payloads.c.raw)
+             .select_from(messages.outerjoin(message_payloads,
+                                             message_payloads.c.message_id == messages.c.id))
+             .where(messages.c.id == message_id))
+    row = connection.execute(query).first()
     if row is None:
         return None
     return MessageDetail(_summary(row), row.peer, row.sender_id, row.receiving_application,
                          row.receiving_facility, row.version, row.processing_id, row.charset,
                          row.codec, bytes(row.sha256).hex(), bool(row.truncated), row.error_location,
-                         bytes(row.raw), bytes(row.ack) if row.ack is not None else None)
+                         bytes(row.raw) if row.raw is not None else None, bytes(row.ack) if row.ack is not None else None)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import (BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer,
-                        LargeBinary, MetaData, String, Table, Text, text)
+                        LargeBinary, MetaData, PrimaryKeyConstraint, String, Table, Text, text)
 
 metadata = MetaData()
 
@@ -30,7 +30,6 @@ messages = Table(
     Column("sha256", LargeBinary(32), nullable=False),
     Column("size", Integer, nullable=False),
     Column("truncated", Boolean, nullable=False, default=False),
-    Column("raw", LargeBinary, nullable=False),
     Column("status", String(16), nullable=False),  # gateway.ingest.model.MessageStatus
     Column("accepted", Boolean, nullable=False),  # in the duplicate-detection scope
     Column("ack_code", String(2)),
@@ -57,7 +56,6 @@ translations = Table(
     Column("status", String(16), nullable=False),  # translated | failed
     Column("mapping_version", String(64)),  # MappingSet.version that made it
     Column("translated_at", DateTime(timezone=True), nullable=False),
-    Column("bundle", Text),  # the Bundle as JSON text (translated)
     Column("error_code", Integer),  # HL7 table 0357 (failed)
     Column("error_location", String(64)),  # ERR-2 style location, or a mapping key
     Column("error_reason", Text),
@@ -110,8 +108,94 @@ delivery_attempts = Table(
     Column("reason", Text),
     Column("code", Integer),
     Column("duration_ms", Integer),
+    Column("response", LargeBinary),  # the peer's answer, capped (migration 0008)
 )
 Index("ix_delivery_attempts_delivery", delivery_attempts.c.delivery_id)
+
+# -- Data kept for a limited time (issue 6, migration 0008). The bytes received and the
+# bundles made from them live apart from the message index above, which stays for duplicate
+# detection and the audit, so that each kind expires on its own schedule. On PostgreSQL these
+# tables are partitioned by month of their time column (gateway.retention creates the months
+# ahead; a DEFAULT partition catches the rest) and expiry drops whole partitions; on SQLite
+# expiry is batched deletes. Their time column is in the primary key, as PostgreSQL requires.
+PARTITIONED = ("message_payloads", "canonical_bundles", "audit_log")
+
+message_payloads = Table(
+    "message_payloads", metadata,
+    Column("message_id", Id, ForeignKey("messages.id", ondelete="CASCADE"), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),  # = messages.received_at
+    Column("raw", LargeBinary, nullable=False),  # the bytes received, exactly
+    PrimaryKeyConstraint("message_id", "received_at"),
+    postgresql_partition_by="RANGE (received_at)",
+)
+
+# The canonical FHIR bundle of a translated message (translations holds its status and
+# version); keyed by the message's received_at so that it expires with the same months.
+canonical_bundles = Table(
+    "canonical_bundles", metadata,
+    Column("message_id", Id, ForeignKey("messages.id", ondelete="CASCADE"), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),  # = messages.received_at
+    Column("bundle", Text, nullable=False),  # the Bundle as JSON text
+    PrimaryKeyConstraint("message_id", "received_at"),
+    postgresql_partition_by="RANGE (received_at)",
+)
+
+# The audit trail: append-only, each record chained to the one before it by SHA-256
+# (gateway.audit.chain). `seq` has no gaps; records that retention expired are accounted for
+# by a `retention.expired` record naming the last seq and hash it removed.
+audit_log = Table(
+    "audit_log", metadata,
+    Column("seq", BigInteger, nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("node", String(64), nullable=False),
+    Column("action", String(64), nullable=False),  # gateway.events.KINDS
+    Column("actor", String(128), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("subject", String(128)),
+    Column("source", String(128)),
+    Column("detail", Text, nullable=False),  # JSON object; never patient data
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    PrimaryKeyConstraint("seq", "recorded_at"),
+    postgresql_partition_by="RANGE (recorded_at)",
+)
+Index("ix_audit_log_subject", audit_log.c.subject)
+
+# How far each ATNA collector has been sent the trail, so an export resumes after a restart.
+audit_exports = Table(
+    "audit_exports", metadata,
+    Column("collector", String(255), primary_key=True),  # host:port
+    Column("last_seq", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# Console sessions, in the database so that any node behind the load balancer serves them.
+console_sessions = Table(
+    "console_sessions", metadata,
+    Column("token_sha256", String(64), primary_key=True),  # the cookie holds the token itself
+    Column("account", String(64), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("csrf_token", String(64), nullable=False),
+    Column("source", String(128)),  # the address it logged in from
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_seen_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_console_sessions_expires", console_sessions.c.expires_at)
+
+# Client certificates seen on the doors, per facility: the console shows their expiry.
+facility_certificates = Table(
+    "facility_certificates", metadata,
+    Column("facility_id", String(64), nullable=False),
+    Column("sha256", String(64), nullable=False),  # of the DER certificate, hex
+    Column("subject", Text, nullable=False),
+    Column("issuer", Text),
+    Column("not_after", DateTime(timezone=True), nullable=False),
+    Column("first_seen_at", DateTime(timezone=True), nullable=False),
+    Column("last_seen_at", DateTime(timezone=True), nullable=False),
+    Column("door", String(64)),  # the listener it was last seen on
+    PrimaryKeyConstraint("facility_id", "sha256"),
+)
 
 # Tables defined beside the code that owns them (the HTTPS door's idempotency and refusals,
 # the prescriptions) register on this metadata when their module is imported: import them

@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.ingest.model import MessageStatus
 from gateway.store.outbox import Enqueue, bundle_digest, enqueue
-from gateway.store.schema import messages, translations
+from gateway.store.schema import canonical_bundles, message_payloads, messages, translations
 
 # Statuses a translation may move a message between.
 TRANSLATABLE = (MessageStatus.RECEIVED.value, MessageStatus.TRANSLATED.value,
@@ -89,8 +89,10 @@ class StoredTranslation:
                 "translation_warnings": self.warnings, "bundle": self.bundle}
 
 
-_PENDING_COLUMNS = (messages.c.id, messages.c.raw, messages.c.codec, messages.c.format,
+_PENDING_COLUMNS = (messages.c.id, message_payloads.c.raw, messages.c.codec, messages.c.format,
                     messages.c.sender_id, messages.c.received_at, messages.c.message_type)
+# A message whose payload retention expired cannot be translated again: the join leaves it out.
+_WITH_PAYLOAD = messages.join(message_payloads, message_payloads.c.message_id == messages.c.id)
 
 
 def _pending(row) -> Pending:
@@ -101,7 +103,8 @@ def _pending(row) -> Pending:
 def pending_messages(connection: Connection, after_id: int = 0, limit: int = 256,
                      status: str = MessageStatus.RECEIVED.value) -> list[Pending]:
     """Messages of `status` with an id above `after_id`, oldest first, at most `limit`."""
-    query = (select(*_PENDING_COLUMNS).where(messages.c.status == status, messages.c.id > after_id)
+    query = (select(*_PENDING_COLUMNS).select_from(_WITH_PAYLOAD)
+             .where(messages.c.status == status, messages.c.id > after_id)
              .order_by(messages.c.id).limit(limit))
     return [_pending(row) for row in connection.execute(query)]
 
@@ -111,7 +114,7 @@ def messages_by_id(connection: Connection, ids: Iterable[int]) -> list[Pending]:
     ids = list(ids)
     if not ids:
         return []
-    query = (select(*_PENDING_COLUMNS).where(messages.c.id.in_(ids),
+    query = (select(*_PENDING_COLUMNS).select_from(_WITH_PAYLOAD).where(messages.c.id.in_(ids),
                                               messages.c.status.in_(TRANSLATABLE))
              .order_by(messages.c.id))
     return [_pending(row) for row in connection.execute(query)]
@@ -131,7 +134,7 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
     """Upsert the translation rows, move the messages' statuses (and ACKs, where a new one was
     sent); returns how many were written. Messages found by key get their id set."""
     now = now or datetime.now(timezone.utc)
-    rows, statuses, acks, outgoing = [], [], [], []
+    rows, bundles, unbundled, statuses, acks, outgoing = [], [], [], [], [], []
     for pending, record in results:
         if resolve_message_id(connection, pending) is None:
             continue  # not stored under that key (cannot happen after a commit; be safe)
@@ -139,11 +142,15 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
         rows.append({
             "message_id": pending.message_id, "status": record.status,
             "mapping_version": record.mapping_version, "translated_at": now,
-            "bundle": bundle,
             "error_code": record.error_code, "error_location": record.error_location,
             "error_reason": record.error_reason,
             "warnings": json.dumps(record.warnings, ensure_ascii=False) if record.warnings else None,
         })
+        if bundle is not None:
+            bundles.append({"message_id": pending.message_id, "received_at": pending.received_at,
+                            "bundle": bundle})
+        else:
+            unbundled.append(pending.message_id)
         statuses.append({"b_id": pending.message_id, "b_status": record.status})
         if record.ack is not None:
             acks.append({"b_id": pending.message_id, "b_ack": record.ack, "b_code": _ack_code(record.ack)})
@@ -154,7 +161,11 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
                             for destination in record.destinations)
     if not rows:
         return 0
-    connection.execute(_upsert(connection), rows)
+    connection.execute(_upsert(connection, translations, ("message_id",)), rows)
+    if bundles:
+        connection.execute(_upsert(connection, canonical_bundles, ("message_id", "received_at")), bundles)
+    if unbundled:  # translated again, and failed this time: no stale bundle stays behind
+        connection.execute(canonical_bundles.delete().where(canonical_bundles.c.message_id.in_(unbundled)))
     connection.execute(
         update(messages).where(messages.c.id == bindparam("b_id"), _TRANSLATABLE_SQL)
         .values(status=bindparam("b_status")), statuses)
@@ -175,15 +186,20 @@ def bundle_text(bundle: dict) -> str:
         return json.dumps(bundle, ensure_ascii=False, separators=(",", ":"))
 
 
-def _upsert(connection: Connection):
-    insert = (postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert)(translations)
-    columns = [c.name for c in translations.columns if c.name != "message_id"]
-    return insert.on_conflict_do_update(index_elements=[translations.c.message_id],
+def _upsert(connection: Connection, table, key: tuple[str, ...]):
+    insert = (postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert)(table)
+    columns = [c.name for c in table.columns if c.name not in key]
+    return insert.on_conflict_do_update(index_elements=[table.c[name] for name in key],
                                         set_={name: insert.excluded[name] for name in columns})
 
 
 def get_translation(connection: Connection, message_id: int) -> StoredTranslation | None:
-    row = connection.execute(select(translations).where(translations.c.message_id == message_id)).first()
+    """The translation of a message, with its bundle (None once retention expired it)."""
+    query = (select(translations, canonical_bundles.c.bundle)
+             .select_from(translations.outerjoin(
+                 canonical_bundles, canonical_bundles.c.message_id == translations.c.message_id))
+             .where(translations.c.message_id == message_id))
+    row = connection.execute(query).first()
     if row is None:
         return None
     return StoredTranslation(row.message_id, row.status, row.mapping_version,
