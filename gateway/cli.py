@@ -9,6 +9,7 @@
     gateway translate FILE... [--sender FACILITY]
     gateway mappings check [--list] | test [--update] | export [--format csv] | reload
     gateway reload (facility registry, CRL and mapping set, checked first)
+    gateway audit verify [--batch N] | show [--after SEQ] [--limit N] [--subject S] [--json]
 
 The configuration is `-c FILE`, else $GATEWAY_CONFIG, else conf/gateway.yaml in the current
 directory or in the project the package was installed from.
@@ -113,6 +114,18 @@ def _parser() -> argparse.ArgumentParser:
                             (export, _mappings_export), (reload, _mappings_reload)):
         action.add_argument("--mappings", metavar="DIR", help="mapping directory (default: mappings.directory)")
         action.set_defaults(handler=handler)
+    audit = commands.add_parser("audit", help="the audit trail").add_subparsers(metavar="ACTION")
+    verify = audit.add_parser("verify", parents=[common],
+                              help="check the hash chain; name every altered, removed or inserted "
+                                   "record (exit status 1 when the trail is not intact)")
+    verify.add_argument("--batch", type=int, default=10_000, help="records read at a time")
+    verify.set_defaults(handler=_audit("verify"))
+    show = audit.add_parser("show", parents=[common], help="audit records, oldest first")
+    show.add_argument("--after", type=int, default=0, metavar="SEQ")
+    show.add_argument("--limit", type=int, default=100)
+    show.add_argument("--subject", help="only this subject (message/42, prescription/RX-...)")
+    show.add_argument("--json", action="store_true", help="one JSON object per line")
+    show.set_defaults(handler=_audit("show"))
     everything = commands.add_parser(
         "reload", parents=[common],
         help="check the configuration, facility registry, CRL and mapping set, then make the "
@@ -151,6 +164,15 @@ def _pki(name: str):
         from gateway import pki
 
         return getattr(pki, name)(load(args), args)
+
+    return handler
+
+
+def _audit(name: str):
+    def handler(args) -> int:
+        from gateway.audit import commands
+
+        return getattr(commands, name)(load(args), args)
 
     return handler
 

@@ -106,7 +106,8 @@ def verify(records: Iterable[AuditRecord], start_seq: int = 1,
             yield Finding(record.seq, "removed", f"record(s) {missing} before it are missing")
         elif record.seq < expected_seq:
             yield Finding(record.seq, "inserted" if record.prev_hash != expected_prev else "reordered",
-                          f"sequence goes back from {expected_seq - 1} to {record.seq}")
+                          f"a second record {record.seq}" if record.seq == expected_seq - 1
+                          else f"sequence goes back from {expected_seq - 1} to {record.seq}")
         elif record.prev_hash != expected_prev:
             yield Finding(record.seq, "broken-link",
                           "its previous hash is not the hash of the record before it "

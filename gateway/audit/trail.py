@@ -128,7 +128,7 @@ class AuditTrail:
     def head(self, conn: Connection) -> AuditRecord | None:
         row = conn.execute(select(audit_log).order_by(audit_log.c.seq.desc(),
                                                       audit_log.c.recorded_at.desc()).limit(1)).first()
-        return _record(row) if row else None
+        return record_from_row(row) if row else None
 
     def verify(self, batch: int = 10_000) -> Verification:
         """Walk the whole trail in seq order, `batch` records at a time, in one snapshot."""
@@ -222,7 +222,7 @@ def _walk(conn: Connection, batch: int, after: tuple[int, datetime | None] = (0,
         size = batch if limit is None else min(batch, limit - given)
         rows = conn.execute(query.limit(size)).all()
         for row in rows:
-            yield _record(row)
+            yield record_from_row(row)
         given += len(rows)
         if len(rows) < size:
             return
@@ -250,7 +250,7 @@ def _row(record: AuditRecord) -> dict:
             "prev_hash": record.prev_hash, "hash": record.hash}
 
 
-def _record(row) -> AuditRecord:
+def record_from_row(row) -> AuditRecord:
     try:
         detail = json.loads(row.detail)
     except ValueError:  # tampered text: keep it, so that the hash check names the record
