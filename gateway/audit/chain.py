@@ -16,6 +16,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 GENESIS = "0" * 64  # the previous hash of the first record
+# Sorted compact JSON (json.dumps(..., sort_keys=True, separators=(",", ":"),
+# ensure_ascii=False)), one encoder for every record.
+_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,9 @@ class AuditRecord:
 
 def canonical(seq: int, at: datetime, node: str, event: AuditEvent) -> bytes:
     """The bytes a record's hash covers: every field but the hashes, as sorted compact JSON."""
-    return json.dumps({"seq": seq, "at": _instant(at), "node": node, "action": event.action,
-                       "actor": event.actor, "outcome": event.outcome, "subject": event.subject,
-                       "source": event.source, "detail": event.detail},
-                      sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _JSON.encode({"seq": seq, "at": _instant(at), "node": node, "action": event.action,
+                         "actor": event.actor, "outcome": event.outcome, "subject": event.subject,
+                         "source": event.source, "detail": event.detail}).encode("utf-8")
 
 
 def link(prev_hash: str, content: bytes) -> str:

@@ -42,6 +42,7 @@ from gateway.store.schema import audit_log
 EXPIRED = "retention.expired"  # the action of the record that vouches for expired records
 # The advisory lock every node takes to append (an arbitrary constant: "audit" in ASCII).
 CHAIN_LOCK = 0x61756469_74
+_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def expiry_anchor(through_seq: int, last_hash: str, **detail: Any) -> AuditEvent:
@@ -245,8 +246,7 @@ def _row(record: AuditRecord) -> dict:
     return {"seq": record.seq, "recorded_at": record.at, "node": record.node,
             "action": record.action, "actor": record.actor, "outcome": record.outcome,
             "subject": record.subject, "source": record.source,
-            "detail": json.dumps(record.detail, sort_keys=True, separators=(",", ":"),
-                                 ensure_ascii=False),
+            "detail": _JSON.encode(record.detail),
             "prev_hash": record.prev_hash, "hash": record.hash}
 
 
