@@ -58,6 +58,10 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     dbapi_connection.isolation_level = None  # autocommit at the driver; SQLAlchemy sends BEGIN
     cursor = dbapi_connection.cursor()
+    # Freed pages go back to the file only on `PRAGMA incremental_vacuum` (retention runs it);
+    # SQLite applies this to a new database only, so it comes before the first table is made.
+    # On an older database it waits for a VACUUM (retention converts it once).
+    cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA busy_timeout=30000")

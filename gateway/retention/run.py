@@ -1,0 +1,405 @@
+"""One retention run: each kind's data older than its days is removed; the message index
+(messages, translations, deliveries) stays. Blocking: run it in a database thread or from the
+command line.
+
+PostgreSQL: expiry is by whole months. Everything recorded before the first day (UTC) of the
+month of `now - days` goes: the monthly partitions that end by then are dropped, and rows of
+those months that sit in the DEFAULT partition are deleted in batches. One node runs at a time
+(a session advisory lock; another node skips and says so). A DROP waits at most LOCK_TIMEOUT
+for its lock (it needs ACCESS EXCLUSIVE on the parent, and a waiting request holds up every
+writer behind it), then retries, then leaves the month for the next run.
+
+SQLite: rows older than `now - days` are deleted `batch_size` at a time, each batch its own
+short write transaction so that ingest keeps going, then the freed pages are given back to the
+file by `PRAGMA incremental_vacuum`, a few at a time. A database made before auto_vacuum was
+set (gateway.store.database) is converted once, with a VACUUM, and the report says so.
+
+The audit trail stays verifiable: before its records 1..N are removed, a `retention.expired`
+record naming N and the hash of record N is appended (gateway.audit.trail.expiry_anchor), and
+`verify` accepts a trail that starts at N+1 because of it. The other kinds' expiry is recorded
+in the trail too (kind, cutoff, count).
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from sqlalchemy import DateTime, Engine, bindparam, func, select, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
+
+from gateway.audit.chain import AuditEvent
+from gateway.audit.trail import EXPIRED, AuditTrail, expiry_anchor
+from gateway.config import RetentionConfig
+from gateway.retention.partitions import (LOCK_TIMEOUT, TIME_COLUMNS, Month, default_partition,
+                                          ensure_partitions, lock_not_granted, partitions_of, utc)
+from gateway.store.database import write_transaction
+from gateway.store.schema import audit_log
+
+log = logging.getLogger(__name__)
+
+KINDS = {"raw_payloads": "message_payloads", "canonical": "canonical_bundles", "audit": "audit_log"}
+RUN_LOCK = 0x72_65_74_65_6E_74  # the advisory lock of a run ("retent" in ASCII)
+DROP_TRIES = 3  # attempts at a DROP whose lock is not granted, DROP_PAUSE seconds apart
+DROP_PAUSE = 2.0
+VACUUM_STEP = 1024  # pages given back to the file per incremental_vacuum (4 MiB of 4 KiB pages)
+
+
+@dataclass(frozen=True)
+class KindReport:
+    kind: str  # raw_payloads | canonical | audit
+    table: str
+    days: int | None  # None: kept forever, nothing done
+    cutoff: datetime | None = None  # now - days
+    before: datetime | None = None  # what was recorded before this went (PG: a month start)
+    rows: int = 0  # rows deleted
+    partitions: tuple[str, ...] = ()  # monthly partitions dropped (PostgreSQL)
+    seconds: float = 0.0
+    through_seq: int | None = None  # audit: the records 1..through_seq expired
+    left: tuple[str, ...] = ()  # partitions whose lock was not granted: the next run drops them
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "table": self.table, "days": self.days,
+                "cutoff": _iso(self.cutoff), "before": _iso(self.before), "rows": self.rows,
+                "partitions": list(self.partitions), "seconds": round(self.seconds, 3),
+                "through_seq": self.through_seq, "left": list(self.left)}
+
+    def line(self) -> str:
+        if self.days is None:
+            return f"{self.kind:<13} kept forever"
+        removed = [f"{len(self.partitions)} partition(s) dropped"] if self.partitions else []
+        removed.append(f"{self.rows} row(s) deleted")
+        if self.through_seq is not None:
+            removed.append(f"records up to #{self.through_seq}")
+        text_ = (f"{self.kind:<13} {self.days} days: recorded before {_iso(self.before)} expired: "
+                 f"{', '.join(removed)} in {self.seconds:.2f} s")
+        if self.partitions:
+            text_ += f" ({', '.join(self.partitions)})"
+        if self.left:
+            text_ += f"; not dropped, lock not granted in time: {', '.join(self.left)}"
+        return text_
+
+
+@dataclass(frozen=True)
+class VacuumReport:
+    converted: bool  # the database was VACUUMed into auto_vacuum=INCREMENTAL by this run
+    pages: int  # pages given back to the file
+    bytes: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return {"converted": self.converted, "pages": self.pages, "bytes": self.bytes,
+                "seconds": round(self.seconds, 3)}
+
+    def line(self) -> str:
+        text_ = (f"incremental vacuum: {self.pages} page(s), {self.bytes / 1048576:.1f} MiB "
+                 f"given back to the file in {self.seconds:.2f} s")
+        if self.converted:
+            text_ = ("converted the database to auto_vacuum=INCREMENTAL (one VACUUM, needed once "
+                     "for a database made before it was set); ") + text_
+        return text_
+
+
+@dataclass(frozen=True)
+class RetentionReport:
+    now: datetime
+    backend: str  # sqlite | postgresql
+    kinds: tuple[KindReport, ...] = ()
+    created: tuple[str, ...] = ()  # monthly partitions created ahead (PostgreSQL)
+    vacuum: VacuumReport | None = None  # SQLite
+    skipped: str | None = None  # why nothing was done (another node is running it)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"now": _iso(self.now), "backend": self.backend, "skipped": self.skipped,
+                "kinds": [k.as_dict() for k in self.kinds], "created": list(self.created),
+                "vacuum": self.vacuum.as_dict() if self.vacuum else None,
+                "seconds": round(self.seconds, 3)}
+
+    def lines(self) -> list[str]:
+        head = f"retention run at {_iso(self.now)} on {self.backend}"
+        if self.skipped:
+            return [f"{head}: skipped: {self.skipped}"]
+        lines = [f"{head}: {self.seconds:.2f} s"] + ["  " + k.line() for k in self.kinds]
+        if self.created:
+            lines.append(f"  partitions created: {', '.join(self.created)}")
+        if self.vacuum is not None:
+            lines.append("  " + self.vacuum.line())
+        return lines
+
+
+def run_retention(engine: Engine, config: RetentionConfig, now: datetime,
+                  trail: AuditTrail | None = None, stop: threading.Event | None = None) -> RetentionReport:
+    """Expire each kind's data older than its days at `now`; see the module docstring. When
+    `stop` is set (the gateway is stopping), the batches in progress end early: the next run
+    goes on from there."""
+    started = time.monotonic()
+    now = utc(now)
+    trail = trail or AuditTrail(engine, socket.gethostname())
+    pace = _Pace(max(1, config.batch_size), stop)
+    backend = engine.dialect.name
+    if backend != "postgresql":
+        kinds = tuple(_expire_sqlite(engine, kind, getattr(config, kind), now, pace, trail)
+                      for kind in KINDS)
+        vacuum = _vacuum_sqlite(engine, pace)
+        report = RetentionReport(now, backend, kinds, vacuum=vacuum,
+                                 seconds=time.monotonic() - started)
+    else:
+        with engine.connect() as holder:
+            if not holder.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": RUN_LOCK}).scalar():
+                holder.commit()
+                report = RetentionReport(now, backend, skipped="another node is running retention")
+                log.info("retention: %s", report.skipped)
+                return report
+            holder.commit()
+            try:
+                with engine.connect() as connection:
+                    created = tuple(ensure_partitions(connection, now))
+                kinds = tuple(_expire_pg(engine, kind, getattr(config, kind), now,
+                                         pace, trail) for kind in KINDS)
+            finally:
+                holder.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": RUN_LOCK})
+                holder.commit()
+        report = RetentionReport(now, backend, kinds, created, seconds=time.monotonic() - started)
+    for line in report.lines():
+        log.info("%s", line)
+    return report
+
+
+@dataclass(frozen=True)
+class _Pace:
+    size: int  # rows per batch
+    stop: threading.Event | None  # set when the gateway stops: end the batches early
+
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+
+
+def _expire_pg(engine: Engine, kind: str, days: int | None, now: datetime, pace: _Pace,
+               trail: AuditTrail) -> KindReport:
+    table = KINDS[kind]
+    if days is None:
+        return KindReport(kind, table, None)
+    started = time.monotonic()
+    cutoff = now - timedelta(days=days)
+    before = Month.of(cutoff).start
+    with engine.connect() as connection:
+        months = sorted((month, name) for name, month in partitions_of(connection, table).items()
+                        if month is not None and month.end <= before)
+    expiring = tuple(name for _, name in months)
+    if kind == "audit":
+        return _expire_audit_pg(engine, trail, days, cutoff, before, expiring, started)
+    dropped, left = _drop_partitions(engine, table, expiring)
+    rows = _delete_default_pg(engine, table, before, pace)
+    report = KindReport(kind, table, days, cutoff, before, rows, dropped,
+                        time.monotonic() - started, left=left)
+    _record_expiry(trail, report)
+    return report
+
+
+def _drop_partitions(engine: Engine, table: str, names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    dropped, left = [], []
+    for name in names:
+        for attempt in range(DROP_TRIES):
+            try:
+                with engine.begin() as connection:
+                    _drop(connection, name)
+                dropped.append(name)
+                break
+            except OperationalError as error:
+                if not lock_not_granted(error):
+                    raise
+                if attempt + 1 < DROP_TRIES:
+                    time.sleep(DROP_PAUSE)
+        else:
+            log.warning("retention: %s not dropped, its lock was not granted in time", name)
+            left.append(name)
+    return tuple(dropped), tuple(left)
+
+
+def _drop(connection: Connection, name: str) -> None:
+    connection.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+    # The name is one of the table's partitions, read from pg_inherits (partitions_of).
+    connection.execute(text(f"DROP TABLE {name}"))
+
+
+def _delete_default_pg(engine: Engine, table: str, before: datetime, pace: _Pace) -> int:
+    """Rows recorded before `before` in the DEFAULT partition, deleted `batch` at a time."""
+    default, column = default_partition(table), TIME_COLUMNS[table]
+    statement = text(f"DELETE FROM {default} WHERE ctid = ANY(ARRAY("
+                     f"SELECT ctid FROM {default} WHERE {column} < :before LIMIT :batch))")
+    total = 0
+    while True:
+        with engine.begin() as connection:
+            count = connection.execute(statement, {"before": before, "batch": pace.size}).rowcount
+        total += count
+        if count < pace.size or pace.stopped():
+            return total
+
+
+def _expire_audit_pg(engine: Engine, trail: AuditTrail, days: int, cutoff: datetime,
+                     before: datetime, expiring: tuple[str, ...], started: float) -> KindReport:
+    """The anchor, the drops and the deletes in one transaction: the trail never shows a
+    removal that no record accounts for, nor a hole in its middle. A lock not granted rolls it
+    all back; it is tried again, then left for the next run."""
+    table = KINDS["audit"]
+    for attempt in range(DROP_TRIES):
+        try:
+            with write_transaction(engine) as connection:
+                # Bounds every wait of this transaction, the chain's lock included: appenders
+                # wait behind it while it holds that lock.
+                connection.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+                bound = trail.expiry_bound(connection, before)
+                if bound is None:
+                    return KindReport("audit", table, days, cutoff, before,
+                                      seconds=time.monotonic() - started)
+                through, last_hash = bound
+                rows = connection.execute(select(func.count()).select_from(audit_log)
+                                          .where(audit_log.c.seq <= through)).scalar()
+                trail.append_in(connection, [expiry_anchor(
+                    through, last_hash, kind="audit", cutoff=_iso(cutoff), before=_iso(before),
+                    rows=rows, partitions=list(expiring))])
+                for name in expiring:
+                    _drop(connection, name)
+                # What the dropped months did not hold (rows in the DEFAULT partition).
+                connection.execute(audit_log.delete().where(audit_log.c.seq <= through))
+            return KindReport("audit", table, days, cutoff, before, rows, expiring,
+                              time.monotonic() - started, through)
+        except OperationalError as error:
+            if not lock_not_granted(error):
+                raise
+            if attempt + 1 < DROP_TRIES:
+                time.sleep(DROP_PAUSE)
+    log.warning("retention: audit records not expired, a lock was not granted in time")
+    return KindReport("audit", table, days, cutoff, before, seconds=time.monotonic() - started,
+                      left=expiring)
+
+
+# -- SQLite -----------------------------------------------------------------------------------
+
+
+def _expire_sqlite(engine: Engine, kind: str, days: int | None, now: datetime, pace: _Pace,
+                   trail: AuditTrail) -> KindReport:
+    table = KINDS[kind]
+    if days is None:
+        return KindReport(kind, table, None)
+    started = time.monotonic()
+    cutoff = now - timedelta(days=days)
+    if kind == "audit":
+        return _expire_audit_sqlite(engine, trail, days, cutoff, pace, started)
+    rows = _delete_batches(engine, table, TIME_COLUMNS[table], cutoff, pace)
+    report = KindReport(kind, table, days, cutoff, cutoff, rows, seconds=time.monotonic() - started)
+    _record_expiry(trail, report)
+    return report
+
+
+def _delete_batches(engine: Engine, table: str, column: str, before: datetime, pace: _Pace) -> int:
+    """Delete rows recorded before `before`, `batch` per write transaction, walking the table
+    in rowid order (arrival order) from where the last batch stopped, so that no batch scans
+    again what an earlier one kept."""
+    find = text(f"SELECT max(rowid), count(*) FROM (SELECT rowid FROM {table} WHERE rowid > :last "
+                f"AND {column} < :before ORDER BY rowid LIMIT :batch)"
+                ).bindparams(bindparam("before", type_=DateTime(timezone=True)))
+    delete = text(f"DELETE FROM {table} WHERE rowid > :last AND rowid <= :upto AND {column} < :before"
+                  ).bindparams(bindparam("before", type_=DateTime(timezone=True)))
+    total, last = 0, 0
+    while True:
+        with write_transaction(engine) as connection:
+            upto, found = connection.execute(find, {"last": last, "before": before,
+                                                    "batch": pace.size}).one()
+            if found:
+                total += connection.execute(delete, {"last": last, "upto": upto, "before": before}).rowcount
+        if found < pace.size or pace.stopped():
+            return total
+        last = upto
+
+
+def _expire_audit_sqlite(engine: Engine, trail: AuditTrail, days: int, cutoff: datetime,
+                         pace: _Pace, started: float) -> KindReport:
+    """The anchor first (committed), then the records 1..N in seq order, a batch at a time: an
+    interrupted run leaves a trail that starts inside the announced range, which verify
+    accepts."""
+    table = KINDS["audit"]
+    with write_transaction(engine) as connection:
+        bound = trail.expiry_bound(connection, cutoff)
+        if bound is None:
+            return KindReport("audit", table, days, cutoff, cutoff, seconds=time.monotonic() - started)
+        through, last_hash = bound
+        rows = connection.execute(select(func.count()).select_from(audit_log)
+                                  .where(audit_log.c.seq <= through)).scalar()
+        trail.append_in(connection, [expiry_anchor(through, last_hash, kind="audit",
+                                                   cutoff=_iso(cutoff), before=_iso(cutoff),
+                                                   rows=rows)])
+    delete = text("DELETE FROM audit_log WHERE seq IN (SELECT seq FROM audit_log "
+                  "WHERE seq <= :through ORDER BY seq LIMIT :batch)")
+    removed = 0
+    while True:
+        with write_transaction(engine) as connection:
+            count = connection.execute(delete, {"through": through, "batch": pace.size}).rowcount
+        removed += count
+        if count < pace.size or pace.stopped():
+            break
+    return KindReport("audit", table, days, cutoff, cutoff, removed,
+                      seconds=time.monotonic() - started, through_seq=through)
+
+
+def _vacuum_sqlite(engine: Engine, pace: _Pace) -> VacuumReport:
+    """Give the free pages back to the file, VACUUM_STEP pages per statement (each its own
+    short write), converting the database to incremental auto-vacuum first if it is not."""
+    started = time.monotonic()
+    raw = engine.raw_connection()  # autocommit at the driver (database._sqlite_pragmas)
+    try:
+        cursor = raw.cursor()
+        converted = False
+        page_size = cursor.execute("PRAGMA page_size").fetchone()[0]
+        before = cursor.execute("PRAGMA page_count").fetchone()[0]
+        if cursor.execute("PRAGMA auto_vacuum").fetchone()[0] != 2 and _is_file(cursor):
+            log.warning("retention: converting the database to auto_vacuum=INCREMENTAL "
+                        "(a VACUUM, once: it was made before the setting)")
+            cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            cursor.execute("VACUUM")
+            converted = True
+        while True:
+            free = cursor.execute("PRAGMA freelist_count").fetchone()[0]
+            if not free or pace.stopped():
+                break
+            cursor.execute(f"PRAGMA incremental_vacuum({VACUUM_STEP})").fetchall()
+            if cursor.execute("PRAGMA freelist_count").fetchone()[0] >= free:
+                break  # nothing given back (not incremental): do not loop
+        cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        after = cursor.execute("PRAGMA page_count").fetchone()[0]
+        cursor.close()
+    finally:
+        raw.close()
+    pages = max(before - after, 0)
+    return VacuumReport(converted, pages, pages * page_size, time.monotonic() - started)
+
+
+def _is_file(cursor) -> bool:
+    return any(row[1] == "main" and row[2] for row in cursor.execute("PRAGMA database_list").fetchall())
+
+
+# -- Shared -----------------------------------------------------------------------------------
+
+
+def _record_expiry(trail: AuditTrail, report: KindReport) -> None:
+    """A `retention.expired` record for a kind other than the audit trail, when it removed
+    anything."""
+    if not (report.rows or report.partitions):
+        return
+    trail.append([AuditEvent(EXPIRED, "system", subject=report.kind, detail={
+        "kind": report.kind, "cutoff": _iso(report.cutoff), "before": _iso(report.before),
+        "rows": report.rows, "partitions": list(report.partitions)})])
+
+
+def _iso(instant: datetime | None) -> str | None:
+    return utc(instant).strftime("%Y-%m-%dT%H:%M:%SZ") if instant is not None else None
+
+
+__all__ = ["KINDS", "KindReport", "RetentionReport", "VacuumReport", "run_retention"]
