@@ -202,7 +202,8 @@ class GatewayMetrics:
         self.tls_failures.labels(self._listener(event), self._code(event.detail.get("reason"))).inc()
 
     def _door_refused(self, event: Event) -> None:
-        self.door_refusals.labels(self._listener(event), self._code(event.detail.get("status"))).inc()
+        door = event.detail.get("door") or event.listener  # rest, soap, mllp
+        self.door_refusals.labels(self._code(door), self._code(event.detail.get("status"))).inc()
 
     def _reloaded(self, event: Event) -> None:
         self.reloads.labels(event.kind.split(".")[0], self._code(event.outcome)).inc()

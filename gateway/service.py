@@ -20,9 +20,10 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 
 from adapters.hl7v2.ack import AckBuilder, Sender
 from adapters.mllp.protocol import MllpServerFactory, MllpSettings, PeerRefused
+from gateway.certificates import CertificateSightings
 from gateway.config import GatewayConfig, MllpListenerConfig
 from gateway.delivery.service import DeliveryService
-from gateway.events import EventBus
+from gateway.events import SYSTEM, Event, EventBus
 from gateway.doors.https import https_door_services
 from gateway.facilities import SourceNetworks
 from gateway.identity import IdentityService
@@ -34,6 +35,7 @@ from gateway.prescriptions.service import PrescriptionService
 from gateway.store.database import Database, create_gateway_engine, migrate
 from gateway.store.ingest_writer import IngestWriter
 from gateway.tls import peer_certificate, server_tls_options
+from gateway.tls_watch import watch_handshakes
 from gateway.translation.service import TranslationService
 
 
@@ -96,31 +98,35 @@ def build_service(config: GatewayConfig, reactor) -> MultiService:
     store.setServiceParent(root)
     _audit(root, config, store, events)
     identity = IdentityService(config, reactor)
+    identity.certificates = CertificateSightings(store.database)  # what the doors identify by
     identity.setServiceParent(root)
     translation = delivery = prescriptions = None
     if config.mappings is not None and config.routes:
-        delivery = DeliveryService(config, store.database, reactor)
+        delivery = DeliveryService(config, store.database, reactor, events=events)
     if config.mappings is not None:
         # Prescriptions are a step of the translation (same transaction), so they need it.
         prescriptions = PrescriptionService(config, store.database, store.builder, reactor,
                                             registry=identity.registry)
         translation = TranslationService(config, store.engine, reactor,
                                          on_enqueued=delivery.wake if delivery else None,
-                                         step=prescriptions.flow)
+                                         step=prescriptions.flow, events=events)
         translation.setServiceParent(root)
         prescriptions.setServiceParent(root)  # stopped before the translation worker is joined
     if delivery is not None:
         delivery.setServiceParent(root)
     for listener in config.mllp:
-        _listen(root, listener.name, _endpoint(config, listener, identity, reactor),
-                _mllp_factory(listener, store, identity, translation, reactor))
+        factory = _mllp_factory(listener, store, identity, translation, reactor, events)
+        if listener.tls:
+            watch_handshakes(factory, listener.name, events)
+        _listen(root, listener.name, _endpoint(config, listener, identity, reactor), factory)
     for listener in config.astm:
         factory = astm_listener_factory(listener, store.writer, reactor, translation=translation,
-                                        allowed=source_filter(listener.allow_sources))
+                                        allowed=source_filter(listener.allow_sources), events=events)
         _listen(root, listener.name,
                 TCP4ServerEndpoint(reactor, listener.port, interface=listener.interface), factory)
-    routes = prescription_routes(prescriptions) if prescriptions is not None else []
-    for door in https_door_services(config, store, translation, identity, reactor, extra_routes=routes):
+    routes = prescription_routes(prescriptions, events) if prescriptions is not None else []
+    for door in https_door_services(config, store, translation, identity, reactor, extra_routes=routes,
+                                    events=events):
         door.setServiceParent(root)
     return root
 
@@ -141,35 +147,50 @@ def _audit(root: MultiService, config: GatewayConfig, store: StoreService, event
 
 def reload_service(root: MultiService) -> defer.Deferred:
     """What SIGHUP reloads: the facility registry and CRL, and the mapping set when the
-    gateway translates. Fires when both are done (each logs its own outcome)."""
-    reloads = [root.getServiceNamed("identity").reload()]
+    gateway translates. Fires when both are done (each logs its own outcome; each is told to
+    root.events: config.reloaded, mappings.reloaded, outcome success or refused)."""
+    events = getattr(root, "events", None) or EventBus()
+
+    def told(replaced: bool, kind: str, detail) -> bool:
+        events.emit(Event(kind, SYSTEM, subject="config" if kind == "config.reloaded" else "mappings",
+                          outcome="success" if replaced else "refused", detail=detail()))
+        return replaced
+
+    identity = root.getServiceNamed("identity")
+    reloads = [identity.reload().addCallback(told, "config.reloaded", lambda: {
+        "facilities": len(identity.registry.current.facilities)})]
     try:
-        reloads.append(root.getServiceNamed("translation").reload())
+        translation = root.getServiceNamed("translation")
     except KeyError:
         pass
+    else:
+        reloads.append(translation.reload().addCallback(told, "mappings.reloaded", lambda: {
+            "version": translation.mappings.version if translation.mappings else None}))
     return defer.gatherResults(reloads)
 
 
 def _mllp_factory(listener: MllpListenerConfig, store: StoreService, identity: IdentityService,
-                  translation, reactor) -> MllpServerFactory:
+                  translation, reactor, events: EventBus) -> MllpServerFactory:
     inspector = Inspector(store.builder, IngestPolicy(
         listener.name, frozenset(p.encode("ascii") for p in listener.processing_ids),
         listener.accept_unknown_senders, identity.registry))
     pipeline = IngestPipeline(inspector, store.writer, translation=translation,
-                              ack_after_translation=listener.ack_after == "translation")
+                              ack_after_translation=listener.ack_after == "translation", events=events)
     return MllpServerFactory(pipeline, MllpSettings(
         listener.name, listener.max_frame_size, listener.idle_timeout, listener.frame_timeout,
         listener.commit_blocks), reactor, source_filter(listener.allow_sources),
-        identify=functools.partial(_identify_or_keep, identity, store.database, listener.name)
+        identify=functools.partial(_identify_or_keep, identity, store.database, listener.name, events)
         if listener.tls else None)
 
 
-def _identify_or_keep(identity: IdentityService, database: Database, listener: str, transport) -> str:
-    """The facility of a TLS client (IdentityService.identify); a certificate that names none
-    is refused, and the refusal kept with the HTTPS door's (door 'mllp', status 401: what the
-    door would have answered) before the connection closes."""
+def _identify_or_keep(identity: IdentityService, database: Database, listener: str, events: EventBus,
+                      transport) -> str:
+    """The facility of a TLS client (IdentityService.identify), its certificate noted as seen;
+    a certificate that names none is refused, and the refusal kept with the HTTPS door's (door
+    'mllp', status 401: what the door would have answered) and told to `events` before the
+    connection closes."""
     try:
-        return identity.identify(transport)
+        facility_id = identity.identify(transport)
     except PeerRefused as refused:
         from gateway.doors.store import Refusal, record_refusal
 
@@ -180,7 +201,14 @@ def _identify_or_keep(identity: IdentityService, database: Database, listener: s
                           "mllp", None, 401, str(refused))
         database.run_write(record_refusal, refusal).addErrback(
             lambda failure: log.error("refusal not stored: %s", failure.value))
+        events.emit(Event("door.refused", "unknown", outcome="refused", source=refusal.peer,
+                          listener=listener, detail={"door": "mllp", "status": 401,
+                                                     "certificate": refusal.certificate}))
         raise
+    sightings = getattr(identity, "certificates", None)
+    if sightings is not None:
+        sightings.seen(facility_id, peer_certificate(transport), listener)
+    return facility_id
 
 
 def _listen(root: MultiService, name: str, endpoint, factory) -> None:

@@ -28,6 +28,7 @@ from twisted.internet import defer
 from gateway.config import GatewayConfig
 from gateway.delivery.destinations import Destination, destination_for
 from gateway.delivery.outcome import DeliveryOutcome
+from gateway.events import SYSTEM, Event, EventBus
 from gateway.store import outbox
 from gateway.store.database import Database
 
@@ -39,8 +40,9 @@ class DeliveryService(Service):
 
     def __init__(self, config: GatewayConfig, database: Database, reactor,
                  rand: Callable[[], float] = random.random,
-                 transport_factory: Callable | None = None):
+                 transport_factory: Callable | None = None, events: EventBus | None = None):
         self.config = config
+        self.events = events if events is not None else EventBus()
         self.database = database
         self.reactor = reactor
         self.rand = rand
@@ -193,6 +195,7 @@ class DeliveryService(Service):
         duration_ms = int((time.monotonic() - started) * 1000)
         draw = self.rand()
         retried = dead = 0
+        seconds = duration_ms / 1000
         for claim in batch.claims:
             next_at = None
             if outcome.kind == "transient":
@@ -209,16 +212,33 @@ class DeliveryService(Service):
             else:
                 self.dead += 1
                 dead += 1
+            self._tell(claim, outcome, seconds, response.code if response else None, next_at is None)
             self._settlements.append(outbox.Settlement(
                 claim.id, outcome.kind, outcome.reason[:1000], attempted_at, duration_ms,
                 response.code if response else None, response.body if response else None, next_at))
         attempts = batch.claims[0].attempts + 1
         if retried:
             log.info("deliveries %s to %s: attempt %d failed (%s); %d to retry", _ids(batch), name,
-                     attempts, outcome.reason, retried)
+                     attempts, reason_head(outcome.reason), retried)
         if dead:
             log.warning("deliveries %s to %s: %d dead letters after attempt %d: %s", _ids(batch), name,
-                        dead, attempts, outcome.reason)
+                        dead, attempts, reason_head(outcome.reason))
+        if retried or dead:
+            log.debug("deliveries %s to %s: the peer's reason: %s", _ids(batch), name, outcome.reason)
+
+    def _tell(self, claim: outbox.Claim, outcome: DeliveryOutcome, seconds: float,
+              code: int | None, final: bool) -> None:
+        """delivery.attempted for one delivery of the request, and delivery.dead when the
+        attempt made it a dead letter (a permanent refusal, or its retries are used up)."""
+        subject = f"delivery/{claim.id}"
+        detail = {"message_id": claim.message_id, "attempt": claim.attempts + 1, "code": code}
+        self.events.emit(Event("delivery.attempted", SYSTEM, subject=subject,
+                               outcome=_OUTCOMES[outcome.kind], destination=claim.destination,
+                               duration=seconds, detail=detail))
+        if outcome.kind != "delivered" and final:
+            self.events.emit(Event("delivery.dead", SYSTEM, subject=subject, outcome="failure",
+                                   destination=claim.destination,
+                                   detail={**detail, "reason": reason_head(outcome.reason)}))
 
     def _flush(self) -> defer.Deferred:
         """Settle what is waiting, one batch at a time, and in the same transaction claim what
@@ -278,6 +298,16 @@ def _settle_and_claim(connection, node: str, settlements: list[outbox.Settlement
                       plans: dict[str, _ClaimPlan], now: datetime, lease: float) -> list[outbox.Batch]:
     outbox.settle(connection, node, settlements)
     return _claim_all(connection, node, plans, now, lease) if plans else []
+
+
+_OUTCOMES = {"delivered": "success", "transient": "failure", "permanent": "refused"}
+
+
+def reason_head(reason: str) -> str:
+    """What a log line above debug (or an event) shows of an attempt's reason: the part before
+    the peer's own words ("HTTP 422", "CNSS Client fault E12", "ConnectionRefusedError"), which
+    may quote the patient's data back (an OperationOutcome's diagnostics, a fault string)."""
+    return reason.split(": ", 1)[0][:120]
 
 
 def _ids(batch: outbox.Batch) -> str:

@@ -47,8 +47,10 @@ from gateway.doors.router import RouteTable
 from gateway.doors.schemas import openapi_spec
 from gateway.doors.soap import SoapDoor, Unauthorized, fault_answer
 from gateway.doors.store import Refusal, record_refusal
+from gateway.events import Event, EventBus
 from gateway.facilities import FacilityRegistry, RegistryRef
 from gateway.tls import peer_certificate, server_tls_options
+from gateway.tls_watch import watch_handshakes
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +120,12 @@ class HttpsDoor(resource.Resource):
 
     def __init__(self, listener: HttpsListenerConfig, registry: Callable[[], FacilityRegistry],
                  database, routes: Iterable[Route], soap: SoapDoor | None, reactor,
-                 now: Callable[[], float] = time.time):
+                 now: Callable[[], float] = time.time, events: EventBus | None = None,
+                 certificates=None):
         super().__init__()
         self.listener = listener
+        self.events = events if events is not None else EventBus()
+        self.certificates = certificates  # a CertificateSightings, or None
         self.registry = registry
         self.database = database
         self.reactor = reactor
@@ -144,6 +149,8 @@ class HttpsDoor(resource.Resource):
             facility = self.registry().by_certificate(cert) if cert is not None else None
             subject = cert.subject.rfc4514_string() if cert is not None else None
             identity = channel._door_identity = Identity(facility, subject)
+            if facility is not None and self.certificates is not None:
+                self.certificates.seen(facility.id, cert, self.listener.name)
         return identity
 
     def refuse(self, request, identity: Identity, door: str, operation: str | None, status: int,
@@ -157,6 +164,10 @@ class HttpsDoor(resource.Resource):
                     operation or "-", reason)
         refusal = Refusal(datetime.fromtimestamp(self.now(), timezone.utc), self.listener.name, peer,
                           facility, identity.subject, door, operation, status, reason)
+        self.events.emit(Event("door.refused", facility or "unknown", outcome="refused",
+                               source=peer, facility=facility, listener=self.listener.name,
+                               detail={"door": door, "status": status, "operation": operation,
+                                       "certificate": identity.subject}))
         d = self.database.run_write(record_refusal, refusal)
         d.addErrback(lambda failure: log.error("refusal not stored: %s", failure.value))
         return d
@@ -367,7 +378,8 @@ def door_site(listener: HttpsListenerConfig, door: HttpsDoor) -> DoorSite:
 
 
 def build_door(config: GatewayConfig, listener: HttpsListenerConfig, store_service, translation,
-               registry: RegistryRef, reactor, extra_routes: Iterable[Route] = ()) -> HttpsDoor:
+               registry: RegistryRef, reactor, extra_routes: Iterable[Route] = (),
+               events: EventBus | None = None, certificates=None) -> HttpsDoor:
     """The door's resource for one listener: its own ingest pipeline (the shared Inspector's
     rules with the certificate's facility, the store's writer and ACK builder, the translation
     service), the REST operations, the extra routes and SOAP."""
@@ -376,30 +388,36 @@ def build_door(config: GatewayConfig, listener: HttpsListenerConfig, store_servi
 
     inspector = Inspector(store_service.builder, IngestPolicy(
         listener.name, accept_unknown_senders=False, registry=registry))
-    pipeline = IngestPipeline(inspector, store_service.writer, translation=translation)
+    events = events if events is not None else EventBus()
+    pipeline = IngestPipeline(inspector, store_service.writer, translation=translation, events=events)
     bridge = IngestBridge(listener.name, pipeline, store_service.writer, store_service.database,
-                          translation)
-    rest = RestOperations(bridge, store_service.database, listener.name)
+                          translation, events=events)
+    rest = RestOperations(bridge, store_service.database, listener.name, events=events)
     soap = SoapDoor(bridge, listener.name)
     return HttpsDoor(listener, lambda: registry.current, store_service.database,
-                     rest.routes() + list(extra_routes), soap, reactor)
+                     rest.routes() + list(extra_routes), soap, reactor, events=events,
+                     certificates=certificates)
 
 
 def https_door_services(config: GatewayConfig, store_service, translation_service, identity,
-                        reactor, extra_routes: Iterable[Route] = ()) -> list:
+                        reactor, extra_routes: Iterable[Route] = (), events: EventBus | None = None) -> list:
     """One listening service per `listeners.https` entry, named after it, over mutual TLS
     with the identity service's CRL; add them to the tree after the store, identity and
-    translation services (listeners last)."""
+    translation services (listeners last). Refusals and failed TLS handshakes are told to
+    `events`."""
+    events = events if events is not None else EventBus()
     extra_routes = list(extra_routes)
     services = []
     for listener in config.https:
         door = build_door(config, listener, store_service, translation_service, identity.registry,
-                          reactor, extra_routes)
+                          reactor, extra_routes, events=events,
+                          certificates=getattr(identity, "certificates", None))
         options = server_tls_options(config.pki.cert, config.pki.key, config.pki.ca,
                                      revocations=identity.revocations, name=f"https {listener.name}")
         endpoint = SSL4ServerEndpoint(reactor, listener.port, options, backlog=512,
                                       interface=listener.interface)
-        service = StreamServerEndpointService(endpoint, door_site(listener, door))
+        service = StreamServerEndpointService(
+            endpoint, watch_handshakes(door_site(listener, door), listener.name, events))
         service.setName(listener.name)
         service._raiseSynchronously = True  # a port in use fails `gateway run` at once
         services.append(service)

@@ -24,6 +24,8 @@ from adapters.hl7v2.ack import ack_code_of
 from adapters.hl7v2.charsets import CharsetError, codec_for
 from adapters.hl7v2.header import HeaderError, parse_header
 from adapters.mllp.protocol import Answer, ConnectionInfo
+from gateway.events import EventBus
+from gateway.ingest import telemetry
 from gateway.ingest.model import Inbound
 from gateway.ingest.pipeline import pending_translations
 from gateway.store.ingest_writer import IngestJob, IngestWriter
@@ -54,8 +56,10 @@ class DocumentOutcome:
 
 class IngestBridge:
     def __init__(self, listener: str, frame_handler, writer: IngestWriter, database,
-                 translation=None, now: Callable[[], float] = time.time):
+                 translation=None, now: Callable[[], float] = time.time,
+                 events: EventBus | None = None):
         self.listener = listener
+        self.events = events if events is not None else EventBus()
         self.frame_handler = frame_handler
         self.writer = writer
         self.database = database
@@ -85,7 +89,9 @@ class IngestBridge:
         self.writer.submit(job)
         error = yield job_done
         if error is not None:
+            telemetry.not_stored(self.events, item.raw, item.size, self.listener, peer)
             raise StoreUnavailable(str(error))
+        telemetry.stored(self.events, job.items, self.listener, peer)
         key = (item.sending_application, item.sending_facility, item.control_id)
         if item.duplicate or self.translation is None:
             found = yield self.database.run(find_document, key)

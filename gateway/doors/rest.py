@@ -23,6 +23,7 @@ from gateway.doors.api import ApiRequest, ApiResponse, Problem, Route, json_resp
 from gateway.doors.ingest_bridge import IngestBridge, StoreUnavailable
 from gateway.doors.schemas import (FHIR_SCHEMAS, HL7V2_SCHEMAS, MESSAGE_SCHEMAS, fhir_spec,
                                    hl7v2_spec, message_spec)
+from gateway.events import Event, EventBus
 from gateway.ingest.model import Inbound, MessageStatus
 from gateway.prescriptions.ids import SYSTEM as PRESCRIPTION_SYSTEM
 from gateway.store.queries import deliveries_of
@@ -110,7 +111,8 @@ def refusal_detail(ack: str) -> str:
 class RestOperations:
     """The core operations of /v1/ over one ingest bridge."""
 
-    def __init__(self, bridge: IngestBridge, database, listener: str):
+    def __init__(self, bridge: IngestBridge, database, listener: str, events: EventBus | None = None):
+        self.events = events if events is not None else EventBus()
         self.bridge = bridge
         self.database = database
         self.listener = listener
@@ -205,6 +207,10 @@ class RestOperations:
             found = await self.database.run(message_status, int(text), request.facility.id)
         if found is None:  # someone else's message is as absent as a missing one
             raise Problem(404, "not-found", "No such message", "no message of yours has this id")
+        self.events.emit(Event("message.read", request.facility.id, subject=f"message/{found['id']}",
+                               source=request.peer, facility=request.facility.id,
+                               listener=self.listener, message_type=found["message_type"],
+                               detail={"request_id": request.request_id, "via": "rest"}))
         return json_response(200, found)
 
 

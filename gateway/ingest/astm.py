@@ -17,6 +17,8 @@ from adapters.astm import records
 from adapters.astm.protocol import AstmConnection, AstmServerFactory, AstmSettings
 from adapters.hl7v2.codes import Outcome
 from gateway.config import AstmListenerConfig
+from gateway.events import EventBus
+from gateway.ingest import telemetry
 from gateway.ingest.model import Inbound, MessageStatus
 from gateway.ingest.pipeline import pending_translations
 from gateway.store.ingest_writer import IngestJob, IngestWriter
@@ -48,8 +50,9 @@ class AstmIngest:
     the new ones to translation (when the gateway translates)."""
 
     def __init__(self, writer: IngestWriter, now: Callable[[], float] = time.time,
-                 translation: "TranslationService | None" = None):
+                 translation: "TranslationService | None" = None, events: EventBus | None = None):
         self.writer = writer
+        self.events = events if events is not None else EventBus()
         self.now = now
         self.translation = translation
 
@@ -64,6 +67,10 @@ class AstmIngest:
 
         def stored(job: IngestJob, error: Exception | None) -> None:
             done(error is None)
+            if error is None:
+                telemetry.stored(self.events, job.items, job.listener, job.peer)
+            else:
+                telemetry.not_stored(self.events, data, len(data), job.listener, job.peer)
             if error is None and self.translation is not None:
                 pending = pending_translations(job)
                 if pending:
@@ -77,10 +84,11 @@ class AstmIngest:
 def astm_listener_factory(config: AstmListenerConfig, writer: IngestWriter, clock,
                           now: Callable[[], float] = time.time,
                           translation: "TranslationService | None" = None,
-                          allowed: Callable[[str], bool] = lambda address: True) -> AstmServerFactory:
+                          allowed: Callable[[str], bool] = lambda address: True,
+                          events: EventBus | None = None) -> AstmServerFactory:
     """The Twisted factory of one `astm:` listener; join it to an endpoint
     (TCP4ServerEndpoint(reactor, config.port, interface=config.interface))."""
     settings = AstmSettings(config.name, config.facility, config.max_frame_size,
                             config.max_message_size, config.receive_timeout,
                             config.frame_timeout, config.idle_timeout)
-    return AstmServerFactory(AstmIngest(writer, now, translation), settings, clock, allowed)
+    return AstmServerFactory(AstmIngest(writer, now, translation, events), settings, clock, allowed)

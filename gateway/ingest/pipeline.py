@@ -31,6 +31,8 @@ from adapters.hl7v2.ack import ErrorDetail
 from adapters.hl7v2.codes import AppErrorCode, ErrorCondition, Outcome
 from adapters.hl7v2.header import Location, enhanced_mode
 from adapters.mllp.protocol import Answer, ConnectionInfo
+from gateway.events import EventBus
+from gateway.ingest import telemetry
 from gateway.ingest.inspect import FieldView, FrameResult, Inspector
 from gateway.ingest.model import Inbound
 from gateway.prescriptions.codes import PrescriptionError
@@ -47,8 +49,10 @@ class IngestPipeline:
     """The frame handler of one listener (its own Inspector, the shared writer)."""
 
     def __init__(self, inspector: Inspector, writer: IngestWriter, now: Callable[[], float] = time.time,
-                 translation: "TranslationService | None" = None, ack_after_translation: bool = False):
+                 translation: "TranslationService | None" = None, ack_after_translation: bool = False,
+                 events: EventBus | None = None):
         self.inspector = inspector
+        self.events = events if events is not None else EventBus()
         self.writer = writer
         self.now = now
         self.translation = translation
@@ -69,20 +73,23 @@ class IngestPipeline:
 
         def done(job: IngestJob, error: Exception | None) -> None:
             if error is None:
+                telemetry.stored(self.events, job.items, job.listener, job.peer)
                 pending = self._to_translate(job)
                 if not pending:
-                    reply(Answer(True, result.response(builder)))
+                    self._reply(reply, job, Answer(True, result.response(builder)))
                 elif self.ack_after_translation or waiting:
                     # Whatever the translation's fate, the items' ACKs are then the stored ones.
-                    self._translate(pending, lambda tjob: self._answered(tjob, result, reply),
+                    self._translate(pending, lambda tjob: self._answered(tjob, job, result, reply),
                                     self._failure_ack)
                 else:
-                    reply(Answer(True, result.response(builder)))
+                    self._reply(reply, job, Answer(True, result.response(builder)))
                     self._translate(pending)
             else:
                 log.error("frame of %d bytes (sha256 %s) from %s not stored; answered AE/CE",
                           len(payload), hashlib.sha256(payload).hexdigest()[:16], connection.peer)
                 reply(Answer(False, self._not_stored(payload)))
+                telemetry.not_stored(self.events, payload, len(payload), connection.listener,
+                                     connection.peer)
 
         self.writer.submit(IngestJob(result.items, connection.listener, connection.peer, self.now(), done))
 
@@ -109,14 +116,21 @@ class IngestPipeline:
                 PrescriptionError.PRESCRIPTION_NOT_PROCESSED))
         return waiting
 
-    def _answered(self, job, result: FrameResult, reply: Callable[[Answer], None]) -> None:
+    def _reply(self, reply: Callable[[Answer], None], job: IngestJob, answer: Answer) -> None:
+        """Send the answer, then tell that each message was answered (and how fast)."""
+        reply(answer)
+        telemetry.answered(self.events, job.items, job.listener, job.peer, job.received_at,
+                           self.now())
+
+    def _answered(self, tjob, job: IngestJob, result: FrameResult,
+                  reply: Callable[[Answer], None]) -> None:
         """Answer once translated: with the answers stored with the translations (the step's),
         or, when storing failed, with what the items hold (the provisional AE)."""
-        if job.error is None:
-            for pending, record in zip(job.items, job.results):
+        if tjob.error is None:
+            for pending, record in zip(tjob.items, tjob.results):
                 if record.ack is not None and pending.context is not None:
                     pending.context.ack = record.ack
-        reply(Answer(True, result.response(self.inspector.builder)))
+        self._reply(reply, job, Answer(True, result.response(self.inspector.builder)))
 
     def _to_translate(self, job: IngestJob) -> list[Pending]:
         return pending_translations(job) if self.translation is not None else []

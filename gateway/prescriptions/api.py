@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from gateway.doors.api import ANY_FACILITY, ApiRequest, ApiResponse, Problem, Route, json_response, read_json
+from gateway.events import Event, EventBus
 from gateway.prescriptions import ids, qr, store
 
 if TYPE_CHECKING:
@@ -134,9 +135,18 @@ def _valid(prescription: store.Prescription | None, prescription_id: str,
 
 
 class PrescriptionApi:
-    def __init__(self, service: "PrescriptionService", now=lambda: datetime.now(timezone.utc)):
+    def __init__(self, service: "PrescriptionService", now=lambda: datetime.now(timezone.utc),
+                 events: EventBus | None = None):
         self.service = service
         self.now = now
+        self.events = events if events is not None else EventBus()
+
+    def _read(self, request: ApiRequest, prescription_id: str, via: str) -> None:
+        """Tell who was shown a prescription (the audit keeps every read of patient data)."""
+        self.events.emit(Event("prescription.read", request.facility.id,
+                               subject=f"prescription/{prescription_id}", source=request.peer,
+                               facility=request.facility.id,
+                               detail={"request_id": request.request_id, "via": via}))
 
     def _fetch(self, prescription_id: str):
         return self.service.database.run(store.get_prescription, prescription_id)
@@ -144,8 +154,13 @@ class PrescriptionApi:
     def get(self, request: ApiRequest):
         prescription_id = _parse_id(request.path_params.get("id", ""))
         d = self._fetch(prescription_id)
-        d.addCallback(lambda found: json_response(200, prescription_view(_valid(found, prescription_id, self.now())),
-                                                  {"Cache-Control": "no-store"}))
+
+        def found(prescription):
+            view = prescription_view(_valid(prescription, prescription_id, self.now()))
+            self._read(request, prescription_id, "rest")
+            return json_response(200, view, {"Cache-Control": "no-store"})
+
+        d.addCallback(found)
         return d
 
     def lookup(self, request: ApiRequest):
@@ -166,6 +181,7 @@ class PrescriptionApi:
             if claims.digest != qr.lines_digest(lines) or claims.prescriber_inpe != prescription.prescriber_inpe:
                 raise Problem(400, "invalid-qr", "QR payload not valid",
                               "the QR payload does not match the stored prescription")
+            self._read(request, prescription.id, "qr-lookup")
             return json_response(200, prescription_view(prescription), {"Cache-Control": "no-store"})
 
         d.addCallback(found)
@@ -182,6 +198,7 @@ class PrescriptionApi:
             if prescription is None or prescription.prescriber_facility != request.facility.id:
                 raise Problem(404, "prescription-not-found", "Prescription not found",
                               f"no prescription {prescription_id} issued by {request.facility.id}")
+            self._read(request, prescription_id, "qr-image")
             return ApiResponse(200, qr.qr_image(prescription.qr_payload, kind), qr.IMAGE_TYPES[kind],
                                {"Cache-Control": "private, max-age=86400"})
 
@@ -199,9 +216,10 @@ class PrescriptionApi:
         return json_response(200, {"keys": [qr.public_jwk(public)]}, {"Cache-Control": "public, max-age=3600"})
 
 
-def prescription_routes(service: "PrescriptionService") -> list[Route]:
-    """The REST routes of the prescription operations, with their OpenAPI operations."""
-    api = PrescriptionApi(service)
+def prescription_routes(service: "PrescriptionService", events: EventBus | None = None) -> list[Route]:
+    """The REST routes of the prescription operations, with their OpenAPI operations; each
+    prescription shown is told to `events` (prescription.read)."""
+    api = PrescriptionApi(service, events=events)
     return [
         Route("GET", "/v1/prescriptions/signing-key", ANY_FACILITY, api.signing_key, {
             "operationId": "getPrescriptionSigningKey", "tags": ["prescriptions"],

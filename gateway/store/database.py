@@ -23,19 +23,22 @@ _ALEMBIC_INI = os.path.join(os.path.dirname(__file__), "alembic.ini")
 
 
 def create_gateway_engine(url: str, pool_size: int = 4) -> Engine:
-    """An engine with the settings durability needs on each backend."""
+    """An engine with the settings durability needs on each backend. Its errors never quote
+    the statement's parameters (hide_parameters): they hold message bytes and bundles, and
+    errors are logged."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
-        engine = create_engine(url, pool_size=pool_size + 2, max_overflow=4,
+        engine = create_engine(url, pool_size=pool_size + 2, max_overflow=4, hide_parameters=True,
                                connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling defers BEGIN; take control so that BEGIN is
         # emitted when SQLAlchemy begins (as its documentation recommends).
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_size=pool_size + 2, max_overflow=4, pool_pre_ping=True)
+    return create_engine(url, pool_size=pool_size + 2, max_overflow=4, pool_pre_ping=True,
+                         hide_parameters=True)
 
 
 def _sqlite_begin(conn) -> None:

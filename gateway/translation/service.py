@@ -39,6 +39,7 @@ from twisted.application.service import Service
 
 from gateway.config import GatewayConfig
 from gateway.delivery.routes import Router
+from gateway.events import Event, EventBus
 from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.source import MappingErrors
 from gateway.store.database import write_transaction
@@ -83,8 +84,10 @@ class TranslationJob:
 class TranslationWorker:
     def __init__(self, engine: Engine, translator: Translator, deliver: Callable,
                  max_batch: int = 256, max_queued: int = 10_000,
-                 on_enqueued: Callable[[], None] | None = None, step: TranslationStep | None = None):
+                 on_enqueued: Callable[[], None] | None = None, step: TranslationStep | None = None,
+                 events: EventBus | None = None):
         self.engine = engine
+        self.events = events if events is not None else EventBus()
         self.step = step
         self.on_enqueued = on_enqueued  # called (through `deliver`) when deliveries were queued
         self.translator = translator
@@ -231,6 +234,8 @@ class TranslationWorker:
                 self.step.apply(connection, results, prepared, now)
             save_translations(connection, results, now)
         self.commits += 1
+        for item, record in results:
+            self.events.emit(_translation_event(item, record))
         if self.on_enqueued is not None and any(record.destinations for _, record in results):
             self.deliver(self.on_enqueued)
 
@@ -240,6 +245,23 @@ def _name(item: Pending) -> str:
     if item.message_id is not None:
         return f"#{item.message_id}"
     return f"control id {item.key[2]!r}" if item.key else "?"
+
+
+def _translation_event(item: Pending, record: TranslationRecord) -> Event:
+    """message.translated or message.translation_failed: ids, codes and counts only."""
+    actor = item.sender_id or (item.key[1] if item.key else None) or "unknown"
+    subject = f"message/{item.message_id}" if item.message_id is not None else None
+    common = dict(subject=subject, facility=item.sender_id, message_type=item.message_type)
+    control_id = item.key[2] if item.key else None
+    if record.failed:
+        return Event("message.translation_failed", actor, outcome="failure", **common,
+                     detail={"control_id": control_id, "error_code": record.error_code,
+                             "error_location": record.error_location,
+                             "mapping_version": record.mapping_version})
+    entries = (record.bundle or {}).get("entry") or ()
+    return Event("message.translated", actor, **common,
+                 detail={"control_id": control_id, "mapping_version": record.mapping_version,
+                         "resources": len(entries), "destinations": list(record.destinations)})
 
 
 def _condition_text(record: TranslationRecord) -> str:
@@ -253,8 +275,10 @@ class TranslationService(Service):
     name = "translation"
 
     def __init__(self, config: GatewayConfig, engine: Engine, reactor, max_batch: int = 256,
-                 on_enqueued: Callable[[], None] | None = None, step: TranslationStep | None = None):
+                 on_enqueued: Callable[[], None] | None = None, step: TranslationStep | None = None,
+                 events: EventBus | None = None):
         self.config = config
+        self.events = events if events is not None else EventBus()
         self.step = step
         self.on_enqueued = on_enqueued
         self.engine = engine
@@ -276,7 +300,8 @@ class TranslationService(Service):
         router = Router(self.config.routes, self.config.senders) if self.config.routes else None
         self.translator = Translator(mappings, self.config.senders, router)
         self.worker = TranslationWorker(self.engine, self.translator, self.reactor.callFromThread,
-                                        self.max_batch, on_enqueued=self.on_enqueued, step=self.step)
+                                        self.max_batch, on_enqueued=self.on_enqueued, step=self.step,
+                                        events=self.events)
         self.worker.start(sweep=True)
         super().startService()
 

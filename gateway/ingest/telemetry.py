@@ -1,0 +1,76 @@
+"""The events of ingest (gateway.events): a message stored (message.received), refused
+(message.refused: stored with a negative answer, or not stored at all) and answered
+(message.acknowledged, with the time from its receipt to the ACK written).
+
+Only what identifies a message without its content: the control id, the size, the SHA-256 of
+the bytes, the type, the ACK code, the refusal's code. Called on the reactor thread once a
+frame's messages are committed; a few small objects per message.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from adapters.hl7v2.ack import ack_code_of
+from gateway.events import Event, EventBus
+from gateway.ingest.model import Inbound, MessageStatus
+
+UNKNOWN = "unknown"
+_OUTCOMES = {"A": "success", "E": "failure", "R": "refused"}  # by the second letter of MSA-1
+
+
+def actor_of(item: Inbound) -> str:
+    """Who sent it: the registry facility, else the MSH-4 it gave, else "unknown"."""
+    return item.sender_id or (item.sending_facility or "")[:64] or UNKNOWN
+
+
+def refusal_reason(item: Inbound) -> str:
+    """A short code for why a message was refused: ERR-5 (our table) or the HL7 condition."""
+    error = item.error
+    if error is None:
+        return "refused"
+    if error.app_code is not None:
+        return error.app_code.value.lower()
+    return error.condition.name.lower()
+
+
+def stored(events: EventBus, items: Iterable[Inbound], listener: str, peer: str) -> None:
+    """message.received for each message of a committed frame; message.refused as well for
+    those answered with a refusal (kept, as every refusal is)."""
+    for item in items:
+        actor = actor_of(item)
+        events.emit(Event("message.received", actor, source=peer, facility=item.sender_id,
+                          message_type=item.message_type, listener=listener,
+                          detail={"control_id": item.control_id, "size": item.size,
+                                  "sha256": item.sha256.hex(), "duplicate": item.duplicate}))
+        if item.status is MessageStatus.REJECTED:
+            events.emit(Event("message.refused", actor, outcome="refused", source=peer,
+                              facility=item.sender_id, message_type=item.message_type,
+                              listener=listener,
+                              detail={"control_id": item.control_id, "reason": refusal_reason(item),
+                                      "code": item.error.condition.value if item.error else None}))
+
+
+def answered(events: EventBus, items: Iterable[Inbound], listener: str, peer: str,
+             received_at: float, now: float | None = None) -> None:
+    """message.acknowledged for each message whose answer was just written."""
+    duration = max(0.0, (time.time() if now is None else now) - received_at)
+    for item in items:
+        if item.ack is None:
+            continue
+        code = ack_code_of(item.ack)
+        events.emit(Event("message.acknowledged", actor_of(item), source=peer,
+                          facility=item.sender_id, message_type=item.message_type,
+                          listener=listener, duration=duration,
+                          outcome=_OUTCOMES.get(code.value[1], "success") if code is not None else "success",
+                          detail={"control_id": item.control_id,
+                                  "ack_code": code.value if code is not None else None}))
+
+
+def not_stored(events: EventBus, payload: bytes, size: int, listener: str, peer: str) -> None:
+    """message.refused (outcome failure) for a frame the store could not keep."""
+    import hashlib
+
+    events.emit(Event("message.refused", UNKNOWN, outcome="failure", source=peer, listener=listener,
+                      detail={"reason": "store_unavailable", "size": size,
+                              "sha256": hashlib.sha256(payload).hexdigest()}))

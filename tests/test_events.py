@@ -1,0 +1,166 @@
+"""The events a running gateway emits (gateway.events), heard on its one bus (`gateway.events`)
+while real messages go through real sockets: receipt, ACK and refusal on MLLP, translation,
+delivery attempts and dead letters, TLS handshake failures, refused certificates, reloads;
+and the client certificates it records. No event ever carries patient data."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import pytest_twisted
+from sqlalchemy import select
+from twisted.internet import defer
+
+from adapters.mllp.client import describe
+from gateway.config import RetryConfig
+from gateway.events import KINDS
+from gateway.pki import init_dev_pki
+from gateway.store.database import create_gateway_engine
+from gateway.store.schema import facility_certificates
+from observability_support import (HOST, PATIENT_GIVEN, PATIENT_ID, PATIENT_NAME, facility_tls, hl7,
+                                   in_thread, observed_config, send_mllp, start_observed,
+                                   stop_observed, try_tls, until)
+
+
+@pytest.fixture
+def observe():
+    import pytest_twisted as pt
+
+    started = []
+
+    def start(config):
+        return start_observed(config, started)
+
+    yield start
+    for observed in started:
+        pt.blockon(stop_observed(observed))
+
+
+@pytest.fixture(scope="module")
+def foreign_pki(tmp_path_factory) -> str:
+    """Another CA, with a facility certificate the gateway's CA never signed."""
+    directory = str(tmp_path_factory.mktemp("foreign-pki"))
+    init_dev_pki(directory, ["ROGUE-1"])
+    return directory
+
+
+def no_patient_data(events) -> None:
+    for event in events:
+        text = repr(event)
+        for secret in (PATIENT_NAME, PATIENT_GIVEN, PATIENT_ID):
+            assert secret not in text, f"{secret} in {text}"
+
+
+@pytest_twisted.inlineCallbacks
+def test_ingest_translation_and_delivery_events(db_url, make_config, tmp_path, observe):
+    """An ADT that translates, an ORU that does not, bytes that are not HL7: each is received
+    and acknowledged (AA, AA, AR) with its latency, the third refused; the ADT is translated
+    and its delivery to a peer that is down attempted; the ORU's translation fails."""
+    observed = yield observe(observed_config(make_config, db_url, tmp_path, tls=False))
+    acks = yield in_thread(send_mllp, observed.ports["mllp-test"], hl7("EV-ADT-1"),
+                           hl7("EV-ORU-1", "ORU^R01^ORU_R01"), b"not hl7 at all\r")
+    assert [describe(a)["msa1"] for a in acks] == ["AA", "AA", "AR"], [describe(a) for a in acks]
+
+    yield until(lambda: observed.kinds("delivery.attempted") and observed.kinds("message.translation_failed"))
+    received = observed.kinds("message.received")
+    assert [(e.detail["control_id"], e.facility, e.actor, e.listener, e.message_type) for e in received] == [
+        ("EV-ADT-1", "INPE-100001", "INPE-100001", "mllp-test", "ADT^A01"),
+        ("EV-ORU-1", "INPE-100001", "INPE-100001", "mllp-test", "ORU^R01"),
+        (None, None, "unknown", "mllp-test", None)]
+    assert all(e.source.startswith("127.0.0.1:") and len(e.detail["sha256"]) == 64 for e in received)
+    assert received[0].detail["size"] == len(hl7("EV-ADT-1"))
+
+    acknowledged = observed.kinds("message.acknowledged")
+    assert [(e.detail["control_id"], e.detail["ack_code"], e.outcome) for e in acknowledged] == [
+        ("EV-ADT-1", "AA", "success"), ("EV-ORU-1", "AA", "success"), (None, "AR", "refused")]
+    assert all(0 <= e.duration < 5 for e in acknowledged)
+
+    [refused] = observed.kinds("message.refused")
+    assert (refused.detail["reason"], refused.outcome, refused.actor) == ("not_hl7", "refused", "unknown")
+
+    [translated] = observed.kinds("message.translated")
+    assert translated.subject.startswith("message/") and translated.facility == "INPE-100001"
+    assert translated.message_type == "ADT^A01" and translated.detail["resources"] >= 1
+    assert translated.detail["destinations"] == ["record-down"]
+    [failed] = observed.kinds("message.translation_failed")
+    assert failed.message_type == "ORU^R01" and failed.outcome == "failure" and failed.detail["error_code"]
+
+    attempt = observed.kinds("delivery.attempted")[0]
+    assert (attempt.destination, attempt.outcome, attempt.detail["attempt"]) == ("record-down", "failure", 1)
+    assert attempt.subject.startswith("delivery/") and attempt.duration >= 0
+    assert not observed.kinds("delivery.dead")  # retried later, not given up
+    assert {e.kind for e in observed.events} <= KINDS
+    no_patient_data(observed.events)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_delivery_out_of_attempts_is_a_dead_letter(make_config, tmp_path, observe):
+    config = observed_config(make_config, f"sqlite:///{tmp_path / 'g.sqlite'}", tmp_path, tls=False)
+    [down] = config.destinations
+    config = dataclasses.replace(config, destinations=(dataclasses.replace(
+        down, retry=RetryConfig(base=600, cap=600, max_attempts=1)),))
+    observed = yield observe(config)
+    yield in_thread(send_mllp, observed.ports["mllp-test"], hl7("EV-DEAD-1"))
+    [dead] = yield until(lambda: observed.kinds("delivery.dead"))
+    [attempt] = observed.kinds("delivery.attempted")
+    assert dead.subject == attempt.subject and dead.destination == "record-down"
+    assert dead.outcome == "failure" and dead.detail["reason"]
+    no_patient_data(observed.events)
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_failures_refusals_and_certificates_seen(make_config, tmp_path, dev_pki, foreign_pki, observe):
+    """A certificate from another CA fails the handshake (tls.handshake_failed, with OpenSSL's
+    reason); one from our CA that names no facility is refused at the door (door.refused,
+    mllp, 401); a facility's certificate is recorded once per ten minutes however often it
+    connects."""
+    db_url = f"sqlite:///{tmp_path / 'g.sqlite'}"
+    observed = yield observe(observed_config(make_config, db_url, tmp_path, translate=False))
+    port = observed.ports["mllp-tls"]
+
+    outcome = yield in_thread(try_tls, port, facility_tls(foreign_pki, "ROGUE-1", ca_dir=dev_pki),
+                              hl7("EV-ROGUE-1"))
+    assert not isinstance(outcome, list) or outcome == [None], outcome
+    [failed] = yield until(lambda: observed.kinds("tls.handshake_failed"))
+    assert failed.listener == "mllp-tls" and failed.source.startswith("127.0.0.1:")
+    assert failed.detail["reason"] == "certificate_verify_failed"
+
+    outcome = yield in_thread(try_tls, port, facility_tls(dev_pki, "INPE-100002"), hl7("EV-UNKNOWN-1"))
+    assert not isinstance(outcome, list) or outcome == [None], outcome
+    [refused] = yield until(lambda: observed.kinds("door.refused"))
+    assert (refused.listener, refused.detail["door"], refused.detail["status"]) == ("mllp-tls", "mllp", 401)
+    assert "INPE-100002" in refused.detail["certificate"]
+
+    for control_id in ("EV-TLS-1", "EV-TLS-2"):  # two connections
+        [ack] = yield in_thread(lambda: send_mllp(port, hl7(control_id),
+                                                  tls=facility_tls(dev_pki, "INPE-100001")))
+        assert b"MSA|AA|" + control_id.encode() in ack
+    assert len(observed.kinds("tls.handshake_failed")) == 1  # good handshakes are not counted
+    rows = yield until(lambda: _certificates(db_url))
+    [row] = rows
+    assert row.facility_id == "INPE-100001" and row.door == "mllp-tls" and len(row.sha256) == 64
+    assert "INPE-100001" in row.subject and row.issuer and row.not_after is not None
+    assert row.first_seen_at == row.last_seen_at  # the second connection wrote nothing
+
+
+def _certificates(db_url: str) -> list:
+    engine = create_gateway_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(select(facility_certificates)))
+    finally:
+        engine.dispose()
+
+
+@pytest_twisted.inlineCallbacks
+def test_reloads_are_told(make_config, tmp_path, observe):
+    from gateway.service import reload_service
+
+    observed = yield observe(observed_config(make_config, f"sqlite:///{tmp_path / 'g.sqlite'}", tmp_path,
+                                             tls=False))
+    yield reload_service(observed.service)
+    [config] = observed.kinds("config.reloaded")
+    [mappings] = observed.kinds("mappings.reloaded")
+    assert config.outcome == "success" and config.detail["facilities"] >= 1
+    assert mappings.outcome == "success" and mappings.detail["version"]
