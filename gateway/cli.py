@@ -10,6 +10,7 @@
     gateway mappings check [--list] | test [--update] | export [--format csv] | reload
     gateway reload (facility registry, CRL and mapping set, checked first)
     gateway audit verify [--batch N] | show [--after SEQ] [--limit N] [--subject S] [--json]
+    gateway retention run [--now ISO] [--json]
 
 The configuration is `-c FILE`, else $GATEWAY_CONFIG, else conf/gateway.yaml in the current
 directory or in the project the package was installed from.
@@ -126,6 +127,15 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--subject", help="only this subject (message/42, prescription/RX-...)")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
     show.set_defaults(handler=_audit("show"))
+    retention = commands.add_parser("retention", help="expiry of payloads, bundles and audit records"
+                                    ).add_subparsers(metavar="ACTION")
+    expire = retention.add_parser("run", parents=[common],
+                                  help="expire what is older than the retention days now and print "
+                                       "what was removed (the gateway also does it daily at run_at)")
+    expire.add_argument("--now", metavar="ISO", help="the instant to count the days back from "
+                                                       "(default: now; UTC unless an offset is given)")
+    expire.add_argument("--json", action="store_true", help="the report as one JSON object")
+    expire.set_defaults(handler=_retention_run)
     everything = commands.add_parser(
         "reload", parents=[common],
         help="check the configuration, facility registry, CRL and mapping set, then make the "
@@ -175,6 +185,12 @@ def _audit(name: str):
         return getattr(commands, name)(load(args), args)
 
     return handler
+
+
+def _retention_run(args) -> int:
+    from gateway.retention import commands
+
+    return commands.run(load(args), args)
 
 
 def _send(args) -> int:

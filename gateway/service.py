@@ -32,6 +32,7 @@ from gateway.ingest.inspect import IngestPolicy, Inspector, refuse_reused
 from gateway.ingest.pipeline import IngestPipeline
 from gateway.prescriptions.api import prescription_routes
 from gateway.prescriptions.service import PrescriptionService
+from gateway.retention.service import RetentionService
 from gateway.store.database import Database, create_gateway_engine, migrate
 from gateway.store.ingest_writer import IngestWriter
 from gateway.tls import peer_certificate, server_tls_options
@@ -97,6 +98,8 @@ def build_service(config: GatewayConfig, reactor) -> MultiService:
     store = StoreService(config, reactor)
     store.setServiceParent(root)
     _audit(root, config, store, events)
+    # The months ahead exist before any listener opens; expiry runs daily at retention.run_at.
+    RetentionService(config, store.database, reactor).setServiceParent(root)
     identity = IdentityService(config, reactor)
     identity.certificates = CertificateSightings(store.database)  # what the doors identify by
     identity.setServiceParent(root)

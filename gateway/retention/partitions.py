@@ -4,14 +4,21 @@ Each table is PARTITION BY RANGE of its time column, with a DEFAULT partition (m
 that catches rows of any month that has no partition of its own. The month of `message_payloads`
 that starts on 1 November 2026 UTC is `message_payloads_2026_11`, for [2026-11-01, 2026-12-01).
 
-`ensure_partitions` adds the current month and the next ones. A month is created as a plain
-table and then ATTACHed, never with CREATE TABLE ... PARTITION OF: ATTACH takes SHARE UPDATE
-EXCLUSIVE on the parent (ingest keeps writing to the other partitions), where PARTITION OF
-takes ACCESS EXCLUSIVE. Rows of that month already in the DEFAULT partition (written before the
-month existed, or copied there by the migration) would make the ATTACH fail, so they are moved
-into the new table first, in the same transaction, while the DEFAULT partition is locked (the
-ATTACH locks it anyway, ACCESS EXCLUSIVE, to scan it). The functions above `ensure_partitions`
-are pure.
+`ensure_partitions` adds the current month and the next ones, each in one transaction:
+
+- the month is created as a plain table and then ATTACHed, never with CREATE TABLE ...
+  PARTITION OF: ATTACH takes SHARE UPDATE EXCLUSIVE on the parent (ingest keeps writing to the
+  other months), where PARTITION OF takes ACCESS EXCLUSIVE;
+- rows of that month already in the DEFAULT partition (written before the month existed, or
+  copied there by migration 0008) would make the ATTACH fail, so they are moved into the new
+  table first, while the DEFAULT partition is locked ACCESS EXCLUSIVE (ATTACH locks it so
+  anyway): nobody adds one meanwhile;
+- the foreign key to `messages` that ATTACH clones takes SHARE ROW EXCLUSIVE on `messages`
+  (new messages wait) until commit, so everything that scans comes before it.
+
+A transaction waits at most LOCK_TIMEOUT for each lock, so that it never queues for long in
+front of ingest; a month not created is retried by the next run, its rows meanwhile kept in the
+DEFAULT partition. The functions above `ensure_partitions` are pure.
 """
 from __future__ import annotations
 
@@ -153,8 +160,16 @@ def _create_month(connection: Connection, table: str, month: Month) -> bool:
     moved = connection.execute(text(
         f"WITH moved AS (DELETE FROM {default} WHERE {column} >= {start} AND {column} < {end} "
         f"RETURNING *) INSERT INTO {name} SELECT * FROM moved")).rowcount
+    # ATTACH must prove the DEFAULT partition holds no row of the month: a CHECK constraint
+    # saying so lets it skip its own scan. The scan happens here instead, before the ATTACH
+    # takes SHARE ROW EXCLUSIVE on `messages` (cloning the foreign key), which holds up the
+    # insertion of messages until commit: that stays a matter of milliseconds.
+    elsewhere = f"{name}_elsewhere"
+    connection.execute(text(f"ALTER TABLE {default} ADD CONSTRAINT {elsewhere} "
+                            f"CHECK ({column} < {start} OR {column} >= {end})"))
     connection.execute(text(f"ALTER TABLE {table} ATTACH PARTITION {name} "
                             f"FOR VALUES FROM ({start}) TO ({end})"))
+    connection.execute(text(f"ALTER TABLE {default} DROP CONSTRAINT {elsewhere}"))
     log.info("partition %s created%s", name,
              f" ({moved} rows moved from {default})" if moved else "")
     return True
