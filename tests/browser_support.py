@@ -132,11 +132,19 @@ def launch_chromium(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
 
 
-def screenshot(page, name: str) -> Path:
-    """A full-page PNG in var/test-artifacts/ (for a person to look at; never committed)."""
+def screenshot(page, name: str, full_page: bool = True) -> Path:
+    """A PNG of the page in var/test-artifacts/ (for a person to look at; never committed)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(path), full_page=full_page)
+    return path
+
+
+def screenshot_of(locator, name: str) -> Path:
+    """A PNG of one element (a segment, a section) at full scale, beside the page's."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    locator.screenshot(path=str(path))
     return path
 
 

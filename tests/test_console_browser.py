@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from urllib.parse import urlsplit
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from browser_support import (ARABIC_FAMILY_NAME, PASSWORDS, admission, launch_chromium,
-                             screenshot, send, start_console_gateway, stop_gateway, until)
+                             screenshot, screenshot_of, send, start_console_gateway,
+                             stop_gateway, until)
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("gateway.admin", reason="the console (gateway/admin.py) is not written yet")
@@ -35,10 +37,14 @@ def browser():
         chromium.close()
 
 
+def new_context(browser):
+    """A fresh browser profile (its own cookies), in French like the console."""
+    return browser.new_context(locale="fr-MA", viewport={"width": 1280, "height": 900})
+
+
 @pytest.fixture
 def context(browser):
-    """A fresh browser profile (its own cookies) per test, in French like the console."""
-    context = browser.new_context(locale="fr-MA", viewport={"width": 1280, "height": 900})
+    context = new_context(browser)
     yield context
     context.close()
 
@@ -97,6 +103,16 @@ _DIRECTIONS = """text => {
 }"""
 
 
+def post_form(page, console, action: str):
+    """POST to `action` with this page's session cookie and CSRF token (the hidden input of
+    the logout form), as a form submitted by script would; the answer, redirects not followed."""
+    csrf = page.locator("form#logout input[type=hidden]").first
+    field, token = csrf.get_attribute("name"), csrf.get_attribute("value")
+    assert field and token
+    url = action if "://" in action else console.url + action
+    return page.request.post(url, form={field: token}, max_redirects=0)
+
+
 def attempts(page):
     return page.locator(f"section#deliveries div.delivery[data-destination='{DESTINATION}'] "
                         "table.attempts tr.attempt")
@@ -117,10 +133,9 @@ def test_operator_finds_opens_and_replays_a_message_a_viewer_cannot(console, bro
     patient_id = f"77{uuid.uuid4().int % 10**8:08d}"
     assert send(console.mllp_port, admission(control_id, patient_id)) in ("AA", "CA")
 
-    operator = browser.new_context(locale="fr-MA", viewport={"width": 1280, "height": 900})
+    operator = new_context(browser)
     page = operator.new_page()
     log_in(page, console, "operator")
-    expect(page.locator("#account")).to_contain_text("operator")
 
     # Found by its control id among everything the gateway holds.
     page.locator("nav a[href='/messages']").click()
@@ -157,15 +172,22 @@ def test_operator_finds_opens_and_replays_a_message_a_viewer_cannot(console, bro
     replay_action = page.locator("form.replay").get_attribute("action")
     replay.click()
     expect(page.locator(".notice")).to_be_visible()
-    assert page.url.split("#")[0].rstrip("/") == message_url.split("#")[0].rstrip("/")
+    assert urlsplit(page.url).path == urlsplit(message_url).path  # 303 back to the message
     after = attempt_count_after_reload(page, at_least=before + 1)
     assert after == before + 1
+    # The same replay posted as the viewer will post it below: accepted from an operator.
+    response = post_form(page, console, replay_action)
+    assert response.status == 303, (response.status, response.text()[:500])
+    after = attempt_count_after_reload(page, at_least=after + 1)
+    assert after == before + 2
     screenshot(page, "console-message-operator")
+    screenshot_of(page.locator("table#segments tbody", has_text="PID-5").first, "console-pid")
+    screenshot_of(page.locator("section#deliveries"), "console-deliveries")
     log_out(page)
     operator.close()
 
     # A viewer reads the same message but cannot replay it, not even by posting the form.
-    viewer = browser.new_context(locale="fr-MA", viewport={"width": 1280, "height": 900})
+    viewer = new_context(browser)
     page = viewer.new_page()
     log_in(page, console, "viewer")
     page.goto(message_url)
@@ -173,15 +195,11 @@ def test_operator_finds_opens_and_replays_a_message_a_viewer_cannot(console, bro
     expect(page.locator("form.replay")).to_have_count(0)
     expect(page.locator("button.replay")).to_have_count(0)
     expect(page.locator("form.dead-letter")).to_have_count(0)
-    csrf = page.locator("form#logout input[type=hidden]").first  # the session's CSRF token
-    field, token = csrf.get_attribute("name"), csrf.get_attribute("value")
-    assert field and token
-    response = page.request.post(replay_action if "://" in replay_action else console.url + replay_action,
-                                 form={field: token}, max_redirects=0)
+    response = post_form(page, console, replay_action)
     assert response.status == 403, (response.status, response.text()[:500])
     time.sleep(1.0)  # a replay that went through anyway would show by now (poll: 0.1 s)
     page.reload()
     assert attempts(page).count() == after
-    screenshot(page, "console-message-viewer")
+    screenshot(page, "console-message-viewer", full_page=False)  # the top, as a viewer sees it
     viewer.close()
     assert time.monotonic() - started < 30, f"took {time.monotonic() - started:.1f} s"
