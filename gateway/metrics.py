@@ -64,6 +64,24 @@ class _Bounded:
         return label
 
 
+class _Children:
+    """A metric's labelled children, remembered by label values: `labels()` validates and
+    locks on every call, a dictionary lookup is a tenth of that (the label values are bounded
+    before they get here)."""
+
+    __slots__ = ("metric", "cache")
+
+    def __init__(self, metric):
+        self.metric = metric
+        self.cache: dict[tuple, object] = {}
+
+    def __call__(self, *labels: str):
+        child = self.cache.get(labels)
+        if child is None:
+            child = self.cache[labels] = self.metric.labels(*labels)
+        return child
+
+
 class GatewayMetrics:
     """The gateway's counters and histogram, fed by `observe` (an EventBus listener)."""
 
@@ -110,15 +128,19 @@ class GatewayMetrics:
                                ["what", "outcome"], registry=r)
         Info("gateway_build", "The gateway's version and node name", registry=r).info(
             {"version": _version(), "node": node})
+        self._received, self._acknowledged, self._refused, self._latency, self._translated, \
+            self._failed = (_Children(m) for m in (self.received, self.acknowledged, self.refused,
+                                                   self.ack_latency, self.translated,
+                                                   self.translation_failures))
         self.outbox = outbox
         if outbox is not None:
             r.register(outbox)
         self._handlers: dict[str, Callable[[Event], None]] = {
-            "message.received": self._received,
-            "message.acknowledged": self._acknowledged,
-            "message.refused": self._refused,
-            "message.translated": self._translated,
-            "message.translation_failed": self._translation_failed,
+            "message.received": self._on_received,
+            "message.acknowledged": self._on_acknowledged,
+            "message.refused": self._on_refused,
+            "message.translated": self._on_translated,
+            "message.translation_failed": self._on_translation_failed,
             "delivery.attempted": self._attempted,
             "delivery.dead": self._dead,
             "delivery.replayed": self._replayed,
@@ -162,27 +184,26 @@ class GatewayMetrics:
 
     # -- handlers, one per kind
 
-    def _received(self, event: Event) -> None:
-        self.received.labels(self._listener(event), self._facility(event),
-                             self._type(event.message_type)).inc()
+    def _on_received(self, event: Event) -> None:
+        self._received(event.listener or UNKNOWN, self._facility(event),
+                       self._type(event.message_type)).inc()
 
-    def _acknowledged(self, event: Event) -> None:
-        listener = self._listener(event)
-        self.acknowledged.labels(listener, self._facility(event), self._type(event.message_type),
-                                 self._code(event.detail.get("ack_code"))).inc()
+    def _on_acknowledged(self, event: Event) -> None:
+        listener = event.listener or UNKNOWN
+        self._acknowledged(listener, self._facility(event), self._type(event.message_type),
+                           self._code(event.detail.get("ack_code"))).inc()
         if event.duration is not None:
-            self.ack_latency.labels(listener).observe(event.duration)
+            self._latency(listener).observe(event.duration)
 
-    def _refused(self, event: Event) -> None:
-        self.refused.labels(self._listener(event), self._facility(event),
-                            self._type(event.message_type),
-                            self._code(event.detail.get("reason"))).inc()
+    def _on_refused(self, event: Event) -> None:
+        self._refused(event.listener or UNKNOWN, self._facility(event), self._type(event.message_type),
+                      self._code(event.detail.get("reason"))).inc()
 
-    def _translated(self, event: Event) -> None:
-        self.translated.labels(self._facility(event), self._type(event.message_type)).inc()
+    def _on_translated(self, event: Event) -> None:
+        self._translated(self._facility(event), self._type(event.message_type)).inc()
 
-    def _translation_failed(self, event: Event) -> None:
-        self.translation_failures.labels(self._facility(event), self._type(event.message_type)).inc()
+    def _on_translation_failed(self, event: Event) -> None:
+        self._failed(self._facility(event), self._type(event.message_type)).inc()
 
     def _attempted(self, event: Event) -> None:
         destination = event.destination or UNKNOWN

@@ -4,30 +4,18 @@ registry, the CRL and the mapping set."""
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import signal
 import sys
 
-from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
-                            globalLogBeginner, textFileLogObserver)
-
 from gateway.config import GatewayConfig
-
-# log_level -> (Twisted's level, the standard library's level)
-_LEVELS = {"debug": (LogLevel.debug, logging.DEBUG), "info": (LogLevel.info, logging.INFO),
-           "warn": (LogLevel.warn, logging.WARNING), "error": (LogLevel.error, logging.ERROR)}
+from gateway.logs import setup_logging as _setup_logging
 
 
-def setup_logging(level: str) -> None:
-    """Twisted's log and the standard library's (SQLAlchemy, Alembic, ours) to stdout."""
-    twisted_level, stdlib_level = _LEVELS.get(level, _LEVELS["info"])
-    predicate = LogLevelFilterPredicate(defaultLogLevel=twisted_level)
-    globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(textFileLogObserver(sys.stdout), [predicate])],
-        redirectStandardIO=False)
-    logging.basicConfig(level=stdlib_level, stream=sys.stdout,
-                        format="%(asctime)s [%(name)s] %(levelname)s %(message)s")
+def setup_logging(config: GatewayConfig) -> None:
+    """Twisted's log and the standard library's (SQLAlchemy, Alembic, ours) to stdout, as JSON
+    lines or text (log_format), at log_level, each line naming the node (gateway.logs)."""
+    _setup_logging(config.log_level, config.log_format, config.node_name, sys.stdout)
 
 
 def run(config: GatewayConfig, sandbox: bool = False) -> int:
@@ -36,7 +24,7 @@ def run(config: GatewayConfig, sandbox: bool = False) -> int:
 
     from gateway.service import OrderedServices, build_service, reload_service
 
-    setup_logging(config.log_level)
+    setup_logging(config)
     log = Logger(namespace="gateway")
     try:
         gateway = build_service(config, reactor)
@@ -91,7 +79,7 @@ def run_sandbox(config: GatewayConfig) -> int:
     from twisted.internet import reactor
     from twisted.logger import Logger
 
-    setup_logging(config.log_level)
+    setup_logging(config)
     service = _sandbox_service(config, reactor)
     if service is None:
         print("gateway: no sandbox peers configured (sandbox: record/cnss)", file=sys.stderr)

@@ -11,12 +11,23 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from adapters.hl7v2.ack import ack_code_of
 from gateway.events import Event, EventBus
 from gateway.ingest.model import Inbound, MessageStatus
 
 UNKNOWN = "unknown"
-_OUTCOMES = {"A": "success", "E": "failure", "R": "refused"}  # by the second letter of MSA-1
+# MSA-1 -> the outcome it tells (the enum of adapters.hl7v2.ack.ack_code_of costs more than
+# the rest of an event: this runs for every message).
+_ACK_OUTCOMES = {b"AA": "success", b"CA": "success", b"AE": "failure", b"CE": "failure",
+                 b"AR": "refused", b"CR": "refused"}
+
+
+def ack_code(ack: bytes) -> bytes | None:
+    """MSA-1 of an answer, or None."""
+    start = 0 if ack.startswith(b"MSA") else ack.find(b"\rMSA") + 1
+    if start == 0 and not ack.startswith(b"MSA"):
+        return None
+    code = ack[start + 4:start + 6]
+    return code if code in _ACK_OUTCOMES else None
 
 
 def actor_of(item: Inbound) -> str:
@@ -58,13 +69,13 @@ def answered(events: EventBus, items: Iterable[Inbound], listener: str, peer: st
     for item in items:
         if item.ack is None:
             continue
-        code = ack_code_of(item.ack)
+        code = ack_code(item.ack)
         events.emit(Event("message.acknowledged", actor_of(item), source=peer,
                           facility=item.sender_id, message_type=item.message_type,
                           listener=listener, duration=duration,
-                          outcome=_OUTCOMES.get(code.value[1], "success") if code is not None else "success",
+                          outcome=_ACK_OUTCOMES[code] if code is not None else "success",
                           detail={"control_id": item.control_id,
-                                  "ack_code": code.value if code is not None else None}))
+                                  "ack_code": code.decode("ascii") if code is not None else None}))
 
 
 def not_stored(events: EventBus, payload: bytes, size: int, listener: str, peer: str) -> None:

@@ -1,0 +1,89 @@
+"""/health/live and /health/ready over HTTP on a real port: ready when the database answers,
+every listener listens and the mapping set is loaded; 503 naming what fails otherwise (a
+listener stopped, a database that cannot be reached, a gateway not started yet)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.web.server import Site
+
+from gateway.health import HealthResource, ReadinessChecks
+from gateway.store.database import Database, create_gateway_engine
+from observability_support import (HOST, closed_port, http_get, in_thread, observed_config,
+                                   start_observed, stop_observed)
+
+
+@pytest.fixture
+def observe():
+    started = []
+    yield lambda config: start_observed(config, started)
+    for observed in started:
+        pytest_twisted.blockon(stop_observed(observed))
+
+
+def get_json(url: str):
+    status, headers, body = http_get(url)
+    assert headers["Content-Type"] == "application/json"
+    return status, json.loads(body)
+
+
+@pytest_twisted.inlineCallbacks
+def test_ready_then_a_listener_stops(db_url, make_config, tmp_path, observe):
+    observed = yield observe(observed_config(make_config, db_url, tmp_path))
+    status, body = yield in_thread(get_json, observed.base + "/health/live")
+    assert (status, body) == (200, {"status": "up"})
+    status, body = yield in_thread(get_json, observed.base + "/health/ready")
+    assert (status, body) == (200, {"status": "ready", "checks": {
+        "database": {"ok": True}, "listeners": {"ok": True}, "mappings": {"ok": True}}})
+
+    yield observed.service.getServiceNamed("mllp-tls").stopService()
+    status, body = yield in_thread(get_json, observed.base + "/health/ready")
+    assert status == 503 and body["status"] == "not ready"
+    assert body["checks"]["listeners"] == {"ok": False, "detail": "not listening: mllp-tls"}
+    assert body["checks"]["database"] == {"ok": True}
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_gateway_not_started_is_not_ready(make_config, tmp_path):
+    """Built but not started: the database pool does not answer (within its 2 s), nothing
+    listens, no mapping set is loaded; live still answers (the reactor does)."""
+    from gateway.observability import observability_resources
+    from gateway.service import build_service
+
+    config = observed_config(make_config, f"sqlite:///{tmp_path / 'g.sqlite'}", tmp_path, tls=False)
+    service = build_service(config, reactor)
+    port = reactor.listenTCP(0, Site(observability_resources(service, config, reactor)["health"]),
+                             interface=HOST)
+    base = f"http://{HOST}:{port.getHost().port}"
+    try:
+        status, body = yield in_thread(get_json, base + "/live")
+        assert status == 200
+        status, body = yield in_thread(get_json, base + "/ready")
+        assert status == 503
+        assert body["checks"] == {
+            "database": {"ok": False, "detail": "no answer within 2 s"},
+            "listeners": {"ok": False, "detail": "not listening: mllp-test"},
+            "mappings": {"ok": False, "detail": "no mapping set loaded"}}
+    finally:
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_unreachable_database_is_not_ready():
+    """A PostgreSQL nobody listens for: the check fails with the driver's reason, at once."""
+    engine = create_gateway_engine(f"postgresql+psycopg://postgres@{HOST}:{closed_port()}/gateway")
+    database = Database(engine, reactor, 1)
+    database.start()
+    port = reactor.listenTCP(0, Site(HealthResource(ReadinessChecks(reactor, database))), interface=HOST)
+    try:
+        status, body = yield in_thread(get_json, f"http://{HOST}:{port.getHost().port}/ready")
+        assert status == 503
+        check = body["checks"]["database"]
+        assert check["ok"] is False and "connection" in check["detail"].lower(), check
+        assert body["checks"]["listeners"] == {"ok": True}  # none configured
+    finally:
+        yield port.stopListening()
+        yield defer.succeed(database.stop())
