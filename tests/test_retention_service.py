@@ -18,13 +18,14 @@ import pytest_twisted
 from sqlalchemy import func, select, text
 from twisted.internet import defer, reactor, task
 
+from gateway.audit.trail import AuditTrail
 from gateway.config import RetentionConfig
 from gateway.retention.schedule import DEFAULT_ZONE, local_zone, next_run, parse_run_at
 from gateway.retention.service import RetentionService
 from gateway.store.database import Database, create_gateway_engine, migrate
 from gateway.store.schema import message_payloads
 from process_support import child_environment
-from test_retention_run import NOW, TIMES, store_messages
+from test_retention_run import NOW, TIMES, audit_records, store_messages
 
 CASABLANCA = ZoneInfo("Africa/Casablanca")
 
@@ -175,6 +176,7 @@ def test_gateway_retention_run_prints_the_report(tmp_path, dev_pki, db_url):
     engine = create_gateway_engine(db_url)
     migrate(engine)
     store_messages(engine, TIMES)
+    audit_records(AuditTrail(engine, "node-1"), TIMES)
     engine.dispose()
     config = tmp_path / "gateway.yaml"
     config.write_text(textwrap.dedent(f"""\
@@ -182,12 +184,12 @@ def test_gateway_retention_run_prints_the_report(tmp_path, dev_pki, db_url):
         database: {{url: "{db_url}"}}
         pki: {{ca: {dev_pki}/ca.crt, cert: {dev_pki}/gateway.crt, key: {dev_pki}/gateway.key}}
         identity: {{application: MA_HIE_GATEWAY, facility: MA_HIE}}
-        retention: {{raw_payloads: 60, canonical: 30, batch_size: 4}}
+        retention: {{raw_payloads: 60, canonical: 30, audit: 90, batch_size: 4}}
         """), encoding="utf-8")
     gateway = os.path.join(sys.prefix, "bin", "gateway")
 
-    def cli(*args):
-        return subprocess.run([gateway, "retention", "run", "-c", str(config), *args], cwd=tmp_path,
+    def cli(*args, command=("retention", "run")):
+        return subprocess.run([gateway, *command, "-c", str(config), *args], cwd=tmp_path,
                               env=child_environment(), capture_output=True, text=True, timeout=60)
 
     done = cli("--now", "2026-06-15T03:00:00Z")
@@ -195,7 +197,13 @@ def test_gateway_retention_run_prints_the_report(tmp_path, dev_pki, db_url):
     lines = done.stdout.splitlines()
     assert lines[0].startswith("retention run at 2026-06-15T03:00:00Z on ")
     assert "raw_payloads  60 days: recorded before" in done.stdout
-    assert "audit         kept forever" in done.stdout
+    assert "audit         90 days: recorded before" in done.stdout
+    # The trail starts after the expired records, and `gateway audit verify` accepts it.
+    verified = cli(command=("audit", "verify"))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    expired = 3 if "postgresql" in db_url else 4  # whole months on PostgreSQL
+    assert f"expired: records 1 to {expired} (vouched for" in verified.stdout
+    assert verified.stdout.rstrip().endswith("intact")
     again = cli("--now", "2026-06-15T03:00:00Z", "--json")
     report = json.loads(again.stdout)
     assert [k["kind"] for k in report["kinds"]] == ["raw_payloads", "canonical", "audit"]
