@@ -5,12 +5,13 @@ and the client certificates it records. No event ever carries patient data."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import pytest
 import pytest_twisted
 from sqlalchemy import select
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 
 from adapters.mllp.client import describe
 from gateway.config import RetryConfig
@@ -164,3 +165,101 @@ def test_reloads_are_told(make_config, tmp_path, observe):
     [mappings] = observed.kinds("mappings.reloaded")
     assert config.outcome == "success" and config.detail["facilities"] >= 1
     assert mappings.outcome == "success" and mappings.detail["version"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_https_door_reads_refusals_handshakes_and_certificates(make_config, tmp_path, dev_pki, foreign_pki,
+                                                               observe):
+    """On the HTTPS door: a facility reading its message's status is a message.read (who,
+    which message, from where); a certificate that names no facility is a door.refused (rest,
+    401); one from another CA fails the handshake; the facility's certificate is recorded."""
+    from twisted.web.client import Agent
+
+    from doors_support import Client, Door
+    from gateway.config import HttpsListenerConfig
+    from gateway.store.schema import messages
+
+    db_url = f"sqlite:///{tmp_path / 'g.sqlite'}"
+    config = dataclasses.replace(observed_config(make_config, db_url, tmp_path, tls=False, translate=False),
+                                 https=(HttpsListenerConfig(name="https-test", port=0),))
+    observed = yield observe(config)
+    yield in_thread(send_mllp, observed.ports["mllp-test"], hl7("EV-READ-1"))
+    engine = create_gateway_engine(db_url)
+    with engine.connect() as conn:
+        message_id = conn.execute(select(messages.c.id).where(messages.c.control_id == "EV-READ-1")).scalar_one()
+    engine.dispose()
+    door = Door(config, observed.ports["https-test"], dev_pki, None, None)
+
+    answer = yield Client(door, "INPE-100001").get(f"/v1/messages/{message_id}")
+    assert answer.code == 200 and answer.json()["control_id"] == "EV-READ-1"
+    [read] = observed.kinds("message.read")
+    assert (read.actor, read.subject, read.listener) == ("INPE-100001", f"message/{message_id}", "https-test")
+    assert read.source.startswith("127.0.0.1:") and read.detail["via"] == "rest"
+
+    answer = yield Client(door, "INPE-100002").get(f"/v1/messages/{message_id}")
+    assert answer.code == 401
+    [refused] = observed.kinds("door.refused")
+    assert (refused.listener, refused.detail["door"], refused.detail["status"]) == ("https-test", "rest", 401)
+
+    client = Client(door, "INPE-100001")  # trusting our CA, presenting the rogue certificate
+    client.agent = Agent(reactor, contextFactory=_policy(door, foreign_pki), pool=client.pool)
+    with pytest.raises(Exception):
+        yield client.get("/v1/messages/1")
+    [failed] = yield until(lambda: observed.kinds("tls.handshake_failed"))
+    assert failed.listener == "https-test" and failed.detail["reason"] == "certificate_verify_failed"
+
+    [row] = yield until(lambda: _certificates(db_url))
+    assert (row.facility_id, row.door) == ("INPE-100001", "https-test")
+    no_patient_data(observed.events)
+
+
+def _policy(door, foreign_pki):
+    from doors_support import _Policy
+    from gateway.tls import client_tls_options
+
+    return _Policy(client_tls_options(door.path("ca.crt"), "127.0.0.1",
+                                      os.path.join(foreign_pki, "ROGUE-1.crt"),
+                                      os.path.join(foreign_pki, "ROGUE-1.key")))
+
+
+@pytest_twisted.inlineCallbacks
+def test_prescription_reads_are_told(tmp_path, repo_mappings):
+    """A pharmacy looking a prescription up (by id, by its QR payload) is a prescription.read
+    naming the prescription, never the patient."""
+    from adapters.hl7v2.ack import AckBuilder
+    from gateway.doors.api import ApiRequest
+    from gateway.events import EventBus
+    from gateway.prescriptions.api import prescription_routes
+    from gateway.store.database import Database
+    from prescription_support import FakeEligibility, Harness, config_for, rde
+    from test_prescription_api import FACILITIES
+
+    url = f"sqlite:///{tmp_path / 'gateway.sqlite'}"
+    harness = Harness(url, repo_mappings, config_for(url, tmp_path), FakeEligibility(), AckBuilder())
+    [record] = harness.translate(rde("RDE-EV-1"))
+    ack = record.ack.decode()
+    prescription_id = [s for s in ack.split("\r") if s.startswith("ORC|")][0].split("|")[3].split("^")[0]
+    qr_payload = [s for s in ack.split("\r") if s.startswith("NTE|")][0].split("|")[3]
+
+    class Service:
+        database = Database(harness.engine, reactor, 2, name="rx-events")
+        key = harness.key
+
+    Service.database.start()
+    heard = []
+    bus = EventBus()
+    bus.subscribe(heard.append)
+    routes = {(r.method, r.template): r for r in prescription_routes(Service, bus)}
+    pharmacy = FACILITIES["INPE-100004"]
+    try:
+        yield defer.maybeDeferred(routes[("GET", "/v1/prescriptions/{id}")].handler, ApiRequest(
+            "GET", "/", {"id": prescription_id}, {}, {}, b"", pharmacy, "127.0.0.1:1", "req-1"))
+        yield defer.maybeDeferred(routes[("POST", "/v1/prescriptions/lookup")].handler, ApiRequest(
+            "POST", "/", {}, {}, {"content-type": "application/json"},
+            json.dumps({"qr": qr_payload}).encode(), pharmacy, "127.0.0.1:2", "req-2"))
+    finally:
+        Service.database.stop()
+    assert [(e.kind, e.actor, e.subject, e.source, e.detail["via"]) for e in heard] == [
+        ("prescription.read", "INPE-100004", f"prescription/{prescription_id}", "127.0.0.1:1", "rest"),
+        ("prescription.read", "INPE-100004", f"prescription/{prescription_id}", "127.0.0.1:2", "qr-lookup")]
+    assert all("BE123456" not in repr(e) for e in heard)
