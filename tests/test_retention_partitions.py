@@ -150,3 +150,27 @@ def test_a_month_whose_lock_is_not_granted_is_left_for_the_next_run(engine, monk
     assert "audit_log_2026_11 not created" in caplog.text
     with engine.connect() as conn:
         assert ensure_partitions(conn, utc(2026, 11, 22), months_ahead=0) == ["audit_log_2026_11"]
+
+
+def test_two_nodes_ensuring_at_once_create_each_month_once(engine):
+    import threading
+
+    results, errors = [], []
+    barrier = threading.Barrier(2)
+
+    def node():
+        try:
+            barrier.wait(5)
+            with engine.connect() as conn:
+                results.append(ensure_partitions(conn, utc(2026, 11, 22)))
+        except Exception as error:  # the test fails below with it
+            errors.append(error)
+
+    threads = [threading.Thread(target=node) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    created = results[0] + results[1]
+    assert len(created) == len(set(created)) == 9

@@ -224,6 +224,9 @@ def _drop_partitions(engine: Engine, table: str, names: tuple[str, ...]) -> tupl
 
 
 def _drop(connection: Connection, name: str) -> None:
+    # DROP of an attached month locks the parent and the DEFAULT partition ACCESS EXCLUSIVE
+    # for milliseconds, and not `messages`: its foreign key is the parent's. (DETACH, then
+    # DROP, would lock `messages` too, to remove the month's own copy of the key.)
     connection.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
     # The name is one of the table's partitions, read from pg_inherits (partitions_of).
     connection.execute(text(f"DROP TABLE {name}"))
