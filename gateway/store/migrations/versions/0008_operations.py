@@ -9,6 +9,8 @@ migration creates each one's DEFAULT partition and gateway.retention adds the mo
 Revision ID: 0008
 Revises: 0007
 """
+from datetime import datetime, timezone
+
 from alembic import op
 import sqlalchemy as sa
 
@@ -60,6 +62,16 @@ def upgrade() -> None:
     if postgresql:
         for table in ("message_payloads", "canonical_bundles", "audit_log"):
             op.execute(f"CREATE TABLE {table}_default PARTITION OF {table} DEFAULT")
+        # The months of the messages already stored (and two ahead) before they are copied,
+        # so that they land in their months and not in DEFAULT, which a later month's creation
+        # would have to scan under lock.
+        from gateway.retention.partitions import ensure_partitions
+
+        bind = op.get_bind()
+        now = datetime.now(timezone.utc)
+        oldest = bind.execute(sa.text("SELECT min(received_at) FROM messages")).scalar() or now
+        months = (now.year - oldest.year) * 12 + now.month - oldest.month
+        ensure_partitions(bind, oldest, months_ahead=max(months, 0) + 2)
 
     op.execute("INSERT INTO message_payloads (message_id, received_at, raw) "
                "SELECT id, received_at, raw FROM messages")
