@@ -192,12 +192,46 @@ PID|1||123456^^^CHUIR^MR||BENALI^Fatima||19850312|F
 PV1|1|I|CARDIO^12^B|||||||||||||||V1^^^CHUIR^VN|||||||||||||||||||||||||202501140835"""
 
 
-def test_invalid_date_is_an_error_with_location(mappings):
-    with pytest.raises(TranslationError) as error:
-        translate_text(mappings, A01.replace("19850312", "19851332"))
-    assert error.value.location == "PID[1]"
-    assert "19851332" in error.value.reason
-    assert "PID.Patient.yaml" in error.value.mapping
+def translation_of(mappings, text: str):
+    parsed = read_input(text.replace("\n", "\r").encode("utf-8"))
+    context = TranslationContext(received_at=GOLDEN_RECEIVED_AT, message_key=f"test|{parsed.control_id}",
+                                 control_id=parsed.control_id)
+    return mappings.translate(parsed.message, context, parsed.message_type)
+
+
+ABSENT = {"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "error"}]}
+
+
+def test_unreadable_birth_date_is_absent_with_its_reason_and_a_warning(mappings):
+    """PID-7 that is no date (month 13, 'Aug 15, 1942'): the patient and the visit arrive, the
+    birth date is a data-absent-reason (patients are told apart by it), and a warning names
+    the field and the text as the sender wrote it; the birth time extension is not made."""
+    for written in ("19851332", "Aug 15, 1942", "198503121"):
+        result = translation_of(mappings, A01.replace("19850312", written))
+        patient, = resources(result.bundle, "Patient")
+        assert "birthDate" not in patient and patient["_birthDate"] == ABSENT
+        assert patient["gender"] == "female" and resources(result.bundle, "Encounter")
+        assert bundle_problems(result.bundle) == []
+        warning, = result.warnings
+        assert warning.startswith(f"PID[1]: PID-7: '{written}' is not")
+        assert warning.endswith("birthDate left out, data-absent-reason 'error' in its place")
+
+
+def test_unreadable_death_date_still_says_so(mappings):
+    """PID-29 unreadable: a data-absent-reason on deceasedDateTime, not a patient who looks alive
+    because the date was dropped silently."""
+    text = A01.replace("19850312|F", "19850312|F" + "|" * 21 + "2025011399")
+    patient, = resources(translation_of(mappings, text).bundle, "Patient")
+    assert patient["_deceasedDateTime"] == ABSENT and "deceasedBoolean" not in patient
+
+
+def test_unreadable_optional_time_without_data_absent_is_left_out(mappings):
+    """PV1-44 (admission) unreadable: the period start is left out, with a warning."""
+    result = translation_of(mappings, A01 + "|2025-01-14")  # PV1-44, after PV1-43
+    encounter, = resources(result.bundle, "Encounter")
+    assert "start" not in encounter.get("period", {}) and "_start" not in encounter.get("period", {})
+    assert result.warnings == ["PV1[1]: PV1-44: '2025-01-14' is not an HL7 date/time "
+                               "(YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]); period.start left out"]
 
 
 def test_unmapped_patient_class_is_an_error_with_location(mappings):

@@ -187,11 +187,98 @@ def test_required_value_missing(mapping_set):
     assert "value is required" in caught.value.reason
 
 
-def test_bad_date_is_an_error(mapping_set):
-    """A transform that cannot read its value reports the location and the value."""
+def translation(mapping_set, text=ORU):
+    message = parse_message(text)
+    context = TranslationContext(timezone=CASABLANCA, received_at=datetime(2025, 1, 14, 8, 35, tzinfo=timezone.utc),
+                                 message_key="|M1", control_id="M1")
+    return mapping_set.translate(message, context)
+
+
+def test_unreadable_optional_date_is_left_out_with_a_warning(mapping_set):
+    """A date that is no date, on a rule that is not required: the element is left out, the
+    message translated, and a warning names the place, the field and the text."""
+    result = translation(mapping_set, ORU.replace("19800101", "19801301"))
+    patient, = resources(result.bundle, "Patient")
+    assert "birthDate" not in patient and "_birthDate" not in patient and patient["gender"] == "female"
+    assert result.warnings == ["PID[1]: PID-7: '19801301' is not a valid date; birthDate left out"]
+    # Every OBX still arrives; only the unreadable time is missing from the first one.
+    first, *others = resources(translation(mapping_set, ORU.replace("202501140745", "2025011407451")).bundle,
+                               "Observation")
+    assert "effectiveDateTime" not in first and first["valueQuantity"]["value"] == 5.4 and len(others) == 2
+
+
+def test_unreadable_date_with_data_absent_gives_the_reason_in_its_place(tmp_path):
+    """data_absent: error writes FHIR's data-absent-reason as `_element`, in a resource and in
+    a nested map; the value, when readable, is written as before."""
+    files = dict(BASE)
+    files["segments/PID.Patient.yaml"] = BASE["segments/PID.Patient.yaml"].replace(
+        "birthDate: {from: PID-7, transform: date}", "birthDate: {from: PID-7, transform: date, data_absent: error}")
+    files["segments/OBX.Observation.yaml"] = BASE["segments/OBX.Observation.yaml"].replace(
+        "effectiveDateTime: {from: OBX-14, transform: datetime}",
+        "effectivePeriod: {map: {start: {from: OBX-14, transform: datetime, data_absent: error}}}")
+    mapping_set = MappingSet.load(write(tmp_path / "mappings", files))
+    absent = {"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
+                             "valueCode": "error"}]}
+    result = translation(mapping_set, ORU.replace("19800101", "Aug 15, 1942").replace("202501140745", "x"))
+    patient, = resources(result.bundle, "Patient")
+    assert "birthDate" not in patient and patient["_birthDate"] == absent
+    first = resources(result.bundle, "Observation")[0]
+    assert first["effectivePeriod"] == {"_start": absent}
+    assert result.warnings[0].startswith("PID[1]: PID-7: 'Aug 15, 1942' is not an HL7 date/time")
+    assert result.warnings[0].endswith("; birthDate left out, data-absent-reason 'error' in its place")
+    assert result.warnings[1].startswith("OBX[1]: OBX-14: 'x' is not")
+    # Two translations do not share the extension (each bundle its own dict).
+    again, = resources(translation(mapping_set, ORU.replace("19800101", "1942")).bundle, "Patient")
+    assert again["birthDate"] == "1942" and "_birthDate" not in again
+    assert resources(translation(mapping_set, ORU.replace("19800101", "x")).bundle, "Patient")[0][
+        "_birthDate"] is not patient["_birthDate"]
+
+
+def test_unreadable_required_date_is_still_an_error(tmp_path):
+    """required: true keeps the transform's reason as the translation's error, with its place."""
+    files = dict(BASE)
+    files["segments/PID.Patient.yaml"] = BASE["segments/PID.Patient.yaml"].replace(
+        "birthDate: {from: PID-7, transform: date}", "birthDate: {from: PID-7, transform: date, required: true}")
+    mapping_set = MappingSet.load(write(tmp_path / "mappings", files))
     with pytest.raises(TranslationError) as caught:
         translate(mapping_set, ORU.replace("19800101", "19801301"))
-    assert "not a valid date" in caught.value.reason
+    assert caught.value.location == "PID[1]" and "'19801301' is not a valid date" in caught.value.reason
+    assert caught.value.mapping.startswith("mappings/segments/PID.Patient.yaml:")
+
+
+def test_a_value_transform_that_is_not_lenient_still_fails(mapping_set):
+    """Only dates and times are read leniently: a number that is no number fails the message."""
+    with pytest.raises(TranslationError) as caught:
+        translate(mapping_set, ORU.replace("||5.4|", "||5,4,1|"))
+    assert caught.value.location == "OBX[1]" and "is not a number" in caught.value.reason
+
+
+def test_data_absent_is_checked_at_load(tmp_path):
+    """data_absent needs a lenient transform, a known code, no required, a single element."""
+    files = dict(BASE)
+    files["segments/PID.Patient.yaml"] = """
+        resource: Patient
+        map:
+          birthDate: {from: PID-7, transform: date, data_absent: broken}
+          gender: {from: PID-8, lookup: gender, data_absent: error}
+          deceasedDateTime: {from: PID-29, transform: datetime, required: true, data_absent: error}
+          identifier: {each: PID-3, map: {value: {from: 1}, period: {start: {from: 7, transform: datetime}}},
+                       data_absent: error}
+          name:
+            - {from: PID-5, map: {family: {from: 1}}}
+            - {from: PID-9, transform: date, data_absent: error}
+          contact: {map: {name: {map: {given: [{from: PID-7, transform: date, data_absent: error}]}}}}
+    """
+    with pytest.raises(MappingErrors) as caught:
+        MappingSet.load(write(tmp_path / "mappings", files))
+    text = str(caught.value)
+    for expected in ["map.birthDate.data_absent: data_absent is a DataAbsentReason code",
+                     "map.gender.data_absent: data_absent goes with a transform that leaves unreadable values out",
+                     "map.deceasedDateTime.data_absent: data_absent and required do not combine",
+                     "map.identifier.data_absent: data_absent goes with a transform",
+                     "map.name[1].data_absent: name is not a single primitive element",
+                     "map.contact.name.given: data_absent stands on an element of a map, not inside a list"]:
+        assert expected in text, text
 
 
 def test_unknown_message_type(mapping_set):

@@ -102,19 +102,25 @@ def test_cx_without_id_number_is_no_identifier(mappings):
     assert [i["value"] for i in resource(bundle, "Patient")["identifier"]] == ["123456"]
 
 
-def test_malformed_report_release_time_is_left_out_with_a_warning(mappings):
+def test_malformed_report_and_result_times_are_left_out_with_a_warning(mappings):
     """OBR-22 (when the report was released) '2008081830-0700' (hour 30): no `issued`, a warning;
-    the results still arrive. A clinical time (OBX-14) malformed is still an error."""
+    the results still arrive. A clinical time (OBX-14) malformed too: left out, its place taken
+    by a data-absent-reason (when it was observed is essential), and a warning."""
     text = (f"{msh('ORU^R01^ORU_R01')}\r{PID}\rOBR|1|P1||2345-7^Glucose^LN|||202501140800"
             + "|" * 14 + "|2008081830-0700|||F\rOBX|1|NM|2345-7^Glucose^LN||0.9|g/L|||||F\r")
     parsed = read_input(text.encode())
     context = TranslationContext(received_at=GOLDEN_RECEIVED_AT, message_key="t|1", control_id="1")
     translation = mappings.translate(parsed.message, context, parsed.message_type)
     assert "issued" not in resource(translation.bundle, "DiagnosticReport")
-    assert any("record time left out" in warning for warning in translation.warnings)
+    assert translation.warnings == ["OBR[1]: OBR-22: '2008081830-0700' is not a valid time; issued left out"]
     clinical = text.replace("|||||F\r", "|||||F|||2008081830\r")
     parsed = read_input(clinical.encode())
-    with pytest.raises(TranslationError) as error:
-        mappings.translate(parsed.message, context, parsed.message_type)
-    assert error.value.location == "OBX[1]" and "not a valid time" in error.value.reason
+    translation = mappings.translate(parsed.message, context, parsed.message_type)
+    observation = resource(translation.bundle, "Observation")
+    assert observation["valueQuantity"]["value"] == 0.9 and "effectiveDateTime" not in observation
+    assert observation["_effectiveDateTime"] == {"extension": [
+        {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "error"}]}
+    assert "OBX[1]: OBX-14 or OBR-7: '2008081830' is not a valid time; effectiveDateTime left out, " \
+           "data-absent-reason 'error' in its place" in translation.warnings
+    assert bundle_problems(translation.bundle) == []
 

@@ -26,7 +26,9 @@ FILES = {
           identifier:
             - each: PID-3
               map: {value: {from: 1}, system: {from: 4}}
-          birthDate: {from: PID-7, transform: date}
+          # required: a birth date that is no date fails the translation (the tests' way to
+          # make one fail; an optional one would be left out with a warning).
+          birthDate: {from: PID-7, transform: date, required: true}
           gender: {from: PID-8, lookup: gender}
         """,
     "tables/gender.yaml": """\

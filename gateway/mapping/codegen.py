@@ -67,6 +67,7 @@ class Module:
             "descend": runtime.descend, "field_parts": runtime.field_parts,
             "unsplit_parts": runtime.unsplit_parts, "relative_part": runtime.relative_part,
             "location": runtime.location, "before_first": runtime.before_first,
+            "unreadable": runtime.unreadable, "UNREADABLE": runtime.UNREADABLE,
         }
         self.source = ""
 
@@ -751,15 +752,24 @@ class Guard(Rule):
 
 class After:
     """`transform` then `lookup`, on a text, on the value itself (node transforms), or on
-    what `first_of` chose."""
+    what `first_of` chose.
 
-    def __init__(self, transform, table, key: str, place: str):
+    `lenient` (a lenient transform on a rule that is not required): a value the transform
+    cannot read (ValueError) is left out with a warning naming `fields`, instead of failing
+    the message; with `absent` (the rule's data_absent code) the value is UNREADABLE, which the
+    map holding the element turns into a data-absent-reason (see DataAbsent)."""
+
+    def __init__(self, transform, table, key: str, place: str, lenient: bool = False,
+                 fields: str = "", absent: str = ""):
         self.function = transform.function if transform else None
         self.wants_node = transform.node if transform else False
         self.guard = getattr(transform, "guard", None) if transform else None
         self.table = table
         self.key = key
         self.place = place
+        self.lenient = lenient and self.function is not None
+        self.fields = fields
+        self.absent = absent
 
     def emit(self, gen: Gen, value: str | None, node: str, out: str, text: bool = False) -> None:
         """`value`: None (the rule reads the node), a variable holding a non-empty text
@@ -788,10 +798,17 @@ class After:
                     gen.emit(f"{out} = {function}({out}, run)")
                 with gen.block("except TranslationError:"):
                     gen.emit("raise")
+                if self.lenient:  # an optional value it cannot read: left out, with a warning
+                    with gen.block("except ValueError as error:"):
+                        gen.emit(f"{out} = unreadable(run, error, {self.fields!r}, {self.key!r}, "
+                                 f"{self.absent!r})")
                 with gen.block("except (ValueError, TypeError, KeyError) as error:"):
                     gen.emit(f"raise TranslationError({self.key + ': '!r} + format(error), location(run), "
                              f"{self.place!r}) from None")
-                gen.emit(f"if {out} in EMPTY: {out} = None")
+                if self.absent:
+                    gen.emit(f"if {out} is not UNREADABLE and {out} in EMPTY: {out} = None")
+                else:
+                    gen.emit(f"if {out} in EMPTY: {out} = None")
             if self.table is not None:
                 translate = gen.module.constant(self.table.translate)
                 # A text looked up as written (codes are kept stripped): the dict, then the rules.
@@ -912,6 +929,21 @@ class CallMap(Produce):
         gen.emit(f"{out} = {name}({node}, run)")
 
 
+class DataAbsent(Rule):
+    """A rule with `data_absent: CODE` (an element of a map): UNREADABLE from its lenient
+    transform becomes FHIR's data-absent-reason extension in the element's place (Object.emit
+    writes `_element`), so a reader sees that the sender gave a value that could not be read."""
+
+    def __init__(self, inner: Rule, code: str):
+        self.inner = inner
+        self.code = code
+        self.kind = inner.kind
+        self.extension = {"extension": [{"url": runtime.DATA_ABSENT_REASON, "valueCode": code}]}
+
+    def emit(self, gen, node, out):
+        self.inner.emit(gen, node, out)
+
+
 class Object(Produce):
     """An inline map: a dict with its elements in the order written, None when empty."""
 
@@ -950,6 +982,13 @@ class Object(Produce):
                 continue
             value = gen.new()
             rule.emit(gen, node, value)
+            if isinstance(rule, DataAbsent):
+                with gen.block(f"if {value} is UNREADABLE:"):
+                    absent = gen.lit("_" + target)
+                    gen.emit(f"{result}[{absent}] = {rule.extension!r}")  # a fresh dict each time
+                with gen.block(f"elif {value} is not None:"):
+                    gen.emit(f"{result}[{key}] = {value}")
+                continue
             if rule.kind == "ref" or rule.kind == "any":
                 with gen.block(f"if {value} is not None:"):
                     if rule.kind == "ref":

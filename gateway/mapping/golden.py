@@ -3,6 +3,8 @@
     mappings/tests/<area>/<case>.hl7     (or .xml, .astm, .csv)
     mappings/tests/<area>/<case>.json    the expected canonical bundle
     mappings/tests/<area>/<case>.sender  optional: the facility id it comes from
+    mappings/tests/<area>/<case>.warnings  optional: the translation's warnings, one a line
+                                           (without it, the case must translate without any)
 
 Every case is translated as received at GOLDEN_RECEIVED_AT, in the sender's zone
 (Africa/Casablanca), so that outputs are stable. The parts that change with every run or
@@ -65,17 +67,42 @@ def stable(bundle: dict) -> dict:
 
 def check_case(mapping_set: MappingSet, path: Path) -> CaseResult:
     expected_path = path.with_suffix(".json")
-    actual = stable(translate_case(mapping_set, path).bundle)
+    translation = translate_case(mapping_set, path)
+    actual = stable(translation.bundle)
     if not expected_path.exists():
         return CaseResult(path, expected_path, [f"no expected output {expected_path.name}"])
     expected = stable(json.loads(expected_path.read_text(encoding="utf-8")))
-    return CaseResult(path, expected_path, list(differences(expected, actual)))
+    return CaseResult(path, expected_path, list(differences(expected, actual))
+                      + warning_differences(path, translation.warnings))
+
+
+def expected_warnings(path: Path) -> list[str]:
+    """The warnings a case's `.warnings` file lists ([] without one)."""
+    found = path.with_suffix(".warnings")
+    if not found.exists():
+        return []
+    return [line for line in found.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def warning_differences(path: Path, warnings: list[str]) -> list[str]:
+    """What differs between the translation's warnings and the case's `.warnings`."""
+    expected = expected_warnings(path)
+    found = [f"warning missing: {text}" for text in expected if text not in warnings]
+    found += [f"warning unexpected: {text}" for text in warnings if text not in expected]
+    return found
 
 
 def write_expected(mapping_set: MappingSet, path: Path) -> Path:
+    """Write the case's expected bundle (and its `.warnings`, when it has any)."""
     expected_path = path.with_suffix(".json")
-    bundle = stable(translate_case(mapping_set, path).bundle)
+    translation = translate_case(mapping_set, path)
+    bundle = stable(translation.bundle)
     expected_path.write_text(json.dumps(bundle, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    warnings_path = path.with_suffix(".warnings")
+    if translation.warnings:
+        warnings_path.write_text("".join(text + "\n" for text in translation.warnings), encoding="utf-8")
+    elif warnings_path.exists():
+        warnings_path.unlink()
     return expected_path
 
 

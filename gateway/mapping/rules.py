@@ -14,6 +14,12 @@ or a mapping with these keys, applied in this order:
     lookup     a code table ('administrative_gender'), with its unmapped policy
     default    the value when the rule gave nothing
     required   true: nothing is an error (with the location)
+    data_absent  a DataAbsentReason code ('error'): when the rule's lenient transform (a date or
+               time) cannot read the value, FHIR's data-absent-reason takes the element's place
+
+An unreadable value given to a lenient transform (gateway.mapping.transforms: the dates and
+times) on a rule that is not `required` leaves the element out with a warning naming the
+field and the text; the message is still translated. `required: true` keeps it an error.
 
 Compilation checks every key, path, transform, table and FHIR element, collecting every
 problem, and describes each rule as a tree of gateway.mapping.codegen nodes; the mapping set
@@ -31,7 +37,12 @@ from gateway.mapping.source import Located, Problem, line_of
 from gateway.mapping.tables import CodeTable
 from gateway.mapping.transforms import Transform
 
-VOCABULARY = ("when", "from", "each", "first_of", "map", "transform", "lookup", "default", "required")
+VOCABULARY = ("when", "from", "each", "first_of", "map", "transform", "lookup", "default", "required",
+              "data_absent")
+# FHIR R4 DataAbsentReason (http://terminology.hl7.org/CodeSystem/data-absent-reason).
+DATA_ABSENT_REASONS = ("unknown", "asked-unknown", "temp-unknown", "not-asked", "asked-declined", "masked",
+                       "not-applicable", "unsupported", "as-text", "error", "not-a-number", "negative-infinity",
+                       "positive-infinity", "not-performed", "not-permitted")
 CONDITIONS = ("field", "is", "in", "not_in", "present")
 
 Rule = codegen.Rule
@@ -91,6 +102,7 @@ class RuleCompiler:
         if isinstance(spec, list):
             parts = [self.rule(item, _single(element), f"{key}[{n}]", line_of(item, line))
                      for n, item in enumerate(spec)]
+            self._no_data_absent(parts, key, line)
             return codegen.Collect(parts)
         if not isinstance(spec, dict):
             if spec is None or spec == "":
@@ -119,13 +131,16 @@ class RuleCompiler:
         if reference is not None:
             return codegen.ReferenceRule(reference, condition)
 
-        # The value for one source node.
-        after = None if ("map" in spec or "first_of" in spec) else self._after(spec, key, line)
-        produce = self._produce(spec, type_name, element, key, line, after)
         required = spec.get("required", False)
         if not isinstance(required, bool):
             self.problem(line, f"{key}.required", "required is true or false")
             required = False
+        absent = self._data_absent(spec, element, required, key, line)
+        fields = _fields_of(spec)
+        # The value for one source node.
+        after = None if ("map" in spec or "first_of" in spec) else \
+            self._after(spec, key, line, required, fields, absent)
+        produce = self._produce(spec, type_name, element, key, line, after)
         default = spec.get("default")
         if isinstance(default, (dict, list)):
             default = _plain(default)
@@ -140,7 +155,8 @@ class RuleCompiler:
                 options = []
             alternatives = [self.rule(option, _single(element), f"{key}.first_of[{n}]", line_of(option, line))
                             for n, option in enumerate(options)]
-            core: Rule = codegen.FirstOf(alternatives, self._after(spec, key, line))
+            self._no_data_absent(alternatives, key, line)
+            core: Rule = codegen.FirstOf(alternatives, self._after(spec, key, line, required, fields, absent))
         elif "each" in spec:
             each = self._source(spec["each"], key + ".each", line)
             if each is None:
@@ -160,9 +176,40 @@ class RuleCompiler:
         else:
             core = produce
 
-        if condition is None and default is None and not required:
-            return core
-        return codegen.Guard(condition, core, default, required, key, mapping_place)
+        if condition is not None or default is not None or required:
+            core = codegen.Guard(condition, core, default, required, key, mapping_place)
+        return codegen.DataAbsent(core, absent) if absent else core
+
+    def _data_absent(self, spec: dict, element, required: bool, key: str, line: int) -> str:
+        """The rule's data_absent code ('' without one), checked: it stands on a single
+        element, beside a lenient transform, without required, lookup or each."""
+        if "data_absent" not in spec:
+            return ""
+        code = spec["data_absent"]
+        where = f"{key}.data_absent"
+        if code not in DATA_ABSENT_REASONS:
+            self.problem(line, where, f"data_absent is a DataAbsentReason code: {', '.join(DATA_ABSENT_REASONS)}"
+                         + _suggest(str(code), DATA_ABSENT_REASONS))
+            return ""
+        transform = self.env.transforms.get(spec.get("transform")) if isinstance(spec.get("transform"), str) else None
+        reason = ""
+        if transform is None or not transform.lenient:
+            lenient = sorted(name for name, found in self.env.transforms.items() if found.lenient)
+            reason = f"data_absent goes with a transform that leaves unreadable values out ({', '.join(lenient)})"
+        elif required:
+            reason = "data_absent and required do not combine: a required value that cannot be read is an error"
+        elif "lookup" in spec or "each" in spec or "map" in spec:
+            reason = "data_absent stands on one value (no lookup, each or map)"
+        elif element is not None and (element.is_list or not element.primitive):
+            reason = f"{element.name} is not a single primitive element, whose data-absent-reason goes in `_{element.name}`"
+        if reason:
+            self.problem(line, where, reason)
+            return ""
+        return code
+
+    def _no_data_absent(self, parts, key: str, line: int) -> None:
+        if any(isinstance(part, codegen.DataAbsent) for part in parts):
+            self.problem(line, key, "data_absent stands on an element of a map, not inside a list or first_of")
 
     def _produce(self, spec: dict, type_name: str, element, key: str, line: int, after) -> Rule:
         """map | transform | text, then lookup (not for first_of, which applies them after)."""
@@ -191,8 +238,10 @@ class RuleCompiler:
             return codegen.TEXT if "from" in spec or "each" in spec else codegen.NOTHING
         return codegen.Apply(after)
 
-    def _after(self, spec: dict, key: str, line: int) -> codegen.After | None:
-        """transform then lookup, on a node (or on the value first_of chose)."""
+    def _after(self, spec: dict, key: str, line: int, required: bool = False, fields: str = "",
+               absent: str = "") -> codegen.After | None:
+        """transform then lookup, on a node (or on the value first_of chose); a lenient
+        transform on a rule that is not required leaves what it cannot read out."""
         transform = None
         if "transform" in spec:
             name = spec["transform"]
@@ -209,7 +258,8 @@ class RuleCompiler:
                              + _suggest(str(name), self.env.tables))
         if transform is None and table is None:
             return None
-        return codegen.After(transform, table, key, f"{self.file}:{line}")
+        lenient = transform is not None and transform.lenient and not required
+        return codegen.After(transform, table, key, f"{self.file}:{line}", lenient, fields, absent)
 
     def _reference(self, spec: dict, element) -> Reference | None:
         for name in ("from", "each"):
@@ -347,6 +397,20 @@ def _test(reader, spec: dict) -> codegen.Test:
 
 
 # -- small helpers -------------------------------------------------------------------------
+
+def _fields_of(spec: dict) -> str:
+    """The field(s) a rule reads, as a warning names them: 'OBX-14', 'OBX-14 or OBR-7',
+    'component 7' (in a datatype map)."""
+    def one(text) -> str:
+        text = str(text)
+        return f"component {text}" if text[:1].isdigit() else text
+    if "first_of" in spec and isinstance(spec["first_of"], list):
+        found = [one(option.get("from") or option.get("each")) for option in spec["first_of"]
+                 if isinstance(option, dict) and (option.get("from") or option.get("each"))]
+        return " or ".join(found)
+    source = spec.get("from") or spec.get("each")
+    return one(source) if source else ""
+
 
 def _implicit_map(spec: dict) -> dict:
     wrapped = Located({"map": spec})

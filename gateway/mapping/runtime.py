@@ -234,3 +234,30 @@ def location(run: Run) -> str:
         return ""
     sequence = sum(1 for at in run.message.positions(segment.name) if at <= run.position)
     return f"{segment.name}[{sequence}]"
+
+
+DATA_ABSENT_REASON = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
+
+
+class _Unreadable:
+    """What a rule with `data_absent` gives for a value it could not read: the map that holds
+    the element writes FHIR's data-absent-reason in its place (`_element`) instead."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNREADABLE"
+
+
+UNREADABLE = _Unreadable()
+
+
+def unreadable(run: Run, error: Exception, fields: str, key: str, absent: str):
+    """An optional value a lenient transform cannot read (a date that is no date): a warning
+    naming the place, the field(s) and the text (the transform's reason quotes it), and the
+    element is left out; UNREADABLE when the rule asks for a data-absent-reason (`absent`)."""
+    place = location(run)
+    element = key[4:] if key.startswith("map.") else key
+    outcome = f"left out, data-absent-reason {absent!r} in its place" if absent else "left out"
+    run.warnings.append(f"{place + ': ' if place else ''}{fields}: {error}; {element} {outcome}")
+    return UNREADABLE if absent else None

@@ -5,6 +5,13 @@ to read its components) and the translation context, and returns the FHIR value,
 when there is nothing to map. It raises ValueError with a reason when the value is wrong;
 the engine adds the location. Every module of this package is imported, so a new transform
 is a decorated function in a module here.
+
+A transform registered `lenient` (the dates and times) reads values that a sender may get
+wrong without the rest of the message being wrong: when a rule that is not `required` gives it
+a value it cannot read (a birth date written 'Aug 15, 1942'), the engine leaves the element out
+and adds a warning naming the field and the text, instead of failing the whole message; the
+rule's `data_absent` puts FHIR's data-absent-reason in the element's place. A `required` rule
+still fails with the transform's reason.
 """
 from __future__ import annotations
 
@@ -38,13 +45,15 @@ class Transform:
     node: bool  # receives the value (Part or Segment) rather than its text
     description: str
     guard: FieldGuard | None = None  # node transforms: when called on a segment, None unless it holds
+    lenient: bool = False  # an unreadable value of an optional element is left out, with a warning
 
 
 REGISTRY: dict[str, Transform] = {}
 
 
-def transform(name: str, node: bool = False, guard: FieldGuard | None = None):
-    """Register `function` as the transform `name` (`guard`: see FieldGuard; node only)."""
+def transform(name: str, node: bool = False, guard: FieldGuard | None = None, lenient: bool = False):
+    """Register `function` as the transform `name` (`guard`: see FieldGuard, node only;
+    `lenient`: see the module's docstring)."""
     if guard is not None and not node:
         raise ValueError(f"transform {name!r}: a guard reads a segment, so the transform is node=True")
 
@@ -52,7 +61,7 @@ def transform(name: str, node: bool = False, guard: FieldGuard | None = None):
         if name in REGISTRY:
             raise ValueError(f"transform {name!r} is registered twice")
         doc = (function.__doc__ or "").strip().splitlines()
-        REGISTRY[name] = Transform(name, function, node, doc[0] if doc else "", guard)
+        REGISTRY[name] = Transform(name, function, node, doc[0] if doc else "", guard, lenient)
         return function
     return register
 

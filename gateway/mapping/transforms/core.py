@@ -5,6 +5,10 @@ without an offset is in the sender's zone (TranslationContext.timezone, Africa/C
 default, whose offset changes around Ramadan: zoneinfo, never a fixed offset). A wall-clock
 time that occurs twice when clocks go back is read as the first (fold=0); one that does not
 exist when they go forward is moved forward by the gap, as zoneinfo does.
+
+The date and time transforms are lenient (gateway.mapping.transforms): a value that is no date
+('Aug 15, 1942', a 15-digit OBX-14) leaves an optional element out with a warning naming the
+field and the text, and the message is translated; a `required` rule fails with the reason.
 """
 from __future__ import annotations
 
@@ -87,7 +91,7 @@ def is_placeholder(value: str, run) -> bool:
     return True
 
 
-@transform("datetime")
+@transform("datetime", lenient=True)
 def to_datetime(value: str, run) -> str | None:
     """v2 DTM/TS -> FHIR dateTime (seconds and the sender's zone when a time is given)."""
     if is_placeholder(value, run):
@@ -95,7 +99,7 @@ def to_datetime(value: str, run) -> str | None:
     return fhir_datetime(value, run.context.timezone)
 
 
-@transform("date")
+@transform("date", lenient=True)
 def to_date(value: str, run) -> str | None:
     """v2 DT/DTM/TS -> FHIR date (the time, if any, is dropped)."""
     if is_placeholder(value, run):
@@ -106,7 +110,7 @@ def to_date(value: str, run) -> str | None:
     return "-".join(part for part in (year, month, day) if part)
 
 
-@transform("instant")
+@transform("instant", lenient=True)
 def to_instant(value: str, run) -> str | None:
     """v2 DTM/TS with at least a time -> FHIR instant (a date alone is refused)."""
     if is_placeholder(value, run):
@@ -117,19 +121,7 @@ def to_instant(value: str, run) -> str | None:
     return result
 
 
-@transform("record_instant")
-def to_record_instant(value: str, run) -> str | None:
-    """v2 DTM/TS of a record-keeping time (when a report was released, a record last updated)
-    -> FHIR instant; a malformed one is left out with a warning instead of refusing the
-    message, since the clinical facts do not depend on it (clinical times use `datetime`)."""
-    try:
-        return to_instant(value, run)
-    except ValueError as error:
-        run.warnings.append(f"record time left out: {error}")
-        return None
-
-
-@transform("time")
+@transform("time", lenient=True)
 def to_time(value: str, run) -> str:
     """v2 TM -> FHIR time (hh:mm:ss; the offset, which FHIR time cannot carry, is dropped)."""
     match = _TM.match(value.strip())

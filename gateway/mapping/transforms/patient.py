@@ -43,11 +43,15 @@ def name_language(node, run):
 @transform("birth_time")
 def birth_time(value: str, run):
     """PID-7 with a time -> the `_birthDate` element carrying patient-birthTime (v2-to-FHIR
-    PID-7 when longer than 8 characters); a date alone gives nothing."""
+    PID-7 when longer than 8 characters); a date alone gives nothing, and so does a PID-7 that
+    is no date/time (the `birthDate` rule reading the same field reports it, once)."""
     digits = value.strip()
     if len(digits) <= 8:
         return None
-    moment = fhir_datetime(digits, run.context.timezone)
+    try:
+        moment = fhir_datetime(digits, run.context.timezone)
+    except ValueError:
+        return None
     return {"extension": [{"url": BIRTH_TIME, "valueDateTime": moment}]}
 
 
