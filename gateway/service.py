@@ -124,7 +124,9 @@ def build_service(config: GatewayConfig, reactor) -> MultiService:
         _listen(root, listener.name, _endpoint(config, listener, identity, reactor), factory)
     for listener in config.astm:
         factory = astm_listener_factory(listener, store.writer, reactor, translation=translation,
-                                        allowed=source_filter(listener.allow_sources), events=events)
+                                        allowed=source_filter(listener.allow_sources, events,
+                                                              listener.name, "astm"),
+                                        events=events)
         _listen(root, listener.name,
                 TCP4ServerEndpoint(reactor, listener.port, interface=listener.interface), factory)
     routes = prescription_routes(prescriptions, events) if prescriptions is not None else []
@@ -181,7 +183,7 @@ def _mllp_factory(listener: MllpListenerConfig, store: StoreService, identity: I
                               ack_after_translation=listener.ack_after == "translation", events=events)
     return MllpServerFactory(pipeline, MllpSettings(
         listener.name, listener.max_frame_size, listener.idle_timeout, listener.frame_timeout,
-        listener.commit_blocks), reactor, source_filter(listener.allow_sources),
+        listener.commit_blocks), reactor, source_filter(listener.allow_sources, events, listener.name),
         identify=functools.partial(_identify_or_keep, identity, store.database, listener.name, events)
         if listener.tls else None)
 
@@ -230,8 +232,22 @@ def _endpoint(config: GatewayConfig, listener: MllpListenerConfig, identity: Ide
     return TCP4ServerEndpoint(reactor, listener.port, backlog=512, interface=listener.interface)
 
 
-def source_filter(allow_sources: tuple[str, ...]):
-    """A predicate on the peer address: inside one of the CIDR ranges (any, when none given)."""
+def source_filter(allow_sources: tuple[str, ...], events: EventBus | None = None,
+                  listener: str | None = None, door: str = "mllp"):
+    """A predicate on the peer address: inside one of the CIDR ranges (any, when none given).
+    With `events`, each address refused is told (door.refused, status 403)."""
     if not allow_sources:
         return lambda address: True
-    return SourceNetworks(allow_sources).allows
+    allows = SourceNetworks(allow_sources).allows
+    if events is None:
+        return allows
+
+    def allowed(address: str) -> bool:
+        if allows(address):
+            return True
+        events.emit(Event("door.refused", "unknown", outcome="refused", source=address,
+                          listener=listener, detail={"door": door, "status": 403,
+                                                     "reason": "source_not_allowed"}))
+        return False
+
+    return allowed

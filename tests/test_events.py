@@ -263,3 +263,49 @@ def test_prescription_reads_are_told(tmp_path, repo_mappings):
         ("prescription.read", "INPE-100004", f"prescription/{prescription_id}", "127.0.0.1:1", "rest"),
         ("prescription.read", "INPE-100004", f"prescription/{prescription_id}", "127.0.0.1:2", "qr-lookup")]
     assert all("BE123456" not in repr(e) for e in heard)
+
+
+@pytest_twisted.inlineCallbacks
+def test_astm_messages_are_received_events(tmp_path):
+    """Each message of an analyzer's transfer is a message.received of the listener's
+    laboratory, type ASTM, named by its hash (ASTM has no control id of its own)."""
+    from gateway.config import AstmListenerConfig
+    from gateway.events import EventBus
+    from gateway.ingest.astm import astm_listener_factory
+    from gateway.store.database import migrate
+    from gateway.store.ingest_writer import IngestWriter
+    from test_astm_listener import MESSAGE, _send_transfer
+
+    engine = create_gateway_engine(f"sqlite:///{tmp_path / 'g.sqlite'}")
+    migrate(engine)
+    writer = IngestWriter(engine, reactor.callFromThread, lambda item: None)
+    writer.start()
+    heard, bus = [], EventBus()
+    bus.subscribe(heard.append)
+    factory = astm_listener_factory(AstmListenerConfig("astm-lab", 0, "100234"), writer, reactor, events=bus)
+    port = reactor.listenTCP(0, factory, interface=HOST)
+    try:
+        second = MESSAGE.replace(b"PAT-1", b"PAT-2")
+        yield in_thread(_send_transfer, port.getHost().port, MESSAGE + second)
+        yield until(lambda: len(heard) == 2)
+    finally:
+        yield port.stopListening()
+        writer.stop()
+        engine.dispose()
+    assert [(e.kind, e.actor, e.facility, e.message_type, e.listener) for e in heard] == [
+        ("message.received", "100234", "100234", "ASTM", "astm-lab")] * 2
+    assert [e.detail["control_id"][:7] for e in heard] == ["sha256:"] * 2
+    assert all("EL ALAOUI" not in repr(e) and "BK123456" not in repr(e) for e in heard)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_source_outside_the_allowed_networks_is_a_door_refusal(make_config, tmp_path, observe):
+    config = make_config(f"sqlite:///{tmp_path / 'g.sqlite'}",
+                         mllp=[dict(name="mllp-test", accept_unknown_senders=True,
+                                    allow_sources=("10.0.0.0/8",))])
+    observed = yield observe(config)
+    outcome = yield in_thread(try_tls, observed.ports["mllp-test"], None, hl7("EV-SRC-1"))
+    assert not isinstance(outcome, list) or outcome == [None], outcome
+    [refused] = yield until(lambda: observed.kinds("door.refused"))
+    assert (refused.listener, refused.detail["door"], refused.detail["status"]) == ("mllp-test", "mllp", 403)
+    assert refused.source == "127.0.0.1" and not observed.kinds("message.received")
