@@ -385,6 +385,10 @@ def _translate(args) -> int:
 def _messages_replay(args) -> int:
     """Translate again; the translation's deliveries are enqueued again with it: a dead letter
     is reopened (same idempotency key), changed content goes out under a new key."""
+    import getpass
+
+    from gateway.audit.chain import AuditEvent
+    from gateway.audit.trail import AuditTrail
     from gateway.delivery.routes import Router
     from gateway.store.outbox import dead_message_ids
     from gateway.store.translations import message_ids, messages_by_id, save_translations
@@ -406,6 +410,8 @@ def _messages_replay(args) -> int:
         ids = database.run_now(message_ids, args.status)
     router = Router(config.routes, config.senders) if config.routes else None
     translator = Translator(mappings, config.senders, router)
+    trail = AuditTrail(database.engine, config.node_name)
+    actor = f"cli:{getpass.getuser()}"
     failures = 0
     for start in range(0, len(ids), 256):
         chunk = ids[start:start + 256]
@@ -417,6 +423,10 @@ def _messages_replay(args) -> int:
         failures += len(missing)
         results = [(item, translator.translate(item)) for item in found]
         database.run_write_now(save_translations, results)
+        trail.append([AuditEvent("delivery.replayed", actor, "failure" if record.failed else "success",
+                                 f"message/{item.message_id}", "cli",
+                                 {"via": "gateway messages replay", "mapping_version": mappings.version})
+                      for item, record in results])
         for item, record in results:
             if record.failed:
                 failures += 1

@@ -109,6 +109,11 @@ def test_replay_after_a_fix_and_show(project, gateway):
     assert shown["bundle"]["entry"][0]["resource"]["resourceType"] == "Patient"
     again = cli(project, "messages", "replay", str(row["id"]), "-c", project.config)
     assert again.returncode == 0 and again.stdout.strip() == f"{row['id']}: translated"
+    # Each replay is in the audit trail, by whom and of what.
+    audit = cli(project, "audit", "show", "--json", "--subject", f"message/{row['id']}", "--limit", "1000",
+                "-c", project.config)
+    replays = [r for r in map(json.loads, audit.stdout.splitlines()) if r["action"] == "delivery.replayed"]
+    assert [(r["subject"], r["actor"].startswith("cli:")) for r in replays] == [(f"message/{row['id']}", True)] * 2
     assert stop(gateway) == 0
 
 
