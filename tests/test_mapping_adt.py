@@ -286,3 +286,35 @@ def test_allergies_diagnoses_procedures_and_observations_of_the_patient(mappings
     for found in (allergy["patient"], condition["subject"], procedure["subject"], observation["subject"]):
         assert found["reference"] == "urn:uuid:" + patient["id"]
     assert bundle_problems(bundle) == []
+
+
+def patient_identifiers(mappings, text: str) -> dict[str, str]:
+    """value -> type code of the patient's identifiers."""
+    patient, = resources(translation_of(mappings, text).bundle, "Patient")
+    return {i["value"]: ((i.get("type") or {}).get("coding") or [{}])[0].get("code", "") for i in patient["identifier"]}
+
+
+GUARANTOR = ("GT1|1|G-42^^^CHUIR^GN|BENALI^Fatima||||||||{relationship}|887766554|||||||EMP-7^^^ATLAS^EI")
+
+
+def test_guarantor_who_is_the_patient_gives_identifiers(mappings):
+    """GT1-11 SEL: the guarantor number, SSN (typed SB) and employee ID are the patient's; a
+    parent or spouse as guarantor gives the patient none of theirs."""
+    found = patient_identifiers(mappings, A01 + "\n" + GUARANTOR.format(relationship="SEL^Lui-même^HL70063"))
+    assert found == {"123456": "MR", "G-42": "GN", "887766554": "SB", "EMP-7": "EI"}
+    for other in ("MTH^Mère^HL70063", "SPO", ""):
+        assert patient_identifiers(mappings, A01 + "\n" + GUARANTOR.format(relationship=other)) == {"123456": "MR"}
+
+
+def test_insured_numbers_are_the_patients_only_when_the_insured_is(mappings):
+    """IN1-49 (insured's ID) is a patient identifier when IN1-17 is SEL, not when the spouse is
+    insured; IN2's covered-person numbers (member number IN2-61, Medicare IN2-6 as MC,
+    Medicaid IN2-8 as MA) are the patient's either way; IN2-10 (military ID, maybe the
+    sponsor's) and IN2-2 (the insured's SSN) never are."""
+    insurance = ("IN1|1|AMO^AMO|CNSS^^^CNSS^NIIP|CNSS|||||||||||||{relationship}" + "|" * 31 + "|223344556^^^CNSS^SN\n"
+                 "IN2||425579745||||MC-12345||MA-008||MIL-1" + "|" * 50 + "|AMO-77^^^MUTUELLE^MB")
+    spouse = patient_identifiers(mappings, A01 + "\n" + insurance.format(relationship="SPO^Conjoint^HL70063"))
+    assert spouse == {"123456": "MR", "AMO-77": "MB", "MC-12345": "MC", "MA-008": "MA"}
+    self_insured = patient_identifiers(mappings, A01 + "\n" + insurance.format(relationship="SEL"))
+    assert self_insured == {**spouse, "223344556": "SN"}
+    assert list(self_insured)[:2] == ["123456", "223344556"]  # PID's first: the patient's id stays
