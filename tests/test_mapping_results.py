@@ -210,3 +210,33 @@ def test_panels_of_one_requisition_are_separate_reports(mappings):
         [["urn:uuid:" + observations[0]["id"]], ["urn:uuid:" + observations[1]["id"]]]
     alone = translate(mappings, panels.replace("|T2|", "|T3|").split("OBR|2|")[0])
     assert resources(alone, "DiagnosticReport")[0]["id"] == reports[0]["id"]
+
+
+def test_text_obx_naming_no_observation_is_the_report_narrative(mappings):
+    """TX/FT/ST OBX with nothing in OBX-3 (imaging and transcription systems send a report's
+    body so): one text/plain presentedForm of the report, lines in order; the coded OBX beside
+    them stay Observations. A text OBX with only a text in OBX-3 (component 2) names an
+    observation; a non-text OBX naming nothing still fails (Observation.code is required)."""
+    bundle = translate(mappings, HEAD + "OBX|1|TX|||Première ligne||||||F\nOBX|2|FT|||Deuxième\\.br\\ligne||||||F\n"
+                                        "OBX|3|ST|^Commentaire||Texte nommé||||||F\n"
+                                        "OBX|4|NM|2345-7^Glucose^LN||0.9|g/L|||||F\n")
+    assert bundle_problems(bundle) == []
+    report, = resources(bundle, "DiagnosticReport")
+    form, = report["presentedForm"]
+    assert form["contentType"] == "text/plain; charset=utf-8"
+    assert base64.b64decode(form["data"]).decode("utf-8") == "Première ligne\nDeuxième\nligne"
+    named, glucose = resources(bundle, "Observation")
+    assert named["code"] == {"text": "Commentaire"} and named["valueString"] == "Texte nommé"
+    assert glucose["code"]["coding"][0]["code"] == "2345-7" and len(report["result"]) == 2
+    with pytest.raises(TranslationError) as error:
+        translate(mappings, HEAD + "OBX|1|NM|||12|g/L|||||F\n")
+    assert error.value.location == "OBX[1]" and "code is required" in error.value.reason
+
+
+def test_oru_r03_is_read_as_r01(mappings):
+    """ORU^R03 (v2.1/2.2 display-oriented results) has ORU^R01's segments: the same resources."""
+    r01 = translate(mappings, HEAD + "OBX|1|NM|2345-7^Glucose^LN||0.9|g/L|||||F\n")
+    r03 = translate(mappings, HEAD.replace("ORU^R01^ORU_R01", "ORU^R03") + "OBX|1|NM|2345-7^Glucose^LN||0.9|g/L|||||F\n")
+    assert [e["resource"]["resourceType"] for e in r03["entry"]] == \
+        [e["resource"]["resourceType"] for e in r01["entry"]]
+    assert resources(r03, "Observation")[0]["valueQuantity"] == resources(r01, "Observation")[0]["valueQuantity"]

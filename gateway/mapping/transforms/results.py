@@ -133,15 +133,47 @@ def _value_type(segment: Segment, run) -> str:
     return _components(raw, run)[0].strip().upper() if raw else ""
 
 
+# The components of OBX-3 from which CWE.CodeableConcept makes a code or a text.
+_IDENTIFYING = (0, 1, 3, 4, 8)
+
+
+def is_narrative(segment: Segment, run) -> bool:
+    """A text OBX (TX, FT, ST) with nothing in OBX-3 that names an observation (no code, no
+    text: components 1, 2, 4, 5 and 9 empty): a line of the report's narrative, as imaging and
+    transcription systems send a report's body. The message maps keep such OBX out of the
+    Observations with the same test, written as conditions."""
+    if _value_type(segment, run) not in TEXT_TYPES:
+        return False
+    raw = segment.field(3)
+    if not raw:
+        return True
+    components = _components(raw, run)
+    subcomponent = run.separators.subcomponent
+    for number in _IDENTIFYING:
+        if number < len(components):
+            text = components[number]
+            if subcomponent and subcomponent in text:
+                text = text.split(subcomponent, 1)[0]
+            if text:
+                return False
+    return True
+
+
 @transform("report_forms", node=True)
 def report_forms(node, run):
-    """DiagnosticReport.presentedForm: every ED OBX of the order (a PDF report) as an Attachment."""
-    forms = []
+    """DiagnosticReport.presentedForm: every ED OBX of the order (a PDF report) as an Attachment,
+    then the report's narrative (text OBX that name no observation, see is_narrative), in
+    order, as one text/plain attachment (line breaks decoded)."""
+    forms, lines = [], []
     for segment, location in _group_obx(run):
         if _value_type(segment, run) == "ED":
             raw = _obx5_first(segment, run)
             if raw:
                 forms.append(_located_attachment(raw, segment, location, run))
+        elif is_narrative(segment, run):
+            lines.append(_obx5_text(segment, run))
+    if lines:
+        forms.append(text_attachment("\n".join(lines)))
     return forms or None
 
 
