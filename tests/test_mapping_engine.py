@@ -541,3 +541,19 @@ def test_export_shows_what_is_not_translated_and_before(tmp_path):
     rows = [row.values() for row in export_rows(root)]
     assert ("ACK", "MSH-9", "", "not translated: an acknowledgement carries no clinical data", "", "", "") in rows
     assert ("ORU_R01", "OBX", "before the first ORC", "observation", "", "", "OBX.Observation") in rows
+
+
+def test_export_shows_first_of_transforms_and_data_absent(tmp_path):
+    """The tabular export (for clinical review) gives each first_of option the transform that
+    applies to it, and says what an unreadable value becomes."""
+    from gateway.mapping.export import export_rows
+    files = dict(BASE)
+    files["segments/OBX.Observation.yaml"] = BASE["segments/OBX.Observation.yaml"].replace(
+        "effectiveDateTime: {from: OBX-14, transform: datetime}",
+        "effectiveDateTime: {first_of: [{from: OBX-14}, {from: OBR-7}], transform: datetime, data_absent: error}")
+    root = write(tmp_path / "mappings", files)
+    MappingSet.load(root)
+    rows = [row.values() for row in export_rows(root)]
+    for number, source in ((1, "OBX-14"), (2, "OBR-7")):
+        assert ("OBX.Observation", source, f"first of #{number}", "effectiveDateTime", "datetime", "",
+                "unreadable: data-absent-reason error") in rows

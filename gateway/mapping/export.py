@@ -109,7 +109,11 @@ def _rule(name: str, rule, target: str, condition: str = "") -> list[Row]:
     condition = " and ".join(part for part in (condition, _condition(rule.get("when"))) if part)
     if "first_of" in rule:
         rows = []
+        # transform, lookup and data_absent beside first_of apply to the option chosen.
+        shared = {key: rule[key] for key in ("transform", "lookup", "data_absent") if key in rule}
         for number, option in enumerate(rule["first_of"] or [], 1):
+            if shared and isinstance(option, dict) and any(key in VOCABULARY for key in option):
+                option = {**shared, **option}
             rows += _rule(name, option, target, " and ".join(
                 part for part in (condition, f"first of #{number}") if part))
         return rows
@@ -120,6 +124,9 @@ def _rule(name: str, rule, target: str, condition: str = "") -> list[Row]:
     nested = mapped if isinstance(mapped, str) else ""
     if "default" in rule:
         nested = nested or f"default {rule['default']}"
+    if "data_absent" in rule:
+        absent = f"unreadable: data-absent-reason {rule['data_absent']}"
+        nested = f"{nested}; {absent}" if nested else absent
     row = Row(name, str(source), condition, target, str(rule.get("transform") or ""),
               str(rule.get("lookup") or ""), nested)
     if isinstance(mapped, dict):

@@ -137,12 +137,12 @@ def _value_type(segment: Segment, run) -> str:
 _IDENTIFYING = (0, 1, 3, 4, 8)
 
 
-def is_narrative(segment: Segment, run) -> bool:
+def is_narrative(segment: Segment, run, kind: str | None = None) -> bool:
     """A text OBX (TX, FT, ST) with nothing in OBX-3 that names an observation (no code, no
     text: components 1, 2, 4, 5 and 9 empty): a line of the report's narrative, as imaging and
     transcription systems send a report's body. The message maps keep such OBX out of the
-    Observations with the same test, written as conditions."""
-    if _value_type(segment, run) not in TEXT_TYPES:
+    Observations with the same test, written as conditions. `kind`: OBX-2, when known."""
+    if (kind if kind is not None else _value_type(segment, run)) not in TEXT_TYPES:
         return False
     raw = segment.field(3)
     if not raw:
@@ -166,11 +166,12 @@ def report_forms(node, run):
     order, as one text/plain attachment (line breaks decoded)."""
     forms, lines = [], []
     for segment, location in _group_obx(run):
-        if _value_type(segment, run) == "ED":
+        kind = _value_type(segment, run)
+        if kind == "ED":
             raw = _obx5_first(segment, run)
             if raw:
                 forms.append(_located_attachment(raw, segment, location, run))
-        elif is_narrative(segment, run):
+        elif kind in TEXT_TYPES and is_narrative(segment, run, kind):
             lines.append(_obx5_text(segment, run))
     if lines:
         forms.append(text_attachment("\n".join(lines)))
