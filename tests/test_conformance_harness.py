@@ -46,6 +46,19 @@ def test_facts_of_patient_and_observation():
     ])
 
 
+def test_a_data_absent_reason_is_no_fact():
+    """An unreadable date the translation left out (data-absent-reason in `_birthDate`,
+    `_effectiveDateTime`) matches no expected date: the expected fact stays missing."""
+    absent = {"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
+                             "valueCode": "error"}]}
+    patient = {k: v for k, v in PATIENT.items() if k != "birthDate"} | {"_birthDate": absent}
+    observation = {k: v for k, v in OBSERVATION.items() if k != "effectiveDateTime"} | {"_effectiveDateTime": absent}
+    facts = conformance.facts_of(bundle(patient, observation))
+    assert not [f for f in facts if f.kind in ("patient.birthDate", "observation.effective")]
+    matched, total, missing = conformance.score(conformance.facts_of(bundle(PATIENT, OBSERVATION)), facts)
+    assert total - matched == 2 and {f.kind for f in missing} == {"patient.birthDate", "observation.effective"}
+
+
 def test_observation_values_of_each_type():
     def values(**value):
         return kinds(conformance.observation_value_facts(value))

@@ -124,3 +124,19 @@ def test_malformed_report_and_result_times_are_left_out_with_a_warning(mappings)
            "data-absent-reason 'error' in its place" in translation.warnings
     assert bundle_problems(translation.bundle) == []
 
+
+
+def test_translator_keeps_the_warnings_of_an_unreadable_date_with_the_translation(mappings):
+    """The record the worker stores (translations.warnings, shown by the console and
+    `gateway translate`) is translated, not failed, and carries the warning."""
+    from gateway.store.translations import Pending
+    from gateway.translation.translator import Translator
+
+    raw = f"{msh()}\r{PID.replace('19850312', 'Aug 15, 1942')}\r".encode()
+    record = Translator(mappings).translate(Pending(1, None, raw, None, "hl7v2", None, GOLDEN_RECEIVED_AT))
+    assert not record.failed and record.status == "translated"
+    patient = resource(record.bundle, "Patient")
+    assert "birthDate" not in patient and "_birthDate" in patient
+    assert record.warnings == ["PID[1]: PID-7: 'Aug 15, 1942' is not an HL7 date/time "
+                               "(YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]); birthDate left out, "
+                               "data-absent-reason 'error' in its place"]
