@@ -473,7 +473,8 @@ def _mappings_check(args) -> int:
 def _mappings_test(args) -> int:
     from pathlib import Path
 
-    from gateway.mapping.golden import differences, find_cases, stable, translate_case, write_expected
+    from gateway.mapping.golden import (differences, find_cases, stable, translate_case,
+                                        warning_differences, write_expected)
     from gateway.mapping.validation import bundle_problems
 
     config = load(args)
@@ -489,7 +490,8 @@ def _mappings_test(args) -> int:
             if args.update:
                 print(f"wrote {write_expected(mappings, case).relative_to(root)}")
                 continue
-            bundle = translate_case(mappings, case).bundle
+            translation = translate_case(mappings, case)
+            bundle = translation.bundle
             actual = stable(bundle)
         except Exception as error:  # TranslationError, InputError: the case fails with its reason
             failed += 1
@@ -501,6 +503,7 @@ def _mappings_test(args) -> int:
         else:
             expected = stable(json.loads(expected_path.read_text(encoding="utf-8")))
             problems = list(differences(expected, actual))
+        problems += warning_differences(case, translation.warnings)
         problems += [f"FHIR: {problem}" for problem in bundle_problems(bundle)]
         if problems:
             failed += 1
