@@ -12,12 +12,13 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from browser_support import (ARABIC_FAMILY_NAME, PASSWORDS, admission, launch_chromium,
+from browser_support import (ARABIC_FAMILY_NAME, PASSWORDS, ROOT, admission, launch_chromium,
                              screenshot, screenshot_of, send, start_console_gateway,
                              stop_gateway, until)
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("gateway.admin", reason="the console (gateway/admin.py) is not written yet")
+if not (ROOT / "gateway" / "admin.py").exists():  # only while the console is being written
+    pytest.skip("the console (gateway/admin.py) is not written yet", allow_module_level=True)
 DESTINATION = "shared-record"
 expect.set_options(timeout=10_000)
 
