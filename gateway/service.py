@@ -133,6 +133,15 @@ def build_service(config: GatewayConfig, reactor) -> MultiService:
     for door in https_door_services(config, store, translation, identity, reactor, extra_routes=routes,
                                     events=events):
         door.setServiceParent(root)
+    if config.admin:
+        # The console, with /metrics and /health/ mounted beside it (no login: no patient data).
+        from gateway.admin import admin_services
+        from gateway.observability import observability_resources
+
+        extra = observability_resources(root, config, reactor)
+        for admin in admin_services(config, store, identity, translation, delivery, reactor,
+                                    events=events, extra=extra):
+            admin.setServiceParent(root)
     return root
 
 

@@ -158,7 +158,7 @@ def running_gateway():
         service.startService()
         services.append(service)
         ports = {}
-        for listener in config.mllp + config.astm + config.https:
+        for listener in config.mllp + config.astm + config.https + config.admin:
             port = yield service.getServiceNamed(listener.name)._waitingForPort
             ports[listener.name] = port.getHost().port
         return ports

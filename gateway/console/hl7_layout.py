@@ -1,0 +1,103 @@
+"""A raw HL7 v2 message laid out by segment and field, each field named from hl7apy's
+definitions of the message's version (MSH-12; 2.5 when absent or unknown, then any version
+from 2.3 to 2.8 that defines the segment). Pure code.
+
+The layout follows ER7: segments end at CR (LF and CRLF tolerated), fields split on the
+separator MSH-1 declares; MSH-1 is the separator itself and MSH-2 the encoding characters.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+_VERSIONS = ("2_5", "2_5_1", "2_4", "2_3_1", "2_3", "2_6", "2_7", "2_8")
+MAX_SEGMENTS = 2000  # a page shows this many; the decoded text above has everything
+
+
+@dataclass(frozen=True)
+class Field:
+    position: str  # "PID-5"
+    name: str  # "Patient Name" ("" when no definition names it)
+    value: str
+    # The value's repetitions (split on MSH-2's repetition character): each is shown in its
+    # own direction, so that a name repeated in Latin then Arabic script reads right.
+    repetitions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str  # "PID"
+    index: int  # 1-based order in the message
+    fields: tuple[Field, ...]
+
+
+def layout(text: str, version: str | None = None) -> list[Segment]:
+    """The segments of `text` with their non-empty fields, named."""
+    lines = [line for line in text.replace("\r\n", "\r").replace("\n", "\r").split("\r") if line.strip()]
+    separator, repetition = "|", "~"
+    if lines and lines[0].startswith(("MSH", "FHS", "BHS")) and len(lines[0]) > 3:
+        separator = lines[0][3]
+        encoding = lines[0][4:].split(separator, 1)[0]
+        repetition = encoding[1] if len(encoding) > 1 else "~"
+    segments = []
+    for index, line in enumerate(lines[:MAX_SEGMENTS], start=1):
+        parts = line.split(separator)
+        name = parts[0][:3] if parts[0] else "?"
+        header = name in ("MSH", "FHS", "BHS")
+        if header:
+            # MSH-1 is the separator; MSH-2 onwards are parts[1:].
+            values = [(1, separator)] + [(number, value) for number, value in enumerate(parts[1:], start=2)]
+        else:
+            values = list(enumerate(parts[1:], start=1))
+        fields = tuple(Field(f"{name}-{number}", field_name(name, number, version), value,
+                             (value,) if header and number <= 2 else tuple(value.split(repetition)))
+                       for number, value in values if value != "")
+        segments.append(Segment(name, index, fields))
+    return segments
+
+
+def field_name(segment: str, number: int, version: str | None = None) -> str:
+    """The field's long name ("Patient Name"), or "" when no version defines it."""
+    return _names(segment, _version_key(version)).get(number, "")
+
+
+def _version_key(version: str | None) -> str:
+    key = (version or "").strip().replace(".", "_")
+    return key if key in _VERSIONS else "2_5"
+
+
+@lru_cache(maxsize=512)
+def _names(segment: str, version: str) -> dict[int, str]:
+    for candidate in (version,) + _VERSIONS:
+        names = _segment_names(candidate).get(segment)
+        if names:
+            return names
+    return {}
+
+
+@lru_cache(maxsize=None)
+def _segment_names(version: str) -> dict[str, dict[int, str]]:
+    try:
+        definitions = importlib.import_module(f"hl7apy.v{version}.segments").SEGMENTS
+    except ImportError:  # pragma: no cover - a trimmed hl7apy
+        return {}
+    found: dict[str, dict[int, str]] = {}
+    for name, definition in definitions.items():
+        children = definition[1] if len(definition) > 1 else ()
+        names = {}
+        for child in children or ():
+            try:
+                number = int(str(child[0]).rsplit("_", 1)[1])
+                long_name = child[1][3]
+            except (IndexError, ValueError, TypeError):
+                continue
+            if long_name:
+                names[number] = _title(str(long_name))
+        found[name] = names
+    return found
+
+
+def _title(long_name: str) -> str:
+    """PATIENT_IDENTIFIER_LIST -> Patient Identifier List."""
+    return " ".join(word.capitalize() for word in long_name.split("_") if word)

@@ -1,0 +1,82 @@
+"""Console sessions in the database (table console_sessions), so that any node behind the
+load balancer serves them. The cookie carries a random token; the table keeps only its
+SHA-256, so a copy of the database opens no session. A session ends at logout, after
+`session_idle_timeout` seconds without a request, or `session_max_age` after login.
+Functions take a connection (one transaction, the caller's); `new_session` is pure."""
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import Connection, delete, or_, select, update
+
+from gateway.store.schema import console_sessions
+
+COOKIE = "gw_console"
+_TOUCH_EVERY = timedelta(seconds=15)  # last_seen_at is written at most this often
+
+
+@dataclass(frozen=True)
+class Session:
+    account: str
+    role: str
+    csrf_token: str
+    source: str | None
+    created_at: datetime
+    expires_at: datetime
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_session(account: str, role: str, source: str | None, now: datetime,
+                max_age: float) -> tuple[str, Session]:
+    """A fresh cookie token and its session (not stored yet: see `store_session`)."""
+    token = secrets.token_urlsafe(32)
+    return token, Session(account, role, secrets.token_urlsafe(32), source, now,
+                          now + timedelta(seconds=max_age))
+
+
+def store_session(connection: Connection, token: str, session: Session, idle: float) -> None:
+    """Keep `session` under `token`'s digest; drop the sessions that have ended meanwhile."""
+    now = session.created_at
+    connection.execute(delete(console_sessions).where(or_(
+        console_sessions.c.expires_at <= now,
+        console_sessions.c.last_seen_at <= now - timedelta(seconds=idle))))
+    connection.execute(console_sessions.insert().values(
+        token_sha256=token_digest(token), account=session.account, role=session.role,
+        csrf_token=session.csrf_token, source=session.source, created_at=now,
+        last_seen_at=now, expires_at=session.expires_at))
+
+
+def open_session(connection: Connection, token: str, now: datetime, idle: float) -> Session | None:
+    """The live session of `token`, its last use moved to `now`; None (and the row deleted)
+    when it has ended."""
+    digest = token_digest(token)
+    row = connection.execute(select(console_sessions)
+                             .where(console_sessions.c.token_sha256 == digest)).first()
+    if row is None:
+        return None
+    expires_at, last_seen = _utc(row.expires_at), _utc(row.last_seen_at)
+    if expires_at <= now or last_seen + timedelta(seconds=idle) <= now:
+        connection.execute(delete(console_sessions).where(console_sessions.c.token_sha256 == digest))
+        return None
+    if now - last_seen >= _TOUCH_EVERY:
+        connection.execute(update(console_sessions).where(console_sessions.c.token_sha256 == digest)
+                           .values(last_seen_at=now))
+    return Session(row.account, row.role, row.csrf_token, row.source, _utc(row.created_at), expires_at)
+
+
+def close_session(connection: Connection, token: str) -> bool:
+    """Delete the session of `token`; whether there was one."""
+    return connection.execute(delete(console_sessions).where(
+        console_sessions.c.token_sha256 == token_digest(token))).rowcount > 0
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
