@@ -11,6 +11,7 @@
     gateway reload (facility registry, CRL and mapping set, checked first)
     gateway audit verify [--batch N] | show [--after SEQ] [--limit N] [--subject S] [--json]
     gateway retention run [--now ISO] [--json]
+    gateway accounts hash [--stdin] (a console password's hash, for console.accounts)
 
 The configuration is `-c FILE`, else $GATEWAY_CONFIG, else conf/gateway.yaml in the current
 directory or in the project the package was installed from.
@@ -141,7 +142,34 @@ def _parser() -> argparse.ArgumentParser:
         help="check the configuration, facility registry, CRL and mapping set, then make the "
              "running gateway reload them (SIGHUP)")
     everything.set_defaults(handler=_reload)
+    accounts = commands.add_parser("accounts", help="console accounts").add_subparsers(metavar="ACTION")
+    hashing = accounts.add_parser("hash", help="print the scrypt hash of a console password, for "
+                                               "console.accounts[].password_hash")
+    hashing.add_argument("--stdin", action="store_true",
+                         help="read the password from the first line of standard input instead of "
+                              "asking for it twice")
+    hashing.set_defaults(handler=_accounts_hash)
     return parser
+
+
+def _accounts_hash(args) -> int:
+    """The password is asked twice without echo (or read from standard input), never printed."""
+    import getpass
+
+    from gateway.console.passwords import hash_password
+
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("the two passwords differ; nothing hashed", file=sys.stderr)
+            return 1
+    if len(password) < 8:
+        print("a console password needs at least 8 characters", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
 
 
 def load(args) -> GatewayConfig:
