@@ -1,0 +1,314 @@
+"""IHE ATNA export: the audit trail sent to a collector as RFC 5424 syslog over TLS (RFC 5425).
+
+Durable: what was sent is `audit_exports.last_seq` for the collector (host:port); the export
+reads the trail after it, in seq order and in bounded batches, and sends each record as one
+octet-counted frame (gateway.audit.atna). The collector never answers (RFC 5425 has no
+acknowledgement), so a batch counts as received once the connection has stayed up `settle`
+seconds after it was written: only then does last_seq move. A connection lost before that
+sends the batch again on the next one: a collector may see a record twice (its seq and hash
+are in the message: audit/N), never miss one. Reconnects back off up to a minute.
+
+Several nodes append to one trail; one of them exports it to a collector: on PostgreSQL the
+node that holds a session advisory lock on the collector's name (kept on a connection of its
+own while the service runs); the others try again every `claim_interval`.
+
+A backlog beyond `queue_limit` records (a collector away for long) is not sent: the export
+skips ahead to the newest `queue_limit`, logging and counting what it skipped (`skipped`).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+from datetime import datetime, timezone
+
+from sqlalchemy import func, select, text, update
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
+
+from gateway.audit import atna
+from gateway.audit.trail import AuditTrail
+from gateway.store.database import write_transaction
+from gateway.store.schema import audit_exports, audit_log
+
+log = logging.getLogger(__name__)
+
+
+def collector_name(host: str, port: int) -> str:
+    return f"{host}:{port}"
+
+
+def last_sent(conn, collector: str) -> int:
+    """The last seq the collector has been sent (0: none), creating its row when missing."""
+    seq = conn.execute(select(audit_exports.c.last_seq)
+                       .where(audit_exports.c.collector == collector)).scalar()
+    if seq is None:
+        conn.execute(audit_exports.insert().values(collector=collector, last_seq=0,
+                                                   updated_at=datetime.now(timezone.utc)))
+        return 0
+    return seq
+
+
+def mark_sent(conn, collector: str, seq: int) -> None:
+    """Move the collector's last_seq forward to `seq` (never back: saves may finish out of order)."""
+    conn.execute(update(audit_exports)
+                 .where(audit_exports.c.collector == collector, audit_exports.c.last_seq < seq)
+                 .values(last_seq=seq, updated_at=datetime.now(timezone.utc)))
+
+
+def read_frames(conn, trail: AuditTrail, after: int, limit: int, queue_limit: int,
+                source: atna.Source, hostname: str) -> tuple[bytes, int, int, int]:
+    """The frames of the records after `after` (at most `limit`): (bytes, last seq, count,
+    records skipped because the backlog was beyond `queue_limit`)."""
+    skipped = 0
+    head = conn.execute(select(func.max(audit_log.c.seq))).scalar() or 0
+    if head - after > queue_limit:
+        skipped = conn.execute(select(func.count()).select_from(audit_log).where(
+            audit_log.c.seq > after, audit_log.c.seq <= head - queue_limit)).scalar()
+        after = head - queue_limit
+    frames, last = [], after
+    for record in trail.records(conn, after_seq=after, limit=limit, batch=limit):
+        frames.append(atna.frame(atna.syslog_message(record, source, hostname)))
+        last = record.seq
+    return b"".join(frames), last, len(frames), skipped
+
+
+@implementer(IHandshakeListener, IPushProducer)
+class _SyslogSender(Protocol):
+    """One TLS connection to the collector: tells the export when it can send, and pauses it
+    when the collector reads slower than it is written to."""
+
+    def __init__(self, export: "AuditExportService"):
+        self.export = export
+        self.paused = False
+        self.up = False
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+
+    def handshakeCompleted(self) -> None:
+        self.up = True
+        self.export._connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        pass  # a syslog collector says nothing
+
+    def connectionLost(self, reason=None) -> None:
+        was_up, self.up = self.up, False
+        self.export._disconnected(self, reason, was_up)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.export._pump()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class AuditExportService(Service):
+    """Sends the trail to config.audit.export's collector, from `database`'s thread pool."""
+
+    name = "audit-export"
+
+    def __init__(self, config, trail: AuditTrail, database, *, batch: int = 500,
+                 poll_interval: float = 1.0, settle: float = 1.0, claim_interval: float = 10.0,
+                 hostname: str | None = None):
+        from gateway.tls import client_tls_options
+
+        export = config.audit.export
+        self.collector = collector_name(export.host, export.port)
+        self.trail = trail
+        self.database = database
+        self.reactor = database.reactor
+        self.batch = batch
+        self.queue_limit = export.queue_limit
+        self.poll_interval = poll_interval
+        self.settle = settle
+        self.claim_interval = claim_interval
+        self.source = atna.Source(export.source_id, export.enterprise_site)
+        self.hostname = hostname or socket.gethostname()
+        tls = client_tls_options(export.ca or config.pki.ca, export.host, config.pki.cert,
+                                 config.pki.key)
+        self.endpoint = wrapClientTLS(tls, HostnameEndpoint(self.reactor, export.host, export.port,
+                                                            timeout=10))
+        self.sent = 0  # records written since the start (a few may be written twice)
+        self.skipped = 0  # records not sent: the backlog was beyond queue_limit
+        self._client: ClientService | None = None
+        self._protocol: _SyslogSender | None = None
+        self._next: int | None = None  # the seq after which to send on this connection
+        self._reading = False
+        self._poll = None  # the delayed call of the next look for new records
+        self._lease = None  # PostgreSQL: the connection that holds the collector's lock
+        self._claim: task.LoopingCall | None = None
+
+    # -- the lease and the connection -----------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self.trail.postgresql:
+            self._claim = task.LoopingCall(self._try_claim)
+            self._claim.clock = self.reactor
+            self._claim.start(self.claim_interval, now=True)
+        else:
+            self._connect()
+
+    def _try_claim(self) -> defer.Deferred:
+        return self._run(self._claim_lock).addCallback(self._claimed).addErrback(
+            lambda failure: log.error("audit export: lease on %s: %s", self.collector, failure.value))
+
+    def _claim_lock(self):
+        key = int.from_bytes(hashlib.sha256(f"audit-export {self.collector}".encode()).digest()[:8],
+                             "big", signed=True)
+        connection = self.trail.engine.connect()
+        try:
+            held = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar()
+            connection.commit()  # a session lock outlives the transaction
+        except Exception:
+            connection.close()
+            raise
+        if not held:
+            connection.close()
+            return None
+        return connection, key
+
+    def _claimed(self, lease) -> None:
+        if lease is None:
+            return  # another node exports to this collector
+        if not self.running:
+            self._run(self._release, lease)
+            return
+        self._lease = lease
+        if self._claim is not None and self._claim.running:
+            self._claim.stop()
+        log.info("audit export: this node sends the trail to %s", self.collector)
+        self._connect()
+
+    @staticmethod
+    def _release(lease) -> None:
+        connection, key = lease
+        try:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            connection.commit()
+        finally:
+            connection.close()
+
+    def _connect(self) -> None:
+        factory = Factory.forProtocol(lambda: _SyslogSender(self))
+        self._client = ClientService(self.endpoint, factory, retryPolicy=backoffPolicy(
+            initialDelay=0.5, maxDelay=60.0), clock=self.reactor)
+        self._client.startService()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        if self._claim is not None and self._claim.running:
+            self._claim.stop()
+        if self._poll is not None and self._poll.active():
+            self._poll.cancel()
+        if self._protocol is not None and self._protocol.transport is not None:
+            # A registered producer holds a TLS connection open until it is unregistered.
+            self._protocol.transport.unregisterProducer()
+        if self._client is not None:
+            yield self._client.stopService()
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            yield self._run(self._release, lease)
+
+    def _connected(self, protocol: _SyslogSender) -> None:
+        self._protocol = protocol
+        self._next = None  # read from the database: what the last connection confirmed
+        log.info("audit export: connected to %s", self.collector)
+        self._pump()
+
+    def _disconnected(self, protocol: _SyslogSender, reason, was_up: bool) -> None:
+        if protocol is self._protocol:
+            self._protocol = None
+            self._next = None
+        if was_up and self.running:
+            log.warning("audit export: connection to %s lost: %s", self.collector,
+                        getattr(reason, "value", reason))
+        elif self.running:
+            log.warning("audit export: no TLS session with %s: %s", self.collector,
+                        getattr(reason, "value", reason))
+
+    # -- sending -------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Read and send the next batch if the connection can take it."""
+        protocol = self._protocol
+        if self._reading or protocol is None or not protocol.up or protocol.paused or not self.running:
+            return
+        if self._poll is not None and self._poll.active():
+            self._poll.cancel()
+        self._reading = True
+        d = self._run(self._read, self._next)
+        d.addCallback(self._send, protocol)
+        d.addErrback(self._read_failed)
+        d.addBoth(self._read_done)
+
+    def _read(self, after: int | None):
+        # The first read of a connection may create the collector's row: a write transaction.
+        begin = write_transaction(self.trail.engine) if after is None else self.trail.engine.begin()
+        with begin as conn:
+            if after is None:
+                after = last_sent(conn, self.collector)
+            return read_frames(conn, self.trail, after, self.batch, self.queue_limit, self.source,
+                               self.hostname)
+
+    def _send(self, result, protocol: _SyslogSender) -> None:
+        frames, last, count, skipped = result
+        if skipped:
+            self.skipped += skipped
+            log.error("audit export to %s: %d record(s) beyond the queue limit (%d) not sent",
+                      self.collector, skipped, self.queue_limit)
+        if protocol is not self._protocol or not protocol.up:
+            return  # lost while reading: the next connection starts from the database
+        if count:
+            protocol.transport.write(frames)
+            self.sent += count
+            log.debug("audit export: %d record(s) through seq %d written to %s", count, last,
+                      self.collector)
+        if count or skipped:
+            self._next = last
+            self.reactor.callLater(self.settle, self._confirm, protocol, last)
+        full = count == self.batch
+        self._schedule(0 if full else self.poll_interval)
+
+    def _confirm(self, protocol: _SyslogSender, seq: int) -> None:
+        if protocol is self._protocol and protocol.up:
+            self._run(self._mark, seq).addErrback(
+                lambda failure: log.error("audit export: last_seq not saved: %s", failure.value))
+
+    def _mark(self, seq: int) -> None:
+        with write_transaction(self.trail.engine) as conn:
+            mark_sent(conn, self.collector, seq)
+
+    def _read_failed(self, failure) -> None:
+        log.error("audit export: reading the trail failed: %s", failure.value)
+        self._schedule(self.poll_interval)
+
+    def _read_done(self, _):
+        self._reading = False
+
+    def _schedule(self, delay: float) -> None:
+        if not self.running:
+            return
+        if self._poll is not None and self._poll.active():
+            self._poll.cancel()
+        self._poll = self.reactor.callLater(delay, self._pump)
+
+    def _run(self, work, *args):
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self.reactor, self.database.pool, work, *args)
+
+
+__all__ = ["AuditExportService", "collector_name", "last_sent", "mark_sent", "read_frames"]

@@ -1,0 +1,291 @@
+"""IHE ATNA export: the audit message XML and its syslog frame (pure), and the export to a
+real TLS syslog collector started in the test with the dev PKI: records arrive in seq order,
+frames parse, the XML has the right fields; a collector down then up gets everything without
+gaps or duplicates; on PostgreSQL two nodes exporting to one collector send each record once."""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+import re
+import time
+from datetime import datetime, timezone
+
+import pytest
+import pytest_twisted
+from lxml import etree
+from sqlalchemy import select
+from twisted.internet import defer, reactor, task
+from twisted.internet.protocol import Factory, Protocol
+
+from gateway.audit import atna
+from gateway.audit.chain import AuditEvent, chain
+from gateway.audit.export import AuditExportService
+from gateway.audit.trail import AuditTrail
+from gateway.config import AuditConfig, AuditExportConfig
+from gateway.store.database import Database, create_gateway_engine, migrate
+from gateway.store.schema import audit_exports
+from gateway.tls import server_tls_options
+
+T0 = datetime(2026, 11, 22, 9, 30, 1, 250000, tzinfo=timezone.utc)
+
+
+def record(action="message.received", outcome="success", **changes):
+    event = AuditEvent(action, changes.pop("actor", "INPE-100001"), outcome,
+                       changes.pop("subject", "message/42"), changes.pop("source", "10.20.0.5:40000"),
+                       changes.pop("detail", {"control_id": "B00000000042", "message_type": "ORU^R01",
+                                              "size": 1800}), T0)
+    return chain(6, "a" * 64, "node-1", [event], T0)[0]
+
+
+def parsed(xml: bytes):
+    return etree.fromstring(xml)
+
+
+def details(element) -> dict[str, str]:
+    return {d.get("type"): base64.b64decode(d.get("value")).decode("utf-8")
+            for d in element.iter("ParticipantObjectDetail")}
+
+
+SOURCE = atna.Source("MA-HIE", "MA")
+
+
+def test_a_receipt_becomes_an_import_audit_message():
+    root = parsed(atna.audit_message(record(), SOURCE))
+    assert root.tag == "AuditMessage"
+    assert [child.tag for child in root] == ["EventIdentification", "ActiveParticipant",
+                                             "ActiveParticipant", "AuditSourceIdentification",
+                                             "ParticipantObjectIdentification",
+                                             "ParticipantObjectIdentification"]
+    event = root.find("EventIdentification")
+    assert event.get("EventActionCode") == "C" and event.get("EventOutcomeIndicator") == "0"
+    assert event.get("EventDateTime") == "2026-11-22T09:30:01.250000Z"
+    assert event.find("EventID").attrib == {"csd-code": "110107", "codeSystemName": "DCM",
+                                            "originalText": "Import"}
+    actor, node = root.findall("ActiveParticipant")
+    assert actor.get("UserID") == "INPE-100001" and actor.get("UserIsRequestor") == "true"
+    assert actor.get("NetworkAccessPointID") == "10.20.0.5"
+    assert actor.get("NetworkAccessPointTypeCode") == "2"
+    assert actor.find("RoleIDCode").get("csd-code") == "110153"  # source
+    assert node.get("UserID") == "node-1" and node.find("RoleIDCode").get("csd-code") == "110152"
+    source = root.find("AuditSourceIdentification")
+    assert (source.get("AuditSourceID"), source.get("AuditEnterpriseSiteID")) == ("MA-HIE", "MA")
+    subject, trail = root.findall("ParticipantObjectIdentification")
+    assert subject.get("ParticipantObjectID") == "message/42"
+    assert subject.get("ParticipantObjectTypeCode") == "2"
+    assert details(subject) == {"MSH-10": "B00000000042", "message_type": "ORU^R01"}
+    assert trail.get("ParticipantObjectID") == "audit/7"
+    assert details(trail) == {"seq": "7", "hash": record().hash, "prev_hash": "a" * 64}
+
+
+@pytest.mark.parametrize("action, outcome, event_id, action_code, indicator, severity", [
+    ("message.read", "success", "110110", "R", "0", 5),
+    ("message.refused", "refused", "110107", "C", "4", 4),
+    ("delivery.attempted", "failure", "110106", "R", "8", 3),
+    ("console.login", "refused", "110114", "E", "4", 4),
+    ("tls.handshake_failed", "failure", "110113", "E", "8", 3),
+    ("prescription.read", "success", "110109", "R", "0", 5),
+])
+def test_actions_and_outcomes_map_to_dicom_codes_and_syslog_severity(
+        action, outcome, event_id, action_code, indicator, severity):
+    message = atna.syslog_message(record(action, outcome, detail={"reason": "unknown facility"}),
+                                  SOURCE, "gw1.sante.ma")
+    header, xml = message.split(b" <?xml", 1)
+    assert header.decode() == f"<{10 * 8 + severity}>1 2026-11-22T09:30:01.250000Z gw1.sante.ma " \
+                              f"ma-hie-gateway node-1 IHE+RFC-3881 -"
+    event = parsed(b"<?xml" + xml).find("EventIdentification")
+    assert event.find("EventID").get("csd-code") == event_id
+    assert event.get("EventActionCode") == action_code
+    assert event.get("EventOutcomeIndicator") == indicator
+    if outcome != "success":
+        assert event.findtext("EventOutcomeDescription") == "unknown facility"
+
+
+def test_nothing_but_ids_travels_and_hostile_text_stays_well_formed():
+    hostile = record("message.read", actor="console:a\x01<b>&\"c", subject="message/1",
+                     source="[2001:db8::1]:443", detail={"control_id": "C\x02&<>"})
+    root = parsed(atna.audit_message(hostile, SOURCE))
+    assert root.find("ActiveParticipant").get("UserID") == "console:a<b>&\"c"
+    assert root.find("ActiveParticipant").get("NetworkAccessPointID") == "2001:db8::1"
+    assert details(root.find("ParticipantObjectIdentification"))["MSH-10"] == "C&<>"
+
+
+def test_frames_are_octet_counted_and_parse_back_whole_or_in_pieces():
+    messages = [atna.syslog_message(record(subject=f"message/{n}", detail={"control_id": "é" * n}),
+                                    SOURCE, "gw1") for n in range(1, 4)]
+    stream = b"".join(atna.frame(m) for m in messages)
+    assert stream.startswith(b"%d <85>1 " % len(messages[0]))
+    assert atna.parse_frames(stream) == (messages, b"")
+    got, rest = [], b""
+    for n in range(0, len(stream), 7):
+        frames, rest = atna.parse_frames(rest + stream[n:n + 7])
+        got += frames
+    assert got == messages and rest == b""
+    with pytest.raises(ValueError):
+        atna.parse_frames(b"<85>1 no length")
+
+
+# -- a real collector ----------------------------------------------------------------------
+
+
+class Collector:
+    """A TLS syslog collector (RFC 5425) with the sandbox record's certificate, requiring a
+    client certificate from the dev CA; keeps the messages it parsed."""
+
+    def __init__(self, dev_pki: str, port: int = 0):
+        self.messages: list[bytes] = []
+        self.connections: list = []
+        self.options = server_tls_options(os.path.join(dev_pki, "sandbox-record.crt"),
+                                          os.path.join(dev_pki, "sandbox-record.key"),
+                                          os.path.join(dev_pki, "ca.crt"))
+        self.listening = reactor.listenSSL(port, Factory.forProtocol(lambda: _Receiver(self)),
+                                           self.options, interface="127.0.0.1")
+        self.port = self.listening.getHost().port
+
+    def seqs(self) -> list[int]:
+        return [int(re.search(rb'ParticipantObjectID="audit/(\d+)"', m).group(1)) for m in self.messages]
+
+    def stop(self):
+        for connection in list(self.connections):
+            connection.transport.abortConnection()
+        return self.listening.stopListening()
+
+
+class _Receiver(Protocol):
+    def __init__(self, collector: Collector):
+        self.collector = collector
+        self.buffer = b""
+
+    def connectionMade(self):
+        self.collector.connections.append(self)
+
+    def connectionLost(self, reason=None):
+        self.collector.connections.remove(self)
+
+    def dataReceived(self, data):
+        frames, self.buffer = atna.parse_frames(self.buffer + data)
+        self.collector.messages.extend(frames)
+
+
+def until(condition, timeout: float = 20.0):
+    @defer.inlineCallbacks
+    def wait():
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            yield task.deferLater(reactor, 0.05, lambda: None)
+    return wait()
+
+
+def events(count: int, first: int):
+    return [AuditEvent("message.received", "INPE-100001", subject=f"message/{n}",
+                       source="127.0.0.1:5000", detail={"control_id": f"C{n}"})
+            for n in range(first, first + count)]
+
+
+@pytest.fixture
+def exporting(db_url, make_config, dev_pki):
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    database = Database(engine, reactor)
+    database.start()
+    started = []
+
+    def start(port: int, node: str = "node-1"):
+        config = dataclasses.replace(make_config(db_url), audit=AuditConfig(
+            export=AuditExportConfig(host="127.0.0.1", port=port, source_id="MA-HIE-TEST")))
+        service = AuditExportService(config, AuditTrail(engine, node), database, batch=16,
+                                     poll_interval=0.05, settle=0.2, claim_interval=0.2,
+                                     hostname="gw-test")
+        service.startService()
+        started.append(service)
+        return service
+
+    yield start, AuditTrail(engine, "node-1"), engine
+    for service in started:
+        pytest_twisted.blockon(service.stopService())
+    database.stop()
+
+
+def last_seq(engine) -> int | None:
+    with engine.connect() as conn:
+        return conn.execute(select(audit_exports.c.last_seq)).scalar()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_collector_down_then_up_gets_everything_once_in_order(exporting, dev_pki):
+    start, trail, engine = exporting
+    collector = Collector(dev_pki)
+    trail.append(events(40, 1))  # more than two batches
+    service = start(collector.port)
+    yield until(lambda: len(collector.messages) >= 40)
+    assert collector.seqs() == list(range(1, 41))
+    header, xml = collector.messages[0].split(b" <?xml", 1)
+    assert header.startswith(b"<85>1 ") and header.endswith(b" gw-test ma-hie-gateway node-1 IHE+RFC-3881 -")
+    root = etree.fromstring(b"<?xml" + xml)
+    assert root.find("EventIdentification/EventID").get("csd-code") == "110107"
+    assert root.find("AuditSourceIdentification").get("AuditSourceID") == "MA-HIE-TEST"
+    assert root.find("ParticipantObjectIdentification").get("ParticipantObjectID") == "message/1"
+    yield until(lambda: last_seq(engine) == 40)  # confirmed once the connection stayed up
+
+    yield collector.stop()  # the collector goes away; the trail goes on
+    trail.append(events(25, 41))
+    yield task.deferLater(reactor, 0.5, lambda: None)
+    assert len(collector.messages) == 40 and last_seq(engine) == 40
+    back = Collector(dev_pki, port=collector.port)
+    yield until(lambda: len(back.messages) >= 25)
+    yield task.deferLater(reactor, 0.3, lambda: None)
+    assert back.seqs() == list(range(41, 66))  # no gap, no repeat
+    yield until(lambda: last_seq(engine) == 65)
+    assert service.sent == 65 and service.skipped == 0
+    yield back.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_backlog_beyond_the_queue_limit_is_skipped_and_counted(exporting, dev_pki):
+    start, trail, engine = exporting
+    collector = Collector(dev_pki)
+    trail.append(events(30, 1))
+    service = start(collector.port)
+    service.queue_limit = 12
+    yield until(lambda: len(collector.messages) >= 12)
+    yield task.deferLater(reactor, 0.3, lambda: None)
+    assert collector.seqs() == list(range(19, 31)) and service.skipped == 18
+    yield collector.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_two_nodes_on_postgresql_send_each_record_once(pg_url, make_config, dev_pki):
+    engine = create_gateway_engine(pg_url)
+    migrate(engine)
+    database = Database(engine, reactor)
+    database.start()
+    collector = Collector(dev_pki)
+    config = dataclasses.replace(make_config(pg_url), audit=AuditConfig(
+        export=AuditExportConfig(host="127.0.0.1", port=collector.port)))
+    services = [AuditExportService(config, AuditTrail(engine, f"node-{n}"), database, batch=10,
+                                   poll_interval=0.05, settle=0.2, claim_interval=0.1)
+                for n in (1, 2)]
+    try:
+        for service in services:
+            service.startService()
+        AuditTrail(engine, "node-1").append(events(35, 1))
+        yield until(lambda: len(collector.messages) >= 35)
+        yield task.deferLater(reactor, 0.6, lambda: None)
+        assert collector.seqs() == list(range(1, 36))
+        assert sorted(s.sent for s in services) == [0, 35]
+        # The exporting node stops; the other takes over where it was confirmed.
+        exporting_node = next(s for s in services if s.sent)
+        yield until(lambda: last_seq(engine) == 35)
+        yield exporting_node.stopService()
+        AuditTrail(engine, "node-2").append(events(5, 36))
+        yield until(lambda: len(collector.messages) >= 40)
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        assert collector.seqs() == list(range(1, 41))
+    finally:
+        for service in services:
+            if service.running:
+                yield service.stopService()
+        yield collector.stop()
+        database.stop()
+        engine.dispose()
