@@ -90,10 +90,14 @@ class Client:
     port: int
     cookies: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
+    tls: object = None  # an ssl.SSLContext: HTTPS
 
     def request_now(self, method: str, path: str, form: dict | list | None = None,
                     headers: dict[str, str] | None = None, body: bytes | None = None) -> Page:
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=15)
+        if self.tls is not None:
+            connection = http.client.HTTPSConnection(self.host, self.port, timeout=15, context=self.tls)
+        else:
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=15)
         try:
             sent = dict(headers or {})
             if form is not None:

@@ -145,6 +145,7 @@ def test_declared_separators_and_versions_are_followed():
     assert field_name("PID", 5, "9.9") == "Patient Name"  # unknown version: 2.5
     assert field_name("PV1", 2, None) == "Patient Class"
     assert field_name("QQQ", 1) == ""
+    assert field_name("PID", 6) == "Mother's Maiden Name"
 
 
 # -- throttling, search form ---------------------------------------------------------------------

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import json
+import os
 import re
+import ssl
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
@@ -17,11 +21,11 @@ from twisted.internet import defer, reactor
 
 from console_support import (ARABIC_FAMILY, PASSWORDS, Client, Clock, accounts_config, seed_attempt,
                              seed_message)
-from gateway.admin import admin_site
+from gateway.admin import admin_services, admin_site
 from gateway.config import AdminListenerConfig, DestinationConfig, SenderConfig
 from gateway.console.queries import PAGE_SIZE
 from gateway.events import EventBus
-from gateway.facilities import FacilityRegistry
+from gateway.facilities import FacilityRegistry, RegistryRef
 from gateway.store.database import Database, create_gateway_engine, migrate
 from gateway.store.schema import console_sessions, deliveries, facility_certificates
 
@@ -256,7 +260,7 @@ async def test_search_by_each_criterion_newest_first_and_paginated(console):
     failed = console.run(seed_message, control="S-3", patient="P300", received_at=base + timedelta(hours=2),
                          status="failed")  # no bundle: found by its payload
     rejected = console.run(seed_message, control="S-4", patient="P100", received_at=base + timedelta(hours=3),
-                           status="rejected", sender=None, facility="UNKNOWN")
+                           status="rejected", sender=None, facility="UNKNOWN^2.16.504.9^ISO")
     client = console.client()
     await client.login("viewer")
     page = await client.get("/messages")
@@ -275,6 +279,9 @@ async def test_search_by_each_criterion_newest_first_and_paginated(console):
     assert result_ids(await client.get("/messages?patient=%25")) == []  # no wildcard
     assert result_ids(await client.get("/messages?facility=LAB-ANFA")) == [second.id]
     assert result_ids(await client.get("/messages?facility=ANFA_LAB")) == [second.id]  # MSH-4
+    assert result_ids(await client.get("/messages?facility=UNKNOWN")) == [rejected.id]  # MSH-4.1
+    assert result_ids(await client.get("/messages?facility=UNKNOWN%5E2.16.504.9%5EISO")) == [rejected.id]
+    assert result_ids(await client.get("/messages?facility=UNKNOW")) == []
     assert result_ids(await client.get("/messages?type=ORU")) == [second.id]
     assert result_ids(await client.get("/messages?type=ADT%5EA01")) == [rejected.id, failed.id, first.id]
     assert result_ids(await client.get("/messages?status=failed")) == [failed.id]
@@ -347,6 +354,7 @@ async def test_message_page_lays_out_fields_ack_canonical_and_deliveries(console
     assert "busy" in attempts[0].text_content() and "transaction-response" in attempts[1].text_content()
     assert "503" in attempts[0].text_content()
     assert len(shown["cnss"].cssselect("tr.attempt")) == 1
+    assert shown["shared-record"].cssselect("p")[0].text_content().startswith("2 tentative(s) · clé")
     assert "refused by CNSS" in shown["cnss"].text_content()
     assert len(page.select("form.replay")) == 2 and page.select("form.dead-letter") == []  # none pending
 
@@ -573,3 +581,35 @@ async def test_allowed_sources_close_other_connections(make_config, db_url):
             await started.client().get("/login")
     finally:
         await stop_console(started)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_listener_asks_no_client_certificate_and_secures_the_cookie(make_config, db_url, dev_pki):
+    config = dataclasses.replace(console_config(make_config, db_url),
+                                 admin=(AdminListenerConfig("admin-tls", 0, tls=True),))
+    engine = create_gateway_engine(config.database.url)
+    migrate(engine)
+    database = Database(engine, reactor, 2)
+    database.start()
+    # What admin_services reads of the store and identity services: their database and registry.
+    store = SimpleNamespace(database=database)
+    identity = SimpleNamespace(registry=RegistryRef(FacilityRegistry(SENDERS)))
+    (service,) = admin_services(config, store, identity, None, None, reactor)
+    assert service.name == "admin-tls"
+    service.startService()
+    try:
+        port = await service._waitingForPort
+        context = ssl.create_default_context(cafile=os.path.join(dev_pki, "ca.crt"))  # no client cert
+        client = Client(port.getHost().port, tls=context)
+        page = await client.post("/login", {"username": "viewer", "password": PASSWORDS["viewer"]})
+        assert page.status == 303
+        assert re.search(r"(?i);\s*secure", page.header("set-cookie"))
+        page = await client.get("/facilities")
+        assert page.status == 200 and [r.get("data-facility") for r in page.select("tr.facility")] == ["CHUIR", "LAB-ANFA"]
+        assert "Pas de mappings" not in page.text and (await client.get("/mappings")).status == 200
+        plain = Client(port.getHost().port)
+        with pytest.raises((ConnectionError, http.client.HTTPException)):  # TLS only
+            await plain.get("/login")
+    finally:
+        await service.stopService()
+        database.stop()

@@ -100,4 +100,5 @@ def _segment_names(version: str) -> dict[str, dict[int, str]]:
 
 def _title(long_name: str) -> str:
     """PATIENT_IDENTIFIER_LIST -> Patient Identifier List."""
-    return " ".join(word.capitalize() for word in long_name.split("_") if word)
+    title = " ".join(word.capitalize() for word in long_name.split("_") if word)
+    return title.replace(" S ", "'s ")  # MOTHER_S_MAIDEN_NAME: Mother's Maiden Name

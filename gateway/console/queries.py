@@ -61,9 +61,11 @@ def search_messages(connection: Connection, criteria: SearchCriteria,
     query = select(*_ROW).order_by(messages.c.id.desc()).limit(limit + 1)
     if criteria.control_id:
         query = query.where(messages.c.control_id == criteria.control_id)
-    if criteria.facility:
+    if criteria.facility:  # the registry's id, or MSH-4 whole or by its first component
         query = query.where(or_(messages.c.sender_id == criteria.facility,
-                                messages.c.sending_facility == criteria.facility))
+                                messages.c.sending_facility == criteria.facility,
+                                messages.c.sending_facility.like(_escape(criteria.facility) + "^%",
+                                                                 escape="\\")))
     if criteria.type:
         if "^" in criteria.type:
             query = query.where(messages.c.message_type == criteria.type)
