@@ -289,3 +289,28 @@ def test_two_nodes_on_postgresql_send_each_record_once(pg_url, make_config, dev_
         yield collector.stop()
         database.stop()
         engine.dispose()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_running_gateway_exports_what_it_records(db_url, make_config, running_gateway, dev_pki):
+    import hl7msgs
+    from twisted.internet import threads
+
+    from adapters.mllp.client import MllpClient
+
+    collector = Collector(dev_pki)
+    config = dataclasses.replace(make_config(db_url), audit=AuditConfig(
+        flush_interval=0.05, export=AuditExportConfig(host="127.0.0.1", port=collector.port)))
+    ports = yield running_gateway(config)
+
+    def exchange():
+        with MllpClient("127.0.0.1", ports["mllp-test"], timeout=10) as client:
+            return client.send(hl7msgs.message("adt", 3).encode("utf-8")).response
+
+    yield threads.deferToThread(exchange)
+    yield until(lambda: any(b"110107" in m for m in collector.messages))
+    received = etree.fromstring(b"<?xml" + collector.messages[0].split(b" <?xml", 1)[1])
+    assert received.find("EventIdentification").get("EventActionCode") == "C"
+    assert received.find("ActiveParticipant").get("NetworkAccessPointID") == "127.0.0.1"
+    assert collector.seqs() == list(range(1, len(collector.messages) + 1))
+    yield collector.stop()
