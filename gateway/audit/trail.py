@@ -265,4 +265,4 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc)
 
 
-__all__ = ["AuditTrail", "EXPIRED", "Located", "Verification", "expiry_anchor"]
+__all__ = ["AuditTrail", "EXPIRED", "Located", "Verification", "expiry_anchor", "record_from_row"]
