@@ -27,7 +27,7 @@ from gateway.console.queries import PAGE_SIZE
 from gateway.events import EventBus
 from gateway.facilities import FacilityRegistry, RegistryRef
 from gateway.store.database import Database, create_gateway_engine, migrate
-from gateway.store.schema import console_sessions, deliveries, facility_certificates
+from gateway.store.schema import deliveries, facility_certificates
 
 SENDERS = (SenderConfig("CHUIR", "CHU Ibn Rochd — المستشفى الجامعي ابن رشد", "hospital",
                         facilities=("CHUIR",)),

@@ -2,7 +2,9 @@
 load balancer serves them. The cookie carries a random token; the table keeps only its
 SHA-256, so a copy of the database opens no session. A session ends at logout, after
 `session_idle_timeout` seconds without a request, or `session_max_age` after login.
-Functions take a connection (one transaction, the caller's); `new_session` is pure."""
+Functions take a connection (one transaction, the caller's); `new_session` is pure. A
+request reads its session (`find_session`) and writes only when it must: to delete an ended
+one, or to move its last use forward (at most every 15 s)."""
 from __future__ import annotations
 
 import hashlib
@@ -52,22 +54,33 @@ def store_session(connection: Connection, token: str, session: Session, idle: fl
         last_seen_at=now, expires_at=session.expires_at))
 
 
-def open_session(connection: Connection, token: str, now: datetime, idle: float) -> Session | None:
-    """The live session of `token`, its last use moved to `now`; None (and the row deleted)
-    when it has ended."""
-    digest = token_digest(token)
+@dataclass(frozen=True)
+class Found:
+    """A session as read, and what its use now requires."""
+
+    session: Session | None  # None: none, or it has ended
+    ended: bool  # a row that has ended: delete it
+    touch: bool  # a live row whose last use should move to now
+
+
+def find_session(connection: Connection, token: str, now: datetime, idle: float) -> Found:
+    """Read the session of `token` (no write: most requests need none, and on SQLite a
+    write transaction would wait for the ingest writer)."""
     row = connection.execute(select(console_sessions)
-                             .where(console_sessions.c.token_sha256 == digest)).first()
+                             .where(console_sessions.c.token_sha256 == token_digest(token))).first()
     if row is None:
-        return None
+        return Found(None, False, False)
     expires_at, last_seen = _utc(row.expires_at), _utc(row.last_seen_at)
     if expires_at <= now or last_seen + timedelta(seconds=idle) <= now:
-        connection.execute(delete(console_sessions).where(console_sessions.c.token_sha256 == digest))
-        return None
-    if now - last_seen >= _TOUCH_EVERY:
-        connection.execute(update(console_sessions).where(console_sessions.c.token_sha256 == digest)
-                           .values(last_seen_at=now))
-    return Session(row.account, row.role, row.csrf_token, row.source, _utc(row.created_at), expires_at)
+        return Found(None, True, False)
+    return Found(Session(row.account, row.role, row.csrf_token, row.source, _utc(row.created_at),
+                         expires_at), False, now - last_seen >= _TOUCH_EVERY)
+
+
+def touch_session(connection: Connection, token: str, now: datetime) -> None:
+    connection.execute(update(console_sessions)
+                       .where(console_sessions.c.token_sha256 == token_digest(token))
+                       .values(last_seen_at=now))
 
 
 def close_session(connection: Connection, token: str) -> bool:

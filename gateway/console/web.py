@@ -18,7 +18,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -37,7 +36,8 @@ from gateway.console import actions, queries
 from gateway.console.criteria import STATUSES, InvalidSearch, parse_search
 from gateway.console.hl7_layout import layout
 from gateway.console.passwords import DUMMY_HASH, verify_password
-from gateway.console.sessions import COOKIE, Session, close_session, new_session, open_session, store_session
+from gateway.console.sessions import (COOKIE, Session, close_session, find_session, new_session,
+                                      store_session, touch_session)
 from gateway.console.throttle import LoginThrottle
 from gateway.events import Event, EventBus
 
@@ -248,8 +248,13 @@ class Console(resource.Resource):
         if not _TOKEN.fullmatch(token):
             return None
         console = self.context.config.console
-        session = await self.context.database.run_write(open_session, token, self._now(),
-                                                        console.session_idle_timeout)
+        now = self._now()
+        found = await self.context.database.run(find_session, token, now, console.session_idle_timeout)
+        if found.ended:
+            await self.context.database.run_write(close_session, token)
+        elif found.touch:
+            await self.context.database.run_write(touch_session, token, now)
+        session = found.session
         if session is None:
             return None
         account = self.accounts.get(session.account)
