@@ -107,16 +107,33 @@ def ticks(pid: int) -> int:
 
 
 def postgres_ticks() -> int:
+    """The server's own processes and the backends of the bench's database: not the backends
+    of other databases (tests running meanwhile), whose end would make the sum go back."""
     total = 0
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/comm") as f:
-                    if f.read().startswith("postgres"):
-                        total += ticks(int(entry))
+                    if not f.read().startswith("postgres"):
+                        continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    title = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
             except OSError:
-                pass
+                continue
+            if _postgres_counts(title):
+                total += ticks(int(entry))
     return total
+
+
+def _postgres_counts(title: str) -> bool:
+    """Whether a postgres process (by its title: "postgres: 15/main: USER DB HOST(PORT) ...",
+    "... autovacuum worker DB", "... walwriter") is the server's or one of DB's."""
+    words = title.split(": ", 2)[-1].split()
+    if "autovacuum" in words[:1] and "worker" in words[1:2]:
+        return DB in words[2:3]
+    if len(words) >= 3 and "(" in words[2]:  # a backend: user, database, client address
+        return words[1] == DB
+    return True
 
 
 def cpu_snapshot(gateway_pid: int, record_pid: int) -> dict[str, int]:
@@ -171,7 +188,7 @@ def outbox_figures() -> dict:
         attempts = db.execute("SELECT count(*) FROM delivery_attempts").fetchone()[0]
         control_ids = {r[0] for r in db.execute("SELECT control_id FROM messages WHERE accepted")}
         entries = db.execute("SELECT coalesce(sum(json_array_length(bundle::json -> 'entry')), 0) "
-                             "FROM translations t JOIN deliveries d ON d.message_id = t.message_id").fetchone()[0]
+                             "FROM canonical_bundles b JOIN deliveries d ON d.message_id = b.message_id").fetchone()[0]
     ok, dead, pending, span, lags, worst, translate_lags = row
     lags, translate_lags = lags or [0, 0, 0], translate_lags or [0, 0]
     return {"delivered": ok, "dead": dead, "pending": pending, "span_s": float(span or 0),
