@@ -367,6 +367,29 @@ def test_duplicate_across_rounds_replays_the_stored_ack(harness):
     assert row.ack == first.items[0].ack and row.duplicate_count == 2
 
 
+def _stored_ids(harness) -> dict[bytes, int]:
+    with harness.engine.connect() as conn:
+        return {bytes(raw): message_id for message_id, raw in conn.execute(
+            select(message_payloads.c.message_id, message_payloads.c.raw))}
+
+
+def test_each_stored_message_learns_its_id(harness):
+    """The writer gives every item it stored its row's id (translation needs no look-up by
+    key): in a round stored at once, and in a round redone message by message because a key
+    was taken, where the duplicate (not stored again) gets none."""
+    redone = [harness.submit(raw) for raw in (hl7("ID-1"), hl7("ID-2"), hl7("ID-1"), bad_hl7("ID-X", "x"))]
+    harness.writer.start()
+    harness.outcomes.wait(4)
+    assert harness.writer.commits == 1
+    at_once = [harness.submit(hl7("ID-3")), harness.submit(hl7("ID-4"))]
+    harness.outcomes.wait(6)
+    ids = _stored_ids(harness)
+    assert len(ids) == 5 and len(set(ids.values())) == 5
+    assert redone[2].items[0].duplicate and redone[2].items[0].message_id is None
+    for job in redone[:2] + redone[3:] + at_once:
+        assert job.items[0].message_id == ids[job.items[0].raw]
+
+
 def test_refused_messages_may_reuse_a_control_id(harness):
     """Two different refused messages with the same MSH-10 are both stored, each with its own NAK."""
     harness.writer.start()

@@ -47,6 +47,7 @@ class Inbound:
     header: MessageHeader | None = None  # kept in memory to answer a reused control id
     # Set by the store: a re-sent message gets the stored ACK and is not stored again.
     duplicate: bool = False
+    message_id: int | None = None  # set by the store once committed (None for a duplicate)
     format: str = "hl7v2"  # the input format (gateway.translation.inputs.FORMATS)
 
     @property

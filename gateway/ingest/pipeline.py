@@ -169,7 +169,7 @@ def pending_translations(job: IngestJob) -> list[Pending]:
     for item in job.items:
         if item.deduplicated and not item.duplicate:
             received_at = received_at or datetime.fromtimestamp(job.received_at, timezone.utc)
-            pending.append(Pending(None, (item.sending_application, item.sending_facility,
+            pending.append(Pending(item.message_id, (item.sending_application, item.sending_facility,
                                           item.control_id), item.raw, item.codec, item.format,
                                    item.sender_id, received_at, item.message_type, item))
     return pending

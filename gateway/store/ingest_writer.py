@@ -11,7 +11,8 @@ PostgreSQL: its ON CONFLICT waits for the other node's transaction on the same k
 
 Each message's bytes go to `message_payloads` in the same transaction (retention expires them
 apart from the index): on PostgreSQL one statement per message inserts both (a data-modifying
-WITH), on SQLite the round's ids are read back from the rowids it was given.
+WITH), on SQLite the round's ids are read back from the rowids it was given. Either way each
+stored item learns its id (`Inbound.message_id`), so that translation needs no look-up by key.
 
 The writer never touches the reactor: `deliver(function, *args)` is given (callFromThread).
 """
@@ -67,7 +68,8 @@ class IngestWriter:
         # PostgreSQL: message and payload in one statement; a skipped message inserts neither,
         # so the row count still says whether a key was taken. The raw bytes are the last value.
         with_payload = (" RETURNING id, received_at) INSERT INTO message_payloads "
-                        "(message_id, received_at, raw) SELECT id, received_at, %s FROM m")
+                        "(message_id, received_at, raw) SELECT id, received_at, %s FROM m "
+                        "RETURNING message_id")
         self._sql_pg = "WITH m AS (" + self._sql + with_payload
         self._sql_pg_skipping = "WITH m AS (" + self._sql + skip + with_payload
         self._sql_payload = "INSERT INTO message_payloads (message_id, received_at, raw) VALUES (?, ?, ?)"
@@ -148,7 +150,7 @@ class IngestWriter:
             # pool's ping opened, or transaction() would only make a savepoint inside it.
             driver.rollback()
             driver.autocommit = True
-        if self._insert_round(driver, [row for job in jobs for row in self._rows(job)]):
+        if self._insert_round(driver, jobs, [row for job in jobs for row in self._rows(job)]):
             return
         for attempt in range(3):
             try:
@@ -156,16 +158,18 @@ class IngestWriter:
                     cursor = driver.cursor()
                     for job in jobs:
                         for item in job.items:
+                            item.message_id = None  # an earlier attempt's id was rolled back
                             if item.deduplicated and self._settle_conflict(cursor, item):
                                 continue  # a duplicate: answered with the stored ACK, not stored again
-                            self._insert_one(cursor, self._rows(job, [item])[0])
+                            item.message_id = self._insert_one(cursor, self._rows(job, [item])[0])
                 return
             except self._integrity_error:
                 if attempt == 2:
                     raise
 
-    def _insert_round(self, driver, rows: list[tuple]) -> bool:
-        """Insert every row in one transaction; False (and nothing stored) if a key is taken."""
+    def _insert_round(self, driver, jobs: list[IngestJob], rows: list[tuple]) -> bool:
+        """Insert every row (the jobs' items, in order) in one transaction and give each item
+        its id; False (and nothing stored) if a key is taken."""
         if self._sqlite:
             try:
                 with self._transaction(driver):
@@ -176,27 +180,35 @@ class IngestWriter:
                     first = last - len(rows) + 1
                     driver.executemany(self._sql_payload, [
                         (first + i, row[0], row[-1]) for i, row in enumerate(rows)])
-                return True
+                ids = range(first, last + 1)
             except self._integrity_error:
                 return False
-        # PostgreSQL: ON CONFLICT DO NOTHING keeps psycopg's pipeline from aborting; a short
-        # row count says a key was taken, and the round is rolled back.
-        try:
-            with self._transaction(driver):
-                with driver.cursor() as cursor:
-                    cursor.executemany(self._sql_pg_skipping, rows)
-                    if cursor.rowcount != len(rows):
-                        raise _KeyTaken
-            return True
-        except _KeyTaken:
-            return False
+        else:
+            # PostgreSQL: ON CONFLICT DO NOTHING keeps psycopg's pipeline from aborting; a
+            # skipped row returns no id, which says a key was taken: the round is rolled back.
+            try:
+                with self._transaction(driver):
+                    with driver.cursor() as cursor:
+                        cursor.executemany(self._sql_pg_skipping, rows, returning=True)
+                        ids = [cursor.fetchone() for _ in cursor.results()]
+                        if None in ids:
+                            raise _KeyTaken
+                ids = [row[0] for row in ids]
+            except _KeyTaken:
+                return False
+        for item, message_id in zip((item for job in jobs for item in job.items), ids, strict=True):
+            item.message_id = message_id
+        return True
 
-    def _insert_one(self, cursor, row: tuple) -> None:
+    def _insert_one(self, cursor, row: tuple) -> int:
+        """Insert one message and its payload; its id."""
         if self._sqlite:
             cursor.execute(self._sql, row[:-1])
-            cursor.execute(self._sql_payload, (cursor.lastrowid, row[0], row[-1]))
-        else:
-            cursor.execute(self._sql_pg, row)
+            message_id = cursor.lastrowid
+            cursor.execute(self._sql_payload, (message_id, row[0], row[-1]))
+            return message_id
+        cursor.execute(self._sql_pg, row)
+        return cursor.fetchone()[0]
 
     def _transaction(self, driver):
         return _sqlite_transaction(driver) if self._sqlite else driver.transaction()

@@ -34,8 +34,8 @@ _KEY_SQL = text("SELECT id FROM messages WHERE accepted AND sending_application 
 
 @dataclass(slots=True)
 class Pending:
-    """A stored message to translate: by id (sweep, replay) or by its key (the live path,
-    where the ingest writer's insert gave no id)."""
+    """A stored message to translate: by id (the live path has it from the ingest writer's
+    insert; sweep, replay), or else by its key (`resolve_message_id`)."""
 
     message_id: int | None
     key: tuple[str, str, str] | None  # (MSH-3, MSH-4, MSH-10) of an accepted message

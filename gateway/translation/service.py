@@ -5,8 +5,8 @@ translation`.
     ingest commit --(accepted messages)--> queue --> worker: translate a batch, then one
     transaction: upsert translations rows, messages.status received -> translated | failed
 
-- The live path hands over messages already in memory (no read); by key, since the ingest
-  writer's insert gives no id.
+- The live path hands over messages already in memory (no read), with the ids the ingest
+  writer's insert gave them.
 - The sweep reads messages still 'received' (a crash, a full queue, a database outage) and
   translates them: at start, and whenever the live path lost something. Live jobs go first,
   between the sweep's batches, so that an ACK waiting for translation is not held behind a
