@@ -76,7 +76,8 @@ class EventBus:
         self._listeners = self._listeners + (listener,)
 
     def unsubscribe(self, listener: Listener) -> None:
-        self._listeners = tuple(l for l in self._listeners if l is not listener)
+        # ==, not is: a bound method is a new object each time it is read, but compares equal.
+        self._listeners = tuple(l for l in self._listeners if l != listener)
 
     def emit(self, event: Event) -> None:
         for listener in self._listeners:
