@@ -111,6 +111,8 @@ delivery_attempts = Table(
     Column("response", LargeBinary),  # the peer's answer, capped (migration 0008)
 )
 Index("ix_delivery_attempts_delivery", delivery_attempts.c.delivery_id)
+# The console's error rate per destination over the last hour (migration 0008).
+Index("ix_delivery_attempts_at", delivery_attempts.c.attempted_at)
 
 # -- Data kept for a limited time (issue 6, migration 0008). The bytes received and the
 # bundles made from them live apart from the message index above, which stays for duplicate

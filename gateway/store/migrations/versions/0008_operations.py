@@ -115,9 +115,11 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("delivery_attempts") as batch:
         batch.add_column(sa.Column("response", sa.LargeBinary))
+    op.create_index("ix_delivery_attempts_at", "delivery_attempts", ["attempted_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_delivery_attempts_at", "delivery_attempts")
     with op.batch_alter_table("delivery_attempts") as batch:
         batch.drop_column("response")
     op.drop_table("facility_certificates")
