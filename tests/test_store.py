@@ -566,6 +566,32 @@ def test_get_message_returns_the_bytes_and_the_decoded_text(harness):
 
 
 @pytest.mark.pg
+def test_postgresql_compresses_payloads_with_lz4_where_the_server_can(pg_url):
+    """Every connection of the gateway's engine asks for lz4 TOAST compression (much cheaper
+    for PostgreSQL than pglz); a stored payload large enough to be compressed is lz4."""
+    engine = create_gateway_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            choices = conn.execute(text("SELECT enumvals FROM pg_settings "
+                                        "WHERE name = 'default_toast_compression'")).scalar()
+            if "lz4" not in (choices or []):
+                pytest.skip("this PostgreSQL was built without lz4")
+            assert conn.execute(text("SHOW default_toast_compression")).scalar() == "lz4"
+        migrate(engine)
+        h = Harness(pg_url, migrated=True)
+        h.writer.start()
+        job = h.submit(hl7("LZ4-1", body="\r".join(f"NTE|{n}||{'compressible text ' * 20}" for n in range(20))))
+        h.outcomes.wait(1)
+        h.close()
+        with engine.connect() as conn:
+            method = conn.execute(text("SELECT pg_column_compression(raw) FROM message_payloads "
+                                       "WHERE message_id = :id"), {"id": job.items[0].message_id}).scalar()
+        assert method == "lz4"
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.pg
 def test_two_nodes_store_the_same_message_once(pg_url):
     """Two writers on two engines committing the same messages at once: one row each, identical positive ACKs."""
     node_a, node_b = Harness(pg_url), Harness(pg_url)
