@@ -70,8 +70,25 @@ def run(config: GatewayConfig, sandbox: bool = False) -> int:
     # otherwise walk it again and again under load (measured: about a tenth of the CPU).
     gc.collect()
     gc.freeze()
+    pace_collector()
     reactor.run()
     return 0
+
+
+# Young objects the collector looks at once this many more were allocated than freed (Python's
+# default: 700), and the older generations after 20 and 10 such passes. Under load nearly
+# everything allocated is freed by reference counting within milliseconds, but a batch of
+# translated bundles (a few hundred thousand dicts and lists until it is stored) or a batched
+# transaction at the record peer outlives many 700-object passes and was walked again and
+# again, young then old. Measured in bench-deliver (3,000 ORU^R01): the gateway's collections
+# took 0.68 s of CPU at the default pace, 0.21 s at this one (mostly the collection at start);
+# the record peer's 0.32 s, 0.05 s. Cyclic garbage waits at most 100,000 allocations.
+COLLECTOR_THRESHOLDS = (100_000, 20, 10)
+
+
+def pace_collector() -> None:
+    """Set the collector's pace for a long-running server process (see above)."""
+    gc.set_threshold(*COLLECTOR_THRESHOLDS)
 
 
 def run_sandbox(config: GatewayConfig) -> int:
@@ -100,6 +117,7 @@ def run_sandbox(config: GatewayConfig) -> int:
                       if peer is not None)
     if not failures:
         Logger(namespace="sandbox").info("sandbox peers ready: {peers}", peers=peers)
+    pace_collector()
     reactor.run()
     return 1 if failures else 0
 
