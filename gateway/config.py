@@ -293,6 +293,9 @@ class DestinationConfig:
     response_timeout: float = 30.0  # the whole request, until the answer is read
     concurrency: int = 16  # requests in flight to this destination from one node
     retry: RetryConfig = field(default_factory=RetryConfig)
+    # Most deliveries (messages) in one request: fhir-record batches them in one transaction
+    # (None: gateway.delivery.destinations.RECORD_BATCH_SIZE); cnss sends one care sheet each.
+    batch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -905,6 +908,7 @@ _DESTINATION = _record(
     response_timeout=_SECONDS,
     concurrency=_integer(1, 1024),
     retry=_RETRY,
+    batch_size=_integer(1, 1000),
 )
 _ROUTE = _record(
     RouteConfig,
@@ -1047,6 +1051,9 @@ def _retry_problems(path: str, values: dict) -> list[str]:
             destination.retry.policy()
         except ValueError as error:
             problems.append(f"{_display(path)}: destinations[{index}].retry: {error}")
+        if destination.kind == "cnss" and destination.batch_size not in (None, 1):
+            problems.append(f"{_display(path)}: destinations[{index}].batch_size: cnss takes one "
+                            "care sheet per request (1)")
     return problems
 
 

@@ -326,3 +326,27 @@ def test_facility_identity_types_and_doors_are_checked(project):
         "conf/facilities.yaml: facilities[1].mappings: 'INPE-9' is not a folder of mappings/senders"]
     config = load_config(str(write(project, MINIMAL)), {})
     assert config.senders[0].certificate_sha256 == "abcdef0123456789" * 4
+
+
+def test_a_destination_may_set_its_batch_size(project):
+    """destinations[].batch_size: how many deliveries a shared-record request carries (the
+    adapter's default when absent); a CNSS destination takes one care sheet per request."""
+    from gateway.delivery.destinations import RECORD_BATCH_SIZE, destination_for
+
+    config = load_config(str(write(project, MINIMAL + textwrap.dedent("""\
+        destinations:
+          - {name: record, kind: fhir-record, url: "https://record/fhir", batch_size: 200}
+          - {name: other, kind: fhir-record, url: "https://other/fhir"}
+        """))), {})
+    assert [d.batch_size for d in config.destinations] == [200, None]
+    assert [destination_for(d).batch_size for d in config.destinations] == [200, RECORD_BATCH_SIZE]
+    assert problems(write(project, MINIMAL + textwrap.dedent("""\
+        destinations:
+          - {name: record, kind: fhir-record, url: "https://record/fhir", batch_size: 0}
+        """))) == ["conf/gateway.yaml:6: destinations[0].batch_size: must be an integer between 1 "
+                   "and 1000, got 0"]
+    assert problems(write(project, MINIMAL + textwrap.dedent("""\
+        destinations:
+          - {name: cnss, kind: cnss, url: "https://cnss/", batch_size: 5}
+        """))) == ["conf/gateway.yaml: destinations[0].batch_size: cnss takes one care sheet per "
+                   "request (1)"]

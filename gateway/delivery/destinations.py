@@ -3,8 +3,8 @@ its answer becomes an outcome. The adapters themselves are pure (`fhir_record`, 
 this module only picks one for a configured destination, with how many deliveries one request
 may carry:
 
-- `fhir-record`: up to `RECORD_BATCH_SIZE` deliveries (and `RECORD_BATCH_BYTES` of bundles) in
-  one FHIR transaction, all or nothing at the record;
+- `fhir-record`: up to the destination's `batch_size` (default `RECORD_BATCH_SIZE`) deliveries
+  (and `RECORD_BATCH_BYTES` of bundles) in one FHIR transaction, all or nothing at the record;
 - `cnss`: one care sheet per SOAP request.
 """
 from __future__ import annotations
@@ -36,9 +36,11 @@ class Destination:
     batch_bytes: int | None = None  # most bundle bytes in one request (a lone delivery may exceed)
 
 
-def destination_for(config: DestinationConfig, *, batch_size: int = RECORD_BATCH_SIZE,
+def destination_for(config: DestinationConfig, *, batch_size: int | None = None,
                     batch_bytes: int = RECORD_BATCH_BYTES) -> Destination:
-    """The adapter for `config`; `batch_size`/`batch_bytes` apply to kinds that batch."""
+    """The adapter for `config`; `batch_size` (else the configured one, else
+    RECORD_BATCH_SIZE) and `batch_bytes` apply to kinds that batch."""
+    batch_size = batch_size or config.batch_size or RECORD_BATCH_SIZE
     if config.kind == "fhir-record":
         from gateway.delivery import fhir_record
 
