@@ -21,7 +21,7 @@ from twisted.internet import defer, reactor, threads
 import hl7msgs
 from delivery_support import until
 from gateway.config import DeliveryConfig, DestinationConfig, RetryConfig, RouteConfig, RouteMatch
-from gateway.delivery.outcome import HttpRequest
+from gateway.delivery.outcome import HttpRequest, HttpResponse
 from gateway.delivery.routes import patient_key
 from gateway.delivery.service import DeliveryService
 from gateway.store import outbox
@@ -157,6 +157,18 @@ def test_the_byte_cap_bounds_a_batch(engine):
     m = add(engine, "Patient/a", "Patient/a", "Patient/a", "Patient/b", bundle=bundle)
     batches = claim(engine, batch_bytes=2500)
     assert message_ids(batches) == [m[:2], [m[3]]]
+
+
+def test_batches_below_the_minimum_are_left_unclaimed(engine):
+    """min_size: a batch with fewer deliveries is not taken (nor leased): a later claim, even
+    by another node, gets it whole; full batches are taken meanwhile."""
+    m = add(engine, "Patient/a", "Patient/b", "Patient/c", "Patient/a", "Patient/d")
+    with engine.begin() as conn:
+        taken = outbox.claim_batches(conn, "n1", "record", T0, 60.0, requests=2, batch_size=3, min_size=3)
+    assert message_ids(taken) == [[m[0], m[1], m[3]]]  # a's run whole; c and d would be a batch of two
+    with engine.begin() as conn:
+        assert outbox.claim_batches(conn, "n1", "record", T0, 60.0, requests=2, batch_size=3, min_size=3) == []
+    assert message_ids(claim(engine, node="n2", batch_size=3)) == [[m[2], m[4]]]
 
 
 def test_a_retry_of_the_same_set_has_the_same_key_and_another_set_another(engine):
@@ -360,6 +372,88 @@ def test_two_patients_in_one_request_refused_then_replayed(db_url, make_config, 
     finally:
         yield service.stopService()
         database.stop()
+
+
+class HeldTransport:
+    """A destination that answers only when the test says so: each request's bodies' message
+    count is kept, and `answer()` fires the oldest request's response (an empty
+    transaction-response: delivered)."""
+
+    def __init__(self):
+        self.requests: list[tuple[int, defer.Deferred]] = []
+
+    def request(self, request):
+        d = defer.Deferred()
+        self.requests.append((request.body.count(b'"fullUrl"'), d))
+        return d
+
+    def answer(self):
+        _, d = next((r for r in self.requests if not r[1].called))
+        d.callback(HttpResponse(200, {}, b'{"resourceType":"Bundle","type":"transaction-response","entry":[]}'))
+
+    def close(self):
+        return defer.succeed(None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_while_a_request_is_in_flight_only_full_batches_go(db_url, make_config, peers):
+    """A lone delivery goes at once. While it is out, deliveries of six patients arrive: a full
+    batch (batch_size 4) goes too, the other two wait, and go together once nothing is in
+    flight any more: two fuller requests instead of several small ones."""
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    bundle = json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [
+        {"fullUrl": "urn:uuid:0f0f0f0f-0000-5000-8000-000000000001",
+         "resource": {"resourceType": "Basic", "id": "0f0f0f0f-0000-5000-8000-000000000001"}}]})
+    transport = HeldTransport()
+    config = gateway_config(make_config, db_url, peers)
+    config = dataclasses.replace(config, destinations=(dataclasses.replace(config.destinations[0], batch_size=4),),
+                                 delivery=DeliveryConfig(lease=30, poll_interval=0.05))
+    database = Database(engine, reactor, 2)
+    database.start()
+    service = DeliveryService(config, database, reactor, transport_factory=lambda destination: transport)
+    add(engine, "Patient/0", bundle=bundle, destination="shared-record")
+    service.startService()
+    try:
+        yield until_true(lambda: len(transport.requests) == 1)
+        assert transport.requests[0][0] == 1
+        add(engine, *[f"Patient/{n}" for n in range(1, 7)], bundle=bundle, destination="shared-record")
+        service.wake()
+        yield until_true(lambda: len(transport.requests) == 2)
+        assert transport.requests[1][0] == 4
+        yield _later(0.3)  # several polls: the two left are not sent while requests are out
+        assert len(transport.requests) == 2
+        transport.answer()
+        yield _later(0.3)
+        assert len(transport.requests) == 2  # one still out
+        transport.answer()
+        yield until_true(lambda: len(transport.requests) == 3)
+        assert transport.requests[2][0] == 2
+        transport.answer()
+        found = yield until(DELIVERIES, lambda f: len(f) == 7 and all(r.status == "delivered" for r in f), db_url)
+        assert [r.attempts for r in found] == [1] * 7
+    finally:
+        for _, d in transport.requests:
+            if not d.called:
+                d.callback(HttpResponse(503, {}, b""))
+        yield service.stopService()
+        database.stop()
+
+
+def _later(seconds: float) -> defer.Deferred:
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds, lambda: None)
+
+
+@defer.inlineCallbacks
+def until_true(condition, timeout: float = 10.0):
+    waited = 0.0
+    while not condition():
+        if waited > timeout:
+            raise AssertionError("condition not met in time")
+        yield _later(0.02)
+        waited += 0.02
 
 
 def translate(mapping_set, message: bytes) -> dict:

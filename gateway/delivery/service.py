@@ -10,6 +10,14 @@ It looks at the outbox when woken (a translation stored new deliveries, an attem
 settled) and every `poll_interval` otherwise, so deliveries enqueued by other nodes, retries
 that fall due and leases that expire are all picked up.
 
+Batches fill up under load: while a request to a destination is in flight, only full batches
+(its batch size) are sent to it; a partial one waits until nothing is in flight there (at most
+the time of the requests already out) and then goes with whatever is due. A lone message
+still leaves at once; a stream of them goes in a few large requests rather than many small
+ones, which costs every side less per message (bench-deliver, 3,000 ORU^R01 to the record at
+concurrency 4: 56-59 messages per request instead of 17-45, 426-446 messages/s end to end
+instead of 371-431, the record's CPU per message about 0.08 ms lower).
+
 Stopping lets requests in flight finish (each is bounded by its response timeout), settles
 them, and gives back what it had claimed but not sent.
 """
@@ -125,7 +133,8 @@ class DeliveryService(Service):
             room = destination.config.concurrency - self.in_flight[name]
             if room > 0:
                 requests = min(room, max(1, self.config.delivery.claim_batch // destination.batch_size))
-                plan[name] = _ClaimPlan(requests, destination.batch_size, destination.batch_bytes)
+                fill = destination.batch_size if self.in_flight[name] else 1
+                plan[name] = _ClaimPlan(requests, destination.batch_size, destination.batch_bytes, fill)
         return plan
 
     def _claimed(self, batches: list[outbox.Batch]) -> None:
@@ -282,6 +291,7 @@ class _ClaimPlan:
     requests: int
     batch_size: int
     batch_bytes: int | None
+    min_size: int = 1  # smaller batches are left for later (requests are in flight)
 
 
 def _claim_all(connection, node: str, plans: dict[str, _ClaimPlan], now: datetime,
@@ -290,7 +300,7 @@ def _claim_all(connection, node: str, plans: dict[str, _ClaimPlan], now: datetim
     for destination, plan in plans.items():
         batches.extend(outbox.claim_batches(connection, node, destination, now, lease,
                                             requests=plan.requests, batch_size=plan.batch_size,
-                                            batch_bytes=plan.batch_bytes))
+                                            batch_bytes=plan.batch_bytes, min_size=plan.min_size))
     return batches
 
 

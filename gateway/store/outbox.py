@@ -13,7 +13,8 @@ transaction, the caller's) and plain data, like the rest of the store.
   first due delivery (its head) may bring the deliveries that follow it (its run: consecutive,
   due, free, up to `batch_size` and `batch_bytes`); runs of several patients share a batch,
   and a run is never split between batches, so two requests in flight never carry the same
-  patient. `claim` is the one-delivery-per-request form.
+  patient. A caller may take only batches of at least `min_size` deliveries (the rest stay
+  due, unleased). `claim` is the one-delivery-per-request form.
 - `settle` records attempts: delivered, retry at a given time, or dead. A node whose lease was
   taken over meanwhile (it was too slow) records its attempt but does not change the row.
 """
@@ -232,10 +233,12 @@ def claim(connection: Connection, node: str, destination: str, now: datetime, le
 
 
 def claim_batches(connection: Connection, node: str, destination: str, now: datetime, lease: float,
-                  *, requests: int, batch_size: int = 1, batch_bytes: int | None = None) -> list[Batch]:
+                  *, requests: int, batch_size: int = 1, batch_bytes: int | None = None,
+                  min_size: int = 1) -> list[Batch]:
     """Take due deliveries to `destination` for `node`, as up to `requests` batches of at most
-    `batch_size` deliveries and `batch_bytes` bytes of bundles (a lone delivery may be larger).
-    Patients whose head is oldest come first."""
+    `batch_size` deliveries and `batch_bytes` bytes of bundles (a lone delivery may be larger),
+    each of at least `min_size` deliveries (smaller ones are left, untouched, for a later
+    claim). Patients whose head is oldest come first."""
     if requests < 1 or batch_size < 1:
         raise ValueError("requests and batch_size must be at least 1")
     is_pg = connection.dialect.name == "postgresql"
@@ -246,7 +249,10 @@ def claim_batches(connection: Connection, node: str, destination: str, now: date
         runs = [[(head.id, 0)] for head in heads]
     else:
         runs = _runs(connection, is_pg, heads, destination, now, batch_size, batch_bytes)
-    packed = pack_runs(runs, requests, batch_size, batch_bytes)
+    # Whole batches only (a run is never split), so a batch left out leaves whole runs.
+    packed = [batch for batch in pack_runs(runs, requests, batch_size, batch_bytes) if len(batch) >= min_size]
+    if not packed:
+        return []
     wanted = [delivery_id for batch in packed for delivery_id in batch]
     # Only rows still pending and free: a node whose lease expired may have settled one of the
     # run meanwhile (the heads themselves are locked by this transaction).
