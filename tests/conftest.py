@@ -149,6 +149,7 @@ def running_gateway():
     from twisted.internet import defer, reactor
 
     from gateway.service import build_service
+    from process_support import listening_port
 
     services = []
 
@@ -159,7 +160,7 @@ def running_gateway():
         services.append(service)
         ports = {}
         for listener in config.mllp + config.astm + config.https + config.admin:
-            port = yield service.getServiceNamed(listener.name)._waitingForPort
+            port = yield listening_port(service.getServiceNamed(listener.name))
             ports[listener.name] = port.getHost().port
         return ports
 

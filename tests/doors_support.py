@@ -19,6 +19,7 @@ from gateway.config import (DatabaseConfig, GatewayConfig, HttpsListenerConfig, 
                             PkiConfig, SenderConfig)
 from gateway.store.schema import canonical_bundles, message_payloads, messages, translations
 from gateway.tls import client_tls_options
+from process_support import listening_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +81,7 @@ def start_door(config: GatewayConfig, pki: str, extra_routes=(), translate: bool
                                    **door_options)
     for service in services:
         service.startService()
-    port = yield services[0]._waitingForPort
+    port = yield listening_port(services[0])
     return Door(config, port.getHost().port, pki, store, translation, services + [translation, store])
 
 

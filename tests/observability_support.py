@@ -19,6 +19,7 @@ from gateway.config import (DeliveryConfig, DestinationConfig, RetryConfig, Rout
                             SenderConfig)
 from gateway.events import Event
 from translation_support import with_mappings, write_mappings
+from process_support import listening_port
 
 HOST = "127.0.0.1"
 CHU = SenderConfig(id="INPE-100001", name="CHU", type="hospital", facilities=("CHU_TEST",))
@@ -94,7 +95,7 @@ def start_observed(config, started: list) -> Observed:
     service.startService()
     started.append(observed)
     for listener in config.mllp + config.astm + config.https:
-        port = yield service.getServiceNamed(listener.name)._waitingForPort
+        port = yield listening_port(service.getServiceNamed(listener.name))
         observed.ports[listener.name] = port.getHost().port
     return observed
 

@@ -47,3 +47,19 @@ def start_gateway(config: str, root, port: int, log_name: str) -> subprocess.Pop
     log.close()  # the child has its own descriptor
     wait_for_port(port, process, log=root / log_name)
     return process
+
+
+def listening_port(service):
+    """A Deferred of the port a StreamServerEndpointService listens on. Yielding its own
+    `_waitingForPort` would consume the port (the Deferred's result becomes None), and its
+    stopService would then leave the port open for the rest of the test run."""
+    from twisted.internet import defer
+
+    port = defer.Deferred()
+
+    def tell(result):
+        port.callback(result)
+        return result
+
+    service._waitingForPort.addBoth(tell)
+    return port

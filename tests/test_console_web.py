@@ -28,6 +28,7 @@ from gateway.events import EventBus
 from gateway.facilities import FacilityRegistry, RegistryRef
 from gateway.store.database import Database, create_gateway_engine, migrate
 from gateway.store.schema import deliveries, facility_certificates
+from process_support import listening_port
 
 SENDERS = (SenderConfig("CHUIR", "CHU Ibn Rochd — المستشفى الجامعي ابن رشد", "hospital",
                         facilities=("CHUIR",)),
@@ -598,7 +599,7 @@ async def test_a_tls_listener_asks_no_client_certificate_and_secures_the_cookie(
     assert service.name == "admin-tls"
     service.startService()
     try:
-        port = await service._waitingForPort
+        port = await listening_port(service)
         context = ssl.create_default_context(cafile=os.path.join(dev_pki, "ca.crt"))  # no client cert
         client = Client(port.getHost().port, tls=context)
         page = await client.post("/login", {"username": "viewer", "password": PASSWORDS["viewer"]})

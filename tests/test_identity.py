@@ -22,6 +22,7 @@ from gateway.pki import init_dev_pki
 from gateway.service import build_service
 from gateway.store.database import create_gateway_engine
 from gateway.store.queries import get_message, list_messages
+from process_support import listening_port
 
 HOST = "127.0.0.1"
 CHU, PHARMACY, REVOKED, STRANGER = "INPE-100001", "INPE-100004", "INPE-300001", "INPE-999999"
@@ -117,7 +118,7 @@ def gateway(make_config, pki, tmp_path):
         services.append(service)
         ports = {}
         for listener in config.mllp:
-            port = yield service.getServiceNamed(listener.name)._waitingForPort
+            port = yield listening_port(service.getServiceNamed(listener.name))
             ports[listener.name] = port.getHost().port
         return service, ports, db_url
 

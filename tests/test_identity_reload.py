@@ -7,7 +7,7 @@ import time
 
 import pytest
 import pytest_twisted
-from process_support import child_environment, free_port, start_gateway
+from process_support import child_environment, free_port, listening_port, start_gateway
 from twisted.internet import defer, reactor, threads
 
 from adapters.mllp.client import MllpClient
@@ -120,7 +120,7 @@ def test_reload_adds_a_facility_on_an_open_connection_and_refuses_a_broken_regis
     port = free_port()
     path = write_project(tmp_path, dev_pki, port)
     service = gateway_of(path)
-    yield service.getServiceNamed("mllp-plain")._waitingForPort
+    yield listening_port(service.getServiceNamed("mllp-plain"))
     connection = Connection(port)
     try:
         assert (yield connection.send(lab_message("R-1"))) == ("AR", "SENDER_NOT_ALLOWED")

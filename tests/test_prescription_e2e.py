@@ -20,6 +20,7 @@ from gateway.prescriptions import qr
 from gateway.service import build_service
 from delivery_support import until
 from prescription_support import AMOXIL, DOLIPRANE, omp, rde, rds
+from process_support import listening_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_RETRY = RetryConfig(base=0.2, factor=2.0, cap=0.5, max_age=600)
@@ -59,7 +60,7 @@ def start(config):
     root = build_service(config, reactor)
     prescriptions = root.getServiceNamed("prescriptions")
     root.startService()
-    port = yield root.getServiceNamed("mllp-test")._waitingForPort
+    port = yield listening_port(root.getServiceNamed("mllp-test"))
     return root, prescriptions, port.getHost().port
 
 

@@ -28,6 +28,7 @@ from gateway.service import build_service
 from delivery_support import until
 from doors_support import Client, Door
 from prescription_support import AMOXIL, DOLIPRANE, LABORATORY, PATIENT, rde, rds
+from process_support import listening_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCTOR_ID, PHARMACY_ID, LAB_ID, STRANGER_ID = "INPE-200001", "INPE-100004", "INPE-100002", "INPE-999999"
@@ -96,8 +97,8 @@ def test_the_reform_end_to_end(make_config, peers, dev_pki, foreign_pki, tmp_pat
     root = build_service(config, reactor)
     root.startService()
     try:
-        mllp = (yield root.getServiceNamed("mllp-tls")._waitingForPort).getHost().port
-        https = (yield root.getServiceNamed("https")._waitingForPort).getHost().port
+        mllp = (yield listening_port(root.getServiceNamed("mllp-tls"))).getHost().port
+        https = (yield listening_port(root.getServiceNamed("https"))).getHost().port
         door = Door(config, https, dev_pki, None, None)
         pharmacy, laboratory = Client(door, PHARMACY_ID), Client(door, LAB_ID)
 
@@ -192,7 +193,7 @@ def test_a_fhir_prescription_over_rest_comes_back_with_its_id_and_qr(make_config
     root = build_service(config, reactor)
     root.startService()
     try:
-        https = (yield root.getServiceNamed("https")._waitingForPort).getHost().port
+        https = (yield listening_port(root.getServiceNamed("https"))).getHost().port
         door = Door(config, https, dev_pki, None, None)
         doctor = Client(door, DOCTOR_ID)
         bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [

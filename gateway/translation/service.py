@@ -241,10 +241,11 @@ class TranslationWorker:
 
 
 def _name(item: Pending) -> str:
-    """How a message is named in logs: its id, or its control id (never content)."""
+    """How a message is named in logs: its id and control id (never content)."""
+    control = f"control id {item.key[2]!r}" if item.key else None
     if item.message_id is not None:
-        return f"#{item.message_id}"
-    return f"control id {item.key[2]!r}" if item.key else "?"
+        return f"#{item.message_id} ({control})" if control else f"#{item.message_id}"
+    return control or "?"
 
 
 def _translation_event(item: Pending, record: TranslationRecord) -> Event:

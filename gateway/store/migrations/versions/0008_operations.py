@@ -64,14 +64,16 @@ def upgrade() -> None:
             op.execute(f"CREATE TABLE {table}_default PARTITION OF {table} DEFAULT")
         # The months of the messages already stored (and two ahead) before they are copied,
         # so that they land in their months and not in DEFAULT, which a later month's creation
-        # would have to scan under lock.
+        # would have to scan under lock. (An empty database gets its months when the gateway
+        # starts.)
         from gateway.retention.partitions import ensure_partitions
 
         bind = op.get_bind()
-        now = datetime.now(timezone.utc)
-        oldest = bind.execute(sa.text("SELECT min(received_at) FROM messages")).scalar() or now
-        months = (now.year - oldest.year) * 12 + now.month - oldest.month
-        ensure_partitions(bind, oldest, months_ahead=max(months, 0) + 2)
+        oldest = bind.execute(sa.text("SELECT min(received_at) FROM messages")).scalar()
+        if oldest is not None:
+            now = datetime.now(timezone.utc)
+            months = (now.year - oldest.year) * 12 + now.month - oldest.month
+            ensure_partitions(bind, oldest, months_ahead=max(months, 0) + 2)
 
     op.execute("INSERT INTO message_payloads (message_id, received_at, raw) "
                "SELECT id, received_at, raw FROM messages")
