@@ -82,6 +82,9 @@ def test_ingest_translation_and_delivery_events(db_url, make_config, tmp_path, o
 
     [translated] = observed.kinds("message.translated")
     assert translated.subject.startswith("message/") and translated.facility == "INPE-100001"
+    # Receipt, ACK and translation of one message name the same subject (the audit joins them).
+    assert received[0].subject == acknowledged[0].subject == translated.subject
+    assert all(e.subject and e.subject.startswith("message/") for e in received + acknowledged)
     assert translated.message_type == "ADT^A01" and translated.detail["resources"] >= 1
     assert translated.detail["destinations"] == ["record-down"]
     [failed] = observed.kinds("message.translation_failed")

@@ -50,12 +50,12 @@ def stored(events: EventBus, items: Iterable[Inbound], listener: str, peer: str)
     those answered with a refusal (kept, as every refusal is)."""
     for item in items:
         actor = actor_of(item)
-        events.emit(Event("message.received", actor, source=peer, facility=item.sender_id,
+        events.emit(Event("message.received", actor, _subject(item), source=peer, facility=item.sender_id,
                           message_type=item.message_type, listener=listener,
                           detail={"control_id": item.control_id, "size": item.size,
                                   "sha256": item.sha256.hex(), "duplicate": item.duplicate}))
         if item.status is MessageStatus.REJECTED:
-            events.emit(Event("message.refused", actor, outcome="refused", source=peer,
+            events.emit(Event("message.refused", actor, _subject(item), outcome="refused", source=peer,
                               facility=item.sender_id, message_type=item.message_type,
                               listener=listener,
                               detail={"control_id": item.control_id, "reason": refusal_reason(item),
@@ -70,12 +70,17 @@ def answered(events: EventBus, items: Iterable[Inbound], listener: str, peer: st
         if item.ack is None:
             continue
         code = ack_code(item.ack)
-        events.emit(Event("message.acknowledged", actor_of(item), source=peer,
+        events.emit(Event("message.acknowledged", actor_of(item), _subject(item), source=peer,
                           facility=item.sender_id, message_type=item.message_type,
                           listener=listener, duration=duration,
                           outcome=_ACK_OUTCOMES[code] if code is not None else "success",
                           detail={"control_id": item.control_id,
                                   "ack_code": code.decode("ascii") if code is not None else None}))
+
+
+def _subject(item: Inbound) -> str | None:
+    """message/<id> once the writer stored it (None for a duplicate, answered with the stored ACK)."""
+    return f"message/{item.message_id}" if item.message_id is not None else None
 
 
 def not_stored(events: EventBus, payload: bytes, size: int, listener: str, peer: str) -> None:
