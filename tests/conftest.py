@@ -94,6 +94,30 @@ def dev_pki(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def foreign_pki(tmp_path_factory) -> str:
+    """Another CA, with a facility certificate (ROGUE-1) the gateway's CA never signed."""
+    from gateway.pki import init_dev_pki
+
+    directory = str(tmp_path_factory.mktemp("foreign-pki"))
+    init_dev_pki(directory, ["ROGUE-1"])
+    return directory
+
+
+@pytest.fixture
+def observe():
+    """`observe(config)` -> Deferred of a gateway started in this process with its events and
+    metrics recorded (observability_support.Observed); stopped after the test."""
+    import pytest_twisted
+
+    from observability_support import start_observed, stop_observed
+
+    started = []
+    yield lambda config: start_observed(config, started)
+    for observed in started:
+        pytest_twisted.blockon(stop_observed(observed))
+
+
+@pytest.fixture(scope="session")
 def pki(tmp_path_factory) -> str:
     """The HTTPS door tests' PKI: one facility of each kind and a certificate of a facility
     the registry does not know (doors_support.PKI_NAMES). A module may define its own."""

@@ -16,34 +16,12 @@ from twisted.internet import defer, reactor
 from adapters.mllp.client import describe
 from gateway.config import RetryConfig
 from gateway.events import KINDS
-from gateway.pki import init_dev_pki
 from gateway.store.database import create_gateway_engine
 from gateway.store.schema import facility_certificates
 from observability_support import (HOST, PATIENT_GIVEN, PATIENT_ID, PATIENT_NAME, facility_tls, hl7,
-                                   in_thread, observed_config, send_mllp, start_observed,
-                                   stop_observed, try_tls, until)
+                                   in_thread, observed_config, send_mllp, try_tls, until)
 
 
-@pytest.fixture
-def observe():
-    import pytest_twisted as pt
-
-    started = []
-
-    def start(config):
-        return start_observed(config, started)
-
-    yield start
-    for observed in started:
-        pt.blockon(stop_observed(observed))
-
-
-@pytest.fixture(scope="module")
-def foreign_pki(tmp_path_factory) -> str:
-    """Another CA, with a facility certificate the gateway's CA never signed."""
-    directory = str(tmp_path_factory.mktemp("foreign-pki"))
-    init_dev_pki(directory, ["ROGUE-1"])
-    return directory
 
 
 def no_patient_data(events) -> None:

@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.web.server import Site
 
 from gateway.health import HealthResource, ReadinessChecks
 from gateway.store.database import Database, create_gateway_engine
-from observability_support import (HOST, closed_port, http_get, in_thread, observed_config,
-                                   start_observed, stop_observed)
+from observability_support import HOST, closed_port, http_get, in_thread, observed_config
 
-
-@pytest.fixture
-def observe():
-    started = []
-    yield lambda config: start_observed(config, started)
-    for observed in started:
-        pytest_twisted.blockon(stop_observed(observed))
 
 
 def get_json(url: str):

@@ -17,7 +17,7 @@ from twisted.logger import Logger, globalLogPublisher
 
 from gateway.logs import Capture, StdlibBridge, json_line
 from observability_support import (PATIENT_GIVEN, PATIENT_ID, PATIENT_NAME, facility_tls, hl7, in_thread,
-                                   observed_config, send_mllp, start_observed, stop_observed, until)
+                                   observed_config, send_mllp, until)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -124,13 +124,6 @@ def info_log():
     root.removeHandler(bridge)
     root.setLevel(level)
 
-
-@pytest.fixture
-def observe():
-    started = []
-    yield lambda config: start_observed(config, started)
-    for observed in started:
-        pytest_twisted.blockon(stop_observed(observed))
 
 
 @pytest_twisted.inlineCallbacks

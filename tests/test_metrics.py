@@ -5,30 +5,15 @@ attempts and failures; failed TLS handshakes; door refusals. And the label rules
 the number of series bounded."""
 from __future__ import annotations
 
-import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.events import Event
 from gateway.metrics import GatewayMetrics
-from gateway.pki import init_dev_pki
 from observability_support import (facility_tls, hl7, http_get, in_thread, observed_config,
-                                   send_mllp, start_observed, stop_observed, try_tls, until)
+                                   send_mllp, try_tls, until)
 
 
-@pytest.fixture
-def observe():
-    started = []
-    yield lambda config: start_observed(config, started)
-    for observed in started:
-        pytest_twisted.blockon(stop_observed(observed))
-
-
-@pytest.fixture(scope="module")
-def foreign_pki(tmp_path_factory) -> str:
-    directory = str(tmp_path_factory.mktemp("foreign-pki"))
-    init_dev_pki(directory, ["ROGUE-1"])
-    return directory
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
