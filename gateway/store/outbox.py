@@ -113,6 +113,18 @@ def batch_idempotency_key(keys: Sequence[str]) -> str:
     return str(uuid.uuid5(_BATCH_NAMESPACE, "\n".join(sorted(keys))))
 
 
+_PG_ENQUEUE = text("""
+    INSERT INTO deliveries (message_id, destination, patient_key, status, idempotency_key,
+                            bundle_sha256, created_at, next_attempt_at, attempts)
+    SELECT u.message_id, u.destination, u.patient_key, 'pending', u.idempotency_key,
+           u.bundle_sha256, :now, :now, 0
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:destinations AS text[]), CAST(:patients AS text[]),
+                CAST(:keys AS text[]), CAST(:digests AS text[]))
+         AS u(message_id, destination, patient_key, idempotency_key, bundle_sha256)
+    ON CONFLICT (message_id, destination) DO NOTHING""").bindparams(
+    bindparam("now", type_=DateTime(timezone=True)))
+
+
 def enqueue(connection: Connection, entries: Iterable[Enqueue], now: datetime) -> int:
     """Create (or reopen) the deliveries of freshly stored translations; how many changed."""
     entries = list(entries)
@@ -141,10 +153,15 @@ def enqueue(connection: Connection, entries: Iterable[Enqueue], now: datetime) -
             # Still waiting: the next attempt carries the new content, under a new key.
             reopened.append({"b_id": row.id, "b_key": key, "b_sha": entry.bundle_sha256,
                              "b_patient": entry.patient_key, "b_now": None})
-    if new:
-        insert = (postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert)(deliveries)
-        # Two nodes translating the same message: the first insert wins, the content is the same.
-        connection.execute(insert.on_conflict_do_nothing(
+    if new and connection.dialect.name == "postgresql":
+        # One statement for the batch, its rows as arrays; two nodes translating the same
+        # message: the first insert wins, the content is the same.
+        connection.execute(_PG_ENQUEUE, {
+            "ids": [row["message_id"] for row in new], "destinations": [row["destination"] for row in new],
+            "patients": [row["patient_key"] for row in new], "keys": [row["idempotency_key"] for row in new],
+            "digests": [row["bundle_sha256"] for row in new], "now": now})
+    elif new:
+        connection.execute(sqlite.insert(deliveries).on_conflict_do_nothing(
             index_elements=[deliveries.c.message_id, deliveries.c.destination]), new)
     for item in reopened:
         values = {"idempotency_key": item["b_key"], "bundle_sha256": item["b_sha"],

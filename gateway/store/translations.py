@@ -6,20 +6,25 @@ same transaction: translation is deterministic, so the same message translated
 twice (by two nodes, by the start sweep and the live path, by a replay) leaves one row, the
 last. A message's status only moves between received, translated and failed: a refusal or
 an ignored ACK is never touched.
+
+On PostgreSQL a batch's translations, statuses and deliveries are written with one statement
+each, the rows passed as arrays (unnest): a statement per row cost the gateway and PostgreSQL
+more than the rows themselves. Bundles still go row by row (see _write_postgresql).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
 import orjson
-from sqlalchemy import Connection, bindparam, select, text, update
+from sqlalchemy import Connection, DateTime, bindparam, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.ingest.model import MessageStatus
-from gateway.store.outbox import Enqueue, bundle_digest, enqueue
+from gateway.store.outbox import Enqueue, enqueue
 from gateway.store.schema import canonical_bundles, message_payloads, messages, translations
 
 # Statuses a translation may move a message between.
@@ -135,10 +140,16 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
     sent); returns how many were written. Messages found by key get their id set."""
     now = now or datetime.now(timezone.utc)
     rows, bundles, unbundled, statuses, acks, outgoing = [], [], [], [], [], []
+    if connection.dialect.name == "postgresql":
+        # One row per message (a statement cannot upsert a row twice), the last translation of
+        # it winning, as it would row after row.
+        results = list({resolve_message_id(connection, pending): (pending, record)
+                        for pending, record in results}.values())
     for pending, record in results:
         if resolve_message_id(connection, pending) is None:
             continue  # not stored under that key (cannot happen after a commit; be safe)
-        bundle = bundle_text(record.bundle) if record.bundle is not None else None
+        encoded = bundle_bytes(record.bundle) if record.bundle is not None else None
+        bundle = encoded.decode("utf-8") if encoded is not None else None
         rows.append({
             "message_id": pending.message_id, "status": record.status,
             "mapping_version": record.mapping_version, "translated_at": now,
@@ -155,20 +166,23 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
         if record.ack is not None:
             acks.append({"b_id": pending.message_id, "b_ack": record.ack, "b_code": _ack_code(record.ack)})
         if bundle is not None and record.destinations:
-            digest = bundle_digest(bundle)
+            digest = hashlib.sha256(encoded).hexdigest()  # = bundle_digest(bundle)
             patient = record.patient_key or f"message/{pending.message_id}"
             outgoing.extend(Enqueue(pending.message_id, destination, patient, digest)
                             for destination in record.destinations)
     if not rows:
         return 0
-    connection.execute(_upsert(connection, translations, ("message_id",)), rows)
-    if bundles:
-        connection.execute(_upsert(connection, canonical_bundles, ("message_id", "received_at")), bundles)
+    if connection.dialect.name == "postgresql":
+        _write_postgresql(connection, rows, bundles, statuses, now)
+    else:
+        connection.execute(_upsert(connection, translations, ("message_id",)), rows)
+        if bundles:
+            connection.execute(_upsert(connection, canonical_bundles, ("message_id", "received_at")), bundles)
+        connection.execute(
+            update(messages).where(messages.c.id == bindparam("b_id"), _TRANSLATABLE_SQL)
+            .values(status=bindparam("b_status")), statuses)
     if unbundled:  # translated again, and failed this time: no stale bundle stays behind
         connection.execute(canonical_bundles.delete().where(canonical_bundles.c.message_id.in_(unbundled)))
-    connection.execute(
-        update(messages).where(messages.c.id == bindparam("b_id"), _TRANSLATABLE_SQL)
-        .values(status=bindparam("b_status")), statuses)
     if acks:
         connection.execute(update(messages).where(messages.c.id == bindparam("b_id"))
                            .values(ack=bindparam("b_ack"), ack_code=bindparam("b_code")), acks)
@@ -180,10 +194,51 @@ def bundle_text(bundle: dict) -> str:
     """A bundle as stored: compact UTF-8 JSON. orjson writes the same text as json.dumps with
     these settings, at a tenth of the cost (checked on every golden and corpus bundle); json
     takes what orjson refuses (integers past 64 bits)."""
+    return bundle_bytes(bundle).decode("utf-8")
+
+
+def bundle_bytes(bundle: dict) -> bytes:
+    """`bundle_text` encoded in UTF-8 (what its digest is taken of)."""
     try:
-        return orjson.dumps(bundle).decode("utf-8")
+        return orjson.dumps(bundle)
     except TypeError:  # orjson.JSONEncodeError is one
-        return json.dumps(bundle, ensure_ascii=False, separators=(",", ":"))
+        return json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+# The rows of a batch as arrays, one statement per table (PostgreSQL).
+_PG_TRANSLATIONS = text("""
+    INSERT INTO translations (message_id, status, mapping_version, translated_at, error_code,
+                              error_location, error_reason, warnings)
+    SELECT u.message_id, u.status, u.mapping_version, :now, u.error_code, u.error_location,
+           u.error_reason, u.warnings
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:versions AS text[]),
+                CAST(:codes AS integer[]), CAST(:locations AS text[]), CAST(:reasons AS text[]),
+                CAST(:warnings AS text[]))
+         AS u(message_id, status, mapping_version, error_code, error_location, error_reason, warnings)
+    ON CONFLICT (message_id) DO UPDATE SET
+        status = excluded.status, mapping_version = excluded.mapping_version,
+        translated_at = excluded.translated_at, error_code = excluded.error_code,
+        error_location = excluded.error_location, error_reason = excluded.error_reason,
+        warnings = excluded.warnings""").bindparams(bindparam("now", type_=DateTime(timezone=True)))
+_PG_STATUSES = text("""
+    UPDATE messages SET status = u.status
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[])) AS u(id, status)
+    WHERE messages.id = u.id AND """ + _TRANSLATABLE_SQL.text)
+
+
+def _write_postgresql(connection: Connection, rows: list[dict], bundles: list[dict],
+                      statuses: list[dict], now: datetime) -> None:
+    connection.execute(_PG_TRANSLATIONS, {
+        "now": now, "ids": [r["message_id"] for r in rows], "statuses": [r["status"] for r in rows],
+        "versions": [r["mapping_version"] for r in rows], "codes": [r["error_code"] for r in rows],
+        "locations": [r["error_location"] for r in rows], "reasons": [r["error_reason"] for r in rows],
+        "warnings": [r["warnings"] for r in rows]})
+    if bundles:
+        # Row by row: as an array, the texts would be quoted and escaped character by
+        # character on the way (measured: eight times the cost of the rows).
+        connection.execute(_upsert(connection, canonical_bundles, ("message_id", "received_at")), bundles)
+    connection.execute(_PG_STATUSES, {"ids": [s["b_id"] for s in statuses],
+                                      "statuses": [s["b_status"] for s in statuses]})
 
 
 def _upsert(connection: Connection, table, key: tuple[str, ...]):
