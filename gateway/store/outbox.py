@@ -226,12 +226,15 @@ _TAKE_HEADS = """
 """
 # A patient's pending deliveries in order, from its head: whether each is free to take now,
 # and its bundle's size. `{patient}` is a parameter, or a column of the PostgreSQL LATERAL join.
+# The size comes from a subquery by message id (an index probe per delivery): as a join,
+# PostgreSQL hashed a whole month of bundles for each patient (60 ms instead of 4 for the
+# runs of 200 patients among 2,000 bundles, and growing with the month).
 _RUN = """
     SELECT f.id, f.patient_key, f.message_id,
            CASE WHEN f.next_attempt_at <= :now AND (f.lease_until IS NULL OR f.lease_until < :now)
                 THEN 1 ELSE 0 END AS free,
-           {size} AS size
-    FROM deliveries f LEFT JOIN canonical_bundles t ON t.message_id = f.message_id
+           (SELECT {size} FROM canonical_bundles t WHERE t.message_id = f.message_id LIMIT 1) AS size
+    FROM deliveries f
     WHERE f.status = 'pending' AND f.destination = :destination AND f.patient_key = {patient}
     ORDER BY f.message_id
     LIMIT :run
