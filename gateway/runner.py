@@ -63,7 +63,9 @@ def run(config: GatewayConfig, sandbox: bool = False) -> int:
     if config.mappings is None:
         log.warn("no mappings configured: messages are stored and acknowledged, not translated")
     listeners = ", ".join([f"{l.name} {l.interface}:{l.port}{' (TLS)' if l.tls else ''}" for l in config.mllp]
-                          + [f"{l.name} {l.interface}:{l.port} (HTTPS)" for l in config.https])
+                          + [f"{l.name} {l.interface}:{l.port} (HTTPS)" for l in config.https]
+                          + [f"{l.name} {l.interface}:{l.port} (console{', TLS' if l.tls else ''})"
+                             for l in config.admin])
     log.info("gateway {node} ready: {listeners}", node=config.node_name, listeners=listeners)
     # What start-up built (the mapping set's generated code, the FHIR and HL7 definitions)
     # lives as long as the process: keep it out of the garbage collector's full passes, which
