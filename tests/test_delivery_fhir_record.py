@@ -20,6 +20,7 @@ from gateway.delivery.fhir_record import (
     escape_search_value,
     transaction_request,
     transaction_request_for_bundles,
+    transaction_request_for_texts,
 )
 from gateway.delivery.outcome import HttpRequest, HttpResponse
 from gateway.mapping.golden import GOLDEN_RECEIVED_AT
@@ -131,6 +132,37 @@ def test_identifier_without_system_or_value_is_not_a_condition():
             {"value": "V1"}, {"system": "urn:x"}, {"system": "", "value": "V2"}]}}]}
     sent = json.loads(transaction_request(bundle, base_url=BASE, idempotency_key="k").body)
     assert sent["entry"][0]["request"]["url"] == "Encounter/e"
+
+
+def test_stored_texts_give_the_same_request_as_the_bundles(canonical):
+    """The outbox's form (each bundle as its stored JSON text, resources copied unread) gives
+    byte for byte the request built from the bundles themselves: for every golden bundle at
+    once, with text that is not ASCII, with single and odd identifiers, a null fullUrl, a
+    number as id; and what cannot be built (a resource without an id, an entry without a
+    resource) fails the same way."""
+    from gateway.store.translations import bundle_text
+
+    odd = {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient", "id": "p", "name": [{"text": "هيلين Hélène"}],
+                                                "identifier": {"system": "urn:ma:cnie", "value": "A|B"}}},
+        {"resource": {"resourceType": "Encounter", "id": "e", "identifier": [{"value": "V1"}, 7]}},
+        {"fullUrl": None, "resource": {"resourceType": "Basic", "id": 12, "identifier": []}},
+        {"fullUrl": "urn:uuid:q", "resource": {"resourceType": "Basic", "id": "q", "n": 1.5e-07, "big": 2 ** 40}}]}
+    no_id = {"resourceType": "Bundle", "entry": [{"fullUrl": "urn:uuid:z", "resource": {"resourceType": "Basic"}}]}
+    empty = {"resourceType": "Bundle", "type": "collection"}
+    for bundles in (list(canonical.values()), [odd], [empty, odd, empty], []):
+        texts = [bundle_text(bundle) for bundle in bundles]
+        expected = transaction_request_for_bundles(bundles, base_url=BASE, idempotency_key="k")
+        assert transaction_request_for_texts(texts, base_url=BASE, idempotency_key="k") == expected
+        assert transaction_request_for_texts([t.encode() for t in texts], base_url=BASE,
+                                             idempotency_key="k") == expected
+    # What the bundles' path refuses, the texts' path refuses the same way.
+    for bundle in (no_id, {"entry": [{"fullUrl": "x"}]}):
+        with pytest.raises(KeyError):
+            transaction_request_for_bundles([bundle], base_url=BASE, idempotency_key="k")
+        with pytest.raises(KeyError):
+            transaction_request_for_texts([bundle_text(odd), bundle_text(bundle)], base_url=BASE,
+                                          idempotency_key="k")
 
 
 # -- end to end with the real peer -------------------------------------------------------------

