@@ -125,6 +125,61 @@ def test_start_sweep_translates_messages_left_received(db_url, make_config, runn
     wait_for(db_url, STATUS, [("S-1", "translated"), ("S-2", "failed")])
 
 
+def test_a_batch_nobody_waits_for_waits_a_little_for_company(db_url, tmp_path):
+    """Live jobs arriving one by one are stored together once LINGER_BATCH of them are there;
+    a lone job waits up to LINGER for company; a job an ACK waits for is stored at once."""
+    import time
+
+    from adapters.hl7v2.ack import AckBuilder
+    from gateway.ingest.inspect import IngestPolicy, Inspector
+    from gateway.ingest.pipeline import pending_translations
+    from gateway.translation.service import TranslationJob, TranslationWorker
+
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    inspector = Inspector(AckBuilder(), IngestPolicy("t"))
+    writer = IngestWriter(engine, lambda f, *a: f(*a), lambda item: None)
+    writer.start()
+    for n in range(6):
+        writer.submit(IngestJob([inspector.message(hl7(f"L-{n}"))], "t", "peer", 1_700_000_000.0,
+                                lambda job, error: None))
+    writer.stop()
+    with engine.connect() as conn:
+        ids = message_ids(conn, "received")
+        pending = messages_by_id(conn, ids)
+    assert len(pending) == 6
+    worker = TranslationWorker(engine, Translator(MappingSet.load(write_mappings(tmp_path / "mappings"))),
+                               lambda f, *a: f(*a), linger=1.5, linger_batch=3)
+    worker.start(sweep=False)
+    try:
+        for item in pending[:3]:  # one at a time: stored together, once three are there
+            worker.submit(TranslationJob([item]))
+            time.sleep(0.05)
+        assert _until(lambda: worker.translated == 3) and worker.commits == 1
+        worker.submit(TranslationJob([pending[3]]))  # alone: waits for company
+        time.sleep(0.5)
+        assert worker.commits == 1
+        assert _until(lambda: worker.commits == 2, 5.0)
+        answered = []
+        started = time.monotonic()
+        worker.submit(TranslationJob([pending[4]], lambda job: answered.append(time.monotonic() - started)))
+        assert _until(lambda: answered, 5.0) and answered[0] < 1.0 and worker.commits == 3
+    finally:
+        worker.stop()
+        engine.dispose()
+
+
+def _until(condition, timeout: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_replay_after_a_mapping_fix_turns_failed_into_translated(db_url, tmp_path):
     """A message failed for want of a map; after the map is added, replaying it translates it."""
     engine = create_gateway_engine(db_url)

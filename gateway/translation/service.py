@@ -7,6 +7,9 @@ translation`.
 
 - The live path hands over messages already in memory (no read), with the ids the ingest
   writer's insert gave them.
+- A batch nobody waits for (no ACK depends on it) waits up to LINGER for company until it holds
+  LINGER_BATCH messages: storing costs per batch (a transaction of a few statements), and a
+  worker that keeps up would otherwise store every few messages on their own.
 - The sweep reads messages still 'received' (a crash, a full queue, a database outage) and
   translates them: at start, and whenever the live path lost something. Live jobs go first,
   between the sweep's batches, so that an ACK waiting for translation is not held behind a
@@ -29,6 +32,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,6 +55,12 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 IDLE_CHECK = 5.0  # seconds: how often an idle worker retries a sweep the live path asked for
+# A live batch that no ACK waits for is stored once it holds LINGER_BATCH messages or has
+# waited LINGER seconds for them. Measured in-process on PostgreSQL (ORU^R01): stored 16 at a
+# time, 0.28 ms of the gateway's CPU and 0.18 ms of PostgreSQL's per message; 64 at a time,
+# 0.19 and 0.12 ms. In bench-deliver the worker had been storing 18 at a time.
+LINGER = 0.05
+LINGER_BATCH = 64
 
 
 class TranslationStep(Protocol):
@@ -85,8 +95,10 @@ class TranslationWorker:
     def __init__(self, engine: Engine, translator: Translator, deliver: Callable,
                  max_batch: int = 256, max_queued: int = 10_000,
                  on_enqueued: Callable[[], None] | None = None, step: TranslationStep | None = None,
-                 events: EventBus | None = None):
+                 events: EventBus | None = None, linger: float = LINGER, linger_batch: int = LINGER_BATCH):
         self.engine = engine
+        self.linger = linger
+        self.linger_batch = linger_batch
         self.events = events if events is not None else EventBus()
         self.step = step
         self.on_enqueued = on_enqueued  # called (through `deliver`) when deliveries were queued
@@ -159,16 +171,30 @@ class TranslationWorker:
                     self._sweep.clear()
 
     def _gather(self, job: TranslationJob) -> tuple[list[TranslationJob], bool]:
+        """The jobs to process together: what is queued, and, while the batch is small and no
+        ACK waits for it, what arrives within LINGER."""
         jobs, count = [job], len(job.items)
+        awaited = job.done is not None
+        deadline = None
         while count < self.max_batch:
             try:
                 more = self._queue.get_nowait()
             except queue.Empty:
-                break
+                if awaited or count >= self.linger_batch or self.linger <= 0:
+                    break
+                now = time.monotonic()
+                deadline = deadline or now + self.linger
+                try:
+                    more = self._queue.get(timeout=deadline - now) if deadline > now else None
+                except queue.Empty:
+                    more = None
+                if more is None:
+                    break
             if more is _STOP:
                 return jobs, True
             jobs.append(more)
             count += len(more.items)
+            awaited = awaited or more.done is not None
         return jobs, False
 
     def _process(self, jobs: list[TranslationJob]) -> None:
