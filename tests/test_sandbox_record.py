@@ -44,6 +44,7 @@ class Reply:
     code: int
     headers: Headers
     body: bytes
+    length: object = None  # the length announced (Content-Length), else twisted's UNKNOWN_LENGTH
 
     @property
     def json(self):
@@ -78,7 +79,7 @@ class RecordClient:
             FileBodyProducer(BytesIO(body)) if body is not None else None,
         ).addTimeout(TIMEOUT, reactor)
         content = yield readBody(response)
-        return Reply(response.code, response.headers, content)
+        return Reply(response.code, response.headers, content, response.length)
 
     def get(self, path: str):
         return self.request("GET", path)
@@ -203,6 +204,7 @@ def test_transaction_creates_and_resolves_urn_uuid_references(client):
                "agent": [{"who": {"display": "LABO_CASA"}}]}, "PUT", "Provenance/prov-1"),
     ))
     assert reply.code == 200 and reply.json["type"] == "transaction-response"
+    assert reply.length == len(reply.body)  # sent with its length, not in chunks
     assert statuses(reply) == ["201 Created"] * 3
     observation_location, patient_location, provenance_location = locations(reply)
     assert provenance_location == "Provenance/prov-1/_history/1"
@@ -435,6 +437,8 @@ def test_malformed_requests_are_400(client):
         reply = yield client.post(body)
         assert reply.code == 400, body[:60]
         assert issue(reply)["code"] == code, body[:60]
+        if body == cases[2][0]:
+            assert issue(reply)["diagnostics"] == "the body is not UTF-8"
 
 
 @pytest_twisted.inlineCallbacks

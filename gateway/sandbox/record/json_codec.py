@@ -20,10 +20,13 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def loads(text: str):
-    """The document in `text`; ValueError (or RecursionError) when it is not JSON."""
+def loads(text: str | bytes):
+    """The document in `text` (bytes: UTF-8); ValueError (or RecursionError) when it is not
+    JSON (or, bytes, not UTF-8)."""
     if orjson is not None:
         return orjson.loads(text)
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8")  # UnicodeDecodeError is a ValueError
     return json.loads(text, parse_constant=_refuse_constant)
 
 

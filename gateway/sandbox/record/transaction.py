@@ -44,12 +44,16 @@ class PlannedEntry:
 
 
 def parse_json(body: bytes) -> object:
-    """The JSON document of a request body; a 400 when it is not UTF-8 JSON."""
+    """The JSON document of a request body; a 400 when it is not UTF-8 JSON. The bytes go to
+    the parser as they are (it checks UTF-8 itself): decoding a batch's megabytes into a str
+    first cost a fifth as much as parsing them."""
     try:
-        return json_codec.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise FhirError.single(400, "structure", "the body is not UTF-8") from None
+        return json_codec.loads(body)
     except (ValueError, RecursionError) as error:
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FhirError.single(400, "structure", "the body is not UTF-8") from None
         where = f" (line {error.lineno}, column {error.colno})" if hasattr(error, "lineno") else ""
         raise FhirError.single(400, "structure", f"the body is not JSON{where}") from None
 
