@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Iterable, Sequence
 
-from sqlalchemy import Connection, DateTime, bindparam, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import BigInteger, Connection, DateTime, any_, bindparam, select, text, update
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from gateway.store.schema import canonical_bundles, deliveries, delivery_attempts
 
@@ -135,7 +136,7 @@ def enqueue(connection: Connection, entries: Iterable[Enqueue], now: datetime) -
         for row in connection.execute(
             select(deliveries.c.id, deliveries.c.message_id, deliveries.c.destination,
                    deliveries.c.status, deliveries.c.bundle_sha256)
-            .where(deliveries.c.message_id.in_({e.message_id for e in entries})))
+            .where(_among(connection, deliveries.c.message_id, {e.message_id for e in entries})))
     }
     new, reopened = [], []
     for entry in entries:
@@ -277,7 +278,7 @@ def claim_batches(connection: Connection, node: str, destination: str, now: date
     # Only rows still pending and free: a node whose lease expired may have settled one of the
     # run meanwhile (the heads themselves are locked by this transaction).
     leased = set(connection.execute(
-        update(deliveries).where(deliveries.c.id.in_(wanted), deliveries.c.status == PENDING,
+        update(deliveries).where(_among(connection, deliveries.c.id, wanted), deliveries.c.status == PENDING,
                                  (deliveries.c.lease_until.is_(None)) | (deliveries.c.lease_until < now))
         .values(lease_owner=node, lease_until=now + timedelta(seconds=lease))
         .returning(deliveries.c.id)).scalars())
@@ -289,7 +290,7 @@ def claim_batches(connection: Connection, node: str, destination: str, now: date
                deliveries.c.patient_key, deliveries.c.idempotency_key, deliveries.c.attempts,
                deliveries.c.first_attempt_at, canonical_bundles.c.bundle)
         .outerjoin(canonical_bundles, canonical_bundles.c.message_id == deliveries.c.message_id)
-        .where(deliveries.c.id.in_([i for batch in packed for i in batch])))}
+        .where(_among(connection, deliveries.c.id, [i for batch in packed for i in batch])))}
     return [Batch(tuple(sorted((_claim(rows[i]) for i in batch), key=lambda c: c.message_id)))
             for batch in packed if batch]
 
@@ -437,7 +438,7 @@ def release(connection: Connection, node: str, ids: Iterable[int]) -> None:
     """Give back deliveries this node claimed but will not send (it is stopping)."""
     ids = list(ids)
     if ids:
-        connection.execute(update(deliveries).where(deliveries.c.id.in_(ids),
+        connection.execute(update(deliveries).where(_among(connection, deliveries.c.id, ids),
                                                     deliveries.c.lease_owner == node)
                            .values(lease_owner=None, lease_until=None))
 
@@ -458,6 +459,16 @@ def dead_message_ids(connection: Connection) -> list[int]:
     return list(connection.execute(
         select(deliveries.c.message_id).where(deliveries.c.status == DEAD).distinct()
         .order_by(deliveries.c.message_id)).scalars())
+
+
+def _among(connection: Connection, column, values: Iterable[int]):
+    """`column IN values`; on PostgreSQL `column = ANY(array)`, one statement whatever the
+    count: each length of an IN list is another statement, which psycopg parses again and
+    PostgreSQL plans again (claims and settlements vary in size all the time)."""
+    values = list(values)
+    if connection.dialect.name == "postgresql":
+        return column == any_(bindparam(None, values, type_=ARRAY(BigInteger)))
+    return column.in_(values)
 
 
 def _coalesce(column, value):
