@@ -83,6 +83,17 @@ def db_url(request, tmp_path) -> str:
     return pg_url_or_skip()
 
 
+@pytest.fixture
+def engine(db_url):
+    """The database of `db_url` (SQLite and PostgreSQL), migrated; disposed after the test."""
+    from gateway.store.database import create_gateway_engine, migrate
+
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    yield engine
+    engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def dev_pki(tmp_path_factory) -> str:
     """A development PKI (CA, gateway, sandbox peers, two facilities) in a temporary folder."""

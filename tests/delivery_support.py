@@ -72,3 +72,23 @@ class Peers:
                                                          {"Accept": "application/fhir+json"}))
         assert response.code == 200, response.body
         return json.loads(response.body)
+
+
+def store_translated(conn, received_at, control_id: str, bundle: str, raw: bytes = b"MSH") -> int:
+    """A translated message as the store keeps it (index row, payload, translation, bundle);
+    its id."""
+    from sqlalchemy import insert
+
+    from gateway.store.schema import canonical_bundles, message_payloads, messages, translations
+
+    message_id = conn.execute(insert(messages).values(
+        received_at=received_at, listener="test", control_id=control_id,
+        sending_application="APP", sending_facility="FAC", sha256=bytes(32), size=len(raw),
+        truncated=False, status="translated", accepted=True, duplicate_count=0,
+        format="hl7v2").returning(messages.c.id)).scalar_one()
+    conn.execute(insert(message_payloads).values(message_id=message_id, received_at=received_at, raw=raw))
+    conn.execute(insert(translations).values(message_id=message_id, status="translated",
+                                             translated_at=received_at))
+    conn.execute(insert(canonical_bundles).values(message_id=message_id, received_at=received_at,
+                                                  bundle=bundle))
+    return message_id

@@ -15,18 +15,18 @@ from urllib.parse import quote
 
 import pytest
 import pytest_twisted
-from sqlalchemy import insert, text, update
+from sqlalchemy import text, update
 from twisted.internet import defer, reactor, threads
 
 import hl7msgs
-from delivery_support import until
+from delivery_support import store_translated, until
 from gateway.config import DeliveryConfig, DestinationConfig, RetryConfig, RouteConfig, RouteMatch
 from gateway.delivery.outcome import HttpRequest, HttpResponse
 from gateway.delivery.routes import patient_key
 from gateway.delivery.service import DeliveryService
 from gateway.store import outbox
 from gateway.store.database import Database, create_gateway_engine, migrate
-from gateway.store.schema import canonical_bundles, deliveries, message_payloads, messages, translations
+from gateway.store.schema import deliveries
 from test_delivery_e2e import send
 from translation_support import rows, with_mappings
 
@@ -69,29 +69,13 @@ def test_batch_key_is_the_lone_key_or_a_name_of_the_set():
 
 # -- the outbox (SQLite and PostgreSQL) -------------------------------------------------------
 
-@pytest.fixture
-def engine(db_url):
-    engine = create_gateway_engine(db_url)
-    migrate(engine)
-    yield engine
-    engine.dispose()
-
-
 def add(engine, *patients: str, bundle: str = '{"resourceType":"Bundle","entry":[]}',
         destination: str = "record") -> list[int]:
     """One translated message per patient key given (in order), each with its delivery."""
     ids = []
     with engine.begin() as conn:
         for patient in patients:
-            row = conn.execute(insert(messages).values(
-                received_at=T0, listener="test", control_id=f"C{next(_CONTROL_IDS)}",
-                sending_application="APP", sending_facility="FAC", sha256=bytes(32), size=1,
-                truncated=False, status="translated", accepted=True, duplicate_count=0,
-                format="hl7v2").returning(messages.c.id)).scalar_one()
-            conn.execute(insert(message_payloads).values(message_id=row, received_at=T0, raw=b"MSH"))
-            conn.execute(insert(translations).values(message_id=row, status="translated",
-                                                     translated_at=T0))
-            conn.execute(insert(canonical_bundles).values(message_id=row, received_at=T0, bundle=bundle))
+            row = store_translated(conn, T0, f"C{next(_CONTROL_IDS)}", bundle)
             outbox.enqueue(conn, [outbox.Enqueue(row, destination, patient, f"sha-{row}")], T0)
             ids.append(row)
     return ids

@@ -6,39 +6,21 @@ from __future__ import annotations
 import threading
 from datetime import datetime, timedelta, timezone
 
-import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
+from delivery_support import store_translated
 from gateway.store import outbox
 from gateway.store.database import create_gateway_engine, migrate
-from gateway.store.schema import (canonical_bundles, deliveries, delivery_attempts, message_payloads,
-                                  messages, translations)
+from gateway.store.schema import deliveries, delivery_attempts
 
 T0 = datetime(2026, 11, 22, 9, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture
-def engine(db_url):
-    engine = create_gateway_engine(db_url)
-    migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 def add_messages(engine, count: int, bundle: str = '{"resourceType":"Bundle"}') -> list[int]:
     ids = []
     with engine.begin() as conn:
         for n in range(count):
-            row = conn.execute(insert(messages).values(
-                received_at=T0, listener="test", control_id=f"C{n}-{len(ids)}-{id(conn)}",
-                sending_application="APP", sending_facility="FAC", sha256=bytes(32), size=1,
-                truncated=False, status="translated", accepted=True, duplicate_count=0,
-                format="hl7v2").returning(messages.c.id)).scalar_one()
-            conn.execute(insert(message_payloads).values(message_id=row, received_at=T0, raw=b"MSH"))
-            conn.execute(insert(translations).values(message_id=row, status="translated",
-                                                     translated_at=T0))
-            conn.execute(insert(canonical_bundles).values(message_id=row, received_at=T0, bundle=bundle))
-            ids.append(row)
+            ids.append(store_translated(conn, T0, f"C{n}-{len(ids)}-{id(conn)}", bundle))
     return ids
 
 

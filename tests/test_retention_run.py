@@ -39,14 +39,6 @@ MONTHS_WITH_PARTITIONS = [utc(2026, 1, 1), utc(2026, 3, 1), utc(2026, 4, 1), utc
 CONFIG = RetentionConfig(raw_payloads=60, canonical=30, audit=90, batch_size=2)
 
 
-@pytest.fixture
-def engine(db_url):
-    engine = create_gateway_engine(db_url)
-    migrate(engine)
-    yield engine
-    engine.dispose()
-
-
 def store_messages(engine, times, raw: bytes = b"MSH|^~\\&|HIS|FAC|GW|MA|x||ADT^A01|C|P|2.5\r",
                    start_id: int = 1) -> list[int]:
     """A message with its payload, translation, bundle and delivery at each of `times`."""
