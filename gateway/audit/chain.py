@@ -12,8 +12,10 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
+
+from gateway.store.timestamps import utc as _utc
 
 GENESIS = "0" * 64  # the previous hash of the first record
 # Sorted compact JSON (json.dumps(..., sort_keys=True, separators=(",", ":"),
@@ -115,12 +117,6 @@ def verify(records: Iterable[AuditRecord], start_seq: int = 1,
                           "its previous hash is not the hash of the record before it "
                           "(a record was replaced, inserted or removed before it)")
         expected_seq, expected_prev = record.seq + 1, record.hash
-
-
-def _utc(value: datetime) -> datetime:
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)  # SQLite gives back UTC without its offset
-    return value.astimezone(timezone.utc)
 
 
 def _instant(value: datetime) -> str:

@@ -38,6 +38,7 @@ from sqlalchemy.engine import Connection
 from gateway.audit.chain import GENESIS, AuditEvent, AuditRecord, Finding, chain, verify as verify_chain
 from gateway.store.database import write_transaction
 from gateway.store.schema import audit_log
+from gateway.store.timestamps import utc as _utc
 
 EXPIRED = "retention.expired"  # the action of the record that vouches for expired records
 # The advisory lock every node takes to append (an arbitrary constant: "audit" in ASCII).
@@ -257,12 +258,6 @@ def record_from_row(row) -> AuditRecord:
         detail = {"unreadable": row.detail}
     return AuditRecord(row.seq, _utc(row.recorded_at), row.node, row.action, row.actor,
                        row.outcome, row.subject, row.source, detail, row.prev_hash, row.hash)
-
-
-def _utc(value: datetime) -> datetime:
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)  # SQLite gives back UTC without its offset
-    return value.astimezone(timezone.utc)
 
 
 __all__ = ["AuditTrail", "EXPIRED", "Located", "Verification", "expiry_anchor", "record_from_row"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, LargeBinary, and_, case, exists, func, literal, or_, select
 
@@ -22,6 +22,7 @@ from gateway.console.criteria import SearchCriteria
 from gateway.store.schema import (canonical_bundles, console_sessions, deliveries,
                                   delivery_attempts, facility_certificates, message_payloads,
                                   messages, translations)
+from gateway.store.timestamps import utc as _utc
 
 PAGE_SIZE = 50
 MAX_ATTEMPTS_SHOWN = 200  # per delivery, newest kept
@@ -351,9 +352,3 @@ def open_sessions(connection: Connection, now: datetime, idle: float) -> list[Se
         .order_by(console_sessions.c.last_seen_at.desc()))
     return [SessionRow(r.account, r.role, r.source, _utc(r.created_at), _utc(r.last_seen_at),
                        _utc(r.expires_at)) for r in connection.execute(query)]
-
-
-def _utc(value: datetime) -> datetime:
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)  # SQLite keeps UTC without its offset
-    return value.astimezone(timezone.utc)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, delete, or_, select, update
 
 from gateway.store.schema import console_sessions
+from gateway.store.timestamps import utc as _utc
 
 COOKIE = "gw_console"
 _TOUCH_EVERY = timedelta(seconds=15)  # last_seen_at is written at most this often
@@ -87,9 +88,3 @@ def close_session(connection: Connection, token: str) -> bool:
     """Delete the session of `token`; whether there was one."""
     return connection.execute(delete(console_sessions).where(
         console_sessions.c.token_sha256 == token_digest(token))).rowcount > 0
-
-
-def _utc(value: datetime) -> datetime:
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)

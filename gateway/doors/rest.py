@@ -28,7 +28,7 @@ from gateway.ingest.model import Inbound, MessageStatus
 from gateway.prescriptions.ids import SYSTEM as PRESCRIPTION_SYSTEM
 from gateway.store.queries import deliveries_of
 from gateway.store.schema import messages, translations
-from gateway.store.translations import utc
+from gateway.store.timestamps import utc
 from gateway.translation.fhir_input import BundleError, bundle_issues, canonical_entries, read_bundle
 from gateway.translation.translator import document_context
 

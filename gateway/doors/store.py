@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from sqlalchemy import (Column, Connection, DateTime, Index, Integer, LargeBinary, String, Table,
                         Text, delete, select, update)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.store.schema import Id, metadata
+from gateway.store.timestamps import utc as _aware
 
 api_requests = Table(
     "api_requests", metadata,
@@ -166,9 +167,3 @@ def list_refusals(connection: Connection, since: datetime | None = None,
     return [Refusal(_aware(row.refused_at), row.listener, row.peer, row.facility_id,
                     row.certificate, row.door, row.operation, row.status, row.reason)
             for row in connection.execute(query)]
-
-
-def _aware(value: datetime) -> datetime:
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)  # SQLite keeps UTC without its offset
-    return value.astimezone(timezone.utc)

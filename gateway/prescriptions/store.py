@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 
 from sqlalchemy import (BigInteger, Boolean, Column, Connection, DateTime, ForeignKey, Index,
                         Integer, String, Table, Text, and_, func, select, update)
 
 from gateway.store.schema import Id, metadata
+from gateway.store.timestamps import utc as _utc
 
 ACTIVE, CANCELLED, COMPLETED = "active", "cancelled", "completed"
 STATUSES = (ACTIVE, CANCELLED, COMPLETED)
@@ -309,9 +310,3 @@ def _dispensation(row) -> Dispensation:
     return Dispensation(row.id, row.dispensation_id, row.prescription_id, row.line, bool(row.paper),
                         row.dispensing_facility, row.message_id, row.medication_code,
                         from_milli(row.quantity_milli), row.dedup_key, _utc(row.recorded_at))
-
-
-def _utc(value: datetime) -> datetime:
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)

@@ -31,6 +31,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.engine import Connection
 
+from gateway.store.timestamps import utc
+
 log = logging.getLogger(__name__)
 
 # Each partitioned table and the time column it is partitioned on.
@@ -87,12 +89,6 @@ def months_from(now: datetime, count: int) -> list[Month]:
     while len(months) < count:
         months.append(months[-1].next())
     return months
-
-
-def utc(instant: datetime) -> datetime:
-    if instant.tzinfo is None:
-        return instant.replace(tzinfo=timezone.utc)
-    return instant.astimezone(timezone.utc)
 
 
 def _literal(instant: datetime) -> str:

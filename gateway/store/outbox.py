@@ -31,6 +31,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from gateway.store.schema import canonical_bundles, deliveries, delivery_attempts
+from gateway.store.timestamps import utc
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 STATUSES = (PENDING, DELIVERED, DEAD)
@@ -478,6 +479,4 @@ def _coalesce(column, value):
 
 
 def _aware(value: datetime | None) -> datetime | None:
-    from gateway.store.translations import utc
-
     return utc(value) if value is not None else None

@@ -26,6 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from gateway.ingest.model import MessageStatus
 from gateway.store.outbox import Enqueue, enqueue
 from gateway.store.schema import canonical_bundles, message_payloads, messages, translations
+from gateway.store.timestamps import utc
 
 # Statuses a translation may move a message between.
 TRANSLATABLE = (MessageStatus.RECEIVED.value, MessageStatus.TRANSLATED.value,
@@ -270,13 +271,6 @@ def message_ids(connection: Connection, status: str, limit: int | None = None) -
     if limit:
         query = query.limit(limit)
     return list(connection.execute(query).scalars())
-
-
-def utc(value: datetime) -> datetime:
-    """A stored timestamp as an aware UTC datetime (SQLite keeps UTC without its offset)."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
 
 
 def _ack_code(ack: bytes) -> str | None:
