@@ -60,6 +60,9 @@ class Event:
     duration: float | None = None  # seconds
     detail: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)  # codes, sizes, hashes; no patient data
     at: datetime | None = None  # when; None: now, as the listener sees it
+    # Already in the audit trail, written in the transaction that stored what it is about (a
+    # message's receipt): the recorder leaves it out.
+    recorded: bool = False
 
 
 Listener = Callable[[Event], None]

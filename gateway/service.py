@@ -20,6 +20,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 
 from adapters.hl7v2.ack import AckBuilder, Sender
 from adapters.mllp.protocol import MllpServerFactory, MllpSettings, PeerRefused
+from gateway.audit.trail import AuditTrail
 from gateway.certificates import CertificateSightings
 from gateway.config import GatewayConfig, MllpListenerConfig
 from gateway.delivery.service import DeliveryService
@@ -53,9 +54,11 @@ class StoreService(Service):
         self.database = Database(self.engine, reactor, config.database.pool_size)
         self.builder = AckBuilder(Sender(config.identity.application.encode("ascii"),
                                          config.identity.facility.encode("ascii")))
+        # Each message's receipt goes to the audit trail in the transaction that stores it.
         self.writer = IngestWriter(self.engine, reactor.callFromThread,
                                    functools.partial(refuse_reused, self.builder),
-                                   config.database.ingest_max_batch)
+                                   config.database.ingest_max_batch,
+                                   audit=AuditTrail(self.engine, config.node_name))
 
     def startService(self) -> None:
         # Before the reactor accepts anything: the schema must exist to store the first message.
@@ -149,9 +152,8 @@ def _audit(root: MultiService, config: GatewayConfig, store: StoreService, event
     """The audit recorder (and the ATNA export when configured), right after the store: they
     stop just before the database closes, once everything else has told what it did."""
     from gateway.audit.recorder import AuditRecorder
-    from gateway.audit.trail import AuditTrail
 
-    trail = AuditTrail(store.engine, config.node_name)
+    trail = store.writer.audit
     AuditRecorder(trail, events, store.database, config.audit.flush_interval).setServiceParent(root)
     if config.audit.export is not None:
         from gateway.audit.export import AuditExportService

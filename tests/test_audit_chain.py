@@ -78,3 +78,28 @@ def test_swapped_records_are_found():
     records = trail()
     records[2], records[3] = records[3], records[2]
     assert problems(records)[0] == (4, "removed")
+
+
+def test_the_hashed_bytes_are_the_records_sorted_compact_json():
+    """What a record's hash covers is json.dumps of its fields (sorted keys, compact, UTF-8
+    as is), written out by hand for speed: the two must never differ, or old trails would no
+    longer verify. Escapes, Arabic, nulls, nested details, and records sharing an instant."""
+    import hashlib
+    import json
+
+    events = [AuditEvent("console.login", 'amina "\\ admin\n', "refused", None, None,
+                         {"z": [1, 2.5e-05, None], "a": {"ب": True}, "m": "محمد\t"}, T0),
+              AuditEvent("message.received", "CHU-RABAT", subject="message/7", source="::1",
+                         detail={}, at=T0),
+              AuditEvent("message.read", "console:x", at=None)]
+    records = chain(41, "f" * 64, "nœud-1", events, T0 + timedelta(seconds=1))
+    prev = "f" * 64
+    for record in records:
+        expected = json.dumps({"seq": record.seq, "at": record.at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                               "node": "nœud-1", "action": record.action, "actor": record.actor,
+                               "outcome": record.outcome, "subject": record.subject,
+                               "source": record.source, "detail": record.detail},
+                              sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        assert record.hash == hashlib.sha256(prev.encode() + b"\n" + expected.encode()).hexdigest()
+        prev = record.hash
+    assert [r.at for r in records] == [T0, T0, T0 + timedelta(seconds=1)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import threading
 import time
 
@@ -15,6 +16,7 @@ from sqlalchemy import event, inspect, select, text
 
 from adapters.hl7v2.ack import AckBuilder
 from adapters.mllp.client import describe
+from gateway.audit.trail import AuditTrail
 from gateway.ingest.inspect import IngestPolicy, Inspector, refuse_reused
 from gateway.store.database import _ALEMBIC_INI as ALEMBIC_INI, create_gateway_engine, migrate
 from gateway.store.ingest_writer import IngestJob, IngestWriter
@@ -73,14 +75,16 @@ def sync_deliver(function, *args):
 class Harness:
     """One engine, one Inspector and one IngestWriter with a synchronous `deliver`."""
 
-    def __init__(self, url: str, migrated: bool = False):
+    def __init__(self, url: str, migrated: bool = False, node: str = "node-t"):
         self.engine = create_gateway_engine(url)
         if not migrated:
             migrate(self.engine)
         self.builder = AckBuilder()
         self.inspector = Inspector(self.builder, IngestPolicy("t"))
+        self.audit = AuditTrail(self.engine, node)  # receipts recorded as the gateway does
         self.writer = IngestWriter(self.engine, sync_deliver,
-                                   functools.partial(refuse_reused, self.builder))
+                                   functools.partial(refuse_reused, self.builder),
+                                   audit=self.audit)
         self.outcomes = Outcomes()
 
     def job(self, raw: bytes) -> IngestJob:
@@ -98,6 +102,10 @@ class Harness:
                                        messages.c.ack, messages.c.duplicate_count)
                                 .join(message_payloads, message_payloads.c.message_id == messages.c.id)
                                 .order_by(messages.c.id)).all()
+
+    def receipts(self) -> list:
+        with self.engine.connect() as conn:
+            return list(self.audit.records(conn))
 
     def close(self):
         self.writer.stop()
@@ -390,6 +398,78 @@ def test_each_stored_message_learns_its_id(harness):
         assert job.items[0].message_id == ids[job.items[0].raw]
 
 
+def test_every_receipt_is_in_the_audit_trail_with_the_message(harness):
+    """Each message of a round gets its audit record in the transaction that stores it, in
+    the round's order: received (its id, size, SHA-256, the ACK code stored), a duplicate
+    (received again, not stored), a refusal (with its reason); the chain verifies."""
+    new, again, refused = hl7("AUD-1"), hl7("AUD-1"), bad_hl7("AUD-2", "x")
+    jobs = [harness.submit(raw) for raw in (new, again, refused)]
+    harness.writer.start()
+    assert [e for _, e in harness.outcomes.wait(3)] == [None, None, None]
+    assert all(job.audited for job in jobs)
+    records = harness.receipts()
+    assert [(r.action, r.outcome) for r in records] == [
+        ("message.received", "success"), ("message.received", "success"), ("message.refused", "refused")]
+    first, duplicate, refusal = records
+    assert first.subject == f"message/{jobs[0].items[0].message_id}" and duplicate.subject is None
+    assert first.detail == {"control_id": "AUD-1", "size": len(new), "ack_code": "AA",
+                            "sha256": hashlib.sha256(new).hexdigest(), "listener": "t",
+                            "message_type": "ADT^A01"}
+    assert duplicate.detail["duplicate"] is True and "duplicate" not in first.detail
+    assert refusal.detail["ack_code"] == "AR" and refusal.detail["reason"] == "unsupported_message_type"
+    assert {r.node for r in records} == {"node-t"} and {r.actor for r in records} == {"FAC_TEST"}
+    assert {r.source for r in records} == {"127.0.0.1:40000"}
+    assert harness.audit.verify().intact
+
+
+def test_a_receipt_that_cannot_be_recorded_stores_nothing(harness):
+    """The audit trail unwritable: the round is rolled back and reported like any store
+    failure (the sender is told to send again); nothing is stored without its record."""
+    with harness.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE audit_log RENAME TO audit_log_away"))
+    harness.writer.start()
+    lost = harness.submit(hl7("NOAUD-1"))
+    [(job, error)] = harness.outcomes.wait(1)
+    assert job is lost and error is not None and not job.audited
+    assert harness.rows() == []
+    with harness.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE audit_log_away RENAME TO audit_log"))
+    kept = harness.submit(hl7("NOAUD-1"))
+    assert harness.outcomes.wait(2)[1] == (kept, None)
+    assert [r.control_id for r in harness.rows()] == ["NOAUD-1"]
+    assert [r.detail["control_id"] for r in harness.receipts()] == ["NOAUD-1"]
+
+
+def test_sqlite_writers_of_one_process_queue_on_one_lock(tmp_path):
+    """The ingest writer and every write_transaction of the process take one lock around
+    BEGIN IMMEDIATE ... COMMIT, so that they wait for each other on it (woken the moment it
+    is released) rather than in SQLite's busy handler, which sleeps up to 100 ms between
+    looks at the database's own lock."""
+    from gateway.store.database import sqlite_write_lock, write_transaction
+
+    harness = Harness(f"sqlite:///{tmp_path / 'lock.sqlite'}")
+    try:
+        lock = sqlite_write_lock(harness.engine)
+        assert lock is sqlite_write_lock(harness.engine)
+        harness.writer.start()
+        committed = threading.Event()
+        job = harness.job(hl7("LOCK-1"))
+        job.done = lambda job, error: committed.set()
+        with lock:  # no SQLite transaction open: only the process's lock is held
+            harness.writer.submit(job)
+            assert not committed.wait(0.5)
+        assert committed.wait(5) and [r.control_id for r in harness.rows()] == ["LOCK-1"]
+
+        taken = []
+        with write_transaction(harness.engine):
+            other = threading.Thread(target=lambda: taken.append(lock.acquire(timeout=0.2)))
+            other.start()
+            other.join()
+        assert taken == [False]  # held by the transaction until it committed
+    finally:
+        harness.close()
+
+
 def test_refused_messages_may_reuse_a_control_id(harness):
     """Two different refused messages with the same MSH-10 are both stored, each with its own NAK."""
     harness.writer.start()
@@ -652,6 +732,11 @@ def test_two_nodes_racing_many_rounds(pg_url):
         rows = node_a.rows()
         assert sorted(r.control_id for r in rows) == [f"RACE-{i:03d}" for i in range(100)]
         assert {r.duplicate_count for r in rows} == {1}
+        # One chain for both nodes: every receipt once, gapless, intact.
+        receipts = node_a.receipts()
+        assert len(receipts) == 200 and [r.seq for r in receipts] == list(range(1, 201))
+        assert sum(r.detail.get("duplicate", False) for r in receipts) == 100
+        assert node_a.audit.verify().intact
     finally:
         node_a.close()
         node_b.close()

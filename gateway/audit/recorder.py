@@ -55,7 +55,7 @@ class AuditRecorder(Service):
     name = "audit"
 
     def __init__(self, trail: AuditTrail, events: EventBus, database, flush_interval: float = 0.2,
-                 limit: int = 200_000, batch: int = 20_000):
+                 limit: int = 200_000, batch: int = 1_000):
         self.trail = trail
         self.events = events
         self.database = database
@@ -73,6 +73,8 @@ class AuditRecorder(Service):
     # -- the listener (any thread) -----------------------------------------------------------
 
     def hear(self, event: Event) -> None:
+        if event.recorded:
+            return
         if len(self._queue) >= self.limit:
             self.lost += 1
             self._unrecorded_loss += 1

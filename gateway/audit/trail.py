@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Engine, select, text, tuple_
+from sqlalchemy import Engine, select, tuple_
 from sqlalchemy.engine import Connection
 
 from gateway.audit.chain import GENESIS, AuditEvent, AuditRecord, Finding, chain, verify as verify_chain
@@ -88,6 +88,19 @@ class AuditTrail:
         self.engine = engine
         self.node = node
         self.postgresql = engine.dialect.name == "postgresql"
+        # Appends go through the driver's own cursor (SQLAlchemy's per-row machinery cost
+        # more than the chain's hashing), with SQLAlchemy's own conversions of the timestamp
+        # for this dialect (text on SQLite).
+        dialect = engine.dialect
+        mark = "?" if dialect.paramstyle == "qmark" else "%s"
+        self._sql_insert = (f"INSERT INTO audit_log ({', '.join(_COLUMNS)}) "
+                            f"VALUES ({', '.join([mark] * len(_COLUMNS))})")
+        self._sql_lock = f"SELECT pg_advisory_xact_lock({CHAIN_LOCK})"
+        self._sql_head = ("SELECT seq, hash, recorded_at FROM audit_log "
+                          "ORDER BY seq DESC, recorded_at DESC LIMIT 1")
+        recorded_at = audit_log.c.recorded_at.type
+        self._bind_at = recorded_at._cached_bind_processor(dialect) or _same
+        self._read_at = recorded_at._cached_result_processor(dialect, None) or _same
 
     def append(self, events: Sequence[AuditEvent]) -> list[AuditRecord]:
         """Chain `events` after the last record and store them, in one transaction."""
@@ -99,19 +112,51 @@ class AuditTrail:
     def append_in(self, conn: Connection, events: Sequence[AuditEvent]) -> list[AuditRecord]:
         """`append` inside the caller's write transaction (on SQLite it must have begun with
         BEGIN IMMEDIATE: `write_transaction`); the chain lock is held until it commits."""
+        return self.append_on(conn.connection.driver_connection, events)
+
+    def append_on(self, driver, events: Sequence[AuditEvent]) -> list[AuditRecord]:
+        """`append_in` on a driver connection (sqlite3, psycopg) inside its write transaction."""
         if not events:
             return []
+        return self.start_append(driver).finish(events)
+
+    def start_append(self, driver) -> "PendingAppend":
+        """The first half of an append on a driver connection inside its write transaction:
+        take the chain's lock and ask for the last record. In a psycopg pipeline both are only
+        queued, to go with the caller's other statements in one round trip; the ingest writer
+        so records each message's receipt in the transaction that stores it."""
+        cursors = [driver.cursor() for _ in range(2 if self.postgresql else 1)]
         if self.postgresql:
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK})
-        last = conn.execute(select(audit_log.c.seq, audit_log.c.hash, audit_log.c.recorded_at)
-                            .order_by(audit_log.c.seq.desc(), audit_log.c.recorded_at.desc())
-                            .limit(1)).first()
-        prev_seq, prev_hash, floor = (last.seq, last.hash, _utc(last.recorded_at)) if last \
-            else (0, GENESIS, None)
-        now = datetime.now(timezone.utc)
-        records = chain(prev_seq, prev_hash, self.node, _in_time_order(events, now, floor), now)
-        conn.execute(audit_log.insert(), [_row(record) for record in records])
-        return records
+            cursors[0].execute(self._sql_lock)
+        cursors[-1].execute(self._sql_head)  # after the lock: it reads what the last holder committed
+        return PendingAppend(self, cursors)
+
+    def _finish(self, cursors: list, events: Sequence[AuditEvent]) -> list[AuditRecord]:
+        cursor = cursors[-1]
+        try:
+            last = cursor.fetchone()
+            if last:
+                prev_seq, prev_hash, floor = last[0], last[1], _utc(self._read_at(last[2]))
+            else:
+                prev_seq, prev_hash, floor = 0, GENESIS, None
+            if not events:
+                return []
+            now = datetime.now(timezone.utc)
+            records = chain(prev_seq, prev_hash, self.node, _in_time_order(events, now, floor), now)
+            cursor.executemany(self._sql_insert, self._rows(records))
+            return records
+        finally:
+            for each in cursors:
+                each.close()
+
+    def _rows(self, records: list[AuditRecord]) -> list[tuple]:
+        rows, at, stored_at = [], None, None
+        for r in records:
+            if r.at is not at:  # records often share an instant: convert it once
+                at, stored_at = r.at, self._bind_at(r.at)
+            rows.append((r.seq, stored_at, r.node, r.action, r.actor, r.outcome, r.subject,
+                         r.source, r.detail_json or _JSON.encode(r.detail), r.prev_hash, r.hash))
+        return rows
 
     def expiry_bound(self, conn: Connection, before: datetime) -> tuple[int, str] | None:
         """The last record recorded before `before`: (its seq, its hash), or None when there
@@ -174,6 +219,18 @@ class AuditTrail:
                             expired_through)
 
 
+class PendingAppend:
+    """An append whose lock and head were asked for (`AuditTrail.start_append`)."""
+
+    def __init__(self, trail: AuditTrail, cursors: list):
+        self._trail = trail
+        self._cursors = cursors  # [the lock's (PostgreSQL),] the head's
+
+    def finish(self, events: Sequence[AuditEvent]) -> list[AuditRecord]:
+        """Chain `events` after the head and insert them (in the same transaction)."""
+        return self._trail._finish(self._cursors, events)
+
+
 class _Tracked:
     """An iterator of records that remembers the last one handed out (where a finding is)."""
 
@@ -233,22 +290,28 @@ def _walk(conn: Connection, batch: int, after: tuple[int, datetime | None] = (0,
 
 def _in_time_order(events: Iterable[AuditEvent], now: datetime,
                    floor: datetime | None) -> list[AuditEvent]:
+    """The events with their instants never earlier than the one before (nor than `floor`,
+    the last record's); an event whose instant stands is passed on as it is."""
     ordered = []
     for event in events:
-        at = _utc(event.at or now)
-        if floor is not None and at < floor:
-            at = floor
+        at = event.at or now
+        if at is not floor:
+            at = _utc(at)
+            if floor is not None and at < floor:
+                at = floor
+        if at is not event.at:
+            event = replace(event, at=at)
         floor = at
-        ordered.append(replace(event, at=at))
+        ordered.append(event)
     return ordered
 
 
-def _row(record: AuditRecord) -> dict:
-    return {"seq": record.seq, "recorded_at": record.at, "node": record.node,
-            "action": record.action, "actor": record.actor, "outcome": record.outcome,
-            "subject": record.subject, "source": record.source,
-            "detail": _JSON.encode(record.detail),
-            "prev_hash": record.prev_hash, "hash": record.hash}
+_COLUMNS = ("seq", "recorded_at", "node", "action", "actor", "outcome", "subject", "source",
+            "detail", "prev_hash", "hash")
+
+
+def _same(value):
+    return value
 
 
 def record_from_row(row) -> AuditRecord:

@@ -91,7 +91,7 @@ class IngestBridge:
         if error is not None:
             telemetry.not_stored(self.events, item.raw, item.size, self.listener, peer)
             raise StoreUnavailable(str(error))
-        telemetry.stored(self.events, job.items, self.listener, peer)
+        telemetry.stored(self.events, job)
         key = (item.sending_application, item.sending_facility, item.control_id)
         if item.duplicate or self.translation is None:
             found = yield self.database.run(find_document, key)

@@ -68,7 +68,7 @@ class AstmIngest:
         def stored(job: IngestJob, error: Exception | None) -> None:
             done(error is None)
             if error is None:
-                telemetry.stored(self.events, job.items, job.listener, job.peer)
+                telemetry.stored(self.events, job)
             else:
                 telemetry.not_stored(self.events, data, len(data), job.listener, job.peer)
             if error is None and self.translation is not None:

@@ -73,7 +73,7 @@ class IngestPipeline:
 
         def done(job: IngestJob, error: Exception | None) -> None:
             if error is None:
-                telemetry.stored(self.events, job.items, job.listener, job.peer)
+                telemetry.stored(self.events, job)
                 pending = self._to_translate(job)
                 if not pending:
                     self._reply(reply, job, Answer(True, result.response(builder)))
@@ -119,8 +119,7 @@ class IngestPipeline:
     def _reply(self, reply: Callable[[Answer], None], job: IngestJob, answer: Answer) -> None:
         """Send the answer, then tell that each message was answered (and how fast)."""
         reply(answer)
-        telemetry.answered(self.events, job.items, job.listener, job.peer, job.received_at,
-                           self.now())
+        telemetry.answered(self.events, job, self.now())
 
     def _answered(self, tjob, job: IngestJob, result: FrameResult,
                   reply: Callable[[Answer], None]) -> None:

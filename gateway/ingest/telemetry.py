@@ -1,6 +1,7 @@
 """The events of ingest (gateway.events): a message stored (message.received), refused
 (message.refused: stored with a negative answer, or not stored at all) and answered
-(message.acknowledged, with the time from its receipt to the ACK written).
+(message.acknowledged, with the time from its receipt to the ACK written), and the audit
+record of each receipt (`receipt`), which the ingest writer stores with the message.
 
 Only what identifies a message without its content: the control id, the size, the SHA-256 of
 the bytes, the type, the ACK code, the refusal's code. Called on the reactor thread once a
@@ -9,10 +10,15 @@ frame's messages are committed; a few small objects per message.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from datetime import datetime
+from typing import TYPE_CHECKING
 
+from gateway.audit.chain import AuditEvent
 from gateway.events import Event, EventBus
 from gateway.ingest.model import Inbound, MessageStatus
+
+if TYPE_CHECKING:
+    from gateway.store.ingest_writer import IngestJob
 
 UNKNOWN = "unknown"
 # MSA-1 -> the outcome it tells (the enum of adapters.hl7v2.ack.ack_code_of costs more than
@@ -45,37 +51,63 @@ def refusal_reason(item: Inbound) -> str:
     return error.condition.name.lower()
 
 
-def stored(events: EventBus, items: Iterable[Inbound], listener: str, peer: str) -> None:
+def stored(events: EventBus, job: "IngestJob") -> None:
     """message.received for each message of a committed frame; message.refused as well for
-    those answered with a refusal (kept, as every refusal is)."""
-    for item in items:
+    those answered with a refusal (kept, as every refusal is). Marked `recorded` when the
+    writer put their receipts in the audit trail with them (`receipt`)."""
+    listener, peer, recorded = job.listener, job.peer, job.audited
+    for item in job.items:
         actor = actor_of(item)
         events.emit(Event("message.received", actor, _subject(item), source=peer, facility=item.sender_id,
-                          message_type=item.message_type, listener=listener,
+                          message_type=item.message_type, listener=listener, recorded=recorded,
                           detail={"control_id": item.control_id, "size": item.size,
                                   "sha256": item.sha256.hex(), "duplicate": item.duplicate}))
         if item.status is MessageStatus.REJECTED:
             events.emit(Event("message.refused", actor, _subject(item), outcome="refused", source=peer,
                               facility=item.sender_id, message_type=item.message_type,
-                              listener=listener,
+                              listener=listener, recorded=recorded,
                               detail={"control_id": item.control_id, "reason": refusal_reason(item),
                                       "code": item.error.condition.value if item.error else None}))
 
 
-def answered(events: EventBus, items: Iterable[Inbound], listener: str, peer: str,
-             received_at: float, now: float | None = None) -> None:
-    """message.acknowledged for each message whose answer was just written."""
-    duration = max(0.0, (time.time() if now is None else now) - received_at)
-    for item in items:
+def answered(events: EventBus, job: "IngestJob", now: float | None = None) -> None:
+    """message.acknowledged for each message whose answer was just written. The answer's code
+    is in the receipt's audit record, the answer itself in the store: when the receipts were
+    recorded, so is this."""
+    duration = max(0.0, (time.time() if now is None else now) - job.received_at)
+    listener, peer, recorded = job.listener, job.peer, job.audited
+    for item in job.items:
         if item.ack is None:
             continue
         code = ack_code(item.ack)
         events.emit(Event("message.acknowledged", actor_of(item), _subject(item), source=peer,
                           facility=item.sender_id, message_type=item.message_type,
-                          listener=listener, duration=duration,
+                          listener=listener, duration=duration, recorded=recorded,
                           outcome=_ACK_OUTCOMES[code] if code is not None else "success",
                           detail={"control_id": item.control_id,
                                   "ack_code": code.decode("ascii") if code is not None else None}))
+
+
+def receipt(item: Inbound, listener: str, peer: str, at: datetime) -> AuditEvent:
+    """The audit record of a message's receipt, written by the ingest writer in the
+    transaction that stores it: message.received (a duplicate too: `duplicate` in its
+    detail), or message.refused for a message stored with a refusal; with the code of the
+    answer stored with it."""
+    code = ack_code(item.ack) if item.ack is not None else None
+    detail = {"control_id": item.control_id, "size": item.size, "sha256": item.sha256.hex(),
+              "ack_code": code.decode("ascii") if code is not None else None,
+              "listener": listener}
+    if item.message_type is not None:
+        detail["message_type"] = item.message_type
+    if item.duplicate:
+        detail["duplicate"] = True
+    if item.status is MessageStatus.REJECTED:
+        detail["reason"] = refusal_reason(item)
+        detail["code"] = item.error.condition.value if item.error else None
+        return AuditEvent("message.refused", actor_of(item), "refused", _subject(item), peer,
+                          detail, at)
+    return AuditEvent("message.received", actor_of(item), "success", _subject(item), peer,
+                      detail, at)
 
 
 def _subject(item: Inbound) -> str | None:

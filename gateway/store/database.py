@@ -8,7 +8,9 @@ be plain data (dataclasses, tuples), never SQLAlchemy objects. SQLite runs in WA
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+import threading
+import weakref
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Callable, Iterator, TypeVar
 
 from alembic import command
@@ -18,6 +20,8 @@ from sqlalchemy.engine import Connection, make_url
 
 T = TypeVar("T")
 WRITE = "gateway_write"  # execution option: this transaction writes (see _sqlite_begin)
+# SQLite engine -> the lock its writers take in this process around BEGIN IMMEDIATE ... COMMIT.
+_WRITE_LOCKS: "weakref.WeakKeyDictionary[Engine, threading.RLock]" = weakref.WeakKeyDictionary()
 
 _ALEMBIC_INI = os.path.join(os.path.dirname(__file__), "alembic.ini")
 
@@ -36,6 +40,7 @@ def create_gateway_engine(url: str, pool_size: int = 4) -> Engine:
         # pysqlite's own transaction handling defers BEGIN; take control so that BEGIN is
         # emitted when SQLAlchemy begins (as its documentation recommends).
         event.listen(engine, "begin", _sqlite_begin)
+        _WRITE_LOCKS[engine] = threading.RLock()
         return engine
     engine = create_engine(url, pool_size=pool_size + 2, max_overflow=4, pool_pre_ping=True,
                            hide_parameters=True)
@@ -64,11 +69,22 @@ def _sqlite_begin(conn) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE) else "BEGIN")
 
 
+def sqlite_write_lock(engine: Engine) -> AbstractContextManager:
+    """What a SQLite writer of this process holds from its BEGIN IMMEDIATE to its COMMIT.
+
+    SQLite has one write lock, and a writer that finds it taken sleeps in steps of up to
+    100 ms before it looks again (its busy handler): the ingest writer would wait that long
+    behind an audit append. In-process writers queue on this lock instead and start the
+    moment the one before them commits; other processes (the command line) still meet the
+    busy handler. A no-op for other databases and for engines not made here."""
+    return _WRITE_LOCKS.get(engine) or nullcontext()
+
+
 @contextmanager
 def write_transaction(engine: Engine) -> Iterator[Connection]:
     """`with write_transaction(engine) as conn:` a transaction that will write (BEGIN
-    IMMEDIATE on SQLite; an ordinary transaction elsewhere)."""
-    with engine.connect() as connection:
+    IMMEDIATE on SQLite, under `sqlite_write_lock`; an ordinary transaction elsewhere)."""
+    with sqlite_write_lock(engine), engine.connect() as connection:
         connection.execution_options(**{WRITE: True})
         with connection.begin():
             yield connection

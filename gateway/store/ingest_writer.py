@@ -24,13 +24,18 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from sqlalchemy import Engine
 
 from adapters.hl7v2.ack import ack_code_of
 from gateway.ingest.model import Inbound
+from gateway.ingest.telemetry import receipt
+from gateway.store.database import sqlite_write_lock
 from gateway.store.schema import messages
+
+if TYPE_CHECKING:
+    from gateway.audit.trail import AuditTrail, PendingAppend
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +54,14 @@ class IngestJob:
     peer: str
     received_at: float  # epoch seconds, when the frame was complete
     done: Callable[["IngestJob", Exception | None], None]  # called on the reactor thread
+    audited: bool = False  # set by the writer: the receipts are in the audit trail
 
 
 class IngestWriter:
     def __init__(self, engine: Engine, deliver: Callable, on_reused: Callable[[Inbound], None],
-                 max_batch: int = 512):
+                 max_batch: int = 512, audit: "AuditTrail | None" = None):
         self.engine = engine
+        self.audit = audit
         self.deliver = deliver
         self.on_reused = on_reused
         self.max_batch = max_batch
@@ -78,6 +85,7 @@ class IngestWriter:
                             f"sending_application = {mark} AND sending_facility = {mark} AND control_id = {mark}")
         self._sql_duplicate = f"UPDATE messages SET duplicate_count = duplicate_count + 1 WHERE id = {mark}"
         self._sqlite = dialect.name == "sqlite"
+        self._write_lock = sqlite_write_lock(engine)
         self._integrity_error = dialect.loaded_dbapi.IntegrityError
         # SQLAlchemy's own conversion of the timestamp for this dialect (text on SQLite).
         self._timestamp = messages.c.received_at.type._cached_bind_processor(dialect) or (lambda v: v)
@@ -162,6 +170,7 @@ class IngestWriter:
                             if item.deduplicated and self._settle_conflict(cursor, item):
                                 continue  # a duplicate: answered with the stored ACK, not stored again
                             item.message_id = self._insert_one(cursor, self._rows(job, [item])[0])
+                    self._record(driver, jobs)
                 return
             except self._integrity_error:
                 if attempt == 2:
@@ -180,25 +189,47 @@ class IngestWriter:
                     first = last - len(rows) + 1
                     driver.executemany(self._sql_payload, [
                         (first + i, row[0], row[-1]) for i, row in enumerate(rows)])
-                ids = range(first, last + 1)
+                    self._identify(jobs, range(first, last + 1))
+                    self._record(driver, jobs)
             except self._integrity_error:
                 return False
         else:
             # PostgreSQL: ON CONFLICT DO NOTHING keeps psycopg's pipeline from aborting; a
             # skipped row returns no id, which says a key was taken: the round is rolled back.
+            # In one pipeline, two round trips: BEGIN, the inserts, the audit chain's lock and
+            # head; then the receipts and COMMIT.
             try:
-                with self._transaction(driver):
+                with driver.pipeline(), self._transaction(driver):
                     with driver.cursor() as cursor:
                         cursor.executemany(self._sql_pg_skipping, rows, returning=True)
+                        pending = self.audit.start_append(driver) if self.audit else None
                         ids = [cursor.fetchone() for _ in cursor.results()]
                         if None in ids:
                             raise _KeyTaken
-                ids = [row[0] for row in ids]
+                    self._identify(jobs, [row[0] for row in ids])
+                    self._record(driver, jobs, pending)
             except _KeyTaken:
                 return False
+        return True
+
+    @staticmethod
+    def _identify(jobs: list[IngestJob], ids) -> None:
         for item, message_id in zip((item for job in jobs for item in job.items), ids, strict=True):
             item.message_id = message_id
-        return True
+
+    def _record(self, driver, jobs: list[IngestJob], pending: "PendingAppend | None" = None) -> None:
+        """The receipts of the round, appended to the audit trail in its transaction (after
+        `pending`, the append already started): a message is never stored without its
+        record, and the chain's lock is held only until the commit."""
+        if self.audit is None:
+            return
+        receipts = []
+        for job in jobs:
+            at = datetime.fromtimestamp(job.received_at, timezone.utc)
+            receipts += [receipt(item, job.listener, job.peer, at) for item in job.items]
+        (pending or self.audit.start_append(driver)).finish(receipts)
+        for job in jobs:
+            job.audited = True
 
     def _insert_one(self, cursor, row: tuple) -> int:
         """Insert one message and its payload; its id."""
@@ -211,7 +242,7 @@ class IngestWriter:
         return cursor.fetchone()[0]
 
     def _transaction(self, driver):
-        return _sqlite_transaction(driver) if self._sqlite else driver.transaction()
+        return _sqlite_transaction(driver, self._write_lock) if self._sqlite else driver.transaction()
 
     def _settle_conflict(self, cursor, item: Inbound) -> bool:
         """An accepted message against what is stored under its key. True for a duplicate (same
@@ -254,15 +285,16 @@ class _KeyTaken(Exception):
 
 
 @contextmanager
-def _sqlite_transaction(driver):
-    driver.execute("BEGIN IMMEDIATE")  # it reads, then writes: take the write lock first
-    try:
-        yield
-        driver.execute("COMMIT")
-    except BaseException:
-        if driver.in_transaction:
-            driver.execute("ROLLBACK")
-        raise
+def _sqlite_transaction(driver, lock):
+    with lock:
+        driver.execute("BEGIN IMMEDIATE")  # it reads, then writes: take the write lock first
+        try:
+            yield
+            driver.execute("COMMIT")
+        except BaseException:
+            if driver.in_transaction:
+                driver.execute("ROLLBACK")
+            raise
 
 
 def _discard(connection) -> None:
