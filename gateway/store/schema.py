@@ -47,6 +47,10 @@ Index("ux_messages_control", messages.c.sending_application, messages.c.sending_
       messages.c.control_id, unique=True,
       sqlite_where=messages.c.accepted, postgresql_where=messages.c.accepted)
 Index("ix_messages_received_at", messages.c.received_at)
+# The messages waiting for translation (the sweep reads them in id order): partial, as small
+# as the backlog. Queries must say status = 'received' as a literal to use it.
+Index("ix_messages_untranslated", messages.c.id, sqlite_where=text("status = 'received'"),
+      postgresql_where=text("status = 'received'"))
 
 # The translation of an accepted message into a canonical FHIR bundle: one row per message,
 # replaced when the message is translated again (replay, a second node, the start sweep).

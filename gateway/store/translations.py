@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable
 
 import orjson
-from sqlalchemy import Connection, DateTime, bindparam, select, text, update
+from sqlalchemy import Connection, DateTime, bindparam, literal_column, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.ingest.model import MessageStatus
@@ -107,12 +107,34 @@ def _pending(row) -> Pending:
 
 
 def pending_messages(connection: Connection, after_id: int = 0, limit: int = 256,
-                     status: str = MessageStatus.RECEIVED.value) -> list[Pending]:
-    """Messages of `status` with an id above `after_id`, oldest first, at most `limit`."""
+                     status: str = MessageStatus.RECEIVED.value,
+                     received_before: datetime | None = None) -> list[Pending]:
+    """Messages of `status` (received before `received_before`, when given) with an id above
+    `after_id`, oldest first, at most `limit`."""
     query = (select(*_PENDING_COLUMNS).select_from(_WITH_PAYLOAD)
-             .where(messages.c.status == status, messages.c.id > after_id)
+             .where(_status_is(status), messages.c.id > after_id)
              .order_by(messages.c.id).limit(limit))
+    if received_before is not None:
+        query = query.where(messages.c.received_at < received_before)
     return [_pending(row) for row in connection.execute(query)]
+
+
+def oldest_untranslated(connection: Connection) -> datetime | None:
+    """When the oldest message still waiting for translation was received (None: none is)."""
+    value = connection.execute(select(messages.c.received_at).where(_status_is(_RECEIVED))
+                               .order_by(messages.c.id).limit(1)).scalar()
+    return utc(value) if value is not None else None
+
+
+def _status_is(status: str):
+    # 'received' as a literal: the planners use the partial index ix_messages_untranslated
+    # only for a query that states its predicate, not a parameter's value.
+    if status == _RECEIVED:
+        return messages.c.status == literal_column("'received'")
+    return messages.c.status == status
+
+
+_RECEIVED = MessageStatus.RECEIVED.value
 
 
 def messages_by_id(connection: Connection, ids: Iterable[int]) -> list[Pending]:

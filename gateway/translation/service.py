@@ -14,6 +14,10 @@ translation`.
   translates them: at start, and whenever the live path lost something. Live jobs go first,
   between the sweep's batches, so that an ACK waiting for translation is not held behind a
   backlog.
+- Every STALE_AFTER seconds the worker also looks for messages still 'received' that long
+  after their receipt: what a node that died left behind (on one PostgreSQL, another node
+  takes them without waiting for it to come back), or a job lost without trace. It sweeps
+  those, and only those: younger ones are in some node's hands.
 - Translation is deterministic and the write an upsert: a message translated twice (two
   nodes on one PostgreSQL, sweep and live path) is harmless.
 - Reload (SIGHUP, `gateway mappings reload`) reads the set in a thread and swaps it whole; a
@@ -34,7 +38,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -47,14 +51,15 @@ from gateway.events import Event, EventBus
 from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.source import MappingErrors
 from gateway.store.database import write_transaction
-from gateway.store.translations import (Pending, TranslationRecord, pending_messages,
-                                        save_translations)
+from gateway.store.translations import (Pending, TranslationRecord, oldest_untranslated,
+                                        pending_messages, save_translations)
 from gateway.translation.translator import Translator
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
 IDLE_CHECK = 5.0  # seconds: how often an idle worker retries a sweep the live path asked for
+STALE_AFTER = 60.0  # seconds: a message still 'received' this long after its receipt is swept
 # A live batch that no ACK waits for is stored once it holds LINGER_BATCH messages or has
 # waited LINGER seconds for them. Measured in-process on PostgreSQL (ORU^R01): stored 16 at a
 # time, 0.28 ms of the gateway's CPU and 0.18 ms of PostgreSQL's per message; 64 at a time,
@@ -95,8 +100,12 @@ class TranslationWorker:
     def __init__(self, engine: Engine, translator: Translator, deliver: Callable,
                  max_batch: int = 256, max_queued: int = 10_000,
                  on_enqueued: Callable[[], None] | None = None, step: TranslationStep | None = None,
-                 events: EventBus | None = None, linger: float = LINGER, linger_batch: int = LINGER_BATCH):
+                 events: EventBus | None = None, linger: float = LINGER, linger_batch: int = LINGER_BATCH,
+                 stale_after: float = STALE_AFTER):
         self.engine = engine
+        self.stale_after = stale_after
+        self._stale_check_at = time.monotonic() + stale_after
+        self._sweep_before: datetime | None = None  # a sweep of stale messages only: their cutoff
         self.linger = linger
         self.linger_batch = linger_batch
         self.events = events if events is not None else EventBus()
@@ -134,17 +143,18 @@ class TranslationWorker:
         """Queue a job (any thread). A job nobody waits for is dropped when the queue is full:
         its messages stay 'received' and the sweep takes them."""
         if self._thread is None:
-            self._sweep.set()
+            self.request_sweep()
             if job.done is not None:
                 job.error = RuntimeError("translation is stopped")
                 self.deliver(job.done, job)
             return
         if job.done is None and self._queue.qsize() >= self.max_queued:
-            self._sweep.set()
+            self.request_sweep()
             return
         self._queue.put(job)
 
     def request_sweep(self) -> None:
+        self._sweep_before = None  # everything 'received', whatever a stale sweep was doing
         self._sweep.set()
 
     # -- the thread -------------------------------------------------------------------------
@@ -152,6 +162,8 @@ class TranslationWorker:
     def _run(self) -> None:
         after_id = 0
         while True:
+            if time.monotonic() >= self._stale_check_at:
+                self._check_stale()
             sweeping = self._sweep.is_set()
             try:
                 job = self._queue.get_nowait() if sweeping else self._queue.get(timeout=IDLE_CHECK)
@@ -169,6 +181,7 @@ class TranslationWorker:
                 after_id = self._sweep_batch(after_id)
                 if after_id == 0:
                     self._sweep.clear()
+                    self._sweep_before = None
 
     def _gather(self, job: TranslationJob) -> tuple[list[TranslationJob], bool]:
         """The jobs to process together: what is queued, and, while the batch is small and no
@@ -209,18 +222,38 @@ class TranslationWorker:
             self._store(results)
         except Exception as error:  # the database is down: the sweep retries later
             log.error("storing %d translations failed: %s", len(results), error)
-            self._sweep.set()
+            self.request_sweep()
             for job in jobs:
                 job.error = error
         for job in jobs:
             if job.done is not None:
                 self.deliver(job.done, job)
 
+    def _check_stale(self) -> None:
+        """Sweep the messages still 'received' STALE_AFTER seconds after their receipt, if
+        there are any (the oldest one tells, read from the partial index)."""
+        self._stale_check_at = time.monotonic() + self.stale_after
+        if self._sweep.is_set():
+            return  # a sweep is under way: it takes them
+        try:
+            with self.engine.connect() as connection:
+                oldest = oldest_untranslated(connection)
+        except Exception as error:
+            log.error("looking for messages left untranslated failed: %s", error)
+            return
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=self.stale_after)
+        if oldest is not None and oldest < cutoff:
+            log.warning("messages received since %s are still untranslated (a node stopped?): "
+                        "sweeping those received before %s", oldest.isoformat(), cutoff.isoformat())
+            self._sweep_before = cutoff
+            self._sweep.set()
+
     def _sweep_batch(self, after_id: int) -> int:
         """Translate the next batch of 'received' messages; the last id, or 0 when done."""
         try:
             with self.engine.connect() as connection:
-                batch = pending_messages(connection, after_id, self.max_batch)
+                batch = pending_messages(connection, after_id, self.max_batch,
+                                         received_before=self._sweep_before)
             if not batch:
                 return 0
             self._store([(item, self._translate(item)) for item in batch])
