@@ -199,6 +199,45 @@ def test_another_run_later_expires_more_and_the_trail_stays_verifiable(engine):
     assert len(anchors) == 2 and verification.first_seq == anchors[1].detail["through_seq"] + 1
 
 
+def test_audit_records_the_atna_export_has_not_sent_are_kept(engine):
+    """With an ATNA export configured, expiry never goes past what its collector was sent:
+    nothing while it has been sent nothing, up to its last_seq while it lags (the months are
+    then not dropped), everything due once it caught up; the trail verifies throughout."""
+    from gateway.store.schema import audit_exports
+
+    prepare_partitions(engine)
+    trail = AuditTrail(engine, "node-1")
+    audit_records(trail, TIMES)
+    collector = "atna.sante.gov.ma:6514"
+
+    def audit_report(now=NOW):
+        report = run_retention(engine, CONFIG, now, trail, exports=(collector,))
+        return {k.kind: k for k in report.kinds}["audit"]
+
+    def sent(seq):
+        with engine.begin() as conn:
+            conn.execute(audit_exports.delete())
+            conn.execute(audit_exports.insert().values(collector=collector, last_seq=seq, updated_at=NOW))
+
+    nothing_sent = audit_report()
+    assert (nothing_sent.through_seq, nothing_sent.held_after, nothing_sent.rows) == (None, 0, 0)
+    assert count(engine, audit_log, audit_log.c.action != EXPIRED) == len(TIMES)
+    assert "kept until the ATNA export has sent them" in nothing_sent.line()
+
+    sent(2)
+    lagging = audit_report()
+    assert (lagging.through_seq, lagging.held_after, lagging.partitions) == (2, 2, ())
+    with engine.connect() as conn:
+        assert min(r.seq for r in trail.records(conn)) == 3
+    assert trail.verify().intact
+
+    sent(100)
+    caught_up = audit_report()
+    expected = 3 if engine.dialect.name == "postgresql" else 4  # a whole month / the day
+    assert (caught_up.through_seq, caught_up.held_after) == (expected, None)
+    assert trail.verify().intact
+
+
 # -- PostgreSQL: one node at a time ----------------------------------------------------------
 
 

@@ -133,6 +133,22 @@ def test_the_daily_run_happens_at_run_at_and_the_next_is_scheduled(make_config, 
     assert service.call is None
 
 
+def test_the_audit_expiry_waits_for_the_configured_atna_collector(make_config, tmp_path):
+    """The service (and `gateway retention run`) name the collector of audit.export, under
+    the name the export keeps its progress by; none without an export."""
+    import dataclasses
+
+    from gateway.audit.export import collector_name
+    from gateway.config import AuditConfig, AuditExportConfig
+    from gateway.retention.service import audit_exports_of
+
+    config = make_config(f"sqlite:///{tmp_path / 'x.sqlite'}")
+    assert audit_exports_of(config) == ()
+    exported = dataclasses.replace(config, audit=AuditConfig(
+        export=AuditExportConfig("atna.sante.gov.ma", 6514)))
+    assert audit_exports_of(exported) == (collector_name("atna.sante.gov.ma", 6514),)
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_failed_run_is_logged_and_tried_again_the_next_day(make_config, tmp_path, caplog):
     url = f"sqlite:///{tmp_path / 'broken.sqlite'}"

@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway.audit.trail import AuditTrail
 from gateway.config import GatewayConfig
 from gateway.retention.run import run_retention
+from gateway.retention.service import audit_exports_of
 from gateway.store.database import create_gateway_engine, migrate
 
 
@@ -32,7 +33,8 @@ def run(config: GatewayConfig, args) -> int:
     engine = create_gateway_engine(config.database.url, 1)
     try:
         migrate(engine)
-        report = run_retention(engine, config.retention, now, AuditTrail(engine, config.node_name))
+        report = run_retention(engine, config.retention, now, AuditTrail(engine, config.node_name),
+                               exports=audit_exports_of(config))
     except SQLAlchemyError as error:
         print(f"retention run failed: {error.__class__.__name__}: {getattr(error, 'orig', None) or error}",
               file=sys.stderr)

@@ -25,6 +25,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from sqlalchemy import DateTime, Engine, bindparam, func, select, text
@@ -37,7 +38,7 @@ from gateway.config import RetentionConfig
 from gateway.retention.partitions import (LOCK_TIMEOUT, TIME_COLUMNS, Month, default_partition,
                                           ensure_partitions, lock_not_granted, partitions_of, utc)
 from gateway.store.database import write_transaction
-from gateway.store.schema import audit_log
+from gateway.store.schema import audit_exports, audit_log
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,15 @@ class KindReport:
     seconds: float = 0.0
     through_seq: int | None = None  # audit: the records 1..through_seq expired
     left: tuple[str, ...] = ()  # partitions whose lock was not granted: the next run drops them
+    # audit: the records past this seq were due but kept, as the ATNA export has not sent them
+    held_after: int | None = None
 
     def as_dict(self) -> dict:
         return {"kind": self.kind, "table": self.table, "days": self.days,
                 "cutoff": _iso(self.cutoff), "before": _iso(self.before), "rows": self.rows,
                 "partitions": list(self.partitions), "seconds": round(self.seconds, 3),
-                "through_seq": self.through_seq, "left": list(self.left)}
+                "through_seq": self.through_seq, "left": list(self.left),
+                "held_after": self.held_after}
 
     def line(self) -> str:
         if self.days is None:
@@ -80,6 +84,9 @@ class KindReport:
             text_ += f" ({', '.join(self.partitions)})"
         if self.left:
             text_ += f"; not dropped, lock not granted in time: {', '.join(self.left)}"
+        if self.held_after is not None:
+            text_ += (f"; records after #{self.held_after} kept until the ATNA export has sent "
+                      f"them")
         return text_
 
 
@@ -132,17 +139,20 @@ class RetentionReport:
 
 
 def run_retention(engine: Engine, config: RetentionConfig, now: datetime,
-                  trail: AuditTrail | None = None, stop: threading.Event | None = None) -> RetentionReport:
+                  trail: AuditTrail | None = None, stop: threading.Event | None = None,
+                  exports: Sequence[str] = ()) -> RetentionReport:
     """Expire each kind's data older than its days at `now`; see the module docstring. When
     `stop` is set (the gateway is stopping), the batches in progress end early: the next run
-    goes on from there."""
+    goes on from there. Audit records the ATNA export to one of `exports` (collector names,
+    gateway.audit.export.collector_name) has not sent yet are kept, however old."""
     started = time.monotonic()
     now = utc(now)
     trail = trail or AuditTrail(engine, socket.gethostname())
     pace = _Pace(max(1, config.batch_size), stop)
+    exports = tuple(exports)
     backend = engine.dialect.name
     if backend != "postgresql":
-        kinds = tuple(_expire_sqlite(engine, kind, getattr(config, kind), now, pace, trail)
+        kinds = tuple(_expire_sqlite(engine, kind, getattr(config, kind), now, pace, trail, exports)
                       for kind in KINDS)
         vacuum = _vacuum_sqlite(engine, pace)
         report = RetentionReport(now, backend, kinds, vacuum=vacuum,
@@ -159,7 +169,7 @@ def run_retention(engine: Engine, config: RetentionConfig, now: datetime,
                 with engine.connect() as connection:
                     created = tuple(ensure_partitions(connection, now))
                 kinds = tuple(_expire_pg(engine, kind, getattr(config, kind), now,
-                                         pace, trail) for kind in KINDS)
+                                         pace, trail, exports) for kind in KINDS)
             finally:
                 holder.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": RUN_LOCK})
                 holder.commit()
@@ -182,7 +192,7 @@ class _Pace:
 
 
 def _expire_pg(engine: Engine, kind: str, days: int | None, now: datetime, pace: _Pace,
-               trail: AuditTrail) -> KindReport:
+               trail: AuditTrail, exports: tuple[str, ...] = ()) -> KindReport:
     table = KINDS[kind]
     if days is None:
         return KindReport(kind, table, None)
@@ -194,7 +204,7 @@ def _expire_pg(engine: Engine, kind: str, days: int | None, now: datetime, pace:
                         if month is not None and month.end <= before)
     expiring = tuple(name for _, name in months)
     if kind == "audit":
-        return _expire_audit_pg(engine, trail, days, cutoff, before, expiring, started)
+        return _expire_audit_pg(engine, trail, days, cutoff, before, expiring, started, exports)
     dropped, left = _drop_partitions(engine, table, expiring)
     rows = _delete_default_pg(engine, table, before, pace)
     report = KindReport(kind, table, days, cutoff, before, rows, dropped,
@@ -247,10 +257,12 @@ def _delete_default_pg(engine: Engine, table: str, before: datetime, pace: _Pace
 
 
 def _expire_audit_pg(engine: Engine, trail: AuditTrail, days: int, cutoff: datetime,
-                     before: datetime, expiring: tuple[str, ...], started: float) -> KindReport:
+                     before: datetime, expiring: tuple[str, ...], started: float,
+                     exports: tuple[str, ...] = ()) -> KindReport:
     """The anchor, the drops and the deletes in one transaction: the trail never shows a
     removal that no record accounts for, nor a hole in its middle. A lock not granted rolls it
-    all back; it is tried again, then left for the next run."""
+    all back; it is tried again, then left for the next run. Records an ATNA export has not
+    sent stay (their months are not dropped: their older rows are deleted)."""
     table = KINDS["audit"]
     for attempt in range(DROP_TRIES):
         try:
@@ -258,22 +270,23 @@ def _expire_audit_pg(engine: Engine, trail: AuditTrail, days: int, cutoff: datet
                 # Bounds every wait of this transaction, the chain's lock included: appenders
                 # wait behind it while it holds that lock.
                 connection.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-                bound = trail.expiry_bound(connection, before)
+                bound, held = _audit_bound(connection, trail, before, exports)
                 if bound is None:
                     return KindReport("audit", table, days, cutoff, before,
-                                      seconds=time.monotonic() - started)
+                                      seconds=time.monotonic() - started, held_after=held)
                 through, last_hash = bound
+                dropping = () if held is not None else expiring
                 rows = connection.execute(select(func.count()).select_from(audit_log)
                                           .where(audit_log.c.seq <= through)).scalar()
                 trail.append_in(connection, [expiry_anchor(
                     through, last_hash, kind="audit", cutoff=_iso(cutoff), before=_iso(before),
-                    rows=rows, partitions=list(expiring))])
-                for name in expiring:
+                    rows=rows, partitions=list(dropping))])
+                for name in dropping:
                     _drop(connection, name)
                 # What the dropped months did not hold (rows in the DEFAULT partition).
                 connection.execute(audit_log.delete().where(audit_log.c.seq <= through))
-            return KindReport("audit", table, days, cutoff, before, rows, expiring,
-                              time.monotonic() - started, through)
+            return KindReport("audit", table, days, cutoff, before, rows, dropping,
+                              time.monotonic() - started, through, held_after=held)
         except OperationalError as error:
             if not lock_not_granted(error):
                 raise
@@ -288,14 +301,14 @@ def _expire_audit_pg(engine: Engine, trail: AuditTrail, days: int, cutoff: datet
 
 
 def _expire_sqlite(engine: Engine, kind: str, days: int | None, now: datetime, pace: _Pace,
-                   trail: AuditTrail) -> KindReport:
+                   trail: AuditTrail, exports: tuple[str, ...] = ()) -> KindReport:
     table = KINDS[kind]
     if days is None:
         return KindReport(kind, table, None)
     started = time.monotonic()
     cutoff = now - timedelta(days=days)
     if kind == "audit":
-        return _expire_audit_sqlite(engine, trail, days, cutoff, pace, started)
+        return _expire_audit_sqlite(engine, trail, days, cutoff, pace, started, exports)
     rows = _delete_batches(engine, table, TIME_COLUMNS[table], cutoff, pace)
     report = KindReport(kind, table, days, cutoff, cutoff, rows, seconds=time.monotonic() - started)
     _record_expiry(trail, report)
@@ -324,15 +337,16 @@ def _delete_batches(engine: Engine, table: str, column: str, before: datetime, p
 
 
 def _expire_audit_sqlite(engine: Engine, trail: AuditTrail, days: int, cutoff: datetime,
-                         pace: _Pace, started: float) -> KindReport:
+                         pace: _Pace, started: float, exports: tuple[str, ...] = ()) -> KindReport:
     """The anchor first (committed), then the records 1..N in seq order, a batch at a time: an
     interrupted run leaves a trail that starts inside the announced range, which verify
     accepts."""
     table = KINDS["audit"]
     with write_transaction(engine) as connection:
-        bound = trail.expiry_bound(connection, cutoff)
+        bound, held = _audit_bound(connection, trail, cutoff, exports)
         if bound is None:
-            return KindReport("audit", table, days, cutoff, cutoff, seconds=time.monotonic() - started)
+            return KindReport("audit", table, days, cutoff, cutoff, seconds=time.monotonic() - started,
+                              held_after=held)
         through, last_hash = bound
         rows = connection.execute(select(func.count()).select_from(audit_log)
                                   .where(audit_log.c.seq <= through)).scalar()
@@ -349,7 +363,29 @@ def _expire_audit_sqlite(engine: Engine, trail: AuditTrail, days: int, cutoff: d
         if count < pace.size or pace.stopped():
             break
     return KindReport("audit", table, days, cutoff, cutoff, removed,
-                      seconds=time.monotonic() - started, through_seq=through)
+                      seconds=time.monotonic() - started, through_seq=through, held_after=held)
+
+
+def _audit_bound(connection: Connection, trail: AuditTrail, before: datetime,
+                 exports: tuple[str, ...]) -> tuple[tuple[int, str] | None, int | None]:
+    """The last audit record that may go ((its seq, its hash), or None) and, when the ATNA
+    export holds the expiry back, the seq after which records are kept (else None): those
+    recorded before `before`, but not past what every collector of `exports` has been sent."""
+    bound = trail.expiry_bound(connection, before)
+    if bound is None or not exports:
+        return bound, None
+    sent = dict(connection.execute(select(audit_exports.c.collector, audit_exports.c.last_seq)
+                                   .where(audit_exports.c.collector.in_(exports))).all())
+    exported = min(sent.get(collector, 0) for collector in exports)
+    if exported >= bound[0]:
+        return bound, None
+    if exported == 0:
+        return None, 0
+    last_hash = connection.execute(select(audit_log.c.hash).where(audit_log.c.seq == exported)
+                                   .order_by(audit_log.c.recorded_at).limit(1)).scalar()
+    # A collector's last_seq names a record of the trail; gone already (an earlier expiry):
+    # nothing more may go.
+    return ((exported, last_hash) if last_hash is not None else None), exported
 
 
 def _vacuum_sqlite(engine: Engine, pace: _Pace) -> VacuumReport:

@@ -28,6 +28,7 @@ class RetentionService(Service):
     def __init__(self, config: GatewayConfig, database, reactor, trail=None, zone=None,
                  clock=None):
         self.config = config.retention
+        self.exports = audit_exports_of(config)  # whose collector the audit expiry waits for
         self.database = database  # gateway.store.database.Database (its engine and pool)
         self.reactor = reactor
         if trail is None:
@@ -86,7 +87,7 @@ class RetentionService(Service):
         self.call = None
         self.in_progress = deferToThreadPool(self.reactor, self.database.pool, run_retention,
                                          self.database.engine, self.config, self.clock(),
-                                         self.trail, self.stopping)
+                                         self.trail, self.stopping, self.exports)
 
         def done(report):
             self.last_report = report
@@ -105,4 +106,14 @@ class RetentionService(Service):
         return self.in_progress.addCallbacks(done, failed).addBoth(over)
 
 
-__all__ = ["RetentionService"]
+def audit_exports_of(config: GatewayConfig) -> tuple[str, ...]:
+    """The ATNA collectors the audit trail is exported to (retention keeps what they lack)."""
+    export = config.audit.export
+    if export is None:
+        return ()
+    from gateway.audit.export import collector_name
+
+    return (collector_name(export.host, export.port),)
+
+
+__all__ = ["RetentionService", "audit_exports_of"]
