@@ -149,6 +149,8 @@ class ConsoleConfig:
     session_max_age: float = 12 * 3600.0  # seconds after login, whatever the activity
     login_attempts: int = 5  # failed logins per account and address before a pause
     login_pause: float = 300.0  # seconds of that pause
+    # The zone times are shown and searched in (IANA name): the operators' wall clock.
+    timezone: str = "Africa/Casablanca"
 
 
 @dataclass(frozen=True)
@@ -880,7 +882,8 @@ _ACCOUNT = _record(ConsoleAccount, name=_TEXT, role=_one_of(*ROLES),
                    password_hash=_scalar(_password_hash), display_name=_TEXT)
 _CONSOLE = _record(ConsoleConfig, accounts=_list_of(_ACCOUNT, unique=("name",)),
                    session_idle_timeout=_SECONDS, session_max_age=_SECONDS,
-                   login_attempts=_integer(1, 1000), login_pause=_SECONDS)
+                   login_attempts=_integer(1, 1000), login_pause=_SECONDS,
+                   timezone=_scalar(_timezone))
 _AUDIT = _record(AuditConfig, flush_interval=_SECONDS, export=_record(
     AuditExportConfig, host=_TEXT, port=_PORT, ca=_TEXT, source_id=_TEXT,
     enterprise_site=_TEXT, queue_limit=_integer(1)))

@@ -101,6 +101,7 @@ def test_console_accounts_take_hashes_never_passwords_and_listener_ports_are_not
           accounts:
             - {name: a, role: admin, password_hash: "hunter2"}
             - {name: b, role: root, password_hash: "%s"}
+          timezone: Morocco/Rabat
         retention: {raw_payloads: 0, run_at: "25:00"}
         """ % NOC_HASH)
     with pytest.raises(ConfigError) as caught:
@@ -109,6 +110,7 @@ def test_console_accounts_take_hashes_never_passwords_and_listener_ports_are_not
     assert "console.accounts[0].password_hash: must be a hash made by `gateway accounts hash`" in text
     assert "hunter2" not in text
     assert "console.accounts[1].role" in text
+    assert "console.timezone: must be an IANA time zone such as Africa/Casablanca" in text
     assert "retention.raw_payloads" in text and "retention.run_at" in text
     assert "listeners.admin[0].port: 2575 is also another listener's port" in text
 

@@ -181,6 +181,14 @@ def test_search_parameters_are_checked():
                                         "before": "7"}
     assert parse_search({"since": ["2025-01-02T10:30+01:00"]}).since == datetime(2025, 1, 2, 9, 30,
                                                                                  tzinfo=timezone.utc)
+    # On the operators' clock: Morocco is at +00 during Ramadan (1 March 2026), +01 otherwise.
+    from zoneinfo import ZoneInfo
+
+    casablanca = ZoneInfo("Africa/Casablanca")
+    ramadan = parse_search({"since": ["2026-03-01T10:00"], "until": ["2026-06-01T10:00"]}, casablanca)
+    assert (ramadan.since, ramadan.until) == (datetime(2026, 3, 1, 10, 0, tzinfo=timezone.utc),
+                                              datetime(2026, 6, 1, 9, 0, tzinfo=timezone.utc))
+    assert ramadan.form_values()["until"] == "2026-06-01T10:00"  # shown back as typed
     with pytest.raises(InvalidSearch) as refused:
         parse_search({"status": ["x"], "type": ["A B"], "since": ["demain"], "patient": ["\x07"],
                       "facility": ["F" * 200], "before": ["1e3"]})

@@ -13,6 +13,7 @@ import re
 import ssl
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
+from zoneinfo import ZoneInfo
 
 import pytest
 import pytest_twisted
@@ -286,13 +287,17 @@ async def test_search_by_each_criterion_newest_first_and_paginated(console):
     assert result_ids(await client.get("/messages?type=ORU")) == [second.id]
     assert result_ids(await client.get("/messages?type=ADT%5EA01")) == [rejected.id, failed.id, first.id]
     assert result_ids(await client.get("/messages?status=failed")) == [failed.id]
-    since = (base + timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M")
-    until = (base + timedelta(hours=2, minutes=30)).strftime("%Y-%m-%dT%H:%M")
+    # The form's times are on the console's clock (console.timezone, Africa/Casablanca).
+    casablanca = ZoneInfo("Africa/Casablanca")
+    since = (base + timedelta(minutes=30)).astimezone(casablanca).strftime("%Y-%m-%dT%H:%M")
+    until = (base + timedelta(hours=2, minutes=30)).astimezone(casablanca).strftime("%Y-%m-%dT%H:%M")
     assert result_ids(await client.get(f"/messages?since={since}")) == [rejected.id, failed.id, second.id]
     assert result_ids(await client.get(f"/messages?until={until}")) == [failed.id, second.id, first.id]
     page = await client.get(f"/messages?since={since}&until={until}&type=ADT")
     assert result_ids(page) == [failed.id]
     assert page.one("form#search input[name=since]").get("value") == since  # kept in the form
+    shown = (base + timedelta(hours=2)).astimezone(casablanca).strftime("%Y-%m-%d %H:%M:%S %Z")
+    assert shown in page.text and shown[-3:] in ("+01", "+00")  # with Morocco's offset
     assert result_ids(await client.get("/messages?patient=P100&status=translated")) == [first.id]
 
     # Pages of PAGE_SIZE, newest first, each continuing below the last.

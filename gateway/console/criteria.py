@@ -2,14 +2,15 @@
 what is wrong. Pure code.
 
 Every text is capped (MAX_TEXT characters) and stripped; times are ISO 8601 dates or
-date-times (the form's datetime-local gives YYYY-MM-DDTHH:MM), read as UTC when they carry
-no offset; `before` is the id a page continues below (newest first).
+date-times (the form's datetime-local gives YYYY-MM-DDTHH:MM), read in the console's zone
+(the operators' wall clock, Africa/Casablanca by default) when they carry no offset; `before`
+is the id a page continues below (newest first).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone, tzinfo
 
 STATUSES = ("received", "translated", "failed", "rejected", "ignored")
 MAX_TEXT = 128
@@ -35,14 +36,17 @@ class SearchCriteria:
     since: datetime | None = None  # received at or after (UTC)
     until: datetime | None = None  # received before (UTC)
     before: int | None = None  # page: ids below this one
+    zone: tzinfo = field(default=timezone.utc, compare=False)  # the form's times are in it
 
     def form_values(self) -> dict[str, str]:
-        """The values to show back in the form."""
+        """The values to show back in the form (times in the form's zone)."""
         values = {}
         for item in fields(self):
+            if item.name == "zone":
+                continue
             value = getattr(self, item.name)
             if isinstance(value, datetime):
-                value = value.strftime("%Y-%m-%dT%H:%M")
+                value = value.astimezone(self.zone).strftime("%Y-%m-%dT%H:%M")
             values[item.name] = "" if value is None else str(value)
         return values
 
@@ -53,11 +57,13 @@ class SearchCriteria:
 
     @property
     def empty(self) -> bool:
-        return all(getattr(self, item.name) is None for item in fields(self) if item.name != "before")
+        return all(getattr(self, item.name) is None for item in fields(self)
+                   if item.name not in ("before", "zone"))
 
 
-def parse_search(params: dict[str, list[str]]) -> SearchCriteria:
-    """Criteria from parsed query parameters (parse_qs); InvalidSearch when any is wrong."""
+def parse_search(params: dict[str, list[str]], zone: tzinfo = timezone.utc) -> SearchCriteria:
+    """Criteria from parsed query parameters (parse_qs), times without an offset read in
+    `zone`; InvalidSearch when any is wrong."""
     problems: list[str] = []
     if len(params) > MAX_PARAMS:
         raise InvalidSearch(["trop de paramètres"])
@@ -87,8 +93,8 @@ def parse_search(params: dict[str, list[str]]) -> SearchCriteria:
     if status is not None and status not in STATUSES:
         problems.append("Statut : inconnu")
         status = None
-    since = _time(text("since", "Depuis"), "Depuis", problems)
-    until = _time(text("until", "Jusqu'à"), "Jusqu'à", problems)
+    since = _time(text("since", "Depuis"), "Depuis", problems, zone)
+    until = _time(text("until", "Jusqu'à"), "Jusqu'à", problems, zone)
     if since and until and since >= until:
         problems.append("Depuis doit précéder Jusqu'à")
     before = text("before", "Page")
@@ -102,10 +108,10 @@ def parse_search(params: dict[str, list[str]]) -> SearchCriteria:
         raise InvalidSearch(problems)
     return SearchCriteria(control_id, patient, facility,
                           message_type.upper() if message_type else None, status, since, until,
-                          before_id)
+                          before_id, zone)
 
 
-def _time(value: str | None, label: str, problems: list[str]) -> datetime | None:
+def _time(value: str | None, label: str, problems: list[str], zone: tzinfo) -> datetime | None:
     if value is None:
         return None
     try:
@@ -114,7 +120,7 @@ def _time(value: str | None, label: str, problems: list[str]) -> datetime | None
         problems.append(f"{label} : une date AAAA-MM-JJ ou AAAA-MM-JJTHH:MM")
         return None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=zone)
     if not 1970 <= parsed.year <= 9998:
         problems.append(f"{label} : date hors limites")
         return None

@@ -15,6 +15,7 @@ them. Logs carry ids, never patient data.
 """
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -22,9 +23,10 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timezone, tzinfo
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 from urllib.parse import parse_qs, urlencode
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
@@ -144,7 +146,11 @@ class Console(resource.Resource):
         self.templates = Environment(loader=FileSystemLoader(str(_HERE / "templates")),
                                      autoescape=True, undefined=StrictUndefined,
                                      trim_blocks=True, lstrip_blocks=True)
-        self.templates.filters.update(when=_when, duration=_duration, percent=_percent)
+        # Times are shown and searched on the operators' wall clock (console.timezone).
+        self.zone = ZoneInfo(console.timezone)
+        self.templates.filters.update(when=functools.partial(_when, zone=self.zone),
+                                      duration=_duration, percent=_percent)
+        self.templates.globals["zone"] = console.timezone
         self.stylesheet = (_HERE / "static" / "console.css").read_bytes()
         self.routes: list[tuple[str, re.Pattern, str, Callable]] = [
             ("GET", re.compile(r"/"), "viewer", self._home),
@@ -322,7 +328,7 @@ class Console(resource.Resource):
         form = {name: (call.params.get(name) or [""])[0][:256]
                 for name in ("control_id", "patient", "facility", "type", "status", "since", "until")}
         try:
-            criteria = parse_search(call.params)
+            criteria = parse_search(call.params, self.zone)
         except InvalidSearch as invalid:
             return await self._page(call.request, call.session, 400, "messages.html", title="Messages",
                                     section="messages", form=form, problems=invalid.problems,
@@ -552,10 +558,12 @@ def _local(target: str) -> str:
     return target
 
 
-def _when(value: datetime | None) -> str:
+def _when(value: datetime | None, zone: tzinfo = timezone.utc) -> str:
+    """An instant on the console's clock, with its offset (Morocco moves between +01 and +00
+    around Ramadan): 2026-11-22 10:15:03 +01."""
     if value is None:
         return "—"
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return value.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def _duration(seconds: float | None) -> str:
