@@ -20,6 +20,7 @@ from gateway.console.web import ConsoleContext, site
 from gateway.events import EventBus
 from gateway.facilities import SourceNetworks
 from gateway.tls import server_tls_options
+from gateway.tls_watch import watch_handshakes
 
 
 def admin_site(config: GatewayConfig, listener: AdminListenerConfig, database, reactor, *,
@@ -58,6 +59,8 @@ def admin_services(config: GatewayConfig, store, identity, translation, delivery
             options = server_tls_options(config.pki.cert, config.pki.key, None,
                                          require_client_cert=False, name=f"admin {listener.name}")
             endpoint = SSL4ServerEndpoint(reactor, listener.port, options, interface=listener.interface)
+            if events is not None:  # failed handshakes counted, as on the other doors
+                watch_handshakes(built, listener.name, events)
         else:
             endpoint = TCP4ServerEndpoint(reactor, listener.port, interface=listener.interface)
         service = StreamServerEndpointService(endpoint, built)

@@ -19,6 +19,7 @@ import pytest
 import pytest_twisted
 from sqlalchemy import select, text
 from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 
 from console_support import (ARABIC_FAMILY, PASSWORDS, Client, Clock, accounts_config, seed_attempt,
                              seed_message)
@@ -600,7 +601,9 @@ async def test_a_tls_listener_asks_no_client_certificate_and_secures_the_cookie(
     # What admin_services reads of the store and identity services: their database and registry.
     store = SimpleNamespace(database=database)
     identity = SimpleNamespace(registry=RegistryRef(FacilityRegistry(SENDERS)))
-    (service,) = admin_services(config, store, identity, None, None, reactor)
+    events, heard = EventBus(), []
+    events.subscribe(heard.append)
+    (service,) = admin_services(config, store, identity, None, None, reactor, events=events)
     assert service.name == "admin-tls"
     service.startService()
     try:
@@ -616,6 +619,12 @@ async def test_a_tls_listener_asks_no_client_certificate_and_secures_the_cookie(
         plain = Client(port.getHost().port)
         with pytest.raises((ConnectionError, http.client.HTTPException)):  # TLS only
             await plain.get("/login")
+        for _ in range(100):  # the server's side of the failed handshake ends just after
+            if any(e.kind == "tls.handshake_failed" for e in heard):
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        [failed] = [e for e in heard if e.kind == "tls.handshake_failed"]  # the good ones are not
+        assert failed.listener == "admin-tls" and failed.detail["reason"]
     finally:
         await service.stopService()
         database.stop()
