@@ -14,10 +14,10 @@ translation`.
   translates them: at start, and whenever the live path lost something. Live jobs go first,
   between the sweep's batches, so that an ACK waiting for translation is not held behind a
   backlog.
-- Every STALE_AFTER seconds the worker also looks for messages still 'received' that long
-  after their receipt: what a node that died left behind (on one PostgreSQL, another node
-  takes them without waiting for it to come back), or a job lost without trace. It sweeps
-  those, and only those: younger ones are in some node's hands.
+- Every STALE_AFTER seconds a worker with no live work waiting also looks for messages still
+  'received' that long after their receipt: what a node that died left behind (on one
+  PostgreSQL, another node takes them without waiting for it to come back), or a job lost
+  without trace. It sweeps those, and only those: younger ones are in some node's hands.
 - Translation is deterministic and the write an upsert: a message translated twice (two
   nodes on one PostgreSQL, sweep and live path) is harmless.
 - Reload (SIGHUP, `gateway mappings reload`) reads the set in a thread and swaps it whole; a
@@ -235,6 +235,10 @@ class TranslationWorker:
         self._stale_check_at = time.monotonic() + self.stale_after
         if self._sweep.is_set():
             return  # a sweep is under way: it takes them
+        if not self._queue.empty():
+            # Live work waiting: this node is behind, and what is old may be in its own queue
+            # (translating it twice would put it further behind). Looked at again once idle.
+            return
         try:
             with self.engine.connect() as connection:
                 oldest = oldest_untranslated(connection)
