@@ -115,7 +115,8 @@ def build_service(config: GatewayConfig, reactor) -> MultiService:
                                             registry=identity.registry)
         translation = TranslationService(config, store.engine, reactor,
                                          on_enqueued=delivery.wake if delivery else None,
-                                         step=prescriptions.flow, events=events)
+                                         step=prescriptions.flow, events=events,
+                                         audit=store.writer.audit)
         translation.setServiceParent(root)
         prescriptions.setServiceParent(root)  # stopped before the translation worker is joined
     if delivery is not None:

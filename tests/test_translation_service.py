@@ -205,6 +205,50 @@ def test_messages_a_stopped_node_left_untranslated_are_swept_by_another(db_url, 
         engine.dispose()
 
 
+def test_translations_are_recorded_in_the_audit_trail_with_them(db_url, tmp_path):
+    """Each stored translation's record (message.translated, or message.translation_failed
+    with its error) is in the audit trail as soon as the translation is: same transaction.
+    The events then say so (`recorded`), and the recorder leaves them out."""
+    from adapters.hl7v2.ack import AckBuilder
+    from gateway.audit.trail import AuditTrail
+    from gateway.events import EventBus
+    from gateway.ingest.inspect import IngestPolicy, Inspector
+    from gateway.ingest.pipeline import pending_translations
+    from gateway.translation.service import TranslationJob, TranslationWorker
+
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    inspector = Inspector(AckBuilder(), IngestPolicy("t"))
+    writer = IngestWriter(engine, lambda f, *a: f(*a), lambda item: None)
+    writer.start()
+    stored = IngestJob([inspector.message(hl7("AU-1")), inspector.message(hl7("AU-2", birth="1985XX"))],
+                       "t", "peer", 1_700_000_000.0, lambda job, error: None)
+    writer.submit(stored)
+    writer.stop()
+    pending = pending_translations(stored)  # as the live path hands them over
+    trail, events, heard = AuditTrail(engine, "node-t"), EventBus(), []
+    events.subscribe(heard.append)
+    worker = TranslationWorker(engine, Translator(MappingSet.load(write_mappings(tmp_path / "mappings"))),
+                               lambda f, *a: f(*a), events=events, audit=trail, linger=0)
+    worker.start(sweep=False)
+    try:
+        done = []
+        worker.submit(TranslationJob(pending, done.append))
+        assert _until(lambda: done)
+        with engine.connect() as conn:
+            records = list(trail.records(conn))
+        assert [(r.action, r.subject, r.detail["control_id"]) for r in records] == [
+            ("message.translated", f"message/{pending[0].message_id}", "AU-1"),
+            ("message.translation_failed", f"message/{pending[1].message_id}", "AU-2")]
+        assert records[1].outcome == "failure" and records[1].detail["error_location"]
+        assert [(e.kind, e.recorded) for e in heard] == [("message.translated", True),
+                                                          ("message.translation_failed", True)]
+        assert trail.verify().intact
+    finally:
+        worker.stop()
+        engine.dispose()
+
+
 def test_the_sweep_reads_waiting_messages_through_the_partial_index(db_url):
     """The sweep's queries name the index's predicate, so that the planner can use it rather
     than walk every message (tens of millions on a national node) when none is waiting."""

@@ -45,6 +45,8 @@ from typing import Any, Callable, Protocol
 from sqlalchemy import Engine
 from twisted.application.service import Service
 
+from gateway.audit.recorder import audit_event
+from gateway.audit.trail import AuditTrail
 from gateway.config import GatewayConfig
 from gateway.delivery.routes import Router
 from gateway.events import Event, EventBus
@@ -101,8 +103,9 @@ class TranslationWorker:
                  max_batch: int = 256, max_queued: int = 10_000,
                  on_enqueued: Callable[[], None] | None = None, step: TranslationStep | None = None,
                  events: EventBus | None = None, linger: float = LINGER, linger_batch: int = LINGER_BATCH,
-                 stale_after: float = STALE_AFTER):
+                 stale_after: float = STALE_AFTER, audit: AuditTrail | None = None):
         self.engine = engine
+        self.audit = audit  # the translations' records go to it in the transaction storing them
         self.stale_after = stale_after
         self._stale_check_at = time.monotonic() + stale_after
         self._sweep_before: datetime | None = None  # a sweep of stale messages only: their cutoff
@@ -296,9 +299,14 @@ class TranslationWorker:
             if self.step is not None:
                 self.step.apply(connection, results, prepared, now)
             save_translations(connection, results, now)
+            events = [_translation_event(item, record, self.audit is not None)
+                      for item, record in results]
+            if self.audit is not None:
+                # Committed with the translations: none is stored without its record.
+                self.audit.append_in(connection, [audit_event(event, now) for event in events])
         self.commits += 1
-        for item, record in results:
-            self.events.emit(_translation_event(item, record))
+        for event in events:
+            self.events.emit(event)
         if self.on_enqueued is not None and any(record.destinations for _, record in results):
             self.deliver(self.on_enqueued)
 
@@ -311,11 +319,13 @@ def _name(item: Pending) -> str:
     return control or "?"
 
 
-def _translation_event(item: Pending, record: TranslationRecord) -> Event:
-    """message.translated or message.translation_failed: ids, codes and counts only."""
+def _translation_event(item: Pending, record: TranslationRecord, recorded: bool = False) -> Event:
+    """message.translated or message.translation_failed: ids, codes and counts only
+    (`recorded`: its audit record is stored with the translation)."""
     actor = item.sender_id or (item.key[1] if item.key else None) or "unknown"
     subject = f"message/{item.message_id}" if item.message_id is not None else None
-    common = dict(subject=subject, facility=item.sender_id, message_type=item.message_type)
+    common = dict(subject=subject, facility=item.sender_id, message_type=item.message_type,
+                  recorded=recorded)
     control_id = item.key[2] if item.key else None
     if record.failed:
         return Event("message.translation_failed", actor, outcome="failure", **common,
@@ -340,8 +350,9 @@ class TranslationService(Service):
 
     def __init__(self, config: GatewayConfig, engine: Engine, reactor, max_batch: int = 256,
                  on_enqueued: Callable[[], None] | None = None, step: TranslationStep | None = None,
-                 events: EventBus | None = None):
+                 events: EventBus | None = None, audit: AuditTrail | None = None):
         self.config = config
+        self.audit = audit
         self.events = events if events is not None else EventBus()
         self.step = step
         self.on_enqueued = on_enqueued
@@ -365,7 +376,7 @@ class TranslationService(Service):
         self.translator = Translator(mappings, self.config.senders, router)
         self.worker = TranslationWorker(self.engine, self.translator, self.reactor.callFromThread,
                                         self.max_batch, on_enqueued=self.on_enqueued, step=self.step,
-                                        events=self.events)
+                                        events=self.events, audit=self.audit)
         self.worker.start(sweep=True)
         super().startService()
 
