@@ -5,8 +5,7 @@
 At several thousand messages per second the gateway makes about 3 records per message: the
 receipt (with its ACK code), which the ingest writer appends in the transaction that stores
 the message, a batch per group commit; the translation, appended with it by the translation
-worker, a batch of up to 64; the delivery, which the recorder appends every flush interval
-(0.2 s), at most 1,000 in one transaction. Each run starts
+worker, a batch of up to 64; the delivery attempt, appended with its settlement. Each run starts
 from an empty audit_log (the database is migrated, the table emptied). Prints, per batch size,
 records/s of whole appends and the share of that time spent hashing (chain.chain, pure CPU).
 """

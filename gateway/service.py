@@ -108,7 +108,8 @@ def build_service(config: GatewayConfig, reactor) -> MultiService:
     identity.setServiceParent(root)
     translation = delivery = prescriptions = None
     if config.mappings is not None and config.routes:
-        delivery = DeliveryService(config, store.database, reactor, events=events)
+        delivery = DeliveryService(config, store.database, reactor, events=events,
+                                   audit=store.writer.audit)
     if config.mappings is not None:
         # Prescriptions are a step of the translation (same transaction), so they need it.
         prescriptions = PrescriptionService(config, store.database, store.builder, reactor,

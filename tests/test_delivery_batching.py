@@ -383,7 +383,8 @@ class HeldTransport:
 def test_while_a_request_is_in_flight_only_full_batches_go(db_url, make_config, peers):
     """A lone delivery goes at once. While it is out, deliveries of six patients arrive: a full
     batch (batch_size 4) goes too, the other two wait, and go together once nothing is in
-    flight any more: two fuller requests instead of several small ones."""
+    flight any more: two fuller requests instead of several small ones. Each attempt's audit
+    record is committed with its settlement."""
     engine = create_gateway_engine(db_url)
     migrate(engine)
     bundle = json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [
@@ -395,7 +396,11 @@ def test_while_a_request_is_in_flight_only_full_batches_go(db_url, make_config, 
                                  delivery=DeliveryConfig(lease=30, poll_interval=0.05))
     database = Database(engine, reactor, 2)
     database.start()
-    service = DeliveryService(config, database, reactor, transport_factory=lambda destination: transport)
+    from gateway.audit.trail import AuditTrail
+
+    trail = AuditTrail(engine, "node-t")
+    service = DeliveryService(config, database, reactor, transport_factory=lambda destination: transport,
+                              audit=trail)
     add(engine, "Patient/0", bundle=bundle, destination="shared-record")
     service.startService()
     try:
@@ -416,6 +421,13 @@ def test_while_a_request_is_in_flight_only_full_batches_go(db_url, make_config, 
         transport.answer()
         found = yield until(DELIVERIES, lambda f: len(f) == 7 and all(r.status == "delivered" for r in f), db_url)
         assert [r.attempts for r in found] == [1] * 7
+        with engine.connect() as conn:  # in the settling transactions: no flush to wait for
+            records = list(trail.records(conn))
+            ids = conn.exec_driver_sql("SELECT id FROM deliveries").scalars().all()
+        assert sorted(r.subject for r in records) == sorted(f"delivery/{i}" for i in ids)
+        assert {(r.action, r.outcome, r.detail["destination"]) for r in records} == {
+            ("delivery.attempted", "success", "shared-record")}
+        assert trail.verify().intact
     finally:
         for _, d in transport.requests:
             if not d.called:

@@ -33,6 +33,9 @@ from typing import Callable
 from twisted.application.service import Service
 from twisted.internet import defer
 
+from gateway.audit.chain import AuditEvent
+from gateway.audit.recorder import audit_event
+from gateway.audit.trail import AuditTrail
 from gateway.config import GatewayConfig
 from gateway.delivery.destinations import Destination, destination_for
 from gateway.delivery.outcome import DeliveryOutcome
@@ -48,9 +51,12 @@ class DeliveryService(Service):
 
     def __init__(self, config: GatewayConfig, database: Database, reactor,
                  rand: Callable[[], float] = random.random,
-                 transport_factory: Callable | None = None, events: EventBus | None = None):
+                 transport_factory: Callable | None = None, events: EventBus | None = None,
+                 audit: AuditTrail | None = None):
         self.config = config
         self.events = events if events is not None else EventBus()
+        # The attempts' records go to `audit` in the transaction that settles them.
+        self.audit = audit
         self.database = database
         self.reactor = reactor
         self.rand = rand
@@ -63,6 +69,7 @@ class DeliveryService(Service):
         self.in_flight: dict[str, int] = {name: 0 for name in self.destinations}
         self._sending: set[defer.Deferred] = set()
         self._settlements: list[outbox.Settlement] = []
+        self._records: list[AuditEvent] = []  # the audit records of those settlements
         self._flushing: defer.Deferred | None = None
         self._claiming = False
         self._again = False  # woken while a claim ran: look again when it ends
@@ -241,13 +248,19 @@ class DeliveryService(Service):
         attempt made it a dead letter (a permanent refusal, or its retries are used up)."""
         subject = f"delivery/{claim.id}"
         detail = {"message_id": claim.message_id, "attempt": claim.attempts + 1, "code": code}
-        self.events.emit(Event("delivery.attempted", SYSTEM, subject=subject,
-                               outcome=_OUTCOMES[outcome.kind], destination=claim.destination,
-                               duration=seconds, detail=detail))
+        recorded = self.audit is not None
+        told = [Event("delivery.attempted", SYSTEM, subject=subject, outcome=_OUTCOMES[outcome.kind],
+                      destination=claim.destination, duration=seconds, detail=detail,
+                      recorded=recorded)]
         if outcome.kind != "delivered" and final:
-            self.events.emit(Event("delivery.dead", SYSTEM, subject=subject, outcome="failure",
-                                   destination=claim.destination,
-                                   detail={**detail, "reason": reason_head(outcome.reason)}))
+            told.append(Event("delivery.dead", SYSTEM, subject=subject, outcome="failure",
+                              destination=claim.destination, recorded=recorded,
+                              detail={**detail, "reason": reason_head(outcome.reason)}))
+        now = datetime.now(timezone.utc)
+        for event in told:
+            self.events.emit(event)
+            if recorded:
+                self._records.append(audit_event(event, now))
 
     def _flush(self) -> defer.Deferred:
         """Settle what is waiting, one batch at a time, and in the same transaction claim what
@@ -255,14 +268,15 @@ class DeliveryService(Service):
         database between two requests of a patient instead of two."""
         if self._flushing is not None:
             return self._flushing
-        if not self._settlements:
+        if not self._settlements and not self._records:
             return defer.succeed(None)
         batch, self._settlements = self._settlements, []
+        records, self._records = self._records, []
         plan = {} if (self._stopping or self._claiming or not self.running) else self._claim_plan()
         if plan:
             self._claiming = True
         d = self.database.run_write(_settle_and_claim, self.node, batch, plan, _now(),
-                                    self.config.delivery.lease)
+                                    self.config.delivery.lease, self.audit, records)
 
         def settled(batches):
             self._flushing = None
@@ -276,6 +290,8 @@ class DeliveryService(Service):
         def failed(failure):
             self._flushing = None
             # The leases expire and another attempt follows: nothing is lost, only repeated.
+            # The attempts were made all the same: their records go with the next settlement.
+            self._records[:0] = records
             log.error("delivery: recording %d attempts failed: %s", len(batch), failure.getErrorMessage())
             if plan:
                 self._claiming = False
@@ -305,8 +321,13 @@ def _claim_all(connection, node: str, plans: dict[str, _ClaimPlan], now: datetim
 
 
 def _settle_and_claim(connection, node: str, settlements: list[outbox.Settlement],
-                      plans: dict[str, _ClaimPlan], now: datetime, lease: float) -> list[outbox.Batch]:
-    outbox.settle(connection, node, settlements)
+                      plans: dict[str, _ClaimPlan], now: datetime, lease: float,
+                      audit: AuditTrail | None = None,
+                      records: list[AuditEvent] = ()) -> list[outbox.Batch]:
+    if settlements:
+        outbox.settle(connection, node, settlements)
+    if audit is not None and records:
+        audit.append_in(connection, records)  # committed with the attempts they record
     return _claim_all(connection, node, plans, now, lease) if plans else []
 
 
