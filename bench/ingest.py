@@ -117,9 +117,16 @@ def parse_args(argv=None):
     ap.add_argument("--count", type=int, default=None,
                     help=f"measured messages per run, any connection count "
                          f"(default {COUNT_ONE_CONN} at 1 connection, {COUNT_MANY_CONNS} otherwise)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure each durable/gateway pair this many times, alternately, and "
+                         "report the median run of each (a machine whose speed drifts within "
+                         "minutes: the ratio of medians is steadier than one pair)")
     ap.add_argument("--json-out", type=Path, default=None,
                     help="raw results (default var/bench/ingest-<timestamp>.json)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be 1 or more")
+    return args
 
 
 def counts_for(conns, args, server="gateway"):
@@ -391,13 +398,34 @@ def plan(args):
             if "ref" in args.servers:
                 runs.append(("ref", None, msg, conns))
             for store in args.stores:
-                runs += [(s, store, msg, conns) for s in ("durable", "gateway") if s in args.servers]
+                for _ in range(args.rounds):  # the pair alternately, so that drift hits both
+                    runs += [(s, store, msg, conns) for s in ("durable", "gateway") if s in args.servers]
                 if "translating" in args.servers and conns in args.translation_conns:
                     runs.append(("translating", store, msg, conns))
     return runs
 
 
 # --------------------------------------------------------------------------- report
+
+def medians(results):
+    """One result per (server, store, msg, conns): with several rounds, the run of median
+    throughput (the lower middle one for an even count), with every round's msgs/s in
+    `rounds_msgs_per_s`."""
+    groups = {}
+    for r in results:
+        groups.setdefault((r["server"], r["store"], r["msg"], r["conns"]), []).append(r)
+    picked = []
+    for runs in groups.values():
+        if len(runs) == 1:
+            picked.append(runs[0])
+            continue
+        ordered = sorted(runs, key=lambda r: r.get("msgs_per_s") or 0.0)
+        median = dict(ordered[(len(ordered) - 1) // 2])
+        median["rounds_msgs_per_s"] = [r.get("msgs_per_s") for r in runs]
+        median["ok"] = all(r.get("ok") for r in runs)
+        picked.append(median)
+    return picked
+
 
 def find(results, server, store, msg, conns):
     """The result of one run, or None."""
@@ -502,6 +530,9 @@ def print_report(results, args):
     print(f"\ntarget: at {' and '.join(map(str, TARGET_CONNS))} connections the gateway reaches at least "
           f"{TARGET_RATIO}x the durable reference, p99 ACK latency < {TARGET_P99_MS:g} ms at {P99_CONNS} "
           f"connections\n")
+    if args.rounds > 1:
+        print(f"durable and gateway: the median of {args.rounds} alternate runs each "
+              f"(every run's msgs/s in the JSON, rounds_msgs_per_s)\n")
     all_verdicts = {}
     for store in args.stores:
         lines, verdicts = store_table(results, store, args.msgs, args.conns)
@@ -572,7 +603,7 @@ def main(argv=None):
         except BenchError as e:
             failure = str(e)
             print(f"\nbenchmark aborted: {failure}", file=sys.stderr)
-    verdicts = print_report(results, args)
+    verdicts = print_report(medians(results), args)
     write_json(out, {**meta, "aborted": failure}, results, verdicts)
     return 1 if failure else 0
 

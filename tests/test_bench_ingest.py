@@ -28,6 +28,28 @@ def test_translating_runs_only_at_their_connection_counts_next_to_ingest_only():
         ingest.TRANSLATION_COUNT // ingest.QUICK_DIVISOR, ingest.WARMUP // ingest.QUICK_DIVISOR)
 
 
+def test_rounds_alternate_the_pair_and_the_report_takes_the_median_run():
+    """--rounds N measures durable and gateway alternately N times (drift hits both alike);
+    the report takes each one's run of median throughput, and flags a bad run in any round."""
+    args = ingest.parse_args(["--stores", "sqlite", "--msgs", "oru", "--conns", "8",
+                              "--servers", "durable,gateway", "--rounds", "3"])
+    assert ingest.plan(args) == [("durable", "sqlite", "oru", 8), ("gateway", "sqlite", "oru", 8)] * 3
+
+    def run(server, msgs_per_s, p99, ok=True):
+        return {"server": server, "store": "sqlite", "msg": "oru", "conns": 8,
+                "msgs_per_s": msgs_per_s, "p99_ms": p99, "ok": ok}
+
+    results = [run("durable", 5000, 9), run("gateway", 2000, 30), run("durable", 3000, 12),
+               run("gateway", 2600, 20), run("durable", 4000, 10), run("gateway", 2300, 25, ok=False)]
+    durable, gateway = sorted(ingest.medians(results), key=lambda r: r["server"])
+    assert (durable["msgs_per_s"], durable["p99_ms"], durable["ok"]) == (4000, 10, True)
+    assert (gateway["msgs_per_s"], gateway["p99_ms"], gateway["ok"]) == (2300, 25, False)
+    assert gateway["rounds_msgs_per_s"] == [2000, 2600, 2300]
+    assert ingest.medians(results[:2]) == results[:2]  # one round: the runs themselves
+    with pytest.raises(SystemExit):
+        ingest.parse_args(["--rounds", "0"])
+
+
 def test_the_gateway_configuration_names_the_mappings_only_when_translating(tmp_path):
     import yaml
     ingest.write_gateway_config(tmp_path / "a.yaml", "sqlite", tmp_path, 2575)
