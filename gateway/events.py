@@ -61,7 +61,7 @@ class Event:
     detail: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)  # codes, sizes, hashes; no patient data
     at: datetime | None = None  # when; None: now, as the listener sees it
     # Already in the audit trail, written in the transaction that stored what it is about (a
-    # message's receipt): the recorder leaves it out.
+    # receipt, a translation, a delivery attempt): the recorder leaves it out.
     recorded: bool = False
 
 

@@ -1,5 +1,10 @@
 """The audit recorder: the service that writes the gateway's events to the audit trail.
 
+Not all of them: a message's receipt, its translation and each delivery attempt are appended
+in the transaction that stores them (the ingest writer, the translation worker, the delivery
+service), and their events come marked `recorded`; the recorder leaves those out. What it
+keeps is the rest: reads, logins, refusals at the doors, failed handshakes, reloads.
+
 It listens to the tree's EventBus, keeps what it hears in memory (events come from the
 reactor and from database threads: a deque takes both without a lock) and every
 `flush_interval` appends what has gathered, in the database thread pool, one append at a time
