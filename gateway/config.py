@@ -990,31 +990,20 @@ def _listener_problems(path: str, values: dict) -> list[str]:
     names = {listener.name for listener in mllp}
     ports = {listener.port for listener in mllp}
     registered = _registered(values)
-    for index, listener in enumerate(listeners.get("https", ())):
-        where = f"{_display(path)}: listeners.https[{index}]"
-        if listener.name in names:
-            problems.append(f"{where}.name: {listener.name!r} is also an MLLP listener's name")
-        if listener.port in ports:
-            problems.append(f"{where}.port: {listener.port} is also an MLLP listener's port")
-    names |= {listener.name for listener in listeners.get("https", ())}
-    ports |= {listener.port for listener in listeners.get("https", ())}
-    for index, listener in enumerate(listeners.get("astm", ())):
-        where = f"{_display(path)}: listeners.astm[{index}]"
-        if listener.name in names:
-            problems.append(f"{where}.name: {listener.name!r} is also another listener's name")
-        if listener.port in ports:
-            problems.append(f"{where}.port: {listener.port} is also another listener's port")
-        if listener.facility not in registered:
-            problems.append(f"{where}.facility: {listener.facility!r} is not in the facility "
-                            "registry" + _did_you_mean(listener.facility, sorted(registered)))
-    names |= {listener.name for listener in listeners.get("astm", ())}
-    ports |= {listener.port for listener in listeners.get("astm", ())}
-    for index, listener in enumerate(listeners.get("admin", ())):
-        where = f"{_display(path)}: listeners.admin[{index}]"
-        if listener.name in names:
-            problems.append(f"{where}.name: {listener.name!r} is also another listener's name")
-        if listener.port in ports:
-            problems.append(f"{where}.port: {listener.port} is also another listener's port")
+    # Each kind against the kinds before it: HTTPS against MLLP, then ASTM and admin against all.
+    for kind, other in (("https", "an MLLP listener's"), ("astm", "another listener's"),
+                        ("admin", "another listener's")):
+        for index, listener in enumerate(listeners.get(kind, ())):
+            where = f"{_display(path)}: listeners.{kind}[{index}]"
+            if listener.name in names:
+                problems.append(f"{where}.name: {listener.name!r} is also {other} name")
+            if listener.port in ports:
+                problems.append(f"{where}.port: {listener.port} is also {other} port")
+            if kind == "astm" and listener.facility not in registered:
+                problems.append(f"{where}.facility: {listener.facility!r} is not in the facility "
+                                "registry" + _did_you_mean(listener.facility, sorted(registered)))
+        names |= {listener.name for listener in listeners.get(kind, ())}
+        ports |= {listener.port for listener in listeners.get(kind, ())}
     return problems
 
 
