@@ -152,8 +152,8 @@ def run_retention(engine: Engine, config: RetentionConfig, now: datetime,
     exports = tuple(exports)
     backend = engine.dialect.name
     if backend != "postgresql":
-        kinds = tuple(_expire_sqlite(engine, kind, getattr(config, kind), now, pace, trail, exports)
-                      for kind in KINDS)
+        kinds = tuple(_expire(_expire_sqlite, engine, kind, getattr(config, kind), now, pace,
+                              trail, exports) for kind in KINDS)
         vacuum = _vacuum_sqlite(engine, pace)
         report = RetentionReport(now, backend, kinds, vacuum=vacuum,
                                  seconds=time.monotonic() - started)
@@ -168,8 +168,8 @@ def run_retention(engine: Engine, config: RetentionConfig, now: datetime,
             try:
                 with engine.connect() as connection:
                     created = tuple(ensure_partitions(connection, now))
-                kinds = tuple(_expire_pg(engine, kind, getattr(config, kind), now,
-                                         pace, trail, exports) for kind in KINDS)
+                kinds = tuple(_expire(_expire_pg, engine, kind, getattr(config, kind), now,
+                                      pace, trail, exports) for kind in KINDS)
             finally:
                 holder.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": RUN_LOCK})
                 holder.commit()
@@ -191,13 +191,19 @@ class _Pace:
 # -- PostgreSQL -------------------------------------------------------------------------------
 
 
-def _expire_pg(engine: Engine, kind: str, days: int | None, now: datetime, pace: _Pace,
-               trail: AuditTrail, exports: tuple[str, ...] = ()) -> KindReport:
-    table = KINDS[kind]
+def _expire(expire, engine: Engine, kind: str, days: int | None, now: datetime, pace: _Pace,
+            trail: AuditTrail, exports: tuple[str, ...]) -> KindReport:
+    """One kind: nothing when it is kept forever, else `expire` (the backend's) of what was
+    recorded `days` before `now`."""
     if days is None:
-        return KindReport(kind, table, None)
-    started = time.monotonic()
-    cutoff = now - timedelta(days=days)
+        return KindReport(kind, KINDS[kind], None)
+    return expire(engine, kind, days, now - timedelta(days=days), pace, trail, exports,
+                  time.monotonic())
+
+
+def _expire_pg(engine: Engine, kind: str, days: int, cutoff: datetime, pace: _Pace,
+               trail: AuditTrail, exports: tuple[str, ...], started: float) -> KindReport:
+    table = KINDS[kind]
     before = Month.of(cutoff).start
     with engine.connect() as connection:
         months = sorted((month, name) for name, month in partitions_of(connection, table).items()
@@ -300,13 +306,9 @@ def _expire_audit_pg(engine: Engine, trail: AuditTrail, days: int, cutoff: datet
 # -- SQLite -----------------------------------------------------------------------------------
 
 
-def _expire_sqlite(engine: Engine, kind: str, days: int | None, now: datetime, pace: _Pace,
-                   trail: AuditTrail, exports: tuple[str, ...] = ()) -> KindReport:
+def _expire_sqlite(engine: Engine, kind: str, days: int, cutoff: datetime, pace: _Pace,
+                   trail: AuditTrail, exports: tuple[str, ...], started: float) -> KindReport:
     table = KINDS[kind]
-    if days is None:
-        return KindReport(kind, table, None)
-    started = time.monotonic()
-    cutoff = now - timedelta(days=days)
     if kind == "audit":
         return _expire_audit_sqlite(engine, trail, days, cutoff, pace, started, exports)
     rows = _delete_batches(engine, table, TIME_COLUMNS[table], cutoff, pace)
