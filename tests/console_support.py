@@ -189,7 +189,8 @@ def seed_message(connection, *, control: str, patient: str = "4500123456",
     from gateway.store.outbox import bundle_digest, idempotency_key
     from gateway.store.schema import (canonical_bundles, deliveries as deliveries_table,
                                       message_payloads, messages, translations)
-    from gateway.store.translations import bundle_text
+    from gateway.store.schema import patient_identifiers as patient_identifiers_table
+    from gateway.store.translations import bundle_text, patient_identifiers
 
     received_at = received_at or datetime.now(timezone.utc)
     raw = raw if raw is not None else ADT.format(control=control, patient=patient, name=name).encode("utf-8")
@@ -215,6 +216,9 @@ def seed_message(connection, *, control: str, patient: str = "4500123456",
         if bundle and status == "translated":
             connection.execute(canonical_bundles.insert().values(
                 message_id=message_id, received_at=received_at, bundle=text))
+            connection.execute(patient_identifiers_table.insert(), [
+                {"message_id": message_id, "received_at": received_at, "system": system, "value": value}
+                for system, value in patient_identifiers(bundle_of(patient))])
     seeded = Seeded(message_id, control, received_at)
     for destination, delivery_status in (deliveries or {}).items():
         digest = bundle_digest(text)

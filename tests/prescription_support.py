@@ -195,7 +195,7 @@ def segments(ack: bytes) -> dict[str, list[list[str]]]:
 
 def resources(record, kind):
     """The resources of type `kind` in a translation record's bundle."""
-    return [e["resource"] for e in record.bundle["entry"] if e["resource"]["resourceType"] == kind]
+    return [e["resource"] for e in record.bundle_dict()["entry"] if e["resource"]["resourceType"] == kind]
 
 
 def refusal(record):

@@ -21,7 +21,7 @@ from sqlalchemy import select, text
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
-from console_support import (ARABIC_FAMILY, PASSWORDS, Client, Clock, accounts_config, seed_attempt,
+from console_support import (ADT, ARABIC_FAMILY, PASSWORDS, Client, Clock, accounts_config, seed_attempt,
                              seed_message)
 from gateway.admin import admin_services, admin_site
 from gateway.config import AdminListenerConfig, DestinationConfig, SenderConfig
@@ -313,6 +313,61 @@ async def test_search_by_each_criterion_newest_first_and_paginated(console):
     page = await client.get(link)
     assert result_ids(page) == sorted(ids, reverse=True)[PAGE_SIZE:]
     assert page.select("a[rel=next]") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_patient_search_reads_the_bundles_patients_and_the_payloads_of_messages_without_one(console):
+    """A translated message is found by its bundle's Patients (patient_identifiers), whatever its
+    payload holds; a message without a bundle (waiting, failed, rejected) by its payload."""
+    base = now() - timedelta(hours=3)
+    other = ADT.format(control="B-1", patient="SOMEONE-ELSE", name="X").encode()
+    by_bundle = console.run(seed_message, control="B-1", patient="IN-BUNDLE", raw=other, received_at=base)
+    waiting = console.run(seed_message, control="B-2", patient="IN-BUNDLE", status="received",
+                          received_at=base + timedelta(minutes=1))
+    assert result_ids(await _viewer(console, "/messages?patient=IN-BUNDLE")) == [waiting.id, by_bundle.id]
+    # A translated message's payload is not read: its patients are those of its bundle.
+    assert result_ids(await _viewer(console, "/messages?patient=SOMEONE-ELSE")) == []
+
+
+async def _viewer(console, path: str):
+    client = console.client()
+    await client.login("viewer")
+    return await client.get(path)
+
+
+def test_patient_search_goes_through_indexes(db_url):
+    """The patient search's query reads patient_identifiers by value and the messages without a
+    bundle through their partial indexes: never every message of the store."""
+    from sqlalchemy import select
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    from gateway.console.queries import _patient_clause
+    from gateway.store.database import create_gateway_engine, migrate
+    from gateway.store.schema import messages
+
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    name = engine.dialect.name
+    query = (select(messages.c.id).where(_patient_clause("BE123456", name))
+             .order_by(messages.c.id.desc()).limit(51))
+    sql = str(query.compile(dialect=sqlite.dialect() if name == "sqlite" else postgresql.dialect(),
+                            compile_kwargs={"literal_binds": True}))
+    try:
+        with engine.connect() as conn:
+            if name == "sqlite":
+                plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
+                assert "SCAN messages" not in plan, plan
+            else:
+                conn.exec_driver_sql("SET enable_seqscan = off")
+                plan = " ".join(row[0] for row in conn.exec_driver_sql("EXPLAIN " + sql))
+        for index in ("ix_patient_identifiers_value", "value_message_id_idx"):
+            if index in plan:
+                break
+        else:
+            raise AssertionError(plan)
+        assert "ix_messages_untranslated" in plan and "ix_messages_unbundled" in plan, plan
+    finally:
+        engine.dispose()
 
 
 # -- the message page --------------------------------------------------------------------------

@@ -68,6 +68,10 @@ def add_payloads(conn, *times):
         conn.execute(message_payloads.insert().values(message_id=n, received_at=at, raw=b"x"))
 
 
+# The partitioned tables, in the order ensure_partitions goes through them.
+TABLES = ("message_payloads", "canonical_bundles", "patient_identifiers", "audit_log")
+
+
 def where_rows_are(conn) -> dict[str, int]:
     return dict(conn.execute(text(
         "SELECT tableoid::regclass::text, count(*) FROM message_payloads GROUP BY 1")).all())
@@ -76,11 +80,10 @@ def where_rows_are(conn) -> dict[str, int]:
 def test_ensure_creates_the_months_ahead_once(engine):
     with engine.connect() as conn:
         created = ensure_partitions(conn, utc(2026, 11, 22))
-        assert created == [f"{table}_{month}" for table in ("message_payloads", "canonical_bundles", "audit_log")
-                           for month in ("2026_11", "2026_12", "2027_01")]
+        assert created == [f"{table}_{month}" for table in TABLES for month in ("2026_11", "2026_12", "2027_01")]
         assert ensure_partitions(conn, utc(2026, 11, 22)) == []
         assert ensure_partitions(conn, utc(2026, 12, 2), months_ahead=2) == [
-            "message_payloads_2027_02", "canonical_bundles_2027_02", "audit_log_2027_02"]
+            f"{table}_2027_02" for table in TABLES]
         conn.execute(text("SET TIME ZONE 'UTC'"))
         bounds = conn.execute(text(
             "SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname = 'audit_log_2026_12'"
@@ -146,7 +149,7 @@ def test_a_month_whose_lock_is_not_granted_is_left_for_the_next_run(engine, monk
         with engine.connect() as conn, caplog.at_level(logging.WARNING):
             created = ensure_partitions(conn, utc(2026, 11, 22), months_ahead=0)
         reader.rollback()
-    assert created == ["message_payloads_2026_11", "canonical_bundles_2026_11"]
+    assert created == ["message_payloads_2026_11", "canonical_bundles_2026_11", "patient_identifiers_2026_11"]
     assert "audit_log_2026_11 not created" in caplog.text
     with engine.connect() as conn:
         assert ensure_partitions(conn, utc(2026, 11, 22), months_ahead=0) == ["audit_log_2026_11"]
@@ -173,4 +176,4 @@ def test_two_nodes_ensuring_at_once_create_each_month_once(engine):
         thread.join(30)
     assert errors == []
     created = results[0] + results[1]
-    assert len(created) == len(set(created)) == 9
+    assert len(created) == len(set(created)) == 3 * len(TABLES)

@@ -21,7 +21,7 @@ from gateway.retention.run import RUN_LOCK, run_retention
 from gateway.store.database import create_gateway_engine, migrate
 from gateway.store.queries import get_message
 from gateway.store.schema import (audit_log, canonical_bundles, deliveries, message_payloads,
-                                  messages, translations)
+                                  messages, patient_identifiers, translations)
 from gateway.store.translations import get_translation
 
 
@@ -56,6 +56,9 @@ def store_messages(engine, times, raw: bytes = b"MSH|^~\\&|HIS|FAC|GW|MA|x||ADT^
                                              for i, at in zip(ids, times)])
         conn.execute(canonical_bundles.insert(), [dict(
             message_id=i, received_at=at, bundle='{"resourceType":"Bundle","type":"collection"}')
+            for i, at in zip(ids, times)])
+        conn.execute(patient_identifiers.insert(), [dict(
+            message_id=i, received_at=at, system="urn:ma:hie:cnie", value=f"RET{i}")
             for i, at in zip(ids, times)])
         conn.execute(deliveries.insert(), [dict(
             message_id=i, destination="record", patient_key=f"m{i}", status="delivered",
@@ -105,8 +108,11 @@ def test_each_kind_expires_after_its_days_and_the_index_stays(engine):
         payload_before, bundle_before, audit_before = utc(2026, 4, 1), utc(2026, 5, 1), utc(2026, 3, 1)
         assert kinds["raw_payloads"].partitions == ("message_payloads_2026_01", "message_payloads_2026_03")
         assert kinds["raw_payloads"].rows == 1  # February's, from the DEFAULT partition
-        assert kinds["canonical"].partitions == ("canonical_bundles_2026_01", "canonical_bundles_2026_03",
-                                                 "canonical_bundles_2026_04")
+        # The bundles' patient identifiers go with them.
+        assert kinds["canonical"].partitions == (
+            "canonical_bundles_2026_01", "canonical_bundles_2026_03", "canonical_bundles_2026_04",
+            "patient_identifiers_2026_01", "patient_identifiers_2026_03", "patient_identifiers_2026_04")
+        assert kinds["canonical"].rows == 2  # February's bundle and identifier, from DEFAULT
         assert kinds["audit"].partitions == ("audit_log_2026_01",)
         assert set(report.created) >= {"message_payloads_2026_06", "audit_log_2026_08"}
         with engine.connect() as conn:
@@ -128,6 +134,7 @@ def test_each_kind_expires_after_its_days_and_the_index_stays(engine):
     expected_payloads = [t for t in TIMES if t >= payload_before]
     assert times_of(engine, message_payloads.c.received_at) == expected_payloads
     assert times_of(engine, canonical_bundles.c.received_at) == [t for t in TIMES if t >= bundle_before]
+    assert times_of(engine, patient_identifiers.c.received_at) == [t for t in TIMES if t >= bundle_before]
     assert kinds["raw_payloads"].before == payload_before
     assert kinds["raw_payloads"].cutoff == NOW - timedelta(days=60)
 

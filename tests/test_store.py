@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import re
 import threading
 import time
+from datetime import datetime, timezone
 
 import hl7msgs
 import pytest
@@ -166,8 +168,10 @@ def _normalized(where) -> str | None:
 
 
 def _plain_predicate(where: str) -> str:
-    # PostgreSQL gives back "((status)::text = 'received'::text)": without casts and brackets.
-    return re.sub(r"::(character varying|\w+)", "", where).replace("(", "").replace(")", "").strip().lower()
+    # PostgreSQL gives back "((status)::text = 'received'::text)": without casts and brackets;
+    # and an IN list as "= ANY (ARRAY['a'::character varying, ...]::text[])".
+    plain = re.sub(r"::(character varying|\w+)(\[\])?", "", where).replace("(", "").replace(")", "").strip().lower()
+    return re.sub(r"= any array\[(.*)\]$", r"in \1", plain)
 
 
 def _predicate(engine, table, index) -> str | None:
@@ -262,6 +266,97 @@ def test_migration_0008_moves_payloads_and_bundles_out_of_the_index(db_url):
     engine.dispose()
     assert same == 1
     assert "raw" not in columns["messages"] and "bundle" not in columns["translations"]
+
+
+def test_migration_0010_indexes_the_patients_of_the_bundles_already_stored(db_url):
+    """A database at 0009 with stored bundles gets each bundle's Patient identifiers in
+    patient_identifiers, under the message's received_at (PostgreSQL: in its month)."""
+    from alembic import command
+
+    engine = create_gateway_engine(db_url)
+    config = AlembicConfig(ALEMBIC_INI)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0009")
+    patient = {"resourceType": "Patient", "identifier": [
+        {"system": "urn:ma:hie:cnie", "value": "BE123456"}, {"value": "IPP-9"}]}
+    bundles = {7: {"resourceType": "Bundle", "entry": [{"resource": patient}]},
+               8: {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Observation"}}]}}
+    with engine.begin() as connection:
+        for message_id, bundle in bundles.items():
+            connection.execute(text(
+                "INSERT INTO messages (id, received_at, listener, sha256, size, truncated, status, "
+                "accepted, duplicate_count, format) VALUES (:id, :at, 'mllp', :sha, 4, false, "
+                "'translated', true, 0, 'hl7v2')"), {"id": message_id, "at": "2026-01-31 23:30:00+00:00",
+                                                    "sha": bytes(32)})
+            connection.execute(text("INSERT INTO canonical_bundles (message_id, received_at, bundle) "
+                                    "VALUES (:id, :at, :bundle)"),
+                               {"id": message_id, "at": "2026-01-31 23:30:00+00:00", "bundle": json.dumps(bundle)})
+    migrate(engine)
+    try:
+        with engine.connect() as connection:
+            found = connection.execute(text("SELECT message_id, system, value FROM patient_identifiers "
+                                            "ORDER BY value")).all()
+            assert [tuple(row) for row in found] == [(7, "urn:ma:hie:cnie", "BE123456"), (7, "", "IPP-9")]
+            if engine.dialect.name == "postgresql":
+                assert connection.execute(text("SELECT count(*) FROM patient_identifiers_2026_01")).scalar() == 2
+    finally:
+        engine.dispose()
+
+
+def test_patient_identifiers_are_each_patients_identifiers_once():
+    """Every identifier of every Patient of a bundle, once, in order, '' for no system; other
+    resources' identifiers, values that are not text and values too long to index left out."""
+    from gateway.store.translations import IDENTIFIER_LIMIT, patient_identifiers
+
+    bundle = {"entry": [
+        {"resource": {"resourceType": "Patient", "identifier": [
+            {"system": "urn:ma:hie:cnie", "value": "BE123456"}, {"value": "IPP-1"},
+            {"system": "urn:ma:hie:cnie", "value": "BE123456"}, {"system": "x", "value": 12},
+            {"system": "x", "value": "9" * (IDENTIFIER_LIMIT + 1)}, {"system": "x"}, "junk"]}},
+        {"resource": {"resourceType": "Observation", "identifier": [{"system": "s", "value": "OBS-1"}]}},
+        {"resource": {"resourceType": "Patient", "identifier": [{"system": "urn:ma:cnss", "value": "123"}]}},
+        {"resource": None}, "junk"]}
+    assert patient_identifiers(bundle) == (("urn:ma:hie:cnie", "BE123456"), ("", "IPP-1"), ("urn:ma:cnss", "123"))
+    assert patient_identifiers({}) == ()
+
+
+def test_translations_store_their_patients_identifiers_and_replace_them(db_url):
+    """Saving a translation writes its Patients' identifiers (sealed or not, the same); a
+    translation of the message again replaces them; a failed one removes them."""
+    from gateway.store.translations import Pending, TranslationRecord, save_translations
+
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    at = datetime(2026, 3, 1, 10, tzinfo=timezone.utc)
+
+    def bundle(*values):
+        return {"resourceType": "Bundle", "entry": [{"resource": {
+            "resourceType": "Patient", "identifier": [{"system": "urn:s", "value": v} for v in values]}}]}
+
+    def stored(connection):
+        return sorted(tuple(r) for r in connection.execute(text(
+            "SELECT message_id, value FROM patient_identifiers")).all())
+
+    try:
+        with engine.begin() as connection:
+            ids = [connection.execute(messages.insert().values(
+                received_at=at, listener="t", sha256=bytes(32), size=1, truncated=False,
+                status="received", accepted=True, control_id=f"PI-{n}")).inserted_primary_key[0]
+                for n in range(2)]
+        pending = [Pending(message_id, None, b"", "utf-8", "hl7v2", None, at) for message_id in ids]
+        sealed = TranslationRecord("translated", "v1", bundle("A1", "A2"))
+        sealed.seal()
+        with engine.begin() as connection:
+            save_translations(connection, [(pending[0], sealed),
+                                           (pending[1], TranslationRecord("translated", "v1", bundle("B1")))])
+            assert stored(connection) == [(ids[0], "A1"), (ids[0], "A2"), (ids[1], "B1")]
+        with engine.begin() as connection:
+            save_translations(connection, [(pending[0], TranslationRecord("translated", "v2", bundle("A3"))),
+                                           (pending[1], TranslationRecord("failed", "v2", error_code=207))])
+            assert stored(connection) == [(ids[0], "A3")]
+    finally:
+        engine.dispose()
 
 
 def test_sqlite_engine_is_wal_and_synchronous_full_on_every_connection(tmp_path):

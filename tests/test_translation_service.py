@@ -8,8 +8,8 @@ import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pytest
 import pytest_twisted
+from sqlalchemy import text
 from twisted.internet import threads
 
 from adapters.mllp.client import MllpClient, describe
@@ -132,7 +132,6 @@ def test_a_batch_nobody_waits_for_waits_a_little_for_company(db_url, tmp_path):
 
     from adapters.hl7v2.ack import AckBuilder
     from gateway.ingest.inspect import IngestPolicy, Inspector
-    from gateway.ingest.pipeline import pending_translations
     from gateway.translation.service import TranslationJob, TranslationWorker
 
     engine = create_gateway_engine(db_url)
@@ -209,23 +208,13 @@ def test_translations_are_recorded_in_the_audit_trail_with_them(db_url, tmp_path
     """Each stored translation's record (message.translated, or message.translation_failed
     with its error) is in the audit trail as soon as the translation is: same transaction.
     The events then say so (`recorded`), and the recorder leaves them out."""
-    from adapters.hl7v2.ack import AckBuilder
     from gateway.audit.trail import AuditTrail
     from gateway.events import EventBus
-    from gateway.ingest.inspect import IngestPolicy, Inspector
-    from gateway.ingest.pipeline import pending_translations
     from gateway.translation.service import TranslationJob, TranslationWorker
 
     engine = create_gateway_engine(db_url)
     migrate(engine)
-    inspector = Inspector(AckBuilder(), IngestPolicy("t"))
-    writer = IngestWriter(engine, lambda f, *a: f(*a), lambda item: None)
-    writer.start()
-    stored = IngestJob([inspector.message(hl7("AU-1")), inspector.message(hl7("AU-2", birth="1985XX"))],
-                       "t", "peer", 1_700_000_000.0, lambda job, error: None)
-    writer.submit(stored)
-    writer.stop()
-    pending = pending_translations(stored)  # as the live path hands them over
+    pending = _stored(engine, [hl7("AU-1"), hl7("AU-2", birth="1985XX")])
     trail, events, heard = AuditTrail(engine, "node-t"), EventBus(), []
     events.subscribe(heard.append)
     worker = TranslationWorker(engine, Translator(MappingSet.load(write_mappings(tmp_path / "mappings"))),
@@ -247,6 +236,58 @@ def test_translations_are_recorded_in_the_audit_trail_with_them(db_url, tmp_path
     finally:
         worker.stop()
         engine.dispose()
+
+
+def test_bundles_nobody_reads_are_sealed_and_stored_the_same(db_url, tmp_path):
+    """A job whose caller reads no bundle has them encoded right after translation and the
+    dicts let go (sealed); a job that asks to keep them (a door answering with one) keeps them. Either way the stored bundle is the
+    same JSON, and the audit record counts the same resources."""
+    from gateway.audit.trail import AuditTrail
+    from gateway.store.translations import TranslationRecord, bundle_bytes
+    from gateway.translation.service import TranslationJob, TranslationWorker
+
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    items = _stored(engine, [hl7("SE-1"), hl7("SE-2")])
+    trail = AuditTrail(engine, "node-t")
+    worker = TranslationWorker(engine, Translator(MappingSet.load(write_mappings(tmp_path / "mappings"))),
+                               lambda f, *a: f(*a), audit=trail, linger=0)
+    try:
+        sealed, kept = TranslationJob(items[:1], lambda job: None), TranslationJob(items[1:], keep_bundles=True)
+        worker._process([sealed, kept])
+        [quiet], [awaited] = sealed.results, kept.results
+        assert quiet.bundle is None and quiet.encoded is not None
+        assert awaited.bundle is not None and awaited.encoded is None
+        assert quiet.bundle_dict()["entry"][0]["resource"]["resourceType"] == "Patient"
+        assert quiet.resources == awaited.resources == len(awaited.bundle["entry"]) > 1
+        with engine.connect() as conn:
+            stored = dict(conn.execute(text("SELECT message_id, bundle FROM canonical_bundles")).all())
+            counts = [r.detail["resources"] for r in trail.records(conn)]
+        assert stored[items[0].message_id].encode() == quiet.encoded
+        assert stored[items[1].message_id].encode() == bundle_bytes(awaited.bundle)
+        assert counts == [quiet.resources, awaited.resources]
+    finally:
+        engine.dispose()
+    record = TranslationRecord("translated", "v", bundle={"entry": [{"resource": {"id": "é"}}]})
+    record.seal()
+    assert (record.bundle, record.resources, record.bundle_dict()) == (None, 1, {"entry": [{"resource": {"id": "é"}}]})
+
+
+def _stored(engine, raws: list[bytes]):
+    """Store messages as the ingest writer does; their Pending items, as the live path hands
+    them over."""
+    from adapters.hl7v2.ack import AckBuilder
+    from gateway.ingest.inspect import IngestPolicy, Inspector
+    from gateway.ingest.pipeline import pending_translations
+
+    inspector = Inspector(AckBuilder(), IngestPolicy("t"))
+    writer = IngestWriter(engine, lambda f, *a: f(*a), lambda item: None)
+    writer.start()
+    job = IngestJob([inspector.message(raw) for raw in raws], "t", "peer", 1_700_000_000.0,
+                    lambda job, error: None)
+    writer.submit(job)
+    writer.stop()
+    return pending_translations(job)
 
 
 def test_the_sweep_reads_waiting_messages_through_the_partial_index(db_url):

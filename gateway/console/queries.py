@@ -1,14 +1,13 @@
 """What the console reads: functions that take a connection (one transaction, on a pool
 thread) and return plain dataclasses, the same on SQLite and PostgreSQL.
 
-Patient search: a message matches an identifier when its canonical bundle holds it as an
-identifier value (the JSON text contains `"value":"<id>"`, as every FHIR Identifier writes
-it: Patient.identifier first of all), or when its raw payload holds it as a whole HL7
-component (`|<id>^`, `|<id>|`, `~<id>^`, `|<id>~`: PID-3's first component, before the
-assigning authority). Both are substring tests (instr on SQLite, strpos/position on
-PostgreSQL): exact and case-sensitive, no pattern characters, and a scan of the candidates
-the other criteria leave (combine it with a time range on a large store). Untranslated
-messages (failed, rejected) are found by their payload.
+Patient search: a message matches an identifier when one of the Patients of its canonical
+bundle has that identifier value (read from patient_identifiers, written with the bundle: an
+index lookup, however large the store), or, for a message without a bundle (waiting, failed,
+rejected, ignored: read through their partial indexes, as rare as they are), when its raw
+payload holds the value as a whole HL7 component (`|<id>^`, `|<id>|`, `~<id>^`, `|<id>~`:
+PID-3's first component, before the assigning authority; a substring test, instr on SQLite,
+position on PostgreSQL). Exact and case-sensitive, no pattern characters.
 """
 from __future__ import annotations
 
@@ -16,12 +15,13 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, LargeBinary, and_, case, exists, func, literal, or_, select
+from sqlalchemy import (Connection, LargeBinary, and_, case, exists, func, literal, literal_column,
+                        or_, select, union_all)
 
 from gateway.console.criteria import SearchCriteria
-from gateway.store.schema import (canonical_bundles, console_sessions, deliveries,
+from gateway.store.schema import (UNBUNDLED, canonical_bundles, console_sessions, deliveries,
                                   delivery_attempts, facility_certificates, message_payloads,
-                                  messages, translations)
+                                  messages, patient_identifiers, translations)
 from gateway.store.timestamps import utc as _utc
 
 PAGE_SIZE = 50
@@ -93,14 +93,24 @@ def search_messages(connection: Connection, criteria: SearchCriteria,
 
 
 def _patient_clause(identifier: str, dialect: str):
-    value = json.dumps(identifier, ensure_ascii=False)  # as the bundle's JSON text writes it
-    in_bundle = exists().where(canonical_bundles.c.message_id == messages.c.id,
-                               _contains(canonical_bundles.c.bundle, '"value":' + value, dialect))
+    indexed = select(patient_identifiers.c.message_id).where(patient_identifiers.c.value == identifier)
+    return messages.c.id.in_(union_all(
+        indexed,
+        # Stated as the partial indexes' predicates, so that the planners use them.
+        _in_payload(identifier, lambda m: m.c.status == literal_column("'received'"), dialect),
+        _in_payload(identifier, lambda m: m.c.status.in_([literal_column(f"'{s}'") for s in UNBUNDLED]),
+                    dialect)))
+
+
+def _in_payload(identifier: str, status, dialect: str):
+    """The messages of `status` (a condition on the alias given) whose payload holds the
+    identifier as a whole component."""
+    candidate = messages.alias("candidate")
     raw = identifier.encode("utf-8")
     patterns = [b"|" + raw + b"^", b"|" + raw + b"|", b"~" + raw + b"^", b"|" + raw + b"~"]
-    in_payload = exists().where(message_payloads.c.message_id == messages.c.id,
-                                or_(*(_contains(message_payloads.c.raw, p, dialect) for p in patterns)))
-    return or_(in_bundle, in_payload)
+    holds = exists().where(message_payloads.c.message_id == candidate.c.id,
+                           or_(*(_contains(message_payloads.c.raw, p, dialect) for p in patterns)))
+    return select(candidate.c.id).where(status(candidate), holds)
 
 
 def _contains(column, part, dialect: str):

@@ -100,7 +100,8 @@ class IngestBridge:
         from gateway.translation.service import TranslationJob
 
         translated: defer.Deferred = defer.Deferred()
-        self.translation.submit(TranslationJob(pending_translations(job), translated.callback))
+        self.translation.submit(TranslationJob(pending_translations(job), translated.callback,
+                                               keep_bundles=True))
         tjob = yield translated
         pending, record = tjob.items[0], (tjob.results[0] if tjob.results else None)
         if tjob.error is not None or pending.message_id is None:

@@ -159,8 +159,14 @@ class PrescriptionFlow:
             return self._act_order(raw, sender_id) is not None
         return False
 
+    def involves(self, pending: Pending, record: TranslationRecord) -> bool:
+        """Whether the flow works on this translation (the worker keeps its bundle)."""
+        return self.kind_of(pending, record) is not None
+
     def kind_of(self, pending: Pending, record: TranslationRecord) -> str | None:
         """'prescribe', 'cancel', 'dispense', 'perform' or None (not part of the flow)."""
+        if record.bundle is None and not record.failed:
+            return None  # nothing to work on (sealed by the worker: not the flow's)
         if pending.format in DOCUMENT_FORMATS:
             bundle = record.bundle
             if bundle is None:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # Each partitioned table and the time column it is partitioned on.
 TIME_COLUMNS = {"message_payloads": "received_at", "canonical_bundles": "received_at",
-                "audit_log": "recorded_at"}
+                "patient_identifiers": "received_at", "audit_log": "recorded_at"}
 LOCK_TIMEOUT = "5s"  # how long DDL waits for a lock before giving up until the next run
 
 

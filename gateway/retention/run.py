@@ -43,6 +43,9 @@ from gateway.store.schema import audit_exports, audit_log
 log = logging.getLogger(__name__)
 
 KINDS = {"raw_payloads": "message_payloads", "canonical": "canonical_bundles", "audit": "audit_log"}
+# Tables that expire with a kind's table, by the same time column and cutoff: the patient
+# identifiers of the bundles (the console's patient search) go with the bundles.
+COMPANIONS = {"canonical": ("patient_identifiers",)}
 RUN_LOCK = 0x72_65_74_65_6E_74  # the advisory lock of a run ("retent" in ASCII)
 DROP_TRIES = 3  # attempts at a DROP whose lock is not granted, DROP_PAUSE seconds apart
 DROP_PAUSE = 2.0
@@ -205,18 +208,26 @@ def _expire_pg(engine: Engine, kind: str, days: int, cutoff: datetime, pace: _Pa
                trail: AuditTrail, exports: tuple[str, ...], started: float) -> KindReport:
     table = KINDS[kind]
     before = Month.of(cutoff).start
-    with engine.connect() as connection:
-        months = sorted((month, name) for name, month in partitions_of(connection, table).items()
-                        if month is not None and month.end <= before)
-    expiring = tuple(name for _, name in months)
     if kind == "audit":
-        return _expire_audit_pg(engine, trail, days, cutoff, before, expiring, started, exports)
-    dropped, left = _drop_partitions(engine, table, expiring)
-    rows = _delete_default_pg(engine, table, before, pace)
+        return _expire_audit_pg(engine, trail, days, cutoff, before, _expiring(engine, table, before),
+                                started, exports)
+    dropped, left, rows = (), (), 0
+    for name in (table,) + COMPANIONS.get(kind, ()):
+        gone, kept = _drop_partitions(engine, name, _expiring(engine, name, before))
+        dropped, left = dropped + gone, left + kept
+        rows += _delete_default_pg(engine, name, before, pace)
     report = KindReport(kind, table, days, cutoff, before, rows, dropped,
                         time.monotonic() - started, left=left)
     _record_expiry(trail, report)
     return report
+
+
+def _expiring(engine: Engine, table: str, before: datetime) -> tuple[str, ...]:
+    """The monthly partitions of `table` that end by `before`, oldest first."""
+    with engine.connect() as connection:
+        months = sorted((month, name) for name, month in partitions_of(connection, table).items()
+                        if month is not None and month.end <= before)
+    return tuple(name for _, name in months)
 
 
 def _drop_partitions(engine: Engine, table: str, names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -311,7 +322,8 @@ def _expire_sqlite(engine: Engine, kind: str, days: int, cutoff: datetime, pace:
     table = KINDS[kind]
     if kind == "audit":
         return _expire_audit_sqlite(engine, trail, days, cutoff, pace, started, exports)
-    rows = _delete_batches(engine, table, TIME_COLUMNS[table], cutoff, pace)
+    rows = sum(_delete_batches(engine, name, TIME_COLUMNS[name], cutoff, pace)
+               for name in (table,) + COMPANIONS.get(kind, ()))
     report = KindReport(kind, table, days, cutoff, cutoff, rows, seconds=time.monotonic() - started)
     _record_expiry(trail, report)
     return report

@@ -51,6 +51,11 @@ Index("ix_messages_received_at", messages.c.received_at)
 # as the backlog. Queries must say status = 'received' as a literal to use it.
 Index("ix_messages_untranslated", messages.c.id, sqlite_where=text("status = 'received'"),
       postgresql_where=text("status = 'received'"))
+# The messages that ended without a bundle (failed, refused, ignored): a patient search reads
+# their payloads, as no patient identifier of theirs is indexed. As small as they are rare.
+UNBUNDLED = ("failed", "rejected", "ignored")
+_UNBUNDLED_SQL = text("status IN (%s)" % ", ".join(f"'{status}'" for status in UNBUNDLED))
+Index("ix_messages_unbundled", messages.c.id, sqlite_where=_UNBUNDLED_SQL, postgresql_where=_UNBUNDLED_SQL)
 
 # The translation of an accepted message into a canonical FHIR bundle: one row per message,
 # replaced when the message is translated again (replay, a second node, the start sweep).
@@ -124,7 +129,7 @@ Index("ix_delivery_attempts_at", delivery_attempts.c.attempted_at)
 # tables are partitioned by month of their time column (gateway.retention creates the months
 # ahead; a DEFAULT partition catches the rest) and expiry drops whole partitions; on SQLite
 # expiry is batched deletes. Their time column is in the primary key, as PostgreSQL requires.
-PARTITIONED = ("message_payloads", "canonical_bundles", "audit_log")
+PARTITIONED = ("message_payloads", "canonical_bundles", "patient_identifiers", "audit_log")
 
 message_payloads = Table(
     "message_payloads", metadata,
@@ -145,6 +150,20 @@ canonical_bundles = Table(
     PrimaryKeyConstraint("message_id", "received_at"),
     postgresql_partition_by="RANGE (received_at)",
 )
+
+# The identifiers of the patients a translated message is about (each identifier of each
+# Patient of its bundle): the console finds a patient's messages here, not by reading bundles.
+# Written with the bundle, replaced with it, and expired with it (retention's `canonical`).
+patient_identifiers = Table(
+    "patient_identifiers", metadata,
+    Column("message_id", Id, ForeignKey("messages.id", ondelete="CASCADE"), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),  # = messages.received_at
+    Column("system", String(255), nullable=False),  # '' for an identifier without one
+    Column("value", String(255), nullable=False),
+    PrimaryKeyConstraint("message_id", "received_at", "system", "value"),
+    postgresql_partition_by="RANGE (received_at)",
+)
+Index("ix_patient_identifiers_value", patient_identifiers.c.value, patient_identifiers.c.message_id)
 
 # The audit trail: append-only, each record chained to the one before it by SHA-256
 # (gateway.audit.chain). `seq` has no gaps; records that retention expired are accounted for

@@ -7,8 +7,11 @@ twice (by two nodes, by the start sweep and the live path, by a replay) leaves o
 last. A message's status only moves between received, translated and failed: a refusal or
 an ignored ACK is never touched.
 
-On PostgreSQL a batch's translations, statuses and deliveries are written with one statement
-each, the rows passed as arrays (unnest): a statement per row cost the gateway and PostgreSQL
+With each bundle go its patients' identifiers (patient_identifiers), which the console's
+patient search reads instead of the bundles.
+
+On PostgreSQL a batch's translations, statuses, identifiers and deliveries are written with one
+statement each, the rows passed as arrays (unnest): a statement per row cost the gateway and PostgreSQL
 more than the rows themselves. Bundles still go row by row (see _write_postgresql).
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from gateway.ingest.model import MessageStatus
 from gateway.store.outbox import Enqueue, enqueue
 from gateway.store.schema import canonical_bundles, message_payloads, messages, translations
+from gateway.store.schema import patient_identifiers as patient_identifiers_table
 from gateway.store.timestamps import utc
 
 # Statuses a translation may move a message between.
@@ -69,10 +73,44 @@ class TranslationRecord:
     # Where the routes send it (gateway.delivery.routes); enqueued with the translation.
     destinations: tuple[str, ...] = ()
     patient_key: str | None = None  # the ordering key of its deliveries (None: per message)
+    encoded: bytes | None = None  # the bundle as stored, once sealed (`bundle` is then None)
+    entries: int = 0  # how many resources the bundle holds (kept when sealed)
+    identifiers: tuple[tuple[str, str], ...] = ()  # its patients' (system, value), kept when sealed
 
     @property
     def failed(self) -> bool:
         return self.status == MessageStatus.FAILED.value
+
+    @property
+    def resources(self) -> int:
+        return len(self.bundle.get("entry") or ()) if self.bundle is not None else self.entries
+
+    def seal(self) -> None:
+        """Encode the bundle as it will be stored and let the dict go. Done right after the
+        translation, while its objects are in the CPU's caches, for a translation nothing reads
+        again before it is stored: a batch of live bundles (tens of thousands of small dicts
+        each) otherwise waits in memory for its transaction, and the next translations
+        allocate fresh memory instead of reusing theirs (measured, ORU^R01, batches of 64:
+        about 0.15 ms less per message)."""
+        if self.bundle is not None:
+            self.entries = len(self.bundle.get("entry") or ())
+            self.identifiers = patient_identifiers(self.bundle)
+            self.encoded = bundle_bytes(self.bundle)
+            self.bundle = None
+
+    def patients(self) -> tuple[tuple[str, str], ...]:
+        """The (system, value) of each identifier of each Patient of the bundle."""
+        return patient_identifiers(self.bundle) if self.bundle is not None else self.identifiers
+
+    def bundle_dict(self) -> dict | None:
+        """The bundle as a dict, read back from its bytes when sealed."""
+        return orjson.loads(self.encoded) if self.bundle is None and self.encoded is not None else self.bundle
+
+    def stored_bytes(self) -> bytes | None:
+        """The bundle as stored (UTF-8 JSON), or None without one."""
+        if self.encoded is not None:
+            return self.encoded
+        return bundle_bytes(self.bundle) if self.bundle is not None else None
 
 
 @dataclass(frozen=True)
@@ -163,6 +201,7 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
     sent); returns how many were written. Messages found by key get their id set."""
     now = now or datetime.now(timezone.utc)
     rows, bundles, unbundled, statuses, acks, outgoing = [], [], [], [], [], []
+    identified: dict[int, tuple[datetime, tuple[tuple[str, str], ...]]] = {}  # the last translation's
     if connection.dialect.name == "postgresql":
         # One row per message (a statement cannot upsert a row twice), the last translation of
         # it winning, as it would row after row.
@@ -171,7 +210,7 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
     for pending, record in results:
         if resolve_message_id(connection, pending) is None:
             continue  # not stored under that key (cannot happen after a commit; be safe)
-        encoded = bundle_bytes(record.bundle) if record.bundle is not None else None
+        encoded = record.stored_bytes()
         bundle = encoded.decode("utf-8") if encoded is not None else None
         rows.append({
             "message_id": pending.message_id, "status": record.status,
@@ -183,7 +222,9 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
         if bundle is not None:
             bundles.append({"message_id": pending.message_id, "received_at": pending.received_at,
                             "bundle": bundle})
+            identified[pending.message_id] = (pending.received_at, record.patients())
         else:
+            identified.pop(pending.message_id, None)
             unbundled.append(pending.message_id)
         statuses.append({"b_id": pending.message_id, "b_status": record.status})
         if record.ack is not None:
@@ -206,11 +247,61 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
             .values(status=bindparam("b_status")), statuses)
     if unbundled:  # translated again, and failed this time: no stale bundle stays behind
         connection.execute(canonical_bundles.delete().where(canonical_bundles.c.message_id.in_(unbundled)))
+    _replace_identifiers(connection, [row["message_id"] for row in rows], identified)
     if acks:
         connection.execute(update(messages).where(messages.c.id == bindparam("b_id"))
                            .values(ack=bindparam("b_ack"), ack_code=bindparam("b_code")), acks)
     enqueue(connection, outgoing, now)
     return len(rows)
+
+
+def _replace_identifiers(connection: Connection, message_ids: list[int],
+                         identified: dict[int, tuple[datetime, tuple[tuple[str, str], ...]]]) -> None:
+    """The messages' patient identifiers are now those of `identified` (message id ->
+    (received_at, identifiers)); a message translated before loses its old ones first (its
+    bundle may name other patients now, or none)."""
+    rows = [(message_id, received_at, system, value)
+            for message_id, (received_at, identifiers) in identified.items()
+            for system, value in identifiers]
+    if connection.dialect.name == "postgresql":
+        connection.execute(_PG_FORGET_IDENTIFIERS, {"ids": message_ids})
+        if rows:
+            ids, times, systems, values = (list(column) for column in zip(*rows))
+            connection.execute(_PG_IDENTIFIERS, {"ids": ids, "times": times, "systems": systems,
+                                                 "values": values})
+        return
+    table = patient_identifiers_table
+    connection.execute(table.delete().where(table.c.message_id.in_(message_ids)))
+    if rows:
+        connection.execute(table.insert(), [{"message_id": message_id, "received_at": received_at,
+                                             "system": system, "value": value}
+                                            for message_id, received_at, system, value in rows])
+
+
+_PG_FORGET_IDENTIFIERS = text("DELETE FROM patient_identifiers WHERE message_id = ANY(CAST(:ids AS bigint[]))")
+_PG_IDENTIFIERS = text(
+    "INSERT INTO patient_identifiers (message_id, received_at, system, value) "
+    "SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:times AS timestamptz[]), "
+    "CAST(:systems AS text[]), CAST(:values AS text[]))")
+IDENTIFIER_LIMIT = 255  # characters of a system or value (longer ones are not indexed)
+
+
+def patient_identifiers(bundle: dict) -> tuple[tuple[str, str], ...]:
+    """The (system, value) of each identifier of each Patient of `bundle` ('' for no system),
+    once each, in order; values or systems too long for the index are left out."""
+    found: dict[tuple[str, str], None] = {}
+    for entry in bundle.get("entry") or ():
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict) or resource.get("resourceType") != "Patient":
+            continue
+        for identifier in resource.get("identifier") or ():
+            if not isinstance(identifier, dict):
+                continue
+            value, system = identifier.get("value"), identifier.get("system") or ""
+            if (isinstance(value, str) and value and isinstance(system, str)
+                    and len(value) <= IDENTIFIER_LIMIT and len(system) <= IDENTIFIER_LIMIT):
+                found[(system, value)] = None
+    return tuple(found)
 
 
 def bundle_text(bundle: dict) -> str:

@@ -78,6 +78,10 @@ class TranslationStep(Protocol):
         every message before its commit: must be cheap (the type, a byte search in `raw`,
         the sender), never a parse."""
 
+    def involves(self, pending: Pending, record: TranslationRecord) -> bool:
+        """Whether the step works on this translation (its bundle then stays a dict until
+        stored; any other is sealed at once, see TranslationRecord.seal)."""
+
     def prepare(self, results: list[tuple[Pending, TranslationRecord]]) -> Any: ...
 
     def apply(self, connection, results: list[tuple[Pending, TranslationRecord]], prepared: Any,
@@ -94,6 +98,8 @@ class TranslationJob:
     # Called in the worker for each failed translation, before the commit: a new ACK to
     # store with it (ack_after: translation), or None to keep the stored one.
     on_failure: Callable[[Pending, TranslationRecord], bytes | None] | None = None
+    # Whether `done` reads the bundles (a door answers with them): else they are sealed.
+    keep_bundles: bool = False
     results: list[TranslationRecord] = field(default_factory=list)
     error: Exception | None = None
 
@@ -216,7 +222,7 @@ class TranslationWorker:
     def _process(self, jobs: list[TranslationJob]) -> None:
         results = []
         for job in jobs:
-            job.results = [self._translate(item) for item in job.items]
+            job.results = [self._translate(item, keep=job.keep_bundles) for item in job.items]
             for item, record in zip(job.items, job.results):
                 if record.failed and job.on_failure is not None:
                     record.ack = job.on_failure(item, record)
@@ -280,14 +286,17 @@ class TranslationWorker:
             return
         self._queue.put(job)
 
-    def _translate(self, item: Pending) -> TranslationRecord:
+    def _translate(self, item: Pending, keep: bool = False) -> TranslationRecord:
+        """Translate one message; its bundle sealed unless `keep` or the step works on it."""
         record = self.translator.translate(item)
         if record.failed:
             self.failed += 1
             log.info("message %s (%s) not translated: %s at %s", _name(item), item.message_type,
                      _condition_text(record), record.error_location or "-")
-        else:
-            self.translated += 1
+            return record
+        self.translated += 1
+        if not keep and (self.step is None or not self.step.involves(item, record)):
+            record.seal()
         return record
 
     def _store(self, results: list[tuple[Pending, TranslationRecord]]) -> None:
@@ -332,10 +341,9 @@ def _translation_event(item: Pending, record: TranslationRecord, recorded: bool 
                      detail={"control_id": control_id, "error_code": record.error_code,
                              "error_location": record.error_location,
                              "mapping_version": record.mapping_version})
-    entries = (record.bundle or {}).get("entry") or ()
     return Event("message.translated", actor, **common,
                  detail={"control_id": control_id, "mapping_version": record.mapping_version,
-                         "resources": len(entries), "destinations": list(record.destinations)})
+                         "resources": record.resources, "destinations": list(record.destinations)})
 
 
 def _condition_text(record: TranslationRecord) -> str:

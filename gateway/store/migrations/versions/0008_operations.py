@@ -73,7 +73,8 @@ def upgrade() -> None:
         if oldest is not None:
             now = datetime.now(timezone.utc)
             months = (now.year - oldest.year) * 12 + now.month - oldest.month
-            ensure_partitions(bind, oldest, months_ahead=max(months, 0) + 2)
+            ensure_partitions(bind, oldest, months_ahead=max(months, 0) + 2,
+                              tables=("message_payloads", "canonical_bundles", "audit_log"))
 
     op.execute("INSERT INTO message_payloads (message_id, received_at, raw) "
                "SELECT id, received_at, raw FROM messages")
