@@ -3,7 +3,8 @@
     gateway run [-c conf/gateway.yaml]
     gateway pki init [--dir D] [--force] | gateway pki show [--dir D]
     gateway send --to HOST:PORT [--tls --cert C --key K --ca CA] FILE...
-    gateway messages list [--json] [--limit N] [--status S] [--control-id ID]
+    gateway messages list [--json] [--limit N] [--status S] [--control-id ID] [--patient ID]
+                          [--facility F] [--type T] [--since ISO] [--until ISO]
     gateway messages show ID [--json]
     gateway messages replay ID... | --status failed
     gateway translate FILE... [--sender FACILITY]
@@ -22,8 +23,10 @@ import argparse
 import json
 import os
 import sys
+from datetime import datetime, timezone
 
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.ingest.model import MessageStatus
 
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,8 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     listing = messages.add_parser("list", parents=[common], help="newest messages first")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.add_argument("--limit", type=int, default=50)
-    listing.add_argument("--status", help="received, rejected or ignored")
-    listing.add_argument("--control-id")
+    listing.add_argument("--status", choices=[status.value for status in MessageStatus])
+    listing.add_argument("--control-id", help="MSH-10, exactly")
+    listing.add_argument("--patient", help="a patient identifier value, exactly (the bundles' "
+                                           "Patients; PID-3 of messages without a bundle)")
+    listing.add_argument("--facility", help="a registry id, or MSH-4 whole or its first component")
+    listing.add_argument("--type", help="ADT, or ADT^A01")
+    listing.add_argument("--since", type=_instant, help="received at or after (ISO 8601; UTC "
+                                                        "without an offset)")
+    listing.add_argument("--until", type=_instant, help="received before (ISO 8601)")
     listing.set_defaults(handler=_messages_list)
     detail = messages.add_parser("show", parents=[common], help="one message: metadata, text, ACK")
     detail.add_argument("id", type=int)
@@ -269,6 +279,15 @@ def _send(args) -> int:
     return 1 if failures else 0
 
 
+def _instant(text: str) -> datetime:
+    """An ISO 8601 date or date-time; UTC when it names no offset."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or date-time: {text!r}") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
 def _database(args):
     from gateway.store.database import Database, create_gateway_engine, migrate
 
@@ -279,10 +298,12 @@ def _database(args):
 
 
 def _messages_list(args) -> int:
-    from gateway.store.queries import list_messages
+    from gateway.store.queries import MessageFilter, list_messages
 
     database = _database(args)
-    rows = database.run_now(list_messages, args.limit, args.status, args.control_id)
+    search = MessageFilter(args.control_id, args.patient, args.facility,
+                           args.type.upper() if args.type else None, args.status, args.since, args.until)
+    rows = database.run_now(list_messages, args.limit, search=search)
     if args.json:
         for row in rows:
             print(json.dumps(row.as_dict(), ensure_ascii=False))

@@ -2,121 +2,18 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import hl7msgs
 import pytest
-from process_support import child_environment, free_port, wait_for_port
-from translation_support import write_mappings
-
-GATEWAY = os.path.join(sys.prefix, "bin", "gateway")
-
-FACILITIES = """\
-facilities:
-  - id: "INPE-100001"
-    name: "CHU Ibn Rochd Casablanca"
-    type: hospital
-    applications: [HIS_CHU]
-    facilities: [CHU_IBN_ROCHD]
-    charset_fallback: cp1256
-  - id: "INPE-100002"
-    name: "Laboratoire d'Analyses Médicales Al Amal, Rabat"
-    type: laboratory
-    applications: [LIS_ALAMAL]
-    facilities: [LAB_ALAMAL_RABAT]
-"""
+from cli_support import cli, gateway, project, stop, write_file  # noqa: F401 (fixtures)
 
 BAD_MESSAGE = (b"MSH|^~\\&|HIS_TEST|FAC_TEST|MA_HIE_GATEWAY|MA_HIE|20250114083512||XYZ^A01|BAD-CLI-1|P|2.5\r"
                b"PID|1||P-1^^^CHU^PI||Test^Patient\r")
-
-
-def write_project(root: Path, dev_pki: str, db_url: str, port: int) -> Path:
-    """conf/gateway.yaml and conf/facilities.yaml under `root`; returns the config path."""
-    conf = root / "conf"
-    conf.mkdir(parents=True, exist_ok=True)
-    (conf / "facilities.yaml").write_text(FACILITIES, encoding="utf-8")
-    config = conf / "gateway.yaml"
-    config.write_text(textwrap.dedent(f"""\
-        node:
-          name: cli-test
-        log_level: info
-        database:
-          url: {db_url}
-          pool_size: 2
-        pki:
-          ca: {dev_pki}/ca.crt
-          cert: {dev_pki}/gateway.crt
-          key: {dev_pki}/gateway.key
-          dev_dir: certs/dev
-        identity:
-          application: MA_HIE_GATEWAY
-          facility: MA_HIE
-        listeners:
-          mllp:
-            - name: mllp-plain
-              port: {port}
-              interface: 127.0.0.1
-              accept_unknown_senders: true
-              allow_sources: [127.0.0.0/8]
-        facilities: conf/facilities.yaml
-        mappings:
-          directory: mappings
-        """), encoding="utf-8")
-    write_mappings(root / "mappings")
-    return config
-
-
-@pytest.fixture
-def project(tmp_path, dev_pki):
-    port = free_port()
-    database = tmp_path / "var" / "gateway.sqlite"
-    config = write_project(tmp_path, dev_pki, f"sqlite:///{database}", port)
-    return SimpleNamespace(root=tmp_path, config=str(config), port=port, database=database)
-
-
-def cli(project, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run `gateway ARGS` in the project folder; stdout and stderr decoded as UTF-8."""
-    done = subprocess.run([GATEWAY, *args], cwd=project.root, env=child_environment(),
-                          capture_output=True, timeout=timeout)
-    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode("utf-8"),
-                                       done.stderr.decode("utf-8"))
-
-
-@pytest.fixture
-def gateway(project):
-    """`gateway run -c conf/gateway.yaml` as a process, listening; killed after the test if still up."""
-    log = open(project.root / "gateway.log", "wb")
-    process = subprocess.Popen([GATEWAY, "run", "-c", project.config], cwd=project.root,
-                               env=child_environment(), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(project.port, process)
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-        log.close()
-
-
-def stop(process: subprocess.Popen, timeout: float = 5.0) -> int:
-    """SIGTERM, then the exit code (fails if the process does not exit within `timeout`)."""
-    process.send_signal(signal.SIGTERM)
-    return process.wait(timeout)
-
-
-def write_file(project, name: str, data: bytes) -> str:
-    path = project.root / name
-    path.write_bytes(data)
-    return str(path)
 
 
 def test_run_listens_then_stops_on_sigterm(project, gateway):
@@ -186,6 +83,21 @@ def test_messages_list_json(project, gateway):
     filtered = cli(project, "messages", "list", "--json", "--status", "rejected", "--limit", "1",
                    "-c", project.config)
     assert [json.loads(line)["control_id"] for line in filtered.stdout.splitlines()] == ["BAD-CLI-1"]
+
+    def listed(*options: str) -> list[str]:
+        done = cli(project, "messages", "list", "--json", *options, "-c", project.config)
+        assert done.returncode == 0, done.stderr
+        return [json.loads(line)["control_id"] for line in done.stdout.splitlines()]
+
+    # The console's search: a patient by its bundle (the ADT, once translated) or its payload.
+    assert listed("--patient", "4500123456") == ["B00000000005"]
+    assert listed("--patient", "4500987654") == ["B00000000003"]
+    assert listed("--patient", "450098765") == []
+    assert listed("--type", "oru") == ["B00000000003"]
+    assert listed("--facility", "CHU_LYON", "--type", "ADT^A01") == ["B00000000005"]
+    assert listed("--since", "2999-01-01") == [] and len(listed("--until", "2999-01-01T00:00+01:00")) == 3
+    refused = cli(project, "messages", "list", "--since", "yesterday", "-c", project.config)
+    assert refused.returncode == 2 and "not an ISO 8601 date or date-time: 'yesterday'" in refused.stderr
     assert stop(gateway) == 0
 
 

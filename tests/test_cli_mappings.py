@@ -7,8 +7,7 @@ import io
 import json
 import time
 
-import pytest
-from test_cli import cli, gateway, project, stop, write_file  # noqa: F401 (fixtures)
+from cli_support import cli, gateway, project, stop, write_file  # noqa: F401 (fixtures)
 from translation_support import ORU_FIX, hl7, write_mappings
 
 

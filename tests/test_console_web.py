@@ -341,14 +341,14 @@ def test_patient_search_goes_through_indexes(db_url):
     from sqlalchemy import select
     from sqlalchemy.dialects import postgresql, sqlite
 
-    from gateway.console.queries import _patient_clause
     from gateway.store.database import create_gateway_engine, migrate
+    from gateway.store.queries import MessageFilter, message_conditions
     from gateway.store.schema import messages
 
     engine = create_gateway_engine(db_url)
     migrate(engine)
     name = engine.dialect.name
-    query = (select(messages.c.id).where(_patient_clause("BE123456", name))
+    query = (select(messages.c.id).where(*message_conditions(MessageFilter(patient="BE123456"), name))
              .order_by(messages.c.id.desc()).limit(51))
     sql = str(query.compile(dialect=sqlite.dialect() if name == "sqlite" else postgresql.dialect(),
                             compile_kwargs={"literal_binds": True}))

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone, tzinfo
 
+from gateway.store.queries import MessageFilter
+
 STATUSES = ("received", "translated", "failed", "rejected", "ignored")
 MAX_TEXT = 128
 MAX_PARAMS = 32
@@ -27,15 +29,9 @@ class InvalidSearch(ValueError):
 
 
 @dataclass(frozen=True)
-class SearchCriteria:
-    control_id: str | None = None
-    patient: str | None = None  # an identifier value (PID-3.1, Patient.identifier.value)
-    facility: str | None = None  # a registry id or an MSH-4 value
-    type: str | None = None  # "ADT", "ADT^A01"
-    status: str | None = None
-    since: datetime | None = None  # received at or after (UTC)
-    until: datetime | None = None  # received before (UTC)
-    before: int | None = None  # page: ids below this one
+class SearchCriteria(MessageFilter):
+    """The store's search (gateway.store.queries.MessageFilter) as the form gives it."""
+
     zone: tzinfo = field(default=timezone.utc, compare=False)  # the form's times are in it
 
     def form_values(self) -> dict[str, str]:

@@ -1,13 +1,7 @@
 """What the console reads: functions that take a connection (one transaction, on a pool
 thread) and return plain dataclasses, the same on SQLite and PostgreSQL.
 
-Patient search: a message matches an identifier when one of the Patients of its canonical
-bundle has that identifier value (read from patient_identifiers, written with the bundle: an
-index lookup, however large the store), or, for a message without a bundle (waiting, failed,
-rejected, ignored: read through their partial indexes, as rare as they are), when its raw
-payload holds the value as a whole HL7 component (`|<id>^`, `|<id>|`, `~<id>^`, `|<id>~`:
-PID-3's first component, before the assigning authority; a substring test, instr on SQLite,
-position on PostgreSQL). Exact and case-sensitive, no pattern characters.
+The search's conditions are the store's (gateway.store.queries.message_conditions).
 """
 from __future__ import annotations
 
@@ -15,13 +9,13 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import (Connection, LargeBinary, and_, case, exists, func, literal, literal_column,
-                        or_, select, union_all)
+from sqlalchemy import Connection, and_, case, func, select
 
 from gateway.console.criteria import SearchCriteria
-from gateway.store.schema import (UNBUNDLED, canonical_bundles, console_sessions, deliveries,
+from gateway.store.queries import message_conditions
+from gateway.store.schema import (canonical_bundles, console_sessions, deliveries,
                                   delivery_attempts, facility_certificates, message_payloads,
-                                  messages, patient_identifiers, translations)
+                                  messages, translations)
 from gateway.store.timestamps import utc as _utc
 
 PAGE_SIZE = 50
@@ -59,30 +53,8 @@ _ROW = (messages.c.id, messages.c.received_at, messages.c.sender_id,
 def search_messages(connection: Connection, criteria: SearchCriteria,
                     limit: int = PAGE_SIZE) -> SearchPage:
     """Messages matching every given criterion, newest first, one page."""
-    query = select(*_ROW).order_by(messages.c.id.desc()).limit(limit + 1)
-    if criteria.control_id:
-        query = query.where(messages.c.control_id == criteria.control_id)
-    if criteria.facility:  # the registry's id, or MSH-4 whole or by its first component
-        query = query.where(or_(messages.c.sender_id == criteria.facility,
-                                messages.c.sending_facility == criteria.facility,
-                                messages.c.sending_facility.like(_escape(criteria.facility) + "^%",
-                                                                 escape="\\")))
-    if criteria.type:
-        if "^" in criteria.type:
-            query = query.where(messages.c.message_type == criteria.type)
-        else:
-            query = query.where(or_(messages.c.message_type == criteria.type,
-                                    messages.c.message_type.like(_escape(criteria.type) + "^%", escape="\\")))
-    if criteria.status:
-        query = query.where(messages.c.status == criteria.status)
-    if criteria.since:
-        query = query.where(messages.c.received_at >= criteria.since)
-    if criteria.until:
-        query = query.where(messages.c.received_at < criteria.until)
-    if criteria.before:
-        query = query.where(messages.c.id < criteria.before)
-    if criteria.patient:
-        query = query.where(_patient_clause(criteria.patient, connection.dialect.name))
+    query = (select(*_ROW).where(*message_conditions(criteria, connection.dialect.name))
+             .order_by(messages.c.id.desc()).limit(limit + 1))
     rows = [MessageRow(r.id, _utc(r.received_at), r.sender_id, r.sending_application,
                        r.sending_facility, r.control_id, r.message_type, r.status, r.ack_code,
                        r.size, r.format or "hl7v2")
@@ -90,42 +62,6 @@ def search_messages(connection: Connection, criteria: SearchCriteria,
     more = len(rows) > limit
     rows = rows[:limit]
     return SearchPage(tuple(rows), rows[-1].id if more else None)
-
-
-def _patient_clause(identifier: str, dialect: str):
-    indexed = select(patient_identifiers.c.message_id).where(patient_identifiers.c.value == identifier)
-    return messages.c.id.in_(union_all(
-        indexed,
-        # Stated as the partial indexes' predicates, so that the planners use them.
-        _in_payload(identifier, lambda m: m.c.status == literal_column("'received'"), dialect),
-        _in_payload(identifier, lambda m: m.c.status.in_([literal_column(f"'{s}'") for s in UNBUNDLED]),
-                    dialect)))
-
-
-def _in_payload(identifier: str, status, dialect: str):
-    """The messages of `status` (a condition on the alias given) whose payload holds the
-    identifier as a whole component."""
-    candidate = messages.alias("candidate")
-    raw = identifier.encode("utf-8")
-    patterns = [b"|" + raw + b"^", b"|" + raw + b"|", b"~" + raw + b"^", b"|" + raw + b"~"]
-    holds = exists().where(message_payloads.c.message_id == candidate.c.id,
-                           or_(*(_contains(message_payloads.c.raw, p, dialect) for p in patterns)))
-    return select(candidate.c.id).where(status(candidate), holds)
-
-
-def _contains(column, part, dialect: str):
-    """`column` holds `part` (text or bytes), exactly: no pattern characters to escape, and
-    case-sensitive (SQLite's LIKE is not)."""
-    if dialect == "postgresql":
-        if isinstance(part, bytes):  # bytea: position(), as strpos() is for text only
-            return func.position(literal(part, LargeBinary).op("IN")(column)) > 0
-        return func.strpos(column, part) > 0
-    return func.instr(column, part) > 0
-
-
-def _escape(text: str) -> str:
-    """`text` as a literal inside a LIKE pattern whose escape character is a backslash."""
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 # -- one message ---------------------------------------------------------------------------

@@ -1,12 +1,23 @@
-"""Read queries on stored messages: functions that take a connection and return dataclasses."""
+"""Read queries on stored messages: functions that take a connection and return dataclasses.
+
+Patient search: a message matches an identifier when one of the Patients of its canonical
+bundle has that identifier value (read from patient_identifiers, written with the bundle: an
+index lookup, however large the store), or, for a message without a bundle (waiting, failed,
+rejected, ignored: read through their partial indexes, as rare as they are), when its raw
+payload holds the value as a whole HL7 component (`|<id>^`, `|<id>|`, `~<id>^`, `|<id>~`:
+PID-3's first component, before the assigning authority; a substring test, instr on SQLite,
+position on PostgreSQL). Exact and case-sensitive, no pattern characters.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import (Connection, LargeBinary, exists, func, literal, literal_column, or_, select,
+                        union_all)
 
-from gateway.store.schema import deliveries, delivery_attempts, message_payloads, messages
+from gateway.store.schema import (UNBUNDLED, deliveries, delivery_attempts, message_payloads,
+                                  messages, patient_identifiers)
 
 _SUMMARY = [messages.c.id, messages.c.control_id, messages.c.sending_application,
             messages.c.sending_facility, messages.c.message_type, messages.c.status,
@@ -68,17 +79,96 @@ class MessageDetail:
         return data
 
 
+@dataclass(frozen=True)
+class MessageFilter:
+    """What a message search asks for: every criterion given must hold."""
+
+    control_id: str | None = None
+    patient: str | None = None  # an identifier value (PID-3.1, Patient.identifier.value)
+    facility: str | None = None  # a registry id or an MSH-4 value (whole, or its first component)
+    type: str | None = None  # "ADT", "ADT^A01"
+    status: str | None = None
+    since: datetime | None = None  # received at or after
+    until: datetime | None = None  # received before
+    before: int | None = None  # ids below this one (the next page, newest first)
+
+
 def list_messages(connection: Connection, limit: int = 50, status: str | None = None,
-                  control_id: str | None = None, before_id: int | None = None) -> list[MessageSummary]:
-    """The newest messages first, optionally filtered."""
-    query = select(*_SUMMARY).order_by(messages.c.id.desc()).limit(limit)
-    if status:
-        query = query.where(messages.c.status == status)
-    if control_id:
-        query = query.where(messages.c.control_id == control_id)
-    if before_id:
-        query = query.where(messages.c.id < before_id)
+                  control_id: str | None = None, before_id: int | None = None,
+                  search: MessageFilter | None = None) -> list[MessageSummary]:
+    """The newest messages first, optionally filtered (`search`, and its shortcuts)."""
+    search = search or MessageFilter()
+    conditions = message_conditions(search, connection.dialect.name)
+    conditions += [messages.c.status == status] if status else []
+    conditions += [messages.c.control_id == control_id] if control_id else []
+    conditions += [messages.c.id < before_id] if before_id else []
+    query = select(*_SUMMARY).where(*conditions).order_by(messages.c.id.desc()).limit(limit)
     return [_summary(row) for row in connection.execute(query)]
+
+
+def message_conditions(search: MessageFilter, dialect: str) -> list:
+    """The WHERE conditions of a search on `messages`."""
+    conditions = []
+    if search.control_id:
+        conditions.append(messages.c.control_id == search.control_id)
+    if search.facility:  # the registry's id, or MSH-4 whole or by its first component
+        conditions.append(or_(messages.c.sender_id == search.facility,
+                              messages.c.sending_facility == search.facility,
+                              messages.c.sending_facility.like(_escape(search.facility) + "^%",
+                                                               escape="\\")))
+    if search.type:
+        if "^" in search.type:
+            conditions.append(messages.c.message_type == search.type)
+        else:
+            conditions.append(or_(messages.c.message_type == search.type,
+                                  messages.c.message_type.like(_escape(search.type) + "^%", escape="\\")))
+    if search.status:
+        conditions.append(messages.c.status == search.status)
+    if search.since:
+        conditions.append(messages.c.received_at >= search.since)
+    if search.until:
+        conditions.append(messages.c.received_at < search.until)
+    if search.before:
+        conditions.append(messages.c.id < search.before)
+    if search.patient:
+        conditions.append(_patient_clause(search.patient, dialect))
+    return conditions
+
+
+def _patient_clause(identifier: str, dialect: str):
+    indexed = select(patient_identifiers.c.message_id).where(patient_identifiers.c.value == identifier)
+    return messages.c.id.in_(union_all(
+        indexed,
+        # Stated as the partial indexes' predicates, so that the planners use them.
+        _in_payload(identifier, lambda m: m.c.status == literal_column("'received'"), dialect),
+        _in_payload(identifier, lambda m: m.c.status.in_([literal_column(f"'{s}'") for s in UNBUNDLED]),
+                    dialect)))
+
+
+def _in_payload(identifier: str, status, dialect: str):
+    """The messages of `status` (a condition on the alias given) whose payload holds the
+    identifier as a whole component."""
+    candidate = messages.alias("candidate")
+    raw = identifier.encode("utf-8")
+    patterns = [b"|" + raw + b"^", b"|" + raw + b"|", b"~" + raw + b"^", b"|" + raw + b"~"]
+    holds = exists().where(message_payloads.c.message_id == candidate.c.id,
+                           or_(*(_contains(message_payloads.c.raw, p, dialect) for p in patterns)))
+    return select(candidate.c.id).where(status(candidate), holds)
+
+
+def _contains(column, part, dialect: str):
+    """`column` holds `part` (text or bytes), exactly: no pattern characters to escape, and
+    case-sensitive (SQLite's LIKE is not)."""
+    if dialect == "postgresql":
+        if isinstance(part, bytes):  # bytea: position(), as strpos() is for text only
+            return func.position(literal(part, LargeBinary).op("IN")(column)) > 0
+        return func.strpos(column, part) > 0
+    return func.instr(column, part) > 0
+
+
+def _escape(text: str) -> str:
+    """`text` as a literal inside a LIKE pattern whose escape character is a backslash."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def get_message(connection: Connection, message_id: int) -> MessageDetail | None:
