@@ -83,8 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--status", choices=[status.value for status in MessageStatus])
     listing.add_argument("--control-id", help="MSH-10, exactly")
-    listing.add_argument("--patient", help="a patient identifier value, exactly (the bundles' "
-                                           "Patients; PID-3 of messages without a bundle)")
+    listing.add_argument("--patient", help="a patient identifier: VALUE or SYSTEM|VALUE, exactly "
+                                           "(the bundles' Patients; PID-3 of messages without one)")
     listing.add_argument("--facility", help="a registry id, or MSH-4 whole or its first component")
     listing.add_argument("--type", help="ADT, or ADT^A01")
     listing.add_argument("--since", type=_instant, help="received at or after (ISO 8601; UTC "

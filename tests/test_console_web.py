@@ -318,13 +318,19 @@ async def test_search_by_each_criterion_newest_first_and_paginated(console):
 @pytest_twisted.ensureDeferred
 async def test_patient_search_reads_the_bundles_patients_and_the_payloads_of_messages_without_one(console):
     """A translated message is found by its bundle's Patients (patient_identifiers), whatever its
-    payload holds; a message without a bundle (waiting, failed, rejected) by its payload."""
+    payload holds, and by system|value; a message without a bundle (waiting, failed, rejected)
+    by its payload."""
     base = now() - timedelta(hours=3)
     other = ADT.format(control="B-1", patient="SOMEONE-ELSE", name="X").encode()
     by_bundle = console.run(seed_message, control="B-1", patient="IN-BUNDLE", raw=other, received_at=base)
     waiting = console.run(seed_message, control="B-2", patient="IN-BUNDLE", status="received",
                           received_at=base + timedelta(minutes=1))
     assert result_ids(await _viewer(console, "/messages?patient=IN-BUNDLE")) == [waiting.id, by_bundle.id]
+    # SYSTEM|VALUE narrows the bundles' identifiers to that system (a payload has none).
+    found = await _viewer(console, "/messages?patient=urn%3Aoid%3A2.16.504.1.1%7CIN-BUNDLE")
+    assert result_ids(found) == [waiting.id, by_bundle.id]
+    assert result_ids(await _viewer(console, "/messages?patient=urn%3Aother%7CIN-BUNDLE")) == [waiting.id]
+    assert result_ids(await _viewer(console, "/messages?patient=%7CIN-BUNDLE")) == [waiting.id]
     # A translated message's payload is not read: its patients are those of its bundle.
     assert result_ids(await _viewer(console, "/messages?patient=SOMEONE-ELSE")) == []
 

@@ -58,7 +58,7 @@ def store_messages(engine, times, raw: bytes = b"MSH|^~\\&|HIS|FAC|GW|MA|x||ADT^
             message_id=i, received_at=at, bundle='{"resourceType":"Bundle","type":"collection"}')
             for i, at in zip(ids, times)])
         conn.execute(patient_identifiers.insert(), [dict(
-            message_id=i, received_at=at, system="urn:ma:hie:cnie", value=f"RET{i}")
+            message_id=i, received_at=at, system="urn:ma:cnie", value=f"RET{i}")
             for i, at in zip(ids, times)])
         conn.execute(deliveries.insert(), [dict(
             message_id=i, destination="record", patient_key=f"m{i}", status="delivered",

@@ -279,7 +279,7 @@ def test_migration_0010_indexes_the_patients_of_the_bundles_already_stored(db_ur
         config.attributes["connection"] = connection
         command.upgrade(config, "0009")
     patient = {"resourceType": "Patient", "identifier": [
-        {"system": "urn:ma:hie:cnie", "value": "BE123456"}, {"value": "IPP-9"}]}
+        {"system": "urn:ma:cnie", "value": "BE123456"}, {"value": "IPP-9"}]}
     bundles = {7: {"resourceType": "Bundle", "entry": [{"resource": patient}]},
                8: {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Observation"}}]}}
     with engine.begin() as connection:
@@ -297,7 +297,7 @@ def test_migration_0010_indexes_the_patients_of_the_bundles_already_stored(db_ur
         with engine.connect() as connection:
             found = connection.execute(text("SELECT message_id, system, value FROM patient_identifiers "
                                             "ORDER BY value")).all()
-            assert [tuple(row) for row in found] == [(7, "urn:ma:hie:cnie", "BE123456"), (7, "", "IPP-9")]
+            assert [tuple(row) for row in found] == [(7, "urn:ma:cnie", "BE123456"), (7, "", "IPP-9")]
             if engine.dialect.name == "postgresql":
                 assert connection.execute(text("SELECT count(*) FROM patient_identifiers_2026_01")).scalar() == 2
     finally:
@@ -311,13 +311,13 @@ def test_patient_identifiers_are_each_patients_identifiers_once():
 
     bundle = {"entry": [
         {"resource": {"resourceType": "Patient", "identifier": [
-            {"system": "urn:ma:hie:cnie", "value": "BE123456"}, {"value": "IPP-1"},
-            {"system": "urn:ma:hie:cnie", "value": "BE123456"}, {"system": "x", "value": 12},
+            {"system": "urn:ma:cnie", "value": "BE123456"}, {"value": "IPP-1"},
+            {"system": "urn:ma:cnie", "value": "BE123456"}, {"system": "x", "value": 12},
             {"system": "x", "value": "9" * (IDENTIFIER_LIMIT + 1)}, {"system": "x"}, "junk"]}},
         {"resource": {"resourceType": "Observation", "identifier": [{"system": "s", "value": "OBS-1"}]}},
         {"resource": {"resourceType": "Patient", "identifier": [{"system": "urn:ma:cnss", "value": "123"}]}},
         {"resource": None}, "junk"]}
-    assert patient_identifiers(bundle) == (("urn:ma:hie:cnie", "BE123456"), ("", "IPP-1"), ("urn:ma:cnss", "123"))
+    assert patient_identifiers(bundle) == (("urn:ma:cnie", "BE123456"), ("", "IPP-1"), ("urn:ma:cnss", "123"))
     assert patient_identifiers({}) == ()
 
 

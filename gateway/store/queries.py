@@ -1,12 +1,13 @@
 """Read queries on stored messages: functions that take a connection and return dataclasses.
 
 Patient search: a message matches an identifier when one of the Patients of its canonical
-bundle has that identifier value (read from patient_identifiers, written with the bundle: an
-index lookup, however large the store), or, for a message without a bundle (waiting, failed,
-rejected, ignored: read through their partial indexes, as rare as they are), when its raw
-payload holds the value as a whole HL7 component (`|<id>^`, `|<id>|`, `~<id>^`, `|<id>~`:
-PID-3's first component, before the assigning authority; a substring test, instr on SQLite,
-position on PostgreSQL). Exact and case-sensitive, no pattern characters.
+bundle has that identifier value (in that system, when one is given as `SYSTEM|VALUE`), read
+from patient_identifiers, written with the bundle: an index lookup, however large the store.
+A message without a bundle (waiting, failed, rejected, ignored: read through their partial
+indexes, as rare as they are) matches when its raw payload holds the value as a whole HL7
+component (`|<id>^`, `|<id>|`, `~<id>^`, `|<id>~`: PID-3's first component, before the
+assigning authority; a substring test, instr on SQLite, position on PostgreSQL). Exact and
+case-sensitive, no pattern characters.
 """
 from __future__ import annotations
 
@@ -136,7 +137,15 @@ def message_conditions(search: MessageFilter, dialect: str) -> list:
 
 
 def _patient_clause(identifier: str, dialect: str):
-    indexed = select(patient_identifiers.c.message_id).where(patient_identifiers.c.value == identifier)
+    """`VALUE`, or `SYSTEM|VALUE` as FHIR searches write it (`|VALUE`: no system): the system
+    narrows the bundles' identifiers; a payload has none, and is matched by the value."""
+    system, bar, value = identifier.partition("|")
+    if not bar:
+        system, value = None, identifier
+    indexed = select(patient_identifiers.c.message_id).where(patient_identifiers.c.value == value)
+    if system is not None:
+        indexed = indexed.where(patient_identifiers.c.system == system)
+    identifier = value
     return messages.c.id.in_(union_all(
         indexed,
         # Stated as the partial indexes' predicates, so that the planners use them.
