@@ -253,6 +253,8 @@ def test_results_naming_no_prescription_are_unchanged(harness):
         assert record.status == "translated" and record.ack is None and record.destinations == ("shared-record",)
         assert "basedOn" not in resources(record, "DiagnosticReport")[0]
         assert not harness.flow.waits_for("ORU^R01", message, "INPE-100002")
+        # Not the flow's: its bundle was sealed by the worker (encoded, the dict let go).
+        assert record.bundle is None and record.encoded is not None
     assert not acts_recorded(harness)
 
 
