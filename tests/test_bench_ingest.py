@@ -116,10 +116,18 @@ def test_translation_table_compares_with_ingest_only_of_the_same_run():
     # 3000 messages in 2 s of load, then 1 s to drain: 1000/s sustained; 1000 - 167 µs a message.
     assert ingest.sustained(results[1]) == pytest.approx(1000.0)
     table = ingest.translation_table(results, "sqlite", ["oru", "adt"], [8, 64])
-    assert table[-1] == "| oru | 8 | 6000 | 1500 | 0.25 | 3.00 | 1200 | 1.0 | 1000 | 0.17 | 833 | 10 |"
-    assert len(table) == 5  # no row where nothing was translated
+    assert table[-1] == "| oru | 8 | 6000 | 1500 | 0.25 | 3.00 | 1200 | 1.0 | 1000 | 0.17 | 833 | – | 10 |"
+    assert len(table) == 5  # no row where nothing was translated, no verdict without translation alone
     assert ingest.translation_table(results[:1], "sqlite", ["oru"], [8]) == []
     stuck = [_result("translating", 1500.0, backlog_at_end=1200, drain_s=None, received_left=40,
                      translated=3460, failed=0)]
     assert ingest.sustained(stuck[0]) is None
     assert "| 1200 (40 left) | – | – |" in ingest.translation_table(stuck, "sqlite", ["oru"], [8])[-1]
+    # With translation alone measured in the same run: its column, and the requirement's verdict
+    # (translation may cost the gateway no more than translation alone).
+    table = ingest.translation_table(results, "sqlite", ["oru"], [8], {"oru": 400.0})
+    assert table[4].endswith("| 833 | 400 | 10 |")
+    assert table[-1] == ("verdict sqlite/oru with translation, 8 conns: FAIL (costs the gateway 833 µs/msg "
+                         "over ingest only; translation alone 400 µs/msg, 2.08x)")
+    assert ingest.translation_table(results, "sqlite", ["oru"], [8], {"oru": 900.0})[-1].startswith(
+        "verdict sqlite/oru with translation, 8 conns: PASS")
