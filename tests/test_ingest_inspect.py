@@ -146,6 +146,30 @@ def test_invalid_bytes_in_declared_charset_ae_102():
     assert item.raw == raw
 
 
+def test_nul_byte_refused_ae_102_with_its_place_and_the_bytes_kept():
+    """A NUL byte anywhere gives AE, ERR-3 102 at its field, CHARSET_INVALID; the bytes are kept
+    exactly (and hashed as they came), and no text of the record or its ACK holds a NUL (one
+    in MSH-10 is answered as '?')."""
+    raw = message(pid5=b"Ren\x00e^Alice")
+    item = inspector().message(raw)
+    assert item.status is MessageStatus.REJECTED and item.outcome is Outcome.ERROR
+    e = err(item.ack)
+    assert (e[2], e[3][:4], e[5].split(b"^")[0]) == (b"PID^1^5", b"102^", b"CHARSET_INVALID")
+    offset = raw.index(b"\x00")
+    assert f"NUL byte (0x00) at byte {offset}" in item.error.reason
+    assert item.raw == raw and item.sha256 == hashlib.sha256(raw).digest() and item.size == len(raw)
+    item = inspector().message(message(control_id="M\x00X", facility="CHU\x00Y"))
+    assert (item.control_id, item.sending_facility) == ("M?X", "CHU?Y")
+    assert segments(item.ack)[b"MSA"][2] == b"M?X" and b"\x00" not in item.ack
+    assert err(item.ack)[2] == b"MSH^1^4"
+    # No MSH to read once the NUL is there: refused as not HL7, still with nothing to store as NUL.
+    garbage = inspector().message(b"\x00\x01\x02MSH|")
+    assert garbage.status is MessageStatus.REJECTED and b"\x00" not in garbage.ack
+    framed = inspector().frame(message(control_id="A\x00") + message(control_id="B"))
+    [whole] = framed.items  # two messages without a batch envelope: refused whole
+    assert whole.control_id == "A?" and b"\x00" not in whole.ack
+
+
 def test_registry_sender_fallback_accepts():
     """A registry sender with charset_fallback cp1252 gets the same bytes accepted as cp1252."""
     sender = SenderConfig(id="INPE-1", name="CHU X", type="hospital", facilities=("CHU_X",),

@@ -97,6 +97,8 @@ BAD_INPUTS = {
     "bytes invalid in ASCII": (message("BAD5", charset=b"ASCII",
                                        pid=b"PID|1||4500123^^^FAC^PI||H\xe9L\xe8NE\r"),
                                "AE", "BAD5", "PID^1^5", "102", "CHARSET_INVALID", "byte 0xe9"),
+    "NUL byte in a field": (message("BAD6", pid=b"PID|1||4500123^^^FAC^PI||TEST\x00PATIENT\r"),
+                            "AE", "BAD6", "PID^1^5", "102", "CHARSET_INVALID", "NUL byte (0x00)"),
     "binary garbage": (bytes(b for b in range(256) if b not in (0x0B, 0x1C)) * 3,
                        "AR", "", "MSH^1", "100", "NOT_HL7", "does not start with an MSH"),
 }

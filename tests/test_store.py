@@ -306,14 +306,16 @@ def test_migration_0010_indexes_the_patients_of_the_bundles_already_stored(db_ur
 
 def test_patient_identifiers_are_each_patients_identifiers_once():
     """Every identifier of every Patient of a bundle, once, in order, '' for no system; other
-    resources' identifiers, values that are not text and values too long to index left out."""
+    resources' identifiers, values that are not text, values too long to index and texts
+    holding a control character (PostgreSQL cannot keep a NUL) left out."""
     from gateway.store.translations import IDENTIFIER_LIMIT, patient_identifiers
 
     bundle = {"entry": [
         {"resource": {"resourceType": "Patient", "identifier": [
             {"system": "urn:ma:cnie", "value": "BE123456"}, {"value": "IPP-1"},
             {"system": "urn:ma:cnie", "value": "BE123456"}, {"system": "x", "value": 12},
-            {"system": "x", "value": "9" * (IDENTIFIER_LIMIT + 1)}, {"system": "x"}, "junk"]}},
+            {"system": "x", "value": "9" * (IDENTIFIER_LIMIT + 1)}, {"system": "x"}, "junk",
+            {"system": "x", "value": "P\x00X"}, {"system": "x\ty", "value": "P2"}]}},
         {"resource": {"resourceType": "Observation", "identifier": [{"system": "s", "value": "OBS-1"}]}},
         {"resource": {"resourceType": "Patient", "identifier": [{"system": "urn:ma:cnss", "value": "123"}]}},
         {"resource": None}, "junk"]}
@@ -353,8 +355,12 @@ def test_translations_store_their_patients_identifiers_and_replace_them(db_url):
             assert stored(connection) == [(ids[0], "A1"), (ids[0], "A2"), (ids[1], "B1")]
         with engine.begin() as connection:
             save_translations(connection, [(pending[0], TranslationRecord("translated", "v2", bundle("A3"))),
-                                           (pending[1], TranslationRecord("failed", "v2", error_code=207))])
+                                           (pending[1], TranslationRecord("failed", "v2", error_code=102,
+                                                                          error_reason="'1985\x0007' is not a date"))])
             assert stored(connection) == [(ids[0], "A3")]
+            # A reason quoting a NUL from the input is kept with U+FFFD (PostgreSQL's text has no NUL).
+            assert connection.execute(text("SELECT error_reason FROM translations WHERE message_id = :id"),
+                                      {"id": ids[1]}).scalar() == "'1985\ufffd07' is not a date"
     finally:
         engine.dispose()
 
@@ -506,6 +512,28 @@ def test_each_stored_message_learns_its_id(harness):
     assert redone[2].items[0].duplicate and redone[2].items[0].message_id is None
     for job in redone[:2] + redone[3:] + at_once:
         assert job.items[0].message_id == ids[job.items[0].raw]
+
+
+def test_a_nul_byte_is_refused_and_stored_without_failing_the_round(harness):
+    """A message holding a NUL byte (which PostgreSQL's text cannot keep) is refused and stored
+    with its bytes exact, in the same round as a good one, which is accepted; a door's record
+    with a NUL in a text it read (an ASTM analyzer name) is stored with U+FFFD there."""
+    from gateway.ingest.astm import inbound_for
+
+    poisoned = hl7("NUL-2").replace(b"PID|1||", b"PID|1||\x00")
+    harness.writer.submit(harness.job(hl7("NUL-1")))
+    harness.writer.submit(harness.job(poisoned))
+    analyzer = inbound_for(b"H|\\^&|||Analy\x00zer\rL|1\r", "LAB-1")
+    harness.writer.submit(IngestJob([analyzer], "astm", "127.0.0.1:40001", time.time(), harness.outcomes.done))
+    harness.writer.start()
+    calls = harness.outcomes.wait(3)
+    assert [error for _, error in calls] == [None, None, None]
+    stored = {row.raw: row for row in harness.rows()}
+    assert stored[hl7("NUL-1")].status == "received" and stored[poisoned].status == "rejected"
+    assert stored[poisoned].control_id == "NUL-2"
+    with harness.engine.connect() as conn:
+        names = conn.execute(select(messages.c.sending_application).where(messages.c.format == "astm")).scalars().all()
+    assert names == ["Analy\ufffdzer"]
 
 
 def test_every_receipt_is_in_the_audit_trail_with_the_message(harness):

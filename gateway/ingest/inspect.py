@@ -104,6 +104,8 @@ class Inspector:
         `connection` (ConnectionInfo) says who sent it; None: no door (every sender is plain,
         without a source address)."""
         digest = hashlib.sha256(raw).digest()
+        if b"\x00" in raw:
+            return self._refused_nul(raw, digest)
         try:
             header = parse_header(raw)
         except HeaderError as error:
@@ -153,6 +155,31 @@ class Inspector:
             return self._unauthorized(raw, digest, header, codec, sender, refusal, connection)
         if self._wants_ack(header, True):
             item.ack = self.builder.build(header, Outcome.ACCEPT, header.enhanced_mode)
+        return item
+
+    def _refused_nul(self, raw: bytes, digest: bytes) -> Inbound:
+        """A message holding a NUL byte: no HL7 text does (binary data travels as base64 ED or
+        \\Xhh\\ escapes), and no database text column can keep one (PostgreSQL refuses it).
+        Refused with the place of the first one; what is stored and answered of it is read
+        from a copy with each NUL as '?', and the bytes are kept as they came."""
+        offset = raw.index(b"\x00")
+        readable = raw.replace(b"\x00", b"?")
+        try:
+            header = parse_header(readable)
+        except HeaderError as error:
+            item = self._refused(readable, digest, error, Outcome.REJECT, ErrorDetail(
+                error.condition, error.location, error.reason,
+                None if error.fields else AppErrorCode.NOT_HL7))
+        else:
+            try:
+                codec = codec_for(header.charset)
+            except CharsetError:
+                codec = None
+            item = self._refused(readable, digest, header, Outcome.ERROR, ErrorDetail(
+                ErrorCondition.DATA_TYPE_ERROR, locate(readable, offset, header.delimiters),
+                f"NUL byte (0x00) at byte {offset}: not text (binary data goes as base64 ED "
+                "or \\Xhh\\ escapes)", AppErrorCode.CHARSET_INVALID), codec)
+        item.raw = raw
         return item
 
     def oversize(self, prefix: bytes, size: int, limit: int) -> FrameResult:
@@ -250,7 +277,7 @@ class Inspector:
 
     def _refused_frame(self, payload: bytes, detail: ErrorDetail) -> Inbound:
         """Refuse a whole frame, answering from its first header (MSH, BHS or FHS) if readable."""
-        view = FieldView.of(payload)
+        view = FieldView.of(payload.replace(b"\x00", b"?"))  # no NUL in what is stored as text
         item = Inbound(raw=payload, sha256=hashlib.sha256(payload).digest(), outcome=Outcome.REJECT,
                        status=MessageStatus.REJECTED, ack=None, error=detail, size=len(payload))
         item.sending_application = view.field(3).decode("iso8859-1") or None

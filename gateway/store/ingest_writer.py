@@ -265,6 +265,7 @@ class IngestWriter:
         received = self._timestamp(datetime.fromtimestamp(job.received_at, timezone.utc))
         rows = []
         for it in job.items if items is None else items:
+            _scrub(it)
             error = it.error
             rows.append((
                 received, job.listener, job.peer, it.sender_id, it.sending_application,
@@ -278,6 +279,21 @@ class IngestWriter:
                 it.raw,  # last: it goes to message_payloads
             ))
         return rows
+
+
+# The texts of a message record that come from its content (the rest are the gateway's own).
+_CONTENT_TEXTS = ("sending_application", "sending_facility", "receiving_application",
+                  "receiving_facility", "control_id", "message_type")
+
+
+def _scrub(item: Inbound) -> None:
+    """NUL characters in the item's texts become U+FFFD: PostgreSQL's text cannot hold one, and
+    one such message must not fail the round of every other sender. (The HL7 inspector refuses
+    a message holding a NUL byte; this covers what other doors read from their input.)"""
+    for name in _CONTENT_TEXTS:
+        value = getattr(item, name)
+        if value and "\x00" in value:
+            setattr(item, name, value.replace("\x00", "\ufffd"))
 
 
 class _KeyTaken(Exception):

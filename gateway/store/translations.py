@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
@@ -216,8 +217,8 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
         rows.append({
             "message_id": pending.message_id, "status": record.status,
             "mapping_version": record.mapping_version, "translated_at": now,
-            "error_code": record.error_code, "error_location": record.error_location,
-            "error_reason": record.error_reason,
+            "error_code": record.error_code, "error_location": _storable(record.error_location),
+            "error_reason": _storable(record.error_reason),
             "warnings": json.dumps(record.warnings, ensure_ascii=False) if record.warnings else None,
         })
         if bundle is not None:
@@ -256,6 +257,12 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
     return len(rows)
 
 
+def _storable(text: str | None) -> str | None:
+    """`text` with NUL characters as U+FFFD (PostgreSQL's text cannot hold one): a reason that
+    quotes a document's value must not fail its batch, and the sweep's after it."""
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
+
+
 def _replace_identifiers(connection: Connection, message_ids: list[int],
                          identified: dict[int, tuple[datetime, tuple[tuple[str, str], ...]]]) -> None:
     """The messages' patient identifiers are now those of `identified` (message id ->
@@ -289,7 +296,8 @@ IDENTIFIER_LIMIT = 255  # characters of a system or value (longer ones are not i
 
 def patient_identifiers(bundle: dict) -> tuple[tuple[str, str], ...]:
     """The (system, value) of each identifier of each Patient of `bundle` ('' for no system),
-    once each, in order; values or systems too long for the index are left out."""
+    once each, in order; values or systems too long for the index, or holding a control
+    character, are left out."""
     found: dict[tuple[str, str], None] = {}
     for entry in bundle.get("entry") or ():
         resource = entry.get("resource") if isinstance(entry, dict) else None
@@ -300,9 +308,15 @@ def patient_identifiers(bundle: dict) -> tuple[tuple[str, str], ...]:
                 continue
             value, system = identifier.get("value"), identifier.get("system") or ""
             if (isinstance(value, str) and value and isinstance(system, str)
-                    and len(value) <= IDENTIFIER_LIMIT and len(system) <= IDENTIFIER_LIMIT):
+                    and len(value) <= IDENTIFIER_LIMIT and len(system) <= IDENTIFIER_LIMIT
+                    and not _CONTROL.search(value) and not _CONTROL.search(system)):
                 found[(system, value)] = None
     return tuple(found)
+
+
+# No identifier holds a control character, and PostgreSQL's text cannot hold NUL: a value
+# with one (a hostile or broken message) is not indexed, rather than failing its batch.
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def bundle_text(bundle: dict) -> str:
