@@ -170,6 +170,28 @@ def test_nul_byte_refused_ae_102_with_its_place_and_the_bytes_kept():
     assert whole.control_id == "A?" and b"\x00" not in whole.ack
 
 
+@pytest.mark.parametrize("kwargs, location", [
+    (dict(control_id="C" * 200), b"MSH^1^10"),
+    (dict(facility="F" * 228), b"MSH^1^4"),
+    (dict(kind="Z" + "A" * 40 + "^Z01"), b"MSH^1^9"),
+])
+def test_header_texts_longer_than_the_store_keeps_ar_104(kwargs, location):
+    """An MSH text longer than its column (its key must be kept whole) gets AR 104 at its field;
+    at the limit it is accepted."""
+    item = inspector().message(message(**kwargs))
+    assert item.status is MessageStatus.REJECTED and item.error.condition is ErrorCondition.VALUE_TOO_LONG
+    assert err(item.ack)[2] == location and err(item.ack)[3].startswith(b"104^")
+    assert inspector().message(message(control_id="C" * 199, facility="F" * 227)).status is MessageStatus.RECEIVED
+
+
+def test_header_text_limits_are_the_store_columns():
+    from gateway.ingest.inspect import MSH_TEXT_LIMITS
+    from gateway.store.schema import messages
+
+    assert {name: limit for name, _, limit in MSH_TEXT_LIMITS} == {
+        name: messages.c[name].type.length for name, _, _ in MSH_TEXT_LIMITS}
+
+
 def test_registry_sender_fallback_accepts():
     """A registry sender with charset_fallback cp1252 gets the same bytes accepted as cp1252."""
     sender = SenderConfig(id="INPE-1", name="CHU X", type="hospital", facilities=("CHU_X",),

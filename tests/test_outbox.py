@@ -69,6 +69,20 @@ def test_enqueue_claim_and_deliver(engine):
     assert (finished if finished.tzinfo else finished.replace(tzinfo=timezone.utc)) == T0 + timedelta(milliseconds=5)
 
 
+def test_a_peer_reason_holding_a_nul_is_settled(engine):
+    """A reason quoting a peer's diagnostics with a NUL in them (PostgreSQL's text has none) is
+    recorded with U+FFFD: the settlement goes through instead of failing, and being redone,
+    at every attempt."""
+    (m,) = add_messages(engine, 1)
+    enqueue(engine, (m, "record", "Patient/p1", "sha-1"))
+    (c,) = claim(engine)
+    settle(engine, "n1", outbox.Settlement(c.id, "permanent", "refused: bad\x00value", T0, 5, 422, b"{}", None))
+    assert status(engine) == [(m, "record", "dead", 1)]
+    with engine.connect() as conn:
+        assert conn.execute(select(delivery_attempts.c.reason)).scalar_one() == "refused: bad\ufffdvalue"
+        assert conn.execute(select(deliveries.c.last_reason)).scalar_one() == "refused: bad\ufffdvalue"
+
+
 def test_per_patient_order_and_independent_patients(engine):
     """A patient's second message waits for the first; another patient's goes ahead; a dead
     letter does not block the patient for ever."""

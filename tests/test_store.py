@@ -356,11 +356,14 @@ def test_translations_store_their_patients_identifiers_and_replace_them(db_url):
         with engine.begin() as connection:
             save_translations(connection, [(pending[0], TranslationRecord("translated", "v2", bundle("A3"))),
                                            (pending[1], TranslationRecord("failed", "v2", error_code=102,
+                                                                          error_location="Bundle.entry" * 10,
                                                                           error_reason="'1985\x0007' is not a date"))])
             assert stored(connection) == [(ids[0], "A3")]
-            # A reason quoting a NUL from the input is kept with U+FFFD (PostgreSQL's text has no NUL).
-            assert connection.execute(text("SELECT error_reason FROM translations WHERE message_id = :id"),
-                                      {"id": ids[1]}).scalar() == "'1985\ufffd07' is not a date"
+            # A reason quoting a NUL from the input is kept with U+FFFD (PostgreSQL's text has no
+            # NUL), a location longer than its column cut to it (PostgreSQL refuses it whole).
+            failed = connection.execute(text("SELECT error_location, error_reason FROM translations "
+                                             "WHERE message_id = :id"), {"id": ids[1]}).one()
+            assert tuple(failed) == (("Bundle.entry" * 10)[:64], "'1985\ufffd07' is not a date")
     finally:
         engine.dispose()
 
@@ -534,6 +537,27 @@ def test_a_nul_byte_is_refused_and_stored_without_failing_the_round(harness):
     with harness.engine.connect() as conn:
         names = conn.execute(select(messages.c.sending_application).where(messages.c.format == "astm")).scalars().all()
     assert names == ["Analy\ufffdzer"]
+
+
+def test_a_header_text_too_long_for_its_column_is_refused_and_stored_cut(harness):
+    """A control id longer than its column (PostgreSQL refuses the value) is refused (104) and
+    stored cut to the column, in the same round as a good message; a door's text too long for
+    its column is stored cut."""
+    from gateway.ingest.astm import inbound_for
+
+    long_id = "L" * 250
+    harness.writer.submit(harness.job(hl7("LEN-1")))
+    harness.writer.submit(harness.job(hl7(long_id)))
+    analyzer = inbound_for(b"H|\\^&|||" + b"A" * 300 + b"\rL|1\r", "LAB-1")
+    analyzer.sending_application = "A" * 300  # as a door that does not cut it would leave it
+    harness.writer.submit(IngestJob([analyzer], "astm", "127.0.0.1:40001", time.time(), harness.outcomes.done))
+    harness.writer.start()
+    assert [error for _, error in harness.outcomes.wait(3)] == [None, None, None]
+    assert [(row.control_id, row.status) for row in harness.rows()][:2] == [
+        ("LEN-1", "received"), (long_id[:199], "rejected")]
+    with harness.engine.connect() as conn:
+        names = conn.execute(select(messages.c.sending_application).where(messages.c.format == "astm")).scalars().all()
+    assert names == ["A" * 227]
 
 
 def test_every_receipt_is_in_the_audit_trail_with_the_message(harness):

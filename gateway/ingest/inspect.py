@@ -140,7 +140,7 @@ class Inspector:
         if header.is_acknowledgement:
             item.status = MessageStatus.IGNORED  # never acknowledge an acknowledgement
             return item
-        problem = self._check(header)
+        problem = self._check(header) or _too_long(item)
         if problem is not None:
             return self._refused(raw, digest, header, Outcome.REJECT, problem, codec, sender)
         if certified:
@@ -285,6 +285,26 @@ class Inspector:
         item.control_id = view.field(10).decode("iso8859-1") or None
         item.ack = self.builder.build(view, Outcome.REJECT, enhanced_mode(view), detail)
         return item
+
+
+# The longest MSH texts an accepted message may carry: what the store keeps of them
+# (gateway.store.schema.messages; a test holds the two equal): MSH-3 to MSH-6 as HD (227
+# characters), MSH-10 as of v2.7 (199), the type as CODE^EVENT.
+MSH_TEXT_LIMITS = (("sending_application", 3, 227), ("sending_facility", 4, 227),
+                   ("receiving_application", 5, 227), ("receiving_facility", 6, 227),
+                   ("message_type", 9, 32), ("control_id", 10, 199))
+
+
+def _too_long(item: Inbound) -> ErrorDetail | None:
+    """A header text longer than the store keeps (its key must be kept whole, or two messages
+    would share one): 104, value too long."""
+    for name, field_number, limit in MSH_TEXT_LIMITS:
+        value = getattr(item, name)
+        if value is not None and len(value) > limit:
+            return ErrorDetail(ErrorCondition.VALUE_TOO_LONG, Location("MSH", 1, field_number),
+                               f"MSH-{field_number} is {len(value)} characters long; "
+                               f"at most {limit} are accepted")
+    return None
 
 
 def _address(connection) -> str | None:

@@ -33,6 +33,7 @@ from gateway.ingest.model import Inbound
 from gateway.ingest.telemetry import receipt
 from gateway.store.database import sqlite_write_lock
 from gateway.store.schema import messages
+from gateway.store.texts import storable
 
 if TYPE_CHECKING:
     from gateway.audit.trail import AuditTrail, PendingAppend
@@ -281,19 +282,22 @@ class IngestWriter:
         return rows
 
 
-# The texts of a message record that come from its content (the rest are the gateway's own).
-_CONTENT_TEXTS = ("sending_application", "sending_facility", "receiving_application",
-                  "receiving_facility", "control_id", "message_type")
+# The texts of a message record that come from its content (the rest are the gateway's own),
+# and the longest each column keeps.
+_CONTENT_TEXTS = tuple((name, messages.c[name].type.length) for name in (
+    "sending_application", "sending_facility", "receiving_application", "receiving_facility",
+    "control_id", "message_type"))
 
 
 def _scrub(item: Inbound) -> None:
-    """NUL characters in the item's texts become U+FFFD: PostgreSQL's text cannot hold one, and
-    one such message must not fail the round of every other sender. (The HL7 inspector refuses
-    a message holding a NUL byte; this covers what other doors read from their input.)"""
-    for name in _CONTENT_TEXTS:
+    """The item's texts made storable (gateway.store.texts): no NUL, none longer than its
+    column. One such message must not fail the round of every other sender. The HL7 inspector
+    refuses an accepted message with either; this keeps its refusal, and what other doors
+    read from their input, storable."""
+    for name, limit in _CONTENT_TEXTS:
         value = getattr(item, name)
-        if value and "\x00" in value:
-            setattr(item, name, value.replace("\x00", "\ufffd"))
+        if value and (len(value) > limit or "\x00" in value):
+            setattr(item, name, storable(value, limit))
 
 
 class _KeyTaken(Exception):

@@ -31,6 +31,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from gateway.store.schema import canonical_bundles, deliveries, delivery_attempts
+from gateway.store.texts import storable
 from gateway.store.timestamps import utc
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
@@ -396,15 +397,17 @@ def settle(connection: Connection, node: str, node_results: Iterable[Settlement]
     results = list(node_results)
     if not results:
         return
+    # A reason may quote a peer's diagnostics (gateway.store.texts).
+    reasons = [storable(r.reason) for r in results]
     connection.execute(delivery_attempts.insert(), [
         {"delivery_id": r.delivery_id, "attempted_at": r.attempted_at, "node": node,
-         "outcome": r.kind, "reason": r.reason, "code": r.code, "duration_ms": r.duration_ms,
+         "outcome": r.kind, "reason": reason, "code": r.code, "duration_ms": r.duration_ms,
          "response": _attempt_response(r)}
-        for r in results])
+        for r, reason in zip(results, reasons)])
     finished, retried = [], []
-    for r in results:
+    for r, reason in zip(results, reasons):
         common = {"b_id": r.delivery_id, "b_node": node, "b_at": r.attempted_at,
-                  "b_reason": r.reason, "b_code": r.code}
+                  "b_reason": reason, "b_code": r.code}
         if r.kind == "transient" and r.next_attempt_at is not None:
             retried.append({**common, "b_next": r.next_attempt_at})
         else:

@@ -32,6 +32,7 @@ from gateway.ingest.model import MessageStatus
 from gateway.store.outbox import Enqueue, enqueue
 from gateway.store.schema import canonical_bundles, message_payloads, messages, translations
 from gateway.store.schema import patient_identifiers as patient_identifiers_table
+from gateway.store.texts import storable
 from gateway.store.timestamps import utc
 
 # Statuses a translation may move a message between.
@@ -217,8 +218,10 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
         rows.append({
             "message_id": pending.message_id, "status": record.status,
             "mapping_version": record.mapping_version, "translated_at": now,
-            "error_code": record.error_code, "error_location": _storable(record.error_location),
-            "error_reason": _storable(record.error_reason),
+            "error_code": record.error_code,
+            # A reason may quote a document's value, a location name a long path (gateway.store.texts).
+            "error_location": storable(record.error_location, translations.c.error_location.type.length),
+            "error_reason": storable(record.error_reason),
             "warnings": json.dumps(record.warnings, ensure_ascii=False) if record.warnings else None,
         })
         if bundle is not None:
@@ -255,12 +258,6 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
                            .values(ack=bindparam("b_ack"), ack_code=bindparam("b_code")), acks)
     enqueue(connection, outgoing, now)
     return len(rows)
-
-
-def _storable(text: str | None) -> str | None:
-    """`text` with NUL characters as U+FFFD (PostgreSQL's text cannot hold one): a reason that
-    quotes a document's value must not fail its batch, and the sweep's after it."""
-    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
 
 
 def _replace_identifiers(connection: Connection, message_ids: list[int],
