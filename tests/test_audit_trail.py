@@ -39,6 +39,23 @@ def sql(trail, statement, **params):
         return conn.execute(text(statement), params)
 
 
+def test_texts_the_store_cannot_keep_are_recorded_storable_and_verify(trail):
+    """An actor typed with a NUL (a console login name), or a subject or source longer than
+    its column, is recorded with U+FFFD and cut, as it was hashed: the append goes through,
+    and so does every one after it, and the chain verifies."""
+    from gateway.audit.chain import TEXT_LIMIT
+    from gateway.store.schema import audit_log
+
+    assert {audit_log.c[name].type.length for name in ("actor", "subject", "source")} == {TEXT_LIMIT}
+    [odd] = trail.append([AuditEvent("console.login", "adm\x00in", "refused", "s" * 300, "1.2.3.4:5" + "0" * 200)])
+    assert (odd.actor, odd.subject, odd.source) == ("adm\ufffdin", "s" * TEXT_LIMIT, ("1.2.3.4:5" + "0" * 200)[:TEXT_LIMIT])
+    trail.append(events(2))
+    with trail.engine.connect() as conn:
+        stored = list(trail.records(conn))
+    assert [r.actor for r in stored] == ["adm\ufffdin", "INPE-100001", "INPE-100001"]
+    assert trail.verify().intact
+
+
 def test_appends_chain_after_the_last_record_and_verify_in_small_batches(trail):
     first = trail.append(events(5))
     assert [r.seq for r in first] == [1, 2, 3, 4, 5] and first[0].prev_hash == GENESIS

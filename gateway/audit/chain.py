@@ -12,10 +12,11 @@ import hashlib
 import json
 from json.encoder import encode_basestring
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from gateway.store.texts import storable
 from gateway.store.timestamps import utc as _utc
 
 GENESIS = "0" * 64  # the previous hash of the first record
@@ -89,6 +90,7 @@ def chain(prev_seq: int, prev_hash: str, node: str, events: Iterable[AuditEvent]
     records = []
     last_at, last_instant = None, ""
     for event in events:
+        event = _storable(event)
         prev_seq += 1
         at = event.at or now
         if at is not last_at:  # a round of records often shares one instant: format it once
@@ -103,6 +105,23 @@ def chain(prev_seq: int, prev_hash: str, node: str, events: Iterable[AuditEvent]
                                    detail))
         prev_hash = digest
     return records
+
+
+# The longest actor, subject and source the store keeps (gateway.store.schema.audit_log; a
+# test holds them equal).
+TEXT_LIMIT = 128
+
+
+def _storable(event: AuditEvent) -> AuditEvent:
+    """`event` with its actor, subject and source storable (gateway.store.texts: no NUL, at
+    most TEXT_LIMIT characters), as they are hashed and stored: one that PostgreSQL refuses
+    would fail its whole append, then every append after it (a login name typed with a NUL
+    would have stopped the trail)."""
+    texts = (event.actor, event.subject, event.source)
+    if all(text is None or (len(text) <= TEXT_LIMIT and "\x00" not in text) for text in texts):
+        return event
+    actor, subject, source = (storable(text, TEXT_LIMIT) for text in texts)
+    return replace(event, actor=actor, subject=subject, source=source)
 
 
 @dataclass(frozen=True)
