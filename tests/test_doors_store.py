@@ -75,3 +75,19 @@ def test_two_nodes_racing_for_one_key_on_postgresql(pg_url):
         thread.join()
     assert sorted(outcomes) == ["in_progress"] * 19 + ["new"]
     engine.dispose()
+
+
+def test_a_refusal_of_a_long_or_nul_bearing_path_is_kept(db_url):
+    """What a refusal took from the request (its path as the operation, a reason quoting it)
+    is stored cut to its column and with U+FFFD for NUL: a request cannot keep its refusal
+    out of the record (PostgreSQL refuses both as they came)."""
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    database = Database(engine, None)
+    path = "/v1/" + "x" * 300 + "\x00"
+    database.run_write_now(record_refusal, Refusal(NOW, "https", "10.0.0.1:4000", None, "CN=x\x00",
+                                                   "rest", path, 413, f"too large: {path}"))
+    [kept] = database.run_now(list_refusals)
+    assert kept.operation == path[:64] and kept.certificate == "CN=x\ufffd"
+    assert kept.reason == f"too large: {path}".replace("\x00", "\ufffd")
+    engine.dispose()

@@ -25,6 +25,7 @@ from sqlalchemy import (Column, Connection, DateTime, Index, Integer, LargeBinar
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.store.schema import Id, metadata
+from gateway.store.texts import storable
 from gateway.store.timestamps import utc as _aware
 
 api_requests = Table(
@@ -153,8 +154,11 @@ def release_request(connection: Connection, facility_id: str, key: str) -> None:
 
 def record_refusal(connection: Connection, refusal: Refusal) -> None:
     values = {name: getattr(refusal, name) for name in refusal.__dataclass_fields__}
-    values["reason"] = refusal.reason[:1000]
-    values["certificate"] = (refusal.certificate or None) and refusal.certificate[:512]
+    # What came from the request made storable (gateway.store.texts): a long or NUL-bearing
+    # path must not keep its refusal out of the record.
+    values["operation"] = storable(refusal.operation, api_refusals.c.operation.type.length)
+    values["reason"] = storable(refusal.reason, 1000)
+    values["certificate"] = storable(refusal.certificate or None, api_refusals.c.certificate.type.length)
     connection.execute(api_refusals.insert().values(**values))
 
 
