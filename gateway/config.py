@@ -565,6 +565,14 @@ def _one_of(*choices: str) -> Check:
     return _scalar(one_of)
 
 
+def _facility_id(value: Any) -> str:
+    """A facility's id: stored with each of its messages and records (64 characters at most)."""
+    text = _text(value)
+    if len(text) > 64 or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise _Invalid("must be at most 64 characters, without control characters")
+    return text
+
+
 def _fingerprint(value: Any) -> str:
     """A SHA-256 fingerprint, as lowercase hex without separators."""
     text = _text(value).replace(":", "").strip().lower()
@@ -753,7 +761,7 @@ _BOOLEAN = _scalar(_boolean)
 
 _SENDER = _record(
     SenderConfig,
-    id=_TEXT,
+    id=_scalar(_facility_id),
     name=_TEXT,
     type=_one_of(*FACILITY_TYPES),
     applications=_list_of(_TEXT),

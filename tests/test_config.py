@@ -239,6 +239,7 @@ def test_facility_errors_carry_the_registry_file_name_and_line(project):
             charset_fallback: cp9999
             timezone: Africa/Casablanka
           - {id: 100003, name: C, type: doctor, applications: HIS}
+          - {id: "INPE-100004-ORGANISATION-AVEC-UN-IDENTIFIANT-BEAUCOUP-BEAUCOUP-TROP-LONG", name: D, type: doctor}
         """, "facilities.yaml")
     assert problems(write(project, MINIMAL)) == [
         "conf/facilities.yaml:8: facilities[1].charset_fallback: must be a Python codec name "
@@ -248,6 +249,8 @@ def test_facility_errors_carry_the_registry_file_name_and_line(project):
         "conf/facilities.yaml:10: facilities[2].id: must be a non-empty string, got 100003 "
         "(put it in quotes)",
         "conf/facilities.yaml:10: facilities[2].applications: must be a list, got a value",
+        "conf/facilities.yaml:11: facilities[3].id: must be at most 64 characters, without "
+        "control characters, got 'INPE-100004-ORGANISATION-AVEC-UN-IDENTIFIANT-BEAUCOUP-BEAUCOUP-TROP-LONG'",
         "conf/facilities.yaml:5: facilities[1].id: id INPE-1 is already used by facilities[0]",
     ]
 

@@ -560,6 +560,30 @@ def test_a_header_text_too_long_for_its_column_is_refused_and_stored_cut(harness
     assert names == ["A" * 227]
 
 
+def test_refusals_of_over_long_header_values_are_stored_cut(harness):
+    """A message refused for its charset (103), type (200), processing id (202) or version (203)
+    keeps what it declared, cut to its column: PostgreSQL refuses a longer value, and that
+    failed the round of every other message with it."""
+    base = b"MSH|^~\\&|HIS|FAC|GW|MA|20250114083512||%s|%s|%s|%s|||||MAR|%s\rPID|1||P-1\r"
+    refused = [base % (b"ADT^A01", b"R-103", b"P", b"2.5", b"Q" * 60),
+               base % (b"Y" * 60 + b"^A01", b"R-200", b"P", b"2.5", b"UNICODE UTF-8"),
+               base % (b"ADT^A01", b"R-202", b"X" * 20, b"2.5", b"UNICODE UTF-8"),
+               base % (b"ADT^A01", b"R-203", b"P", b"9" * 30, b"UNICODE UTF-8")]
+    for raw in [hl7("GOOD-1")] + refused:
+        harness.writer.submit(harness.job(raw))
+    harness.writer.start()
+    assert [error for _, error in harness.outcomes.wait(5)] == [None] * 5
+    with harness.engine.connect() as conn:
+        rows = conn.execute(select(messages.c.control_id, messages.c.status, messages.c.error_code,
+                                   messages.c.charset, messages.c.message_type, messages.c.processing_id,
+                                   messages.c.version).order_by(messages.c.id)).all()
+    assert [(r.control_id, r.status, r.error_code) for r in rows] == [
+        ("GOOD-1", "received", None), ("R-103", "rejected", 103), ("R-200", "rejected", 200),
+        ("R-202", "rejected", 202), ("R-203", "rejected", 203)]
+    assert (rows[1].charset, rows[2].message_type, rows[3].processing_id, rows[4].version) == (
+        "Q" * 32, ("Y" * 60 + "^A01")[:32], "X" * 8, "9" * 16)
+
+
 def test_every_receipt_is_in_the_audit_trail_with_the_message(harness):
     """Each message of a round gets its audit record in the transaction that stores it, in
     the round's order: received (its id, size, SHA-256, the ACK code stored), a duplicate

@@ -286,7 +286,7 @@ class IngestWriter:
 # and the longest each column keeps.
 _CONTENT_TEXTS = tuple((name, messages.c[name].type.length) for name in (
     "sending_application", "sending_facility", "receiving_application", "receiving_facility",
-    "control_id", "message_type"))
+    "control_id", "message_type", "version", "processing_id", "charset"))
 
 
 def _scrub(item: Inbound) -> None:
