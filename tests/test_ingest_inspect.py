@@ -162,6 +162,9 @@ def test_nul_byte_refused_ae_102_with_its_place_and_the_bytes_kept():
     assert (item.control_id, item.sending_facility) == ("M?X", "CHU?Y")
     assert segments(item.ack)[b"MSA"][2] == b"M?X" and b"\x00" not in item.ack
     assert err(item.ack)[2] == b"MSH^1^4"
+    # An acknowledgement holding one is kept, and never answered, as any acknowledgement.
+    ack = inspector().message(message(kind="ACK^A01^ACK", control_id="ACK\x001"))
+    assert (ack.status, ack.ack, ack.control_id) == (MessageStatus.IGNORED, None, "ACK?1")
     # No MSH to read once the NUL is there: refused as not HL7, still with nothing to store as NUL.
     garbage = inspector().message(b"\x00\x01\x02MSH|")
     assert garbage.status is MessageStatus.REJECTED and b"\x00" not in garbage.ack

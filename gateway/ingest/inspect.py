@@ -175,6 +175,11 @@ class Inspector:
                 codec = codec_for(header.charset)
             except CharsetError:
                 codec = None
+            if header.is_acknowledgement:  # kept, never answered, as any acknowledgement
+                item = self._record(readable, digest, header, codec, None)
+                item.status = MessageStatus.IGNORED
+                item.raw = raw
+                return item
             item = self._refused(readable, digest, header, Outcome.ERROR, ErrorDetail(
                 ErrorCondition.DATA_TYPE_ERROR, locate(readable, offset, header.delimiters),
                 f"NUL byte (0x00) at byte {offset}: not text (binary data goes as base64 ED "
