@@ -160,8 +160,9 @@ class Inspector:
     def _refused_nul(self, raw: bytes, digest: bytes) -> Inbound:
         """A message holding a NUL byte: no HL7 text does (binary data travels as base64 ED or
         \\Xhh\\ escapes), and no database text column can keep one (PostgreSQL refuses it).
-        Refused with the place of the first one; what is stored and answered of it is read
-        from a copy with each NUL as '?', and the bytes are kept as they came."""
+        Refused with the place of the first one (an acknowledgement is kept, unanswered);
+        what is stored and answered of it is read from a copy with each NUL as '?', and the
+        bytes are kept as they came."""
         offset = raw.index(b"\x00")
         readable = raw.replace(b"\x00", b"?")
         try:
