@@ -189,6 +189,9 @@ def test_fhir_bad_json_and_invalid_resources_are_problems(door):
     client = Client(door, HOSPITAL.id)
     broken = yield client.post("/v1/fhir", b'{"resourceType": "Bundle",', FHIR)
     assert broken.code == 400 and broken.json()["type"].endswith("/bad-json")
+    # Arrays nested 20,000 deep (40 KB, under the size limit): a precise 400, not a crash.
+    deep = yield client.post("/v1/fhir", b'{"resourceType":"Bundle","x":' + b"[" * 20000 + b"]" * 20000 + b"}", FHIR)
+    assert deep.code == 400 and "nests arrays or objects too deeply" in deep.json()["detail"]
     bundle = fhir_bundle()
     bundle["entry"][0]["resource"]["birthDate"] = "09/03/1984"
     del bundle["entry"][1]["resource"]["status"]

@@ -88,9 +88,10 @@ def test_lookup_by_qr_checks_the_signature(setup):
     problem = yield _problem(call(routes, "POST", "/v1/prescriptions/lookup",
                                   body=json.dumps({"qr": tampered}).encode()))
     assert (problem.status, problem.slug) == (400, "invalid-qr") and "signature" in problem.detail
-    for body in (b"[]", b'{"qr": 3}', b'{"qr": "x", "more": 1}', b"not json"):
+    for body in (b"[]", b'{"qr": 3}', b'{"qr": "x", "more": 1}', b"not json", b"[" * 20000 + b"]" * 20000):
         problem = yield _problem(call(routes, "POST", "/v1/prescriptions/lookup", body=body))
         assert problem.status == 400
+    assert "too deeply" in problem.detail  # the last: arrays nested 20,000 deep
 
 
 @pytest_twisted.inlineCallbacks

@@ -93,6 +93,9 @@ def read_json(request: ApiRequest, limit_detail: str = "the body") -> Any:
         raise Problem(400, "bad-json", "Body is not JSON",
                       f"{limit_detail} is not JSON: {error.msg} at line {error.lineno} "
                       f"column {error.colno}") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise Problem(400, "bad-json", "Body is not JSON",
+                      f"{limit_detail} nests arrays or objects too deeply") from None
 
 
 ANY_FACILITY = None  # Route.operation of what every known facility may call

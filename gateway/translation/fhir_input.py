@@ -48,6 +48,8 @@ def read_bundle(data: bytes) -> dict:
     except json.JSONDecodeError as error:
         raise BundleError([Issue("invalid", f"body is not JSON: {error.msg} at line {error.lineno} "
                                             f"column {error.colno}")]) from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise BundleError([Issue("invalid", "body nests arrays or objects too deeply")]) from None
     if not isinstance(document, dict):
         raise BundleError([Issue("structure", "a FHIR Bundle is a JSON object")])
     return document
