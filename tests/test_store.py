@@ -858,6 +858,27 @@ def test_postgresql_compresses_payloads_with_lz4_where_the_server_can(pg_url):
 
 
 @pytest.mark.pg
+def test_a_frame_the_database_refuses_fails_alone(pg_url):
+    """A value PostgreSQL refuses (here a peer address longer than its column, which nothing
+    lets through: the stand-in for any text it cannot keep) fails its own frame only: the
+    frames that shared its round are committed each in a round of their own."""
+    harness = Harness(pg_url)
+    try:
+        jobs = [harness.job(hl7("SOLO-1")), harness.job(hl7("SOLO-2")), harness.job(hl7("SOLO-3"))]
+        jobs[1].peer = "p" * 200
+        for job in jobs:
+            harness.writer.submit(job)
+        harness.writer.start()
+        answered = {job.items[0].control_id: error for job, error in harness.outcomes.wait(3)}
+        assert answered["SOLO-1"] is None and answered["SOLO-3"] is None
+        assert "too long" in str(answered["SOLO-2"])
+        assert [row.control_id for row in harness.rows()] == ["SOLO-1", "SOLO-3"]
+        assert [r.detail["control_id"] for r in harness.receipts()] == ["SOLO-1", "SOLO-3"]
+    finally:
+        harness.close()
+
+
+@pytest.mark.pg
 def test_two_nodes_store_the_same_message_once(pg_url):
     """Two writers on two engines committing the same messages at once: one row each, identical positive ACKs."""
     node_a, node_b = Harness(pg_url), Harness(pg_url)

@@ -88,6 +88,7 @@ class IngestWriter:
         self._sqlite = dialect.name == "sqlite"
         self._write_lock = sqlite_write_lock(engine)
         self._integrity_error = dialect.loaded_dbapi.IntegrityError
+        self._data_error = dialect.loaded_dbapi.DataError
         # SQLAlchemy's own conversion of the timestamp for this dialect (text on SQLite).
         self._timestamp = messages.c.received_at.type._cached_bind_processor(dialect) or (lambda v: v)
         self.commits = 0
@@ -128,25 +129,37 @@ class IngestWriter:
                     break
                 jobs.append(more)
                 count += len(more.items)
-            error = None
-            try:
-                if connection is None:
-                    connection = self.engine.connect()
-                self._commit(connection, jobs)
-                self.commits += 1
-                self.rows += count
-            except Exception as failure:  # the database is down or refused: nothing was stored
-                log.error("ingest commit of %d messages failed: %s", count, failure)
-                error = failure
-                if connection is not None:
-                    try:
-                        _discard(connection)
-                    except Exception:  # already broken
-                        pass
-                    connection = None
+            connection, error = self._round(connection, jobs, count)
+            if error is not None and len(jobs) > 1 and isinstance(error, self._data_error):
+                # The database refused a value of one frame (PostgreSQL: a text it cannot
+                # keep): the others must not pay for it. Each frame again in a round of its
+                # own; only the refused one is answered with the error.
+                for job in jobs:
+                    connection, error = self._round(connection, [job], len(job.items))
+                    self.deliver(_finish, [job], error)
+                continue
             self.deliver(_finish, jobs, error)
         if connection is not None:
             _discard(connection)
+
+    def _round(self, connection, jobs: list[IngestJob], count: int):
+        """Commit `jobs` in one transaction: (the connection to go on with, None) or, when
+        nothing was stored, (None, the error)."""
+        try:
+            if connection is None:
+                connection = self.engine.connect()
+            self._commit(connection, jobs)
+            self.commits += 1
+            self.rows += count
+            return connection, None
+        except Exception as failure:  # the database is down or refused: nothing was stored
+            log.error("ingest commit of %d messages failed: %s", count, failure)
+            if connection is not None:
+                try:
+                    _discard(connection)
+                except Exception:  # already broken
+                    pass
+            return None, failure
 
     def _commit(self, connection, jobs: list[IngestJob]) -> None:
         """The round in one transaction, on the driver's own connection (SQLAlchemy's
