@@ -8,6 +8,7 @@ import os
 import time
 
 import hl7msgs
+import pytest
 import pytest_twisted
 from sqlalchemy import text
 from twisted.internet import defer, reactor, task, threads
@@ -98,6 +99,31 @@ def test_a_full_queue_is_counted_and_recorded(db_url):
         assert records[-1].detail == {"events": 15, "limit": 10}
         yield recorder.stopService()
         assert len(read(database, recorder)) == 11  # the loss is said once
+    finally:
+        database.stop()
+
+
+@pytest.mark.pg
+@pytest_twisted.inlineCallbacks
+def test_an_event_the_database_refuses_is_counted_lost_and_the_trail_goes_on(pg_url):
+    """An event with a value PostgreSQL refuses (here an action longer than its column: the
+    stand-in for any) is recorded as lost, alone; the events around it are appended, and so
+    are the later ones: the batch is not retried forever in front of them."""
+    recorder, bus, database = started(pg_url, flush_interval=3600)
+    try:
+        bus.emit(Event("message.received", "INPE-100001", subject="message/1"))
+        bus.emit(Event("x" * 100, "INPE-100001", subject="message/2"))
+        bus.emit(Event("message.received", "INPE-100001", subject="message/3"))
+        assert (yield recorder.flush()) == 3
+        bus.emit(Event("message.received", "INPE-100001", subject="message/4"))
+        assert (yield recorder.flush()) == 1
+        records = read(database, recorder)
+        assert [(r.action, r.subject) for r in records] == [
+            ("message.received", "message/1"), (LOST, "audit"), ("message.received", "message/3"),
+            ("message.received", "message/4")]
+        assert records[1].detail == {"events": 1, "action": "x" * 100, "reason": "StringDataRightTruncation"}
+        assert recorder.trail.verify().intact
+        yield recorder.stopService()
     finally:
         database.stop()
 

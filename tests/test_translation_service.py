@@ -8,6 +8,7 @@ import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from sqlalchemy import text
 from twisted.internet import threads
@@ -271,6 +272,38 @@ def test_bundles_nobody_reads_are_sealed_and_stored_the_same(db_url, tmp_path):
     record = TranslationRecord("translated", "v", bundle={"entry": [{"resource": {"id": "é"}}]})
     record.seal()
     assert (record.bundle, record.resources, record.bundle_dict()) == (None, 1, {"entry": [{"resource": {"id": "é"}}]})
+
+
+@pytest.mark.pg
+def test_a_translation_the_database_refuses_is_stored_failed_alone(pg_url, tmp_path):
+    """A value PostgreSQL refuses in one translation of a batch (here a destination longer than
+    its column: the stand-in for any) fails neither the batch nor each sweep after it: the
+    others are stored translated, that one as failed, with the reason."""
+    from gateway.translation.service import TranslationJob, TranslationWorker
+
+    engine = create_gateway_engine(pg_url)
+    migrate(engine)
+    items = _stored(engine, [hl7("DE-1"), hl7("DE-2"), hl7("DE-3")])
+    translator = Translator(MappingSet.load(write_mappings(tmp_path / "mappings")))
+    worker = TranslationWorker(engine, translator, lambda f, *a: f(*a), linger=0)
+    original = translator.translate
+
+    def translate(item):
+        record = original(item)
+        if item.key[2] == "DE-2":
+            record.destinations = ("d" * 100,)
+        return record
+
+    translator.translate = translate
+    try:
+        worker._process([TranslationJob(items)])
+        found = rows(pg_url, "SELECT m.control_id, t.status, t.error_reason FROM messages m "
+                             "JOIN translations t ON t.message_id = m.id ORDER BY m.id")
+        assert [(r.control_id, r.status) for r in found] == [
+            ("DE-1", "translated"), ("DE-2", "failed"), ("DE-3", "translated")]
+        assert "could not be stored (DataError" in found[1].error_reason
+    finally:
+        engine.dispose()
 
 
 def _stored(engine, raws: list[bytes]):

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from sqlalchemy.exc import DataError
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
@@ -145,7 +146,24 @@ class AuditRecorder(Service):
         if lost:
             events.append(AuditEvent(LOST, SYSTEM, "failure", "audit", None,
                                      {"events": lost, "limit": self.limit}))
-        return len(self.trail.append(events))
+        refused = (DataError, self.trail.engine.dialect.loaded_dbapi.DataError)
+        try:
+            return len(self.trail.append(events))
+        except refused:
+            pass  # (any other failure: the database is away, the whole batch is tried again)
+        # The database refused a value of one event: otherwise the batch, retried before every
+        # later event, would stop the trail. Each on its own; one still refused is counted lost.
+        appended = 0
+        for event in events:
+            try:
+                appended += len(self.trail.append([event]))
+            except refused as error:
+                log.error("audit: a %s event refused by the database (%s): recorded as lost",
+                          event.action, type(error).__name__)
+                appended += len(self.trail.append([AuditEvent(
+                    LOST, SYSTEM, "failure", "audit", None,
+                    {"events": 1, "action": event.action, "reason": type(error).__name__})]))
+        return appended
 
 
 def _plain(value: Any) -> Any:

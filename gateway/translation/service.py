@@ -43,13 +43,16 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import DataError
 from twisted.application.service import Service
 
+from adapters.hl7v2.codes import ErrorCondition
 from gateway.audit.recorder import audit_event
 from gateway.audit.trail import AuditTrail
 from gateway.config import GatewayConfig
 from gateway.delivery.routes import Router
 from gateway.events import Event, EventBus
+from gateway.ingest.model import MessageStatus
 from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.source import MappingErrors
 from gateway.store.database import write_transaction
@@ -130,6 +133,8 @@ class TranslationWorker:
         self.translated = 0
         self.failed = 0
         self.commits = 0
+        # What the database raises for a value it refuses, from SQLAlchemy and from the driver.
+        self._data_errors = (DataError, engine.dialect.loaded_dbapi.DataError)
 
     @property
     def running(self) -> bool:
@@ -300,6 +305,27 @@ class TranslationWorker:
         return record
 
     def _store(self, results: list[tuple[Pending, TranslationRecord]]) -> None:
+        """Store a batch in one transaction. When the database refuses a value of it (a
+        DataError), each translation is stored on its own, and one still refused is stored
+        as failed: otherwise its batch, and each sweep after it, would fail again forever."""
+        try:
+            self._store_batch(results)
+        except Exception as error:
+            if not isinstance(error, self._data_errors):
+                raise
+            if len(results) > 1:
+                log.error("storing %d translations: the database refused a value (%s); storing "
+                          "them one by one", len(results), type(error).__name__)
+                for result in results:
+                    self._store([result])
+                return
+            pending, record = results[0]
+            log.error("translation of message %s refused by the database (%s): stored as failed",
+                      _name(pending), type(error).__name__)
+            _unstorable(record, error)
+            self._store_batch(results)
+
+    def _store_batch(self, results: list[tuple[Pending, TranslationRecord]]) -> None:
         if not results:
             return
         prepared = self.step.prepare(results) if self.step is not None else None
@@ -318,6 +344,19 @@ class TranslationWorker:
             self.events.emit(event)
         if self.on_enqueued is not None and any(record.destinations for _, record in results):
             self.deliver(self.on_enqueued)
+
+
+def _unstorable(record: TranslationRecord, error: Exception) -> None:
+    """Turn a translation the database refused into a failure that can be stored (and
+    replayed once the mapping or the input is fixed)."""
+    record.status = MessageStatus.FAILED.value
+    record.bundle = record.encoded = None
+    record.identifiers = record.destinations = ()
+    record.patient_key = None
+    record.error_code = int(ErrorCondition.APPLICATION_INTERNAL_ERROR)
+    record.error_location = None
+    record.error_reason = (f"the translation could not be stored ({type(error).__name__}: a value "
+                           f"the database refuses); fix the mapping or the input, then replay")
 
 
 def _name(item: Pending) -> str:
