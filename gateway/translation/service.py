@@ -310,20 +310,20 @@ class TranslationWorker:
         as failed: otherwise its batch, and each sweep after it, would fail again forever."""
         try:
             self._store_batch(results)
-        except Exception as error:
-            if not isinstance(error, self._data_errors):
-                raise
-            if len(results) > 1:
-                log.error("storing %d translations: the database refused a value (%s); storing "
-                          "them one by one", len(results), type(error).__name__)
-                for result in results:
-                    self._store([result])
-                return
-            pending, record = results[0]
-            log.error("translation of message %s refused by the database (%s): stored as failed",
-                      _name(pending), type(error).__name__)
-            _unstorable(record, error)
-            self._store_batch(results)
+            return
+        except self._data_errors as error:  # any other failure: the database is away, raised
+            refused = error
+        if len(results) > 1:
+            log.error("storing %d translations: the database refused a value (%s); storing them "
+                      "one by one", len(results), type(refused).__name__)
+            for result in results:
+                self._store([result])
+            return
+        pending, record = results[0]
+        log.error("translation of message %s refused by the database (%s): stored as failed",
+                  _name(pending), type(refused).__name__)
+        _unstorable(record, refused)
+        self._store_batch(results)
 
     def _store_batch(self, results: list[tuple[Pending, TranslationRecord]]) -> None:
         if not results:
