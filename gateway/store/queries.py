@@ -85,7 +85,7 @@ class MessageFilter:
     """What a message search asks for: every criterion given must hold."""
 
     control_id: str | None = None
-    patient: str | None = None  # an identifier value (PID-3.1, Patient.identifier.value)
+    patient: str | None = None  # an identifier: VALUE or SYSTEM|VALUE (Patient.identifier, PID-3.1)
     facility: str | None = None  # a registry id or an MSH-4 value (whole, or its first component)
     type: str | None = None  # "ADT", "ADT^A01"
     status: str | None = None
@@ -145,12 +145,11 @@ def _patient_clause(identifier: str, dialect: str):
     indexed = select(patient_identifiers.c.message_id).where(patient_identifiers.c.value == value)
     if system is not None:
         indexed = indexed.where(patient_identifiers.c.system == system)
-    identifier = value
     return messages.c.id.in_(union_all(
         indexed,
         # Stated as the partial indexes' predicates, so that the planners use them.
-        _in_payload(identifier, lambda m: m.c.status == literal_column("'received'"), dialect),
-        _in_payload(identifier, lambda m: m.c.status.in_([literal_column(f"'{s}'") for s in UNBUNDLED]),
+        _in_payload(value, lambda m: m.c.status == literal_column("'received'"), dialect),
+        _in_payload(value, lambda m: m.c.status.in_([literal_column(f"'{s}'") for s in UNBUNDLED]),
                     dialect)))
 
 
@@ -165,13 +164,11 @@ def _in_payload(identifier: str, status, dialect: str):
     return select(candidate.c.id).where(status(candidate), holds)
 
 
-def _contains(column, part, dialect: str):
-    """`column` holds `part` (text or bytes), exactly: no pattern characters to escape, and
+def _contains(column, part: bytes, dialect: str):
+    """The bytes of `column` hold `part`, exactly: no pattern characters to escape, and
     case-sensitive (SQLite's LIKE is not)."""
-    if dialect == "postgresql":
-        if isinstance(part, bytes):  # bytea: position(), as strpos() is for text only
-            return func.position(literal(part, LargeBinary).op("IN")(column)) > 0
-        return func.strpos(column, part) > 0
+    if dialect == "postgresql":  # bytea: position(), as strpos() is for text only
+        return func.position(literal(part, LargeBinary).op("IN")(column)) > 0
     return func.instr(column, part) > 0
 
 
