@@ -26,6 +26,8 @@ import yaml
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from gateway.store.texts import has_control
+
 
 class ConfigError(Exception):
     """Configuration problems, all of them, as `file:line: key: message` lines."""
@@ -568,7 +570,7 @@ def _one_of(*choices: str) -> Check:
 def _facility_id(value: Any) -> str:
     """A facility's id: stored with each of its messages and records (64 characters at most)."""
     text = _text(value)
-    if len(text) > 64 or any(ord(c) < 32 or ord(c) == 127 for c in text):
+    if len(text) > 64 or has_control(text):
         raise _Invalid("must be at most 64 characters, without control characters")
     return text
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone, tzinfo
 
 from gateway.store.queries import MessageFilter
+from gateway.store.texts import has_control
 
 STATUSES = ("received", "translated", "failed", "rejected", "ignored")
 MAX_TEXT = 128
@@ -73,7 +74,7 @@ def parse_search(params: dict[str, list[str]], zone: tzinfo = timezone.utc) -> S
         if len(value) > MAX_TEXT:
             problems.append(f"{label} : {MAX_TEXT} caractères au plus")
             return None
-        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        if has_control(value):
             problems.append(f"{label} : caractères de contrôle interdits")
             return None
         return value or None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
@@ -32,7 +31,7 @@ from gateway.ingest.model import MessageStatus
 from gateway.store.outbox import Enqueue, enqueue
 from gateway.store.schema import canonical_bundles, message_payloads, messages, translations
 from gateway.store.schema import patient_identifiers as patient_identifiers_table
-from gateway.store.texts import storable
+from gateway.store.texts import has_control, storable
 from gateway.store.timestamps import utc
 
 # Statuses a translation may move a message between.
@@ -294,7 +293,8 @@ IDENTIFIER_LIMIT = 255  # characters of a system or value (longer ones are not i
 def patient_identifiers(bundle: dict) -> tuple[tuple[str, str], ...]:
     """The (system, value) of each identifier of each Patient of `bundle` ('' for no system),
     once each, in order; values or systems too long for the index, or holding a control
-    character, are left out."""
+    character (a hostile or broken message: PostgreSQL's text cannot keep NUL), are left out
+    rather than failing their batch."""
     found: dict[tuple[str, str], None] = {}
     for entry in bundle.get("entry") or ():
         resource = entry.get("resource") if isinstance(entry, dict) else None
@@ -306,14 +306,10 @@ def patient_identifiers(bundle: dict) -> tuple[tuple[str, str], ...]:
             value, system = identifier.get("value"), identifier.get("system") or ""
             if (isinstance(value, str) and value and isinstance(system, str)
                     and len(value) <= IDENTIFIER_LIMIT and len(system) <= IDENTIFIER_LIMIT
-                    and not _CONTROL.search(value) and not _CONTROL.search(system)):
+                    and not has_control(value) and not has_control(system)):
                 found[(system, value)] = None
     return tuple(found)
 
-
-# No identifier holds a control character, and PostgreSQL's text cannot hold NUL: a value
-# with one (a hostile or broken message) is not indexed, rather than failing its batch.
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def bundle_text(bundle: dict) -> str:
