@@ -25,7 +25,6 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy.exc import DataError
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
@@ -33,6 +32,7 @@ from twisted.internet.threads import deferToThreadPool
 from gateway.audit.chain import AuditEvent
 from gateway.audit.trail import AuditTrail
 from gateway.events import SYSTEM, Event, EventBus
+from gateway.store.database import value_refused
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class AuditRecorder(Service):
         if lost:
             events.append(AuditEvent(LOST, SYSTEM, "failure", "audit", None,
                                      {"events": lost, "limit": self.limit}))
-        refused = (DataError, self.trail.engine.dialect.loaded_dbapi.DataError)
+        refused = value_refused(self.trail.engine)
         try:
             return len(self.trail.append(events))
         except refused:

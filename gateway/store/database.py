@@ -17,6 +17,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DataError
 
 T = TypeVar("T")
 WRITE = "gateway_write"  # execution option: this transaction writes (see _sqlite_begin)
@@ -78,6 +79,14 @@ def sqlite_write_lock(engine: Engine) -> AbstractContextManager:
     moment the one before them commits; other processes (the command line) still meet the
     busy handler. A no-op for other databases and for engines not made here."""
     return _WRITE_LOCKS.get(engine) or nullcontext()
+
+
+def value_refused(engine: Engine) -> tuple[type[Exception], ...]:
+    """What the database raises for a value it refuses to store (PostgreSQL: a NUL in text, a
+    text longer than its column), as SQLAlchemy and as the driver raise it (code on the
+    driver's own connection): the cue to store a batch item by item, so that the refused
+    one fails alone (gateway.store.texts keeps known cases from getting this far)."""
+    return DataError, engine.dialect.loaded_dbapi.DataError
 
 
 @contextmanager

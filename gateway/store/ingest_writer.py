@@ -31,7 +31,7 @@ from sqlalchemy import Engine
 from adapters.hl7v2.ack import ack_code_of
 from gateway.ingest.model import Inbound
 from gateway.ingest.telemetry import receipt
-from gateway.store.database import sqlite_write_lock
+from gateway.store.database import sqlite_write_lock, value_refused
 from gateway.store.schema import messages
 from gateway.store.texts import storable
 
@@ -88,7 +88,7 @@ class IngestWriter:
         self._sqlite = dialect.name == "sqlite"
         self._write_lock = sqlite_write_lock(engine)
         self._integrity_error = dialect.loaded_dbapi.IntegrityError
-        self._data_error = dialect.loaded_dbapi.DataError
+        self._refused = value_refused(engine)
         # SQLAlchemy's own conversion of the timestamp for this dialect (text on SQLite).
         self._timestamp = messages.c.received_at.type._cached_bind_processor(dialect) or (lambda v: v)
         self.commits = 0
@@ -130,7 +130,7 @@ class IngestWriter:
                 jobs.append(more)
                 count += len(more.items)
             connection, error = self._round(connection, jobs, count)
-            if error is not None and len(jobs) > 1 and isinstance(error, self._data_error):
+            if error is not None and len(jobs) > 1 and isinstance(error, self._refused):
                 # The database refused a value of one frame (PostgreSQL: a text it cannot
                 # keep): the others must not pay for it. Each frame again in a round of its
                 # own; only the refused one is answered with the error.

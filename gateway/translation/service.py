@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import DataError
 from twisted.application.service import Service
 
 from adapters.hl7v2.codes import ErrorCondition
@@ -55,7 +54,7 @@ from gateway.events import Event, EventBus
 from gateway.ingest.model import MessageStatus
 from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.source import MappingErrors
-from gateway.store.database import write_transaction
+from gateway.store.database import value_refused, write_transaction
 from gateway.store.translations import (Pending, TranslationRecord, oldest_untranslated,
                                         pending_messages, save_translations)
 from gateway.translation.translator import Translator
@@ -133,8 +132,7 @@ class TranslationWorker:
         self.translated = 0
         self.failed = 0
         self.commits = 0
-        # What the database raises for a value it refuses, from SQLAlchemy and from the driver.
-        self._data_errors = (DataError, engine.dialect.loaded_dbapi.DataError)
+        self._refused = value_refused(engine)
 
     @property
     def running(self) -> bool:
@@ -311,7 +309,7 @@ class TranslationWorker:
         try:
             self._store_batch(results)
             return
-        except self._data_errors as error:  # any other failure: the database is away, raised
+        except self._refused as error:  # any other failure: the database is away, raised
             refused = error
         if len(results) > 1:
             log.error("storing %d translations: the database refused a value (%s); storing them "
