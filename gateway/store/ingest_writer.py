@@ -214,8 +214,8 @@ class IngestWriter:
             # One pipeline, three round trips: BEGIN and the inserts (psycopg fetches their
             # ids at once); the audit chain's lock and head, asked for after the inserts so
             # that the lock is held only from there to the commit; the receipts and COMMIT.
-            # BEGIN and COMMIT go as statements: transaction() adds a round trip (a sync) of
-            # its own at BEGIN, a tenth of a one-message round's latency.
+            # BEGIN and COMMIT go as statements: transaction()'s nested pipelines would sync
+            # at BEGIN, after the receipts and at COMMIT (five round trips).
             try:
                 with driver.pipeline():
                     driver.execute("BEGIN")
