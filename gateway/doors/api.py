@@ -96,6 +96,9 @@ def read_json(request: ApiRequest, limit_detail: str = "the body") -> Any:
     except RecursionError:  # arrays or objects nested thousands deep
         raise Problem(400, "bad-json", "Body is not JSON",
                       f"{limit_detail} nests arrays or objects too deeply") from None
+    except ValueError:  # an integer of more than 4,300 digits, which Python refuses to read
+        raise Problem(400, "bad-json", "Body is not JSON",
+                      f"{limit_detail} holds a number too long to read") from None
 
 
 ANY_FACILITY = None  # Route.operation of what every known facility may call

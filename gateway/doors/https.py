@@ -12,7 +12,9 @@ Every request:
 4. answers are JSON, problem+json (RFC 9457) for every error, SOAP envelopes on /soap/.
 
 Limits: a body over `max_request_size` is answered 413 as soon as its length is known
-(Content-Length, or while a chunked body arrives), without reading the rest; a request not
+(Content-Length, or while a chunked body arrives), without reading the rest; a malformed
+request head is a 400 problem, one over Twisted's limits (a line of 16 KiB, 500 headers or
+16 KiB of headers) a 431 problem, the connection closed either way; a request not
 answered within `request_timeout` gets a 503 problem (the work goes on, and with an
 Idempotency-Key its answer is kept for the retry); a connection idle for `idle_timeout` is
 closed. Refusals (401, 403, 413) are logged (facility, operation, reason; never content) and
@@ -34,7 +36,7 @@ from urllib.parse import parse_qs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 from gateway.config import GatewayConfig, HttpsListenerConfig, SenderConfig
 from gateway.doors.api import (ANY_FACILITY, ApiRequest, ApiResponse, Problem, Route, json_response,
@@ -102,14 +104,62 @@ class DoorRequest(server.Request):
             b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/problem+json\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
         # Read and drop what the client still sends, then close: closing with unread data
-        # would reset the connection before the client has read the 413.
+        # would reset the connection before the client has read the 413. The channel closes
+        # it as on its idle timeout (TLS close, then an abort if the peer holds on):
+        # transport.loseConnection alone never closes under TLS while the channel is the
+        # transport's producer, and a client that waits would keep the connection forever.
         channel.dataReceived = lambda data: None
         channel.setTimeout(None)
-        door.reactor.callLater(LINGER, channel.transport.loseConnection)
+        hang_up = door.reactor.callLater(LINGER, channel.timeoutConnection)
+        self.notifyFinish().addErrback(lambda _: hang_up.active() and hang_up.cancel())
+
+
+# status: (reason phrase, problem slug, problem title)
+_HEAD_REFUSALS = {400: (b"Bad Request", "bad-request", "Malformed request"),
+                  431: (b"Request Header Fields Too Large", "request-header-too-large",
+                        "Request header too large")}
+
+
+class DoorChannel(http.HTTPChannel):
+    """HTTP/1.1 whose refusals of a malformed or oversize request head are problem+json, as
+    every other answer of the door. Twisted answers them with a bare 400, and a line over
+    MAX_LENGTH with nothing at all (LineReceiver closes through the transport, which under TLS
+    waits for the channel, its producer: the client waited for the idle timeout)."""
+
+    _refused = False
+
+    def lineLengthExceeded(self, line):
+        self._refuse_head(431, f"a request or header line exceeds {self.MAX_LENGTH} bytes")
+
+    def _respondToBadRequestAndDisconnect(self):  # Twisted's answer to every malformed head
+        if self._receivedHeaderCount > self.maxHeaders or self._receivedHeaderSize > self.totalHeadersSize:
+            self._refuse_head(431, f"the request's headers exceed {self.maxHeaders} lines or "
+                                   f"{self.totalHeadersSize} bytes")
+        else:
+            self._refuse_head(400, "the request line, a header, the Content-Length or the chunked "
+                                   "encoding is malformed")
+
+    def _refuse_head(self, status: int, reason: str) -> None:
+        if self._refused:
+            return
+        self._refused = True
+        door: HttpsDoor = self.site.resource
+        log.warning("%s refused %d from %s: %s", door.listener.name, status, _address(self.transport), reason)
+        phrase, slug, title = _HEAD_REFUSALS[status]
+        body = json.dumps(Problem(status, slug, title, reason).as_dict()).encode("utf-8")
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % (status, phrase, len(body)) + body)
+        # Nothing more is read; the idle timeout, no longer reset, aborts a peer that holds on.
+        self.dataReceived = lambda data: None
+        self.loseConnection()
 
 
 class DoorSite(server.Site):
-    """The door's site: no access log (paths carry ids; refusals are logged by the door)."""
+    """The door's site: no access log (paths carry ids; refusals are logged by the door).
+    HTTP/1.1 only (DoorChannel; the door offers no HTTP/2)."""
+
+    protocol = DoorChannel
 
     def log(self, request) -> None:
         pass
@@ -351,7 +401,11 @@ def _body(request) -> bytes:
 
 
 def _peer(request) -> str:
-    peer = request.transport.getPeer() if request.transport is not None else None
+    return _address(request.transport)
+
+
+def _address(transport) -> str:
+    peer = transport.getPeer() if transport is not None else None
     return f"{peer.host}:{peer.port}" if peer is not None and hasattr(peer, "host") else "?"
 
 

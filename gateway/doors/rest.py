@@ -73,15 +73,17 @@ def er7_bytes(body: bytes, charset: str | None) -> bytes:
     except CharsetError:
         try:
             codec = "".join(charset.split()).lower()
-            b"".decode(codec)
-        except LookupError:
+            # Encoding checks that it is a text encoding (b"".decode checks nothing): rot13 or
+            # base64 fail with LookupError, Python's 'undefined' with UnicodeError (a ValueError).
+            "".encode(codec)
+        except (LookupError, ValueError):
             raise Problem(415, "unsupported-charset", "Unsupported charset",
                           f"charset {charset!r} of the Content-Type is unknown") from None
     if codec.replace("-", "").replace("_", "") in ("utf8", "ascii", "usascii"):
         return body
     try:
         return body.decode(codec).encode("utf-8")
-    except (UnicodeDecodeError, LookupError) as error:
+    except UnicodeError as error:  # not only UnicodeDecodeError: punycode or idna fail with UnicodeError
         raise Problem(400, "bad-encoding", "Body not in its charset",
                       f"the body is not valid {charset}: {error}") from None
 

@@ -1,0 +1,141 @@
+"""The HTTPS door against hostile HTTP over real mutual TLS sockets: refused requests whose
+connection must still be closed, malformed or oversize request heads, charsets only Python
+knows, JSON numbers too long to read. Each refusal is a precise problem+json."""
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import threads
+
+from doors_support import HOSPITAL, Client, door_config, hl7, rows, start_door, stop_door, with_listener
+from gateway.doors.api import Route, json_response, read_json
+from gateway.doors.https import LINGER
+from gateway.mapping.mapping_set import MappingSet
+from gateway.store.schema import messages
+
+HL7 = "application/hl7-v2"
+
+
+def _echo_json_route():
+    """A route that reads its body with read_json, as the prescription API does."""
+    return Route("POST", "/v1/test/echo", "hl7v2.submit", lambda request: json_response(200, read_json(request)),
+                 {"operationId": "echo", "responses": {"200": {"description": "the body"}}})
+
+
+@pytest.fixture
+def door(pki, tmp_path, repo_mappings, monkeypatch):
+    """A door with a 64 KiB body limit and the default idle timeout (60 s), which must not be
+    what closes a refused connection."""
+    monkeypatch.setattr(MappingSet, "load", classmethod(lambda cls, directory: repo_mappings))
+    config = with_listener(door_config(pki, f"sqlite:///{tmp_path / 'gateway.sqlite'}"),
+                           max_request_size=64 * 1024)
+    running = pytest_twisted.blockon(start_door(config, pki, extra_routes=[_echo_json_route()]))
+    yield running
+    pytest_twisted.blockon(stop_door(running))
+
+
+def until_closed(door, data: bytes, wait: float = 8.0) -> tuple[bytes, float, bool]:
+    """Send `data` over a fresh mutual TLS connection as the hospital, then read without ever
+    closing: what came back, how long it took, and whether the server closed the connection
+    (False: still open after `wait` seconds)."""
+    context = ssl.create_default_context(cafile=door.path("ca.crt"))
+    context.load_cert_chain(door.path(f"{HOSPITAL.id}.crt"), door.path(f"{HOSPITAL.id}.key"))
+    started = time.monotonic()
+    chunks, closed = [], False
+    with socket.create_connection(("127.0.0.1", door.port), timeout=wait) as sock:
+        with context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            try:
+                tls.sendall(data)
+            except (OSError, ssl.SSLError):
+                pass  # the server may answer and stop reading before all is sent
+            try:
+                while True:
+                    chunk = tls.recv(65536)
+                    if not chunk:
+                        closed = True
+                        break
+                    chunks.append(chunk)
+            except socket.timeout:
+                pass
+            except (OSError, ssl.SSLError):
+                closed = True
+    return b"".join(chunks), time.monotonic() - started, closed
+
+
+def problem_of(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert b"content-type: application/problem+json" in [line.lower() for line in lines[1:]], head
+    return int(lines[0].split()[1]), json.loads(body)
+
+
+HEAD = b"POST /v1/fhir HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/fhir+json\r\n"
+CHUNKS = b"".join(b"2000\r\n" + b"x" * 8192 + b"\r\n" for _ in range(10))
+
+
+@pytest.mark.parametrize("request_bytes", [
+    HEAD + b"Content-Length: 10000000\r\n\r\n",  # the body is never sent
+    HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + CHUNKS + b"0\r\n\r\n",  # over the limit, then ended
+], ids=["content-length", "chunked"])
+@pytest_twisted.inlineCallbacks
+def test_a_refused_oversize_request_is_closed_though_the_client_waits(door, request_bytes):
+    """After the 413 the door closes the connection itself, a little after LINGER: a client
+    that waits (or holds the connection on purpose) must not keep it open for ever."""
+    answer, elapsed, closed = yield threads.deferToThread(until_closed, door, request_bytes)
+    status, problem = problem_of(answer)
+    assert status == 413 and problem["limit"] == 64 * 1024
+    assert closed and elapsed < LINGER + 3, f"still open after {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("request_bytes, status, words", [
+    (b"GET /v1/openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+     431, "line exceeds 16384 bytes"),
+    (b"GET /v1/openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+     + b"".join(b"X-%d: a\r\n" % n for n in range(600)) + b"\r\n", 431, "exceed 500 lines"),
+    (b"GET /v1/openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\nno colon here\r\n\r\n", 400, "malformed"),
+    (HEAD + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "malformed"),
+    (HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400, "chunked encoding"),
+], ids=["long-header-line", "many-headers", "header-without-colon", "content-length-and-chunked",
+        "bad-chunk-size"])
+@pytest_twisted.inlineCallbacks
+def test_malformed_or_oversize_heads_get_a_problem_at_once(door, request_bytes, status, words):
+    """Twisted answered these with a bare 400 without a body, and a header line over its
+    limit with nothing at all until the idle timeout: now a problem+json saying why, and
+    the connection closed at once."""
+    answer, elapsed, closed = yield threads.deferToThread(until_closed, door, request_bytes)
+    got, problem = problem_of(answer)
+    assert got == status == problem["status"] and words in problem["detail"]
+    assert closed and elapsed < 3.0
+
+
+@pytest_twisted.inlineCallbacks
+def test_content_type_charsets_only_python_knows_are_refused_with_the_reason(door):
+    """MSH-18 empty, so the Content-Type charset is read: Python's 'undefined' and
+    'punycode' codecs raised UnicodeError (answered 500 internal error); codecs that are no
+    text encodings (rot13) were called invalid bodies. Now 415 for what is no charset, 400
+    for a body the charset cannot read; nothing stored either way."""
+    client = Client(door, HOSPITAL.id)
+    for charset, status, slug in (("undefined", 415, "unsupported-charset"),
+                                  ("rot13", 415, "unsupported-charset"),
+                                  ("punycode", 400, "bad-encoding")):
+        answer = yield client.post("/v1/hl7v2", hl7(f"CS-{charset}", charset=""), f"{HL7}; charset={charset}")
+        assert (answer.code, answer.json()["type"].rsplit("/", 1)[1]) == (status, slug), answer.body
+    assert not rows(door, messages)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_json_number_too_long_to_read_is_a_400(door):
+    """Python refuses to read an integer of more than 4,300 digits (ValueError): read_json
+    answered 500 internal error; now 400 bad-json saying why."""
+    answer = yield Client(door, HOSPITAL.id).post("/v1/test/echo", b'{"n": 1' + b"0" * 5000 + b"}",
+                                                  "application/json")
+    assert answer.code == 400, answer.body
+    assert answer.json()["type"].endswith("/bad-json") and "number too long" in answer.json()["detail"]
+    fine = yield Client(door, HOSPITAL.id).post("/v1/test/echo", b'{"n": 1' + b"0" * 100 + b"}",
+                                                "application/json")
+    assert fine.code == 200 and fine.json() == {"n": 10 ** 100}
