@@ -50,6 +50,8 @@ def read_bundle(data: bytes) -> dict:
                                             f"column {error.colno}")]) from None
     except RecursionError:  # arrays or objects nested thousands deep
         raise BundleError([Issue("invalid", "body nests arrays or objects too deeply")]) from None
+    except ValueError:  # an integer of more than 4,300 digits, which Python refuses to read
+        raise BundleError([Issue("invalid", "body holds a number too long to read")]) from None
     if not isinstance(document, dict):
         raise BundleError([Issue("structure", "a FHIR Bundle is a JSON object")])
     return document
