@@ -113,6 +113,9 @@ class HttpsListenerConfig:
     interface: str = "127.0.0.1"
     max_request_size: int = 16 * 1024 * 1024  # bytes; a larger body is refused with 413
     idle_timeout: float = 60.0  # seconds without a byte before the connection is closed
+    # Deadline for one request, from its first byte to the end of its body (then 408), so that
+    # a client that trickles bytes cannot hold a connection; 16 MiB at 140 KB/s.
+    read_timeout: float = 120.0
     request_timeout: float = 30.0  # seconds to answer once the request is read (then 503)
 
 
@@ -859,6 +862,7 @@ _HTTPS_LISTENER = _record(
     interface=_scalar(_ip_address),
     max_request_size=_integer(1024),
     idle_timeout=_SECONDS,
+    read_timeout=_SECONDS,
     request_timeout=_SECONDS,
 )
 

@@ -139,3 +139,69 @@ def test_a_json_number_too_long_to_read_is_a_400(door):
     fine = yield Client(door, HOSPITAL.id).post("/v1/test/echo", b'{"n": 1' + b"0" * 100 + b"}",
                                                 "application/json")
     assert fine.code == 200 and fine.json() == {"n": 10 ** 100}
+
+
+@pytest.fixture
+def slow_door(pki, tmp_path, repo_mappings, monkeypatch):
+    """A door whose requests must arrive whole within 1.5 s; its idle timeout stays 60 s."""
+    monkeypatch.setattr(MappingSet, "load", classmethod(lambda cls, directory: repo_mappings))
+    config = with_listener(door_config(pki, f"sqlite:///{tmp_path / 'gateway.sqlite'}"), read_timeout=1.5)
+    running = pytest_twisted.blockon(start_door(config, pki))
+    yield running
+    pytest_twisted.blockon(stop_door(running))
+
+
+def conversation(door, steps: list[tuple[float, bytes]], wait: float = 8.0) -> tuple[bytes, float, bool]:
+    """Over one mutual TLS connection as the hospital: each step waits its delay, then sends
+    its bytes (the server's answers read as they come). What came back, when the connection
+    closed (seconds from the start) and whether it did."""
+    context = ssl.create_default_context(cafile=door.path("ca.crt"))
+    context.load_cert_chain(door.path(f"{HOSPITAL.id}.crt"), door.path(f"{HOSPITAL.id}.key"))
+    started = time.monotonic()
+    received = []
+    with socket.create_connection(("127.0.0.1", door.port), timeout=wait) as sock:
+        with context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            tls.settimeout(0.05)
+
+            def read_until(deadline: float) -> bool:  # True once the server closed
+                while time.monotonic() < deadline:
+                    try:
+                        chunk = tls.recv(65536)
+                    except (socket.timeout, ssl.SSLWantReadError):
+                        continue
+                    except (OSError, ssl.SSLError):
+                        return True
+                    if not chunk:
+                        return True
+                    received.append(chunk)
+                return False
+
+            for delay, data in steps:
+                if read_until(time.monotonic() + delay):
+                    return b"".join(received), time.monotonic() - started, True
+                try:
+                    tls.sendall(data)
+                except (OSError, ssl.SSLError):
+                    return b"".join(received), time.monotonic() - started, True
+            closed = read_until(started + wait)
+            return b"".join(received), time.monotonic() - started, closed
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_request_that_trickles_in_is_refused_at_its_deadline(slow_door):
+    """A byte of body every 0.25 s keeps resetting the idle timeout: only the read deadline,
+    from the request's first byte, ends it, with a 408 problem, and the connection closes."""
+    steps = [(0.0, HEAD + b"Content-Length: 100\r\n\r\n")] + [(0.25, b"x")] * 24
+    answer, elapsed, closed = yield threads.deferToThread(conversation, slow_door, steps)
+    status, problem = problem_of(answer)
+    assert status == 408 == problem["status"] and "within 1.5 s" in problem["detail"]
+    assert closed and 1.4 < elapsed < 4.0, elapsed
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_read_deadline_runs_per_request_not_per_connection(slow_door):
+    """A kept-alive connection whose requests come 2 s apart (past the 1.5 s deadline, under
+    the idle timeout) has each answered: the deadline starts with a request's first byte."""
+    get = b"GET /v1/openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    answer, _, _ = yield threads.deferToThread(conversation, slow_door, [(0.0, get), (2.0, get)], 4.0)
+    assert answer.count(b"HTTP/1.1 200 OK") == 2 and b" 408 " not in answer

@@ -14,7 +14,9 @@ Every request:
 Limits: a body over `max_request_size` is answered 413 as soon as its length is known
 (Content-Length, or while a chunked body arrives), without reading the rest; a malformed
 request head is a 400 problem, one over Twisted's limits (a line of 16 KiB, 500 headers or
-16 KiB of headers) a 431 problem, the connection closed either way; a request not
+16 KiB of headers) a 431 problem, a request not arrived whole `read_timeout` after its first
+byte a 408 problem (a client that trickles bytes keeps resetting the idle timeout), the
+connection closed in each case; a request not
 answered within `request_timeout` gets a 503 problem (the work goes on, and with an
 Idempotency-Key its answer is kept for the retry); a connection idle for `idle_timeout` is
 closed. Refusals (401, 403, 413) are logged (facility, operation, reason; never content) and
@@ -116,6 +118,7 @@ class DoorRequest(server.Request):
 
 # status: (reason phrase, problem slug, problem title)
 _HEAD_REFUSALS = {400: (b"Bad Request", "bad-request", "Malformed request"),
+                  408: (b"Request Timeout", "request-timeout", "Request not received in time"),
                   431: (b"Request Header Fields Too Large", "request-header-too-large",
                         "Request header too large")}
 
@@ -127,6 +130,34 @@ class DoorChannel(http.HTTPChannel):
     waits for the channel, its producer: the client waited for the idle timeout)."""
 
     _refused = False
+    _read_deadline = None  # the pending call that refuses a request not arrived in time
+
+    def dataReceived(self, data):
+        # A request's first byte starts its deadline (bytes that come while one is handled
+        # are buffered for the next, which starts its own once the answer is written).
+        if self._read_deadline is None and not self._handlingRequest and not self._refused:
+            door: HttpsDoor = self.site.resource
+            self._read_deadline = door.reactor.callLater(door.listener.read_timeout, self._read_too_slow)
+        super().dataReceived(data)
+
+    def allContentReceived(self):
+        self._cancel_read_deadline()
+        super().allContentReceived()
+
+    def connectionLost(self, reason):
+        self._cancel_read_deadline()
+        super().connectionLost(reason)
+
+    def _read_too_slow(self) -> None:
+        self._read_deadline = None
+        timeout = self.site.resource.listener.read_timeout
+        self._refuse_head(408, f"the request did not arrive whole within {timeout:g} s")
+
+    def _cancel_read_deadline(self) -> None:
+        if self._read_deadline is not None:
+            if self._read_deadline.active():
+                self._read_deadline.cancel()
+            self._read_deadline = None
 
     def lineLengthExceeded(self, line):
         self._refuse_head(431, f"a request or header line exceeds {self.MAX_LENGTH} bytes")
