@@ -37,6 +37,8 @@ class CodeTable:
             found = self._folded.get(key.upper())
         if found is not None:
             return found
+        if not key:  # a field of blanks (fixed-width senders pad): no code, as an empty field
+            return None
         if self.unmapped == "passthrough":
             return key
         if self.unmapped == "default":

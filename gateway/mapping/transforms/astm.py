@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from gateway.mapping.transforms import transform
+from gateway.mapping.transforms.core import in_range
 
 _COMPARED = re.compile(r"^\s*(<=|>=|<|>)?\s*([+-]?(?:\d+(?:[.,]\d*)?|[.,]\d+))\s*$")
 
@@ -32,7 +33,12 @@ def numeric(text: str):
         return None
     comparator, digits = match.groups()
     digits = digits.replace(",", ".")
-    number = float(digits) if "." in digits else int(digits)
+    try:
+        number = float(digits) if "." in digits else int(digits)
+    except ValueError:  # an integer of more than 4,300 digits
+        return None
+    if not in_range(number, digits):  # no number JSON can carry (1e400 reads as infinity): text
+        return None
     return comparator or "", number
 
 

@@ -12,13 +12,19 @@ field and the text, and the message is translated; a `required` rule fails with 
 """
 from __future__ import annotations
 
+import math
 import re
+import sys
 from datetime import datetime, timedelta, timezone
 
 from gateway.mapping.transforms import transform
 
-_DTM = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,4}))?([+-]\d{4})?$")
-_TM = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,4}))?([+-]\d{4})?$")
+# ASCII digits only (re.ASCII): \d also matches Arabic-Indic and other digits, which int() reads
+# but which would be copied into the FHIR text. Each part nested in the one before it: a
+# fraction follows the seconds only ('202501140835.5', '20250114.5' are no DTM).
+_DTM = re.compile(r"^(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,4}))?)?)?)?)?)?"
+                  r"([+-]\d{4})?$", re.ASCII)
+_TM = re.compile(r"^(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,4}))?)?)?([+-]\d{4})?$", re.ASCII)
 _cache: dict[tuple, str | None] = {}
 
 
@@ -27,11 +33,26 @@ def _parts(text: str):
     if not match:
         raise ValueError(f"{text!r} is not an HL7 date/time (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])")
     year, month, day, hour, minute, second, fraction, offset = match.groups()
-    if month and not 1 <= int(month) <= 12 or day and not 1 <= int(day) <= 31:
-        raise ValueError(f"{text!r} is not a valid date")
+    if year == "0000" or month and not 1 <= int(month) <= 12 or day and not _is_day(year, month, day):
+        raise ValueError(f"{text!r} is not a valid date")  # FHIR has no year 0000
     if hour and (int(hour) > 23 or minute and int(minute) > 59 or second and int(second) > 60):
         raise ValueError(f"{text!r} is not a valid time")
+    if offset and not _is_offset(offset):
+        raise ValueError(f"{text!r} has no valid offset (+/-HHMM, minutes 00-59, at most 14 hours)")
     return year, month, day, hour, minute, second, fraction, offset
+
+
+def _is_day(year: str, month: str, day: str) -> bool:
+    try:
+        datetime(int(year), int(month), int(day))  # 30 February
+    except ValueError:
+        return False
+    return True
+
+
+def _is_offset(offset: str) -> bool:
+    """An offset FHIR can write (-14:00 to +14:00, whole minutes): '+0175' is no 02:15."""
+    return int(offset[3:5]) <= 59 and offset[1:] <= "1400"
 
 
 def fhir_datetime(text: str, zone) -> str:
@@ -43,8 +64,6 @@ def fhir_datetime(text: str, zone) -> str:
     year, month, day, hour, minute, second, fraction, offset = _parts(text)
     if not hour:
         result = "-".join(part for part in (year, month, day) if part)
-        if day:
-            datetime(int(year), int(month), int(day))  # raises on 30 February
     else:
         moment = datetime(int(year), int(month), int(day or 1), int(hour), int(minute or 0),
                           min(int(second or 0), 59))
@@ -53,11 +72,14 @@ def fhir_datetime(text: str, zone) -> str:
             moment = moment.replace(tzinfo=timezone(sign * timedelta(hours=int(offset[1:3]),
                                                                    minutes=int(offset[3:5]))))
         else:
-            moment = _local(moment, zone)
-            if moment.utcoffset().seconds % 60:
-                # Local mean time before standard zones (Casablanca before 1913: -00:30:20):
-                # FHIR offsets are whole minutes, so the instant is written in UTC, exactly.
-                moment = moment.astimezone(timezone.utc)
+            try:
+                moment = _local(moment, zone)
+                if moment.utcoffset().seconds % 60:
+                    # Local mean time before standard zones (Casablanca before 1913: -00:30:20):
+                    # FHIR offsets are whole minutes, so the instant is written in UTC, exactly.
+                    moment = moment.astimezone(timezone.utc)
+            except OverflowError:  # year 1 or 9999 in a zone whose UTC is in year 0 or 10000
+                raise ValueError(f"{text!r} is out of the range of dates in zone {zone}") from None
         result = moment.isoformat(timespec="seconds")
         if fraction:
             result = result[:19] + "." + fraction + result[19:]
@@ -105,8 +127,6 @@ def to_date(value: str, run) -> str | None:
     if is_placeholder(value, run):
         return None
     year, month, day, *_ = _parts(value)
-    if day:
-        datetime(int(year), int(month), int(day))
     return "-".join(part for part in (year, month, day) if part)
 
 
@@ -135,6 +155,15 @@ def to_time(value: str, run) -> str:
 
 
 _NUMBER = re.compile(r"^[+-]?(?:\d+(\.\d*)?|\.\d+)$")
+_NONZERO = re.compile("[1-9]")
+
+
+def in_range(number, text: str) -> bool:
+    """`number`, read from `text`, is one a double holds: past 1.8e308 float() gives infinity,
+    which JSON has no number for (the stored bundle would say null), and a non-zero value
+    under 5e-324 reads as 0."""
+    return -sys.float_info.max <= number <= sys.float_info.max and (
+        number != 0 or _NONZERO.search(text) is None)
 
 
 @transform("decimal")
@@ -146,15 +175,26 @@ def to_decimal(value: str, run):
     match = _NUMBER.match(text)
     if match is None:
         raise ValueError(f"{value!r} is not a number")
-    return float(text) if match.group(1) is not None or text.startswith((".", "+.", "-.")) else int(text)
+    try:
+        number = float(text) if match.group(1) is not None or text.startswith((".", "+.", "-.")) else int(text)
+    except ValueError:  # an integer of more than 4,300 digits (Python's limit)
+        number = math.inf
+    if not in_range(number, text):
+        raise ValueError(f"{value!r} is out of range (a number up to 1.8e308)")
+    return number
+
+
+_FHIR_INTEGER = range(-2**31, 2**31)
 
 
 @transform("integer")
 def to_integer(value: str, run) -> int:
-    """v2 NM/SI -> a JSON integer."""
+    """v2 NM/SI -> a JSON integer, in FHIR's range (32 bits)."""
     text = value.strip()
     if not re.fullmatch(r"[+-]?\d+", text):
         raise ValueError(f"{value!r} is not an integer")
+    if len(text.lstrip("+-0")) > 10 or int(text) not in _FHIR_INTEGER:
+        raise ValueError(f"{value!r} is out of the range of a FHIR integer (-2147483648 to 2147483647)")
     return int(text)
 
 

@@ -6,10 +6,11 @@ and the amount charged by an FT1 (extended amount, else unit amount times quanti
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 from gateway.mapping.runtime import COMPONENT, FIELD, Part
 from gateway.mapping.transforms import transform
+from gateway.mapping.transforms.core import in_range
 
 GTS = "http://terminology.hl7.org/CodeSystem/v3-GTSAbbreviation"
 # v3-GTSAbbreviation codes a v2 repeat pattern may carry as is.
@@ -22,6 +23,9 @@ _EVERY = re.compile(r"^Q(\d+)([SMHDWL])$")
 _TIMES_A_DAY = re.compile(r"^(\d+)ID$")
 _UNITS = {"S": "s", "M": "min", "H": "h", "D": "d", "W": "wk", "L": "mo"}
 DEFAULT_CURRENCY = "MAD"
+# An amount as NM writes it: digits, a sign, a decimal point. Decimal() also reads exponents,
+# NaN and Infinity: '1e999999999' would then be expanded to an integer of a billion digits.
+_AMOUNT = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
 
 
 def _components(node, run) -> list[str]:
@@ -104,12 +108,19 @@ def _money(raw: str, run):
     amount = separators.text(pieces[0]).strip().replace(",", ".")
     if not amount:
         return None
-    try:
-        number = Decimal(amount)
-    except InvalidOperation:
-        raise ValueError(f"{amount!r} is not an amount") from None
+    number = _decimal(amount)
+    if number is None:
+        raise ValueError(f"{amount!r} is not an amount")
     currency = separators.text(pieces[1]).strip().upper() if len(pieces) > 1 else ""
     return number, currency or DEFAULT_CURRENCY
+
+
+def _decimal(text: str) -> Decimal | None:
+    """`text` as a Decimal when it is a plain number a double holds, else None."""
+    if _AMOUNT.match(text) is None:
+        return None
+    number = Decimal(text)
+    return number if in_range(number, text) else None
 
 
 @transform("charge_price", node=True)
@@ -124,12 +135,13 @@ def charge_price(node, run):
         if unit is None:
             return None
         quantity_text = separators.text(node.field(10).split(separators.component)[0]).strip() or "1"
-        try:
-            quantity = Decimal(quantity_text.replace(",", "."))
-        except InvalidOperation:
-            raise ValueError(f"FT1-10 {quantity_text!r} is not a quantity") from None
+        quantity = _decimal(quantity_text.replace(",", "."))
+        if quantity is None:
+            raise ValueError(f"FT1-10 {quantity_text!r} is not a quantity")
         extended = unit[0] * quantity, unit[1]
     amount, currency = extended
     value = int(amount) if amount == amount.to_integral_value() else float(amount)
+    if not in_range(value, str(amount)):
+        raise ValueError(f"the amount {str(amount)!r} is out of range (a number up to 1.8e308)")
     return {"value": value, "currency": currency}
 
