@@ -359,9 +359,9 @@ def test_two_patients_in_one_request_refused_then_replayed(db_url, make_config, 
 
 
 class HeldTransport:
-    """A destination that answers only when the test says so: each request's bodies' message
-    count is kept, and `answer()` fires the oldest request's response (an empty
-    transaction-response: delivered)."""
+    """A destination that answers only when the test says so: each request's entry count is
+    kept, and `answer()` fires the oldest request's response (a transaction-response with a
+    201 for each entry: delivered)."""
 
     def __init__(self):
         self.requests: list[tuple[int, defer.Deferred]] = []
@@ -372,8 +372,10 @@ class HeldTransport:
         return d
 
     def answer(self):
-        _, d = next((r for r in self.requests if not r[1].called))
-        d.callback(HttpResponse(200, {}, b'{"resourceType":"Bundle","type":"transaction-response","entry":[]}'))
+        entries, d = next((r for r in self.requests if not r[1].called))
+        d.callback(HttpResponse(200, {}, json.dumps({
+            "resourceType": "Bundle", "type": "transaction-response",
+            "entry": [{"response": {"status": "201 Created"}}] * entries}).encode()))
 
     def close(self):
         return defer.succeed(None)

@@ -31,7 +31,8 @@ class Destination:
     # (canonical bundles as stored JSON text, in delivery order; idempotency key) -> the
     # request, or None when the bundles have nothing for this peer.
     build: Callable[[Sequence[str], str], HttpRequest | None]
-    classify: Callable[[HttpResponse], DeliveryOutcome]
+    # (the peer's answer, the request it answers) -> the outcome
+    classify: Callable[[HttpResponse, HttpRequest], DeliveryOutcome]
     batch_size: int = 1  # most deliveries in one request
     batch_bytes: int | None = None  # most bundle bytes in one request (a lone delivery may exceed)
 
@@ -51,7 +52,8 @@ def destination_for(config: DestinationConfig, *, batch_size: int | None = None,
         from gateway.delivery import care_sheet
 
         return Destination(config, lambda bundles, key: care_sheet.care_sheet_request(
-            _single(bundles), url=config.url, idempotency_key=key), care_sheet.classify_response)
+            _single(bundles), url=config.url, idempotency_key=key),
+            lambda response, _request: care_sheet.classify_response(response))
     raise ValueError(f"unknown destination kind {config.kind!r}")
 
 

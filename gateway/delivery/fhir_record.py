@@ -13,8 +13,9 @@ a transaction request, and the record's answer as a delivery outcome. Pure code.
 of several messages, of one patient or several, all or nothing at the record;
 `transaction_request_for_texts` takes the bundles as stored JSON text (what the outbox holds).
 
-`classify_response(response)`:
-- 2xx with a `transaction-response` Bundle whose entries are all 2xx: delivered;
+`classify_response(response, request)`:
+- 2xx with a `transaction-response` Bundle whose entries are all 2xx, one per entry of the
+  `TransactionRequest` it answers: delivered;
 - 408, 429 and 5xx: transient (retry later);
 - other statuses, and a 2xx that is not such a Bundle: permanent (dead letter).
 Reasons are short and made of the status, the OperationOutcome issue codes, element paths and
@@ -23,9 +24,9 @@ Transport failures (refused connections, timeouts) are classified by the transpo
 """
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import quote
 
 import msgspec
@@ -36,6 +37,13 @@ from gateway.delivery.outcome import DeliveryOutcome, HttpRequest, HttpResponse
 FHIR_JSON = "application/fhir+json"
 TRANSIENT_STATUSES = frozenset({408, 429})
 MAX_REASON = 200
+
+
+@dataclass(frozen=True)
+class TransactionRequest(HttpRequest):
+    """A transaction's POST, with how many entries it carries: its answer has one per entry."""
+
+    entries: int = 0
 
 
 def escape_search_value(text: str) -> str:
@@ -73,7 +81,8 @@ def transaction_request_for_bundles(bundles: Sequence[dict], *, base_url: str,
     """One transaction for several canonical bundles (batched delivery), all or nothing.
     The body is compact UTF-8 JSON and depends only on the bundles and their order, so the
     same deliveries give the same bytes under the same key on every retry."""
-    return _request(orjson.dumps(transaction_bundle(bundles)), base_url, idempotency_key)
+    bundle = transaction_bundle(bundles)
+    return _request(orjson.dumps(bundle), len(bundle["entry"]), base_url, idempotency_key)
 
 
 def transaction_request_for_texts(bundle_texts: Sequence[str | bytes], *, base_url: str,
@@ -88,16 +97,17 @@ def transaction_request_for_texts(bundle_texts: Sequence[str | bytes], *, base_u
     thread). A bundle that does not read that way (no id to name a resource by, a malformed
     entry) takes the parsing path, which builds the same request or fails as it always did."""
     try:
-        return _request(_copied_entries(bundle_texts), base_url, idempotency_key)
+        return _request(*_copied_entries(bundle_texts), base_url, idempotency_key)
     except (msgspec.ValidationError, msgspec.DecodeError, _Unusual):
         pass
-    parts = []
+    parts, count = [], 0
     for text in bundle_texts:
         bundle = orjson.loads(text)
         entries = [transaction_entry(entry) for entry in bundle.get("entry", ())]
         if entries:
             parts.append(orjson.dumps(entries)[1:-1])
-    return _request(_TRANSACTION_START + b",".join(parts) + b"]}", base_url, idempotency_key)
+            count += len(entries)
+    return _request(_TRANSACTION_START + b",".join(parts) + b"]}", count, base_url, idempotency_key)
 
 
 _TRANSACTION_START = b'{"resourceType":"Bundle","type":"transaction","entry":['
@@ -128,13 +138,16 @@ class _Unusual(Exception):
     """A bundle for the parsing path (which fails on it, or names its resource otherwise)."""
 
 
-def _copied_entries(bundle_texts: Sequence[str | bytes]) -> bytes:
-    """The transaction's body, each resource's stored text copied (see above)."""
+def _copied_entries(bundle_texts: Sequence[str | bytes]) -> tuple[bytes, int]:
+    """The transaction's body, each resource's stored text copied (see above), and its
+    number of entries."""
     dumps = orjson.dumps
     parts: list = []
     add = parts.extend
+    count = 0
     for text in bundle_texts:
         for entry in _read_bundle(text).entry:
+            count += 1
             raw = entry.resource
             resource = _read_resource(raw)
             resource_id = resource.id
@@ -152,23 +165,27 @@ def _copied_entries(bundle_texts: Sequence[str | bytes]) -> bytes:
                  b',"request":{"method":"PUT","url":', dumps(url), b"}}"))
     if parts:
         parts[0] = b'{"fullUrl":'
-    return _TRANSACTION_START + b"".join(parts) + b"]}"
+    return _TRANSACTION_START + b"".join(parts) + b"]}", count
 
 
-def _request(body: bytes, base_url: str, idempotency_key: str) -> HttpRequest:
-    return HttpRequest(
+def _request(body: bytes, entries: int, base_url: str, idempotency_key: str) -> TransactionRequest:
+    return TransactionRequest(
         method="POST",
         url=base_url.rstrip("/"),
         body=body,
         headers={"Content-Type": f"{FHIR_JSON}; charset=utf-8", "Accept": FHIR_JSON,
                  "Idempotency-Key": idempotency_key},
+        entries=entries,
     )
 
 
-def classify_response(response: HttpResponse) -> DeliveryOutcome:
+def classify_response(response: HttpResponse, request: HttpRequest | None = None) -> DeliveryOutcome:
+    """The verdict on the record's answer (module docstring); given the `TransactionRequest`
+    it answers, a success must have one entry per entry sent, or some may not be stored."""
     code = response.code
     if 200 <= code < 300:
-        return _classify_success(response)
+        expected = request.entries if isinstance(request, TransactionRequest) else None
+        return _classify_success(response, expected)
     summary = _outcome_summary(response.body)
     reason = _short(f"HTTP {code}" + (f": {summary}" if summary else ""))
     if code in TRANSIENT_STATUSES or 500 <= code < 600:
@@ -188,31 +205,37 @@ def _business_identifier(resource: dict) -> tuple[str, str] | None:
     return None
 
 
-def _classify_success(response: HttpResponse) -> DeliveryOutcome:
+def _classify_success(response: HttpResponse, expected: int | None) -> DeliveryOutcome:
     try:
         document = orjson.loads(response.body)
     except (ValueError, UnicodeDecodeError):
         return DeliveryOutcome.permanent(f"unexpected answer: HTTP {response.code} body is not JSON", response)
     if not isinstance(document, dict) or document.get("resourceType") != "Bundle" \
             or document.get("type") != "transaction-response":
-        kind = document.get("resourceType") if isinstance(document, dict) else type(document).__name__
+        kind = _shown(document.get("resourceType")) if isinstance(document, dict) else type(document).__name__
         return DeliveryOutcome.permanent(_short(f"unexpected answer: HTTP {response.code} {kind}, "
                                                 "not a transaction-response"), response)
     entries = document.get("entry") or []
     if not isinstance(entries, list):
         return DeliveryOutcome.permanent("unexpected answer: entry is not a list", response)
+    if expected is not None and len(entries) != expected:
+        return DeliveryOutcome.permanent(
+            f"unexpected answer: {len(entries)} entries in the transaction-response "
+            f"for {expected} sent", response)
     for number, entry in enumerate(entries):
-        status = ((entry or {}).get("response") or {}).get("status") if isinstance(entry, dict) else None
+        answer = entry.get("response") if isinstance(entry, dict) else None
+        status = answer.get("status") if isinstance(answer, dict) else None
         if not isinstance(status, str) or not status[:1] == "2":
-            return DeliveryOutcome.permanent(_short(f"entry {number} not stored: {status!r}"), response)
+            shown = _shown(status, quoted=True)
+            return DeliveryOutcome.permanent(_short(f"entry {number} not stored: {shown}"), response)
     return DeliveryOutcome.delivered(f"delivered ({len(entries)} entries)", response)
 
 
 def _outcome_summary(body: bytes) -> str:
     """`code at expression: diagnostics; ...` of an OperationOutcome, or "" for other bodies."""
-    try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    try:  # orjson, not json: bounded nesting, and no lone surrogate (no storable reason has one)
+        document = orjson.loads(body)
+    except ValueError:
         return ""
     if not isinstance(document, dict) or document.get("resourceType") != "OperationOutcome":
         return ""
@@ -220,14 +243,22 @@ def _outcome_summary(body: bytes) -> str:
     for issue in document.get("issue") or ():
         if not isinstance(issue, dict):
             continue
-        part = str(issue.get("code", "unknown"))
+        part = _shown(issue.get("code", "unknown"))
         expression = issue.get("expression")
         if isinstance(expression, list) and expression:
-            part += f" at {expression[0]}"
+            part += f" at {_shown(expression[0])}"
         if isinstance(issue.get("diagnostics"), str):
             part += f": {issue['diagnostics']}"
         parts.append(part)
     return "; ".join(parts)
+
+
+def _shown(value, quoted: bool = False) -> str:
+    """A value of the peer's JSON in a reason: a scalar as text, a list or object by its type
+    alone (the text of one nested a thousand deep exhausts Python's recursion limit)."""
+    if isinstance(value, (dict, list)):
+        return type(value).__name__
+    return repr(value) if quoted else str(value)
 
 
 def _short(text: str) -> str:

@@ -187,7 +187,7 @@ class DeliveryService(Service):
                 d = defer.succeed(DeliveryOutcome.delivered("nothing for this destination"))
             else:
                 d = self.transports[name].request(request)
-                d.addCallbacks(destination.classify, _transport_failure)
+                d.addCallbacks(destination.classify, _transport_failure, callbackArgs=(request,))
         d.addErrback(lambda f: DeliveryOutcome.transient(f"internal error: {f.getErrorMessage()}"))
         d.addCallback(self._attempted, batch, attempted_at, started)
         self._sending.add(d)
@@ -231,7 +231,8 @@ class DeliveryService(Service):
             self._tell(claim, outcome, seconds, response.code if response else None, next_at is None)
             self._settlements.append(outbox.Settlement(
                 claim.id, outcome.kind, outcome.reason[:1000], attempted_at, duration_ms,
-                response.code if response else None, response.body if response else None, next_at))
+                response.code if response else None, response.body if response else None, next_at,
+                claim.idempotency_key))
         attempts = batch.claims[0].attempts + 1
         if retried:
             log.info("deliveries %s to %s: attempt %d failed (%s); %d to retry", _ids(batch), name,

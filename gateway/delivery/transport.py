@@ -10,8 +10,9 @@ fails with `TransportError(reason, kind)`. `kind` is a closed set:
   suite, our client certificate refused by the server, or our own TLS files unusable;
 - `timeout`: the TCP connection was not established within `connect_timeout`, or the whole
   exchange (handshake, request, response head and body) took longer than `response_timeout`;
-- `protocol`: the peer broke HTTP: unparseable response, body over `max_response_size`,
-  connection closed before or in the middle of the response;
+- `protocol`: the peer broke HTTP: unparseable response, a status code outside 100-599, a
+  response head over `MAX_RESPONSE_HEAD`, body over `max_response_size`, connection closed
+  before or in the middle of the response;
 - `request`: the request was refused before any I/O (plain `http://` without
   `allow_plain_http`, a malformed URL or header, a framing header the transport owns, the
   transport closed). A retry cannot fix these; every other kind is worth retrying.
@@ -47,12 +48,18 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStream
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import ParseError  # no public alias: unparseable status, headers, chunks
+from twisted.web._newclient import (  # no public alias: parse error, client protocol, parser states
+    HEADER,
+    STATUS,
+    HTTP11ClientProtocol,
+    ParseError,
+)
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
     PotentialDataLoss,
     ResponseDone,
+    _HTTP11ClientFactory,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
@@ -74,6 +81,10 @@ _MANAGED_HEADERS = frozenset(
      "trailer", "upgrade", "proxy-connection"}
 )
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
+# Status line and headers of a response (with any 1xx before it). Twisted's client bounds one
+# line (16 KiB) but keeps every header line it is sent: a peer streaming header lines would
+# fill the memory until the response timeout. Servers cap a request head at 8 to 64 KiB.
+MAX_RESPONSE_HEAD = 64 * 1024
 
 
 class TransportError(Exception):
@@ -95,6 +106,14 @@ class ResponseTooLarge(Exception):
         super().__init__(limit, declared)
         self.limit = limit
         self.declared = declared
+
+
+class ResponseHeadTooLarge(Exception):
+    """The response's status line and headers exceed MAX_RESPONSE_HEAD bytes."""
+
+    def __init__(self, limit: int):
+        super().__init__(limit)
+        self.limit = limit
 
 
 # -- TLS: per-host client options (gateway.tls verifies and names the failure) -------------
@@ -239,6 +258,39 @@ class _LimitedBodyReader(Protocol):
             self.transport.stopProducing()
 
 
+# -- connections: Twisted's HTTP/1.1 client with a bounded response head -------------------
+
+
+class _HeadLimitedProtocol(HTTP11ClientProtocol):
+    """A client connection that gives up on a response whose head grows past
+    MAX_RESPONSE_HEAD bytes (counted per request, 1xx responses included); it may overshoot
+    by the one read that crosses the limit."""
+
+    _head = 0
+
+    def request(self, request):
+        self._head = 0
+        return super().request(request)
+
+    def dataReceived(self, data: bytes):
+        parser = self._parser
+        if parser is not None and parser.state in (STATUS, HEADER):
+            if self._head > MAX_RESPONSE_HEAD:
+                self._giveUp(Failure(ResponseHeadTooLarge(MAX_RESPONSE_HEAD)))
+                return
+            self._head += len(data)
+        super().dataReceived(data)
+
+
+class _HeadLimitedFactory(_HTTP11ClientFactory):
+    def buildProtocol(self, addr):
+        return _HeadLimitedProtocol(self._quiescentCallback)
+
+
+class _ConnectionPool(HTTPConnectionPool):
+    _factory = _HeadLimitedFactory  # the pool's (private) hook for its connections' protocol
+
+
 # -- the transport ---------------------------------------------------------------------------
 
 
@@ -353,7 +405,7 @@ class HttpsTransport:
         self.allow_plain_http = allow_plain_http
         self._policy = MutualTlsPolicy(ca_path, cert_path, key_path)
         self._policy.creator_for("localhost")  # load and check the files now
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool = _ConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = max_connections_per_host
         self._pool.cachedConnectionTimeout = float(idle_timeout)
         self._agent = Agent.usingEndpointFactory(
@@ -452,6 +504,9 @@ class HttpsTransport:
                 attempt.timer.cancel()
             attempt.timer = None
             slot.release()
+        if not 100 <= response.code <= 599:  # Twisted takes any integer ("99999999999", "-1")
+            raise TransportError(f"malformed HTTP response from {attempt.target.netloc} "
+                                 "(status code outside 100-599)", "protocol")
         return HttpResponse(code=response.code, headers=_lower_headers(response.headers), body=body)
 
     def _forget(self, result, d):
@@ -485,6 +540,9 @@ class HttpsTransport:
         for cause in causes:
             if isinstance(cause, ResponseTooLarge):
                 return TransportError(_describe_too_large(cause, netloc), "protocol")
+            if isinstance(cause, ResponseHeadTooLarge):
+                return TransportError(f"response head from {netloc} exceeds the "
+                                      f"{cause.limit}-byte limit", "protocol")
             if isinstance(cause, (error.TimeoutError, error.TCPTimedOutError)):
                 return TransportError(
                     f"connection to {netloc} not established within "

@@ -16,7 +16,9 @@ transaction, the caller's) and plain data, like the rest of the store.
   patient. A caller may take only batches of at least `min_size` deliveries (the rest stay
   due, unleased). `claim` is the one-delivery-per-request form.
 - `settle` records attempts: delivered, retry at a given time, or dead. A node whose lease was
-  taken over meanwhile (it was too slow) records its attempt but does not change the row.
+  taken over meanwhile (it was too slow) records its attempt but does not change the row; nor
+  does one whose delivery got new content (a replay) while it sent the old: the new content
+  goes when the lease ends.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Iterable, Sequence
 
-from sqlalchemy import BigInteger, Connection, DateTime, any_, bindparam, select, text, update
+from sqlalchemy import BigInteger, Connection, DateTime, String, any_, bindparam, select, text, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 
@@ -93,6 +95,9 @@ class Settlement:
     code: int | None = None
     response: bytes | None = None
     next_attempt_at: datetime | None = None
+    # The key the attempt was sent under (None: not checked). A replay that changes a pending
+    # delivery's content gives it a new key: the old content's answer must not settle it.
+    idempotency_key: str | None = None
 
 
 def bundle_digest(bundle_json: str) -> str:
@@ -406,8 +411,8 @@ def settle(connection: Connection, node: str, node_results: Iterable[Settlement]
         for r, reason in zip(results, reasons)])
     finished, retried = [], []
     for r, reason in zip(results, reasons):
-        common = {"b_id": r.delivery_id, "b_node": node, "b_at": r.attempted_at,
-                  "b_reason": reason, "b_code": r.code}
+        common = {"b_id": r.delivery_id, "b_node": node, "b_key": r.idempotency_key,
+                  "b_at": r.attempted_at, "b_reason": reason, "b_code": r.code}
         if r.kind == "transient" and r.next_attempt_at is not None:
             retried.append({**common, "b_next": r.next_attempt_at})
         else:
@@ -416,7 +421,9 @@ def settle(connection: Connection, node: str, node_results: Iterable[Settlement]
             # Finished when the answer came (or the attempt gave up), not when it was sent.
             finished.append({**common, "b_status": status, "b_response": response,
                              "b_end": r.attempted_at + timedelta(milliseconds=r.duration_ms)})
-    mine = (deliveries.c.id == bindparam("b_id")) & (deliveries.c.lease_owner == bindparam("b_node"))
+    mine = ((deliveries.c.id == bindparam("b_id")) & (deliveries.c.lease_owner == bindparam("b_node"))
+            & (deliveries.c.idempotency_key
+               == _coalesce(bindparam("b_key", type_=String), deliveries.c.idempotency_key)))
     attempted = {"attempts": deliveries.c.attempts + 1,
                  "first_attempt_at": _coalesce(deliveries.c.first_attempt_at, bindparam("b_at")),
                  "lease_owner": None, "lease_until": None,
