@@ -1049,14 +1049,23 @@ def _sender_mapping_problems(root: str, values: dict) -> list[str]:
     return problems
 
 
-def _retry_problems(path: str, values: dict) -> list[str]:
-    """Retry settings that are each valid but do not fit together (a cap below the base)."""
+def _destination_problems(path: str, values: dict) -> list[str]:
+    """Destination settings that are each valid but do not fit together: a retry cap below
+    its base, an attempt that may outlast the delivery lease."""
     problems = []
+    lease = (values.get("delivery") or DeliveryConfig()).lease
     for index, destination in enumerate(values.get("destinations", ())):
         try:
             destination.retry.policy()
         except ValueError as error:
             problems.append(f"{_display(path)}: destinations[{index}].retry: {error}")
+        attempt = destination.connect_timeout + destination.response_timeout
+        if attempt >= lease:
+            # Past the lease another node takes the deliveries and sends them again while the
+            # first still waits: a patient's writes could then reach the peer out of order.
+            problems.append(f"{_display(path)}: destinations[{index}].response_timeout: "
+                            f"connect_timeout + response_timeout ({attempt:g} s) must be less "
+                            f"than delivery.lease ({lease:g} s)")
         if destination.kind == "cnss" and destination.batch_size not in (None, 1):
             problems.append(f"{_display(path)}: destinations[{index}].batch_size: cnss takes one "
                             "care sheet per request (1)")
@@ -1139,7 +1148,7 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
     if values is not _INVALID:
         reader.problems.extend(_listener_problems(path, values))
         reader.problems.extend(_route_problems(path, values))
-        reader.problems.extend(_retry_problems(path, values))
+        reader.problems.extend(_destination_problems(path, values))
         reader.problems.extend(_prescription_problems(path, values))
         reader.problems.extend(_sender_mapping_problems(root, values))
     if reader.problems:

@@ -355,3 +355,16 @@ def test_a_destination_may_set_its_batch_size(project):
           - {name: cnss, kind: cnss, url: "https://cnss/", batch_size: 5}
         """))) == ["conf/gateway.yaml: destinations[0].batch_size: cnss takes one care sheet per "
                    "request (1)"]
+
+
+def test_a_delivery_attempt_must_end_within_the_lease(project):
+    """connect_timeout + response_timeout must stay under delivery.lease: past the lease
+    another node sends the same deliveries while the first still waits for the answer."""
+    destination = 'destinations:\n  - {name: record, kind: fhir-record, url: "https://record/fhir", %s}\n'
+    assert problems(write(project, MINIMAL + destination % "response_timeout: 55")) == [
+        "conf/gateway.yaml: destinations[0].response_timeout: connect_timeout + response_timeout "
+        "(60 s) must be less than delivery.lease (60 s)"]
+    longer = load_config(str(write(project, MINIMAL + destination % "response_timeout: 90"
+                                   + "delivery: {lease: 120}\n")), {})
+    assert (longer.destinations[0].response_timeout, longer.delivery.lease) == (90, 120)
+    assert load_config(str(write(project, MINIMAL + destination % "response_timeout: 30")), {})
