@@ -56,6 +56,20 @@ def test_texts_the_store_cannot_keep_are_recorded_storable_and_verify(trail):
     assert trail.verify().intact
 
 
+def test_lone_surrogates_are_recorded_storable_and_verify(trail):
+    """A lone UTF-16 surrogate (what Python's json reads "\\ud800" as) in an actor or a detail
+    cannot be encoded for either database: it is recorded as U+FFFD, as it was hashed, and the
+    appends after it go through."""
+    [odd] = trail.append([AuditEvent("door.refused", "INPE-\ud800", "refused", "message/1", None,
+                                     {"reason": "peer said \udfff", "nested": ["\ud83d"]})])
+    assert odd.actor == "INPE-\ufffd"
+    trail.append(events(1))
+    with trail.engine.connect() as conn:
+        stored = list(trail.records(conn))
+    assert stored[0].detail == {"reason": "peer said \ufffd", "nested": ["\ufffd"]}
+    assert trail.verify().intact
+
+
 def test_appends_chain_after_the_last_record_and_verify_in_small_batches(trail):
     first = trail.append(events(5))
     assert [r.seq for r in first] == [1, 2, 3, 4, 5] and first[0].prev_hash == GENESIS

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from gateway.store.texts import storable
+from gateway.store.texts import is_storable, storable
 from gateway.store.timestamps import utc as _utc
 
 GENESIS = "0" * 64  # the previous hash of the first record
@@ -99,6 +99,8 @@ def chain(prev_seq: int, prev_hash: str, node: str, events: Iterable[AuditEvent]
         else:
             at = records[-1].at
         detail = _JSON.encode(event.detail)
+        if not detail.isascii():  # JSON escapes a NUL, not a lone surrogate
+            detail = storable(detail)
         digest = link(prev_hash, _canonical(prev_seq, last_instant, node, event, detail))
         records.append(AuditRecord(prev_seq, at, node, event.action, event.actor, event.outcome,
                                    event.subject, event.source, event.detail, prev_hash, digest,
@@ -118,7 +120,7 @@ def _storable(event: AuditEvent) -> AuditEvent:
     would fail its whole append, then every append after it (a login name typed with a NUL
     would have stopped the trail)."""
     texts = (event.actor, event.subject, event.source)
-    if all(text is None or (len(text) <= TEXT_LIMIT and "\x00" not in text) for text in texts):
+    if all(is_storable(text, TEXT_LIMIT) for text in texts):
         return event
     actor, subject, source = (storable(text, TEXT_LIMIT) for text in texts)
     return replace(event, actor=actor, subject=subject, source=source)

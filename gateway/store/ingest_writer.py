@@ -312,13 +312,14 @@ _CONTENT_TEXTS = tuple((name, messages.c[name].type.length) for name in (
 
 
 def _scrub(item: Inbound) -> None:
-    """The item's texts made storable (gateway.store.texts): no NUL, none longer than its
-    column. One such message must not fail the round of every other sender. The HL7 inspector
-    refuses an accepted message with either; this keeps its refusal, and what other doors
-    read from their input, storable."""
+    """The item's texts made storable (gateway.store.texts): no NUL or lone surrogate, none
+    longer than its column. One such message must not fail the round of every other sender.
+    The HL7 inspector refuses an accepted message with a NUL or an over-long header text
+    (decoded HL7 holds no surrogate); this keeps its refusal, and what other doors read from
+    their input, storable."""
     for name, limit in _CONTENT_TEXTS:
         value = getattr(item, name)
-        if value and (len(value) > limit or "\x00" in value):
+        if value and (len(value) > limit or "\x00" in value or not value.isascii()):
             setattr(item, name, storable(value, limit))
 
 
