@@ -16,8 +16,14 @@ through ETB/ETX modulo 256 as two hex digits. Each frame is answered:
   `max_frame_size`; the sender retransmits, and after `max_attempts` (6) failures in a row
   gives up: the transfer is aborted (`TransferAborted`) and the message discarded;
 - EOT ends the transfer: the records received are delivered as one `MessageReceived`
-  (records separated by CR, as in the frames). An EOT inside a frame or after an ETB frame
-  means the sender gave up mid-record: `TransferAborted`, nothing delivered.
+  (records separated by CR, as in the frames; an ETX frame ends a record, so a CR the sender
+  left out before ETX is added). An EOT inside a frame or after an ETB frame means the sender
+  gave up mid-record, an ENQ inside a frame that it started over: `TransferAborted`.
+
+A transfer given up (`TransferAborted`: timeout, EOT mid-record, ENQ restart, six failures,
+oversize, connection lost) loses only its incomplete message, as E1381 says: the messages
+already whole (through an E1394 L record) were acknowledged frame by frame, and are delivered
+first as a `MessageReceived`.
 
 Timeouts are deadlines, never timers: after an ACK the next frame (or EOT) must begin within
 `receive_timeout` (30 s, E1381's receiver timer), and a begun frame must end within
@@ -25,15 +31,18 @@ Timeouts are deadlines, never timers: after an ACK the next frame (or EOT) must 
 the transfer is then aborted and the receiver returns to neutral.
 
 A message larger than `max_message_size` is aborted with a receiver interrupt (EOT in place
-of the ACK); the receiver then ignores everything until the sender's EOT.
+of the ACK); the receiver then ignores everything until the sender's EOT, or for
+`receive_timeout` at most (a sender that never sends it must not leave the link deaf).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 
 STX, ETX, EOT, ENQ, ACK, NAK, ETB = b"\x02", b"\x03", b"\x04", b"\x05", b"\x06", b"\x15", b"\x17"
 CR, LF = b"\r", b"\n"
+_FRAME_STOP = re.compile(b"[\x03\x17\x04\x05]")  # ETX, ETB end a frame; EOT, ENQ give it up
 
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024  # E1381 says 247 bytes; analyzers exceed it, so be lenient
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
@@ -69,7 +78,7 @@ def frames(message: bytes, size: int = 240) -> list[bytes]:
 class State(Enum):
     NEUTRAL = "neutral"  # waiting for ENQ
     RECEIVING = "receiving"  # ENQ accepted: frames until EOT
-    DRAINING = "draining"  # transfer given up by us: ignore everything until EOT
+    DRAINING = "draining"  # transfer given up by us: ignore everything until EOT (or timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +150,9 @@ class AstmReceiver:
         self._in_frame = False
         self._end = -1  # index in _frame of the ETX/ETB, once read
         self._oversize = False  # the frame in progress passed max_frame_size: drop until ETX/ETB
-        self._records: list[bytes] = []
-        self._size = 0
+        self._text = bytearray()  # the frames' text (one buffer: tiny frames cost no more)
+        self._whole = 0  # bytes of _text that are whole messages (through an L record)
+        self._whole_frames = 0
         self._expected = 1
         self._previous: bytes | None = None  # the last accepted frame, to recognise a repeat
         self._partial = False  # the last accepted frame ended in ETB
@@ -198,19 +208,29 @@ class AstmReceiver:
             return []
         reason = ("frame not completed within %gs" % self.frame_timeout if self._in_frame
                   else "no frame or EOT within %gs" % self.receive_timeout)
-        events = [TransferAborted(f"timeout: {reason}", self._size)] \
-            if self.state is not State.NEUTRAL else []
+        events: list = []
+        if self.state is State.RECEIVING:
+            self._abort(f"timeout: {reason}", events)
+        self._neutral()  # DRAINING: its abort was reported already; no EOT came, go on
+        return events
+
+    def connection_lost(self) -> list:
+        """Events when the connection closes: a transfer under way is given up."""
+        events: list = []
+        if self.state is State.RECEIVING:
+            self._abort("connection closed before EOT", events)
         self._neutral()
         return events
 
     # -- states --------------------------------------------------------------------------------
 
     def _enquiry(self, now: float, events: list) -> None:
+        busy = self.busy
         if self.state is State.RECEIVING:
-            # The sender started over (it timed out waiting for us): what we had is lost.
-            events.append(TransferAborted("ENQ during a transfer: the sender restarted", self._size))
-            self._neutral()
-        if self.busy:
+            # The sender started over (it timed out waiting for us): its incomplete message is
+            # lost; a whole one just delivered is being stored, so this ENQ waits (NAK) too.
+            busy = self._abort("ENQ during a transfer: the sender restarted", events) or busy
+        if busy:
             self._out += NAK
             events.append(EnquiryRefused())
             return
@@ -222,18 +242,35 @@ class AstmReceiver:
 
     def _end_of_transfer(self, events: list) -> None:
         if self._in_frame or self._partial:
-            events.append(TransferAborted("EOT inside a record: the sender gave up", self._size))
-        elif self._records:
-            events.append(MessageReceived(b"".join(self._records), self._accepted))
+            self._abort("EOT inside a record: the sender gave up", events)
+            return
+        if self._accepted:
+            events.append(MessageReceived(bytes(self._text), self._accepted))
         self._neutral()
+
+    def _abort(self, reason: str, events: list, unkept: int = 0) -> bool:
+        """Give the transfer up: deliver its whole messages (True when there were some),
+        report and drop the rest (and `unkept` bytes received but never kept)."""
+        delivered = self._whole > 0
+        if delivered:
+            events.append(MessageReceived(bytes(self._text[:self._whole]), self._whole_frames))
+        events.append(TransferAborted(reason, len(self._text) - self._whole + unkept))
+        self._neutral()
+        return delivered
+
+    def _drain(self, now: float) -> None:
+        """Ignore everything until the sender's EOT, or until `receive_timeout` has passed."""
+        self.state = State.DRAINING
+        self.deadline = now + self.receive_timeout
 
     def _neutral(self) -> None:
         self.state = State.NEUTRAL
         self.deadline = None
         self._in_frame = False
         self._frame = bytearray()
-        self._records = []
-        self._size = 0
+        self._text = bytearray()
+        self._whole = 0
+        self._whole_frames = 0
         self._expected = 1
         self._previous = None
         self._partial = False
@@ -246,8 +283,16 @@ class AstmReceiver:
         """Consume bytes of the frame in progress; returns the next index."""
         buffer = self._frame
         if self._end < 0:
-            stops = [at for at in (data.find(ETX, index), data.find(ETB, index)) if at >= 0]
-            stop = min(stops) if stops else -1
+            found = _FRAME_STOP.search(data, index)  # one scan: the frame's length, not the read's
+            stop = found.start() if found else -1
+            if stop >= 0 and data[stop:stop + 1] in (EOT, ENQ):
+                # EOT or ENQ are never frame text: the sender gave this frame up (EOT) or
+                # started over (ENQ); taken as such, not as text that swallows its next ENQ.
+                if data[stop:stop + 1] == EOT:
+                    self._abort("EOT inside a frame: the sender gave up", events)
+                else:
+                    self._enquiry(now, events)
+                return stop + 1
             take = data[index:stop] if stop >= 0 else data[index:]
             index += len(take)
             if len(buffer) + len(take) >= self.max_frame_size:
@@ -291,20 +336,22 @@ class AstmReceiver:
                 return None
             return self._reject(f"frame number {number}, expected {self._expected}", number, now, events)
         text = body[1:-1]
-        if self._size + len(text) > self.max_message_size:
-            events.append(TransferAborted(f"message larger than {self.max_message_size} bytes",
-                                          self._size + len(text)))
-            self._neutral()
-            self.state = State.DRAINING
+        final = body.endswith(ETX)
+        if final and not text.endswith((CR, LF)) and (text or self._partial):
+            text += CR  # ETX ends a record: its CR left out must not glue it to the next one
+        if len(self._text) + len(text) > self.max_message_size:
+            self._abort(f"message larger than {self.max_message_size} bytes", events, len(text))
+            self._drain(now)
             self._out += EOT  # receiver interrupt: asks the sender to stop
             return None
-        self._records.append(text)
-        self._size += len(text)
+        self._text += text
         self._previous = body
-        self._partial = body.endswith(ETB)
+        self._partial = not final
         self._expected = (self._expected + 1) % 8
         self._failures = 0
         self._accepted += 1
+        if final and self._ends_message():
+            self._whole, self._whole_frames = len(self._text), self._accepted
         self._out += ACK
         self.deadline = now + self.receive_timeout
         events.append(FrameAccepted(number, not self._partial, len(text)))
@@ -314,12 +361,19 @@ class AstmReceiver:
         self._failures += 1
         events.append(FrameRejected(reason, number, self._failures))
         if self._failures >= self.max_attempts:
-            events.append(TransferAborted(f"{self._failures} failed attempts: {reason}", self._size))
-            self._neutral()
-            self.state = State.DRAINING  # the sender now sends EOT
+            self._abort(f"{self._failures} failed attempts: {reason}", events)
+            self._drain(now)  # the sender now sends EOT
             return
         self._out += NAK
         self.deadline = now + self.receive_timeout
+
+    def _ends_message(self) -> bool:
+        """Whether the text ends with an E1394 terminator record ('L|...'): a message end."""
+        text, end = self._text, len(self._text)
+        while end and text[end - 1] in b"\r\n":
+            end -= 1
+        start = max(text.rfind(CR, 0, end), text.rfind(LF, 0, end)) + 1
+        return text[start:start + 1] == b"L" and not text[start + 1:start + 2].isalnum()
 
     def _flush_junk(self, junk: bytearray, events: list) -> None:
         if junk:

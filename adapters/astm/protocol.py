@@ -67,6 +67,8 @@ class AstmServerProtocol(Protocol):
         self._handle(self.receiver.receive_data(data, self.clock.seconds()))
 
     def connectionLost(self, reason=None) -> None:
+        # A transfer cut off: its whole messages (every frame ACKed) are still stored.
+        self._handle(self.receiver.connection_lost())
         for call in (self._deadline_call, self._idle_call):
             if call is not None and call.active():
                 call.cancel()

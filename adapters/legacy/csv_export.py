@@ -40,6 +40,7 @@ DELIMITERS = (",", ";", "\t")
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024
 DEFAULT_MAPPINGS = Path(__file__).resolve().parents[2] / "mappings"
 _NAME = re.compile(r"[^0-9a-z]+")
+_LINE_END = re.compile(r"[\r\n]")  # CRLF, LF, or CR alone (old Mac spreadsheets)
 
 
 class CsvInputError(MessageParseError):
@@ -96,7 +97,7 @@ def sniff_delimiter(header_line: str) -> str:
 def looks_like_csv(data: bytes) -> bool:
     """A first line with a delimiter and no control characters (detection only)."""
     start = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
-    line = start.split(b"\n", 1)[0].rstrip(b"\r")[:4096]
+    line = re.split(rb"[\r\n]", start, maxsplit=1)[0][:4096]
     if not line.strip() or line.lstrip()[:1] in (b"[", b"{", b"<", b"#") or any(byte < 0x20 and byte != 0x09 for byte in line):
         return False
     return bool(sniff_delimiter(line.decode("latin-1")))
@@ -106,7 +107,7 @@ def parse_csv(text: str, profiles: dict[str, tuple[str, ...]] | None = None) -> 
     """(message, profile): the rows of a decoded CSV export; profile '' when none matched."""
     if text.startswith("\ufeff"):
         text = text[1:]
-    first = text.split("\n", 1)[0].rstrip("\r")
+    first = _LINE_END.split(text, maxsplit=1)[0]  # the header only, whatever the line ends
     if not first.strip():
         raise CsvInputError("empty file: a header row is required")
     delimiter = sniff_delimiter(first)

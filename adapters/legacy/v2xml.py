@@ -27,6 +27,9 @@ from lxml import etree
 from adapters.hl7v2.message import Hl7Message, MessageParseError, Segment, Separators
 
 DEFAULT_MAX_SIZE = 16 * 1024 * 1024
+# No segment has this many fields, no data type this many components. The number sizes the
+# ER7 built (`<PID.999999999>` alone would be a billion empty fields), so it is bounded.
+MAX_NUMBER = 1000
 SEPARATORS = Separators()
 _SEGMENT = re.compile(r"^[A-Z][A-Z0-9]{2}$")
 _NUMBERED = re.compile(r"\.(\d+)$")
@@ -114,12 +117,12 @@ def _segment(element, name: str, sequence: int) -> Segment:
     prefix = name + "."
     for child in element:
         tag = _local(child)
-        if not tag.startswith(prefix) or not tag[len(prefix):].isdigit():
+        if not tag.startswith(prefix) or not tag[len(prefix):].isdecimal():
             continue  # not a field of this segment (annotations, foreign elements)
-        number = int(tag[len(prefix):])
-        if number < 1:
-            raise XmlInputError(f"{tag}: fields are numbered from 1", name, sequence,
-                                line=child.sourceline or 0)
+        number = _number(tag[len(prefix):])
+        if not 1 <= number <= MAX_NUMBER:
+            raise XmlInputError(f"{tag}: fields are numbered from 1 to {MAX_NUMBER}", name,
+                                sequence, line=child.sourceline or 0)
         if name == "MSH" and number <= 2:
             repetitions.setdefault(number, []).append(child.text or "")
         else:
@@ -147,13 +150,22 @@ def _value(element, depth: int) -> str:
         match = _NUMBERED.search(_local(child))
         if not match:
             continue
-        number = int(match.group(1))
+        number = _number(match.group(1))
+        if number > MAX_NUMBER:
+            raise XmlInputError(f"{_local(child)}: components are numbered from 1 to {MAX_NUMBER}",
+                                line=child.sourceline or 0)
         if number >= 1 and number not in parts:
             parts[number] = _value(child, depth - 1)
     if not parts:
         return escape(element.text or "")
     joiner = "^" if depth == 2 else "&"
     return joiner.join(parts.get(number, "") for number in range(1, max(parts) + 1))
+
+
+def _number(digits: str) -> int:
+    """A field or component number; any longer than MAX_NUMBER's digits as MAX_NUMBER + 1
+    (int() refuses 4,300 digits with a ValueError, which is no input error)."""
+    return int(digits) if len(digits) <= len(str(MAX_NUMBER)) else MAX_NUMBER + 1
 
 
 _ESCAPES = {"\\": "\\E\\", "|": "\\F\\", "^": "\\S\\", "&": "\\T\\", "~": "\\R\\",

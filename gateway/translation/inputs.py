@@ -4,7 +4,7 @@
 whitespace) and hands them to its adapter:
 
     MSH / FHS / BHS         'hl7v2'      ER7 (adapters.hl7v2)
-    <                       'hl7v2-xml'  v2 XML (adapters.legacy.v2xml), hardened parser
+    < (or UTF-16 BOM, <)    'hl7v2-xml'  v2 XML (adapters.legacy.v2xml), hardened parser
     H| or 1H| (any delim.)  'astm'       ASTM E1394 records (adapters.astm.records)
     a delimited first line  'csv'        a CSV export (adapters.legacy.csv_export)
     {                       'fhir'       a FHIR Bundle (gateway.translation.fhir_input)
@@ -57,7 +57,7 @@ def detect_format(data: bytes) -> str:
     start = data.lstrip(b"\xef\xbb\xbf\r\n\t \x0b")
     if start.startswith((b"MSH", b"FHS", b"BHS")):
         return "hl7v2"
-    if start.startswith(b"<"):
+    if start.startswith(b"<") or _is_utf16_markup(data):
         return "hl7v2-xml"
     if start.startswith(b"{"):
         return "fhir"
@@ -66,6 +66,14 @@ def detect_format(data: bytes) -> str:
     if csv_export.looks_like_csv(data):
         return "csv"
     return ""
+
+
+def _is_utf16_markup(data: bytes) -> bool:
+    # XML in UTF-16 begins with its byte order mark (XML 1.0, 4.3.3): its '<' is two bytes.
+    for mark, codec in ((b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be")):
+        if data.startswith(mark):
+            return data[2:258].decode(codec, "ignore").lstrip().startswith("<")
+    return False
 
 
 def _is_astm(start: bytes) -> bool:
