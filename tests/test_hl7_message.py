@@ -53,6 +53,12 @@ def test_repetitions_are_split_once_and_cached():
     ("C:\\temp\\file", "C:\\temp\\file"),  # not escapes: kept literally
     ("trailing \\", "trailing \\"),
     ("\\Xzz\\", "\\Xzz\\"),
+    ("a\\.sk 999\\b", "a" + " " * 999 + "b"),
+    # A count of 1,000 or more would expand 20 bytes into megabytes (and 5,000 digits are no
+    # number Python reads); Arabic-Indic digits are no count: kept literally.
+    ("a\\.sk 50000000\\b", "a\\.sk 50000000\\b"),
+    ("x\\.sp " + "9" * 5000 + "\\y", "x\\.sp " + "9" * 5000 + "\\y"),
+    ("a\\.sk \u0663\\b", "a\\.sk \u0663\\b"),
 ])
 def test_escape_sequences(text, expected):
     """Each sequence of HL7 chapter 2.7; unknown or unterminated ones are kept as written."""

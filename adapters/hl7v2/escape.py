@@ -1,9 +1,10 @@
 """HL7 v2 escape sequences (chapter 2, 2.7): decoded into the text they stand for.
 
 `\\F\\ \\S\\ \\T\\ \\R\\ \\E\\` give back the delimiters; `\\Xhh..\\` are bytes in the message's
-character set; `\\.br\\` and `\\.sp n\\` are line breaks, `\\.sk n\\` spaces; highlighting, fill and
-indent marks carry no text and are dropped. A sequence we do not understand, or a lone escape
-character (Windows paths, emoticons), is kept literally: dropping text would lose data.
+character set; `\\.br\\` and `\\.sp n\\` are line breaks, `\\.sk n\\` spaces (n under 1000);
+highlighting, fill and indent marks carry no text and are dropped. A sequence we do not
+understand, or a lone escape character (Windows paths, emoticons), is kept literally:
+dropping text would lose data.
 """
 from __future__ import annotations
 
@@ -37,7 +38,10 @@ def unescape(text: str, escape: str, field: str, component: str, repetition: str
     return "".join(out)
 
 
-_COUNT = re.compile(r"\s*([+-]?\d*)\s*$")
+# A count of lines or spaces: three ASCII digits at most. '\.sk 50000000\' is 20 bytes that
+# would expand to 50 MB (and a count of thousands of digits is no number Python reads): a
+# sequence with a larger count is kept literally, as any other we do not understand.
+_COUNT = re.compile(r"\s*([+-]?\d{0,3})\s*$", re.ASCII)
 
 
 def _decode(sequence: str, simple: dict[str, str], codec: str) -> str | None:
