@@ -102,11 +102,13 @@ def separators_of(header: str, codec: str = "utf-8") -> Separators:
                       escape=escape, subcomponent="", codec=codec)
 
 
-def parse_records(text: str, codec: str = "utf-8") -> Hl7Message:
-    """Tokenize one decoded ASTM message (H ... L) into record segments."""
+def parse_records(text: str, codec: str = "utf-8", header_only: bool = False) -> Hl7Message:
+    """Tokenize one decoded ASTM message (H ... L) into record segments; with `header_only`,
+    its H record alone (the rest neither read nor checked: what ingest needs, in time that
+    does not grow with the results)."""
     if text.startswith("\ufeff"):
         text = text[1:]
-    lines = _lines(text)
+    lines = _head_lines(text) if header_only else _lines(text)
     start = 0
     while start < len(lines):
         line = lines[start].strip(" \t")
@@ -142,9 +144,22 @@ def parse_records(text: str, codec: str = "utf-8") -> Hl7Message:
         segments.append(Segment(name, [name, *parts], unsplit=2 if name == "H" else 0))
         if name == "L":
             ended = True
-    if not ended:
+    if not ended and not header_only:
         raise RecordError("no L terminator record: the message is incomplete", "L", 1)
     return Hl7Message(segments, separators)
+
+
+_LINE = re.compile(r"[^\r\n]+")
+
+
+def _head_lines(text: str) -> list[str]:
+    """The lines of `text` through its first record (blank and '#' comment lines before it)."""
+    lines = []
+    for match in _LINE.finditer(text):
+        lines.append(line := match.group())
+        if line.strip(" \t") and not line.lstrip(" \t").startswith("#"):
+            break
+    return lines
 
 
 def split_messages(text: str) -> list[str]:

@@ -35,8 +35,7 @@ def inbound_for(data: bytes, facility: str) -> Inbound:
     analyzer = ""
     try:
         text, _ = records.decode_records(data)
-        message = records.parse_records(text)
-        analyzer = message.value("H", 5)
+        analyzer = records.parse_records(text, header_only=True).value("H", 5)
     except records.MessageParseError:
         pass  # stored as received; the translation reports the problem with its location
     return Inbound(raw=data, sha256=digest, outcome=Outcome.ACCEPT, status=MessageStatus.RECEIVED,
