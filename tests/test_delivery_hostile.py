@@ -10,12 +10,13 @@ import dataclasses
 import json
 import os
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import pytest_twisted
 from sqlalchemy import select
 from twisted.internet import endpoints, reactor, task
+from twisted.internet.task import deferLater
 
 from delivery_support import until
 from gateway.config import DeliveryConfig, DestinationConfig, RetryConfig
@@ -300,3 +301,56 @@ def test_the_service_dead_letters_short_answers_and_settles_unstorable_ones(db_u
                 protocol.transport.abortConnection()
         yield port.stopListening()
         engine.dispose()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_pause_the_record_asks_for_is_honoured(db_url, make_config, dev_pki):
+    """A 503 with Retry-After: 120 against a backoff of 0.2 s: the delivery waits the two
+    minutes the record asked for, instead of coming back five times a second."""
+    body = b'{"resourceType":"OperationOutcome","issue":[{"code":"transient"}]}'
+    answer = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 120\r\nContent-Type: application/fhir+json\r\n"
+              b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def script(transport):
+        transport.write(answer)
+        transport.loseConnection()
+
+    factory = ScriptedFactory(script)
+    options = server_tls_options(os.path.join(dev_pki, "sandbox-record.crt"),
+                                 os.path.join(dev_pki, "sandbox-record.key"),
+                                 os.path.join(dev_pki, "ca.crt"), require_client_cert=True)
+    port = yield endpoints.SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(factory)
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    database = Database(engine, reactor, 2)
+    record = DestinationConfig("record", "fhir-record", f"https://127.0.0.1:{port.getHost().port}/fhir",
+                               response_timeout=5, concurrency=1, batch_size=1,
+                               retry=RetryConfig(base=0.2, factor=1.0, cap=300))
+    config = dataclasses.replace(make_config(db_url), destinations=(record,),
+                                 delivery=DeliveryConfig(lease=30, poll_interval=0.05))
+    add(engine, "Patient/1", bundle=json.dumps(bundle(1)))
+    database.start()
+    service = DeliveryService(config, database, reactor)
+    service.startService()
+    try:
+        query = "SELECT status, attempts, last_code, next_attempt_at, first_attempt_at FROM deliveries"
+        [row] = yield until(query, lambda f: len(f) == 1 and f[0].attempts == 1, db_url)
+        yield deferLater(reactor, 1.0, lambda: None)  # five backoffs of 0.2 s
+        [row] = yield until(query, lambda f: True, db_url)
+        assert (row.status, row.attempts, row.last_code) == ("pending", 1, 503)
+        wait = (_moment(row.next_attempt_at) - _moment(row.first_attempt_at)).total_seconds()
+        assert 119 <= wait <= 121, wait
+    finally:
+        yield service.stopService()
+        database.stop()
+        for protocol in factory.protocols:
+            if protocol.transport.connected:
+                protocol.transport.abortConnection()
+        yield port.stopListening()
+        engine.dispose()
+
+
+def _moment(value) -> datetime:
+    """A timestamp as read by raw SQL: a datetime (PostgreSQL) or ISO text (SQLite)."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import math
 import random
+from datetime import datetime, timezone
 
 import pytest
 
-from gateway.delivery.retry import RetryPolicy
+from gateway.delivery.retry import RetryPolicy, retry_after
 
 DRAWS = 2000
 
@@ -201,3 +202,28 @@ def test_non_finite_times_raise(name, value):
     args[name] = value
     with pytest.raises(ValueError, match=f"{name} must be a finite number"):
         RetryPolicy().next_attempt(args["now"], 1, args["first_attempt_at"], _rand())
+
+
+def test_a_pause_the_peer_asks_for_is_honoured_up_to_the_cap():
+    """Retry-After: the retry comes no earlier than the peer asks, and no later than `cap`
+    after the failure, whatever it asks; a shorter pause than the backoff changes nothing."""
+    policy = RetryPolicy(base=1.0, factor=2.0, cap=300.0, jitter="none")
+    assert policy.next_attempt(1000.0, 1, 1000.0, lambda: 0.5, pause=120.0) == 1120.0
+    assert policy.next_attempt(1000.0, 1, 1000.0, lambda: 0.5, pause=86400.0) == 1300.0
+    assert policy.next_attempt(1000.0, 5, 1000.0, lambda: 0.5, pause=3.0) == 1016.0
+    aged = RetryPolicy(base=1.0, cap=300.0, jitter="none", max_age=60.0)
+    assert aged.next_attempt(1000.0, 1, 1000.0, lambda: 0.5, pause=120.0) == 1060.0
+
+
+@pytest.mark.parametrize("value, pause", [
+    ("120", 120.0),
+    (" 5 ", 5.0),
+    ("0", 0.0),
+    ("Sun, 22 Nov 2026 10:02:00 GMT", 120.0),  # an HTTP-date: from now
+    ("Sun, 22 Nov 2026 09:00:00 GMT", 0.0),  # already past
+    ("9" * 5000, 1e9),  # absurdly long: bounded (the policy's cap bounds it again)
+    ("-5", None), ("soon", None), ("", None), (None, None), ("\u0663", None),
+])
+def test_retry_after_reads_seconds_or_an_http_date(value, pause):
+    now = datetime(2026, 11, 22, 10, 0, tzinfo=timezone.utc).timestamp()
+    assert retry_after(value, now) == pause

@@ -15,6 +15,9 @@ The schedule after the n-th failed attempt (n = 1 after the first failure):
 the whole window, so they do not come back in one burst; "equal" keeps at least half the
 ceiling, for peers that need a minimum pause.
 
+A peer may ask for a pause (HTTP Retry-After on a 429 or 503, `retry_after`): the retry then
+comes no earlier than it asks, and no later than `cap` after the failure, whatever it asks.
+
 Giving up (`next_attempt` returns None, the delivery becomes a dead letter):
 - `max_attempts`: after that many attempts in total (the first one included) have failed;
 - `max_age`: once `now - first_attempt_at >= max_age`. Before that, a retry that would fall
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from datetime import timezone
+from email.utils import parsedate_to_datetime
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,25 +95,48 @@ class RetryPolicy:
         return half + half * r
 
     def next_attempt(
-        self, now: float, attempt: int, first_attempt_at: float, rand: Rand
+        self, now: float, attempt: int, first_attempt_at: float, rand: Rand,
+        pause: float | None = None,
     ) -> float | None:
         """When to try again after failed attempt number `attempt`, or None to give up.
 
         `now` is when the attempt failed and `first_attempt_at` when the first attempt was
         made (a clock skew between nodes that puts it slightly after `now` is tolerated).
+        `pause`: the seconds the peer asked to be left alone (Retry-After), honoured up to
+        `cap`.
         """
         _check_finite("now", now)
         _check_finite("first_attempt_at", first_attempt_at)
         _check_attempt(attempt)
         if self.max_attempts is not None and attempt >= self.max_attempts:
             return None
-        at = now + self.delay(attempt, rand)
+        delay = self.delay(attempt, rand)
+        if pause is not None and pause > delay:
+            delay = min(pause, self.cap)
+        at = now + delay
         if self.max_age is not None:
             deadline = first_attempt_at + self.max_age
             if now >= deadline:
                 return None
             at = min(at, deadline)
         return at
+
+
+def retry_after(value: str | None, now: float) -> float | None:
+    """The pause an HTTP Retry-After header value asks for, in seconds from `now` (epoch
+    seconds): delay-seconds or an HTTP-date (RFC 9110, 10.2.3); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(min(int(value[:12]), 10 ** 9))
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - now)
 
 
 def _is_int(value: Any) -> bool:

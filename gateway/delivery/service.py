@@ -39,6 +39,7 @@ from gateway.audit.trail import AuditTrail
 from gateway.config import GatewayConfig
 from gateway.delivery.destinations import Destination, destination_for
 from gateway.delivery.outcome import DeliveryOutcome
+from gateway.delivery.retry import retry_after
 from gateway.events import SYSTEM, Event, EventBus
 from gateway.store import outbox
 from gateway.store.database import Database
@@ -210,6 +211,8 @@ class DeliveryService(Service):
         name = batch.claims[0].destination
         duration_ms = int((time.monotonic() - started) * 1000)
         draw = self.rand()
+        pause = (retry_after(response.headers.get("retry-after"), attempted_at.timestamp())
+                 if response is not None and outcome.kind == "transient" else None)
         retried = dead = 0
         seconds = duration_ms / 1000
         for claim in batch.claims:
@@ -217,7 +220,7 @@ class DeliveryService(Service):
             if outcome.kind == "transient":
                 first = (claim.first_attempt_at or attempted_at).timestamp()
                 at = self.policies[name].next_attempt(attempted_at.timestamp(), claim.attempts + 1,
-                                                      first, lambda: draw)
+                                                      first, lambda: draw, pause)
                 if at is not None:
                     next_at = datetime.fromtimestamp(at, timezone.utc)
             if outcome.kind == "delivered":
