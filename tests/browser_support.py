@@ -69,7 +69,8 @@ def write_config(root: Path, dev_pki: str, db_url: str, mllp_port: int, admin_po
         "mappings": {"directory": str(ROOT / "mappings")},
         "destinations": [{"name": "shared-record", "kind": "fhir-record",
                           "url": f"https://127.0.0.1:{record_port}/fhir",
-                          "response_timeout": 10, "retry": {"base": 0.2, "cap": 1}}],
+                          "connect_timeout": 1, "response_timeout": 3,  # within the lease
+                          "retry": {"base": 0.2, "cap": 1}}],
         "routes": "conf/routes.yaml",
         "delivery": {"lease": 5, "poll_interval": 0.1},
         "console": shipped["console"],  # admin/operator/viewer, passwords in PASSWORDS

@@ -53,10 +53,11 @@ def write_node_config(root, name: str, pg_url: str, port: int, dev_pki: str, rec
           - name: shared-record
             kind: fhir-record
             url: {record_url}
-            response_timeout: 10
+            connect_timeout: 1
+            response_timeout: 4
             retry: {{base: 0.2, cap: 1}}
         routes: conf/routes.yaml
-        delivery: {{lease: 3, poll_interval: 0.1}}
+        delivery: {{lease: 6, poll_interval: 0.1}}
         """), encoding="utf-8")
     return str(path)
 
