@@ -98,13 +98,13 @@ destinations:
   - {name: record, kind: fhir-record, url: "https://127.0.0.1:9444/fhir", retry: {base: 2, max_age: 3600}}
   - {name: cnss, kind: cnss, url: "https://127.0.0.1:9443/", concurrency: 4}
 routes: conf/routes.yaml
-delivery: {lease: 30, poll_interval: 0.2}
+delivery: {lease: 40, poll_interval: 0.2}
 """)
     config = load_config(str(conf / "gateway.yaml"), {})
     record, cnss = config.destinations
     assert (record.kind, record.url, record.retry.base, record.retry.max_age) == \
         ("fhir-record", "https://127.0.0.1:9444/fhir", 2.0, 3600.0)
-    assert cnss.concurrency == 4 and config.delivery.lease == 30.0
+    assert cnss.concurrency == 4 and config.delivery.lease == 40.0
     assert [(r.name, r.to) for r in config.routes] == [("results", ("record",)), ("billing", ("cnss", "record"))]
     assert config.routes[0].when.sender_types == ("laboratory",)
 
