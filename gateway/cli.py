@@ -25,6 +25,7 @@ import os
 import sys
 from datetime import datetime, timezone
 
+from gateway import fhir_json
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.ingest.model import MessageStatus
 
@@ -329,7 +330,7 @@ def _messages_show(args) -> int:
     data.update(_translation_of(database, args.id))
     data["deliveries"] = [d.as_dict() for d in database.run_now(deliveries_of, args.id)]
     if args.json:
-        print(json.dumps(data, ensure_ascii=False))
+        print(fhir_json.dumps(data).decode("utf-8"))
         return 0
     text, ack, bundle = data.pop("text"), data.pop("ack"), data.pop("bundle", None)
     outgoing = data.pop("deliveries")
@@ -343,7 +344,7 @@ def _messages_show(args) -> int:
     print(ack.replace("\r", "\n").rstrip("\n") if ack else "(none)")
     if bundle is not None:
         print("\n--- FHIR bundle ---")
-        print(json.dumps(bundle, ensure_ascii=False, indent=2))
+        print(fhir_json.dumps(bundle, indent=True).decode("utf-8"))
     if outgoing:
         print("\n--- deliveries ---")
     for delivery in outgoing:
@@ -427,7 +428,7 @@ def _translate(args) -> int:
         if record.bundle is None:  # not translated by design (a query, an acknowledgement)
             print(f"{path}: {record.error_reason}", file=sys.stderr)
             continue
-        print(json.dumps(record.bundle, ensure_ascii=False))
+        print(fhir_json.dumps(record.bundle).decode("utf-8"))
     return 1 if failures else 0
 
 

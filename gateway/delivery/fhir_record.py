@@ -32,6 +32,7 @@ from urllib.parse import quote
 import msgspec
 import orjson
 
+from gateway import fhir_json
 from gateway.delivery.outcome import DeliveryOutcome, HttpRequest, HttpResponse
 
 FHIR_JSON = "application/fhir+json"
@@ -82,7 +83,7 @@ def transaction_request_for_bundles(bundles: Sequence[dict], *, base_url: str,
     The body is compact UTF-8 JSON and depends only on the bundles and their order, so the
     same deliveries give the same bytes under the same key on every retry."""
     bundle = transaction_bundle(bundles)
-    return _request(orjson.dumps(bundle), len(bundle["entry"]), base_url, idempotency_key)
+    return _request(fhir_json.dumps(bundle), len(bundle["entry"]), base_url, idempotency_key)
 
 
 def transaction_request_for_texts(bundle_texts: Sequence[str | bytes], *, base_url: str,
@@ -102,10 +103,10 @@ def transaction_request_for_texts(bundle_texts: Sequence[str | bytes], *, base_u
         pass
     parts, count = [], 0
     for text in bundle_texts:
-        bundle = orjson.loads(text)
+        bundle = fhir_json.loads(text)  # decimals kept as stored, as the copying path keeps them
         entries = [transaction_entry(entry) for entry in bundle.get("entry", ())]
         if entries:
-            parts.append(orjson.dumps(entries)[1:-1])
+            parts.append(fhir_json.dumps(entries)[1:-1])
             count += len(entries)
     return _request(_TRANSACTION_START + b",".join(parts) + b"]}", count, base_url, idempotency_key)
 

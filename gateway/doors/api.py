@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway import fhir_json
 from gateway.config import SenderConfig
 
 PROBLEM_TYPE_BASE = "https://ma-hie.example/problems/"  # + a slug: our problem types
@@ -78,8 +79,7 @@ def problem_response(problem: Problem, instance: str | None = None) -> ApiRespon
 
 
 def json_response(status: int, data: Any, headers: dict[str, str] | None = None) -> ApiResponse:
-    return ApiResponse(status, json.dumps(data, ensure_ascii=False).encode("utf-8"),
-                       "application/json", dict(headers or {}))
+    return ApiResponse(status, fhir_json.dumps(data), "application/json", dict(headers or {}))
 
 
 def read_json(request: ApiRequest, limit_detail: str = "the body") -> Any:

@@ -13,12 +13,12 @@ are left out of the comparison.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from gateway import fhir_json
 from gateway.mapping.mapping_set import MappingSet, Translation
 from gateway.mapping.runtime import TranslationContext
 from gateway.translation.inputs import read_input
@@ -54,8 +54,9 @@ def translate_case(mapping_set: MappingSet, path: Path) -> Translation:
 
 
 def stable(bundle: dict) -> dict:
-    """The bundle without what changes from run to run or with every mapping edit."""
-    bundle = json.loads(json.dumps(bundle))
+    """The bundle without what changes from run to run or with every mapping edit (decimals
+    kept as written: 5.10 is not 5.1)."""
+    bundle = fhir_json.loads(fhir_json.dumps(bundle))
     bundle.pop("timestamp", None)
     for entry in bundle.get("entry", ()):
         resource = entry.get("resource", {})
@@ -71,7 +72,7 @@ def check_case(mapping_set: MappingSet, path: Path) -> CaseResult:
     actual = stable(translation.bundle)
     if not expected_path.exists():
         return CaseResult(path, expected_path, [f"no expected output {expected_path.name}"])
-    expected = stable(json.loads(expected_path.read_text(encoding="utf-8")))
+    expected = stable(fhir_json.loads(expected_path.read_text(encoding="utf-8")))
     return CaseResult(path, expected_path, list(differences(expected, actual))
                       + warning_differences(path, translation.warnings))
 
@@ -97,7 +98,7 @@ def write_expected(mapping_set: MappingSet, path: Path) -> Path:
     expected_path = path.with_suffix(".json")
     translation = translate_case(mapping_set, path)
     bundle = stable(translation.bundle)
-    expected_path.write_text(json.dumps(bundle, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    expected_path.write_text(fhir_json.dumps(bundle, indent=True).decode("utf-8") + "\n", encoding="utf-8")
     warnings_path = path.with_suffix(".warnings")
     if translation.warnings:
         warnings_path.write_text("".join(text + "\n" for text in translation.warnings), encoding="utf-8")
@@ -121,10 +122,19 @@ def differences(expected, actual, where: str = "Bundle"):
             yield f"{where}: {len(actual)} items, expected {len(expected)}"
         for number, (left, right) in enumerate(zip(expected, actual)):
             yield from differences(left, right, f"{where}[{number}]")
-    elif expected != actual:
+    elif expected != actual or _is_number(expected) and _text(expected) != _text(actual):
         yield f"{where}: {_short(actual)}, expected {_short(expected)}"
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _text(value) -> str:
+    """A value as written in the JSON: a decimal's precision counts (FHIR R4 decimal)."""
+    return fhir_json.dumps(value).decode("utf-8")
+
+
 def _short(value) -> str:
-    text = json.dumps(value, ensure_ascii=False)
+    text = _text(value)
     return text if len(text) <= 80 else text[:77] + "..."

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+from gateway.fhir_json import exact_decimal
 from gateway.mapping.transforms import transform
 from gateway.mapping.transforms.core import in_range
 
@@ -34,7 +35,7 @@ def numeric(text: str):
     comparator, digits = match.groups()
     digits = digits.replace(",", ".")
     try:
-        number = float(digits) if "." in digits else int(digits)
+        number = exact_decimal(digits) if "." in digits else int(digits)
     except ValueError:  # an integer of more than 4,300 digits
         return None
     if not in_range(number, digits):  # no number JSON can carry (1e400 reads as infinity): text

@@ -17,6 +17,7 @@ import re
 import sys
 from datetime import datetime, timedelta, timezone
 
+from gateway.fhir_json import exact_decimal
 from gateway.mapping.transforms import transform
 
 # ASCII digits only (re.ASCII): \d also matches Arabic-Indic and other digits, which int() reads
@@ -168,7 +169,8 @@ def in_range(number, text: str) -> bool:
 
 @transform("decimal")
 def to_decimal(value: str, run):
-    """v2 NM -> a JSON number (int or float, as written); '1,5' with a decimal comma is read."""
+    """v2 NM -> a JSON number as written: an int, or a decimal that keeps its precision
+    (gateway.fhir_json.ExactDecimal: '5.10' stays 5.10); '1,5' with a decimal comma is read."""
     text = value.strip()
     if "," in text and "." not in text and text.count(",") == 1:
         text = text.replace(",", ".")
@@ -176,7 +178,8 @@ def to_decimal(value: str, run):
     if match is None:
         raise ValueError(f"{value!r} is not a number")
     try:
-        number = float(text) if match.group(1) is not None or text.startswith((".", "+.", "-.")) else int(text)
+        number = exact_decimal(text) if match.group(1) is not None or text.startswith((".", "+.", "-.")) \
+            else int(text)
     except ValueError:  # an integer of more than 4,300 digits (Python's limit)
         number = math.inf
     if not in_range(number, text):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
+from gateway.fhir_json import exact_decimal
 from gateway.mapping.runtime import COMPONENT, FIELD, Part
 from gateway.mapping.transforms import transform
 from gateway.mapping.transforms.core import in_range
@@ -140,8 +141,9 @@ def charge_price(node, run):
             raise ValueError(f"FT1-10 {quantity_text!r} is not a quantity")
         extended = unit[0] * quantity, unit[1]
     amount, currency = extended
-    value = int(amount) if amount == amount.to_integral_value() else float(amount)
-    if not in_range(value, str(amount)):
+    text = format(amount, "f")  # as written (12.50), or as the product of two (25.00)
+    value = exact_decimal(text) if "." in text else int(text)
+    if not in_range(value, text):
         raise ValueError(f"the amount {str(amount)!r} is out of range (a number up to 1.8e308)")
     return {"value": value, "currency": currency}
 
