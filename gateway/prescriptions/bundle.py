@@ -34,7 +34,7 @@ from decimal import Decimal, InvalidOperation
 
 from adapters.hl7v2.codes import ErrorCondition
 from adapters.soap.cnss import valid_ean13
-from gateway.prescriptions import ids
+from gateway.prescriptions import ids, qr
 from gateway.prescriptions.codes import PrescriptionError
 
 SYSTEM = ids.SYSTEM
@@ -48,6 +48,9 @@ CNIE = "urn:ma:cnie"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 ORDER_INTENTS = ("order", "original-order", "instance-order")
 MAX_LINES = 100
+MAX_QUANTITY = Decimal(100_000)  # prescribed or dispensed on one line
+THOUSANDTH = Decimal("0.001")  # the store counts quantities in thousandths (store.to_milli)
+MAX_CODE, MAX_SYSTEM = 64, 128  # what the store keeps of a drug's or act's code and its system
 ACT_SYSTEM = "urn:ma:hie:act"  # ChargeItem.identifier of a performed act: its care-sheet line key
 CNSS_NOMENCLATURES = ("urn:ma:cnss:nabm", "urn:ma:cnss:ngap")  # what a care-sheet act is coded in
 LOINC = "http://loinc.org"
@@ -245,6 +248,18 @@ def quantity_of(quantity) -> tuple[Decimal | None, str | None]:
     return value, (" ".join(str(unit).split())[:64] if unit else None)
 
 
+def countable(quantity: Decimal | None) -> bool:
+    """Whether the store counts `quantity` exactly: positive, up to MAX_QUANTITY, in whole
+    thousandths. A finer one would be rounded: 1.0005 prescribed kept as 1.001 (its QR digest
+    no longer matches), 0.0004 dispensed kept as 0 (dispensed again and again)."""
+    return quantity is not None and 0 < quantity <= MAX_QUANTITY and quantity % THOUSANDTH == 0
+
+
+def storable_code(code: Medication) -> bool:
+    """Whether the store keeps this drug's or act's code whole (PostgreSQL refuses longer ones)."""
+    return len(code.code) <= MAX_CODE and len(code.system or "") <= MAX_SYSTEM
+
+
 def identifiers_of(resource: dict | None) -> tuple[str, ...]:
     """'system|value' of every identifier with both."""
     found = []
@@ -252,6 +267,11 @@ def identifiers_of(resource: dict | None) -> tuple[str, ...]:
         if isinstance(identifier, dict) and identifier.get("system") and str(identifier.get("value") or "").strip():
             found.append(f"{identifier['system']}|{str(identifier['value']).strip()}")
     return tuple(dict.fromkeys(found))
+
+
+def _too_long(code: Medication) -> str:
+    return (f"the code is longer than {MAX_CODE} characters" if len(code.code) > MAX_CODE
+            else f"the code's system is longer than {MAX_SYSTEM} characters")
 
 
 def _identifier(resource: dict | None, system: str) -> str | None:
@@ -400,6 +420,11 @@ def read_prescription(bundle: dict, segment: str | None) -> PrescriptionDraft:
         raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
                       f"{len(prescribers)} different prescribers in one prescription",
                       "ORC[1]-12" if hl7 else "MedicationRequest.requester")
+    if prescribers and not qr.signable(next(iter(prescribers))):
+        # It goes into the signed QR payload, which could not carry it.
+        raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                      "the prescriber's INPE is longer than 64 characters or holds '|' or a control character",
+                      "ORC[1]-12" if hl7 else "MedicationRequest.requester", ErrorCondition.DATA_TYPE_ERROR)
     patient_id = patient["resource"].get("id")
     return PrescriptionDraft(lines, f"Patient/{patient_id}" if patient_id else None, identifiers,
                              next(iter(prescribers), None), prescriber_entry)
@@ -418,11 +443,15 @@ def _drug_line(number: int, position: int, entry: dict, resources: Resources,
         raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
                       f"line {number}: the drug code is not a valid EAN-13 (GS1 check digit)",
                       where, ErrorCondition.DATA_TYPE_ERROR)
+    if not storable_code(medication):
+        raise Refusal(PrescriptionError.PRESCRIPTION_INVALID, f"line {number}: {_too_long(medication)}",
+                      where, ErrorCondition.DATA_TYPE_ERROR)
     quantity, unit = quantity_of((request.get("dispenseRequest") or {}).get("quantity"))
-    if quantity is None or quantity <= 0 or quantity > 100_000:
+    if not countable(quantity):
         field_number = 10 if segment == "RXE" else 11
         raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
-                      f"line {number} has no quantity to dispense (a positive number up to 100000)",
+                      f"line {number} has no quantity to dispense (a positive number up to 100000, "
+                      "at most 3 decimals)",
                       location(hl7, segment, "MedicationRequest", position, field_number,
                                "dispenseRequest.quantity"),
                       ErrorCondition.REQUIRED_FIELD_MISSING)
@@ -432,10 +461,13 @@ def _drug_line(number: int, position: int, entry: dict, resources: Resources,
 def _act_line(number: int, position: int, entry: dict, hl7: bool) -> PrescribedLine:
     """An act: its code (act_of), quantity 1 (an act is performed once)."""
     act = act_of(entry["resource"].get("code"))
+    where = location(hl7, "OBR", "ServiceRequest", position, 4, "code")
     if act is None:
         raise Refusal(PrescriptionError.PRESCRIPTION_INVALID, f"line {number} has no coded act",
-                      location(hl7, "OBR", "ServiceRequest", position, 4, "code"),
-                      ErrorCondition.REQUIRED_FIELD_MISSING)
+                      where, ErrorCondition.REQUIRED_FIELD_MISSING)
+    if not storable_code(act):
+        raise Refusal(PrescriptionError.PRESCRIPTION_INVALID, f"line {number}: {_too_long(act)}",
+                      where, ErrorCondition.DATA_TYPE_ERROR)
     return PrescribedLine(number, act, Decimal(1), None, entry, "act")
 
 
@@ -456,12 +488,22 @@ def read_dispensation(bundle: dict, hl7: bool) -> DispensationDraft:
                           f"dispensation {index} has no coded medication",
                           location(hl7, "RXD", "MedicationDispense", index, 2, "medicationCodeableConcept"),
                           ErrorCondition.REQUIRED_FIELD_MISSING)
+        if not storable_code(medication):
+            raise Refusal(PrescriptionError.PRESCRIPTION_INVALID, f"dispensation {index}: {_too_long(medication)}",
+                          location(hl7, "RXD", "MedicationDispense", index, 2, "medicationCodeableConcept"),
+                          ErrorCondition.DATA_TYPE_ERROR)
         quantity, unit = quantity_of(dispense.get("quantity"))
         if quantity is None or quantity <= 0:
             raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
                           f"dispensation {index} has no positive quantity dispensed",
                           location(hl7, "RXD", "MedicationDispense", index, 4, "quantity"),
                           ErrorCondition.REQUIRED_FIELD_MISSING)
+        if not countable(quantity):
+            raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                          f"dispensation {index}: the quantity dispensed must be at most 100000, "
+                          "with at most 3 decimals",
+                          location(hl7, "RXD", "MedicationDispense", index, 4, "quantity"),
+                          ErrorCondition.DATA_TYPE_ERROR)
         paper = any(isinstance(e, dict) and e.get("url") == PAPER_EXTENSION and e.get("valueBoolean") is True
                     for e in dispense.get("extension") or ())
         reference, dispensation_ref = _prescription_reference(resources, dispense)

@@ -8,6 +8,9 @@ then waits at most `timeout` + a margin. It never waits on a blocked reactor for
 reactor does not run the call in time (the gateway is stopping, the reactor is busy joining the
 worker), the queries are answered "unavailable" instead of deadlocking.
 
+An answer that contradicts itself or the question (rights open with a closed motive, another
+day, another insured) is no answer: the dispensation is refused, ELIGIBILITY_UNAVAILABLE.
+
 Positive answers are kept for `cache_seconds` (a pharmacy dispensing twice to the same patient
 in a morning asks once); closed rights are not kept, so a renewal is seen at once.
 """
@@ -47,6 +50,31 @@ class EligibilityAnswer:
     @property
     def covered(self) -> bool:
         return self.eligibility is not None and self.eligibility.rights_open
+
+
+OPEN = "DROITS_OUVERTS"
+
+
+def contradiction(query: EligibilityQuery, eligibility: Eligibility) -> str | None:
+    """Why an answer cannot be trusted to bill on, or None: it is about another day, or another
+    insured than the one asked (who may be a dependant of the insured named), or says rights
+    are open with a motive that says they are not (or the reverse). Never patient data."""
+    if eligibility.on != query.on:
+        return "CNSS answered about another day than the one asked"
+    if eligibility.rights_open != (eligibility.motive == OPEN):
+        return f"CNSS answered droitsOuverts {str(eligibility.rights_open).lower()} with motif {eligibility.motive}"
+    asked = _same(query.value)
+    if query.kind == "immatriculation" and eligibility.immatriculation is not None:
+        named = {_same(eligibility.immatriculation)}
+    elif query.kind == "cnie" and eligibility.cnie is not None:
+        named = {_same(eligibility.cnie)} | {_same(d.cnie) for d in eligibility.dependants if d.cnie}
+    else:
+        return None  # the answer names nobody (ASSURE_INCONNU), or not by what was asked
+    return None if asked in named else "CNSS answered about another insured than the one asked"
+
+
+def _same(value: str) -> str:
+    return "".join(value.split()).upper()
 
 
 class EligibilityChecker:
@@ -123,9 +151,13 @@ class EligibilityChecker:
 
         def answered(response) -> EligibilityAnswer:
             try:
-                return EligibilityAnswer(query, read_eligibility(response))
+                eligibility = read_eligibility(response)
             except EligibilityUnavailable as error:
                 return EligibilityAnswer(query, None, error.outcome.reason)
+            problem = contradiction(query, eligibility)
+            if problem is not None:
+                return EligibilityAnswer(query, None, problem)
+            return EligibilityAnswer(query, eligibility)
 
         def failed(failure) -> EligibilityAnswer:
             return EligibilityAnswer(query, None, failure.getErrorMessage()[:200])

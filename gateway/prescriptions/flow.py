@@ -254,16 +254,29 @@ class PrescriptionFlow:
         return EligibilityQuery(kind, value, self._care_date(draft, pending))
 
     def _care_date(self, draft, pending: Pending) -> date:
-        """The day of care: the first dispensation's handing over or act's performance, as
-        sent, else the day the message was received (in the gateway's zone)."""
+        """The day of care: the first dispensation's handing over or act's performance, else
+        the day the message was received (in the gateway's zone)."""
         for item in draft.items:
-            text = getattr(item, "handed_over", None) or getattr(item, "day", None)
-            if isinstance(text, str) and len(text) >= 10:
-                try:
-                    return date.fromisoformat(text[:10])
-                except ValueError:
-                    pass
+            day = self._local_day(getattr(item, "handed_over", None) or getattr(item, "day", None))
+            if day is not None:
+                return day
         return pending.received_at.astimezone(self.zone).date()
+
+    def _local_day(self, text) -> date | None:
+        """The day a FHIR date or dateTime falls on in the gateway's zone: a time with an
+        offset is converted (23:30Z on the 15th is the 16th in Casablanca, where AMO rights
+        are counted); None when it is neither."""
+        if not isinstance(text, str) or len(text) < 10:
+            return None
+        try:
+            day = date.fromisoformat(text[:10])
+        except ValueError:
+            return None
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            return day
+        return moment.astimezone(self.zone).date() if moment.tzinfo is not None else day
 
     # -- inside the transaction --------------------------------------------------------------
 
@@ -558,6 +571,12 @@ class PrescriptionFlow:
                           "nor on the prescription: send it as an alternate coding of OBR-4",
                           rules.location(hl7, "OBR", "DiagnosticReport", item.index, 4, "code"),
                           ErrorCondition.REQUIRED_FIELD_MISSING)
+        if len(coding[1]) > rules.MAX_CODE:  # the result's own code, kept with the act: not checked before
+            raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                          f"result {item.index}: the CNSS code of act {line.medication_code} is longer than "
+                          f"{rules.MAX_CODE} characters",
+                          rules.location(hl7, "OBR", "DiagnosticReport", item.index, 4, "code"),
+                          ErrorCondition.DATA_TYPE_ERROR)
         return coding
 
     def _day(self, item: rules.PerformedAct, pending: Pending) -> str:
@@ -634,17 +653,22 @@ class PrescriptionFlow:
                           f"dispensation {item.index}: drug {item.medication.code} is not on prescription "
                           f"{prescription.id}", where)
         quantity_where = rules.location(hl7, "RXD", "MedicationDispense", item.index, 4, "quantity")
-        for line in candidates:
-            if item.unit and line.unit and _unit(item.unit) != _unit(line.unit):
-                raise Refusal(PrescriptionError.UNIT_MISMATCH,
-                              f"dispensation {item.index}: line {line.line} of {prescription.id} is "
-                              f"prescribed in {line.unit!r}, dispensed in {item.unit!r}",
-                              rules.location(hl7, "RXD", "MedicationDispense", item.index, 5, "quantity.unit"))
+        # The drug may be prescribed on several lines in different units (boxes, tablets): the
+        # lines in the unit dispensed, not the first line of the drug.
+        in_unit = [line for line in candidates
+                   if not (item.unit and line.unit and _unit(item.unit) != _unit(line.unit))]
+        if not in_unit:
+            line = candidates[0]
+            raise Refusal(PrescriptionError.UNIT_MISMATCH,
+                          f"dispensation {item.index}: line {line.line} of {prescription.id} is "
+                          f"prescribed in {line.unit!r}, dispensed in {item.unit!r}",
+                          rules.location(hl7, "RXD", "MedicationDispense", item.index, 5, "quantity.unit"))
+        for line in in_unit:
             left = line.remaining - taken.get(line.line, 0)
             if item.quantity <= left:
                 taken[line.line] = taken.get(line.line, 0) + item.quantity
                 return line
-        line = candidates[-1]
+        line = in_unit[-1]
         left = max(line.remaining - taken.get(line.line, 0), 0)
         raise Refusal(PrescriptionError.OVER_DISPENSING,
                       f"over-dispensing: line {line.line} of {prescription.id} ({line.medication_code}) "

@@ -145,12 +145,18 @@ def _quantity_text(quantity) -> str:
 
 # -- signing and verifying -------------------------------------------------------------------
 
+def signable(value: str) -> bool:
+    """Whether a field (the prescriber's INPE) can go into a payload: 1 to 64 characters,
+    no '|' (the separator), no control character."""
+    return bool(_FIELD.match(value))
+
+
 def sign(key: SigningKey, prescription_id: str, prescriber_inpe: str, issued_on: date,
          digest: str) -> str:
     """The QR payload for these claims, signed with `key`."""
     values = [prescription_id, prescriber_inpe, issued_on.strftime("%Y%m%d"), digest, key.key_id]
     for value in values:
-        if not _FIELD.match(value):
+        if not signable(value):
             raise ValueError("a QR payload field is empty, too long, or holds '|' or a control character")
     head = f"{VERSION}.{b64encode('|'.join(values).encode('utf-8'))}"
     return f"{head}.{b64encode(key.private.sign(head.encode('ascii')))}"
