@@ -216,3 +216,32 @@ def test_an_eligibility_answer_that_contradicts_itself_or_the_question_is_not_co
             assert made.requests == 2  # asked again: nothing kept
     finally:
         yield made.close()
+
+
+def test_a_batch_stored_again_one_by_one_keeps_nothing_of_its_rolled_back_step(pg_url, tmp_path, repo_mappings):
+    """When the database refuses a value of one translation (here an error code past
+    PostgreSQL's integer, standing for any value it refuses), its batch is rolled back and each
+    translation stored on its own. The step had given the other prescription an id, and its
+    bundle that id, in the transaction rolled back: it runs again from the translation as it
+    was, so its bundle names the id stored and no other (it kept the id that never existed
+    beside the new one)."""
+    harness = standard_harness(pg_url, tmp_path, repo_mappings)
+    try:
+        good, bad = harness.store(rde("BATCH-A")), harness.store(rde("BATCH-B"))
+        results = [(pending, harness.worker._translate(pending)) for pending in (good, bad)]
+        results[1][1].error_code = 2 ** 40
+        harness.worker._store(results)
+        record = results[0][1]
+        assert record.status == "translated" and results[1][1].status == "failed"
+        prescription_id = segments(record.ack)["ORC"][0][3].split("^")[0]
+        requests = [entry["resource"] for entry in record.bundle_dict()["entry"]
+                    if entry["resource"]["resourceType"] == "MedicationRequest"]
+        assert {request["groupIdentifier"]["value"] for request in requests} == {prescription_id}
+        named = {identifier["value"].split("/")[0] for request in requests
+                 for identifier in request["identifier"] if identifier["value"].startswith("RX-")}
+        assert named == {prescription_id}  # not also the id of the attempt rolled back
+        with harness.engine.connect() as connection:
+            assert store.get_prescription(connection, prescription_id) is not None
+            assert connection.execute(text("SELECT count(*) FROM prescriptions")).scalar() == 1
+    finally:
+        harness.close()

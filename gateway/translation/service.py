@@ -33,6 +33,7 @@ The worker never touches the reactor: `deliver(function, *args)` (callFromThread
 """
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
@@ -306,11 +307,16 @@ class TranslationWorker:
         """Store a batch in one transaction. When the database refuses a value of it (a
         DataError), each translation is stored on its own, and one still refused is stored
         as failed: otherwise its batch, and each sweep after it, would fail again forever."""
+        before = _before_step(results, self.step)
         try:
             self._store_batch(results)
             return
         except self._refused as error:  # any other failure: the database is away, raised
             refused = error
+        # The step changed its records in the transaction that was rolled back (a prescription
+        # id, its ACK): each goes again as it was translated, or it would keep what never was.
+        for record, saved in before:
+            _restore(record, saved)
         if len(results) > 1:
             log.error("storing %d translations: the database refused a value (%s); storing them "
                       "one by one", len(results), type(refused).__name__)
@@ -342,6 +348,26 @@ class TranslationWorker:
             self.events.emit(event)
         if self.on_enqueued is not None and any(record.destinations for _, record in results):
             self.deliver(self.on_enqueued)
+
+
+def _before_step(results: list[tuple[Pending, TranslationRecord]],
+                 step: TranslationStep | None) -> list[tuple[TranslationRecord, TranslationRecord]]:
+    """A copy of each record the step works on, as it is before the step changes it."""
+    if step is None:
+        return []
+    return [(record, _copied(record)) for pending, record in results if step.involves(pending, record)]
+
+
+def _copied(record: TranslationRecord) -> TranslationRecord:
+    saved = copy.copy(record)
+    saved.bundle = copy.deepcopy(record.bundle)
+    saved.warnings = list(record.warnings)
+    return saved
+
+
+def _restore(record: TranslationRecord, saved: TranslationRecord) -> None:
+    for name in TranslationRecord.__slots__:
+        setattr(record, name, getattr(saved, name))
 
 
 def _unstorable(record: TranslationRecord, error: Exception) -> None:
