@@ -43,25 +43,27 @@ OUTBOX_WAIT = 2.0  # seconds a scrape waits for fresh outbox figures
 
 
 class _Bounded:
-    """A label value checked once (a regular expression) and remembered; at most `size`
-    distinct values are remembered, so a flood of junk costs a regex each, not memory."""
+    """A label value checked (a regular expression) and, when it passes, remembered; at most
+    `size` distinct values become labels, any other is "other": the pattern alone admits billions
+    (ADT^A01 to ZZZ^ZZZ), and each label is a series of several metrics, which a sender
+    inventing message types would grow without end (and every scrape renders on the reactor
+    thread). A flood of junk costs a regex each, not memory."""
 
     def __init__(self, pattern: re.Pattern, size: int = 512):
         self._pattern = pattern
-        self._seen: dict[str, str] = {}
+        self._labels: set[str] = set()
         self._size = size
 
     def __call__(self, value: object) -> str:
         if value is None:
             return OTHER
         value = str(value)
-        known = self._seen.get(value)
-        if known is not None:
-            return known
-        label = value if self._pattern.match(value) else OTHER
-        if len(self._seen) < self._size:
-            self._seen[value] = label
-        return label
+        if value in self._labels:
+            return value
+        if len(self._labels) >= self._size or not self._pattern.match(value):
+            return OTHER
+        self._labels.add(value)
+        return value
 
 
 class _Children:

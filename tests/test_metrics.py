@@ -122,3 +122,20 @@ def test_labels_stay_bounded():
                       "unknown ASTM": 1, "INPE-100001 CSV-lab": 1, "INPE-100001 QBP^Q11": 1}
     assert value(found, "gateway_messages_refused_total", listener="mllp", facility="unknown",
                  type="other", reason="other") == 1
+
+
+def test_a_sender_inventing_message_types_cannot_grow_the_series_without_end():
+    """Each type that looks like one is a label, but only so many: the pattern admits billions
+    (ADT^AAA, ADT^AAB, ...), each one more series of several metrics kept in memory and
+    rendered at every scrape."""
+    metrics = GatewayMetrics("node-a")
+    invented = [f"ADT^{a}{b}{c}" for a in "ABCDEFGH" for b in "ABCDEFGH" for c in "ABCDEFGH"]  # 512
+    for message_type in ["ORU^R01"] + invented + ["ADT^A01", "ORU^R01"]:
+        metrics.observe(Event("message.refused", "x", listener="mllp", message_type=message_type,
+                              detail={"reason": "refused"}))
+    found = samples(metrics.exposition()[0].decode())
+    types = {dict(labels)["type"]: v for (name, labels), v in found.items()
+             if name == "gateway_messages_refused_total"}
+    assert len(types) == 512 + 1  # the labels kept, and "other" for every type past them
+    assert types["ORU^R01"] == 2 and types["ADT^AAA"] == 1  # the first ones seen keep their label
+    assert types["other"] == 1 + 1  # ADT^HHH and ADT^A01, past the bound

@@ -31,6 +31,15 @@ class LoginThrottle:
             return False
         return record.paused_until > now
 
+    def attempt(self, account: str, address: str, now: float) -> bool:
+        """Whether a login of this pair may be checked now. One let through counts as failed
+        until `succeeded` clears it: concurrent guesses would otherwise all pass `paused`
+        while the first ones are still being checked (scrypt takes a tenth of a second)."""
+        if self.paused(account, address, now):
+            return False
+        self.failed(account, address, now)
+        return True
+
     def failed(self, account: str, address: str, now: float) -> None:
         key = (account, address)
         record = self._records.pop(key, None) or _Record()

@@ -49,6 +49,11 @@ _HERE = Path(__file__).parent
 MAX_BODY = 64 * 1024  # a console form is small; a larger body is refused (413)
 MAX_QUERY = 4096  # characters of a query string
 MAX_FIELDS = 32
+# Passwords checked at once (scrypt: about 0.1 s and 32 MiB each, on the reactor's thread pool,
+# which page rendering and the REST door share) and logins waiting their turn; more are
+# refused at once (503), so that a flood of logins stalls neither.
+LOGIN_CHECKS = 2
+LOGIN_WAITING = 16
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{20,128}")
 _SECURITY_HEADERS = {
     b"content-security-policy": b"default-src 'none'; style-src 'self'; img-src 'self'; "
@@ -143,6 +148,7 @@ class Console(resource.Resource):
         console = context.config.console
         self.accounts: dict[str, ConsoleAccount] = {a.name: a for a in console.accounts}
         self.throttle = LoginThrottle(console.login_attempts, console.login_pause)
+        self.password_checks = defer.DeferredSemaphore(LOGIN_CHECKS)
         self.templates = Environment(loader=FileSystemLoader(str(_HERE / "templates")),
                                      autoescape=True, undefined=StrictUndefined,
                                      trim_blocks=True, lstrip_blocks=True)
@@ -285,7 +291,13 @@ class Console(resource.Resource):
         console = self.context.config.console
         host = call.source.rsplit(":", 1)[0]
         now = self.context.now()
-        if self.throttle.paused(username, host, now):
+        checks = self.password_checks
+        if checks.tokens == 0 and len(checks.waiting) >= LOGIN_WAITING:
+            self._emit("console.login", username or "?", call, outcome="refused",
+                       detail={"reason": "busy"})
+            return await self._login_page(call, 503, "Trop de connexions en cours : réessayez dans un instant.",
+                                          username)
+        if not self.throttle.attempt(username, host, now):  # counts it as failed until it succeeds
             self._emit("console.login", username or "?", call, outcome="refused",
                        detail={"reason": "throttled"})
             return await self._login_page(call, 429, "Trop de tentatives : réessayez dans quelques minutes.",
@@ -293,9 +305,9 @@ class Console(resource.Resource):
         account = self.accounts.get(username)
         stored = account.password_hash if account is not None else DUMMY_HASH
         pool = self.context.reactor.getThreadPool()
-        good = await threads.deferToThreadPool(self.context.reactor, pool, verify_password, password, stored)
+        good = await checks.run(threads.deferToThreadPool, self.context.reactor, pool, verify_password,
+                                password, stored)
         if account is None or not good or not username:
-            self.throttle.failed(username, host, now)
             self._emit("console.login", username or "?", call, outcome="refused",
                        detail={"reason": "bad credentials"})
             log.info("console login refused from %s", call.source)
