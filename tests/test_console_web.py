@@ -395,6 +395,7 @@ async def test_message_page_lays_out_fields_ack_canonical_and_deliveries(console
     assert page.status == 200
     assert page.header("content-type") == "text/html; charset=utf-8"
     assert "default-src 'none'" in page.header("content-security-policy")
+    assert page.header("strict-transport-security") is None  # plain HTTP (loopback, development)
 
     # The raw message by segment and field, named from hl7apy (HL7 2.5).
     rows = {row.cssselect("td.position")[0].text: row for row in page.select("table#segments tr.field")}
@@ -676,6 +677,7 @@ async def test_a_tls_listener_asks_no_client_certificate_and_secures_the_cookie(
         assert re.search(r"(?i);\s*secure", page.header("set-cookie"))
         page = await client.get("/facilities")
         assert page.status == 200 and [r.get("data-facility") for r in page.select("tr.facility")] == ["CHUIR", "LAB-ANFA"]
+        assert page.header("strict-transport-security") == "max-age=31536000"
         assert "Pas de mappings" not in page.text and (await client.get("/mappings")).status == 200
         plain = Client(port.getHost().port)
         with pytest.raises((ConnectionError, http.client.HTTPException)):  # TLS only

@@ -492,6 +492,8 @@ class Console(resource.Resource):
         request.setResponseCode(status)
         for name, value in _SECURITY_HEADERS.items():
             request.setHeader(name, value)
+        if self.context.listener.tls:  # browsers then never try the console over plain HTTP
+            request.setHeader(b"strict-transport-security", b"max-age=31536000")
         request.setHeader(b"cache-control", cache)
         request.setHeader(b"content-type", content_type)
         request.setHeader(b"content-length", str(len(body)).encode("ascii"))
