@@ -435,9 +435,17 @@ class _Reader:
         except yaml.YAMLError as e:
             self.problems.append(f"{name}: YAML error: {e}")
             return _INVALID
+        except RecursionError:  # PyYAML composes nested collections recursively
+            self.problems.append(f"{name}: YAML nested too deeply to read")
+            return _INVALID
         if node is None:
             start = yaml.Mark(name, 0, 0, 0, None, None)
             node = yaml.MappingNode("tag:yaml.org,2002:map", [], start)
+        limit = max(_EXPANDED_NODES_FREE, _EXPANSION_FACTOR * _written_nodes(node))
+        if _expands_past(node, limit):
+            self.problems.append(f"{name}: its aliases (*name) repeat their anchors' contents to "
+                                 f"more than {limit} values; write fewer aliases")
+            return _INVALID
         return node
 
     def value(self, node: yaml.ScalarNode, path: str) -> Any:
@@ -468,6 +476,46 @@ class _Reader:
             return self._constructor.construct_object(node, deep=True)
         except yaml.YAMLError as e:
             return self.fail(node, path, f"cannot read this value: {getattr(e, 'problem', e)}")
+
+
+# An alias (*name) stands for its anchor's whole node, so the checks walk that node again at
+# each alias: a few lines of aliases of aliases ("billion laughs") would hold the loading (and
+# a reload, in the running gateway) for hours and gigabytes. Allowed: this many values, or
+# this many times what is written.
+_EXPANDED_NODES_FREE = 100_000
+_EXPANSION_FACTOR = 10
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    return []
+
+
+def _written_nodes(root: yaml.Node) -> int:
+    """The nodes of a document as written (an alias's node counted once)."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) not in seen:
+            seen.add(id(node))
+            stack.extend(_children(node))
+    return len(seen)
+
+
+def _expands_past(root: yaml.Node, limit: int) -> bool:
+    """Whether the document, each alias replaced by its anchor's node, has more than `limit`
+    nodes (an alias inside its own anchor expands without end). Stops at the limit."""
+    count, stack = 0, [root]
+    while stack:
+        count += 1
+        if count > limit:
+            return True
+        stack.extend(_children(stack.pop()))
+    return False
 
 
 def _display(file: str) -> str:
@@ -575,6 +623,17 @@ def _facility_id(value: Any) -> str:
     text = _text(value)
     if len(text) > 64 or has_control(text):
         raise _Invalid("must be at most 64 characters, without control characters")
+    return text
+
+
+def _hl7_name(value: Any) -> str:
+    """How the gateway names itself in MSH-3/MSH-4 of every ACK: the ACK is ASCII, and a field
+    separator, repetition, escape or subcomponent character or a line end would break it for
+    every sender ('^' separates the components of an HD, as in NAME^OID^ISO)."""
+    text = _text(value)
+    if not text.isascii() or not text.isprintable() or any(c in text for c in "|~\\&"):
+        raise _Invalid("must be printable ASCII without the HL7 separators | ~ \\ & (it goes into "
+                       "MSH-3/MSH-4 of every ACK)")
     return text
 
 
@@ -953,7 +1012,7 @@ _GATEWAY = _mapping(
                      ingest_max_batch=_integer(1, 100_000)),
     pki=_record(PkiConfig, ca=_TEXT, cert=_TEXT, key=_TEXT, dev_dir=_TEXT, crl=_TEXT,
                 prescription_key=_TEXT),
-    identity=_record(IdentityConfig, application=_TEXT, facility=_TEXT),
+    identity=_record(IdentityConfig, application=_scalar(_hl7_name), facility=_scalar(_hl7_name)),
     listeners=_mapping(mllp=_list_of(_MLLP_LISTENER, unique=("name", "port")),
                        astm=_list_of(_ASTM_LISTENER, unique=("name", "port")),
                        https=_list_of(_HTTPS_LISTENER, unique=("name", "port")),
@@ -1046,6 +1105,31 @@ def _sender_mapping_problems(root: str, values: dict) -> list[str]:
         if facility.mappings and not os.path.isdir(os.path.join(senders, facility.mappings)):
             problems.append(f"{_display(located.file)}: facilities[{index}].mappings: "
                             f"{facility.mappings!r} is not a folder of {_display(senders)}")
+    return problems
+
+
+def _certificate_problems(values: dict) -> list[str]:
+    """No certificate is bound to two facilities: the registry would silently give it to the
+    last one (fingerprints are compared as normalised, subjects as RFC 4514 prints them)."""
+    from cryptography import x509
+
+    located = values.get("facilities")
+    if located is None:
+        return []
+    problems = []
+    bound: dict[tuple[str, str], str] = {}
+    for index, facility in enumerate(located.value):
+        keys = []
+        if facility.certificate_sha256:
+            keys.append(("certificate_sha256", facility.certificate_sha256))
+        if facility.certificate_subject:
+            subject = x509.Name.from_rfc4514_string(facility.certificate_subject).rfc4514_string()
+            keys.append(("certificate_subject", subject))
+        for key in keys:
+            if key in bound:
+                problems.append(f"{_display(located.file)}: facilities[{index}].{key[0]}: also "
+                                f"the certificate of facility {bound[key]}")
+            bound.setdefault(key, facility.id)
     return problems
 
 
@@ -1151,6 +1235,7 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
         reader.problems.extend(_destination_problems(path, values))
         reader.problems.extend(_prescription_problems(path, values))
         reader.problems.extend(_sender_mapping_problems(root, values))
+        reader.problems.extend(_certificate_problems(values))
     if reader.problems:
         raise ConfigError(reader.problems)
 

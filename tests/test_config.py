@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -268,6 +269,62 @@ def test_yaml_syntax_error_is_reported_with_its_line(project):
     path = write(project, "database:\n  url: [unclosed\npki: {}\n")
     [problem] = problems(path)
     assert problem.startswith("conf/gateway.yaml:3: YAML syntax error:")
+
+
+def test_gateway_identity_must_fit_in_an_ack(project):
+    """identity.application/facility go into MSH-3/MSH-4 of every ACK: a field separator or a
+    line end (here from the environment) would break every ACK, a non-ASCII letter stopped
+    the gateway at start; each is reported at its key."""
+    path = write(project, MINIMAL + 'identity: {application: "${APP}", facility: "Hôpital"}\n')
+    found = problems(path, {"APP": "MA|HIE\rGW"})
+    assert [p.split(": must")[0] for p in found] == [
+        "conf/gateway.yaml:5: identity.application", "conf/gateway.yaml:5: identity.facility"]
+    assert all("without the HL7 separators" in p for p in found)
+    config = load_config(str(write(project, MINIMAL + "identity: {application: GW^2.16.504^ISO}\n")), {})
+    assert config.identity.application == "GW^2.16.504^ISO"  # an HD with its components
+
+
+def test_aliases_that_repeat_a_list_many_times_are_refused_at_once(project):
+    """A registry of a few hundred lines whose aliases repeat one long list for every facility
+    (billion laughs) is refused in well under a second instead of holding the loading (and a
+    reload, in the running gateway) for minutes and gigabytes; moderate aliases still load."""
+    names = ",".join(["*n"] * 20_000)
+    lines = [f"facilities:\n  - {{id: F0, name: n, type: hospital, facilities: &all [&n CHU,{names}]}}"]
+    lines += [f"  - {{id: F{i}, name: n, type: hospital, facilities: *all}}" for i in range(1, 500)]
+    (project / "conf" / "facilities.yaml").write_text("\n".join(lines) + "\n")
+    started = time.monotonic()
+    [problem] = problems(write(project, MINIMAL))
+    assert time.monotonic() - started < 5
+    assert problem.startswith("conf/facilities.yaml: its aliases (*name) repeat")
+
+    (project / "conf" / "facilities.yaml").write_text(
+        "facilities:\n  - {id: A, name: a, type: hospital, allow_sources: &lan [10.1.0.0/16]}\n"
+        "  - {id: B, name: b, type: clinic, allow_sources: *lan}\n")
+    config = load_config(str(write(project, MINIMAL)), {})
+    assert [s.allow_sources for s in config.senders] == [("10.1.0.0/16",)] * 2
+
+
+def test_yaml_nested_too_deeply_is_a_problem_not_a_crash(project):
+    """Collections nested thousands deep are reported as a problem of the file (PyYAML reads
+    them recursively), not raised as a RecursionError."""
+    path = write(project, MINIMAL + "node: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert problems(path) == ["conf/gateway.yaml: YAML nested too deeply to read"]
+
+
+def test_a_certificate_bound_to_two_facilities_is_refused(project):
+    """One fingerprint or subject (as normalised) for two facilities: the registry would give
+    the certificate to the last one, silently."""
+    fingerprint = ":".join(["AB"] * 32)
+    (project / "conf" / "facilities.yaml").write_text(textwrap.dedent(f"""\
+        facilities:
+          - {{id: A, name: a, type: hospital, certificate_sha256: "{fingerprint}",
+              certificate_subject: "CN=INPE-1,O=MA HIE facility"}}
+          - {{id: B, name: b, type: hospital, certificate_sha256: "{"ab" * 32}"}}
+          - {{id: C, name: c, type: clinic, certificate_subject: "CN=INPE-1,O=MA HIE facility"}}
+        """))
+    assert problems(write(project, MINIMAL)) == [
+        "conf/facilities.yaml: facilities[1].certificate_sha256: also the certificate of facility A",
+        "conf/facilities.yaml: facilities[2].certificate_subject: also the certificate of facility A"]
 
 
 def test_missing_config_file_is_an_error():

@@ -146,6 +146,10 @@ def test_optional_envelope_segments(segments, counts):
     ([BHS, "BTS|0", "BTS|0"], "BTS without an open batch"),
     ([BHS, "BTS|0", "FTS|1"], "FTS without FHS"),
     ([BHS, *msg("1"), "BTS|1", "EVN|A08"], "outside a message"),
+    # FTS ends the file: a message after it was taken into the batch, uncounted.
+    (["FHS|^~\\&|LAB", BHS, *msg("1"), "FTS|1", *msg("2")], "MSH after FTS"),
+    (["FHS|^~\\&|LAB", BHS, *msg("1"), "FTS|1", "BTS|1"], "BTS after FTS"),
+    (["FHS|^~\\&|LAB", BHS, *msg("1"), "BTS|1", "FTS|1", "FTS|1"], "FTS after FTS"),
 ])
 def test_structure_errors(segments, words):
     """Segments out of place reject the whole batch with a reason."""
@@ -160,6 +164,16 @@ def test_lf_and_crlf_line_endings(end):
     batch = split_batch(join(BHS, *msg("1"), *msg("2"), "BTS|2", end=end))
     assert len(batch.messages) == 2
     assert all(m.startswith(b"MSH|") for m in batch.messages)
+
+
+def test_segment_id_outside_ascii_letters_and_digits_is_named_safely():
+    """A segment id is named in ERR-2 and the reason with '?' for each byte that is not an ASCII
+    letter or digit (a NUL, a separator, a byte above 0x7F), never as the bytes themselves."""
+    raw = join(BHS, "BTS|0").replace(b"BTS|0", b"\x00\xe9|X|1")
+    with pytest.raises(BatchError) as caught:
+        split_batch(raw)
+    assert caught.value.location == Location("???", 1)
+    assert caught.value.reason.startswith("??? segment outside a message")
 
 
 def test_bad_batch_header_delimiters():

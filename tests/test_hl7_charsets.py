@@ -1,7 +1,7 @@
 """MSH-18 (HL7 table 0211) to Python codecs, and decoding with a per-sender fallback."""
 import pytest
 
-from adapters.hl7v2.charsets import CharsetError, codec_for, decode
+from adapters.hl7v2.charsets import CharsetError, Decoded, codec_for, decode
 
 ARABIC = "محمد بن عبد الله، الرباط"  # synthetic name and city
 FRENCH = "Hôpital Ibn Sina, Rabat: résultat « normal », cœur"
@@ -20,6 +20,14 @@ FRENCH = "Hôpital Ibn Sina, Rabat: résultat « normal », cœur"
 def test_codec_for(declared, codec):
     """Each supported MSH-18 value maps to its Python codec; empty means ASCII."""
     assert codec_for(declared) == codec
+
+
+@pytest.mark.parametrize("declared", [" ", "   "])
+def test_codec_for_blank_msh18_is_ascii_as_empty(declared):
+    """An MSH-18 of blanks (fixed-width senders pad fields) declares nothing, as an empty one:
+    ASCII, not an unsupported character set that refuses the message."""
+    assert codec_for(declared) == "ascii"
+    assert decode("Ren\u00e9".encode("utf-8"), declared) == Decoded("Ren\u00e9", "utf-8", True)
 
 
 @pytest.mark.parametrize("declared, codec", [

@@ -401,6 +401,23 @@ def test_enhanced_success_only():
     assert refused.status is MessageStatus.REJECTED and refused.ack is None
 
 
+@pytest.mark.parametrize("tls", [False, True])
+def test_registered_sender_with_its_own_component_separator_is_known(tls):
+    """MSH-3/MSH-4 as HD (NAME$OID$ISO) in a message whose component separator is '$' name the
+    facility by their first component, as with '^': on plain MLLP and over TLS."""
+    from adapters.mllp.protocol import ConnectionInfo
+
+    lab = SenderConfig(id="L1", name="Lab", type="laboratory", applications=("SIL",),
+                       facilities=("LABO_A",))
+    raw = (b"MSH|$~\\&|SIL$1.2.3$ISO|LABO_A$2.16.504$ISO|HIE|MA|20260101120000||ORU$R01$ORU_R01|"
+           b"SEP1|P|2.5\rOBX|1|NM|718-7$Hemoglobin$LN||13.2\r")
+    connection = ConnectionInfo("mllp-test", "10.1.2.3:5000", "L1", True) if tls else None
+    item = inspector(accept_unknown_senders=False, registry=FacilityRegistry([lab])).message(
+        raw, connection)
+    assert item.status is MessageStatus.RECEIVED, item.error
+    assert item.sender_id == "L1" and item.sending_facility == "LABO_A$2.16.504$ISO"
+
+
 def test_non_default_delimiters_message_accepted():
     """A message with # $ * @ ! delimiters is accepted and answered in its own delimiters."""
     raw = message(fs="#", enc="$*@!", kind="ORU$R01$ORU_R01")
@@ -417,6 +434,21 @@ def test_locate():
     assert locate(raw, raw.index(b"\xe9"), d) == Location("OBX", 2, 4)
     assert locate(raw, raw.index(b"LAB"), d) == Location("MSH", 1, 3)
     assert locate(raw.replace(b"\r", b"\n"), raw.index(b"\xe9"), d) == Location("OBX", 2, 4)
+
+
+@pytest.mark.parametrize("segment, name", [
+    (b"O\xe9X|1|v\xe9", "O?X"),  # above 0x7F: the ACK is ASCII
+    (b"P|X|v\xe9", "P?X"),  # a separator would split ERR-2
+    (b"\xe9\r", "?"),  # a short segment: the id stops at its end
+])
+def test_bad_segment_ids_are_located_with_question_marks(segment, name):
+    """A bad byte in a segment whose id is not letters and digits: ERR-2 names the id with '?'
+    for each other byte, and the ACK (ASCII, one ERR) is built."""
+    raw = message(msh18="ASCII") + segment + b"\r"
+    item = inspector().message(raw)
+    assert item.error.location.segment == name
+    assert item.ack.isascii() and item.ack.count(b"\r") == 3
+    assert err(item.ack)[2].split(b"^")[:2] == [name.encode(), b"1"]
 
 
 def test_field_view_of_batch_header():

@@ -101,6 +101,13 @@ BAD_INPUTS = {
                             "AE", "BAD6", "PID^1^5", "102", "CHARSET_INVALID", "NUL byte (0x00)"),
     "binary garbage": (bytes(b for b in range(256) if b not in (0x0B, 0x1C)) * 3,
                        "AR", "", "MSH^1", "100", "NOT_HL7", "does not start with an MSH"),
+    # A segment id read from the bytes goes into ERR-2 and the store: a byte above 0x7F in
+    # it broke the (ASCII) ACK and dropped the connection, a NUL failed the store on PostgreSQL.
+    "byte invalid in ASCII in a segment id": (message("BAD7", pid=b"P\xc9D|1||4500123^^^FAC^PI\r"),
+                                              "AE", "BAD7", "P?D^1", "102", "CHARSET_INVALID",
+                                              "byte 0xc9"),
+    "NUL in a segment id of a batch": (b"BHS|^~\\&|SIH|CHU_TEST\r\x00XX|1\r",
+                                       "AR", "", "?XX^1", "100", None, "?XX segment outside a message"),
 }
 
 

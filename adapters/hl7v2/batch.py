@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from adapters.hl7v2.codes import AppErrorCode, ErrorCondition
-from adapters.hl7v2.header import Delimiters, Location, message_start, read_delimiters
+from adapters.hl7v2.header import Delimiters, Location, message_start, read_delimiters, segment_id
 
 _SEGMENT = re.compile(rb"[^\r\n]+")
 
@@ -70,10 +70,12 @@ def split_batch(raw: bytes) -> Batch:
             message_from = None
 
     for index, (begin, _end, segment) in enumerate(segments):
-        kind = segment[:3].decode("ascii", "replace")
+        kind = segment_id(segment)
         if kind in counts:
             counts[kind] += 1
         where = Location(kind, counts.get(kind, 1))
+        if batch.file_trailer is not None:  # else a message after it would pass uncounted
+            raise BatchError(f"{kind} after FTS, which ends the file", where)
         if kind == "FHS":
             if index != 0:
                 raise BatchError("FHS is only allowed as the first segment", where)
@@ -81,8 +83,6 @@ def split_batch(raw: bytes) -> Batch:
         elif kind == "BHS":
             if part is not None and part.trailer is None:
                 raise BatchError("BHS before the previous batch's BTS", where)
-            if batch.file_trailer is not None:
-                raise BatchError("BHS after FTS", where)
             part = BatchPart(segment.split(fs))
             batch.batches.append(part)
         elif kind == "MSH":
@@ -100,7 +100,7 @@ def split_batch(raw: bytes) -> Batch:
             part.trailer = segment.split(fs)
             _check_count(part.trailer, len(part.messages), "BTS", "messages in the batch", where)
         elif kind == "FTS":
-            if batch.file_header is None or batch.file_trailer is not None:
+            if batch.file_header is None:
                 raise BatchError("FTS without FHS", where)
             close_message(begin)  # the batch's BTS is optional
             batch.file_trailer = segment.split(fs)

@@ -71,7 +71,7 @@ def codec_for(declared: str) -> str:
     codec = _AS_WRITTEN.get(declared)  # the usual case: a table 0211 value, or nothing
     if codec is not None:
         return codec
-    name = declared.strip().upper() if declared else DEFAULT_CHARSET
+    name = declared.strip().upper() or DEFAULT_CHARSET  # blanks (fixed-width senders): none
     codec = CHARSETS.get(name) or ALIASES.get(name)
     if codec is None:
         if name in MULTIBYTE_WIDE:

@@ -121,6 +121,17 @@ def enhanced_mode(header) -> bool:
     return bool(header.field(15) or header.field(16))
 
 
+_SEGMENT_ID_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+
+
+def segment_id(name: bytes) -> str:
+    """A segment id read from the bytes received (its first 3), as an ERR-2 location and a
+    reason may show it: any byte but an ASCII letter or digit (NUL, a separator, a line end,
+    a byte above 0x7F) is '?', since the id goes into the ACK, which is ASCII, and the
+    store, where PostgreSQL refuses NUL."""
+    return "".join(chr(byte) if byte in _SEGMENT_ID_BYTES else "?" for byte in name[:3])
+
+
 def segment_end(raw: bytes, start: int = 0) -> int:
     """Index of the CR or LF that ends the segment starting at `start` (len(raw) if none)."""
     cr = raw.find(b"\r", start)

@@ -21,8 +21,7 @@ from adapters.hl7v2.charsets import CharsetError, codec_for, decode, decode_decl
 from adapters.hl7v2.codes import AckCondition, AppErrorCode, ErrorCondition, Outcome
 from adapters.hl7v2.header import (DEFAULT_DELIMITERS, Delimiters, HeaderError, Location,
                                    MessageHeader, enhanced_mode, message_start, parse_header,
-                                   read_delimiters,
-                                   segment_end)
+                                   read_delimiters, segment_end, segment_id)
 from gateway.config import SenderConfig
 from gateway.facilities import (FacilityRegistry, RegistryRef, Refusal, authorize_certified,
                                 authorize_sender)
@@ -125,7 +124,7 @@ class Inspector:
         if certified:  # the facility its certificate names, as the registry now has it
             sender = registry.get(connection.facility_id)
         else:
-            sender = registry.by_header(application, facility)
+            sender = registry.by_header(_first(application, header), _first(facility, header))
         try:
             decode_declared(raw, codec)  # the whole message must be text in its declared set
         except UnicodeDecodeError:
@@ -144,13 +143,14 @@ class Inspector:
         if problem is not None:
             return self._refused(raw, digest, header, Outcome.REJECT, problem, codec, sender)
         if certified:
-            refusal = authorize_certified(registry, sender, item.sending_facility,
+            refusal = authorize_certified(registry, sender, _first(item.sending_facility, header),
                                           item.message_type, connection.facility_id)
         elif sender is None and self.policy.accept_unknown_senders:
             refusal = None  # development: anyone, anything
         else:
-            refusal = authorize_sender(registry, sender, item.sending_facility, item.message_type,
-                                       _address(connection), self.policy.accept_unknown_senders)
+            refusal = authorize_sender(registry, sender, _first(item.sending_facility, header),
+                                       item.message_type, _address(connection),
+                                       self.policy.accept_unknown_senders)
         if refusal is not None:
             return self._unauthorized(raw, digest, header, codec, sender, refusal, connection)
         if self._wants_ack(header, True):
@@ -313,6 +313,15 @@ def _too_long(item: Inbound) -> ErrorDetail | None:
     return None
 
 
+def _first(name: str, header: MessageHeader) -> str:
+    """The first component of MSH-3 or MSH-4 (an HD: NAME^OID^ISO), split on the message's own
+    component separator: the registry knows facilities by that first component."""
+    component = header.delimiters.component
+    if component == b"^":
+        return name  # the registry splits on '^' itself
+    return name.split(component.decode("ascii"), 1)[0]
+
+
 def _address(connection) -> str | None:
     """The peer's IP address ('10.1.2.3:50123' -> '10.1.2.3'), None without a connection."""
     if connection is None:
@@ -380,16 +389,15 @@ class FieldView:
 def locate(raw: bytes, offset: int, delimiters: Delimiters) -> Location:
     """The segment and field holding byte `offset`, for an ERR-2 location."""
     segment_start = max(raw.rfind(b"\r", 0, offset), raw.rfind(b"\n", 0, offset)) + 1
-    segment_id = raw[segment_start:segment_start + 3]
-    name = segment_id.decode("ascii", "replace")
+    name = raw[segment_start:segment_end(raw, segment_start)][:3]
     sequence = 1
     for line in raw[:segment_start].replace(b"\n", b"\r").split(b"\r"):
-        if line[:3] == segment_id:
+        if line[:3] == name:
             sequence += 1
     field_number = raw.count(delimiters.field, segment_start, offset)
-    if segment_id == b"MSH":
+    if name == b"MSH":
         field_number += 1  # MSH-1 is the separator itself
-    return Location(name, sequence, field_number)
+    return Location(segment_id(name), sequence, field_number)
 
 
 def _batch_response(batch: Batch, acks: list[bytes | None], builder: AckBuilder) -> bytes | None:
