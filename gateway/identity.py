@@ -5,7 +5,10 @@ once per process, and reloaded together (SIGHUP, `gateway mappings reload`).
   for each message, so a reload applies to the next message of every open connection;
 - `revocations`: the `Revocations` every TLS listener checks in its handshakes;
 - `identify(transport)`: the facility id a TLS connection's verified client certificate names,
-  or `PeerRefused` (from our CA, but no facility of the registry is bound to it).
+  or `PeerRefused` (from our CA, but no facility of the registry is bound to it). The
+  connection is remembered while it is open: when a reload puts its certificate in the CRL,
+  or binds it to no facility or to another, the connection is closed (an HIS keeps its MLLP
+  connection for days: a revoked certificate must not keep it).
 
 A reload reads the configuration again with `load_config` (in a thread: files only) and takes
 its registry; a configuration with any problem is refused whole, every problem logged, and the
@@ -15,6 +18,7 @@ and does not hold back a good registry. Other changes to the configuration wait 
 from __future__ import annotations
 
 import logging
+import weakref
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -79,6 +83,8 @@ class IdentityService(Service):
             raise IdentityError(problems)
         self.registry = RegistryRef(registry)
         self.revocations = Revocations(read_crl(config))
+        # Open TLS connections (their transports) and the facility each was identified as.
+        self._open: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def identify(self, transport) -> str:
         """The facility id the verified client certificate of a TLS `transport` names."""
@@ -91,7 +97,31 @@ class IdentityService(Service):
                               f"{certificate_fingerprint(cert)}) is from the configured CA but "
                               "names no facility of the registry (certificate_subject, "
                               "certificate_sha256, or a common name equal to a facility id)")
+        self._open[transport] = facility.id
         return facility.id
+
+    def _recheck(self) -> None:
+        """Close each open connection whose certificate the CRL in force revokes, or which the
+        registry now binds to no facility or to another than it was identified as."""
+        crl, registry = self.revocations.crl, self.registry.current
+        for transport, facility_id in list(self._open.items()):
+            if not getattr(transport, "connected", False) or getattr(transport, "disconnecting", False):
+                continue
+            cert = peer_certificate(transport)
+            if cert is None:
+                continue
+            if crl is not None and crl.revokes(cert):
+                reason = "its certificate is revoked"
+            else:
+                named = registry.by_certificate(cert)
+                if named is not None and named.id == facility_id:
+                    continue
+                reason = ("its certificate now names facility " + named.id if named is not None
+                          else "its certificate names no facility of the registry now")
+            log.warning("closing the connection of facility %s from %s: %s (sha256 %s)", facility_id,
+                        _peer(transport), reason, certificate_fingerprint(cert))
+            del self._open[transport]
+            transport.abortConnection()
 
     def reload(self) -> defer.Deferred:
         """Read the registry and the CRL again; a Deferred firing with True when the registry
@@ -133,6 +163,7 @@ class IdentityService(Service):
                       "(%d facilities)", len(problems), len(self.registry.current.facilities))
             for problem in problems:
                 log.error("  %s", problem)
+            self._recheck()  # the CRL may have been replaced all the same
             return False
         old_ids = {f.id for f in self.registry.current.facilities}
         new_ids = {f.id for f in registry.facilities}
@@ -140,4 +171,10 @@ class IdentityService(Service):
         log.info("facility registry reloaded: %d facilities (added: %s; removed: %s)",
                  len(new_ids), ", ".join(sorted(new_ids - old_ids)) or "none",
                  ", ".join(sorted(old_ids - new_ids)) or "none")
+        self._recheck()
         return True
+
+
+def _peer(transport) -> str:
+    peer = transport.getPeer()
+    return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"

@@ -51,6 +51,7 @@ class Door:
     store: object
     translation: object
     services: list = field(default_factory=list)
+    identity: object = None  # its IdentityService: the registry and the CRL in force
 
     def path(self, name: str) -> str:
         return os.path.join(self.pki, name)
@@ -82,7 +83,8 @@ def start_door(config: GatewayConfig, pki: str, extra_routes=(), translate: bool
     for service in services:
         service.startService()
     port = yield listening_port(services[0])
-    return Door(config, port.getHost().port, pki, store, translation, services + [translation, store])
+    return Door(config, port.getHost().port, pki, store, translation, services + [translation, store],
+                identity)
 
 
 @defer.inlineCallbacks

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import threads
+from twisted.internet import reactor, threads
 
 from doors_support import HOSPITAL, Client, door_config, hl7, rows, start_door, stop_door, with_listener
 from gateway.doors.api import Route, json_response, read_json
@@ -205,3 +205,69 @@ def test_the_read_deadline_runs_per_request_not_per_connection(slow_door):
     get = b"GET /v1/openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     answer, _, _ = yield threads.deferToThread(conversation, slow_door, [(0.0, get), (2.0, get)], 4.0)
     assert answer.count(b"HTTP/1.1 200 OK") == 2 and b" 408 " not in answer
+
+
+def _read_response(tls) -> bytes:
+    """One whole HTTP/1.1 response (a Content-Length body) from a blocking TLS socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += tls.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += tls.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_kept_alive_connection_answers_to_the_registry_and_crl_a_reload_puts_in_force(door):
+    """The door kept the caller's identity for the life of the connection: a facility removed
+    by a reload, or its certificate revoked, went on being served on it. Now its next request
+    on the same connection is refused (401), saying which."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from gateway.facilities import FacilityRegistry
+    from gateway.tls import load_crl
+
+    identity = door.identity
+    kept = identity.registry.current
+    ca_cert = x509.load_pem_x509_certificate(open(door.path("ca.crt"), "rb").read())
+    ca_key = serialization.load_pem_private_key(open(door.path("ca.key"), "rb").read(), None)
+    hospital = x509.load_pem_x509_certificate(open(door.path(f"{HOSPITAL.id}.crt"), "rb").read())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    crl_path = door.path("door-test.crl")
+    open(crl_path, "wb").write(
+        x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject).last_update(now)
+        .next_update(now + datetime.timedelta(days=1))
+        .add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(hospital.serial_number)
+                                 .revocation_date(now).build())
+        .sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    changes = [
+        lambda: setattr(identity.registry, "current",
+                        FacilityRegistry([f for f in kept.facilities if f.id != HOSPITAL.id])),
+        lambda: (setattr(identity.registry, "current", kept),
+                 identity.revocations.use(load_crl(crl_path, door.path("ca.crt")))),
+    ]
+
+    def run() -> list[bytes]:
+        context = ssl.create_default_context(cafile=door.path("ca.crt"))
+        context.load_cert_chain(door.path(f"{HOSPITAL.id}.crt"), door.path(f"{HOSPITAL.id}.key"))
+        get = b"GET /v1/openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        answers = []
+        with socket.create_connection(("127.0.0.1", door.port), timeout=10) as sock:
+            with context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+                for change in [None] + changes:
+                    if change is not None:
+                        threads.blockingCallFromThread(reactor, change)
+                    tls.sendall(get)
+                    answers.append(_read_response(tls))
+        return answers
+
+    served, removed, revoked = yield threads.deferToThread(run)
+    assert served.startswith(b"HTTP/1.1 200 ")
+    assert problem_of(removed)[0] == 401 and "names no facility" in problem_of(removed)[1]["detail"]
+    assert problem_of(revoked)[0] == 401 and "revoked" in problem_of(revoked)[1]["detail"]

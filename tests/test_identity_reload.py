@@ -8,7 +8,7 @@ import time
 import pytest
 import pytest_twisted
 from process_support import child_environment, free_port, listening_port, start_gateway
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor, task, threads
 
 from adapters.mllp.client import MllpClient
 from gateway.config import load_config
@@ -41,13 +41,15 @@ BROKEN = REGISTRY + """\
 """
 
 
-def write_project(root, dev_pki: str, port: int, crl: str | None = None) -> str:
-    """conf/gateway.yaml (one plain listener refusing unknown senders, no mappings) and
-    conf/facilities.yaml under `root`; returns the config path."""
+def write_project(root, dev_pki: str, port: int, crl: str | None = None, tls_port: int | None = None) -> str:
+    """conf/gateway.yaml (one plain listener refusing unknown senders, and a TLS one on
+    `tls_port`; no mappings) and conf/facilities.yaml under `root`; returns the config path."""
     conf = root / "conf"
     conf.mkdir(parents=True, exist_ok=True)
     (conf / "facilities.yaml").write_text(REGISTRY, encoding="utf-8")
     crl_line = f"\n          crl: {crl}" if crl else ""
+    tls_listener = (f"\n            - {{name: mllp-tls, port: {tls_port}, interface: 127.0.0.1, tls: true}}"
+                    if tls_port else "")
     (conf / "gateway.yaml").write_text(textwrap.dedent(f"""\
         node:
           name: reload-test
@@ -62,7 +64,7 @@ def write_project(root, dev_pki: str, port: int, crl: str | None = None) -> str:
             - name: mllp-plain
               port: {port}
               interface: 127.0.0.1
-              accept_unknown_senders: false
+              accept_unknown_senders: false{tls_listener}
         facilities: conf/facilities.yaml
         pid_file: var/gateway.pid
         """), encoding="utf-8")
@@ -170,6 +172,84 @@ def test_reload_keeps_the_crl_in_force_when_the_new_file_is_broken(tmp_path, dev
     assert identity.revocations.crl is before
     assert identity.registry.current.get("INPE-100002") is not None
     assert any("CRL refused" in r.getMessage() and "ca.crl" in r.getMessage() for r in caplog.records)
+
+
+def chu_message(control_id: str) -> bytes:
+    return (f"MSH|^~\\&|HIS_CHU|CHU_IBN_ROCHD|GW|MA|20260114083512||ADT^A01^ADT_A01|{control_id}|P|2.5\r"
+            "PID|1||4500123^^^FAC^PI||TEST^PATIENT\r").encode("ascii")
+
+
+def write_crl(dev_pki: str, path, revoked: list[str]) -> None:
+    """A CRL of the dev CA revoking `revoked`'s certificates, issued now (newer than the last)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ca_cert = x509.load_pem_x509_certificate(open(f"{dev_pki}/ca.crt", "rb").read())
+    ca_key = serialization.load_pem_private_key(open(f"{dev_pki}/ca.key", "rb").read(), None)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject).last_update(now)
+               .next_update(now + datetime.timedelta(days=1)))
+    for party in revoked:
+        cert = x509.load_pem_x509_certificate(open(f"{dev_pki}/{party}.crt", "rb").read())
+        builder = builder.add_revoked_certificate(x509.RevokedCertificateBuilder()
+                                                  .serial_number(cert.serial_number).revocation_date(now).build())
+    path.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+
+
+@pytest.mark.parametrize("change", ["revoked", "rebound"])
+@pytest_twisted.inlineCallbacks
+def test_reload_closes_a_tls_connection_its_certificate_may_no_longer_hold(
+        tmp_path, dev_pki, gateway_of, caplog, change):
+    """An HIS keeps its MLLP connection for days. A reload that revokes its certificate (CRL),
+    or binds its facility to another certificate (a compromised one replaced), closes that
+    connection at once (it was kept, and its messages accepted, until the HIS reconnected);
+    the other facility's connection stays open."""
+    import hashlib
+
+    from adapters.mllp.client import client_tls_context
+
+    crl_path = tmp_path / "ca.crl"
+    write_crl(dev_pki, crl_path, [])
+    tls_port = free_port()
+    path = write_project(tmp_path, dev_pki, free_port(), crl=str(crl_path), tls_port=tls_port)
+    (tmp_path / "conf" / "facilities.yaml").write_text(REGISTRY + NEW_LAB, encoding="utf-8")
+    service = gateway_of(path)
+    yield listening_port(service.getServiceNamed("mllp-tls"))
+    caplog.set_level("INFO", logger="gateway.identity")
+
+    def connect(party: str) -> MllpClient:
+        return MllpClient(HOST, tls_port, timeout=10, tls=client_tls_context(
+            f"{dev_pki}/ca.crt", f"{dev_pki}/{party}.crt", f"{dev_pki}/{party}.key"))
+
+    chu, lab = yield threads.deferToThread(lambda: (connect("INPE-100001"), connect("INPE-100002")))
+    try:
+        assert (yield threads.deferToThread(lambda: msa(chu.send(chu_message("C-1")).response))) == ("AA", None)
+        if change == "revoked":
+            yield task.deferLater(reactor, 1.1, lambda: None)  # a newer CRL, to the second
+            write_crl(dev_pki, crl_path, ["INPE-100001"])
+        else:
+            other = hashlib.sha256(b"the facility's new certificate").hexdigest()
+            (tmp_path / "conf" / "facilities.yaml").write_text(
+                REGISTRY.replace("    type: hospital\n", f"    type: hospital\n    certificate_sha256: \"{other}\"\n", 1)
+                + NEW_LAB, encoding="utf-8")
+        assert (yield reload_service(service)) == [True]
+
+        def closed() -> bool:
+            try:
+                return chu.send(chu_message("C-2")).response is None
+            except OSError:
+                return True
+
+        assert (yield threads.deferToThread(closed))
+        assert (yield threads.deferToThread(lambda: msa(lab.send(lab_message("L-1")).response))) == ("AA", None)
+    finally:
+        chu.close()
+        lab.close()
+    reason = "its certificate is revoked" if change == "revoked" else "names no facility of the registry now"
+    assert any("closing the connection of facility INPE-100001" in r.getMessage() and reason in r.getMessage()
+               for r in caplog.records)
 
 
 def test_reload_command_reloads_the_registry_of_a_running_gateway(tmp_path, dev_pki):

@@ -66,6 +66,18 @@ _UNSET = object()
 class Identity:
     facility: SenderConfig | None
     subject: str | None  # the certificate's subject (RFC 4514), for refusals
+    revoked: bool = False  # the certificate is in the CRL in force (since a reload)
+
+    @property
+    def refusal(self) -> str:
+        """Why a caller without a facility is refused (kept and logged)."""
+        return "certificate revoked" if self.revoked else "certificate names no facility"
+
+    @property
+    def told(self) -> str:
+        """What the caller is told of it."""
+        return ("the client certificate is revoked (CRL)" if self.revoked
+                else "the client certificate names no facility of the registry")
 
 
 class DoorRequest(server.Request):
@@ -202,9 +214,10 @@ class HttpsDoor(resource.Resource):
     def __init__(self, listener: HttpsListenerConfig, registry: Callable[[], FacilityRegistry],
                  database, routes: Iterable[Route], soap: SoapDoor | None, reactor,
                  now: Callable[[], float] = time.time, events: EventBus | None = None,
-                 certificates=None):
+                 certificates=None, revocations=None):
         super().__init__()
         self.listener = listener
+        self.revocations = revocations  # gateway.tls.Revocations: the CRL in force, or None
         self.events = events if events is not None else EventBus()
         self.certificates = certificates  # a CertificateSightings, or None
         self.registry = registry
@@ -222,16 +235,23 @@ class HttpsDoor(resource.Resource):
     # -- identity and refusals ---------------------------------------------------------------
 
     def identify(self, request) -> Identity:
-        """The caller, from its certificate; cached on the connection (one look-up each)."""
+        """The caller, from its certificate; cached on the connection (one look-up each)
+        until a reload replaces the registry or the CRL: a kept-alive connection then answers
+        to the new ones at its next request, as MLLP does at its next message."""
         channel = request.channel
-        identity = getattr(channel, "_door_identity", _UNSET)
-        if identity is _UNSET:
-            cert = peer_certificate(request.transport)
-            facility = self.registry().by_certificate(cert) if cert is not None else None
-            subject = cert.subject.rfc4514_string() if cert is not None else None
-            identity = channel._door_identity = Identity(facility, subject)
-            if facility is not None and self.certificates is not None:
-                self.certificates.seen(facility.id, cert, self.listener.name)
+        registry = self.registry()
+        crl = self.revocations.crl if self.revocations is not None else None
+        cached = getattr(channel, "_door_identity", _UNSET)
+        if cached is not _UNSET and cached[0] is registry and cached[1] is crl:
+            return cached[2]
+        cert = peer_certificate(request.transport)
+        revoked = cert is not None and crl is not None and crl.revokes(cert)
+        facility = registry.by_certificate(cert) if cert is not None and not revoked else None
+        subject = cert.subject.rfc4514_string() if cert is not None else None
+        identity = Identity(facility, subject, revoked)
+        channel._door_identity = (registry, crl, identity)
+        if facility is not None and self.certificates is not None:
+            self.certificates.seen(facility.id, cert, self.listener.name)
         return identity
 
     def refuse(self, request, identity: Identity, door: str, operation: str | None, status: int,
@@ -286,9 +306,8 @@ class HttpsDoor(resource.Resource):
         method = request.method.decode("ascii", "replace")
         try:
             if identity.facility is None:
-                await self.refuse(request, identity, "rest", path, 401, "certificate names no facility")
-                raise Problem(401, "unknown-certificate", "Unknown certificate",
-                              "the client certificate names no facility of the registry")
+                await self.refuse(request, identity, "rest", path, 401, identity.refusal)
+                raise Problem(401, "unknown-certificate", "Unknown certificate", identity.told)
             if not path.startswith("/v1/"):
                 raise Problem(404, "not-found", "Not found", "the REST API is under /v1/")
             match = self.routes.match(method, path)
@@ -317,10 +336,9 @@ class HttpsDoor(resource.Resource):
             name = "wsdl" if path in ("/soap", "/soap/") and _asks_for_wsdl(request.uri) else path[len("/soap/"):]
             document = self.soap.document(name, (request.getHeader(b"host") or b"").decode("ascii", "replace"))
             if identity.facility is None:
-                await self.refuse(request, identity, "soap", "contract", 401, "certificate names no facility")
+                await self.refuse(request, identity, "soap", "contract", 401, identity.refusal)
                 return self._send(request, problem_response(Problem(
-                    401, "unknown-certificate", "Unknown certificate",
-                    "the client certificate names no facility of the registry"), path))
+                    401, "unknown-certificate", "Unknown certificate", identity.told), path))
             if document is None:
                 return self._send(request, problem_response(Problem(
                     404, "not-found", "Not found", "the WSDL is at /soap/?wsdl"), path))
@@ -335,9 +353,8 @@ class HttpsDoor(resource.Resource):
         from adapters.soap.gateway.envelope import client_fault
 
         if identity.facility is None:
-            await self.refuse(request, identity, "soap", None, 401, "certificate names no facility")
-            return self._send_soap(request, fault_answer(client_fault(
-                "UNKNOWN_CERTIFICATE", "the client certificate names no facility of the registry")))
+            await self.refuse(request, identity, "soap", None, 401, identity.refusal)
+            return self._send_soap(request, fault_answer(client_fault("UNKNOWN_CERTIFICATE", identity.told)))
         media = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
         if media != b"text/xml":
             return self._send_soap(request, fault_answer(client_fault(
@@ -464,7 +481,7 @@ def door_site(listener: HttpsListenerConfig, door: HttpsDoor) -> DoorSite:
 
 def build_door(config: GatewayConfig, listener: HttpsListenerConfig, store_service, translation,
                registry: RegistryRef, reactor, extra_routes: Iterable[Route] = (),
-               events: EventBus | None = None, certificates=None) -> HttpsDoor:
+               events: EventBus | None = None, certificates=None, revocations=None) -> HttpsDoor:
     """The door's resource for one listener: its own ingest pipeline (the shared Inspector's
     rules with the certificate's facility, the store's writer and ACK builder, the translation
     service), the REST operations, the extra routes and SOAP."""
@@ -481,7 +498,7 @@ def build_door(config: GatewayConfig, listener: HttpsListenerConfig, store_servi
     soap = SoapDoor(bridge, listener.name)
     return HttpsDoor(listener, lambda: registry.current, store_service.database,
                      rest.routes() + list(extra_routes), soap, reactor, events=events,
-                     certificates=certificates)
+                     certificates=certificates, revocations=revocations)
 
 
 def https_door_services(config: GatewayConfig, store_service, translation_service, identity,
@@ -496,7 +513,8 @@ def https_door_services(config: GatewayConfig, store_service, translation_servic
     for listener in config.https:
         door = build_door(config, listener, store_service, translation_service, identity.registry,
                           reactor, extra_routes, events=events,
-                          certificates=getattr(identity, "certificates", None))
+                          certificates=getattr(identity, "certificates", None),
+                          revocations=identity.revocations)
         options = server_tls_options(config.pki.cert, config.pki.key, config.pki.ca,
                                      revocations=identity.revocations, name=f"https {listener.name}")
         endpoint = SSL4ServerEndpoint(reactor, listener.port, options, backlog=512,
