@@ -103,3 +103,21 @@ def test_every_kind_of_tampering_exits_1_and_is_located(project):
     assert (7, "altered") in found and (8, "altered") in found  # the swap
     assert "NOT intact" in done.stdout
     assert re.search(r"record 2 \(" + re.escape(records[1].at.strftime("%Y-%m-%dT%H:%M:%S")), done.stdout)
+
+
+def test_show_prints_one_line_per_record_whatever_its_texts_hold(project):
+    """A login name typed at the console is recorded as typed: a line break in it made one
+    record pass for two in `audit show`, and an escape sequence could erase the lines above
+    it on the operator's terminal. They are shown escaped."""
+    trail, config, cwd = project
+    trail.append([AuditEvent("console.login", "x\n       9  2026-01-01T00:00:00.000000Z  fake",
+                             "refused", source="10.0.0.9:5000"),
+                  AuditEvent("console.login", "\x1b[1A\x1b[2Kadmin\u202e", "refused",
+                             subject="\x9bmessage/1", detail={"reason": "unknown\u2028account"})])
+    done = audit(config, cwd, "show")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 10 and [line.split()[0] for line in lines] == [str(n) for n in range(1, 11)]
+    assert "\x1b" not in done.stdout and "\x9b" not in done.stdout and "\u202e" not in done.stdout
+    assert "x\\n       9" in lines[8] and "\\x1b[1A\\x1b[2Kadmin\\u202e" in lines[9]
+    assert "\\x9bmessage/1" in lines[9] and "unknown\\u2028account" in lines[9]

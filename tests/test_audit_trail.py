@@ -152,6 +152,44 @@ def test_a_record_appended_with_its_hash_recomputed_still_breaks_the_next_link(t
     assert found(trail.verify()) == [(3, "broken-link")]
 
 
+@pytest.mark.parametrize("detail", ['[1, 2]', '"text"', '5', 'null', "[" * 100_000 + "]" * 100_000],
+                         ids=["list", "string", "number", "null", "nested-too-deep"])
+def test_a_detail_replaced_by_json_that_is_not_an_object_is_found(trail, detail):
+    """Every record's detail is a JSON object: another JSON value, or one nested too deep to
+    read, is named as altered; it crashed verify (RecursionError), and reading the record (the
+    ATNA export, `audit show`) failed on it, every time."""
+    trail.append(events(4))
+    sql(trail, "UPDATE audit_log SET detail = :d WHERE seq = 3", d=detail)
+    assert found(trail.verify(batch=2)) == [(3, "altered")]
+    with trail.engine.connect() as conn:
+        third = list(trail.records(conn))[2]
+    assert third.as_dict()["detail"] == {"unreadable": detail}
+
+
+def test_a_previous_hash_replaced_by_any_text_is_found(trail):
+    trail.append(events(4))
+    sql(trail, "UPDATE audit_log SET prev_hash = :h WHERE seq = 3", h="é" * 64)
+    assert found(trail.verify()) == [(3, "altered"), (3, "broken-link")]
+
+
+@pytest.mark.parametrize("seq", [0, -1])
+def test_a_record_numbered_below_1_is_found(trail, seq):
+    """A record forged under seq 0 (or below), chained from the genesis hash: verify walked
+    from seq 1 on and said intact, while `audit show` listed the forged record."""
+    records = trail.append(events(4))
+    from gateway.audit.chain import chain
+    forged = chain(seq - 1, GENESIS, "node-1", [AuditEvent("message.read", "console:mallory",
+                                                           subject="message/2")], records[0].at)[0]
+    sql(trail, "INSERT INTO audit_log (seq, recorded_at, node, action, actor, outcome, subject, "
+               "detail, prev_hash, hash) VALUES (:seq, :at, 'node-1', 'message.read', "
+               "'console:mallory', 'success', 'message/2', '{}', :prev, :hash)",
+        seq=seq, at=records[0].at.replace(tzinfo=None) if trail.engine.dialect.name == "sqlite"
+        else records[0].at, prev=forged.prev_hash, hash=forged.hash)
+    result = trail.verify(batch=2)
+    assert found(result) == [(seq, "inserted")] and result.count == 5
+    assert (result.first_seq, result.last_seq) == (seq, 4)
+
+
 def expire(trail, before, **detail):
     """What retention does: vouch for the records before `before`, then delete them."""
     with write_transaction(trail.engine) as conn:

@@ -109,7 +109,7 @@ def audit_message(record: AuditRecord, source: Source) -> bytes:
     # The actor (a facility, a console account, the system) and, beside it, the gateway node.
     actor = etree.SubElement(root, "ActiveParticipant", UserID=_text(record.actor),
                              UserIsRequestor="true")
-    host = _host(record.source)
+    host = _text(_host(record.source) or "")
     if host:
         actor.set("NetworkAccessPointID", host)
         actor.set("NetworkAccessPointTypeCode", "2" if _is_ip(host) else "1")
@@ -238,8 +238,10 @@ def _field(value: str, limit: int) -> str:
 
 
 def _text(value) -> str:
-    # XML 1.0 refuses control characters: keep the text, drop what it cannot carry.
-    return "".join(c for c in str(value) if c in "\t\n\r" or ord(c) >= 32)
+    # XML 1.0 refuses control characters, surrogates, U+FFFE and U+FFFF (lxml raises, and the
+    # export would try the record again forever): keep the text, drop what it cannot carry.
+    return "".join(c for c in str(value) if c in "\t\n\r" or " " <= c < "\ud800"
+                   or "\ue000" <= c <= "\ufffd" or c >= "\U00010000")
 
 
 __all__ = ["MSGID", "Source", "audit_message", "frame", "parse_frames", "syslog_message"]

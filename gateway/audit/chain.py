@@ -81,7 +81,9 @@ def _canonical(seq: int, instant: str, node: str, event: AuditEvent, detail: str
 
 
 def link(prev_hash: str, content: bytes) -> str:
-    return hashlib.sha256(prev_hash.encode("ascii") + b"\n" + content).hexdigest()
+    # UTF-8, the same bytes as ASCII for a hash: a tampered prev_hash must fail its check, not
+    # the verification.
+    return hashlib.sha256(prev_hash.encode("utf-8") + b"\n" + content).hexdigest()
 
 
 def chain(prev_seq: int, prev_hash: str, node: str, events: Iterable[AuditEvent],

@@ -67,6 +67,16 @@ def show(config: GatewayConfig, args) -> int:
         else:
             at = record.at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             detail = json.dumps(dict(record.detail), ensure_ascii=False, sort_keys=True)
-            print(f"{record.seq:>8}  {at}  {record.node:<12} {record.action:<24} {record.outcome:<8} "
-                  f"{record.actor:<20} {record.subject or '-':<20} {record.source or '-':<21} {detail}")
+            print(_printable(f"{record.seq:>8}  {at}  {record.node:<12} {record.action:<24} "
+                             f"{record.outcome:<8} {record.actor:<20} {record.subject or '-':<20} "
+                             f"{record.source or '-':<21} {detail}"))
     return 0
+
+
+def _printable(line: str) -> str:
+    """`line` with what a terminal would not print as itself (a line break, an escape
+    sequence, a bidi override: in a login name typed at the console, say) shown escaped, so
+    that a record can neither pass for several nor hide the ones above it."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in line)

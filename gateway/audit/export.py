@@ -4,9 +4,13 @@ Durable: what was sent is `audit_exports.last_seq` for the collector (host:port)
 reads the trail after it, in seq order and in bounded batches, and sends each record as one
 octet-counted frame (gateway.audit.atna). The collector never answers (RFC 5425 has no
 acknowledgement), so a batch counts as received once the connection has stayed up `settle`
-seconds after it was written: only then does last_seq move. A connection lost before that
-sends the batch again on the next one: a collector may see a record twice (its seq and hash
-are in the message: audit/N), never miss one. Reconnects back off up to a minute.
+seconds after it was written and nothing written is left in the gateway's buffers or
+unacknowledged by the collector's TCP (a collector that reads slowly, or not at all): only
+then does last_seq move. A connection lost before that sends the batch again on the next one:
+a collector may see a record twice (its seq and hash are in the message: audit/N), never miss
+one the gateway still held. (What the collector's own TCP took and it never read is beyond
+what RFC 5425 can tell.) Reconnects back off up to a minute; a stop waits STOP_GRACE seconds
+for the collector to close the connection, then cuts it.
 
 Several nodes append to one trail; one of them exports it to a collector: on PostgreSQL the
 node that holds a session advisory lock on the collector's name (kept on a connection of its
@@ -37,6 +41,8 @@ from gateway.store.database import write_transaction
 from gateway.store.schema import audit_exports, audit_log
 
 log = logging.getLogger(__name__)
+
+STOP_GRACE = 5.0  # seconds a stopping export waits for the collector to close the connection
 
 
 def collector_name(host: str, port: int) -> str:
@@ -213,11 +219,20 @@ class AuditExportService(Service):
             self._claim.stop()
         if self._poll is not None and self._poll.active():
             self._poll.cancel()
+        cut = None
         if self._protocol is not None and self._protocol.transport is not None:
+            transport = self._protocol.transport
             # A registered producer holds a TLS connection open until it is unregistered.
-            self._protocol.transport.unregisterProducer()
+            transport.unregisterProducer()
+            # The TLS close waits for the collector's answer, behind all it has not read yet:
+            # one that reads nothing more would hold the gateway's stop (and the database's
+            # close) forever. Cut after STOP_GRACE: what it was not confirmed to have is sent
+            # again at the next start.
+            cut = self.reactor.callLater(STOP_GRACE, transport.abortConnection)
         if self._client is not None:
             yield self._client.stopService()
+        if cut is not None and cut.active():
+            cut.cancel()
         if self._lease is not None:
             lease, self._lease = self._lease, None
             yield self._run(self._release, lease)
@@ -283,9 +298,17 @@ class AuditExportService(Service):
         self._schedule(0 if full else self.poll_interval)
 
     def _confirm(self, protocol: _SyslogSender, seq: int) -> None:
-        if protocol is self._protocol and protocol.up:
-            self._run(self._mark, seq).addErrback(
-                lambda failure: log.error("audit export: last_seq not saved: %s", failure.value))
+        if protocol is not self._protocol or not protocol.up:
+            return
+        if not _delivered(protocol):
+            # A collector that reads slowly (or not at all) leaves what was written in the
+            # gateway's buffers: counted as received, it would be lost with the connection.
+            # Asked again later; the confirm of a later batch covers this one.
+            if seq == self._next:
+                self.reactor.callLater(self.settle, self._confirm, protocol, seq)
+            return
+        self._run(self._mark, seq).addErrback(
+            lambda failure: log.error("audit export: last_seq not saved: %s", failure.value))
 
     def _mark(self, seq: int) -> None:
         with write_transaction(self.trail.engine) as conn:
@@ -309,6 +332,29 @@ class AuditExportService(Service):
         from twisted.internet.threads import deferToThreadPool
 
         return deferToThreadPool(self.reactor, self.database.pool, work, *args)
+
+
+def _delivered(protocol: _SyslogSender) -> bool:
+    """Whether everything written on the connection has left the gateway: no write held
+    back (the producer is not paused) and, where the system tells (Linux), no byte in the
+    socket's send queue that the collector's TCP has not acknowledged."""
+    return not protocol.paused and _unacknowledged(protocol.transport) == 0
+
+
+def _unacknowledged(transport) -> int:
+    """The bytes of the socket under `transport` (TLS over TCP) its peer has not acknowledged
+    (SIOCOUTQ), or 0 when that cannot be asked."""
+    while getattr(transport, "transport", None) is not None:  # down to TCP (TLS has a handle too)
+        transport = transport.transport
+    try:
+        import fcntl
+        import struct
+        import termios
+
+        queued = fcntl.ioctl(transport.getHandle().fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
+        return struct.unpack("i", queued)[0]
+    except (AttributeError, ImportError, OSError, ValueError):
+        return 0
 
 
 __all__ = ["AuditExportService", "collector_name", "last_sent", "mark_sent", "read_frames"]

@@ -186,10 +186,18 @@ class AuditTrail:
                 return self.verify_in(conn, batch)
 
     def verify_in(self, conn: Connection, batch: int = 10_000) -> Verification:
-        walk = _Tracked(_walk(conn, batch))
-        first = walk.peek()
+        walk = _Tracked(_walk(conn, batch, after=(None, None)))
+        # Records are numbered from 1: one numbered below (inserted there, or moved) is found,
+        # not passed over (a walk from seq 1 on never saw it; `show` did).
+        strays = []
+        while (first := walk.peek()) is not None and first.seq < 1:
+            stray = next(walk)
+            strays.append(Located(Finding(stray.seq, "inserted", "records are numbered from 1"),
+                                  _utc(stray.at)))
         if first is None:
-            return Verification(0, None, None, None)
+            last = walk.last
+            return Verification(walk.count, last and strays[0].finding.seq, last and last.seq,
+                                last and last.hash, strays)
         anchors: list[tuple[int, int, str]] = []  # (anchor seq, through_seq, last_hash)
 
         def watched() -> Iterator[AuditRecord]:
@@ -215,7 +223,8 @@ class AuditTrail:
                     "the first record does not start from the genesis hash"
                 problem = "removed" if first.seq > 1 else "broken-link"
                 findings.insert(0, Located(Finding(first.seq, problem, reason), _utc(first.at)))
-        return Verification(walk.count, first.seq, walk.last.seq, walk.last.hash, findings,
+        lowest = strays[0].finding.seq if strays else first.seq
+        return Verification(walk.count, lowest, walk.last.seq, walk.last.hash, strays + findings,
                             expired_through)
 
 
@@ -266,18 +275,18 @@ def _hash_of(conn: Connection, seq: int) -> str | None:
                         .order_by(audit_log.c.recorded_at).limit(1)).scalar()
 
 
-def _walk(conn: Connection, batch: int, after: tuple[int, datetime | None] = (0, None),
+def _walk(conn: Connection, batch: int, after: tuple[int | None, datetime | None] = (0, None),
           limit: int | None = None) -> Iterator[AuditRecord]:
     # Keyset pagination on the primary key (seq, recorded_at): a forged record that repeats a
     # seq is read too, next to the real one.
-    seq, at = after
+    seq, at = after  # (None, None): from the very first row
     given = 0
     while limit is None or given < limit:
         query = select(audit_log).order_by(audit_log.c.seq, audit_log.c.recorded_at)
-        if at is None:
-            query = query.where(audit_log.c.seq > seq)
-        else:
+        if at is not None:
             query = query.where(tuple_(audit_log.c.seq, audit_log.c.recorded_at) > tuple_(seq, at))
+        elif seq is not None:
+            query = query.where(audit_log.c.seq > seq)
         size = batch if limit is None else min(batch, limit - given)
         rows = conn.execute(query.limit(size)).all()
         for row in rows:
@@ -317,8 +326,10 @@ def _same(value):
 def record_from_row(row) -> AuditRecord:
     try:
         detail = json.loads(row.detail)
-    except ValueError:  # tampered text: keep it, so that the hash check names the record
-        detail = {"unreadable": row.detail}
+    except (ValueError, RecursionError):  # tampered text (nested too deep to read, too)
+        detail = None
+    if not isinstance(detail, dict):  # every record's detail is an object: keep the text, so
+        detail = {"unreadable": row.detail}  # that the hash check names the record
     return AuditRecord(row.seq, _utc(row.recorded_at), row.node, row.action, row.actor,
                        row.outcome, row.subject, row.source, detail, row.prev_hash, row.hash)
 
