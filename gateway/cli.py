@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     messages = commands.add_parser("messages", help="stored messages").add_subparsers(metavar="ACTION")
     listing = messages.add_parser("list", parents=[common], help="newest messages first")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=_positive, default=50)
     listing.add_argument("--status", choices=[status.value for status in MessageStatus])
     listing.add_argument("--control-id", help="MSH-10, exactly")
     listing.add_argument("--patient", help="a patient identifier: VALUE or SYSTEM|VALUE, exactly "
@@ -131,11 +131,11 @@ def _parser() -> argparse.ArgumentParser:
     verify = audit.add_parser("verify", parents=[common],
                               help="check the hash chain; name every altered, removed or inserted "
                                    "record (exit status 1 when the trail is not intact)")
-    verify.add_argument("--batch", type=int, default=10_000, help="records read at a time")
+    verify.add_argument("--batch", type=_positive, default=10_000, help="records read at a time")
     verify.set_defaults(handler=_audit("verify"))
     show = audit.add_parser("show", parents=[common], help="audit records, oldest first")
     show.add_argument("--after", type=int, default=0, metavar="SEQ")
-    show.add_argument("--limit", type=int, default=100)
+    show.add_argument("--limit", type=_positive, default=100)
     show.add_argument("--subject", help="only this subject (message/42, prescription/RX-...)")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
     show.set_defaults(handler=_audit("show"))
@@ -278,6 +278,17 @@ def _send(args) -> int:
                 if reply.response is None:
                     return 1
     return 1 if failures else 0
+
+
+def _positive(text: str) -> int:
+    """A whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number of at least 1: {text!r}")
+    return value
 
 
 def _instant(text: str) -> datetime:

@@ -226,3 +226,10 @@ def test_gateway_retention_run_prints_the_report(tmp_path, dev_pki, db_url):
     assert report["kinds"][0]["rows"] == 0 and report["kinds"][0]["partitions"] == []
     bad = cli("--now", "yesterday")
     assert bad.returncode == 2 and "not an ISO 8601 instant" in bad.stderr
+    # A mistyped year would count back from the future (and expire what is to be kept), or
+    # overflow: refused, nothing run.
+    for typo in ("2062-06-15T03:00:00Z", "0001-01-02T00:00:00Z"):
+        refused = cli("--now", typo)
+        assert refused.returncode == 2 and "not between 2000-01-01 and the present" in refused.stderr
+    zero = cli("--batch", "0", command=("audit", "verify"))
+    assert zero.returncode == 2 and "not a whole number of at least 1" in zero.stderr

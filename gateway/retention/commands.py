@@ -1,11 +1,11 @@
 """`gateway retention run [--now ISO] [--json]`: one retention run from the command line, its
 report printed. Exit status 0 when it ran (or another node was running it), 2 when --now is
-not an instant or the database cannot be reached."""
+not an instant between 2000 and the present or the database cannot be reached."""
 from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -14,6 +14,12 @@ from gateway.config import GatewayConfig
 from gateway.retention.run import run_retention
 from gateway.retention.service import audit_exports_of
 from gateway.store.database import create_gateway_engine, migrate
+
+
+EARLIEST = datetime(2000, 1, 1, tzinfo=timezone.utc)
+# A run counts back from --now: one later than the present (a mistyped year) would expire what
+# is still to be kept. The slack is for clocks a little apart.
+LATEST_AHEAD = timedelta(hours=1)
 
 
 def parse_now(value: str | None) -> datetime:
@@ -29,6 +35,10 @@ def run(config: GatewayConfig, args) -> int:
         now = parse_now(getattr(args, "now", None))
     except ValueError:
         print(f"--now {args.now!r} is not an ISO 8601 instant (2026-11-22T03:00:00Z)", file=sys.stderr)
+        return 2
+    if not EARLIEST <= now <= datetime.now(timezone.utc) + LATEST_AHEAD:
+        print(f"--now {args.now!r} is not between {EARLIEST.date()} and the present: counting "
+              "back from a later instant would expire what is still to be kept", file=sys.stderr)
         return 2
     engine = create_gateway_engine(config.database.url, 1)
     try:
