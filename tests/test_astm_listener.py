@@ -146,7 +146,9 @@ def test_ingest_reads_the_header_record_alone():
     assert [segment.name for segment in header.segments] == ["H"]
 
 
-def _send_transfer(port: int, data: bytes) -> bytes:
+def _send_transfer(port: int, data: bytes, eot: bool = True) -> bytes:
+    """ENQ, `data`'s frames (each answer read), then EOT unless `eot` is False (the connection
+    is then closed without it); the answers."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         answers = b""
         sock.sendall(ENQ)
@@ -154,7 +156,8 @@ def _send_transfer(port: int, data: bytes) -> bytes:
         for part in frames(data):
             sock.sendall(part)
             answers += sock.recv(1)
-        sock.sendall(EOT)
+        if eot:
+            sock.sendall(EOT)
         return answers
 
 

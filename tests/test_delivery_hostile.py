@@ -11,11 +11,12 @@ import json
 import os
 import time
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
 from sqlalchemy import select
-from twisted.internet import endpoints, reactor, task
+from twisted.internet import defer, endpoints, reactor, task
 from twisted.internet.task import deferLater
 
 from delivery_support import until
@@ -255,6 +256,40 @@ def test_an_unchanged_delivery_is_settled_under_its_key(engine):
 DELIVERIES = "SELECT status, attempts, last_code, last_reason FROM deliveries ORDER BY id"
 
 
+@defer.inlineCallbacks
+def start_scripted_delivery(db_url, make_config, dev_pki, script, retry: RetryConfig, patients):
+    """A delivery service sending each of `patients`' deliveries in a request of its own to a
+    record peer (real mutual TLS) whose answers `script(transport)` writes."""
+    factory = ScriptedFactory(script)
+    options = server_tls_options(os.path.join(dev_pki, "sandbox-record.crt"),
+                                 os.path.join(dev_pki, "sandbox-record.key"),
+                                 os.path.join(dev_pki, "ca.crt"), require_client_cert=True)
+    port = yield endpoints.SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(factory)
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    database = Database(engine, reactor, 2)
+    record = DestinationConfig("record", "fhir-record", f"https://127.0.0.1:{port.getHost().port}/fhir",
+                               response_timeout=5, concurrency=1, batch_size=1, retry=retry)
+    config = dataclasses.replace(make_config(db_url), destinations=(record,),
+                                 delivery=DeliveryConfig(lease=30, poll_interval=0.05))
+    add(engine, *patients, bundle=json.dumps(bundle(1)))
+    database.start()
+    service = DeliveryService(config, database, reactor)
+    service.startService()
+    return SimpleNamespace(service=service, database=database, engine=engine, factory=factory, port=port)
+
+
+@defer.inlineCallbacks
+def stop_scripted_delivery(run):
+    yield run.service.stopService()
+    run.database.stop()
+    for protocol in run.factory.protocols:
+        if protocol.transport.connected:
+            protocol.transport.abortConnection()
+    yield run.port.stopListening()
+    run.engine.dispose()
+
+
 @pytest_twisted.inlineCallbacks
 def test_the_service_dead_letters_short_answers_and_settles_unstorable_ones(db_url, make_config, dev_pki):
     """Two patients' deliveries, one request each, to a record that answers the first with a
@@ -265,42 +300,24 @@ def test_the_service_dead_letters_short_answers_and_settles_unstorable_ones(db_u
     answers = [b"HTTP/1.1 200 OK\r\n" + head, b"HTTP/1.1 422 Unprocessable\r\n" + head]
     bodies = [b'{"resourceType":"Bundle","type":"transaction-response","entry":[]}',
               b'{"resourceType":"OperationOutcome","issue":[{"code":"invalid","diagnostics":"\\ud800"}]}']
+    served = []
 
     def script(transport):
-        n = len(factory.protocols) - 1
-        transport.write(answers[n % 2] % (len(bodies[n % 2]), bodies[n % 2]))
-        transport.loseConnection()  # one connection per request: the n-th connection, the n-th answer
+        n = len(served) % 2  # one connection per request: the n-th connection, the n-th answer
+        served.append(transport)
+        transport.write(answers[n] % (len(bodies[n]), bodies[n]))
+        transport.loseConnection()
 
-    factory = ScriptedFactory(script)
-    options = server_tls_options(os.path.join(dev_pki, "sandbox-record.crt"),
-                                 os.path.join(dev_pki, "sandbox-record.key"),
-                                 os.path.join(dev_pki, "ca.crt"), require_client_cert=True)
-    port = yield endpoints.SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(factory)
-    engine = create_gateway_engine(db_url)
-    migrate(engine)
-    database = Database(engine, reactor, 2)
-    record = DestinationConfig("record", "fhir-record", f"https://127.0.0.1:{port.getHost().port}/fhir",
-                               response_timeout=5, concurrency=1, batch_size=1,
-                               retry=RetryConfig(base=0.2, factor=2.0, cap=0.5, max_age=600))
-    config = dataclasses.replace(make_config(db_url), destinations=(record,),
-                                 delivery=DeliveryConfig(lease=30, poll_interval=0.05))
-    add(engine, "Patient/1", "Patient/2", bundle=json.dumps(bundle(1)))
-    database.start()
-    service = DeliveryService(config, database, reactor)
-    service.startService()
+    run = yield start_scripted_delivery(db_url, make_config, dev_pki, script,
+                                        RetryConfig(base=0.2, factor=2.0, cap=0.5, max_age=600),
+                                        ["Patient/1", "Patient/2"])
     try:
         found = yield until(DELIVERIES, lambda f: len(f) == 2 and all(r.status == "dead" for r in f), db_url)
         assert [tuple(r) for r in found] == [
             ("dead", 1, 200, "unexpected answer: 0 entries in the transaction-response for 1 sent"),
             ("dead", 1, 422, "HTTP 422")]
     finally:
-        yield service.stopService()
-        database.stop()
-        for protocol in factory.protocols:
-            if protocol.transport.connected:
-                protocol.transport.abortConnection()
-        yield port.stopListening()
-        engine.dispose()
+        yield stop_scripted_delivery(run)
 
 
 @pytest_twisted.inlineCallbacks
@@ -315,23 +332,8 @@ def test_a_pause_the_record_asks_for_is_honoured(db_url, make_config, dev_pki):
         transport.write(answer)
         transport.loseConnection()
 
-    factory = ScriptedFactory(script)
-    options = server_tls_options(os.path.join(dev_pki, "sandbox-record.crt"),
-                                 os.path.join(dev_pki, "sandbox-record.key"),
-                                 os.path.join(dev_pki, "ca.crt"), require_client_cert=True)
-    port = yield endpoints.SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(factory)
-    engine = create_gateway_engine(db_url)
-    migrate(engine)
-    database = Database(engine, reactor, 2)
-    record = DestinationConfig("record", "fhir-record", f"https://127.0.0.1:{port.getHost().port}/fhir",
-                               response_timeout=5, concurrency=1, batch_size=1,
-                               retry=RetryConfig(base=0.2, factor=1.0, cap=300))
-    config = dataclasses.replace(make_config(db_url), destinations=(record,),
-                                 delivery=DeliveryConfig(lease=30, poll_interval=0.05))
-    add(engine, "Patient/1", bundle=json.dumps(bundle(1)))
-    database.start()
-    service = DeliveryService(config, database, reactor)
-    service.startService()
+    run = yield start_scripted_delivery(db_url, make_config, dev_pki, script,
+                                        RetryConfig(base=0.2, factor=1.0, cap=300), ["Patient/1"])
     try:
         query = "SELECT status, attempts, last_code, next_attempt_at, first_attempt_at FROM deliveries"
         [row] = yield until(query, lambda f: len(f) == 1 and f[0].attempts == 1, db_url)
@@ -341,13 +343,7 @@ def test_a_pause_the_record_asks_for_is_honoured(db_url, make_config, dev_pki):
         wait = (_moment(row.next_attempt_at) - _moment(row.first_attempt_at)).total_seconds()
         assert 119 <= wait <= 121, wait
     finally:
-        yield service.stopService()
-        database.stop()
-        for protocol in factory.protocols:
-            if protocol.transport.connected:
-                protocol.transport.abortConnection()
-        yield port.stopListening()
-        engine.dispose()
+        yield stop_scripted_delivery(run)
 
 
 def _moment(value) -> datetime:

@@ -3,7 +3,6 @@ EOT or ENQ inside a frame, records without CR, a connection lost after the last 
 v2 XML that numbers its fields absurdly, and format detection of UTF-16 XML and CR-only CSV."""
 from __future__ import annotations
 
-import socket
 import time
 import tracemalloc
 
@@ -22,20 +21,11 @@ from gateway.ingest.astm import astm_listener_factory
 from gateway.store.database import create_gateway_engine, migrate
 from gateway.store.ingest_writer import IngestWriter
 from gateway.translation.inputs import InputError, detect_format, read_input
+from test_astm_framing import feed, of
+from test_astm_listener import _send_transfer
 
 MESSAGE = (b"H|\\^&|||XN-550^1|||||LIS|P|1\rP|1|PAT-1||BK123456|EL ALAOUI^Fatima\r"
            b"O|1|SID-1||^^^GLU|R\rR|1|^^^GLU^Glycemie|1.05|g/L|0.70-1.10|N||F\rL|1|N\r")
-
-
-def feed(receiver: AstmReceiver, *chunks: bytes, now: float = 0.0) -> list:
-    events = []
-    for chunk in chunks:
-        events += receiver.receive_data(chunk, now)
-    return events
-
-
-def of(events, kind):
-    return [event for event in events if isinstance(event, kind)]
 
 
 # -- ASTM E1381: the link ----------------------------------------------------------------------
@@ -183,17 +173,6 @@ def test_a_connection_lost_after_the_last_frame_keeps_the_message():
     assert not clock.getDelayedCalls()
 
 
-def _send_without_eot(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        answers = b""
-        sock.sendall(ENQ)
-        answers += sock.recv(1)
-        for part in frames(data):
-            sock.sendall(part)
-            answers += sock.recv(1)
-        return answers  # closed without EOT
-
-
 @pytest_twisted.inlineCallbacks
 def test_real_socket_closed_before_eot_stores_the_message(db_url):
     """Over TCP into a real store: every frame ACKed, the socket closed before EOT; the message
@@ -205,7 +184,7 @@ def test_real_socket_closed_before_eot_stores_the_message(db_url):
     config = AstmListenerConfig("astm-lab", 0, "100234")
     port = reactor.listenTCP(0, astm_listener_factory(config, writer, reactor), interface="127.0.0.1")
     try:
-        answers = yield threads.deferToThread(_send_without_eot, port.getHost().port, MESSAGE)
+        answers = yield threads.deferToThread(_send_transfer, port.getHost().port, MESSAGE, False)
         assert answers == ACK * 6
         rows = []
         deadline = time.monotonic() + 10
