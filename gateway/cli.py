@@ -534,8 +534,8 @@ def _mappings_check(args) -> int:
 def _mappings_test(args) -> int:
     from pathlib import Path
 
-    from gateway.mapping.golden import (differences, find_cases, stable, translate_case,
-                                        warning_differences, write_expected)
+    from gateway.mapping.golden import (differences, expected_bundle, find_cases, stable,
+                                        translate_case, warning_differences, write_expected)
     from gateway.mapping.validation import bundle_problems
 
     config = load(args)
@@ -562,8 +562,7 @@ def _mappings_test(args) -> int:
         if not expected_path.exists():
             problems = [f"no expected output {expected_path.name} (run with --update)"]
         else:
-            expected = stable(json.loads(expected_path.read_text(encoding="utf-8")))
-            problems = list(differences(expected, actual))
+            problems = list(differences(expected_bundle(expected_path), actual))
         problems += warning_differences(case, translation.warnings)
         problems += [f"FHIR: {problem}" for problem in bundle_problems(bundle)]
         if problems:

@@ -66,3 +66,16 @@ def test_what_orjson_cannot_write_falls_back_to_json():
     with pytest.raises(TypeError):
         orjson.dumps(document)
     assert json.loads(fhir_json.dumps(document)) == {"big": 2 ** 70, "value": 1.5}
+
+
+def test_golden_cases_compare_a_decimal_as_written(tmp_path):
+    """`mappings test` (and the golden tests) read the expected bundle with its decimals'
+    text: 16.80 expected, 16.8 made is a difference (the command read floats, and passed it)."""
+    from gateway.mapping.golden import differences, expected_bundle
+
+    path = tmp_path / "case.json"
+    path.write_text('{"resourceType": "Bundle", "entry": [], "value": 16.80}\n', encoding="utf-8")
+    made = {"resourceType": "Bundle", "entry": [], "value": exact_decimal("16.8")}
+    assert list(differences(expected_bundle(path), made)) == ["Bundle.value: 16.8, expected 16.80"]
+    made["value"] = exact_decimal("16.80")
+    assert list(differences(expected_bundle(path), made)) == []

@@ -72,9 +72,14 @@ def check_case(mapping_set: MappingSet, path: Path) -> CaseResult:
     actual = stable(translation.bundle)
     if not expected_path.exists():
         return CaseResult(path, expected_path, [f"no expected output {expected_path.name}"])
-    expected = stable(fhir_json.loads(expected_path.read_text(encoding="utf-8")))
+    expected = expected_bundle(expected_path)
     return CaseResult(path, expected_path, list(differences(expected, actual))
                       + warning_differences(path, translation.warnings))
+
+
+def expected_bundle(expected_path: Path) -> dict:
+    """A case's expected bundle, as `stable` gives it (decimals as written)."""
+    return stable(fhir_json.loads(expected_path.read_text(encoding="utf-8")))
 
 
 def expected_warnings(path: Path) -> list[str]:
