@@ -48,6 +48,20 @@ def test_fhir_bundle_becomes_the_canonical_collection(repo_mappings):
     assert [e.id for e in entries] == [patient["id"], observation["id"]]
 
 
+@pytest.mark.parametrize("typed", ["ab 123456", "AB١٢٣٤٥٦", "ab۱۲۳۴۵۶"])
+def test_a_cnie_typed_otherwise_is_the_same_card_and_the_same_patient(repo_mappings, typed):
+    """A CNIE sent over FHIR in lower case, with a blank, or in Arabic-Indic digits (an Arabic
+    keyboard) is written as the HL7 mappings write it (upper case, no blank, ASCII digits):
+    one identifier and one Patient id, as the door's answer says (they were other patients)."""
+    record = translate(repo_mappings, json.dumps(fhir_bundle(cnie=typed)).encode(), "fhir")
+    assert record.status == "translated", record.error_reason
+    patient = record.bundle["entry"][0]["resource"]
+    assert patient["identifier"][0] == {"system": "urn:ma:cnie", "value": "AB123456"}
+    assert patient["id"] == name_id("Patient|urn:ma:cnie|AB123456")
+    entries = canonical_entries(fhir_bundle(cnie=typed), document_context("INPE-100002", "C1", AT))
+    assert entries[0].id == patient["id"]
+
+
 def test_relative_references_and_repeated_resources(repo_mappings):
     """`Patient/123` references follow the entry with that id; the same patient twice is one resource."""
     document = fhir_bundle("collection")

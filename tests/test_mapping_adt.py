@@ -76,6 +76,14 @@ def test_national_identifier_systems(mappings):
                                       "assigner": {"display": "ICE"}}
 
 
+def test_a_cnie_in_arabic_indic_digits_is_the_same_card():
+    """Typed on an Arabic keyboard, a CNIE's digits are Arabic-Indic (or Eastern Arabic-Indic):
+    read as the ASCII digits the card bears."""
+    from gateway.mapping.transforms.patient import national_number
+
+    assert national_number(" be ١٢٣٤٥٦ ") == national_number("BE۱۲۳۴۵۶") == "BE123456"
+
+
 def test_same_patient_and_visit_get_the_same_ids_across_messages(mappings):
     admit = bundle_of(mappings, "a01-admission.hl7")
     update = bundle_of(mappings, "a08-update.hl7")

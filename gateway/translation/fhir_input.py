@@ -23,6 +23,7 @@ from typing import Any
 from gateway.mapping.engine import collection_bundle  # also report_input's: one Bundle shape for every input
 from gateway.mapping.engine import _resource_id as resource_id  # the id rule of every translation
 from gateway.mapping.runtime import TranslationContext
+from gateway.mapping.transforms.patient import CNIE, national_number
 from gateway.sandbox.record.operation_outcome import Issue
 from gateway.sandbox.record.validation import is_resource_type, resource_issues
 
@@ -115,8 +116,25 @@ class CanonicalEntry:
 def canonical_entries(document: dict, context: TranslationContext) -> list[CanonicalEntry]:
     """The canonical type and id of each entry of an accepted Bundle, in entry order."""
     return [CanonicalEntry(entry["resource"]["resourceType"],
-                           resource_id(entry["resource"]["resourceType"], entry["resource"], context, ordinal))
+                           resource_id(entry["resource"]["resourceType"], _normalised(entry["resource"]),
+                                       context, ordinal))
             for ordinal, entry in enumerate(document["entry"], 1)]
+
+
+def _normalised(resource: dict) -> dict:
+    """`resource` with its CNIE numbers written as the mappings write them (national_number:
+    upper case, no blanks, ASCII digits): the same patient sent as HL7 v2 or as FHIR has the
+    same identifier, so the same id."""
+    identifiers = resource.get("identifier")
+    if not isinstance(identifiers, list) or not any(_is_cnie(i) for i in identifiers):
+        return resource
+    return {**resource, "identifier": [{**i, "value": national_number(i["value"])} if _is_cnie(i) else i
+                                       for i in identifiers]}
+
+
+def _is_cnie(identifier) -> bool:
+    return isinstance(identifier, dict) and identifier.get("system") == CNIE \
+        and isinstance(identifier.get("value"), str)
 
 
 def canonical_bundle(document: dict, context: TranslationContext, mapping_version: str,
@@ -134,7 +152,7 @@ def canonical_bundle(document: dict, context: TranslationContext, mapping_versio
     resources: list[dict] = []
     place: dict[str, int] = {}
     for entry, canonical in zip(document["entry"], entries):
-        resource = _rewrite(entry["resource"], targets)
+        resource = _normalised(_rewrite(entry["resource"], targets))
         resource["id"] = canonical.id
         if canonical.id in place:  # the same resource twice (same identifier): the later wins
             resources[place[canonical.id]] = resource

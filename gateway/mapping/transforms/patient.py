@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from gateway.mapping.transforms import transform
 from gateway.mapping.transforms.core import fhir_datetime
@@ -20,10 +21,23 @@ def oid_uri(value: str, run):
     return "urn:oid:" + text if _OID.match(text) else None
 
 
+CNIE = "urn:ma:cnie"  # the identifier system of the national identity card (DESIGN 4)
+
+
+def national_number(value: str) -> str:
+    """A CNIE/CIN number as issued: upper case, no blanks (STANDARDS 6.4), its digits ASCII
+    (typed on an Arabic keyboard, '١٢٣' is 123): the same card is one identifier, and one
+    patient, whatever the sender's keyboard or door."""
+    text = re.sub(r"\s+", "", value).upper()
+    if text.isascii():
+        return text
+    return "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in text)
+
+
 @transform("national_id")
 def national_id(value: str, run) -> str:
-    """CNIE/CIN number normalised as issued: upper case, no blanks (STANDARDS 6.4)."""
-    return re.sub(r"\s+", "", value).upper()
+    """CNIE/CIN number normalised as issued (national_number)."""
+    return national_number(value)
 
 
 @transform("name_language", node=True)
