@@ -452,7 +452,8 @@ def _messages_replay(args) -> int:
     from gateway.audit.trail import AuditTrail
     from gateway.delivery.routes import Router
     from gateway.store.outbox import dead_message_ids
-    from gateway.store.translations import message_ids, messages_by_id, save_translations
+    from gateway.store.translations import message_ids, messages_by_id
+    from gateway.translation.service import TranslationWorker
     from gateway.translation.translator import Translator
 
     if bool(args.ids) == bool(args.status):
@@ -472,6 +473,15 @@ def _messages_replay(args) -> int:
     router = Router(config.routes, config.senders) if config.routes else None
     translator = Translator(mappings, config.senders, router)
     trail = AuditTrail(database.engine, config.node_name)
+    try:
+        step = _prescription_flow(config, database)
+    except ValueError as error:  # the signing key
+        print(error, file=sys.stderr)
+        return 2
+    # Stored as the running gateway stores translations: through the e-prescription flow (a
+    # refused dispensation stays refused, not routed to CNSS; a prescription keeps its id), each
+    # with its audit record.
+    worker = TranslationWorker(database.engine, translator, lambda f, *a: f(*a), step=step, audit=trail)
     actor = f"cli:{getpass.getuser()}"
     failures = 0
     for start in range(0, len(ids), 256):
@@ -482,8 +492,11 @@ def _messages_replay(args) -> int:
             print(f"{message_id}: no stored message that can be translated "
                   "(refused and ignored messages cannot)", file=sys.stderr)
         failures += len(missing)
-        results = [(item, translator.translate(item)) for item in found]
-        database.run_write_now(save_translations, results)
+        job = worker.translate_now(found)
+        if job.error is not None:
+            print(f"storing the translations failed: {job.error}", file=sys.stderr)
+            return 1
+        results = list(zip(found, job.results))
         trail.append([AuditEvent("delivery.replayed", actor, "failure" if record.failed else "success",
                                  f"message/{item.message_id}", "cli",
                                  {"via": "gateway messages replay", "mapping_version": mappings.version})
@@ -498,6 +511,25 @@ def _messages_replay(args) -> int:
     print(f"{len(ids) - failures} of {len(ids)} translated with mapping set {mappings.version}",
           file=sys.stderr)
     return 1 if failures else 0
+
+
+def _prescription_flow(config: GatewayConfig, database):
+    """The e-prescription step as the running gateway has it. It asks CNSS for AMO rights
+    through the reactor, which this command then runs in a thread of its own."""
+    import threading
+
+    from twisted.internet import reactor
+
+    from adapters.hl7v2.ack import AckBuilder, Sender
+    from gateway.prescriptions.service import PrescriptionService
+
+    builder = AckBuilder(Sender(config.identity.application.encode("ascii"),
+                                config.identity.facility.encode("ascii")))
+    service = PrescriptionService(config, database, builder, reactor)
+    if service.eligibility is not None:
+        threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, name="reactor",
+                         daemon=True).start()
+    return service.flow
 
 
 def _mappings_check(args) -> int:

@@ -170,6 +170,12 @@ class DeliveryService(Service):
     # -- one attempt ------------------------------------------------------------------------
 
     def _send(self, batch: outbox.Batch) -> None:
+        expired = [c for c in batch.claims if c.bundle is None]
+        if expired and len(expired) < len(batch.claims):
+            # Retention took these bundles: they can never go (dead letters on their own), but
+            # the other deliveries of the request, other patients' among them, still can.
+            self._send(outbox.Batch(tuple(expired)))
+            batch = outbox.Batch(tuple(c for c in batch.claims if c.bundle is not None))
         name = batch.claims[0].destination
         destination = self.destinations[name]
         started = time.monotonic()

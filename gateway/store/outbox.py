@@ -138,12 +138,16 @@ def enqueue(connection: Connection, entries: Iterable[Enqueue], now: datetime) -
     entries = list(entries)
     if not entries:
         return 0
+    # Locked (PostgreSQL) until the commit: what is decided below holds only for the status
+    # read here, and a node settling one of them meanwhile (a refusal: dead) would otherwise
+    # leave a replay's new content on a dead letter, never sent.
     existing = {
         (row.message_id, row.destination): row
         for row in connection.execute(
             select(deliveries.c.id, deliveries.c.message_id, deliveries.c.destination,
                    deliveries.c.status, deliveries.c.bundle_sha256)
-            .where(_among(connection, deliveries.c.message_id, {e.message_id for e in entries})))
+            .where(_among(connection, deliveries.c.message_id, {e.message_id for e in entries}))
+            .order_by(deliveries.c.id).with_for_update())
     }
     new, reopened = [], []
     for entry in entries:

@@ -13,7 +13,10 @@ translation`.
 - The sweep reads messages still 'received' (a crash, a full queue, a database outage) and
   translates them: at start, and whenever the live path lost something. Live jobs go first,
   between the sweep's batches, so that an ACK waiting for translation is not held behind a
-  backlog.
+  backlog; but while such a sweep is under way, a live job no ACK waits for is left to it (its
+  messages are stored, the sweep takes them in id order): translated at once, it would go
+  ahead of earlier messages of its patients still waiting for the sweep, and so would its
+  deliveries, older data reaching the shared record after newer.
 - Every STALE_AFTER seconds a worker with no live work waiting also looks for messages still
   'received' that long after their receipt: what a node that died left behind (on one
   PostgreSQL, another node takes them without waiting for it to come back), or a job lost
@@ -118,6 +121,7 @@ class TranslationWorker:
         self.stale_after = stale_after
         self._stale_check_at = time.monotonic() + stale_after
         self._sweep_before: datetime | None = None  # a sweep of stale messages only: their cutoff
+        self._after_id = 0  # where the sweep under way has got to (the worker thread's)
         self.linger = linger
         self.linger_batch = linger_batch
         self.events = events if events is not None else EventBus()
@@ -146,7 +150,8 @@ class TranslationWorker:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Translate and store what is queued, then stop (a sweep in progress is left)."""
+        """Translate and store what is queued, then stop (a sweep in progress is left, with
+        the jobs left to it: their messages wait, stored, for the next sweep)."""
         if self._thread is not None:
             self._queue.put(_STOP)
             self._thread.join(timeout)
@@ -166,6 +171,14 @@ class TranslationWorker:
             return
         self._queue.put(job)
 
+    def translate_now(self, items: list[Pending]) -> TranslationJob:
+        """Translate and store `items` in the calling thread as the worker would (the step, the
+        audit records, a value the database refuses kept to its own message): a replay. The
+        job's results and error tell how it went."""
+        job = TranslationJob(items)
+        self._process([job])
+        return job
+
     def request_sweep(self) -> None:
         self._sweep_before = None  # everything 'received', whatever a stale sweep was doing
         self._sweep.set()
@@ -173,7 +186,7 @@ class TranslationWorker:
     # -- the thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        after_id = 0
+        self._after_id = 0
         while True:
             if time.monotonic() >= self._stale_check_at:
                 self._check_stale()
@@ -185,16 +198,34 @@ class TranslationWorker:
             if job is _STOP:
                 break
             if job is not None:
+                if self._left_to_sweep(job):
+                    continue
                 jobs, stop = self._gather(job)
-                self._process(jobs)
+                self._process([queued for queued in jobs if not self._left_to_sweep(queued)])
                 if stop:
                     break
                 continue
             if sweeping:
-                after_id = self._sweep_batch(after_id)
-                if after_id == 0:
-                    self._sweep.clear()
+                # Cleared before the read, so that a sweep asked for during it is not lost.
+                self._sweep.clear()
+                last = self._sweep_batch(self._after_id)
+                if last is None:
+                    self._after_id = 0
                     self._sweep_before = None
+                else:
+                    self._after_id = last
+                    self._sweep.set()
+
+    def _left_to_sweep(self, job: TranslationJob) -> bool:
+        """Whether `job` is left to the sweep of everything 'received' under way (see the
+        module docstring): nobody waits for it, and the sweep is not one of stale messages
+        only. The sweep is taken back to before its messages, should it be past them."""
+        if job.done is not None or not self._sweep.is_set() or self._sweep_before is not None:
+            return False
+        ids = [item.message_id for item in job.items]
+        first = min(ids) - 1 if ids and None not in ids else 0
+        self._after_id = min(self._after_id, max(first, 0))
+        return True
 
     def _gather(self, job: TranslationJob) -> tuple[list[TranslationJob], bool]:
         """The jobs to process together: what is queued, and, while the batch is small and no
@@ -265,14 +296,15 @@ class TranslationWorker:
             self._sweep_before = cutoff
             self._sweep.set()
 
-    def _sweep_batch(self, after_id: int) -> int:
-        """Translate the next batch of 'received' messages; the last id, or 0 when done."""
+    def _sweep_batch(self, after_id: int) -> int | None:
+        """Translate the next batch of 'received' messages; the id to go on after (`after_id`
+        again when it failed: it is retried), or None when there are no more."""
         try:
             with self.engine.connect() as connection:
                 batch = pending_messages(connection, after_id, self.max_batch,
                                          received_before=self._sweep_before)
             if not batch:
-                return 0
+                return None
             self._store([(item, self._translate(item)) for item in batch])
             log.info("sweep: translated %d stored messages (ids %d to %d)", len(batch),
                      batch[0].message_id, batch[-1].message_id)
