@@ -619,8 +619,10 @@ def _mappings_export(args) -> int:
         return 1
     rows = [row.values() for row in export_rows(_mapping_directory(args, config))]
     if args.format in ("csv", "tsv"):
+        # Every value quoted: with "\n" lines, Python's csv leaves a lone "\r" unquoted, which
+        # cuts the row in two for any reader.
         writer = csv.writer(sys.stdout, delimiter="," if args.format == "csv" else "\t",
-                            lineterminator="\n")
+                            lineterminator="\n", quoting=csv.QUOTE_ALL)
         writer.writerow(COLUMNS)
         writer.writerows(rows)
         return 0

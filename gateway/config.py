@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from gateway.store.texts import has_control
+from gateway.yaml_bounds import expansion_limit_passed
 
 
 class ConfigError(Exception):
@@ -441,8 +442,8 @@ class _Reader:
         if node is None:
             start = yaml.Mark(name, 0, 0, 0, None, None)
             node = yaml.MappingNode("tag:yaml.org,2002:map", [], start)
-        limit = max(_EXPANDED_NODES_FREE, _EXPANSION_FACTOR * _written_nodes(node))
-        if _expands_past(node, limit):
+        limit = expansion_limit_passed(node)
+        if limit is not None:
             self.problems.append(f"{name}: its aliases (*name) repeat their anchors' contents to "
                                  f"more than {limit} values; write fewer aliases")
             return _INVALID
@@ -476,46 +477,6 @@ class _Reader:
             return self._constructor.construct_object(node, deep=True)
         except yaml.YAMLError as e:
             return self.fail(node, path, f"cannot read this value: {getattr(e, 'problem', e)}")
-
-
-# An alias (*name) stands for its anchor's whole node, so the checks walk that node again at
-# each alias: a few lines of aliases of aliases ("billion laughs") would hold the loading (and
-# a reload, in the running gateway) for hours and gigabytes. Allowed: this many values, or
-# this many times what is written.
-_EXPANDED_NODES_FREE = 100_000
-_EXPANSION_FACTOR = 10
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.SequenceNode):
-        return node.value
-    if isinstance(node, yaml.MappingNode):
-        return [child for pair in node.value for child in pair]
-    return []
-
-
-def _written_nodes(root: yaml.Node) -> int:
-    """The nodes of a document as written (an alias's node counted once)."""
-    seen: set[int] = set()
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if id(node) not in seen:
-            seen.add(id(node))
-            stack.extend(_children(node))
-    return len(seen)
-
-
-def _expands_past(root: yaml.Node, limit: int) -> bool:
-    """Whether the document, each alias replaced by its anchor's node, has more than `limit`
-    nodes (an alias inside its own anchor expands without end). Stops at the limit."""
-    count, stack = 0, [root]
-    while stack:
-        count += 1
-        if count > limit:
-            return True
-        stack.extend(_children(stack.pop()))
-    return False
 
 
 def _display(file: str) -> str:

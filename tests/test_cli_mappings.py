@@ -75,6 +75,21 @@ def test_mappings_export_csv(project):
     assert ["PID.Patient", "PID-8", "", "gender", "", "gender", ""] in rows
 
 
+def test_mappings_export_csv_keeps_commas_quotes_and_line_breaks_in_one_value(project):
+    """A value with a lone carriage return was written unquoted (Python's csv quotes only the
+    line terminator's characters): every reader cut that row in two."""
+    pid = project.root / "mappings" / "segments" / "PID.Patient.yaml"
+    pid.write_text(pid.read_text("utf-8") + '  active: {when: {field: PID-8, in: ["a,b", "say \\"x\\""]}, default: true}\n'
+                   '  deceasedBoolean: {when: {field: PID-8, is: "line\\rbreak"}, default: true}\n', encoding="utf-8")
+    for format, delimiter in (("csv", ","), ("tsv", "\t")):
+        done = cli(project, "mappings", "export", "--format", format, "-c", project.config)
+        assert done.returncode == 0, done.stderr
+        rows = list(csv.reader(io.StringIO(done.stdout, newline=""), delimiter=delimiter))
+        assert all(len(row) == 7 for row in rows), rows
+        assert ["PID.Patient", "", 'PID-8 in [a,b, say "x"]', "active", "", "", "default True"] in rows
+        assert ["PID.Patient", "", "PID-8 = line\rbreak", "deceasedBoolean", "", "", "default True"] in rows
+
+
 def wait_for_status(project, expected: list[str], timeout: float = 15.0) -> list[dict]:
     deadline = time.monotonic() + timeout
     while True:

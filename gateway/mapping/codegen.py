@@ -30,6 +30,7 @@ from adapters.hl7v2.message import Segment
 from gateway.mapping import runtime
 from gateway.mapping.path import Hl7Path
 from gateway.mapping.runtime import Part, Reference, TranslationError
+from gateway.mapping.source import MappingErrors, Problem
 
 _LITERALS = (str, int, float, bool, type(None))
 # Compiled code by source text: a reload (or a test) that finds the same files generates the
@@ -72,8 +73,9 @@ class Module:
         self.source = ""
 
     def name(self, base: str) -> str:
-        """A fresh function name made of `base` ('map_CX_Identifier')."""
-        clean = "".join(char if char.isalnum() else "_" for char in base)
+        """A fresh function name made of `base` ('map_CX_Identifier'), in ASCII: Python reads
+        '²' or an Arabic presentation form in a name as another character, or refuses it."""
+        clean = "".join(char if char.isascii() and char.isalnum() else "_" for char in base)
         name, number = clean, 1
         while name in self._names:
             number += 1
@@ -123,20 +125,28 @@ class Module:
 
     def build(self) -> dict:
         """Generate, compile and run the source; every Handle gets its function."""
-        chunks = [f"# Generated from the mapping files ({self.label or 'shared layer'}); "
-                  "see gateway.mapping.codegen.\n"]
+        chunks = [comment_line(f"Generated from the mapping files ({self.label or 'shared layer'}); "
+                               "see gateway.mapping.codegen.") + "\n"]
+        starts = []  # (first line, comment) of each function, to name the file Python refuses
+        line = 3  # after the header and the blank line that joins it
         done = 0
         while done < len(self._bodies):  # variants are declared while bodies are written
             handle, comment, body = self._bodies[done]
             done += 1
             gen = Gen(self)
             body(gen)
-            chunks.append(gen.function_source(handle.name, comment))
+            chunk = gen.function_source(handle.name, comment)
+            starts.append((line, comment))
+            line += chunk.count("\n") + 1
+            chunks.append(chunk)
         self.source = "\n".join(chunks)
         key = (self.filename, self.source)
         code = _COMPILED.get(key)
         if code is None:
-            code = compile(self.source, self.filename, "exec")
+            try:
+                code = compile(self.source, self.filename, "exec")
+            except (SyntaxError, RecursionError) as error:
+                raise _too_deep(error, starts) from None
             if len(_COMPILED) >= _COMPILED_MAX:
                 _COMPILED.pop(next(iter(_COMPILED)))
             _COMPILED[key] = code
@@ -205,10 +215,28 @@ class Gen:
     def function_source(self, name: str, comment: str) -> str:
         head = [f"def {name}(node, run):"]
         if comment:
-            head.insert(0, "# " + comment.replace("\n", " "))
+            head.insert(0, comment_line(comment))
         if self.seps:
             head.append("    sr, sc, ss, se, unescape = run.seps")
         return "\n".join(head + self.lines) + "\n"
+
+
+def comment_line(text: str) -> str:
+    """A one-line comment of the generated source saying `text` (a file's name, which may
+    hold any character): a line break in it (CR, LF, form feed, U+2028) would end the
+    comment and make the rest of the name code."""
+    return "# " + "".join(char if char.isprintable() else " " for char in text)
+
+
+def _too_deep(error: BaseException, starts: list[tuple[int, str]]):
+    """The MappingErrors for generated code Python refuses (a hundred levels of indentation:
+    a first_of or a `when` list of a hundred; twenty loops inside one another: `each` in
+    `each`), naming the map whose function it is."""
+    line = getattr(error, "lineno", None) or 0
+    where = next((comment for start, comment in reversed(starts) if start <= line), "") if line else ""
+    reason = getattr(error, "msg", "") or type(error).__name__
+    return MappingErrors([Problem(where or "mappings", 0, "", f"the rules nest too deeply to be compiled "
+                                  f"({reason}): split them into named maps")])
 
 
 # -- reading text ----------------------------------------------------------------------------

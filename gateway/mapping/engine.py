@@ -205,7 +205,7 @@ def _entry(spec, compiler: RuleCompiler, resource_map, key: str, line: int) -> E
         resource_type = map_type
     elif isinstance(target, dict):
         from gateway.mapping import fhir_schema
-        if not resource_type or not fhir_schema.known_type(resource_type):
+        if not isinstance(resource_type, str) or not resource_type or not fhir_schema.is_resource(resource_type):
             compiler.problem(line, f"{key}.resource", "an inline map names its FHIR resource type")
             return None
         build = compiler.object(target, resource_type, key, line_of(target, line))

@@ -46,6 +46,8 @@ def export_rows(directory: Path | str) -> list[Row]:
             if kind == "tables" or not (folder / kind).is_dir():
                 continue
             for path in sorted((folder / kind).glob("*.yaml")):
+                if path.name.startswith("."):  # not a map: an editor's lock file, as for loading
+                    continue
                 document = read_yaml(path, str(path), problems)
                 if not isinstance(document, dict):
                     continue

@@ -254,9 +254,16 @@ def _read_layer(folder: Path, root: Path, problems: list[Problem], digest) -> di
         if not directory.is_dir():
             continue
         for path in sorted(directory.glob("*.yaml")):
+            if path.name.startswith("."):  # an editor's lock or backup file (.#PID.Patient.yaml)
+                continue
             display = str(path.relative_to(root.parent)) if root.parent in path.parents else str(path)
-            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-            document = read_yaml(path, display, problems)
+            try:
+                data = path.read_bytes()  # once: the version is the hash of what was compiled
+            except OSError as error:
+                problems.append(Problem(display, 0, "", f"cannot be read: {error}"))
+                continue
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + data + b"\0")
+            document = read_yaml(path, display, problems, data)
             if document is not None:
                 found[(kind, path.stem)] = (document, display)
     return found
@@ -268,6 +275,9 @@ def _documents(shared: dict, own: dict, problems: list[Problem]) -> dict:
         if key[0] == "tables":
             continue
         base = shared.get(key)
+        if isinstance(document, dict) and not isinstance(document.get("extends", False), bool):
+            problems.append(Problem(display, document.line_of("extends"), "extends", "extends: is true or false"))
+            continue
         if isinstance(document, dict) and document.get("extends"):
             if base is None:
                 problems.append(Problem(display, document.line_of("extends"), "extends",

@@ -99,7 +99,7 @@ class _Writer:
     def entries(self, entries: list, scope: str, start: str, end: str, top: bool = False) -> None:
         gen = self.gen
         for entry in entries:
-            gen.emit(f"# {entry.place} {entry.name or entry.resource_type or 'group'}")
+            gen.emit(codegen.comment_line(f"{entry.place} {entry.name or entry.resource_type or 'group'}"))
             gen.scopes.append(({}, True))  # nothing read for one entry is reused by the next
             try:
                 if entry.source is not None:

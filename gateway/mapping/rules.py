@@ -92,7 +92,17 @@ class RuleCompiler:
                 self.problem(target_line, where, f"{type_name} has no element {target!r}"
                              + _suggest(str(target), known))
                 continue
-            fields.append((target, self.rule(rule_spec, element, where, target_line)))
+            if element is not None and not element.is_list and isinstance(rule_spec, list):
+                self.problem(target_line, where, f"{target} holds one value, not a list")
+            before = len(self.env.problems)
+            rule = self.rule(rule_spec, element, where, target_line)
+            if element is not None and element.type_name and len(self.env.problems) == before \
+                    and _gives_text(rule):
+                # A text where FHIR wants an object (`assigner: {from: 4}`): an invalid resource,
+                # or the message failing at the ids with no location.
+                self.problem(target_line, where, f"{target} is a {element.type_name}, not a text: "
+                             f"map its elements ({{display: {{from: ...}}}} or map: NAME)")
+            fields.append((target, rule))
         return codegen.Object(fields)
 
     # -- rules -------------------------------------------------------------------------------
@@ -108,6 +118,10 @@ class RuleCompiler:
             if spec is None or spec == "":
                 self.problem(line, key, "no rule: write a constant, a list or a mapping")
                 return codegen.NOTHING
+            if element is not None and element.primitive == "bool" and not isinstance(spec, bool):
+                self.problem(line, key, f"{element.name} is true or false, not {spec!r}")
+            elif element is not None and element.primitive == "str" and not isinstance(spec, str):
+                self.problem(line, key, f"{element.name} is text: write {str(spec)!r} in quotes")
             return codegen.Constant(spec, listed=many)
         if not any(name in VOCABULARY for name in spec):
             # An object written directly (`{system: ..., code: {from: 1}}`): an implicit map.
@@ -129,6 +143,9 @@ class RuleCompiler:
         condition = self._condition(spec["when"], key, line) if "when" in spec else None
         reference = self._reference(spec, element)
         if reference is not None:
+            if element is not None and element.type_name not in ("Reference", "Resource"):
+                self.problem(line, key, f"{element.name} is a {element.type_name or element.primitive}, "
+                             "not a Reference to a resource (@name)")
             return codegen.ReferenceRule(reference, condition)
 
         required = spec.get("required", False)
@@ -346,7 +363,12 @@ class RuleCompiler:
             for name in item:
                 if name not in CONDITIONS:
                     self.problem(line, f"{where}.{name}", f"unknown condition key; use {', '.join(CONDITIONS)}")
+            wrong = _operand_problems(item)
+            for name, reason in wrong:
+                self.problem(line, f"{where}.{name}", reason)
             source = self._source(item["field"], where + ".field", line)
+            if wrong:
+                continue
             if source is None:
                 continue
             reader = self._text_reader(item["field"])
@@ -385,6 +407,24 @@ _NO_SOURCE = _NoSource()
 _NO_TEXT = _NoText()
 
 
+def _operand_problems(spec: dict) -> list[tuple[str, str]]:
+    """What is wrong with a condition's test: `in: ST` would test each letter, `is: [ST]`
+    never hold, `present: 'false'` be true, and of `is` and `in` together one be ignored."""
+    found = [name for name in CONDITIONS[1:] if name in spec]
+    if len(found) > 1:
+        return [(found[1], f"a condition has one test; {' and '.join(found)} found (use any: or a list)")]
+    name = found[0] if found else ""
+    value = spec.get(name)
+    if name == "is" and (value is None or isinstance(value, (dict, list))):
+        return [(name, "is: compares with one value (for several, in: [A, B])")]
+    if name in ("in", "not_in") and not (isinstance(value, list) and
+                                         all(not isinstance(item, (dict, list)) for item in value)):
+        return [(name, f"{name}: is a list of values, such as [ST, TX]")]
+    if name == "present" and not isinstance(value, bool):
+        return [(name, "present: is true or false")]
+    return []
+
+
 def _test(reader, spec: dict) -> codegen.Test:
     """A condition on the text the reader gives."""
     if "is" in spec:
@@ -418,6 +458,25 @@ def _implicit_map(spec: dict) -> dict:
     wrapped.line = getattr(spec, "line", 0)
     wrapped.lines = {"map": wrapped.line}
     return wrapped
+
+
+def _gives_text(rule) -> bool:
+    """Whether a rule gives only text or a constant scalar, never an object: the text read
+    as it is (no map, transform or table), a scalar constant or default."""
+    if isinstance(rule, (codegen.AsList, codegen.DataAbsent)):
+        return _gives_text(rule.inner)
+    if isinstance(rule, codegen.Guard):
+        scalar = rule.default is not None and not isinstance(rule.default, (dict, list))
+        if rule.core is codegen.NOTHING:
+            return scalar
+        return _gives_text(rule.core) and (rule.default is None or scalar)
+    if isinstance(rule, codegen.Constant):
+        return not isinstance(rule.value, (dict, list))
+    if isinstance(rule, codegen.FromText):
+        return rule.after is None
+    if isinstance(rule, (codegen.Each, codegen.FromItem)):
+        return rule.produce is codegen.TEXT
+    return False
 
 
 def _single(element):

@@ -1,16 +1,22 @@
 """Reading mapping files: YAML with the line of every key kept, and problems collected.
 
-Mapping files are read with a safe loader that also keeps numbers such as `4.10` as text
-(a path, not the float 4.1), and every mapping remembers where each key was written, so
+Mapping files are read with a safe loader that keeps what an engineer writes as text unless
+it is plainly a number or true/false: `4.10` is a path (not the float 4.1), `01` and `07` are
+codes (not the integer 1 and the octal 7), `NO`, `yes`, `on` are codes (not booleans), a date
+is its text. Only null (`~`, `null`, nothing), `true`/`false` and plain decimal integers
+(`3`, `-12`) are read as values. Every mapping remembers where each key was written, so
 that an error names the file, the key and the line.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from gateway.yaml_bounds import expansion_limit_passed
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,24 +56,45 @@ class _Loader(yaml.SafeLoader):
     pass
 
 
-# No implicit floats: '4.10' is a path component, not 4.1 (ints and booleans stay).
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
+# YAML 1.1's implicit types change codes: 07 is the octal 7, NO is false, 1:30 is 90, a date
+# is a date object. Only these stay values; any other plain scalar is its text.
+_Loader.yaml_implicit_resolvers = {}
+for _tag, _pattern, _first in (
+        ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+        ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", list("tTfF")),
+        ("int", r"^-?(?:0|[1-9][0-9]*)$", list("-0123456789")),
+        ("merge", r"^(?:<<)$", ["<"])):
+    _Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), _first)
+
+
+def _refuse_tag(loader: _Loader, node) -> None:
+    # Bytes, dates and sets are no JSON: a bundle holding one could not be stored.
+    raise yaml.constructor.ConstructorError(None, None, f"{node.tag} has no place in a mapping file; "
+                                            "write the value as text", node.start_mark)
+
+
+for _tag in ("binary", "timestamp", "set"):
+    _Loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse_tag)
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Located:
+    written = {id(key_node) for key_node, _ in node.value}  # not brought by a merge key (<<)
     loader.flatten_mapping(node)
     result = Located()
     result.file = loader.name
     result.line = node.start_mark.line + 1
     result.lines = {}
+    explicit = set()
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
-        if key in result:
+        if not isinstance(key, Hashable):
             raise yaml.MarkedYAMLError("while reading a mapping", node.start_mark,
-                                       f"key {key!r} appears twice", key_node.start_mark)
+                                       "a key is a name or a code, not a list or a mapping", key_node.start_mark)
+        if id(key_node) in written:  # a key written here replaces one merged in (<<: *base)
+            if key in explicit:
+                raise yaml.MarkedYAMLError("while reading a mapping", node.start_mark,
+                                           f"key {key!r} appears twice", key_node.start_mark)
+            explicit.add(key)
         result[key] = loader.construct_object(value_node, deep=True)
         result.lines[key] = key_node.start_mark.line + 1
     return result
@@ -84,10 +111,11 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
 
-def read_yaml(path: Path, display: str, problems: list[Problem]):
-    """The document in `path`, or None with a Problem added (shown as `display`)."""
+def read_yaml(path: Path, display: str, problems: list[Problem], data: bytes | None = None):
+    """The document in `path` (whose bytes are `data` when already read), or None with a
+    Problem added (shown as `display`)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = (path.read_bytes() if data is None else data).decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
         problems.append(Problem(display, 0, "", f"cannot be read: {error}"))
         return None
@@ -95,17 +123,34 @@ def read_yaml(path: Path, display: str, problems: list[Problem]):
 
 
 def read_yaml_text(text: str, display: str, problems: list[Problem]):
-    loader = _Loader(text)
-    loader.name = display
+    loader = None
     try:
-        return loader.get_single_data()
+        loader = _Loader(text)  # refuses control characters (NUL, ESC) at once
+        loader.name = display
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        limit = expansion_limit_passed(node)  # the rule compiler walks an alias's node at each use
+        if limit is not None:
+            problems.append(Problem(display, 0, "", f"its aliases (*name) repeat their anchors' contents "
+                                    f"to more than {limit} nodes; write fewer aliases"))
+            return None
+        return loader.construct_document(node)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
+        line = mark.line + 1 if mark else 0
         reason = getattr(error, "problem", None) or str(error)
-        problems.append(Problem(display, mark.line + 1 if mark else 0, "", f"invalid YAML: {reason}"))
+        if isinstance(error, yaml.reader.ReaderError):
+            line = text.count("\n", 0, error.position) + 1
+            reason = f"character #x{error.character:04x} is not allowed (a control character)"
+        problems.append(Problem(display, line, "", f"invalid YAML: {reason}"))
+        return None
+    except RecursionError:
+        problems.append(Problem(display, 0, "", "invalid YAML: nested too deeply"))
         return None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def line_of(value, default: int = 0) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from gateway.mapping.source import Located, Problem
 
 POLICIES = ("error", "default", "passthrough")
+_UNLISTED = object()
 _KEYS = ("description", "source", "unmapped", "default", "codes")
 
 
@@ -32,10 +33,10 @@ class CodeTable:
     def translate(self, code):
         """The target for `code`; KeyError(reason) when it is unmapped and the policy is error."""
         key = str(code).strip()
-        found = self.codes.get(key)
-        if found is None:
-            found = self._folded.get(key.upper())
-        if found is not None:
+        found = self.codes.get(key, _UNLISTED)
+        if found is _UNLISTED:
+            found = self._folded.get(key.upper(), _UNLISTED)
+        if found is not _UNLISTED:  # a code listed with no target (`X: ~`) gives nothing
             return found
         if not key:  # a field of blanks (fixed-width senders pad): no code, as an empty field
             return None
@@ -64,6 +65,8 @@ def table_from(name: str, document, display: str, problems: list[Problem],
     for key in document:
         if key not in _KEYS + ("extends",):
             problems.append(Problem(display, line(key), str(key), f"unknown key; a table has {', '.join(_KEYS)}"))
+    if not isinstance(document.get("extends", False), bool):
+        problems.append(Problem(display, line("extends"), "extends", "extends: is true or false"))
     unmapped = document.get("unmapped", base.unmapped if base else "error")
     if unmapped not in POLICIES:
         problems.append(Problem(display, line("unmapped"), "unmapped", f"must be one of {', '.join(POLICIES)}"))
@@ -72,6 +75,10 @@ def table_from(name: str, document, display: str, problems: list[Problem],
     if not isinstance(codes, dict) or not codes:
         problems.append(Problem(display, line("codes"), "codes", "a table needs codes: {v2 code: target}"))
         codes = {}
+    for code in codes:
+        if str(code) != str(code).strip():  # never found: a sender's code is looked up without them
+            where = codes.line_of(code) if isinstance(codes, Located) else line("codes")
+            problems.append(Problem(display, where, "codes", f"code {str(code)!r} has spaces around it"))
     codes = {str(code): _plain(value) for code, value in codes.items()}
     if document.get("extends") and base is not None:
         codes = {**base.codes, **codes}
