@@ -399,6 +399,42 @@ def test_replay_after_a_mapping_fix_turns_failed_into_translated(db_url, tmp_pat
 
 
 @pytest_twisted.inlineCallbacks
+def test_of_two_reloads_the_later_decides_even_when_the_earlier_finishes_last(
+        make_config, running_gateway, tmp_path, monkeypatch):
+    """Two SIGHUPs a second apart: the first read is slow (its thread is held here), the
+    second reads the newer files and is used; the first, finishing last, must not put its
+    older set back."""
+    import threading
+
+    from twisted.internet import reactor, threads
+
+    directory = write_mappings(tmp_path / "mappings")
+    config = with_mappings(make_config(f"sqlite:///{tmp_path / 'gw.sqlite'}"), directory)
+    yield running_gateway(config)
+    translation = running_gateway_service(reactor).getServiceNamed("translation")
+    load, read, held = MappingSet.load, threading.Event(), threading.Event()
+    calls = []
+
+    def slow_first_load(cls, path):
+        calls.append(path)
+        found = load(path)  # the files as they are now
+        if len(calls) == 1:
+            read.set()
+            held.wait(10)
+        return found
+
+    monkeypatch.setattr(MappingSet, "load", classmethod(slow_first_load))
+    first = translation.reload()
+    yield threads.deferToThread(read.wait, 10)  # the first has read the files as they were
+    write_mappings(directory, ORU_FIX)
+    second = yield translation.reload()
+    newer = translation.mappings.version
+    held.set()
+    assert second is True and (yield first) is False
+    assert translation.mappings.version == newer and "ORU^R01" in translation.mappings.message_types()
+
+
+@pytest_twisted.inlineCallbacks
 def test_reload_refuses_a_broken_set_and_keeps_the_old_one(make_config, running_gateway, tmp_path, caplog):
     """reload() with a broken file logs every problem and keeps translating with the old set;
     after the fix, reload() takes the new set (ORU^R01 now translates)."""

@@ -462,6 +462,7 @@ class TranslationService(Service):
         self.engine = engine
         self.reactor = reactor
         self.directory = Path(config.resolve(config.mappings.directory))
+        self._reloads = 0  # reloads begun: only the latest may replace the set
         self.max_batch = max_batch
         self.translator: Translator | None = None
         self.worker: TranslationWorker | None = None
@@ -500,12 +501,19 @@ class TranslationService(Service):
 
     def reload(self):
         """Read the mapping set again (in a thread) and use it if valid; a Deferred firing
-        with True when it was replaced, False when refused."""
+        with True when it was replaced, False when refused, or when a later reload began
+        before this one was read (two signals a second apart: the later read decides, though
+        the earlier may finish last)."""
         from twisted.internet.threads import deferToThreadPool
 
+        self._reloads += 1
+        this = self._reloads
         d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), MappingSet.load, self.directory)
 
         def loaded(mappings: MappingSet) -> bool:
+            if this != self._reloads:
+                log.info("mapping set %s read by an earlier reload: a later one decides", mappings.version)
+                return False
             old = self.translator.mappings
             self.translator.mappings = mappings
             log.info("mapping set reloaded: %s -> %s (%d files)", old.version, mappings.version,
