@@ -9,7 +9,7 @@ import time
 import pytest
 import pytest_twisted
 from sqlalchemy import text
-from twisted.internet import reactor, threads
+from twisted.internet import defer, reactor, threads
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 
@@ -161,9 +161,10 @@ def _send_transfer(port: int, data: bytes, eot: bool = True) -> bytes:
         return answers
 
 
-@pytest_twisted.inlineCallbacks
-def test_real_socket_into_a_real_store(db_url):
-    """An analyzer's transfer over TCP is stored once per message, raw, as format astm."""
+@defer.inlineCallbacks
+def over_tcp_into_a_store(db_url: str, data: bytes, count: int, eot: bool = True):
+    """`data` sent as one transfer (`_send_transfer`) to an ASTM listener on a real store:
+    (the answers, the rows of the `count` messages stored, raw with their record)."""
     engine = create_gateway_engine(db_url)
     migrate(engine)
     writer = IngestWriter(engine, reactor.callFromThread, lambda item: None)
@@ -171,27 +172,34 @@ def test_real_socket_into_a_real_store(db_url):
     config = AstmListenerConfig("astm-lab", 0, "100234")
     port = reactor.listenTCP(0, astm_listener_factory(config, writer, reactor), interface="127.0.0.1")
     try:
-        second = MESSAGE.replace(b"PAT-1", b"PAT-2")
-        answers = yield threads.deferToThread(_send_transfer, port.getHost().port, MESSAGE + second)
-        assert answers == ACK * 11
+        answers = yield threads.deferToThread(_send_transfer, port.getHost().port, data, eot)
         rows = []
         deadline = time.monotonic() + 10
-        while len(rows) < 2 and time.monotonic() < deadline:
+        while len(rows) < count and time.monotonic() < deadline:
             yield deferLater(reactor, 0.05, lambda: None)
             with engine.connect() as conn:
                 rows = conn.execute(text(
                     "SELECT raw, format, message_type, status, ack, sending_application, "
                     "sending_facility, sender_id, listener FROM messages "
                     "JOIN message_payloads ON message_id = id ORDER BY id")).all()
-        assert [bytes(row.raw) for row in rows] == [MESSAGE, second]
-        for row in rows:
-            assert (row.format, row.message_type, row.status, row.ack) == ("astm", "ASTM", "received", None)
-            assert (row.sending_application, row.sending_facility, row.sender_id, row.listener) == \
-                ("XN-550", "100234", "100234", "astm-lab")
+        return answers, rows
     finally:
         yield port.stopListening()
         writer.stop()
         engine.dispose()
+
+
+@pytest_twisted.inlineCallbacks
+def test_real_socket_into_a_real_store(db_url):
+    """An analyzer's transfer over TCP is stored once per message, raw, as format astm."""
+    second = MESSAGE.replace(b"PAT-1", b"PAT-2")
+    answers, rows = yield over_tcp_into_a_store(db_url, MESSAGE + second, 2)
+    assert answers == ACK * 11
+    assert [bytes(row.raw) for row in rows] == [MESSAGE, second]
+    for row in rows:
+        assert (row.format, row.message_type, row.status, row.ack) == ("astm", "ASTM", "received", None)
+        assert (row.sending_application, row.sending_facility, row.sender_id, row.listener) == \
+            ("XN-550", "100234", "100234", "astm-lab")
 
 
 ASTM_MAPPINGS = {

@@ -8,21 +8,15 @@ import tracemalloc
 
 import pytest
 import pytest_twisted
-from sqlalchemy import text
-from twisted.internet import reactor, threads
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from adapters.astm.framing import (ACK, ENQ, EOT, NAK, STX, AstmReceiver, FrameAccepted,
                                    MessageReceived, State, TransferAborted, frame, frames)
 from adapters.astm.protocol import AstmServerFactory, AstmSettings
-from gateway.config import AstmListenerConfig
-from gateway.ingest.astm import astm_listener_factory
-from gateway.store.database import create_gateway_engine, migrate
-from gateway.store.ingest_writer import IngestWriter
 from gateway.translation.inputs import InputError, detect_format, read_input
 from test_astm_framing import feed, of
-from test_astm_listener import _send_transfer
+from test_astm_listener import over_tcp_into_a_store
 
 MESSAGE = (b"H|\\^&|||XN-550^1|||||LIS|P|1\rP|1|PAT-1||BK123456|EL ALAOUI^Fatima\r"
            b"O|1|SID-1||^^^GLU|R\rR|1|^^^GLU^Glycemie|1.05|g/L|0.70-1.10|N||F\rL|1|N\r")
@@ -177,27 +171,9 @@ def test_a_connection_lost_after_the_last_frame_keeps_the_message():
 def test_real_socket_closed_before_eot_stores_the_message(db_url):
     """Over TCP into a real store: every frame ACKed, the socket closed before EOT; the message
     is stored once, raw."""
-    engine = create_gateway_engine(db_url)
-    migrate(engine)
-    writer = IngestWriter(engine, reactor.callFromThread, lambda item: None)
-    writer.start()
-    config = AstmListenerConfig("astm-lab", 0, "100234")
-    port = reactor.listenTCP(0, astm_listener_factory(config, writer, reactor), interface="127.0.0.1")
-    try:
-        answers = yield threads.deferToThread(_send_transfer, port.getHost().port, MESSAGE, False)
-        assert answers == ACK * 6
-        rows = []
-        deadline = time.monotonic() + 10
-        while not rows and time.monotonic() < deadline:
-            yield deferLater(reactor, 0.05, lambda: None)
-            with engine.connect() as conn:
-                rows = conn.execute(text("SELECT raw, format FROM messages "
-                                         "JOIN message_payloads ON message_id = id")).all()
-        assert [(bytes(row.raw), row.format) for row in rows] == [(MESSAGE, "astm")]
-    finally:
-        yield port.stopListening()
-        writer.stop()
-        engine.dispose()
+    answers, rows = yield over_tcp_into_a_store(db_url, MESSAGE, 1, eot=False)
+    assert answers == ACK * 6
+    assert [(bytes(row.raw), row.format) for row in rows] == [(MESSAGE, "astm")]
 
 
 def test_tiny_frames_cost_no_more_memory_than_their_text():

@@ -21,7 +21,7 @@ from gateway.store.database import Database, create_gateway_engine, migrate
 from gateway.translation.service import TranslationJob, TranslationWorker
 from gateway.translation.translator import Translator
 from test_delivery_batching import A, B, DELIVERIES, SENT, add, adt, gateway_config, translate
-from test_translation_service import _stored
+from test_translation_service import _stored, _until
 from translation_support import hl7, write_mappings
 
 
@@ -128,17 +128,6 @@ def statuses(engine) -> list[str]:
         return list(conn.execute(text("SELECT status FROM messages ORDER BY id")).scalars())
 
 
-def _until(condition, timeout: float = 20.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_a_message_dropped_from_a_full_queue_is_not_overtaken_by_a_later_one(db_url, tmp_path):
     """The queue is full when message 1 of a patient is committed: its job is dropped, left to
     the sweep. Message 2 of the same patient comes a moment later, when there is room. Until
@@ -164,7 +153,7 @@ def test_a_message_dropped_from_a_full_queue_is_not_overtaken_by_a_later_one(db_
         patient = {first.message_id, second.message_id}
         assert claimed(engine, patient) == []  # nothing of the patient may go before message 1
         gates.release(first.message_id)
-        assert _until(lambda: statuses(engine) == ["translated"] * 4)
+        assert _until(lambda: statuses(engine) == ["translated"] * 4, 20.0)
         assert claimed(engine, patient) == [first.message_id]
         settle_delivered(engine, first.message_id)
         assert claimed(engine, patient) == [second.message_id]
@@ -195,7 +184,7 @@ def test_after_a_restart_new_messages_wait_for_the_backlog_of_their_patient(db_u
         patient = {first.message_id, second.message_id, late.message_id}
         assert claimed(engine, patient) == []  # message 2 is not stored yet: nothing may go
         gates.release(second.message_id)
-        assert _until(lambda: statuses(engine) == ["translated"] * 3)
+        assert _until(lambda: statuses(engine) == ["translated"] * 3, 20.0)
         assert claimed(engine, patient) == [second.message_id]
         settle_delivered(engine, second.message_id)
         assert claimed(engine, patient) == [late.message_id]
@@ -307,7 +296,7 @@ def test_messages_whose_translation_failed_to_store_are_swept_once_the_database_
     try:
         outage.begin()
         worker.submit(TranslationJob([item], lambda job: failed.append(job.error)))
-        assert _until(lambda: failed) and failed[0] is not None
+        assert _until(lambda: failed, 20.0) and failed[0] is not None
         import time
 
         time.sleep(0.5)  # the sweep's attempts fail too
