@@ -114,9 +114,7 @@ class DoorRequest(server.Request):
         self.requestHeaders.removeHeader(b"expect")  # no 100 Continue after the refusal
         door: HttpsDoor = channel.site.resource
         body = door.oversize(self, length)
-        channel.transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/problem+json\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+        channel.transport.write(_closing_answer(413, b"Content Too Large", body))
         # Read and drop what the client still sends, then close: closing with unread data
         # would reset the connection before the client has read the 413. The channel closes
         # it as on its idle timeout (TLS close, then an abort if the peer holds on):
@@ -126,6 +124,13 @@ class DoorRequest(server.Request):
         channel.setTimeout(None)
         hang_up = door.reactor.callLater(LINGER, channel.timeoutConnection)
         self.notifyFinish().addErrback(lambda _: hang_up.active() and hang_up.cancel())
+
+
+def _closing_answer(status: int, phrase: bytes, problem: bytes) -> bytes:
+    """A whole HTTP/1.1 answer carrying `problem` (problem+json), written on the transport
+    itself (outside Twisted's request cycle) before the connection is closed."""
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % (status, phrase, len(problem)) + problem)
 
 
 # status: (reason phrase, problem slug, problem title)
@@ -190,9 +195,7 @@ class DoorChannel(http.HTTPChannel):
         log.warning("%s refused %d from %s: %s", door.listener.name, status, _address(self.transport), reason)
         phrase, slug, title = _HEAD_REFUSALS[status]
         body = json.dumps(Problem(status, slug, title, reason).as_dict()).encode("utf-8")
-        self.transport.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n" % (status, phrase, len(body)) + body)
+        self.transport.write(_closing_answer(status, phrase, body))
         # Nothing more is read; the idle timeout, no longer reset, aborts a peer that holds on.
         self.dataReceived = lambda data: None
         self.loseConnection()
