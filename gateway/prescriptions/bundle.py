@@ -36,6 +36,7 @@ from adapters.hl7v2.codes import ErrorCondition
 from adapters.soap.cnss import valid_ean13
 from gateway.prescriptions import ids, qr
 from gateway.prescriptions.codes import PrescriptionError
+from gateway.prescriptions.store import prescription_lines
 
 SYSTEM = ids.SYSTEM
 LINE_SYSTEM = "urn:ma:hie:prescription-line"  # one MedicationRequest = one line: RX-.../n
@@ -50,7 +51,9 @@ ORDER_INTENTS = ("order", "original-order", "instance-order")
 MAX_LINES = 100
 MAX_QUANTITY = Decimal(100_000)  # prescribed or dispensed on one line
 THOUSANDTH = Decimal("0.001")  # the store counts quantities in thousandths (store.to_milli)
-MAX_CODE, MAX_SYSTEM = 64, 128  # what the store keeps of a drug's or act's code and its system
+# What the store keeps of a drug's or act's code and its system (its columns' lengths).
+MAX_CODE = prescription_lines.c.medication_code.type.length
+MAX_SYSTEM = prescription_lines.c.medication_system.type.length
 ACT_SYSTEM = "urn:ma:hie:act"  # ChargeItem.identifier of a performed act: its care-sheet line key
 CNSS_NOMENCLATURES = ("urn:ma:cnss:nabm", "urn:ma:cnss:ngap")  # what a care-sheet act is coded in
 LOINC = "http://loinc.org"
