@@ -155,6 +155,28 @@ def test_batches_below_the_minimum_are_left_unclaimed(engine):
     assert message_ids(claim(engine, node="n2", batch_size=3)) == [[m[2], m[4]]]
 
 
+def test_a_batch_the_byte_cap_filled_is_taken_below_the_minimum(engine):
+    """min_size holds back batches that waiting would make larger, not those the byte cap
+    has filled: large documents (cap of 2,500 bytes, bundles of 1,000) still go several
+    requests at a time while others are in flight, a patient's run cut at the cap, a bundle
+    above the cap alone; a small one joins a batch with room. A batch with room left waits."""
+    bundle = json.dumps({"resourceType": "Bundle", "entry": [], "pad": "x" * 950})
+    large = json.dumps({"resourceType": "Bundle", "entry": [], "pad": "x" * 2950})
+    m = add(engine, "Patient/a", "Patient/a", "Patient/a", "Patient/b", "Patient/c", bundle=bundle)
+    (big,) = add(engine, "Patient/d", bundle=large)
+    (small,) = add(engine, "Patient/e")
+
+    def claim_full():
+        with engine.begin() as conn:
+            return outbox.claim_batches(conn, "n1", "record", T0, 60.0, requests=5, batch_size=64,
+                                        batch_bytes=2500, min_size=64)
+
+    assert message_ids(claim_full()) == [[m[0], m[1], small], [m[3], m[4]], [big]]
+    (late,) = add(engine, "Patient/f", bundle=bundle)
+    assert claim_full() == []  # f's batch has room; a's third waits behind its batch
+    assert message_ids(claim(engine, node="n2", batch_size=64, batch_bytes=2500)) == [[late]]
+
+
 def test_a_retry_of_the_same_set_has_the_same_key_and_another_set_another(engine):
     """After a transient failure the same deliveries are claimed again under the same key;
     once another message of the patient has joined them, the set and so the key differ."""

@@ -14,7 +14,8 @@ transaction, the caller's) and plain data, like the rest of the store.
   due, free, up to `batch_size` and `batch_bytes`); runs of several patients share a batch,
   and a run is never split between batches, so two requests in flight never carry the same
   patient. A caller may take only batches of at least `min_size` deliveries (the rest stay
-  due, unleased). `claim` is the one-delivery-per-request form.
+  due, unleased), or batches that the byte cap has filled. `claim` is the
+  one-delivery-per-request form.
 - `settle` records attempts: delivered, retry at a given time, or dead. A node whose lease was
   taken over meanwhile (it was too slow) records its attempt but does not change the row; nor
   does one whose delivery got new content (a replay) while it sent the old: the new content
@@ -278,11 +279,12 @@ def claim_batches(connection: Connection, node: str, destination: str, now: date
     if not heads:
         return []
     if batch_size == 1:
-        runs = [[(head.id, 0)] for head in heads]
+        runs, cut = [[(head.id, 0)] for head in heads], set()
     else:
-        runs = _runs(connection, is_pg, heads, destination, now, batch_size, batch_bytes)
+        runs, cut = _runs(connection, is_pg, heads, destination, now, batch_size, batch_bytes)
     # Whole batches only (a run is never split), so a batch left out leaves whole runs.
-    packed = [batch for batch in pack_runs(runs, requests, batch_size, batch_bytes) if len(batch) >= min_size]
+    packed = [batch for batch, full in _pack(runs, requests, batch_size, batch_bytes, cut)
+              if full or len(batch) >= min_size]
     if not packed:
         return []
     wanted = [delivery_id for batch in packed for delivery_id in batch]
@@ -334,10 +336,11 @@ def _claim(row) -> Claim:
 
 
 def _runs(connection: Connection, is_pg: bool, heads, destination: str, now: datetime,
-          batch_size: int, batch_bytes: int | None) -> list[list[tuple[int, int]]]:
+          batch_size: int, batch_bytes: int | None) -> tuple[list[list[tuple[int, int]]], set[int]]:
     """Each head's run as (id, bundle bytes): the head, then the patient's next deliveries
-    while they are free, within the limits. A head that is no longer its patient's first
-    pending delivery (an earlier one was enqueued meanwhile) is left for the next claim."""
+    while they are free, within the limits; and the heads whose run the byte cap cut. A head
+    that is no longer its patient's first pending delivery (an earlier one was enqueued
+    meanwhile) is left for the next claim."""
     params = {"destination": destination, "now": now, "run": batch_size}
     now_type = bindparam("now", type_=DateTime(timezone=True))
     by_patient: dict[str, list] = {}
@@ -349,19 +352,22 @@ def _runs(connection: Connection, is_pg: bool, heads, destination: str, now: dat
         query = text(_RUN_SQLITE).bindparams(now_type)
         for head in heads:
             by_patient[head.patient_key] = connection.execute(query, {**params, "patient": head.patient_key}).all()
-    runs = []
+    runs, cut = [], set()
     for head in heads:
         rows = sorted(by_patient.get(head.patient_key, ()), key=lambda r: r.message_id)
         if not rows or rows[0].id != head.id:
             continue
         run, size = [], 0
         for row in rows:
-            if run and (not row.free or (batch_bytes is not None and size + (row.size or 0) > batch_bytes)):
+            if run and not row.free:
+                break
+            if run and batch_bytes is not None and size + (row.size or 0) > batch_bytes:
+                cut.add(head.id)
                 break
             run.append((row.id, row.size or 0))
             size += row.size or 0
         runs.append(run)
-    return runs
+    return runs, cut
 
 
 def pack_runs(runs: Sequence[Sequence[tuple[int, int]]], requests: int, batch_size: int,
@@ -371,21 +377,36 @@ def pack_runs(runs: Sequence[Sequence[tuple[int, int]]], requests: int, batch_si
     run that fits nowhere left for later; a run longer than a batch keeps its first
     `batch_size`. A run is never spread over two batches: they may be in flight at once,
     and a patient's deliveries must reach the peer in order."""
+    return [batch for batch, _ in _pack(runs, requests, batch_size, batch_bytes)]
+
+
+def _pack(runs: Sequence[Sequence[tuple[int, int]]], requests: int, batch_size: int,
+          batch_bytes: int | None, cut: set[int] = frozenset()) -> list[tuple[list[int], bool]]:
+    """pack_runs, each batch with whether its bytes make it full: a run with room for its
+    count in it was turned away for its bytes, it holds a run that the cap cut (`cut`: their
+    first ids), or it is at the cap already (a lone large delivery). Waiting would not make
+    such a batch larger, so `min_size` does not hold it back: large documents would otherwise
+    go one request at a time."""
     batches: list[list[int]] = []
     sizes: list[int] = []
+    full: list[bool] = []
     for run in runs:
         run = run[:batch_size]
         count, size = len(run), sum(b for _, b in run)
         for number, batch in enumerate(batches):
-            if len(batch) + count <= batch_size and (batch_bytes is None or sizes[number] + size <= batch_bytes):
-                batch.extend(i for i, _ in run)
-                sizes[number] += size
-                break
+            if len(batch) + count <= batch_size:
+                if batch_bytes is None or sizes[number] + size <= batch_bytes:
+                    batch.extend(i for i, _ in run)
+                    sizes[number] += size
+                    full[number] = full[number] or run[0][0] in cut
+                    break
+                full[number] = True
         else:
             if len(batches) < requests:
                 batches.append([i for i, _ in run])
                 sizes.append(size)
-    return batches
+                full.append(run[0][0] in cut or (batch_bytes is not None and size >= batch_bytes))
+    return list(zip(batches, full))
 
 
 def _cut_at_gaps(packed: list[list[int]], runs, leased: set[int]) -> tuple[list[list[int]], list[int]]:
