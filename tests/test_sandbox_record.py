@@ -438,7 +438,7 @@ def test_malformed_requests_are_400(client):
         assert reply.code == 400, body[:60]
         assert issue(reply)["code"] == code, body[:60]
         if body == cases[2][0]:
-            assert issue(reply)["diagnostics"] == "the body is not UTF-8"
+            assert issue(reply)["diagnostics"] == "the body is not UTF-8 (byte 33)"
 
 
 @pytest_twisted.inlineCallbacks

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway import fhir_json
+from gateway import fhir_json, strict_json
 from gateway.config import SenderConfig
 
 PROBLEM_TYPE_BASE = "https://ma-hie.example/problems/"  # + a slug: our problem types
@@ -82,23 +82,25 @@ def json_response(status: int, data: Any, headers: dict[str, str] | None = None)
     return ApiResponse(status, fhir_json.dumps(data), "application/json", dict(headers or {}))
 
 
-def read_json(request: ApiRequest, limit_detail: str = "the body") -> Any:
-    """The request body as JSON, or a 400 problem saying why not."""
+def read_json(request: ApiRequest) -> Any:
+    """The request body as JSON read strictly (gateway.strict_json: no key twice, no NaN, ...),
+    or a problem saying why not: 415 for a charset other than UTF-8, 400 otherwise."""
+    refuse_foreign_charset(request)
     try:
-        return json.loads(request.body.decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise Problem(400, "bad-encoding", "Body is not UTF-8",
-                      f"{limit_detail} is not UTF-8 (byte {error.start})") from None
-    except json.JSONDecodeError as error:
-        raise Problem(400, "bad-json", "Body is not JSON",
-                      f"{limit_detail} is not JSON: {error.msg} at line {error.lineno} "
-                      f"column {error.colno}") from None
-    except RecursionError:  # arrays or objects nested thousands deep
-        raise Problem(400, "bad-json", "Body is not JSON",
-                      f"{limit_detail} nests arrays or objects too deeply") from None
-    except ValueError:  # an integer of more than 4,300 digits, which Python refuses to read
-        raise Problem(400, "bad-json", "Body is not JSON",
-                      f"{limit_detail} holds a number too long to read") from None
+        return strict_json.loads(request.body)
+    except strict_json.NotUtf8 as error:
+        raise Problem(400, "bad-encoding", "Body is not UTF-8", str(error)) from None
+    except strict_json.JsonInputError as error:
+        raise Problem(400, "bad-json", "Body is not JSON", str(error)) from None
+
+
+def refuse_foreign_charset(request: ApiRequest) -> None:
+    """A 415 problem when the Content-Type names a charset other than UTF-8 (JSON is UTF-8)."""
+    charset = strict_json.foreign_charset(request.headers.get("content-type"))
+    if charset is not None:
+        raise Problem(415, "unsupported-charset", "Unsupported charset",
+                      f"charset {charset!r} of the Content-Type: JSON is sent as UTF-8 "
+                      "(RFC 8259 section 8.1)")
 
 
 ANY_FACILITY = None  # Route.operation of what every known facility may call

@@ -19,7 +19,7 @@ from adapters.hl7v2.charsets import CharsetError, codec_for
 from adapters.hl7v2.codes import Outcome
 from adapters.hl7v2.header import HeaderError, parse_header
 from adapters.mllp.protocol import ConnectionInfo
-from gateway.doors.api import ApiRequest, ApiResponse, Problem, Route, json_response
+from gateway.doors.api import ApiRequest, ApiResponse, Problem, Route, json_response, refuse_foreign_charset
 from gateway.doors.ingest_bridge import IngestBridge, StoreUnavailable
 from gateway.doors.schemas import (FHIR_SCHEMAS, HL7V2_SCHEMAS, MESSAGE_SCHEMAS, fhir_spec,
                                    hl7v2_spec, message_spec)
@@ -157,12 +157,16 @@ class RestOperations:
 
     async def submit_fhir(self, request: ApiRequest) -> ApiResponse:
         _require(request, FHIR_MEDIA_TYPES)
+        refuse_foreign_charset(request)
         try:
             # Off the reactor thread: validating a large Bundle takes long enough to stall
             # every MLLP connection if it ran there.
             document, issues = await threads.deferToThread(_read_and_check, request.body)
         except BundleError as error:
-            raise Problem(400, "bad-json", "Body is not a JSON object", error.issues[0].diagnostics) from None
+            issue = error.issues[0]
+            raise Problem(400, "bad-json", "Body is not a JSON object",
+                          f"{issue.expression}: {issue.diagnostics}" if issue.expression
+                          else issue.diagnostics) from None
         if issues:
             first = issues[0]
             raise Problem(422, "invalid-fhir", "Invalid FHIR Bundle",

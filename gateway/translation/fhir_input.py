@@ -16,10 +16,10 @@ batch or collection) into the canonical `collection` Bundle that every other inp
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import strict_json
 from gateway.mapping.engine import collection_bundle  # also report_input's: one Bundle shape for every input
 from gateway.mapping.engine import _resource_id as resource_id  # the id rule of every translation
 from gateway.mapping.runtime import TranslationContext
@@ -41,18 +41,13 @@ class BundleError(ValueError):
 
 
 def read_bundle(data: bytes) -> dict:
-    """The JSON document of `data`, or BundleError (not UTF-8, not JSON, not an object)."""
+    """The JSON document of `data` read strictly (gateway.strict_json: no key twice, no BOM,
+    no lone surrogate, no NaN, no number a double or a 64-bit integer cannot hold), or
+    BundleError (not UTF-8, not such JSON, not an object), located where it can be."""
     try:
-        document = json.loads(data.decode("utf-8-sig"))
-    except UnicodeDecodeError as error:
-        raise BundleError([Issue("invalid", f"body is not UTF-8 (byte {error.start})")]) from None
-    except json.JSONDecodeError as error:
-        raise BundleError([Issue("invalid", f"body is not JSON: {error.msg} at line {error.lineno} "
-                                            f"column {error.colno}")]) from None
-    except RecursionError:  # arrays or objects nested thousands deep
-        raise BundleError([Issue("invalid", "body nests arrays or objects too deeply")]) from None
-    except ValueError:  # an integer of more than 4,300 digits, which Python refuses to read
-        raise BundleError([Issue("invalid", "body holds a number too long to read")]) from None
+        document = strict_json.loads(data, root="Bundle", what="body")
+    except strict_json.JsonInputError as error:
+        raise BundleError([Issue("invalid", error.reason, error.where)]) from None
     if not isinstance(document, dict):
         raise BundleError([Issue("structure", "a FHIR Bundle is a JSON object")])
     return document

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web import resource, server
 
+from gateway import strict_json
 from gateway.pki import certificate_common_name
 from gateway.sandbox.faults import Faults
 from gateway.sandbox.record import json_codec
@@ -220,6 +221,9 @@ class FhirEndpoint(resource.Resource):
             content_type = (request.getHeader(b"content-type") or b"application/fhir+json").decode("latin-1")
             if content_type.split(";")[0].strip().lower() not in ("application/fhir+json", "application/json"):
                 raise FhirError.single(415, "not-supported", "send application/fhir+json")
+            charset = strict_json.foreign_charset(content_type)
+            if charset is not None:
+                raise FhirError.single(415, "not-supported", f"charset {charset!r}: send the JSON as UTF-8")
             key = request.getHeader(b"idempotency-key")
             if key is not None:
                 key = key.decode("latin-1")

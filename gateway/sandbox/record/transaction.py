@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.sandbox.record import json_codec
+from gateway import strict_json
 from gateway.sandbox.record.operation_outcome import FhirError, Issue
 from gateway.sandbox.record.search import SearchQuery, parse_query_string, parse_search
 from gateway.sandbox.record.validation import is_resource_type, is_valid_id, resource_issues
@@ -44,18 +44,14 @@ class PlannedEntry:
 
 
 def parse_json(body: bytes) -> object:
-    """The JSON document of a request body; a 400 when it is not UTF-8 JSON. The bytes go to
-    the parser as they are (it checks UTF-8 itself): decoding a batch's megabytes into a str
-    first cost a fifth as much as parsing them."""
+    """The JSON document of a request body read strictly (gateway.strict_json: no key twice,
+    no BOM, no lone surrogate, no NaN, no number a double or a 64-bit integer cannot hold); a
+    400 saying why and where when it is not such UTF-8 JSON. (orjson read faster, but kept the
+    last of two keys and read a 20-digit integer as a float.)"""
     try:
-        return json_codec.loads(body)
-    except (ValueError, RecursionError) as error:
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise FhirError.single(400, "structure", "the body is not UTF-8") from None
-        where = f" (line {error.lineno}, column {error.colno})" if hasattr(error, "lineno") else ""
-        raise FhirError.single(400, "structure", f"the body is not JSON{where}") from None
+        return strict_json.loads(body, root="Bundle")
+    except strict_json.JsonInputError as error:
+        raise FhirError.single(400, "structure", error.reason, error.where) from None
 
 
 def read_transaction(document: object, *, validate: bool = True) -> list[PlannedEntry]:
