@@ -15,7 +15,7 @@ from cli_support import cli, project, write_file  # noqa: F401 (fixtures)
 from doors_support import HOSPITAL, LAB, Client, door_config, fhir_bundle, rows, start_door, stop_door, with_listener
 from gateway.doors.api import Route, json_response, read_json
 from gateway.mapping.mapping_set import MappingSet
-from gateway.store.schema import messages
+from gateway.store.schema import messages, translations
 from test_sandbox_record import conditional_patient, entry, observation, start_peer, transaction
 
 FHIR = "application/fhir+json"
@@ -187,3 +187,14 @@ def test_translate_refuses_a_bundle_with_a_key_twice(project):
     done = cli(project, "translate", path, "-c", project.config)
     assert done.returncode == 1 and not done.stdout, done.stdout
     assert f"{path}: Bundle.entry[0].resource: the key \"identifier\" appears twice" in done.stderr, done.stderr
+
+
+@pytest_twisted.inlineCallbacks
+def test_fhir_door_keeps_the_precision_of_decimals(door):
+    """FHIR R4: 5.40 is not 5.4. The door read a submitted Bundle's decimals as floats, so the
+    canonical bundle (and what the shared record receives) said 5.4; now as sent."""
+    answer = yield Client(door, LAB.id).post("/v1/fhir", _bundle("5.4", "5.40"), FHIR)
+    assert answer.code == 200, answer.body
+    [translation] = rows(door, translations)
+    bundle = translation.bundle
+    assert '"valueQuantity":{"value":5.40,' in (bundle if isinstance(bundle, str) else bytes(bundle).decode())

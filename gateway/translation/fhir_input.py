@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import strict_json
+from gateway import fhir_json, strict_json
 from gateway.mapping.engine import collection_bundle  # also report_input's: one Bundle shape for every input
 from gateway.mapping.engine import _resource_id as resource_id  # the id rule of every translation
 from gateway.mapping.runtime import TranslationContext
@@ -45,7 +45,9 @@ def read_bundle(data: bytes) -> dict:
     no lone surrogate, no NaN, no number a double or a 64-bit integer cannot hold), or
     BundleError (not UTF-8, not such JSON, not an object), located where it can be."""
     try:
-        document = strict_json.loads(data, root="Bundle", what="body")
+        # Decimals keep their text (FHIR R4: 5.40 is not 5.4), written as sent into the
+        # canonical bundle by fhir_json.dumps.
+        document = strict_json.loads(data, root="Bundle", what="body", parse_float=fhir_json.ExactDecimal)
     except strict_json.JsonInputError as error:
         raise BundleError([Issue("invalid", error.reason, error.where)]) from None
     if not isinstance(document, dict):
