@@ -88,7 +88,7 @@ class RecordApi:
 
     def _transaction(self, body: bytes, idempotency_key: str | None) -> Answer:
         try:
-            document = parse_json(body)
+            document = parse_json(body, strict=self.validate)
             digest = request_sha256(document) if idempotency_key is not None else ""
             if idempotency_key is not None:
                 stored = self.store.stored_response(idempotency_key)
