@@ -327,6 +327,71 @@ def test_stopping_while_the_collector_reads_nothing_ends_after_the_grace(exporti
         yield stalled.stop()
 
 
+class _Mute(Protocol):
+    """A TCP peer that accepts and then answers nothing (`opening`: only those bytes, the
+    start of a TLS record, as a server that stops mid-handshake)."""
+
+    def __init__(self, peer: "MutePeer"):
+        self.peer = peer
+
+    def connectionMade(self):
+        self.peer.connections.append(self)
+        if self.peer.opening:
+            self.transport.write(self.peer.opening)
+
+    def connectionLost(self, reason=None):
+        self.peer.closed += 1
+
+
+class MutePeer:
+    def __init__(self, opening: bytes = b""):
+        self.opening = opening
+        self.connections: list[_Mute] = []
+        self.closed = 0
+        self.listening = reactor.listenTCP(0, Factory.forProtocol(lambda: _Mute(self)),
+                                           interface="127.0.0.1")
+        self.port = self.listening.getHost().port
+
+    def stop(self):
+        for connection in self.connections:
+            connection.transport.abortConnection()
+        return self.listening.stopListening()
+
+
+@pytest.mark.parametrize("opening", [b"", b"\x16\x03\x03\x00\x7a\x02\x00"],
+                         ids=["silent", "stops-mid-handshake"])
+@pytest_twisted.inlineCallbacks
+def test_a_collector_that_never_completes_the_handshake_is_left_and_tried_again(
+        exporting, dev_pki, monkeypatch, caplog, opening):
+    """A collector that accepts TCP and never answers the ClientHello (or stops in the middle
+    of its answer) held the export on that connection for ever: connected as far as TCP goes,
+    it was never retried, and nothing of the trail went anywhere."""
+    from gateway.audit import export
+
+    monkeypatch.setattr(export, "HANDSHAKE_TIMEOUT", 0.5)
+    start, trail, engine = exporting
+    peer = MutePeer(opening)
+    trail.append(events(3, 1))
+    caplog.set_level("WARNING", logger="gateway.audit.export")
+    service = start(peer.port)
+    try:
+        # Dropped after the timeout, and a new connection tried (the backoff starts at 0.5 s).
+        yield until(lambda: peer.closed >= 1 and len(peer.connections) >= 2, timeout=6)
+        assert "TLS handshake not complete within 0.5 s" in caplog.text
+        assert service._protocol is None and (last_seq(engine) or 0) == 0
+        stopped = []
+        service.stopService().addBoth(stopped.append)  # the stop is not held by it either
+        yield until(lambda: stopped, timeout=3)
+        assert stopped == [None]
+    finally:
+        yield peer.stop()
+    # A real collector on the next try gets the whole trail.
+    collector = Collector(dev_pki)
+    start(collector.port)
+    yield until(lambda: collector.seqs() == [1, 2, 3])
+    yield collector.stop()
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_record_with_text_xml_cannot_carry_does_not_stop_the_export(exporting, dev_pki):
     start, trail, engine = exporting

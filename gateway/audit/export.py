@@ -9,8 +9,10 @@ unacknowledged by the collector's TCP (a collector that reads slowly, or not at 
 then does last_seq move. A connection lost before that sends the batch again on the next one:
 a collector may see a record twice (its seq and hash are in the message: audit/N), never miss
 one the gateway still held. (What the collector's own TCP took and it never read is beyond
-what RFC 5425 can tell.) Reconnects back off up to a minute; a stop waits STOP_GRACE seconds
-for the collector to close the connection, then cuts it.
+what RFC 5425 can tell.) Reconnects back off up to a minute; a TCP connection is given
+CONNECT_TIMEOUT seconds, and its TLS handshake HANDSHAKE_TIMEOUT more (a collector that accepts
+TCP and never answers, or stops in the middle of the handshake, is left and tried again); a
+stop waits STOP_GRACE seconds for the collector to close the connection, then cuts it.
 
 Several nodes append to one trail; one of them exports it to a collector: on PostgreSQL the
 node that holds a session advisory lock on the collector's name (kept on a connection of its
@@ -43,6 +45,8 @@ from gateway.store.schema import audit_exports, audit_log
 log = logging.getLogger(__name__)
 
 STOP_GRACE = 5.0  # seconds a stopping export waits for the collector to close the connection
+CONNECT_TIMEOUT = 10.0  # seconds for the TCP connection to the collector
+HANDSHAKE_TIMEOUT = 10.0  # seconds for the TLS handshake once TCP is connected
 
 
 def collector_name(host: str, port: int) -> str:
@@ -93,11 +97,28 @@ class _SyslogSender(Protocol):
         self.export = export
         self.paused = False
         self.up = False
+        self.handshake_timed_out = False
+        self._handshake_timer = None
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
+        # TLS waits for the collector's answer without a limit of its own: one that accepted
+        # TCP and says nothing would hold the export on this connection for ever.
+        self._handshake_timer = self.export.reactor.callLater(HANDSHAKE_TIMEOUT,
+                                                              self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        self.handshake_timed_out = True
+        self.transport.abortConnection()
+
+    def _stop_handshake_timer(self) -> None:
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
 
     def handshakeCompleted(self) -> None:
+        self._stop_handshake_timer()
         self.up = True
         self.export._connected(self)
 
@@ -105,6 +126,7 @@ class _SyslogSender(Protocol):
         pass  # a syslog collector says nothing
 
     def connectionLost(self, reason=None) -> None:
+        self._stop_handshake_timer()
         was_up, self.up = self.up, False
         self.export._disconnected(self, reason, was_up)
 
@@ -144,7 +166,7 @@ class AuditExportService(Service):
         tls = client_tls_options(export.ca or config.pki.ca, export.host, config.pki.cert,
                                  config.pki.key)
         self.endpoint = wrapClientTLS(tls, HostnameEndpoint(self.reactor, export.host, export.port,
-                                                            timeout=10))
+                                                            timeout=CONNECT_TIMEOUT))
         self.sent = 0  # records written since the start (a few may be written twice)
         self.skipped = 0  # records not sent: the backlog was beyond queue_limit
         self._client: ClientService | None = None
@@ -250,6 +272,9 @@ class AuditExportService(Service):
         if was_up and self.running:
             log.warning("audit export: connection to %s lost: %s", self.collector,
                         getattr(reason, "value", reason))
+        elif self.running and protocol.handshake_timed_out:
+            log.warning("audit export: no TLS session with %s: TLS handshake not complete "
+                        "within %g s", self.collector, HANDSHAKE_TIMEOUT)
         elif self.running:
             log.warning("audit export: no TLS session with %s: %s", self.collector,
                         getattr(reason, "value", reason))
