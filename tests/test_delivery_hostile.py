@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sqlite3
 import time
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
-from sqlalchemy import select
+from sqlalchemy import event, select, text
 from twisted.internet import defer, endpoints, reactor, task
 from twisted.internet.task import deferLater
 
@@ -257,9 +258,11 @@ DELIVERIES = "SELECT status, attempts, last_code, last_reason FROM deliveries OR
 
 
 @defer.inlineCallbacks
-def start_scripted_delivery(db_url, make_config, dev_pki, script, retry: RetryConfig, patients):
+def start_scripted_delivery(db_url, make_config, dev_pki, script, retry: RetryConfig, patients,
+                            concurrency: int = 1, prepare=None):
     """A delivery service sending each of `patients`' deliveries in a request of its own to a
-    record peer (real mutual TLS) whose answers `script(transport)` writes."""
+    record peer (real mutual TLS) whose answers `script(transport)` writes; `prepare(engine)`
+    runs once the deliveries are stored, before the service starts."""
     factory = ScriptedFactory(script)
     options = server_tls_options(os.path.join(dev_pki, "sandbox-record.crt"),
                                  os.path.join(dev_pki, "sandbox-record.key"),
@@ -269,10 +272,12 @@ def start_scripted_delivery(db_url, make_config, dev_pki, script, retry: RetryCo
     migrate(engine)
     database = Database(engine, reactor, 2)
     record = DestinationConfig("record", "fhir-record", f"https://127.0.0.1:{port.getHost().port}/fhir",
-                               response_timeout=5, concurrency=1, batch_size=1, retry=retry)
+                               response_timeout=5, concurrency=concurrency, batch_size=1, retry=retry)
     config = dataclasses.replace(make_config(db_url), destinations=(record,),
                                  delivery=DeliveryConfig(lease=30, poll_interval=0.05))
     add(engine, *patients, bundle=json.dumps(bundle(1)))
+    if prepare is not None:
+        prepare(engine)
     database.start()
     service = DeliveryService(config, database, reactor)
     service.startService()
@@ -350,3 +355,111 @@ def _moment(value) -> datetime:
     """A timestamp as read by raw SQL: a datetime (PostgreSQL) or ISO text (SQLite)."""
     moment = datetime.fromisoformat(value) if isinstance(value, str) else value
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _refuse_long_values(engine) -> None:
+    """Make the database refuse an over-long value the way each one does: SQLite a string or
+    blob beyond its length limit (here 20,000 bytes), PostgreSQL a text beyond its varchar."""
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def limit(dbapi_connection, _record):
+            dbapi_connection.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 20_000)
+        engine.dispose()  # the connections already open get it too
+    else:
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE delivery_attempts ALTER COLUMN reason TYPE varchar(60)"))
+            conn.execute(text("ALTER TABLE deliveries ALTER COLUMN last_reason TYPE varchar(60)"))
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_answer_the_database_refuses_does_not_hold_the_other_settlements(db_url, make_config,
+                                                                         dev_pki, caplog):
+    """Four requests in flight, answered at once: three delivered, one refused with a 422 whose
+    answer (kept for the dead letter) the database refuses. Its settlement failed, and with it
+    every settlement of its batch: the others were sent again once their lease ended, and the
+    refused one was retried for ever. Each is settled once; the refused one is a dead letter
+    whose reason says what was not kept."""
+    ok = transaction_response("201 Created")
+    refused = json.dumps({"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "invalid", "diagnostics": "d" * 200}],
+        "text": {"div": "x" * 30_000}}).encode()
+    head = (b"HTTP/1.1 %d %s\r\nContent-Type: application/fhir+json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n")
+    waiting = []
+
+    def script(transport):
+        waiting.append(transport)
+        if len(waiting) == 4:  # all four in flight: answered together
+            for n, each in enumerate(waiting):
+                body = refused if n == 2 else ok
+                status = (422, b"Unprocessable") if n == 2 else (200, b"OK")
+                each.write(head % (*status, len(body)) + body)
+                each.loseConnection()
+
+    caplog.set_level("INFO", logger="gateway.delivery.service")
+    run = yield start_scripted_delivery(db_url, make_config, dev_pki, script,
+                                        RetryConfig(base=0.2, factor=2.0, cap=0.5, max_age=600),
+                                        [f"Patient/{n}" for n in range(1, 5)], concurrency=4,
+                                        prepare=_refuse_long_values)
+    try:
+        found = yield until(DELIVERIES, lambda f: all(r.status != "pending" for r in f), db_url,
+                            timeout=10)
+        assert sorted((r.status, r.attempts) for r in found) == [("dead", 1)] + [("delivered", 1)] * 3
+        (dead,) = [r for r in found if r.status == "dead"]
+        assert (dead.last_code, dead.last_reason) == (422, "HTTP 422 (answer not stored: DataError)")
+        attempts = yield until("SELECT outcome, response FROM delivery_attempts", lambda f: True, db_url)
+        assert sorted(a.outcome for a in attempts) == ["delivered"] * 3 + ["permanent"]
+        assert [a.response for a in attempts if a.outcome == "permanent"] == [None]
+        yield deferLater(reactor, 0.5, lambda: None)
+        assert len(waiting) == 4  # nothing sent twice
+        assert "the database refused a value (DataError)" in caplog.text
+        assert "d" * 50 not in caplog.text and "x" * 50 not in caplog.text  # the peer's words stay out
+    finally:
+        yield stop_scripted_delivery(run)
+
+
+@pytest_twisted.inlineCallbacks
+def test_settlements_the_database_could_not_take_are_kept_and_recorded_once(db_url, make_config,
+                                                                          dev_pki, caplog):
+    """The attempts' table is away (renamed: the database failing, not refusing a value) when
+    four answers come back. Their settlements were dropped: the deliveries stayed leased, and
+    were sent again once the lease ended. They are kept and tried again: once the table is
+    back, each delivery is settled once, and nothing is sent twice."""
+    ok = transaction_response("201 Created")
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nConnection: close\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(ok), ok))
+    probe = create_gateway_engine(db_url)
+    waiting = []
+
+    def rename(old, new):
+        with probe.begin() as conn:
+            conn.execute(text(f"ALTER TABLE {old} RENAME TO {new}"))
+
+    def script(transport):
+        waiting.append(transport)
+        if len(waiting) == 4:
+            rename("delivery_attempts", "delivery_attempts_away")
+            for each in waiting:
+                each.write(answer)
+                each.loseConnection()
+
+    caplog.set_level("INFO", logger="gateway.delivery.service")
+    run = yield start_scripted_delivery(db_url, make_config, dev_pki, script,
+                                        RetryConfig(base=0.2, factor=2.0, cap=0.5, max_age=600),
+                                        [f"Patient/{n}" for n in range(1, 5)], concurrency=4)
+    try:
+        yield until(DELIVERIES, lambda f: "recording" in caplog.text, db_url, timeout=10)
+        yield deferLater(reactor, 0.3, lambda: None)  # a few more tries while it is away
+        rename("delivery_attempts_away", "delivery_attempts")
+        found = yield until(DELIVERIES, lambda f: all(r.status != "pending" for r in f), db_url,
+                            timeout=10)
+        assert [(r.status, r.attempts) for r in found] == [("delivered", 1)] * 4
+        attempts = yield until("SELECT delivery_id FROM delivery_attempts", lambda f: True, db_url)
+        assert sorted(a.delivery_id for a in attempts) == sorted(
+            a.delivery_id for a in (yield until("SELECT id AS delivery_id FROM deliveries",
+                                                lambda f: True, db_url)))
+        yield deferLater(reactor, 0.5, lambda: None)
+        assert len(waiting) == 4  # nothing sent twice
+    finally:
+        yield stop_scripted_delivery(run)
+        probe.dispose()
