@@ -654,6 +654,33 @@ def test_slow_body_times_out(net):
     assert time.monotonic() - started < SHORT + 1.0
 
 
+@pytest.mark.parametrize("opening, drip", [
+    (b"HTTP/1.1 200 OK\r\nX-Slow: ", b"X"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"1\r\nx\r\n"),
+], ids=["head", "body"])
+@pytest_twisted.inlineCallbacks
+def test_a_peer_trickling_its_answer_byte_by_byte_times_out(net, opening, drip):
+    """A little every 50 ms for ever (a header line that never ends, or a chunked body that
+    never ends, each well under its size limit): the response timeout bounds the whole
+    exchange, not the silence between two reads."""
+    loops = []
+
+    def script(t):
+        t.write(opening)
+        loops.append(task.LoopingCall(t.write, drip))
+        loops[-1].start(0.05)
+
+    port = yield net.listen(ScriptedFactory(script), net.tls_options())
+    started = time.monotonic()
+    try:
+        e = yield _failure(net.transport(response_timeout=SHORT).request(_post(port)))
+    finally:
+        for loop in loops:
+            loop.stop()
+    assert e.kind == "timeout"
+    assert time.monotonic() - started < SHORT + 1.0
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_timed_out_connection_is_not_reused(net):
     """After a timeout the next request opens a fresh connection and succeeds."""
