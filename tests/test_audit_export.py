@@ -305,6 +305,29 @@ def test_what_a_stalled_collector_never_read_is_sent_again_to_the_next(exporting
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_collector_that_stopped_reading_is_left_after_the_stall_timeout(exporting, dev_pki,
+                                                                          monkeypatch, caplog):
+    """A collector that stopped reading (hung, its TCP still up) held the export on that
+    connection for ever, without a word in the log: after STALL_TIMEOUT without progress the
+    connection is dropped, logged, and tried again; what was not confirmed goes again."""
+    from gateway.audit import export
+
+    monkeypatch.setattr(export, "STALL_TIMEOUT", 1.0)
+    start, trail, engine = exporting
+    stalled = yield stalled_collector(dev_pki)
+    trail.append(events(2000, 1))
+    caplog.set_level("WARNING", logger="gateway.audit.export")
+    service = start(stalled.listening.getHost().port)
+    try:
+        yield until(lambda: service._protocol is not None and service._protocol.paused)
+        first = service._protocol
+        yield until(lambda: service._protocol is not first, timeout=6)
+        assert "read nothing for 1 s: connection dropped" in caplog.text
+    finally:
+        yield stalled.stop()
+
+
+@pytest_twisted.inlineCallbacks
 def test_stopping_while_the_collector_reads_nothing_ends_after_the_grace(exporting, dev_pki,
                                                                          monkeypatch):
     """The TLS close waits for the collector's answer, behind what it has not read: a

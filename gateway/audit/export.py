@@ -11,7 +11,9 @@ a collector may see a record twice (its seq and hash are in the message: audit/N
 one the gateway still held. (What the collector's own TCP took and it never read is beyond
 what RFC 5425 can tell.) Reconnects back off up to a minute; a TCP connection is given
 CONNECT_TIMEOUT seconds, and its TLS handshake HANDSHAKE_TIMEOUT more (a collector that accepts
-TCP and never answers, or stops in the middle of the handshake, is left and tried again); a
+TCP and never answers, or stops in the middle of the handshake, is left and tried again), and
+a collector that reads nothing of what is written for STALL_TIMEOUT seconds (hung, its TCP
+still up) is left too and tried again, what it was not confirmed to have sent again; a
 stop waits STOP_GRACE seconds for the collector to close the connection, then cuts it.
 
 Several nodes append to one trail; one of them exports it to a collector: on PostgreSQL the
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 STOP_GRACE = 5.0  # seconds a stopping export waits for the collector to close the connection
 CONNECT_TIMEOUT = 10.0  # seconds for the TCP connection to the collector
 HANDSHAKE_TIMEOUT = 10.0  # seconds for the TLS handshake once TCP is connected
+STALL_TIMEOUT = 120.0  # seconds a collector may read nothing of what waits for it
 
 
 def collector_name(host: str, port: int) -> str:
@@ -98,7 +101,10 @@ class _SyslogSender(Protocol):
         self.paused = False
         self.up = False
         self.handshake_timed_out = False
+        self.stalled = False
         self._handshake_timer = None
+        self._watch: tuple[int, float] | None = None  # (bytes unacknowledged, since when)
+        self._resumed = False
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
@@ -135,10 +141,19 @@ class _SyslogSender(Protocol):
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self._resumed = True
         self.export._pump()
 
     def stopProducing(self) -> None:
         self.paused = True
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds since the collector last took anything of what waits for it: its TCP
+        acknowledged more bytes, or the gateway's buffers drained enough to write again."""
+        pending = _unacknowledged(self.transport)
+        if self._watch is None or pending != self._watch[0] or self._resumed:
+            self._watch, self._resumed = (pending, now), False
+        return now - self._watch[1]
 
 
 class AuditExportService(Service):
@@ -269,7 +284,10 @@ class AuditExportService(Service):
         if protocol is self._protocol:
             self._protocol = None
             self._next = None
-        if was_up and self.running:
+        if was_up and self.running and protocol.stalled:
+            log.warning("audit export: %s read nothing for %g s: connection dropped, tried again",
+                        self.collector, STALL_TIMEOUT)
+        elif was_up and self.running:
             log.warning("audit export: connection to %s lost: %s", self.collector,
                         getattr(reason, "value", reason))
         elif self.running and protocol.handshake_timed_out:
@@ -329,7 +347,12 @@ class AuditExportService(Service):
             # A collector that reads slowly (or not at all) leaves what was written in the
             # gateway's buffers: counted as received, it would be lost with the connection.
             # Asked again later; the confirm of a later batch covers this one.
-            if seq == self._next:
+            if protocol.stalled_for(self.reactor.seconds()) >= STALL_TIMEOUT:
+                # Hung, its TCP still up: waiting would hold the export for ever. The next
+                # connection sends again what this one was not confirmed to have delivered.
+                protocol.stalled = True
+                protocol.transport.abortConnection()
+            elif seq == self._next:
                 self.reactor.callLater(self.settle, self._confirm, protocol, seq)
             return
         self._run(self._mark, seq).addErrback(
