@@ -163,8 +163,9 @@ class Harness:
         return job.results
 
     def again(self, pending: Pending):
-        job = TranslationJob([pending])
-        self.worker._process([job])
+        """Translate a stored message again, as a replay does."""
+        job = self.worker.translate_now([pending])
+        assert job.error is None, job.error
         return job.results[0]
 
 

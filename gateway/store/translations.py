@@ -29,7 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway import fhir_json
 from gateway.ingest.model import MessageStatus
-from gateway.store.outbox import Enqueue, enqueue
+from gateway.store.outbox import Enqueue, _among, enqueue
 from gateway.store.schema import canonical_bundles, message_payloads, messages, translations
 from gateway.store.schema import patient_identifiers as patient_identifiers_table
 from gateway.store.texts import has_control, storable
@@ -196,6 +196,35 @@ def resolve_message_id(connection: Connection, pending: Pending) -> int | None:
         pending.message_id = connection.execute(_KEY_SQL, {
             "application": application, "facility": facility, "control_id": control_id}).scalar()
     return pending.message_id
+
+
+def claim_messages(connection: Connection, pendings: Iterable[Pending], waiting_only: bool = True) -> set[int]:
+    """Lock the messages of `pendings` for this transaction (their ids resolved) and return the
+    ids this transaction may store a translation of: with `waiting_only` (the live path, the
+    sweep), those still 'received'; else (a replay) those still translatable.
+
+    Two nodes, or a node's sweep and its live path, may translate the same message: only the
+    first to commit stores it (with its audit record, deliveries, prescription step). The
+    other, locking the row after that commit, no longer finds it 'received' (PostgreSQL,
+    READ COMMITTED: FOR UPDATE reads the row again once its lock is granted); on SQLite
+    the write transaction already runs alone. Locked in id order, so two claims never wait on
+    each other crosswise."""
+    ids = sorted({message_id for message_id in (resolve_message_id(connection, p) for p in pendings)
+                  if message_id is not None})
+    if not ids:
+        return set()
+    status = _status_is(_RECEIVED) if waiting_only else messages.c.status.in_(TRANSLATABLE)
+    query = select(messages.c.id).where(_among(connection, messages.c.id, ids), status).order_by(messages.c.id)
+    if connection.dialect.name == "postgresql":
+        query = query.with_for_update()
+    return set(connection.execute(query).scalars())
+
+
+def stored_outcome(connection: Connection, message_id: int) -> tuple[StoredTranslation | None, bytes | None]:
+    """The translation stored for a message and the ACK stored with it (what a translation
+    that lost the claim answers with: the winner's)."""
+    ack = connection.execute(select(messages.c.ack).where(messages.c.id == message_id)).scalar()
+    return get_translation(connection, message_id), (bytes(ack) if ack else None)
 
 
 def save_translations(connection: Connection, results: list[tuple[Pending, TranslationRecord]],

@@ -21,8 +21,12 @@ translation`.
   'received' that long after their receipt: what a node that died left behind (on one
   PostgreSQL, another node takes them without waiting for it to come back), or a job lost
   without trace. It sweeps those, and only those: younger ones are in some node's hands.
-- Translation is deterministic and the write an upsert: a message translated twice (two
-  nodes on one PostgreSQL, sweep and live path) is harmless.
+- A message may be translated twice (two nodes on one PostgreSQL, a stale sweep and the live
+  path, the start sweep and a live job): only the first to store it does, in a transaction
+  that locks the message and finds it still 'received' (claim_messages). The other stores
+  nothing of it: no step, no audit record, no event, no delivery; its caller gets what was
+  stored (the first one's ACK and bundle). A replay translates and stores again whatever the
+  status.
 - Reload (SIGHUP, `gateway mappings reload`) reads the set in a thread and swaps it whole; a
   broken set is refused, every problem logged, the old set kept.
 
@@ -59,8 +63,9 @@ from gateway.ingest.model import MessageStatus
 from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.source import MappingErrors
 from gateway.store.database import value_refused, write_transaction
-from gateway.store.translations import (Pending, TranslationRecord, oldest_untranslated,
-                                        pending_messages, save_translations)
+from gateway.store.translations import (Pending, TranslationRecord, claim_messages,
+                                        oldest_untranslated, pending_messages, save_translations,
+                                        stored_outcome)
 from gateway.translation.translator import Translator
 
 log = logging.getLogger(__name__)
@@ -176,7 +181,7 @@ class TranslationWorker:
         audit records, a value the database refuses kept to its own message): a replay. The
         job's results and error tell how it went."""
         job = TranslationJob(items)
-        self._process([job])
+        self._process([job], replay=True)
         return job
 
     def request_sweep(self) -> None:
@@ -254,7 +259,7 @@ class TranslationWorker:
             awaited = awaited or more.done is not None
         return jobs, False
 
-    def _process(self, jobs: list[TranslationJob]) -> None:
+    def _process(self, jobs: list[TranslationJob], replay: bool = False) -> None:
         results = []
         for job in jobs:
             job.results = [self._translate(item, keep=job.keep_bundles) for item in job.items]
@@ -263,7 +268,7 @@ class TranslationWorker:
                     record.ack = job.on_failure(item, record)
                 results.append((item, record))
         try:
-            self._store(results)
+            self._store(results, replay)
         except Exception as error:  # the database is down: the sweep retries later
             log.error("storing %d translations failed: %s", len(results), error)
             self.request_sweep()
@@ -335,13 +340,14 @@ class TranslationWorker:
             record.seal()
         return record
 
-    def _store(self, results: list[tuple[Pending, TranslationRecord]]) -> None:
-        """Store a batch in one transaction. When the database refuses a value of it (a
-        DataError), each translation is stored on its own, and one still refused is stored
-        as failed: otherwise its batch, and each sweep after it, would fail again forever."""
+    def _store(self, results: list[tuple[Pending, TranslationRecord]], replay: bool = False) -> None:
+        """Store a batch in one transaction (see _store_batch; `replay`: whatever the status).
+        When the database refuses a value of it (a DataError), each translation is stored on
+        its own, and one still refused is stored as failed: otherwise its batch, and each
+        sweep after it, would fail again forever."""
         before = _before_step(results, self.step)
         try:
-            self._store_batch(results)
+            self._store_batch(results, replay)
             return
         except self._refused as error:  # any other failure: the database is away, raised
             refused = error
@@ -353,20 +359,29 @@ class TranslationWorker:
             log.error("storing %d translations: the database refused a value (%s); storing them "
                       "one by one", len(results), type(refused).__name__)
             for result in results:
-                self._store([result])
+                self._store([result], replay)
             return
         pending, record = results[0]
         log.error("translation of message %s refused by the database (%s): stored as failed",
                   _name(pending), type(refused).__name__)
         _unstorable(record, refused)
-        self._store_batch(results)
+        self._store_batch(results, replay)
 
-    def _store_batch(self, results: list[tuple[Pending, TranslationRecord]]) -> None:
+    def _store_batch(self, results: list[tuple[Pending, TranslationRecord]], replay: bool = False) -> None:
+        """Store the translations of the messages still waiting for one (`replay`: of every
+        translatable one); the others, stored meanwhile by another node or path, get the
+        stored outcome instead and have no effect (see the module docstring)."""
         if not results:
             return
         prepared = self.step.prepare(results) if self.step is not None else None
         now = datetime.now(timezone.utc)
         with write_transaction(self.engine) as connection:
+            mine = claim_messages(connection, [item for item, _ in results], waiting_only=not replay)
+            if len(mine) < len(results):
+                for item, record in results:
+                    if item.message_id is not None and item.message_id not in mine:
+                        _take_stored(connection, item, record)
+                results = [(item, record) for item, record in results if item.message_id in mine]
             if self.step is not None:
                 self.step.apply(connection, results, prepared, now)
             save_translations(connection, results, now)
@@ -380,6 +395,24 @@ class TranslationWorker:
             self.events.emit(event)
         if self.on_enqueued is not None and any(record.destinations for _, record in results):
             self.deliver(self.on_enqueued)
+
+
+def _take_stored(connection, item: Pending, record: TranslationRecord) -> None:
+    """Make `record` what is stored for `item` (translated and stored by another node or path
+    first): its caller answers with the stored ACK and bundle, and nothing more is done."""
+    stored, ack = stored_outcome(connection, item.message_id)
+    log.info("message %s was translated meanwhile by another node or path: its stored "
+             "translation stands", _name(item))
+    record.ack = ack
+    record.destinations = ()
+    if stored is None:  # not translatable any more (expired, refused): nothing to answer with
+        return
+    record.status, record.mapping_version = stored.status, stored.mapping_version
+    record.error_code, record.error_location = stored.error_code, stored.error_location
+    record.error_reason, record.warnings = stored.error_reason, list(stored.warnings)
+    record.bundle, record.encoded = stored.bundle, None
+    record.entries = len((stored.bundle or {}).get("entry") or ())
+    record.identifiers = ()
 
 
 def _before_step(results: list[tuple[Pending, TranslationRecord]],
