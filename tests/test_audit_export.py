@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import pytest
 import pytest_twisted
 from lxml import etree
-from sqlalchemy import select
+from sqlalchemy import select, text
 from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import Factory, Protocol
 
@@ -472,6 +472,47 @@ def test_two_nodes_on_postgresql_send_each_record_once(pg_url, make_config, dev_
         yield until(lambda: len(collector.messages) >= 40)
         yield task.deferLater(reactor, 0.3, lambda: None)
         assert collector.seqs() == list(range(1, 41))
+    finally:
+        for service in services:
+            if service.running:
+                yield service.stopService()
+        yield collector.stop()
+        database.stop()
+        engine.dispose()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_whose_lease_is_lost_stops_sending(pg_url, make_config, dev_pki):
+    """The exporting node's session (and with it its lock on the collector) ends under it (a
+    PostgreSQL restart, a killed backend): the other node takes the export over, and the first
+    stops sending once it sees its lease gone, instead of both sending every record."""
+    engine = create_gateway_engine(pg_url)
+    migrate(engine)
+    database = Database(engine, reactor)
+    database.start()
+    collector = Collector(dev_pki)
+    config = dataclasses.replace(make_config(pg_url), audit=AuditConfig(
+        export=AuditExportConfig(host="127.0.0.1", port=collector.port)))
+    services = [AuditExportService(config, AuditTrail(engine, f"node-{n}"), database, batch=10,
+                                   poll_interval=0.05, settle=0.2, claim_interval=0.1)
+                for n in (1, 2)]
+    try:
+        for service in services:
+            service.startService()
+        AuditTrail(engine, "node-1").append(events(10, 1))
+        yield until(lambda: len(collector.messages) >= 10 and last_seq(engine) == 10)
+        first = next(s for s in services if s.sent)
+        other = next(s for s in services if s is not first)
+        pid = first._lease[0].connection.dbapi_connection.info.backend_pid
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+        yield until(lambda: other._lease is not None)
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        AuditTrail(engine, "node-1").append(events(10, 11))
+        yield until(lambda: len(collector.messages) >= 20)
+        yield task.deferLater(reactor, 0.6, lambda: None)
+        assert collector.seqs() == list(range(1, 21))
+        assert first._lease is None and first.sent == 10
     finally:
         for service in services:
             if service.running:

@@ -18,7 +18,11 @@ stop waits STOP_GRACE seconds for the collector to close the connection, then cu
 
 Several nodes append to one trail; one of them exports it to a collector: on PostgreSQL the
 node that holds a session advisory lock on the collector's name (kept on a connection of its
-own while the service runs); the others try again every `claim_interval`.
+own while the service runs); the others try again every `claim_interval`. The holder checks
+its session as often: a session that ended under it (a PostgreSQL restart, a killed backend)
+took the lock with it, and another node may now hold it, so the holder stops sending (its
+connection to the collector is cut) and goes back to trying, rather than both sending
+every record.
 
 A backlog beyond `queue_limit` records (a collector away for long) is not sent: the export
 skips ahead to the newest `queue_limit`, logging and counting what it skipped (`skipped`).
@@ -197,11 +201,46 @@ class AuditExportService(Service):
     def startService(self) -> None:
         super().startService()
         if self.trail.postgresql:
-            self._claim = task.LoopingCall(self._try_claim)
+            self._claim = task.LoopingCall(self._hold_or_claim)
             self._claim.clock = self.reactor
             self._claim.start(self.claim_interval, now=True)
         else:
             self._connect()
+
+    def _hold_or_claim(self) -> defer.Deferred:
+        """Claim the lease; once held, check that its session (and so the lock) is still there."""
+        lease = self._lease
+        if lease is None:
+            return self._try_claim()
+        return self._run(self._check_lease, lease).addErrback(self._lease_lost, lease)
+
+    @staticmethod
+    def _check_lease(lease) -> None:
+        connection, _ = lease
+        connection.execute(text("SELECT 1"))  # a session lock lives as long as its session
+        connection.commit()
+
+    def _lease_lost(self, failure, lease) -> None:
+        if lease is not self._lease:
+            return
+        log.error("audit export: the lease on %s was lost (%s): this node stops sending to it",
+                  self.collector, failure.value)
+        self._lease = None
+        self._run(self._close_quietly, lease[0])
+        # What was written and not confirmed is sent again by whoever holds the lease next.
+        client, self._client = self._client, None
+        protocol = self._protocol
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.abortConnection()
+        if client is not None:
+            client.stopService()
+
+    @staticmethod
+    def _close_quietly(connection) -> None:
+        try:
+            connection.close()
+        except Exception:  # the session is gone already
+            pass
 
     def _try_claim(self) -> defer.Deferred:
         return self._run(self._claim_lock).addCallback(self._claimed).addErrback(
@@ -228,9 +267,7 @@ class AuditExportService(Service):
         if not self.running:
             self._run(self._release, lease)
             return
-        self._lease = lease
-        if self._claim is not None and self._claim.running:
-            self._claim.stop()
+        self._lease = lease  # checked every claim_interval from now on
         log.info("audit export: this node sends the trail to %s", self.collector)
         self._connect()
 
@@ -240,8 +277,10 @@ class AuditExportService(Service):
         try:
             connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
             connection.commit()
+        except Exception as error:  # the session ended: its lock went with it
+            log.info("audit export: lease already gone at release: %s", type(error).__name__)
         finally:
-            connection.close()
+            AuditExportService._close_quietly(connection)
 
     def _connect(self) -> None:
         factory = Factory.forProtocol(lambda: _SyslogSender(self))
