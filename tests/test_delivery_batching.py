@@ -404,6 +404,56 @@ class HeldTransport:
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_node_whose_lease_was_taken_over_does_not_record_a_dead_letter(db_url, make_config, peers):
+    """Two deliveries out, one request each; meanwhile another node takes over the first one's
+    lease (this node was too slow). Both are refused (422): the attempts are recorded, but only
+    the second becomes a dead letter, and only it is told and recorded as delivery.dead (the
+    trail had said the first was dead while the other node still held it)."""
+    from gateway.audit.trail import AuditTrail
+    from gateway.events import EventBus
+
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    transport = HeldTransport()
+    config = gateway_config(make_config, db_url, peers)
+    config = dataclasses.replace(config, destinations=(dataclasses.replace(config.destinations[0], batch_size=1),),
+                                 delivery=DeliveryConfig(lease=30, poll_interval=0.05))
+    database = Database(engine, reactor, 2)
+    database.start()
+    trail, events = AuditTrail(engine, "node-t"), EventBus()
+    told = []
+    events.subscribe(told.append)
+    service = DeliveryService(config, database, reactor, transport_factory=lambda destination: transport,
+                              audit=trail, events=events)
+    add(engine, "Patient/0", "Patient/1", destination="shared-record")
+    service.startService()
+    try:
+        yield until_true(lambda: len(transport.requests) == 2)
+        with engine.begin() as conn:
+            first, second = conn.exec_driver_sql("SELECT id FROM deliveries ORDER BY id").scalars().all()
+            conn.execute(update(deliveries).where(deliveries.c.id == first).values(lease_owner="node-other"))
+        refusal = json.dumps({"resourceType": "OperationOutcome", "issue": [
+            {"severity": "error", "code": "invalid"}]}).encode()
+        for _, d in transport.requests:
+            d.callback(HttpResponse(422, {}, refusal))
+        found = yield until("SELECT id, status, lease_owner, attempts FROM deliveries ORDER BY id",
+                            lambda f: f[1].status == "dead", db_url)
+        assert [tuple(r) for r in found] == [(first, "pending", "node-other", 0), (second, "dead", None, 1)]
+        with engine.connect() as conn:
+            records = [(r.action, r.subject) for r in trail.records(conn)]
+        assert sorted(records) == [("delivery.attempted", f"delivery/{first}"),
+                                   ("delivery.attempted", f"delivery/{second}"),
+                                   ("delivery.dead", f"delivery/{second}")]
+        assert [e.subject for e in told if e.kind == "delivery.dead"] == [f"delivery/{second}"]
+        assert service.dead == 1
+        assert trail.verify().intact
+    finally:
+        yield service.stopService()
+        database.stop()
+        engine.dispose()
+
+
+@pytest_twisted.inlineCallbacks
 def test_while_a_request_is_in_flight_only_full_batches_go(db_url, make_config, peers):
     """A lone delivery goes at once. While it is out, deliveries of six patients arrive: a full
     batch (batch_size 4) goes too, the other two wait, and go together once nothing is in

@@ -79,6 +79,10 @@ class DeliveryService(Service):
         self._sending: set[defer.Deferred] = set()
         self._settlements: list[outbox.Settlement] = []
         self._records: list[AuditEvent] = []  # the audit records of those settlements
+        # delivery.dead of those settlements that would make a dead letter: told (and recorded)
+        # once the settlement has moved the delivery, which a node whose lease was taken over
+        # (too slow) does not.
+        self._deaths: dict[int, Event] = {}
         self._flushing: defer.Deferred | None = None
         self._reflush = None  # the delayed call of a settlement tried again (database away)
         self._claiming = False
@@ -246,7 +250,6 @@ class DeliveryService(Service):
                 self.retried += 1
                 retried += 1
             else:
-                self.dead += 1
                 dead += 1
             self._tell(claim, outcome, seconds, response.code if response else None, next_at is None)
             self._settlements.append(outbox.Settlement(
@@ -265,23 +268,29 @@ class DeliveryService(Service):
 
     def _tell(self, claim: outbox.Claim, outcome: DeliveryOutcome, seconds: float,
               code: int | None, final: bool) -> None:
-        """delivery.attempted for one delivery of the request, and delivery.dead when the
-        attempt made it a dead letter (a permanent refusal, or its retries are used up)."""
+        """delivery.attempted for one delivery of the request; delivery.dead, when the attempt
+        makes it a dead letter (a permanent refusal, or its retries are used up), is kept for
+        its settlement (`_deaths`)."""
         subject = f"delivery/{claim.id}"
         detail = {"message_id": claim.message_id, "attempt": claim.attempts + 1, "code": code}
         recorded = self.audit is not None
-        told = [Event("delivery.attempted", SYSTEM, subject=subject, outcome=_OUTCOMES[outcome.kind],
-                      destination=claim.destination, duration=seconds, detail=detail,
-                      recorded=recorded)]
+        attempted = Event("delivery.attempted", SYSTEM, subject=subject, outcome=_OUTCOMES[outcome.kind],
+                          destination=claim.destination, duration=seconds, detail=detail,
+                          recorded=recorded)
+        self.events.emit(attempted)
+        if recorded:
+            self._records.append(audit_event(attempted, datetime.now(timezone.utc)))
         if outcome.kind != "delivered" and final:
-            told.append(Event("delivery.dead", SYSTEM, subject=subject, outcome="failure",
-                              destination=claim.destination, recorded=recorded,
-                              detail={**detail, "reason": reason_head(outcome.reason)}))
-        now = datetime.now(timezone.utc)
-        for event in told:
+            self._deaths[claim.id] = Event("delivery.dead", SYSTEM, subject=subject, outcome="failure",
+                                           destination=claim.destination, recorded=recorded,
+                                           detail={**detail, "reason": reason_head(outcome.reason)},
+                                           at=datetime.now(timezone.utc))
+
+    def _told_dead(self, deaths: list[Event]) -> None:
+        """The dead letters a settlement made (recorded in its transaction), told."""
+        for event in deaths:
+            self.dead += 1
             self.events.emit(event)
-            if recorded:
-                self._records.append(audit_event(event, now))
 
     def _flush(self) -> defer.Deferred:
         """Settle what is waiting, one batch at a time, and in the same transaction claim what
@@ -293,15 +302,18 @@ class DeliveryService(Service):
             return defer.succeed(None)
         batch, self._settlements = self._settlements, []
         records, self._records = self._records, []
+        deaths, self._deaths = self._deaths, {}
         plan = {} if (self._stopping or self._claiming or not self.running) else self._claim_plan()
         if plan:
             self._claiming = True
         d = threads.deferToThreadPool(self.reactor, self.database.pool, _settle_isolated,
                                       self.database, self.node, batch, plan, _now(),
-                                      self.config.delivery.lease, self.audit, records)
+                                      self.config.delivery.lease, self.audit, records, deaths)
 
-        def settled(batches):
+        def settled(result):
+            batches, dead = result
             self._flushing = None
+            self._told_dead(dead)
             if plan:
                 self._claimed(batches)
             if self._settlements:
@@ -318,6 +330,9 @@ class DeliveryService(Service):
             error = partly.error if partly else failure.value
             self._settlements[:0] = left
             self._records[:0] = records if partly is None or partly.records is None else partly.records
+            if partly is not None:
+                self._told_dead(partly.dead)
+            self._deaths.update((s.delivery_id, deaths[s.delivery_id]) for s in left if s.delivery_id in deaths)
             log.error("delivery: recording %d attempts failed (tried again in %g s): %s", len(left),
                       self.config.delivery.poll_interval, _error_text(error))
             if plan:
@@ -351,26 +366,31 @@ def _claim_all(connection, node: str, plans: dict[str, _ClaimPlan], now: datetim
 
 def _settle_and_claim(connection, node: str, settlements: list[outbox.Settlement],
                       plans: dict[str, _ClaimPlan], now: datetime, lease: float,
-                      audit: AuditTrail | None = None,
-                      records: list[AuditEvent] = ()) -> list[outbox.Batch]:
-    if settlements:
-        outbox.settle(connection, node, settlements)
-    if audit is not None and records:
-        audit.append_in(connection, records)  # committed with the attempts they record
-    return _claim_all(connection, node, plans, now, lease) if plans else []
+                      audit: AuditTrail | None = None, records: list[AuditEvent] = (),
+                      deaths: dict[int, Event] | None = None) -> tuple[list[outbox.Batch], list[Event]]:
+    """Settle, record, claim: (the batches claimed, the `deaths` the settlement made: those
+    of deliveries this node still held)."""
+    deaths = deaths or {}
+    moved = outbox.settle(connection, node, settlements, confirm=deaths) if settlements else set()
+    dead = [deaths[s.delivery_id] for s in settlements if s.delivery_id in moved]
+    if audit is not None and (records or dead):
+        # Committed with the attempts they record.
+        audit.append_in(connection, [*records, *(audit_event(event, now) for event in dead)])
+    return (_claim_all(connection, node, plans, now, lease) if plans else []), dead
 
 
 class _PartlySettled(Exception):
     """Settling one by one stopped on a failure that is not a refused value (the database
     went away): `left` are the settlements not recorded yet, `records` the audit records
-    (None: all of them)."""
+    (None: all of them), `dead` the dead letters made by those recorded."""
 
     def __init__(self, left: list[outbox.Settlement], error: BaseException,
-                 records: list[AuditEvent] | None = None):
+                 records: list[AuditEvent] | None = None, dead: list[Event] = ()):
         super().__init__(len(left), error)
         self.left = left
         self.error = error
         self.records = records
+        self.dead = list(dead)
 
 
 def _refused(error: BaseException, engine) -> bool:
@@ -398,7 +418,8 @@ def _without_answer(settlement: outbox.Settlement, error: BaseException, head: b
 
 def _settle_isolated(database: Database, node: str, settlements: list[outbox.Settlement],
                      plans: dict[str, _ClaimPlan], now: datetime, lease: float,
-                     audit: AuditTrail | None, records: list[AuditEvent]) -> list[outbox.Batch]:
+                     audit: AuditTrail | None, records: list[AuditEvent],
+                     deaths: dict[int, Event]) -> tuple[list[outbox.Batch], list[Event]]:
     """`_settle_and_claim` in one transaction; when the database refuses a value of it, each
     attempt in a transaction of its own, a refused one again without the peer's answer (and
     given up, logged, if even that is refused: its lease expires and it is sent again).
@@ -406,22 +427,25 @@ def _settle_isolated(database: Database, node: str, settlements: list[outbox.Set
     engine = database.engine
     try:
         return database.run_write_now(_settle_and_claim, node, settlements, plans, now, lease,
-                                      audit, records)
+                                      audit, records, deaths)
     except Exception as error:
         if not _refused(error, engine):
             raise  # the database is away: the whole batch is tried again
         log.error("delivery: settling %d attempts: the database refused a value (%s); settling "
                   "them one by one", len(settlements), type(error).__name__)
+    dead: list[Event] = []
     for number, settlement in enumerate(settlements):
         tries = [settlement]
         while tries:
             tried = tries.pop(0)
             try:
-                database.run_write_now(_settle_and_claim, node, [tried], {}, now, lease)
+                _, made = database.run_write_now(_settle_and_claim, node, [tried], {}, now, lease,
+                                                 audit, (), deaths)
+                dead += made
                 break
             except Exception as error:
                 if not _refused(error, engine):
-                    raise _PartlySettled(settlements[number:], error) from error
+                    raise _PartlySettled(settlements[number:], error, dead=dead) from error
                 if tried is settlement:
                     log.error("delivery %d: the database refused its attempt (%s): recorded "
                               "without the peer's answer", settlement.delivery_id, type(error).__name__)
@@ -432,20 +456,21 @@ def _settle_isolated(database: Database, node: str, settlements: list[outbox.Set
                               "pending, it is sent again when its lease ends",
                               settlement.delivery_id, type(error).__name__)
     try:
-        return database.run_write_now(_settle_and_claim, node, [], plans, now, lease, audit, records)
+        batches, _ = database.run_write_now(_settle_and_claim, node, [], plans, now, lease, audit, records)
+        return batches, dead
     except Exception as error:
         if not _refused(error, engine) or audit is None:
-            raise _PartlySettled([], error) from error
+            raise _PartlySettled([], error, dead=dead) from error
     # An audit record refused (no peer text reaches one, but it must not hold the claims).
     for number, record in enumerate(records):
         try:
             audit.append([record])
         except Exception as error:
             if not _refused(error, engine):
-                raise _PartlySettled([], error, records[number:]) from error
+                raise _PartlySettled([], error, records[number:], dead) from error
             log.error("delivery: an audit record (%s, %s) refused by the database (%s): not kept",
                       record.action, record.subject, type(error).__name__)
-    return database.run_write_now(_claim_all, node, plans, now, lease) if plans else []
+    return (database.run_write_now(_claim_all, node, plans, now, lease) if plans else []), dead
 
 
 _OUTCOMES = {"delivered": "success", "transient": "failure", "permanent": "refused"}

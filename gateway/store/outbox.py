@@ -422,11 +422,15 @@ def _cut_at_gaps(packed: list[list[int]], runs, leased: set[int]) -> tuple[list[
     return [[i for i in batch if i in keep] for batch in packed], dropped
 
 
-def settle(connection: Connection, node: str, node_results: Iterable[Settlement]) -> None:
-    """Record attempts and move their deliveries on (only where this node still holds them)."""
+def settle(connection: Connection, node: str, node_results: Iterable[Settlement],
+           confirm: Iterable[int] = ()) -> set[int]:
+    """Record attempts and move their deliveries on (only where this node still holds them,
+    under the key it sent). Returns those of the `confirm` ids that this moved: a node whose
+    lease was taken over (it was too slow) must not say it made a dead letter."""
     results = list(node_results)
     if not results:
-        return
+        return set()
+    moved = _still_held(connection, node, [r for r in results if r.delivery_id in set(confirm)])
     # A reason may quote a peer's diagnostics (gateway.store.texts).
     reasons = [storable(r.reason) for r in results]
     connection.execute(delivery_attempts.insert(), [
@@ -460,6 +464,22 @@ def settle(connection: Connection, node: str, node_results: Iterable[Settlement]
         connection.execute(update(deliveries).where(mine).values(
             status=bindparam("b_status"), finished_at=bindparam("b_end"),
             last_response=bindparam("b_response"), **attempted), finished)
+    return moved
+
+
+def _still_held(connection: Connection, node: str, results: list[Settlement]) -> set[int]:
+    """The deliveries of `results` this node holds under the key each was sent with (locked
+    until the commit on PostgreSQL; SQLite's write transaction runs alone)."""
+    if not results:
+        return set()
+    query = select(deliveries.c.id, deliveries.c.idempotency_key).where(
+        _among(connection, deliveries.c.id, [r.delivery_id for r in results]),
+        deliveries.c.lease_owner == node)
+    if connection.dialect.name == "postgresql":
+        query = query.with_for_update()
+    held = dict(connection.execute(query).all())
+    return {r.delivery_id for r in results if r.delivery_id in held
+            and r.idempotency_key in (None, held[r.delivery_id])}
 
 
 def _attempt_response(result: Settlement) -> bytes | None:
