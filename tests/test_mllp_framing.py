@@ -108,6 +108,27 @@ def test_fs_at_end_of_read_then_next_frame_without_cr():
     assert feed(framer, VT + MSG_A + FS, frame(MSG_B)) == [FrameReceived(MSG_A), FrameReceived(MSG_B)]
 
 
+def test_an_fs_inside_the_message_is_content_not_the_end_of_the_frame():
+    """An FS followed by anything but CR, LF, a blank, a tab or a VT is raw data inside the
+    message: the frame runs to the next FS, so the message is kept whole (and refused for it
+    by the inspector) rather than cut there, its head acknowledged and its tail dropped as
+    junk. The same at every split point but one: right after the inner FS, nothing tells an
+    end block from content (the frame ends there, as for a sender without CR)."""
+    inner = MSG_A + b"OBX|1|ED|PDF||^AP^^Base64^JVBE" + FS + b"raw\r"
+    stream = frame(inner) + frame(MSG_B)
+    assert feed(MllpFramer(), stream) == [FrameReceived(inner), FrameReceived(MSG_B)]
+    ambiguous = 1 + inner.index(FS) + 1
+    for split in range(len(stream) + 1):
+        framer = MllpFramer()
+        events = feed(framer, stream[:split], stream[split:])
+        if split == ambiguous:
+            assert events[0] == FrameReceived(inner[:inner.index(FS)])
+        else:
+            assert events == [FrameReceived(inner), FrameReceived(MSG_B)], f"split at {split}"
+    for after in (CR, b"\n", b" ", b"\t", VT):  # what may follow an end block ends the frame
+        assert MllpFramer().receive_data(VT + MSG_A + FS + after)[0] == FrameReceived(MSG_A)
+
+
 def test_frame_too_large_in_one_read():
     """A frame over the limit gives one FrameTooLarge with its first bytes and size, then the
     framer is broken and ignores all further input."""

@@ -99,6 +99,11 @@ BAD_INPUTS = {
                                "AE", "BAD5", "PID^1^5", "102", "CHARSET_INVALID", "byte 0xe9"),
     "NUL byte in a field": (message("BAD6", pid=b"PID|1||4500123^^^FAC^PI||TEST\x00PATIENT\r"),
                             "AE", "BAD6", "PID^1^5", "102", "CHARSET_INVALID", "NUL byte (0x00)"),
+    # Raw binary data holding MLLP's end block: the message whole, refused (it was cut at the
+    # FS, its head acknowledged AA, its tail dropped as junk).
+    "end block byte in a field": (message("BAD8", pid=b"PID|1||4500123^^^FAC^PI||TEST\x1cPATIENT\r"),
+                                  "AE", "BAD8", "PID^1^5", "102", "CHARSET_INVALID",
+                                  "MLLP end block byte (0x1C)"),
     "binary garbage": (bytes(b for b in range(256) if b not in (0x0B, 0x1C)) * 3,
                        "AR", "", "MSH^1", "100", "NOT_HL7", "does not start with an MSH"),
     # A segment id read from the bytes goes into ERR-2 and the store: a byte above 0x7F in

@@ -5,6 +5,10 @@ A frame is ``<VT> payload <FS><CR>`` (0x0B ... 0x1C 0x0D). The framer is toleran
 - bytes before a VT are not a message: they are reported as `JunkDiscarded` and dropped;
 - a frame ends at FS; the CR that should follow is swallowed when it comes, and a frame
   whose FS has no CR (some senders) is still delivered, at once;
+- an FS followed, in what has been read, by anything but CR, LF, a space, a tab or the VT
+  of the next frame is not an end block but content (binary data sent raw): the frame goes
+  on to the next FS, so that the message is kept whole for its refusal, not cut there with
+  its tail dropped as junk and its head acknowledged;
 - several frames in one read and one frame over many reads give the same events;
 - a frame that grows past `max_frame_size` is reported once as `FrameTooLarge` with the
   first `keep_prefix` bytes (enough to read its MSH), after which the framer is `broken`
@@ -22,6 +26,9 @@ START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c"
 CARRIAGE_RETURN = b"\x0d"
 COMMIT_ACK = b"\x06"
+# What may follow an FS that ends a frame: its CR (or the LF, blank or tab some senders put
+# instead or after it) or the VT of the next frame.
+_AFTER_END_BLOCK = frozenset(b"\r\n \t\x0b")
 COMMIT_NAK = b"\x15"
 
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
@@ -112,6 +119,8 @@ class MllpFramer:
                 position = start + 1
                 continue
             stop = data.find(END_BLOCK, position)
+            while 0 <= stop < end - 1 and data[stop + 1] not in _AFTER_END_BLOCK:
+                stop = data.find(END_BLOCK, stop + 1)  # content, not the end of the frame
             if stop < 0:
                 self._append(data[position:], events)
                 return events

@@ -42,6 +42,12 @@ def SenderDirectory(senders: Iterable[SenderConfig] = ()) -> FacilityRegistry:
     return FacilityRegistry(senders)
 
 
+# Bytes no HL7 message text holds, each refused with the place of its first occurrence: a NUL
+# (no database text column keeps one), and MLLP's end block, which the framer leaves inside a
+# frame when content follows it (raw binary data).
+_NOT_TEXT = ((b"\x00", "NUL byte (0x00)"), (b"\x1c", "MLLP end block byte (0x1C)"))
+
+
 @dataclass(frozen=True)
 class IngestPolicy:
     """What one listener accepts. `registry`: the facility registry shared by every door (a
@@ -103,8 +109,9 @@ class Inspector:
         `connection` (ConnectionInfo) says who sent it; None: no door (every sender is plain,
         without a source address)."""
         digest = hashlib.sha256(raw).digest()
-        if b"\x00" in raw:
-            return self._refused_nul(raw, digest)
+        for byte, reason in _NOT_TEXT:
+            if byte in raw:
+                return self._refused_byte(raw, digest, byte, reason)
         try:
             header = parse_header(raw)
         except HeaderError as error:
@@ -157,14 +164,14 @@ class Inspector:
             item.ack = self.builder.build(header, Outcome.ACCEPT, header.enhanced_mode)
         return item
 
-    def _refused_nul(self, raw: bytes, digest: bytes) -> Inbound:
-        """A message holding a NUL byte: no HL7 text does (binary data travels as base64 ED or
-        \\Xhh\\ escapes), and no database text column can keep one (PostgreSQL refuses it).
-        Refused with the place of the first one (an acknowledgement is kept, unanswered);
-        what is stored and answered of it is read from a copy with each NUL as '?', and the
+    def _refused_byte(self, raw: bytes, digest: bytes, byte: bytes, reason: str) -> Inbound:
+        """A message holding a byte no HL7 text holds (`_NOT_TEXT`: binary data travels as
+        base64 ED or \\Xhh\\ escapes). Refused with the place of the first one (an
+        acknowledgement is kept, unanswered); what is stored and answered of it is read from a
+        copy with each such byte as '?' (no database text column can keep a NUL), and the
         bytes are kept as they came."""
-        offset = raw.index(b"\x00")
-        readable = raw.replace(b"\x00", b"?")
+        offset = raw.index(byte)
+        readable = raw.replace(byte, b"?")
         try:
             header = parse_header(readable)
         except HeaderError as error:
@@ -183,7 +190,7 @@ class Inspector:
                 return item
             item = self._refused(readable, digest, header, Outcome.ERROR, ErrorDetail(
                 ErrorCondition.DATA_TYPE_ERROR, locate(readable, offset, header.delimiters),
-                f"NUL byte (0x00) at byte {offset}: not text (binary data goes as base64 ED "
+                f"{reason} at byte {offset}: not text (binary data goes as base64 ED "
                 "or \\Xhh\\ escapes)", AppErrorCode.CHARSET_INVALID), codec)
         item.raw = raw
         return item
