@@ -8,7 +8,8 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import inspect
 
 from gateway.doors.store import (Refusal, StoredAnswer, api_refusals, api_requests, claim_request,
-                                 finish_request, list_refusals, record_refusal, release_request)
+                                 claimant, finish_request, list_refusals, record_refusal,
+                                 release_request)
 from gateway.store.database import Database, create_gateway_engine, migrate
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=timezone.utc)
@@ -54,6 +55,29 @@ def test_claims_replay_mismatch_release_and_takeover(db_url):
     record_refusal_now()
     record_refusal_now(status=403, facility_id="F1")
     assert [(r.status, r.facility_id) for r in database.run_now(list_refusals)] == [(403, "F1"), (401, None)]
+    engine.dispose()
+
+
+def test_a_restarted_node_takes_over_its_predecessors_claims_at_once(db_url):
+    """A key left processing by a killed process of node-a is taken over by node-a's next
+    process without waiting for the lease; another node, the same process, or a claim that
+    names no process still wait for it."""
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    database = Database(engine, None)
+    first, restarted, other = claimant("node-a", "p1"), claimant("node-a", "p2"), claimant("node-b", "p3")
+    claim = lambda key, who, at=NOW: database.run_write_now(claim_request, "F1", key, "hl7v2.submit", "d1",
+                                                            at, 60, who).outcome
+    assert claim("k", first) == "new"  # then node-a's process p1 is killed mid-request
+    assert claim("k", other) == "in_progress"
+    assert claim("k", first) == "in_progress"  # p1 itself: still at it
+    later = NOW + timedelta(seconds=2)
+    assert claim("k", restarted, later) == "new"  # p2 knows p1 is gone
+    assert claim("k", other, later) == "in_progress"  # and now p2 holds it
+    database.run_write_now(finish_request, "F1", "k", StoredAnswer(200, "application/json", {}, b"{}"), later)
+    assert claim("k", restarted, later) == "replay"
+    assert claim("old", None) == "new"  # a claim of a gateway that did not say who it was
+    assert claim("old", restarted) == "in_progress"
     engine.dispose()
 
 

@@ -217,7 +217,7 @@ class HttpsDoor(resource.Resource):
     def __init__(self, listener: HttpsListenerConfig, registry: Callable[[], FacilityRegistry],
                  database, routes: Iterable[Route], soap: SoapDoor | None, reactor,
                  now: Callable[[], float] = time.time, events: EventBus | None = None,
-                 certificates=None, revocations=None):
+                 certificates=None, revocations=None, node: str = ""):
         super().__init__()
         self.listener = listener
         self.revocations = revocations  # gateway.tls.Revocations: the CRL in force, or None
@@ -233,7 +233,7 @@ class HttpsDoor(resource.Resource):
         self.routes = RouteTable(routes)
         self.openapi = openapi_document(self.routes.routes)
         self.soap = soap
-        self.guard = IdempotencyGuard(database, max(60.0, 4 * listener.request_timeout), now)
+        self.guard = IdempotencyGuard(database, max(60.0, 4 * listener.request_timeout), now, node)
 
     # -- identity and refusals ---------------------------------------------------------------
 
@@ -501,7 +501,7 @@ def build_door(config: GatewayConfig, listener: HttpsListenerConfig, store_servi
     soap = SoapDoor(bridge, listener.name)
     return HttpsDoor(listener, lambda: registry.current, store_service.database,
                      rest.routes() + list(extra_routes), soap, reactor, events=events,
-                     certificates=certificates, revocations=revocations)
+                     certificates=certificates, revocations=revocations, node=config.node_name)
 
 
 def https_door_services(config: GatewayConfig, store_service, translation_service, identity,

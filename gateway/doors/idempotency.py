@@ -5,7 +5,9 @@ The key is claimed in the database before the request is processed (gateway.door
 - the same key again with the same request (method, path, body): the kept answer, replayed
   byte for byte with `Idempotency-Replayed: true`, without processing anything;
 - the same key with another request: 422 problem;
-- the same key while the first request is still being processed: 409 problem (try later).
+- the same key while the first request is still being processed: 409 problem (try later);
+  a request left processing by an earlier process of this node (killed mid-request) is
+  taken over at once rather than after its lease.
 Answers of 5xx (the store was down, a timeout inside) are not kept: the claim is released so
 that the same request may be sent again with the same key. Keys are scoped per facility.
 """
@@ -13,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
 from gateway.doors.api import ApiRequest, ApiResponse, Problem, problem_response
-from gateway.doors.store import StoredAnswer, claim_request, finish_request, release_request
+from gateway.doors.store import (StoredAnswer, claim_request, claimant, finish_request,
+                                 release_request)
 
 HEADER = "idempotency-key"
 # Visible ASCII, 1 to 128 characters (a UUID is the usual choice).
@@ -45,11 +49,17 @@ def idempotency_key(request: ApiRequest) -> str | None:
     return key
 
 
+# This process's own id: a node restarted after a crash is another process of the same node.
+PROCESS_INSTANCE = uuid.uuid4().hex[:16]
+
+
 class IdempotencyGuard:
-    def __init__(self, database, lease: float, now: Callable[[], float]):
+    def __init__(self, database, lease: float, now: Callable[[], float], node: str = "",
+                 instance: str = PROCESS_INSTANCE):
         self.database = database
         self.lease = lease  # seconds a claim holds before another node may take it over
         self.now = now
+        self.claimant = claimant(node, instance) if node else None
 
     def _instant(self) -> datetime:
         return datetime.fromtimestamp(self.now(), timezone.utc)
@@ -58,7 +68,8 @@ class IdempotencyGuard:
                   process: Callable[[], Awaitable[ApiResponse]]) -> ApiResponse:
         facility = request.facility.id
         claim = await self.database.run_write(claim_request, facility, key, operation or "-",
-                                              request_digest(request), self._instant(), self.lease)
+                                              request_digest(request), self._instant(), self.lease,
+                                              self.claimant)
         if claim.outcome == "replay":
             answer = claim.answer
             return ApiResponse(answer.status, answer.body, answer.content_type,

@@ -4,7 +4,9 @@
 `processing`, with a lease) before the request is processed, and holds the answer once done
 (state `done`), so that the same request sent again gets the same answer without being
 processed again, on this node or another sharing the database. A processing row whose lease
-has passed (its node died mid-request) may be taken over.
+has passed (its node died mid-request) may be taken over; so may, at once, one claimed by an
+earlier process of the same node (node names are one process each: that process is gone,
+killed or crashed mid-request, and its successor need not wait out the lease).
 
 `api_refusals`: every request the door refused for who the caller is or what it asked
 (unknown certificate, operation not allowed, oversize body, ...): time, listener, peer,
@@ -43,6 +45,8 @@ api_requests = Table(
     Column("content_type", String(128)),
     Column("headers", Text),  # JSON object of the answer's own headers (Location, ...)
     Column("response", LargeBinary),  # the answer's body, byte for byte
+    # The process that claimed it: "<node name>/<process instance>" (see `claimant`).
+    Column("claimed_by", String(160)),
 )
 Index("ux_api_requests_key", api_requests.c.facility_id, api_requests.c.idempotency_key, unique=True)
 Index("ix_api_requests_created_at", api_requests.c.created_at)
@@ -101,15 +105,28 @@ class Refusal:
         return data
 
 
+def claimant(node: str, instance: str) -> str:
+    """Who claims: this node's name and this process's own instance id."""
+    return f"{node[:120]}/{instance}"
+
+
+def _predecessor(claimed_by: str | None, me: str | None) -> bool:
+    """Whether `claimed_by` is an earlier process of the node that `me` is."""
+    if not claimed_by or not me or claimed_by == me:
+        return False
+    return claimed_by.rpartition("/")[0] == me.rpartition("/")[0]
+
+
 def claim_request(connection: Connection, facility_id: str, key: str, operation: str,
-                  digest: str, now: datetime, lease: float) -> Claim:
+                  digest: str, now: datetime, lease: float, claimed_by: str | None = None) -> Claim:
     """Claim (facility, key) for a request whose digest is `digest` (a write transaction:
-    BEGIN IMMEDIATE on SQLite; on PostgreSQL the unique index settles two nodes racing)."""
+    BEGIN IMMEDIATE on SQLite; on PostgreSQL the unique index settles two nodes racing).
+    `claimed_by`: this process (`claimant`)."""
     until = now + timedelta(seconds=lease)
     insert = (postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert)(api_requests)
     inserted = connection.execute(insert.values(
         facility_id=facility_id, idempotency_key=key, operation=operation, request_sha256=digest,
-        state=PROCESSING, created_at=now, lease_until=until).on_conflict_do_nothing(
+        state=PROCESSING, created_at=now, lease_until=until, claimed_by=claimed_by).on_conflict_do_nothing(
         index_elements=[api_requests.c.facility_id, api_requests.c.idempotency_key])
         .returning(api_requests.c.id))  # (rowcount is not reliable here on psycopg)
     if inserted.first() is not None:
@@ -127,11 +144,11 @@ def claim_request(connection: Connection, facility_id: str, key: str, operation:
         return Claim("replay", StoredAnswer(row.status, row.content_type or "application/json",
                                             json.loads(row.headers) if row.headers else {},
                                             bytes(row.response or b"")))
-    if _aware(row.lease_until) > now:
+    if _aware(row.lease_until) > now and not _predecessor(row.claimed_by, claimed_by):
         return Claim("in_progress")
     # Its node died mid-request: take it over (the ingest below is itself idempotent).
     connection.execute(update(api_requests).where(api_requests.c.id == row.id)
-                       .values(created_at=now, lease_until=until))
+                       .values(created_at=now, lease_until=until, claimed_by=claimed_by))
     return Claim("new")
 
 
