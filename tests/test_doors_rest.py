@@ -382,3 +382,48 @@ def test_idempotency_over_the_door_on_postgresql(pki, pg_url, preloaded):
         assert (claim.state, claim.status, bytes(claim.response)) == ("done", 200, first.body)
     finally:
         yield stop_door(door)
+
+
+PROVISIONAL_AE = ("MSH|^~\\&|MA_HIE_GATEWAY|MA_HIE|HIS_CHU|CHU_IBN_ROCHD|20250114083513||ACK^A01^ACK|P1|P|2.5\r"
+                  "MSA|AE|REST-NP1\rERR||MSH^1|207^Application internal error^HL70357|E|"
+                  "PRESCRIPTION_NOT_PROCESSED^Not processed yet; send the message again later^MA-HIE-ERR||"
+                  "received but not processed yet: send the message again later\r").encode()
+
+
+@pytest_twisted.inlineCallbacks
+def test_hl7v2_stored_but_not_processed_yet_is_not_kept_under_the_idempotency_key(door):
+    """A message whose answer waits for the prescription step, stored but not processed yet (a
+    crash came between: its stored ACK is still the provisional AE PRESCRIPTION_NOT_PROCESSED),
+    sent again: 503 with Retry-After, not kept under its Idempotency-Key. Sent again with the
+    same key once processed, it gets its real answer (before: the provisional 422, forever)."""
+    import hashlib
+    from datetime import datetime, timezone
+
+    from sqlalchemy import insert, update
+
+    message = hl7("REST-NP1")
+    now = datetime.now(timezone.utc)
+    with door.store.engine.begin() as connection:  # as a gateway killed before the step left it
+        message_id = connection.execute(insert(messages).values(
+            received_at=now, listener="https-test", peer="127.0.0.1:1", sender_id=HOSPITAL.id,
+            sending_application="HIS_CHU", sending_facility="CHU_IBN_ROCHD", control_id="REST-NP1",
+            message_type="ADT^A01", version="2.5", processing_id="P", codec="utf-8",
+            sha256=hashlib.sha256(message).digest(), size=len(message), truncated=False,
+            status="received", accepted=True, ack_code="AE", ack=PROVISIONAL_AE, format="hl7v2",
+            duplicate_count=0)).inserted_primary_key[0]
+        connection.execute(insert(message_payloads).values(message_id=message_id, received_at=now, raw=message))
+    client = Client(door, HOSPITAL.id)
+    answer = yield client.post("/v1/hl7v2", message, HL7, Idempotency_Key="np-1")
+    assert answer.code == 503, answer.body
+    assert answer.header("retry-after") and answer.json()["ack_code"] == "AE"
+    assert "not processed yet" in answer.json()["detail"]
+    # The step runs (the start sweep): its answer replaces the provisional one.
+    final = PROVISIONAL_AE.split(b"\r")[0] + b"\rMSA|AA|REST-NP1\r"
+    with door.store.engine.begin() as connection:
+        connection.execute(update(messages).where(messages.c.id == message_id)
+                           .values(status="translated", ack_code="AA", ack=final))
+    answer = yield client.post("/v1/hl7v2", message, HL7, Idempotency_Key="np-1")
+    assert answer.code == 200, answer.body
+    assert answer.json()["ack"] == final.decode() and answer.header("idempotency-replayed") is None
+    answer = yield client.post("/v1/hl7v2", message, HL7, Idempotency_Key="np-1")
+    assert answer.code == 200 and answer.header("idempotency-replayed") == "true"

@@ -4,7 +4,9 @@ GET /v1/messages/{id}, each a Route with its OpenAPI description.
 POST /v1/hl7v2 answers with HTTP status by the HL7 answer: 200 for AA/CA (the ACK and the
 message id as JSON), 202 when no answer is due (an ACK posted to us, MSH-15 NE), 422 problem
 for AE/AR/CE/CR (the ACK is in the problem body: the refusal is an HL7 answer, but the
-exchange did not do what was asked), 503 problem when the store failed (nothing kept).
+exchange did not do what was asked), 503 problem when the store failed (nothing kept) or when
+the message is stored but its answer not made yet (the provisional AE of a prescription or a
+dispensation a crash left unprocessed: send it again for the real one).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from gateway.doors.schemas import (FHIR_SCHEMAS, HL7V2_SCHEMAS, MESSAGE_SCHEMAS,
                                    hl7v2_spec, message_spec)
 from gateway.events import Event, EventBus
 from gateway.ingest.model import Inbound, MessageStatus
+from gateway.prescriptions.codes import PrescriptionError
 from gateway.prescriptions.ids import SYSTEM as PRESCRIPTION_SYSTEM
 from gateway.store.queries import deliveries_of
 from gateway.store.schema import messages, translations
@@ -151,6 +154,12 @@ class RestOperations:
             if outcome.message_id is not None and outcome.answer[:3] == b"MSH" and _answers_order(text):
                 data["prescriptions"] = await self.database.run(issued_prescriptions, outcome.message_id)
             return json_response(200, data, _location(outcome.message_id))
+        if _not_processed_yet(text):
+            # Stored, its answer still to come from the prescription step (a crash came
+            # between): a 5xx, which an Idempotency-Key does not keep, so that the same request
+            # sent again gets the real answer once the step has run.
+            raise Problem(503, "not-processed-yet", "Message not processed yet", refusal_detail(text),
+                          retry_after=2, **data)
         raise Problem(422, "hl7-refused", "HL7 message refused", refusal_detail(text), **data)
 
     # -- POST /v1/fhir ---------------------------------------------------------------------
@@ -244,6 +253,19 @@ def _read_and_check(body: bytes):
     """The Bundle of a request body and its validation issues (BundleError if not JSON)."""
     document = read_bundle(body)
     return document, bundle_issues(document)
+
+
+def _not_processed_yet(ack: str) -> bool:
+    """Whether the answer is the provisional AE of a message stored but not processed yet
+    (ERR-5 PRESCRIPTION_NOT_PROCESSED, gateway.ingest.pipeline)."""
+    separator = ack[3:4] if ack.startswith("MSH") else "|"
+    component = ack[4:5] if ack.startswith("MSH") else "^"
+    for segment in ack.replace("\n", "\r").split("\r"):
+        fields = segment.split(separator)
+        if fields[0] == "ERR" and len(fields) > 5 and \
+                fields[5].split(component)[0] == PrescriptionError.PRESCRIPTION_NOT_PROCESSED.value:
+            return True
+    return False
 
 
 def _answers_order(ack: str) -> bool:
