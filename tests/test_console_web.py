@@ -25,6 +25,7 @@ from console_support import (ADT, ARABIC_FAMILY, PASSWORDS, Client, Clock, accou
                              seed_message)
 from gateway.admin import admin_services, admin_site
 from gateway.config import AdminListenerConfig, DestinationConfig, SenderConfig
+from gateway.console.passwords import hash_password
 from gateway.console.queries import PAGE_SIZE
 from gateway.events import EventBus
 from gateway.facilities import FacilityRegistry, RegistryRef
@@ -179,6 +180,38 @@ async def test_sessions_end_when_idle_past_their_age_and_at_logout(console):
     client.cookies["gw_console"] = token  # the old cookie opens nothing
     assert (await client.get("/messages")).status == 303
     assert [e.actor for e in console.kinds("console.logout")] == ["operator"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_changed_password_ends_the_accounts_open_sessions(make_config, db_url):
+    # A stolen session (or password) must not outlive the new hash an admin puts in the
+    # configuration: sessions are in the database, so they would survive the restart.
+    config = console_config(make_config, db_url)
+    first = start_console(config, Clock())
+    try:
+        operator, viewer = first.client(), first.client()
+        await operator.login("operator")
+        await viewer.login("viewer")
+    finally:
+        await stop_console(first)
+    accounts = tuple(dataclasses.replace(a, password_hash=hash_password("rotated-secret"))
+                     if a.name == "operator" else a for a in config.console.accounts)
+    rotated = dataclasses.replace(config, console=dataclasses.replace(config.console, accounts=accounts))
+    second = start_console(rotated, Clock())
+    try:
+        operator.port = viewer.port = second.port.getHost().port
+        page = await operator.get("/messages")
+        assert page.status == 303 and page.location.startswith("/login"), page.status
+        assert console_sessions_of(second, "operator") == []  # ended, not only refused
+        assert (await viewer.get("/messages")).status == 200  # the others keep theirs
+        await operator.login("operator", "rotated-secret")
+        assert (await operator.get("/messages")).status == 200
+    finally:
+        await stop_console(second)
+
+
+def console_sessions_of(console: Console, account: str) -> list:
+    return console.sql("SELECT account FROM console_sessions WHERE account = :account", account=account)
 
 
 @pytest_twisted.ensureDeferred

@@ -4,10 +4,17 @@ SHA-256, so a copy of the database opens no session. A session ends at logout, a
 `session_idle_timeout` seconds without a request, or `session_max_age` after login.
 Functions take a connection (one transaction, the caller's); `new_session` is pure. A
 request reads its session (`find_session`) and writes only when it must: to delete an ended
-one, or to move its last use forward (at most every 15 s)."""
+one, or to move its last use forward (at most every 15 s).
+
+A session's CSRF token is an HMAC of its cookie token under the account's password hash
+(`csrf_token`): the console checks it again on each request, so that a new hash in the
+configuration ends the sessions opened with the old password, on every node and across
+restarts, with no column to add."""
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,11 +43,26 @@ def token_digest(token: str) -> str:
 
 
 def new_session(account: str, role: str, source: str | None, now: datetime,
-                max_age: float) -> tuple[str, Session]:
-    """A fresh cookie token and its session (not stored yet: see `store_session`)."""
+                max_age: float, password_hash: str) -> tuple[str, Session]:
+    """A fresh cookie token and its session (not stored yet: see `store_session`), bound to
+    the account's `password_hash`."""
     token = secrets.token_urlsafe(32)
-    return token, Session(account, role, secrets.token_urlsafe(32), source, now,
+    return token, Session(account, role, csrf_token(token, password_hash), source, now,
                           now + timedelta(seconds=max_age))
+
+
+def csrf_token(token: str, password_hash: str) -> str:
+    """The form token of the session whose cookie holds `token`, opened while the account's
+    password hash was `password_hash`. Unguessable without the cookie (HttpOnly), and it
+    gives neither the cookie nor the hash back."""
+    digest = hmac.new(password_hash.encode("utf-8"), token.encode("utf-8"), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def opened_with(session: Session, token: str, password_hash: str) -> bool:
+    """Whether `session` was opened with the password whose hash is `password_hash`."""
+    return hmac.compare_digest(session.csrf_token.encode("utf-8"),
+                               csrf_token(token, password_hash).encode("utf-8"))
 
 
 def store_session(connection: Connection, token: str, session: Session, idle: float) -> None:

@@ -39,7 +39,7 @@ from gateway.console.criteria import STATUSES, InvalidSearch, parse_search
 from gateway.console.hl7_layout import layout
 from gateway.console.passwords import DUMMY_HASH, verify_password
 from gateway.console.sessions import (COOKIE, Session, close_session, find_session, new_session,
-                                      store_session, touch_session)
+                                      opened_with, store_session, touch_session)
 from gateway.console.throttle import LoginThrottle
 from gateway.events import Event, EventBus
 
@@ -272,6 +272,9 @@ class Console(resource.Resource):
         account = self.accounts.get(session.account)
         if account is None:  # removed from the configuration since
             return None
+        if not opened_with(session, token, account.password_hash):  # its password changed since
+            await self.context.database.run_write(close_session, token)
+            return None
         if account.role != session.role:
             session = Session(session.account, account.role, session.csrf_token, session.source,
                               session.created_at, session.expires_at)
@@ -314,7 +317,7 @@ class Console(resource.Resource):
             return await self._login_page(call, 401, "Identifiant ou mot de passe incorrect.", username)
         self.throttle.succeeded(username, host)
         token, session = new_session(account.name, account.role, call.source, self._now(),
-                                     console.session_max_age)
+                                     console.session_max_age, account.password_hash)
         await self.context.database.run_write(store_session, token, session, console.session_idle_timeout)
         call.request.addCookie(COOKIE.encode("ascii"), token.encode("ascii"), path=b"/",
                                httpOnly=True, secure=self.context.listener.tls, sameSite="strict")
