@@ -33,6 +33,8 @@ KINDS = frozenset({
     "delivery.dead",               # a dead letter (permanent refusal or retries exhausted)
     "delivery.replayed",           # an operator (or the CLI) sent a dead letter or delivery again
     "message.read",                # a console page or API read showed a message's content
+    "message.searched",            # a console search by patient identifier; detail: the
+                                   # criteria's names (never their values), results, messages (ids)
     "prescription.read",           # a prescription was looked up or shown
     "door.refused",                # an HTTPS/SOAP request or MLLP connection refused (401/403/...)
     "tls.handshake_failed",        # a TLS handshake did not complete; detail: reason

@@ -374,6 +374,24 @@ async def _viewer(console, path: str):
     return await client.get(path)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_search_by_patient_is_audited_without_the_identifier(console):
+    # Which messages concern a patient is patient data ("everything that touches patient
+    # data is audited"); the audit trail holds ids, never the identifier searched.
+    first = console.run(seed_message, control="AUD-1", patient="CNIE-AB998877")
+    console.run(seed_message, control="AUD-2", patient="OTHER-1")
+    client = console.client()
+    await client.login("viewer")
+    assert (await client.get("/messages?status=translated")).status == 200  # no patient: not audited
+    assert console.kinds("message.searched") == []
+    page = await client.get("/messages?patient=CNIE-AB998877&status=translated")
+    assert page.status == 200 and len(page.select("tr.message")) == 1
+    [searched] = console.kinds("message.searched")
+    assert searched.actor == "viewer" and searched.source.startswith("127.0.0.1:")
+    assert dict(searched.detail) == {"criteria": ["patient", "status"], "results": 1, "messages": [first.id]}
+    assert "AB998877" not in repr(searched)
+
+
 def test_patient_search_goes_through_indexes(db_url):
     """The patient search's query reads patient_identifiers by value and the messages without a
     bundle through their partial indexes: never every message of the store."""

@@ -44,6 +44,7 @@ EXPORT = Code("110106", "Export")
 IMPORT = Code("110107", "Import")
 ORDER_RECORD = Code("110109", "Order Record")
 PATIENT_RECORD = Code("110110", "Patient Record")
+QUERY = Code("110112", "Query")
 SECURITY_ALERT = Code("110113", "Security Alert")
 USER_AUTHENTICATION = Code("110114", "User Authentication")
 LOGIN, LOGOUT = Code("110122", "Login"), Code("110123", "Logout")
@@ -66,6 +67,7 @@ EVENTS: dict[str, tuple[Code, str, Code | None, str | None]] = {
     "delivery.dead": (EXPORT, "R", None, "source"),
     "delivery.replayed": (EXPORT, "E", None, "source"),
     "message.read": (PATIENT_RECORD, "R", None, None),
+    "message.searched": (QUERY, "E", None, None),
     "prescription.read": (ORDER_RECORD, "R", None, None),
     "door.refused": (SECURITY_ALERT, "E", NODE_AUTHENTICATION, None),
     "tls.handshake_failed": (SECURITY_ALERT, "E", NODE_AUTHENTICATION, None),

@@ -9,7 +9,8 @@ and dead-letter deliveries; admins also see the accounts and reload the mapping 
 
 Database work runs on the Database's pool threads, scrypt and page rendering on the
 reactor's thread pool: the reactor thread only routes. Each view of a message's content
-emits `message.read` (who, which message, from where), a replay `delivery.replayed`, a
+emits `message.read` (who, which message, from where), a search by patient identifier
+`message.searched` (who, which messages it showed), a replay `delivery.replayed`, a
 login `console.login` and a logout `console.logout` on the event bus: the audit trail keeps
 them. Logs carry ids, never patient data.
 """
@@ -350,6 +351,12 @@ class Console(resource.Resource):
                                     page=None, next_link=None, statuses=_statuses(),
                                     status_labels=STATUS_LABELS)
         page = await self.context.database.run(queries.search_messages, criteria)
+        if criteria.patient is not None:
+            # Which messages concern a patient is patient data: who asked, and what it showed
+            # (ids; the identifier itself never goes into the audit trail).
+            self._emit("message.searched", call.session.account, call, subject="messages",
+                       detail={"criteria": sorted(k for k, v in criteria.query().items() if v),
+                               "results": len(page.rows), "messages": [row.id for row in page.rows]})
         next_link = None
         if page.next_before is not None:
             next_link = "/messages?" + urlencode(criteria.query(before=page.next_before))
