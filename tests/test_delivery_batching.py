@@ -454,6 +454,38 @@ def test_a_node_whose_lease_was_taken_over_does_not_record_a_dead_letter(db_url,
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_restarted_node_takes_back_its_earlier_processs_leases_at_once(db_url, make_config, peers):
+    """A node killed with deliveries claimed (a lease of ten minutes) starts again: what its
+    name still holds is sent at once, not when the leases expire; another node's lease stays."""
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    transport = HeldTransport()
+    config = gateway_config(make_config, db_url, peers)
+    config = dataclasses.replace(config, destinations=(dataclasses.replace(config.destinations[0], batch_size=1),),
+                                 delivery=DeliveryConfig(lease=600, poll_interval=0.05))
+    mine, theirs = add(engine, "Patient/0", "Patient/1", destination="shared-record")
+    now = datetime.now(timezone.utc)
+    with engine.begin() as conn:
+        for node in (config.node_name, "node-other"):
+            assert len(outbox.claim_batches(conn, node, "shared-record", now, 600.0, requests=1)) == 1
+    database = Database(engine, reactor, 2)
+    database.start()
+    service = DeliveryService(config, database, reactor, transport_factory=lambda destination: transport)
+    service.startService()
+    try:
+        yield until_true(lambda: len(transport.requests) == 1)
+        transport.answer()
+        found = yield until("SELECT message_id, status, lease_owner FROM deliveries ORDER BY id",
+                            lambda f: f[0].status == "delivered", db_url)
+        assert [tuple(r) for r in found] == [(mine, "delivered", None), (theirs, "pending", "node-other")]
+        assert len(transport.requests) == 1
+    finally:
+        yield service.stopService()
+        database.stop()
+        engine.dispose()
+
+
+@pytest_twisted.inlineCallbacks
 def test_while_a_request_is_in_flight_only_full_batches_go(db_url, make_config, peers):
     """A lone delivery goes at once. While it is out, deliveries of six patients arrive: a full
     batch (batch_size 4) goes too, the other two wait, and go together once nothing is in

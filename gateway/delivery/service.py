@@ -98,6 +98,24 @@ class DeliveryService(Service):
         self._stopping = False
         self.transports = {name: self._transport_factory(d.config)
                            for name, d in self.destinations.items()}
+        # Deliveries still leased to this node's name were claimed by an earlier process of it
+        # (node names are one process each) that stopped without settling them: a crash. They
+        # are taken back before the first claim, not left until their leases expire.
+        self._claiming = True
+        d = self.database.run_write(outbox.release_node, self.node)
+        d.addCallbacks(self._taken_back, self._take_back_failed)
+
+    def _taken_back(self, count: int) -> None:
+        self._claiming = False
+        if count:
+            log.warning("delivery: %d deliveries leased by an earlier process of node %s (which "
+                        "stopped without settling them) are due again", count, self.node)
+        self.wake()
+
+    def _take_back_failed(self, failure) -> None:
+        self._claiming = False
+        log.error("delivery: taking back this node's earlier leases failed: %s (they are due "
+                  "again when they expire)", failure.getErrorMessage())
         self.wake()
 
     @defer.inlineCallbacks

@@ -20,6 +20,8 @@ transaction, the caller's) and plain data, like the rest of the store.
   taken over meanwhile (it was too slow) records its attempt but does not change the row; nor
   does one whose delivery got new content (a replay) while it sent the old: the new content
   goes when the lease ends.
+- `release_node`, at a node's start, gives back what an earlier process of the same node held
+  when it died (node names are one process each), rather than waiting out those leases.
 """
 from __future__ import annotations
 
@@ -497,6 +499,14 @@ def release(connection: Connection, node: str, ids: Iterable[int]) -> None:
         connection.execute(update(deliveries).where(_among(connection, deliveries.c.id, ids),
                                                     deliveries.c.lease_owner == node)
                            .values(lease_owner=None, lease_until=None))
+
+
+def release_node(connection: Connection, node: str) -> int:
+    """Give back every pending delivery leased to `node` (at its start: what an earlier process
+    of it held when it died); how many."""
+    return connection.execute(update(deliveries).where(
+        deliveries.c.lease_owner == node, deliveries.c.status == PENDING)
+        .values(lease_owner=None, lease_until=None)).rowcount
 
 
 def reopen_dead(connection: Connection, message_ids: Iterable[int], now: datetime) -> int:
