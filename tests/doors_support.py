@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from gateway.config import (DatabaseConfig, GatewayConfig, HttpsListenerConfig, MappingsConfig,
                             PkiConfig, SenderConfig)
+from gateway.doors.api import Route, json_response, read_json
 from gateway.store.schema import canonical_bundles, message_payloads, messages, translations
 from gateway.tls import client_tls_options
 from process_support import listening_port
@@ -197,3 +198,10 @@ def rows(door, table, *where):
     key = table.c.id if "id" in table.c else table.c.message_id
     with door.store.engine.connect() as connection:
         return connection.execute(query.where(*where).order_by(key)).all()
+
+
+def echo_json_route() -> Route:
+    """A route that reads its body with read_json, as the prescription API does (extra_routes
+    of start_door)."""
+    return Route("POST", "/v1/test/echo", "hl7v2.submit", lambda request: json_response(200, read_json(request)),
+                 {"operationId": "echo", "responses": {"200": {"description": "the body"}}})

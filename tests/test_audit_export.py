@@ -444,8 +444,8 @@ def test_a_backlog_beyond_the_queue_limit_is_skipped_and_counted(exporting, dev_
     yield collector.stop()
 
 
-@pytest_twisted.inlineCallbacks
-def test_two_nodes_on_postgresql_send_each_record_once(pg_url, make_config, dev_pki):
+def two_export_nodes(pg_url, make_config, dev_pki):
+    """Two nodes' export services (started) on one PostgreSQL, to one collector."""
     engine = create_gateway_engine(pg_url)
     migrate(engine)
     database = Database(engine, reactor)
@@ -456,9 +456,25 @@ def test_two_nodes_on_postgresql_send_each_record_once(pg_url, make_config, dev_
     services = [AuditExportService(config, AuditTrail(engine, f"node-{n}"), database, batch=10,
                                    poll_interval=0.05, settle=0.2, claim_interval=0.1)
                 for n in (1, 2)]
+    for service in services:
+        service.startService()
+    return engine, database, collector, services
+
+
+@defer.inlineCallbacks
+def stop_export_nodes(engine, database, collector, services):
+    for service in services:
+        if service.running:
+            yield service.stopService()
+    yield collector.stop()
+    database.stop()
+    engine.dispose()
+
+
+@pytest_twisted.inlineCallbacks
+def test_two_nodes_on_postgresql_send_each_record_once(pg_url, make_config, dev_pki):
+    engine, database, collector, services = two_export_nodes(pg_url, make_config, dev_pki)
     try:
-        for service in services:
-            service.startService()
         AuditTrail(engine, "node-1").append(events(35, 1))
         yield until(lambda: len(collector.messages) >= 35)
         yield task.deferLater(reactor, 0.6, lambda: None)
@@ -473,12 +489,7 @@ def test_two_nodes_on_postgresql_send_each_record_once(pg_url, make_config, dev_
         yield task.deferLater(reactor, 0.3, lambda: None)
         assert collector.seqs() == list(range(1, 41))
     finally:
-        for service in services:
-            if service.running:
-                yield service.stopService()
-        yield collector.stop()
-        database.stop()
-        engine.dispose()
+        yield stop_export_nodes(engine, database, collector, services)
 
 
 @pytest_twisted.inlineCallbacks
@@ -486,19 +497,8 @@ def test_a_node_whose_lease_is_lost_stops_sending(pg_url, make_config, dev_pki):
     """The exporting node's session (and with it its lock on the collector) ends under it (a
     PostgreSQL restart, a killed backend): the other node takes the export over, and the first
     stops sending once it sees its lease gone, instead of both sending every record."""
-    engine = create_gateway_engine(pg_url)
-    migrate(engine)
-    database = Database(engine, reactor)
-    database.start()
-    collector = Collector(dev_pki)
-    config = dataclasses.replace(make_config(pg_url), audit=AuditConfig(
-        export=AuditExportConfig(host="127.0.0.1", port=collector.port)))
-    services = [AuditExportService(config, AuditTrail(engine, f"node-{n}"), database, batch=10,
-                                   poll_interval=0.05, settle=0.2, claim_interval=0.1)
-                for n in (1, 2)]
+    engine, database, collector, services = two_export_nodes(pg_url, make_config, dev_pki)
     try:
-        for service in services:
-            service.startService()
         AuditTrail(engine, "node-1").append(events(10, 1))
         yield until(lambda: len(collector.messages) >= 10 and last_seq(engine) == 10)
         first = next(s for s in services if s.sent)
@@ -514,12 +514,7 @@ def test_a_node_whose_lease_is_lost_stops_sending(pg_url, make_config, dev_pki):
         assert collector.seqs() == list(range(1, 21))
         assert first._lease is None and first.sent == 10
     finally:
-        for service in services:
-            if service.running:
-                yield service.stopService()
-        yield collector.stop()
-        database.stop()
-        engine.dispose()
+        yield stop_export_nodes(engine, database, collector, services)
 
 
 @pytest_twisted.inlineCallbacks

@@ -12,19 +12,13 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
 
-from doors_support import HOSPITAL, Client, door_config, hl7, rows, start_door, stop_door, with_listener
-from gateway.doors.api import Route, json_response, read_json
+from doors_support import (HOSPITAL, Client, door_config, echo_json_route, hl7, rows, start_door, stop_door,
+                           with_listener)
 from gateway.doors.https import LINGER
 from gateway.mapping.mapping_set import MappingSet
 from gateway.store.schema import messages
 
 HL7 = "application/hl7-v2"
-
-
-def _echo_json_route():
-    """A route that reads its body with read_json, as the prescription API does."""
-    return Route("POST", "/v1/test/echo", "hl7v2.submit", lambda request: json_response(200, read_json(request)),
-                 {"operationId": "echo", "responses": {"200": {"description": "the body"}}})
 
 
 @pytest.fixture
@@ -34,7 +28,7 @@ def door(pki, tmp_path, repo_mappings, monkeypatch):
     monkeypatch.setattr(MappingSet, "load", classmethod(lambda cls, directory: repo_mappings))
     config = with_listener(door_config(pki, f"sqlite:///{tmp_path / 'gateway.sqlite'}"),
                            max_request_size=64 * 1024)
-    running = pytest_twisted.blockon(start_door(config, pki, extra_routes=[_echo_json_route()]))
+    running = pytest_twisted.blockon(start_door(config, pki, extra_routes=[echo_json_route()]))
     yield running
     pytest_twisted.blockon(stop_door(running))
 

@@ -12,8 +12,8 @@ import pytest
 import pytest_twisted
 
 from cli_support import cli, project, write_file  # noqa: F401 (fixtures)
-from doors_support import HOSPITAL, LAB, Client, door_config, fhir_bundle, rows, start_door, stop_door, with_listener
-from gateway.doors.api import Route, json_response, read_json
+from doors_support import (HOSPITAL, LAB, Client, door_config, echo_json_route, fhir_bundle, rows, start_door,
+                           stop_door, with_listener)
 from gateway.mapping.mapping_set import MappingSet
 from gateway.store.schema import messages, translations
 from test_sandbox_record import conditional_patient, entry, observation, start_peer, transaction
@@ -23,18 +23,12 @@ BUNDLE = json.dumps(fhir_bundle())  # "resourceType": "Patient" is the first ent
 PATIENT = '{"resourceType": "Patient",'
 
 
-def _echo_json_route():
-    """A route that reads its body with read_json, as the prescription API does."""
-    return Route("POST", "/v1/test/echo", "hl7v2.submit", lambda request: json_response(200, read_json(request)),
-                 {"operationId": "echo", "responses": {"200": {"description": "the body"}}})
-
-
 @pytest.fixture
 def door(pki, tmp_path, repo_mappings, monkeypatch):
     monkeypatch.setattr(MappingSet, "load", classmethod(lambda cls, directory: repo_mappings))
     config = with_listener(door_config(pki, f"sqlite:///{tmp_path / 'gateway.sqlite'}"),
                            max_request_size=64 * 1024)
-    running = pytest_twisted.blockon(start_door(config, pki, extra_routes=[_echo_json_route()]))
+    running = pytest_twisted.blockon(start_door(config, pki, extra_routes=[echo_json_route()]))
     yield running
     pytest_twisted.blockon(stop_door(running))
 
