@@ -236,8 +236,8 @@ class Prescribing:
                 self.answers.append((raw.split(b"|", 10)[9].decode(), status, data.get("ack_code") or ""))
                 if status == 200:
                     return data
-                # 409 (another request with this key is being processed), 503 (store away),
-                # 422 with the provisional AE (stored, not processed yet): send again, same
+                # 409 (another request with this key, or the message, is still being
+                # processed: stored, not processed yet), 503 (store away): send again, same
                 # key, later. A request the kill cut is taken over by the restarted gateway.
             time.sleep(0.2)
 

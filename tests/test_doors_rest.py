@@ -394,7 +394,7 @@ PROVISIONAL_AE = ("MSH|^~\\&|MA_HIE_GATEWAY|MA_HIE|HIS_CHU|CHU_IBN_ROCHD|2025011
 def test_hl7v2_stored_but_not_processed_yet_is_not_kept_under_the_idempotency_key(door):
     """A message whose answer waits for the prescription step, stored but not processed yet (a
     crash came between: its stored ACK is still the provisional AE PRESCRIPTION_NOT_PROCESSED),
-    sent again: 503 with Retry-After, not kept under its Idempotency-Key. Sent again with the
+    sent again: 409 with Retry-After, not kept under its Idempotency-Key. Sent again with the
     same key once processed, it gets its real answer (before: the provisional 422, forever)."""
     import hashlib
     from datetime import datetime, timezone
@@ -414,9 +414,9 @@ def test_hl7v2_stored_but_not_processed_yet_is_not_kept_under_the_idempotency_ke
         connection.execute(insert(message_payloads).values(message_id=message_id, received_at=now, raw=message))
     client = Client(door, HOSPITAL.id)
     answer = yield client.post("/v1/hl7v2", message, HL7, Idempotency_Key="np-1")
-    assert answer.code == 503, answer.body
+    assert answer.code == 409, answer.body
     assert answer.header("retry-after") and answer.json()["ack_code"] == "AE"
-    assert "not processed yet" in answer.json()["detail"]
+    assert "still being processed" in answer.json()["detail"]
     # The step runs (the start sweep): its answer replaces the provisional one.
     final = PROVISIONAL_AE.split(b"\r")[0] + b"\rMSA|AA|REST-NP1\r"
     with door.store.engine.begin() as connection:

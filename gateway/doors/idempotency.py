@@ -8,8 +8,9 @@ The key is claimed in the database before the request is processed (gateway.door
 - the same key while the first request is still being processed: 409 problem (try later);
   a request left processing by an earlier process of this node (killed mid-request) is
   taken over at once rather than after its lease.
-Answers of 5xx (the store was down, a timeout inside) are not kept: the claim is released so
-that the same request may be sent again with the same key. Keys are scoped per facility.
+Answers of 5xx (the store was down, a timeout inside) and 409 (the same message is still being
+processed under another request) are not kept: the claim is released so that the same request
+may be sent again with the same key, and then gets the real answer. Keys are scoped per facility.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ class IdempotencyGuard:
         except BaseException:
             await self.database.run_write(release_request, facility, key)
             raise
-        if response.status >= 500:
+        if response.status >= 500 or response.status == 409:
             await self.database.run_write(release_request, facility, key)
         else:
             headers = {name: value for name, value in response.headers.items()

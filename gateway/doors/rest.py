@@ -4,9 +4,11 @@ GET /v1/messages/{id}, each a Route with its OpenAPI description.
 POST /v1/hl7v2 answers with HTTP status by the HL7 answer: 200 for AA/CA (the ACK and the
 message id as JSON), 202 when no answer is due (an ACK posted to us, MSH-15 NE), 422 problem
 for AE/AR/CE/CR (the ACK is in the problem body: the refusal is an HL7 answer, but the
-exchange did not do what was asked), 503 problem when the store failed (nothing kept) or when
-the message is stored but its answer not made yet (the provisional AE of a prescription or a
-dispensation a crash left unprocessed: send it again for the real one).
+exchange did not do what was asked), 503 problem when the store failed (nothing kept), 409
+problem (Retry-After) for a message the gateway is still processing (an e-prescription
+message answered once its step has run, sent again before its first copy was answered or
+left unprocessed by a crash: the copy's ACK is the provisional AE "not processed yet", which
+refuses nothing; sent again later, it gets the real answer).
 """
 from __future__ import annotations
 
@@ -155,11 +157,9 @@ class RestOperations:
                 data["prescriptions"] = await self.database.run(issued_prescriptions, outcome.message_id)
             return json_response(200, data, _location(outcome.message_id))
         if _not_processed_yet(text):
-            # Stored, its answer still to come from the prescription step (a crash came
-            # between): a 5xx, which an Idempotency-Key does not keep, so that the same request
-            # sent again gets the real answer once the step has run.
-            raise Problem(503, "not-processed-yet", "Message not processed yet", refusal_detail(text),
-                          retry_after=2, **data)
+            raise Problem(409, "message-in-progress", "Message still being processed",
+                          "the same message is still being processed; send it again later to get its "
+                          "answer", retry_after=1, **data)
         raise Problem(422, "hl7-refused", "HL7 message refused", refusal_detail(text), **data)
 
     # -- POST /v1/fhir ---------------------------------------------------------------------
@@ -256,14 +256,15 @@ def _read_and_check(body: bytes):
 
 
 def _not_processed_yet(ack: str) -> bool:
-    """Whether the answer is the provisional AE of a message stored but not processed yet
-    (ERR-5 PRESCRIPTION_NOT_PROCESSED, gateway.ingest.pipeline)."""
+    """Whether the answer is the provisional AE of a message still waiting for the
+    e-prescription step (ERR-5 PRESCRIPTION_NOT_PROCESSED, gateway.ingest.pipeline): a copy
+    sent meanwhile gets it, and so does one a crash left stored but unprocessed."""
     separator = ack[3:4] if ack.startswith("MSH") else "|"
     component = ack[4:5] if ack.startswith("MSH") else "^"
     for segment in ack.replace("\n", "\r").split("\r"):
         fields = segment.split(separator)
-        if fields[0] == "ERR" and len(fields) > 5 and \
-                fields[5].split(component)[0] == PrescriptionError.PRESCRIPTION_NOT_PROCESSED.value:
+        if fields[0] == "ERR" and len(fields) > 5 \
+                and fields[5].split(component)[0] == PrescriptionError.PRESCRIPTION_NOT_PROCESSED.value:
             return True
     return False
 

@@ -67,6 +67,8 @@ def hl7v2_spec() -> dict:
         "responses": {
             "200": _json("Hl7v2Answer", "Accepted (AA/CA): the answer and the message id"),
             "202": _json("Hl7v2Answer", "Stored; no answer is due (an acknowledgement, MSH-15 NE)"),
+            "409": _problem("Hl7v2Refusal", "The same message (or a request with this Idempotency-Key) "
+                            "is still being processed: send it again later for its answer"),
             "415": _problem("Problem", "Not application/hl7-v2, or an unknown charset"),
             "422": _problem("Hl7v2Refusal", "Refused or in error (AE/AR/CE/CR): the answer is in the problem"),
             "503": _problem("Hl7v2Refusal", "Not stored (the store failed): send it again"),
