@@ -331,6 +331,38 @@ def test_concurrent_dispensations_never_exceed_what_remains(pg_url, tmp_path, re
         harness.close()
 
 
+@pytest.mark.pg
+def test_a_look_up_shows_one_moment_even_when_a_dispensation_commits_during_it(pg_url, tmp_path, repo_mappings):
+    """A look-up (GET /v1/prescriptions/{id}) reads the prescription and its lines without a
+    lock. A dispensation that completes the prescription and commits between those reads
+    must not make it show 'active' with nothing left (it is 410 completed, or the moment
+    before: active with what remained then)."""
+    from sqlalchemy import event
+
+    from gateway.store.database import create_gateway_engine
+
+    harness = standard_harness(pg_url, tmp_path, repo_mappings)
+    looking = create_gateway_engine(pg_url)  # the API's engine: only its statements are watched
+    try:
+        prescription_id = issue(harness, lines=((DOLIPRANE, 1),))
+        dispensed = []
+
+        def meanwhile(conn, cursor, statement, parameters, context, executemany):
+            if not dispensed and "FROM prescriptions" in statement:
+                [record] = harness.translate(rds("RDS-MEANWHILE", prescription_id))
+                dispensed.append(record.status)
+
+        event.listen(looking, "after_cursor_execute", meanwhile)
+        with looking.begin() as connection:  # as Database.run does for the API
+            seen = store.get_prescription(connection, prescription_id)
+        assert dispensed == ["translated"]
+        [line] = seen.lines
+        assert (seen.status, line.remaining) in (("active", 1), ("completed", 0)), (seen.status, line)
+    finally:
+        looking.dispose()
+        harness.close()
+
+
 # -- FHIR input (format 'fhir', from the REST door) ---------------------------------------------
 
 def _fhir_pending(harness, control_id: str, sender: str):

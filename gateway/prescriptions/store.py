@@ -206,14 +206,37 @@ def id_taken(connection: Connection, prescription_id: str) -> bool:
 def get_prescription(connection: Connection, prescription_id: str, *, lock: bool = False,
                      with_resources: bool = False) -> Prescription | None:
     """The prescription and its lines; `lock` holds its row until the transaction ends
-    (FOR UPDATE on PostgreSQL; SQLite's write transaction holds the whole database)."""
+    (FOR UPDATE on PostgreSQL; SQLite's write transaction holds the whole database), and its
+    lines are read once it is held. Without `lock` (a look-up), the prescription and its lines
+    are read by one statement: under PostgreSQL's READ COMMITTED each statement sees its own
+    moment, and a dispensation committed between two reads showed an 'active' prescription
+    with nothing left."""
+    if not lock:
+        return _read_at_once(connection, prescription_id, with_resources)
     query = select(prescriptions).where(prescriptions.c.id == prescription_id)
-    if lock and connection.dialect.name == "postgresql":
+    if connection.dialect.name == "postgresql":
         query = query.with_for_update()
     row = connection.execute(query).first()
     if row is None:
         return None
     return _prescription(row, _lines(connection, prescription_id, with_resources))
+
+
+def _line_columns(with_resources: bool) -> list:
+    return [c for c in prescription_lines.columns if with_resources or c.name != "resource"]
+
+
+def _read_at_once(connection: Connection, prescription_id: str, with_resources: bool) -> Prescription | None:
+    columns = [c.label(f"l_{c.name}") for c in _line_columns(with_resources)]
+    rows = connection.execute(
+        select(prescriptions, *columns)
+        .select_from(prescriptions.outerjoin(prescription_lines,
+                                             prescription_lines.c.prescription_id == prescriptions.c.id))
+        .where(prescriptions.c.id == prescription_id).order_by(prescription_lines.c.line)).all()
+    if not rows:
+        return None
+    lines = tuple(_line(row._mapping, "l_", with_resources) for row in rows if row.l_line is not None)
+    return _prescription(rows[0], lines)
 
 
 def prescription_for_message(connection: Connection, message_id: int) -> Prescription | None:
@@ -241,14 +264,20 @@ def set_status(connection: Connection, prescription_id: str, status: str) -> Non
 
 
 def _lines(connection: Connection, prescription_id: str, with_resources: bool) -> tuple[Line, ...]:
-    columns = [c for c in prescription_lines.columns if with_resources or c.name != "resource"]
-    rows = connection.execute(select(*columns).where(
+    rows = connection.execute(select(*_line_columns(with_resources)).where(
         prescription_lines.c.prescription_id == prescription_id).order_by(prescription_lines.c.line))
-    return tuple(Line(row.prescription_id, row.line, row.medication_system, row.medication_code,
-                      row.display, from_milli(row.quantity_milli), row.unit,
-                      from_milli(row.dispensed_milli),
-                      json.loads(row.resource) if with_resources and row.resource else None, row.kind)
-                 for row in rows)
+    return tuple(_line(row._mapping, "", with_resources) for row in rows)
+
+
+def _line(row, prefix: str, with_resources: bool) -> Line:
+    """A Line from a row's mapping whose line columns are named `prefix` + column name."""
+    def get(name):
+        return row[prefix + name]
+
+    resource = get("resource") if with_resources else None
+    return Line(get("prescription_id"), get("line"), get("medication_system"), get("medication_code"),
+                get("display"), from_milli(get("quantity_milli")), get("unit"), from_milli(get("dispensed_milli")),
+                json.loads(resource) if resource else None, get("kind"))
 
 
 def _prescription(row, lines: tuple[Line, ...]) -> Prescription:
