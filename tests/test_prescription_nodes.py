@@ -79,3 +79,20 @@ def test_the_same_dispensation_again_while_the_first_is_processed_is_told_to_wai
         assert status == 200 and ack_code(answer) == ("AA", ""), answer
     found = yield threads.deferToThread(dispensed, db_url, prescription_id)
     assert [(r.line, r.quantity_milli) for r in found] == [(1, 1000)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_prescription_of_acts_over_rest_is_answered_with_its_id_like_drugs(one_node):
+    """POST /v1/hl7v2 of a doctor's OML^O21 / ORM^O01: the ORL^O22 / ORR^O02 and, as for RDE^O11,
+    the prescriptions issued (id, QR payload); an ordinary order gets no such list."""
+    from acts_support import oml, orm
+
+    nodes, _ = one_node
+    doctor = nodes.client(DOCTOR_ID)
+    for message in (oml("OML-REST"), orm("ORM-REST")):
+        status, answer = yield threads.deferToThread(doctor.hl7, message)
+        assert status == 200, answer
+        [issued] = answer["prescriptions"]
+        assert f"|{issued['id']}^HIE|" in answer["ack"] and issued["qr_payload"].startswith("HIE1.")
+    status, answer = yield threads.deferToThread(doctor.hl7, oml("OML-NOT-NEW", control="SC"))
+    assert status == 200 and "prescriptions" not in answer, answer

@@ -153,8 +153,12 @@ class RestOperations:
         if text is None:
             return json_response(202, data, _location(outcome.message_id))
         if outcome.ack_code in ("AA", "CA"):
-            if outcome.message_id is not None and outcome.answer[:3] == b"MSH" and _answers_order(text):
-                data["prescriptions"] = await self.database.run(issued_prescriptions, outcome.message_id)
+            kind = _order_response(text) if outcome.message_id is not None and outcome.answer[:3] == b"MSH" else None
+            if kind is not None:
+                issued = await self.database.run(issued_prescriptions, outcome.message_id)
+                # ORR^O02 / ORL^O22 also answer ordinary orders: the list only when acts were prescribed
+                if issued or kind in ("RRE", "ORP"):
+                    data["prescriptions"] = issued
             return json_response(200, data, _location(outcome.message_id))
         if _not_processed_yet(text):
             raise Problem(409, "message-in-progress", "Message still being processed",
@@ -269,11 +273,13 @@ def _not_processed_yet(ack: str) -> bool:
     return False
 
 
-def _answers_order(ack: str) -> bool:
-    """Whether the answer is an order response (RRE^O12, ORP^O10): prescriptions may be in it."""
+def _order_response(ack: str) -> str | None:
+    """The answer's type when it is an order response that may carry prescriptions: RRE^O12,
+    ORP^O10 (drugs), ORR^O02, ORL^O22 (acts); else None."""
     separator = ack[3:4]
     fields = ack.split("\r", 1)[0].split(separator)
-    return len(fields) > 8 and fields[8].split(ack[4:5] or "^")[0] in ("RRE", "ORP")
+    kind = fields[8].split(ack[4:5] or "^")[0] if len(fields) > 8 else None
+    return kind if kind in ("RRE", "ORP", "ORR", "ORL") else None
 
 
 def issued_prescriptions(connection, message_id: int) -> list[dict]:

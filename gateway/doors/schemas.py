@@ -33,7 +33,8 @@ HL7V2_SCHEMAS = {
         "properties": {**_HL7_FIELDS,
                        "prescriptions": {"type": "array", "items": _ref("IssuedPrescription"),
                                          "description": "Prescriptions the gateway issued for "
-                                                        "this message (RDE^O11, OMP^O09)"}},
+                                                        "this message (RDE^O11, OMP^O09; a prescriber's "
+                                                        "ORM^O01, OML^O21 of acts)"}},
     },
     "IssuedPrescription": {
         "type": "object",
