@@ -332,6 +332,26 @@ def test_concurrent_dispensations_never_exceed_what_remains(pg_url, tmp_path, re
 
 
 @pytest.mark.pg
+def test_the_same_dispensation_under_two_control_ids_at_once_is_a_duplicate_not_an_error(pg_url, tmp_path,
+                                                                                          repo_mappings):
+    """Two copies of one dispensation (same ORC-3) under two control ids, on two connections at
+    once: nothing to lock on a paper prescription (nor across two prescriptions), so both find
+    the key free; the second waits on the unique key, then is refused as a duplicate (it was
+    'internal error, send again later')."""
+    harness = standard_harness(pg_url, tmp_path, repo_mappings)
+    try:
+        first, second = race_for_the_lock(harness, rds("PAP-1", None, paper=True, dispensation="P-1"),
+                                          rds("PAP-2", None, paper=True, dispensation="P-1"))
+        assert first.status == "translated"
+        msa, location, code, reason = refusal(second)
+        assert (msa, location, code) == ("AE", "ORC^1^3", "DISPENSATION_DUPLICATE")
+        assert reason.startswith("dispensation 1 was already recorded (message #"), reason
+        assert count(harness, "SELECT count(*) FROM dispensations") == 1
+    finally:
+        harness.close()
+
+
+@pytest.mark.pg
 def test_a_look_up_shows_one_moment_even_when_a_dispensation_commits_during_it(pg_url, tmp_path, repo_mappings):
     """A look-up (GET /v1/prescriptions/{id}) reads the prescription and its lines without a
     lock. A dispensation that completes the prescription and commits between those reads

@@ -59,6 +59,7 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, select
+from sqlalchemy.exc import IntegrityError
 
 from adapters.hl7v2.ack import AckBuilder, ErrorDetail
 from adapters.hl7v2.codes import ErrorCondition, Outcome
@@ -454,16 +455,37 @@ class PrescriptionFlow:
                                else f"PAPIER.{digest[:16]}")
             recorded[item.index] = (dispensation_id, number)
             if store.dispensation_by_key(connection, dedup_key) is None:
-                writes.append(dict(dispensation_id=dispensation_id, prescription_id=prescription_id,
-                                   line=number, paper=item.paper, dispensing_facility=facility.id,
-                                   message_id=message_id, medication_code=item.medication.code,
-                                   quantity=item.quantity, dedup_key=dedup_key, now=now))
-        for write in writes:
-            store.record_dispensation(connection, **write)
+                writes.append((item.index, dict(
+                    dispensation_id=dispensation_id, prescription_id=prescription_id, line=number,
+                    paper=item.paper, dispensing_facility=facility.id, message_id=message_id,
+                    medication_code=item.medication.code, quantity=item.quantity, dedup_key=dedup_key,
+                    now=now)))
+        for index, write in writes:
+            self._record_once(connection, index, write, hl7)
         self._annotate(record, draft, recorded, prescription)
         if writes:
             log.info("dispensation of message #%d recorded (%s, %d lines)", message_id,
                      prescription_id or "paper prescription", len(writes))
+
+    @staticmethod
+    def _record_once(connection: Connection, index: int, write: dict, hl7: bool) -> None:
+        """Record a dispensation; the same one recorded meanwhile by another transaction is a
+        duplicate. A paper prescription has no row to lock: two copies of one dispensation
+        (same ORC-3, two control ids) on two nodes both find their key free, and the second
+        insert meets the unique key once the first commits."""
+        savepoint = connection.begin_nested()
+        try:
+            store.record_dispensation(connection, **write)
+        except IntegrityError:
+            savepoint.rollback()
+            existing = store.dispensation_by_key(connection, write["dedup_key"])
+            if existing is None:
+                raise
+            raise Refusal(PrescriptionError.DISPENSATION_DUPLICATE,
+                          f"dispensation {index} was already recorded (message #{existing.message_id})",
+                          rules.location(hl7, "ORC", "MedicationDispense", index, 3, "identifier"),
+                          ErrorCondition.DUPLICATE_KEY_IDENTIFIER) from None
+        savepoint.commit()
 
     # -- acts performed ----------------------------------------------------------------------
 
