@@ -247,6 +247,15 @@ def _send(args) -> int:
                   file=sys.stderr)
             return 2
         tls = client_tls_context(args.ca, args.cert, args.key)
+    # Every file is read before anything is sent: a mistyped name sends none of the others.
+    contents = []
+    for path in args.files:
+        try:
+            with open(path, "rb") as handle:
+                contents.append((path, handle.read()))
+        except OSError as error:
+            print(f"cannot read {path}: {error.strerror or error}", file=sys.stderr)
+            return 1
     failures = 0
     try:
         client = MllpClient(host, int(port), args.timeout, tls)
@@ -254,9 +263,7 @@ def _send(args) -> int:
         print(f"cannot connect to {args.to}: {error}", file=sys.stderr)
         return 1
     with client:
-        for path in args.files:
-            with open(path, "rb") as handle:
-                data = handle.read()
+        for path, data in contents:
             for number, message in enumerate(split_messages(data, args.raw), 1):
                 try:
                     reply = client.send(message)

@@ -60,6 +60,20 @@ def test_send_to_a_closed_port_fails(project):
     assert f"cannot connect to 127.0.0.1:{project.port}" in done.stderr and done.stdout == ""
 
 
+def test_send_of_a_missing_file_says_so_and_sends_nothing(project, gateway):
+    """A FILE that cannot be read: one line naming it on stderr, exit 1, no traceback, and
+    nothing sent (the files are read before the first message goes)."""
+    good = write_file(project, "oru.hl7", hl7msgs.message("oru", 6).encode("utf-8"))
+    missing = str(project.root / "missing.hl7")
+    done = cli(project, "send", "--to", f"127.0.0.1:{project.port}", good, missing)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"cannot read {missing}: No such file or directory"
+    assert done.stdout == ""
+    listed = cli(project, "messages", "list", "--json", "-c", project.config)
+    assert listed.stdout == ""
+    assert stop(gateway) == 0
+
+
 def test_messages_list_json(project, gateway):
     """`messages list --json` prints one JSON object per stored message, newest first."""
     oru = write_file(project, "oru.hl7", hl7msgs.message("oru", 3).encode("utf-8"))
