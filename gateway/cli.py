@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import ssl
 from datetime import datetime, timezone
 
 from gateway import fhir_json
@@ -246,7 +247,24 @@ def _send(args) -> int:
             print("--tls needs --ca (and --cert/--key when the server requires a client certificate)",
                   file=sys.stderr)
             return 2
-        tls = client_tls_context(args.ca, args.cert, args.key)
+        if args.key and not args.cert:
+            print("--key needs --cert", file=sys.stderr)
+            return 2
+        for option, name in (("--ca", args.ca), ("--cert", args.cert), ("--key", args.key)):
+            if name and not os.access(name, os.R_OK):
+                reason = "no such file" if not os.path.exists(name) else "not readable"
+                print(f"cannot read {option} {name}: {reason}", file=sys.stderr)
+                return 1
+        try:
+            tls = client_tls_context(args.ca, args.cert, args.key)
+        except ssl.SSLError as error:
+            # OpenSSL names no file: say which options were being loaded.
+            given = " ".join(f"{o} {n}" for o, n in (("--ca", args.ca), ("--cert", args.cert),
+                                                      ("--key", args.key)) if n)
+            hint = " (without --key, the key must be in the --cert file)" if args.cert and not args.key else ""
+            print(f"cannot load {given}: not a PEM certificate and matching key{hint}: {error}",
+                  file=sys.stderr)
+            return 1
     # Every file is read before anything is sent: a mistyped name sends none of the others.
     contents = []
     for path in args.files:
@@ -268,7 +286,10 @@ def _send(args) -> int:
                 try:
                     reply = client.send(message)
                 except (MllpClientError, OSError) as error:
-                    print(f"{path}#{number}: {error}", file=sys.stderr)
+                    hint = ""
+                    if tls is not None and not args.cert and "CERTIFICATE_REQUIRED" in str(error):
+                        hint = " (the server requires a client certificate: give --cert and --key)"
+                    print(f"{path}#{number}: {error}{hint}", file=sys.stderr)
                     return 1
                 summary = describe(reply.response)
                 summary.update(file=path, message=number, ms=round(reply.seconds * 1000, 2))

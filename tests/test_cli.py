@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
 import textwrap
 import time
 from pathlib import Path
 
 import hl7msgs
 import pytest
-from cli_support import cli, gateway, project, stop, write_file  # noqa: F401 (fixtures)
+from cli_support import GATEWAY, cli, gateway, project, stop, write_file  # noqa: F401 (fixtures)
+from process_support import child_environment, free_port, wait_for_port
 
 BAD_MESSAGE = (b"MSH|^~\\&|HIS_TEST|FAC_TEST|MA_HIE_GATEWAY|MA_HIE|20250114083512||XYZ^A01|BAD-CLI-1|P|2.5\r"
                b"PID|1||P-1^^^CHU^PI||Test^Patient\r")
@@ -72,6 +74,48 @@ def test_send_of_a_missing_file_says_so_and_sends_nothing(project, gateway):
     listed = cli(project, "messages", "list", "--json", "-c", project.config)
     assert listed.stdout == ""
     assert stop(gateway) == 0
+
+
+def test_send_tls_option_problems_are_named(project, dev_pki):
+    """--tls with a CA file that is not there, or a certificate without its key: one line that
+    names the option and the file, exit 1, no traceback."""
+    path = write_file(project, "oru.hl7", hl7msgs.message("oru", 7).encode("utf-8"))
+    to = ("--to", f"127.0.0.1:{project.port}", "--tls")
+    missing = str(project.root / "nope.crt")
+    done = cli(project, "send", *to, "--ca", missing, path)
+    assert (done.returncode, done.stderr.strip()) == (1, f"cannot read --ca {missing}: no such file")
+    cert = f"{dev_pki}/INPE-100001.crt"
+    done = cli(project, "send", *to, "--ca", f"{dev_pki}/ca.crt", "--cert", cert, path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"cannot load --ca {dev_pki}/ca.crt --cert {cert}: ")
+    assert "without --key, the key must be in the --cert file" in done.stderr
+
+
+def test_send_tls_without_a_client_certificate_says_one_is_required(project, dev_pki):
+    """A TLS listener requires a client certificate; `send --tls --ca` alone fails with the
+    handshake's error and says to give --cert and --key."""
+    tls_port = free_port()
+    config = Path(project.config)
+    config.write_text(config.read_text("utf-8").replace("facilities: conf/facilities.yaml", (
+        f"    - {{name: mllp-tls, port: {tls_port}, interface: 127.0.0.1, tls: true}}\n"
+        "facilities: conf/facilities.yaml")), encoding="utf-8")
+    process = subprocess.Popen([GATEWAY, "run", "-c", project.config], cwd=project.root,
+                               env=child_environment(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(tls_port, process)
+        path = write_file(project, "oru.hl7", hl7msgs.message("oru", 8).encode("utf-8"))
+        done = cli(project, "send", "--to", f"127.0.0.1:{tls_port}", "--tls",
+                   "--ca", f"{dev_pki}/ca.crt", path)
+        assert done.returncode == 1, done.stdout
+        assert done.stderr.startswith(f"{path}#1: ")
+        assert done.stderr.rstrip().endswith(
+            "(the server requires a client certificate: give --cert and --key)"), done.stderr
+        assert stop(process) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
 
 
 def test_messages_list_json(project, gateway):
