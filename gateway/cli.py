@@ -348,11 +348,11 @@ def _messages_list(args) -> int:
         for row in rows:
             print(json.dumps(row.as_dict(), ensure_ascii=False))
         return 0
-    print(f"{'id':>8}  {'received (UTC)':<26} {'status':<9} {'ack':<3} {'type':<10} "
+    print(f"{'id':>8}  {'received (UTC)':<26} {'status':<10} {'ack':<3} {'type':<10} "
           f"{'sender':<28} control id")
     for row in rows:
         sender = f"{row.sending_application or ''}/{row.sending_facility or ''}"
-        print(f"{row.id:>8}  {row.received_at[:26]:<26} {row.status:<9} {row.ack_code or '-':<3} "
+        print(f"{row.id:>8}  {row.received_at[:26]:<26} {row.status:<10} {row.ack_code or '-':<3} "
               f"{row.message_type or '-':<10} {sender[:28]:<28} {row.control_id or '-'}")
     return 0
 

@@ -159,6 +159,24 @@ def test_messages_list_json(project, gateway):
     assert stop(gateway) == 0
 
 
+def test_messages_list_text_columns_line_up(project, gateway):
+    """The text table: a `translated` row (the longest status) keeps its ACK code, type and
+    sender under their headings."""
+    adt = write_file(project, "adt.hl7", hl7msgs.message("adt", 5).encode("utf-8"))
+    assert cli(project, "send", "--to", f"127.0.0.1:{project.port}", adt).returncode == 0
+    deadline = time.monotonic() + 20
+    while json.loads(cli(project, "messages", "list", "--json", "-c", project.config)
+                     .stdout)["status"] != "translated":
+        assert time.monotonic() < deadline, "the ADT was not translated"
+        time.sleep(0.2)
+    header, row = cli(project, "messages", "list", "-c", project.config).stdout.splitlines()
+    for heading in ("ack", "type", "sender"):
+        column = header.index(f" {heading}") + 1
+        assert row[column - 1] == " " and row[column] != " ", (header, row)
+    assert row.split()[2:5] == ["translated", "CA", "ADT^A01"]
+    assert stop(gateway) == 0
+
+
 def test_messages_show(project, gateway):
     """`messages show ID` gives the text and the ACK: as JSON, and as text with French and Arabic intact."""
     message = hl7msgs.message("oru", 3)
