@@ -39,7 +39,15 @@ def main(argv: list[str] | None = None) -> None:
     if not getattr(args, "handler", None):
         parser.print_help()
         sys.exit(2)
-    sys.exit(args.handler(args) or 0)
+    try:
+        code = args.handler(args) or 0
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`gateway mappings export | head`): stop quietly, as cat does.
+        # Python's own flush at exit would fail again, so stdout goes to /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141  # 128 + SIGPIPE, what a shell reports for a command its pipe stopped
+    sys.exit(code)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -177,6 +177,19 @@ def test_messages_list_text_columns_line_up(project, gateway):
     assert stop(gateway) == 0
 
 
+def test_output_into_a_closed_pipe_ends_quietly(project):
+    """`gateway mappings export | head -1`: the command stops when the reader does, with no
+    traceback on stderr. (The project's mapping set exports about 90 KB, more than a pipe holds.)"""
+    mappings = Path(__file__).resolve().parent.parent / "mappings"
+    process = subprocess.Popen([GATEWAY, "mappings", "export", "--format", "csv", "--mappings",
+                                str(mappings), "-c", project.config], cwd=project.root,
+                               env=child_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline().startswith(b'"map","source"')
+    process.stdout.close()
+    assert process.wait(60) == 141
+    assert process.stderr.read() == b""
+
+
 def test_messages_show(project, gateway):
     """`messages show ID` gives the text and the ACK: as JSON, and as text with French and Arabic intact."""
     message = hl7msgs.message("oru", 3)
