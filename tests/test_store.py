@@ -215,6 +215,38 @@ def test_migrate_creates_exactly_the_schema_module(db_url):
     assert ("ix_messages_received_at", ("received_at",), False, None) in migrated["messages"]["indexes"]
 
 
+_MIGRATE_AT = """
+import sys, time
+from gateway.store.database import create_gateway_engine, migrate
+engine = create_gateway_engine(sys.argv[1])
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+migrate(engine)
+"""
+
+
+def test_nodes_starting_together_migrate_an_empty_postgresql_once(pg_url):
+    """Several nodes started at once on an empty database (the README's N nodes), each a
+    process of its own (Alembic's context is one per process): every one migrates or waits
+    for the one that does, and all start, instead of all but one failing on Alembic's
+    CREATE TABLE alembic_version."""
+    import subprocess
+    import sys
+
+    at = time.time() + 3  # after every process has imported the gateway
+    processes = [subprocess.Popen([sys.executable, "-c", _MIGRATE_AT, pg_url, str(at)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for _ in range(3)]
+    outputs = [process.communicate(timeout=120)[0].decode("utf-8", "replace") for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0], "\n".join(outputs)
+    engine = create_gateway_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            [revision] = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+        assert revision == ScriptDirectory.from_config(AlembicConfig(ALEMBIC_INI)).get_current_head()
+    finally:
+        engine.dispose()
+
+
 def test_migrate_twice_is_a_no_op(db_url, harness):
     """A second migrate changes neither the schema, the revision, nor the stored rows."""
     harness.writer.start()

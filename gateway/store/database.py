@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DataError
 
@@ -25,6 +25,8 @@ WRITE = "gateway_write"  # execution option: this transaction writes (see _sqlit
 _WRITE_LOCKS: "weakref.WeakKeyDictionary[Engine, threading.RLock]" = weakref.WeakKeyDictionary()
 
 _ALEMBIC_INI = os.path.join(os.path.dirname(__file__), "alembic.ini")
+# The advisory lock a node holds while it migrates (an arbitrary constant: "migrat" in ASCII).
+MIGRATE_LOCK = 0x6D_69_67_72_61_74
 
 
 def create_gateway_engine(url: str, pool_size: int = 4) -> Engine:
@@ -117,6 +119,10 @@ def migrate(engine: Engine) -> None:
     """Bring the schema to the newest revision (Alembic), the same on SQLite and PostgreSQL."""
     config = AlembicConfig(_ALEMBIC_INI)
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Nodes started together on one database: one migrates, the others wait for its
+            # commit and then find the schema at head (PostgreSQL's DDL is transactional).
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATE_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
