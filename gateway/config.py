@@ -1117,15 +1117,24 @@ def _destination_problems(path: str, values: dict) -> list[str]:
     return problems
 
 
-def _route_problems(path: str, values: dict) -> list[str]:
-    """Routes name known destinations, registered senders and FHIR resource types."""
+def _names_written(node: yaml.Node | None) -> set[str]:
+    """The `name:` of each item of a list node, as written (for a list with errors)."""
+    items = node.value if isinstance(node, yaml.SequenceNode) else ()
+    names = (_value_node(item, "name") for item in items)
+    return {n.value for n in names if isinstance(n, yaml.ScalarNode)}
+
+
+def _route_problems(path: str, values: dict, destinations: set[str] | None = None) -> list[str]:
+    """Routes name known destinations, registered senders and FHIR resource types.
+    `destinations`: the names written, when the destinations section has errors."""
     from gateway.mapping.fhir_schema import is_resource
 
     located = values.get("routes")
     if located is None:
         return []
     problems = []
-    destinations = {d.name for d in values.get("destinations", ())}
+    if destinations is None:
+        destinations = {d.name for d in values.get("destinations", ())}
     registered = _registered(values)
     for index, route in enumerate(located.value):
         where = f"{_display(located.file)}: routes[{index}]"
@@ -1192,9 +1201,14 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
                                        "translation needs a mappings: section")
     if values is not _INVALID:
         reader.problems.extend(_listener_problems(path, values))
-        reader.problems.extend(_route_problems(path, values))
+        # A destinations section with an error is reported where it is wrong; the routes and
+        # the eligibility check that name its destinations are not told they do not exist.
+        named = "destinations" in values or _value_node(node, "destinations") is None
+        reader.problems.extend(_route_problems(
+            path, values, None if named else _names_written(_value_node(node, "destinations"))))
         reader.problems.extend(_destination_problems(path, values))
-        reader.problems.extend(_prescription_problems(path, values))
+        if named:
+            reader.problems.extend(_prescription_problems(path, values))
         reader.problems.extend(_sender_mapping_problems(root, values))
         reader.problems.extend(_certificate_problems(values))
     if reader.problems:

@@ -146,6 +146,27 @@ routes: conf/routes.yaml
     assert "'oru' is not a message type pattern" in problems
 
 
+def test_a_destination_with_an_error_is_not_also_reported_as_missing(conf):
+    """A destination whose url is wrong (here: an unset ${VARIABLE}) is reported once; the
+    routes and the eligibility check that name it are not told it does not exist (a name
+    written nowhere still is)."""
+    (conf / "routes.yaml").write_text("routes:\n  - name: a\n    to: [record, cnss]\n"
+                                      "  - name: b\n    to: [recrod]\n")
+    (conf / "gateway.yaml").write_text(BASE + """\
+destinations:
+  - {name: record, kind: fhir-record, url: "${SHARED_RECORD_URL}"}
+  - {name: cnss, kind: cnss, url: "https://127.0.0.1:9443/"}
+routes: conf/routes.yaml
+prescriptions: {eligibility: cnss}
+""")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(conf / "gateway.yaml"), {})
+    problems = caught.value.problems
+    assert len(problems) == 2, problems
+    assert "destinations[0].url: environment variable SHARED_RECORD_URL is not set" in problems[0]
+    assert "routes[1].to: 'recrod' is not a destination" in problems[1]  # still caught
+
+
 def test_retry_settings_that_do_not_fit_together_are_a_configuration_problem(conf):
     """A cap below the base is reported at load with its destination, not at the first retry."""
     (conf / "routes.yaml").write_text("routes:\n  - name: all\n    to: [record]\n")
