@@ -63,6 +63,7 @@ def run(config: GatewayConfig, sandbox: bool = False) -> int:
     if config.mappings is None:
         log.warn("no mappings configured: messages are stored and acknowledged, not translated")
     listeners = ", ".join([f"{l.name} {l.interface}:{l.port}{' (TLS)' if l.tls else ''}" for l in config.mllp]
+                          + [f"{l.name} {l.interface}:{l.port} (ASTM, {l.facility})" for l in config.astm]
                           + [f"{l.name} {l.interface}:{l.port} (HTTPS)" for l in config.https]
                           + [f"{l.name} {l.interface}:{l.port} (console{', TLS' if l.tls else ''})"
                              for l in config.admin])

@@ -32,6 +32,33 @@ def test_run_listens_then_stops_on_sigterm(project, gateway):
     assert project.database.exists()
 
 
+def test_run_names_its_astm_listeners_when_ready(project):
+    """The "ready" line lists every listener, the ASTM ones (with their laboratory) included."""
+    astm_port = free_port()
+    config = Path(project.config)
+    config.write_text(config.read_text("utf-8").replace("facilities: conf/facilities.yaml", (
+        f"  astm:\n    - {{name: astm-lab, port: {astm_port}, interface: 127.0.0.1, "
+        "facility: INPE-100002}\nfacilities: conf/facilities.yaml")), encoding="utf-8")
+    with open(project.root / "gateway.log", "wb") as log:
+        process = subprocess.Popen([GATEWAY, "run", "-c", project.config], cwd=project.root,
+                                   env=child_environment(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(astm_port, process)
+            deadline = time.monotonic() + 10
+            while " ready: " not in (project.root / "gateway.log").read_text("utf-8"):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert stop(process) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+    [ready] = [line for line in (project.root / "gateway.log").read_text("utf-8").splitlines()
+               if " ready: " in line]
+    assert f"mllp-plain 127.0.0.1:{project.port}" in ready
+    assert f"astm-lab 127.0.0.1:{astm_port} (ASTM, INPE-100002)" in ready
+
+
 def test_send_prints_msa_of_a_stored_message(project, gateway):
     """`gateway send` prints FILE#1: CA <control id> for the benchmark ORU and exits 0."""
     path = write_file(project, "oru.hl7", hl7msgs.message("oru", 3).encode("utf-8"))
