@@ -52,9 +52,21 @@ def run(config: GatewayConfig, sandbox: bool = False) -> int:
     except Exception as error:  # a port in use, an unreadable certificate, an unreachable
         # database, a broken mapping set (MappingErrors lists every problem)
         print(f"gateway: cannot start: {error}", file=sys.stderr)
-        _stop_started(service)
+        # What did start is stopped with the reactor running: the peers' and the stores'
+        # threads end through Deferreds that only a running reactor fires.
+        reactor.addSystemEventTrigger("before", "shutdown", _stop_started, service, reactor)
+        reactor.callWhenRunning(reactor.stop)
+        reactor.run()
         return 1
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    peers_failed = []
+    if peers is not None:
+        def peers_not_started(failure) -> None:  # a port in use, an unreadable store
+            peers_failed.append(failure)
+            print(f"gateway: cannot start the sandbox: {failure.getErrorMessage()}", file=sys.stderr)
+            reactor.callWhenRunning(reactor.stop)
+
+        peers.ready.addErrback(peers_not_started)
     pid_file = config.resolve(config.pid_file)
     write_pid_file(pid_file)
     reactor.addSystemEventTrigger("after", "shutdown", remove_pid_file, pid_file)
@@ -67,7 +79,8 @@ def run(config: GatewayConfig, sandbox: bool = False) -> int:
                           + [f"{l.name} {l.interface}:{l.port} (HTTPS)" for l in config.https]
                           + [f"{l.name} {l.interface}:{l.port} (console{', TLS' if l.tls else ''})"
                              for l in config.admin])
-    log.info("gateway {node} ready: {listeners}", node=config.node_name, listeners=listeners)
+    if not peers_failed:
+        log.info("gateway {node} ready: {listeners}", node=config.node_name, listeners=listeners)
     # What start-up built (the mapping set's generated code, the FHIR and HL7 definitions)
     # lives as long as the process: keep it out of the garbage collector's full passes, which
     # otherwise walk it again and again under load (measured: about a tenth of the CPU).
@@ -75,7 +88,7 @@ def run(config: GatewayConfig, sandbox: bool = False) -> int:
     gc.freeze()
     pace_collector()
     reactor.run()
-    return 0
+    return 1 if peers_failed else 0
 
 
 # Young objects the collector looks at once this many more were allocated than freed (Python's
@@ -133,14 +146,29 @@ def _sandbox_service(config: GatewayConfig, reactor):
     return SandboxService(config, reactor)
 
 
-def _stop_started(service) -> None:
-    """Stop the children that did start (their threads would keep the process alive)."""
-    for child in reversed(list(service)):
-        if child.running:
-            try:
-                child.stopService()
-            except Exception:  # already failing; the first error was reported
-                pass
+def _stop_started(service, reactor):
+    """Stop the children that did start (their threads would keep the process alive), all at
+    once, since the tree is incomplete (a MultiService's children are stopped here rather than
+    by its own stopService, which would also stop those that never started); a Deferred, given
+    up after STOP_TIMEOUT seconds."""
+    from twisted.application.service import MultiService, Service
+    from twisted.internet import defer
+
+    def stopping(node):
+        for child in reversed(list(node)):
+            if not child.running:
+                continue
+            if isinstance(child, MultiService):
+                yield from stopping(child)
+                Service.stopService(child)
+            else:  # an error here is logged by the DeferredList; the first one was reported
+                yield defer.maybeDeferred(child.stopService)
+
+    done = defer.DeferredList(list(stopping(service)), consumeErrors=True)
+    return done.addTimeout(STOP_TIMEOUT, reactor).addErrback(lambda _: None)
+
+
+STOP_TIMEOUT = 10
 
 
 def write_pid_file(path: str) -> None:

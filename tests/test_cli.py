@@ -59,6 +59,52 @@ def test_run_names_its_astm_listeners_when_ready(project):
     assert f"astm-lab 127.0.0.1:{astm_port} (ASTM, INPE-100002)" in ready
 
 
+def _run_sandbox_holding(project, dev_pki, held: str) -> tuple[int, str, dict]:
+    """`gateway run --sandbox` while another socket holds the port named `held` (mllp or
+    record); its exit code (or a failure if it does not exit) and output."""
+    import shutil
+
+    shutil.copytree(dev_pki, project.root / "certs" / "dev")  # the peers' certificates
+    ports = {"mllp": project.port, "record": free_port(), "cnss": free_port()}
+    config = Path(project.config)
+    config.write_text(config.read_text("utf-8") + textwrap.dedent(f"""\
+        sandbox:
+          record: {{port: {ports['record']}, store: var/sandbox/record.sqlite}}
+          cnss: {{port: {ports['cnss']}, store: var/sandbox/cnss.sqlite}}
+        """), encoding="utf-8")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", ports[held]))
+        holder.listen()
+        process = subprocess.Popen([GATEWAY, "run", "--sandbox", "-c", project.config],
+                                   cwd=project.root, env=child_environment(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            output, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+            raise AssertionError("gateway run --sandbox did not exit:\n" + output.decode()[-2000:])
+    return process.returncode, output.decode(), ports
+
+
+def test_run_with_sandbox_exits_when_its_port_is_taken(project, dev_pki):
+    """`gateway run --sandbox` (`make run`) whose MLLP port another process holds says so and
+    exits 1, rather than hanging after the message with its threads alive (and deaf to
+    SIGTERM, since the reactor never ran)."""
+    code, output, ports = _run_sandbox_holding(project, dev_pki, "mllp")
+    assert code == 1
+    assert f"gateway: cannot start: Couldn't listen on 127.0.0.1:{ports['mllp']}" in output
+
+
+def test_run_with_sandbox_exits_when_a_peer_port_is_taken(project, dev_pki):
+    """A sandbox peer that cannot listen (`make run` while another sandbox runs) stops the
+    start with its reason, rather than a gateway "ready" whose deliveries find no peer."""
+    code, output, ports = _run_sandbox_holding(project, dev_pki, "record")
+    assert code == 1
+    assert f"gateway: cannot start the sandbox: Couldn't listen on 127.0.0.1:{ports['record']}" in output
+    assert " ready: " not in output
+
+
 def test_send_prints_msa_of_a_stored_message(project, gateway):
     """`gateway send` prints FILE#1: CA <control id> for the benchmark ORU and exits 0."""
     path = write_file(project, "oru.hl7", hl7msgs.message("oru", 3).encode("utf-8"))

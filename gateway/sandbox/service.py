@@ -30,8 +30,14 @@ class SandboxService(Service):
         return server_tls_options(os.path.join(directory, f"{party}.crt"),
                                   os.path.join(directory, f"{party}.key"), self.config.pki.ca)
 
-    @defer.inlineCallbacks
     def startService(self):
+        """A Deferred (also kept as `ready`): it fails when a peer cannot listen. A parent
+        MultiService drops it, so `gateway run --sandbox` watches `ready`."""
+        self.ready = self._start()
+        return self.ready
+
+    @defer.inlineCallbacks
+    def _start(self):
         from gateway.sandbox.cnss import CnssPeer, listen_cnss_peer
         from gateway.sandbox.record import RecordPeer, listen_record_peer
 
