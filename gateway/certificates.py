@@ -67,4 +67,5 @@ class CertificateSightings:
 
     def _failed(self, failure, key) -> None:
         self._written.pop(key, None)  # try again at the next connection
-        log.warning("certificate sighting not stored: %s", failure.getErrorMessage())
+        log.log(self._database.availability.level(failure, logging.WARNING), "certificate sighting not stored: %s",
+                failure.getErrorMessage())

@@ -267,7 +267,8 @@ class OutboxGauges:
         self._reading = None
 
     def _failed(self, failure) -> None:
-        log.warning("outbox figures not read: %s", failure.getErrorMessage())
+        log.log(self._database.availability.level(failure, logging.WARNING), "outbox figures not read: %s",
+                failure.getErrorMessage())
         self._reading = None
 
     def describe(self):

@@ -244,7 +244,8 @@ class AuditExportService(Service):
 
     def _try_claim(self) -> defer.Deferred:
         return self._run(self._claim_lock).addCallback(self._claimed).addErrback(
-            lambda failure: log.error("audit export: lease on %s: %s", self.collector, failure.value))
+            lambda failure: log.log(self.database.availability.level(failure),
+                                    "audit export: lease on %s: %s", self.collector, failure.value))
 
     def _claim_lock(self):
         key = int.from_bytes(hashlib.sha256(f"audit-export {self.collector}".encode()).digest()[:8],
@@ -395,14 +396,15 @@ class AuditExportService(Service):
                 self.reactor.callLater(self.settle, self._confirm, protocol, seq)
             return
         self._run(self._mark, seq).addErrback(
-            lambda failure: log.error("audit export: last_seq not saved: %s", failure.value))
+            lambda failure: log.log(self.database.availability.level(failure), "audit export: last_seq not saved: %s",
+                                    failure.value))
 
     def _mark(self, seq: int) -> None:
         with write_transaction(self.trail.engine) as conn:
             mark_sent(conn, self.collector, seq)
 
     def _read_failed(self, failure) -> None:
-        log.error("audit export: reading the trail failed: %s", failure.value)
+        log.log(self.database.availability.level(failure), "audit export: reading the trail failed: %s", failure.value)
         self._schedule(self.poll_interval)
 
     def _read_done(self, _):

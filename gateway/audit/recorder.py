@@ -136,7 +136,8 @@ class AuditRecorder(Service):
             # Keep them for the next tick, in order; the transaction rolled back.
             self._queue.extendleft(reversed(taken))
             self._unrecorded_loss += lost
-            log.error("audit append of %d event(s) failed: %s", len(taken), failure.value)
+            log.log(self.database.availability.level(failure), "audit append of %d event(s) failed: %s", len(taken),
+                    failure.value)
             return 0
 
         return self._appending.addCallbacks(done, failed)

@@ -193,7 +193,7 @@ class DeliveryService(Service):
 
     def _claim_failed(self, failure) -> None:
         self._claiming = False
-        log.error("delivery: claiming from the outbox failed: %s", failure.getErrorMessage())
+        log.log(self.database.availability.level(failure), "delivery: claiming from the outbox failed: %s", failure.getErrorMessage())
         self._sleep()
 
     def _sleep(self) -> None:
@@ -351,8 +351,8 @@ class DeliveryService(Service):
             if partly is not None:
                 self._told_dead(partly.dead)
             self._deaths.update((s.delivery_id, deaths[s.delivery_id]) for s in left if s.delivery_id in deaths)
-            log.error("delivery: recording %d attempts failed (tried again in %g s): %s", len(left),
-                      self.config.delivery.poll_interval, _error_text(error))
+            log.log(self.database.availability.level(error), "delivery: recording %d attempts failed (tried again in %g s): %s",
+                    len(left), self.config.delivery.poll_interval, _error_text(error))
             if plan:
                 self._claiming = False
                 self._sleep()

@@ -36,6 +36,7 @@ from gateway.ingest import telemetry
 from gateway.ingest.inspect import FieldView, FrameResult, Inspector
 from gateway.ingest.model import Inbound
 from gateway.prescriptions.codes import PrescriptionError
+from gateway.store.database import during_outage
 from gateway.store.ingest_writer import IngestJob, IngestWriter
 from gateway.store.translations import Pending, TranslationRecord
 
@@ -85,8 +86,11 @@ class IngestPipeline:
                     self._reply(reply, job, Answer(True, result.response(builder)))
                     self._translate(pending)
             else:
-                log.error("frame of %d bytes (sha256 %s) from %s not stored; answered AE/CE",
-                          len(payload), hashlib.sha256(payload).hexdigest()[:16], connection.peer)
+                # In an outage the database's own line tells it, once (and the metrics count
+                # each AE); a frame refused otherwise is told here.
+                log.log(logging.DEBUG if during_outage(error) else logging.ERROR,
+                        "frame of %d bytes (sha256 %s) from %s not stored; answered AE/CE",
+                        len(payload), hashlib.sha256(payload).hexdigest()[:16], connection.peer)
                 reply(Answer(False, self._not_stored(payload)))
                 telemetry.not_stored(self.events, payload, len(payload), connection.listener,
                                      connection.peer)

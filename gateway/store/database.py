@@ -7,8 +7,11 @@ be plain data (dataclasses, tuples), never SQLAlchemy objects. SQLite runs in WA
 """
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 import threading
+import time
 import weakref
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Callable, Iterator, TypeVar
@@ -17,12 +20,17 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DBAPIError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 WRITE = "gateway_write"  # execution option: this transaction writes (see _sqlite_begin)
 # SQLite engine -> the lock its writers take in this process around BEGIN IMMEDIATE ... COMMIT.
 _WRITE_LOCKS: "weakref.WeakKeyDictionary[Engine, threading.RLock]" = weakref.WeakKeyDictionary()
+
+# SQLite engine or PostgreSQL engine -> what this process knows of its outages (availability()).
+_AVAILABILITY: "weakref.WeakKeyDictionary[Engine, Availability]" = weakref.WeakKeyDictionary()
 
 _ALEMBIC_INI = os.path.join(os.path.dirname(__file__), "alembic.ini")
 # The advisory lock a node holds while it migrates (an arbitrary constant: "migrat" in ASCII).
@@ -131,6 +139,137 @@ def table_names(engine: Engine) -> list[str]:
     return inspect(engine).get_table_names()
 
 
+def unreachable(error: BaseException) -> bool:
+    """Whether `error` says the database cannot be used now (refused or lost connection, a
+    server shutting down, a lock or statement timeout, SQLite's "database is locked" or "read
+    only"), rather than that it refused this unit of work (a value, a key, a deadlock)."""
+    import psycopg
+
+    if isinstance(error, DBAPIError):
+        if error.connection_invalidated:
+            return True
+        error = error.orig
+    if getattr(error, "sqlstate", None) and error.sqlstate.startswith("40"):
+        return False  # a deadlock, a serialization failure: this transaction's, not the database's
+    if isinstance(error, sqlite3.OperationalError):
+        # SQLite says OperationalError for a missing table too: only these are the file's state.
+        return any(cue in str(error) for cue in _SQLITE_UNAVAILABLE)
+    return isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError))
+
+
+_SQLITE_UNAVAILABLE = ("locked", "busy", "readonly", "unable to open", "disk I/O", "disk is full")
+
+
+def during_outage(error) -> bool:
+    """Whether `error` (an exception or a Failure) was a failure of an outage that
+    `Availability` noted (and logs): the caller logs it at debug level only, so that an
+    outage is told in two lines rather than one per unit of work (thousands a minute)."""
+    return getattr(getattr(error, "value", error), "_gateway_outage", False)
+
+
+class Availability:
+    """Whether the database answers, as this process's units of work find it, so that the
+    log tells each outage once. The first failure that says it is unreachable (`unreachable`)
+    is logged at error level, with what the gateway does meanwhile; the others are counted
+    and logged at debug level (each marked, see `during_outage`); the first success after it
+    logs how long it lasted. Outages that come and go within `quiet` seconds of the last line
+    (connections killed one after another) are not told one by one: they are counted in the
+    next line, and one that lasts `announce_after` seconds is told then. Thread-safe;
+    `answered()` costs one attribute read while all is well."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, quiet: float = 30.0,
+                 announce_after: float = 2.0):
+        self._clock = clock
+        self._quiet = quiet
+        self._announce_after = announce_after
+        self._lock = threading.Lock()
+        self._since: float | None = None  # the outage's first failure, when one is under way
+        self._failures = 0
+        self._announced = False  # the outage under way was logged
+        self._told_at: float | None = None  # the last line logged
+        self._untold = 0  # brief outages over before they were logged, since the last line
+
+    @property
+    def down(self) -> bool:
+        return self._since is not None
+
+    def failed(self, error: BaseException) -> bool:
+        """Note a unit of work that failed with `error`; True when it is an outage's (logged
+        here), False for any other error (the caller's to log)."""
+        error = getattr(error, "value", error)  # a Failure's
+        if getattr(error, "_gateway_outage", False):
+            return True  # noted already (by the layer below)
+        if not unreachable(error):
+            return False
+        with self._lock:
+            now = self._clock()
+            if self._since is None:
+                self._since, self._failures, self._announced = now, 0, False
+            self._failures += 1
+            announce = not self._announced and (
+                self._told_at is None or now - self._told_at >= self._quiet
+                or now - self._since >= self._announce_after)
+            if announce:
+                self._announced, self._told_at = True, now
+                brief, self._untold = self._untold, 0
+        try:
+            error._gateway_outage = True
+        except AttributeError:  # an exception that takes no attributes: logged again, no harm
+            pass
+        if announce:
+            log.error("database unavailable: %s. Messages are answered AE/CE with ERR-5 "
+                      "STORE_UNAVAILABLE (nothing stored, send again) and /health/ready says not "
+                      "ready; translation, delivery and the audit retry on their own. Further "
+                      "failures are logged at debug level until it answers again%s",
+                      _first_line(error), f" ({brief} brief outage(s) before this one)" if brief else "")
+        else:
+            log.debug("database still unavailable: %s", _first_line(error))
+        return True
+
+    def level(self, error, otherwise: int = logging.ERROR) -> int:
+        """The level to log a unit of work that failed with `error` (or a Failure) at:
+        debug when it is an outage's (noted and logged here), else `otherwise`."""
+        return logging.DEBUG if self.failed(error) else otherwise
+
+    def answered(self) -> None:
+        """Note a unit of work that succeeded: the end of an outage, if one was under way."""
+        if self._since is None:
+            return
+        with self._lock:
+            if self._since is None:
+                return
+            now = self._clock()
+            lasted, failures, announced = now - self._since, self._failures, self._announced
+            self._since = None
+            tell = announced or now - self._told_at >= self._quiet
+            if tell:
+                self._told_at = now
+                brief, self._untold = self._untold + (0 if announced else 1), 0
+            else:
+                self._untold += 1
+        if not tell:
+            return
+        if announced:
+            log.warning("database available again after %.1f s (%d unit(s) of work failed "
+                        "meanwhile)", lasted, failures)
+        else:
+            log.warning("database connections lost and made again: %d brief outage(s) since the "
+                        "last report, each over within %g s", brief, self._announce_after)
+
+
+def availability(engine: Engine) -> Availability:
+    """The outage tracker of `engine` (one per engine, shared by every user of it)."""
+    found = _AVAILABILITY.get(engine)
+    if found is None:
+        found = _AVAILABILITY.setdefault(engine, Availability())
+    return found
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(getattr(error, "orig", None) or error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
 class Database:
     """The engine and the thread pool that runs database work off the reactor thread."""
 
@@ -139,6 +278,7 @@ class Database:
 
         self.engine = engine
         self.reactor = reactor
+        self.availability = availability(engine)
         self.pool = ThreadPool(minthreads=1, maxthreads=threads, name=name)
 
     def start(self) -> None:
@@ -163,12 +303,24 @@ class Database:
 
     def run_now(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """The same, in the calling thread (command line tools, tests, the pool itself)."""
-        with self.engine.begin() as connection:
-            return work(connection, *args, **kwargs)
+        try:
+            with self.engine.begin() as connection:
+                result = work(connection, *args, **kwargs)
+        except Exception as error:
+            self.availability.failed(error)
+            raise
+        self.availability.answered()
+        return result
 
     def run_write_now(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        with write_transaction(self.engine) as connection:
-            return work(connection, *args, **kwargs)
+        try:
+            with write_transaction(self.engine) as connection:
+                result = work(connection, *args, **kwargs)
+        except Exception as error:
+            self.availability.failed(error)
+            raise
+        self.availability.answered()
+        return result
 
 
 __all__ = ["Connection", "Database", "create_gateway_engine", "migrate", "table_names"]

@@ -32,7 +32,7 @@ from sqlalchemy import Engine
 from adapters.hl7v2.ack import ack_code_of
 from gateway.ingest.model import Inbound
 from gateway.ingest.telemetry import receipt
-from gateway.store.database import sqlite_write_lock, value_refused
+from gateway.store.database import availability, sqlite_write_lock, value_refused
 from gateway.store.schema import messages
 from gateway.store.texts import storable
 
@@ -40,6 +40,20 @@ if TYPE_CHECKING:
     from gateway.audit.trail import AuditTrail, PendingAppend
 
 log = logging.getLogger(__name__)
+
+
+class _QuietPipelineExit(logging.Filter):
+    """psycopg logs a warning when a pipeline cannot be closed while an error is on its way
+    out ("error ignored terminating <psycopg.Pipeline>: the connection is lost"): a round on a
+    connection the database dropped. The error itself reaches the writer, which reports it
+    (once per outage, gateway.store.database.Availability): the warning is only repetition."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("error ignored terminating")
+                    and "Pipeline" in record.getMessage())
+
+
+logging.getLogger("psycopg").addFilter(_QuietPipelineExit())
 
 _STOP = object()
 
@@ -92,6 +106,7 @@ class IngestWriter:
         self._refused = value_refused(engine)
         # SQLAlchemy's own conversion of the timestamp for this dialect (text on SQLite).
         self._timestamp = messages.c.received_at.type._cached_bind_processor(dialect) or (lambda v: v)
+        self.availability = availability(engine)
         self.commits = 0
         self.rows = 0
 
@@ -152,9 +167,13 @@ class IngestWriter:
             self._commit(connection, jobs)
             self.commits += 1
             self.rows += count
+            self.availability.answered()
             return connection, None
         except Exception as failure:  # the database is down or refused: nothing was stored
-            log.error("ingest commit of %d messages failed: %s", count, failure)
+            if self.availability.failed(failure):  # an outage: told once, there
+                log.debug("ingest commit of %d messages failed: %s", count, failure)
+            else:
+                log.error("ingest commit of %d messages failed: %s", count, failure)
             if connection is not None:
                 try:
                     _discard(connection)

@@ -62,7 +62,7 @@ from gateway.events import Event, EventBus
 from gateway.ingest.model import MessageStatus
 from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.source import MappingErrors
-from gateway.store.database import value_refused, write_transaction
+from gateway.store.database import availability, value_refused, write_transaction
 from gateway.store.translations import (Pending, TranslationRecord, claim_messages,
                                         oldest_untranslated, pending_messages, save_translations,
                                         stored_outcome)
@@ -122,6 +122,7 @@ class TranslationWorker:
                  events: EventBus | None = None, linger: float = LINGER, linger_batch: int = LINGER_BATCH,
                  stale_after: float = STALE_AFTER, audit: AuditTrail | None = None):
         self.engine = engine
+        self.availability = availability(engine)  # an outage is logged once, there
         self.audit = audit  # the translations' records go to it in the transaction storing them
         self.stale_after = stale_after
         self._stale_check_at = time.monotonic() + stale_after
@@ -270,7 +271,7 @@ class TranslationWorker:
         try:
             self._store(results, replay)
         except Exception as error:  # the database is down: the sweep retries later
-            log.error("storing %d translations failed: %s", len(results), error)
+            self._log_failure(error, "storing %d translations failed: %s", len(results), error)
             self.request_sweep()
             for job in jobs:
                 job.error = error
@@ -292,7 +293,7 @@ class TranslationWorker:
             with self.engine.connect() as connection:
                 oldest = oldest_untranslated(connection)
         except Exception as error:
-            log.error("looking for messages left untranslated failed: %s", error)
+            self._log_failure(error, "looking for messages left untranslated failed: %s", error)
             return
         cutoff = datetime.now(timezone.utc) - timedelta(seconds=self.stale_after)
         if oldest is not None and oldest < cutoff:
@@ -315,9 +316,14 @@ class TranslationWorker:
                      batch[0].message_id, batch[-1].message_id)
             return batch[-1].message_id
         except Exception as error:
-            log.error("sweep of untranslated messages failed: %s; retrying in %.0f s", error, IDLE_CHECK)
+            self._log_failure(error, "sweep of untranslated messages failed: %s; retrying in %.0f s",
+                              error, IDLE_CHECK)
             self._queue_wait(IDLE_CHECK)
             return after_id
+
+    def _log_failure(self, error: Exception, text: str, *args) -> None:
+        """A failure of the database, at error level unless an outage it belongs to was told."""
+        log.log(logging.DEBUG if self.availability.failed(error) else logging.ERROR, text, *args)
 
     def _queue_wait(self, seconds: float) -> None:
         """Sleep, but wake for a live job (put back for the main loop)."""
@@ -348,6 +354,7 @@ class TranslationWorker:
         before = _before_step(results, self.step)
         try:
             self._store_batch(results, replay)
+            self.availability.answered()
             return
         except self._refused as error:  # any other failure: the database is away, raised
             refused = error
