@@ -13,7 +13,8 @@ time (time.process_time: other work on a shared machine slows the wall clock, no
   replay     the same requests under the same Idempotency-Keys: the stored answers
   redeliver  the same requests under new keys: conditional updates that change nothing
 
-Each figure is the best of `--rounds` rounds (a fresh store in a temporary directory each).
+Each figure is the best of `--rounds` rounds (a fresh store in a temporary directory each),
+with the garbage collector as `gateway sandbox` sets it (frozen after loading, paced).
 `--profile` prints a cProfile of one round (first + redeliver) by own time.
 
     .venv/bin/python bench/record_apply.py [--messages 1160] [--patients 200] [--rounds 5] [--profile]
@@ -120,8 +121,10 @@ def main() -> None:
     first = requests(texts, args.batch, "first")
     redeliver = requests(texts, args.batch, "again")
     entries = sum(body.count(b'"request":{"method"') for body, _ in first)
+    from gateway.runner import pace_collector
     gc.collect()
     gc.freeze()  # as the peer does once loaded (peer.py)
+    pace_collector()  # and the collector's pace of `gateway sandbox` (runner.py)
 
     best: dict[str, float] = {}
     for _ in range(args.rounds):
