@@ -190,13 +190,16 @@ class RecordStore:
         planned_identifiers: dict[tuple, set[str]] = {}  # earlier entries, for later conditions
         planned_ids: dict[str, set[str]] = {}
         claimed = {(entry.resource_type, entry.target_id) for entry in entries if entry.target_id}
+        # What earlier entries plan only matters to a later condition (the gateway's requests
+        # often have none: every entry by id).
+        conditional = any(entry.condition is not None for entry in entries)
         for entry in entries:
             resource_id, write = self._decide(entry, planned_identifiers, planned_ids, claimed)
             ids.append(resource_id)
             writes.append(write)
             rows = identifier_rows(entry.resource) if write else []
             identifiers.append(rows)
-            if write:
+            if write and conditional:
                 planned_ids.setdefault(entry.resource_type, set()).add(resource_id)
                 for system, value in rows:
                     for key in ((entry.resource_type, system, value), (entry.resource_type, None, value)):
@@ -225,18 +228,18 @@ class RecordStore:
                 continue
             entry.resource["id"] = resource_id
             content = _stored_form(entry, targets)
-            rows = (identifier_list, reference_rows(entry.resource, targets), code_rows(entry.resource))
             row = current.get(key)
             if row is None:
                 current[key] = [1, now, content]
                 created[key] = None
-                index[key] = rows
+                index[key] = _new_index_rows(entry.resource, identifier_list, targets)
                 answers.append(_entry_response(*key, "201 Created", 1, now))
             elif row[2] == content or json_codec.loads(row[2]) == json_codec.loads(content):
                 answers.append(_entry_response(*key, "200 OK", row[0], row[1]))
             else:
                 row[:] = [row[0] + 1, now, content]
-                index[key] = rows  # replaces the rows of an earlier entry of this transaction
+                # replaces the rows of an earlier entry of this transaction
+                index[key] = _new_index_rows(entry.resource, identifier_list, targets)
                 answers.append(_entry_response(*key, "200 OK", row[0], now))
         db = self._db
         if created:
@@ -329,6 +332,12 @@ def _stored_form(entry: PlannedEntry, targets: dict[str, str]) -> str:
 
 def _index_rows(resource: dict) -> tuple:
     return identifier_rows(resource), reference_rows(resource), code_rows(resource)
+
+
+def _new_index_rows(resource: dict, identifiers: list[tuple[str, str]], targets: dict[str, str]) -> tuple:
+    """The index rows of a resource being written, whose identifier rows are known already
+    (only for what is created or changed: a re-delivery that changes nothing builds none)."""
+    return identifiers, reference_rows(resource, targets), code_rows(resource)
 
 
 def key_reused() -> FhirError:
