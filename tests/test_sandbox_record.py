@@ -777,3 +777,35 @@ def test_older_store_layout_gets_its_indexes_rebuilt(tmp_path):
         assert total == 1
     finally:
         store.close()
+
+
+def test_urn_references_are_rewritten_wherever_they_are_and_only_there(tmp_path):
+    """Every `urn:uuid:` reference of a resource is rewritten, several in one resource, one
+    whose fullUrl needs escaping in JSON, one whose fullUrl carries non-ASCII text; text that
+    only looks like a reference (inside a string) is kept as sent. (The store rewrites them
+    on the resource's JSON text, not on its tree.)"""
+    from gateway.sandbox.record.api import RecordApi
+    from gateway.sandbox.record.store import RecordStore
+
+    store = RecordStore(str(tmp_path / "record.sqlite"))
+    try:
+        api = RecordApi(store, validate=False)
+        lookalike = '"reference":"urn:uuid:p-1"'
+        report = {"resourceType": "DiagnosticReport", "status": "final", "code": {"text": lookalike},
+                  "subject": {"reference": "urn:uuid:p-1"},
+                  "result": [{"reference": 'urn:uuid:o"1\\'}, {"reference": "urn:uuid:ö-2"},
+                             {"reference": "Observation/already"}]}
+        reply = api.transaction(json.dumps(transaction(
+            entry(patient(), "PUT", "Patient/pat-1", "urn:uuid:p-1"),
+            entry(observation("urn:uuid:p-1"), "PUT", "Observation/obs-1", 'urn:uuid:o"1\\'),
+            entry(observation("urn:uuid:p-1"), "PUT", "Observation/obs-2", "urn:uuid:ö-2"),
+            entry(report, "PUT", "DiagnosticReport/dr-1", "urn:uuid:dr-1"))).encode())
+        assert reply.status == 200, reply.body
+        stored = store.read("DiagnosticReport", "dr-1")
+        assert stored["subject"] == {"reference": "Patient/pat-1"}
+        assert stored["result"] == [{"reference": "Observation/obs-1"}, {"reference": "Observation/obs-2"},
+                                    {"reference": "Observation/already"}]
+        assert stored["code"] == {"text": lookalike}
+        assert store.read("Observation", "obs-1")["subject"] == {"reference": "Patient/pat-1"}
+    finally:
+        store.close()

@@ -21,7 +21,6 @@ Blocking code: the peer calls it from its own single database thread (peer.py).
 """
 from __future__ import annotations
 
-import re
 import sqlite3
 import uuid
 from dataclasses import dataclass
@@ -67,9 +66,8 @@ _DELETE_INDEX = {
 }
 _INDEX_TABLES = ("identifier_index", "reference_index", "code_index")  # in IndexRows order
 _IN_CHUNK = 500  # ids per `IN (...)`: far below SQLite's limit on parameters
-# A reference in compact JSON text (see _dumps). Inside a JSON string the quotes would be
-# escaped, so this cannot match text that merely looks like a reference.
-_URN_REFERENCE = re.compile(r'"reference":"(urn:uuid:[^"\\]*)"')
+# The start of a urn:uuid reference in compact JSON text (see _dumps). Inside a JSON string
+# the quotes would be escaped, so this cannot match text that merely looks like a reference.
 _URN_REFERENCE_START = '"reference":"urn:uuid:'
 
 
@@ -312,22 +310,21 @@ def _stored_form(entry: PlannedEntry, targets: dict[str, str]) -> str:
     content = _dumps(resource)
     if URN_UUID not in content:
         return content
-    missing = []
-
-    def resolve(found: re.Match) -> str:
-        target = targets.get(found.group(1))
-        if target is None:
-            missing.append(found.group(1))
-            return found.group(0)
-        return f'"reference":"{target}"'
-
-    content = _URN_REFERENCE.sub(resolve, content)
-    if missing or _URN_REFERENCE_START in content:
-        # An unresolved reference (or one the text pass could not read): walk the tree, which
-        # locates the culprit for the OperationOutcome, or rewrites what the regex missed.
-        rewrite_references(resource, targets, entry.where + ".resource")
-        content = _dumps(resource)
-    return content
+    # Split at each reference's opening (str.split, not a regex: a third of the time): each
+    # piece after the first starts with the rest of a urn:uuid, up to its closing quote.
+    pieces = content.split(_URN_REFERENCE_START)
+    rewritten = [pieces[0]]
+    for piece in pieces[1:]:
+        urn, quote, rest = piece.partition('"')
+        target = targets.get(URN_UUID + urn)
+        if target is None or not quote or "\\" in urn:
+            # An unresolved reference (or one the text pass cannot read: an escape in it):
+            # walk the tree, which locates the culprit for the OperationOutcome, or rewrites
+            # what the text pass could not.
+            rewrite_references(resource, targets, entry.where + ".resource")
+            return _dumps(resource)
+        rewritten.append(f'"reference":"{target}"{rest}')
+    return "".join(rewritten)
 
 
 def _index_rows(resource: dict) -> tuple:
