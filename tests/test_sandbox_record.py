@@ -341,15 +341,49 @@ def test_put_by_id_mismatch_and_unsupported_methods_are_400(client):
 
 @pytest_twisted.inlineCallbacks
 def test_repeated_idempotency_key_gets_the_stored_answer_and_keeps_one_copy(client, running):
-    """Re-posting with the same key and body returns the first response and changes no row."""
+    """Re-posting with the same key and body returns the first response and changes no row;
+    the same JSON spaced otherwise is another body (the key names the bytes sent)."""
     bundle = transaction(conditional_patient(),
                          entry(observation("urn:uuid:p-1"), "PUT", "Observation/obs-1", "urn:uuid:o"))
     first = yield client.post(bundle, key="msg-1|record")
     rows = running.count(), running.count("identifier_index"), running.count("reference_index")
-    again = yield client.post(json.dumps(bundle, indent=2).encode(), key="msg-1|record")
+    again = yield client.post(bundle, key="msg-1|record")
     assert again.code == 200 and again.body == first.body
     assert (running.count(), running.count("identifier_index"), running.count("reference_index")) == rows
     assert running.count("idempotency_keys") == 1
+    reformatted = yield client.post(json.dumps(bundle, indent=2).encode(), key="msg-1|record")
+    assert reformatted.code == 422 and "Idempotency-Key" in issue(reformatted)["diagnostics"]
+    assert (running.count(), running.count("identifier_index"), running.count("reference_index")) == rows
+
+
+def test_keys_stored_with_a_digest_of_canonical_json_still_compare_so(tmp_path):
+    """A key an older version stored (the digest of the request's JSON with sorted keys, no
+    prefix) is replayed for the same JSON however spaced, refused for other JSON."""
+    import hashlib
+
+    from gateway.sandbox.record.api import RecordApi
+    from gateway.sandbox.record.store import RecordStore
+
+    path = str(tmp_path / "record.sqlite")
+    bundle = transaction(conditional_patient())
+    store = RecordStore(path)
+    try:
+        first = RecordApi(store).transaction(json.dumps(bundle).encode(), "old-key")
+        assert first.status == 200
+    finally:
+        store.close()
+    canonical = hashlib.sha256(json.dumps(bundle, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE idempotency_keys SET body_sha256 = ? WHERE key = 'old-key'", (canonical,))
+    store = RecordStore(path)
+    try:
+        api = RecordApi(store)
+        again = api.transaction(json.dumps(bundle, indent=2).encode(), "old-key")
+        assert (again.status, again.replayed, again.body) == (200, True, first.body)
+        other = api.transaction(json.dumps(transaction(conditional_patient("OTHER"))).encode(), "old-key")
+        assert other.status == 422 and store.count() == 1
+    finally:
+        store.close()
 
 
 @pytest_twisted.inlineCallbacks
