@@ -147,6 +147,21 @@ def test_a_spouse_is_sent_as_beneficiary_of_the_subscriber():
                                      "prenom": "Leila", "dateNaissance": date(1980, 4, 2)}
 
 
+
+@pytest.mark.parametrize("handed_over, day", [
+    ("2026-01-15T23:30:00Z", date(2026, 1, 16)),  # 00:30 on the 16th in Casablanca (UTC+1)
+    ("2026-01-16T01:30:00+03:00", date(2026, 1, 15)),  # 23:30 on the 15th in Casablanca
+    ("2026-01-15T23:30:00+01:00", date(2026, 1, 15)),
+    ("2026-01-15T23:30:00", date(2026, 1, 15)),  # no offset: the sender's own day
+    ("2026-03-01T23:30:00Z", date(2026, 3, 1)),  # Ramadan: Morocco is on UTC+0
+    ("2026-01-15", date(2026, 1, 15)),
+])
+def test_the_day_of_care_is_the_day_in_casablanca(handed_over, day):
+    """A time with an offset falls on its day in Africa/Casablanca, as AMO rights are checked
+    (the prescription flow's eligibility query): not on the day written in another zone."""
+    bundle = _edit(RDS, "MedicationDispense", lambda d: d.update(whenHandedOver=handed_over))
+    assert care_sheet_from_bundle(bundle)["dateSoins"] == day
+
 def _edit(name: str, resource_type: str, change) -> dict:
     bundle = golden(name)
     for entry in bundle["entry"]:

@@ -48,9 +48,10 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from urllib.parse import urlparse
+from zoneinfo import ZoneInfo
 
 import zeep
 import zeep.exceptions
@@ -79,6 +80,7 @@ CONTENT_TYPE = "text/xml; charset=utf-8"
 CENT = Decimal("0.01")
 REASON_LIMIT = 200
 TRANSIENT_STATUSES = {408, 429, 503}
+CNSS_ZONE = ZoneInfo("Africa/Casablanca")
 
 
 class CareSheetError(Exception):
@@ -352,12 +354,20 @@ def _one(values: set, what: str) -> str | None:
 
 
 def _day(value) -> date | None:
+    """The day of a FHIR date or dateTime in Casablanca, where AMO rights are counted (the
+    prescription flow checks eligibility on that day): 23:30Z on the 15th is the 16th there.
+    Without an offset, the day as the sender wrote it."""
     if not isinstance(value, str) or len(value) < 10:
         return None
     try:
-        return date.fromisoformat(value[:10])  # the date as the sender wrote it, in its zone
+        day = date.fromisoformat(value[:10])
     except ValueError:
         return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return day
+    return moment.astimezone(CNSS_ZONE).date() if moment.tzinfo is not None else day
 
 
 def _amount(money: dict | None, what: str) -> Decimal | None:
