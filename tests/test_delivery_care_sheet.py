@@ -201,6 +201,18 @@ REFUSALS = {
     "act without NGAP code": (lambda: _edit(DFT, "ChargeItem", lambda c: c["code"]["coding"][0]
                                             .update(system="urn:oid:local")), "no NGAP"),
     "act without price": (lambda: _edit(DFT, "ChargeItem", lambda c: c.pop("priceOverride")), "has no price"),
+    # Decimal NaN, infinities and numbers past the context's precision used to escape as
+    # decimal.InvalidOperation instead of a reason.
+    "act price NaN": (lambda: _edit(DFT, "ChargeItem", lambda c: c["priceOverride"].update(value="NaN")),
+                      "ChargeItem 1 price is not a finite number"),
+    "unit price Infinity": (lambda: _edit(CSV, "MedicationDispense", lambda d: d["extension"][0]["valueMoney"]
+                                          .update(value="Infinity")), "unit price is not a finite number"),
+    "act price 1E+30": (lambda: _edit(DFT, "ChargeItem", lambda c: c["priceOverride"].update(value="1E+30")),
+                        "ChargeItem 1 price has more than 10 digits before the decimal point"),
+    "quantity NaN": (lambda: _edit(RDS, "MedicationDispense", lambda d: d["quantity"].update(value="NaN")),
+                     "MedicationDispense 1 quantity is not a finite number"),
+    "quantity 1E+30": (lambda: _edit(CSV, "MedicationDispense", lambda d: d["quantity"].update(value=1e30)),
+                       "MedicationDispense 1 quantity is more than 100000"),
     "covered as a parent": (lambda: _coverage(golden(CSV), "parent"), "AMO care sheets cover"),
     "dispense without date": (lambda: _edit(RDS, "MedicationDispense", lambda d: d.pop("whenHandedOver")),
                               "no date of care"),

@@ -78,6 +78,8 @@ RELATIONSHIPS = {"self": "ASSURE", "spouse": "CONJOINT", "common": "CONJOINT", "
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
 CONTENT_TYPE = "text/xml; charset=utf-8"
 CENT = Decimal("0.01")
+AMOUNT_INTEGER_DIGITS = 10  # fse:Montant: 12 digits in all, 2 after the point
+MAX_QUANTITY = 100000  # fse:Quantite
 REASON_LIMIT = 200
 TRANSIENT_STATUSES = {408, 429, 503}
 CNSS_ZONE = ZoneInfo("Africa/Casablanca")
@@ -370,16 +372,26 @@ def _day(value) -> date | None:
     return moment.astimezone(CNSS_ZONE).date() if moment.tzinfo is not None else day
 
 
+def _number(value, what: str) -> Decimal:
+    """`value` as a finite Decimal: NaN and infinities would fail every comparison."""
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation:
+        raise CareSheetError(f"{what} is not a number") from None
+    if not number.is_finite():
+        raise CareSheetError(f"{what} is not a finite number")
+    return number
+
+
 def _amount(money: dict | None, what: str) -> Decimal | None:
     if not isinstance(money, dict) or money.get("value") is None:
         return None
     currency = money.get("currency") or "MAD"
     if currency != "MAD":
         raise CareSheetError(f"{what} is in {currency}: CNSS takes MAD only")
-    try:
-        value = Decimal(str(money["value"]))
-    except InvalidOperation:
-        raise CareSheetError(f"{what} is not a number") from None
+    value = _number(money["value"], what)
+    if value.adjusted() >= AMOUNT_INTEGER_DIGITS:  # before quantize, which fails past the precision
+        raise CareSheetError(f"{what} has more than {AMOUNT_INTEGER_DIGITS} digits before the decimal point")
     if value < 0 or value != value.quantize(CENT):
         raise CareSheetError(f"{what} is negative or has more than 2 decimals")
     return value.quantize(CENT)
@@ -391,12 +403,11 @@ def _quantity(quantity: dict | None, what: str, default: Decimal | None = None) 
         if default is None:
             raise CareSheetError(f"{what} has no quantity")
         return default
-    try:
-        number = Decimal(str(value))
-    except InvalidOperation:
-        raise CareSheetError(f"{what} quantity is not a number") from None
+    number = _number(value, f"{what} quantity")
     if number <= 0:
         raise CareSheetError(f"{what} quantity is not positive")
+    if number > MAX_QUANTITY:
+        raise CareSheetError(f"{what} quantity is more than {MAX_QUANTITY}, the contract's maximum")
     return number.normalize() if number == number.to_integral_value() else number
 
 
