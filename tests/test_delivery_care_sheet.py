@@ -148,6 +148,39 @@ def test_a_spouse_is_sent_as_beneficiary_of_the_subscriber():
 
 
 
+
+def _dependant(family, given) -> dict:
+    """The CSV bundle for a spouse whose name is `family`, `given` (None: left out)."""
+    bundle = _coverage(golden("legacy/pharmacy-dispense-rabat.json"), "spouse")
+    patient = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+    name = {k: v for k, v in (("family", family), ("given", given)) if v is not None}
+    patient.update(name=[name])
+    return bundle
+
+
+@pytest.mark.parametrize("family, given, nom, prenom", [
+    ("EL ALAOUI", ["Fatima", "Zahra"], "EL ALAOUI", "Fatima Zahra"),  # XPN-2 and XPN-3: both given names
+    ("العلوي", ["فاطمة الزهراء"], "العلوي", "فاطمة الزهراء"),
+    ("   ", [" ", "Leïla"], None, "Leïla"),  # blank parts are missing parts, not names
+    (" D'Aubigné & Fils <x> ", [None, "Zoé"], "D'Aubigné & Fils <x>", "Zoé"),
+    ("", [], None, None),
+])
+def test_a_dependants_names_are_sent_whole(family, given, nom, prenom):
+    """Every given name (first and further), trimmed; blank parts left out; never 'None'."""
+    beneficiary = care_sheet_from_bundle(_dependant(family, given))["beneficiaire"]
+    assert (beneficiary.get("nom"), beneficiary.get("prenom")) == (nom, prenom)
+
+
+@pytest.mark.parametrize("family, given, words", [
+    ("B" * 101, ["Leila"], "Patient.name.family is longer than 100 characters"),
+    ("ALAOUI", ["L" * 60, "Z" * 40], "Patient.name.given is longer than 100 characters"),
+])
+def test_a_name_longer_than_the_contract_is_refused_not_cut(family, given, words):
+    """fse:Nom holds 100 characters: a longer name is refused, never sent cut short."""
+    with pytest.raises(CareSheetError, match=words) as error:
+        care_sheet_from_bundle(_dependant(family, given))
+    assert "BBBB" not in error.value.reason and "LLLL" not in error.value.reason
+
 @pytest.mark.parametrize("handed_over, day", [
     ("2026-01-15T23:30:00Z", date(2026, 1, 16)),  # 00:30 on the 16th in Casablanca (UTC+1)
     ("2026-01-16T01:30:00+03:00", date(2026, 1, 15)),  # 23:30 on the 15th in Casablanca

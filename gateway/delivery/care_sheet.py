@@ -80,6 +80,7 @@ CONTENT_TYPE = "text/xml; charset=utf-8"
 CENT = Decimal("0.01")
 AMOUNT_INTEGER_DIGITS = 10  # fse:Montant: 12 digits in all, 2 after the point
 MAX_QUANTITY = 100000  # fse:Quantite
+NAME_LIMIT = 100  # fse:Nom
 REASON_LIMIT = 200
 TRANSIENT_STATUSES = {408, 429, 503}
 CNSS_ZONE = ZoneInfo("Africa/Casablanca")
@@ -568,13 +569,25 @@ def _insured_and_beneficiary(bundle: _Bundle, patient: dict) -> tuple[dict, dict
     if own_cnie:
         beneficiary["cnie"] = own_cnie
     name = next(iter(patient.get("name") or ()), {}) or {}
-    if name.get("family"):
-        beneficiary["nom"] = str(name["family"])[:100]
-    if name.get("given"):
-        beneficiary["prenom"] = str(name["given"][0])[:100]
+    family = _name_part([name.get("family")], "Patient.name.family")
+    if family:
+        beneficiary["nom"] = family
+    given = _name_part(name.get("given") or (), "Patient.name.given")
+    if given:
+        beneficiary["prenom"] = given
     if _day(patient.get("birthDate")):
         beneficiary["dateNaissance"] = _day(patient["birthDate"])
     return {"immatriculation": subscriber}, beneficiary
+
+
+def _name_part(parts, where: str) -> str | None:
+    """The non-blank `parts` of a name, trimmed and joined (every given name: XPN-2 and
+    XPN-3), or None; refused past fse:Nom's 100 characters rather than cut short."""
+    text = " ".join(str(part).strip() for part in parts if isinstance(part, str) and part.strip())
+    if len(text) > NAME_LIMIT:
+        raise CareSheetError(f"the patient's {where} is longer than {NAME_LIMIT} characters, "
+                             "the CNSS maximum: it would be sent cut short")
+    return text or None
 
 
 def care_sheet_from_bundle(bundle: dict) -> dict | None:
