@@ -181,6 +181,22 @@ def test_a_name_longer_than_the_contract_is_refused_not_cut(family, given, words
         care_sheet_from_bundle(_dependant(family, given))
     assert "BBBB" not in error.value.reason and "LLLL" not in error.value.reason
 
+
+@pytest.mark.parametrize("where, make", [
+    ("lignes/ligne[1]/libelle", lambda text: _edit(CSV, "MedicationDispense", lambda d: d[
+        "medicationCodeableConcept"]["coding"][0].update(display=text))),
+    ("beneficiaire/nom", lambda text: _dependant(text, ["Leila"])),
+    ("beneficiaire/prenom", lambda text: _dependant("ALAOUI", [text])),
+])
+@pytest.mark.parametrize("text", ["BENALI\x01", "BENALI\x00", "BENALI\ud800", "BENALI\ufffe", "BENALI\x1b[0m"])
+def test_characters_xml_cannot_carry_are_refused_naming_the_field(where, make, text):
+    """Control characters, U+FFFE and lone surrogates cannot be in XML: the refusal names the
+    element (lxml's and the codec's own messages named none), never the value."""
+    with pytest.raises(CareSheetError) as error:
+        care_sheet_request(make(text), url="https://127.0.0.1:9443/", idempotency_key=KEY)
+    assert f"{where} has a character XML cannot carry" in error.value.reason
+    assert "BENALI" not in error.value.reason
+
 @pytest.mark.parametrize("handed_over, day", [
     ("2026-01-15T23:30:00Z", date(2026, 1, 16)),  # 00:30 on the 16th in Casablanca (UTC+1)
     ("2026-01-16T01:30:00+03:00", date(2026, 1, 15)),  # 23:30 on the 15th in Casablanca

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
@@ -139,6 +140,10 @@ def _schema() -> etree.XMLSchema:
 
 def _envelope(operation: str, **fields) -> bytes:
     """The SOAP envelope of `operation` built by zeep, checked against the XSD, as bytes."""
+    where = _not_xml_text(fields)
+    if where is not None:
+        raise CareSheetError(f"{operation}: {where} has a character XML cannot carry "
+                             "(a control character, U+FFFE/U+FFFF or a lone surrogate)")
     client = cnss_client()
     try:
         envelope = client.create_message(client.service, operation, **fields)
@@ -152,6 +157,28 @@ def _envelope(operation: str, **fields) -> bytes:
         rule = error.type_name.replace("SCHEMAV_", "").lower()
         raise CareSheetError(f"{operation}: {path or 'request'} does not match the CNSS schema ({rule})")
     return etree.tostring(envelope, xml_declaration=True, encoding="utf-8")
+
+
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _not_xml_text(value, path: str = "") -> str | None:
+    """The path (XSD element names, lines numbered from 1) of the first string in `value`
+    that XML 1.0 cannot carry, or None. lxml refuses them without naming the element."""
+    if isinstance(value, str):
+        return (path or "request") if _NOT_XML.search(value) else None
+    if isinstance(value, dict):
+        for name, child in value.items():
+            if isinstance(child, list):
+                for n, item in enumerate(child, 1):
+                    found = _not_xml_text(item, f"{path}{name}[{n}]/")
+                    if found:
+                        return found.rstrip("/")
+            else:
+                found = _not_xml_text(child, f"{path}{name}/")
+                if found:
+                    return found.rstrip("/")
+    return None
 
 
 def _first_line(text: str) -> str:
