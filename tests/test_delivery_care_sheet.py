@@ -197,6 +197,25 @@ def test_characters_xml_cannot_carry_are_refused_naming_the_field(where, make, t
     assert f"{where} has a character XML cannot carry" in error.value.reason
     assert "BENALI" not in error.value.reason
 
+
+@pytest.mark.parametrize("display, text, label", [
+    ("   ", "DOLIPRANE 1000", "DOLIPRANE 1000"),
+    ("\t", None, "6118001230068"),
+    ("", "  ", "6118001230068"),
+    ("  DOLIPRANE\n 1000 ", None, "DOLIPRANE 1000"),
+])
+def test_a_blank_display_falls_back_to_the_text_or_the_code(display, text, label):
+    """A blank display is no label (it made an empty libelle, refused by the schema): the
+    concept's text, else the code, as when there is no display at all."""
+    def change(dispense):
+        concept = dispense["medicationCodeableConcept"]
+        concept["coding"][0]["display"] = display
+        concept.pop("text", None)
+        if text is not None:
+            concept["text"] = text
+    sheet = care_sheet_from_bundle(_edit(RDS, "MedicationDispense", change))
+    assert sheet["lignes"]["ligne"][0]["libelle"] == label
+
 @pytest.mark.parametrize("handed_over, day", [
     ("2026-01-15T23:30:00Z", date(2026, 1, 16)),  # 00:30 on the 16th in Casablanca (UTC+1)
     ("2026-01-16T01:30:00+03:00", date(2026, 1, 15)),  # 23:30 on the 15th in Casablanca

@@ -440,8 +440,13 @@ def _quantity(quantity: dict | None, what: str, default: Decimal | None = None) 
 
 
 def _label(concept: dict, coding: dict) -> str:
-    label = coding.get("display") or concept.get("text") or coding.get("code") or ""
-    return " ".join(str(label).split())[:200]
+    """The first non-blank of display, text and code, whitespace collapsed (a blank display
+    would make an empty libelle)."""
+    for value in (coding.get("display"), concept.get("text"), coding.get("code")):
+        label = " ".join(str(value).split()) if isinstance(value, (str, int)) else ""
+        if label:
+            return label[:200]
+    return ""
 
 
 def _charge_item_line(bundle: _Bundle, item: dict, n: int, people: dict) -> _Line:
