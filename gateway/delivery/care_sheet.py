@@ -41,7 +41,14 @@ Where the fields come from (identifier systems of DESIGN.md section 4):
   unit-price extension of a dispense (CSV). A dispense without a price is sent without one
   (the contract lets CNSS value a drug at its regulated price), and so is an act performed
   against an e-prescription (valued at the national reference tariff); any other act without
-  one is refused.
+  one is refused;
+- a dependant's names: the first HumanName's family and every given name, trimmed, blank parts
+  left out; the label (libelle): display, else the concept's text, else the code, cut at 200;
+- the day of care (dateSoins): the earliest item's, on its day in Africa/Casablanca.
+
+Values are sent as they are or refused, never cut or guessed: a name past 100 characters, an
+amount that is not a finite number of MAD with 2 decimals at most, a character XML cannot carry
+(the reason names the element), and anything else the XSD refuses (checked before sending).
 """
 from __future__ import annotations
 
