@@ -38,7 +38,12 @@ log = logging.getLogger(__name__)
 # Each partitioned table and the time column it is partitioned on.
 TIME_COLUMNS = {"message_payloads": "received_at", "canonical_bundles": "received_at",
                 "patient_identifiers": "received_at", "audit_log": "recorded_at"}
-LOCK_TIMEOUT = "5s"  # how long DDL waits for a lock before giving up until the next run
+# How long DDL waits for a lock before giving up (retention tries a DROP again a little later,
+# partitions ahead are tried again by the next run). Short: while it waits, every writer of
+# the table queues behind it, so a reader holding the table for minutes (an audit verify, an
+# export) would stall ingest for as long as this (measured in test_retention_load: 5 s with
+# "5s").
+LOCK_TIMEOUT = "300ms"
 
 
 @dataclass(frozen=True, order=True)

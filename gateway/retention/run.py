@@ -6,8 +6,10 @@ PostgreSQL: expiry is by whole months. Everything recorded before the first day 
 month of `now - days` goes: the monthly partitions that end by then are dropped, and rows of
 those months that sit in the DEFAULT partition are deleted in batches. One node runs at a time
 (a session advisory lock; another node skips and says so). A DROP waits at most LOCK_TIMEOUT
-for its lock (it needs ACCESS EXCLUSIVE on the parent, and a waiting request holds up every
-writer behind it), then retries, then leaves the month for the next run.
+(300 ms) for its lock (it needs ACCESS EXCLUSIVE on the parent, and a waiting request holds up
+every writer behind it), then retries a few seconds later, for about half a minute, then
+leaves the month for the next run. (DETACH ... CONCURRENTLY, which would not need that lock,
+is refused by PostgreSQL on a table with a DEFAULT partition.)
 
 SQLite: rows older than `now - days` are deleted `batch_size` at a time, each batch its own
 short write transaction so that ingest keeps going, then the freed pages are given back to the
@@ -47,8 +49,11 @@ KINDS = {"raw_payloads": "message_payloads", "canonical": "canonical_bundles", "
 # identifiers of the bundles (the console's patient search) go with the bundles.
 COMPANIONS = {"canonical": ("patient_identifiers",)}
 RUN_LOCK = 0x72_65_74_65_6E_74  # the advisory lock of a run ("retent" in ASCII)
-DROP_TRIES = 3  # attempts at a DROP whose lock is not granted, DROP_PAUSE seconds apart
-DROP_PAUSE = 2.0
+# Attempts at a DROP whose lock is not granted, DROP_PAUSE seconds apart: each waits only
+# LOCK_TIMEOUT (ingest queues behind it meanwhile), so it is tried often, for about half a
+# minute, before its month is left for the next run.
+DROP_TRIES = 10
+DROP_PAUSE = 3.0
 VACUUM_STEP = 1024  # pages given back to the file per incremental_vacuum (4 MiB of 4 KiB pages)
 
 
