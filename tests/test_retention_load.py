@@ -43,6 +43,7 @@ CONNECTIONS = 4
 BASELINE_SECONDS = 4.0
 READER_SECONDS = 8.0  # the long reader's transaction
 ROWS_PER_MONTH = 400
+BULK_AUDIT = 2_000_000  # audit records of an expired month in the DEFAULT partition
 FIRST_ID = 900_000_000  # the seeded messages' ids, far above the gateway's own
 
 
@@ -59,10 +60,12 @@ def oru(tag: str) -> bytes:
     return text_.encode("utf-8")
 
 
-def seed(pg_url: str, now: datetime) -> dict:
+def seed(pg_url: str, now: datetime, bulk_audit: int = 0) -> dict:
     """Messages, payloads, bundles, identifiers and audit records of past months: three months
     long expired with partitions of their own, one expired month in the DEFAULT partition, one
-    month within the retention in the DEFAULT partition and one with its partition."""
+    month within the retention in the DEFAULT partition and one with its partition. With
+    `bulk_audit`, as many more audit records in the expired month of the DEFAULT partition (as a
+    store upgraded through migration 0008, or whose months were not created in time, has)."""
     before = Month.of(now - timedelta(days=DAYS)).start
     expired_parted = [month_start(now, back) for back in (9, 8, 7)]
     expired_default = month_start(now, 6)
@@ -92,11 +95,28 @@ def seed(pg_url: str, now: datetime) -> dict:
                           "SELECT id, received_at, 'urn:ma:cnie', 'SEED' || id FROM messages "
                           "WHERE id > :first"), {"first": FIRST_ID})
     trail = AuditTrail(engine, "seed")
-    for start in range(0, len(instants), 500):
-        trail.append([AuditEvent("message.received", "HIS", subject=f"message/{FIRST_ID + n + 1}",
-                                 at=at) for n, at in enumerate(instants[start:start + 500], start)])
+    expired = [at for at in instants if at < before]
+    for part in (expired, instants[len(expired):]):
+        if part is not expired and bulk_audit:  # after the expired records, before the kept ones
+            _bulk_audit(engine, bulk_audit, expired_default + timedelta(days=5))
+        for start in range(0, len(part), 500):
+            trail.append([AuditEvent("message.received", "HIS", subject="message/seed", at=at)
+                          for at in part[start:start + 500]])
     engine.dispose()
     return {"before": before, "kept": 2 * ROWS_PER_MONTH, "expired": 4 * ROWS_PER_MONTH}
+
+
+def _bulk_audit(engine, count: int, start: datetime) -> None:
+    """`count` records after the head, a second apart from `start`. Their hashes are not those
+    of their content (hashing them all would take minutes): they expire, and what stays chains
+    after the last of them (retention's anchor names its hash)."""
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO audit_log (seq, recorded_at, node, action, actor, outcome, subject, detail, "
+            "prev_hash, hash) SELECT h.seq + n, CAST(:start AS timestamptz) + n * interval '1 second', "
+            "'seed', 'message.received', 'HIS', 'success', 'message/0', '{}', md5(n::text) || md5(n::text), "
+            "md5((n + 1)::text) || md5((n + 1)::text) FROM generate_series(1, :count) AS n, "
+            "(SELECT max(seq) AS seq FROM audit_log) AS h"), {"start": start, "count": count})
 
 
 def write_config(root, pg_url: str, port: int, dev_pki: str, record_url: str) -> str:
@@ -130,7 +150,7 @@ def write_config(root, pg_url: str, port: int, dev_pki: str, record_url: str) ->
         routes: conf/routes.yaml
         delivery: {{lease: 6, poll_interval: 0.1}}
         retention: {{raw_payloads: {DAYS}, canonical: {DAYS}, audit: {DAYS}, run_at: "03:00",
-                     batch_size: 100}}
+                     batch_size: 1000}}
         """), encoding="utf-8")
     return str(path)
 
@@ -219,9 +239,20 @@ def counts(pg_url: str, before: datetime) -> dict:
 
 
 @pytest_twisted.inlineCallbacks
-def test_retention_under_load_does_not_stall_ingest(pg_url, dev_pki, peers, tmp_path):
+def test_retention_behind_a_long_reader_does_not_stall_ingest(pg_url, dev_pki, peers, tmp_path):
+    yield scenario(pg_url, dev_pki, peers, tmp_path, reader_seconds=READER_SECONDS)
+
+
+@pytest_twisted.inlineCallbacks
+def test_expiring_many_audit_records_of_the_default_partition_does_not_stall_ingest(
+        pg_url, dev_pki, peers, tmp_path):
+    yield scenario(pg_url, dev_pki, peers, tmp_path, bulk_audit=BULK_AUDIT)
+
+
+@pytest_twisted.inlineCallbacks
+def scenario(pg_url, dev_pki, peers, tmp_path, reader_seconds: float = 0, bulk_audit: int = 0):
     now = datetime.now(timezone.utc)
-    seeded = yield threads.deferToThread(seed, pg_url, now)
+    seeded = yield threads.deferToThread(seed, pg_url, now, bulk_audit)
     port = free_port()
     config = write_config(tmp_path, pg_url, port, dev_pki, peers.url("record"))
     process = yield threads.deferToThread(start_gateway, config, tmp_path, port, "gateway.log")
@@ -230,14 +261,17 @@ def test_retention_under_load_does_not_stall_ingest(pg_url, dev_pki, peers, tmp_
         load.start()
         yield threads.deferToThread(time.sleep, BASELINE_SECONDS)
         baseline = load.longest(time.monotonic() - BASELINE_SECONDS + 1, time.monotonic())
-        holding = threading.Event()
-        reader = threading.Thread(target=long_reader, args=(pg_url, READER_SECONDS, holding))
-        reader.start()
-        holding.wait(10)
+        reader = None
+        if reader_seconds:
+            holding = threading.Event()
+            reader = threading.Thread(target=long_reader, args=(pg_url, reader_seconds, holding))
+            reader.start()
+            holding.wait(10)
         started = time.monotonic()
         report = yield threads.deferToThread(retention_run, config, tmp_path)
         ended = time.monotonic()
-        reader.join(30)
+        if reader is not None:
+            reader.join(30)
         yield threads.deferToThread(time.sleep, 1.0)
         load.finish()
         during = load.longest(started, ended)
@@ -246,9 +280,10 @@ def test_retention_under_load_does_not_stall_ingest(pg_url, dev_pki, peers, tmp_
         print(json.dumps(report))
         assert not load.errors, load.errors[:3]
         assert report["skipped"] is None
+        assert all(not kind["left"] for kind in report["kinds"]), report
         # Nothing that was kept went, everything expired went and stays gone.
         found = yield threads.deferToThread(counts, pg_url, seeded["before"])
-        for table in ("message_payloads", "canonical_bundles", "patient_identifiers"):
+        for table in ("message_payloads", "canonical_bundles", "patient_identifiers", "audit_log"):
             assert found[table][0] == 0, (table, found[table])
             recent = len(load.acked) if table == "message_payloads" else 0  # the others: once translated
             assert found[table][1] >= seeded["kept"] + recent, (table, found[table])

@@ -363,3 +363,21 @@ def test_a_stop_ends_the_batches_early_and_the_next_run_goes_on(tmp_path):
     run_retention(engine, config, NOW)
     assert count(engine, message_payloads) == 0
     engine.dispose()
+
+
+def test_a_stopped_audit_expiry_on_postgresql_leaves_a_verifiable_trail(pg_engine):
+    # Many records of February in the DEFAULT partition, January's in its partition: a run
+    # stopped after its first batch leaves the trail starting inside the announced range.
+    prepare_partitions(pg_engine)
+    trail = AuditTrail(pg_engine, "node-1")
+    february = [utc(2026, 1, 20)] + [utc(2026, 2, 1) + timedelta(minutes=i) for i in range(9)]
+    audit_records(trail, february + TIMES[3:])
+    stop = threading.Event()
+    stop.set()
+    first = {k.kind: k for k in run_retention(pg_engine, CONFIG, NOW, trail, stop).kinds}["audit"]
+    assert first.partitions == ("audit_log_2026_01",) and first.through_seq == 10
+    assert 0 < count(pg_engine, audit_log, audit_log.c.seq <= 10) < 9  # a batch of two went
+    assert trail.verify().intact
+    run_retention(pg_engine, CONFIG, NOW, trail)
+    assert count(pg_engine, audit_log, audit_log.c.seq <= 10) == 0
+    assert trail.verify().intact

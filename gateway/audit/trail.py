@@ -13,16 +13,17 @@ records 1..N and nothing after N. That is what retention does; it accounts for t
 with a `retention.expired` record appended to the chain (see `expiry_anchor`), and `verify`
 accepts a trail that starts after 1 only when such a record vouches for its start.
 
-Retention's part, in one write transaction (`gateway.store.database.write_transaction`):
+Retention's part: the anchor in a short write transaction (`gateway.store.database.write_transaction`;
+it holds the chain's lock, which every append waits for, so nothing slow goes in it):
 
     bound = trail.expiry_bound(conn, before)       # (N, hash of record N), or None
     if bound:
         trail.append_in(conn, [expiry_anchor(*bound, kind="audit", rows=...)])
-        ... remove the records with seq <= N (drop the months before `before`, or delete) ...
 
-On SQLite, batched deletes may span transactions: delete in seq order from the lowest, so
-that an interrupted run leaves a trail that still starts inside the announced range (verify
-accepts it, checking that record N, while it remains, still has the announced hash).
+then the records with seq <= N removed in seq order from the lowest (batched deletes, and on
+PostgreSQL the months before `before` dropped in turn), so that an interrupted run leaves a
+trail that still starts inside the announced range (verify accepts it, checking that record
+N, while it remains, still has the announced hash).
 """
 from __future__ import annotations
 
