@@ -352,6 +352,35 @@ def test_the_same_dispensation_under_two_control_ids_at_once_is_a_duplicate_not_
 
 
 @pytest.mark.pg
+def test_a_copy_recorded_between_the_two_looks_is_a_duplicate_not_an_aa(pg_url, tmp_path, repo_mappings):
+    """The flow looks for a dispensation's key twice (first to name a duplicate, then before
+    writing). A copy of it under another control id that commits between the two looks (two
+    nodes at once, no row to lock on a paper prescription) made the second an AA that recorded
+    nothing; it is the duplicate refusal, as it would have been a moment later."""
+    from sqlalchemy import event
+
+    harness = standard_harness(pg_url, tmp_path, repo_mappings)
+    copies = []
+
+    def meanwhile(conn, cursor, statement, parameters, context, executemany):
+        if not copies and "WHERE dispensations.dedup_key =" in statement:  # the first look
+            copies.append(None)  # once: the copy's own statements come through here too
+            [record] = harness.translate(rds("PAP-FIRST", None, paper=True, dispensation="P-9"))
+            copies[0] = record.status
+
+    try:
+        event.listen(harness.engine, "after_cursor_execute", meanwhile)
+        [second] = harness.translate(rds("PAP-SECOND", None, paper=True, dispensation="P-9"))
+        assert copies == ["translated"]
+        msa, location, code, reason = refusal(second)
+        assert (msa, location, code) == ("AE", "ORC^1^3", "DISPENSATION_DUPLICATE")
+        assert count(harness, "SELECT count(*) FROM dispensations") == 1
+    finally:
+        event.remove(harness.engine, "after_cursor_execute", meanwhile)
+        harness.close()
+
+
+@pytest.mark.pg
 def test_a_look_up_shows_one_moment_even_when_a_dispensation_commits_during_it(pg_url, tmp_path, repo_mappings):
     """A look-up (GET /v1/prescriptions/{id}) reads the prescription and its lines without a
     lock. A dispensation that completes the prescription and commits between those reads

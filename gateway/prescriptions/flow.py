@@ -121,6 +121,14 @@ class _Prepared:
     eligibility: dict[EligibilityQuery, EligibilityAnswer]
 
 
+def _duplicate(index: int, existing: "store.Dispensation", hl7: bool) -> Refusal:
+    """The refusal of a dispensation (its ORC-3 / identifier) already recorded by another message."""
+    return Refusal(PrescriptionError.DISPENSATION_DUPLICATE,
+                   f"dispensation {index} was already recorded (message #{existing.message_id})",
+                   rules.location(hl7, "ORC", "MedicationDispense", index, 3, "identifier"),
+                   ErrorCondition.DUPLICATE_KEY_IDENTIFIER)
+
+
 class PrescriptionFlow:
     def __init__(self, config: GatewayConfig, key: qr.SigningKey,
                  registry: "FacilityRegistry | RegistryRef", builder: AckBuilder | None = None,
@@ -442,10 +450,7 @@ class PrescriptionFlow:
             keys[item.index] = f"{facility.id}|{reference}|{item.index}"[:255]
             existing = store.dispensation_by_key(connection, keys[item.index])
             if existing is not None and existing.message_id != message_id:
-                raise Refusal(PrescriptionError.DISPENSATION_DUPLICATE,
-                              f"dispensation {item.index} was already recorded (message #{existing.message_id})",
-                              rules.location(hl7, "ORC", "MedicationDispense", item.index, 3, "identifier"),
-                              ErrorCondition.DUPLICATE_KEY_IDENTIFIER)
+                raise _duplicate(item.index, existing, hl7)
         for item in draft.items:
             line = self._line_for(prescription, item, taken, hl7) if prescription is not None else None
             number = line.line if line is not None else None
@@ -454,7 +459,12 @@ class PrescriptionFlow:
             dispensation_id = (f"{prescription_id}.{number}.{digest[:12]}" if prescription_id
                                else f"PAPIER.{digest[:16]}")
             recorded[item.index] = (dispensation_id, number)
-            if store.dispensation_by_key(connection, dedup_key) is None:
+            existing = store.dispensation_by_key(connection, dedup_key)
+            if existing is not None and existing.message_id != message_id:
+                # Recorded meanwhile by another node's copy of it (committed since the look
+                # above): a duplicate, as it would have been found then, not an AA of nothing.
+                raise _duplicate(item.index, existing, hl7)
+            if existing is None:
                 writes.append((item.index, dict(
                     dispensation_id=dispensation_id, prescription_id=prescription_id, line=number,
                     paper=item.paper, dispensing_facility=facility.id, message_id=message_id,
@@ -481,10 +491,7 @@ class PrescriptionFlow:
             existing = store.dispensation_by_key(connection, write["dedup_key"])
             if existing is None:
                 raise
-            raise Refusal(PrescriptionError.DISPENSATION_DUPLICATE,
-                          f"dispensation {index} was already recorded (message #{existing.message_id})",
-                          rules.location(hl7, "ORC", "MedicationDispense", index, 3, "identifier"),
-                          ErrorCondition.DUPLICATE_KEY_IDENTIFIER) from None
+            raise _duplicate(index, existing, hl7) from None
         savepoint.commit()
 
     # -- acts performed ----------------------------------------------------------------------
