@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 
@@ -63,3 +64,45 @@ def listening_port(service):
 
     service._waitingForPort.addBoth(tell)
     return port
+
+
+def write_record_node_config(conf, name: str, pg_url: str, mllp_port: int, dev_pki: str, record_url: str,
+                             *, admin_port: int | None = None, more: str = "") -> str:
+    """A node's configuration in the folder `conf` (made): on `pg_url`, a plain MLLP listener,
+    the repository's mappings, every message with a Patient routed to the shared record at
+    `record_url` with short timeouts and leases; `admin_port`: an admin listener too; `more`:
+    top-level YAML lines appended. Its gateway.yaml's path."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    conf.mkdir(parents=True)
+    (conf / "facilities.yaml").write_text("facilities: []\n", encoding="utf-8")
+    (conf / "routes.yaml").write_text(textwrap.dedent("""\
+        routes:
+          - name: clinical
+            when: {resources: [Patient]}
+            to: [shared-record]
+        """), encoding="utf-8")
+    admin = (f"\n  admin:\n    - {{name: admin, port: {admin_port}, interface: 127.0.0.1}}"
+             if admin_port is not None else "")
+    path = conf / "gateway.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        node: {{name: {name}}}
+        log_level: info
+        database: {{url: "{pg_url}"}}
+        pki: {{ca: {dev_pki}/ca.crt, cert: {dev_pki}/gateway.crt, key: {dev_pki}/gateway.key}}
+        listeners:
+          mllp:
+            - {{name: mllp-plain, port: {mllp_port}, interface: 127.0.0.1, accept_unknown_senders: true}}""")
+                    + admin + textwrap.dedent(f"""
+        facilities: conf/facilities.yaml
+        mappings: {{directory: {root}/mappings}}
+        destinations:
+          - name: shared-record
+            kind: fhir-record
+            url: {record_url}
+            connect_timeout: 1
+            response_timeout: 4
+            retry: {{base: 0.2, cap: 1}}
+        routes: conf/routes.yaml
+        delivery: {{lease: 6, poll_interval: 0.1}}
+        """) + textwrap.dedent(more), encoding="utf-8")
+    return str(path)

@@ -34,7 +34,7 @@ from twisted.internet.task import deferLater
 import hl7msgs
 from adapters.mllp.client import MllpClient, describe
 from delivery_support import until
-from process_support import child_environment, free_port, start_gateway
+from process_support import child_environment, free_port, start_gateway, write_record_node_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -45,44 +45,6 @@ def oru(number: int, control_id: str) -> bytes:
     """The benchmark's ORU^R01 with its own control id and patient (PID-3)."""
     text = hl7msgs.TEMPLATES["oru"].replace(hl7msgs.CID, control_id)
     return text.replace("4500987654", f"66{number:08d}").encode("utf-8")
-
-
-def write_config(root, pg_url: str, dev_pki: str, mllp: int, admin: int, record_url: str,
-                 collector: int) -> str:
-    conf = root / "conf"
-    conf.mkdir(parents=True)
-    (conf / "facilities.yaml").write_text("facilities: []\n", encoding="utf-8")
-    (conf / "routes.yaml").write_text(textwrap.dedent("""\
-        routes:
-          - name: clinical
-            when: {resources: [Patient]}
-            to: [shared-record]
-        """), encoding="utf-8")
-    path = conf / "gateway.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        node: {{name: outage-node}}
-        log_level: info
-        database: {{url: "{pg_url}"}}
-        pki: {{ca: {dev_pki}/ca.crt, cert: {dev_pki}/gateway.crt, key: {dev_pki}/gateway.key}}
-        listeners:
-          mllp:
-            - {{name: mllp-plain, port: {mllp}, interface: 127.0.0.1, accept_unknown_senders: true}}
-          admin:
-            - {{name: admin, port: {admin}, interface: 127.0.0.1}}
-        facilities: conf/facilities.yaml
-        mappings: {{directory: {ROOT}/mappings}}
-        destinations:
-          - name: shared-record
-            kind: fhir-record
-            url: {record_url}
-            connect_timeout: 1
-            response_timeout: 4
-            retry: {{base: 0.2, cap: 1}}
-        routes: conf/routes.yaml
-        delivery: {{lease: 6, poll_interval: 0.1}}
-        audit: {{export: {{host: 127.0.0.1, port: {collector}, source_id: MA-HIE-TEST}}}}
-        """), encoding="utf-8")
-    return str(path)
 
 
 @dataclass
@@ -188,7 +150,9 @@ def test_a_database_outage_under_load_is_refused_precisely_and_everything_resume
 
     collector = Collector(dev_pki)
     mllp, admin = free_port(), free_port()
-    config = write_config(tmp_path, pg_url, dev_pki, mllp, admin, peers.url("record"), collector.port)
+    config = write_record_node_config(tmp_path / "conf", "outage-node", pg_url, mllp, dev_pki, peers.url("record"),
+                                      admin_port=admin,
+                                      more=f"audit: {{export: {{host: 127.0.0.1, port: {collector.port}, source_id: MA-HIE-TEST}}}}\n")
     process = yield threads.deferToThread(start_gateway, config, tmp_path, mllp, "gateway.log")
     outage = Outage(pg_url)
     stop = threading.Event()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import textwrap
 
 import pytest
 import pytest_twisted
@@ -15,9 +14,8 @@ from twisted.internet import threads
 import hl7msgs
 from adapters.mllp.client import MllpClient, describe
 from delivery_support import until
-from process_support import free_port, start_gateway
+from process_support import free_port, start_gateway, write_record_node_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATIENTS = 24  # one ORU each, 12 through each node
 pytestmark = pytest.mark.slow
 
@@ -26,40 +24,6 @@ def oru(i: int) -> bytes:
     """The benchmark's ORU^R01 for patient number i (its own PID-3 and control id)."""
     text = hl7msgs.message("oru", i).replace("4500987654", f"77{i:08d}")
     return text.encode("utf-8")
-
-
-def write_node_config(root, name: str, pg_url: str, port: int, dev_pki: str, record_url: str) -> str:
-    conf = root / name / "conf"
-    conf.mkdir(parents=True)
-    (conf / "facilities.yaml").write_text("facilities: []\n", encoding="utf-8")
-    (conf / "routes.yaml").write_text(textwrap.dedent("""\
-        routes:
-          - name: clinical
-            when: {resources: [Patient]}
-            to: [shared-record]
-        """), encoding="utf-8")
-    path = conf / "gateway.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        node: {{name: {name}}}
-        log_level: info
-        database: {{url: "{pg_url}"}}
-        pki: {{ca: {dev_pki}/ca.crt, cert: {dev_pki}/gateway.crt, key: {dev_pki}/gateway.key}}
-        listeners:
-          mllp:
-            - {{name: mllp-plain, port: {port}, interface: 127.0.0.1, accept_unknown_senders: true}}
-        facilities: conf/facilities.yaml
-        mappings: {{directory: {ROOT}/mappings}}
-        destinations:
-          - name: shared-record
-            kind: fhir-record
-            url: {record_url}
-            connect_timeout: 1
-            response_timeout: 4
-            retry: {{base: 0.2, cap: 1}}
-        routes: conf/routes.yaml
-        delivery: {{lease: 6, poll_interval: 0.1}}
-        """), encoding="utf-8")
-    return str(path)
 
 
 def send_all(port: int, numbers) -> None:
@@ -74,7 +38,7 @@ def test_two_nodes_one_killed_every_message_delivered_exactly_once(pg_url, dev_p
     nodes = {}
     for name in ("node-a", "node-b"):
         port = free_port()
-        config = write_node_config(tmp_path, name, pg_url, port, dev_pki, peers.url("record"))
+        config = write_record_node_config(tmp_path / name / "conf", name, pg_url, port, dev_pki, peers.url("record"))
         process = yield threads.deferToThread(start_gateway, config, tmp_path / name, port, "gateway.log")
         nodes[name] = (config, port, process)
     try:

@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -33,9 +32,8 @@ from gateway.audit.chain import AuditEvent
 from gateway.audit.trail import AuditTrail
 from gateway.retention.partitions import Month, ensure_partitions, partitions_of
 from gateway.store.database import create_gateway_engine, migrate
-from process_support import child_environment, free_port, start_gateway
+from process_support import child_environment, free_port, start_gateway, write_record_node_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 DAYS = 120  # every kind
@@ -121,42 +119,6 @@ def _bulk_audit(engine, count: int, start: datetime) -> None:
             "'seed', 'message.received', 'HIS', 'success', 'message/0', '{}', md5(n::text) || md5(n::text), "
             "md5((n + 1)::text) || md5((n + 1)::text) FROM generate_series(1, :count) AS n, "
             "(SELECT max(seq) AS seq FROM audit_log) AS h"), {"start": start, "count": count})
-
-
-def write_config(root, pg_url: str, port: int, dev_pki: str, record_url: str) -> str:
-    conf = root / "conf"
-    conf.mkdir(parents=True)
-    (conf / "facilities.yaml").write_text("facilities: []\n", encoding="utf-8")
-    (conf / "routes.yaml").write_text(textwrap.dedent("""\
-        routes:
-          - name: clinical
-            when: {resources: [Patient]}
-            to: [shared-record]
-        """), encoding="utf-8")
-    path = conf / "gateway.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        node: {{name: node-load}}
-        log_level: info
-        database: {{url: "{pg_url}"}}
-        pki: {{ca: {dev_pki}/ca.crt, cert: {dev_pki}/gateway.crt, key: {dev_pki}/gateway.key}}
-        listeners:
-          mllp:
-            - {{name: mllp-plain, port: {port}, interface: 127.0.0.1, accept_unknown_senders: true}}
-        facilities: conf/facilities.yaml
-        mappings: {{directory: {ROOT}/mappings}}
-        destinations:
-          - name: shared-record
-            kind: fhir-record
-            url: {record_url}
-            connect_timeout: 1
-            response_timeout: 4
-            retry: {{base: 0.2, cap: 1}}
-        routes: conf/routes.yaml
-        delivery: {{lease: 6, poll_interval: 0.1}}
-        retention: {{raw_payloads: {DAYS}, canonical: {DAYS}, audit: {DAYS}, run_at: "03:00",
-                     batch_size: 1000}}
-        """), encoding="utf-8")
-    return str(path)
 
 
 class Load:
@@ -258,7 +220,9 @@ def scenario(pg_url, dev_pki, peers, tmp_path, reader_seconds: float = 0, bulk_a
     now = datetime.now(timezone.utc)
     seeded = yield threads.deferToThread(seed, pg_url, now, bulk_audit)
     port = free_port()
-    config = write_config(tmp_path, pg_url, port, dev_pki, peers.url("record"))
+    config = write_record_node_config(tmp_path / "conf", "node-load", pg_url, port, dev_pki, peers.url("record"),
+                                      more=f"retention: {{raw_payloads: {DAYS}, canonical: {DAYS}, audit: {DAYS}, "
+                                           f"run_at: '03:00', batch_size: 1000}}\n")
     process = yield threads.deferToThread(start_gateway, config, tmp_path, port, "gateway.log")
     load = Load(port)
     try:
