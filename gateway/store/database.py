@@ -303,18 +303,15 @@ class Database:
 
     def run_now(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """The same, in the calling thread (command line tools, tests, the pool itself)."""
-        try:
-            with self.engine.begin() as connection:
-                result = work(connection, *args, **kwargs)
-        except Exception as error:
-            self.availability.failed(error)
-            raise
-        self.availability.answered()
-        return result
+        return self._noted(self.engine.begin, work, *args, **kwargs)
 
     def run_write_now(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return self._noted(lambda: write_transaction(self.engine), work, *args, **kwargs)
+
+    def _noted(self, transaction, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`work` in `transaction()`, its failure or success noted by `availability`."""
         try:
-            with write_transaction(self.engine) as connection:
+            with transaction() as connection:
                 result = work(connection, *args, **kwargs)
         except Exception as error:
             self.availability.failed(error)
