@@ -403,6 +403,32 @@ class HeldTransport:
         return defer.succeed(None)
 
 
+def held_delivery(db_url, make_config, peers, batch_size: int, lease: float = 30):
+    """(engine, database, transport, config) for a DeliveryService test: the database migrated
+    and its pool started, a HeldTransport, and the peers' configuration with the shared record
+    batching `batch_size` deliveries under leases of `lease` seconds."""
+    engine = create_gateway_engine(db_url)
+    migrate(engine)
+    config = gateway_config(make_config, db_url, peers)
+    config = dataclasses.replace(config, destinations=(dataclasses.replace(config.destinations[0],
+                                                                           batch_size=batch_size),),
+                                 delivery=DeliveryConfig(lease=lease, poll_interval=0.05))
+    database = Database(engine, reactor, 2)
+    database.start()
+    return engine, database, HeldTransport(), config
+
+
+@defer.inlineCallbacks
+def stop_held_delivery(service, transport, database, engine):
+    """Answer what is still held (503), stop the service, then the database."""
+    for _, d in transport.requests:
+        if not d.called:
+            d.callback(HttpResponse(503, {}, b""))
+    yield service.stopService()
+    database.stop()
+    engine.dispose()
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_node_whose_lease_was_taken_over_does_not_record_a_dead_letter(db_url, make_config, peers):
     """Two deliveries out, one request each; meanwhile another node takes over the first one's
@@ -412,14 +438,7 @@ def test_a_node_whose_lease_was_taken_over_does_not_record_a_dead_letter(db_url,
     from gateway.audit.trail import AuditTrail
     from gateway.events import EventBus
 
-    engine = create_gateway_engine(db_url)
-    migrate(engine)
-    transport = HeldTransport()
-    config = gateway_config(make_config, db_url, peers)
-    config = dataclasses.replace(config, destinations=(dataclasses.replace(config.destinations[0], batch_size=1),),
-                                 delivery=DeliveryConfig(lease=30, poll_interval=0.05))
-    database = Database(engine, reactor, 2)
-    database.start()
+    engine, database, transport, config = held_delivery(db_url, make_config, peers, batch_size=1)
     trail, events = AuditTrail(engine, "node-t"), EventBus()
     told = []
     events.subscribe(told.append)
@@ -448,28 +467,19 @@ def test_a_node_whose_lease_was_taken_over_does_not_record_a_dead_letter(db_url,
         assert service.dead == 1
         assert trail.verify().intact
     finally:
-        yield service.stopService()
-        database.stop()
-        engine.dispose()
+        yield stop_held_delivery(service, transport, database, engine)
 
 
 @pytest_twisted.inlineCallbacks
 def test_a_restarted_node_takes_back_its_earlier_processs_leases_at_once(db_url, make_config, peers):
     """A node killed with deliveries claimed (a lease of ten minutes) starts again: what its
     name still holds is sent at once, not when the leases expire; another node's lease stays."""
-    engine = create_gateway_engine(db_url)
-    migrate(engine)
-    transport = HeldTransport()
-    config = gateway_config(make_config, db_url, peers)
-    config = dataclasses.replace(config, destinations=(dataclasses.replace(config.destinations[0], batch_size=1),),
-                                 delivery=DeliveryConfig(lease=600, poll_interval=0.05))
+    engine, database, transport, config = held_delivery(db_url, make_config, peers, batch_size=1, lease=600)
     mine, theirs = add(engine, "Patient/0", "Patient/1", destination="shared-record")
     now = datetime.now(timezone.utc)
     with engine.begin() as conn:
         for node in (config.node_name, "node-other"):
             assert len(outbox.claim_batches(conn, node, "shared-record", now, 600.0, requests=1)) == 1
-    database = Database(engine, reactor, 2)
-    database.start()
     service = DeliveryService(config, database, reactor, transport_factory=lambda destination: transport)
     service.startService()
     try:
@@ -480,9 +490,7 @@ def test_a_restarted_node_takes_back_its_earlier_processs_leases_at_once(db_url,
         assert [tuple(r) for r in found] == [(mine, "delivered", None), (theirs, "pending", "node-other")]
         assert len(transport.requests) == 1
     finally:
-        yield service.stopService()
-        database.stop()
-        engine.dispose()
+        yield stop_held_delivery(service, transport, database, engine)
 
 
 @pytest_twisted.inlineCallbacks
@@ -491,17 +499,10 @@ def test_while_a_request_is_in_flight_only_full_batches_go(db_url, make_config, 
     batch (batch_size 4) goes too, the other two wait, and go together once nothing is in
     flight any more: two fuller requests instead of several small ones. Each attempt's audit
     record is committed with its settlement."""
-    engine = create_gateway_engine(db_url)
-    migrate(engine)
+    engine, database, transport, config = held_delivery(db_url, make_config, peers, batch_size=4)
     bundle = json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [
         {"fullUrl": "urn:uuid:0f0f0f0f-0000-5000-8000-000000000001",
          "resource": {"resourceType": "Basic", "id": "0f0f0f0f-0000-5000-8000-000000000001"}}]})
-    transport = HeldTransport()
-    config = gateway_config(make_config, db_url, peers)
-    config = dataclasses.replace(config, destinations=(dataclasses.replace(config.destinations[0], batch_size=4),),
-                                 delivery=DeliveryConfig(lease=30, poll_interval=0.05))
-    database = Database(engine, reactor, 2)
-    database.start()
     from gateway.audit.trail import AuditTrail
 
     trail = AuditTrail(engine, "node-t")
@@ -535,11 +536,7 @@ def test_while_a_request_is_in_flight_only_full_batches_go(db_url, make_config, 
             ("delivery.attempted", "success", "shared-record")}
         assert trail.verify().intact
     finally:
-        for _, d in transport.requests:
-            if not d.called:
-                d.callback(HttpResponse(503, {}, b""))
-        yield service.stopService()
-        database.stop()
+        yield stop_held_delivery(service, transport, database, engine)
 
 
 def _later(seconds: float) -> defer.Deferred:
