@@ -12,25 +12,14 @@ import pytest
 import pytest_twisted
 
 from cli_support import cli, project, write_file  # noqa: F401 (fixtures)
-from doors_support import (HOSPITAL, LAB, Client, door_config, echo_json_route, fhir_bundle, rows, start_door,
-                           stop_door, with_listener)
-from gateway.mapping.mapping_set import MappingSet
+from doors_support import HOSPITAL, LAB, Client, fhir_bundle, rows
 from gateway.store.schema import messages, translations
+from test_doors_hostile import door  # noqa: F401 (fixture: a door with a 64 KiB limit)
 from test_sandbox_record import conditional_patient, entry, observation, start_peer, transaction
 
 FHIR = "application/fhir+json"
 BUNDLE = json.dumps(fhir_bundle())  # "resourceType": "Patient" is the first entry's resource
 PATIENT = '{"resourceType": "Patient",'
-
-
-@pytest.fixture
-def door(pki, tmp_path, repo_mappings, monkeypatch):
-    monkeypatch.setattr(MappingSet, "load", classmethod(lambda cls, directory: repo_mappings))
-    config = with_listener(door_config(pki, f"sqlite:///{tmp_path / 'gateway.sqlite'}"),
-                           max_request_size=64 * 1024)
-    running = pytest_twisted.blockon(start_door(config, pki, extra_routes=[echo_json_route()]))
-    yield running
-    pytest_twisted.blockon(stop_door(running))
 
 
 def _bundle(old: str, new: str) -> bytes:
