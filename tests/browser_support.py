@@ -9,7 +9,6 @@ tests need no reactor: they use Playwright's sync API in plain test functions.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from adapters.mllp.client import MllpClient, describe
-from process_support import child_environment, free_port, wait_for_port
+from process_support import child_environment, free_port, stop_processes, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("GATEWAY_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -102,13 +101,7 @@ def start_console_gateway(root: Path, dev_pki: str, db_url: str | None = None) -
 
 
 def stop_gateway(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_processes(process)
 
 
 def admission(control_id: str, patient_id: str) -> bytes:

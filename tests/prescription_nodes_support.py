@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import sqlite3
 import ssl
 import textwrap
@@ -16,7 +15,7 @@ import threading
 
 from gateway.pki import init_dev_pki
 from gateway.prescriptions import qr
-from process_support import free_port, start_gateway
+from process_support import free_port, start_gateway, stop_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,15 +85,7 @@ class Nodes:
         return HttpsClient(self.ports[node], self.pki, who)
 
     def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=20)
-            except Exception:
-                process.kill()
-                process.wait()
+        stop_processes(*self.processes)
 
 
 class HttpsClient:

@@ -3,6 +3,7 @@ waiting until a port listens, and starting `gateway run` with its output in a lo
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -106,3 +107,17 @@ def write_record_node_config(conf, name: str, pg_url: str, mllp_port: int, dev_p
         delivery: {{lease: 6, poll_interval: 0.1}}
         """) + textwrap.dedent(more), encoding="utf-8")
     return str(path)
+
+
+def stop_processes(*processes: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM to each process still running, all at once; then each one that has not exited
+    within `timeout` is killed. Blocking: from a thread, not the reactor's."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -56,7 +56,7 @@ import pytest
 from adapters.mllp.client import MllpClient, describe
 from gateway.prescriptions import qr
 from prescription_support import AMOXIL, DOLIPRANE, rde, rds
-from process_support import child_environment, free_port, start_gateway, wait_for_port
+from process_support import child_environment, free_port, start_gateway, stop_processes, wait_for_port
 from translation_support import rows
 
 pytestmark = pytest.mark.slow
@@ -308,18 +308,7 @@ def test_sigkill_at_random_instants_loses_nothing_and_does_nothing_twice(pg_url,
         drained(pg_url, DRAIN_TIMEOUT, about)
         record_stats = Https(crash_pki, "gateway", ports.record).call("GET", "/_sandbox/stats")
     finally:
-        if gateway.poll() is None:
-            gateway.send_signal(signal.SIGTERM)
-            try:
-                gateway.wait(20)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
-        if sandbox.poll() is None:
-            sandbox.send_signal(signal.SIGTERM)
-            try:
-                sandbox.wait(20)
-            except subprocess.TimeoutExpired:
-                sandbox.kill()
+        stop_processes(gateway, sandbox)
 
     hospital = {cid: sent for s in senders for cid, sent in s.sent.items()}
     acks = {cid: ack for s in senders for cid, ack in s.acks.items()}

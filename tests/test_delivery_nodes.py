@@ -14,7 +14,7 @@ from twisted.internet import threads
 import hl7msgs
 from adapters.mllp.client import MllpClient, describe
 from delivery_support import until
-from process_support import free_port, start_gateway, write_record_node_config
+from process_support import free_port, start_gateway, stop_processes, write_record_node_config
 
 PATIENTS = 24  # one ORU each, 12 through each node
 pytestmark = pytest.mark.slow
@@ -69,14 +69,7 @@ def test_two_nodes_one_killed_every_message_delivered_exactly_once(pg_url, dev_p
             observations = yield peers.search(f"/Observation?subject=Patient/{patient['id']}")
             assert observations["total"] == len(hl7msgs.LAB), f"patient {i}"
     finally:
-        for _config, _port, process in nodes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for _config, _port, process in nodes.values():
-            try:
-                process.wait(timeout=20)
-            except Exception:
-                process.kill()
+        stop_processes(*(process for _config, _port, process in nodes.values()))
 
 
 def _rows(db_url: str, sql: str):

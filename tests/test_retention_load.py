@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -32,7 +31,8 @@ from gateway.audit.chain import AuditEvent
 from gateway.audit.trail import AuditTrail
 from gateway.retention.partitions import Month, ensure_partitions, partitions_of
 from gateway.store.database import create_gateway_engine, migrate
-from process_support import child_environment, free_port, start_gateway, write_record_node_config
+from process_support import (child_environment, free_port, start_gateway, stop_processes,
+                             write_record_node_config)
 
 pytestmark = pytest.mark.slow
 
@@ -265,9 +265,4 @@ def scenario(pg_url, dev_pki, peers, tmp_path, reader_seconds: float = 0, bulk_a
         assert verified.intact, verified
     finally:
         load.finish()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        yield threads.deferToThread(stop_processes, process)
