@@ -432,7 +432,8 @@ def settle(connection: Connection, node: str, node_results: Iterable[Settlement]
     results = list(node_results)
     if not results:
         return set()
-    moved = _still_held(connection, node, [r for r in results if r.delivery_id in set(confirm)])
+    confirm = set(confirm)
+    moved = _still_held(connection, node, [r for r in results if r.delivery_id in confirm])
     # A reason may quote a peer's diagnostics (gateway.store.texts).
     reasons = [storable(r.reason) for r in results]
     connection.execute(delivery_attempts.insert(), [
