@@ -109,12 +109,18 @@ def write_record_node_config(conf, name: str, pg_url: str, mllp_port: int, dev_p
     return str(path)
 
 
-def stop_processes(*processes: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM to each process still running, all at once; then each one that has not exited
-    within `timeout` is killed. Blocking: from a thread, not the reactor's."""
+def terminate(*processes: subprocess.Popen) -> None:
+    """SIGTERM to each process still running (at once: a test on the reactor thread sends it
+    before it waits in another thread, which a failing test may never get to run)."""
     for process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
+
+
+def stop_processes(*processes: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM to each process still running, all at once; then each one that has not exited
+    within `timeout` is killed. Blocking: from a thread, not the reactor's."""
+    terminate(*processes)
     for process in processes:
         try:
             process.wait(timeout=timeout)

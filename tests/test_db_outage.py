@@ -33,7 +33,7 @@ from twisted.internet.task import deferLater
 import hl7msgs
 from adapters.mllp.client import MllpClient, describe
 from delivery_support import until
-from process_support import (child_environment, free_port, start_gateway, stop_processes,
+from process_support import (child_environment, free_port, start_gateway, stop_processes, terminate,
                              write_record_node_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,6 +277,7 @@ def test_a_database_outage_under_load_is_refused_precisely_and_everything_resume
         assert any(m.startswith("database available again after") for m in told), told
     finally:
         outage.close()
+        terminate(process)
         yield threads.deferToThread(stop_processes, process)
         yield collector.stop()
 
@@ -344,4 +345,5 @@ def test_sqlite_write_lock_held_by_another_process_delays_and_then_everything_re
                     lambda f: [r.control_id for r in f] == acked
                     and all(r.status == "translated" for r in f), url, timeout=20)
     finally:
+        terminate(process)
         yield threads.deferToThread(stop_processes, process)

@@ -31,7 +31,7 @@ from gateway.audit.chain import AuditEvent
 from gateway.audit.trail import AuditTrail
 from gateway.retention.partitions import Month, ensure_partitions, partitions_of
 from gateway.store.database import create_gateway_engine, migrate
-from process_support import (child_environment, free_port, start_gateway, stop_processes,
+from process_support import (child_environment, free_port, start_gateway, stop_processes, terminate,
                              write_record_node_config)
 
 pytestmark = pytest.mark.slow
@@ -265,4 +265,5 @@ def scenario(pg_url, dev_pki, peers, tmp_path, reader_seconds: float = 0, bulk_a
         assert verified.intact, verified
     finally:
         load.finish()
+        terminate(process)
         yield threads.deferToThread(stop_processes, process)
