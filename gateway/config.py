@@ -26,8 +26,10 @@ import yaml
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from gateway.fhir_types import is_resource_type
 from gateway.store.texts import has_control
 from gateway.yaml_bounds import expansion_limit_passed
+from gateway.yaml_loader import SafeLoader
 
 
 class ConfigError(Exception):
@@ -428,7 +430,7 @@ class _Reader:
             return _INVALID
         stream.name = name  # PyYAML puts the stream's name in every node's mark
         try:
-            node = yaml.compose(stream, Loader=yaml.SafeLoader)
+            node = yaml.compose(stream, Loader=SafeLoader)
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             self.problems.append(f"{name}:{mark.line + 1}: YAML syntax error: {e.problem}")
@@ -1127,8 +1129,6 @@ def _names_written(node: yaml.Node | None) -> set[str]:
 def _route_problems(path: str, values: dict, destinations: set[str] | None = None) -> list[str]:
     """Routes name known destinations, registered senders and FHIR resource types.
     `destinations`: the names written, when the destinations section has errors."""
-    from gateway.mapping.fhir_schema import is_resource
-
     located = values.get("routes")
     if located is None:
         return []
@@ -1147,7 +1147,7 @@ def _route_problems(path: str, values: dict, destinations: set[str] | None = Non
                 problems.append(f"{where}.when.senders: {sender!r} is not in the facility "
                                 "registry" + _did_you_mean(sender, sorted(registered)))
         for resource in route.when.resources:
-            if not is_resource(resource):
+            if not is_resource_type(resource):
                 problems.append(f"{where}.when.resources: {resource!r} is not a FHIR R4 resource type")
         for pattern in route.when.message_types:
             if not re.fullmatch(_MESSAGE_PATTERN, pattern):

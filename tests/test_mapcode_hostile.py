@@ -101,6 +101,9 @@ def test_unreadable_yaml_is_a_problem_with_its_line_not_a_crash(tmp_path):
     assert "PID.Patient.yaml:5: invalid YAML: character #x001b is not allowed" in text
     assert "status.yaml:2: invalid YAML: a key is a name or a code, not a list or a mapping" in text
     assert "gender.yaml:1: invalid YAML: character #x0000 is not allowed" in text
+    # libyaml counts the position in UTF-8 bytes: Arabic text before it must not move the line.
+    text = problems(tmp_path / "arabic", {"tables/gender.yaml": "codes:\n  F: " + "أنثى" * 40 + "\n  M: \x1b\n"})
+    assert "gender.yaml:3: invalid YAML: character #x001b is not allowed" in text
 
 
 def test_merge_keys_may_override_but_a_key_written_twice_is_refused(tmp_path):
@@ -140,6 +143,9 @@ def test_nesting_beyond_what_yaml_or_python_takes_is_a_problem(tmp_path):
         deep = "{url: x, extension: [%s]}" % deep
     assert "PID.Patient.yaml: invalid YAML: nested too deeply" in problems(
         tmp_path / "yaml", {"segments/PID.Patient.yaml": PID % "female" + f"      extension: [{deep}]\n"})
+    # libyaml's own composer crashed the process (a segmentation fault) at this depth.
+    assert "PID.Patient.yaml: invalid YAML: nested too deeply" in problems(
+        tmp_path / "deeper", {"segments/PID.Patient.yaml": PID % f"{'[' * 100_000}{']' * 100_000}"})
     options = ", ".join("{when: {field: PID-8, is: X%d}, default: female}" % n for n in range(120))
     text = problems(tmp_path / "first_of", {"segments/PID.Patient.yaml": PID % f"{{first_of: [{options}]}}"})
     assert "PID.Patient.yaml (Patient): the rules nest too deeply to be compiled" in text

@@ -1,16 +1,23 @@
 """What the FHIR side of a mapping may name: elements of R4 resources and datatypes.
 
-Read from fhir.resources' R4B models (identical to R4 for the resources of the canonical
-model) at load time only: a mapping that names `Patient.brithDate` is refused with the list
-of what exists, and the engine learns which elements are arrays, so that one value mapped
-to `identifier` becomes a one-item list.
+A mapping that names `Patient.brithDate` is refused with the list of what exists, and the
+engine learns which elements are arrays, so that one value mapped to `identifier` becomes a
+one-item list. The elements come from fhir.resources' R4B models (identical to R4 for the
+resources of the canonical model), read once into `fhir_elements.json`: building the models
+took about a second and a half of every start, command and reload. Regenerate the file after
+upgrading fhir.resources with `python -m gateway.mapping.fhir_schema`;
+`tests/test_fhir_types.py` checks it against the installed models.
 """
 from __future__ import annotations
 
+import json
 import types
 import typing
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
+
+TABLE = Path(__file__).with_name("fhir_elements.json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,38 +29,56 @@ class Element:
 
 
 @lru_cache(maxsize=None)
-def _model(type_name: str):
-    from fhir.resources.R4B import get_fhir_model_class
-    try:
-        return get_fhir_model_class(type_name)
-    except (KeyError, ValueError, AttributeError):
-        return None
+def _table() -> dict[str, dict[str, Element]]:
+    written = json.loads(TABLE.read_text("utf-8"))
+    return {type_name: {name: Element(name, *fields) for name, fields in found.items()}
+            for type_name, found in written.items()}
 
 
-@lru_cache(maxsize=None)
 def known_type(type_name: str) -> bool:
-    return _model(type_name) is not None
+    return type_name in _table()
 
 
-_CLASSES: dict[str, type] = {}  # backbone element classes, found through their parent's fields
-
-
-@lru_cache(maxsize=None)
 def elements(type_name: str) -> dict[str, Element]:
     """The elements of a resource or datatype by their FHIR name ({} when unknown)."""
-    model = _model(type_name) or _CLASSES.get(type_name)
-    if model is None:
-        return {}
+    return _table().get(type_name, {})
+
+
+def element(type_name: str, name: str) -> Element | None:
+    return elements(type_name).get(name)
+
+
+# -- from the models ---------------------------------------------------------------------------
+
+def from_models() -> dict[str, dict[str, Element]]:
+    """Every type of fhir.resources' R4B models and the backbone elements they hold, read from
+    the models themselves (seconds: it builds them all)."""
+    import re
+
+    import fhir.resources.R4B
+    from fhir.resources.R4B import get_fhir_model_class
+
+    source = (Path(fhir.resources.R4B.__file__).parent / "fhirtypes.py").read_text("utf-8")
+    classes = {name: get_fhir_model_class(name)
+               for name in sorted(set(re.findall(r'create_fhir_type\(\s*"(\w+)Type"', source)))}
+    found: dict[str, dict[str, Element]] = {}
+    while len(found) < len(classes):
+        for type_name in sorted(set(classes) - set(found)):
+            found[type_name] = _model_elements(classes[type_name], classes)
+    return found
+
+
+def _model_elements(model, classes: dict[str, type]) -> dict[str, Element]:
     found = {}
     for field_name, info in model.model_fields.items():
         name = info.alias or field_name
         if name.endswith("__ext") or name in ("fhir_comments", "resource_type"):
             continue
-        found[name] = _element(name, info.annotation)
+        found[name] = _element(name, info.annotation, classes)
     return found
 
 
-def _element(name: str, annotation) -> Element:
+def _element(name: str, annotation, classes: dict[str, type]) -> Element:
     is_list = False
     while True:
         origin = typing.get_origin(annotation)
@@ -68,16 +93,19 @@ def _element(name: str, annotation) -> Element:
             break
     klass = annotation.get_model_klass() if hasattr(annotation, "get_model_klass") else None
     if klass is not None:
-        _CLASSES.setdefault(klass.__name__, klass)
+        classes.setdefault(klass.__name__, klass)  # a backbone element, known through its parent
         return Element(name, is_list, klass.__name__, "")
     return Element(name, is_list, "", getattr(annotation, "__name__", str(annotation)))
 
 
-def element(type_name: str, name: str) -> Element | None:
-    return elements(type_name).get(name)
+def written(table: dict[str, dict[str, Element]]) -> str:
+    """The table as `fhir_elements.json` holds it: one type per line, for readable diffs."""
+    lines = (json.dumps(type_name) + ": " + json.dumps(
+        {name: [e.is_list, e.type_name, e.primitive] for name, e in found.items()}, ensure_ascii=False,
+        separators=(",", ":")) for type_name, found in sorted(table.items()))
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-@lru_cache(maxsize=None)
-def is_resource(type_name: str) -> bool:
-    """A resource (it has `meta`), as opposed to a datatype or backbone element."""
-    return "meta" in elements(type_name)
+if __name__ == "__main__":
+    TABLE.write_text(written(from_models()), "utf-8")
+    print(f"{TABLE}: {len(_table.__wrapped__())} types")

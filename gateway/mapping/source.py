@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from gateway.yaml_bounds import expansion_limit_passed
+from gateway.yaml_loader import SafeLoader, reader_error_line
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +53,7 @@ class LocatedList(list):
     __slots__ = ("file", "line")
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(SafeLoader):
     pass
 
 
@@ -141,7 +142,7 @@ def read_yaml_text(text: str, display: str, problems: list[Problem]):
         line = mark.line + 1 if mark else 0
         reason = getattr(error, "problem", None) or str(error)
         if isinstance(error, yaml.reader.ReaderError):
-            line = text.count("\n", 0, error.position) + 1
+            line = reader_error_line(text, error)
             reason = f"character #x{error.character:04x} is not allowed (a control character)"
         problems.append(Problem(display, line, "", f"invalid YAML: {reason}"))
         return None

@@ -21,12 +21,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from gateway.fhir_types import is_resource_type
 from gateway.sandbox.record import json_codec
 from gateway.sandbox.record.operation_outcome import FhirError
 from gateway.sandbox.record.search import parse_query_string, parse_search
 from gateway.sandbox.record.store import RecordStore, key_reused
 from gateway.sandbox.record.transaction import parse_json, read_transaction
-from gateway.sandbox.record.validation import is_resource_type, is_valid_id
+from gateway.sandbox.record.validation import is_valid_id
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 SEARCH_PARAMETERS = ("identifier", "patient", "subject", "code", "_id")

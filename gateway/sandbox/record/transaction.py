@@ -20,10 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway import strict_json
+from gateway.fhir_types import is_resource_type
 from gateway.sandbox.record import json_codec
 from gateway.sandbox.record.operation_outcome import FhirError, Issue
 from gateway.sandbox.record.search import SearchQuery, parse_query_string, parse_search
-from gateway.sandbox.record.validation import is_resource_type, is_valid_id, resource_issues
+from gateway.sandbox.record.validation import is_valid_id, resource_issues
 
 MAX_ISSUES = 50  # an OperationOutcome long enough to fix a bundle, short enough to read
 URN_UUID = "urn:uuid:"

@@ -14,26 +14,13 @@ from functools import lru_cache
 from gateway.sandbox.record.operation_outcome import Issue
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-# Abstract types that no instance may claim.
-_ABSTRACT = frozenset({"Resource", "DomainResource"})
 
 
 @lru_cache(maxsize=None)
 def _model(resource_type: str):
-    """The R4B model class of a concrete resource type, or None."""
-    if resource_type in _ABSTRACT or not re.fullmatch(r"[A-Z][A-Za-z]{1,63}", resource_type):
-        return None
+    """The R4B model class of a concrete resource type (one of RESOURCE_TYPES)."""
     from fhir.resources.R4B import get_fhir_model_class
-    from fhir.resources.R4B.resource import Resource
-    try:
-        model = get_fhir_model_class(resource_type)
-    except (KeyError, ValueError):
-        return None
-    return model if issubclass(model, Resource) else None
-
-
-def is_resource_type(name: object) -> bool:
-    return isinstance(name, str) and _model(name) is not None
+    return get_fhir_model_class(resource_type)
 
 
 def is_valid_id(value: object) -> bool:
