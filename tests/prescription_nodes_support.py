@@ -15,7 +15,7 @@ import threading
 
 from gateway.pki import init_dev_pki
 from gateway.prescriptions import qr
-from process_support import free_port, start_gateway, stop_processes
+from process_support import free_port, launch_gateway, stop_processes, wait_for_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,8 +78,14 @@ class Nodes:
         for i in range(count):
             port = free_port()
             config = write_node(root, f"node-{i}", db_url, port, pki, peers, key)
-            self.processes.append(start_gateway(config, root / f"node-{i}", port, "gateway.log"))
+            self.processes.append(launch_gateway(config, root / f"node-{i}", "gateway.log"))
             self.ports.append(port)
+        try:
+            for i, (process, port) in enumerate(zip(self.processes, self.ports)):
+                wait_for_port(port, process, log=root / f"node-{i}" / "gateway.log")
+        except BaseException:
+            self.stop()  # no fixture will: it never got its nodes
+            raise
 
     def client(self, who: str, node: int = 0) -> "HttpsClient":
         return HttpsClient(self.ports[node], self.pki, who)

@@ -41,12 +41,19 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 20.0, l
     raise AssertionError(f"nothing listens on port {port} after {timeout} s")
 
 
-def start_gateway(config: str, root, port: int, log_name: str) -> subprocess.Popen:
-    """`python -m gateway run -c config` in `root`, output to root/log_name, listening on `port`."""
+def launch_gateway(config: str, root, log_name: str) -> subprocess.Popen:
+    """`python -m gateway run -c config` in `root`, output to root/log_name, not waited for:
+    several nodes start side by side (a start takes seconds)."""
     log = open(root / log_name, "wb")
     process = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", config], cwd=root,
                                env=child_environment(), stdout=log, stderr=subprocess.STDOUT)
     log.close()  # the child has its own descriptor
+    return process
+
+
+def start_gateway(config: str, root, port: int, log_name: str) -> subprocess.Popen:
+    """`python -m gateway run -c config` in `root`, output to root/log_name, listening on `port`."""
+    process = launch_gateway(config, root, log_name)
     wait_for_port(port, process, log=root / log_name)
     return process
 

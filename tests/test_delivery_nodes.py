@@ -14,7 +14,8 @@ from twisted.internet import threads
 import hl7msgs
 from adapters.mllp.client import MllpClient, describe
 from delivery_support import until
-from process_support import free_port, start_gateway, stop_processes, write_record_node_config
+from process_support import (free_port, launch_gateway, start_gateway, stop_processes, wait_for_port,
+                             write_record_node_config)
 
 PATIENTS = 24  # one ORU each, 12 through each node
 pytestmark = pytest.mark.slow
@@ -36,12 +37,13 @@ def send_all(port: int, numbers) -> None:
 def test_two_nodes_one_killed_every_message_delivered_exactly_once(pg_url, dev_pki, peers, tmp_path):
     yield peers.faults("record", "slow", delay=0.4)
     nodes = {}
-    for name in ("node-a", "node-b"):
+    for name in ("node-a", "node-b"):  # started side by side
         port = free_port()
         config = write_record_node_config(tmp_path / name / "conf", name, pg_url, port, dev_pki, peers.url("record"))
-        process = yield threads.deferToThread(start_gateway, config, tmp_path / name, port, "gateway.log")
-        nodes[name] = (config, port, process)
+        nodes[name] = (config, port, launch_gateway(config, tmp_path / name, "gateway.log"))
     try:
+        for name, (_config, port, process) in nodes.items():
+            yield threads.deferToThread(wait_for_port, port, process, log=tmp_path / name / "gateway.log")
         yield threads.deferToThread(send_all, nodes["node-a"][1], range(0, PATIENTS, 2))
         yield threads.deferToThread(send_all, nodes["node-b"][1], range(1, PATIENTS, 2))
         # Node A dies while it holds deliveries in flight (the record answers in 0.4 s).

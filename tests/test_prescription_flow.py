@@ -178,6 +178,22 @@ def test_more_than_remains_on_a_line_is_refused_with_the_quantities(harness):
         assert [l.dispensed for l in store.get_prescription(connection, prescription_id).lines] == [1, 0]
 
 
+def test_a_box_scanned_as_gtin_14_or_prescribed_as_upc_is_the_same_drug(harness):
+    """A pharmacy scanning the GS1 DataMatrix on the box sends the GTIN-14 (0 + the EAN-13 of
+    its barcode): the drug prescribed, not NOT_PRESCRIBED. A GTIN-14 of another packaging level
+    (first digit 1 to 8) is another trade item."""
+    prescription_id = issue(harness, lines=(("012345678905^IMPORTED UPC-A^GTIN", 1), (AMOXIL, 2)))
+    [record] = harness.translate(rds("RDS-1", prescription_id, (("0" + AMOXIL, 1), ("0012345678905^X^GTIN", 1))))
+    assert record.status == "translated", record.error_reason
+    lines = care_sheet_from_bundle(record.bundle)["lignes"]["ligne"]  # CNSS's contract: EAN-13
+    assert [line["codeEAN13"] for line in lines] == ["6118012345676", "0012345678905"]
+    [record] = harness.translate(rds("RDS-2", prescription_id, (("16118012345673^AMOXIL x10^GTIN", 1),)))
+    assert refusal(record)[2] == "NOT_PRESCRIBED"
+    with harness.engine.connect() as connection:
+        lines = store.get_prescription(connection, prescription_id).lines
+    assert [(l.medication_code, l.dispensed) for l in lines] == [("0012345678905", 1), ("6118012345676", 1)]
+
+
 def test_two_lines_of_the_same_drug_in_one_message_add_up(harness):
     prescription_id = issue(harness)
     [record] = harness.translate(rds("RDS-1", prescription_id, ((DOLIPRANE, 1), (DOLIPRANE, 2))))

@@ -66,7 +66,7 @@ import zeep.exceptions
 from lxml import etree
 
 from adapters.soap.cnss import HERE as CONTRACT_DIR
-from adapters.soap.cnss import NAMESPACE, WSDL_PATH, XSD_PATH, soap_action, valid_ean13
+from adapters.soap.cnss import NAMESPACE, WSDL_PATH, XSD_PATH, as_ean13, soap_action, valid_ean13
 from gateway.delivery.outcome import DeliveryOutcome, HttpRequest, HttpResponse
 
 IMMATRICULATION = "urn:ma:cnss:immatriculation"
@@ -496,7 +496,7 @@ def _dispense_line(bundle: _Bundle, dispense: dict, n: int, people: dict) -> _Li
     coding = next((c for c in concept.get("coding") or () if c.get("system") == GTIN and c.get("code")), None)
     if coding is None:
         raise CareSheetError(f"{what} has no EAN-13 drug code ({GTIN})")
-    code = str(coding["code"]).strip()
+    code = as_ean13(str(coding["code"]).strip())
     if not valid_ean13(code):
         raise CareSheetError(f"{what} drug code is not a valid EAN-13 (13 digits, GS1 check digit)")
     quantity = _quantity(dispense.get("quantity"), what)

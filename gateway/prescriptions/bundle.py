@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
 from adapters.hl7v2.codes import ErrorCondition
-from adapters.soap.cnss import valid_ean13
+from adapters.soap.cnss import as_ean13, valid_ean13
 from gateway.prescriptions import ids, qr
 from gateway.prescriptions.codes import PrescriptionError
 from gateway.prescriptions.store import prescription_lines
@@ -192,7 +192,8 @@ def medication_of(resource: dict, resources: Resources) -> Medication | None:
         return None
     coding = next((c for c in codings if c.get("system") == GTIN), codings[0])
     display = coding.get("display") or (concept or {}).get("text")
-    return Medication(coding.get("system"), str(coding["code"]).strip(),
+    code = str(coding["code"]).strip()
+    return Medication(coding.get("system"), as_ean13(code) if coding.get("system") == GTIN else code,
                       " ".join(str(display).split())[:200] if display else None)
 
 

@@ -32,3 +32,15 @@ def valid_ean13(code: str) -> bool:
     digits = [int(c) for c in code]
     weighted = sum(d * (3 if i % 2 else 1) for i, d in enumerate(digits[:12]))
     return (10 - weighted % 10) % 10 == digits[12]
+
+
+def as_ean13(gtin: str) -> str:
+    """A GTIN as its 13 digits: one trade item whatever its padding. A pharmacy that scans the
+    box's GS1 DataMatrix sends the GTIN-14 (a 0, then the EAN-13 of its barcode); a UPC-A is
+    12 digits. Zeros added or taken on the left leave the GS1 check digit as it was."""
+    if gtin.isascii() and gtin.isdigit():
+        if len(gtin) == 14 and gtin[0] == "0":
+            return gtin[1:]
+        if len(gtin) == 12:
+            return "0" + gtin
+    return gtin
