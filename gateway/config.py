@@ -133,6 +133,9 @@ class AdminListenerConfig:
     interface: str = "127.0.0.1"
     tls: bool = False
     allow_sources: tuple[str, ...] = ()  # source networks (CIDR) allowed to connect; empty: any
+    # Over plain HTTP, the names browsers may reach the console by besides IP addresses and
+    # localhost: another name is a DNS rebinding (a web page whose name points at this port).
+    hosts: tuple[str, ...] = ()
 
 
 ROLES = ("viewer", "operator", "admin")  # each may do what the one before it may
@@ -658,6 +661,16 @@ def _cidr(value: Any) -> str:
         raise _Invalid("must be an address or network in CIDR form, such as 10.20.0.0/16") from None
 
 
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+
+
+def _host_name(value: Any) -> str:
+    name = _text(value).lower()
+    if not _HOST_NAME.fullmatch(name):
+        raise _Invalid("must be a DNS name, such as console.gateway.sante.ma (no port, no scheme)")
+    return name
+
+
 def _codec(value: Any) -> str:
     try:
         codecs.lookup(_text(value))
@@ -896,6 +909,7 @@ _ADMIN_LISTENER = _record(
     interface=_scalar(_ip_address),
     tls=_BOOLEAN,
     allow_sources=_list_of(_scalar(_cidr)),
+    hosts=_list_of(_scalar(_host_name)),
 )
 
 

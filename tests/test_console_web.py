@@ -704,6 +704,33 @@ async def test_allowed_sources_close_other_connections(make_config, db_url):
 
 
 @pytest_twisted.ensureDeferred
+async def test_over_plain_http_only_addresses_localhost_and_named_hosts_reach_the_console(make_config, db_url):
+    """DNS rebinding: a web page whose name now points at 127.0.0.1 is, for the browser, the
+    console's origin; it could try passwords through the operator's browser and read the pages
+    of an account it guessed. Its requests carry its own name as Host: 421, nothing done."""
+    config = console_config(make_config, db_url)
+    config = dataclasses.replace(config, admin=(AdminListenerConfig("admin", 0, hosts=("console.gateway.sante.ma",)),))
+    started = start_console(config, Clock())
+    try:
+        client, port = started.client(), started.port.getHost().port
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "localhost.evil.example",
+                     "[::1.evil]", "console.gateway.sante.ma.evil.example"):
+            page = await client.get("/login", headers={"Host": host})
+            assert page.status == 421 and "listeners.admin (admin).hosts" in page.text, host
+        refused = await client.post("/login", {"username": "admin", "password": PASSWORDS["admin"]},
+                                    headers={"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"})
+        assert refused.status == 421 and not client.cookies
+        assert started.sql("SELECT count(*) FROM console_sessions")[0][0] == 0
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}", "10.20.0.5",
+                     f"Console.Gateway.Sante.MA:{port}"):
+            assert (await client.get("/login", headers={"Host": host})).status == 200, host
+        page = await client.login("viewer")  # its own Host: 127.0.0.1:port
+        assert page.status == 303 and page.header("server") == "ma-hie-gateway"  # no version
+    finally:
+        await stop_console(started)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_tls_listener_asks_no_client_certificate_and_secures_the_cookie(make_config, db_url, dev_pki):
     config = dataclasses.replace(console_config(make_config, db_url),
                                  admin=(AdminListenerConfig("admin-tls", 0, tls=True),))
@@ -729,6 +756,8 @@ async def test_a_tls_listener_asks_no_client_certificate_and_secures_the_cookie(
         page = await client.get("/facilities")
         assert page.status == 200 and [r.get("data-facility") for r in page.select("tr.facility")] == ["CHUIR", "LAB-ANFA"]
         assert page.header("strict-transport-security") == "max-age=31536000"
+        # Over TLS the certificate's names refuse a rebound name: any Host is served.
+        assert (await client.get("/facilities", headers={"Host": "console.example"})).status == 200
         assert "Pas de mappings" not in page.text and (await client.get("/mappings")).status == 200
         plain = Client(port.getHost().port)
         with pytest.raises((ConnectionError, http.client.HTTPException)):  # TLS only

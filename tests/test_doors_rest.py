@@ -66,6 +66,7 @@ def test_hl7v2_accepted_is_answered_with_the_ack_and_the_stored_message_id(door)
     assert data["message_id"] == row.id and row.listener == "https-test" and row.sender_id == HOSPITAL.id
     assert answer.header("content-location") == f"/v1/messages/{row.id}"
     assert answer.header("cache-control") == "no-store"
+    assert answer.header("server") == "ma-hie-gateway"  # not Twisted's name and version
 
 
 @pytest_twisted.inlineCallbacks

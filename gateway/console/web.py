@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -43,6 +44,7 @@ from gateway.console.sessions import (COOKIE, Session, close_session, find_sessi
                                       opened_with, store_session, touch_session)
 from gateway.console.throttle import LoginThrottle
 from gateway.events import Event, EventBus
+from gateway.http_request import Request
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ MAX_FIELDS = 32
 LOGIN_CHECKS = 2
 LOGIN_WAITING = 16
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{20,128}")
+_REASONS = {421: b"Misdirected Request"}  # a reason Twisted does not know
 _SECURITY_HEADERS = {
     b"content-security-policy": b"default-src 'none'; style-src 'self'; img-src 'self'; "
                                 b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
@@ -120,7 +123,7 @@ class _Call:
         return values[0][:cap]
 
 
-class ConsoleRequest(server.Request):
+class ConsoleRequest(Request):
     """A request whose body is dropped once it exceeds MAX_BODY (answered 413)."""
 
     too_large = False
@@ -186,6 +189,10 @@ class Console(resource.Resource):
         if method == "HEAD":
             method = "GET"
         path = request.path.decode("utf-8", "replace")
+        if not self._host_allowed(request):
+            return await self._error(request, None, 421, "Nom d'hôte inconnu",
+                                     "La console ne répond qu'à ses adresses IP, à localhost et aux noms "
+                                     f"de listeners.admin ({self.context.listener.name}).hosts.")
         if getattr(request, "too_large", False):
             return await self._error(request, None, 413, "Requête trop grande",
                                      f"Un formulaire de la console fait au plus {MAX_BODY} octets.")
@@ -239,6 +246,26 @@ class Console(resource.Resource):
                                      "Cette page ne répond pas à cette méthode.")
         return await self._error(request, call.session, 404, "Page introuvable",
                                  "Aucune page à cette adresse.", back="/messages")
+
+    def _host_allowed(self, request) -> bool:
+        """Over plain HTTP, a Host that is not an address, localhost or a configured name is a
+        page whose DNS name was pointed at this port (DNS rebinding): the browser would give it
+        the console as its own origin, to try passwords with and read. Over TLS, the
+        certificate's names already refuse it."""
+        listener = self.context.listener
+        host = request.getHeader(b"host")
+        if listener.tls or host is None:
+            return True
+        name = host.decode("ascii", "replace").strip().lower()
+        if name.startswith("["):  # [IPv6]:port
+            name = name[1:].partition("]")[0]
+        elif ":" in name:
+            name = name.rpartition(":")[0]
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return name == "localhost" or name in listener.hosts
 
     def _same_origin(self, request) -> bool:
         origin = request.getHeader(b"origin")
@@ -499,7 +526,7 @@ class Console(resource.Resource):
               cache: bytes = b"no-store") -> None:
         if request.finished or getattr(request, "_disconnected", False) or request.channel is None:
             return
-        request.setResponseCode(status)
+        request.setResponseCode(status, _REASONS.get(status))
         for name, value in _SECURITY_HEADERS.items():
             request.setHeader(name, value)
         if self.context.listener.tls:  # browsers then never try the console over plain HTTP

@@ -53,6 +53,7 @@ from gateway.doors.soap import SoapDoor, Unauthorized, fault_answer
 from gateway.doors.store import Refusal, record_refusal
 from gateway.events import Event, EventBus
 from gateway.facilities import FacilityRegistry, RegistryRef
+from gateway.http_request import Request
 from gateway.tls import peer_certificate, server_tls_options
 from gateway.tls_watch import watch_handshakes
 
@@ -80,7 +81,7 @@ class Identity:
                 else "the client certificate names no facility of the registry")
 
 
-class DoorRequest(server.Request):
+class DoorRequest(Request):
     """A request whose body is refused (413) as soon as it is known to exceed the limit."""
 
     max_body = 16 * 1024 * 1024
