@@ -2,7 +2,7 @@
 
 - live: 200 {"status": "up"} whenever the reactor answers at all (the request is served by it).
 - ready: each check, and 200 when all pass, else 503:
-  database (SELECT 1 in a database thread, answered within 2 s), listeners (every configured
+  database (the messages table read in a database thread, answered within 2 s), listeners (every configured
   listener is listening), mappings (the translation service holds a mapping set, when the
   gateway translates).
 """
@@ -110,9 +110,15 @@ class ReadinessChecks:
 
 
 def _select_one(conn) -> int:
+    """Whether the messages table can be read: a database that answers while a lock holds
+    that table (a migration, a VACUUM FULL) stores nothing, and the ingest writer answers
+    STORE_UNAVAILABLE meanwhile. The lock is waited for no longer than the check is."""
     from sqlalchemy import text
 
-    return conn.execute(text("SELECT 1")).scalar_one()
+    if conn.dialect.name == "postgresql":
+        conn.execute(text(f"SET LOCAL lock_timeout = '{round(DATABASE_TIMEOUT * 1000)}ms'"))
+    conn.execute(text("SELECT 1 FROM messages LIMIT 1")).all()
+    return 1
 
 
 def _short(text: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import psycopg
 import pytest
@@ -15,7 +16,7 @@ import hl7msgs
 from adapters.hl7v2.ack import AckBuilder, Sender
 from adapters.mllp.protocol import ConnectionInfo
 from gateway.ingest.inspect import IngestPolicy, Inspector
-from gateway.store.database import Database, create_gateway_engine
+from gateway.store.database import Database, create_gateway_engine, migrate
 from gateway.store.ingest_writer import IngestJob, IngestWriter
 from process_support import free_port
 
@@ -170,3 +171,48 @@ def test_a_missing_table_on_sqlite_is_not_an_outage():
     assert not unreachable(OperationalError("SELECT", {}, sqlite3.OperationalError("no such table: x")))
     assert unreachable(OperationalError("BEGIN", {}, sqlite3.OperationalError("database is locked")))
     assert unreachable(sqlite3.OperationalError("attempt to write a readonly database"))
+
+
+def test_a_lock_held_on_the_messages_table_is_answered_as_an_outage_not_waited_for(pg_url, caplog):
+    """A migration, a LOCK TABLE or a VACUUM FULL holding the messages table: the writer waited
+    for it without end, senders got no answer and readiness said all was well. Past the lock
+    timeout the frame is answered with the error (AE STORE_UNAVAILABLE), an outage is told once,
+    and the next frame after the lock is stored."""
+    caplog.set_level(logging.DEBUG)
+    engine = create_gateway_engine(pg_url)
+    migrate(engine)
+    builder = AckBuilder(Sender(b"GW", b"MA-HIE"))
+    inspector = Inspector(builder, IngestPolicy("mllp-test"))
+    writer = IngestWriter(engine, lambda f, *a: f(*a), lambda item: None, lock_timeout=0.5)
+    answered = []
+    done = threading.Semaphore(0)
+
+    def send(i):
+        raw = hl7msgs.message("adt", i).encode()
+        items = inspector.frame(raw, ConnectionInfo("mllp-test", "127.0.0.1:5000")).items
+        writer.submit(IngestJob(items, "mllp-test", "127.0.0.1:5000", 0.0,
+                                lambda job, error: (answered.append(error), done.release())))
+        assert done.acquire(timeout=30), "no answer"
+
+    writer.start()
+    try:
+        send(0)
+        holder = psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"))
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        try:
+            started = time.monotonic()
+            send(1)
+            assert time.monotonic() - started < 10
+        finally:
+            holder.rollback()
+            holder.close()
+        send(2)
+    finally:
+        writer.stop()
+        engine.dispose()
+    assert answered[0] is None and answered[2] is None
+    assert isinstance(answered[1], psycopg.errors.LockNotAvailable)
+    assert writer.availability.down is False
+    [error] = lines(caplog, logging.ERROR)
+    assert error.startswith("database unavailable: canceling statement due to lock timeout")

@@ -78,3 +78,35 @@ def test_an_unreachable_database_is_not_ready():
     finally:
         yield port.stopListening()
         yield defer.succeed(database.stop())
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_lock_held_on_the_messages_table_is_not_ready(pg_url):
+    """SELECT 1 answered while a migration or a VACUUM FULL held the messages table, when
+    nothing could be stored: ready. The check reads that table, waiting at most its 2 s."""
+    import psycopg
+
+    from gateway.store.database import migrate
+
+    engine = create_gateway_engine(pg_url)
+    migrate(engine)
+    database = Database(engine, reactor, 1)
+    database.start()
+    port = reactor.listenTCP(0, Site(HealthResource(ReadinessChecks(reactor, database))), interface=HOST)
+    url = f"http://{HOST}:{port.getHost().port}/ready"
+    holder = psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"), autocommit=False)
+    try:
+        status, body = yield in_thread(get_json, url)
+        assert status == 200
+        holder.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        status, body = yield in_thread(get_json, url)
+        assert status == 503 and body["checks"]["database"]["ok"] is False, body
+        holder.rollback()
+        # The pool's one thread was not left waiting for the lock: the next check answers.
+        status, body = yield in_thread(get_json, url)
+        assert status == 200, body
+    finally:
+        holder.close()
+        yield port.stopListening()
+        yield defer.succeed(database.stop())
+        engine.dispose()

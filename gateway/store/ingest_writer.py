@@ -75,8 +75,9 @@ class IngestJob:
 
 class IngestWriter:
     def __init__(self, engine: Engine, deliver: Callable, on_reused: Callable[[Inbound], None],
-                 max_batch: int = 512, audit: "AuditTrail | None" = None):
+                 max_batch: int = 512, audit: "AuditTrail | None" = None, lock_timeout: float = 10.0):
         self.engine = engine
+        self.lock_timeout = lock_timeout  # seconds (PostgreSQL): see _commit
         self.audit = audit
         self.deliver = deliver
         self.on_reused = on_reused
@@ -192,6 +193,11 @@ class IngestWriter:
             # pool's ping opened, or transaction() would only make a savepoint inside it.
             driver.rollback()
             driver.autocommit = True
+            # A lock on the tables held longer than this (a migration, a LOCK TABLE, a VACUUM
+            # FULL) fails the round as an outage: senders are answered STORE_UNAVAILABLE and
+            # /health/ready says not ready, instead of waiting for an answer that never comes
+            # (SQLite's busy timeout does the same there).
+            driver.execute(f"SET lock_timeout = '{round(self.lock_timeout * 1000)}ms'")
         if self._insert_round(driver, jobs, [row for job in jobs for row in self._rows(job)]):
             return
         for attempt in range(3):
