@@ -2,7 +2,7 @@
 and an in-process gateway on free ports.
 
 PostgreSQL comes from GATEWAY_TEST_PG_URL (default: the local server, database gateway_test,
-created if missing). When it is unreachable, PostgreSQL tests are skipped, unless
+created if missing; with pytest-xdist's workers, gateway_test_gw0, gateway_test_gw1, ...). When it is unreachable, PostgreSQL tests are skipped, unless
 GATEWAY_REQUIRE_PG=1 (as in CI), where they fail.
 """
 from __future__ import annotations
@@ -20,6 +20,8 @@ BENCH = os.path.join(SHARED, "bench")
 
 PG_URL = os.environ.get("GATEWAY_TEST_PG_URL",
                         "postgresql+psycopg://postgres@127.0.0.1:5432/gateway_test")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs workers side by side: one database each
+    PG_URL += "_" + os.environ["PYTEST_XDIST_WORKER"]
 REQUIRE_PG = os.environ.get("GATEWAY_REQUIRE_PG") == "1"
 
 _pg_ready: bool | str | None = None  # True, or the reason it is not
