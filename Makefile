@@ -40,8 +40,11 @@ pki: certs/dev/ca.crt
 run: $(STAMP) certs/dev/ca.crt
 	$(BIN)/gateway run --sandbox -c $(CONF)
 
+# One pytest worker per core (pytest-xdist); TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= auto
+
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py $(BENCH_ARGS)
