@@ -2,8 +2,9 @@
 and an in-process gateway on free ports.
 
 PostgreSQL comes from GATEWAY_TEST_PG_URL (default: the local server, database gateway_test,
-created if missing; with pytest-xdist's workers, gateway_test_gw0, gateway_test_gw1, ...). When it is unreachable, PostgreSQL tests are skipped, unless
-GATEWAY_REQUIRE_PG=1 (as in CI), where they fail.
+created if missing; with pytest-xdist's workers, gateway_test_gw0, gateway_test_gw1, ...).
+When it is unreachable, PostgreSQL tests are skipped, unless GATEWAY_REQUIRE_PG=1 (as in CI),
+where they fail.
 """
 from __future__ import annotations
 

@@ -4,13 +4,14 @@ A mapping that names `Patient.brithDate` is refused with the list of what exists
 engine learns which elements are arrays, so that one value mapped to `identifier` becomes a
 one-item list. The elements come from fhir.resources' R4B models (identical to R4 for the
 resources of the canonical model), read once into `fhir_elements.json`: building the models
-took about a second and a half of every start, command and reload. Regenerate the file after
+took more than a second of every start, command and reload. Regenerate the file after
 upgrading fhir.resources with `python -m gateway.mapping.fhir_schema`;
 `tests/test_fhir_types.py` checks it against the installed models.
 """
 from __future__ import annotations
 
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -53,8 +54,6 @@ def element(type_name: str, name: str) -> Element | None:
 def from_models() -> dict[str, dict[str, Element]]:
     """Every type of fhir.resources' R4B models and the backbone elements they hold, read from
     the models themselves (seconds: it builds them all)."""
-    import re
-
     import fhir.resources.R4B
     from fhir.resources.R4B import get_fhir_model_class
 
