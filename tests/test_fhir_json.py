@@ -41,6 +41,11 @@ def test_the_decimal_transform_keeps_the_precision_sent():
     assert fhir_json.dumps([to_decimal(text, None) for text in ("5.10", "1,50", "12", " 0.0100 ")]) \
         == b"[5.10,1.50,12,0.0100]"
     assert type(to_decimal("12", None)) is int
+    # Texts already in JSON's form are taken as they are; the others made so, the same way.
+    for text in ("13.2", "0.85", "-1.5", "0.0", "-0.0", "10.00", "+13.2", "013.2", "13.", ".5", "-.5"):
+        assert to_decimal(text, None).text == exact_decimal(text).text, text
+    with pytest.raises(ValueError, match="out of range"):
+        to_decimal("1" * 400 + ".5", None)
 
 
 def test_stored_bundles_and_record_requests_keep_the_decimals():
