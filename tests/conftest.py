@@ -97,6 +97,15 @@ def engine(db_url):
     engine.dispose()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mapping_code_cache(tmp_path_factory):
+    """Compiled mapping code (gateway.mapping.code_cache) kept for this run only, shared by the
+    gateway processes the tests start (they inherit the environment), never in ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GATEWAY_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def dev_pki(tmp_path_factory) -> str:
     """A development PKI (CA, gateway, sandbox peers, two facilities) in a temporary folder."""

@@ -27,7 +27,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 from adapters.hl7v2.message import Segment
-from gateway.mapping import runtime
+from gateway.mapping import code_cache, runtime
 from gateway.mapping.path import Hl7Path
 from gateway.mapping.runtime import Part, Reference, TranslationError
 from gateway.mapping.source import MappingErrors, Problem
@@ -144,7 +144,7 @@ class Module:
         code = _COMPILED.get(key)
         if code is None:
             try:
-                code = compile(self.source, self.filename, "exec")
+                code = code_cache.compiled(self.source, self.filename)
             except (SyntaxError, RecursionError) as error:
                 raise _too_deep(error, starts) from None
             if len(_COMPILED) >= _COMPILED_MAX:
