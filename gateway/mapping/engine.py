@@ -70,6 +70,8 @@ def name_id(name: str) -> str:
     SHA-1 of namespace + name, version nibble 5, variant bits 10, in the 8-4-4-4-12 form."""
     text = _sha1(_NAMESPACE_BYTES + name.encode()).hexdigest()
     return f"{text[:8]}-{text[8:12]}-5{text[13:16]}-{_VARIANT[text[16]]}{text[17:20]}-{text[20:32]}"
+
+
 ENTRY_KEYS = ("name", "description", "resource", "from", "each", "when", "map", "resources")
 MESSAGE_KEYS = ("messages", "description", "resources", "not_translated")
 PROVENANCE_SOURCE = "urn:ma:hie:message"
