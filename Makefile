@@ -40,11 +40,12 @@ pki: certs/dev/ca.crt
 run: $(STAMP) certs/dev/ca.crt
 	$(BIN)/gateway run --sandbox -c $(CONF)
 
-# One pytest worker per core (pytest-xdist); TEST_WORKERS=0 runs the suite in one process.
+# One pytest worker per core, four at most (each starts gateway processes and opens database
+# connections of its own); TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= auto
 
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py $(BENCH_ARGS)
