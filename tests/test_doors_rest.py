@@ -16,6 +16,7 @@ from doors_support import (HOSPITAL, LAB, PHARMACY, STRANGER, Client,
 from gateway.doors.api import ApiResponse, Route, json_response
 from gateway.doors.store import api_refusals, api_requests
 from gateway.mapping.mapping_set import MappingSet
+from gateway.sandbox.record.validation import resource_issues
 from gateway.store.schema import message_payloads, messages, translations
 
 HL7 = "application/hl7-v2"
@@ -24,8 +25,12 @@ FHIR = "application/fhir+json"
 
 @pytest.fixture
 def preloaded(repo_mappings, monkeypatch):
-    """Translation services get the run's mapping set instead of compiling it again."""
+    """Translation services get the run's mapping set instead of compiling it again, and the
+    fhir.resources models that check a submitted Bundle are built (a process builds them at its
+    first submission, which would not fit the door's 0.3 s request timeout)."""
     monkeypatch.setattr(MappingSet, "load", classmethod(lambda cls, directory: repo_mappings))
+    for entry in fhir_bundle()["entry"]:
+        resource_issues(entry["resource"], "Bundle.entry")
 
 
 def _slow_route():

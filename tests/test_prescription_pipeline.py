@@ -4,6 +4,8 @@ provisional AE (never an AA without a prescription id)."""
 from __future__ import annotations
 
 import queue
+import threading
+import time
 
 import pytest
 from sqlalchemy import text
@@ -103,3 +105,58 @@ def test_enhanced_mode_answers_only_what_the_sender_asked_for(setup):
     assert errors_only.stored and errors_only.response is None
     refused = receive(pipeline, rds("RDS-E3", "RX-ABCD-EFGH-F", modes="ER|NE"))
     assert msa(refused)[1] == "CE"
+
+
+class HeldEligibility(FakeEligibility):
+    """CNSS answering only when the test lets it: the dispensation stays in its step."""
+
+    def __init__(self):
+        super().__init__()
+        self.asking = threading.Event()
+        self.release = threading.Event()
+
+    def check_many(self, queries):
+        self.asking.set()
+        assert self.release.wait(10), "never released"
+        return super().check_many(queries)
+
+
+def test_a_copy_sent_while_the_first_is_processed_gets_the_firsts_answer(setup):
+    """A pharmacy's software timed out and sent its RDS^O13 again while the first was waiting
+    for CNSS: the copy got the provisional AE ('not processed yet'), which the software may
+    show as a failure of a dispensation that is in fact recorded. It now waits for the first
+    and gets its answer, byte for byte; once nothing is in flight, a copy gets the stored one."""
+    harness, translation, pipeline = setup
+    translation.worker.start(sweep=False)
+    issued = receive(pipeline, rde("RDE-W1"))
+    prescription_id = [s for s in issued.response.decode().split("\r") if s.startswith("ORC|")][0].split("|")[3]
+    held = HeldEligibility()
+    harness.flow.eligibility = held
+    dispensation = rds("RDS-W1", prescription_id.split("^")[0])
+    first, copy = Replies(), Replies()
+    connection = ConnectionInfo("mllp-test", "127.0.0.1:5000")
+    pipeline.frame_received(dispensation, connection, first)
+    assert held.asking.wait(10)
+    pipeline.frame_received(dispensation, ConnectionInfo("mllp-test", "127.0.0.1:5001"), copy)
+    with harness.engine.connect() as connection_:
+        for _ in range(100):  # the copy is stored (counted) and waits
+            if connection_.execute(text("SELECT duplicate_count FROM messages WHERE control_id = 'RDS-W1'")).scalar():
+                break
+            time.sleep(0.05)
+    time.sleep(0.2)
+    assert copy.answers.empty()
+    held.release.set()
+    answered, again = first.get(), copy.get()
+    assert msa(answered)[1] == "AA" and again.response == answered.response
+    assert b"NOT_PROCESSED" not in again.response
+    later = receive(pipeline, dispensation)
+    assert later.response == answered.response
+
+
+def test_a_copy_of_a_message_the_step_could_not_process_gets_the_provisional_ae_at_once(setup):
+    """Nothing in flight (the worker is not running; or a crash, or another node): no wait."""
+    _, _, pipeline = setup
+    first = receive(pipeline, rde("RDE-P3"))
+    again = receive(pipeline, rde("RDE-P3"))
+    assert msa(again)[1] == "AE" and b"PRESCRIPTION_NOT_PROCESSED" in again.response
+    assert again.response == first.response

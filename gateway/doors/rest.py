@@ -6,9 +6,10 @@ message id as JSON), 202 when no answer is due (an ACK posted to us, MSH-15 NE),
 for AE/AR/CE/CR (the ACK is in the problem body: the refusal is an HL7 answer, but the
 exchange did not do what was asked), 503 problem when the store failed (nothing kept), 409
 problem (Retry-After) for a message the gateway is still processing (an e-prescription
-message answered once its step has run, sent again before its first copy was answered or
-left unprocessed by a crash: the copy's ACK is the provisional AE "not processed yet", which
-refuses nothing; sent again later, it gets the real answer).
+message answered once its step has run, sent again while its first copy is processed by
+another node, or left unprocessed by a crash: the copy's ACK is the provisional AE "not
+processed yet", which refuses nothing; sent again later, it gets the real answer). A copy
+whose first is being processed by this node waits for the first's answer (gateway.ingest.awaited).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from gateway.doors.schemas import (FHIR_SCHEMAS, HL7V2_SCHEMAS, MESSAGE_SCHEMAS,
                                    hl7v2_spec, message_spec)
 from gateway.events import Event, EventBus
 from gateway.ingest.model import Inbound, MessageStatus
-from gateway.prescriptions.codes import PrescriptionError
+from gateway.ingest.pipeline import is_provisional
 from gateway.prescriptions.ids import SYSTEM as PRESCRIPTION_SYSTEM
 from gateway.store.queries import deliveries_of
 from gateway.store.schema import messages, translations
@@ -160,7 +161,7 @@ class RestOperations:
                 if issued or kind in ("RRE", "ORP"):
                     data["prescriptions"] = issued
             return json_response(200, data, _location(outcome.message_id))
-        if _not_processed_yet(text):
+        if is_provisional(outcome.answer):
             raise Problem(409, "message-in-progress", "Message still being processed",
                           "the same message is still being processed; send it again later to get its "
                           "answer", retry_after=1, **data)
@@ -257,20 +258,6 @@ def _read_and_check(body: bytes):
     """The Bundle of a request body and its validation issues (BundleError if not JSON)."""
     document = read_bundle(body)
     return document, bundle_issues(document)
-
-
-def _not_processed_yet(ack: str) -> bool:
-    """Whether the answer is the provisional AE of a message still waiting for the
-    e-prescription step (ERR-5 PRESCRIPTION_NOT_PROCESSED, gateway.ingest.pipeline): a copy
-    sent meanwhile gets it, and so does one a crash left stored but unprocessed."""
-    separator = ack[3:4] if ack.startswith("MSH") else "|"
-    component = ack[4:5] if ack.startswith("MSH") else "^"
-    for segment in ack.replace("\n", "\r").split("\r"):
-        fields = segment.split(separator)
-        if fields[0] == "ERR" and len(fields) > 5 \
-                and fields[5].split(component)[0] == PrescriptionError.PRESCRIPTION_NOT_PROCESSED.value:
-            return True
-    return False
 
 
 def _order_response(ack: str) -> str | None:

@@ -21,8 +21,10 @@ If the store fails, nothing was stored and the sender is told to send again (AE/
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import threading
 import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable
@@ -77,10 +79,13 @@ class IngestPipeline:
                 telemetry.stored(self.events, job)
                 pending = self._to_translate(job)
                 if not pending:
-                    self._reply(reply, job, Answer(True, result.response(builder)))
+                    self._after_the_firsts(job, lambda: self._reply(reply, job, Answer(True, result.response(builder))))
                 elif self.ack_after_translation or waiting:
                     # Whatever the translation's fate, the items' ACKs are then the stored ones.
-                    self._translate(pending, lambda tjob: self._answered(tjob, job, result, reply),
+                    opened = [p.key for p in pending if id(p.context) in waiting]
+                    for key in opened:
+                        self.translation.awaited.opened(key)
+                    self._translate(pending, lambda tjob: self._answered(tjob, job, result, reply, opened),
                                     self._failure_ack)
                 else:
                     self._reply(reply, job, Answer(True, result.response(builder)))
@@ -97,17 +102,17 @@ class IngestPipeline:
 
         self.writer.submit(IngestJob(result.items, connection.listener, connection.peer, self.now(), done))
 
-    def _provisional(self, result: FrameResult) -> bool:
+    def _provisional(self, result: FrameResult) -> set[int]:
         """Give the messages answered after the translation step their provisional AE (see
-        the module docstring); whether there is any."""
+        the module docstring); the id() of each of those items."""
+        waiting: set[int] = set()
         if self.translation is None:
-            return False
-        waiting = False
+            return waiting
         for item in result.items:
             if not (item.deduplicated and self.translation.answers_after_translation(
                     item.message_type, item.raw, item.sender_id)):
                 continue
-            waiting = True
+            waiting.add(id(item))
             header = item.header
             # Only where the sender wants every answer: with MSH-15 ER or SU (enhanced mode) the
             # commit-time answer stands (none, or CA: committed), and the step answers only the
@@ -126,14 +131,48 @@ class IngestPipeline:
         telemetry.answered(self.events, job, self.now())
 
     def _answered(self, tjob, job: IngestJob, result: FrameResult,
-                  reply: Callable[[Answer], None]) -> None:
+                  reply: Callable[[Answer], None], opened: list = ()) -> None:
         """Answer once translated: with the answers stored with the translations (the step's),
-        or, when storing failed, with what the items hold (the provisional AE)."""
+        or, when storing failed, with what the items hold (the provisional AE); then the copies
+        sent meanwhile that wait for them (`opened`: the keys they may wait on)."""
         if tjob.error is None:
             for pending, record in zip(tjob.items, tjob.results):
                 if record.ack is not None and pending.context is not None:
                     pending.context.ack = record.ack
         self._reply(reply, job, Answer(True, result.response(self.inspector.builder)))
+        answers = {p.key: p.context.ack for p in tjob.items if p.context is not None}
+        for key in opened:
+            self.translation.awaited.answered(key, answers.get(key))
+
+    def _after_the_firsts(self, job: IngestJob, answer: Callable[[], None]) -> None:
+        """Answer a frame at once, unless it holds copies of messages still waiting for the
+        e-prescription step on this node (gateway.ingest.awaited): then once those are
+        answered, each copy with its first's answer, as a duplicate gets the stored one."""
+        awaited = self.translation.awaited if self.translation is not None else None
+        copies = [item for item in job.items if item.duplicate and item.ack is not None
+                  and is_provisional(item.ack)] if awaited is not None else []
+        if not copies:
+            answer()
+            return
+        lock, left = threading.Lock(), [len(copies) + 1]  # + 1 until every copy is registered
+
+        def settle() -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                answer()
+
+        def answered(item: Inbound, ack: bytes | None) -> None:
+            if ack is not None:
+                item.ack = ack
+            settle()
+
+        for item in copies:
+            key = (item.sending_application, item.sending_facility, item.control_id)
+            if not awaited.wait(key, functools.partial(answered, item)):
+                settle()  # not in flight here: the provisional AE
+        settle()
 
     def _to_translate(self, job: IngestJob) -> list[Pending]:
         return pending_translations(job) if self.translation is not None else []
@@ -163,6 +202,21 @@ class IngestPipeline:
                              "the message could not be stored; nothing was kept, send it again",
                              AppErrorCode.STORE_UNAVAILABLE)
         return self.inspector.builder.build(view, Outcome.ERROR, enhanced_mode(view), detail)
+
+
+def is_provisional(ack: bytes) -> bool:
+    """Whether `ack` is the provisional AE of a message still waiting for the e-prescription
+    step (ERR-5 PRESCRIPTION_NOT_PROCESSED): a copy sent meanwhile gets it, and so does one a
+    crash left stored but unprocessed."""
+    if not ack.startswith(b"MSH") or len(ack) < 5:
+        return False
+    separator, component = ack[3:4], ack[4:5]
+    code = PrescriptionError.PRESCRIPTION_NOT_PROCESSED.value.encode("ascii")
+    for segment in ack.replace(b"\n", b"\r").split(b"\r"):
+        fields = segment.split(separator)
+        if fields[0] == b"ERR" and len(fields) > 5 and fields[5].split(component)[0] == code:
+            return True
+    return False
 
 
 def pending_translations(job: IngestJob) -> list[Pending]:

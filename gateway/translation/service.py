@@ -59,6 +59,7 @@ from gateway.audit.trail import AuditTrail
 from gateway.config import GatewayConfig
 from gateway.delivery.routes import Router
 from gateway.events import Event, EventBus
+from gateway.ingest.awaited import AwaitedAnswers
 from gateway.ingest.model import MessageStatus
 from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.source import MappingErrors
@@ -506,6 +507,7 @@ class TranslationService(Service):
         self.max_batch = max_batch
         self.translator: Translator | None = None
         self.worker: TranslationWorker | None = None
+        self.awaited = AwaitedAnswers()  # answers the listeners' copies of a message wait for
 
     @property
     def mappings(self) -> MappingSet | None:
