@@ -199,31 +199,35 @@ def test_look_ups_racing_dispensations_never_show_what_is_not_true(two_nodes):
 
 
 @pytest_twisted.inlineCallbacks
-def test_the_same_dispensation_again_while_the_first_is_processed_is_told_to_wait(one_node, peers):
+def test_the_same_dispensation_again_while_the_first_is_processed(two_nodes, peers):
     """A pharmacy's software that sends its dispensation again (its first request timed out)
-    while the gateway still checks the first must not be told that it was refused: 409, send
-    it again later (then it gets the first's answer); and that 409 is not kept under its key."""
-    nodes, db_url = one_node
-    doctor, pharmacy = nodes.client(DOCTOR_ID), nodes.client(PHARMACY_ID)
+    while the gateway still checks the first must not be told that it was refused. Through the
+    node that processes the first, the copy waits for it and gets its answer; through another
+    node, 409 at once (send it again later: then it gets the first's answer), and that 409 is
+    not kept under its key."""
+    import time
+
+    nodes, db_url = two_nodes
+    doctor = nodes.client(DOCTOR_ID)
+    here, there = nodes.client(PHARMACY_ID, 0), nodes.client(PHARMACY_ID, 1)
     prescription_id = yield threads.deferToThread(prescribe, doctor, "RDE-WAIT")
     yield peers.faults("cnss", "slow", delay=3, count=1)  # the first's AMO check takes 3 s
     message = rds("RDS-WAIT", prescription_id)
 
     def again_meanwhile():
-        import time
-
         time.sleep(1)
-        return pharmacy.hl7(message), pharmacy.hl7(message, key="retry-1")
+        return there.hl7(message), there.hl7(message, key="retry-1"), here.hl7(message)
 
-    first, (plain, keyed) = yield threads.deferToThread(at_once, lambda: pharmacy.hl7(message),
-                                                        again_meanwhile)
+    first, (plain, keyed, waited) = yield threads.deferToThread(at_once, lambda: here.hl7(message),
+                                                                again_meanwhile)
     assert first[0] == 200 and ack_code(first[1]) == ("AA", ""), first
+    assert waited[0] == 200 and waited[1]["ack"] == first[1]["ack"], waited
     for status, answer in (plain, keyed):
         assert status == 409 and answer["type"].endswith("/message-in-progress"), answer
         assert ack_code(answer) == ("AE", "PRESCRIPTION_NOT_PROCESSED")
     # Sent again later, with or without its key: the first's answer.
     for key in (None, "retry-1"):
-        status, answer = yield threads.deferToThread(pharmacy.hl7, message, key)
+        status, answer = yield threads.deferToThread(there.hl7, message, key)
         assert status == 200 and ack_code(answer) == ("AA", ""), answer
     found = yield threads.deferToThread(dispensed, db_url, prescription_id)
     assert [(r.line, r.quantity_milli) for r in found] == [(1, 1000)]
