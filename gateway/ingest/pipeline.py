@@ -79,7 +79,8 @@ class IngestPipeline:
                 telemetry.stored(self.events, job)
                 pending = self._to_translate(job)
                 if not pending:
-                    self._after_the_firsts(job, lambda: self._reply(reply, job, Answer(True, result.response(builder))))
+                    self._answer_after_originals(
+                        job, lambda: self._reply(reply, job, Answer(True, result.response(builder))))
                 elif self.ack_after_translation or waiting:
                     # Whatever the translation's fate, the items' ACKs are then the stored ones.
                     opened = [p.key for p in pending if id(p.context) in waiting]
@@ -144,10 +145,10 @@ class IngestPipeline:
         for key in opened:
             self.translation.awaited.answered(key, answers.get(key))
 
-    def _after_the_firsts(self, job: IngestJob, answer: Callable[[], None]) -> None:
+    def _answer_after_originals(self, job: IngestJob, answer: Callable[[], None]) -> None:
         """Answer a frame at once, unless it holds copies of messages still waiting for the
-        e-prescription step on this node (gateway.ingest.awaited): then once those are
-        answered, each copy with its first's answer, as a duplicate gets the stored one."""
+        e-prescription step on this node (gateway.ingest.awaited): then once their originals
+        are answered, each copy with its original's answer, as a duplicate gets the stored one."""
         awaited = self.translation.awaited if self.translation is not None else None
         copies = [item for item in job.items if item.duplicate and item.ack is not None
                   and is_provisional(item.ack)] if awaited is not None else []
