@@ -26,7 +26,7 @@ import yaml
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from gateway.fhir_types import is_resource_type
+from gateway.mapping.fhir_schema import is_resource_type
 from gateway.store.texts import has_control
 from gateway.yaml_bounds import expansion_limit_passed
 from gateway.yaml_loader import SafeLoader

@@ -45,8 +45,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from adapters.hl7v2.message import Hl7Message
-from gateway.fhir_types import is_resource_type
-from gateway.mapping import codegen, message_codegen
+from gateway.mapping import codegen, fhir_schema, message_codegen
 from gateway.mapping.path import PathError, parse_path
 from gateway.mapping.rules import RuleCompiler
 from gateway.mapping.runtime import NotTranslated, Run, TranslationContext, TranslationError
@@ -207,7 +206,7 @@ def _entry(spec, compiler: RuleCompiler, resource_map, key: str, line: int) -> E
             compiler.problem(line, f"{key}.resource", f"map {target!r} builds {map_type}, not {resource_type}")
         resource_type = map_type
     elif isinstance(target, dict):
-        if not isinstance(resource_type, str) or not resource_type or not is_resource_type(resource_type):
+        if not fhir_schema.is_resource_type(resource_type):
             compiler.problem(line, f"{key}.resource", "an inline map names its FHIR resource type")
             return None
         build = compiler.object(target, resource_type, key, line_of(target, line))

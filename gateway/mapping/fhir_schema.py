@@ -2,7 +2,7 @@
 
 A mapping that names `Patient.brithDate` is refused with the list of what exists, and the
 engine learns which elements are arrays, so that one value mapped to `identifier` becomes a
-one-item list. The elements come from fhir.resources' R4B models (identical to R4 for the
+one-item list; routes, mappings and submitted Bundles name resource types that exist. The elements come from fhir.resources' R4B models (identical to R4 for the
 resources of the canonical model), read once into `fhir_elements.json`: building the models
 took more than a second of every start, command and reload. Regenerate the file after
 upgrading fhir.resources with `python -m gateway.mapping.fhir_schema`;
@@ -47,6 +47,20 @@ def elements(type_name: str) -> dict[str, Element]:
 
 def element(type_name: str, name: str) -> Element | None:
     return elements(type_name).get(name)
+
+
+_ABSTRACT = frozenset({"Resource", "DomainResource"})  # no instance may claim them
+
+
+@lru_cache(maxsize=None)
+def _resource_types() -> frozenset[str]:
+    return frozenset(name for name, found in _table().items() if "meta" in found) - _ABSTRACT
+
+
+def is_resource_type(name: object) -> bool:
+    """A concrete resource (it has `meta`), as opposed to a datatype, a backbone element or an
+    abstract type; a routes', a mapping's or a submitted Bundle's `resourceType`."""
+    return isinstance(name, str) and name in _resource_types()
 
 
 # -- from the models ---------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.hl7v2.message import Hl7Message
-from gateway.fhir_types import is_resource_type
 from gateway.mapping import codegen, fhir_schema
 from gateway.mapping.engine import (MessageMap, bind_message_map, compile_message_map, resolve_message_map,
                                     run_message_map)
@@ -103,7 +102,7 @@ class _Layer:
     def _resource_map(self, display: str):
         def resource_map(name: str, line: int, key: str):
             found = self.named(name, display, line, key)
-            if found is not None and found[0] and not is_resource_type(found[0]):
+            if found is not None and found[0] and not fhir_schema.is_resource_type(found[0]):
                 self.problems.append(Problem(display, line, key, f"map {name!r} builds a {found[0]}, not a resource"))
                 return None
             return found
@@ -157,7 +156,7 @@ class _Layer:
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             self.problems.append(Problem(file, line, "identity", "list the elements that join the identifier, such as [code]"))
             return ()
-        if not type_name or not is_resource_type(type_name):
+        if not type_name or not fhir_schema.is_resource_type(type_name):
             self.problems.append(Problem(file, line, "identity", "identity: belongs to a resource map"))
             return ()
         found = document.get("map")

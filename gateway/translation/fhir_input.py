@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import fhir_json, strict_json
-from gateway.fhir_types import is_resource_type
 from gateway.mapping.engine import collection_bundle  # also report_input's: one Bundle shape for every input
 from gateway.mapping.engine import _resource_id as resource_id  # the id rule of every translation
+from gateway.mapping.fhir_schema import is_resource_type
 from gateway.mapping.runtime import TranslationContext
 from gateway.mapping.transforms.patient import CNIE, national_number
 from gateway.sandbox.record.operation_outcome import Issue

@@ -21,7 +21,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from gateway.fhir_types import is_resource_type
+from gateway.mapping.fhir_schema import is_resource_type
 from gateway.sandbox.record import json_codec
 from gateway.sandbox.record.operation_outcome import FhirError
 from gateway.sandbox.record.search import parse_query_string, parse_search

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway import strict_json
-from gateway.fhir_types import is_resource_type
+from gateway.mapping.fhir_schema import is_resource_type
 from gateway.sandbox.record import json_codec
 from gateway.sandbox.record.operation_outcome import FhirError, Issue
 from gateway.sandbox.record.search import SearchQuery, parse_query_string, parse_search

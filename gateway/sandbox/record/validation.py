@@ -18,7 +18,7 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 @lru_cache(maxsize=None)
 def _model(resource_type: str):
-    """The R4B model class of a concrete resource type (one of RESOURCE_TYPES)."""
+    """The R4B model class of a concrete resource type (fhir_schema.is_resource_type)."""
     from fhir.resources.R4B import get_fhir_model_class
     return get_fhir_model_class(resource_type)
 
