@@ -103,13 +103,13 @@ class ReadinessChecks:
                 settle(Check("database", True))
 
         try:
-            self._database.run(_select_one).addBoth(answered)
+            self._database.run(_messages_readable).addBoth(answered)
         except Exception as error:  # the pool is not running
             answered(Failure(error))
         return answer
 
 
-def _select_one(conn) -> int:
+def _messages_readable(conn) -> None:
     """Whether the messages table can be read: a database that answers while a lock holds
     that table (a migration, a VACUUM FULL) stores nothing, and the ingest writer answers
     STORE_UNAVAILABLE meanwhile. The lock is waited for no longer than the check is."""
@@ -118,7 +118,6 @@ def _select_one(conn) -> int:
     if conn.dialect.name == "postgresql":
         conn.execute(text(f"SET LOCAL lock_timeout = '{round(DATABASE_TIMEOUT * 1000)}ms'"))
     conn.execute(text("SELECT 1 FROM messages LIMIT 1")).all()
-    return 1
 
 
 def _short(text: str) -> str:
