@@ -141,9 +141,10 @@ class IngestPipeline:
                 if record.ack is not None and pending.context is not None:
                     pending.context.ack = record.ack
         self._reply(reply, job, Answer(True, result.response(self.inspector.builder)))
-        answers = {p.key: p.context.ack for p in tjob.items if p.context is not None}
-        for key in opened:
-            self.translation.awaited.answered(key, answers.get(key))
+        if opened:
+            answers = {p.key: p.context.ack for p in tjob.items if p.context is not None}
+            for key in opened:
+                self.translation.awaited.answered(key, answers.get(key))
 
     def _answer_after_originals(self, job: IngestJob, answer: Callable[[], None]) -> None:
         """Answer a frame at once, unless it holds copies of messages still waiting for the
