@@ -15,6 +15,8 @@ import re
 import orjson
 
 _NUMBER = re.compile(r"([+-]?)0*(\d*)(?:\.(\d*))?", re.ASCII)
+# A decimal already written as JSON writes it (most results: 13.2, 0.85, -1.5): its own text.
+_JSON_DECIMAL = re.compile(r"-?(?:0|[1-9]\d*)\.\d+", re.ASCII)
 
 
 class ExactDecimal(float):
@@ -32,6 +34,8 @@ def exact_decimal(text: str) -> ExactDecimal:
     """The decimal written in `text` (digits, an optional sign and decimal point: what a
     transform has checked), its text made a JSON number and nothing else changed: '+007.50'
     is 7.50, '.5' is 0.5, '5.' is 5."""
+    if _JSON_DECIMAL.fullmatch(text):
+        return ExactDecimal(text)
     match = _NUMBER.fullmatch(text)
     if match is None:
         raise ValueError(f"{text!r} is not a plain decimal number")

@@ -46,6 +46,8 @@ def test_the_decimal_transform_keeps_the_precision_sent():
         assert to_decimal(text, None).text == exact_decimal(text).text, text
     with pytest.raises(ValueError, match="out of range"):
         to_decimal("1" * 400 + ".5", None)
+    with pytest.raises(ValueError):  # Arabic-Indic digits: float() reads them, JSON would not
+        to_decimal("\u0661\u0663.\u0662", None)
 
 
 def test_stored_bundles_and_record_requests_keep_the_decimals():

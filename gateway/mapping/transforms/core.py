@@ -17,7 +17,7 @@ import re
 import sys
 from datetime import datetime, timedelta, timezone
 
-from gateway.fhir_json import ExactDecimal, exact_decimal
+from gateway.fhir_json import exact_decimal
 from gateway.mapping.transforms import transform
 
 # ASCII digits only (re.ASCII): \d also matches Arabic-Indic and other digits, which int() reads
@@ -156,8 +156,6 @@ def to_time(value: str, run) -> str:
 
 
 _NUMBER = re.compile(r"^[+-]?(?:\d+(\.\d*)?|\.\d+)$")
-# A decimal already written as JSON writes it (most results: 13.2, 0.85, -1.5): its own text.
-_JSON_DECIMAL = re.compile(r"-?(?:0|[1-9]\d*)\.\d+")
 _NONZERO = re.compile("[1-9]")
 
 
@@ -174,10 +172,6 @@ def to_decimal(value: str, run):
     """v2 NM -> a JSON number as written: an int, or a decimal that keeps its precision
     (gateway.fhir_json.ExactDecimal: '5.10' stays 5.10); '1,5' with a decimal comma is read."""
     text = value.strip()
-    if _JSON_DECIMAL.fullmatch(text):
-        number = ExactDecimal(text)
-        if in_range(number, text):
-            return number
     if "," in text and "." not in text and text.count(",") == 1:
         text = text.replace(",", ".")
     match = _NUMBER.match(text)
