@@ -1,6 +1,7 @@
 """CSV exports of pharmacy software (adapters/legacy/csv_export.py) through read_input."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,29 @@ def test_empty_and_garbage_csv(data, reason, location):
     with pytest.raises(InputError) as caught:
         read_input(data, format="csv" if data else None, csv_profiles=PROFILES)
     assert reason in str(caught.value) and caught.value.location == location
+
+
+def test_a_wide_header_costs_what_the_rows_hold():
+    """A 20,000-column header: checking its names for repeats was quadratic (1.75 s), and each
+    one-cell row was padded to 20,000 fields (2,000 rows: some 20 s and 300 MB). A row keeps
+    its own cells; an absent field reads as empty, and a repeat is still found."""
+    header = ",".join(f"c{number}" for number in range(20_000)).encode() + b"\n"
+    started = time.monotonic()
+    parsed = read_input(header + b"x\n" * 2_000, csv_profiles=PROFILES)
+    assert time.monotonic() - started < 2.0
+    assert len(parsed.message.segments) == 2_000
+    assert parsed.message.segments[0].fields == ["ROW", "x"]
+    assert parsed.message.value("ROW", 19_999) == ""
+    with pytest.raises(InputError, match="column 20001 repeats the name 'c0'"):
+        read_input(header.rstrip() + b",C0\nx\n", csv_profiles=PROFILES)
+
+
+def test_a_short_row_keeps_its_cells_in_profile_order():
+    """Profile columns come first: a short row's cells land where the profile puts them."""
+    data = b"Patient CNIE;Extra;Dispense Date;Prescription ID;EAN13;Drug name;Quantity;Unit price;Pharmacy INPE\nAB1;x\n"
+    parsed = read_input(data, csv_profiles=PROFILES)
+    assert parsed.message_type == "CSV^pharmacy_dispense"
+    assert [parsed.message.value("ROW", number) for number in (1, 3, 9)] == ["", "AB1", "x"]
 
 
 def test_golden_case(repo_mappings):

@@ -106,6 +106,23 @@ def test_utf16_doctype_is_refused_too():
         read_input(data, format="hl7v2-xml")
 
 
+def test_a_doctype_the_byte_check_cannot_see_reads_no_file(tmp_path):
+    """In UTF-7 ('+ADw-!DOCTYPE') a DOCTYPE passes the byte check; libxml2 then opened its
+    external subset from the local file system despite load_dtd=False (here: the file's own
+    parameter entity was fetched, which says so in the error). Nothing external is read now,
+    and the DOCTYPE is refused after parsing."""
+    import base64
+
+    dtd = tmp_path / "probe.dtd"
+    dtd.write_text('<!ENTITY % fetched SYSTEM "http://127.0.0.1:9/fetched-by-the-dtd"> %fetched;')
+    text = f'<!DOCTYPE ADT_A01 SYSTEM "file://{dtd}"><ADT_A01>{MSH.decode()}</ADT_A01>'
+    utf7 = b"+" + base64.b64encode(text.encode("utf-16-be")).rstrip(b"=") + b"-"
+    with pytest.raises(InputError) as caught:
+        read_input(b'<?xml version="1.0" encoding="UTF-7"?>' + utf7)
+    assert "DOCTYPE declarations are refused" in caught.value.reason
+    assert "fetched-by-the-dtd" not in str(caught.value) and "probe.dtd" not in str(caught.value)
+
+
 @pytest.mark.parametrize("data, reason", [
     (doc(b"<PID><PID.3>1</PID.3>")[:-10], "not well-formed"),
     (b"<ADT_A01><PID><PID.1>1</PID.1></PID></ADT_A01>", "does not start with an MSH"),
@@ -118,6 +135,23 @@ def test_truncated_wrong_and_misencoded_xml_are_input_errors(data, reason):
     with pytest.raises(InputError) as caught:
         read_input(data)
     assert reason in caught.value.reason and caught.value.format == "hl7v2-xml"
+
+
+def test_an_empty_msh_has_the_standard_delimiters():
+    """`<MSH/>` (no MSH.1, no MSH.2) made an IndexError out of read_input, which the translator
+    does not catch; it reads as an MSH with the standard delimiters and nothing else."""
+    parsed = read_input(b"<ADT_A01><MSH/></ADT_A01>")
+    assert parsed.message.segments[0].fields == ["MSH", "|", "^~\\&"]
+    assert parsed.message_type == "" and parsed.format == "hl7v2-xml"
+
+
+def test_parser_messages_are_one_line():
+    """libxml2 ends some messages with a newline (before lxml's ', line 1, column n'): the
+    reason, which goes into error records and acknowledgements, is kept on one line."""
+    with pytest.raises(InputError) as caught:
+        read_input(doc(b"<PID><PID.3>a\x00b</PID.3></PID>"))
+    assert "\n" not in caught.value.reason and "\r" not in caught.value.reason
+    assert "Char 0x0 out of allowed range, line 2, column" in caught.value.reason
 
 
 def test_size_limit():

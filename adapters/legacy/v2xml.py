@@ -52,10 +52,22 @@ class XmlInputError(MessageParseError):
         return super().location
 
 
+class _NothingExternal(etree.Resolver):
+    """Every external resource (DTD, parameter entity) reads as empty. libxml2 still opens the
+    external subset and external parameter entities of a DOCTYPE from local files despite
+    load_dtd=False (no_network stops only http): a DOCTYPE the byte check cannot see (UTF-7,
+    '+ADw-!DOCTYPE') would read any file, or block on a FIFO, before being refused."""
+
+    def resolve(self, url, public_id, context):
+        return self.resolve_string("", context)
+
+
 def _parser() -> etree.XMLParser:
-    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                           dtd_validation=False, huge_tree=False, remove_comments=True,
-                           remove_pis=True, collect_ids=False)
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                             dtd_validation=False, huge_tree=False, remove_comments=True,
+                             remove_pis=True, collect_ids=False)
+    parser.resolvers.add(_NothingExternal())
+    return parser
 
 
 def _refuse_declarations(data: bytes) -> None:
@@ -79,14 +91,16 @@ def parse_v2xml(data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> Hl7Message:
         root = etree.fromstring(data, _parser())
     except etree.XMLSyntaxError as error:
         line = error.lineno or 0
-        raise XmlInputError(f"not well-formed XML: {error.msg}", line=line) from None
+        # libxml2 ends some messages with a newline, which lxml follows with ', line n, column m'
+        message = " ".join(error.msg.split()).replace(" ,", ",")
+        raise XmlInputError(f"not well-formed XML: {message}", line=line) from None
     except ValueError as error:  # e.g. an unsupported encoding declaration
         raise XmlInputError(f"unreadable XML: {error}") from None
     docinfo = root.getroottree().docinfo
     if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
         raise XmlInputError("DOCTYPE declarations are refused in v2 XML", line=1)
     segments: list[Segment] = []
-    _collect(root, segments)
+    _collect(root, segments, _Budget(len(data)))
     if not segments or segments[0].name != "MSH":
         found = segments[0].name if segments else "no segment"
         raise XmlInputError(f"the message does not start with an MSH segment (found {found})",
@@ -101,18 +115,36 @@ def _local(element) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
-def _collect(element, segments: list[Segment]) -> None:
+class _Budget:
+    """The fields and components the ER7 built may hold: as many as the document has bytes
+    (ER7 spends a delimiter on each), plus room for a few high numbers in a small document.
+    MAX_NUMBER alone bounds one element, not their sum: 22-byte `<ZZZ><ZZZ.1000/></ZZZ>`
+    segments made 8 KB of fields each (a 16 MB document: gigabytes), and `<Y.1000/>`
+    components a thousand joins each (41 KB took 1.5 s)."""
+
+    def __init__(self, size: int):
+        self.left = size + 2 * MAX_NUMBER
+
+    def spend(self, count: int, element, segment: str = "XML", sequence: int = 1) -> None:
+        self.left -= count
+        if self.left < 0:
+            raise XmlInputError(f"{_local(element)}: the document numbers more fields and "
+                                "components than it has bytes", segment, sequence,
+                                line=element.sourceline or 0)
+
+
+def _collect(element, segments: list[Segment], budget: _Budget) -> None:
     for child in element:
         name = _local(child)
         if not name:
             continue
         if _SEGMENT.match(name):
-            segments.append(_segment(child, name, len(segments) + 1))
+            segments.append(_segment(child, name, len(segments) + 1, budget))
         elif len(child):
-            _collect(child, segments)
+            _collect(child, segments, budget)
 
 
-def _segment(element, name: str, sequence: int) -> Segment:
+def _segment(element, name: str, sequence: int, budget: _Budget) -> Segment:
     repetitions: dict[int, list[str]] = {}
     prefix = name + "."
     for child in element:
@@ -126,21 +158,21 @@ def _segment(element, name: str, sequence: int) -> Segment:
         if name == "MSH" and number <= 2:
             repetitions.setdefault(number, []).append(child.text or "")
         else:
-            repetitions.setdefault(number, []).append(_value(child, 2))
+            repetitions.setdefault(number, []).append(_value(child, 2, budget))
     size = max(repetitions, default=0)
+    budget.spend(size, element, name, sequence)
     fields = [name] + [""] * size
     for number, values in repetitions.items():
         fields[number] = values[0] if number <= 2 and name == "MSH" else "~".join(values)
     if name == "MSH":
-        fields[1] = fields[1] if size >= 1 and fields[1] else "|"
-        if size < 2:
-            fields.append("")
+        fields += [""] * (3 - len(fields))  # MSH-1 and MSH-2 are always there (`<MSH/>` has none)
+        fields[1] = fields[1] or "|"
         fields[2] = fields[2] or "^~\\&"
         return Segment(name, fields, unsplit=2)
     return Segment(name, fields)
 
 
-def _value(element, depth: int) -> str:
+def _value(element, depth: int, budget: _Budget) -> str:
     """A field (depth 2: components) or a component (depth 1: subcomponents) as ER7 text."""
     children = [child for child in element if _local(child)]
     if not children or depth == 0:
@@ -155,9 +187,10 @@ def _value(element, depth: int) -> str:
             raise XmlInputError(f"{_local(child)}: components are numbered from 1 to {MAX_NUMBER}",
                                 line=child.sourceline or 0)
         if number >= 1 and number not in parts:
-            parts[number] = _value(child, depth - 1)
+            parts[number] = _value(child, depth - 1, budget)
     if not parts:
         return escape(element.text or "")
+    budget.spend(max(parts), element)
     joiner = "^" if depth == 2 else "&"
     return joiner.join(parts.get(number, "") for number in range(1, max(parts) + 1))
 
