@@ -16,7 +16,7 @@ import yaml
 
 from gateway.config import PASSWORD_HASH
 from gateway.console.criteria import InvalidSearch, parse_search
-from gateway.console.hl7_layout import field_name, layout
+from gateway.console.hl7_layout import MAX_SEGMENTS, MAX_VALUES, field_name, layout
 from gateway.console.passwords import DUMMY_HASH, hash_password, verify_password
 from gateway.console.throttle import LoginThrottle
 
@@ -147,6 +147,21 @@ def test_declared_separators_and_versions_are_followed():
     assert field_name("QQQ", 1) == ""
     assert field_name("PID", 6) == "Mother's Maiden Name"
 
+
+
+def test_a_message_of_millions_of_fields_is_laid_out_within_bounds():
+    """A message of "a|a|a|...", "b~b~b..." or of millions of segments (16 MiB is allowed) was
+    laid out whole: millions of fields, gigabytes of memory and a page of hundreds of MB when
+    an operator opened it. The page shows MAX_VALUES of them; the decoded text has the rest."""
+    head = "MSH|^~\\&|APP|FAC|||20250101||ADT^A01|C1|P|2.5\r"
+    for text in (head + "ZZZ|" + "a|" * 1_000_000, head + "PID|1||" + "b~" * 1_000_000,
+                 head + "OBX|1|ST\r" * 1_000_000):
+        started = time.monotonic()
+        segments = layout(text, "2.5")
+        shown = sum(len(field.repetitions) for segment in segments for field in segment.fields)
+        assert shown <= MAX_VALUES and len(segments) <= MAX_SEGMENTS
+        msh = {field.position: field.value for field in segments[0].fields}
+        assert msh["MSH-10"] == "C1" and time.monotonic() - started < 2
 
 # -- throttling, search form ---------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import pytest_twisted
 from sqlalchemy import select, text
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.internet.task import deferLater
 
 from console_support import (ADT, ARABIC_FAMILY, PASSWORDS, Client, Clock, accounts_config, seed_attempt,
@@ -729,6 +729,32 @@ async def test_over_plain_http_only_addresses_localhost_and_named_hosts_reach_th
     finally:
         await stop_console(started)
 
+
+
+def _answer(port: int, method: str, target: str, body: bytes | None = None) -> tuple[int, str, str | None]:
+    """The status, reason phrase and Server header of one plain HTTP request."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        headers = {"Content-Type": "application/x-www-form-urlencoded"} if body is not None else {}
+        connection.request(method, target, body=body, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status, response.reason, response.getheader("server")
+    finally:
+        connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_carry_their_reason_phrase_and_no_twisted_version(console):
+    """OPTIONS * is answered by Twisted, not the console: it named TwistedWeb and its version.
+    A paused login went out as "429 Unknown Status" (Twisted knows no phrase for 429)."""
+    port = console.port.getHost().port
+    assert await threads.deferToThread(_answer, port, "OPTIONS", "*") == (200, "OK", "ma-hie-gateway")
+    client = console.client()
+    for attempt in ("one", "two", "three"):
+        assert (await client.post("/login", {"username": "operator", "password": attempt})).status == 401
+    paused = await threads.deferToThread(_answer, port, "POST", "/login", b"username=operator&password=x")
+    assert paused == (429, "Too Many Requests", "ma-hie-gateway")
 
 @pytest_twisted.ensureDeferred
 async def test_a_tls_listener_asks_no_client_certificate_and_secures_the_cookie(make_config, db_url, dev_pki):

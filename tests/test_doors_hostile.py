@@ -7,6 +7,7 @@ import json
 import socket
 import ssl
 import time
+from http import HTTPStatus
 
 import pytest
 import pytest_twisted
@@ -106,6 +107,30 @@ def test_malformed_or_oversize_heads_get_a_problem_at_once(door, request_bytes, 
     assert got == status == problem["status"] and words in problem["detail"]
     assert closed and elapsed < 3.0
 
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_asterisk_target_is_answered_by_the_door(door):
+    """Twisted answers the request-target `*` without the door: `GET *` a bare 405, and both
+    it and `OPTIONS *` with Server: TwistedWeb and its version. Now GET * is a 404 problem,
+    OPTIONS * an empty 200, both from ma-hie-gateway."""
+    answer, _, _ = yield threads.deferToThread(
+        until_closed, door, b"GET * HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    status, problem = problem_of(answer)
+    assert status == 404 == problem["status"] and b"\r\nServer: ma-hie-gateway\r\n" in answer
+    answer, _, _ = yield threads.deferToThread(
+        until_closed, door, b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nServer: ma-hie-gateway\r\n" in answer
+
+
+@pytest_twisted.inlineCallbacks
+def test_every_status_has_its_reason_phrase(door):
+    """Twisted knows no reason phrase for 422 (most refusals of the door): it sent
+    "HTTP/1.1 422 Unknown Status"."""
+    body = b"{}"
+    answer, _, _ = yield threads.deferToThread(until_closed, door, HEAD + b"Content-Length: 2\r\n"
+                                               b"Connection: close\r\n\r\n" + body)
+    assert answer.startswith(b"HTTP/1.1 422 %s\r\n" % HTTPStatus(422).phrase.encode()), answer[:40]
 
 @pytest_twisted.inlineCallbacks
 def test_content_type_charsets_only_python_knows_are_refused_with_the_reason(door):

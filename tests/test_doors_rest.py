@@ -390,6 +390,23 @@ def test_idempotency_over_the_door_on_postgresql(pki, pg_url, preloaded):
         yield stop_door(door)
 
 
+
+@pytest.mark.pg
+@pytest_twisted.inlineCallbacks
+def test_hl7v2_with_a_nul_in_its_header_is_refused_not_a_500_on_postgresql(pki, pg_url, preloaded):
+    """A NUL in MSH-10: the message was stored and refused (AE CHARSET_INVALID, as over MLLP),
+    then the door looked its row up by (MSH-3, MSH-4, MSH-10), which PostgreSQL refuses with a
+    NUL in it: 500 internal error. Now the 422 with the ACK and the stored refusal's id."""
+    door = yield start_door(door_config(pki, pg_url), pki)
+    try:
+        answer = yield Client(door, HOSPITAL.id).post("/v1/hl7v2", hl7("REST-\x00NUL"), HL7)
+        assert answer.code == 422, answer.body
+        assert answer.json()["ack_code"] == "AE" and "NUL byte" in answer.json()["detail"]
+        [row] = rows(door, messages)
+        assert answer.json()["message_id"] == row.id and row.status == "rejected"
+    finally:
+        yield stop_door(door)
+
 PROVISIONAL_AE = ("MSH|^~\\&|MA_HIE_GATEWAY|MA_HIE|HIS_CHU|CHU_IBN_ROCHD|20250114083513||ACK^A01^ACK|P1|P|2.5\r"
                   "MSA|AE|REST-NP1\rERR||MSH^1|207^Application internal error^HL70357|E|"
                   "PRESCRIPTION_NOT_PROCESSED^Not processed yet; send the message again later^MA-HIE-ERR||"

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import base64
 import json
+from xml.sax.saxutils import escape
 
 import pytest
 import pytest_twisted
 import requests
 import zeep
 from lxml import etree
-from twisted.internet import threads
+from twisted.internet import reactor, task, threads
 
 from adapters.soap.gateway import NAMESPACE
 from doors_support import (HOSPITAL, IMAGING, LAB, PHARMACY, STRANGER, Client, door_config, hl7, rows,
-                           start_door, stop_door)
+                           start_door, stop_door, with_listener)
+from gateway.doors.soap import SoapDoor
 from gateway.doors.store import api_refusals
 from gateway.mapping.mapping_set import MappingSet
 from gateway.store.schema import messages, translations
@@ -187,6 +189,61 @@ def test_hostile_and_malformed_requests_are_faults(door, body, code, error):
     assert b"passwd" not in answer.body and b"lollol" not in answer.body
     assert not rows(door, messages)
 
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_comment_inside_a_value_does_not_cut_it(door):
+    """lxml's .text stops at a comment: an HL7 message with one in its PID was stored cut there
+    and acknowledged AA, a report's patient identifier BK12<!-- -->3456 was read as BK12 and its
+    PDF cut in two. Comments carry no data: the text around them is read whole."""
+    text = hl7("SOAP-CMT").decode("utf-8")
+    message = escape(text).replace("Benali", "Ben<!-- n -->ali")
+    answer = yield Client(door, HOSPITAL.id).post("/soap/", envelope(
+        f"<gw:SubmitHL7Message><gw:message>{message}</gw:message></gw:SubmitHL7Message>"), "text/xml")
+    assert answer.code == 200 and b"<gw:ackCode>AA</gw:ackCode>" in answer.body
+    [row] = rows(door, messages, messages.c.control_id == "SOAP-CMT")
+    assert bytes(row.raw) == text.encode("utf-8")
+
+    pdf = base64.b64encode(PDF).decode("ascii")
+    answer = yield Client(door, IMAGING.id).post("/soap/", envelope(
+        "<gw:SubmitReport><gw:reportId>CR-CMT</gw:reportId><gw:patient><gw:identifier>"
+        "<gw:system>urn:ma:cnie</gw:system><gw:value>BK12<!-- c -->3456</gw:value></gw:identifier>"
+        "</gw:patient><gw:examination><gw:display>IRM<!-- c --> cérébrale</gw:display></gw:examination>"
+        f"<gw:text>Examen normal.</gw:text><gw:pdf>{pdf[:40]}<!-- c -->{pdf[40:]}</gw:pdf></gw:SubmitReport>"),
+        "text/xml")
+    assert answer.code == 200 and b"<gw:status>translated</gw:status>" in answer.body
+    [row] = rows(door, messages, messages.c.format == "soap-report")
+    [translation] = rows(door, translations, translations.c.message_id == row.id)
+    resources = {e["resource"]["resourceType"]: e["resource"] for e in json.loads(translation.bundle)["entry"]}
+    assert resources["Patient"]["identifier"][0]["value"] == "BK123456"
+    assert resources["DiagnosticReport"]["code"]["text"] == "IRM cérébrale"
+    [form] = [f for f in resources["DiagnosticReport"]["presentedForm"] if f["contentType"] == "application/pdf"]
+    assert base64.b64decode(form["data"]) == PDF
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_request_not_answered_in_time_is_a_server_fault(pki, tmp_path, repo_mappings, monkeypatch):
+    """Past request_timeout the door answered a SOAP client with a 503 problem+json, which no
+    SOAP client reads as a fault: now soap:Server REQUEST_TIMEOUT, send it again later."""
+    monkeypatch.setattr(MappingSet, "load", classmethod(lambda cls, directory: repo_mappings))
+    handle = SoapDoor.handle
+
+    async def slow(self, *arguments):
+        await task.deferLater(reactor, 0.6, lambda: None)
+        return await handle(self, *arguments)
+
+    monkeypatch.setattr(SoapDoor, "handle", slow)
+    config = with_listener(door_config(pki, f"sqlite:///{tmp_path / 'gateway.sqlite'}"), request_timeout=0.3)
+    door = yield start_door(config, pki)
+    try:
+        message = escape(hl7("SOAP-SLOW").decode("utf-8"))
+        answer = yield Client(door, HOSPITAL.id).post("/soap/", envelope(
+            f"<gw:SubmitHL7Message><gw:message>{message}</gw:message></gw:SubmitHL7Message>"), "text/xml")
+        assert answer.code == 500 and answer.header("content-type").startswith("text/xml"), answer.body
+        assert fault_of(answer) == ("soap:Server", "REQUEST_TIMEOUT")
+        yield task.deferLater(reactor, 0.6, lambda: None)  # the work goes on, and ends
+    finally:
+        yield stop_door(door)
 
 @pytest_twisted.inlineCallbacks
 def test_contract_is_served_and_strangers_are_refused(door):

@@ -8,11 +8,17 @@ separator MSH-1 declares; MSH-1 is the separator itself and MSH-2 the encoding c
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import islice
 
 _VERSIONS = ("2_5", "2_5_1", "2_4", "2_3_1", "2_3", "2_6", "2_7", "2_8")
 MAX_SEGMENTS = 2000  # a page shows this many; the decoded text above has everything
+# Fields and repetitions a page shows in all: a message of 16 MiB of "a|a|a|..." (or of CRs)
+# was laid out whole, millions of them: gigabytes of memory and a page of hundreds of MB.
+MAX_VALUES = 50_000
+_LINE = re.compile(r"[^\r\n]+")
 
 
 @dataclass(frozen=True)
@@ -33,16 +39,18 @@ class Segment:
 
 
 def layout(text: str, version: str | None = None) -> list[Segment]:
-    """The segments of `text` with their non-empty fields, named."""
-    lines = [line for line in text.replace("\r\n", "\r").replace("\n", "\r").split("\r") if line.strip()]
+    """The segments of `text` with their non-empty fields, named: at most MAX_SEGMENTS
+    segments and MAX_VALUES fields and repetitions."""
+    lines = list(islice((m.group() for m in _LINE.finditer(text) if m.group().strip()), MAX_SEGMENTS))
     separator, repetition = "|", "~"
     if lines and lines[0].startswith(("MSH", "FHS", "BHS")) and len(lines[0]) > 3:
         separator = lines[0][3]
         encoding = lines[0][4:].split(separator, 1)[0]
         repetition = encoding[1] if len(encoding) > 1 else "~"
     segments = []
-    for index, line in enumerate(lines[:MAX_SEGMENTS], start=1):
-        parts = line.split(separator)
+    budget = MAX_VALUES
+    for index, line in enumerate(lines, start=1):
+        parts = _split(line, separator, budget + 1)
         name = parts[0][:3] if parts[0] else "?"
         header = name in ("MSH", "FHS", "BHS")
         if header:
@@ -50,11 +58,22 @@ def layout(text: str, version: str | None = None) -> list[Segment]:
             values = [(1, separator)] + [(number, value) for number, value in enumerate(parts[1:], start=2)]
         else:
             values = list(enumerate(parts[1:], start=1))
-        fields = tuple(Field(f"{name}-{number}", field_name(name, number, version), value,
-                             (value,) if header and number <= 2 else tuple(value.split(repetition)))
-                       for number, value in values if value != "")
-        segments.append(Segment(name, index, fields))
+        fields = []
+        for number, value in values:
+            if value == "" or budget <= 0:
+                continue
+            shown = (value,) if header and number <= 2 else tuple(_split(value, repetition, budget))
+            budget -= len(shown)
+            fields.append(Field(f"{name}-{number}", field_name(name, number, version), value, shown))
+        segments.append(Segment(name, index, tuple(fields)))
+        if budget <= 0:
+            break
     return segments
+
+
+def _split(text: str, separator: str, most: int) -> list[str]:
+    """text.split(separator), its first `most` pieces only (never millions of strings)."""
+    return text.split(separator, most)[:most]
 
 
 def field_name(segment: str, number: int, version: str | None = None) -> str:

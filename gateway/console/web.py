@@ -58,7 +58,6 @@ MAX_FIELDS = 32
 LOGIN_CHECKS = 2
 LOGIN_WAITING = 16
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{20,128}")
-_REASONS = {421: b"Misdirected Request"}  # a reason Twisted does not know
 _SECURITY_HEADERS = {
     b"content-security-policy": b"default-src 'none'; style-src 'self'; img-src 'self'; "
                                 b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
@@ -526,7 +525,7 @@ class Console(resource.Resource):
               cache: bytes = b"no-store") -> None:
         if request.finished or getattr(request, "_disconnected", False) or request.channel is None:
             return
-        request.setResponseCode(status, _REASONS.get(status))
+        request.setResponseCode(status)  # with its reason phrase (gateway.http_request)
         for name, value in _SECURITY_HEADERS.items():
             request.setHeader(name, value)
         if self.context.listener.tls:  # browsers then never try the console over plain HTTP

@@ -108,6 +108,14 @@ class DoorRequest(Request):
             return  # answered already; the connection is closing
         super().requestReceived(command, path, version)
 
+    def _handleStar(self):
+        # `GET *` got Twisted's bare 405: the door answers it (a 404 problem, as any path
+        # outside /v1/ and /soap/); OPTIONS * keeps Twisted's empty 200.
+        if self.method == b"OPTIONS":
+            super()._handleStar()
+        else:
+            self.render(self.site.resource)
+
     def _refuse_oversize(self, length: int | None) -> None:
         self.oversize = True
         self.content = io.BytesIO()  # let go of what was kept
@@ -416,14 +424,19 @@ class HttpsDoor(resource.Resource):
     def _timed_out(self, request) -> None:
         if request.finished or getattr(request, "_disconnected", False):
             return
-        log.warning("%s: %s %s not answered within %.0f s; answered 503", self.listener.name,
-                    request.method.decode("ascii", "replace"), request.path.decode("utf-8", "replace"),
-                    self.listener.request_timeout)
+        path = request.path.decode("utf-8", "replace")
+        log.warning("%s: %s %s not answered within %.0f s; told to send it again", self.listener.name,
+                    request.method.decode("ascii", "replace"), path, self.listener.request_timeout)
+        if path.startswith("/soap"):  # a SOAP client reads a fault, not a problem
+            from adapters.soap.gateway.envelope import server_fault
+
+            return self._send_soap(request, fault_answer(server_fault(
+                "REQUEST_TIMEOUT", f"the request was not answered within "
+                                   f"{self.listener.request_timeout:g} s; send it again later")))
         self._send(request, problem_response(Problem(
             503, "request-timeout", "Not answered in time",
             f"the request was not answered within {self.listener.request_timeout:g} s; send it again "
-            "(with the same Idempotency-Key, to get its answer once ready)", retry_after=5),
-            request.path.decode("utf-8", "replace")))
+            "(with the same Idempotency-Key, to get its answer once ready)", retry_after=5), path))
 
     def _crashed(self, failure, request) -> None:
         log.error("%s: internal error answering %s %s: %s", self.listener.name,

@@ -30,6 +30,7 @@ from gateway.ingest.model import Inbound
 from gateway.ingest.pipeline import pending_translations
 from gateway.store.ingest_writer import IngestJob, IngestWriter
 from gateway.store.schema import messages
+from gateway.store.texts import is_storable
 from gateway.store.translations import StoredTranslation, TranslationRecord, get_translation
 
 
@@ -147,8 +148,11 @@ def _stored_key(payload: bytes) -> tuple[str, str, str] | None:
     except (HeaderError, CharsetError):
         return None
     fields = header.fields
-    return (fields[2].decode(codec, "replace"), fields[3].decode(codec, "replace"),
-            fields[9].decode(codec, "replace"))
+    key = (fields[2].decode(codec, "replace"), fields[3].decode(codec, "replace"),
+           fields[9].decode(codec, "replace"))
+    # A NUL in MSH-10 (say): PostgreSQL refuses it even in a look-up, and the door answered
+    # 500 for a message stored and refused AE. The inspector accepts no such header.
+    return key if all(is_storable(text) for text in key) else None
 
 
 def _answer_codec(payload: bytes) -> str:

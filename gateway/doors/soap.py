@@ -90,6 +90,10 @@ class SoapDoor:
         """The operation element of a request, parsed, validated and authorized
         (`may(right)` says whether the caller has a right); raises SoapFault or Unauthorized."""
         element = parse_request(body, self.schema)
+        # A comment splits an element's text, and .text (what the operations and the report's
+        # translation read) stops at it: "AB<!---->12" was read as "AB", an HL7 message was
+        # stored cut at its first comment. Comments carry no data.
+        etree.strip_tags(element, etree.Comment)
         qname = etree.QName(element)
         operation = qname.localname
         if qname.namespace != NAMESPACE or operation not in OPERATION_RIGHTS:
