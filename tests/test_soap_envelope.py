@@ -67,3 +67,30 @@ def test_a_fault_with_control_characters_still_serialises():
     assert tree.findtext(".//{urn:ma:cnss:amo:fse:1}message") == "bad ? byte: cause ?"
     assert tree.findtext(".//{urn:ma:cnss:amo:fse:1}element") == "e"
     assert tree.find(".//{urn:ma:cnss:amo:fse:1}ligne") is None
+
+
+GATEWAY_XSD = etree.XMLSchema(etree.parse("adapters/soap/gateway/gateway.xsd"))
+
+
+@pytest.mark.parametrize("value, where", [
+    ("SECRETNAME'x", "birthDate"),          # a quote inside the value once ended the masking
+    ("O'Brien'1971", "birthDate"),
+    ("Amina'\n' is not", "gender"),          # a facet (enumeration), with the words that follow
+])
+def test_a_schema_fault_never_echoes_a_value_of_the_request(value, where):
+    """libxml2 quotes the offending value in its message: the fault string keeps the rule and
+    the element, never the value, whatever quotes or line ends the value holds."""
+    patient = {"birthDate": "<gw:birthDate>{}</gw:birthDate>", "gender": "<gw:gender>{}</gw:gender>"}
+    text = value.replace("&", "&amp;").replace("<", "&lt;")
+    request = etree.fromstring(
+        f'<gw:SubmitReport xmlns:gw="{gateway.NAMESPACE}"><gw:reportId>R1</gw:reportId><gw:patient>'
+        f'<gw:identifier><gw:system>urn:ma:cnie</gw:system><gw:value>BK1</gw:value></gw:identifier>'
+        f'<gw:familyName>Alaoui</gw:familyName>{patient[where].format(text)}</gw:patient>'
+        f'<gw:examination><gw:display>IRM</gw:display></gw:examination><gw:text>x</gw:text>'
+        f'</gw:SubmitReport>'.encode())
+    with pytest.raises(envelope.SoapFault) as fault:
+        gateway.validate(request, GATEWAY_XSD)
+    message = fault.value.message
+    assert "SECRET" not in message and "Brien" not in message and "1971" not in message
+    assert value.split("'")[0] not in message
+    assert fault.value.element == where and "is not" in message  # the rule is still told

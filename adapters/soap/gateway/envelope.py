@@ -56,12 +56,32 @@ def validate(element: etree._Element, schema: etree.XMLSchema) -> None:
     if schema.validate(etree.ElementTree(element)):
         return
     error = schema.error_log.last_error
-    message = re.sub(r"'[^']*'(?= is not)", "the value", error.message)  # never echo a value
+    message = _without_values(error.message, element)
     element_name = None
     if error.path:
         element_name = error.path.rsplit("/", 1)[-1].split(":")[-1].split("[")[0] or None
     raise client_fault("SCHEMA_INVALID", f"the request does not follow gateway.xsd: {xml_safe(message)[:300]}",
                        line=error.line or None, element=element_name)
+
+
+# libxml2 quotes the offending value after "The value " (a facet) or after the element's name
+# ("Element 'x': 'value' is not a valid value of ..."). The value may hold quotes itself: the
+# quoted run goes to the last quote before the verb that follows it.
+_QUOTED_VALUE = re.compile(r"(The value |: )'.*'(?= (?:is|has|must) )", re.S)
+_SHORTEST_CHECKED = 4  # shorter values ("1", "M") are also words of the schema's own rules
+
+
+def _without_values(message: str, element: etree._Element) -> str:
+    """libxml2's message with the request's values taken out (a fault never echoes patient
+    data); a generic one when a value of the request is still found in it."""
+    message = _QUOTED_VALUE.sub(lambda m: "The value" if m[1] == "The value " else ": the value",
+                                message.strip())
+    values = [text.strip() for node in element.iter()
+              for text in [node.text if isinstance(node.tag, str) else None, *node.attrib.values()]
+              if text and len(text.strip()) >= _SHORTEST_CHECKED]
+    if any(value in message for value in values):
+        return "a value breaks a rule of the schema"
+    return message
 
 
 def fault_envelope(fault: SoapFault) -> bytes:
