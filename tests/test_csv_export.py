@@ -70,6 +70,8 @@ def test_fallback_codec_for_8bit_exports():
     (b"a,b\n1,2,3\n", "3 cells for 2 header columns", "ROW[1]-3"),
     (b'a,b\n1,"2\n', "unreadable row", "ROW[1]"),
     (b"\xff\xfea\x00,\x00b\x00", "UTF-16", "header"),
+    (b"a,b\n" + b"1,2\n" * 2000 + b"3,4\x00\n", "NUL byte", "ROW[2001]-2"),  # past the first 4 KB
+    (b"a,b\n1,2\n" + b" " * 5000 + b"\na,b\x00c\n", "NUL byte", "ROW[2]-2"),
 ])
 def test_empty_and_garbage_csv(data, reason, location):
     """Bad files are InputErrors with the row and column."""

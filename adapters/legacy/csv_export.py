@@ -118,6 +118,11 @@ def parse_csv(text: str, profiles: dict[str, tuple[str, ...]] | None = None) -> 
         header = next(reader)
     except csv.Error as error:
         raise CsvInputError(f"unreadable header row: {error}") from None
+    # No text holds a NUL (the first 4 KB were checked for binary data when decoding): each
+    # cell is looked at only when the file has one somewhere, and the first is located.
+    nul = "\x00" in text
+    if nul:
+        _refuse_nul(header, 0)
     names = [normalise(cell) for cell in header]
     seen: set[str] = set()  # not names.index(): quadratic (40,000 columns took 10 s)
     for number, name in enumerate(names, 1):
@@ -144,6 +149,8 @@ def parse_csv(text: str, profiles: dict[str, tuple[str, ...]] | None = None) -> 
         row += 1
         if len(cells) > width:
             raise CsvInputError(f"{len(cells)} cells for {width} header columns", row, width + 1)
+        if nul:
+            _refuse_nul(cells, row)
         # The row's own cells only (an absent field reads as empty): padding each row to the
         # header's width cost rows x columns (4,000 one-cell rows under a 20,000-column
         # header, 137 KB, took 43 s and 650 MB).
@@ -153,6 +160,12 @@ def parse_csv(text: str, profiles: dict[str, tuple[str, ...]] | None = None) -> 
     if not segments:
         raise CsvInputError("no data row after the header")
     return Hl7Message(segments, Separators()), profile
+
+
+def _refuse_nul(cells: list[str], row: int) -> None:
+    for column, cell in enumerate(cells, 1):
+        if "\x00" in cell:
+            raise CsvInputError("a NUL byte (0x00): no text holds one", row, column)
 
 
 def choose_profile(names: list[str], profiles: dict[str, tuple[str, ...]]) -> tuple[str, list[int]]:
