@@ -145,7 +145,8 @@ def test_route_table_literals_first_params_and_405():
     assert match.route.template.endswith("/qr") and match.params == {"id": "RX-1"}
     with pytest.raises(Problem) as wrong:
         table.match("DELETE", "/v1/prescriptions/RX1")
-    assert wrong.value.status == 405 and wrong.value.extensions["allow"] == ["GET"]
+    assert wrong.value.status == 405 and wrong.value.extensions["allow"] == ["GET", "HEAD"]
+    assert table.match("HEAD", "/v1/prescriptions/RX1").route.method == "GET"  # GET without the body
     with pytest.raises(Problem) as missing:
         table.match("GET", "/v1/prescriptions/")
     assert missing.value.status == 404

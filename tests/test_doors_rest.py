@@ -161,6 +161,10 @@ def test_unknown_paths_and_methods_are_problems(door):
     method = yield client.get("/v1/hl7v2")
     assert method.code == 405 and method.header("allow") == "POST"
     assert method.json()["status"] == 405
+    document = yield client.get("/v1/openapi.json")
+    head = yield client.request("HEAD", "/v1/openapi.json")  # a GET without the body
+    assert head.code == 200 and head.body == b"" and document.body
+    assert head.header("content-length") == str(len(document.body))
 
 
 # -- POST /v1/fhir --------------------------------------------------------------------------

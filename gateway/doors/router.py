@@ -70,15 +70,18 @@ class RouteTable:
     def match(self, method: str, path: str) -> Match:
         """The route for `method path` (path without the query), or a 404/405 Problem."""
         segments = path.strip("/").split("/")
+        wanted = "GET" if method == "HEAD" else method  # GET without the body (RFC 9110 9.3.2)
         allowed: list[str] = []
         for compiled in self._routes:
             params = _bind(compiled.parts, segments)
             if params is None:
                 continue
-            if compiled.route.method.upper() == method:
+            route_method = compiled.route.method.upper()
+            if route_method == wanted:
                 return Match(compiled.route, params)
-            if compiled.route.method.upper() not in allowed:
-                allowed.append(compiled.route.method.upper())
+            for each in (route_method, "HEAD") if route_method == "GET" else (route_method,):
+                if each not in allowed:
+                    allowed.append(each)
         if allowed:
             raise Problem(405, "method-not-allowed", "Method not allowed",
                           f"{method} is not allowed here; allowed: {', '.join(allowed)}",
