@@ -177,6 +177,9 @@ class HealthResource(Resource):
     def render_GET(self, request):
         return _json(request, 404, {"error": "see /health/live and /health/ready"})
 
+    def getChild(self, path, request):
+        return self  # /health/anything: the same JSON 404, not Twisted's HTML page
+
 
 def _json(request, status: int, body: dict) -> bytes:
     request.setResponseCode(status)

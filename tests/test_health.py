@@ -29,6 +29,9 @@ def test_ready_then_a_listener_stops(db_url, make_config, tmp_path, observe):
     status, body = yield in_thread(get_json, observed.base + "/health/ready")
     assert (status, body) == (200, {"status": "ready", "checks": {
         "database": {"ok": True}, "listeners": {"ok": True}, "mappings": {"ok": True}}})
+    for other in ("/health/", "/health/x", "/health/x/y"):  # JSON too, not Twisted's HTML page
+        status, body = yield in_thread(get_json, observed.base + other)
+        assert (status, body) == (404, {"error": "see /health/live and /health/ready"})
 
     yield observed.service.getServiceNamed("mllp-tls").stopService()
     status, body = yield in_thread(get_json, observed.base + "/health/ready")
