@@ -59,6 +59,9 @@ def test_repetitions_are_split_once_and_cached():
     ("a\\.sk 50000000\\b", "a\\.sk 50000000\\b"),
     ("x\\.sp " + "9" * 5000 + "\\y", "x\\.sp " + "9" * 5000 + "\\y"),
     ("a\\.sk \u0663\\b", "a\\.sk \u0663\\b"),
+    # A sign without digits is no count (it raised ValueError from int('-')).
+    ("x\\.sp -\\y", "x\\.sp -\\y"),
+    ("a\\.sk+\\b", "a\\.sk+\\b"),
 ])
 def test_escape_sequences(text, expected):
     """Each sequence of HL7 chapter 2.7; unknown or unterminated ones are kept as written."""

@@ -8,7 +8,7 @@ import pytest
 
 from adapters.hl7v2.ack import AckBuilder, ControlIds, ErrorDetail, Hl7Clock, ack_code_of
 from adapters.hl7v2.codes import AckCode, AppErrorCode, ErrorCondition, Outcome
-from adapters.hl7v2.header import Location
+from adapters.hl7v2.header import Location, parse_header
 from adapters.mllp.client import split_messages
 from conftest import CORPUS
 from gateway.config import SenderConfig
@@ -425,6 +425,18 @@ def test_non_default_delimiters_message_accepted():
     assert item.status is MessageStatus.RECEIVED
     assert item.ack.startswith(b"MSH#$*@!#")
     assert b"MSA#AA#MSG0001" in item.ack
+
+
+@pytest.mark.parametrize("fs, enc", [("^", "~|\\"), ("&", "^~\\"), ("~", "^^\\&"), ("|", "^~\\")])
+def test_bad_msh2_is_answered_in_an_ack_that_parses(fs, enc):
+    """A bad MSH-2 after a field separator that is a standard encoding character ('^', '&'):
+    the AR is in the standard delimiters, so that its MSH reads and its ERR-2 says MSH-2 (it
+    was 'MSH^^~\\&^...', an MSH-2 the sender reads as empty)."""
+    item = inspector().message(message(fs=fs, enc=enc))
+    assert item.status is MessageStatus.REJECTED and item.error.location == Location("MSH", 1, 2)
+    assert parse_header(item.ack).message_code == b"ACK"
+    assert ack_code_of(item.ack) is AckCode.APPLICATION_REJECT
+    assert err(item.ack)[2] == b"MSH^1^2"
 
 
 def test_locate():

@@ -72,6 +72,15 @@ def test_empty_message_type_is_refused_precisely():
     assert error.value.reason == "MSH-9 message type is empty" and error.value.location == "MSH^1^9"
 
 
+@pytest.mark.parametrize("raw", [b"MSH\rPID|1||x\r", b"MSH\nEVN|A01\n", b"MSH\r\n\r\nPID|1"])
+def test_msh_alone_on_its_line_is_refused_precisely(raw):
+    """'MSH' then a line end: no field separator, an InputError at MSH-1 (not a ValueError
+    from reading MSH-18 before the message is parsed)."""
+    with pytest.raises(InputError) as error:
+        read_input(raw)
+    assert error.value.location == "MSH[1]-1" and "MSH-1 field separator" in error.value.reason
+
+
 def test_declared_ascii_with_utf8_bytes_is_read_as_utf8():
     """ASCII is a subset of UTF-8: 'Ménara' sent as UTF-8 under MSH-18 ASCII is read, not refused;
     bytes that are not UTF-8 either are still refused."""

@@ -40,8 +40,9 @@ def unescape(text: str, escape: str, field: str, component: str, repetition: str
 
 # A count of lines or spaces: three ASCII digits at most. '\.sk 50000000\' is 20 bytes that
 # would expand to 50 MB (and a count of thousands of digits is no number Python reads): a
-# sequence with a larger count is kept literally, as any other we do not understand.
-_COUNT = re.compile(r"\s*([+-]?\d{0,3})\s*$", re.ASCII)
+# sequence with a larger count is kept literally, as any other we do not understand. A sign
+# needs its digits: '\.sp -\' is no count either.
+_COUNT = re.compile(r"\s*([+-]?\d{1,3})?\s*$", re.ASCII)
 
 
 def _decode(sequence: str, simple: dict[str, str], codec: str) -> str | None:

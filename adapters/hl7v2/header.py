@@ -169,7 +169,10 @@ def read_delimiters(segment: bytes, where: str = "MSH") -> Delimiters:
     elif len(set(encoding)) != len(encoding) or segment[3] in encoding:
         problem = "repeats a separator"
     if problem:
-        delimiters = Delimiters(field=field_separator)
+        # The answer keeps the sender's field separator with the standard encoding characters,
+        # unless it is one of them ('MSH^...', 'MSH&...'): that ACK would not parse.
+        delimiters = (DEFAULT_DELIMITERS if field_separator in DEFAULT_DELIMITERS.encoding_characters
+                      else Delimiters(field=field_separator))
         raise HeaderError(ErrorCondition.DATA_TYPE_ERROR, Location(where, 1, 2),
                           f"{where}-2 encoding characters {problem}", delimiters=delimiters)
     return Delimiters(field_separator, encoding[0:1], encoding[1:2], encoding[2:3], encoding[3:4], encoding)

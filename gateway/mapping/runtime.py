@@ -8,6 +8,7 @@ message.
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -142,9 +143,10 @@ class Run:
         `name` in the current scope when no segment is current."""
         segments = self.message.segments
         scope = self.scope
-        if self.segment is None:
-            return [(segments[at], at) for at in self.message.positions(name)
-                    if scope.start <= at < scope.end]
+        if self.segment is None:  # by bisection, not a scan of the message's every `name`
+            found = self.message.positions(name)
+            low = bisect_left(found, scope.start)
+            return [(segments[at], at) for at in found[low:bisect_left(found, scope.end, low)]]
         found = []
         at = self.position + 1
         while at < scope.end and segments[at].name == name:

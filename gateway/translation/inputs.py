@@ -181,6 +181,8 @@ def _declared_charset(data: bytes) -> str:
     end = min((at for at in (data.find(b"\r", start), data.find(b"\n", start)) if at >= 0),
               default=len(data))
     line = data[start:end]
+    if len(line) < 4:  # 'MSH' alone on its line: no separator to split on
+        return ""
     fields = line.split(line[3:4])
     if len(fields) < 18:
         return ""

@@ -9,9 +9,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from bisect import bisect_left
 
 from adapters.hl7v2.message import Segment
-from gateway.mapping.runtime import FIELD, Part, TranslationError
+from gateway.mapping.runtime import COMPONENT, FIELD, Part, TranslationError
 from gateway.mapping.transforms import FieldGuard, transform
 from gateway.mapping.transforms.core import to_decimal
 
@@ -117,8 +118,12 @@ def _group_obx(run):
     or the document)."""
     message = run.message
     scope = run.scope
-    return [(message.segments[at], f"OBX[{number}]") for number, at in enumerate(message.positions("OBX"), 1)
-            if scope.start <= at < scope.end]
+    # Only the scope's OBX, found by bisection: a scan of every OBX for every order made a
+    # message of a thousand orders take seconds.
+    found = message.positions("OBX")
+    low = bisect_left(found, scope.start)
+    high = bisect_left(found, scope.end, low)
+    return [(message.segments[at], f"OBX[{number}]") for number, at in enumerate(found[low:high], low + 1)]
 
 
 def _located_attachment(raw: str, segment: Segment, location: str, run) -> dict:
@@ -448,7 +453,9 @@ def obx_period(segment, run):
     if not raw:
         return None
     from gateway.mapping.transforms.core import fhir_datetime
-    parts = [run.separators.text(part.split(run.separators.subcomponent)[0]) for part in _components(raw, run)]
+    # Each component's first subcomponent; _components, since a message whose MSH-2 has three
+    # characters has no subcomponent separator (str.split('') raises).
+    parts = [run.separators.text(_components(part, run, COMPONENT)[0]) for part in _components(raw, run)]
     period = {}
     if parts[0]:
         period["start"] = fhir_datetime(parts[0], run.context.timezone)
