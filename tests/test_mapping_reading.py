@@ -149,3 +149,20 @@ def test_translator_keeps_the_warnings_of_an_unreadable_date_with_the_translatio
     assert record.warnings == ["PID[1]: PID-7: 'Aug 15, 1942' is not an HL7 date/time "
                                "(YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]); birthDate left out, "
                                "data-absent-reason 'error' in its place"]
+
+
+def test_a_bug_outside_the_mapping_engine_fails_the_message_not_the_worker(mappings, monkeypatch):
+    """The translation worker calls translate() for every message and stores what it returns:
+    an exception out of it (a reader's bug, as 'MSH' alone on its line once raised ValueError)
+    would end the worker's thread. It is one failed message, internal error, kept for replay."""
+    from gateway.store.translations import Pending
+    from gateway.translation import translator
+
+    def broken(*args, **kwargs):
+        raise ValueError("empty separator")
+
+    monkeypatch.setattr(translator, "read_input", broken)
+    raw = f"{msh()}\r{PID}\r".encode()
+    record = translator.Translator(mappings).translate(Pending(1, None, raw, None, "hl7v2", None, GOLDEN_RECEIVED_AT))
+    assert record.failed and record.error_code == 207
+    assert record.error_reason == "internal error in the gateway (ValueError)"

@@ -45,6 +45,16 @@ class Translator:
     def translate(self, pending: Pending) -> TranslationRecord:
         """The translation of one message; never raises (a failure is a record)."""
         mappings = self.mappings  # once: a reload may replace it meanwhile
+        try:
+            return self._translate(pending, mappings)
+        except Exception as error:  # a reader's or a check's bug must not stop the worker
+            log.error("translation of message %s failed outside the mapping engine: %s",
+                      pending.message_id or pending.key and pending.key[2], type(error).__name__)
+            log.debug("translation failure", exc_info=True)
+            return _failed(mappings, ErrorCondition.APPLICATION_INTERNAL_ERROR, "",
+                           f"internal error in the gateway ({type(error).__name__})")
+
+    def _translate(self, pending: Pending, mappings: MappingSet) -> TranslationRecord:
         sender = self.senders.get(pending.sender_id or "")
         if (pending.format or detect_format(pending.raw)) in DOCUMENT_FORMATS:
             return self._translate_document(pending, sender, mappings)
