@@ -5,7 +5,8 @@ character set (the whole message must decode), the batch envelope, and whether t
 send it (gateway.facilities: over TLS, the certificate's facility must be MSH-4 and its type
 must allow MSH-9; on plain MLLP, MSH-3/MSH-4 find the sender in the registry); translation
 comes after the commit. Every frame yields at least one `Inbound` to store, whatever its state: a frame
-of binary garbage is kept, with the reason, like a good message.
+of binary garbage is kept, with the reason, like a good message. The one exception is a valid
+empty batch (the periodic "nothing to send"): it holds no message, and is answered, not stored.
 """
 from __future__ import annotations
 
