@@ -90,12 +90,18 @@ def test_empty_batch_with_zero_count_is_valid():
     assert len(batch.batches) == 1
 
 
-def test_count_not_a_number():
-    """BTS-1 that is not a number is a DATA_TYPE_ERROR at BTS-1."""
+@pytest.mark.parametrize("count", ["one", "1_0", "+1", "0x1"])
+def test_count_not_a_number(count):
+    """BTS-1 that is not a number (digits only: int() reads '1_0' and '+1') is a
+    DATA_TYPE_ERROR at BTS-1."""
     with pytest.raises(BatchError) as caught:
-        split_batch(join(BHS, *msg("1"), "BTS|one"))
+        split_batch(join(BHS, *msg("1"), f"BTS|{count}"))
     assert caught.value.condition is ErrorCondition.DATA_TYPE_ERROR
     assert caught.value.location == Location("BTS", 1, 1)
+
+
+def test_count_with_spaces_around_it_is_read():
+    assert len(split_batch(join(BHS, *msg("1"), "BTS| 1 ")).messages) == 1
 
 
 def test_count_is_optional():

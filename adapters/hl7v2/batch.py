@@ -116,11 +116,10 @@ def _check_count(fields: list[bytes], actual: int, segment: str, what: str, wher
     declared = fields[1] if len(fields) > 1 else b""
     if not declared:
         return  # the count is optional; the structure was still checked
-    try:
-        number = int(declared)
-    except ValueError:
+    if not declared.strip().isdigit():  # digits only: int() also reads '1_0' and '+1'
         raise BatchError(f"{segment}-1 count is not a number", Location(segment, where.sequence, 1),
-                         condition=ErrorCondition.DATA_TYPE_ERROR) from None
+                         condition=ErrorCondition.DATA_TYPE_ERROR)
+    number = int(declared)
     if number != actual:
         raise BatchError(f"{segment}-1 says {number}, found {actual} {what}",
                          Location(segment, where.sequence, 1), AppErrorCode.BATCH_COUNT_MISMATCH)
