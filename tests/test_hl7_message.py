@@ -85,6 +85,7 @@ def test_bom_and_leading_blank_lines_are_skipped():
     ("MSHA^~\\&|", "field separator"),
     ("MSH|^^\\&|A", "encoding characters"),
     ("MSH|^~\\&|A\rP D|x", "invalid name"),
+    ("MSH|^~\\&|A\rPÎD|x", "invalid name 'PÎD'"),  # letters of ASCII only
 ])
 def test_malformed_messages_are_refused_with_a_reason(text, reason):
     """Every refusal names what is wrong."""

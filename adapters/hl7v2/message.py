@@ -185,9 +185,14 @@ def parse_message(text: str, codec: str = "utf-8") -> Hl7Message:
             fields.insert(1, field)
             segments.append(Segment(name, fields, unsplit=2))
         else:
-            if len(name) != 3 or not name.isalnum():
+            if len(name) != 3 or not _is_segment_name(name):
                 raise MessageParseError(f"segment {len(segments) + 1} has an invalid name "
-                                        f"{name[:8]!r}", segment=name[:3] or "?",
+                                        f"{name[:8]!r}", segment=name[:3] if _is_segment_name(name[:3]) else "?",
                                         sequence=len(segments) + 1)
             segments.append(Segment(name, fields))
     return Hl7Message(segments, separators)
+
+
+def _is_segment_name(name: str) -> bool:
+    """Letters and digits of ASCII (str.isalnum() alone also takes 'PÎD' or Arabic digits)."""
+    return name.isascii() and name.isalnum()
