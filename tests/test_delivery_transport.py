@@ -769,6 +769,21 @@ def test_body_delimited_by_close_is_accepted(net):
     assert (response.code, response.body) == (200, b"all of it")
 
 
+@pytest_twisted.inlineCallbacks
+def test_body_delimited_by_a_close_without_close_notify_is_a_lost_response(net):
+    """A close-delimited body whose connection ends without TLS close_notify (a reset, a bare
+    TCP close: anyone on the path can cut it there) may be incomplete (RFC 9112, 9.8): it used
+    to be read as the whole answer (a cut 200 became a dead letter, "body is not JSON"); it is
+    a connection lost mid-response, retried."""
+    def script(t):
+        t.write(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"resourceType":"Bund')
+        reactor.callLater(0.1, t.abortConnection)  # after the bytes are out
+
+    port = yield net.listen(ScriptedFactory(script), net.tls_options())
+    e = yield _failure(net.transport().request(_post(port)))
+    assert (e.kind, e.reason) == ("protocol", f"connection to 127.0.0.1:{port} lost mid-response")
+
+
 # -- requests refused before any I/O ---------------------------------------------------------
 
 

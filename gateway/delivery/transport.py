@@ -61,6 +61,7 @@ from twisted.web.client import (
     ResponseDone,
     _HTTP11ClientFactory,
 )
+from twisted.web.http import _IdentityTransferDecoder  # no public alias: the body's decoder
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
@@ -204,7 +205,8 @@ class _LimitedBodyReader(Protocol):
 
     `finished` fires with the body, or fails with ResponseTooLarge or the connection's loss
     reason; cancelling it drops the connection. A body delimited by the connection's close
-    (no length, not chunked) ends with PotentialDataLoss, which HTTP/1.1 allows: accepted.
+    (no length, not chunked) ends with PotentialDataLoss, which HTTP/1.1 allows: accepted
+    (after a clean TLS close only: see _HeadLimitedProtocol.connectionLost).
     """
 
     def __init__(self, limit: int, declared_length):
@@ -280,6 +282,18 @@ class _HeadLimitedProtocol(HTTP11ClientProtocol):
                 return
             self._head += len(data)
         super().dataReceived(data)
+
+    def connectionLost(self, reason=None):
+        # A body delimited by the close (no length, not chunked) is whole only when the peer
+        # closed TLS properly (close_notify: ConnectionDone); a bare TCP close or reset may
+        # have cut it (RFC 9112, 9.8). Twisted reports both as PotentialDataLoss, so a cut
+        # 200 would be read as a complete (malformed) answer: a length the decoder cannot
+        # have reached makes it report the loss instead.
+        decoder = getattr(self._parser, "bodyDecoder", None)
+        if isinstance(decoder, _IdentityTransferDecoder) and decoder.contentLength is None \
+                and reason is not None and not reason.check(error.ConnectionDone):
+            decoder.contentLength = -1
+        super().connectionLost(reason)
 
 
 class _HeadLimitedFactory(_HTTP11ClientFactory):
