@@ -380,11 +380,11 @@ def test_golden_billable_bundles_are_accepted_by_the_peer_once(cnss, certs, mapp
     for name, bundle in bundles.items():
         request = care_sheet_request(bundle, url=cnss.url, idempotency_key=f"msg-{len(numbers) + 1:06d}:cnss")
         response = yield http(certs, request.url, request.body, headers=request.headers)
-        outcome = classify_response(response)
+        outcome = classify_response(response, request)
         assert outcome.kind == "delivered", (name, outcome.reason, response.body[:600])
         numbers[name] = outcome.reason
         retry = yield http(certs, request.url, request.body, headers=request.headers)
-        assert classify_response(retry).reason == outcome.reason
+        assert classify_response(retry, request).reason == outcome.reason
     assert all(reason.startswith("care sheet FSE-") and reason.endswith("RECUE") for reason in numbers.values())
     assert len(set(numbers.values())) == 4 and rows(cnss.store_path) == 4
 
@@ -483,6 +483,9 @@ CLASSIFICATION = {
                           "CNSS answered 200 without a care-sheet number"),
     "200 with a DOCTYPE": (HttpResponse(200, {}, b'<!DOCTYPE x [<!ENTITY e "e">]>' + ANSWER), "permanent",
                            "CNSS HTTP 200"),
+    # A code of the peer's own namespace named Server is not soap:Server (it used to be retried).
+    "custom Server fault": (HttpResponse(500, {}, _fault("c:Server", "busy").body.replace(
+        b"<s:Envelope ", b'<s:Envelope xmlns:c="urn:example:cnss" ')), "permanent", "CNSS c:Server fault: busy"),
 }
 
 
@@ -493,6 +496,38 @@ def test_classification(case):
     outcome = classify_response(response)
     assert (outcome.kind, outcome.response) == (kind, response)
     assert outcome.reason.startswith(reason), outcome.reason
+
+
+def _answer(key: str = KEY, number: str = "FSE-2026-00000007", status: str = "RECUE") -> HttpResponse:
+    return HttpResponse(200, {}, ANSWER.replace(b"msg-000042:cnss", key.encode())
+                        .replace(b"FSE-2026-00000007", number.encode()).replace(b"RECUE", status.encode()))
+
+
+@pytest.mark.parametrize("answer, reason", [
+    (_answer(key="msg-000043:cnss"), "CNSS answered 200 for another idempotency key than the request's"),
+    (_answer(number="  "), "CNSS answered 200 with a receipt the CNSS schema refuses"),
+    (_answer(status="ACCEPTED-MAYBE"), "CNSS answered 200 with a receipt the CNSS schema refuses"),
+], ids=["another key", "blank number", "unknown status"])
+def test_a_receipt_that_does_not_confirm_the_request_is_not_a_delivery(answer, reason):
+    """A 200 receipt counts only when the contract describes it and it names the key of the
+    request it answers: a receipt for another care sheet, a blank number or an unknown status
+    used to mark the delivery delivered."""
+    request = care_sheet_request(golden(CSV), url="https://127.0.0.1:9443/", idempotency_key=KEY)
+    assert classify_response(_answer(), request).kind == "delivered"
+    outcome = classify_response(answer, request)
+    assert (outcome.kind, outcome.reason, outcome.response) == ("permanent", reason, answer)
+
+
+@pytest.mark.parametrize("code, error, reason", [
+    ("soap:Client\nFORGED LOG LINE", "SCHEMA", "CNSS unknown fault SCHEMA: x"),
+    ("soap:Client", "SCHEMA\nFORGED LOG LINE", "CNSS Client fault: x"),
+    ("soap:Client", "E" * 500, "CNSS Client fault: x"),
+])
+def test_fault_codes_that_are_not_short_tokens_stay_out_of_the_reason_head(code, error, reason):
+    """The codes before the peer's words are logged above debug (reason_head): a faultcode or
+    an error code with a line break or of any length used to go there as written."""
+    outcome = classify_response(_fault(code, "x", error))
+    assert (outcome.kind, outcome.reason) == ("permanent", reason)
 
 
 def test_a_long_fault_string_is_cut_short():

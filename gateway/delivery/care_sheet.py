@@ -10,14 +10,15 @@ checked against the XSD with lxml before it leaves, so what we send is what the 
   FT1 of a DFT^P03) and a MedicationDispense `completed` (an EAN-13 drug: RDS^O13, pharmacy
   CSV). One care sheet is one patient and one episode: several patients, prescribers,
   practitioners or facilities in one message are refused rather than guessed.
-- `care_sheet_request(bundle, url=, idempotency_key=)`: the POST for `SoumettreFeuilleDeSoins`,
-  or None when nothing is billable.
+- `care_sheet_request(bundle, url=, idempotency_key=)`: the POST for `SoumettreFeuilleDeSoins`
+  (a `CareSheetRequest`, which knows its key), or None when nothing is billable.
 - `eligibility_request(url=, on=, immatriculation= | cnie=)`: the POST for `VerifierDroits`;
   `read_eligibility(response)` its answer as an `Eligibility`, or `EligibilityUnavailable`
   carrying the same kind of outcome as a delivery.
-- `classify_response(response)`: delivered (the reason names the care-sheet number), transient
-  (soap:Server fault, 408, 429, 5xx without a readable fault) or permanent (soap:Client and
-  other faults, any other unexpected answer).
+- `classify_response(response, request)`: delivered (the reason names the care-sheet number),
+  transient (soap:Server fault, 408, 429, 5xx without a readable fault) or permanent
+  (soap:Client and other faults, any other unexpected answer: one the XSD refuses, or that
+  answers another key than the request's).
 
 What a care sheet needs and the bundle lacks raises `CareSheetError(reason)`: the message is
 dead-lettered with that reason (never patient data), since retrying cannot fix it.
@@ -192,11 +193,19 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0][:REASON_LIMIT] if text.strip() else "invalid"
 
 
-def _post(url: str, operation: str, body: bytes) -> HttpRequest:
-    return HttpRequest("POST", url, body, {
+@dataclass(frozen=True)
+class CareSheetRequest(HttpRequest):
+    """A SoumettreFeuilleDeSoins POST, with the key it carries: its answer must repeat it."""
+
+    idempotency_key: str = ""
+
+
+def _post(url: str, operation: str, body: bytes, cls: type[HttpRequest] = HttpRequest,
+          **extra) -> HttpRequest:
+    return cls("POST", url, body, {
         "Content-Type": CONTENT_TYPE,
         "SOAPAction": f'"{soap_action(operation)}"',  # a quoted URI, SOAP 1.1 section 6.1.1
-    })
+    }, **extra)
 
 
 # Requests
@@ -207,7 +216,7 @@ def care_sheet_request(bundle: dict, *, url: str, idempotency_key: str) -> HttpR
     if fields is None:
         return None
     body = _envelope("SoumettreFeuilleDeSoins", cleIdempotence=idempotency_key, **fields)
-    return _post(url, "SoumettreFeuilleDeSoins", body)
+    return _post(url, "SoumettreFeuilleDeSoins", body, CareSheetRequest, idempotency_key=idempotency_key)
 
 
 def eligibility_request(*, url: str, on: date, immatriculation: str | None = None,
@@ -221,29 +230,37 @@ def eligibility_request(*, url: str, on: date, immatriculation: str | None = Non
 
 # Responses
 
-def classify_response(response: HttpResponse) -> DeliveryOutcome:
-    """The verdict on a SoumettreFeuilleDeSoins answer (see the module docstring)."""
+def classify_response(response: HttpResponse, request: HttpRequest | None = None) -> DeliveryOutcome:
+    """The verdict on a SoumettreFeuilleDeSoins answer (see the module docstring); given the
+    `CareSheetRequest` it answers, a success must name that request's key."""
     body = _soap_body(response.body)
     failed = _failure(response, body)
     if failed is not None:
         return failed
     answer = body.find(f"{{{NAMESPACE}}}SoumettreFeuilleDeSoinsReponse")
     number = answer.findtext(f"{{{NAMESPACE}}}numeroDossier") if answer is not None else None
-    if number:
-        status = answer.findtext(f"{{{NAMESPACE}}}statut") or "?"
-        return DeliveryOutcome.delivered(f"care sheet {number.strip()} {status.strip()}", response)
-    return DeliveryOutcome.permanent("CNSS answered 200 without a care-sheet number", response)
+    if not number:
+        return DeliveryOutcome.permanent("CNSS answered 200 without a care-sheet number", response)
+    # Only a receipt the contract describes confirms the care sheet: a blank number or an
+    # unknown status is no receipt, and one for another key acknowledges another sheet.
+    if not _schema().validate(answer):
+        return DeliveryOutcome.permanent("CNSS answered 200 with a receipt the CNSS schema refuses", response)
+    if isinstance(request, CareSheetRequest) \
+            and _child_text(answer, "cleIdempotence") != request.idempotency_key:
+        return DeliveryOutcome.permanent("CNSS answered 200 for another idempotency key than the request's",
+                                         response)
+    status = _child_text(answer, "statut")
+    return DeliveryOutcome.delivered(f"care sheet {number.strip()} {status}", response)
 
 
 def _failure(response: HttpResponse, body: etree._Element | None) -> DeliveryOutcome | None:
     """The outcome of a fault or of a non-200 answer; None for a 200 SOAP answer to read."""
     fault = body.find(f"{{{SOAP_ENV}}}Fault") if body is not None else None
     if fault is not None:
-        code = (fault.findtext("faultcode") or "").strip()
-        kind = code.rsplit(":", 1)[-1].split(".", 1)[0]  # soap:Client, or soap:Client.Detail
-        error = fault.findtext(f"detail/{{{NAMESPACE}}}Erreur/{{{NAMESPACE}}}code")
+        kind = _fault_kind(fault.find("faultcode"))
+        error = _code(fault.findtext(f"detail/{{{NAMESPACE}}}Erreur/{{{NAMESPACE}}}code"))
         text = " ".join((fault.findtext("faultstring") or "").split())[:REASON_LIMIT]
-        reason = f"CNSS {kind or 'unknown'} fault{f' {error.strip()}' if error else ''}: {text}"
+        reason = f"CNSS {kind} fault{f' {error}' if error else ''}: {text}"
         if kind == "Server":
             return DeliveryOutcome.transient(reason, response)
         return DeliveryOutcome.permanent(reason, response)
@@ -252,6 +269,30 @@ def _failure(response: HttpResponse, body: etree._Element | None) -> DeliveryOut
     if response.code in TRANSIENT_STATUSES or 500 <= response.code <= 599:
         return DeliveryOutcome.transient(f"CNSS HTTP {response.code}", response)
     return DeliveryOutcome.permanent(f"CNSS HTTP {response.code}: unexpected answer", response)
+
+
+_CODE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+
+
+def _code(text: str | None) -> str | None:
+    """A code of the peer's for a reason, or None: what comes before the peer's own words is
+    logged above debug (`reason_head`), so it must be a short token, not free text."""
+    text = (text or "").strip()
+    return text if _CODE.fullmatch(text) else None
+
+
+def _fault_kind(node: etree._Element | None) -> str:
+    """The faultcode's SOAP 1.1 name (Client, Server, ... of soap:Client.Detail), or the code
+    as written when its prefix names another namespace (a code of the peer's own:
+    "cnss:Server" is not soap:Server), or "unknown". A prefix bound to nothing is taken for
+    SOAP's, as it always was (some stacks write "soap:" without declaring it)."""
+    code = _code(node.text if node is not None else None)
+    if code is None:
+        return "unknown"
+    prefix, _, name = code.rpartition(":")
+    if node.nsmap.get(prefix or None, SOAP_ENV) != SOAP_ENV:
+        return code
+    return name.split(".", 1)[0] or "unknown"
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ def destination_for(config: DestinationConfig, *, batch_size: int | None = None,
 
         return Destination(config, lambda bundles, key: care_sheet.care_sheet_request(
             _single(bundles), url=config.url, idempotency_key=key),
-            lambda response, _request: care_sheet.classify_response(response))
+            care_sheet.classify_response)
     raise ValueError(f"unknown destination kind {config.kind!r}")
 
 
