@@ -150,11 +150,14 @@ def test_a_transaction_response_must_answer_every_entry_sent(build):
 
 
 @pytest.mark.parametrize("answer", [{"response": "201 Created"}, {"response": ["201"]}, {"response": 7},
-                                    {"response": {"status": 201}}, 42])
+                                    {"response": {"status": 201}}, 42, {"response": {"status": "2"}},
+                                    {"response": {"status": "2xx"}}, {"response": {"status": "2000 OK"}},
+                                    {"response": {"status": "20 OK"}}])
 def test_a_malformed_entry_is_a_refusal_not_an_internal_error(answer):
     """An entry whose `response` is not an object used to raise AttributeError in the
     classification: an "internal error", retried for ever with the same answer. It is an
-    entry not stored."""
+    entry not stored; so is a status that is not a 3-digit 2xx code (anything starting with
+    "2" used to count as stored)."""
     body = json.dumps({"resourceType": "Bundle", "type": "transaction-response", "entry": [answer]}).encode()
     outcome = classify_response(HttpResponse(200, {}, body))
     assert outcome.kind == "permanent"

@@ -38,6 +38,9 @@ from gateway.delivery.outcome import DeliveryOutcome, HttpRequest, HttpResponse
 FHIR_JSON = "application/fhir+json"
 TRANSIENT_STATUSES = frozenset({408, 429})
 MAX_REASON = 200
+# An entry's status "SHALL start with a 3 digit HTTP code" (R4 Bundle.entry.response.status):
+# stored is 2xx, not any text that starts with a 2 ("2", "2xx", "2000").
+_STORED_STATUS = re.compile(r"2[0-9]{2}(?![0-9])")
 
 
 @dataclass(frozen=True)
@@ -226,7 +229,7 @@ def _classify_success(response: HttpResponse, expected: int | None) -> DeliveryO
     for number, entry in enumerate(entries):
         answer = entry.get("response") if isinstance(entry, dict) else None
         status = answer.get("status") if isinstance(answer, dict) else None
-        if not isinstance(status, str) or not status[:1] == "2":
+        if not isinstance(status, str) or not _STORED_STATUS.match(status):
             shown = _shown(status, quoted=True)
             return DeliveryOutcome.permanent(_short(f"entry {number} not stored: {shown}"), response)
     return DeliveryOutcome.delivered(f"delivered ({len(entries)} entries)", response)
