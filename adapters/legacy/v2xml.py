@@ -25,6 +25,7 @@ import re
 from lxml import etree
 
 from adapters.hl7v2.message import Hl7Message, MessageParseError, Segment, Separators
+from adapters.safe_xml import safe_parser
 
 DEFAULT_MAX_SIZE = 16 * 1024 * 1024
 # No segment has this many fields, no data type this many components. The number sizes the
@@ -52,22 +53,8 @@ class XmlInputError(MessageParseError):
         return super().location
 
 
-class _NothingExternal(etree.Resolver):
-    """Every external resource (DTD, parameter entity) reads as empty. libxml2 still opens the
-    external subset and external parameter entities of a DOCTYPE from local files despite
-    load_dtd=False (no_network stops only http): a DOCTYPE the byte check cannot see (UTF-7,
-    '+ADw-!DOCTYPE') would read any file, or block on a FIFO, before being refused."""
-
-    def resolve(self, url, public_id, context):
-        return self.resolve_string("", context)
-
-
 def _parser() -> etree.XMLParser:
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                             dtd_validation=False, huge_tree=False, remove_comments=True,
-                             remove_pis=True, collect_ids=False)
-    parser.resolvers.add(_NothingExternal())
-    return parser
+    return safe_parser(huge_tree=False, remove_comments=True, remove_pis=True, collect_ids=False)
 
 
 def _refuse_declarations(data: bytes) -> None:

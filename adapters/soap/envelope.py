@@ -27,6 +27,8 @@ from typing import Literal
 
 from lxml import etree
 
+from adapters.safe_xml import safe_parser
+
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
 SOAP12_ENV = "http://www.w3.org/2003/05/soap-envelope"
 ENVELOPE = f"{{{SOAP_ENV}}}Envelope"
@@ -106,9 +108,7 @@ def hardened_parser() -> etree.XMLParser:
     report's PDF over 7.5 MB (base64) well under the door's body limit; what that cap guards
     against is bounded here otherwise: the body's size by the transport, entity expansion by
     refusing any DOCTYPE before parsing."""
-    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                           dtd_validation=False, huge_tree=True, collect_ids=False,
-                           remove_pis=True)
+    return safe_parser(huge_tree=True, collect_ids=False, remove_pis=True)
 
 
 def parse_document(body: bytes, words: EnvelopeWords) -> etree._Element:

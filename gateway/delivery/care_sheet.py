@@ -66,6 +66,7 @@ import zeep
 import zeep.exceptions
 from lxml import etree
 
+from adapters.safe_xml import safe_parser
 from adapters.soap.cnss import HERE as CONTRACT_DIR
 from adapters.soap.cnss import NAMESPACE, WSDL_PATH, XSD_PATH, as_ean13, soap_action, valid_ean13
 from gateway.delivery.outcome import DeliveryOutcome, HttpRequest, HttpResponse
@@ -356,9 +357,8 @@ def _soap_body(data: bytes) -> etree._Element | None:
     """The soap:Body of `data`, or None when it is not a SOAP 1.1 envelope (hardened parse)."""
     if not data or not data.lstrip().startswith(b"<"):
         return None
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
     try:
-        root = etree.fromstring(data, parser)
+        root = etree.fromstring(data, safe_parser(huge_tree=False))
     except etree.XMLSyntaxError:
         return None
     if root.tag != f"{{{SOAP_ENV}}}Envelope" or root.getroottree().docinfo.doctype:
