@@ -16,6 +16,7 @@ import io
 import ipaddress
 import os
 import re
+import sys
 import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -29,7 +30,7 @@ from sqlalchemy.exc import ArgumentError
 from gateway.mapping.fhir_schema import is_resource_type
 from gateway.store.texts import has_control
 from gateway.yaml_bounds import expansion_limit_passed
-from gateway.yaml_loader import SafeLoader
+from gateway.yaml_loader import SafeLoader, reader_error_line
 
 
 class ConfigError(Exception):
@@ -434,6 +435,11 @@ class _Reader:
         stream.name = name  # PyYAML puts the stream's name in every node's mark
         try:
             node = yaml.compose(stream, Loader=SafeLoader)
+        except yaml.reader.ReaderError as e:  # no mark: the line from its position
+            line = reader_error_line(stream.getvalue(), e)
+            self.problems.append(f"{name}:{line}: character #x{e.character:04x} is not allowed "
+                                 "(a control character)")
+            return _INVALID
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             self.problems.append(f"{name}:{mark.line + 1}: YAML syntax error: {e.problem}")
@@ -482,6 +488,10 @@ class _Reader:
             return self._constructor.construct_object(node, deep=True)
         except yaml.YAMLError as e:
             return self.fail(node, path, f"cannot read this value: {getattr(e, 'problem', e)}")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            # An explicit tag the text does not fit (`!!int abc`, `!!bool maybe`): PyYAML's
+            # constructors then raise plain Python errors.
+            return self.fail(node, path, f"cannot read this value: {node.value!r} is not a {node.tag}")
 
 
 def _display(file: str) -> str:
@@ -558,14 +568,21 @@ def _integer(low: int, high: int | None = None) -> Check:
     return _scalar(integer)
 
 
+# The longest duration: 100 years. `.inf` or 1e300 seconds would pass a `> 0` check and then
+# fail at run time, where the value becomes a timedelta (a lease, a session's age).
+_MAX_SECONDS = 100 * 365 * 86400
+
+
 def _seconds(value: Any) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= _MAX_SECONDS:
         return float(value)
-    raise _Invalid("must be a number of seconds greater than 0")
+    raise _Invalid(f"must be a number of seconds greater than 0 and at most {_MAX_SECONDS}")
 
 
 def _factor(value: Any) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1:
+    # Not .inf, nor an integer too large for a float (float() would raise OverflowError).
+    if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and 1 <= value <= sys.float_info.max:
         return float(value)
     raise _Invalid("must be a number, 1 or more")
 
@@ -673,8 +690,12 @@ def _host_name(value: Any) -> str:
 
 def _codec(value: Any) -> str:
     try:
-        codecs.lookup(_text(value))
-    except (LookupError, _Invalid):
+        # Decoding, not only looking up: base64, rot13 or zlib are codecs but no character
+        # set, and a message's bytes would then fail to decode with a LookupError.
+        b"\0".decode(_text(value))
+    except UnicodeDecodeError:  # a character set, that cannot read this byte alone (utf-16)
+        pass
+    except (LookupError, ValueError, _Invalid):  # ValueError: a NUL or lone surrogate in the name
         raise _Invalid("must be a Python codec name such as cp1256 or latin-1") from None
     return value
 
@@ -682,7 +703,8 @@ def _codec(value: Any) -> str:
 def _timezone(value: Any) -> str:
     try:
         zoneinfo.ZoneInfo(_text(value))
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    # OSError: a name that is a folder of the zone database (`Africa`) or too long a file name.
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
         raise _Invalid("must be an IANA time zone such as Africa/Casablanca") from None
     return value
 
@@ -710,6 +732,8 @@ def _list_of(item: Check, unique: tuple[str, ...] = ()) -> Check:
     def check(reader: _Reader, node: yaml.Node, path: str) -> Any:
         if not isinstance(node, yaml.SequenceNode):
             return reader.fail(node, path, f"must be a list, got {_describe(node)}")
+        if node.tag != yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG:
+            return reader.fail(node, path, f"must be a list, got one tagged {node.tag}")
         before = len(reader.problems)
         values = [item(reader, n, f"{path}[{i}]") for i, n in enumerate(node.value)]
         for attribute in unique:
@@ -744,6 +768,9 @@ def _mapping(required: tuple[str, ...] = (), **checks: Check) -> Check:
     def check(reader: _Reader, node: yaml.Node, path: str) -> Any:
         if not isinstance(node, yaml.MappingNode):
             return reader.fail(node, path, f"must be a mapping of keys, got {_describe(node)}")
+        if node.tag != yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG:
+            # `!!set {a, b}`, `!!python/object:...`: a tag would otherwise be ignored.
+            return reader.fail(node, path, f"must be a mapping of keys, got one tagged {node.tag}")
         values: dict[str, Any] = {}
         lines: dict[str, int] = {}
         for key_node, value_node in node.value:
@@ -845,6 +872,8 @@ def _file_of(key: str, contents: Check) -> Check:
             document = reader.read(file)
         except OSError as e:
             return reader.fail(node, path, f"cannot read {_display(file)}: {e.strerror}")
+        except ValueError:  # open() refuses a NUL in the path
+            return reader.fail(node, path, "must be a file path without NUL characters")
         if document is _INVALID:
             return document
         before = len(reader.problems)
@@ -944,9 +973,14 @@ _RETENTION = _record(RetentionConfig, raw_payloads=_DAYS, canonical=_DAYS, audit
 
 def _https_url(value: Any) -> str:
     text = _text(value)
-    parts = urlsplit(text)
-    if parts.scheme != "https" or not parts.hostname:
-        raise _Invalid("must be an https:// URL with a host (deliveries use mutual TLS)", got=text)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 (raises ValueError for a port that is no number or out of range)
+    except ValueError:  # also an unclosed IPv6 bracket (https://[::1)
+        parts = None
+    if parts is None or parts.scheme != "https" or not parts.hostname:
+        raise _Invalid("must be an https:// URL with a host and a valid port (deliveries use "
+                       "mutual TLS)", got=text)
     return text
 
 
@@ -1029,7 +1063,7 @@ def _registered(values: dict) -> set[str]:
     return {sender.id for sender in located.value} if located else set()
 
 
-def _listener_problems(path: str, values: dict) -> list[str]:
+def _listener_problems(path: str, values: dict, registered: set[str] | None) -> list[str]:
     """Across listener kinds: names and ports not shared; an ASTM listener's facility known.
 
     (Within one kind, the list checker already refuses duplicates.)
@@ -1039,7 +1073,6 @@ def _listener_problems(path: str, values: dict) -> list[str]:
     mllp = listeners.get("mllp", ())
     names = {listener.name for listener in mllp}
     ports = {listener.port for listener in mllp}
-    registered = _registered(values)
     # Each kind against the kinds before it: HTTPS against MLLP, then ASTM and admin against all.
     for kind, other in (("https", "an MLLP listener's"), ("astm", "another listener's"),
                         ("admin", "another listener's")):
@@ -1049,7 +1082,7 @@ def _listener_problems(path: str, values: dict) -> list[str]:
                 problems.append(f"{where}.name: {listener.name!r} is also {other} name")
             if listener.port in ports:
                 problems.append(f"{where}.port: {listener.port} is also {other} port")
-            if kind == "astm" and listener.facility not in registered:
+            if kind == "astm" and registered is not None and listener.facility not in registered:
                 problems.append(f"{where}.facility: {listener.facility!r} is not in the facility "
                                 "registry" + _did_you_mean(listener.facility, sorted(registered)))
         names |= {listener.name for listener in listeners.get(kind, ())}
@@ -1079,7 +1112,11 @@ def _sender_mapping_problems(root: str, values: dict) -> list[str]:
     senders = os.path.join(_absolute_path(mappings.directory, root), "senders")
     problems = []
     for index, facility in enumerate(located.value):
-        if facility.mappings and not os.path.isdir(os.path.join(senders, facility.mappings)):
+        # One folder of senders/, as the mapping set reads them: `..`, `/tmp` or `F1/segments`
+        # are folders too, but no sender's layer (its messages would get the shared maps).
+        name = facility.mappings
+        if name and (name in (".", "..") or "/" in name or os.sep in name
+                     or not os.path.isdir(os.path.join(senders, name))):
             problems.append(f"{_display(located.file)}: facilities[{index}].mappings: "
                             f"{facility.mappings!r} is not a folder of {_display(senders)}")
     return problems
@@ -1140,16 +1177,17 @@ def _names_written(node: yaml.Node | None) -> set[str]:
     return {n.value for n in names if isinstance(n, yaml.ScalarNode)}
 
 
-def _route_problems(path: str, values: dict, destinations: set[str] | None = None) -> list[str]:
+def _route_problems(path: str, values: dict, destinations: set[str] | None = None,
+                    registered: set[str] | None = None) -> list[str]:
     """Routes name known destinations, registered senders and FHIR resource types.
-    `destinations`: the names written, when the destinations section has errors."""
+    `destinations`: the names written, when the destinations section has errors;
+    `registered`: the registry's ids, None when it has errors (senders are then not checked)."""
     located = values.get("routes")
     if located is None:
         return []
     problems = []
     if destinations is None:
         destinations = {d.name for d in values.get("destinations", ())}
-    registered = _registered(values)
     for index, route in enumerate(located.value):
         where = f"{_display(located.file)}: routes[{index}]"
         for name in route.to:
@@ -1157,7 +1195,7 @@ def _route_problems(path: str, values: dict, destinations: set[str] | None = Non
                 problems.append(f"{where}.to: {name!r} is not a destination of {_display(path)}"
                                 + _did_you_mean(name, sorted(destinations)))
         for sender in route.when.senders:
-            if sender not in registered:
+            if registered is not None and sender not in registered:
                 problems.append(f"{where}.when.senders: {sender!r} is not in the facility "
                                 "registry" + _did_you_mean(sender, sorted(registered)))
         for resource in route.when.resources:
@@ -1214,12 +1252,16 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
                 reader.problems.append(f"{_display(path)}: listeners.mllp[{index}].ack_after: "
                                        "translation needs a mappings: section")
     if values is not _INVALID:
-        reader.problems.extend(_listener_problems(path, values))
+        # A registry with an error is reported where it is wrong; the listeners and routes that
+        # name its facilities are not told that they are not in it.
+        registered = _registered(values) if "facilities" in values \
+            or _value_node(node, "facilities") is None else None
+        reader.problems.extend(_listener_problems(path, values, registered))
         # A destinations section with an error is reported where it is wrong; the routes and
         # the eligibility check that name its destinations are not told they do not exist.
         named = "destinations" in values or _value_node(node, "destinations") is None
         reader.problems.extend(_route_problems(
-            path, values, None if named else _names_written(_value_node(node, "destinations"))))
+            path, values, None if named else _names_written(_value_node(node, "destinations")), registered))
         reader.problems.extend(_destination_problems(path, values))
         if named:
             reader.problems.extend(_prescription_problems(path, values))

@@ -425,3 +425,85 @@ def test_a_delivery_attempt_must_end_within_the_lease(project):
                                    + "delivery: {lease: 120}\n")), {})
     assert (longer.destinations[0].response_timeout, longer.delivery.lease) == (90, 120)
     assert load_config(str(write(project, MINIMAL + destination % "response_timeout: 30")), {})
+
+
+def test_values_that_would_crash_the_load_are_reported_with_their_line(project):
+    """An explicit tag the text does not fit, a zone name that is a folder of the zone
+    database, a NUL in a file path, an unclosed IPv6 bracket or a bad port in a URL, a
+    codec that is no character set, an endless duration: each a problem with its line, all
+    at once, never an exception out of load_config."""
+    write(project, """\
+        facilities:
+          - {id: "INPE-1", name: A, type: hospital, timezone: Africa, charset_fallback: base64}
+          - {id: "INPE-2", name: !!int abc, type: clinic, charset_fallback: "cp\\0"}
+        """, "facilities.yaml")
+    found = problems(write(project, """\
+        database: {url: "sqlite:///var/g.sqlite", pool_size: !!int many}
+        pki: {ca: certs/ca.crt, cert: certs/gw.crt, key: certs/gw.key}
+        facilities: conf/facilities.yaml
+        routes: "conf/r\\0.yaml"
+        destinations:
+          - {name: a, kind: fhir-record, url: "https://[::1/fhir"}
+          - {name: b, kind: fhir-record, url: "https://record:99999/fhir", retry: {factor: 1%s}}
+        delivery: {lease: .inf, poll_interval: !!float soon}
+        console: {accounts: [], session_max_age: 1.0e+400, login_attempts: !!bool maybe}
+        """ % ("0" * 400)))
+    assert [p.split(": ")[0] + ": " + p.split(": ")[1] for p in found] == [
+        "conf/gateway.yaml:1: database.pool_size",
+        "conf/facilities.yaml:2: facilities[0].timezone",
+        "conf/facilities.yaml:2: facilities[0].charset_fallback",
+        "conf/facilities.yaml:3: facilities[1].name",
+        "conf/facilities.yaml:3: facilities[1].charset_fallback",
+        "conf/gateway.yaml:4: routes",
+        "conf/gateway.yaml:6: destinations[0].url",
+        "conf/gateway.yaml:7: destinations[1].url",
+        "conf/gateway.yaml:7: destinations[1].retry.factor",
+        "conf/gateway.yaml:8: delivery.lease",
+        "conf/gateway.yaml:8: delivery.poll_interval",
+        "conf/gateway.yaml:9: console.session_max_age",
+        "conf/gateway.yaml:9: console.login_attempts",
+    ]
+    assert found[0].endswith("cannot read this value: 'many' is not a tag:yaml.org,2002:int")
+    assert "got 'base64'" in found[2] and "got inf" in found[9]
+
+
+def test_a_control_character_is_reported_at_its_line_and_a_tag_is_not_ignored(project):
+    """A NUL or an ESC was reported without a line, as libyaml's byte position; a tag on a
+    mapping or a list (`!!set`, `!!python/object:...`) was silently ignored."""
+    assert problems(write(project, MINIMAL + "node:\n  name: d\x1bv\n")) == [
+        "conf/gateway.yaml:6: character #x001b is not allowed (a control character)"]
+    assert problems(write(project, MINIMAL + textwrap.dedent("""\
+        node: !!python/object:os.system {name: x}
+        retention: !!set {raw_payloads}
+        """))) == [
+        "conf/gateway.yaml:5: node: must be a mapping of keys, got one tagged "
+        "tag:yaml.org,2002:python/object:os.system",
+        "conf/gateway.yaml:6: retention: must be a mapping of keys, got one tagged tag:yaml.org,2002:set"]
+
+
+def test_a_facility_mappings_folder_is_one_folder_of_senders(project):
+    """`..`, `.` or `INPE-1/segments` are folders, so they passed, but the mapping set has a
+    layer only for each folder of senders/: the facility silently got the shared maps."""
+    (project / "mappings" / "senders" / "INPE-1" / "segments").mkdir(parents=True)
+    write(project, "facilities:\n" + "".join(
+        f'  - {{id: "INPE-{n}", name: N{n}, type: clinic, mappings: "{folder}"}}\n'
+        for n, folder in enumerate(("INPE-1", "..", ".", "INPE-1/segments", str(project))))
+        , "facilities.yaml")
+    assert problems(write(project, MINIMAL + "mappings: {directory: mappings}\n")) == [
+        f"conf/facilities.yaml: facilities[{n}].mappings: {folder!r} is not a folder of mappings/senders"
+        for n, folder in ((1, ".."), (2, "."), (3, "INPE-1/segments"), (4, str(project)))]
+
+
+def test_an_error_in_the_registry_does_not_unregister_its_facilities(project):
+    """One mistake in facilities.yaml added a false problem for each ASTM listener and route
+    naming a facility of it: 'is not in the facility registry'."""
+    write(project, FACILITIES + "    timezone: Africa/Casablanka\n", "facilities.yaml")
+    (project / "conf" / "routes.yaml").write_text(
+        "routes:\n  - {name: r, to: [record], when: {senders: [INPE-100001]}}\n")
+    assert problems(write(project, MINIMAL + textwrap.dedent("""\
+        listeners:
+          astm: [{name: lab, port: 40001, facility: "INPE-100001"}]
+        destinations: [{name: record, kind: fhir-record, url: "https://record/fhir"}]
+        routes: conf/routes.yaml
+        """))) == ["conf/facilities.yaml:8: facilities[0].timezone: must be an IANA time zone such as "
+                   "Africa/Casablanca, got 'Africa/Casablanka'"]
