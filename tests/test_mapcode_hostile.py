@@ -256,3 +256,101 @@ def test_a_code_listed_without_target_gives_nothing_and_a_padded_code_is_refused
     assert gender(mapping_set, "F") is None and gender(mapping_set, "M") == "male"
     text = problems(tmp_path / "padded", {"tables/gender.yaml": 'codes:\n  F: female\n  "M ": male\n'})
     assert "gender.yaml:3: codes: code 'M ' has spaces around it" in text
+
+
+# -- found by fuzzing the loader ---------------------------------------------------------------
+
+def test_a_tag_the_value_does_not_fit_is_a_problem_with_its_line(tmp_path):
+    """`!!int abc`, `!!bool maybe`, `!!map [..]`: PyYAML's constructors raised ValueError,
+    KeyError, TypeError out of the loader (`mappings check` a traceback)."""
+    text = problems(tmp_path, {"segments/PID.Patient.yaml": PID % "{from: PID-8, default: !!int abc}",
+                               "tables/status.yaml": "codes:\n  F: !!bool maybe\n",
+                               "tables/gender.yaml": "codes: !!map [F, M]\n"})
+    assert "PID.Patient.yaml:4: invalid YAML: this value is not a tag:yaml.org,2002:int" in text
+    assert "status.yaml:2: invalid YAML: this value is not a tag:yaml.org,2002:bool" in text
+    assert "gender.yaml:1: invalid YAML: this list is not a tag:yaml.org,2002:map" in text
+
+
+def test_a_map_file_that_is_no_mapping_is_a_problem_not_a_crash(tmp_path):
+    """A segment or datatype map that is a list or a single value was an AttributeError or
+    TypeError out of the loader, and so was a sender's `extends: true` of such a file."""
+    text = problems(tmp_path, {"datatypes/CX.Identifier.yaml": "- type: Identifier\n",
+                               "segments/PID.Patient.yaml": "Patient\n",
+                               "senders/F1/segments/PID.Patient.yaml": "extends: true\nmap: {}\n"})
+    assert "CX.Identifier.yaml:1: a map file is a mapping: resource: (or type:), map: ..." in text
+    assert "segments/PID.Patient.yaml:1: a map file is a mapping" in text
+    assert "senders/F1/segments/PID.Patient.yaml:1: extends: there is no shared " \
+           "segments/PID.Patient.yaml to extend (it is not a mapping)" in text
+
+
+def test_an_empty_file_is_a_problem_not_a_file_left_out(tmp_path):
+    """An empty message map silently unmapped its message types (the set loaded, and every
+    ORU^R01 then failed with 'no mapping'); an empty sender override silently gave the
+    shared map."""
+    text = problems(tmp_path, {"messages/ORU_R01.yaml": "# to do\n",
+                               "senders/F1/segments/PID.Patient.yaml": ""})
+    assert "messages/ORU_R01.yaml: the file is empty" in text
+    assert "senders/F1/segments/PID.Patient.yaml: the file is empty" in text
+
+
+def test_a_named_map_gives_no_object_where_fhir_wants_a_primitive(tmp_path):
+    """`language: {from: PID-3, map: CX.Identifier}` loaded (an inline map there was
+    refused) and put an Identifier object where FHIR wants a code."""
+    text = problems(tmp_path, {"segments/PID.Patient.yaml": PID % "{from: PID-8, map: CX.Identifier}"})
+    assert "PID.Patient.yaml:4: map.gender.map: map 'CX.Identifier' builds Identifier, but " \
+           "map.gender is a str, not an object" in text
+
+
+def test_message_types_are_checked(tmp_path):
+    """A type that MSH-9 never gives (`ORU-R01`, `oru^r01`, a blank) loaded and was never
+    looked up: those messages then failed with 'no mapping'."""
+    messages = BASE["messages/ORU_R01.yaml"].replace("[ORU^R01]", '[ORU-R01, oru^r01, " ", ORU^R01, ZOR^Z01]')
+    text = problems(tmp_path, {"messages/ORU_R01.yaml": messages})
+    for written in ("'ORU-R01'", "'oru^r01'", "' '"):
+        assert f"ORU_R01.yaml:1: messages: {written} is not a message type" in text
+    assert "ZOR^Z01" not in text and "'ORU^R01'" not in text
+
+
+def test_a_table_extends_only_a_shared_table(tmp_path):
+    """A sender's `extends: true` table with no shared table of its name loaded silently (a
+    map file is refused for the same mistake)."""
+    text = problems(tmp_path, {"senders/F1/tables/genre.yaml": "extends: true\ncodes: {F: female}\n"})
+    assert "senders/F1/tables/genre.yaml:1: extends: there is no shared tables/genre.yaml to extend" in text
+
+
+def test_a_code_written_twice_or_empty_is_refused(tmp_path):
+    """`1:` and `'1':` are one code once read as text (the last target silently won), and
+    `~:` became the code 'None'. A `.yml` file was silently not read."""
+    text = problems(tmp_path, {"tables/gender.yaml": "codes:\n  1: female\n  '1': male\n  ~: other\n",
+                               "senders/F1/segments/PID.Patient.yml": PID % "female"})
+    assert "gender.yaml:3: codes: code '1' is listed twice" in text
+    assert "gender.yaml:4: codes: a code is empty" in text
+    assert "senders/F1/segments/PID.Patient.yml: mapping files are named *.yaml; rename it" in text
+
+
+def test_a_table_target_is_a_code_a_coding_or_a_concept(tmp_path):
+    """A list, a rule (`{from: 1}`) or a misspelt Coding key as a table's target loaded and
+    went into the bundle as it was written."""
+    text = problems(tmp_path, {"tables/status.yaml": """
+        unmapped: default
+        default: {when: {field: OBX-11, is: F}}
+        codes:
+          F: [final]
+          P: {system: "urn:x", code: {from: 1}}
+          C: {coding: [{system: "urn:x", cod: corrected}]}
+          X: {coding: [{system: "urn:x", code: x}], text: fine}
+    """})
+    for line, key in ((2, "default"), (4, "codes.F"), (5, "codes.P"), (6, "codes.C")):
+        assert f"status.yaml:{line}: {key}: a target is a code, a Coding" in text
+    assert "codes.X" not in text
+
+
+def test_a_text_among_the_rules_of_an_object_list_is_refused(tmp_path):
+    """`identifier: [false, {each: PID-3, map: CX.Identifier}]` loaded (one rule alone was
+    refused) and put false where FHIR wants an Identifier."""
+    text = problems(tmp_path, {"segments/PID.Patient.yaml": """
+        resource: Patient
+        map:
+          identifier: [false, {each: PID-3, map: CX.Identifier}]
+    """})
+    assert "PID.Patient.yaml:3: map.identifier: identifier is a Identifier, not a text" in text

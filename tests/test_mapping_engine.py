@@ -371,7 +371,8 @@ def test_paths(text, expected):
     assert parse_path(text) == expected
 
 
-@pytest.mark.parametrize("text", ["PID-0", "pid-3", "PID-3.", "0", "@Patient", "PID-3..1", None])
+@pytest.mark.parametrize("text", ["PID-0", "pid-3", "PID-3.", "0", "@Patient", "PID-3..1", None,
+                                  "PID-3.0", "PID-3.1.0"])  # component 0 read the whole field
 def test_bad_paths(text):
     with pytest.raises(PathError):
         parse_path(text)

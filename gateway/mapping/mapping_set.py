@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from gateway.mapping.engine import (MessageMap, bind_message_map, compile_messag
 from gateway.mapping.hl7_reference import check_path
 from gateway.mapping.rules import Environment, RuleCompiler
 from gateway.mapping.runtime import TranslationContext, TranslationError
-from gateway.mapping.source import Located, MappingErrors, Problem, read_yaml
+from gateway.mapping.source import Located, MappingErrors, Problem, line_of, read_yaml
 from gateway.mapping.tables import CodeTable, table_from
 from gateway.mapping.transforms import load_all
 
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 
 KINDS = ("messages", "segments", "datatypes", "tables")
 MAP_KEYS = ("resource", "type", "description", "map", "columns", "extends", "identity")
+# What MSH-9 gives (gateway.translation looks up the type, then CODE^*), an ASTM message or a
+# CSV profile.
+_MESSAGE_TYPE = re.compile(r"[A-Z][A-Z0-9]{2}(\^(\*|[A-Z0-9]{3}))?|ASTM|CSV\^(\*|[\w-]+)")
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class _Layer:
         self.tables = tables
         self.transforms = transforms
         self.problems = problems
-        self.compiled: dict[str, tuple[str, codegen.CallMap]] = {}
+        self.compiled: dict[str, tuple[str, codegen.CallMap] | None] = {}
         self.compiling: dict[str, codegen.CallMap] = {}
         self.messages: dict[str, MessageMap] = {}
         self.module = codegen.Module(sender)
@@ -84,6 +88,11 @@ class _Layer:
                 if found is None:
                     continue
                 for message_type in found.message_types:
+                    if not _MESSAGE_TYPE.fullmatch(message_type):  # `ORU-R01`, `oru^r01`: never looked up
+                        self.problems.append(Problem(display, document.line_of("messages"), "messages",
+                                                     f"{message_type!r} is not a message type: write CODE^TRIGGER "
+                                                     "(ORU^R01), CODE^* or CODE, ASTM, CSV^profile"))
+                        continue
                     other = self.messages.get(message_type)
                     if other is not None and other.name != name:
                         self.problems.append(Problem(display, document.line_of("messages"), "messages",
@@ -119,6 +128,11 @@ class _Layer:
             self.problems.append(Problem(display, line, key, f"no map {name!r}" + _suggest(name, known)))
             return None
         document, file = found
+        if not isinstance(document, dict):  # a file that is a list or a single value
+            self.problems.append(Problem(file, line_of(document, 1), "",
+                                         "a map file is a mapping: resource: (or type:), map: ..."))
+            self.compiled[name] = None  # reported once, however many rules name it
+            return None
         if name in self.compiling:  # a map that contains itself (XON inside XON): a call by name
             return self._type_of(document), self.compiling[name]
         call = codegen.CallMap(codegen.Handle(""))
@@ -253,6 +267,10 @@ def _read_layer(folder: Path, root: Path, problems: list[Problem], digest) -> di
         directory = folder / kind
         if not directory.is_dir():
             continue
+        for path in sorted(directory.glob("*.yml")):  # never read: a sender's override would not apply
+            if not path.name.startswith("."):
+                display = str(path.relative_to(root.parent)) if root.parent in path.parents else str(path)
+                problems.append(Problem(display, 0, "", "mapping files are named *.yaml; rename it"))
         for path in sorted(directory.glob("*.yaml")):
             if path.name.startswith("."):  # an editor's lock or backup file (.#PID.Patient.yaml)
                 continue
@@ -263,9 +281,14 @@ def _read_layer(folder: Path, root: Path, problems: list[Problem], digest) -> di
                 problems.append(Problem(display, 0, "", f"cannot be read: {error}"))
                 continue
             digest.update(str(path.relative_to(root)).encode() + b"\0" + data + b"\0")
+            before = len(problems)
             document = read_yaml(path, display, problems, data)
             if document is not None:
                 found[(kind, path.stem)] = (document, display)
+            elif len(problems) == before:
+                # Empty (or only comments): left out, it would silently unmap its message types
+                # or hide a sender's override behind the shared file.
+                problems.append(Problem(display, 0, "", "the file is empty; write its contents or remove it"))
     return found
 
 
@@ -279,9 +302,10 @@ def _documents(shared: dict, own: dict, problems: list[Problem]) -> dict:
             problems.append(Problem(display, document.line_of("extends"), "extends", "extends: is true or false"))
             continue
         if isinstance(document, dict) and document.get("extends"):
-            if base is None:
+            if base is None or not isinstance(base[0], dict):  # missing, or a list or a value
                 problems.append(Problem(display, document.line_of("extends"), "extends",
-                                        f"there is no shared {key[0]}/{key[1]}.yaml to extend"))
+                                        f"there is no shared {key[0]}/{key[1]}.yaml to extend"
+                                        + (" (it is not a mapping)" if base else "")))
                 continue
             documents[key] = (_extend(base[0], document), display)
         else:

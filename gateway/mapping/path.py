@@ -65,6 +65,9 @@ def parse_path(text) -> Hl7Path:
     match = _ABSOLUTE.match(text)
     if match:
         segment, field, component, subcomponent = match.groups()
+        if int(component or 1) < 1 or int(subcomponent or 1) < 1:
+            # PID-3.0 would read the whole field, as if the component were not written.
+            raise PathError(f"{text!r}: components are numbered from 1")
         if field is None:
             return Hl7Path(segment)
         if not field.isdigit():

@@ -242,6 +242,10 @@ class RuleCompiler:
                 if type_name and map_type and map_type != type_name:
                     self.problem(line, f"{key}.map", f"map {target!r} builds {map_type}, "
                                  f"but {key} is {type_name}")
+                elif element is not None and not element.type_name and map_type:
+                    # As for an inline map: an object where FHIR wants a primitive.
+                    self.problem(line, f"{key}.map", f"map {target!r} builds {map_type}, "
+                                 f"but {key} is a {element.primitive}, not an object")
             else:
                 if element is not None and not element.type_name:
                     self.problem(line, f"{key}.map", f"{key} is a {element.primitive}, not an object")
@@ -465,6 +469,8 @@ def _gives_text(rule) -> bool:
     as it is (no map, transform or table), a scalar constant or default."""
     if isinstance(rule, (codegen.AsList, codegen.DataAbsent)):
         return _gives_text(rule.inner)
+    if isinstance(rule, codegen.Collect):  # `identifier: [false, {each: PID-3, ...}]`: one text is enough
+        return any(_gives_text(part) for part in rule.parts)
     if isinstance(rule, codegen.Guard):
         scalar = rule.default is not None and not isinstance(rule.default, (dict, list))
         if rule.core is codegen.NOTHING:

@@ -54,7 +54,18 @@ class LocatedList(list):
 
 
 class _Loader(SafeLoader):
-    pass
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            # An explicit tag the node does not fit (`!!int abc`, `!!bool maybe`, `!!map [1]`):
+            # PyYAML's constructors then raise plain Python errors, with no line.
+            raise yaml.constructor.ConstructorError(
+                None, None, f"this {_KINDS.get(type(node), 'value')} is not a {node.tag}",
+                node.start_mark) from None
+
+
+_KINDS = {yaml.ScalarNode: "value", yaml.SequenceNode: "list", yaml.MappingNode: "mapping"}
 
 
 # YAML 1.1's implicit types change codes: 07 is the octal 7, NO is false, 1:30 is 90, a date
