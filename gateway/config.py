@@ -10,7 +10,6 @@ so `make run` works from a fresh clone whatever the current directory is.
 """
 from __future__ import annotations
 
-import codecs
 import difflib
 import io
 import ipaddress

@@ -32,7 +32,7 @@ from typing import Callable
 
 from gateway.mapping import codegen, fhir_schema
 from gateway.mapping.path import Hl7Path, PathError, parse_path
-from gateway.mapping.runtime import Reference, text_of  # noqa: F401 (text_of: for callers)
+from gateway.mapping.runtime import Reference
 from gateway.mapping.source import Located, Problem, line_of
 from gateway.mapping.tables import CodeTable
 from gateway.mapping.transforms import Transform
