@@ -47,10 +47,13 @@ def run(config: GatewayConfig, sandbox: bool = False) -> int:
     # between must still mean an orderly stop, once the reactor runs.
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: reactor.callFromThread(reactor.stop))
+    pid_file = config.resolve(config.pid_file)
     try:
         service.startService()
+        write_pid_file(pid_file)
     except Exception as error:  # a port in use, an unreadable certificate, an unreachable
-        # database, a broken mapping set (MappingErrors lists every problem)
+        # database, a broken mapping set (MappingErrors lists every problem), a pid file that
+        # cannot be written (a folder, a path under a file: `gateway stop` could not find us)
         print(f"gateway: cannot start: {error}", file=sys.stderr)
         # What did start is stopped with the reactor running: the peers' and the stores'
         # threads end through Deferreds that only a running reactor fires.
@@ -67,8 +70,6 @@ def run(config: GatewayConfig, sandbox: bool = False) -> int:
             reactor.callWhenRunning(reactor.stop)
 
         peers.ready.addErrback(peers_not_started)
-    pid_file = config.resolve(config.pid_file)
-    write_pid_file(pid_file)
     reactor.addSystemEventTrigger("after", "shutdown", remove_pid_file, pid_file)
     # The handler runs between bytecodes of the reactor thread: hand the work to the reactor.
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload_service, gateway))
@@ -172,9 +173,13 @@ STOP_TIMEOUT = 10
 
 
 def write_pid_file(path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="ascii") as handle:
-        handle.write(f"{os.getpid()}\n")
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w", encoding="ascii") as handle:
+            handle.write(f"{os.getpid()}\n")
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the path
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise OSError(f"cannot write the pid file {path}: {reason}") from None
 
 
 def remove_pid_file(path: str) -> None:

@@ -105,6 +105,23 @@ def test_run_with_sandbox_exits_when_a_peer_port_is_taken(project, dev_pki):
     assert " ready: " not in output
 
 
+def test_run_exits_when_its_pid_file_cannot_be_written(project):
+    """A pid_file that is a folder: `gateway run` said nothing of it to the operator and ran on
+    with a traceback in its log, where `gateway stop` and `reload` could never find it. It
+    stops what it started and exits 1, naming the file."""
+    (project.root / "var" / "gateway.pid").mkdir(parents=True)
+    process = subprocess.Popen([GATEWAY, "run", "-c", project.config], cwd=project.root,
+                               env=child_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        raise AssertionError("gateway run did not exit:\n" + output.decode()[-2000:])
+    assert process.returncode == 1
+    assert "gateway: cannot start: cannot write the pid file" in output.decode()
+
+
 def test_send_prints_msa_of_a_stored_message(project, gateway):
     """`gateway send` prints FILE#1: CA <control id> for the benchmark ORU and exits 0."""
     path = write_file(project, "oru.hl7", hl7msgs.message("oru", 3).encode("utf-8"))
