@@ -627,11 +627,14 @@ def _mappings_test(args) -> int:
             print(f"FAIL {name}: {error}")
             continue
         expected_path = case.with_suffix(".json")
-        if not expected_path.exists():
-            problems = [f"no expected output {expected_path.name} (run with --update)"]
-        else:
-            problems = list(differences(expected_bundle(expected_path), actual))
-        problems += warning_differences(case, translation.warnings)
+        try:
+            if not expected_path.exists():
+                problems = [f"no expected output {expected_path.name} (run with --update)"]
+            else:
+                problems = list(differences(expected_bundle(expected_path), actual))
+            problems += warning_differences(case, translation.warnings)
+        except (OSError, ValueError) as error:  # an expected file that is not JSON, or not UTF-8
+            problems = [f"cannot read the expected output: {error}"]
         problems += [f"FHIR: {problem}" for problem in bundle_problems(bundle)]
         if problems:
             failed += 1

@@ -62,6 +62,11 @@ def test_mappings_test_update_then_pass_then_fail(project):
     failing = cli(project, "mappings", "test", "-c", project.config)
     assert failing.returncode == 1
     assert "FAIL adt/a01.hl7" in failing.stdout and '.gender: "other", expected "male"' in failing.stdout
+    (cases / "a01.json").write_text('{"resourceType": "Bundle",', encoding="utf-8")  # cut short
+    (cases / "a01.warnings").write_bytes(b"\xff")
+    unreadable = cli(project, "mappings", "test", "-c", project.config)
+    assert unreadable.returncode == 1 and "Traceback" not in unreadable.stderr
+    assert "FAIL adt/a01.hl7\n    cannot read the expected output: " in unreadable.stdout
 
 
 def test_mappings_export_csv(project):
