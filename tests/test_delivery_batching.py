@@ -25,7 +25,7 @@ from gateway.delivery.outcome import HttpRequest, HttpResponse
 from gateway.delivery.routes import patient_key
 from gateway.delivery.service import DeliveryService
 from gateway.store import outbox
-from gateway.store.database import Database, create_gateway_engine, migrate
+from gateway.store.database import Database, create_gateway_engine, migrate, write_transaction
 from gateway.store.schema import deliveries
 from test_delivery_e2e import send
 from translation_support import rows, with_mappings
@@ -448,7 +448,9 @@ def test_a_node_whose_lease_was_taken_over_does_not_record_a_dead_letter(db_url,
     service.startService()
     try:
         yield until_true(lambda: len(transport.requests) == 2)
-        with engine.begin() as conn:
+        # Reads, then writes, while the service writes too: BEGIN IMMEDIATE (a read transaction
+        # that upgrades fails at once on SQLite when the service committed meanwhile).
+        with write_transaction(engine) as conn:
             first, second = conn.exec_driver_sql("SELECT id FROM deliveries ORDER BY id").scalars().all()
             conn.execute(update(deliveries).where(deliveries.c.id == first).values(lease_owner="node-other"))
         refusal = json.dumps({"resourceType": "OperationOutcome", "issue": [
