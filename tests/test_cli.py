@@ -75,16 +75,21 @@ def _run_sandbox_holding(project, dev_pki, held: str) -> tuple[int, str, dict]:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", ports[held]))
         holder.listen()
-        process = subprocess.Popen([GATEWAY, "run", "--sandbox", "-c", project.config],
-                                   cwd=project.root, env=child_environment(),
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            output, _ = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
-            raise AssertionError("gateway run --sandbox did not exit:\n" + output.decode()[-2000:])
-    return process.returncode, output.decode(), ports
+        code, output = _run_to_its_end(project, "--sandbox")
+    return code, output, ports
+
+
+def _run_to_its_end(project, *options: str) -> tuple[int, str]:
+    """`gateway run` that must stop by itself: its exit code and output (a failure if it runs on)."""
+    process = subprocess.Popen([GATEWAY, "run", *options, "-c", project.config], cwd=project.root,
+                               env=child_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        raise AssertionError("gateway run did not exit:\n" + output.decode()[-2000:])
+    return process.returncode, output.decode()
 
 
 def test_run_with_sandbox_exits_when_its_port_is_taken(project, dev_pki):
@@ -110,16 +115,8 @@ def test_run_exits_when_its_pid_file_cannot_be_written(project):
     with a traceback in its log, where `gateway stop` and `reload` could never find it. It
     stops what it started and exits 1, naming the file."""
     (project.root / "var" / "gateway.pid").mkdir(parents=True)
-    process = subprocess.Popen([GATEWAY, "run", "-c", project.config], cwd=project.root,
-                               env=child_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        output, _ = process.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        raise AssertionError("gateway run did not exit:\n" + output.decode()[-2000:])
-    assert process.returncode == 1
-    assert "gateway: cannot start: cannot write the pid file" in output.decode()
+    code, output = _run_to_its_end(project)
+    assert code == 1 and "gateway: cannot start: cannot write the pid file" in output
 
 
 def test_send_prints_msa_of_a_stored_message(project, gateway):
