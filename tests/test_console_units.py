@@ -16,7 +16,7 @@ import yaml
 
 from gateway.config import PASSWORD_HASH
 from gateway.console.criteria import InvalidSearch, parse_search
-from gateway.console.hl7_layout import MAX_SEGMENTS, MAX_VALUES, field_name, layout
+from gateway.console.hl7_layout import MAX_CHARS, MAX_SEGMENTS, MAX_VALUES, field_name, layout
 from gateway.console.passwords import DUMMY_HASH, hash_password, verify_password
 from gateway.console.throttle import LoginThrottle
 
@@ -162,6 +162,20 @@ def test_a_message_of_millions_of_fields_is_laid_out_within_bounds():
         assert shown <= MAX_VALUES and len(segments) <= MAX_SEGMENTS
         msh = {field.position: field.value for field in segments[0].fields}
         assert msh["MSH-10"] == "C1" and time.monotonic() - started < 2
+
+
+def test_a_message_of_long_fields_is_laid_out_within_bounds():
+    """One field of 16 MiB, or 50,000 of 300 characters, were laid out whole: a page of 128 MB
+    (the decoded text shown a second time, escaped). The table shows MAX_CHARS of them."""
+    head = "MSH|^~\\&|APP|FAC|||20250101||ADT^A01|C1|P|2.5\r"
+    for text in (head + "PID|1||" + "<" * (16 * 1024 * 1024), head + ("OBX|" + "|".join(["x" * 300] * 25) + "\r") * 2000,
+                 head + "NTE|1||" + "~".join(["y" * 1000] * 5000)):
+        segments = layout(text, "2.5")
+        pieces = [piece for segment in segments for field in segment.fields for piece in field.repetitions]
+        assert sum(len(piece) for piece in pieces) <= MAX_CHARS + 1
+        assert pieces[-1].endswith("…") and not any(piece.endswith("…") for piece in pieces[:-1])
+        msh = {field.position: field.value for field in segments[0].fields}
+        assert msh["MSH-10"] == "C1" and segments[1].fields[0].repetitions[0] in ("1", "x" * 300)
 
 # -- throttling, search form ---------------------------------------------------------------------
 

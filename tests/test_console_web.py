@@ -505,6 +505,41 @@ async def test_expired_payload_and_bundle_show_a_notice_and_other_formats_show_a
     assert "Pas encore traduit." in page.one("section#canonical").text_content()
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_canonical_bundle_shows_its_decimals_as_stored(console):
+    # FHIR decimals keep their precision (5.10 is not 5.1): the page shows what is delivered.
+    from gateway.store.schema import canonical_bundles
+
+    seeded = console.run(seed_message, control="DEC1")
+    stored = ('{"resourceType":"Bundle","type":"collection","entry":[{"resource":{"resourceType":'
+              '"Observation","valueQuantity":{"value":5.10},"note":[{"text":"بنعلي"}]}}],"total":0.010}')
+    console.run(lambda c: c.execute(canonical_bundles.update()
+                                    .where(canonical_bundles.c.message_id == seeded.id).values(bundle=stored)))
+    client = console.client()
+    await client.login("viewer")
+    shown = (await client.get(f"/messages/{seeded.id}")).one("section#canonical pre").text
+    assert '"value": 5.10\n' in shown and '"total": 0.010\n' in shown, shown
+    assert json.loads(shown) == json.loads(stored) and "بنعلي" in shown and "\n  " in shown
+
+
+@pytest_twisted.ensureDeferred
+async def test_bidi_overrides_from_a_sender_are_named_not_obeyed(console):
+    # RLO reversed what follows it: this PID-3 read "123456", a patient it is not.
+    seeded = console.run(seed_message, control="\u202eRLO1", patient="\u202e654321",
+                         name="\u202dبنعلي^فاطمة")
+    client = console.client()
+    await client.login("viewer")
+    page = await client.get(f"/messages/{seeded.id}")
+    assert page.status == 200 and "\u202e" not in page.text and "\u202d" not in page.text
+    assert "PID|1||<U+202E>654321^^^CHUIR" in page.one("pre#raw").text
+    pid3 = [row for row in page.select("table#segments tr.field") if row.cssselect("td.position")[0].text == "PID-3"]
+    assert pid3[0].cssselect("bdi")[0].text == "<U+202E>654321^^^CHUIR^MR"
+    assert page.select("td[dir=auto]:contains('<U+202E>RLO1')") and "<U+202D>بنعلي" in page.one("pre#raw").text
+    listed = await client.get("/messages?control_id=%E2%80%AERLO1")  # found, and shown named too
+    assert [a.text for a in listed.select("a.message-link")] == [str(seeded.id)]
+    assert "\u202e" not in listed.text and "<U+202E>RLO1" in listed.one("table#messages").text_content()
+
+
 # -- actions -----------------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred

@@ -18,6 +18,9 @@ MAX_SEGMENTS = 2000  # a page shows this many; the decoded text above has everyt
 # Fields and repetitions a page shows in all: a message of 16 MiB of "a|a|a|..." (or of CRs)
 # was laid out whole, millions of them: gigabytes of memory and a page of hundreds of MB.
 MAX_VALUES = 50_000
+# Characters of values a page shows in all: one field of 16 MiB (or 50,000 of 300 characters)
+# made a page of 128 MB, the decoded text shown twice over. Beyond, a value ends with "…".
+MAX_CHARS = 1_000_000
 _LINE = re.compile(r"[^\r\n]+")
 
 
@@ -40,7 +43,7 @@ class Segment:
 
 def layout(text: str, version: str | None = None) -> list[Segment]:
     """The segments of `text` with their non-empty fields, named: at most MAX_SEGMENTS
-    segments and MAX_VALUES fields and repetitions."""
+    segments, MAX_VALUES fields and repetitions and MAX_CHARS characters of them."""
     lines = list(islice((m.group() for m in _LINE.finditer(text) if m.group().strip()), MAX_SEGMENTS))
     separator, repetition = "|", "~"
     if lines and lines[0].startswith(("MSH", "FHS", "BHS")) and len(lines[0]) > 3:
@@ -48,7 +51,7 @@ def layout(text: str, version: str | None = None) -> list[Segment]:
         encoding = lines[0][4:].split(separator, 1)[0]
         repetition = encoding[1] if len(encoding) > 1 else "~"
     segments = []
-    budget = MAX_VALUES
+    budget, chars = MAX_VALUES, MAX_CHARS
     for index, line in enumerate(lines, start=1):
         parts = _split(line, separator, budget + 1)
         name = parts[0][:3] if parts[0] else "?"
@@ -60,15 +63,29 @@ def layout(text: str, version: str | None = None) -> list[Segment]:
             values = list(enumerate(parts[1:], start=1))
         fields = []
         for number, value in values:
-            if value == "" or budget <= 0:
+            if value == "" or budget <= 0 or chars <= 0:
                 continue
             shown = (value,) if header and number <= 2 else tuple(_split(value, repetition, budget))
+            shown = _within(shown, chars)
             budget -= len(shown)
+            chars -= sum(len(piece) for piece in shown)
             fields.append(Field(f"{name}-{number}", field_name(name, number, version), value, shown))
         segments.append(Segment(name, index, tuple(fields)))
-        if budget <= 0:
+        if budget <= 0 or chars <= 0:
             break
     return segments
+
+
+def _within(pieces: tuple[str, ...], most: int) -> tuple[str, ...]:
+    """`pieces`, `most` characters of them in all: the one cut ends with "…", the rest dropped."""
+    kept = []
+    for piece in pieces:
+        if len(piece) > most:
+            kept.append(piece[:most] + "…")
+            break
+        kept.append(piece)
+        most -= len(piece)
+    return tuple(kept)
 
 
 def _split(text: str, separator: str, most: int) -> list[str]:

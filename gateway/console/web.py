@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import hmac
 import ipaddress
-import json
 import logging
 import re
 import time
@@ -35,6 +34,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from twisted.internet import defer, threads
 from twisted.web import resource, server
 
+from gateway import fhir_json
 from gateway.config import ROLES, AdminListenerConfig, ConsoleAccount, GatewayConfig
 from gateway.console import actions, queries
 from gateway.console.criteria import STATUSES, InvalidSearch, parse_search
@@ -154,7 +154,7 @@ class Console(resource.Resource):
         self.password_checks = defer.DeferredSemaphore(LOGIN_CHECKS)
         self.templates = Environment(loader=FileSystemLoader(str(_HERE / "templates")),
                                      autoescape=True, undefined=StrictUndefined,
-                                     trim_blocks=True, lstrip_blocks=True)
+                                     trim_blocks=True, lstrip_blocks=True, finalize=_shown)
         # Times are shown and searched on the operators' wall clock (console.timezone).
         self.zone = ZoneInfo(console.timezone)
         self.templates.filters.update(when=functools.partial(_when, zone=self.zone),
@@ -562,7 +562,9 @@ def _presentation(view: queries.MessageView) -> dict:
     bundle_text = None
     if view.bundle is not None:
         try:
-            bundle_text = json.dumps(json.loads(view.bundle), indent=2, ensure_ascii=False)
+            # Decimals as stored (fhir_json): json's floats showed 5.10 as 5.1 and 0.010 as
+            # 0.01, where FHIR gives the precision meaning.
+            bundle_text = fhir_json.dumps(fhir_json.loads(view.bundle), indent=True).decode("utf-8")
         except ValueError:
             bundle_text = view.bundle
     return {"text": text, "segments": segments,
@@ -634,6 +636,19 @@ def _duration(seconds: float | None) -> str:
 
 def _percent(value: float) -> str:
     return f"{value * 100:.1f} %".replace(".", ",")
+
+
+# Bidi overrides (LRO, RLO) force one direction on what follows whatever its script: a PID-3 of
+# "\u202e654321" read "123456" on the page. Arabic needs none (dir="auto" turns it right to
+# left): every value is shown with them named instead.
+_OVERRIDES = {0x202D: "<U+202D>", 0x202E: "<U+202E>"}
+
+
+def _shown(value: Any) -> Any:
+    """A value as the templates print it (Jinja's finalize), bidi overrides named."""
+    if isinstance(value, str) and ("\u202d" in value or "\u202e" in value):
+        return value.translate(_OVERRIDES)
+    return value
 
 
 def site(context: ConsoleContext, extra: dict[str, resource.Resource] | None = None) -> server.Site:
