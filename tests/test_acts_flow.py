@@ -352,6 +352,45 @@ def test_fhir_service_requests_then_a_diagnostic_report(harness):
     assert "cnss" in performed.destinations
 
 
+def test_a_result_bills_only_the_acts_the_flow_records_never_the_senders_charge_items(harness):
+    """A laboratory's FHIR result carrying its own billable ChargeItems (one naming the act line
+    under a key of its choosing, one ordinary act): the first result bills the line once, with the
+    gateway's key; the same report sent again with them bills nothing (it went to CNSS as a
+    second line of the same prescription line)."""
+    order = {"resourceType": "Bundle", "type": "collection", "entry": [PATIENT, {
+        "fullUrl": "urn:uuid:s1", "resource": {
+            "resourceType": "ServiceRequest", "id": "s1", "status": "active", "intent": "order",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"},
+                                {"system": "urn:ma:cnss:nabm", "code": "B0412"}]},
+            "subject": {"reference": "urn:uuid:p1"}}}]}
+    [request] = resources(_fhir(harness, "F-1", "INPE-200001", order), "ServiceRequest")
+    prescription_id = request["requisition"]["value"]
+    result = {"resourceType": "Bundle", "type": "collection", "entry": [PATIENT, {
+        "fullUrl": "urn:uuid:d1", "resource": {
+            "resourceType": "DiagnosticReport", "id": "d1", "status": "final",
+            "identifier": [{"system": "urn:lab", "value": "ACC-7"}],
+            "basedOn": [{"identifier": {"system": ids.SYSTEM, "value": prescription_id}}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+            "subject": {"reference": "urn:uuid:p1"}, "effectiveDateTime": "2026-01-16T09:00:00+01:00"}}]}
+    for n, key in enumerate((f"{prescription_id}.1.aaaaaaaaaaaa", None), start=1):
+        result["entry"].append({"fullUrl": f"urn:uuid:c{n}", "resource": {
+            "resourceType": "ChargeItem", "id": f"c{n}", "status": "billable",
+            **({"identifier": [{"system": ACT_SYSTEM, "value": key}]} if key else {}),
+            "code": {"coding": [{"system": "urn:ma:cnss:nabm", "code": "B0412"}]},
+            "subject": {"reference": "urn:uuid:p1"}, "occurrenceDateTime": "2026-01-16",
+            "quantity": {"value": 1}, "priceOverride": {"value": 80, "currency": "MAD"},
+            "service": [{"reference": "urn:uuid:d1"}]}})
+    first = _fhir(harness, "F-2", "INPE-100002", result)
+    assert first.status == "translated", first.error_reason
+    [line] = care_sheet_from_bundle(first.bundle)["lignes"]["ligne"]
+    [act_id] = [row[0] for row in acts_recorded(harness)]
+    assert line["prescription"]["cleLigne"] == act_id
+    again = _fhir(harness, "F-3", "INPE-100002", result)
+    assert again.status == "translated", again.error_reason
+    assert care_sheet_from_bundle(again.bundle) is None and not resources(again, "ChargeItem")
+    assert again.destinations == ("shared-record",) and len(acts_recorded(harness)) == 1
+
+
 # -- store --------------------------------------------------------------------------------------
 
 def test_migration_creates_the_prescription_tables_as_declared(db_url):

@@ -102,6 +102,21 @@ def test_prescription_without_quantity_is_refused_naming_rxe_10(harness):
     assert count(harness, "SELECT count(*) FROM prescriptions") == 0
 
 
+@pytest.mark.parametrize("controls", [(b"NW", b"CA"), (b"XO", b"XO"), (b"RP", b"RP")])
+def test_orders_that_are_not_all_new_issue_no_prescription(harness, controls):
+    """An RDE^O11 whose ORC-1 are not all NW (a line sent to cancel beside a new one, an order
+    changed or replaced): AE naming the ORC-1, no prescription (each became a new, dispensable
+    prescription, the cancelled line one of its lines)."""
+    head, last = rde("RDE-C").rsplit(b"ORC|NW|", 1)  # the second order's ORC starts `last`
+    message = head.replace(b"ORC|NW|", b"ORC|" + controls[0] + b"|") + b"ORC|" + controls[1] + b"|" + last
+    [record] = harness.translate(message)
+    position = 2 if controls[0] == b"NW" else 1
+    msa, location, code, reason = refusal(record)
+    assert (msa, location, code) == ("AE", f"ORC^{position}^1", "PRESCRIPTION_INVALID")
+    assert f"order {position}: ORC-1 is '{controls[position - 1].decode()}'" in reason
+    assert count(harness, "SELECT count(*) FROM prescriptions") == 0
+
+
 def test_a_pharmacy_cannot_prescribe_and_an_unknown_facility_cannot_either(harness):
     [pharmacy] = harness.translate(rde("RDE-P", sender=("PHARMA_AGDAL", "PHARM_AGDAL", "INPE-100004")))
     assert refusal(pharmacy)[2:] == ("OPERATION_NOT_ALLOWED",
@@ -230,6 +245,27 @@ def test_dispensations_refused_with_a_precise_reason(harness, case, expected):
     assert (msa, location, code) == ("AE",) + expected[:2]
     assert expected[2] in reason
     assert count(harness, "SELECT count(*) FROM dispensations") == 0
+
+
+def test_a_patient_with_the_cnie_of_the_prescription_and_another_cnss_number_is_another(tmp_path, repo_mappings):
+    """The prescription's CNIE with another CNSS immatriculation (whose AMO rights are open) is
+    not the prescription's patient: PATIENT_MISMATCH, nothing recorded nor billed (it was
+    accepted, its rights checked and its care sheet sent under the other immatriculation). The
+    same numbers written with blanks or in another case are the same patient."""
+    harness = standard_harness(f"sqlite:///{tmp_path / 'gateway.sqlite'}", tmp_path, repo_mappings,
+                               FakeEligibility(open_rights=("998877665", "112233445")))
+    try:
+        prescription_id = issue(harness)
+        other = "PID|1||BE123456^^^CNIE^NI~998877665^^^CNSS^SB||BENALI^Fatima||19850312|F"
+        [record] = harness.translate(rds("RDS-1", prescription_id, patient=other))
+        assert refusal(record)[1:3] == ("PID^1^3", "PATIENT_MISMATCH")
+        assert "another urn:ma:cnss:immatriculation identifier" in record.error_reason
+        assert count(harness, "SELECT count(*) FROM dispensations") == 0
+        same = "PID|1||BE123456^^^CNIE^NI~112233445^^^CNSS^SB~ 112 233 445^^^CNSS^SB||BENALI^Fatima||19850312|F"
+        [record] = harness.translate(rds("RDS-2", prescription_id, patient=same))
+        assert record.status == "translated", record.error_reason
+    finally:
+        harness.close()
 
 
 def test_expired_prescription_is_refused(harness):
@@ -508,9 +544,16 @@ def test_fhir_medication_request_then_dispense_and_paper(harness):
     paper["resource"].pop("authorizingPrescription")
     paper["resource"]["identifier"] = [{"system": "urn:pharmacy:agdal", "value": "V-982"}]
     paper["resource"]["extension"] = [{"url": PAPER_EXTENSION, "valueBoolean": True}]
+    # A ChargeItem of the pharmacy's own is not billed with the dispensation: the flow says what is.
+    charge = {"fullUrl": "urn:uuid:c1", "resource": {
+        "resourceType": "ChargeItem", "id": "c1", "status": "billable", "subject": {"reference": "urn:uuid:p1"},
+        "code": {"coding": [{"system": "urn:ma:cnss:ngap", "code": "C"}]}, "occurrenceDateTime": "2026-01-16",
+        "priceOverride": {"value": 150, "currency": "MAD"}}}
     record = _apply(harness, _fhir_pending(harness, "FHIR-DS-3", "INPE-100004"),
-                    {"resourceType": "Bundle", "type": "collection", "entry": [PATIENT, paper]})
+                    {"resourceType": "Bundle", "type": "collection", "entry": [PATIENT, paper, charge]})
     assert record.status == "translated" and care_sheet_from_bundle(record.bundle)["ordonnancePapier"] is True
+    assert [set(line) & {"acte", "codeEAN13"} for line in care_sheet_from_bundle(record.bundle)["lignes"]["ligne"]] \
+        == [{"codeEAN13"}]
 
 
 def test_fhir_bundles_outside_the_flow_are_left_alone(harness):

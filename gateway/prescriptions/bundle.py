@@ -759,6 +759,15 @@ def _add_issued(bundle: dict, resource_type: str, issued: dict[int, dict], presc
         present.add(entry.get("fullUrl"))
 
 
+def drop_charge_items(bundle: dict) -> None:
+    """Remove the sender's own ChargeItems from a dispensation or a result against a
+    prescription: what it bills at CNSS is the flow's to say (annotate_performance adds one per
+    act it bills). A sender's ChargeItem went to CNSS as it was: a correction re-sent with one
+    billed the act line again under a key of the sender's choosing."""
+    bundle["entry"] = [e for e in bundle.get("entry") or ()
+                       if ((e or {}).get("resource") or {}).get("resourceType") != "ChargeItem"]
+
+
 def act_charge_id(act_id: str) -> str:
     """The ChargeItem id of a performed act: deterministic, like every canonical id."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{ACT_SYSTEM}|{act_id}"))

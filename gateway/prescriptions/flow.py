@@ -24,7 +24,8 @@ Which messages (by type for HL7, by content for FHIR input):
 - a dispensation: RDS^O13, or a FHIR bundle with MedicationDispenses. The dispensing facility's
   type must allow `prescriptions.dispense`; AMO rights must be open at CNSS (when
   `prescriptions.eligibility` names a CNSS destination); against an e-prescription: it exists,
-  is active and not expired, the patient shares an identifier with it, each drug is on it,
+  is active and not expired, the patient shares an identifier with it (and none
+  contradicts it: another value of one system), each drug is on it,
   in its unit, within what remains, and the same dispensation was not recorded before.
   A paper prescription (no id, marked paper) skips the prescription checks. Accepted: recorded,
   the bundle rewritten (bundle.annotate_dispensation) and routed as the routes say (shared
@@ -33,7 +34,7 @@ Which messages (by type for HL7, by content for FHIR input):
 - acts performed: results (ORU^R01, a SOAP imaging report, FHIR DiagnosticReports) whose
   reports name a prescription (ORC-4 `RX-...^HIE`: bundle.read_performance). The performing
   facility's type must allow `prescriptions.perform`; the prescription exists, the patient
-  shares an identifier with it; each act (OBR-4) is an act line of it not performed yet, by
+  shares an identifier with it (none contradicting it); each act (OBR-4) is an act line of it not performed yet, by
   code. An act line is performed once: its key is the prescription and line, its act id
   RX-.../n.<digest of performer and report id>; the same report again (re-sent, corrected:
   OBR-25 C, preliminary then final) is accepted and bills nothing; another report of it is
@@ -345,6 +346,16 @@ class PrescriptionFlow:
             raise Refusal(PrescriptionError.OPERATION_NOT_ALLOWED,
                           f"facility {facility.id} ({facility.type}) may not issue prescriptions",
                           "MSH[1]-4" if segment else "")
+        if segment:
+            # A new order only, as for acts (ORDER_ACTS): a line sent to cancel (CA beside NW),
+            # replace (RP) or change (XO) an order became a line of a new, dispensable prescription.
+            for position, (control, _) in enumerate(order_controls(pending.raw), start=1):
+                if control != b"NW":
+                    raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                                  f"order {position}: ORC-1 is {control[:8].decode('ascii', 'replace')!r}, "
+                                  "a prescription's every ORC-1 is NW (to cancel it: every ORC-1 CA and "
+                                  "ORC-3 its id; to change it, cancel it and prescribe again)",
+                                  f"ORC[{position}]-1", ErrorCondition.TABLE_VALUE_NOT_FOUND)
         draft = rules.read_prescription(record.bundle, segment)
         existing = store.prescription_for_message(connection, message_id)
         if existing is not None:  # the same message again: the same id, nothing new
@@ -426,6 +437,7 @@ class PrescriptionFlow:
         hl7 = pending.format in HL7_FORMATS
         facility = self._facility(pending, "prescriptions.dispense", "dispense prescriptions")
         draft = rules.read_dispensation(record.bundle, hl7)
+        rules.drop_charge_items(record.bundle)  # billed: the dispensed lines, nothing the sender adds
         prescription_id = draft.items[0].prescription_id
         prescription = None
         if prescription_id is not None:  # locked first: what remains cannot change under us
@@ -501,6 +513,7 @@ class PrescriptionFlow:
         hl7 = pending.format in HL7_FORMATS
         facility = self._facility(pending, "prescriptions.perform", "perform the acts of prescriptions")
         draft = rules.read_performance(record.bundle, hl7)
+        rules.drop_charge_items(record.bundle)  # billed: the ChargeItems annotate_performance adds
         if not draft.items:
             return  # not a result yet (or cancelled): nothing performed, routed as any result
         prescription_id = draft.items[0].prescription_id
@@ -510,9 +523,10 @@ class PrescriptionFlow:
         if prescription is None:
             raise Refusal(PrescriptionError.PRESCRIPTION_UNKNOWN, f"unknown prescription {prescription_id}",
                           where, ErrorCondition.UNKNOWN_KEY_IDENTIFIER)
-        if not set(draft.patient_identifiers) & set(prescription.patient_identifiers):
+        mismatch = _patient_mismatch(draft.patient_identifiers, prescription.patient_identifiers)
+        if mismatch:
             raise Refusal(PrescriptionError.PATIENT_MISMATCH,
-                          f"the patient does not match prescription {prescription_id} (no identifier in common)",
+                          f"the patient does not match prescription {prescription_id} ({mismatch})",
                           "PID[1]-3" if hl7 else "Patient.identifier")
         found = []  # (item, line, act id, the record of it or None)
         taken: set[int] = set()
@@ -666,10 +680,10 @@ class PrescriptionFlow:
             day = prescription.expires_at.astimezone(self.zone).date().isoformat()
             raise Refusal(PrescriptionError.PRESCRIPTION_EXPIRED,
                           f"prescription {prescription_id} expired on {day}", where)
-        if not set(draft.patient_identifiers) & set(prescription.patient_identifiers):
+        mismatch = _patient_mismatch(draft.patient_identifiers, prescription.patient_identifiers)
+        if mismatch:
             raise Refusal(PrescriptionError.PATIENT_MISMATCH,
-                          f"the patient does not match prescription {prescription_id} "
-                          "(no identifier in common)",
+                          f"the patient does not match prescription {prescription_id} ({mismatch})",
                           "PID[1]-3" if hl7 else "Patient.identifier")
 
     def _line_for(self, prescription: store.Prescription, item: rules.DispenseItem, taken: dict,
@@ -747,6 +761,31 @@ class PrescriptionFlow:
                 error=error, control=control)
         else:
             record.ack = self.builder.build(header, outcome, header.enhanced_mode, error)
+
+
+def _patient_mismatch(sent: tuple[str, ...], prescribed: tuple[str, ...]) -> str | None:
+    """Why the patient of a dispensation or a result ('system|value' identifiers) is not the
+    prescription's, or None: no identifier in common, or one that contradicts it (a system on
+    both sides with no value in common, blanks and case aside). A CNIE in common with another
+    CNSS immatriculation was accepted, and AMO rights were checked and billed on the other's."""
+    if not set(sent) & set(prescribed):
+        return "no identifier in common"
+    known: dict[str, set[str]] = {}
+    for text in prescribed:
+        system, _, value = text.partition("|")
+        known.setdefault(system, set()).add(_folded(value))
+    given: dict[str, set[str]] = {}
+    for text in sent:
+        system, _, value = text.partition("|")
+        given.setdefault(system, set()).add(_folded(value))
+    for system, values in given.items():
+        if system in known and not values & known[system]:
+            return f"another {system} identifier"
+    return None
+
+
+def _folded(value: str) -> str:
+    return "".join(value.split()).casefold()
 
 
 def _line_codings(line: store.Line) -> tuple:
