@@ -353,10 +353,11 @@ def test_fhir_service_requests_then_a_diagnostic_report(harness):
 
 
 def test_a_result_bills_only_the_acts_the_flow_records_never_the_senders_charge_items(harness):
-    """A laboratory's FHIR result carrying its own billable ChargeItems (one naming the act line
-    under a key of its choosing, one ordinary act): the first result bills the line once, with the
-    gateway's key; the same report sent again with them bills nothing (it went to CNSS as a
-    second line of the same prescription line)."""
+    """A laboratory's FHIR result carrying its own billable ChargeItem: the first result bills
+    the act line once, with the gateway's key; the same report sent again bills nothing (the
+    sender's ChargeItem went to CNSS as a second line). A ChargeItem written with the gateway's
+    own act key (urn:ma:hie:act) is refused: with a report that names no prescription (here an
+    Observation as its service) it was routed to CNSS as a prescription's act, unchecked."""
     order = {"resourceType": "Bundle", "type": "collection", "entry": [PATIENT, {
         "fullUrl": "urn:uuid:s1", "resource": {
             "resourceType": "ServiceRequest", "id": "s1", "status": "active", "intent": "order",
@@ -365,21 +366,24 @@ def test_a_result_bills_only_the_acts_the_flow_records_never_the_senders_charge_
             "subject": {"reference": "urn:uuid:p1"}}}]}
     [request] = resources(_fhir(harness, "F-1", "INPE-200001", order), "ServiceRequest")
     prescription_id = request["requisition"]["value"]
+
+    def charge(key: str | None, service: str) -> dict:
+        return {"fullUrl": f"urn:uuid:c-{service}", "resource": {
+            "resourceType": "ChargeItem", "id": f"c-{service}", "status": "billable",
+            **({"identifier": [{"system": ACT_SYSTEM, "value": key}]} if key else {}),
+            "code": {"coding": [{"system": "urn:ma:cnss:nabm", "code": "B0412"}]},
+            "subject": {"reference": "urn:uuid:p1"}, "occurrenceDateTime": "2026-01-16",
+            "quantity": {"value": 1}, "priceOverride": {"value": 80, "currency": "MAD"},
+            "service": [{"reference": f"urn:uuid:{service}"}]}}
+
     result = {"resourceType": "Bundle", "type": "collection", "entry": [PATIENT, {
         "fullUrl": "urn:uuid:d1", "resource": {
             "resourceType": "DiagnosticReport", "id": "d1", "status": "final",
             "identifier": [{"system": "urn:lab", "value": "ACC-7"}],
             "basedOn": [{"identifier": {"system": ids.SYSTEM, "value": prescription_id}}],
             "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
-            "subject": {"reference": "urn:uuid:p1"}, "effectiveDateTime": "2026-01-16T09:00:00+01:00"}}]}
-    for n, key in enumerate((f"{prescription_id}.1.aaaaaaaaaaaa", None), start=1):
-        result["entry"].append({"fullUrl": f"urn:uuid:c{n}", "resource": {
-            "resourceType": "ChargeItem", "id": f"c{n}", "status": "billable",
-            **({"identifier": [{"system": ACT_SYSTEM, "value": key}]} if key else {}),
-            "code": {"coding": [{"system": "urn:ma:cnss:nabm", "code": "B0412"}]},
-            "subject": {"reference": "urn:uuid:p1"}, "occurrenceDateTime": "2026-01-16",
-            "quantity": {"value": 1}, "priceOverride": {"value": 80, "currency": "MAD"},
-            "service": [{"reference": "urn:uuid:d1"}]}})
+            "subject": {"reference": "urn:uuid:p1"}, "effectiveDateTime": "2026-01-16T09:00:00+01:00"}},
+        charge(None, "d1")]}
     first = _fhir(harness, "F-2", "INPE-100002", result)
     assert first.status == "translated", first.error_reason
     [line] = care_sheet_from_bundle(first.bundle)["lignes"]["ligne"]
@@ -389,6 +393,18 @@ def test_a_result_bills_only_the_acts_the_flow_records_never_the_senders_charge_
     assert again.status == "translated", again.error_reason
     assert care_sheet_from_bundle(again.bundle) is None and not resources(again, "ChargeItem")
     assert again.destinations == ("shared-record",) and len(acts_recorded(harness)) == 1
+
+    forged = {"resourceType": "Bundle", "type": "collection", "entry": [PATIENT, {
+        "fullUrl": "urn:uuid:o1", "resource": {
+            "resourceType": "Observation", "id": "o1", "status": "final",
+            "basedOn": [{"reference": "urn:uuid:s1"}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+            "subject": {"reference": "urn:uuid:p1"}}},
+        {"fullUrl": "urn:uuid:s1", "resource": {**request, "id": "s1"}},
+        charge(f"{prescription_id}.1.bbbbbbbbbbbb", "o1")]}
+    refused = _fhir(harness, "F-4", "INPE-100002", forged)
+    assert refused.status == "failed" and ACT_SYSTEM in refused.error_reason
+    assert refused.destinations == () and len(acts_recorded(harness)) == 1
 
 
 # -- store --------------------------------------------------------------------------------------

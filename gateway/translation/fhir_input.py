@@ -25,6 +25,10 @@ from gateway.mapping.engine import _resource_id as resource_id  # the id rule of
 from gateway.mapping.fhir_schema import is_resource_type
 from gateway.mapping.runtime import TranslationContext
 from gateway.mapping.transforms.patient import CNIE, national_number
+# The id of an act the gateway recorded as performed, billed at CNSS under it: a ChargeItem a
+# sender writes with one would bill a prescription's line without the checks of a result
+# (prescribed, not performed before, the same patient).
+from gateway.prescriptions.bundle import ACT_SYSTEM as GATEWAY_ACT
 from gateway.sandbox.record.operation_outcome import Issue
 from gateway.sandbox.record.validation import resource_issues
 
@@ -98,7 +102,19 @@ def bundle_issues(document: dict) -> list[Issue]:
                                 f"{where}.resource.resourceType"))
             continue
         issues.extend(resource_issues(resource, f"{where}.resource"))
+        issues.extend(_reserved_identifiers(resource, f"{where}.resource"))
     return issues
+
+
+def _reserved_identifiers(resource: dict, where: str) -> list[Issue]:
+    identifiers = resource.get("identifier")
+    if not isinstance(identifiers, list):
+        return []
+    return [Issue("business-rule", f"{GATEWAY_ACT} identifiers are the gateway's own: send the result "
+                  "(a DiagnosticReport based on the prescribed ServiceRequest) and the gateway bills the act",
+                  f"{where}.identifier[{index}].system")
+            for index, identifier in enumerate(identifiers)
+            if isinstance(identifier, dict) and identifier.get("system") == GATEWAY_ACT]
 
 
 @dataclass(frozen=True)
