@@ -131,6 +131,14 @@ def test_text_xml_cannot_carry_is_dropped_from_every_value():
         "ActiveParticipant").get("UserID") == "\U0001F600 \ud7ff \ue000 \ufffd"  # XML characters stay
 
 
+def test_an_action_xml_cannot_carry_is_dropped_too():
+    """An action altered in the database (verify names the record) made lxml refuse the
+    message: the export tried that record again forever, sending nothing after it."""
+    altered = dataclasses.replace(record(), action="message.received\x01\ufffe")
+    code = parsed(atna.audit_message(altered, SOURCE)).find("EventIdentification/EventTypeCode")
+    assert (code.get("csd-code"), code.get("originalText")) == ("message.received",) * 2
+
+
 def test_frames_are_octet_counted_and_parse_back_whole_or_in_pieces():
     messages = [atna.syslog_message(record(subject=f"message/{n}", detail={"control_id": "é" * n}),
                                     SOURCE, "gw1") for n in range(1, 4)]

@@ -70,6 +70,17 @@ def test_lone_surrogates_are_recorded_storable_and_verify(trail):
     assert trail.verify().intact
 
 
+def test_details_whose_keys_sort_otherwise_once_stored_verify(trail):
+    """Keys that are not text ({2, 10} sorted as numbers, "10" < "2" as text) or that U+FFFD
+    replaces (a lone surrogate sorted before U+E000, U+FFFD after): the stored text is what the
+    hash covered, and verify checks that text, not the detail read and written again."""
+    trail.append([AuditEvent("message.read", "u", detail={2: "a", 10: "b"}),
+                  AuditEvent("door.refused", "u", detail={"\ud800": 1, "\ue000": 2})])
+    assert trail.verify().intact
+    sql(trail, "UPDATE audit_log SET detail = :d WHERE seq = 1", d='{"10":"b","2":"a"}')
+    assert found(trail.verify()) == [(1, "altered")]
+
+
 def test_appends_chain_after_the_last_record_and_verify_in_small_batches(trail):
     first = trail.append(events(5))
     assert [r.seq for r in first] == [1, 2, 3, 4, 5] and first[0].prev_hash == GENESIS
@@ -209,6 +220,20 @@ def test_an_expiry_vouched_for_by_a_retention_record_is_intact(trail):
     result = trail.verify()
     assert result.intact and result.first_seq == 6 and result.expired_through == 5
     assert result.count == 4
+
+
+def test_an_expiry_anchor_left_as_the_only_record_is_intact(trail):
+    """Everything before the anchor expired and nothing was appended since (a quiet node):
+    the anchor, now the first record, vouches for the records before it."""
+    old = datetime.now(timezone.utc) - timedelta(days=400)
+    trail.append([AuditEvent("message.received", "a", at=old + timedelta(seconds=n)) for n in range(5)])
+    expire(trail, old + timedelta(days=1))
+    sql(trail, "DELETE FROM audit_log WHERE seq <= 5")
+    result = trail.verify()
+    assert result.intact and (result.first_seq, result.count, result.expired_through) == (6, 1, 5)
+    # One whose announced hash is not the previous hash of its own vouches for nothing.
+    sql(trail, "UPDATE audit_log SET prev_hash = :h WHERE seq = 6", h="e" * 64)
+    assert (6, "removed") in found(trail.verify())
 
 
 def test_an_interrupted_expiry_is_accepted_while_the_announced_last_record_remains(trail):

@@ -102,7 +102,9 @@ def audit_message(record: AuditRecord, source: Source) -> bytes:
                              EventDateTime=_instant(record),
                              EventOutcomeIndicator=outcome_indicator(record.outcome))
     _code(event, "EventID", event_id)
-    _code(event, "EventTypeCode", type_code or Code(record.action, record.action, "MA-HIE-gateway"))
+    # The action too: one altered in the database must not hold the export (verify names it).
+    action = _text(record.action)
+    _code(event, "EventTypeCode", type_code or Code(action, action, "MA-HIE-gateway"))
     detail = record.detail
     reason = detail.get("reason") or detail.get("code")
     if record.outcome != "success" and reason is not None:

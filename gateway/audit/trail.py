@@ -213,7 +213,9 @@ class AuditTrail:
         findings = [Located(f, walk.at) for f in verify_chain(watched(), start_seq, start_hash)]
         expired_through = None
         if (first.seq, first.prev_hash) != (1, GENESIS):
-            vouched = [a for a in anchors if a[0] > first.seq and (
+            # The anchor may be the first record itself: retention removed everything before
+            # it and nothing was appended since (its own hash covers what it states).
+            vouched = [a for a in anchors if a[0] >= first.seq and (
                 (a[1] == first.seq - 1 and a[2] == first.prev_hash)
                 or (a[1] >= first.seq and _hash_of(conn, a[1]) == a[2]))]
             if vouched:
@@ -332,7 +334,8 @@ def record_from_row(row) -> AuditRecord:
     if not isinstance(detail, dict):  # every record's detail is an object: keep the text, so
         detail = {"unreadable": row.detail}  # that the hash check names the record
     return AuditRecord(row.seq, _utc(row.recorded_at), row.node, row.action, row.actor,
-                       row.outcome, row.subject, row.source, detail, row.prev_hash, row.hash)
+                       row.outcome, row.subject, row.source, detail, row.prev_hash, row.hash,
+                       row.detail)
 
 
 __all__ = ["AuditTrail", "EXPIRED", "Located", "Verification", "expiry_anchor", "record_from_row"]
