@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from adapters.hl7v2.codes import AppErrorCode
 from gateway.config import (DEFAULT_FACILITY_TYPES, FacilityTypeConfig, GatewayConfig,
@@ -77,9 +78,13 @@ class FacilityRegistry:
         facility = self._by_fingerprint.get(certificate_fingerprint(cert))
         if facility is not None:
             return facility
-        facility = self._by_subject.get(_normal_subject(cert.subject.rfc4514_string()))
+        # A certificate's subject prints in the normal form already; parsing it again would
+        # raise for names the parser refuses (a common name over 64 characters...).
+        facility = self._by_subject.get(cert.subject.rfc4514_string())
         if facility is not None:
             return facility
+        if len(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)) != 1:
+            return None  # several common names name no one facility (tools differ on which counts)
         facility = self._by_id.get(certificate_common_name(cert) or "")
         if facility is not None and not (facility.certificate_sha256 or facility.certificate_subject):
             return facility  # bound by name only when no explicit binding is configured

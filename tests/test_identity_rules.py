@@ -207,3 +207,34 @@ def test_crl_problems_name_the_file(ca, tmp_path):
         assert info.value.path == str(tmp_path / name) and words in info.value.reason, name
     with pytest.raises(TlsConfigError, match="cannot read CRL"):
         load_crl(str(tmp_path / "absent.crl"), str(directory / "ca.crt"))
+
+
+# -- naming a facility by certificate --------------------------------------------------------
+
+def _leaf(directory, *common_names: str) -> x509.Certificate:
+    """A client certificate of the CA in `directory` whose subject holds these common names
+    (unchecked: a CA may issue what the name parser refuses, a CN over 64 characters)."""
+    ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, name, _validate=False)
+                         for name in common_names])
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
+            .public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(ca_key, hashes.SHA256()))
+
+
+@pytest.mark.filterwarnings("ignore:Attribute's length")
+def test_certificate_names_a_facility_by_its_one_common_name(ca):
+    """A common name equal to a facility id names it; a subject with two common names names
+    none (tools differ on which one counts), and a common name over 64 characters, which the
+    RFC 4514 parser refuses, is looked up like any other instead of raising."""
+    directory, _ = ca
+    subject_bound = SenderConfig(id="INPE-100009", name="Bound", type="clinic",
+                                 certificate_subject="CN=SOMETHING ELSE")
+    registry = FacilityRegistry([CHU, PHARMACY, subject_bound])
+    assert registry.by_certificate(_leaf(directory, CHU.id)) is CHU
+    assert registry.by_certificate(_leaf(directory, CHU.id, PHARMACY.id)) is None
+    assert registry.by_certificate(_leaf(directory, PHARMACY.id, CHU.id)) is None
+    assert registry.by_certificate(_leaf(directory, "INPE-" + "1" * 60)) is None

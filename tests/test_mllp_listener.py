@@ -407,3 +407,76 @@ def test_release_2_commit_block_comes_with_the_ack(sqlite_url, make_config, runn
     assert accepted.commit is True and ack_fields(accepted.response)["msa1"] == "AA"
     assert refused.commit is True and ack_fields(refused.response)["msa1"] == "AR"  # stored, then refused
     assert [r.summary.status for r in stored(sqlite_url)] == ["received", "rejected"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_listener_closes_a_connection_from_outside_allow_sources_at_once(
+        sqlite_url, make_config, running_gateway, dev_pki):
+    """A refused source address on a TLS listener: the TLS layer wrapped the factory's None
+    (an Unhandled Error, and the connection left open for good). It is closed at once."""
+    from twisted.logger import globalLogPublisher
+
+    failures = []
+
+    def observe(event):
+        if event.get("log_failure") is not None or event.get("isError"):
+            failures.append(event)
+
+    ports = yield running_gateway(make_config(sqlite_url, mllp=[dict(
+        name="mllp-tls", tls=True, allow_sources=["10.0.0.0/8"])]))
+    globalLogPublisher.addObserver(observe)
+
+    def connect():
+        with socket.create_connection((HOST, ports["mllp-tls"]), timeout=5) as sock:
+            sock.sendall(b"\x16\x03\x01\x00\x05hello")  # the start of a ClientHello
+            try:
+                return sock.recv(100)
+            except ConnectionResetError:
+                return b""
+
+    try:
+        assert (yield in_thread(connect)) == b""  # closed, not a 5 s timeout
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert failures == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_connection_the_gateway_closes_goes_even_if_the_client_never_answers(
+        sqlite_url, make_config, running_gateway, dev_pki, monkeypatch):
+    """Over TLS, closing waits for the client's close_notify: a client that completed the
+    handshake and then reads nothing held its connection forever past idle_timeout. It is
+    aborted CLOSE_GRACE seconds after the gateway closed it."""
+    from adapters.mllp import protocol
+    from gateway.config import SenderConfig
+
+    monkeypatch.setattr(protocol, "CLOSE_GRACE", 0.3)
+    chu = SenderConfig(id="INPE-100001", name="CHU", type="hospital", facilities=("CHU_TEST",))
+    ports = yield running_gateway(make_config(sqlite_url, mllp=[dict(
+        name="mllp-tls", tls=True, idle_timeout=0.3)], senders=[chu]))
+    context = client_tls_context(os.path.join(dev_pki, "ca.crt"), os.path.join(dev_pki, "INPE-100001.crt"),
+                                 os.path.join(dev_pki, "INPE-100001.key"))
+
+    def hold():
+        # The TLS client over memory BIOs: it answers nothing once its handshake is done.
+        with socket.create_connection((HOST, ports["mllp-tls"]), timeout=5) as sock:
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    sock.sendall(outgoing.read())
+                    incoming.write(sock.recv(65536))
+            sock.sendall(outgoing.read())
+            started = time.monotonic()
+            try:
+                while sock.recv(65536):  # the close_notify, then the end (or a reset)
+                    pass
+            except ConnectionResetError:
+                pass
+            return time.monotonic() - started
+
+    took = yield in_thread(hold)  # a socket.timeout (5 s) when the connection stays open
+    assert took < 3

@@ -271,11 +271,15 @@ def test_disconnect_mid_frame_is_logged_and_cancels_the_deadline():
 
 @pytest.mark.parametrize("host, accepted", [("10.1.2.3", True), ("192.168.1.5", False)])
 def test_allow_list(host, accepted):
-    """buildProtocol returns None for an address outside the allowed ranges, a protocol inside."""
+    """An address inside the allowed ranges gets the MLLP protocol; one outside a protocol that
+    closes the connection as soon as it is made (not None, which a TLS listener would wrap)."""
     factory = MllpServerFactory(FakeHandler(), MllpSettings("mllp-test"), Clock(),
                                 source_filter(("10.0.0.0/8",)))
     protocol = factory.buildProtocol(IPv4Address("TCP", host, 5000))
     if accepted:
         assert isinstance(protocol, MllpServerProtocol) and protocol.factory is factory
     else:
-        assert protocol is None
+        assert protocol is not None and not isinstance(protocol, MllpServerProtocol)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        assert transport.disconnecting and transport.value() == b""

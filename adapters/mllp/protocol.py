@@ -37,6 +37,10 @@ from adapters.mllp.framing import (COMMIT_ACK_BLOCK, COMMIT_NAK_BLOCK, DEFAULT_M
 log = Logger()
 
 PIPELINE_LIMIT = 16  # frames waiting on one connection before reading pauses
+# Seconds a connection we close may take to go: loseConnection waits for the peer to read what
+# is still buffered and, over TLS, to answer our close_notify, which a hostile or broken peer
+# never does. After that the connection is aborted.
+CLOSE_GRACE = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +100,7 @@ class MllpServerProtocol(Protocol, TimeoutMixin):
         self.closing = False  # an oversize frame: close after answering it
         self.info: ConnectionInfo | None = None
         self._frame_deadline = None
+        self._abort_call = None  # the end of CLOSE_GRACE, once we close
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -113,7 +118,7 @@ class MllpServerProtocol(Protocol, TimeoutMixin):
             log.warn("mllp {listener} {peer}: {reason}; closing", listener=self.info.listener,
                      peer=self.info.peer, reason=refused)
             self.refused = True
-            self.transport.loseConnection()
+            self._close()
             return
         except Exception:  # a fault of ours: fail closed, with the traceback
             log.failure("mllp {listener} {peer}: identifying the TLS client failed; closing",
@@ -176,7 +181,7 @@ class MllpServerProtocol(Protocol, TimeoutMixin):
         if answer.response is not None:
             self.transport.write(frame(answer.response))
         if self.closing:
-            self.transport.loseConnection()
+            self._close()
         elif self.waiting:
             self._next()
         elif self.paused:
@@ -200,11 +205,20 @@ class MllpServerProtocol(Protocol, TimeoutMixin):
     def timeoutConnection(self) -> None:
         log.info("mllp {listener} {peer}: idle for {timeout}s; closing", listener=self.info.listener,
                  peer=self.info.peer, timeout=self.settings.idle_timeout)
+        self._close()
+
+    def _close(self) -> None:
         self.transport.loseConnection()
+        if self._abort_call is None:
+            self._abort_call = self.clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     def connectionLost(self, reason=None) -> None:
         self.connected = False  # Twisted never resets it: _answer relies on it to drop late answers
         self.setTimeout(None)
+        if self._abort_call is not None:
+            if self._abort_call.active():
+                self._abort_call.cancel()
+            self._abort_call = None
         if self.identify is not None and not self.info.tls and not self.refused \
                 and reason is not None and not reason.check(ConnectionDone):
             # The handshake failed (no certificate, an old protocol, a refused certificate:
@@ -239,8 +253,16 @@ class MllpServerFactory(ServerFactory):
         if not self.allowed(host):
             log.warn("mllp {listener}: connection from {host} refused (not in allow_sources)",
                      listener=self.settings.listener, host=host)
-            return None
+            # Not None: a TLS listener wraps whatever this returns, and would wrap None (an
+            # unhandled error, and a connection left open).
+            return _Refused()
         protocol = MllpServerProtocol(self.handler, self.settings, self.clock, self.identify)
         protocol.factory = self
         return protocol
 
+
+class _Refused(Protocol):
+    """A connection from outside allow_sources: closed at once (before any TLS handshake)."""
+
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()
