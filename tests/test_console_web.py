@@ -738,6 +738,25 @@ async def test_allowed_sources_close_other_connections(make_config, db_url):
         await stop_console(started)
 
 
+def test_a_refused_source_is_closed_by_a_protocol_not_none():
+    """A TLS listener wraps what buildProtocol returns: None (a refused source) was an unhandled
+    error and a connection left open; a protocol that closes it at once is not."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from twisted.web import resource
+
+    from gateway.console.web import _ConsoleSite
+
+    site = _ConsoleSite(resource.Resource())
+    site.allowed = lambda host: host.startswith("10.9.")
+    refused = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+    transport = StringTransport()
+    refused.makeConnection(transport)
+    assert transport.disconnecting and transport.value() == b""
+    assert site.buildProtocol(IPv4Address("TCP", "10.9.0.1", 5000)) is not None
+
+
 @pytest_twisted.ensureDeferred
 async def test_over_plain_http_only_addresses_localhost_and_named_hosts_reach_the_console(make_config, db_url):
     """DNS rebinding: a web page whose name now points at 127.0.0.1 is, for the browser, the

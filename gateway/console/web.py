@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo
 from urllib.parse import parse_qs, urlencode
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
-from twisted.internet import defer, threads
+from twisted.internet import defer, protocol, threads
 from twisted.web import resource, server
 
 from gateway import fhir_json
@@ -705,11 +705,20 @@ class _ConsoleSite(server.Site):
 
     def buildProtocol(self, addr):
         if self.allowed is not None and not self.allowed(getattr(addr, "host", "")):
-            return None  # the connection is closed at once
+            # Closed at once. Not None: a TLS listener wraps whatever this returns, and would
+            # wrap None (an unhandled error, and a connection left open).
+            return _Refused()
         return super().buildProtocol(addr)
 
     def log(self, request) -> None:
         pass  # paths carry ids and search terms; the console logs what it does itself
+
+
+class _Refused(protocol.Protocol):
+    """A connection from outside the listener's allow_sources, before any TLS handshake."""
+
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()
 
 
 __all__ = ["Console", "ConsoleContext", "ConsoleRequest", "site"]
