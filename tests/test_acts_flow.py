@@ -320,17 +320,31 @@ PATIENT = {"fullUrl": "urn:uuid:p1", "resource": {
     "identifier": [{"system": "urn:ma:cnie", "value": "BE123456"},
                    {"system": "urn:ma:cnss:immatriculation", "value": "112233445"}]}}
 
+# A prescriber's FHIR order of one act (glucose, NABM B0412) for PATIENT.
+GLUCOSE_ORDER = {"resourceType": "Bundle", "type": "collection", "entry": [PATIENT, {
+    "fullUrl": "urn:uuid:s1", "resource": {
+        "resourceType": "ServiceRequest", "id": "s1", "status": "active", "intent": "order",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"},
+                            {"system": "urn:ma:cnss:nabm", "code": "B0412"}]},
+        "subject": {"reference": "urn:uuid:p1"}}}]}
+
+
+def glucose_result(prescription_id: str) -> dict:
+    """A laboratory's FHIR result of GLUCOSE_ORDER's act, naming its prescription."""
+    return {"resourceType": "Bundle", "type": "collection", "entry": [PATIENT, {
+        "fullUrl": "urn:uuid:d1", "resource": {
+            "resourceType": "DiagnosticReport", "id": "d1", "status": "final",
+            "identifier": [{"system": "urn:lab", "value": "ACC-7"}],
+            "basedOn": [{"identifier": {"system": ids.SYSTEM, "value": prescription_id}}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+            "subject": {"reference": "urn:uuid:p1"}, "effectiveDateTime": "2026-01-16T09:00:00+01:00"}}]}
+
 
 def test_fhir_service_requests_then_a_diagnostic_report(harness):
     """A prescriber's ServiceRequest bundle gets an id; a laboratory's DiagnosticReport whose
     basedOn names it by identifier performs the act; a laboratory's own ServiceRequests are
     ordinary."""
-    order = {"resourceType": "Bundle", "type": "collection", "entry": [PATIENT, {
-        "fullUrl": "urn:uuid:s1", "resource": {
-            "resourceType": "ServiceRequest", "id": "s1", "status": "active", "intent": "order",
-            "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"},
-                                {"system": "urn:ma:cnss:nabm", "code": "B0412"}]},
-            "subject": {"reference": "urn:uuid:p1"}}}]}
+    order = GLUCOSE_ORDER
     issued = _fhir(harness, "F-1", "INPE-200001", order)
     assert issued.status == "translated", issued.error_reason
     [request] = resources(issued, "ServiceRequest")
@@ -338,13 +352,7 @@ def test_fhir_service_requests_then_a_diagnostic_report(harness):
     assert ids.is_prescription_id(prescription_id)
     ordinary = _fhir(harness, "F-2", "INPE-100002", order)
     assert ordinary.status == "translated" and "requisition" not in resources(ordinary, "ServiceRequest")[0]
-    result = {"resourceType": "Bundle", "type": "collection", "entry": [PATIENT, {
-        "fullUrl": "urn:uuid:d1", "resource": {
-            "resourceType": "DiagnosticReport", "id": "d1", "status": "final",
-            "identifier": [{"system": "urn:lab", "value": "ACC-7"}],
-            "basedOn": [{"identifier": {"system": ids.SYSTEM, "value": prescription_id}}],
-            "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
-            "subject": {"reference": "urn:uuid:p1"}, "effectiveDateTime": "2026-01-16T09:00:00+01:00"}}]}
+    result = glucose_result(prescription_id)
     performed = _fhir(harness, "F-3", "INPE-100002", result)
     assert performed.status == "translated", performed.error_reason
     [line] = care_sheet_from_bundle(performed.bundle)["lignes"]["ligne"]
@@ -358,12 +366,7 @@ def test_a_result_bills_only_the_acts_the_flow_records_never_the_senders_charge_
     sender's ChargeItem went to CNSS as a second line). A ChargeItem written with the gateway's
     own act key (urn:ma:hie:act) is refused: with a report that names no prescription (here an
     Observation as its service) it was routed to CNSS as a prescription's act, unchecked."""
-    order = {"resourceType": "Bundle", "type": "collection", "entry": [PATIENT, {
-        "fullUrl": "urn:uuid:s1", "resource": {
-            "resourceType": "ServiceRequest", "id": "s1", "status": "active", "intent": "order",
-            "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"},
-                                {"system": "urn:ma:cnss:nabm", "code": "B0412"}]},
-            "subject": {"reference": "urn:uuid:p1"}}}]}
+    order = GLUCOSE_ORDER
     [request] = resources(_fhir(harness, "F-1", "INPE-200001", order), "ServiceRequest")
     prescription_id = request["requisition"]["value"]
 
@@ -376,14 +379,8 @@ def test_a_result_bills_only_the_acts_the_flow_records_never_the_senders_charge_
             "quantity": {"value": 1}, "priceOverride": {"value": 80, "currency": "MAD"},
             "service": [{"reference": f"urn:uuid:{service}"}]}}
 
-    result = {"resourceType": "Bundle", "type": "collection", "entry": [PATIENT, {
-        "fullUrl": "urn:uuid:d1", "resource": {
-            "resourceType": "DiagnosticReport", "id": "d1", "status": "final",
-            "identifier": [{"system": "urn:lab", "value": "ACC-7"}],
-            "basedOn": [{"identifier": {"system": ids.SYSTEM, "value": prescription_id}}],
-            "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
-            "subject": {"reference": "urn:uuid:p1"}, "effectiveDateTime": "2026-01-16T09:00:00+01:00"}},
-        charge(None, "d1")]}
+    result = glucose_result(prescription_id)
+    result["entry"].append(charge(None, "d1"))
     first = _fhir(harness, "F-2", "INPE-100002", result)
     assert first.status == "translated", first.error_reason
     [line] = care_sheet_from_bundle(first.bundle)["lignes"]["ligne"]
