@@ -400,6 +400,57 @@ def test_redelivery_under_another_key_leaves_one_copy_and_one_version(client, ru
 
 
 @pytest_twisted.inlineCallbacks
+def test_decimals_keep_their_precision_through_store_read_and_search(client, running):
+    """5.10 is read back as 5.10, not 5.1 (FHIR decimals keep their precision); the same
+    bytes again keep the version, 5.1 or 5.100 is a change."""
+    def body(value: str) -> bytes:
+        return json.dumps(transaction(entry(observation("Patient/p", value=0.0), "PUT", "Observation/dec"))
+                          ).replace('"value": 0.0', f'"value": {value}').encode()
+
+    first = yield client.post(body("5.10"))
+    assert statuses(first) == ["201 Created"]
+    read = yield client.get("/fhir/Observation/dec")
+    assert b'"value":5.10,' in read.body
+    found = yield client.get("/fhir/Observation?_id=dec")
+    assert b'"value":5.10,' in found.body
+    again = yield client.post(body("5.10"))
+    assert locations(again) == ["Observation/dec/_history/1"]
+    for number, value in enumerate(["5.1", "5.100"], start=2):
+        changed = yield client.post(body(value))
+        assert locations(changed) == [f"Observation/dec/_history/{number}"]
+        read = yield client.get("/fhir/Observation/dec")
+        assert f'"value":{value},'.encode() in read.body
+
+
+def test_key_stored_with_a_canonical_digest_still_replays_a_body_with_decimals(tmp_path):
+    """An older version digested the JSON with its decimals as floats (5.10 as 5.1): the
+    same body under its key is still a replay, not a 422."""
+    import hashlib
+
+    from gateway.sandbox.record.api import RecordApi
+    from gateway.sandbox.record.store import RecordStore
+
+    path = str(tmp_path / "record.sqlite")
+    text = json.dumps(transaction(entry(observation("Patient/p", value=0.0), "PUT", "Observation/dec")))
+    raw = text.replace('"value": 0.0', '"value": 5.10')
+    store = RecordStore(path)
+    try:
+        first = RecordApi(store).transaction(raw.encode(), "old-key")
+        assert first.status == 200
+    finally:
+        store.close()
+    canonical = hashlib.sha256(json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE idempotency_keys SET body_sha256 = ? WHERE key = 'old-key'", (canonical,))
+    store = RecordStore(path)
+    try:
+        again = RecordApi(store).transaction(raw.replace(", ", ",  ").encode(), "old-key")
+        assert (again.status, again.replayed) == (200, True)
+    finally:
+        store.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_same_key_with_another_body_is_422(client, running):
     """An Idempotency-Key reused for a different request is refused and stores nothing."""
     yield client.post(transaction(conditional_patient()), key="reused")
@@ -602,6 +653,21 @@ def test_search_value_escapes(client):
     escaped = value.replace("\\", "\\\\").replace("|", "\\|").replace(",", "\\,")
     reply = yield client.get("/fhir/Patient?identifier=" + quote(f"{CNIE}|{escaped}", safe=""))
     assert ids(reply) == {"odd"}
+
+
+@pytest_twisted.inlineCallbacks
+def test_search_refuses_value_lists_and_counts_in_other_digits(searchable):
+    """An unescaped comma (FHIR's OR) is refused, not searched as part of the value; a _count
+    in digits int() refuses ("²") or other scripts' digits is a 400, not a 500; a reference
+    with a trailing newline is not read as the id before it."""
+    for path in ["/fhir/Patient?identifier=AB123456,CD789", f"/fhir/Patient?identifier={CNIE}|AB123456,CD789",
+                 "/fhir/Observation?code=2093-3,718-7", "/fhir/Patient?_count=%C2%B2",
+                 "/fhir/Patient?_count=%D9%A3", "/fhir/Observation?subject=Patient/amina%0A"]:
+        reply = yield searchable.get(path)
+        assert reply.code == 400, path
+        assert reply.json["resourceType"] == "OperationOutcome", path
+    reply = yield searchable.get("/fhir/Patient?identifier=AB123456%5C,CD789")  # escaped: one value
+    assert ids(reply) == set()
 
 
 # -- mutual TLS ----------------------------------------------------------------------------

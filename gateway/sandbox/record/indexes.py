@@ -17,7 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_REFERENCE = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+# \Z, not $ (which also matches before a final newline: "Patient/a\n" read as Patient/a)
+_REFERENCE = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?\Z")
 REFERENCE_ELEMENTS = ("subject", "patient", "beneficiary")
 PATIENT_ELEMENTS = REFERENCE_ELEMENTS  # what `patient=` searches (targets of type Patient)
 _CODE_ELEMENTS = ("code", "medicationCodeableConcept", "vaccineCode")

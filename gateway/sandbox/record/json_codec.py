@@ -5,6 +5,10 @@ Both produce the same text: compact, UTF-8 (non-ASCII kept as is), key order pre
 `sort_keys` gives a canonical form for hashing. Both refuse NaN and Infinity on input.
 Numbers that orjson cannot represent (integers beyond 64 bits) fall back to the standard
 library, so the output never depends on which one ran.
+
+FHIR decimals keep their precision (5.10 is not 5.1): the request is read with
+`fhir_json.ExactDecimal` numbers, which `dumps` writes as sent, and `loads_exact` reads the
+stored text so again for what the record answers.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ try:
     import orjson
 except ImportError:  # pragma: no cover - exercised where orjson is absent
     orjson = None
+
+from gateway import fhir_json
+from gateway.fhir_json import ExactDecimal
 
 
 def _refuse_constant(name: str):
@@ -30,6 +37,18 @@ def loads(text: str | bytes):
     return json.loads(text, parse_constant=_refuse_constant)
 
 
+def loads_exact(text: str | bytes):
+    """`loads`, each number with a fraction or an exponent an ExactDecimal (slower: for
+    what is answered, not for the comparisons of the hot path)."""
+    return fhir_json.loads(text)
+
+
+def _exact(value):
+    if isinstance(value, ExactDecimal):
+        return orjson.Fragment(value.text)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def dumps(document, *, sort_keys: bool = False) -> str:
     return dumps_bytes(document, sort_keys=sort_keys).decode("utf-8")
 
@@ -37,7 +56,7 @@ def dumps(document, *, sort_keys: bool = False) -> str:
 def dumps_bytes(document, *, sort_keys: bool = False) -> bytes:
     if orjson is not None:
         try:
-            return orjson.dumps(document, option=orjson.OPT_SORT_KEYS if sort_keys else 0)
+            return orjson.dumps(document, default=_exact, option=orjson.OPT_SORT_KEYS if sort_keys else 0)
         except TypeError:  # e.g. an integer beyond 64 bits
             pass
     return json.dumps(document, ensure_ascii=False, sort_keys=sort_keys, separators=(",", ":")).encode("utf-8")

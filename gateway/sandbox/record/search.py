@@ -10,8 +10,8 @@ Parameters (all of them must hold: AND):
 - `_count=n` (0 to MAX_COUNT, default DEFAULT_COUNT): the page size; `total` counts them all.
 
 Values use FHIR search escaping (`\\|`, `\\,`, `\\$`, `\\\\`); `escape_token_part` produces
-it. Unknown parameters and modifiers are refused (400) rather than silently ignored, so a
-caller never believes a filter applied that did not.
+it. Unknown parameters and modifiers, and lists of values (an unescaped `,`: OR), are refused
+(400) rather than silently ignored, so a caller never believes a filter applied that did not.
 """
 from __future__ import annotations
 
@@ -85,7 +85,8 @@ def parse_search(resource_type: str, pairs: list[tuple[str, str]]) -> SearchQuer
                 raise FhirError.single(400, "value", "_id is not a valid resource id")
             clauses.append(IdClause(value))
         elif name == "_count":
-            if not value.isdigit() or int(value) > MAX_COUNT:
+            # isdigit() alone takes "²" (int() refuses it: a 500) and other scripts' digits
+            if not (value.isascii() and value.isdigit()) or int(value) > MAX_COUNT:
                 raise FhirError.single(400, "value", f"_count must be an integer from 0 to {MAX_COUNT}")
             count = int(value)
         else:
@@ -93,7 +94,7 @@ def parse_search(resource_type: str, pairs: list[tuple[str, str]]) -> SearchQuer
     return SearchQuery(resource_type, tuple(clauses), count)
 
 
-def _split_unescaped_bar(text: str) -> list[str]:
+def _split_unescaped(text: str, separator: str = "|") -> list[str]:
     parts, current, escaped = [], "", False
     for char in text:
         if escaped:
@@ -101,7 +102,7 @@ def _split_unescaped_bar(text: str) -> list[str]:
             escaped = False
         elif char == "\\":
             escaped = True
-        elif char == "|":
+        elif char == separator:
             parts.append(current)
             current = ""
         else:
@@ -115,9 +116,13 @@ def _unescape(text: str) -> str:
 
 
 def _token(name: str, text: str) -> TokenClause:
-    parts = _split_unescaped_bar(text)
+    parts = _split_unescaped(text)
     if len(parts) > 2 or text == "":
         raise FhirError.single(400, "value", f"{name} must be [system|]value")
+    # An unescaped comma means OR in FHIR: refused, rather than searched as part of the value
+    if any(len(_split_unescaped(part, ",")) > 1 for part in parts):
+        raise FhirError.single(400, "not-supported", f"{name}: a list of values (,) is not supported; "
+                                                     "escape a comma in a value as \\,")
     if len(parts) == 1:
         return TokenClause(name, None, _unescape(parts[0]))
     system, value = _unescape(parts[0]), _unescape(parts[1])

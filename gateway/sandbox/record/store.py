@@ -21,6 +21,7 @@ Blocking code: the peer calls it from its own single database thread (peer.py).
 """
 from __future__ import annotations
 
+import json
 import sqlite3
 import uuid
 from dataclasses import dataclass
@@ -232,7 +233,7 @@ class RecordStore:
                 created[key] = None
                 index[key] = _new_index_rows(entry.resource, identifier_list, targets)
                 answers.append(_entry_response(*key, "201 Created", 1, now))
-            elif row[2] == content or json_codec.loads(row[2]) == json_codec.loads(content):
+            elif row[2] == content or _same_json(row[2], content):
                 answers.append(_entry_response(*key, "200 OK", row[0], row[1]))
             else:
                 row[:] = [row[0] + 1, now, content]
@@ -347,8 +348,16 @@ def _entry_response(resource_type: str, resource_id: str, status: str, version: 
                          "etag": f'W/"{version}"', "lastModified": last_updated}}
 
 
+def _same_json(stored: str, content: str) -> bool:
+    """The same document written otherwise (key order): a re-delivery, not a new version.
+    Numbers are compared as written too, as FHIR decimals keep their precision (5.10 is
+    not 5.1, nor 1.0 1), which floats compare equal; read so only when the rest agrees."""
+    return (json_codec.loads(stored) == json_codec.loads(content)
+            and json.loads(stored, parse_float=str) == json.loads(content, parse_float=str))
+
+
 def _with_meta(version: int, last_updated: str, content: str) -> dict:
-    resource = json_codec.loads(content)
+    resource = json_codec.loads_exact(content)  # decimals as stored: 5.10, not 5.1
     meta = resource.get("meta")
     resource["meta"] = {**(meta if isinstance(meta, dict) else {}),
                         "versionId": str(version), "lastUpdated": last_updated}

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway import strict_json
+from gateway.fhir_json import ExactDecimal
 from gateway.mapping.fhir_schema import is_resource_type
 from gateway.sandbox.record import json_codec
 from gateway.sandbox.record.operation_outcome import FhirError, Issue
@@ -57,7 +58,8 @@ def parse_json(body: bytes, *, strict: bool = True) -> object:
         except (ValueError, RecursionError):
             pass  # not JSON: the strict reading says why and where
     try:
-        return strict_json.loads(body, root="Bundle")
+        # ExactDecimal: 5.10 is stored and read back as 5.10, not 5.1 (FHIR decimals keep their precision)
+        return strict_json.loads(body, root="Bundle", parse_float=ExactDecimal)
     except strict_json.JsonInputError as error:
         raise FhirError.single(400, "structure", error.reason, error.where) from None
 
