@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         # Python's own flush at exit would fail again, so stdout goes to /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 141  # 128 + SIGPIPE, what a shell reports for a command its pipe stopped
+    except KeyboardInterrupt:
+        # Ctrl-C (`gateway send` waiting for an ACK): stop without a traceback.
+        print(file=sys.stderr)
+        code = 130  # 128 + SIGINT
     sys.exit(code)
 
 
@@ -80,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--ca", help="CA certificate that the server's certificate must chain to")
     send.add_argument("--cert", help="client certificate (PEM)")
     send.add_argument("--key", help="client private key (PEM)")
-    send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK")
+    send.add_argument("--timeout", type=_seconds, default=30.0, help="seconds to wait for each ACK")
     send.add_argument("--raw", action="store_true",
                       help="send each file's bytes as one frame, line endings untouched")
     send.add_argument("--json", action="store_true", help="one JSON object per message")
@@ -102,13 +106,13 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--until", type=_instant, help="received before (ISO 8601)")
     listing.set_defaults(handler=_messages_list)
     detail = messages.add_parser("show", parents=[common], help="one message: metadata, text, ACK")
-    detail.add_argument("id", type=int)
+    detail.add_argument("id", type=_message_id)
     detail.add_argument("--json", action="store_true")
     detail.set_defaults(handler=_messages_show)
     replay = messages.add_parser("replay", parents=[common],
                                  help="translate stored messages again with the mappings on "
                                       "disk and send their dead letters again")
-    replay.add_argument("ids", type=int, nargs="*", metavar="ID")
+    replay.add_argument("ids", type=_message_id, nargs="*", metavar="ID")
     replay.add_argument("--status", choices=("failed", "received", "translated", "dead"),
                         help="every message of this status (dead: with a dead-letter delivery)")
     replay.add_argument("--mappings", metavar="DIR", help="mapping directory (default: mappings.directory)")
@@ -143,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--batch", type=_positive, default=10_000, help="records read at a time")
     verify.set_defaults(handler=_audit("verify"))
     show = audit.add_parser("show", parents=[common], help="audit records, oldest first")
-    show.add_argument("--after", type=int, default=0, metavar="SEQ")
+    show.add_argument("--after", type=_whole, default=0, metavar="SEQ")
     show.add_argument("--limit", type=_positive, default=100)
     show.add_argument("--subject", help="only this subject (message/42, prescription/RX-...)")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -242,11 +246,14 @@ def _retention_run(args) -> int:
 
 
 def _send(args) -> int:
-    from adapters.mllp.client import (MllpClient, MllpClientError, client_tls_context, describe,
-                                      split_messages)
+    from adapters.mllp.client import (MllpClient, MllpClientError, client_tls_context, control_id,
+                                      describe, split_messages)
 
     host, _, port = args.to.rpartition(":")
-    if not host or not port.isdigit():
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:2575
+    # ASCII digits in range: a port over 65535 would otherwise wrap to another port, or fail
+    # with a traceback.
+    if not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         print("--to must be HOST:PORT", file=sys.stderr)
         return 2
     tls = None
@@ -259,8 +266,9 @@ def _send(args) -> int:
             print("--key needs --cert", file=sys.stderr)
             return 2
         for option, name in (("--ca", args.ca), ("--cert", args.cert), ("--key", args.key)):
-            if name and not os.access(name, os.R_OK):
-                reason = "no such file" if not os.path.exists(name) else "not readable"
+            if name and (os.path.isdir(name) or not os.access(name, os.R_OK)):  # OpenSSL would raise
+                reason = ("no such file" if not os.path.exists(name) else
+                          "a directory" if os.path.isdir(name) else "not readable")
                 print(f"cannot read {option} {name}: {reason}", file=sys.stderr)
                 return 1
         try:
@@ -278,19 +286,23 @@ def _send(args) -> int:
     for path in args.files:
         try:
             with open(path, "rb") as handle:
-                contents.append((path, handle.read()))
+                messages = split_messages(handle.read(), args.raw)
         except OSError as error:
             print(f"cannot read {path}: {error.strerror or error}", file=sys.stderr)
             return 1
+        if not messages:  # else nothing is sent for it, and the exit status says all went well
+            print(f"cannot send {path}: no message in it", file=sys.stderr)
+            return 1
+        contents.append((path, messages))
     failures = 0
     try:
         client = MllpClient(host, int(port), args.timeout, tls)
-    except OSError as error:
+    except (OSError, UnicodeError) as error:  # UnicodeError: a host name IDNA cannot encode
         print(f"cannot connect to {args.to}: {error}", file=sys.stderr)
         return 1
     with client:
-        for path, data in contents:
-            for number, message in enumerate(split_messages(data, args.raw), 1):
+        for path, messages in contents:
+            for number, message in enumerate(messages, 1):
                 try:
                     reply = client.send(message)
                 except (MllpClientError, OSError) as error:
@@ -313,17 +325,58 @@ def _send(args) -> int:
                         print(f"    {error}")
                 if reply.response is None:
                     return 1
+                expected = control_id(message)
+                if summary["msa1"] in ("AA", "CA") and expected is not None and summary["msa2"] != expected:
+                    # An ACK for another message (a second ACK, a late one) does not accept this
+                    # one, and the answers no longer match the messages sent: stop.
+                    print(f"{path}#{number}: the answer is for control id {summary['msa2']!r}, "
+                          f"not {expected!r}; nothing more sent", file=sys.stderr)
+                    return 1
     return 1 if failures else 0
 
 
+_SQL_INTEGER_MAX = 2**63 - 1  # the largest LIMIT or id a database takes (Python's ints have none)
+
+
 def _positive(text: str) -> int:
-    """A whole number of at least 1."""
+    """A whole number of at least 1 (a huge one meaning "all")."""
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"not a whole number of at least 1: {text!r}")
+    return min(value, _SQL_INTEGER_MAX)
+
+
+def _whole(text: str) -> int:
+    """A whole number, brought within what a database compares (after a huge one: nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    return max(-_SQL_INTEGER_MAX, min(value, _SQL_INTEGER_MAX))
+
+
+def _message_id(text: str) -> int:
+    """A message id: a whole number that a database can hold."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= _SQL_INTEGER_MAX:
+        raise argparse.ArgumentTypeError(f"not a message id: {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A duration above 0 that a socket takes (0 would mean non-blocking, NaN and inf fail)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"not a number of seconds above 0 and at most 86400: {text!r}")
     return value
 
 
@@ -501,7 +554,7 @@ def _messages_replay(args) -> int:
         return 1
     database = _database(args)
     if args.ids:
-        ids = list(args.ids)
+        ids = list(dict.fromkeys(args.ids))  # an id given twice is replayed (and counted) once
     elif args.status == "dead":
         ids = database.run_now(dead_message_ids)
     else:

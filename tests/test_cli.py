@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import subprocess
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -205,6 +207,122 @@ def test_send_tls_without_a_client_certificate_says_one_is_required(project, dev
             process.wait(10)
 
 
+class _MllpPeer:
+    """A misbehaving MLLP server in a thread, on a port of its own: `answer(frame)` gives the
+    bytes sent back for each frame received (b"" for none)."""
+
+    def __init__(self, answer):
+        self.answer, self.frames = answer, []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            connection, _ = self.listener.accept()
+        except OSError:
+            return
+        with connection:
+            data = b""
+            while chunk := connection.recv(65536):
+                data += chunk
+                while b"\x1c\r" in data:
+                    payload, _, data = data.partition(b"\x1c\r")
+                    self.frames.append(payload.lstrip(b"\x0b"))
+                    connection.sendall(self.answer(self.frames[-1]))
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
+def _ack(control_id: bytes, code: bytes = b"AA", charset: bytes = b"", more: bytes = b"") -> bytes:
+    return (b"\x0bMSH|^~\\&|PEER|PEER|HIS|CHU|20250114083512||ACK|ACK-1|P|2.5|||||MA|" + charset
+            + b"\rMSA|" + code + b"|" + control_id + b"\r" + more + b"\x1c\r")
+
+
+def _control_id(frame: bytes) -> bytes:
+    return frame.split(b"\r")[0].split(b"|")[9]
+
+
+def test_send_stops_at_an_ack_for_another_message(project):
+    """A server that acknowledges each message twice: the second ACK was read as the answer to
+    the next message, which `send` printed as accepted, exit 0, although its own ACK never came.
+    An ACK whose MSA-2 is not the message's MSH-10 fails the send and stops it."""
+    peer = _MllpPeer(lambda frame: _ack(_control_id(frame)) * 2)
+    try:
+        first, second = hl7msgs.message("adt", 21), hl7msgs.message("adt", 22)
+        path = write_file(project, "two.hl7", (first + second).encode("utf-8"))
+        done = cli(project, "send", "--to", f"127.0.0.1:{peer.port}", "--timeout", "5", path)
+    finally:
+        peer.close()
+    assert done.returncode == 1
+    assert done.stdout.splitlines()[0] == f"{path}#1: AA B00000000021"
+    assert done.stderr.strip() == (f"{path}#2: the answer is for control id 'B00000000021', "
+                                   "not 'B00000000022'; nothing more sent")
+
+
+def test_send_reads_the_answer_in_its_own_character_set(project):
+    """MSA-2 and ERR are decoded as the answer's MSH-18 says (here Arabic in 8859/6), not as
+    UTF-8, which turned every Arabic letter into U+FFFD."""
+    reason = "رمز غير معروف"
+    peer = _MllpPeer(lambda frame: _ack(_control_id(frame), b"AE", b"8859/6",
+                                        b"ERR||PID^1|103|E||||" + reason.encode("iso8859-6") + b"\r"))
+    try:
+        path = write_file(project, "adt.hl7", hl7msgs.message("adt", 23).encode("utf-8"))
+        done = cli(project, "send", "--to", f"127.0.0.1:{peer.port}", "--timeout", "5", path)
+    finally:
+        peer.close()
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.splitlines() == [f"{path}#1: AE B00000000023", f"    ERR||PID^1|103|E||||{reason}"]
+
+
+def test_send_refuses_what_it_cannot_send_without_a_traceback(project, tmp_path):
+    """A port out of range (70000 went to port 4464), a timeout a socket cannot take (0, NaN,
+    inf), a directory as --ca, a host name IDNA cannot encode, an empty file (nothing was sent,
+    exit 0): one line each, with exit 2 for usage and 1 otherwise."""
+    path = write_file(project, "adt.hl7", hl7msgs.message("adt", 24).encode("utf-8"))
+    empty = write_file(project, "empty.hl7", b"\r\n\n")
+    for options, code, error in (
+            (("--to", "127.0.0.1:70000", path), 2, "--to must be HOST:PORT"),
+            (("--to", "127.0.0.1:99999999999999999999", path), 2, "--to must be HOST:PORT"),
+            (("--to", "127.0.0.1:1", "--timeout", "0", path), 2, "argument --timeout: not a number"),
+            (("--to", "127.0.0.1:1", "--timeout", "nan", path), 2, "argument --timeout: not a number"),
+            (("--to", "127.0.0.1:1", "--timeout", "inf", path), 2, "argument --timeout: not a number"),
+            (("--to", "127.0.0.1:1", "--tls", "--ca", str(tmp_path), path), 1,
+             f"cannot read --ca {tmp_path}: a directory"),
+            (("--to", "hôpital..:1", path), 1, "cannot connect to hôpital..:1: "),
+            (("--to", f"127.0.0.1:{free_port()}", path, empty), 1, f"cannot send {empty}: no message in it")):
+        done = cli(project, "send", *options)
+        assert (done.returncode, done.stdout) == (code, ""), (options, done.stderr)
+        assert error in done.stderr and "Traceback" not in done.stderr, (options, done.stderr)
+
+
+def test_send_interrupted_by_ctrl_c_ends_quietly(project):
+    """Ctrl-C while `send` waits for an ACK that never comes: exit 130, no traceback."""
+    peer = _MllpPeer(lambda frame: b"")
+    path = write_file(project, "adt.hl7", hl7msgs.message("adt", 25).encode("utf-8"))
+    process = subprocess.Popen([GATEWAY, "send", "--to", f"127.0.0.1:{peer.port}", path],
+                               cwd=project.root, env=child_environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 20
+        while not peer.frames:  # the message is out: `send` waits for its answer
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, error = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        peer.close()
+    assert process.returncode == 130
+    assert b"Traceback" not in error and b"KeyboardInterrupt" not in error
+
+
 def test_messages_list_json(project, gateway):
     """`messages list --json` prints one JSON object per stored message, newest first."""
     oru = write_file(project, "oru.hl7", hl7msgs.message("oru", 3).encode("utf-8"))
@@ -306,6 +424,19 @@ def test_messages_show(project, gateway):
     missing = cli(project, "messages", "show", str(row["id"] + 1000), "-c", project.config)
     assert missing.returncode == 1 and f"no message {row['id'] + 1000}" in missing.stderr
     assert stop(gateway) == 0
+
+
+def test_numbers_beyond_a_database_integer_are_answered_without_a_traceback(project):
+    """An id or a limit past 2**63-1 reached the database, whose driver raised OverflowError
+    as a traceback: such an id is a usage error, such a limit or sequence means "all"."""
+    huge = "99999999999999999999"
+    for command in (("messages", "show", huge), ("messages", "replay", "1", huge)):
+        done = cli(project, *command, "-c", project.config)
+        assert done.returncode == 2 and f"not a message id: '{huge}'" in done.stderr, done.stderr
+    for command in (("messages", "list", "--limit", huge), ("audit", "show", "--after", huge),
+                    ("audit", "show", "--limit", huge)):
+        done = cli(project, *command, "-c", project.config)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (command, done.stderr)
 
 
 def test_invalid_config_makes_run_exit_2_with_located_errors(project):

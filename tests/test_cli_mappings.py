@@ -126,8 +126,10 @@ def test_replay_after_a_fix_and_show(project, gateway):
     assert shown["status"] == "translated" and shown["translation_status"] == "translated"
     assert shown["mapping_version"].startswith("sha256:")
     assert shown["bundle"]["entry"][0]["resource"]["resourceType"] == "Patient"
-    again = cli(project, "messages", "replay", str(row["id"]), "-c", project.config)
+    # An id given twice is replayed once, and counted once ("2 of 2" said one more than done).
+    again = cli(project, "messages", "replay", str(row["id"]), str(row["id"]), "-c", project.config)
     assert again.returncode == 0 and again.stdout.strip() == f"{row['id']}: translated"
+    assert again.stderr.startswith("1 of 1 translated"), again.stderr
     # Each replay is in the audit trail, by whom and of what.
     audit = cli(project, "audit", "show", "--json", "--subject", f"message/{row['id']}", "--limit", "1000",
                 "-c", project.config)

@@ -13,6 +13,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
+from adapters.hl7v2.charsets import CharsetError, codec_for
 from adapters.mllp.framing import (CommitAcknowledged, CommitRejected, FrameReceived, FrameTooLarge,
                                    MllpFramer, frame)
 
@@ -120,19 +121,39 @@ def client_tls_context(ca: str, cert: str | None = None, key: str | None = None)
     return context
 
 
+def _codec(msh: list[bytes]) -> str:
+    """The codec of a message's MSH-18 when it names one, else UTF-8 (what most senders mean)."""
+    try:
+        declared = msh[17].split(b"~")[0].decode("ascii").strip() if len(msh) > 17 else ""
+        return codec_for(declared) if declared else "utf-8"
+    except (UnicodeError, CharsetError):
+        return "utf-8"
+
+
+def control_id(message: bytes) -> str | None:
+    """MSH-10 of a message (decoded as `describe` decodes MSA-2), None for a batch or no MSH."""
+    if not message.startswith(b"MSH") or len(message) < 4:
+        return None
+    fields = _LINE_END.split(message, 1)[0].split(message[3:4])
+    return fields[9].decode(_codec(fields), "replace") if len(fields) > 9 else None
+
+
 def describe(response: bytes | None) -> dict:
     """MSA-1, MSA-2 and the ERR segments of an answer (for printing); tolerant of anything."""
     if response is None:
         return {"msa1": None, "msa2": None, "errors": []}
     segments = [s for s in _LINE_END.split(response) if s]
     field_separator = segments[0][3:4] if segments and len(segments[0]) > 3 else b"|"
+    # Decoded as the answer's MSH-18 says: a server may answer in another set than the message's.
+    msh = segments[0].split(field_separator) if segments and segments[0].startswith(b"MSH") else []
+    codec = _codec(msh)
     msa1 = msa2 = None
     errors = []
     for segment in segments:
         fields = segment.split(field_separator)
         if fields[0] == b"MSA":
             msa1 = fields[1].decode("ascii", "replace") if len(fields) > 1 else None
-            msa2 = fields[2].decode("utf-8", "replace") if len(fields) > 2 else None
+            msa2 = fields[2].decode(codec, "replace") if len(fields) > 2 else None
         elif fields[0] == b"ERR":
-            errors.append(segment.decode("utf-8", "replace"))
+            errors.append(segment.decode(codec, "replace"))
     return {"msa1": msa1, "msa2": msa2, "errors": errors}
