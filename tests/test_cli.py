@@ -132,6 +132,17 @@ def test_send_prints_msa_of_a_stored_message(project, gateway):
     assert stop(gateway) == 0
 
 
+def test_send_raw_sends_the_files_bytes_untouched(project, gateway):
+    """--raw (to see what the gateway makes of a file) sent the bytes without their BOM, the
+    blanks around them and with a CR added: a BOM before MSH was never seen by the gateway."""
+    path = write_file(project, "bom.hl7", b"\xef\xbb\xbf" + hl7msgs.message("oru", 4).encode("utf-8"))
+    done = cli(project, "send", "--raw", "--to", f"127.0.0.1:{project.port}", path)
+    assert done.returncode == 0, done.stderr  # the gateway reads past a BOM, and says so below
+    shown = cli(project, "messages", "show", "1", "--json", "-c", project.config)
+    assert json.loads(shown.stdout)["size"] == len(open(path, "rb").read())
+    assert stop(gateway) == 0
+
+
 def test_send_prints_err_and_fails_for_a_refused_message(project, gateway):
     """A message the gateway refuses: the MSA line, its ERR segment indented, exit code 1."""
     path = write_file(project, "bad.hl7", BAD_MESSAGE)

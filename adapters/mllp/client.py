@@ -24,17 +24,18 @@ class MllpClientError(Exception):
     pass
 
 
-def split_messages(data: bytes, keep_line_endings: bool = False) -> list[bytes]:
-    """The messages of a file, each ending with CR; a batch file stays one frame."""
+def split_messages(data: bytes, raw: bool = False) -> list[bytes]:
+    """The messages of a file, each ending with CR; a batch file stays one frame. `raw`: the
+    file's bytes exactly, as one frame (to see what the gateway makes of them)."""
+    if raw:
+        return [data] if data else []
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    if not keep_line_endings:
-        data = _LINE_END.sub(b"\r", data)
-    data = data.strip(b"\r\n \t")
+    data = _LINE_END.sub(b"\r", data).strip(b"\r\n \t")
     if not data:
         return []
-    if data[:3] in (b"FHS", b"BHS") or keep_line_endings:
-        return [data + b"\r" if not data.endswith((b"\r", b"\n")) else data]
+    if data[:3] in (b"FHS", b"BHS"):
+        return [data + b"\r" if not data.endswith(b"\r") else data]
     starts = [m.start() for m in re.finditer(rb"(?:^|\r)MSH", data)]
     starts = [s + 1 if data[s:s + 1] == b"\r" else s for s in starts] or [0]
     if starts[0] != 0:
