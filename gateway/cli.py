@@ -496,6 +496,7 @@ def _load_mappings(args, config: GatewayConfig):
 def _translate(args) -> int:
     from datetime import datetime, timezone
 
+    from adapters.mllp.client import split_messages
     from gateway.store.translations import Pending
     from gateway.translation.translator import Translator
 
@@ -516,19 +517,25 @@ def _translate(args) -> int:
             print(f"{path}: {error.strerror}", file=sys.stderr)
             failures += 1
             continue
-        record = translator.translate(Pending(None, None, data, None, None, args.sender,
-                                              datetime.now(timezone.utc)))
-        for warning in record.warnings:
-            print(f"{path}: warning: {warning}", file=sys.stderr)
-        if record.failed:
-            failures += 1
-            where = f"{record.error_location}: " if record.error_location else ""
-            print(f"{path}: {where}{record.error_reason} (HL7 error {record.error_code})", file=sys.stderr)
-            continue
-        if record.bundle is None:  # not translated by design (a query, an acknowledgement)
-            print(f"{path}: {record.error_reason}", file=sys.stderr)
-            continue
-        print(fhir_json.dumps(record.bundle).decode("utf-8"))
+        # A file of several ER7 messages (each MSH starts one) gives a bundle each, named
+        # FILE#n: read whole, the messages after the first were left out without a word.
+        pieces = split_messages(data) if data.lstrip(b"\xef\xbb\xbf\r\n \t").startswith(b"MSH") else []
+        named = [(f"{path}#{n}", piece) for n, piece in enumerate(pieces, 1)] if len(pieces) > 1 \
+            else [(path, data)]
+        for name, piece in named:
+            record = translator.translate(Pending(None, None, piece, None, None, args.sender,
+                                                  datetime.now(timezone.utc)))
+            for warning in record.warnings:
+                print(f"{name}: warning: {warning}", file=sys.stderr)
+            if record.failed:
+                failures += 1
+                where = f"{record.error_location}: " if record.error_location else ""
+                print(f"{name}: {where}{record.error_reason} (HL7 error {record.error_code})", file=sys.stderr)
+                continue
+            if record.bundle is None:  # not translated by design (a query, an acknowledgement)
+                print(f"{name}: {record.error_reason}", file=sys.stderr)
+                continue
+            print(fhir_json.dumps(record.bundle).decode("utf-8"))
     return 1 if failures else 0
 
 

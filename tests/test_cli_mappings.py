@@ -26,6 +26,12 @@ def test_translate_prints_one_bundle_per_file_and_errors_with_location(project):
     assert f"{bad}: PID[1]: map.birthDate: '19851399' is not a valid date" in failed.stderr
     unknown = cli(project, "translate", good, "--sender", "NOPE", "-c", project.config)
     assert unknown.returncode == 2 and "not in the facility registry" in unknown.stderr
+    # A file of several messages: a bundle each, a failure named FILE#n (the second message
+    # was left out without a word).
+    both = write_file(project, "both.hl7", hl7("C-4") + hl7("C-5", birth="19851399"))
+    several = cli(project, "translate", both, "-c", project.config)
+    assert several.returncode == 1 and len(several.stdout.splitlines()) == 1
+    assert f"{both}#2: PID[1]: map.birthDate: '19851399' is not a valid date" in several.stderr
 
 
 def test_mappings_check_and_list(project):
