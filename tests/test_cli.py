@@ -236,12 +236,15 @@ class _MllpPeer:
             return
         with connection:
             data = b""
-            while chunk := connection.recv(65536):
-                data += chunk
-                while b"\x1c\r" in data:
-                    payload, _, data = data.partition(b"\x1c\r")
-                    self.frames.append(payload.lstrip(b"\x0b"))
-                    connection.sendall(self.answer(self.frames[-1]))
+            try:
+                while chunk := connection.recv(65536):
+                    data += chunk
+                    while b"\x1c\r" in data:
+                        payload, _, data = data.partition(b"\x1c\r")
+                        self.frames.append(payload.lstrip(b"\x0b"))
+                        connection.sendall(self.answer(self.frames[-1]))
+            except OSError:  # the client hung up with answers unread (a reset): its choice
+                pass
 
     def close(self) -> None:
         self.listener.close()
