@@ -111,6 +111,31 @@ def test_cx_without_id_number_is_no_identifier(mappings):
     assert [i["value"] for i in resource(bundle, "Patient")["identifier"]] == ["123456"]
 
 
+def test_codes_sent_with_blanks_are_trimmed(mappings):
+    """OBX-3 ' 2345-7 ', OBX-8 'H ', PV1-4 'R ' and an OBR-24 of blanks: FHIR refuses a code
+    with leading or trailing blanks (the shared record would refuse the bundle), so codes are
+    trimmed and blanks alone are no code."""
+    text = (f"{msh('ORU^R01^ORU_R01')}\r{PID}\r"
+            "OBR|1|P1||2345-7^Glucose^LN|||202501140800" + "|" * 16 + "| \r"
+            "OBX|1|NM| 2345-7 ^Glucose^LN||0.9|g/L||H ~|||F\r")
+    bundle = translate(mappings, text)
+    observation = resource(bundle, "Observation")
+    assert observation["code"]["coding"][0]["code"] == "2345-7"
+    assert [i["coding"][0]["code"] for i in observation["interpretation"]] == ["H"]
+    assert "category" not in resource(bundle, "DiagnosticReport")
+    admission = translate(mappings, f"{msh()}\r{PID}\rPV1|1|O|CONS^1^^CHUIR|R ^Routine\r")
+    assert resource(admission, "Encounter")["type"][0]["coding"][0]["code"] == "R"
+
+
+@pytest.mark.parametrize("location, display", [(" ", None), (" ^ ^ ", None), ("^^^CHUIR", "CHUIR")])
+def test_encounter_location_of_blanks_is_none_and_a_facility_alone_is_one(mappings, location, display):
+    """PV1-3 of blanks gave a location without its required reference (invalid FHIR); a facility
+    alone (PV1-3.4) was dropped without a word."""
+    bundle = translate(mappings, f"{msh()}\r{PID}\rPV1|1|I|{location}\r")
+    found = [item["location"]["display"] for item in resource(bundle, "Encounter").get("location", [])]
+    assert found == ([display] if display else [])
+
+
 def test_malformed_report_and_result_times_are_left_out_with_a_warning(mappings):
     """OBR-22 (when the report was released) '2008081830-0700' (hour 30): no `issued`, a warning;
     the results still arrive. A clinical time (OBX-14) malformed too: left out, its place taken

@@ -569,7 +569,9 @@ class Test:
             return f"{text} in {gen.module.constant(self.operand)}"
         if self.operator == "not_in":
             return f"{text} not in {gen.module.constant(self.operand)}"
-        return f"{text} != ''" if self.operand else f"{text} == ''"
+        # Blanks only (' ') are no value: a map guarded by `present` must not build an
+        # element (a Coding, an Encounter.location) that then has nothing FHIR requires in it.
+        return f"{text}.strip() != ''" if self.operand else f"{text}.strip() == ''"
 
 
 class Before:
