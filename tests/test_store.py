@@ -549,6 +549,25 @@ def test_each_stored_message_learns_its_id(harness):
         assert job.items[0].message_id == ids[job.items[0].raw]
 
 
+def test_a_round_gives_each_message_its_own_row_payload_and_receipt_in_order(harness):
+    """80 messages of several sizes in one round (on PostgreSQL one statement over arrays):
+    each item's id is the row of its own control id and bytes, ids follow the round's order,
+    and each receipt names its own message."""
+    raws = [hl7(f"ORD-{i:03d}", body="PID|1||" + "X" * (i * 37)) for i in range(80)]
+    jobs = [harness.submit(raw) for raw in raws]
+    harness.writer.start()
+    assert all(error is None for _, error in harness.outcomes.wait(80))
+    assert harness.writer.commits == 1
+    ids = [job.items[0].message_id for job in jobs]
+    assert ids == sorted(ids) and len(set(ids)) == 80
+    assert _stored_ids(harness) == {raw: message_id for raw, message_id in zip(raws, ids)}
+    with harness.engine.connect() as conn:
+        by_id = dict(conn.execute(select(messages.c.id, messages.c.control_id)).all())
+    assert [by_id[message_id] for message_id in ids] == [f"ORD-{i:03d}" for i in range(80)]
+    assert [(r.subject, r.detail["control_id"]) for r in harness.receipts()] == [
+        (f"message/{message_id}", f"ORD-{i:03d}") for i, message_id in enumerate(ids)]
+
+
 def test_a_nul_byte_is_refused_and_stored_without_failing_the_round(harness):
     """A message holding a NUL byte (which PostgreSQL's text cannot keep) is refused and stored
     with its bytes exact, in the same round as a good one, which is accepted; a door's record

@@ -38,6 +38,7 @@ from sqlalchemy.engine import Connection
 
 from gateway.audit.chain import GENESIS, AuditEvent, AuditRecord, Finding, chain, verify as verify_chain
 from gateway.store.database import write_transaction
+from gateway.store.pg_arrays import columns_of, unnest
 from gateway.store.schema import audit_log
 from gateway.store.timestamps import utc as _utc
 
@@ -96,6 +97,9 @@ class AuditTrail:
         mark = "?" if dialect.paramstyle == "qmark" else "%s"
         self._sql_insert = (f"INSERT INTO audit_log ({', '.join(_COLUMNS)}) "
                             f"VALUES ({', '.join([mark] * len(_COLUMNS))})")
+        # PostgreSQL: the records in one statement over arrays (gateway.store.pg_arrays).
+        self._sql_insert_pg = (f"INSERT INTO audit_log ({', '.join(_COLUMNS)}) SELECT * FROM "
+                               + unnest([audit_log.c[name] for name in _COLUMNS]))
         self._sql_lock = f"SELECT pg_advisory_xact_lock({CHAIN_LOCK})"
         self._sql_head = ("SELECT seq, hash, recorded_at FROM audit_log "
                           "ORDER BY seq DESC, recorded_at DESC LIMIT 1")
@@ -144,7 +148,10 @@ class AuditTrail:
                 return []
             now = datetime.now(timezone.utc)
             records = chain(prev_seq, prev_hash, self.node, _in_time_order(events, now, floor), now)
-            cursor.executemany(self._sql_insert, self._rows(records))
+            if self.postgresql:
+                cursor.execute(self._sql_insert_pg, columns_of(self._rows(records)))
+            else:
+                cursor.executemany(self._sql_insert, self._rows(records))
             return records
         finally:
             for each in cursors:

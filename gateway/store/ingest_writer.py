@@ -10,8 +10,8 @@ with other bytes is refused (and kept, as every refusal is). Several nodes may s
 PostgreSQL: its ON CONFLICT waits for the other node's transaction on the same key.
 
 Each message's bytes go to `message_payloads` in the same transaction (retention expires them
-apart from the index): on PostgreSQL one statement per message inserts both (a data-modifying
-WITH), on SQLite the round's ids are read back from the rowids it was given. Either way each
+apart from the index): on PostgreSQL one statement inserts the whole round's messages and
+payloads (arrays unnested, data-modifying WITHs; a message alone: the same with one), on SQLite the round's ids are read back from the rowids it was given. Either way each
 stored item learns its id (`Inbound.message_id`), so that translation needs no look-up by key.
 
 The writer never touches the reactor: `deliver(function, *args)` is given (callFromThread).
@@ -33,6 +33,7 @@ from adapters.hl7v2.ack import ack_code_of
 from gateway.ingest.model import Inbound
 from gateway.ingest.telemetry import receipt
 from gateway.store.database import availability, sqlite_write_lock, value_refused
+from gateway.store.pg_arrays import columns_of, unnest
 from gateway.store.schema import messages
 from gateway.store.texts import storable
 
@@ -95,7 +96,7 @@ class IngestWriter:
                         "(message_id, received_at, raw) SELECT id, received_at, %s FROM m "
                         "RETURNING message_id")
         self._sql_pg = "WITH m AS (" + self._sql + with_payload
-        self._sql_pg_skipping = "WITH m AS (" + self._sql + skip + with_payload
+        self._sql_pg_round = _round_statement(skip)
         self._sql_payload = "INSERT INTO message_payloads (message_id, received_at, raw) VALUES (?, ?, ?)"
         # `accepted` written as the partial index's own predicate, so that SQLite uses the index.
         self._sql_stored = ("SELECT id, sha256, ack FROM messages WHERE accepted AND "
@@ -236,21 +237,21 @@ class IngestWriter:
         else:
             # PostgreSQL: ON CONFLICT DO NOTHING keeps psycopg's pipeline from aborting; a
             # skipped row returns no id, which says a key was taken: the round is rolled back.
-            # One pipeline, three round trips: BEGIN and the inserts (psycopg fetches their
-            # ids at once); the audit chain's lock and head, asked for after the inserts so
-            # that the lock is held only from there to the commit; the receipts and COMMIT.
+            # One pipeline: BEGIN, the round's statement (its ids fetched at once) and the
+            # audit chain's lock and head, asked for after the inserts so that the lock is
+            # held only from there to the commit; then the receipts and COMMIT.
             # BEGIN and COMMIT go as statements: transaction()'s nested pipelines would sync
             # at BEGIN, after the receipts and at COMMIT (five round trips).
             try:
                 with driver.pipeline():
                     driver.execute("BEGIN")
                     with driver.cursor() as cursor:
-                        cursor.executemany(self._sql_pg_skipping, rows, returning=True)
+                        cursor.execute(self._sql_pg_round, columns_of(rows))
                         pending = self.audit.start_append(driver) if self.audit else None
-                        ids = [cursor.fetchone() for _ in cursor.results()]
-                        if None in ids:
+                        ids = [row[0] for row in cursor.fetchall()]
+                        if len(ids) != len(rows):
                             raise _KeyTaken
-                    self._identify(jobs, [row[0] for row in ids])
+                    self._identify(jobs, ids)
                     self._record(driver, jobs, pending)
                     driver.execute("COMMIT")
             except BaseException as failure:
@@ -346,6 +347,21 @@ def _scrub(item: Inbound) -> None:
         value = getattr(item, name)
         if value and (len(value) > limit or "\x00" in value or not value.isascii()):
             setattr(item, name, storable(value, limit))
+
+
+def _round_statement(skip: str) -> str:
+    """PostgreSQL: a whole round in one statement over arrays (gateway.store.pg_arrays): the
+    messages get ids drawn in the round's order, those inserted get their payload, and their
+    ids come back in that order; fewer ids than rows means a key was taken (`skip`, the ON
+    CONFLICT clause, left its message out)."""
+    names = ", ".join(c.name for c in _COLUMNS)
+    return (f"WITH d AS MATERIALIZED (SELECT *, nextval('messages_id_seq') AS id "
+            f"FROM {unnest(_COLUMNS, 'bytea')} WITH ORDINALITY AS d({names}, raw, o)), "
+            f"m AS (INSERT INTO messages (id, {names}) SELECT id, {names} FROM d ORDER BY o"
+            f"{skip} RETURNING id, received_at), "
+            "p AS (INSERT INTO message_payloads (message_id, received_at, raw) "
+            "SELECT m.id, m.received_at, d.raw FROM m JOIN d USING (id) RETURNING message_id) "
+            "SELECT d.id FROM d JOIN p ON p.message_id = d.id ORDER BY d.o")
 
 
 def _abandon(driver) -> None:
