@@ -233,3 +233,24 @@ def test_corpus_byte_dumps(name):
     (message,) = of(events, MessageReceived)
     assert message.data.startswith(b"H|") and b"\rL|" in message.data
     assert set(receiver.data_to_send()) == {ACK[0]}
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_frame_without_its_checksum_is_nakked_at_once(split):
+    """ETX then CR LF, the checksum left out (or one character of it): NAKed as soon as the LF
+    arrives, not after the receive timeout (the sender waits for our answer and sends nothing
+    more); byte by byte too. The transfer goes on with the frame sent again, and EOT right after
+    the short trailer is not taken for part of it."""
+    body = b"1H|\\^&\r" + ETX
+    for short in (STX + body + b"\r\n", STX + body + checksum(body)[:1] + b"\r\n"):
+        receiver = AstmReceiver()
+        chunks = [bytes([byte]) for byte in ENQ + short] if split else [ENQ + short]
+        (rejected,) = of(feed(receiver, *chunks), FrameRejected)
+        assert "checksum" in rejected.reason and rejected.attempts == 1
+        assert receiver.data_to_send() == ACK + NAK
+        events = feed(receiver, STX + body + checksum(body) + b"\r\n" + frame(2, b"L|1\r") + EOT)
+        assert of(events, MessageReceived)[0].data == b"H|\\^&\rL|1\r"
+    receiver = AstmReceiver()
+    events = feed(receiver, ENQ + STX + body + b"\r\n" + EOT)
+    assert of(events, FrameRejected) and not of(events, JunkDiscarded)
+    assert receiver.state is State.NEUTRAL

@@ -306,13 +306,21 @@ class AstmReceiver:
             buffer += data[stop:stop + 1]
             index += 1
             self._end = len(buffer) - 1
-        # After ETX/ETB: two checksum characters, CR, LF.
-        need = self._end + 5 - len(buffer)
-        piece = data[index:index + need]
-        buffer += piece
-        index += len(piece)
-        if len(buffer) < self._end + 5:
-            return index
+        # After ETX/ETB: two checksum characters, CR, LF. A CR where a checksum character
+        # belongs ends the trailer at its LF: a sender that left the checksum out waits for
+        # our answer, and a NAK now beats waiting out the receive timeout for two more bytes.
+        while True:
+            trailer = buffer[self._end + 1:]
+            cr = trailer.find(CR, 0, 2)
+            need = (cr + 2 if cr >= 0 else 4) - len(trailer)
+            if need <= 0:
+                break
+            if index >= len(data):
+                return index
+            # Byte by byte until the checksum's place is seen: the trailer may be shorter.
+            piece = data[index:index + (1 if len(trailer) < 2 else need)]
+            buffer += piece
+            index += len(piece)
         self._in_frame = False
         self._complete(bytes(buffer), self._end, now, events)
         return index
@@ -325,6 +333,8 @@ class AstmReceiver:
             return self._reject(f"frame longer than {self.max_frame_size} bytes", number, now, events)
         if number is None or number > 7:
             return self._reject(f"frame number {body[:1]!r} is not 0-7", None, now, events)
+        if trailer[:2].find(CR) >= 0:
+            return self._reject("frame trailer has a CR where its checksum belongs (checksum left out or cut short)", number, now, events)
         if trailer[2:] != CR + LF:
             return self._reject("frame trailer is not checksum, CR, LF", number, now, events)
         if trailer[:2].upper() != checksum(body):
