@@ -3,6 +3,7 @@ logins sent at once, to guess a password faster than the throttle allows or to s
 reactor's thread pool that other doors share."""
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest_twisted
@@ -66,3 +67,47 @@ async def test_a_flood_of_logins_leaves_the_reactors_thread_pool_to_the_other_do
     busy = [page for page in pages if page.status == 503][0]
     assert busy.one("p.error").text.startswith("Trop de connexions") and not client.cookies
     assert (await console.client().login("viewer")).status == 303  # and after the flood, all is well
+
+
+def trickle(port: int, pieces: list[tuple[float, bytes]], wait: float = 6.0) -> tuple[bytes, float]:
+    """Over one plain connection: each piece after its delay; what came back and when the
+    server closed (seconds from the start; `wait` if it never did)."""
+    started = time.monotonic()
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        for delay, data in pieces:
+            time.sleep(delay)
+            try:
+                sock.sendall(data)
+            except OSError:
+                break
+        sock.settimeout(0.1)
+        while time.monotonic() - started < wait:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                return received, time.monotonic() - started
+            received += chunk
+    return received, wait
+
+
+REQUEST = b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_trickled_byte_by_byte_is_answered_408_at_its_deadline(console):
+    """A client that sends its request head a byte at a time (each byte resets the idle
+    timeout) is answered 408 and closed once the request is not whole `read_timeout` after
+    its first byte; requests that arrive whole, however far apart on one connection, are not."""
+    console.port.factory.read_timeout = 1.0
+    slow = [(0.0, REQUEST[:4])] + [(0.25, bytes([byte])) for byte in REQUEST[4:30]]
+    answer, closed = await threads.deferToThread(trickle, console.port.getHost().port, slow)
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer[:80]
+    assert 0.9 < closed < 3.0, closed
+    spaced = [(0.0, REQUEST), (1.5, REQUEST), (0.0, b"")]
+    answer, _ = await threads.deferToThread(trickle, console.port.getHost().port, spaced, 3.0)
+    assert answer.count(b"HTTP/1.1 200 OK") == 2 and b" 408 " not in answer

@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, urlencode
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from twisted.internet import defer, protocol, threads
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 from gateway import fhir_json
 from gateway.config import ROLES, AdminListenerConfig, ConsoleAccount, GatewayConfig
@@ -44,6 +44,7 @@ from gateway.console.sessions import (COOKIE, Session, close_session, find_sessi
                                       opened_with, store_session, touch_session)
 from gateway.console.throttle import LoginThrottle
 from gateway.events import Event, EventBus
+from gateway.http_deadline import RequestDeadline
 from gateway.http_request import Request
 
 log = logging.getLogger(__name__)
@@ -700,8 +701,28 @@ class _Folder(resource.Resource):
         return self.console.render(request)
 
 
+class _ConsoleChannel(RequestDeadline, http.HTTPChannel):
+    """A request not arrived whole within the site's `read_timeout` is answered 408 and the
+    connection closed (gateway.http_deadline)."""
+
+    @property
+    def read_timeout(self) -> float:
+        return self.site.read_timeout
+
+    def too_slow(self) -> None:
+        body = f"Requête non reçue en entier dans les {self.read_timeout:g} s.\n".encode("utf-8")
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\n"
+                             b"content-type: text/plain; charset=utf-8\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        # Nothing more is read; the idle timeout, no longer reset, aborts a peer that holds on.
+        self.dataReceived = lambda data: None
+        self.loseConnection()
+
+
 class _ConsoleSite(server.Site):
+    protocol = _ConsoleChannel
     allowed: Callable[[str], bool] | None = None  # the listener's allow_sources
+    read_timeout = 30.0  # seconds from a request's first byte to its last (forms are small)
 
     def buildProtocol(self, addr):
         if self.allowed is not None and not self.allowed(getattr(addr, "host", "")):

@@ -53,6 +53,7 @@ from gateway.doors.soap import SoapDoor, Unauthorized, fault_answer
 from gateway.doors.store import Refusal, record_refusal
 from gateway.events import Event, EventBus
 from gateway.facilities import FacilityRegistry, RegistryRef
+from gateway.http_deadline import RequestDeadline
 from gateway.http_request import Request
 from gateway.tls import peer_certificate, server_tls_options
 from gateway.tls_watch import watch_handshakes
@@ -149,41 +150,20 @@ _HEAD_REFUSALS = {400: (b"Bad Request", "bad-request", "Malformed request"),
                         "Request header too large")}
 
 
-class DoorChannel(http.HTTPChannel):
-    """HTTP/1.1 whose refusals of a malformed or oversize request head are problem+json, as
-    every other answer of the door. Twisted answers them with a bare 400, and a line over
+class DoorChannel(RequestDeadline, http.HTTPChannel):
+    """HTTP/1.1 whose refusals of a malformed, oversize or late request head are problem+json,
+    as every other answer of the door. Twisted answers them with a bare 400, and a line over
     MAX_LENGTH with nothing at all (LineReceiver closes through the transport, which under TLS
     waits for the channel, its producer: the client waited for the idle timeout)."""
 
     _refused = False
-    _read_deadline = None  # the pending call that refuses a request not arrived in time
 
-    def dataReceived(self, data):
-        # A request's first byte starts its deadline (bytes that come while one is handled
-        # are buffered for the next, which starts its own once the answer is written).
-        if self._read_deadline is None and not self._handlingRequest and not self._refused:
-            door: HttpsDoor = self.site.resource
-            self._read_deadline = door.reactor.callLater(door.listener.read_timeout, self._read_too_slow)
-        super().dataReceived(data)
+    @property
+    def read_timeout(self) -> float:
+        return self.site.resource.listener.read_timeout
 
-    def allContentReceived(self):
-        self._cancel_read_deadline()
-        super().allContentReceived()
-
-    def connectionLost(self, reason):
-        self._cancel_read_deadline()
-        super().connectionLost(reason)
-
-    def _read_too_slow(self) -> None:
-        self._read_deadline = None
-        timeout = self.site.resource.listener.read_timeout
-        self._refuse_head(408, f"the request did not arrive whole within {timeout:g} s")
-
-    def _cancel_read_deadline(self) -> None:
-        if self._read_deadline is not None:
-            if self._read_deadline.active():
-                self._read_deadline.cancel()
-            self._read_deadline = None
+    def too_slow(self) -> None:
+        self._refuse_head(408, f"the request did not arrive whole within {self.read_timeout:g} s")
 
     def lineLengthExceeded(self, line):
         self._refuse_head(431, f"a request or header line exceeds {self.MAX_LENGTH} bytes")
