@@ -221,3 +221,17 @@ def test_search_parameters_are_checked():
         parse_search({"status": ["x"], "type": ["A B"], "since": ["demain"], "patient": ["\x07"],
                       "facility": ["F" * 200], "before": ["1e3"]})
     assert len(refused.value.problems) == 6
+
+
+@pytest.mark.parametrize("identifier", ["|", "urn:ma:cnie|", "a|b|c", "||"])
+def test_a_patient_search_without_a_value_is_refused(identifier):
+    """`SYSTEM|` or a lone bar searched the payloads for an empty component ('||'): nearly
+    every message matched, whoever the patient."""
+    with pytest.raises(InvalidSearch) as refused:
+        parse_search({"patient": [identifier]})
+    assert refused.value.problems == ["Identifiant patient : VALEUR ou SYSTÈME|VALEUR, une valeur après la barre"]
+
+
+@pytest.mark.parametrize("identifier", ["BE123456", "|BE123456", "urn:ma:cnie|BE123456"])
+def test_a_patient_search_with_a_value_is_kept(identifier):
+    assert parse_search({"patient": [identifier]}).patient == identifier

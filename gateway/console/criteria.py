@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone, tzinfo
 
-from gateway.store.queries import MessageFilter
+from gateway.store.queries import MessageFilter, is_patient_search
 from gateway.store.texts import has_control
 
 STATUSES = ("received", "translated", "failed", "rejected", "ignored")
@@ -81,6 +81,9 @@ def parse_search(params: dict[str, list[str]], zone: tzinfo = timezone.utc) -> S
 
     control_id = text("control_id", "Identifiant de contrôle")
     patient = text("patient", "Identifiant patient")
+    if patient is not None and not is_patient_search(patient):
+        problems.append("Identifiant patient : VALEUR ou SYSTÈME|VALEUR, une valeur après la barre")
+        patient = None
     facility = text("facility", "Établissement")
     message_type = text("type", "Type")
     if message_type is not None and not _TYPE.fullmatch(message_type):

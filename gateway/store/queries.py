@@ -136,6 +136,13 @@ def message_conditions(search: MessageFilter, dialect: str) -> list:
     return conditions
 
 
+def is_patient_search(identifier: str) -> bool:
+    """Whether `identifier` can be searched: a value, or SYSTEM|VALUE with one bar and a value
+    after it. An empty value would match every payload holding an empty field ('||')."""
+    system, bar, value = identifier.partition("|")
+    return bool(value if bar else identifier) and "|" not in value
+
+
 def _patient_clause(identifier: str, dialect: str):
     """`VALUE`, or `SYSTEM|VALUE` as FHIR searches write it (`|VALUE`: no system): the system
     narrows the bundles' identifiers; a payload has none, and is matched by the value."""
