@@ -459,3 +459,123 @@ def test_guarded_transforms_run_once_per_value_type(tmp_path, monkeypatch):
     assert values == [{"valueQuantity": {"value": 5.4, "unit": "mmol/L"}}, {"valueString": "Hémolysé & refait\nligne 2"},
                       {"valueString": "x"}]
     assert calls == ["obx_quantity", "obx_string", "obx_string"]
+
+
+# -- maps that contain themselves, rules nested without end ---------------------------------
+
+def load_problems(root, files) -> str:
+    with pytest.raises(MappingErrors) as caught:
+        MappingSet.load(write(root / "mappings", {**FILES, **files}))
+    return str(caught.value)
+
+
+def test_a_map_that_contains_itself_is_refused_at_load(tmp_path):
+    """A map naming itself loaded, then every message using it failed with a RecursionError."""
+    text = load_problems(tmp_path, {"datatypes/CX.Identifier.yaml": """
+        type: Identifier
+        map:
+          value: {from: 1}
+          assigner: {map: {identifier: {from: 1, map: CX.Identifier}}}
+    """})
+    assert text == ("mappings/datatypes/CX.Identifier.yaml:4: map.assigner.identifier: map cycle "
+                    "CX.Identifier -> CX.Identifier (mappings/datatypes/CX.Identifier.yaml): a map cannot contain itself")
+
+
+def test_a_map_cycle_through_two_files_is_refused_with_the_other_problems(tmp_path):
+    text = load_problems(tmp_path, {
+        "datatypes/CX.Identifier.yaml": """
+            type: Identifier
+            map:
+              value: {from: 1}
+              assigner: {from: 4, map: HD.Reference}
+        """,
+        "datatypes/HD.Reference.yaml": """
+            type: Reference
+            map:
+              display: {from: 1}
+              identifier: {from: 1, map: CX.Identifier}
+        """,
+        "tables/gender.yaml": "unmapped: nonsense\ncodes: {F: female}\n"})
+    assert ("mappings/datatypes/HD.Reference.yaml:4: map.identifier: map cycle CX.Identifier -> HD.Reference -> "
+            "CX.Identifier (mappings/datatypes/CX.Identifier.yaml, mappings/datatypes/HD.Reference.yaml): "
+            "a map cannot contain itself") in text.splitlines()
+    assert "mappings/tables/gender.yaml" in text  # reported together, as every problem is
+
+
+def test_a_map_used_twice_and_by_two_maps_is_no_cycle(tmp_path):
+    """The same map twice in one file, and a diamond: Observation -> CWE.CodeableConcept and
+    CWE.Method, both -> CWE.Coding."""
+    files = {
+        "datatypes/CWE.Coding.yaml": """
+            type: Coding
+            map:
+              code: {from: 1}
+              display: {from: 2}
+              system: {from: 3, lookup: system}
+        """,
+        "datatypes/CWE.CodeableConcept.yaml": """
+            type: CodeableConcept
+            map:
+              coding: {map: CWE.Coding}
+              text: {from: 2}
+        """,
+        "datatypes/CWE.Method.yaml": """
+            type: CodeableConcept
+            map:
+              coding: [{map: CWE.Coding}]
+              text: method
+        """,
+        "segments/OBX.Observation.yaml": """
+            resource: Observation
+            map:
+              status: final
+              code: {from: OBX-3, map: CWE.CodeableConcept}
+              category: {from: OBX-3, map: CWE.CodeableConcept}
+              method: {from: OBX-3, map: CWE.Method}
+        """}
+    observation = of_type(translate(MappingSet.load(write(tmp_path / "mappings", {**FILES, **files}))),
+                          "Observation")[0]
+    coding = [{"code": "GLU", "display": "Glucose", "system": "urn:lab:local"}]
+    assert observation["code"] == {"coding": coding, "text": "Glucose"}
+    assert observation["category"] == [{"coding": coding, "text": "Glucose"}]
+    assert observation["method"] == {"coding": coding, "text": "method"}
+
+
+def chain(count: int, reverse: bool = False) -> dict:
+    """An Observation whose extension holds an extension ... `count` named maps deep."""
+    def name(n):
+        return f"E.{count - n:03d}" if reverse else f"E.{n:03d}"
+    files = {"segments/OBX.Observation.yaml": f"resource: Observation\nmap:\n  status: final\n"
+                                              f"  extension: {{from: OBX-5, map: {name(0)}}}\n"}
+    for n in range(count):
+        inner = f"  extension: {{from: 1, map: {name(n + 1)}}}\n" if n + 1 < count else ""
+        files[f"datatypes/{name(n)}.yaml"] = f"type: Extension\nmap:\n  url: u{n}\n{inner}"
+    return files
+
+
+@pytest.mark.parametrize("reverse, expected", [
+    (False, "mappings/datatypes/E.100.yaml:3: map.url: rules nest more than 100 levels deep"),
+    # Compiled from the last map up (E.001 first): each map's depth counts where it is used.
+    (True, "mappings/datatypes/E.101.yaml:4: map.extension.map: map 'E.100' nests its rules 100 levels deep: "
+           "here that makes 101, more than 100"),
+])
+def test_rules_nested_too_deep_through_named_maps_are_a_problem(tmp_path, reverse, expected):
+    """150 maps each using the next: a RecursionError out of the load (or, compiled from the
+    last one up, out of every message), now a problem naming the map; 90 still translate."""
+    assert expected in load_problems(tmp_path, chain(150, reverse))
+    deep = MappingSet.load(write(tmp_path / "ok" / "mappings", {**FILES, **chain(90, reverse)}))
+    extension = of_type(translate(deep), "Observation")[0]["extension"]
+    for _ in range(89):
+        extension = extension[0]["extension"]
+    assert extension == [{"url": "u89"}]
+
+
+def test_rules_nested_too_deep_in_one_file_are_a_problem(tmp_path):
+    """Implicit maps 300 deep: YAML takes them, the rule compiler overflowed Python's stack."""
+    deep = "{url: y}"
+    for _ in range(300):
+        deep = "{url: x, extension: %s}" % deep
+    text = load_problems(tmp_path, {"segments/OBX.Observation.yaml":
+                                    f"resource: Observation\nmap:\n  status: final\n  extension: {deep}\n"})
+    assert "mappings/segments/OBX.Observation.yaml:4: map.extension" in text
+    assert "rules nest more than 100 levels deep" in text

@@ -950,6 +950,7 @@ class CallMap(Produce):
     def __init__(self, handle: Handle):
         self.handle = handle
         self.identity: tuple[str, ...] = ()  # a resource map's `identity:` elements
+        self.nesting = 0  # how deep the map's rules nest (gateway.mapping.rules.MAX_NESTING)
 
     def emit(self, gen, node, out):
         name = self.handle.name

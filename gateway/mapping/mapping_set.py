@@ -67,7 +67,7 @@ class _Layer:
         self.transforms = transforms
         self.problems = problems
         self.compiled: dict[str, tuple[str, codegen.CallMap] | None] = {}
-        self.compiling: dict[str, codegen.CallMap] = {}
+        self.compiling: dict[str, str] = {}  # the maps being compiled, each using the next: name -> file
         self.messages: dict[str, MessageMap] = {}
         self.module = codegen.Module(sender)
 
@@ -101,12 +101,12 @@ class _Layer:
             elif kind in ("segments", "datatypes"):
                 self.named(name, display, 0, "")
 
-    def _compiler(self, display: str, document) -> RuleCompiler:
+    def _compiler(self, display: str, document, depth: int = 0) -> RuleCompiler:
         columns = {}
         if isinstance(document, dict) and isinstance(document.get("columns"), list):
             columns = {str(name): number for number, name in enumerate(document["columns"], 1)}
         return RuleCompiler(Environment(self.transforms, self.tables, self.named, columns, self.problems,
-                                        check_path=check_path), display)
+                                        check_path=check_path), display, depth)
 
     def _resource_map(self, display: str):
         def resource_map(name: str, line: int, key: str):
@@ -117,8 +117,9 @@ class _Layer:
             return found
         return resource_map
 
-    def named(self, name: str, display: str, line: int, key: str):
-        """(FHIR type, rule) of the map `name`, compiled once; None (and a problem) if unknown."""
+    def named(self, name: str, display: str, line: int, key: str, depth: int = 0):
+        """(FHIR type, rule) of the map `name`, compiled once (its rules nested `depth` deep where
+        it is first used); None (and a problem) if unknown or if it contains itself."""
         if name in self.compiled:
             return self.compiled[name]
         found = self.documents.get(("segments", name)) or self.documents.get(("datatypes", name))
@@ -133,10 +134,16 @@ class _Layer:
                                          "a map file is a mapping: resource: (or type:), map: ..."))
             self.compiled[name] = None  # reported once, however many rules name it
             return None
-        if name in self.compiling:  # a map that contains itself (XON inside XON): a call by name
-            return self._type_of(document), self.compiling[name]
-        call = codegen.CallMap(codegen.Handle(""))
-        self.compiling[name] = call
+        if name in self.compiling:
+            # A map that contains itself, directly or through others: every message using it
+            # would recurse without end (a RecursionError per message), so the set is refused.
+            names = list(self.compiling)
+            cycle = names[names.index(name):]
+            files = ", ".join(self.compiling[n] for n in cycle)
+            self.problems.append(Problem(display, line, key, f"map cycle {' -> '.join([*cycle, name])} "
+                                         f"({files}): a map cannot contain itself"))
+            return None
+        self.compiling[name] = file
         try:
             type_name = self._type_of(document)
             for extra in document:
@@ -147,12 +154,11 @@ class _Layer:
                 self.problems.append(Problem(file, document.line, "resource",
                                              f"name the FHIR type built: resource: or type: (got {type_name!r})"))
                 type_name = ""
-            compiler = self._compiler(file, document)
+            compiler = self._compiler(file, document, depth)
             rule = compiler.object(document.get("map"), type_name, "map", document.line_of("map"))
-            handle = codegen.map_function(self.module, "map_" + name, f"{file} ({type_name})", rule)
-            call.handle.name = handle.name
-            call.handle = handle
+            call = codegen.CallMap(codegen.map_function(self.module, "map_" + name, f"{file} ({type_name})", rule))
             call.identity = self._identity(document, file, type_name)
+            call.nesting = compiler.deepest - depth
             self.compiled[name] = (type_name, call)
             return self.compiled[name]
         finally:

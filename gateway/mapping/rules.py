@@ -44,6 +44,10 @@ DATA_ABSENT_REASONS = ("unknown", "asked-unknown", "temp-unknown", "not-asked", 
                        "not-applicable", "unsupported", "as-text", "error", "not-a-number", "negative-infinity",
                        "positive-infinity", "not-performed", "not-permitted")
 CONDITIONS = ("field", "is", "in", "not_in", "present")
+# How deep rules may nest, counting the rules of the named maps they use: far beyond any real
+# map (the shipped ones reach 8), and low enough that compiling them (about five Python
+# frames a level) stays clear of Python's recursion limit.
+MAX_NESTING = 100
 
 Rule = codegen.Rule
 
@@ -58,7 +62,8 @@ class Environment:
 
     transforms: dict[str, Transform]
     tables: dict[str, CodeTable]
-    named_map: Callable[[str, str, int, str], tuple[str, Rule] | None]  # name -> (type, rule)
+    # (name, file, line, key, depth where it is used) -> (type, rule), the rule a CallMap
+    named_map: Callable[[str, str, int, str, int], tuple[str, Rule] | None]
     columns: dict[str, int]  # named fields of the file's format (CSV), else {}
     problems: list[Problem]
     # Checks an absolute HL7 path against the HL7 reference: returns a reason or None.
@@ -68,9 +73,11 @@ class Environment:
 class RuleCompiler:
     """Checks the rules of one mapping file and describes them as codegen nodes."""
 
-    def __init__(self, env: Environment, file: str):
+    def __init__(self, env: Environment, file: str, depth: int = 0):
         self.env = env
         self.file = file
+        self.depth = depth  # rules around the one being compiled, from the outermost map on
+        self.deepest = depth
 
     def problem(self, line: int, key: str, message: str) -> None:
         self.env.problems.append(Problem(self.file, line, key, message))
@@ -108,28 +115,39 @@ class RuleCompiler:
     # -- rules -------------------------------------------------------------------------------
 
     def rule(self, spec, element: fhir_schema.Element | None, key: str, line: int) -> Rule:
-        many = element.is_list if element else False
-        if isinstance(spec, list):
-            parts = [self.rule(item, _single(element), f"{key}[{n}]", line_of(item, line))
-                     for n, item in enumerate(spec)]
-            self._no_data_absent(parts, key, line)
-            return codegen.Collect(parts)
-        if not isinstance(spec, dict):
-            if spec is None or spec == "":
-                self.problem(line, key, "no rule: write a constant, a list or a mapping")
-                return codegen.NOTHING
-            if element is not None and element.primitive == "bool" and not isinstance(spec, bool):
-                self.problem(line, key, f"{element.name} is true or false, not {spec!r}")
-            elif element is not None and element.primitive == "str" and not isinstance(spec, str):
-                self.problem(line, key, f"{element.name} is text: write {str(spec)!r} in quotes")
-            return codegen.Constant(spec, listed=many)
-        if not any(name in VOCABULARY for name in spec):
-            # An object written directly (`{system: ..., code: {from: 1}}`): an implicit map.
-            spec = _implicit_map(spec)
-        rule = self._mapping_rule(spec, element, key, line)
-        if many and "each" not in spec:
-            return codegen.AsList(rule)
-        return rule
+        # Every nesting (a map, a list, first_of, a named map's rules) passes here: bounded,
+        # a file nested too deeply is a problem, not a RecursionError at load or translation.
+        if self.depth >= MAX_NESTING:
+            self.problem(line, key, f"rules nest more than {MAX_NESTING} levels deep (maps, lists, first_of, "
+                         "named maps inside one another): flatten them")
+            return codegen.NOTHING
+        self.depth += 1
+        self.deepest = max(self.deepest, self.depth)
+        try:
+            many = element.is_list if element else False
+            if isinstance(spec, list):
+                parts = [self.rule(item, _single(element), f"{key}[{n}]", line_of(item, line))
+                         for n, item in enumerate(spec)]
+                self._no_data_absent(parts, key, line)
+                return codegen.Collect(parts)
+            if not isinstance(spec, dict):
+                if spec is None or spec == "":
+                    self.problem(line, key, "no rule: write a constant, a list or a mapping")
+                    return codegen.NOTHING
+                if element is not None and element.primitive == "bool" and not isinstance(spec, bool):
+                    self.problem(line, key, f"{element.name} is true or false, not {spec!r}")
+                elif element is not None and element.primitive == "str" and not isinstance(spec, str):
+                    self.problem(line, key, f"{element.name} is text: write {str(spec)!r} in quotes")
+                return codegen.Constant(spec, listed=many)
+            if not any(name in VOCABULARY for name in spec):
+                # An object written directly (`{system: ..., code: {from: 1}}`): an implicit map.
+                spec = _implicit_map(spec)
+            rule = self._mapping_rule(spec, element, key, line)
+            if many and "each" not in spec:
+                return codegen.AsList(rule)
+            return rule
+        finally:
+            self.depth -= 1
 
     def _mapping_rule(self, spec: dict, element, key: str, line: int) -> Rule:
         unknown = [name for name in spec if name not in VOCABULARY]
@@ -235,10 +253,18 @@ class RuleCompiler:
         if "map" in spec:
             target = spec["map"]
             if isinstance(target, str):
-                found = self.env.named_map(target, self.file, line, key)
+                found = self.env.named_map(target, self.file, line, key, self.depth)
                 if found is None:
                     return codegen.NOTHING
                 map_type, built = found
+                # Compiled before (elsewhere, at another depth): its own depth counts here too;
+                # once too deep, not counted further (each map above would report it again).
+                depth = self.depth + built.nesting
+                if depth > MAX_NESTING:
+                    self.problem(line, f"{key}.map", f"map {target!r} nests its rules {built.nesting} levels "
+                                 f"deep: here that makes {depth}, more than {MAX_NESTING}; flatten them")
+                else:
+                    self.deepest = max(self.deepest, depth)
                 if type_name and map_type and map_type != type_name:
                     self.problem(line, f"{key}.map", f"map {target!r} builds {map_type}, "
                                  f"but {key} is {type_name}")
