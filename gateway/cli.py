@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from gateway import fhir_json
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.ingest.model import MessageStatus
+from gateway.terminal import printable, printable_json
 
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -313,18 +314,23 @@ def _send(args) -> int:
                     return 1
                 summary = describe(reply.response)
                 summary.update(file=path, message=number, ms=round(reply.seconds * 1000, 2))
-                if summary["msa1"] not in ("AA", "CA"):
+                if reply.commit is not None:  # MLLP release 2: the server said whether it stored it
+                    summary["commit"] = "ACK" if reply.commit else "NAK"
+                if summary["msa1"] not in ("AA", "CA") or reply.commit is False:
                     failures += 1
                 if args.json:
-                    print(json.dumps(summary, ensure_ascii=False))
-                else:
-                    answer = summary["msa1"] or ("no answer, connection closed" if reply.response is None
-                                                 else "answer without MSA")
-                    print(f"{path}#{number}: {answer} {summary['msa2'] or ''}".rstrip())
+                    print(printable_json(json.dumps(summary, ensure_ascii=False)))
+                else:  # the answer's text is the peer's: escaped (gateway.terminal)
+                    answer = summary["msa1"] or (
+                        "no answer, connection closed" if reply.response is None and reply.commit is None
+                        else "no answer" if reply.response is None else "answer without MSA")
+                    if reply.commit is False:
+                        answer = f"commit NAK (not stored), {answer}"
+                    print(printable(f"{path}#{number}: {answer} {summary['msa2'] or ''}".rstrip()))
                     for error in summary["errors"]:
-                        print(f"    {error}")
+                        print(printable(f"    {error}"))
                 if reply.response is None:
-                    return 1
+                    return 1  # closed, or a bare NAK: whether a late answer follows is unknown
                 expected = control_id(message)
                 if summary["msa1"] in ("AA", "CA") and expected is not None and summary["msa2"] != expected:
                     # An ACK for another message (a second ACK, a late one) does not accept this
@@ -399,22 +405,27 @@ def _database(args):
 
 
 def _messages_list(args) -> int:
-    from gateway.store.queries import MessageFilter, list_messages
+    from gateway.store.queries import MessageFilter, is_patient_search, list_messages
 
+    if args.patient is not None and not is_patient_search(args.patient):
+        print("--patient is VALUE or SYSTEM|VALUE, with a value after the bar", file=sys.stderr)
+        return 2
     database = _database(args)
     search = MessageFilter(args.control_id, args.patient, args.facility,
                            args.type.upper() if args.type else None, args.status, args.since, args.until)
     rows = database.run_now(list_messages, args.limit, search=search)
     if args.json:
         for row in rows:
-            print(json.dumps(row.as_dict(), ensure_ascii=False))
+            print(printable_json(json.dumps(row.as_dict(), ensure_ascii=False)))
         return 0
     print(f"{'id':>8}  {'received (UTC)':<26} {'status':<10} {'ack':<3} {'type':<10} "
           f"{'sender':<28} control id")
     for row in rows:
-        sender = f"{row.sending_application or ''}/{row.sending_facility or ''}"
-        print(f"{row.id:>8}  {row.received_at[:26]:<26} {row.status:<10} {row.ack_code or '-':<3} "
-              f"{row.message_type or '-':<10} {sender[:28]:<28} {row.control_id or '-'}")
+        # The MSH fields are the sender's: escaped before being cut to their column's width.
+        sender = printable(f"{row.sending_application or ''}/{row.sending_facility or ''}")
+        print(f"{row.id:>8}  {row.received_at[:26]:<26} {row.status:<10} "
+              f"{printable(row.ack_code or '-'):<3} {printable(row.message_type or '-'):<10} "
+              f"{sender[:28]:<28} {printable(row.control_id or '-')}")
     return 0
 
 
@@ -430,31 +441,34 @@ def _messages_show(args) -> int:
     data.update(_translation_of(database, args.id))
     data["deliveries"] = [d.as_dict() for d in database.run_now(deliveries_of, args.id)]
     if args.json:
-        print(fhir_json.dumps(data).decode("utf-8"))
+        print(printable_json(fhir_json.dumps(data).decode("utf-8")))
         return 0
     text, ack, bundle = data.pop("text"), data.pop("ack"), data.pop("bundle", None)
     outgoing = data.pop("deliveries")
     for key, value in data.items():
         if key.startswith("translation_") and value in (None, []):
             continue
-        print(f"{key:>26}: {value}")
+        print(printable(f"{key:>26}: {value}"))
+    # Everything below is the sender's text (or made from it): escaped, but each segment on a
+    # line of its own, as before.
     print("\n--- message" + (" (truncated)" if detail.truncated else "") + " ---")
-    print(text.replace("\r", "\n").rstrip("\n"))
+    print(printable(text.replace("\r", "\n").rstrip("\n"), lines=True))
     print("\n--- ACK sent ---")
-    print(ack.replace("\r", "\n").rstrip("\n") if ack else "(none)")
+    print(printable(ack.replace("\r", "\n").rstrip("\n"), lines=True) if ack else "(none)")
     if bundle is not None:
         print("\n--- FHIR bundle ---")
-        print(fhir_json.dumps(bundle, indent=True).decode("utf-8"))
+        print(printable_json(fhir_json.dumps(bundle, indent=True).decode("utf-8")))
     if outgoing:
         print("\n--- deliveries ---")
     for delivery in outgoing:
         when = delivery["finished_at"] or f"next attempt {delivery['next_attempt_at']}"
-        print(f"{delivery['destination']}: {delivery['status']} after {delivery['attempts']} "
-              f"attempt(s), {when}; key {delivery['idempotency_key']}")
+        print(printable(f"{delivery['destination']}: {delivery['status']} after {delivery['attempts']} "
+                        f"attempt(s), {when}; key {delivery['idempotency_key']}"))
         for attempt in delivery["history"]:
             code = f" HTTP {attempt['code']}" if attempt["code"] is not None else ""
-            print(f"  {attempt['attempted_at']} {attempt['node']}: {attempt['outcome']}{code}"
-                  + (f" ({attempt['reason']})" if attempt["reason"] else ""))
+            # The reason may quote the peer's answer.
+            print(printable(f"  {attempt['attempted_at']} {attempt['node']}: {attempt['outcome']}{code}"
+                            + (f" ({attempt['reason']})" if attempt["reason"] else "")))
     return 0
 
 
@@ -526,16 +540,18 @@ def _translate(args) -> int:
             record = translator.translate(Pending(None, None, piece, None, None, args.sender,
                                                   datetime.now(timezone.utc)))
             for warning in record.warnings:
-                print(f"{name}: warning: {warning}", file=sys.stderr)
+                print(printable(f"{name}: warning: {warning}"), file=sys.stderr)
             if record.failed:
                 failures += 1
                 where = f"{record.error_location}: " if record.error_location else ""
-                print(f"{name}: {where}{record.error_reason} (HL7 error {record.error_code})", file=sys.stderr)
+                print(printable(f"{name}: {where}{record.error_reason} (HL7 error {record.error_code})"),
+                      file=sys.stderr)
                 continue
             if record.bundle is None:  # not translated by design (a query, an acknowledgement)
-                print(f"{name}: {record.error_reason}", file=sys.stderr)
+                print(printable(f"{name}: {record.error_reason}"), file=sys.stderr)
                 continue
-            print(fhir_json.dumps(record.bundle).decode("utf-8"))
+            # Still valid JSON with the same value (a file's text reaches the bundle).
+            print(printable_json(fhir_json.dumps(record.bundle).decode("utf-8")))
     return 1 if failures else 0
 
 
@@ -601,7 +617,7 @@ def _messages_replay(args) -> int:
             if record.failed:
                 failures += 1
                 where = f" {record.error_location}:" if record.error_location else ""
-                print(f"{item.message_id}: failed{where} {record.error_reason}")
+                print(printable(f"{item.message_id}: failed{where} {record.error_reason}"))
             else:
                 print(f"{item.message_id}: translated")
     print(f"{len(ids) - failures} of {len(ids)} translated with mapping set {mappings.version}",

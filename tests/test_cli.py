@@ -292,6 +292,34 @@ def test_send_reads_the_answer_in_its_own_character_set(project):
     assert done.stdout.splitlines() == [f"{path}#1: AE B00000000023", f"    ERR||PID^1|103|E||||{reason}"]
 
 
+def test_send_counts_a_release_2_commit_nak_as_a_failure(project):
+    """MLLP release 2: a commit NAK says the message was not stored. With an AA after it,
+    `send` printed AA and exited 0; with the NAK alone it waited out its whole timeout and
+    said no answer came. Both are failures, named as such; a commit ACK changes nothing."""
+    from adapters.mllp.framing import COMMIT_ACK_BLOCK, COMMIT_NAK_BLOCK
+
+    path = write_file(project, "adt.hl7", hl7msgs.message("adt", 26).encode("utf-8"))
+    for answer, code, line in (
+            (lambda frame: COMMIT_NAK_BLOCK + _ack(_control_id(frame)), 1,
+             f"{path}#1: commit NAK (not stored), AA B00000000026"),
+            (lambda frame: COMMIT_NAK_BLOCK, 1, f"{path}#1: commit NAK (not stored), no answer"),
+            (lambda frame: COMMIT_ACK_BLOCK + _ack(_control_id(frame)), 0, f"{path}#1: AA B00000000026")):
+        peer = _MllpPeer(answer)
+        started = time.monotonic()
+        try:
+            done = cli(project, "send", "--to", f"127.0.0.1:{peer.port}", "--timeout", "20", path)
+        finally:
+            peer.close()
+        assert (done.returncode, done.stdout.splitlines()) == (code, [line]), done.stderr
+        assert time.monotonic() - started < 15  # not the 20 s timeout
+    peer = _MllpPeer(lambda frame: COMMIT_NAK_BLOCK + _ack(_control_id(frame)))
+    try:
+        done = cli(project, "send", "--json", "--to", f"127.0.0.1:{peer.port}", path)
+    finally:
+        peer.close()
+    assert done.returncode == 1 and json.loads(done.stdout)["commit"] == "NAK"
+
+
 def test_send_refuses_what_it_cannot_send_without_a_traceback(project, tmp_path):
     """A port out of range (70000 went to port 4464), a timeout a socket cannot take (0, NaN,
     inf), a directory as --ca, a host name IDNA cannot encode, an empty file (nothing was sent,
@@ -375,6 +403,12 @@ def test_messages_list_json(project, gateway):
     assert listed("--since", "2999-01-01") == [] and len(listed("--until", "2999-01-01T00:00+01:00")) == 3
     refused = cli(project, "messages", "list", "--since", "yesterday", "-c", project.config)
     assert refused.returncode == 2 and "not an ISO 8601 date or date-time: 'yesterday'" in refused.stderr
+    # A bar without a value after it matched every payload holding an empty field.
+    for identifier in ("|", "urn:ma:cnie|"):
+        refused = cli(project, "messages", "list", "--patient", identifier, "-c", project.config)
+        assert (refused.returncode, refused.stdout) == (2, "")
+        assert "--patient is VALUE or SYSTEM|VALUE, with a value after the bar" in refused.stderr
+    assert listed("--patient", "|4500987654") == ["B00000000003"]
     assert stop(gateway) == 0
 
 
@@ -508,3 +542,67 @@ def test_pki_show_of_an_empty_directory_fails(project, tmp_path):
     """`pki show` on a directory without certificates says to run `pki init` and exits 1."""
     done = cli(project, "pki", "show", "--dir", str(tmp_path / "none"), "-c", project.config)
     assert done.returncode == 1 and "gateway pki init" in done.stderr
+
+
+# What a hostile sender can put in a message for the operator's terminal: an OSC 52 clipboard
+# write ended by BEL, cursor moves and line erasure, a C1 CSI, backspaces, a bidi override.
+_HOSTILE = ("\x1b]52;c;cm0gLXJmIH4=\x07", "\x1b[1A\x1b[2K", "\x9b31m", "\x08\x08", "\u202e")
+
+
+def _hostile_adt() -> str:
+    message = hl7msgs.message("adt", 31)
+    return (message.replace("|SIH_LABO|CHU_LYON|", "|SIH\x1b]52;c;cm0gLXJmIH4=\x07LABO|CHU\u202eNOYL|", 1)
+            .replace("|B00000000031|", "|B31\x1b[1A\x1b[2K|", 1)
+            .replace("Lefèvre^", "Lefèvre\x9b31m\x08\x08^", 1))
+
+
+def _assert_escaped(output: str) -> None:
+    """None of the hostile characters reaches the terminal; each is shown escaped."""
+    for raw in ("\x1b", "\x07", "\x9b", "\x08", "\u202e"):
+        assert raw not in output, (raw, output)
+
+
+def test_messages_list_and_show_escape_what_a_terminal_would_act_on(project, gateway):
+    """MSH-3, MSH-4, MSH-10 and the text of a message are the sender's: in text mode they are
+    printed with their control characters escaped (ESC as \\x1b, a bidi override as \\u202e),
+    its segments still one a line and its French and Arabic letters as they are."""
+    path = write_file(project, "hostile.hl7", _hostile_adt().encode("utf-8"))
+    cli(project, "send", "--to", f"127.0.0.1:{project.port}", path)
+    listed = cli(project, "messages", "list", "-c", project.config)
+    assert listed.returncode == 0, listed.stderr
+    _assert_escaped(listed.stdout)
+    header, row = listed.stdout.splitlines()  # one row: nothing in it passes for another line
+    assert "SIH\\x1b]52;c;cm0g" in row and row.endswith("B31\\x1b[1A\\x1b[2K")
+
+    shown = cli(project, "messages", "show", "1", "-c", project.config)
+    assert shown.returncode == 0, shown.stderr
+    _assert_escaped(shown.stdout)
+    assert "\r" not in shown.stdout and "\nEVN|A01|" in shown.stdout  # one segment a line
+    assert "|SIH\\x1b]52;c;cm0gLXJmIH4=\\x07LABO|CHU\\u202eNOYL|" in shown.stdout
+    assert "||Lefèvre\\x9b31m\\x08\\x08^Hélène^" in shown.stdout
+    assert "NK1|1|بن علي^فاطمة^^^^^L|" in shown.stdout
+    assert "control_id: B31\\x1b[1A\\x1b[2K" in shown.stdout
+
+    # --json is for programs: the text exactly, C0 controls as JSON's escapes.
+    as_json = cli(project, "messages", "show", "1", "--json", "-c", project.config)
+    assert "\x1b" not in as_json.stdout and "\\u001b]52;c;" in as_json.stdout
+    assert json.loads(as_json.stdout)["text"] == _hostile_adt()
+    assert stop(gateway) == 0
+
+
+def test_send_escapes_what_a_terminal_would_act_on_in_the_answer(project):
+    """MSA-2 and the ERR segments come from the peer: printed with their escape sequences,
+    C1 controls and bidi overrides escaped, its Arabic as it is."""
+    reason = "رمز \x1b]52;c;cm0gLXJmIH4=\x07غير\x9b2J\u202e معروف"
+    peer = _MllpPeer(lambda frame: _ack(_control_id(frame) + b"\x1b[1A\x1b[2K", b"AE", b"UNICODE UTF-8",
+                                        b"ERR||PID^1|103|E||||" + reason.encode("utf-8") + b"\r"))
+    try:
+        path = write_file(project, "adt.hl7", hl7msgs.message("adt", 32).encode("utf-8"))
+        done = cli(project, "send", "--to", f"127.0.0.1:{peer.port}", "--timeout", "5", path)
+    finally:
+        peer.close()
+    assert done.returncode == 1, done.stderr
+    _assert_escaped(done.stdout)
+    assert done.stdout.splitlines() == [
+        f"{path}#1: AE B00000000032\\x1b[1A\\x1b[2K",
+        "    ERR||PID^1|103|E||||رمز \\x1b]52;c;cm0gLXJmIH4=\\x07غير\\x9b2J\\u202e معروف"]

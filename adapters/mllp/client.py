@@ -44,6 +44,9 @@ def split_messages(data: bytes, raw: bool = False) -> list[bytes]:
     return [p for p in pieces if p.strip(b"\r")]
 
 
+COMMIT_NAK_GRACE = 2.0  # seconds an answer may follow a release-2 commit NAK
+
+
 @dataclass
 class Reply:
     response: bytes | None  # the HL7 answer (None when the connection closed or timed out)
@@ -81,6 +84,9 @@ class MllpClient:
                     reply.commit = True
                 elif isinstance(event, CommitRejected):
                     reply.commit = False
+                    # A server may send the NAK alone (nothing stored, nothing to say): wait
+                    # a little for an answer after it, not the whole timeout.
+                    deadline = min(deadline, time.monotonic() + COMMIT_NAK_GRACE)
                 elif isinstance(event, FrameReceived):
                     reply.response = event.payload
                     reply.seconds = time.monotonic() - started
@@ -89,11 +95,17 @@ class MllpClient:
                     raise MllpClientError("answer larger than the client accepts")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if reply.commit is False:
+                    reply.seconds = time.monotonic() - started
+                    return reply  # the NAK is the answer
                 raise MllpClientError(f"no answer within {self.timeout:g} s")
             self.sock.settimeout(remaining)
             try:
                 data = self.sock.recv(65536)
             except socket.timeout:
+                if reply.commit is False:
+                    reply.seconds = time.monotonic() - started
+                    return reply
                 raise MllpClientError(f"no answer within {self.timeout:g} s") from None
             if not data:
                 reply.seconds = time.monotonic() - started

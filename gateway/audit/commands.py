@@ -17,6 +17,7 @@ from gateway.audit.trail import AuditTrail, record_from_row
 from gateway.config import GatewayConfig
 from gateway.store.database import create_gateway_engine
 from gateway.store.schema import audit_log
+from gateway.terminal import printable, printable_json
 
 
 def verify(config: GatewayConfig, args) -> int:
@@ -37,7 +38,7 @@ def verify(config: GatewayConfig, args) -> int:
     if result.expired_through:
         print(f"expired: records 1 to {result.expired_through} (vouched for by a retention.expired record)")
     for located in result.findings:
-        print(located)
+        print(printable(str(located)))  # a finding may quote the record it is about
     if result.intact:
         print("intact")
         return 0
@@ -63,20 +64,15 @@ def show(config: GatewayConfig, args) -> int:
         engine.dispose()
     for record in records:
         if args.json:
-            print(json.dumps(record.as_dict(), ensure_ascii=False))
+            print(printable_json(json.dumps(record.as_dict(), ensure_ascii=False)))
         else:
             at = record.at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             detail = json.dumps(dict(record.detail), ensure_ascii=False, sort_keys=True)
-            print(_printable(f"{record.seq:>8}  {at}  {record.node:<12} {record.action:<24} "
-                             f"{record.outcome:<8} {record.actor:<20} {record.subject or '-':<20} "
-                             f"{record.source or '-':<21} {detail}"))
+            # One line whatever a record holds (a line break, an escape sequence, a bidi
+            # override in a login name typed at the console): it can neither pass for several
+            # nor hide the ones above it.
+            print(printable(f"{record.seq:>8}  {at}  {record.node:<12} {record.action:<24} "
+                            f"{record.outcome:<8} {record.actor:<20} {record.subject or '-':<20} "
+                            f"{record.source or '-':<21} {detail}"))
     return 0
 
-
-def _printable(line: str) -> str:
-    """`line` with what a terminal would not print as itself (a line break, an escape
-    sequence, a bidi override: in a login name typed at the console, say) shown escaped, so
-    that a record can neither pass for several nor hide the ones above it."""
-    if line.isprintable():
-        return line
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in line)
