@@ -322,9 +322,10 @@ DELIVERIES = ("SELECT m.control_id, d.status, d.attempts, d.last_code, d.last_re
 def test_batches_keep_each_patients_order_through_an_outage_and_deliver_once(
         db_url, make_config, running_gateway, peers):
     """The record is down while two patients' messages arrive; once it is back, every
-    message is delivered once: each patient's record went through its messages' versions in
-    order (the last birth date is kept, one version per message), the record applied each
-    message's entries exactly once, and it took fewer requests than messages."""
+    message is delivered once: each patient's record ends as their last message has it (the
+    last birth date), a request carrying a patient once however many of their messages it
+    holds (one version a request, not a message), the record applied no entry twice, and it
+    took fewer requests than messages."""
     yield peers.faults("record", "down")
     ports = yield running_gateway(gateway_config(make_config, db_url, peers))
     yield threads.deferToThread(send, ports["mllp-test"], *[adt(*m) for m in SENT])
@@ -339,10 +340,11 @@ def test_batches_keep_each_patients_order_through_an_outage_and_deliver_once(
         found = yield peers.search("/Patient?identifier=" + quote(patient))
         (resource,) = [e["resource"] for e in found["entry"]]
         assert resource["birthDate"] == births[-1]
-        assert resource["meta"]["versionId"] == str(len(births))
+        assert 1 <= int(resource["meta"]["versionId"]) <= len(births)
     bundles = yield threads.deferToThread(rows, db_url, "SELECT bundle FROM canonical_bundles")
     stats = yield record_stats(peers)
-    assert stats["entries"] == sum(len(json.loads(r.bundle)["entry"]) for r in bundles)
+    entries = [entry["fullUrl"] for r in bundles for entry in json.loads(r.bundle)["entry"]]
+    assert len(set(entries)) <= stats["entries"] <= len(entries)
     assert stats["replayed"] == 0 and stats["applied"] < 5
 
 
@@ -502,20 +504,23 @@ def test_while_a_request_is_in_flight_only_full_batches_go(db_url, make_config, 
     flight any more: two fuller requests instead of several small ones. Each attempt's audit
     record is committed with its settlement."""
     engine, database, transport, config = held_delivery(db_url, make_config, peers, batch_size=4)
-    bundle = json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [
-        {"fullUrl": "urn:uuid:0f0f0f0f-0000-5000-8000-000000000001",
-         "resource": {"resourceType": "Basic", "id": "0f0f0f0f-0000-5000-8000-000000000001"}}]})
+
+    def bundle(n: int) -> str:  # one resource of its own a message (a request sends each once)
+        return json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [
+            {"fullUrl": f"urn:uuid:0f0f0f0f-0000-5000-8000-{n:012d}",
+             "resource": {"resourceType": "Basic", "id": f"0f0f0f0f-0000-5000-8000-{n:012d}"}}]})
     from gateway.audit.trail import AuditTrail
 
     trail = AuditTrail(engine, "node-t")
     service = DeliveryService(config, database, reactor, transport_factory=lambda destination: transport,
                               audit=trail)
-    add(engine, "Patient/0", bundle=bundle, destination="shared-record")
+    add(engine, "Patient/0", bundle=bundle(0), destination="shared-record")
     service.startService()
     try:
         yield until_true(lambda: len(transport.requests) == 1)
         assert transport.requests[0][0] == 1
-        add(engine, *[f"Patient/{n}" for n in range(1, 7)], bundle=bundle, destination="shared-record")
+        for n in range(1, 7):
+            add(engine, f"Patient/{n}", bundle=bundle(n), destination="shared-record")
         service.wake()
         yield until_true(lambda: len(transport.requests) == 2)
         assert transport.requests[1][0] == 4

@@ -9,8 +9,9 @@ a transaction request, and the record's answer as a delivery outcome. Pure code.
 - any other resource is `PUT Type/id` with its deterministic id;
 - fullUrls and references stay `urn:uuid:`: the record resolves them to the ids it stores.
 `transaction_request_for_bundles` does the same for several canonical bundles in one request
-(entries in the given order, so a later message about a resource wins): the batched delivery
-of several messages, of one patient or several, all or nothing at the record;
+(entries in the given order; a resource that several carry, under one fullUrl, goes once, as
+the last of them has it): the batched delivery of several messages, of one patient or
+several, all or nothing at the record;
 `transaction_request_for_texts` takes the bundles as stored JSON text (what the outbox holds).
 
 `classify_response(response, request)`:
@@ -71,8 +72,26 @@ def transaction_entry(entry: dict) -> dict:
 
 
 def transaction_bundle(bundles: Sequence[dict]) -> dict:
-    return {"resourceType": "Bundle", "type": "transaction",
-            "entry": [transaction_entry(entry) for bundle in bundles for entry in bundle.get("entry", ())]}
+    return {"resourceType": "Bundle", "type": "transaction", "entry": _one_per_full_url(
+        (entry["fullUrl"], entry) for entry in (transaction_entry(entry) for bundle in bundles
+                                                for entry in bundle.get("entry", ())))}
+
+
+def _one_per_full_url(entries) -> list:
+    """The entries, each fullUrl once: a later entry takes the place of an earlier one with its
+    fullUrl. Ids are deterministic, so the messages of one patient batched together each carry
+    its Patient (and a corrected report its report) under one fullUrl; FHIR allows a fullUrl
+    once in a bundle (bdl-7) and a transaction fails when two entries resolve to one resource
+    (R4 http 3.1.0.11.2). The later message's version is the one that would have stood."""
+    kept: list = []
+    where: dict = {}
+    for full_url, entry in entries:
+        at = where.setdefault(full_url, len(kept))
+        if at == len(kept):
+            kept.append(entry)
+        else:
+            kept[at] = entry
+    return kept
 
 
 def transaction_request(bundle: dict, *, base_url: str, idempotency_key: str) -> HttpRequest:
@@ -104,14 +123,11 @@ def transaction_request_for_texts(bundle_texts: Sequence[str | bytes], *, base_u
         return _request(*_copied_entries(bundle_texts), base_url, idempotency_key)
     except (msgspec.ValidationError, msgspec.DecodeError, _Unusual):
         pass
-    parts, count = [], 0
-    for text in bundle_texts:
-        bundle = fhir_json.loads(text)  # decimals kept as stored, as the copying path keeps them
-        entries = [transaction_entry(entry) for entry in bundle.get("entry", ())]
-        if entries:
-            parts.append(fhir_json.dumps(entries)[1:-1])
-            count += len(entries)
-    return _request(_TRANSACTION_START + b",".join(parts) + b"]}", count, base_url, idempotency_key)
+    # decimals kept as stored, as the copying path keeps them
+    bundles = [fhir_json.loads(text) for text in bundle_texts]
+    entries = transaction_bundle(bundles)["entry"]
+    return _request(_TRANSACTION_START + fhir_json.dumps(entries)[1:] + b"}", len(entries), base_url,
+                    idempotency_key)
 
 
 _TRANSACTION_START = b'{"resourceType":"Bundle","type":"transaction","entry":['
@@ -146,12 +162,9 @@ def _copied_entries(bundle_texts: Sequence[str | bytes]) -> tuple[bytes, int]:
     """The transaction's body, each resource's stored text copied (see above), and its
     number of entries."""
     dumps = orjson.dumps
-    parts: list = []
-    add = parts.extend
-    count = 0
+    copied = []
     for text in bundle_texts:
         for entry in _read_bundle(text).entry:
-            count += 1
             raw = entry.resource
             resource = _read_resource(raw)
             resource_id = resource.id
@@ -165,11 +178,13 @@ def _copied_entries(bundle_texts: Sequence[str | bytes]) -> tuple[bytes, int]:
                        f"|{escape_search_value(value)}")
             else:
                 url = f"{resource.resourceType}/{resource_id}"
-            add((b',{"fullUrl":', dumps(entry.fullUrl or f"urn:uuid:{resource_id}"), b',"resource":', raw,
-                 b',"request":{"method":"PUT","url":', dumps(url), b"}}"))
-    if parts:
-        parts[0] = b'{"fullUrl":'
-    return _TRANSACTION_START + b"".join(parts) + b"]}", count
+            full_url = entry.fullUrl or f"urn:uuid:{resource_id}"
+            if not isinstance(full_url, str):  # a fullUrl that is no text: the other path
+                raise _Unusual
+            copied.append((full_url, b"".join((b'{"fullUrl":', dumps(full_url), b',"resource":', raw,
+                                               b',"request":{"method":"PUT","url":', dumps(url), b"}}"))))
+    entries = _one_per_full_url(copied)
+    return _TRANSACTION_START + b",".join(entries) + b"]}", len(entries)
 
 
 def _request(body: bytes, entries: int, base_url: str, idempotency_key: str) -> TransactionRequest:
