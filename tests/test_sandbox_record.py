@@ -337,6 +337,21 @@ def test_put_by_id_mismatch_and_unsupported_methods_are_400(client):
         assert issue(reply)["expression"] == [where], item
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_fullurl_twice_in_a_transaction_is_400_and_nothing_is_stored(client, running):
+    """bdl-7: a fullUrl names one entry of a bundle; a reference to one given twice would
+    resolve to either, so the transaction is refused, entry and place named."""
+    reply = yield client.post(transaction(
+        conditional_patient(),
+        entry(observation("urn:uuid:p-1"), "POST", "Observation", "urn:uuid:o-1"),
+        conditional_patient(family="Other"),
+    ))
+    assert reply.code == 400
+    assert issue(reply)["expression"] == ["Bundle.entry[2].fullUrl"]
+    assert "Bundle.entry[0]" in issue(reply)["diagnostics"]
+    assert running.count() == 0
+
+
 # -- idempotency ---------------------------------------------------------------------------
 
 @pytest_twisted.inlineCallbacks

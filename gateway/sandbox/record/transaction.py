@@ -74,6 +74,14 @@ def read_transaction(document: object, *, validate: bool = True) -> list[Planned
     if not isinstance(entries, list):
         raise FhirError.single(400, "structure", "Bundle.entry must be an array", "Bundle.entry")
     planned = [_read_entry(index, entry) for index, entry in enumerate(entries)]
+    first_with: dict[str, int] = {}
+    for entry in planned:
+        if entry.full_url is not None:
+            # bdl-7: a fullUrl names one entry; a reference to it would resolve to either.
+            first = first_with.setdefault(entry.full_url, entry.index)
+            if first != entry.index:
+                raise FhirError.single(400, "invalid", f"the fullUrl of Bundle.entry[{first}] again: "
+                                       "each entry's is its own", entry.where + ".fullUrl")
     if validate:
         issues = [issue for entry in planned
                   for issue in resource_issues(entry.resource, entry.where + ".resource")]
