@@ -334,7 +334,8 @@ class AstmReceiver:
         if number is None or number > 7:
             return self._reject(f"frame number {body[:1]!r} is not 0-7", None, now, events)
         if trailer[:2].find(CR) >= 0:
-            return self._reject("frame trailer has a CR where its checksum belongs (checksum left out or cut short)", number, now, events)
+            return self._reject("frame trailer has a CR where its checksum belongs "
+                                "(checksum left out or cut short)", number, now, events)
         if trailer[2:] != CR + LF:
             return self._reject("frame trailer is not checksum, CR, LF", number, now, events)
         if trailer[:2].upper() != checksum(body):

@@ -86,7 +86,8 @@ def _one_per_full_url(entries) -> list:
     kept: list = []
     where: dict = {}
     for full_url, entry in entries:
-        at = where.setdefault(full_url, len(kept))
+        # A fullUrl that is not text (a malformed bundle) names nothing to share.
+        at = where.setdefault(full_url if isinstance(full_url, str) else object(), len(kept))
         if at == len(kept):
             kept.append(entry)
         else:

@@ -11,8 +11,8 @@ PostgreSQL: its ON CONFLICT waits for the other node's transaction on the same k
 
 Each message's bytes go to `message_payloads` in the same transaction (retention expires them
 apart from the index): on PostgreSQL one statement inserts the whole round's messages and
-payloads (arrays unnested, data-modifying WITHs; a message alone: the same with one), on SQLite the round's ids are read back from the rowids it was given. Either way each
-stored item learns its id (`Inbound.message_id`), so that translation needs no look-up by key.
+payloads (arrays unnested, data-modifying WITHs), on SQLite the round's ids are read back
+from the rowids it was given. Either way each stored item learns its id (`Inbound.message_id`), so that translation needs no look-up by key.
 
 The writer never touches the reactor: `deliver(function, *args)` is given (callFromThread).
 """

