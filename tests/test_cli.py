@@ -260,17 +260,22 @@ def _control_id(frame: bytes) -> bytes:
     return frame.split(b"\r")[0].split(b"|")[9]
 
 
+def _send_to_peer(project, answer, *arguments: str):
+    """`gateway send ARGUMENTS` to an _MllpPeer that answers each frame with `answer(frame)`."""
+    peer = _MllpPeer(answer)
+    try:
+        return cli(project, "send", "--to", f"127.0.0.1:{peer.port}", *arguments)
+    finally:
+        peer.close()
+
+
 def test_send_stops_at_an_ack_for_another_message(project):
     """A server that acknowledges each message twice: the second ACK was read as the answer to
     the next message, which `send` printed as accepted, exit 0, although its own ACK never came.
     An ACK whose MSA-2 is not the message's MSH-10 fails the send and stops it."""
-    peer = _MllpPeer(lambda frame: _ack(_control_id(frame)) * 2)
-    try:
-        first, second = hl7msgs.message("adt", 21), hl7msgs.message("adt", 22)
-        path = write_file(project, "two.hl7", (first + second).encode("utf-8"))
-        done = cli(project, "send", "--to", f"127.0.0.1:{peer.port}", "--timeout", "5", path)
-    finally:
-        peer.close()
+    first, second = hl7msgs.message("adt", 21), hl7msgs.message("adt", 22)
+    path = write_file(project, "two.hl7", (first + second).encode("utf-8"))
+    done = _send_to_peer(project, lambda frame: _ack(_control_id(frame)) * 2, "--timeout", "5", path)
     assert done.returncode == 1
     assert done.stdout.splitlines()[0] == f"{path}#1: AA B00000000021"
     assert done.stderr.strip() == (f"{path}#2: the answer is for control id 'B00000000021', "
@@ -281,13 +286,10 @@ def test_send_reads_the_answer_in_its_own_character_set(project):
     """MSA-2 and ERR are decoded as the answer's MSH-18 says (here Arabic in 8859/6), not as
     UTF-8, which turned every Arabic letter into U+FFFD."""
     reason = "رمز غير معروف"
-    peer = _MllpPeer(lambda frame: _ack(_control_id(frame), b"AE", b"8859/6",
-                                        b"ERR||PID^1|103|E||||" + reason.encode("iso8859-6") + b"\r"))
-    try:
-        path = write_file(project, "adt.hl7", hl7msgs.message("adt", 23).encode("utf-8"))
-        done = cli(project, "send", "--to", f"127.0.0.1:{peer.port}", "--timeout", "5", path)
-    finally:
-        peer.close()
+    path = write_file(project, "adt.hl7", hl7msgs.message("adt", 23).encode("utf-8"))
+    done = _send_to_peer(project, lambda frame: _ack(_control_id(frame), b"AE", b"8859/6",
+                                                     b"ERR||PID^1|103|E||||" + reason.encode("iso8859-6") + b"\r"),
+                         "--timeout", "5", path)
     assert done.returncode == 1, done.stderr
     assert done.stdout.splitlines() == [f"{path}#1: AE B00000000023", f"    ERR||PID^1|103|E||||{reason}"]
 
@@ -304,19 +306,11 @@ def test_send_counts_a_release_2_commit_nak_as_a_failure(project):
              f"{path}#1: commit NAK (not stored), AA B00000000026"),
             (lambda frame: COMMIT_NAK_BLOCK, 1, f"{path}#1: commit NAK (not stored), no answer"),
             (lambda frame: COMMIT_ACK_BLOCK + _ack(_control_id(frame)), 0, f"{path}#1: AA B00000000026")):
-        peer = _MllpPeer(answer)
         started = time.monotonic()
-        try:
-            done = cli(project, "send", "--to", f"127.0.0.1:{peer.port}", "--timeout", "20", path)
-        finally:
-            peer.close()
+        done = _send_to_peer(project, answer, "--timeout", "20", path)
         assert (done.returncode, done.stdout.splitlines()) == (code, [line]), done.stderr
         assert time.monotonic() - started < 15  # not the 20 s timeout
-    peer = _MllpPeer(lambda frame: COMMIT_NAK_BLOCK + _ack(_control_id(frame)))
-    try:
-        done = cli(project, "send", "--json", "--to", f"127.0.0.1:{peer.port}", path)
-    finally:
-        peer.close()
+    done = _send_to_peer(project, lambda frame: COMMIT_NAK_BLOCK + _ack(_control_id(frame)), "--json", path)
     assert done.returncode == 1 and json.loads(done.stdout)["commit"] == "NAK"
 
 
@@ -594,13 +588,10 @@ def test_send_escapes_what_a_terminal_would_act_on_in_the_answer(project):
     """MSA-2 and the ERR segments come from the peer: printed with their escape sequences,
     C1 controls and bidi overrides escaped, its Arabic as it is."""
     reason = "رمز \x1b]52;c;cm0gLXJmIH4=\x07غير\x9b2J\u202e معروف"
-    peer = _MllpPeer(lambda frame: _ack(_control_id(frame) + b"\x1b[1A\x1b[2K", b"AE", b"UNICODE UTF-8",
-                                        b"ERR||PID^1|103|E||||" + reason.encode("utf-8") + b"\r"))
-    try:
-        path = write_file(project, "adt.hl7", hl7msgs.message("adt", 32).encode("utf-8"))
-        done = cli(project, "send", "--to", f"127.0.0.1:{peer.port}", "--timeout", "5", path)
-    finally:
-        peer.close()
+    path = write_file(project, "adt.hl7", hl7msgs.message("adt", 32).encode("utf-8"))
+    done = _send_to_peer(project, lambda frame: _ack(_control_id(frame) + b"\x1b[1A\x1b[2K", b"AE", b"UNICODE UTF-8",
+                                                     b"ERR||PID^1|103|E||||" + reason.encode("utf-8") + b"\r"),
+                         "--timeout", "5", path)
     assert done.returncode == 1, done.stderr
     _assert_escaped(done.stdout)
     assert done.stdout.splitlines() == [
