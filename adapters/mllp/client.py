@@ -93,20 +93,19 @@ class MllpClient:
                     return reply
                 elif isinstance(event, FrameTooLarge):
                     raise MllpClientError("answer larger than the client accepts")
+            data = None  # stays None when the deadline passes
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining > 0:
+                self.sock.settimeout(remaining)
+                try:
+                    data = self.sock.recv(65536)
+                except socket.timeout:
+                    pass
+            if data is None:
                 if reply.commit is False:
                     reply.seconds = time.monotonic() - started
                     return reply  # the NAK is the answer
                 raise MllpClientError(f"no answer within {self.timeout:g} s")
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                if reply.commit is False:
-                    reply.seconds = time.monotonic() - started
-                    return reply
-                raise MllpClientError(f"no answer within {self.timeout:g} s") from None
             if not data:
                 reply.seconds = time.monotonic() - started
                 return reply  # closed by the server
