@@ -215,7 +215,12 @@ def test_the_same_dispensation_again_while_the_first_is_processed(two_nodes, pee
     message = rds("RDS-WAIT", prescription_id)
 
     def again_meanwhile():
-        time.sleep(1)
+        # Once the first is stored (its AMO check then takes 3 s), not after a fixed delay: on
+        # a busy machine the first may reach its node after a copy sent a second later.
+        deadline = time.monotonic() + 20
+        while not rows(db_url, "SELECT id FROM messages WHERE control_id = 'RDS-WAIT'"):
+            assert time.monotonic() < deadline, "the first dispensation was never stored"
+            time.sleep(0.05)
         return there.hl7(message), there.hl7(message, key="retry-1"), here.hl7(message)
 
     first, (plain, keyed, waited) = yield threads.deferToThread(at_once, lambda: here.hl7(message),
