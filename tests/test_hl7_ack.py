@@ -196,6 +196,22 @@ def test_non_default_delimiters_used_throughout():
     assert err[7] == b"bad @F@value@S@ with @E@ and @T@ and @R@"
 
 
+def test_our_own_names_are_escaped_for_the_senders_delimiters():
+    """A sender whose field separator is '_' and component separator '-' (both punctuation,
+    both allowed) must still read MSH-3, MSH-4, MSH-10 and ERR-5 where they are: our names
+    'MA_HIE_GATEWAY', 'NOT_HL7', 'MA-HIE-ERR' are escaped, not sent as separators."""
+    raw = b"MSH_-~\\&_LABO_CHU_HIE_MA_20260315103000__ORU-R01_LAB1_P_2.5\rPID_1\r"
+    header = parse_header(raw)
+    error = ErrorDetail(ErrorCondition.DATA_TYPE_ERROR, Location("PID", 1, 3), "bad",
+                        AppErrorCode.NOT_HL7)
+    seg = segments(builder().build(header, Outcome.REJECT, False, error), fs=b"_")
+    msh = seg[b"MSH"]
+    assert msh_field(msh, 3) == b"MA\\F\\HIE\\F\\GATEWAY"
+    assert msh_field(msh, 4) == b"MA\\F\\HIE"
+    assert (msh_field(msh, 5), msh_field(msh, 10)) == (b"LABO", b"GW00000001")
+    assert seg[b"ERR"][5] == b"NOT\\F\\HL7-Not an HL7 v2 message-MA\\S\\HIE\\S\\ERR"
+
+
 def test_ack_from_header_error_partial_read():
     """An ACK can be built from a HeaderError: it echoes what was read and defaults the rest."""
     raw = message(control_id="")

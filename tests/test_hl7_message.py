@@ -62,10 +62,25 @@ def test_repetitions_are_split_once_and_cached():
     # A sign without digits is no count (it raised ValueError from int('-')).
     ("x\\.sp -\\y", "x\\.sp -\\y"),
     ("a\\.sk+\\b", "a\\.sk+\\b"),
+    # Character set switches are ISO 2022 escapes in hex, and carry no text; a path whose
+    # folders begin with C, M or Z is text ('C:\\Mydocs\\x' lost its folder).
+    ("x\\C2842\\y\\M2442\\z", "xyz"),
+    ("C:\\Mydocs\\file.txt", "C:\\Mydocs\\file.txt"),
+    ("C:\\Cafe\\menu", "C:\\Cafe\\menu"),
+    # A local escape means what only its sender knows: kept, not dropped.
+    ("D:\\Zone1\\scan", "D:\\Zone1\\scan"),
+    # Bytes that are no text in the character set are kept as written, not made U+FFFD.
+    ("\\XFF\\", "\\XFF\\"),
 ])
 def test_escape_sequences(text, expected):
     """Each sequence of HL7 chapter 2.7; unknown or unterminated ones are kept as written."""
     assert unescaped(text, "utf-8") == expected
+
+
+def test_no_subcomponent_escape_without_a_subcomponent_separator():
+    """\\T\\ stands for the subcomponent separator; with none (3-character MSH-2, ASTM) it
+    is no escape and is kept, not decoded to nothing."""
+    assert unescape("a\\T\\b", "\\", "|", "^", "~", "") == "a\\T\\b"
 
 
 def test_hex_escape_uses_the_message_character_set():
@@ -99,6 +114,16 @@ def test_custom_delimiters_are_read_from_msh():
     message = parse_message("MSH|#~\\&|A|B|||||ADT#A01|1|P|2.5\rPID|1||9#X#Y#AUTH")
     assert message.separators == Separators("|", "#", "~", "\\", "&", "utf-8")
     assert message.value("PID", 3, 4) == "AUTH"
+
+
+def test_truncation_character_escape_from_v2_7():
+    """MSH-2 '^~\\&#' declares the v2.7 truncation character: '\\P\\' is a '#' in the text
+    (it stayed '\\P\\'); without a fifth character it is no escape and is kept."""
+    v27 = parse_message("MSH|^~\\&#|A|B|||||ADT^A01|1|P|2.7\rNTE|1||Room \\P\\12")
+    assert v27.separators.truncation == "#"
+    assert v27.value("NTE", 3) == "Room #12"
+    v25 = parse_message("MSH|^~\\&|A|B|||||ADT^A01|1|P|2.5\rNTE|1||Room \\P\\12")
+    assert v25.value("NTE", 3) == "Room \\P\\12"
 
 
 def test_three_encoding_characters_mean_no_subcomponents():

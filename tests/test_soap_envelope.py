@@ -34,6 +34,18 @@ def test_both_contracts_refuse_the_same_envelopes_each_with_its_own_code(contrac
     assert raised.value.error == getattr(contract.WORDS, code)
 
 
+def test_mandatory_header_for_another_actor_is_not_ours_to_understand():
+    """SOAP 1.1 4.2.2-4.2.3: mustUnderstand binds the block's actor. A block for another node
+    is passed over; one with no actor, or for 'next', is ours and still faults."""
+    ours = (ENV + b'<s:Header><h s:mustUnderstand="1" s:actor="http://schemas.xmlsoap.org/soap/'
+            b'actor/next"/></s:Header><s:Body><a/></s:Body></s:Envelope>')
+    with pytest.raises(envelope.SoapFault) as raised:
+        gateway.parse_request(ours)
+    assert raised.value.code == "MustUnderstand"
+    theirs = ours.replace(b"http://schemas.xmlsoap.org/soap/actor/next", b"urn:example:proxy")
+    assert envelope.local_name(gateway.parse_request(theirs)) == "a"
+
+
 def test_a_good_request_yields_its_operation_past_header_comments_and_pis():
     """The one element of the Body comes back; an optional header and comments are passed over."""
     body = ENV + b'<s:Header><h s:mustUnderstand="0"/></s:Header><s:Body><!-- c --><?pi x?>' \

@@ -45,6 +45,16 @@ def test_delimiters_in_text_are_escaped_and_decoded_back():
     assert message.value("PID", 5, 2) == "G"
 
 
+def test_escape_elements_keep_the_text_around_them():
+    """v2 XML writes an escape sequence as `<escape V=".br"/>` inside the text: it becomes
+    that sequence, and the text after it is kept (everything after the first one was lost)."""
+    data = doc(b'<OBX><OBX.5>line one<escape V=".br"/>line two <escape V="H"/>high<escape V="N"/>'
+               b' end</OBX.5><OBX.6><CWE.1>mg<escape V="F"/>dL</CWE.1></OBX.6></OBX>')
+    message = read_input(data).message
+    assert message.value("OBX", 5) == "line one\nline two high end"
+    assert message.value("OBX", 6, 1) == "mg|dL"
+
+
 def test_detection_after_bom_and_whitespace():
     """'<' after a BOM and blanks is v2 XML."""
     assert detect_format(b"\xef\xbb\xbf \r\n<ADT_A01/>") == "hl7v2-xml"

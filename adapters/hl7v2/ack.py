@@ -125,8 +125,8 @@ class AckBuilder:
         message_type = b"ACK"
         if trigger and trigger[0]:
             message_type += cs + trigger[0] + (cs + b"ACK" if with_structure else b"")
-        msh = [b"MSH", d.encoding_characters, self.sender.application, self.sender.facility,
-               application, facility, self.clock.timestamp(), b"", message_type,
+        msh = [b"MSH", d.encoding_characters, *_own_names(self.sender, d), application, facility,
+               self.clock.timestamp(), b"", message_type,
                self.control_ids.next(), processing or b"P", version_field or DEFAULT_VERSION]
         if charset:
             msh += [b"", b"", b"", b"", b"", charset]
@@ -137,6 +137,14 @@ class AckBuilder:
             return fs.join(msh) + b"\r" + msa + b"\r" + _err_modern(error, d) + b"\r"
         msa += fs + escape(error.reason, d)
         return fs.join(msh) + b"\r" + msa + b"\r" + _err_legacy(error, d) + b"\r"
+
+
+@lru_cache(maxsize=64)
+def _own_names(sender: Sender, d: Delimiters) -> tuple[bytes, bytes]:
+    """MSH-3 and MSH-4 of our ACKs, escaped for the sender's delimiters: a peer whose field
+    separator is '_' or '-' must not read 'MA_HIE_GATEWAY' as three fields."""
+    return (escape(sender.application.decode("ascii"), d),
+            escape(sender.facility.decode("ascii"), d))
 
 
 _ACK_BYTES = {(outcome, enhanced): outcome.ack_code(enhanced).value.encode("ascii")
@@ -157,8 +165,8 @@ def _err_modern(error: ErrorDetail, d: Delimiters) -> bytes:
                          b"HL70357"])
     app = b""
     if error.app_code is not None:
-        app = cs.join([error.app_code.value.encode("ascii"), escape(error.app_code.text, d),
-                       APP_ERROR_TABLE.encode("ascii")])
+        app = cs.join([escape(error.app_code.value, d), escape(error.app_code.text, d),
+                       escape(APP_ERROR_TABLE, d)])
     return fs.join([b"ERR", b"", cs.join(erl), condition, error.severity.value.encode("ascii"),
                     app, b"", escape(error.reason, d)])
 

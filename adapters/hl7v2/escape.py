@@ -1,10 +1,15 @@
 """HL7 v2 escape sequences (chapter 2, 2.7): decoded into the text they stand for.
 
-`\\F\\ \\S\\ \\T\\ \\R\\ \\E\\` give back the delimiters; `\\Xhh..\\` are bytes in the message's
+`\\F\\ \\S\\ \\T\\ \\R\\ \\E\\` give back the delimiters (and `\\P\\` the v2.7 truncation
+character, when MSH-2 declares one); `\\Xhh..\\` are bytes in the message's
 character set; `\\.br\\` and `\\.sp n\\` are line breaks, `\\.sk n\\` spaces (n under 1000);
-highlighting, fill and indent marks carry no text and are dropped. A sequence we do not
-understand, or a lone escape character (Windows paths, emoticons), is kept literally:
-dropping text would lose data.
+highlighting, fill and indent marks carry no text and are dropped, as are character set
+switches as ISO 2022 writes them (`\\Cxxyy\\`, `\\Mxxyy\\`, `\\Mxxyyzz\\`: the hex of an
+escape sequence's intermediate byte, 0x20-0x2F, then its final bytes).
+A sequence we do not understand (a local `\\Z..\\`, whose meaning only its sender knows,
+`\\T\\` without a subcomponent separator, `\\X..\\` bytes that are no text in the character
+set), or a lone escape character (Windows paths, emoticons), is kept literally: dropping
+text would lose data.
 """
 from __future__ import annotations
 
@@ -12,11 +17,15 @@ import re
 
 
 def unescape(text: str, escape: str, field: str, component: str, repetition: str,
-             subcomponent: str, codec: str = "latin-1") -> str:
+             subcomponent: str, codec: str = "latin-1", truncation: str = "") -> str:
     """The value of `text` with its escape sequences decoded (unchanged when it has none)."""
     if escape not in text or not escape:
         return text
-    simple = {"F": field, "S": component, "T": subcomponent, "R": repetition, "E": escape}
+    simple = {"F": field, "S": component, "R": repetition, "E": escape}
+    if subcomponent:  # without one (ASTM, a 3-character MSH-2) '\\T\\' is no escape
+        simple["T"] = subcomponent
+    if truncation:  # v2.7: '\\P\\' is the truncation character ('#') as text
+        simple["P"] = truncation
     parts = text.split(escape)
     # parts alternate text, sequence, text, ...; an odd count means every sequence is closed.
     out = [parts[0]]
@@ -57,8 +66,8 @@ def _decode(sequence: str, simple: dict[str, str], codec: str) -> str | None:
         if len(digits) % 2 or not digits:
             return None
         try:
-            return bytes.fromhex(digits).decode(codec, "replace")
-        except ValueError:
+            return bytes.fromhex(digits).decode(codec)  # strict: never U+FFFD for data
+        except ValueError:  # bad hex, or bytes that are no text in the codec
             return None
     if head == ".":
         command = sequence[1:3]
@@ -77,6 +86,11 @@ def _decode(sequence: str, simple: dict[str, str], codec: str) -> str | None:
         return None
     if sequence in ("H", "N"):
         return ""  # highlighting on/off: formatting only
-    if head in "CMZ" and len(sequence) > 1 and sequence[1:].isalnum():
-        return ""  # character set switches and local escapes: no text of their own
+    if _CHARSET_SWITCH.match(sequence):
+        return ""  # a character set switch: no text of its own
     return None
+
+
+# ISO 2022: an intermediate byte (0x28-0x2F for one byte sets, 0x24 for multibyte ones) then
+# final bytes 0x30-0x7E. Hex alone is not enough: 'C:\Cafe\menu' is a path.
+_CHARSET_SWITCH = re.compile(r"(?:C2[0-9A-Fa-f]|M24(?:2[0-9A-Fa-f])?)[3-7][0-9A-Fa-f]\Z")

@@ -43,13 +43,14 @@ class Separators:
     escape: str = "\\"
     subcomponent: str = "&"
     codec: str = "utf-8"  # for \\Xhh\\ sequences
+    truncation: str = ""  # MSH-2's fifth character (v2.7), which \\P\\ stands for
 
     def text(self, raw: str) -> str:
         """A leaf value with its escape sequences decoded."""
         if not self.escape or self.escape not in raw:
             return raw
         return unescape(raw, self.escape, self.field, self.component, self.repetition,
-                        self.subcomponent, self.codec)
+                        self.subcomponent, self.codec, self.truncation)
 
 
 class Segment:
@@ -172,7 +173,8 @@ def parse_message(text: str, codec: str = "utf-8") -> Hl7Message:
             or any(char.isalnum() or char.isspace() for char in encoding):
         raise MessageParseError(f"MSH-2 encoding characters {encoding!r} are not valid", field=2)
     subcomponent = encoding[3] if len(encoding) > 3 else ""
-    separators = Separators(field, encoding[0], encoding[1], encoding[2], subcomponent, codec)
+    separators = Separators(field, encoding[0], encoding[1], encoding[2], subcomponent, codec,
+                            encoding[4] if len(encoding) > 4 else "")
     if "\n" in text:
         text = text.replace("\r\n", "\r").replace("\n", "\r")
     segments = []

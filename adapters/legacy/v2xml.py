@@ -162,8 +162,10 @@ def _segment(element, name: str, sequence: int, budget: _Budget) -> Segment:
 def _value(element, depth: int, budget: _Budget) -> str:
     """A field (depth 2: components) or a component (depth 1: subcomponents) as ER7 text."""
     children = [child for child in element if _local(child)]
-    if not children or depth == 0:
-        return escape(element.text or "") if not children else escape("".join(element.itertext()))
+    if not children:
+        return escape(element.text or "")
+    if depth == 0:
+        return _mixed(element)
     parts: dict[int, str] = {}
     for child in children:
         match = _NUMBERED.search(_local(child))
@@ -176,10 +178,27 @@ def _value(element, depth: int, budget: _Budget) -> str:
         if number >= 1 and number not in parts:
             parts[number] = _value(child, depth - 1, budget)
     if not parts:
-        return escape(element.text or "")
+        return _mixed(element)
     budget.spend(max(parts), element)
     joiner = "^" if depth == 2 else "&"
     return joiner.join(parts.get(number, "") for number in range(1, max(parts) + 1))
+
+
+def _mixed(element) -> str:
+    """A leaf with markup in its text: `<escape V=".br"/>` (the v2 XML form of an escape
+    sequence, as in `line 1<escape V=".br"/>line 2`) becomes that ER7 sequence; any other
+    element gives its text. Nothing after the first child is dropped."""
+    out = [escape(element.text or "")]
+    for child in element:
+        sequence = child.get("V", "") if _local(child) == "escape" else ""
+        if sequence and not _NEEDS_ESCAPE.search(sequence):
+            out.append("\\" + sequence + "\\")
+            out.append(escape(child.tail or ""))
+        elif _local(child):
+            out.append(escape("".join(child.itertext()) + (child.tail or "")))
+        else:
+            out.append(escape(child.tail or ""))  # a comment or PI removed: its tail stays
+    return "".join(out)
 
 
 def _number(digits: str) -> int:

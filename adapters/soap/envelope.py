@@ -36,6 +36,10 @@ HEADER = f"{{{SOAP_ENV}}}Header"
 BODY = f"{{{SOAP_ENV}}}Body"
 FAULT = f"{{{SOAP_ENV}}}Fault"
 MUST_UNDERSTAND = f"{{{SOAP_ENV}}}mustUnderstand"
+ACTOR = f"{{{SOAP_ENV}}}actor"
+# SOAP 1.1 section 4.2.2: a header block with no actor is for the ultimate destination (us),
+# one for ".../actor/next" for whoever reads it first (us too); any other actor is another node.
+ACTOR_NEXT = "http://schemas.xmlsoap.org/soap/actor/next"
 
 # Optional BOM, XML declaration, comments and PIs, then <!DOCTYPE (ASCII-compatible encodings;
 # the check after parsing catches the others).
@@ -172,6 +176,8 @@ def _elements(parent: etree._Element, where: str, words: EnvelopeWords) -> list[
 
 def _check_headers(header: etree._Element, words: EnvelopeWords) -> None:
     for block in _elements(header, "Header", words):
+        if block.get(ACTOR, ACTOR_NEXT).strip() not in (ACTOR_NEXT, ""):
+            continue  # meant for another node: its mustUnderstand is not ours to honour
         if block.get(MUST_UNDERSTAND, "0").strip() in ("1", "true"):
             name = local_name(block)
             raise SoapFault("MustUnderstand", words.invalid_envelope,
