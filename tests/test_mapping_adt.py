@@ -326,3 +326,32 @@ def test_insured_numbers_are_the_patients_only_when_the_insured_is(mappings):
     self_insured = patient_identifiers(mappings, A01 + "\n" + insurance.format(relationship="SEL"))
     assert self_insured == {**spouse, "223344556": "SN"}
     assert list(self_insured)[:2] == ["123456", "223344556"]  # PID's first: the patient's id stays
+
+
+def test_sender_100001_layer_keeps_the_other_identifiers_of_the_shared_map(mappings):
+    """The facility's PID.Patient replaces the identifier list to read PID-2 as the CNIE: every
+    other identifier the shared map gives (PID-19, PID-20, the insured's and the guarantor's
+    numbers when they are the patient's) is still given for its patients."""
+    text = (A01.replace("PID|1||123456^^^CHUIR^MR||BENALI^Fatima||19850312|F",
+                        "PID|1|ab 654321|123456^^^CHUIR^MR||BENALI^Fatima||19850312|F" + "|" * 10
+                        + "|112233445|DL-9^MA^20300101")
+            + "\n" + GUARANTOR.format(relationship="SEL"))
+    patient, = resources(translate_text(mappings, text, sender="INPE-100001"), "Patient")
+    found = {i["value"]: ((i.get("type") or {}).get("coding") or [{}])[0].get("code", "") for i in patient["identifier"]}
+    assert found == {"AB654321": "NI", "123456": "MR", "112233445": "SB", "DL-9": "DL",
+                     "G-42": "GN", "887766554": "SB", "EMP-7": "EI"}
+    shared, = resources(translate_text(mappings, text), "Patient")
+    assert [i["value"] for i in shared["identifier"]][1:] == list(found)[1:]
+
+
+@pytest.mark.parametrize("authority", ["cnie", "Cin", " CNIE "])
+def test_cnie_number_is_normalised_whatever_the_case_of_its_authority(mappings, authority):
+    """CX-4 'cnie' names the national card as 'CNIE' does (the system is urn:ma:cnie either
+    way): its number is normalised too, so that one card is one patient."""
+    text = A01.replace("123456^^^CHUIR^MR", f"ab 654321^^^{authority}^NI")
+    patient, = resources(translate_text(mappings, text), "Patient")
+    reference, = resources(translate_text(mappings, A01.replace("123456^^^CHUIR^MR", "AB654321^^^CNIE^NI")),
+                           "Patient")
+    assert patient["identifier"][0]["system"] == "urn:ma:cnie"
+    assert patient["identifier"][0]["value"] == "AB654321"
+    assert patient["id"] == reference["id"]

@@ -9,7 +9,7 @@ from adapters.hl7v2.message import parse_message
 from gateway.mapping.engine import name_id
 from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.path import Hl7Path, PathError, parse_path
-from gateway.mapping.runtime import TranslationContext, TranslationError
+from gateway.mapping.runtime import MissingResource, TranslationContext, TranslationError
 from gateway.mapping.source import MappingErrors
 from gateway.mapping.transforms.core import fhir_datetime
 
@@ -558,3 +558,74 @@ def test_export_shows_first_of_transforms_and_data_absent(tmp_path):
     for number, source in ((1, "OBX-14"), (2, "OBR-7")):
         assert ("OBX.Observation", source, f"first of #{number}", "effectiveDateTime", "datetime", "",
                 "unreadable: data-absent-reason error") in rows
+
+
+REQUIRED_REFERENCES = {
+    "segments/OBR.ServiceRequest.yaml": """
+        resource: ServiceRequest
+        map:
+          status: active
+          intent: order
+          code: {map: {text: {from: OBR-4.2}}}
+          subject: {from: "@patient"}
+          requester: {from: "@requester"}
+    """,
+    "messages/ORM_O01.yaml": """
+        messages: [ORM^O01]
+        resources:
+          - name: patient
+            from: PID
+            map: PID.Patient
+          - name: order
+            each: OBR
+            map: OBR.ServiceRequest
+    """,
+}
+ORM = ("MSH|^~\\&|HIS|CHU|GW|MA|20250114083512||ORM^O01|M1|P|2.5\r"
+       "PID|1||P1^^^LABO^MR||Alaoui^Samira||19800101|F\r"
+       "ORC|NW|ORD1\r"
+       "OBR|1|ORD1||GLU^Glucose^L\r")
+
+
+def test_a_reference_fhir_requires_fails_the_translation_when_its_resource_is_missing(tmp_path):
+    """ServiceRequest.subject is 1..1 in FHIR R4: an order in a message without PID is a
+    precise error naming the rule, not a ServiceRequest the record would refuse. An optional
+    reference to nothing (requester) is only left out."""
+    mappings = MappingSet.load(write(tmp_path / "mappings", {**BASE, **REQUIRED_REFERENCES}))
+    bundle = translate(mappings, ORM)
+    order, = resources(bundle, "ServiceRequest")
+    assert order["subject"] == {"reference": "urn:uuid:" + resources(bundle, "Patient")[0]["id"]}
+    assert "requester" not in order
+    with pytest.raises(MissingResource) as caught:
+        translate(mappings, ORM.replace("PID|1||P1^^^LABO^MR||Alaoui^Samira||19800101|F\r", ""))
+    assert caught.value.reason == "map.subject is required and refers to @patient, which this message does not give"
+    assert caught.value.mapping.endswith("OBR.ServiceRequest.yaml:6")
+
+
+def test_required_true_on_an_optional_reference_is_honoured(tmp_path):
+    """`required: true` on a reference FHIR leaves optional (Observation.subject)."""
+    files = {**BASE, "segments/OBX.Observation.yaml": BASE["segments/OBX.Observation.yaml"].replace(
+        'subject: {from: "@patient"}', 'subject: {from: "@patient", required: true}')}
+    mappings = MappingSet.load(write(tmp_path / "mappings", files))
+    assert resources(translate(mappings), "Observation")[0]["subject"]
+    with pytest.raises(MissingResource, match="map.subject is required and refers to @patient"):
+        translate(mappings, ORU.replace("PID|", "ZPI|"))
+    without = MappingSet.load(write(tmp_path / "plain", BASE))  # optional: the reference left out
+    assert "subject" not in resources(translate(without, ORU.replace("PID|", "ZPI|")), "Observation")[0]
+
+
+def test_export_writes_any_of_conditions_as_the_guide_does(tmp_path):
+    """`{any: [...]}` is exported as its conditions joined by 'or', not as a Python dict."""
+    from gateway.mapping.export import export_rows
+    files = dict(BASE)
+    files["messages/ORU_R01.yaml"] = BASE["messages/ORU_R01.yaml"].rstrip(" ") + """\
+          - name: observation
+            each: OBX
+            when: [{field: OBX-2, not_in: [ED]}, {any: [{field: OBX-2, not_in: [TX, ST]}, {field: OBX-3.1, present: true}]}]
+            map: OBX.Observation
+    """
+    root = write(tmp_path / "mappings", files)
+    MappingSet.load(root)
+    rows = [row.values() for row in export_rows(root)]
+    assert ("ORU_R01", "OBX", "OBX-2 not in [ED] and (OBX-2 not in [TX, ST] or OBX-3.1 present)", "observation",
+            "", "", "OBX.Observation") in rows

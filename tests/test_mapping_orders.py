@@ -310,3 +310,16 @@ def test_corpus_order_messages_translate_and_validate(mapping_set):
         if problems:
             failures.append(f"{path.name}: {problems[:3]}")
     assert failures == []
+
+
+def test_order_comment_keeps_every_line_of_nte3(mapping_set):
+    """NTE-3 repeats (FT): a comment of several repetitions is one note of several lines, not
+    its first line alone."""
+    bundle = translate_text(mapping_set, "MSH|^~\\&|HIS|CHU|HIE|MS|20260115103000||ORM^O01^ORM_O01|1|P|2.5\n"
+                            "PID|1||123^^^CHU^MR||Alaoui^Samira\n"
+                            "ORC|NW|CMD-1^HIS\n"
+                            "OBR|1|CMD-1^HIS||71020^Radio thorax^L\n"
+                            "NTE|1|P|Patiente allergique à l'iode~Prévoir un brancard\n").bundle
+    assert bundle_problems(bundle) == []
+    request, = resources(bundle, "ServiceRequest")
+    assert request["note"] == [{"text": "Patiente allergique à l'iode\nPrévoir un brancard"}]

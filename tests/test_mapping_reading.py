@@ -191,3 +191,133 @@ def test_a_bug_outside_the_mapping_engine_fails_the_message_not_the_worker(mappi
     record = translator.Translator(mappings).translate(Pending(1, None, raw, None, "hl7v2", None, GOLDEN_RECEIVED_AT))
     assert record.failed and record.error_code == 207
     assert record.error_reason == "internal error in the gateway (ValueError)"
+
+
+@pytest.mark.parametrize("message", [
+    "ORC|NW|ORD1\rOBR|1|ORD1||GLU^Glucose^L",  # an order for nobody: ServiceRequest.subject is 1..1
+    "MRG|P9^^^CHUIR^MR",                       # a merge without the surviving patient: link.other is 1..1
+], ids=["ORM without PID", "A40 without PID"])
+def test_a_resource_fhir_requires_a_reference_for_fails_when_the_message_lacks_it(mappings, message):
+    """The shipped mappings make no resource the record would refuse as invalid FHIR: a
+    message missing the segment a required reference needs fails its translation with ERR-3
+    100 (table 0357: required segment missing), the rule's place in the reason."""
+    from gateway.store.translations import Pending
+    from gateway.translation.translator import Translator
+
+    msh9 = "ORM^O01" if message.startswith("ORC") else "ADT^A40^ADT_A39"
+    raw = f"{msh(msh9)}\r{message}\r".encode()
+    record = Translator(mappings).translate(Pending(1, None, raw, None, "hl7v2", None, GOLDEN_RECEIVED_AT))
+    assert record.failed and record.error_code == 100
+    assert "is required and refers to @patient, which this message does not give (rule at mappings/" \
+        in record.error_reason
+
+
+def _report(performed: str, issued: str) -> bytes:
+    """A synthetic SubmitReport as the SOAP door stores it."""
+    from adapters.soap.gateway import NAMESPACE
+
+    return (f'<gw:SubmitReport xmlns:gw="{NAMESPACE}"><gw:reportId>R-1</gw:reportId><gw:patient>'
+            "<gw:identifier><gw:system>urn:ma:cnie</gw:system><gw:value>ZZ999001</gw:value>"
+            "</gw:identifier></gw:patient><gw:examination><gw:display>IRM</gw:display></gw:examination>"
+            f"<gw:performed>{performed}</gw:performed><gw:issued>{issued}</gw:issued>"
+            "<gw:text>normal</gw:text></gw:SubmitReport>").encode()
+
+
+@pytest.mark.parametrize("zone, performed, issued, expected", [
+    # No offset (the contract's xs:dateTime allows it, FHIR does not once there is a time):
+    # the sender's zone, DST included (Morocco is on UTC+0 during Ramadan).
+    ("Africa/Casablanca", "2025-01-14T09:30:00", " 2025-01-14T10:00:00.250 ",
+     ("2025-01-14T09:30:00+01:00", "2025-01-14T10:00:00.250+01:00")),
+    ("Africa/Casablanca", "2025-03-10T09:30:00", "2025-03-10T10:00:00",
+     ("2025-03-10T09:30:00+00:00", "2025-03-10T10:00:00+00:00")),
+    ("UTC", "2025-01-14T09:30:00", "2025-01-14T10:00:00", ("2025-01-14T09:30:00+00:00", "2025-01-14T10:00:00+00:00")),
+    # An offset given is kept as written.
+    ("UTC", "2025-01-14T09:30:00-03:00", "2025-01-14T10:00:00Z", ("2025-01-14T09:30:00-03:00", "2025-01-14T10:00:00Z")),
+])
+def test_report_times_get_the_senders_offset_when_they_have_none(mappings, zone, performed, issued,
+                                                                 expected):
+    """A SOAP report's performed and issued times without an offset are read in the sender's
+    time zone: they used to be copied as they came, a FHIR dateTime and instant the shared
+    record refuses as invalid."""
+    from gateway.config import SenderConfig
+    from gateway.store.translations import Pending
+    from gateway.translation.translator import Translator
+
+    sender = SenderConfig(id="IMG", name="img", type="imaging", facilities=("IMG",), timezone=zone)
+    record = Translator(mappings, [sender]).translate(
+        Pending(1, ("SOAP", "IMG", "R-1"), _report(performed, issued), "utf-8", "soap-report", "IMG",
+                GOLDEN_RECEIVED_AT, "SOAP^REPORT"))
+    assert not record.failed, record.error_reason
+    report = resource(record.bundle, "DiagnosticReport")
+    assert (report["effectiveDateTime"], report["issued"]) == expected
+    assert bundle_problems(record.bundle) == []
+
+
+def test_report_time_fhir_cannot_hold_is_refused_precisely(mappings):
+    """24:00:00 (valid xs:dateTime, no FHIR time) fails the report, naming the element."""
+    from gateway.store.translations import Pending
+    from gateway.translation.translator import Translator
+
+    record = Translator(mappings).translate(
+        Pending(1, ("SOAP", "IMG", "R-1"), _report("2025-01-14T09:30:00Z", "2025-01-14T24:00:00Z"),
+                "utf-8", "soap-report", None, GOLDEN_RECEIVED_AT, "SOAP^REPORT"))
+    assert record.failed and record.error_location == "SubmitReport.issued"
+    assert "is not a date and time FHIR can hold" in record.error_reason
+
+
+def test_csv_profiles_come_from_the_mapping_set_in_use(tmp_path):
+    """A CSV export is recognised by the profiles of the mapping set the gateway loaded
+    (`mappings: directory:`), not by those of the repository's mappings/: a profile added
+    there was never found ('no mapping for message type CSV'). A reload brings its own."""
+    from datetime import datetime, timezone
+
+    from gateway.store.translations import Pending
+    from gateway.translation.translator import Translator
+    from translation_support import write_mappings
+
+    profile = {"messages/CSV_clinic_patients.yaml": """\
+        messages: [CSV^clinic_patients]
+        resources:
+          - each: [ROW]
+            resources:
+              - name: patient
+                from: ROW
+                map: ROW.Patient
+        """, "segments/ROW.Patient.yaml": """\
+        description: a row of a clinic's patient list -> Patient
+        resource: Patient
+        columns: [cnie, birth]
+        map:
+          identifier:
+            - map:
+                value: {from: ROW-cnie}
+                system: urn:ma:cnie
+          birthDate: {from: ROW-birth, transform: date}
+        """}
+    raw = b"cnie;birth\r\nZZ999001;19850714\r\n"
+    pending = Pending(1, None, raw, None, "csv", None, datetime.now(timezone.utc), "CSV")
+    translator = Translator(MappingSet.load(write_mappings(tmp_path / "without")))
+    assert translator.translate(pending).error_reason == "no mapping for message type 'CSV'"
+    translator.mappings = MappingSet.load(write_mappings(tmp_path / "with", profile))  # a reload
+    record = translator.translate(pending)
+    assert not record.failed, record.error_reason
+    patient = resource(record.bundle, "Patient")
+    assert (patient["identifier"][0]["value"], patient["birthDate"]) == ("ZZ999001", "1985-07-14")
+    # `gateway mappings test` reads a golden CSV case with the profiles of the set it tests too.
+    from gateway.mapping.golden import translate_case
+
+    case = tmp_path / "with" / "tests" / "clinic" / "patients.csv"
+    case.parent.mkdir(parents=True)
+    case.write_bytes(raw)
+    found = resource(translate_case(translator.mappings, case).bundle, "Patient")
+    assert found["identifier"][0]["value"] == "ZZ999001"
+
+
+def test_an_mllp_capture_is_read_unframed():
+    """A file saved off the wire (VT, the message, FS CR) was detected as HL7 v2 and then
+    refused: 'message does not start with an MSH segment'."""
+    message = f"{msh()}\r{PID}\r".encode()
+    framed = read_input(b"\x0b" + message + b"\x1c\r")
+    plain = read_input(message)
+    assert framed.control_id == plain.control_id == "C1" and framed.message_type == plain.message_type
+    assert [s.name for s in framed.message.segments] == ["MSH", "PID"]

@@ -273,3 +273,27 @@ def test_the_obx_of_each_order_are_found_without_reading_every_obx(mappings, mon
     assert [base64.b64decode(r["presentedForm"][0]["data"]).decode() for r in reports] == \
         [f"Ligne {n}" for n in range(1, orders + 1)]
     assert read < 10 * orders
+
+
+@pytest.mark.parametrize("kind", ["cwe", "CWE ", " CE"])
+def test_coded_value_type_sent_padded_or_in_lower_case_is_kept(mappings, kind):
+    """OBX-2 'cwe' or 'CWE ' (a fixed-width sender's padding) is CWE: the coded value becomes
+    valueCodeableConcept, as the other value types read OBX-2, instead of being lost."""
+    found = observation(mappings, f"OBX|1|{kind}|X^Culture^L||POS^Positif^L||||||F")
+    assert found["valueCodeableConcept"] == {"coding": [{"code": "POS", "display": "Positif"}], "text": "Positif"}
+
+
+def test_comments_after_an_obx_are_the_observations_notes(mappings):
+    """NTE after an OBX (ORU_R01 OBSERVATION.NTE -> Observation.note, v2-to-FHIR NTE[Observation]):
+    one note per NTE, NTE-3's repetitions and \\.br\\ as lines; an empty NTE gives none, and
+    the next OBX has none of them."""
+    bundle = translate(mappings, HEAD + "OBX|1|NM|2093-3^Chol^LN||1.92|g/L|||||F\n"
+                       "NTE|1|L|Échantillon hémolysé~à contrôler\\.br\\par le biologiste\n"
+                       "NTE|2\n"
+                       "NTE|3|L|Prélèvement à jeun\n"
+                       "OBX|2|NM|2571-8^TG^LN||1.2|g/L|||||F\n")
+    assert bundle_problems(bundle) == []
+    first, second = resources(bundle, "Observation")
+    assert first["note"] == [{"text": "Échantillon hémolysé\nà contrôler\npar le biologiste"},
+                             {"text": "Prélèvement à jeun"}]
+    assert "note" not in second

@@ -307,6 +307,57 @@ def test_a_translation_the_database_refuses_is_stored_failed_alone(pg_url, tmp_p
         engine.dispose()
 
 
+class _FaultyStep:
+    """A translation step (the prescription flow's place) with a fault of ours on one message,
+    or, with `outage`, a database that goes away."""
+
+    def __init__(self, faulty: str, outage: Exception | None = None):
+        self.faulty = faulty
+        self.outage = outage
+
+    def involves(self, pending, record) -> bool:
+        return False
+
+    def prepare(self, results):
+        if self.outage is not None:
+            raise self.outage
+        if any(item.key[2] == self.faulty and not record.failed for item, record in results):
+            raise OverflowError("date value out of range")  # as the flow, it skips failed ones
+
+    def apply(self, connection, results, prepared, now) -> None:
+        pass
+
+
+def test_a_fault_of_the_step_on_one_message_fails_that_message_not_its_batch(engine, tmp_path):
+    """An exception the step did not expect on one message (a handover date at year 9999 once
+    raised OverflowError in the prescription flow) fails that message, kept for replay: it
+    used to fail the batch as if the database were away, then every sweep after it, holding
+    back every message received since. A database outage still fails the batch, retried."""
+    import sqlalchemy.exc
+
+    from gateway.translation.service import TranslationJob, TranslationWorker
+
+    items = _stored(engine, [hl7("SF-1"), hl7("SF-2"), hl7("SF-3")])
+    translator = Translator(MappingSet.load(write_mappings(tmp_path / "mappings")))
+    worker = TranslationWorker(engine, translator, lambda f, *a: f(*a), linger=0, step=_FaultyStep("SF-2"))
+    worker._process([TranslationJob(items)])
+    with engine.connect() as conn:
+        found = conn.execute(text("SELECT m.control_id, t.status, t.error_code, t.error_reason FROM messages m "
+                                  "JOIN translations t ON t.message_id = m.id ORDER BY m.id")).all()
+    assert [(r.control_id, r.status) for r in found] == [
+        ("SF-1", "translated"), ("SF-2", "failed"), ("SF-3", "translated")]
+    assert found[1].error_code == 207
+    assert found[1].error_reason == ("the translation could not be stored: internal error in the gateway "
+                                     "(OverflowError); report it, then replay once the gateway is fixed")
+
+    more = _stored(engine, [hl7("SF-4")])
+    lost = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+    worker = TranslationWorker(engine, translator, lambda f, *a: f(*a), linger=0, step=_FaultyStep("", lost))
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        worker._store([(more[0], translator.translate(more[0]))])
+    assert message_ids(engine.connect(), "received") == [more[0].message_id]
+
+
 def _stored(engine, raws: list[bytes]):
     """Store messages as the ingest writer does; their Pending items, as the live path hands
     them over."""
@@ -522,3 +573,148 @@ def test_error_locations_for_err2():
     assert location_of("MSH^1^18").components() == ["MSH", "1", "18"]
     assert location_of("map.birthDate").components() == ["MSH", "1"]
     assert location_of(None).components() == ["MSH", "1"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_ack_after_translation_a_copy_sent_while_translating_gets_the_originals_answer(
+        db_url, make_config, running_gateway, tmp_path, monkeypatch):
+    """ack_after: translation: a sender that gave up waiting and re-sent the message while its
+    translation is still under way (alone, then inside a batch) gets the original's AE, not the
+    AA stored at commit, which was never the answer."""
+    import threading
+    import time
+
+    directory = write_mappings(tmp_path / "mappings")
+    config = make_config(db_url, mllp=[dict(name="mllp-test", accept_unknown_senders=True,
+                                            ack_after="translation")])
+    ports = yield running_gateway(with_mappings(config, directory))
+    held, entered = threading.Event(), threading.Event()
+    translate = Translator.translate
+
+    def held_translate(self, item):
+        entered.set()
+        held.wait(10)
+        return translate(self, item)
+
+    monkeypatch.setattr(Translator, "translate", held_translate)
+    bad = hl7("W-1", birth="19851399")
+    batch = (b"BHS|^~\\&|HIS_TEST|FAC_TEST|||20250114083512||||B-1\r" + bad + hl7("W-2")
+             + b"BTS|2\r")
+    first = threads.deferToThread(send, ports["mllp-test"], bad)
+    yield threads.deferToThread(entered.wait, 10)
+    copy = threads.deferToThread(send, ports["mllp-test"], bad)
+    in_batch = threads.deferToThread(send, ports["mllp-test"], batch)
+    yield threads.deferToThread(time.sleep, 0.5)  # both copies stored as duplicates meanwhile
+    held.set()
+    [original] = yield first
+    [again] = yield copy
+    [answers] = yield in_batch
+    assert describe(original)["msa1"] == "AE" and err_fields(original)[2] == "PID^1"
+    assert again == original
+    acks = answers.split(b"MSH|")[1:]
+    assert b"MSH|" + acks[0] == original and b"|MSA|AA|W-2" in b"|" + acks[1].replace(b"\r", b"|")
+    [row] = rows(db_url, "SELECT ack FROM messages WHERE control_id = 'W-1'")
+    assert bytes(row.ack) == original
+
+
+@pytest.mark.parametrize("sample, format", [("astm-cbc-chu-rabat.astm", "astm"),
+                                            ("pharmacy-dispense-rabat.csv", "csv")])
+def test_conformance_validation_leaves_astm_and_csv_alone(repo_mappings, sample, format):
+    """HL7 conformance is for HL7 v2: a sender validating at 'reject' still has its ASTM
+    records and CSV exports translated (hl7apy cannot read them: it refused every one)."""
+    from gateway.store.translations import Pending
+
+    raw = (Path(__file__).resolve().parent.parent / "mappings" / "tests" / "legacy" / sample).read_bytes()
+    for level in ("warn", "reject"):
+        sender = SenderConfig(id="L", name="l", type="laboratory", facilities=("FAC_L",), validation=level)
+        record = Translator(repo_mappings, [sender]).translate(
+            Pending(1, None, raw, None, format, "L", datetime.now(timezone.utc)))
+        assert not record.failed, record.error_reason
+        assert not any("HL7 conformance" in warning for warning in record.warnings)
+
+
+class _ReadingStep:
+    """A step that reads the bytes of every message it is given, as the prescription flow does
+    (its ORC segments)."""
+
+    def __init__(self):
+        self.seen: list[int] = []
+
+    def involves(self, pending, record) -> bool:
+        return b"ORC|" in pending.raw
+
+    def prepare(self, results):
+        return [pending.raw.count(b"ORC|") for pending, _ in results]
+
+    def apply(self, connection, results, prepared, now) -> None:
+        self.seen.extend(pending.message_id for pending, _ in results if b"PID|" in pending.raw)
+
+
+def test_a_message_whose_payload_expired_before_its_translation_is_stored_failed(engine, tmp_path):
+    """Retention removed the payload of a message still 'received' (translation was off, or
+    down, for longer than raw_payloads' days): the sweep stores it as failed, saying why. It
+    used to be left 'received' for good, and the stale check warned about it, and swept
+    for nothing, every minute."""
+    from gateway.store.translations import oldest_untranslated
+    from gateway.translation.service import TranslationWorker
+    from gateway.translation.translator import PAYLOAD_EXPIRED
+
+    expired, kept = _stored(engine, [hl7("EX-1"), hl7("EX-2")])
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM message_payloads WHERE message_id = :id"),
+                           {"id": expired.message_id})
+    step = _ReadingStep()
+    worker = TranslationWorker(engine, Translator(MappingSet.load(write_mappings(tmp_path / "mappings"))),
+                               lambda f, *a: f(*a), linger=0, step=step)
+    worker.start(sweep=True)
+    try:
+        assert _until(lambda: worker.translated + worker.failed == 2, 10.0)
+    finally:
+        worker.stop()
+    with engine.connect() as connection:
+        stored = connection.execute(text(
+            "SELECT m.control_id, m.status, t.error_code, t.error_reason FROM messages m "
+            "JOIN translations t ON t.message_id = m.id ORDER BY m.id")).all()
+        assert oldest_untranslated(connection) is None
+    assert [tuple(row) for row in stored] == [("EX-1", "failed", 207, PAYLOAD_EXPIRED),
+                                              ("EX-2", "translated", None, None)]
+    assert step.seen == [kept.message_id]
+
+
+def test_ack_after_translation_answers_ae_when_a_sweep_stored_the_failure_first(engine, tmp_path):
+    """A sweep (the start sweep between live jobs, another node's stale sweep) stored a failed
+    translation first, with the AA of the commit; the live path, answering under ack_after:
+    translation, answers with its AE and stores it, for re-sent copies: it used to answer AA
+    for a message whose translation failed. A stored success or a stored AE stands."""
+    from gateway.store.translations import Pending
+    from gateway.translation.service import TranslationJob, TranslationWorker
+
+    failing, good = _stored(engine, [hl7("SW-1", birth="1985XX"), hl7("SW-2")])
+    worker = TranslationWorker(engine, Translator(MappingSet.load(write_mappings(tmp_path / "mappings"))),
+                               lambda f, *a: f(*a), linger=0)
+    swept = [Pending(item.message_id, None, item.raw, item.codec, item.format, item.sender_id,
+                     item.received_at, item.message_type) for item in (failing, good)]
+    worker._store([(item, worker._translate(item)) for item in swept])
+
+    def ae(pending, record) -> bytes:
+        return b"MSH|^~\\&|GW|HIE|||20250114083512||ACK|A-" + pending.key[2].encode() + \
+            b"|P|2.5\rMSA|AE|" + pending.key[2].encode() + b"\r"
+
+    job = TranslationJob([failing, good], lambda job: None, on_failure=ae)
+    worker._process([job])
+    assert job.error is None
+    assert [record.status for record in job.results] == ["failed", "translated"]
+    assert job.results[0].ack == ae(failing, None)
+    assert job.results[1].ack == good.context.ack  # the stored AA of its success
+    stored = rows_of(engine, "SELECT ack_code, ack FROM messages ORDER BY id")
+    assert [(code, bytes(ack)) for code, ack in stored] == [("AE", ae(failing, None)),
+                                                            ("AA", good.context.ack)]
+    again = TranslationJob([failing], lambda job: None,
+                           on_failure=lambda pending, record: ae(pending, record).replace(b"A-", b"B-"))
+    worker._process([again])
+    assert again.results[0].ack == ae(failing, None)  # an AE stored stands
+
+
+def rows_of(engine, sql: str) -> list[tuple]:
+    with engine.connect() as connection:
+        return [tuple(row) for row in connection.execute(text(sql))]

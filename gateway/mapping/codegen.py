@@ -559,16 +559,23 @@ class Test:
     def __init__(self, reader, operator: str, operand):
         self.reader = reader
         self.operator = operator
-        self.operand = operand  # str, frozenset or bool
+        # str, frozenset or bool. A code is compared as code tables compare it (and as the
+        # OBX-2 guards read it): without surrounding blanks and whatever its case, so that a
+        # padded 'CWE ' or a sender's 'cnie' is the code the map names, not silently another.
+        if isinstance(operand, str):
+            operand = operand.strip().upper()
+        elif isinstance(operand, frozenset):
+            operand = frozenset(str(value).strip().upper() for value in operand)
+        self.operand = operand
 
     def emit_test(self, gen: Gen, node: str) -> str:
         text = self.reader.emit_text(gen, node)
         if self.operator == "is":
-            return f"{text} == {self.operand!r}"
+            return f"{text}.strip().upper() == {self.operand!r}"
         if self.operator == "in":
-            return f"{text} in {gen.module.constant(self.operand)}"
+            return f"{text}.strip().upper() in {gen.module.constant(self.operand)}"
         if self.operator == "not_in":
-            return f"{text} not in {gen.module.constant(self.operand)}"
+            return f"{text}.strip().upper() not in {gen.module.constant(self.operand)}"
         # Blanks only (' ') are no value: a map guarded by `present` must not build an
         # element (a Coding, an Encounter.location) that then has nothing FHIR requires in it.
         return f"{text}.strip() != ''" if self.operand else f"{text}.strip() == ''"

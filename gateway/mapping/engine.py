@@ -48,7 +48,8 @@ from adapters.hl7v2.message import Hl7Message
 from gateway.mapping import codegen, fhir_schema, message_codegen
 from gateway.mapping.path import PathError, parse_path
 from gateway.mapping.rules import RuleCompiler
-from gateway.mapping.runtime import NotTranslated, Run, TranslationContext, TranslationError
+from gateway.mapping.runtime import (MissingResource, NotTranslated, Run, TranslationContext,
+                                     TranslationError)
 from gateway.mapping.source import Located, line_of
 
 # Our namespace for name-based UUIDs (uuid5 of 'urn:ma:hie' in the URL namespace).
@@ -352,6 +353,9 @@ def _resolve_references(run: Run) -> None:
         if holder.__class__ is list:
             lists.append(holder)
         if not targets:
+            if reference.required:
+                raise MissingResource(f"{reference.key} is required and refers to @{reference.name}, "
+                                       "which this message does not give", "", reference.place)
             if holder.__class__ is list:
                 holder[key] = None
             else:

@@ -153,4 +153,6 @@ def _condition(when) -> str:
         return f"{field} {'present' if when['present'] else 'absent'}"
     if list(when) == ["before"]:
         return f"before the first {when['before']}"
+    if list(when) == ["any"] and isinstance(when["any"], list):  # as the guide writes it, not a Python dict
+        return "(" + " or ".join(_condition(part) for part in when["any"]) + ")"
     return ", ".join(f"{key}={value}" for key, value in when.items())

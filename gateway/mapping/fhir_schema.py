@@ -2,7 +2,8 @@
 
 A mapping that names `Patient.brithDate` is refused with the list of what exists, and the
 engine learns which elements are arrays, so that one value mapped to `identifier` becomes a
-one-item list; routes, mappings and submitted Bundles name resource types that exist. The elements come from fhir.resources' R4B models (identical to R4 for the
+one-item list, and which are required, so that a reference to a resource the message does not
+give fails the translation instead of leaving an invalid resource; routes, mappings and submitted Bundles name resource types that exist. The elements come from fhir.resources' R4B models (identical to R4 for the
 resources of the canonical model), read once into `fhir_elements.json`: building the models
 took more than a second of every start, command and reload. Regenerate the file after
 upgrading fhir.resources with `python -m gateway.mapping.fhir_schema`;
@@ -27,6 +28,7 @@ class Element:
     is_list: bool
     type_name: str  # a complex type or resource ('HumanName'), or '' for a primitive
     primitive: str  # 'str', 'date', 'bool', ... for primitives
+    required: bool = False  # at least one (1..1, 1..*): a resource without it is not valid FHIR
 
 
 @lru_cache(maxsize=None)
@@ -87,11 +89,12 @@ def _model_elements(model, classes: dict[str, type]) -> dict[str, Element]:
         name = info.alias or field_name
         if name.endswith("__ext") or name in ("fhir_comments", "resource_type"):
             continue
-        found[name] = _element(name, info.annotation, classes)
+        required = info.is_required() or bool((info.json_schema_extra or {}).get("element_required"))
+        found[name] = _element(name, info.annotation, classes, required)
     return found
 
 
-def _element(name: str, annotation, classes: dict[str, type]) -> Element:
+def _element(name: str, annotation, classes: dict[str, type], required: bool = False) -> Element:
     is_list = False
     while True:
         origin = typing.get_origin(annotation)
@@ -101,20 +104,21 @@ def _element(name: str, annotation, classes: dict[str, type]) -> Element:
             is_list = True
             annotation = typing.get_args(annotation)[0]
         elif origin is typing.Annotated:
-            return Element(name, is_list, "", typing.get_args(annotation)[0].__name__)
+            return Element(name, is_list, "", typing.get_args(annotation)[0].__name__, required)
         else:
             break
     klass = annotation.get_model_klass() if hasattr(annotation, "get_model_klass") else None
     if klass is not None:
         classes.setdefault(klass.__name__, klass)  # a backbone element, known through its parent
-        return Element(name, is_list, klass.__name__, "")
-    return Element(name, is_list, "", getattr(annotation, "__name__", str(annotation)))
+        return Element(name, is_list, klass.__name__, "", required)
+    return Element(name, is_list, "", getattr(annotation, "__name__", str(annotation)), required)
 
 
 def written(table: dict[str, dict[str, Element]]) -> str:
     """The table as `fhir_elements.json` holds it: one type per line, for readable diffs."""
     lines = (json.dumps(type_name) + ": " + json.dumps(
-        {name: [e.is_list, e.type_name, e.primitive] for name, e in found.items()}, ensure_ascii=False,
+        {name: [e.is_list, e.type_name, e.primitive, *((True,) if e.required else ())]
+         for name, e in found.items()}, ensure_ascii=False,
         separators=(",", ":")) for type_name, found in sorted(table.items()))
     return "{\n" + ",\n".join(lines) + "\n}\n"
 

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from adapters.legacy.csv_export import csv_profiles
 from gateway import fhir_json
 from gateway.mapping.mapping_set import MappingSet, Translation
 from gateway.mapping.runtime import TranslationContext
@@ -45,7 +46,9 @@ def find_cases(root: Path) -> list[Path]:
 def translate_case(mapping_set: MappingSet, path: Path) -> Translation:
     sender_file = path.with_suffix(".sender")
     sender = sender_file.read_text(encoding="utf-8").strip() if sender_file.exists() else ""
-    parsed = read_input(path.read_bytes())
+    # A CSV case is read with the profiles of the mapping set under test, not the repository's.
+    profiles = csv_profiles(mapping_set.directory) if path.suffix == ".csv" else None
+    parsed = read_input(path.read_bytes(), csv_profiles=profiles)
     context = TranslationContext(sender_id=sender, timezone=ZoneInfo("Africa/Casablanca"),
                                  received_at=GOLDEN_RECEIVED_AT,
                                  message_key=f"{sender or parsed.sending_facility}|{parsed.control_id}",

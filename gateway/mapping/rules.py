@@ -159,17 +159,20 @@ class RuleCompiler:
             self.problem(line, key, f"use one of from, each, first_of (found {', '.join(sources)})")
         type_name = element.type_name if element else ""
         condition = self._condition(spec["when"], key, line) if "when" in spec else None
-        reference = self._reference(spec, element)
+        required = spec.get("required", False)
+        if not isinstance(required, bool):
+            self.problem(line, f"{key}.required", "required is true or false")
+            required = False
+        # A reference FHIR requires (ServiceRequest.subject, Patient.link.other) is required
+        # whatever the rule says: without its resource, the resource holding it is invalid.
+        reference = self._reference(spec, element, required or bool(element and element.required),
+                                    key, f"{self.file}:{line}")
         if reference is not None:
             if element is not None and element.type_name not in ("Reference", "Resource"):
                 self.problem(line, key, f"{element.name} is a {element.type_name or element.primitive}, "
                              "not a Reference to a resource (@name)")
             return codegen.ReferenceRule(reference, condition)
 
-        required = spec.get("required", False)
-        if not isinstance(required, bool):
-            self.problem(line, f"{key}.required", "required is true or false")
-            required = False
         absent = self._data_absent(spec, element, required, key, line)
         fields = _fields_of(spec)
         # The value for one source node.
@@ -308,7 +311,7 @@ class RuleCompiler:
         lenient = transform is not None and transform.lenient and not required
         return codegen.After(transform, table, key, f"{self.file}:{line}", lenient, fields, absent)
 
-    def _reference(self, spec: dict, element) -> Reference | None:
+    def _reference(self, spec: dict, element, required: bool, key: str, place: str) -> Reference | None:
         for name in ("from", "each"):
             text = spec.get(name)
             if isinstance(text, str) and text.startswith("@"):
@@ -317,7 +320,7 @@ class RuleCompiler:
                 except PathError:
                     return None  # reported by _source
                 many = element.is_list if element else False
-                return Reference(path.reference, name == "each", many or name == "each")
+                return Reference(path.reference, name == "each", many or name == "each", required, key, place)
         return None
 
     def _text_reader(self, text):

@@ -34,14 +34,20 @@ class Part:
 
 class Reference:
     """A pending reference to resources named by the message map, filled in at the end:
-    the nearest one (`from: '@x'`) or all of them (`each: '@x'`), as one Reference or a list."""
+    the nearest one (`from: '@x'`) or all of them (`each: '@x'`), as one Reference or a list.
+    A `required` one (FHIR requires the element, or the rule says `required: true`) that finds
+    no resource fails the translation: the rule's `key` and `place` (file:line) say which."""
 
-    __slots__ = ("name", "every", "as_list")
+    __slots__ = ("name", "every", "as_list", "required", "key", "place")
 
-    def __init__(self, name: str, every: bool, as_list: bool):
+    def __init__(self, name: str, every: bool, as_list: bool, required: bool = False,
+                 key: str = "", place: str = ""):
         self.name = name
         self.every = every
         self.as_list = as_list
+        self.required = required
+        self.key = key
+        self.place = place
 
     def __repr__(self) -> str:
         return f"Reference({self.name!r}, every={self.every}, as_list={self.as_list})"
@@ -56,6 +62,11 @@ class TranslationError(ValueError):
         self.reason = reason
         self.location = location
         self.mapping = mapping  # file:line of the rule that failed
+
+
+class MissingResource(TranslationError):
+    """A required reference to a resource the message does not give (a ServiceRequest, whose
+    subject FHIR requires, in a message without PID): a required segment is missing."""
 
 
 class NotTranslated(TranslationError):

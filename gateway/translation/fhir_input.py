@@ -10,14 +10,18 @@ batch or collection) into the canonical `collection` Bundle that every other inp
 - each entry's resource is kept, its id replaced by the deterministic id of DESIGN §5 (the
   same rule as the mapping engine: first identifier with system and value, else the message
   and the entry's place), so that the same patient sent as HL7 v2 or as FHIR is one resource;
-- references to other entries (by fullUrl, `Type/id` or `urn:uuid:`) become `urn:uuid:<id>`;
-  references to anything outside the Bundle are left as they are;
+- references to other entries (by fullUrl, `Type/id` or `urn:uuid:`) become `urn:uuid:<id>`,
+  as R4 resolves them in a Bundle (bundle.html#references): `Type/id` first against the base
+  of the referring entry's fullUrl when that is a RESTful URL, a version-specific reference
+  without its version (when the entry has that version, or none); references to anything
+  outside the Bundle are left as they are, except a `urn:uuid:` one, which names nothing
+  outside a Bundle: an issue of `bundle_issues`;
 - a Provenance names the source message, as for every translation.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any
 
 from gateway import fhir_json, strict_json
 from gateway.mapping.engine import collection_bundle  # also report_input's: one Bundle shape for every input
@@ -35,6 +39,10 @@ from gateway.sandbox.record.validation import resource_issues
 BUNDLE_TYPES = ("transaction", "batch", "collection")
 ENTRY_METHODS = ("POST", "PUT")  # what a submitted entry may ask: the gateway upserts
 MAX_ENTRIES = 1000
+URN_UUID = "urn:uuid:"
+# R4 (references.html): a RESTful URL's base, resource type and id; its `_history` version
+_RESTFUL = re.compile(r"(?:(?P<base>https?://\S+?)/)?(?P<local>[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64})"
+                      r"(?:/_history/(?P<version>[A-Za-z0-9\-.]{1,64}))?")
 
 
 class BundleError(ValueError):
@@ -103,6 +111,27 @@ def bundle_issues(document: dict) -> list[Issue]:
             continue
         issues.extend(resource_issues(resource, f"{where}.resource"))
         issues.extend(_reserved_identifiers(resource, f"{where}.resource"))
+    for index, entry in enumerate(entries):
+        if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
+            issues.extend(_unresolved_urns(entry["resource"], full_urls, f"Bundle.entry[{index}].resource"))
+    return issues
+
+
+def _unresolved_urns(resource: dict, full_urls: set[str], where: str) -> list[Issue]:
+    """A `urn:uuid:` reference no entry has: it names nothing outside its Bundle, and the
+    record refuses it, after the door had accepted it (walked without recursion)."""
+    issues, stack = [], [(resource, where)]
+    while stack:
+        value, path = stack.pop()
+        items = value.items() if isinstance(value, dict) else \
+            ((f"[{number}]", item) for number, item in enumerate(value))
+        for key, item in items:
+            at = f"{path}.{key}" if isinstance(value, dict) else path + key
+            if key == "reference" and isinstance(item, str) and item.startswith(URN_UUID) \
+                    and item not in full_urls:
+                issues.append(Issue("not-found", "reference to a urn:uuid that no entry of the Bundle has", at))
+            elif isinstance(item, (dict, list)):
+                stack.append((item, at))
     return issues
 
 
@@ -155,10 +184,11 @@ def canonical_bundle(document: dict, context: TranslationContext, mapping_versio
                      message_type: str = "FHIR") -> dict:
     """The canonical collection Bundle of an accepted submitted Bundle (see the module doc)."""
     entries = canonical_entries(document, context)
-    targets: dict[str, str] = {}
+    targets: dict[str, tuple[str, object]] = {}  # fullUrl or Type/id: urn:uuid, meta.versionId
     for entry, canonical in zip(document["entry"], entries):
         resource = entry["resource"]
-        new = "urn:uuid:" + canonical.id
+        meta = resource.get("meta")
+        new = (URN_UUID + canonical.id, meta.get("versionId") if isinstance(meta, dict) else None)
         if isinstance(entry.get("fullUrl"), str):
             targets[entry["fullUrl"]] = new
         if isinstance(resource.get("id"), str):
@@ -166,7 +196,9 @@ def canonical_bundle(document: dict, context: TranslationContext, mapping_versio
     resources: list[dict] = []
     place: dict[str, int] = {}
     for entry, canonical in zip(document["entry"], entries):
-        resource = _normalised(_rewrite(entry["resource"], targets))
+        base = _restful_base(entry.get("fullUrl"))
+        resource = _normalised(fhir_json.with_references(
+            entry["resource"], lambda reference, base=base: _resolved(reference, base, targets)))
         resource["id"] = canonical.id
         if canonical.id in place:  # the same resource twice (same identifier): the later wins
             resources[place[canonical.id]] = resource
@@ -177,14 +209,30 @@ def canonical_bundle(document: dict, context: TranslationContext, mapping_versio
                              "FHIR submission made canonical")
 
 
-def _rewrite(value: Any, targets: dict[str, str]) -> Any:
-    """A deep copy of `value` whose references to entries of the Bundle are `urn:uuid:` ones."""
-    if isinstance(value, dict):
-        copy = {key: _rewrite(item, targets) for key, item in value.items()}
-        reference = copy.get("reference")
-        if isinstance(reference, str) and reference in targets:
-            copy["reference"] = targets[reference]
-        return copy
-    if isinstance(value, list):
-        return [_rewrite(item, targets) for item in value]
-    return value
+def _restful_base(full_url) -> str | None:
+    """The base of a RESTful fullUrl (`http://x/fhir` of `http://x/fhir/Patient/1`), else None."""
+    found = _RESTFUL.fullmatch(full_url) if isinstance(full_url, str) else None
+    return found["base"] if found is not None else None
+
+
+def _resolved(reference: str, base: str | None, targets: dict[str, tuple[str, object]]) -> str | None:
+    """The `urn:uuid:` of the entry `reference` names, written in an entry whose fullUrl has
+    the RESTful `base` (or None), or None (R4 bundle.html#references)."""
+    restful = _RESTFUL.fullmatch(reference)
+    if restful is None:  # a urn:uuid:, or another URL: an entry's fullUrl, or nothing here
+        found = targets.get(reference)
+        return found[0] if found is not None else None
+    local, version = restful["local"], restful["version"]
+    if restful["base"] is not None:
+        candidates = [f"{restful['base']}/{local}"]
+    else:  # relative: on the referring entry's server first, then any entry with that id
+        candidates = [f"{base}/{local}", local] if base is not None else [local]
+    for candidate in candidates:
+        found = targets.get(candidate)
+        if found is not None:
+            new, stored_version = found
+            # another version than the entry's is a resource the Bundle does not carry
+            return new if version is None or stored_version in (None, version) else None
+    return None
+
+

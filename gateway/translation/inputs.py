@@ -144,7 +144,9 @@ def read_er7(data: bytes, fallback_codec: str | None = None) -> ParsedInput:
     """An ER7 message, read as leniently as the mapping allows: ingest has already applied its
     own header rules (control id, processing id, version) to what it accepted, and what the
     mapping does not read is not refused here. What it needs: delimiters (MSH-1, MSH-2), a
-    character set it can decode (MSH-18), segments, and a message type (MSH-9)."""
+    character set it can decode (MSH-18), segments, and a message type (MSH-9). A file that
+    is an MLLP capture (VT, the message, FS CR), as detect_format takes it, is read unframed."""
+    data = _unframed(data)
     charset = _declared_charset(data)
     if fallback_codec is None and charset.strip().upper() in ("ASCII", "ISO IR6"):
         # ASCII is a subset of UTF-8: bytes beyond it that are valid UTF-8 are read as UTF-8
@@ -163,6 +165,15 @@ def read_er7(data: bytes, fallback_codec: str | None = None) -> ParsedInput:
         raise InputError("MSH-9 message type is empty", "MSH^1^9", "hl7v2")
     return ParsedInput(message, message_type, "hl7v2", message.value("MSH", 10) or stand_in_control_id(data),
                        message.value("MSH", 3), message.value("MSH", 4))
+
+
+def _unframed(data: bytes) -> bytes:
+    """`data` without MLLP's start block before it and end block (and CR) after it."""
+    start = data.lstrip(b"\r\n\t ")
+    if not start.startswith(b"\x0b"):
+        return data
+    body = start[1:].rstrip(b"\r\n\t ")
+    return body[:-1] if body.endswith(b"\x1c") else body
 
 
 def stand_in_control_id(data: bytes) -> str:

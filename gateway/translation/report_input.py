@@ -3,7 +3,8 @@
 
 The stored message is the SubmitReport element as the door received it (XML, UTF-8). It
 becomes a canonical collection Bundle: a Patient (its identifiers, name, birth date, gender),
-a DiagnosticReport (status, the examination as code, performed and issued times, the report
+a DiagnosticReport (status, the examination as code, performed and issued times (in the
+sender's time zone when written without an offset), the report
 text as `conclusion` and as a text/plain `presentedForm`, the PDF as an application/pdf
 `presentedForm` holding its exact bytes, `basedOn` the order or the prescription, the
 centre as performer), and the Provenance every translation carries. Ids are deterministic
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 from lxml import etree
 
@@ -66,6 +70,32 @@ def pdf_bytes(report: etree._Element) -> bytes | None:
     if not data.startswith(PDF_MAGIC):
         raise ReportError("pdf does not hold a PDF document (no %PDF- header)", "SubmitReport.pdf")
     return data
+
+
+# xs:dateTime's lexical form (the contract's type of performed and issued), offset optional.
+_XS_DATETIME = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(\.\d+)?(Z|[+-]\d{2}:\d{2})?")
+
+
+def fhir_moment(text: str | None, zone: ZoneInfo, location: str) -> str | None:
+    """An xs:dateTime as a FHIR dateTime and instant hold it: with an offset, the sender's
+    time zone's at that moment when it has none (FHIR requires one once there is a time), as
+    written otherwise; ReportError for a moment FHIR cannot hold (24:00:00, year 0 or past
+    9999)."""
+    text = (text or "").strip()  # xs:dateTime collapses white space
+    if not text:
+        return None
+    match = _XS_DATETIME.fullmatch(text)
+    try:
+        if match is None:
+            raise ValueError
+        moment = datetime.fromisoformat(match.group(1))
+    except ValueError:
+        raise ReportError(f"{text[:40]!r} is not a date and time FHIR can hold", location) from None
+    if match.group(3):
+        return text
+    offset = int(moment.replace(tzinfo=zone).utcoffset().total_seconds()) // 60
+    sign = "-" if offset < 0 else "+"
+    return f"{text}{sign}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}"
 
 
 def canonical_bundle(report: etree._Element, context: TranslationContext, mapping_version: str) -> dict:
@@ -123,10 +153,10 @@ def canonical_bundle(report: etree._Element, context: TranslationContext, mappin
             based_on.append({"identifier": {"system": PRESCRIPTION_SYSTEM, "value": node.text}})
     if based_on:
         diagnostic["basedOn"] = based_on
-    if child_text(report, "performed"):
-        diagnostic["effectiveDateTime"] = child_text(report, "performed")
-    if child_text(report, "issued"):
-        diagnostic["issued"] = child_text(report, "issued")
+    for name, element in (("performed", "effectiveDateTime"), ("issued", "issued")):
+        moment = fhir_moment(child_text(report, name), context.timezone, f"SubmitReport.{name}")
+        if moment is not None:
+            diagnostic[element] = moment
     if sender:
         diagnostic["performer"] = [{"identifier": {"system": "urn:ma:inpe", "value": sender}}]
     pdf = pdf_bytes(report)

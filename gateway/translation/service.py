@@ -11,9 +11,10 @@ translation`.
   LINGER_BATCH messages: storing costs per batch (a transaction of a few statements), and a
   worker that keeps up would otherwise store every few messages on their own.
 - The sweep reads messages still 'received' (a crash, a full queue, a database outage) and
-  translates them: at start, and whenever the live path lost something. Live jobs go first,
-  between the sweep's batches, so that an ACK waiting for translation is not held behind a
-  backlog; but while such a sweep is under way, a live job no ACK waits for is left to it (its
+  translates them (one whose payload retention removed first is stored as failed): at start,
+  and whenever the live path lost something. Live jobs go first, between the sweep's batches,
+  so that an ACK waiting for translation is not held behind a backlog; but while such a
+  sweep is under way, a live job no ACK waits for is left to it (its
   messages are stored, the sweep takes them in id order): translated at once, it would go
   ahead of earlier messages of its patients still waiting for the sweep, and so would its
   deliveries, older data reaching the shared record after newer.
@@ -25,8 +26,9 @@ translation`.
   path, the start sweep and a live job): only the first to store it does, in a transaction
   that locks the message and finds it still 'received' (claim_messages). The other stores
   nothing of it: no step, no audit record, no event, no delivery; its caller gets what was
-  stored (the first one's ACK and bundle). A replay translates and stores again whatever the
-  status.
+  stored (the first one's ACK and bundle; but a failure a sweep stored with the commit's AA
+  gets the AE of ack_after: translation, see _take_stored). A replay translates and stores
+  again whatever the status.
 - Reload (SIGHUP, `gateway mappings reload`) reads the set in a thread and swaps it whole; a
   broken set is refused, every problem logged, the old set kept.
 
@@ -43,6 +45,7 @@ from __future__ import annotations
 import copy
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -50,9 +53,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+import psycopg
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from twisted.application.service import Service
 
+from adapters.hl7v2.ack import ack_code_of
 from adapters.hl7v2.codes import ErrorCondition
 from gateway.audit.recorder import audit_event
 from gateway.audit.trail import AuditTrail
@@ -65,8 +71,8 @@ from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.source import MappingErrors
 from gateway.store.database import availability, value_refused, write_transaction
 from gateway.store.translations import (Pending, TranslationRecord, claim_messages,
-                                        oldest_untranslated, pending_messages, save_translations,
-                                        stored_outcome)
+                                        oldest_untranslated, pending_messages, replace_ack,
+                                        save_translations, stored_outcome)
 from gateway.translation.translator import Translator
 
 log = logging.getLogger(__name__)
@@ -349,30 +355,39 @@ class TranslationWorker:
 
     def _store(self, results: list[tuple[Pending, TranslationRecord]], replay: bool = False) -> None:
         """Store a batch in one transaction (see _store_batch; `replay`: whatever the status).
-        When the database refuses a value of it (a DataError), each translation is stored on
-        its own, and one still refused is stored as failed: otherwise its batch, and each
-        sweep after it, would fail again forever."""
+        When the database refuses a value of it (a DataError), or the step fails on one of its
+        messages with an error that is not the database's (a fault of ours: an exception the
+        prescription flow did not expect), each translation is stored on its own, and one
+        still refused is stored as failed: otherwise its batch, and each sweep after it, would
+        fail again forever, holding back every message received after it."""
         before = _before_step(results, self.step)
         try:
             self._store_batch(results, replay)
             self.availability.answered()
             return
-        except self._refused as error:  # any other failure: the database is away, raised
+        except self._refused as error:
+            refused = error
+        except Exception as error:
+            if isinstance(error, _DATABASE_ERRORS):
+                raise  # the database is away: the batch is retried once it is back
             refused = error
         # The step changed its records in the transaction that was rolled back (a prescription
         # id, its ACK): each goes again as it was translated, or it would keep what never was.
         for record, saved in before:
             _restore(record, saved)
+        database = isinstance(refused, self._refused)
         if len(results) > 1:
-            log.error("storing %d translations: the database refused a value (%s); storing them "
-                      "one by one", len(results), type(refused).__name__)
+            log.error("storing %d translations: %s (%s); storing them one by one", len(results),
+                      "the database refused a value" if database else "internal error",
+                      type(refused).__name__)
             for result in results:
                 self._store([result], replay)
             return
         pending, record = results[0]
-        log.error("translation of message %s refused by the database (%s): stored as failed",
-                  _name(pending), type(refused).__name__)
-        _unstorable(record, refused)
+        log.error("translation of message %s %s (%s): stored as failed", _name(pending),
+                  "refused by the database" if database else "could not be stored: internal error",
+                  type(refused).__name__, exc_info=not database and log.isEnabledFor(logging.DEBUG))
+        _unstorable(record, refused, database)
         self._store_batch(results, replay)
 
     def _store_batch(self, results: list[tuple[Pending, TranslationRecord]], replay: bool = False) -> None:
@@ -381,7 +396,7 @@ class TranslationWorker:
         stored outcome instead and have no effect (see the module docstring)."""
         if not results:
             return
-        prepared = self.step.prepare(results) if self.step is not None else None
+        prepared = self.step.prepare(_for_step(results)) if self.step is not None else None
         now = datetime.now(timezone.utc)
         with write_transaction(self.engine) as connection:
             mine = claim_messages(connection, [item for item, _ in results], waiting_only=not replay)
@@ -391,8 +406,8 @@ class TranslationWorker:
                         _take_stored(connection, item, record)
                 results = [(item, record) for item, record in results if item.message_id in mine]
             if self.step is not None:
-                self.step.apply(connection, results, prepared, now)
-            save_translations(connection, results, now)
+                self.step.apply(connection, _for_step(results), prepared, now)
+            save_translations(connection, results, now, again=replay)
             events = [_translation_event(item, record, self.audit is not None)
                       for item, record in results]
             if self.audit is not None:
@@ -407,7 +422,11 @@ class TranslationWorker:
 
 def _take_stored(connection, item: Pending, record: TranslationRecord) -> None:
     """Make `record` what is stored for `item` (translated and stored by another node or path
-    first): its caller answers with the stored ACK and bundle, and nothing more is done."""
+    first): its caller answers with the stored ACK and bundle, and nothing more is done.
+    Except one thing: a sweep stores a failure with the ACK of the commit, so the AE/CE its
+    caller made of the same failure (ack_after: translation) replaces a positive one, which
+    would otherwise accept what failed, for this answer and every re-sent copy."""
+    own = record.ack  # an ACK the caller made of its own failed translation (on_failure)
     stored, ack = stored_outcome(connection, item.message_id)
     log.info("message %s was translated meanwhile by another node or path: its stored "
              "translation stands", _name(item))
@@ -415,6 +434,10 @@ def _take_stored(connection, item: Pending, record: TranslationRecord) -> None:
     record.destinations = ()
     if stored is None:  # not translatable any more (expired, refused): nothing to answer with
         return
+    code = ack_code_of(ack) if ack is not None else None
+    if own is not None and stored.status == MessageStatus.FAILED.value and code is not None and code.positive:
+        replace_ack(connection, item.message_id, own)
+        record.ack = own
     record.status, record.mapping_version = stored.status, stored.mapping_version
     record.error_code, record.error_location = stored.error_code, stored.error_location
     record.error_reason, record.warnings = stored.error_reason, list(stored.warnings)
@@ -428,7 +451,14 @@ def _before_step(results: list[tuple[Pending, TranslationRecord]],
     """A copy of each record the step works on, as it is before the step changes it."""
     if step is None:
         return []
-    return [(record, _copied(record)) for pending, record in results if step.involves(pending, record)]
+    return [(record, _copied(record)) for pending, record in _for_step(results)
+            if step.involves(pending, record)]
+
+
+def _for_step(results: list[tuple[Pending, TranslationRecord]]) -> list[tuple[Pending, TranslationRecord]]:
+    """What the step may work on: it reads the bytes, which a message whose payload expired
+    (retention) before its translation no longer has."""
+    return [(pending, record) for pending, record in results if pending.raw is not None]
 
 
 def _copied(record: TranslationRecord) -> TranslationRecord:
@@ -443,17 +473,25 @@ def _restore(record: TranslationRecord, saved: TranslationRecord) -> None:
         setattr(record, name, getattr(saved, name))
 
 
-def _unstorable(record: TranslationRecord, error: Exception) -> None:
-    """Turn a translation the database refused into a failure that can be stored (and
-    replayed once the mapping or the input is fixed)."""
+def _unstorable(record: TranslationRecord, error: Exception, database: bool = True) -> None:
+    """Turn a translation the database refused (or one the step failed on: `database` False)
+    into a failure that can be stored, and replayed once the mapping, the input or the
+    gateway is fixed."""
     record.status = MessageStatus.FAILED.value
     record.bundle = record.encoded = None
     record.identifiers = record.destinations = ()
     record.patient_key = None
     record.error_code = int(ErrorCondition.APPLICATION_INTERNAL_ERROR)
     record.error_location = None
-    record.error_reason = (f"the translation could not be stored ({type(error).__name__}: a value "
-                           f"the database refuses); fix the mapping or the input, then replay")
+    record.error_reason = (
+        f"the translation could not be stored ({type(error).__name__}: a value the database "
+        "refuses); fix the mapping or the input, then replay" if database else
+        f"the translation could not be stored: internal error in the gateway ({type(error).__name__}); "
+        "report it, then replay once the gateway is fixed")
+
+
+# What the database (or its driver) raises: an outage or a refusal, never a fault of ours.
+_DATABASE_ERRORS = (SQLAlchemyError, sqlite3.Error, psycopg.Error)
 
 
 def _name(item: Pending) -> str:

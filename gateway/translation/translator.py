@@ -14,11 +14,12 @@ from zoneinfo import ZoneInfo
 from adapters.hl7v2.ack import ErrorDetail
 from adapters.hl7v2.codes import ErrorCondition
 from adapters.hl7v2.header import Location
+from adapters.legacy import csv_export
 from gateway.config import SenderConfig
 from gateway.delivery.routes import Router, patient_key
 from gateway.ingest.model import MessageStatus
 from gateway.mapping.mapping_set import MappingSet
-from gateway.mapping.runtime import NotTranslated, TranslationContext, TranslationError
+from gateway.mapping.runtime import MissingResource, NotTranslated, TranslationContext, TranslationError
 from gateway.store.translations import Pending, TranslationRecord
 from gateway.translation import conformance
 from gateway.translation.inputs import (DOCUMENT_FORMATS, InputError, detect_format,
@@ -27,6 +28,10 @@ from gateway.translation.inputs import (DOCUMENT_FORMATS, InputError, detect_for
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEZONE = "Africa/Casablanca"
+
+PAYLOAD_EXPIRED = ("the message's payload expired (retention) before it was translated: "
+                   "nothing left to translate")
+_HL7_FORMATS = ("hl7v2", "hl7v2-xml")  # what conformance validation reads
 
 # 'PID[1]-7', 'OBX[2]-5.1', 'MSH[1]-9': the segment locations a TranslationError names.
 _SEGMENT_LOCATION = re.compile(r"^([A-Z][A-Z0-9]{2})\[(\d+)\](?:-(\d+)(?:\.(\d+))?)?$")
@@ -41,10 +46,13 @@ class Translator:
         self.senders = {sender.id: sender for sender in senders}
         self.router = router
         self._zones: dict[str, ZoneInfo] = {}
+        self._profiles: tuple[MappingSet, dict[str, tuple[str, ...]]] | None = None
 
     def translate(self, pending: Pending) -> TranslationRecord:
         """The translation of one message; never raises (a failure is a record)."""
         mappings = self.mappings  # once: a reload may replace it meanwhile
+        if pending.raw is None:  # swept after retention removed its payload: nothing to read
+            return _failed(mappings, ErrorCondition.APPLICATION_INTERNAL_ERROR, "", PAYLOAD_EXPIRED)
         try:
             return self._translate(pending, mappings)
         except Exception as error:  # a reader's or a check's bug must not stop the worker
@@ -56,15 +64,18 @@ class Translator:
 
     def _translate(self, pending: Pending, mappings: MappingSet) -> TranslationRecord:
         sender = self.senders.get(pending.sender_id or "")
-        if (pending.format or detect_format(pending.raw)) in DOCUMENT_FORMATS:
+        format = pending.format or detect_format(pending.raw)
+        if format in DOCUMENT_FORMATS:
             return self._translate_document(pending, sender, mappings)
         try:
+            profiles = self._csv_profiles(mappings) if format == "csv" else None
             parsed = read_input(pending.raw, (sender.charset_fallback if sender else None) or pending.codec,
-                                pending.format)
+                                pending.format, csv_profiles=profiles)
         except InputError as error:
             return _failed(mappings, ErrorCondition.DATA_TYPE_ERROR, error.location, error.reason)
         warnings: list[str] = []
-        if sender is not None and sender.validation != "off":
+        # HL7 v2 conformance: ASTM records and CSV rows are no HL7 message for hl7apy to read.
+        if sender is not None and sender.validation != "off" and parsed.format in _HL7_FORMATS:
             problem = conformance.check(parsed.message)
             if problem is not None:
                 if sender.validation == "reject":
@@ -129,6 +140,14 @@ class Translator:
                 record.patient_key = patient_key(bundle)
         return record
 
+    def _csv_profiles(self, mappings: MappingSet) -> dict[str, tuple[str, ...]]:
+        """The CSV profiles of the mapping set in use (its directory's, not the repository's
+        mappings/), read once per set: a reload brings its own."""
+        known = self._profiles
+        if known is None or known[0] is not mappings:
+            known = self._profiles = (mappings, csv_export.csv_profiles(mappings.directory))
+        return known[1]
+
     def _zone(self, name: str) -> ZoneInfo:
         zone = self._zones.get(name)
         if zone is None:
@@ -160,6 +179,8 @@ def _condition_of(error: TranslationError) -> ErrorCondition:
         return ErrorCondition.DATA_TYPE_ERROR  # a transform refused the value (a bad date)
     if "is required and has no value" in error.reason:
         return ErrorCondition.REQUIRED_FIELD_MISSING
+    if isinstance(error, MissingResource):
+        return ErrorCondition.SEGMENT_SEQUENCE_ERROR  # 0357: "required segments are missing"
     return ErrorCondition.APPLICATION_INTERNAL_ERROR  # no map for the type, and the rest
 
 

@@ -48,6 +48,17 @@ def obx_text(node, run):
     return run.separators.text(node.raw) or None
 
 
+@transform("comment_text", node=True)
+def comment_text(node, run):
+    """NTE-3 (FT, repeating) of the NTE as one text: repetitions as lines, \\.br\\ as line
+    breaks; called with a field, the text of its first repetition."""
+    if node.__class__ is Segment:
+        separators = run.separators
+        text = "\n".join(separators.text(raw) for raw in node.repetitions(3, separators.repetition))
+        return text if text.strip() else None
+    return run.separators.text(node.raw) or None
+
+
 def ed_attachment(raw: str, run) -> dict:
     """An ED value (source^type^subtype^encoding^data) as an Attachment: the bytes exactly as
     sent, re-encoded as canonical base64, with their size and SHA-1 hash."""
