@@ -66,3 +66,17 @@ def _exact(value):
     if isinstance(value, ExactDecimal):
         return orjson.Fragment(value.text)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def with_references(value, resolve):
+    """A deep copy of `value` (a resource, or any part of one) whose `reference`s are what
+    `resolve(reference)` gives for them, or left as they are when it gives None."""
+    if isinstance(value, dict):
+        copy = {key: with_references(item, resolve) for key, item in value.items()}
+        reference = copy.get("reference")
+        if isinstance(reference, str):
+            copy["reference"] = resolve(reference) or reference
+        return copy
+    if isinstance(value, list):
+        return [with_references(item, resolve) for item in value]
+    return value

@@ -223,6 +223,10 @@ def test_a_blank_display_falls_back_to_the_text_or_the_code(display, text, label
     ("2026-01-15T23:30:00", date(2026, 1, 15)),  # no offset: the sender's own day
     ("2026-03-01T23:30:00Z", date(2026, 3, 1)),  # Ramadan: Morocco is on UTC+0
     ("2026-01-15", date(2026, 1, 15)),
+    # Past the last (or before the first) day datetime can hold: OverflowError used to escape
+    # the adapter ("cannot build the request: date value out of range").
+    ("9999-12-31T23:30:00Z", date(9999, 12, 31)),
+    ("0001-01-01T00:30:00+01:00", date(1, 1, 1)),
 ])
 def test_the_day_of_care_is_the_day_in_casablanca(handed_over, day):
     """A time with an offset falls on its day in Africa/Casablanca, as AMO rights are checked
@@ -281,6 +285,12 @@ REFUSALS = {
                      "MedicationDispense 1 quantity is not a finite number"),
     "quantity 1E+30": (lambda: _edit(CSV, "MedicationDispense", lambda d: d["quantity"].update(value=1e30)),
                        "MedicationDispense 1 quantity is more than 100000"),
+    # A price divided by a tiny quantity escaped as decimal.InvalidOperation (or Overflow).
+    "act quantity 1E-20": (lambda: _edit(DFT, "ChargeItem", lambda c: (c["priceOverride"].update(value="9999999999.99"),
+                                                                       c.update(quantity={"value": "1E-20"}))),
+                           "ChargeItem 1 quantity has more than 3 decimals"),
+    "act quantity 1E-999999999": (lambda: _edit(DFT, "ChargeItem", lambda c: c.update(quantity={"value": "1E-999999999"})),
+                                  "ChargeItem 1 quantity has more than 3 decimals"),
     "covered as a parent": (lambda: _coverage(golden(CSV), "parent"), "AMO care sheets cover"),
     "dispense without date": (lambda: _edit(RDS, "MedicationDispense", lambda d: d.pop("whenHandedOver")),
                               "no date of care"),
@@ -419,6 +429,23 @@ def test_an_answer_that_is_not_an_eligibility_is_refused():
     assert unavailable.value.outcome.kind == "permanent"
 
 
+@pytest.mark.parametrize("zone", ["Z", "+01:00", "-00:00"])
+def test_eligibility_dates_with_a_zone_are_read(zone):
+    """xs:date may carry a zone (JAXB writes one): such an answer, valid by the contract, used
+    to be refused as no VerifierDroitsReponse."""
+    body = (f'<s:Envelope xmlns:s="{SOAP_ENV}"><s:Body><f:VerifierDroitsReponse xmlns:f="{NAMESPACE}">'
+            f"<f:droitsOuverts>true</f:droitsOuverts><f:motif>DROITS_OUVERTS</f:motif>"
+            f"<f:dateReference>2026-01-15{zone}</f:dateReference>"
+            "<f:assure><f:immatriculation>112233445</f:immatriculation><f:nom>TEST</f:nom><f:prenom>A</f:prenom>"
+            f"<f:regime>AMO_SALARIES</f:regime><f:debutDroits>2020-01-01{zone}</f:debutDroits></f:assure>"
+            "<f:ayantsDroit><f:ayantDroit><f:rang>1</f:rang><f:lien>ENFANT</f:lien><f:nom>TEST</f:nom>"
+            f"<f:prenom>B</f:prenom><f:dateNaissance>2015-06-30{zone}</f:dateNaissance></f:ayantDroit>"
+            "</f:ayantsDroit></f:VerifierDroitsReponse></s:Body></s:Envelope>").encode()
+    eligibility = read_eligibility(HttpResponse(200, {}, body))
+    assert (eligibility.rights_open, eligibility.on, eligibility.immatriculation) == (True, date(2026, 1, 15), "112233445")
+    assert [(d.rank, d.relationship, d.birth_date) for d in eligibility.dependants] == [(1, "ENFANT", date(2015, 6, 30))]
+
+
 @pytest_twisted.inlineCallbacks
 def test_peer_faults_are_classified(cnss, certs):
     """A Client fault from the peer is permanent with its code; an injected Server fault and a 503 are transient."""
@@ -493,6 +520,29 @@ CLASSIFICATION = {
 def test_classification(case):
     """Every kind of answer gets its verdict and a short reason; the response is kept."""
     response, kind, reason = CLASSIFICATION[case]
+    outcome = classify_response(response)
+    assert (outcome.kind, outcome.response) == (kind, response)
+    assert outcome.reason.startswith(reason), outcome.reason
+
+
+_DECLARED = '<?xml version="1.0" encoding="{}"?>'
+
+
+@pytest.mark.parametrize("body, headers, kind, reason", [
+    (b"\xef\xbb\xbf" + ANSWER, {}, "delivered", "care sheet FSE-2026-00000007 RECUE"),
+    ((_DECLARED.format("utf-16") + ANSWER.decode()).encode("utf-16"), {}, "delivered", "care sheet"),
+    (b"\xef\xbb\xbf" + _fault("soap:Client", "bad", "SCHEMA").body, {}, "permanent", "CNSS Client fault SCHEMA: bad"),
+    (_fault("soap:Client", "numéro inconnu", "ASSURE_INCONNU").body.decode().encode("latin-1"),
+     {"content-type": "text/xml; charset=ISO-8859-1"}, "permanent", "CNSS Client fault ASSURE_INCONNU: numéro inconnu"),
+    (_fault("soap:Client", "numéro", "X").body.decode().encode("latin-1"),
+     {"content-type": "text/xml; charset=x-unknown"}, "transient", "CNSS HTTP 500"),
+], ids=["receipt with a UTF-8 BOM", "receipt in UTF-16", "fault with a UTF-8 BOM", "fault in the HTTP charset",
+        "unknown charset"])
+def test_answers_in_another_encoding_are_read(body, headers, kind, reason):
+    """XML may start with a byte order mark and be in the charset the Content-Type names:
+    a receipt with a BOM (or in UTF-16) used to be dead-lettered though CNSS had the care
+    sheet, and a Client fault in ISO-8859-1 retried for ever as a 500 without a fault."""
+    response = HttpResponse(200 if kind == "delivered" else 500, headers, body)
     outcome = classify_response(response)
     assert (outcome.kind, outcome.response) == (kind, response)
     assert outcome.reason.startswith(reason), outcome.reason

@@ -263,6 +263,41 @@ def test_a_resource_several_batched_bundles_carry_goes_once_as_the_last_has_it(c
     assert mixed.entries == 5 and json.loads(mixed.body)["entry"][0]["resource"]["name"] == [{"family": "BENALI-ALAOUI"}]
 
 
+def test_one_person_from_two_hospitals_in_one_request_goes_once_references_following(canonical):
+    """Each hospital's Patient has its own id (from its own number) but both update
+    `Patient?identifier=urn:ma:cnie|BE1`: two entries resolving to one resource fail a
+    conformant record's transaction (R4 http 3.1.0.11.2), every message of the request a dead
+    letter, again at each replay. The later goes once, in the earlier's place, and what named
+    the earlier's fullUrl names it; both paths build the same bytes."""
+    from gateway.store.translations import bundle_text
+
+    def message(hospital: str, observation: str) -> dict:
+        patient = f"p-{hospital}"
+        return {"resourceType": "Bundle", "type": "collection", "entry": [
+            {"fullUrl": f"urn:uuid:{patient}", "resource": {
+                "resourceType": "Patient", "id": patient, "name": [{"family": hospital}],
+                "identifier": [{"value": f"MR-{hospital}"}, {"system": "urn:ma:cnie", "value": "BE1"}]}},
+            {"fullUrl": f"urn:uuid:{observation}", "resource": {
+                "resourceType": "Observation", "id": observation, "status": "final",
+                "subject": {"reference": f"urn:uuid:{patient}"},
+                "performer": [{"reference": f"urn:uuid:{patient}"}]}}]}
+
+    bundles = [message("chu", "o1"), message("lab", "o2"), message("chu", "o3")]
+    request = transaction_request_for_bundles(bundles, base_url=BASE, idempotency_key="k")
+    sent = json.loads(request.body)["entry"]
+    assert [e["fullUrl"] for e in sent] == ["urn:uuid:p-chu", "urn:uuid:o1", "urn:uuid:o2", "urn:uuid:o3"]
+    assert request.entries == 4 and sent[0]["resource"]["name"] == [{"family": "chu"}]  # the last one's
+    assert [e["request"]["url"] for e in sent][0] == "Patient?identifier=urn:ma:cnie|BE1"
+    assert {e["resource"]["subject"]["reference"] for e in sent[1:]} == {"urn:uuid:p-chu"}
+    assert {e["resource"]["performer"][0]["reference"] for e in sent[1:]} == {"urn:uuid:p-chu"}
+    texts = [bundle_text(bundle) for bundle in bundles]
+    assert transaction_request_for_texts(texts, base_url=BASE, idempotency_key="k") == request
+    two = transaction_request_for_bundles(bundles[:2], base_url=BASE, idempotency_key="k")
+    assert [e["fullUrl"] for e in json.loads(two.body)["entry"]] == ["urn:uuid:p-lab", "urn:uuid:o1", "urn:uuid:o2"]
+    assert {e["resource"]["subject"]["reference"] for e in json.loads(two.body)["entry"][1:]} == {"urn:uuid:p-lab"}
+    assert transaction_request_for_texts(texts[:2], base_url=BASE, idempotency_key="k") == two
+
+
 @pytest_twisted.inlineCallbacks
 def test_invalid_bundle_is_a_permanent_failure_with_a_located_reason(canonical, running):
     """A resource the peer rejects makes a permanent outcome whose reason names the element, not the value."""

@@ -27,7 +27,7 @@ from gateway.delivery.fhir_record import (
     transaction_request_for_bundles,
     transaction_request_for_texts,
 )
-from gateway.delivery.outcome import HttpResponse
+from gateway.delivery.outcome import DeliveryOutcome, HttpResponse
 from gateway.delivery.service import DeliveryService
 from gateway.delivery.transport import MAX_RESPONSE_HEAD
 from gateway.store import outbox
@@ -125,6 +125,23 @@ def test_a_status_code_outside_100_to_599_is_a_protocol_error(net, status):
     assert e.reason == f"malformed HTTP response from 127.0.0.1:{port} (status code outside 100-599)"
 
 
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nNo colon here\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+], ids=["negative length", "two lengths", "header without colon", "unknown transfer coding", "bad chunk size"])
+@pytest_twisted.inlineCallbacks
+def test_a_response_twisted_cannot_parse_is_named_malformed(net, answer):
+    """Twisted's parser raises ValueError or KeyError on these: the reason used to be "request
+    to ... failed (KeyError)" (or "lost mid-response"), which reads as a gateway bug and hides
+    that the peer broke HTTP."""
+    port = yield net.listen(ScriptedFactory(lambda t: t.write(answer)), net.tls_options())
+    e = yield _failure(net.transport().request(_post(port)))
+    assert (e.kind, e.reason) == ("protocol", f"malformed HTTP response from 127.0.0.1:{port}")
+
+
 # -- the shared record's answers ---------------------------------------------------------------
 
 
@@ -162,6 +179,19 @@ def test_a_malformed_entry_is_a_refusal_not_an_internal_error(answer):
     outcome = classify_response(HttpResponse(200, {}, body))
     assert outcome.kind == "permanent"
     assert outcome.reason.startswith("entry 0 not stored: ")
+
+
+def test_an_answer_with_a_utf8_byte_order_mark_is_read():
+    """RFC 8259 lets a reader ignore a BOM before JSON, and some servers write one: a record
+    that had stored every entry used to make a dead letter ("body is not JSON"), and an
+    OperationOutcome's codes were left out of the reason."""
+    request = transaction_request_for_bundles([bundle(1)], base_url="https://r/fhir", idempotency_key="k")
+    response = HttpResponse(200, {}, b"\xef\xbb\xbf" + transaction_response("201 Created"))
+    assert classify_response(response, request) == DeliveryOutcome.delivered("delivered (1 entries)", response)
+    refusal = HttpResponse(422, {}, b'\xef\xbb\xbf{"resourceType":"OperationOutcome","issue":'
+                                    b'[{"severity":"error","code":"invalid","expression":["Patient.birthDate"]}]}')
+    outcome = classify_response(refusal, request)
+    assert (outcome.kind, outcome.reason) == ("permanent", "HTTP 422: invalid at Patient.birthDate")
 
 
 @pytest.mark.parametrize("code, kind", [(422, "permanent"), (503, "transient")])

@@ -134,6 +134,67 @@ def test_replay_reopens_dead_and_changed_content_only(engine):
     assert changed.idempotency_key == outbox.idempotency_key("record", m2, "s2-fixed") != c2.idempotency_key
 
 
+def test_an_earlier_delivery_enqueued_late_waits_for_its_patients_request_in_flight(engine):
+    """A patient's earlier delivery that became pending while a later one is in flight (a dead
+    letter replayed, a message translated late) waits for that request: never two requests of
+    one patient in flight at once, on any node."""
+    a1, a2, a3 = add_messages(engine, 3)
+    enqueue(engine, (a2, "record", "Patient/a", "s2"))
+    (in_flight,) = claim(engine, node="n1")
+    enqueue(engine, (a1, "record", "Patient/a", "s1"))
+    later = T0 + timedelta(seconds=1)
+    assert claim(engine, node="n1", now=later) == []
+    with engine.begin() as conn:
+        assert outbox.claim_batches(conn, "n2", "record", later, 60, requests=4, batch_size=8) == []
+    settle(engine, "n1", done(in_flight, at=later))
+    (first,) = claim(engine, node="n2", now=later)
+    assert first.message_id == a1
+    settle(engine, "n2", done(first, "permanent", at=later))
+    enqueue(engine, (a3, "record", "Patient/a", "s3"), now=later)
+    (third,) = claim(engine, node="n1", now=later)
+    with engine.begin() as conn:  # the dead letter replayed while a3 is in flight
+        assert outbox.reopen_dead(conn, [a1], later) == 1
+    assert claim(engine, node="n2", now=later) == []
+    settle(engine, "n1", done(third, at=later))
+    assert [c.message_id for c in claim(engine, node="n2", now=later)] == [a1]
+
+
+def test_a_replay_that_no_longer_routes_a_pending_delivery_withdraws_it(engine):
+    """Translated again (a replay), a message may no longer route to a destination still
+    waiting for it, or no longer translate: that pending delivery used to go out with the new
+    content under the old content's key (or find none and blame retention). It is a dead letter
+    with the reason; one in flight is left to its attempt; one still routed is untouched."""
+    from gateway.store.translations import Pending, TranslationRecord, save_translations
+
+    m1, m2 = add_messages(engine, 2)
+    enqueue(engine, (m1, "record", "Patient/p", "s1"), (m1, "cnss", "Patient/p", "s1"),
+            (m2, "cnss", "Patient/q", "s2"))
+    (flying,) = claim(engine, destination="cnss", limit=1)  # m1's CNSS care sheet, in flight
+    later = T0 + timedelta(seconds=5)
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": []}
+    only_record = TranslationRecord("translated", "v2", bundle, destinations=("record",))
+    failed = TranslationRecord("failed", "v2", error_code=207, error_reason="no map")
+    with engine.begin() as conn:
+        save_translations(conn, [(Pending(m1, None, b"", "utf-8", "hl7v2", None, T0), only_record),
+                                 (Pending(m2, None, b"", "utf-8", "hl7v2", None, T0), failed)],
+                          later, again=True)
+        rows = {(r.message_id, r.destination): r for r in conn.execute(select(deliveries))}
+    assert flying.message_id == m1 and rows[(m1, "cnss")].status == "pending"  # its attempt decides
+    assert rows[(m1, "record")].status == "pending"
+    withdrawn = rows[(m2, "cnss")]
+    assert (withdrawn.status, withdrawn.last_reason) == (
+        "dead", "withdrawn: translated again, its translation is now failed (nothing to send); "
+                "replay it once fixed")
+    with engine.begin() as conn:  # once its attempt failed, the next replay withdraws it too
+        outbox.settle(conn, "n1", [done(flying, "transient", at=later, next_at=later)])
+        save_translations(conn, [(Pending(m1, None, b"", "utf-8", "hl7v2", None, T0), only_record)],
+                          later, again=True)
+        gone = conn.execute(select(deliveries).where(deliveries.c.message_id == m1,
+                                                     deliveries.c.destination == "cnss")).one()
+    assert (gone.status, gone.last_reason) == (
+        "dead", "withdrawn: translated again, the message no longer routes to this destination")
+
+
 def test_reopen_dead_for_messages_replay(engine):
     (m,) = add_messages(engine, 1)
     enqueue(engine, (m, "cnss", "message/1", "s"))

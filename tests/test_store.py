@@ -9,7 +9,7 @@ import json
 import re
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import hl7msgs
 import pytest
@@ -23,7 +23,7 @@ from gateway.audit.trail import AuditTrail
 from gateway.ingest.inspect import IngestPolicy, Inspector, refuse_reused
 from gateway.store.database import _ALEMBIC_INI as ALEMBIC_INI, create_gateway_engine, migrate
 from gateway.store.ingest_writer import IngestJob, IngestWriter
-from gateway.store.queries import count_messages, get_message, list_messages
+from gateway.store.queries import MessageFilter, count_messages, get_message, list_messages
 from gateway.store.schema import message_payloads, messages, metadata
 
 # --------------------------------------------------------------------------------------------
@@ -833,6 +833,40 @@ def test_list_messages_order_filters_and_limit(harness):
     assert first.sending_facility == "FAC_TEST" and first.duplicate_count == 0
     assert first.received_at.endswith("+00:00") and first.received_at[:2] == "20"
     assert everything[0].ack_code == "AR" and everything[0].error_code == 200
+
+
+def test_list_messages_period_in_any_offset(harness):
+    """A period given with an offset other than UTC's (the command line's --since
+    2026-11-23T10:00+01:00) means that instant: SQLite compared its wall time with the UTC it
+    stores, an hour off. One beyond the years a datetime holds in UTC bounds nothing or all."""
+    store_all(harness, [hl7("P-1")])
+    plus_one, minus_five = timezone(timedelta(hours=1)), timezone(timedelta(hours=-5))
+    with harness.engine.connect() as conn:
+        received = datetime.fromisoformat(list_messages(conn)[0].received_at)
+
+        def found(**period) -> list[str]:
+            return [m.control_id for m in list_messages(conn, search=MessageFilter(**period))]
+
+        assert found(since=(received - timedelta(minutes=30)).astimezone(plus_one)) == ["P-1"]
+        assert found(since=(received + timedelta(minutes=30)).astimezone(minus_five)) == []
+        assert found(until=(received + timedelta(minutes=30)).astimezone(plus_one)) == ["P-1"]
+        assert found(until=(received - timedelta(minutes=30)).astimezone(minus_five)) == []
+        earliest, latest = datetime(1, 1, 1, tzinfo=plus_one), datetime(9999, 12, 31, 23, tzinfo=minus_five)
+        assert found(since=earliest) == ["P-1"] and found(until=earliest) == []
+        assert found(since=latest) == [] and found(until=latest) == ["P-1"]
+
+
+def test_list_messages_by_facility_is_case_sensitive_on_either_database(harness):
+    """MSH-4 by its first component is matched as exactly as MSH-4 whole: SQLite's LIKE
+    ignores case, so "chu_rabat" found CHU_RABAT^2.16.504^ISO there and not on PostgreSQL."""
+    store_all(harness, [hl7("F-1", facility="CHU_RABAT^2.16.504^ISO"), hl7("F-2", facility="CHU_RABAT")])
+    with harness.engine.connect() as conn:
+
+        def found(facility: str) -> list[str]:
+            return [m.control_id for m in list_messages(conn, search=MessageFilter(facility=facility))]
+
+        assert found("CHU_RABAT") == ["F-2", "F-1"]
+        assert found("chu_rabat") == found("Chu_Rabat^2.16.504^ISO") == found("CHU%") == []
 
 
 def test_count_messages(harness):

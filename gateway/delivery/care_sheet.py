@@ -53,6 +53,7 @@ amount that is not a finite number of MAD with 2 decimals at most, a character X
 """
 from __future__ import annotations
 
+import codecs
 import functools
 import os
 import re
@@ -90,6 +91,8 @@ CONTENT_TYPE = "text/xml; charset=utf-8"
 CENT = Decimal("0.01")
 AMOUNT_INTEGER_DIGITS = 10  # fse:Montant: 12 digits in all, 2 after the point
 MAX_QUANTITY = 100000  # fse:Quantite
+QUANTITY_DECIMALS = 3  # fse:Quantite's fractionDigits
+MILLI = Decimal("0.001")
 NAME_LIMIT = 100  # fse:Nom
 REASON_LIMIT = 200
 TRANSIENT_STATUSES = {408, 429, 503}
@@ -234,7 +237,7 @@ def eligibility_request(*, url: str, on: date, immatriculation: str | None = Non
 def classify_response(response: HttpResponse, request: HttpRequest | None = None) -> DeliveryOutcome:
     """The verdict on a SoumettreFeuilleDeSoins answer (see the module docstring); given the
     `CareSheetRequest` it answers, a success must name that request's key."""
-    body = _soap_body(response.body)
+    body = _soap_body(response.body, response.headers.get("content-type"))
     failed = _failure(response, body)
     if failed is not None:
         return failed
@@ -326,7 +329,7 @@ class EligibilityUnavailable(Exception):
 
 def read_eligibility(response: HttpResponse) -> Eligibility:
     """The answer to an `eligibility_request`, or EligibilityUnavailable (fault, HTTP error...)."""
-    body = _soap_body(response.body)
+    body = _soap_body(response.body, response.headers.get("content-type"))
     failed = _failure(response, body)
     if failed is not None:
         raise EligibilityUnavailable(failed)
@@ -337,14 +340,26 @@ def read_eligibility(response: HttpResponse) -> Eligibility:
         text = functools.partial(_child_text, answer)
         dependants = tuple(
             Dependant(int(_child_text(node, "rang")), _child_text(node, "lien"), _child_text(node, "cnie"),
-                      date.fromisoformat(_child_text(node, "dateNaissance")))
+                      xsd_date(_child_text(node, "dateNaissance")))
             for node in answer.iterfind(f"{{{NAMESPACE}}}ayantsDroit/{{{NAMESPACE}}}ayantDroit"))
         return Eligibility(text("droitsOuverts") in ("true", "1"), text("motif"),
-                           date.fromisoformat(text("dateReference")), text("assure/immatriculation"),
+                           xsd_date(text("dateReference")), text("assure/immatriculation"),
                            text("assure/cnie"), dependants)
     except ValueError:
         raise EligibilityUnavailable(DeliveryOutcome.permanent(
             "CNSS answered 200 without a valid VerifierDroitsReponse", response)) from None
+
+
+_XSD_DATE = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})(?:Z|[+-][0-9]{2}:[0-9]{2})?")
+
+
+def xsd_date(text: str | None) -> date:
+    """An xs:date, which may carry a zone ("2026-01-15Z", "2026-01-15+01:00": JAXB writes
+    one): the day as written. ValueError for anything else."""
+    match = _XSD_DATE.fullmatch(text or "")
+    if match is None:
+        raise ValueError(f"not an xs:date: {text!r:.40}")
+    return date.fromisoformat(match.group(1))
 
 
 def _child_text(parent: etree._Element, path: str) -> str | None:
@@ -353,17 +368,35 @@ def _child_text(parent: etree._Element, path: str) -> str | None:
     return value.strip() if value is not None else None
 
 
-def _soap_body(data: bytes) -> etree._Element | None:
-    """The soap:Body of `data`, or None when it is not a SOAP 1.1 envelope (hardened parse)."""
-    if not data or not data.lstrip().startswith(b"<"):
+_BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+_CHARSET = re.compile(r';\s*charset\s*=\s*"?([A-Za-z0-9._:\-]{1,40})"?', re.IGNORECASE)
+
+
+def _soap_body(data: bytes, content_type: str | None = None) -> etree._Element | None:
+    """The soap:Body of `data`, or None when it is not a SOAP 1.1 envelope (hardened parse).
+
+    A byte order mark may start it (XML 1.0, 4.3.3: .NET stacks write one). Bytes that do not
+    read in the encoding the document declares (UTF-8 by default) are read again in the
+    Content-Type's charset, which RFC 7303 makes authoritative: an ISO-8859-1 fault without an
+    XML declaration is still a fault."""
+    if not data or not (data.lstrip().startswith(b"<") or data.startswith(_BOMS)):
         return None
-    try:
-        root = etree.fromstring(data, safe_parser(huge_tree=False))
-    except etree.XMLSyntaxError:
+    root = _parse_xml(data)
+    charset = _CHARSET.search(content_type or "")
+    if root is None and charset:
+        root = _parse_xml(data, charset.group(1))
+    if root is None:
         return None
     if root.tag != f"{{{SOAP_ENV}}}Envelope" or root.getroottree().docinfo.doctype:
         return None
     return root.find(f"{{{SOAP_ENV}}}Body")
+
+
+def _parse_xml(data: bytes, encoding: str | None = None) -> etree._Element | None:
+    try:
+        return etree.fromstring(data, safe_parser(huge_tree=False, encoding=encoding))
+    except (etree.XMLSyntaxError, LookupError):  # LookupError: a charset libxml2 does not know
+        return None
 
 
 # Bundle -> care sheet
@@ -433,8 +466,13 @@ def _one(values: set, what: str) -> str | None:
 
 def _day(value) -> date | None:
     """The day of a FHIR date or dateTime in Casablanca, where AMO rights are counted (the
-    prescription flow checks eligibility on that day): 23:30Z on the 15th is the 16th there.
-    Without an offset, the day as the sender wrote it."""
+    prescription flow checks eligibility on that day): 23:30Z on the 15th is the 16th there."""
+    return local_day(value, CNSS_ZONE)
+
+
+def local_day(value, zone) -> date | None:
+    """The day a FHIR date or dateTime falls on in `zone`: a time with an offset is converted,
+    one without it is the day as the sender wrote it; None when `value` is neither."""
     if not isinstance(value, str) or len(value) < 10:
         return None
     try:
@@ -443,9 +481,9 @@ def _day(value) -> date | None:
         return None
     try:
         moment = datetime.fromisoformat(value)
-    except ValueError:
+        return moment.astimezone(zone).date() if moment.tzinfo is not None else day
+    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 shifted out of range
         return day
-    return moment.astimezone(CNSS_ZONE).date() if moment.tzinfo is not None else day
 
 
 def _number(value, what: str) -> Decimal:
@@ -484,6 +522,9 @@ def _quantity(quantity: dict | None, what: str, default: Decimal | None = None) 
         raise CareSheetError(f"{what} quantity is not positive")
     if number > MAX_QUANTITY:
         raise CareSheetError(f"{what} quantity is more than {MAX_QUANTITY}, the contract's maximum")
+    if number.as_tuple().exponent < -QUANTITY_DECIMALS and number != number.quantize(MILLI):
+        # Refused here, not by the XSD after: a price divided by 1E-20 overflows the context.
+        raise CareSheetError(f"{what} quantity has more than {QUANTITY_DECIMALS} decimals, the contract's maximum")
     return number.normalize() if number == number.to_integral_value() else number
 
 

@@ -72,27 +72,51 @@ def transaction_entry(entry: dict) -> dict:
 
 
 def transaction_bundle(bundles: Sequence[dict]) -> dict:
-    return {"resourceType": "Bundle", "type": "transaction", "entry": _one_per_full_url(
-        (entry["fullUrl"], entry) for entry in (transaction_entry(entry) for bundle in bundles
-                                                for entry in bundle.get("entry", ())))}
+    entries = [transaction_entry(entry) for bundle in bundles for entry in bundle.get("entry", ())]
+    kept, aliases = _one_per_resource((entry["fullUrl"], entry["request"]["url"], entry) for entry in entries)
+    if aliases:
+        kept = [{**entry, "resource": fhir_json.with_references(entry["resource"], aliases.get)}
+                for entry in kept]
+    return {"resourceType": "Bundle", "type": "transaction", "entry": kept}
 
 
-def _one_per_full_url(entries) -> list:
-    """The entries, each fullUrl once: a later entry takes the place of an earlier one with its
-    fullUrl. Ids are deterministic, so the messages of one patient batched together each carry
-    its Patient (and a corrected report its report) under one fullUrl; FHIR allows a fullUrl
-    once in a bundle (bdl-7) and a transaction fails when two entries resolve to one resource
-    (R4 http 3.1.0.11.2). The later message's version is the one that would have stood."""
+def _one_per_resource(entries) -> tuple[list, dict[str, str]]:
+    """The entries, each resource once, and the fullUrls dropped for another (old -> kept).
+
+    A later entry takes the place of an earlier one naming the same resource: by its fullUrl
+    (ids are deterministic, so the messages of one patient batched together each carry its
+    Patient, and a corrected report its report, under one fullUrl; FHIR allows a fullUrl once
+    in a bundle, bdl-7), or by its request URL (one person sent by two hospitals has two ids,
+    from each hospital's own number, but one `Patient?identifier=urn:ma:cnie|...`): R4 fails a
+    transaction two of whose entries resolve to one resource (http 3.1.0.11.2). The later
+    message's version is the one that would have stood, as it does between two requests; the
+    references to a dropped fullUrl are to be made to the kept one (`aliases`)."""
     kept: list = []
-    where: dict = {}
-    for full_url, entry in entries:
+    slot_url: list = []  # the fullUrl of each kept entry
+    slots: dict = {}
+    aliases: dict[str, str] = {}
+    for full_url, url, entry in entries:
         # A fullUrl that is not text (a malformed bundle) names nothing to share.
-        at = where.setdefault(full_url if isinstance(full_url, str) else object(), len(kept))
-        if at == len(kept):
+        name = ("fullUrl", full_url) if isinstance(full_url, str) else object()
+        at = slots.get(name)
+        if at is None:
+            at = slots.get(("url", url))
+        if at is None:
+            slots[name] = slots[("url", url)] = len(kept)
             kept.append(entry)
-        else:
-            kept[at] = entry
-    return kept
+            slot_url.append(full_url)
+            continue
+        kept[at] = entry
+        slots[name] = slots[("url", url)] = at
+        old = slot_url[at]
+        if isinstance(old, str) and isinstance(full_url, str) and old != full_url:
+            aliases.pop(full_url, None)  # the kept one again, if it was dropped before
+            for dropped, target in aliases.items():
+                if target == old:
+                    aliases[dropped] = full_url
+            aliases[old] = full_url
+        slot_url[at] = full_url
+    return kept, aliases
 
 
 def transaction_request(bundle: dict, *, base_url: str, idempotency_key: str) -> HttpRequest:
@@ -182,10 +206,24 @@ def _copied_entries(bundle_texts: Sequence[str | bytes]) -> tuple[bytes, int]:
             full_url = entry.fullUrl or f"urn:uuid:{resource_id}"
             if not isinstance(full_url, str):  # a fullUrl that is no text: the other path
                 raise _Unusual
-            copied.append((full_url, b"".join((b'{"fullUrl":', dumps(full_url), b',"resource":', raw,
-                                               b',"request":{"method":"PUT","url":', dumps(url), b"}}"))))
-    entries = _one_per_full_url(copied)
-    return _TRANSACTION_START + b",".join(entries) + b"]}", len(entries)
+            copied.append((full_url, url, (dumps(full_url), raw, dumps(url))))
+    entries, aliases = _one_per_resource(copied)
+    if aliases:  # a reference's text is its JSON string: the same bytes as the parsing path's
+        if any(not target.isascii() or not dropped.isascii() for dropped, target in aliases.items()):
+            raise _Unusual  # written escaped or not: let the parsing path decide
+        swaps = [(dumps(dropped), dumps(target)) for dropped, target in aliases.items()]
+        entries = [(full_url, _swapped(raw, swaps), url) for full_url, raw, url in entries]
+    return _TRANSACTION_START + b",".join(
+        b"".join((b'{"fullUrl":', full_url, b',"resource":', raw, b',"request":{"method":"PUT","url":', url, b"}}"))
+        for full_url, raw, url in entries) + b"]}", len(entries)
+
+
+def _swapped(raw: bytes, swaps: list[tuple[bytes, bytes]]) -> bytes:
+    """A resource's JSON text with each `"reference":"<dropped>"` made to the kept fullUrl."""
+    text = bytes(raw)
+    for dropped, target in swaps:
+        text = text.replace(b'"reference":' + dropped, b'"reference":' + target)
+    return text
 
 
 def _request(body: bytes, entries: int, base_url: str, idempotency_key: str) -> TransactionRequest:
@@ -227,7 +265,7 @@ def _business_identifier(resource: dict) -> tuple[str, str] | None:
 
 def _classify_success(response: HttpResponse, expected: int | None) -> DeliveryOutcome:
     try:
-        document = orjson.loads(response.body)
+        document = _read_json(response.body)
     except (ValueError, UnicodeDecodeError):
         return DeliveryOutcome.permanent(f"unexpected answer: HTTP {response.code} body is not JSON", response)
     if not isinstance(document, dict) or document.get("resourceType") != "Bundle" \
@@ -251,10 +289,16 @@ def _classify_success(response: HttpResponse, expected: int | None) -> DeliveryO
     return DeliveryOutcome.delivered(f"delivered ({len(entries)} entries)", response)
 
 
+def _read_json(body: bytes):
+    """The peer's JSON; a UTF-8 byte order mark before it is ignored, as RFC 8259 (8.1) lets
+    a reader do (orjson refuses it): some servers write one, and the answer is no less theirs."""
+    return orjson.loads(body[3:] if body.startswith(b"\xef\xbb\xbf") else body)
+
+
 def _outcome_summary(body: bytes) -> str:
     """`code at expression: diagnostics; ...` of an OperationOutcome, or "" for other bodies."""
     try:  # orjson, not json: bounded nesting, and no lone surrogate (no storable reason has one)
-        document = orjson.loads(body)
+        document = _read_json(body)
     except ValueError:
         return ""
     if not isinstance(document, dict) or document.get("resourceType") != "OperationOutcome":

@@ -53,6 +53,7 @@ from twisted.web._newclient import (  # no public alias: parse error, client pro
     STATUS,
     HTTP11ClientProtocol,
     ParseError,
+    ResponseFailed,
 )
 from twisted.web.client import (
     Agent,
@@ -61,7 +62,10 @@ from twisted.web.client import (
     ResponseDone,
     _HTTP11ClientFactory,
 )
-from twisted.web.http import _IdentityTransferDecoder  # no public alias: the body's decoder
+from twisted.web.http import (  # no public alias: the body's decoder, its chunk error
+    _IdentityTransferDecoder,
+    _MalformedChunkedDataError,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
@@ -570,7 +574,11 @@ class HttpsTransport:
             if isinstance(cause, error.ConnectError):
                 return TransportError(
                     f"cannot connect to {netloc} ({type(cause).__name__})", "connect")
-            if isinstance(cause, ParseError):
+            # Twisted's response parser raises ValueError (a bad or repeated Content-Length, a
+            # header line without a colon), KeyError (an unknown Transfer-Encoding) and its
+            # chunk error besides ParseError: all of them the peer breaking HTTP.
+            if isinstance(cause, ParseError) or (isinstance(exc, ResponseFailed) and isinstance(
+                    cause, (ValueError, KeyError, _MalformedChunkedDataError))):
                 return TransportError(f"malformed HTTP response from {netloc}", "protocol")
         for cause in causes:
             if isinstance(cause, defer.CancelledError):

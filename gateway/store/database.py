@@ -141,8 +141,8 @@ def table_names(engine: Engine) -> list[str]:
 
 def unreachable(error: BaseException) -> bool:
     """Whether `error` says the database cannot be used now (refused or lost connection, a
-    server shutting down, a lock or statement timeout, SQLite's "database is locked" or "read
-    only"), rather than that it refused this unit of work (a value, a key, a deadlock)."""
+    server shutting down, a lock or statement timeout, a read-only standby, SQLite's "database
+    is locked" or "read only"), rather than that it refused this unit of work (a value, a key, a deadlock)."""
     import psycopg
 
     if isinstance(error, DBAPIError):
@@ -151,6 +151,8 @@ def unreachable(error: BaseException) -> bool:
         error = error.orig
     if getattr(error, "sqlstate", None) and error.sqlstate.startswith("40"):
         return False  # a deadlock, a serialization failure: this transaction's, not the database's
+    if getattr(error, "sqlstate", None) == "25006":
+        return True  # read_only_sql_transaction: a standby (after a failover), as SQLite's "readonly"
     if isinstance(error, sqlite3.OperationalError):
         # SQLite says OperationalError for a missing table too: only these are the file's state.
         return any(cue in str(error) for cue in _SQLITE_UNAVAILABLE)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Iterable, Sequence
 
-from sqlalchemy import BigInteger, Connection, DateTime, String, any_, bindparam, select, text, update
+from sqlalchemy import BigInteger, Connection, DateTime, String, any_, bindparam, or_, select, text, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 
@@ -230,12 +230,18 @@ _PATIENT_HEADS = """
     ORDER BY d.message_id
     LIMIT :window
 """
-# The oldest of the heads found, taken: still pending and free. Several nodes may have found
-# the same heads: each takes those the others are not taking (more are found than wanted).
+# The oldest of the heads found, taken: still pending and free, and no later delivery of its
+# patient in flight (one enqueued after it went: a dead letter replayed, a message translated
+# late), which would make two requests of one patient in flight at once. Several nodes may
+# have found the same heads: each takes those the others are not taking (more are found than
+# wanted).
 _TAKE_HEADS = """
     SELECT d.id, d.patient_key, d.message_id FROM deliveries d
     WHERE d.id IN :ids AND d.status = 'pending' AND d.next_attempt_at <= :now
       AND (d.lease_until IS NULL OR d.lease_until < :now)
+      AND NOT EXISTS (SELECT 1 FROM deliveries o
+                      WHERE o.status = 'pending' AND o.destination = d.destination
+                        AND o.patient_key = d.patient_key AND o.lease_until >= :now)
     ORDER BY d.message_id
     LIMIT :limit
 """
@@ -508,6 +514,30 @@ def release_node(connection: Connection, node: str) -> int:
     return connection.execute(update(deliveries).where(
         deliveries.c.lease_owner == node, deliveries.c.status == PENDING)
         .values(lease_owner=None, lease_until=None)).rowcount
+
+
+def withdraw(connection: Connection, routed: dict[int, tuple[frozenset[str], str]], now: datetime) -> int:
+    """After messages were translated again (a replay): their pending deliveries to a
+    destination the new translation does not route to (none when it failed), each with the
+    reason given, become dead letters, instead of a next attempt carrying the new content under
+    the key of the old one (or finding no content, and blaming retention). One in flight is
+    left to its attempt. `routed`: message id -> (destinations, reason). How many."""
+    if not routed:
+        return 0
+    stale = [
+        {"b_id": row.id, "b_reason": routed[row.message_id][1], "b_now": now}
+        for row in connection.execute(
+            select(deliveries.c.id, deliveries.c.message_id, deliveries.c.destination)
+            .where(_among(connection, deliveries.c.message_id, routed), deliveries.c.status == PENDING,
+                   or_(deliveries.c.lease_until.is_(None), deliveries.c.lease_until < now))
+            .with_for_update())
+        if row.destination not in routed[row.message_id][0]]
+    if stale:
+        connection.execute(
+            update(deliveries).where(deliveries.c.id == bindparam("b_id"), deliveries.c.status == PENDING)
+            .values(status=DEAD, finished_at=bindparam("b_now"), last_reason=bindparam("b_reason"),
+                    last_code=None, lease_owner=None, lease_until=None), stale)
+    return len(stale)
 
 
 def reopen_dead(connection: Connection, message_ids: Iterable[int], now: datetime) -> int:

@@ -12,13 +12,14 @@ case-sensitive, no pattern characters.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import (Connection, LargeBinary, exists, func, literal, literal_column, or_, select,
-                        union_all)
+from sqlalchemy import (Connection, LargeBinary, exists, false, func, literal, literal_column, or_,
+                        select, true, union_all)
 
 from gateway.store.schema import (UNBUNDLED, deliveries, delivery_attempts, message_payloads,
                                   messages, patient_identifiers)
+from gateway.store.timestamps import utc
 
 _SUMMARY = [messages.c.id, messages.c.control_id, messages.c.sending_application,
             messages.c.sending_facility, messages.c.message_type, messages.c.status,
@@ -115,25 +116,35 @@ def message_conditions(search: MessageFilter, dialect: str) -> list:
     if search.facility:  # the registry's id, or MSH-4 whole or by its first component
         conditions.append(or_(messages.c.sender_id == search.facility,
                               messages.c.sending_facility == search.facility,
-                              messages.c.sending_facility.like(_escape(search.facility) + "^%",
-                                                               escape="\\")))
+                              _starts_with(messages.c.sending_facility, search.facility + "^", dialect)))
     if search.type:
         if "^" in search.type:
             conditions.append(messages.c.message_type == search.type)
         else:
             conditions.append(or_(messages.c.message_type == search.type,
-                                  messages.c.message_type.like(_escape(search.type) + "^%", escape="\\")))
+                                  _starts_with(messages.c.message_type, search.type + "^", dialect)))
     if search.status:
         conditions.append(messages.c.status == search.status)
     if search.since:
-        conditions.append(messages.c.received_at >= search.since)
+        conditions.append(_time_bound(search.since, lambda at: messages.c.received_at >= at, True))
     if search.until:
-        conditions.append(messages.c.received_at < search.until)
+        conditions.append(_time_bound(search.until, lambda at: messages.c.received_at < at, False))
     if search.before:
         conditions.append(messages.c.id < search.before)
     if search.patient:
         conditions.append(_patient_clause(search.patient, dialect))
     return conditions
+
+
+def _time_bound(instant: datetime, condition, lower: bool):
+    """`condition` of `instant` in UTC: SQLite stores UTC without its offset and compares the
+    wall time given (10:00+01:00 would read as 10:00 UTC). An instant whose UTC is before
+    year 1 or after year 9999 bounds nothing, or everything."""
+    try:
+        return condition(utc(instant))
+    except OverflowError:
+        early = instant.utcoffset() > timedelta(0)  # before year 1 in UTC, else after 9999
+        return true() if early == lower else false()
 
 
 def is_patient_search(identifier: str) -> bool:
@@ -177,6 +188,14 @@ def _contains(column, part: bytes, dialect: str):
     if dialect == "postgresql":  # bytea: position(), as strpos() is for text only
         return func.position(literal(part, LargeBinary).op("IN")(column)) > 0
     return func.instr(column, part) > 0
+
+
+def _starts_with(column, prefix: str, dialect: str):
+    """`column` begins with `prefix`, case-sensitive as `=` is: SQLite's LIKE ignores the case
+    of ASCII letters."""
+    if dialect == "sqlite":
+        return func.substr(column, 1, len(prefix)) == prefix
+    return column.like(_escape(prefix) + "%", escape="\\")
 
 
 def _escape(text: str) -> str:

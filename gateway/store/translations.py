@@ -29,7 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway import fhir_json
 from gateway.ingest.model import MessageStatus
-from gateway.store.outbox import Enqueue, _among, enqueue
+from gateway.store.outbox import Enqueue, _among, enqueue, withdraw
 from gateway.store.schema import canonical_bundles, message_payloads, messages, translations
 from gateway.store.schema import patient_identifiers as patient_identifiers_table
 from gateway.store.texts import has_control, storable
@@ -52,7 +52,7 @@ class Pending:
 
     message_id: int | None
     key: tuple[str, str, str] | None  # (MSH-3, MSH-4, MSH-10) of an accepted message
-    raw: bytes
+    raw: bytes | None  # None: its payload expired (retention) before it was translated (sweep)
     codec: str | None
     format: str
     sender_id: str | None
@@ -140,19 +140,23 @@ _PENDING_COLUMNS = (messages.c.id, message_payloads.c.raw, messages.c.codec, mes
                     messages.c.sender_id, messages.c.received_at, messages.c.message_type)
 # A message whose payload retention expired cannot be translated again: the join leaves it out.
 _WITH_PAYLOAD = messages.join(message_payloads, message_payloads.c.message_id == messages.c.id)
+# The sweep reads waiting messages whatever their payload: one that expired before its
+# translation is stored as failed (raw None) rather than left 'received' for every sweep and
+# stale check to find again.
+_MAYBE_PAYLOAD = messages.outerjoin(message_payloads, message_payloads.c.message_id == messages.c.id)
 
 
 def _pending(row) -> Pending:
-    return Pending(row.id, None, bytes(row.raw), row.codec, row.format or "hl7v2", row.sender_id,
-                   utc(row.received_at), row.message_type)
+    return Pending(row.id, None, bytes(row.raw) if row.raw is not None else None, row.codec,
+                   row.format or "hl7v2", row.sender_id, utc(row.received_at), row.message_type)
 
 
 def pending_messages(connection: Connection, after_id: int = 0, limit: int = 256,
                      status: str = MessageStatus.RECEIVED.value,
                      received_before: datetime | None = None) -> list[Pending]:
     """Messages of `status` (received before `received_before`, when given) with an id above
-    `after_id`, oldest first, at most `limit`."""
-    query = (select(*_PENDING_COLUMNS).select_from(_WITH_PAYLOAD)
+    `after_id`, oldest first, at most `limit`; raw None for one whose payload expired."""
+    query = (select(*_PENDING_COLUMNS).select_from(_MAYBE_PAYLOAD)
              .where(_status_is(status), messages.c.id > after_id)
              .order_by(messages.c.id).limit(limit))
     if received_before is not None:
@@ -227,12 +231,21 @@ def stored_outcome(connection: Connection, message_id: int) -> tuple[StoredTrans
     return get_translation(connection, message_id), (bytes(ack) if ack else None)
 
 
+def replace_ack(connection: Connection, message_id: int, ack: bytes) -> None:
+    """Store `ack` as the message's answer (what a re-sent copy gets back)."""
+    connection.execute(update(messages).where(messages.c.id == message_id)
+                       .values(ack=ack, ack_code=_ack_code(ack)))
+
+
 def save_translations(connection: Connection, results: list[tuple[Pending, TranslationRecord]],
-                      now: datetime | None = None) -> int:
+                      now: datetime | None = None, again: bool = False) -> int:
     """Upsert the translation rows, move the messages' statuses (and ACKs, where a new one was
-    sent); returns how many were written. Messages found by key get their id set."""
+    sent); returns how many were written. Messages found by key get their id set. `again`
+    (a replay): their pending deliveries the new translation no longer routes are withdrawn
+    (gateway.store.outbox.withdraw)."""
     now = now or datetime.now(timezone.utc)
     rows, bundles, unbundled, statuses, acks, outgoing = [], [], [], [], [], []
+    routed: dict[int, tuple[frozenset[str], str]] = {}  # again: what each message now routes to
     identified: dict[int, tuple[datetime, tuple[tuple[str, str], ...]]] = {}  # the last translation's
     if connection.dialect.name == "postgresql":
         # One row per message (a statement cannot upsert a row twice), the last translation of
@@ -263,6 +276,13 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
         statuses.append({"b_id": pending.message_id, "b_status": record.status})
         if record.ack is not None:
             acks.append({"b_id": pending.message_id, "b_ack": record.ack, "b_code": _ack_code(record.ack)})
+        if again:
+            routed[pending.message_id] = (
+                (frozenset(record.destinations), "withdrawn: translated again, the message no longer "
+                                                 "routes to this destination")
+                if bundle is not None else
+                (frozenset(), f"withdrawn: translated again, its translation is now {record.status} "
+                              "(nothing to send); replay it once fixed"))
         if bundle is not None and record.destinations:
             digest = hashlib.sha256(encoded).hexdigest()  # = bundle_digest(bundle)
             patient = record.patient_key or f"message/{pending.message_id}"
@@ -285,6 +305,7 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
     if acks:
         connection.execute(update(messages).where(messages.c.id == bindparam("b_id"))
                            .values(ack=bindparam("b_ack"), ack_code=bindparam("b_code")), acks)
+    withdraw(connection, routed, now)
     enqueue(connection, outgoing, now)
     return len(rows)
 
