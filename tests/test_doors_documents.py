@@ -152,3 +152,46 @@ def test_route_table_literals_first_params_and_405():
     assert missing.value.status == 404
     with pytest.raises(RouteConflict):
         RouteTable([_route("GET", "/v1/a/{x}"), _route("GET", "/v1/a/{y}")])
+
+
+def test_references_resolve_as_r4_resolves_them_in_a_bundle(repo_mappings):
+    """A relative `Patient/1` in an entry whose fullUrl is a RESTful URL names the Patient on
+    that entry's server, not another server's with the same id; a version-specific reference
+    names the entry (of that version) without its version (R4 bundle.html#references)."""
+    document = fhir_bundle("collection")
+    patient, observation = document["entry"]
+    patient["fullUrl"], patient["resource"]["id"] = "http://a.example/fhir/Patient/1", "1"
+    patient["resource"]["meta"] = {"versionId": "2"}
+    observation["fullUrl"] = "http://a.example/fhir/Observation/9"
+    observation["resource"]["subject"] = {"reference": "Patient/1"}
+    observation["resource"]["performer"] = [{"reference": "Patient/1/_history/2"},
+                                            {"reference": "http://a.example/fhir/Patient/1/_history/2"},
+                                            {"reference": "Patient/1/_history/1"}]
+    other = json.loads(json.dumps(patient))
+    other["fullUrl"] = "http://b.example/fhir/Patient/1"
+    other["resource"]["identifier"][0]["value"] = "CD654321"
+    document["entry"].append(other)
+    record = translate(repo_mappings, json.dumps(document).encode(), "fhir")
+    assert record.status == "translated", record.error_reason
+    ours, observed = (e["resource"] for e in record.bundle["entry"][:2])
+    assert ours["id"] == name_id("Patient|urn:ma:cnie|AB123456")
+    assert observed["subject"] == {"reference": f"urn:uuid:{ours['id']}"}
+    # version 1 is not the one the Bundle carries: left as it was sent
+    assert [p["reference"] for p in observed["performer"]] == [f"urn:uuid:{ours['id']}"] * 2 + ["Patient/1/_history/1"]
+
+
+def test_a_urn_uuid_reference_no_entry_has_is_refused_at_the_door(repo_mappings):
+    """A `urn:uuid:` names nothing outside its Bundle: the record would refuse the delivery
+    after the door had accepted it. Contained, `#` and logical references are not concerned."""
+    document = fhir_bundle()
+    resource = document["entry"][1]["resource"]
+    resource["contained"] = [{"resourceType": "Practitioner", "id": "pr"}]
+    resource["performer"] = [{"reference": "#pr"}, {"identifier": {"system": "urn:ma:inpe", "value": "1"}},
+                             {"reference": "urn:uuid:0e0b8b5a-54d5-4b8e-9d0b-6f1f6a0e9f33"}]
+    issues = bundle_issues(document)
+    assert [(i.code, i.expression) for i in issues] == [
+        ("not-found", "Bundle.entry[1].resource.performer[2].reference")]
+    record = translate(repo_mappings, json.dumps(document).encode(), "fhir")
+    assert record.failed and record.error_location == "Bundle.entry[1].resource.performer[2].reference"
+    del resource["performer"][2]
+    assert bundle_issues(document) == []

@@ -95,8 +95,11 @@ def test_a_refused_oversize_request_is_closed_though_the_client_waits(door, requ
     (b"GET /v1/openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\nno colon here\r\n\r\n", 400, "malformed"),
     (HEAD + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "malformed"),
     (HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400, "chunked encoding"),
+    (b"GET /v1/openapi.json HTTP/1.1\r\n\r\n", 400, "exactly one Host header"),
+    (b"GET /soap/?wsdl HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: elsewhere.example\r\n\r\n", 400,
+     "exactly one Host header"),
 ], ids=["long-header-line", "many-headers", "header-without-colon", "content-length-and-chunked",
-        "bad-chunk-size"])
+        "bad-chunk-size", "no-host", "two-hosts"])
 @pytest_twisted.inlineCallbacks
 def test_malformed_or_oversize_heads_get_a_problem_at_once(door, request_bytes, status, words):
     """Twisted answered these with a bare 400 without a body, and a header line over its
@@ -121,6 +124,20 @@ def test_the_asterisk_target_is_answered_by_the_door(door):
     answer, _, _ = yield threads.deferToThread(
         until_closed, door, b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nServer: ma-hie-gateway\r\n" in answer
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_absolute_form_request_target_is_served(door):
+    """RFC 9112 3.2.2: a server accepts `GET https://host/path`, the URI's authority standing
+    for the Host. Twisted took the whole URI for the path: a 404 "the REST API is under /v1/"."""
+    answer, _, _ = yield threads.deferToThread(until_closed, door, (
+        b"GET https://127.0.0.1/v1/openapi.json?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Connection: close\r\n\r\n"))
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b'"openapi":"3.1.0"' in answer, answer[:300]
+    answer, _, _ = yield threads.deferToThread(until_closed, door, (
+        b"GET HTTPS://gw.example:8443/soap/?wsdl HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"))
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:300]
+    assert b'location="https://gw.example:8443/soap/"' in answer
 
 
 @pytest_twisted.inlineCallbacks

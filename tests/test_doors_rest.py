@@ -52,7 +52,7 @@ def _dispense_route():
 @pytest.fixture
 def door(pki, tmp_path, preloaded):
     config = with_listener(door_config(pki, f"sqlite:///{tmp_path / 'gateway.sqlite'}"),
-                           max_request_size=64 * 1024, request_timeout=0.3)
+                           max_request_size=64 * 1024, request_timeout=10.0)  # slack on a busy machine
     running = pytest_twisted.blockon(start_door(config, pki, extra_routes=[_slow_route(), _dispense_route()]))
     yield running
     pytest_twisted.blockon(stop_door(running))
@@ -191,6 +191,24 @@ def test_fhir_bundle_is_stored_translated_and_answered_with_a_transaction_respon
     [obs] = [e["resource"] for e in canonical["entry"] if e["resource"]["resourceType"] == "Observation"]
     assert obs["subject"]["reference"] == "urn:uuid:" + patient.split("/")[1]
     assert any(e["resource"]["resourceType"] == "Provenance" for e in canonical["entry"])
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_bundle_under_the_key_of_another_stored_bundle_is_refused_not_a_503_forever(door):
+    """The Idempotency-Key is the Bundle's control id. When the key's claim is gone (let go
+    after a failure once its Bundle was stored), another Bundle under it reached the store's
+    reused-control-id check, whose ACK builder wanted an HL7 header: 503 "send it again", each
+    time. It is the 422 of a reused key, and the refusal is kept."""
+    client = Client(door, LAB.id)
+    first = yield client.post("/v1/fhir", json.dumps(fhir_bundle()).encode(), FHIR, Idempotency_Key="fhir-k")
+    assert first.code == 200, first.body
+    with door.store.engine.begin() as connection:
+        connection.execute(api_requests.delete())
+    other = yield client.post("/v1/fhir", json.dumps(fhir_bundle(cnie="CD654321")).encode(), FHIR,
+                              Idempotency_Key="fhir-k")
+    assert other.code == 422 and other.json()["type"].endswith("/idempotency-key-reused"), other.body
+    stored = rows(door, messages, messages.c.format == "fhir")
+    assert [(r.control_id, r.status) for r in stored] == [("fhir-k", "translated"), ("fhir-k", "rejected")]
 
 
 @pytest_twisted.inlineCallbacks

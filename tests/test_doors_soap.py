@@ -222,6 +222,27 @@ def test_a_comment_inside_a_value_does_not_cut_it(door):
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_content_type_charset_the_xml_declaration_contradicts_is_a_fault(door):
+    """The parser reads the XML declaration: a UTF-8 body declared ISO-8859-1 but sent as
+    charset=utf-8 was stored with Bénali as BÃ©nali and acknowledged AA. Now the two labels
+    must agree (a soap:Client fault, nothing stored); agreeing ones read the name whole."""
+    def request(control_id: str, declared: str, encoding: str) -> bytes:
+        message = escape(hl7(control_id, body="PID|1||P-1^^^CHU^PI||Bénali^Karim||19800101|M").decode("utf-8"))
+        return envelope(f"<gw:SubmitHL7Message><gw:message>{message}</gw:message></gw:SubmitHL7Message>"
+                        ).replace(b'encoding="UTF-8"', f'encoding="{declared}"'.encode()).decode().encode(encoding)
+
+    client = Client(door, HOSPITAL.id)
+    answer = yield client.post("/soap/", request("CS-LIE", "ISO-8859-1", "utf-8"), "text/xml; charset=utf-8")
+    assert fault_of(answer) == ("soap:Client", "CHARSET_MISMATCH"), answer.body
+    assert not rows(door, messages)
+    for control_id, declared, charset in (("CS-LATIN", "ISO-8859-1", "latin1"), ("CS-UTF8", "utf8", "UTF-8")):
+        answer = yield client.post("/soap/", request(control_id, declared, charset), f'text/xml; charset="{charset}"')
+        assert answer.code == 200 and b"<gw:ackCode>AA</gw:ackCode>" in answer.body, answer.body
+        [row] = rows(door, messages, messages.c.control_id == control_id)
+        assert "Bénali".encode("utf-8") in bytes(row.raw)
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_request_not_answered_in_time_is_a_server_fault(pki, tmp_path, repo_mappings, monkeypatch):
     """Past request_timeout the door answered a SOAP client with a 503 problem+json, which no
     SOAP client reads as a fault: now soap:Server REQUEST_TIMEOUT, send it again later."""

@@ -181,3 +181,23 @@ def test_fhir_door_keeps_the_precision_of_decimals(door):
     [translation] = rows(door, translations)
     bundle = translation.bundle
     assert '"valueQuantity":{"value":5.40,' in (bundle if isinstance(bundle, str) else bytes(bundle).decode())
+
+
+@pytest_twisted.inlineCallbacks
+def test_fhir_door_refuses_a_resource_nested_deeper_than_validation_walks(door):
+    """Extensions within extensions 200 deep are JSON the reader takes; validating them ran out
+    of Python's stack (RecursionError out of the door). Now a 422 naming the resource, nothing
+    stored, and the door goes on."""
+    extension = {"url": "urn:x", "valueString": "x"}
+    for _ in range(200):
+        extension = {"url": "urn:x", "extension": [extension]}
+    bundle = fhir_bundle()
+    bundle["entry"][0]["resource"]["extension"] = [extension]
+    answer = yield Client(door, LAB.id).post("/v1/fhir", json.dumps(bundle).encode(), FHIR)
+    assert answer.code == 422, answer.body
+    problem = answer.json()
+    assert problem["type"].endswith("/invalid-fhir")
+    assert problem["detail"] == "Bundle.entry[0].resource: the resource nests too deeply to be validated"
+    assert not rows(door, messages)
+    fine = yield Client(door, LAB.id).post("/v1/fhir", BUNDLE.encode(), FHIR)
+    assert fine.code == 200, fine.body

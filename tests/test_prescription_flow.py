@@ -556,6 +556,40 @@ def test_fhir_medication_request_then_dispense_and_paper(harness):
         == [{"codeEAN13"}]
 
 
+@pytest.mark.parametrize("status", ["declined", "entered-in-error", "cancelled", "in-progress", "preparation"])
+def test_a_fhir_dispense_not_handed_over_is_refused_not_recorded(harness, status):
+    """A MedicationDispense that says the drug was not handed over (declined: out of stock;
+    entered-in-error, cancelled; not yet: in-progress, preparation) used to be recorded as
+    dispensed: what remained for the patient went down (a whole line: the prescription
+    'completed', 410 at the next pharmacy) while the care sheet, which bills completed dispenses
+    only, billed nothing. It is refused, naming its status; nothing is recorded."""
+    request = {"fullUrl": "urn:uuid:r1", "resource": {
+        "resourceType": "MedicationRequest", "id": "r1", "status": "active", "intent": "order",
+        "subject": {"reference": "urn:uuid:p1"},
+        "medicationCodeableConcept": {"coding": [{"system": GTIN, "code": "6118001230068"}]},
+        "dispenseRequest": {"quantity": {"value": 2, "unit": "boîte"}}}}
+    pending = _fhir_pending(harness, "FHIR-RX-1", "INPE-200001")
+    _apply(harness, pending, {"resourceType": "Bundle", "type": "collection", "entry": [PATIENT, request]})
+    with harness.engine.connect() as connection:
+        [issued] = store.prescriptions_for_message(connection, pending.message_id)
+    dispense = {"fullUrl": "urn:uuid:d1", "resource": {
+        "resourceType": "MedicationDispense", "id": "d1", "status": status,
+        "identifier": [{"system": "urn:pharmacy:agdal", "value": "V-990"}],
+        "subject": {"reference": "urn:uuid:p1"},
+        "authorizingPrescription": [{"identifier": {"system": ids.SYSTEM, "value": issued.id}}],
+        "medicationCodeableConcept": {"coding": [{"system": GTIN, "code": "6118001230068"}]},
+        "quantity": {"value": 2, "unit": "boîte"}}}
+    record = _apply(harness, _fhir_pending(harness, "FHIR-DS-1", "INPE-100004"),
+                    {"resourceType": "Bundle", "type": "collection", "entry": [PATIENT, dispense]})
+    assert (record.status, record.error_location) == ("failed", "MedicationDispense[1].status")
+    assert record.error_reason == (f"dispensation 1 is {status}, not completed: only a dispensation "
+                                   "handed over is recorded against a prescription")
+    assert count(harness, "SELECT count(*) FROM dispensations") == 0
+    with harness.engine.connect() as connection:
+        prescription = store.get_prescription(connection, issued.id)
+    assert (prescription.status, prescription.lines[0].remaining) == ("active", 2)
+
+
 def test_fhir_bundles_outside_the_flow_are_left_alone(harness):
     """A FHIR bundle with a MedicationRequest that already carries a national id (an update
     from the shared record's side) or with no medication at all is not a prescription."""

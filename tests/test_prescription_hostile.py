@@ -105,6 +105,32 @@ def test_codes_longer_than_the_store_keeps_are_refused_not_internal(either):
     assert count(either, "SELECT count(*) FROM prescriptions") == 1
 
 
+def test_a_nul_escaped_into_what_the_store_keeps_is_refused_or_left_out(either):
+    """HL7's \\X00\\ escape decodes to NUL, which PostgreSQL refuses in text: a drug code, a
+    result's CNSS code, a drug's name or unit, a pharmacy's dispensation number holding one
+    were answered 'internal error, send again later' for ever (SQLite kept them). A code holding
+    one is refused as sent, naming the field; a name, a unit or a dispensation number is kept
+    without it, and the QR payload still matches the stored lines."""
+    [code] = either.translate(rde("RDE-N", lines=(("ABC\\X00\\D^LOCAL DRUG^L", 2),)))
+    assert refusal(code)[1:] == ("RXE^1^2", "PRESCRIPTION_INVALID",
+                                 "line 1: the code or its system holds a NUL character (0x00)")
+    labelled = rde("RDE-1", lines=(("6118001230068^DOLI\\X00\\PRANE^EAN13", 2),))
+    labelled = labelled.replace("BT^boîte^L".encode(), b"BT^bo\\X00\\te^L")
+    prescription_id = issue(either, labelled)
+    with either.engine.connect() as connection:
+        stored = store.get_prescription(connection, prescription_id)
+    assert [(line.display, line.unit) for line in stored.lines] == [("DOLI PRANE", "bo te")]
+    claims = qr.verify(stored.qr_payload, {either.key.key_id: either.key.public})
+    assert claims.digest == qr.lines_digest([(l.line, l.medication_code, l.quantity, l.unit) for l in stored.lines])
+    [dispensed] = either.translate(rds("RDS-1", prescription_id, dispensation="V\\X00\\1", unit="BT^bo\\X00\\te^L"))
+    assert dispensed.status == "translated", dispensed.error_reason
+    acts_id = issue(either, oml("OML-1", tests=(GLUCOSE,)))
+    [result] = either.translate(oru("ORU-N", acts_id, tests=("2345-7^Glucose^LN^B04\\X00\\12^Glycemie^NABM",)))
+    assert refusal(result)[1:] == ("OBR^1^4", "PRESCRIPTION_INVALID",
+                                   "result 1: the CNSS code of act B0412 holds a NUL character (0x00)")
+    assert count(either, "SELECT count(*) FROM dispensations") == 1
+
+
 @pytest.mark.parametrize("inpe", [b"2" * 70, b"20\\F\\0001"], ids=["too-long", "escaped-pipe"])
 def test_an_inpe_the_qr_payload_cannot_carry_is_refused_naming_orc_12(harness, inpe):
     """The INPE goes into the signed QR payload (64 characters at most, '|' separates its
@@ -144,6 +170,25 @@ def test_the_day_of_care_asked_at_cnss_is_the_day_in_casablanca(tmp_path, repo_m
         [record] = made.translate(message)
         assert record.status == "translated", record.error_reason
         assert [(q.kind, q.on) for q in asked.asked] == [("immatriculation", date(2026, 1, 16))]
+    finally:
+        made.close()
+
+
+def test_a_handover_at_the_ends_of_the_calendar_does_not_stop_the_worker(tmp_path, repo_mappings):
+    """Handed over on 1 January of year 1 at +05:00, or on 31 December 9999 at -05:00: in
+    Casablanca that day is outside the calendar, and converting it raised OverflowError in the
+    step's prepare, outside the flow's guard: the whole batch failed as if the database were
+    down, and the sweep retried it for ever. The day is taken as written, and the message
+    gets its answer."""
+    asked = FakeEligibility()
+    made = standard_harness(f"sqlite:///{tmp_path / 'g.sqlite'}", tmp_path, repo_mappings, asked)
+    try:
+        prescription_id = issue(made, rde("RDE-1", lines=((DOLIPRANE, 2),)))
+        for n, stamp in enumerate((b"00010101003000+0500", b"99991231233000-0500")):
+            message = rds(f"RDS-{n}", prescription_id).replace(b"|20260116152000|", b"|" + stamp + b"|")
+            [record] = made.translate(message)
+            assert record.status == "translated", record.error_reason
+        assert [q.on for q in asked.asked] == [date(1, 1, 1), date(9999, 12, 31)]
     finally:
         made.close()
 
@@ -216,6 +261,33 @@ def test_an_eligibility_answer_that_contradicts_itself_or_the_question_is_not_co
             assert made.requests == 2  # asked again: nothing kept
     finally:
         yield made.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_number_cnss_does_not_take_is_refused_not_unavailable(net, tmp_path, repo_mappings):
+    """The patient's CNSS immatriculation written as printed on the card, '112 233 445': the
+    VerifierDroits question cannot be built (the contract takes 6 to 15 digits), and the
+    dispensation used to be answered ELIGIBILITY_UNAVAILABLE, 'send again later', which no
+    resend could ever change. It is refused as sent, naming PID-3; CNSS is not asked."""
+    _, port = yield net.site(Answers([]))
+    made = EligibilityChecker(reactor, f"https://127.0.0.1:{port}/", lambda: net.transport(), 2.0)
+    harness = standard_harness(f"sqlite:///{tmp_path / 'g.sqlite'}", tmp_path, repo_mappings, made)
+    try:
+        prescription_id = yield threads.deferToThread(issue, harness, rde("RDE-1"))
+        patient = "PID|1||BE123456^^^CNIE^NI~112 233 445^^^CNSS^SB||BENALI^Fatima||19850312|F"
+        for control_id in ("RDS-1", "RDS-2"):
+            [record] = yield threads.deferToThread(
+                harness.translate, rds(control_id, prescription_id, patient=patient))
+            msa, location, code, reason = refusal(record)
+            assert (msa, location, code) == ("AE", "PID^1^3", "PRESCRIPTION_INVALID")
+            assert reason.startswith("AMO eligibility cannot be asked at CNSS with the patient's "
+                                     "immatriculation as sent (cannot ask CNSS: ")
+            assert "asking again will not help" in reason and "233" not in reason  # no patient data
+        assert made.requests == 0
+        assert count(harness, "SELECT count(*) FROM dispensations") == 0
+    finally:
+        yield made.close()
+        harness.close()
 
 
 def test_a_batch_stored_again_one_by_one_keeps_nothing_of_its_rolled_back_step(pg_url, tmp_path, repo_mappings):

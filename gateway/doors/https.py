@@ -46,7 +46,7 @@ from gateway.doors.api import (ANY_FACILITY, ApiRequest, ApiResponse, Problem, R
 from gateway.doors.idempotency import IdempotencyGuard, idempotency_key
 from gateway.doors.ingest_bridge import IngestBridge
 from gateway.doors.openapi import openapi_document
-from gateway.doors.rest import RestOperations
+from gateway.doors.rest import RestOperations, media_type
 from gateway.doors.router import RouteTable
 from gateway.doors.schemas import openapi_spec
 from gateway.doors.soap import SoapDoor, Unauthorized, fault_answer
@@ -108,6 +108,25 @@ class DoorRequest(Request):
         if self.oversize:
             return  # answered already; the connection is closing
         super().requestReceived(command, path, version)
+
+    def process(self):
+        # RFC 9112 3.2: an HTTP/1.1 request names its Host once (two are how a request gets read
+        # for one host by a proxy and another here; the WSDL's address is the Host's).
+        hosts = self.requestHeaders.getRawHeaders(b"host") or []
+        if self.clientproto != b"HTTP/1.0" and (len(hosts) != 1 or b"," in hosts[0]):
+            self.channel._refuse_head(400, "an HTTP/1.1 request has exactly one Host header "
+                                           f"(RFC 9112 section 3.2): {'several' if hosts else 'none'} here")
+            return
+        # RFC 9112 3.2.2: the absolute-form (https://host/v1/...) is accepted, its authority
+        # standing for the Host; Twisted took the whole URI for the path (a 404).
+        scheme, sep, rest = self.uri.partition(b"://")
+        if sep and scheme.lower() in (b"http", b"https"):
+            cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+            authority, target = rest[:cut], rest[cut:]
+            self.uri = target if target.startswith(b"/") else b"/" + target
+            self.path = self.uri.split(b"?", 1)[0]
+            self.requestHeaders.setRawHeaders(b"host", [authority])
+        super().process()
 
     def _handleStar(self):
         # `GET *` got Twisted's bare 405: the door answers it (a 404 problem, as any path
@@ -206,9 +225,12 @@ class HttpsDoor(resource.Resource):
     def __init__(self, listener: HttpsListenerConfig, registry: Callable[[], FacilityRegistry],
                  database, routes: Iterable[Route], soap: SoapDoor | None, reactor,
                  now: Callable[[], float] = time.time, events: EventBus | None = None,
-                 certificates=None, revocations=None, node: str = ""):
+                 certificates=None, revocations=None, node: str = "", watch=None):
         super().__init__()
         self.listener = listener
+        # (transport, facility id) -> None: the identity service closes the connection at a
+        # reload that revokes or rebinds its certificate (IdentityService.watch).
+        self.watch = watch
         self.revocations = revocations  # gateway.tls.Revocations: the CRL in force, or None
         self.events = events if events is not None else EventBus()
         self.certificates = certificates  # a CertificateSightings, or None
@@ -242,8 +264,11 @@ class HttpsDoor(resource.Resource):
         subject = cert.subject.rfc4514_string() if cert is not None else None
         identity = Identity(facility, subject, revoked)
         channel._door_identity = (registry, crl, identity)
-        if facility is not None and self.certificates is not None:
-            self.certificates.seen(facility.id, cert, self.listener.name)
+        if facility is not None:
+            if self.certificates is not None:
+                self.certificates.seen(facility.id, cert, self.listener.name)
+            if self.watch is not None:
+                self.watch(request.transport, facility.id)
         return identity
 
     def refuse(self, request, identity: Identity, door: str, operation: str | None, status: int,
@@ -347,15 +372,16 @@ class HttpsDoor(resource.Resource):
         if identity.facility is None:
             await self.refuse(request, identity, "soap", None, 401, identity.refusal)
             return self._send_soap(request, fault_answer(client_fault("UNKNOWN_CERTIFICATE", identity.told)))
-        media = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-        if media != b"text/xml":
+        media, parameters = media_type((request.getHeader(b"content-type") or b"").decode("latin-1"))
+        if media != "text/xml":
             return self._send_soap(request, fault_answer(client_fault(
                 "INVALID_ENVELOPE", "Content-Type text/xml expected (SOAP 1.1)")))
         facility = identity.facility
         registry = self.registry()
         try:
             operation, element = self.soap.operation_of(_body(request),
-                                                        lambda right: registry.may(facility, right))
+                                                        lambda right: registry.may(facility, right),
+                                                        parameters.get("charset"))
         except Unauthorized as refused:
             await self.refuse(request, identity, "soap", refused.right, 403,
                         f"{refused.operation} not allowed for facility type {facility.type}")
@@ -478,7 +504,8 @@ def door_site(listener: HttpsListenerConfig, door: HttpsDoor) -> DoorSite:
 
 def build_door(config: GatewayConfig, listener: HttpsListenerConfig, store_service, translation,
                registry: RegistryRef, reactor, extra_routes: Iterable[Route] = (),
-               events: EventBus | None = None, certificates=None, revocations=None) -> HttpsDoor:
+               events: EventBus | None = None, certificates=None, revocations=None,
+               watch=None) -> HttpsDoor:
     """The door's resource for one listener: its own ingest pipeline (the shared Inspector's
     rules with the certificate's facility, the store's writer and ACK builder, the translation
     service), the REST operations, the extra routes and SOAP."""
@@ -495,7 +522,8 @@ def build_door(config: GatewayConfig, listener: HttpsListenerConfig, store_servi
     soap = SoapDoor(bridge, listener.name)
     return HttpsDoor(listener, lambda: registry.current, store_service.database,
                      rest.routes() + list(extra_routes), soap, reactor, events=events,
-                     certificates=certificates, revocations=revocations, node=config.node_name)
+                     certificates=certificates, revocations=revocations, node=config.node_name,
+                     watch=watch)
 
 
 def https_door_services(config: GatewayConfig, store_service, translation_service, identity,
@@ -511,7 +539,7 @@ def https_door_services(config: GatewayConfig, store_service, translation_servic
         door = build_door(config, listener, store_service, translation_service, identity.registry,
                           reactor, extra_routes, events=events,
                           certificates=getattr(identity, "certificates", None),
-                          revocations=identity.revocations)
+                          revocations=identity.revocations, watch=getattr(identity, "watch", None))
         options = server_tls_options(config.pki.cert, config.pki.key, config.pki.ca,
                                      revocations=identity.revocations, name=f"https {listener.name}")
         endpoint = SSL4ServerEndpoint(reactor, listener.port, options, backlog=512,

@@ -26,12 +26,17 @@ from adapters.hl7v2.header import HeaderError, parse_header
 from adapters.mllp.protocol import Answer, ConnectionInfo
 from gateway.events import EventBus
 from gateway.ingest import telemetry
-from gateway.ingest.model import Inbound
+from gateway.ingest.model import Inbound, MessageStatus
 from gateway.ingest.pipeline import pending_translations
 from gateway.store.ingest_writer import IngestJob, IngestWriter
 from gateway.store.schema import messages
 from gateway.store.texts import is_storable
 from gateway.store.translations import StoredTranslation, TranslationRecord, get_translation
+
+
+class KeyReused(Exception):
+    """The document's control id (a FHIR Bundle's Idempotency-Key) is another stored
+    document's: this one was stored as that refusal."""
 
 
 class StoreUnavailable(Exception):
@@ -93,6 +98,8 @@ class IngestBridge:
             telemetry.not_stored(self.events, item.raw, item.size, self.listener, peer)
             raise StoreUnavailable(str(error))
         telemetry.stored(self.events, job)
+        if item.status is MessageStatus.REJECTED:  # the writer found its key taken by other bytes
+            raise KeyReused(item.control_id)
         key = (item.sending_application, item.sending_facility, item.control_id)
         if item.duplicate or self.translation is None:
             found = yield self.database.run(find_document, key)

@@ -25,7 +25,7 @@ from adapters.hl7v2.codes import Outcome
 from adapters.hl7v2.header import HeaderError, parse_header
 from adapters.mllp.protocol import ConnectionInfo
 from gateway.doors.api import ApiRequest, ApiResponse, Problem, Route, json_response, refuse_foreign_charset
-from gateway.doors.ingest_bridge import IngestBridge, StoreUnavailable
+from gateway.doors.ingest_bridge import IngestBridge, KeyReused, StoreUnavailable
 from gateway.doors.schemas import (FHIR_SCHEMAS, HL7V2_SCHEMAS, MESSAGE_SCHEMAS, fhir_spec,
                                    hl7v2_spec, message_spec)
 from gateway.events import Event, EventBus
@@ -44,9 +44,9 @@ FHIR_MEDIA_TYPES = ("application/fhir+json", "application/json")
 _ASCII_COMPATIBLE = ("utf-8", "ascii")
 
 
-def media_type(request: ApiRequest) -> tuple[str, dict[str, str]]:
-    """The request's media type (lower case) and its parameters."""
-    parts = (request.headers.get("content-type") or "").split(";")
+def media_type(content_type: str | None) -> tuple[str, dict[str, str]]:
+    """A Content-Type's media type (lower case) and its parameters (names in lower case)."""
+    parts = (content_type or "").split(";")
     params = {}
     for part in parts[1:]:
         name, _, value = part.partition("=")
@@ -55,7 +55,7 @@ def media_type(request: ApiRequest) -> tuple[str, dict[str, str]]:
 
 
 def _require(request: ApiRequest, accepted: tuple[str, ...]) -> dict[str, str]:
-    kind, params = media_type(request)
+    kind, params = media_type(request.headers.get("content-type"))
     if kind not in accepted:
         raise Problem(415, "unsupported-media-type", "Unsupported media type",
                       f"send the body as {accepted[0]} (Content-Type {kind or 'missing'})")
@@ -200,6 +200,10 @@ class RestOperations:
             raise Problem(503, "store-unavailable", "Bundle not stored",
                           "the Bundle could not be stored; nothing was kept, send it again",
                           retry_after=5) from None
+        except KeyReused:  # the key's claim was let go (a failure), its Bundle stored: not this one
+            raise Problem(422, "idempotency-key-reused", "Idempotency-Key reused",
+                          "this Idempotency-Key was used for a different Bundle; use a new key "
+                          "for a new request") from None
         record = outcome.translation
         if record is not None and record.status == MessageStatus.FAILED.value:
             raise Problem(422, "translation-failed", "Bundle not translated",

@@ -14,6 +14,7 @@ soap:Server for an outage. Fault strings name rules and elements, never values.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import re
 from dataclasses import dataclass
@@ -86,9 +87,11 @@ class SoapDoor:
 
     # -- requests --------------------------------------------------------------------------
 
-    def operation_of(self, body: bytes, may) -> tuple[str, etree._Element]:
+    def operation_of(self, body: bytes, may, charset: str | None = None) -> tuple[str, etree._Element]:
         """The operation element of a request, parsed, validated and authorized
-        (`may(right)` says whether the caller has a right); raises SoapFault or Unauthorized."""
+        (`may(right)` says whether the caller has a right; `charset`, the Content-Type's);
+        raises SoapFault or Unauthorized."""
+        _refuse_charset_conflict(body, charset)
         element = parse_request(body, self.schema)
         # A comment splits an element's text, and .text (what the operations and the report's
         # translation read) stops at it: "AB<!---->12" was read as "AB", an HL7 message was
@@ -168,6 +171,30 @@ class SoapDoor:
             if report:
                 etree.SubElement(answer, f"{{{NAMESPACE}}}diagnosticReport").text = report
         return answer
+
+
+# The encoding an XML declaration names, in a body without a byte order mark.
+_DECLARED_ENCODING = re.compile(rb"""^\s*<\?xml\s[^>]*?\bencoding\s*=\s*["']([A-Za-z0-9._:-]+)["']""")
+_BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def _refuse_charset_conflict(body: bytes, charset: str | None) -> None:
+    """A Client fault when the Content-Type's charset and the XML declaration's encoding name
+    two character sets: the parser reads the declaration, so a UTF-8 body declared ISO-8859-1
+    was stored garbled ("Bénali" as "BÃ©nali") and accepted. Which one is right cannot be told."""
+    if not charset or body.startswith(_BOMS):
+        return  # nothing to compare, or a byte order mark says the encoding itself
+    declared = _DECLARED_ENCODING.match(body)
+    if declared is None:
+        return
+    try:
+        names = {codecs.lookup(name).name for name in (charset, declared.group(1).decode("ascii"))}
+    except (LookupError, ValueError):  # ValueError: a NUL in the name
+        return  # an encoding the parser does not know: it says so itself
+    if len(names) > 1 and names != {"ascii", "utf-8"}:  # ASCII text is UTF-8 as well
+        raise client_fault("CHARSET_MISMATCH", f"the Content-Type says charset {charset[:40]!r} and the "
+                                               f"XML declaration encoding {declared.group(1).decode('ascii')[:40]!r}: "
+                                               "send one character set", line=1)
 
 
 def _report_id(record) -> str | None:

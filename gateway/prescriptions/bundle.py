@@ -10,7 +10,8 @@ canonical FHIR resources only:
   to dispense (`dispenseRequest.quantity`, RXE-10 / RXO-11); an act line needs a coded act
   (`code`, OBR-4: a CNSS nomenclature code, NABM or NGAP, preferred, else LOINC, else the
   first coded one) and is performed once;
-- a dispensation is a MedicationDispense; the prescription it fills is named by
+- a dispensation is a MedicationDispense `completed` (handed over; any other status is
+  refused); the prescription it fills is named by
   `authorizingPrescription`: the MedicationRequest it points at (its `groupIdentifier`, RDS^O13
   ORC-4 `RX-...^HIE`) or a logical reference by identifier (FHIR, RXD-7), system
   `urn:ma:hie:prescription`; a paper prescription is marked by the extension
@@ -58,6 +59,7 @@ ACT_SYSTEM = "urn:ma:hie:act"  # ChargeItem.identifier of a performed act: its c
 CNSS_NOMENCLATURES = ("urn:ma:cnss:nabm", "urn:ma:cnss:ngap")  # what a care-sheet act is coded in
 LOINC = "http://loinc.org"
 NOT_PERFORMED = ("registered", "cancelled", "entered-in-error")  # DiagnosticReport.status
+HANDED_OVER = "completed"  # the MedicationDispense.status of a drug the patient received
 V2_0443 = "http://terminology.hl7.org/CodeSystem/v2-0443"
 ORDER_TYPES = ("MedicationRequest", "ServiceRequest")
 INACTIVE_ORDER = {"MedicationRequest": ("cancelled", "revoked", "entered-in-error", "stopped"),
@@ -194,7 +196,7 @@ def medication_of(resource: dict, resources: Resources) -> Medication | None:
     display = coding.get("display") or (concept or {}).get("text")
     code = str(coding["code"]).strip()
     return Medication(coding.get("system"), as_ean13(code) if coding.get("system") == GTIN else code,
-                      " ".join(str(display).split())[:200] if display else None)
+                      _label(display, 200) if display else None)
 
 
 def codings_of(concept) -> tuple[tuple[str | None, str], ...]:
@@ -217,7 +219,7 @@ def act_of(concept) -> Medication | None:
     display = next((c.get("display") for c in concept.get("coding") or ()
                     if isinstance(c, dict) and str(c.get("code") or "").strip() == code and c.get("display")),
                    None) or concept.get("text")
-    return Medication(system, code, " ".join(str(display).split())[:200] if display else None)
+    return Medication(system, code, _label(display, 200) if display else None)
 
 
 def acts_match(prescribed: tuple, performed: tuple) -> bool:
@@ -249,7 +251,13 @@ def quantity_of(quantity) -> tuple[Decimal | None, str | None]:
     if not value.is_finite():
         return None, None
     unit = quantity.get("unit") or quantity.get("code")
-    return value, (" ".join(str(unit).split())[:64] if unit else None)
+    return value, (_label(unit, 64) if unit else None)
+
+
+def _label(text, limit: int) -> str:
+    """A display or unit as the store keeps it: blanks collapsed, at most `limit` characters, no
+    NUL (an HL7 \\X00\\ escape: PostgreSQL refuses it in text, 'send again later' for ever)."""
+    return " ".join(str(text).replace("\x00", " ").split())[:limit]
 
 
 def countable(quantity: Decimal | None) -> bool:
@@ -260,8 +268,10 @@ def countable(quantity: Decimal | None) -> bool:
 
 
 def storable_code(code: Medication) -> bool:
-    """Whether the store keeps this drug's or act's code whole (PostgreSQL refuses longer ones)."""
-    return len(code.code) <= MAX_CODE and len(code.system or "") <= MAX_SYSTEM
+    """Whether the store keeps this drug's or act's code whole (PostgreSQL refuses longer ones,
+    and a NUL in text)."""
+    return (len(code.code) <= MAX_CODE and len(code.system or "") <= MAX_SYSTEM
+            and "\x00" not in code.code + (code.system or ""))
 
 
 def identifiers_of(resource: dict | None) -> tuple[str, ...]:
@@ -274,6 +284,9 @@ def identifiers_of(resource: dict | None) -> tuple[str, ...]:
 
 
 def _too_long(code: Medication) -> str:
+    """Why storable_code refused `code`."""
+    if "\x00" in code.code + (code.system or ""):
+        return "the code or its system holds a NUL character (0x00)"
     return (f"the code is longer than {MAX_CODE} characters" if len(code.code) > MAX_CODE
             else f"the code's system is longer than {MAX_SYSTEM} characters")
 
@@ -486,6 +499,14 @@ def read_dispensation(bundle: dict, hl7: bool) -> DispensationDraft:
     patients: dict[str, dict] = {}
     for index, entry in enumerate(dispenses, start=1):
         dispense = entry["resource"]
+        if dispense.get("status") != HANDED_OVER:
+            # Declined, cancelled, in error, not yet handed over: nothing the patient received
+            # (and the care sheet bills completed dispenses only).
+            raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                          f"dispensation {index} is {str(dispense.get('status'))[:32]}, not completed: only a "
+                          "dispensation handed over is recorded against a prescription",
+                          location(hl7, "RXD", "MedicationDispense", index, 0, "status"),
+                          ErrorCondition.TABLE_VALUE_NOT_FOUND)
         medication = medication_of(dispense, resources)
         if medication is None:
             raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
@@ -659,8 +680,13 @@ def _identifier_value(resource: dict) -> str | None:
     for identifier in resource.get("identifier") or ():
         if isinstance(identifier, dict) and identifier.get("system") != DISPENSATION_SYSTEM \
                 and str(identifier.get("value") or "").strip():
-            return str(identifier["value"]).strip()[:64]
+            return _reference(identifier["value"])
     return None
+
+
+def _reference(value) -> str:
+    """The sender's own id of a dispensation, as its dedup key keeps it (64 characters, no NUL)."""
+    return str(value).strip().replace("\x00", "?")[:64]
 
 
 def _prescription_reference(resources: Resources, dispense: dict) -> tuple[str | None, str | None]:
@@ -675,7 +701,7 @@ def _prescription_reference(resources: Resources, dispense: dict) -> tuple[str |
             for identifier in request.get("identifier") or ():
                 codes = {c.get("code") for c in ((identifier.get("type") or {}).get("coding") or ())}
                 if "FILL" in codes and str(identifier.get("value") or "").strip():
-                    filler = filler or str(identifier["value"]).strip()[:64]
+                    filler = filler or _reference(identifier["value"])
         else:
             logical = (reference or {}).get("identifier") or {} if isinstance(reference, dict) else {}
             if logical.get("system") == SYSTEM and str(logical.get("value") or "").strip():

@@ -46,6 +46,9 @@ class EligibilityAnswer:
     query: EligibilityQuery
     eligibility: Eligibility | None  # None: no answer
     problem: str | None = None  # why there is no answer (short, no patient data)
+    # The question itself is not one the contract takes (a number CNSS does not issue): asking
+    # again will not help, the message must be corrected.
+    unaskable: bool = False
 
     @property
     def covered(self) -> bool:
@@ -144,7 +147,7 @@ class EligibilityChecker:
         try:
             request = eligibility_request(url=self.url, on=query.on, **{query.kind: query.value})
         except Exception as error:  # a value the contract refuses (CareSheetError): not coverable
-            return defer.succeed(EligibilityAnswer(query, None, f"cannot ask CNSS: {error}"))
+            return defer.succeed(EligibilityAnswer(query, None, f"cannot ask CNSS: {error}", unaskable=True))
         self.requests += 1
         d = self._transport.request(request)
         self._in_flight.add(d)

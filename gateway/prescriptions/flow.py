@@ -68,6 +68,7 @@ from adapters.hl7v2.header import HeaderError, MessageHeader, parse_header
 from adapters.hl7v2.order_response import (order_controls, order_response, placer_groups,
                                            response_type)
 from gateway.config import GatewayConfig
+from gateway.delivery.care_sheet import local_day
 from gateway.delivery.routes import Router, patient_key
 from gateway.facilities import FacilityRegistry, RegistryRef
 from gateway.ingest.model import MessageStatus
@@ -273,20 +274,9 @@ class PrescriptionFlow:
         return pending.received_at.astimezone(self.zone).date()
 
     def _local_day(self, text) -> date | None:
-        """The day a FHIR date or dateTime falls on in the gateway's zone: a time with an
-        offset is converted (23:30Z on the 15th is the 16th in Casablanca, where AMO rights
-        are counted); None when it is neither."""
-        if not isinstance(text, str) or len(text) < 10:
-            return None
-        try:
-            day = date.fromisoformat(text[:10])
-        except ValueError:
-            return None
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            return day
-        return moment.astimezone(self.zone).date() if moment.tzinfo is not None else day
+        """The day a FHIR date or dateTime falls on in the gateway's zone (23:30Z on the 15th
+        is the 16th in Casablanca, where AMO rights are counted)."""
+        return local_day(text, self.zone)
 
     # -- inside the transaction --------------------------------------------------------------
 
@@ -614,10 +604,11 @@ class PrescriptionFlow:
                           "nor on the prescription: send it as an alternate coding of OBR-4",
                           rules.location(hl7, "OBR", "DiagnosticReport", item.index, 4, "code"),
                           ErrorCondition.REQUIRED_FIELD_MISSING)
-        if len(coding[1]) > rules.MAX_CODE:  # the result's own code, kept with the act: not checked before
+        if len(coding[1]) > rules.MAX_CODE or "\x00" in coding[1]:  # the result's own code, kept with the act
             raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
-                          f"result {item.index}: the CNSS code of act {line.medication_code} is longer than "
-                          f"{rules.MAX_CODE} characters",
+                          f"result {item.index}: the CNSS code of act {line.medication_code} "
+                          + (f"is longer than {rules.MAX_CODE} characters" if len(coding[1]) > rules.MAX_CODE
+                             else "holds a NUL character (0x00)"),
                           rules.location(hl7, "OBR", "DiagnosticReport", item.index, 4, "code"),
                           ErrorCondition.DATA_TYPE_ERROR)
         return coding
@@ -651,6 +642,11 @@ class PrescriptionFlow:
                           "not covered: the patient has no CNSS immatriculation nor CNIE to check AMO rights",
                           "PID[1]-3" if hl7 else "Patient.identifier", ErrorCondition.REQUIRED_FIELD_MISSING)
         answer = prepared.eligibility.get(query)
+        if answer is not None and answer.unaskable:
+            raise Refusal(PrescriptionError.PRESCRIPTION_INVALID,
+                          f"AMO eligibility cannot be asked at CNSS with the patient's {query.kind} as sent "
+                          f"({answer.problem}): correct it, asking again will not help",
+                          "PID[1]-3" if hl7 else "Patient.identifier", ErrorCondition.DATA_TYPE_ERROR)
         if answer is None or answer.eligibility is None:
             problem = answer.problem if answer is not None else "not asked"
             raise Refusal(PrescriptionError.ELIGIBILITY_UNAVAILABLE,
