@@ -8,6 +8,7 @@ every kind of bad input, access control, each fault mode and a restart.
 from __future__ import annotations
 
 import io
+import json
 import os
 import sqlite3
 import warnings
@@ -289,6 +290,28 @@ def test_eligibility_lists_the_beneficiaries_with_their_ids(cnss, certs):
         [(1, "CONJOINT", "BE654321"), (2, "ENFANT", None), (3, "ENFANT", None)]
 
 
+@pytest.mark.parametrize("day", ["2026-01-15Z", "2026-01-15+01:00", "2026-01-15-11:00"])
+@pytest_twisted.inlineCallbacks
+def test_eligibility_on_a_date_with_a_time_zone(day, cnss, certs):
+    """xs:date may carry a time zone: the day is answered, not a soap:Server fault (which is retried)."""
+    body = mutate(_set("fse:dateReference", day), "VerifierDroits",
+                  immatriculation="112233445", dateReference=date(2026, 3, 1))
+    response = yield http(certs, cnss.url, body)
+    assert response.code == 200, response.body
+    answer = read("VerifierDroits", response)
+    assert (answer.droitsOuverts, answer.dateReference) == (True, date(2026, 1, 15))
+
+
+@pytest.mark.parametrize("day", ["10000-01-01", "99999-01-01", "-0001-01-01"])
+@pytest_twisted.inlineCallbacks
+def test_eligibility_on_a_year_beyond_9999_or_before_1_is_a_client_fault(day, cnss, certs):
+    """The schema takes such years; the peer says it cannot, as a soap:Client fault naming the element."""
+    body = mutate(_set("fse:dateReference", day), "VerifierDroits",
+                  immatriculation="112233445", dateReference=date(2026, 3, 1))
+    fault = fault_of((yield http(certs, cnss.url, body)))
+    assert (fault.code, fault.error, fault.element) == ("soap:Client", "SCHEMA", "dateReference"), fault
+
+
 # -- submission, status, idempotency ----------------------------------------------------------
 
 @pytest_twisted.inlineCallbacks
@@ -469,6 +492,28 @@ def test_rules_beyond_the_schema_are_client_faults(case, cnss, certs):
     fault = fault_of(response)
     assert (fault.code, fault.error, fault.element) == ("soap:Client", error, element), fault
     assert rows(cnss.store_path) == 0
+
+
+def _prescription_line(rank: str):
+    def edit(op):
+        reference = etree.SubElement(op.find("fse:lignes/fse:ligne[2]", NS), f"{{{NAMESPACE}}}prescription")
+        for name, value in [("numero", "ORD-2026-000123"), ("ligne", rank), ("cleLigne", "cle-ligne-0001")]:
+            etree.SubElement(reference, f"{{{NAMESPACE}}}{name}").text = value
+    return edit
+
+
+@pytest.mark.parametrize("rank", ["1" + "0" * 30, "1" + "0" * 5000])
+@pytest_twisted.inlineCallbacks
+def test_a_prescription_line_rank_too_large_to_store_is_a_client_fault(rank, cnss, certs):
+    """xs:positiveInteger is unbounded: a rank beyond 64 bits is refused as the caller's error,
+    not a soap:Server fault that the gateway would retry for ever."""
+    fault = fault_of((yield http(certs, cnss.url, mutate(_prescription_line(rank)))))
+    assert (fault.code, fault.error, fault.element) == ("soap:Client", "SCHEMA", "ligne"), fault
+    assert rows(cnss.store_path) == 0
+    stored = yield http(certs, cnss.url, mutate(_prescription_line("+" + "0" * 5000 + "1")))
+    assert read("SoumettreFeuilleDeSoins", stored).statut == "RECUE"
+    with sqlite3.connect(cnss.store_path) as db:
+        assert db.execute("SELECT ligne FROM lignes_prescription").fetchall() == [(1,)]
 
 
 @pytest_twisted.inlineCallbacks
@@ -691,6 +736,18 @@ def test_a_bad_fault_plan_is_refused(cnss, certs):
     response = yield http(certs, cnss.url + "_sandbox/faults", b'{"mode": "fire"}', method=b"PUT",
                           headers={"content-type": "application/json"})
     assert response.code == 400 and b"mode must be one of" in response.body
+
+
+@pytest.mark.parametrize("delay", [b"NaN", b"Infinity", b"1e400"])
+@pytest_twisted.inlineCallbacks
+def test_a_delay_that_is_not_a_finite_number_is_refused(delay, cnss, certs):
+    """Python's json reads NaN and Infinity: such a delay is refused, not kept (it would never
+    answer, and the plan would be read back as NaN, which is not JSON)."""
+    response = yield http(certs, cnss.url + "_sandbox/faults", b'{"mode": "slow", "delay": ' + delay + b"}",
+                          method=b"PUT", headers={"content-type": "application/json"})
+    assert response.code == 400 and b"delay must be a finite number" in response.body
+    plan = yield http(certs, cnss.url + "_sandbox/faults", method=b"GET")
+    assert json.loads(plan.body)["mode"] == "none"
 
 
 # -- internal errors -------------------------------------------------------------------------

@@ -220,6 +220,31 @@ def test_transaction_creates_and_resolves_urn_uuid_references(client):
 
 
 @pytest_twisted.inlineCallbacks
+def test_references_to_a_fullurl_that_is_a_url_point_to_the_resource_stored(client):
+    """FHIR transactions: a reference to an entry's fullUrl, a URL rather than a urn:uuid, is
+    rewritten to the id the record gave that entry (POST: a new one; conditional update: the
+    match's), so the stored resource and the search index name the same target."""
+    existing = yield client.post(transaction(conditional_patient("CD1")))
+    matched_ref = locations(existing)[0].rsplit("/_history/", 1)[0]
+    reply = yield client.post(transaction(
+        entry(patient("AB1"), "POST", "Patient", "http://example.org/fhir/Patient/p1"),
+        entry(observation("http://example.org/fhir/Patient/p1"), "POST", "Observation"),
+        entry(patient("CD1"), "PUT", f"Patient?identifier={CNIE}|CD1", "http://example.org/fhir/Patient/p2"),
+        entry(observation("http://example.org/fhir/Patient/p2", loinc="718-7"), "POST", "Observation"),
+    ))
+    assert reply.code == 200, reply.body
+    assert statuses(reply) == ["201 Created", "201 Created", "200 OK", "201 Created"]
+    created_ref, first_ref, again_ref, second_ref = [location.rsplit("/_history/", 1)[0]
+                                                     for location in locations(reply)]
+    assert again_ref == matched_ref and created_ref != "Patient/p1"
+    for observation_ref, patient_ref in ((first_ref, created_ref), (second_ref, matched_ref)):
+        stored = yield client.get(f"/fhir/{observation_ref}")
+        assert stored.json["subject"] == {"reference": patient_ref}
+        found = yield client.get(f"/fhir/Observation?subject={patient_ref}")
+        assert [item["resource"]["id"] for item in found.json["entry"]] == [observation_ref.split("/")[1]]
+
+
+@pytest_twisted.inlineCallbacks
 def test_conditional_update_updates_the_match_and_conditional_create_finds_it(client, running):
     """PUT Type?identifier updates the one match (new version), POST ifNoneExist returns the match instead of creating."""
     first = yield client.post(transaction(conditional_patient()))
@@ -507,6 +532,22 @@ def test_unknown_resource_type_is_422(client):
     assert reply.code == 422 and issue(reply)["expression"] == ["Bundle.entry[0].resource.resourceType"]
 
 
+@pytest.mark.parametrize("nested, where", [
+    ({"contained": [{"resourceType": "Nope"}]}, "contained[0]"),
+    ({"contained": [{"resourceType": 7}]}, "contained[0]"),
+    ({"contained": [{"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": "Nope"}}]}]},
+     "contained[0].entry[0].resource"),
+])
+@pytest_twisted.inlineCallbacks
+def test_unknown_type_of_a_nested_resource_is_422(client, running, nested, where):
+    """A contained (or deeper) resource whose type R4 does not define is a 422 naming it, not a
+    500 (which the gateway would retry for ever): the models fail on it with a KeyError."""
+    reply = yield client.post(transaction(entry(patient(**nested), "POST", "Patient")))
+    assert reply.code == 422, reply.body
+    assert issue(reply)["expression"] == [f"Bundle.entry[0].resource.{where}.resourceType"]
+    assert running.count() == 0
+
+
 @pytest_twisted.inlineCallbacks
 def test_validation_can_be_switched_off(dev_pki, tmp_path):
     """With validate=False (benchmarks) a resource the models would reject is stored."""
@@ -553,6 +594,20 @@ def test_empty_transaction_is_an_empty_response(client):
     """A transaction without entries succeeds with no entries."""
     reply = yield client.post(transaction())
     assert reply.code == 200 and reply.json["entry"] == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_head_is_get_without_a_body_and_a_405_names_the_allowed_methods(client):
+    """RFC 9110: HEAD is served wherever GET is, and a 405 carries Allow."""
+    head = yield client.request("HEAD", "/fhir/metadata")
+    assert head.code == 200 and head.body == b""
+    assert head.header("content-type").startswith("application/fhir+json")
+    deleted = yield client.request("DELETE", "/fhir/Patient/1")
+    assert deleted.code == 405 and deleted.header("allow") == "GET, HEAD"
+    put = yield client.request("PUT", "/fhir", b"{}")
+    assert put.code == 405 and put.header("allow") == "POST"
+    post_search = yield client.request("POST", "/fhir/Patient/_search", b"{}")
+    assert post_search.code == 405 and post_search.header("allow") == "GET, HEAD"
 
 
 # -- read and search -----------------------------------------------------------------------
@@ -658,6 +713,29 @@ def test_bad_searches_are_refused(searchable):
         reply = yield searchable.get(path)
         assert reply.code == code, path
         assert reply.json["resourceType"] == "OperationOutcome", path
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_count_of_thousands_of_digits_is_read_without_int_failing(searchable):
+    """int() refuses a string of more than 4300 digits: such a _count is a 400 (too large), or
+    read as its value when they are leading zeros, not a 500."""
+    too_large = yield searchable.get("/fhir/Observation?_count=" + "9" * 5000)
+    assert too_large.code == 400 and issue(too_large)["code"] == "value"
+    padded = yield searchable.get("/fhir/Observation?_count=" + "0" * 5000 + "1")
+    assert padded.code == 200 and padded.json["total"] == 3 and len(padded.json["entry"]) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_search_of_a_thousand_parameters_is_400_not_a_500(searchable, running):
+    """Each parameter is an AND term, and SQLite refuses a WHERE about a thousand deep: such a
+    search, or a conditional URL of a transaction, is refused as too costly."""
+    search = yield searchable.get("/fhir/Patient?" + "&".join(["_id=amina"] * 1000))
+    assert search.code == 400 and issue(search)["code"] == "too-costly"
+    before = running.count()
+    condition = "Patient?" + "&".join([f"identifier={CNIE}|AB123456"] * 1000)
+    reply = yield searchable.post(transaction(entry(patient(), "PUT", condition)))
+    assert reply.code == 400 and issue(reply)["expression"] == ["Bundle.entry[0].request.url"]
+    assert running.count() == before
 
 
 @pytest_twisted.inlineCallbacks

@@ -18,6 +18,7 @@ The control path itself is never subject to the faults.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from dataclasses import asdict, dataclass
 
@@ -50,8 +51,9 @@ class FaultPlan:
         if mode not in MODES:
             raise FaultPlanError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         delay = data.get("delay", 0.0)
-        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or delay < 0:
-            raise FaultPlanError("delay must be a number of seconds, 0 or more")
+        # json reads NaN, Infinity and 1e400 (inf): a plan that never answers or is not JSON again
+        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not 0 <= delay < math.inf:
+            raise FaultPlanError("delay must be a finite number of seconds, 0 or more")
         count = data.get("count")
         if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
             raise FaultPlanError("count must be a positive integer or null")

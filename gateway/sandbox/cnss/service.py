@@ -33,6 +33,7 @@ from twisted.logger import Logger
 
 from adapters.soap.cnss import NAMESPACE, XSD_PATH, valid_ean13
 from adapters.soap.envelope import SoapFault, answer_envelope, client_fault, server_fault
+from gateway.delivery.care_sheet import xsd_date
 from gateway.sandbox.cnss import seed
 from gateway.sandbox.cnss.soap import element_bytes, fault_envelope, parse_request
 from gateway.sandbox.cnss.store import CareSheetStore, KeyReused, LineAlreadyBilled
@@ -42,6 +43,8 @@ log = Logger()
 NS = {"fse": NAMESPACE}
 _EXPECTED = re.compile(r"Expected is (?:one of )?\(([^)]*)\)")
 CENT = Decimal("0.01")
+# xs:positiveInteger is unbounded; the store's INTEGER is 64 bits (and int() reads 4300 digits)
+MAX_LINE_DIGITS = 18
 
 # lxml error types -> what the fault string says (the detail carries lxml's own message).
 SCHEMA_RULES = {
@@ -81,6 +84,23 @@ def _text(parent: etree._Element, path: str) -> str | None:
 def _decimal(parent: etree._Element, path: str) -> Decimal | None:
     value = _text(parent, path)
     return Decimal(value) if value is not None else None
+
+
+def _date(parent: etree._Element, path: str) -> date:
+    """The day of a schema-valid xs:date (its time zone dropped); a Client fault for a year
+    outside 1 to 9999, which the schema accepts (negative, five digits) and a Python date
+    cannot hold."""
+    node = parent.find(path, NS)
+    try:
+        return xsd_date(node.text.strip())
+    except ValueError:
+        raise client_fault("SCHEMA", "date hors des années 1 à 9999", line=node.sourceline,
+                           element=etree.QName(node).localname) from None
+
+
+def _rank(reference: etree._Element) -> str:
+    """The digits of a schema-valid prescription line rank (xs:positiveInteger: "+0001" is 1)."""
+    return _text(reference, "fse:ligne").lstrip("+").lstrip("0")
 
 
 def _schema_path(path: str | None) -> str | None:
@@ -156,7 +176,7 @@ class CnssService:
     def verify_rights(self, request: etree._Element, received_at: datetime) -> etree._Element:
         immatriculation = _text(request, "fse:immatriculation")
         cnie = _text(request, "fse:cnie")
-        day = date.fromisoformat(_text(request, "fse:dateReference"))
+        day = _date(request, "fse:dateReference")
         person = seed.find_insured(immatriculation=immatriculation, cnie=cnie, table=self.insured)
         motive = person.motive_on(day) if person else "ASSURE_INCONNU"
         answer = etree.Element(_q("VerifierDroitsReponse"), nsmap={"fse": NAMESPACE})
@@ -192,7 +212,7 @@ class CnssService:
         self._check_care_sheet(request)
         key = _text(request, "fse:cleIdempotence")
         lines = tuple((_text(reference, "fse:cleLigne"), _text(reference, "fse:numero"),
-                       int(_text(reference, "fse:ligne")))
+                       int(_rank(reference)))
                       for reference in request.findall("fse:lignes/fse:ligne/fse:prescription", NS))
         paper = _text(request, "fse:ordonnancePapier") in ("true", "1")
         try:
@@ -238,6 +258,9 @@ class CnssService:
             reference = line.find("fse:prescription", NS)
             if reference is None:
                 continue
+            if len(_rank(reference)) > MAX_LINE_DIGITS:
+                raise client_fault("SCHEMA", f"ligne de soins {number}: rang de ligne de prescription trop grand",
+                                   line=reference.sourceline, element="ligne")
             if _text(reference, "fse:numero") != prescription:
                 raise client_fault("ORDONNANCE_INCOHERENTE",
                                    f"la ligne de soins {number} exécute une autre prescription que numeroPrescription",

@@ -4,7 +4,8 @@ fault injection, and the database thread.
 Routes (under `/fhir`):
 - `POST /fhir`: a transaction Bundle (`Idempotency-Key` header honoured, see api.py);
 - `GET /fhir/metadata`: the CapabilityStatement;
-- `GET /fhir/Type/id`: read; `GET /fhir/Type?...`: search (search.py);
+- `GET /fhir/Type/id`: read; `GET /fhir/Type?...`: search (search.py); HEAD wherever GET;
+  other methods a 405 with Allow;
 - `/_sandbox/faults`: the fault plan (gateway/sandbox/faults.py), never itself faulted;
 - `GET /_sandbox/stats`: how many transaction requests came and what became of them (api.py).
   Injected errors are OperationOutcomes (issue code `transient` for 5xx, `invalid` for 400);
@@ -127,6 +128,12 @@ def _forbidden(request, allowed_clients: frozenset[str]) -> bytes | None:
     return error_answer(FhirError.single(403, "forbidden", who)).body
 
 
+def _method_not_allowed(allow: str, diagnostics: str = "method not allowed") -> Answer:
+    """RFC 9110: a 405 names the methods the target supports (Allow)."""
+    answer = error_answer(FhirError.single(405, "not-supported", diagnostics))
+    return Answer(answer.status, answer.body, {"allow": allow})
+
+
 def _fault_answer(request, status: int) -> None:
     code = "transient" if status >= 500 else "invalid"
     _write(request, error_answer(FhirError.single(status, code, "sandbox fault injected")))
@@ -232,9 +239,9 @@ class FhirEndpoint(resource.Resource):
             request.content.seek(0)
             body = request.content.read()
             return lambda: api.transaction(body, key)
-        if method not in (b"GET", b"POST"):
-            raise FhirError.single(405, "not-supported", "method not allowed")
-        if method == b"GET":
+        if method not in (b"GET", b"HEAD", b"POST"):
+            return _method_not_allowed("POST" if path == [] else "GET, HEAD")
+        if method in (b"GET", b"HEAD"):  # HEAD: Twisted sends the headers of GET, no body
             if path == ["metadata"]:
                 return RecordApi.capability_statement()
             if len(path) == 1:
@@ -246,7 +253,7 @@ class FhirEndpoint(resource.Resource):
             if len(path) == 2:
                 return lambda: api.read(path[0], path[1])
         if method == b"POST" and len(path) == 2 and path[1] == "_search":
-            raise FhirError.single(405, "not-supported", "search with GET")
+            return _method_not_allowed("GET, HEAD", "search with GET")
         raise FhirError.single(404, "not-found", "no such endpoint")
 
     @staticmethod

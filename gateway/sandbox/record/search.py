@@ -9,6 +9,8 @@ Parameters (all of them must hold: AND):
 - `_id=`;
 - `_count=n` (0 to MAX_COUNT, default DEFAULT_COUNT): the page size; `total` counts them all.
 
+At most MAX_PARAMETERS parameters in one search.
+
 Values use FHIR search escaping (`\\|`, `\\,`, `\\$`, `\\\\`); `escape_token_part` produces
 it. Unknown parameters and modifiers, and lists of values (an unescaped `,`: OR), are refused
 (400) rather than silently ignored, so a caller never believes a filter applied that did not.
@@ -25,6 +27,8 @@ from gateway.sandbox.record.validation import is_valid_id
 
 DEFAULT_COUNT = 100
 MAX_COUNT = 1000
+# Each parameter is one more AND term; SQLite refuses a WHERE about 1000 terms deep (a 500)
+MAX_PARAMETERS = 100
 _ESCAPED = re.compile(r"\\(.)")
 
 
@@ -75,6 +79,8 @@ def parse_query_string(query: str) -> list[tuple[str, str]]:
 def parse_search(resource_type: str, pairs: list[tuple[str, str]]) -> SearchQuery:
     clauses: list[Clause] = []
     count = DEFAULT_COUNT
+    if len(pairs) > MAX_PARAMETERS:
+        raise FhirError.single(400, "too-costly", f"more than {MAX_PARAMETERS} search parameters")
     for name, value in pairs:
         if name in ("identifier", "code"):
             clauses.append(_token(name, value))
@@ -85,10 +91,13 @@ def parse_search(resource_type: str, pairs: list[tuple[str, str]]) -> SearchQuer
                 raise FhirError.single(400, "value", "_id is not a valid resource id")
             clauses.append(IdClause(value))
         elif name == "_count":
-            # isdigit() alone takes "²" (int() refuses it: a 500) and other scripts' digits
-            if not (value.isascii() and value.isdigit()) or int(value) > MAX_COUNT:
+            # isdigit() alone takes "²" (int() refuses it: a 500) and other scripts' digits;
+            # int() refuses more than 4300 digits (a 500 too): the length is compared first
+            digits = value.lstrip("0") or "0"
+            if (not (value.isascii() and value.isdigit()) or len(digits) > len(str(MAX_COUNT))
+                    or int(digits) > MAX_COUNT):
                 raise FhirError.single(400, "value", f"_count must be an integer from 0 to {MAX_COUNT}")
-            count = int(value)
+            count = int(digits)
         else:
             raise FhirError.single(400, "not-supported", f"unsupported search parameter {name[:64]!r}")
     return SearchQuery(resource_type, tuple(clauses), count)

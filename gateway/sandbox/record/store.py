@@ -219,6 +219,8 @@ class RecordStore:
         created: dict[tuple[str, str], None] = {}  # new keys, in order of creation
         index: dict[tuple[str, str], tuple] = {}  # rows to insert once all entries are written
         answers = []
+        # fullUrls that are URLs (not urn:uuid): references to them are found on the tree
+        url_targets = any(not full_url.startswith(URN_UUID) for full_url in targets)
         for entry, resource_id, write, identifier_list in zip(entries, ids, writes, identifiers):
             key = (entry.resource_type, resource_id)
             if not write:  # a conditional create that found its resource
@@ -226,7 +228,7 @@ class RecordStore:
                 answers.append(_entry_response(*key, "200 OK", version, last_updated))
                 continue
             entry.resource["id"] = resource_id
-            content = _stored_form(entry, targets)
+            content = _stored_form(entry, targets, url_targets)
             row = current.get(key)
             if row is None:
                 current[key] = [1, now, content]
@@ -297,9 +299,10 @@ class RecordStore:
             return next(iter(matches)), True
         return entry.resource.get("id") or str(uuid.uuid4()), True
 
-def _stored_form(entry: PlannedEntry, targets: dict[str, str]) -> str:
+def _stored_form(entry: PlannedEntry, targets: dict[str, str], url_targets: bool = False) -> str:
     """The JSON text stored for an entry's resource: without meta.versionId/lastUpdated, its
-    `urn:uuid:` references rewritten (on the text: one pass instead of a walk of the tree)."""
+    `urn:uuid:` references rewritten (on the text: one pass instead of a walk of the tree), and
+    when some fullUrls are URLs (`url_targets`), references to them too (on the tree)."""
     resource = entry.resource
     meta = resource.get("meta")
     if isinstance(meta, dict) and ("versionId" in meta or "lastUpdated" in meta):
@@ -308,6 +311,8 @@ def _stored_form(entry: PlannedEntry, targets: dict[str, str]) -> str:
             resource["meta"] = meta
         else:
             del resource["meta"]
+    if url_targets:
+        rewrite_references(resource, targets, entry.where + ".resource")
     content = _dumps(resource)
     if URN_UUID not in content:
         return content

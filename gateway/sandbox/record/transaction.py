@@ -1,4 +1,5 @@
-"""Reading a transaction Bundle into planned entries, and resolving its `urn:uuid:` references.
+"""Reading a transaction Bundle into planned entries, and resolving its references to its
+entries' fullUrls (`urn:uuid:` or URLs).
 
 Pure code: what the request asks for, checked; the store decides ids and writes (store.py).
 
@@ -157,10 +158,11 @@ def _condition(resource_type: str, query: str, where: str) -> SearchQuery:
 
 
 def rewrite_references(value, targets: dict[str, str], where: str) -> None:
-    """Replace, in place, every `urn:uuid:` reference by the `Type/id` it was resolved to."""
+    """Replace, in place, every reference to an entry's fullUrl (`urn:uuid:` or a URL) by the
+    `Type/id` it was resolved to; a `urn:uuid:` that no entry has is a 422."""
     if isinstance(value, dict):
         for key, item in value.items():
-            if key == "reference" and isinstance(item, str) and item.startswith(URN_UUID):
+            if key == "reference" and isinstance(item, str) and (item.startswith(URN_UUID) or item in targets):
                 target = targets.get(item)
                 if target is None:
                     raise FhirError.single(422, "not-found",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from gateway.mapping.fhir_schema import is_resource_type
 from gateway.sandbox.record.operation_outcome import Issue
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -36,7 +37,38 @@ def resource_issues(resource: dict, where: str) -> list[Issue]:
     except ValidationError as error:
         return [Issue(_issue_code(problem["type"]), problem["msg"], where + _fhirpath(problem["loc"]))
                 for problem in error.errors(include_url=False, include_input=False)]
+    except RecursionError:
+        # A resource nested deeper than the models can walk (extensions within extensions, some
+        # 150 levels: JSON read them): refused as such, not a RecursionError out of the door.
+        return [Issue("too-costly", "the resource nests too deeply to be validated", where)]
+    except (KeyError, TypeError):
+        # The models look a nested resource's (contained, Bundle.entry.resource) model up by its
+        # resourceType without checking it: a KeyError or TypeError, not a ValidationError.
+        try:
+            issues = _unknown_nested_types(resource, where)
+        except RecursionError:
+            issues = [Issue("too-costly", "the resource nests too deeply to be validated", where)]
+        if not issues:
+            raise
+        return issues
     return []
+
+
+def _unknown_nested_types(value, where: str) -> list[Issue]:
+    """An issue for each object below the resource whose resourceType names no resource."""
+    if isinstance(value, dict):
+        children = ((f"{where}.{key}", item) for key, item in value.items())
+    elif isinstance(value, list):
+        children = ((f"{where}[{number}]", item) for number, item in enumerate(value))
+    else:
+        return []
+    issues = []
+    for at, item in children:
+        if isinstance(item, dict) and "resourceType" in item and not is_resource_type(item["resourceType"]):
+            issues.append(Issue("value", "unknown resource type", f"{at}.resourceType"))
+        else:
+            issues += _unknown_nested_types(item, at)
+    return issues
 
 
 def _issue_code(pydantic_type: str) -> str:
