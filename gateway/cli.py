@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=_pki("cmd_pki_show"))
 
     send = commands.add_parser("send", help="send HL7 v2 files over MLLP and print each ACK")
-    send.add_argument("--to", required=True, metavar="HOST:PORT")
+    send.add_argument("--to", required=True, metavar="HOST:PORT", type=_text)
     send.add_argument("--tls", action="store_true", help="use TLS (with --ca, --cert, --key)")
     send.add_argument("--ca", help="CA certificate that the server's certificate must chain to")
     send.add_argument("--cert", help="client certificate (PEM)")
@@ -97,11 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.add_argument("--limit", type=_positive, default=50)
     listing.add_argument("--status", choices=[status.value for status in MessageStatus])
-    listing.add_argument("--control-id", help="MSH-10, exactly")
-    listing.add_argument("--patient", help="a patient identifier: VALUE or SYSTEM|VALUE, exactly "
+    listing.add_argument("--control-id", type=_text, help="MSH-10, exactly")
+    listing.add_argument("--patient", type=_text, help="a patient identifier: VALUE or SYSTEM|VALUE, exactly "
                                            "(the bundles' Patients; PID-3 of messages without one)")
-    listing.add_argument("--facility", help="a registry id, or MSH-4 whole or its first component")
-    listing.add_argument("--type", help="ADT, or ADT^A01")
+    listing.add_argument("--facility", type=_text, help="a registry id, or MSH-4 whole or its first component")
+    listing.add_argument("--type", type=_text, help="ADT, or ADT^A01")
     listing.add_argument("--since", type=_instant, help="received at or after (ISO 8601; UTC "
                                                         "without an offset)")
     listing.add_argument("--until", type=_instant, help="received before (ISO 8601)")
@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     translate = commands.add_parser("translate", parents=[common],
                                     help="print the canonical FHIR bundle of each file (nothing is sent)")
     translate.add_argument("files", nargs="+", metavar="FILE")
-    translate.add_argument("--sender", metavar="FACILITY", help="registry id of the sending facility")
+    translate.add_argument("--sender", metavar="FACILITY", type=_text, help="registry id of the sending facility")
     translate.add_argument("--mappings", metavar="DIR", help="mapping directory (default: mappings.directory)")
     translate.set_defaults(handler=_translate)
 
@@ -150,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     show = audit.add_parser("show", parents=[common], help="audit records, oldest first")
     show.add_argument("--after", type=_whole, default=0, metavar="SEQ")
     show.add_argument("--limit", type=_positive, default=100)
-    show.add_argument("--subject", help="only this subject (message/42, prescription/RX-...)")
+    show.add_argument("--subject", type=_text, help="only this subject (message/42, prescription/RX-...)")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
     show.set_defaults(handler=_audit("show"))
     retention = commands.add_parser("retention", help="expiry of payloads, bundles and audit records"
@@ -181,7 +181,7 @@ def _accounts_hash(args) -> int:
     """The password is asked twice without echo (or read from standard input), never printed."""
     import getpass
 
-    from gateway.console.passwords import hash_password
+    from gateway.console.passwords import MAX_PASSWORD, MIN_PASSWORD, hash_password
 
     if args.stdin:
         password = sys.stdin.readline().rstrip("\r\n")
@@ -190,8 +190,11 @@ def _accounts_hash(args) -> int:
         if getpass.getpass("Again: ") != password:
             print("the two passwords differ; nothing hashed", file=sys.stderr)
             return 1
-    if len(password) < 8:
-        print("a console password needs at least 8 characters", file=sys.stderr)
+    if len(password) < MIN_PASSWORD:
+        print(f"a console password needs at least {MIN_PASSWORD} characters", file=sys.stderr)
+        return 1
+    if len(password) > MAX_PASSWORD:  # the login form would cut it: that account could never log in
+        print(f"a console password has at most {MAX_PASSWORD} characters", file=sys.stderr)
         return 1
     print(hash_password(password))
     return 0
@@ -342,6 +345,18 @@ def _send(args) -> int:
 
 
 _SQL_INTEGER_MAX = 2**63 - 1  # the largest LIMIT or id a database takes (Python's ints have none)
+
+
+def _text(text: str) -> str:
+    """A text to search or send: the shell may pass bytes that are not UTF-8, which Python
+    holds as lone surrogates (surrogateescape) that no database, peer or file can take (file
+    names keep them: a file system's names need not be UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("not UTF-8 text (check the terminal's or the script's "
+                                         "character set)") from None
+    return text
 
 
 def _positive(text: str) -> int:

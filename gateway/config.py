@@ -720,6 +720,10 @@ def _database_url(value: Any) -> str:
         raise _Invalid("must be a sqlite or postgresql URL",
                        _did_you_mean(url.get_backend_name(), ("sqlite", "postgresql")),
                        got=repr(url.render_as_string(hide_password=True)))
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        # Each of the gateway's threads would open its own empty database: nothing kept.
+        raise _Invalid("must name a SQLite file (an in-memory database keeps nothing, and each "
+                       f"thread would see its own): {example}", got=repr(str(url)))
     return value
 
 
@@ -1146,6 +1150,29 @@ def _certificate_problems(values: dict) -> list[str]:
     return problems
 
 
+def _header_problems(values: dict) -> list[str]:
+    """No MSH-3/MSH-4 pair names two facilities: on plain MLLP the registry would give its
+    messages to the first in the file, silently (the other's rights, charset, sources). Two
+    facilities sharing an MSH-4 name are told apart by their `applications`; one with none
+    takes the MSH-3 values the other does not list."""
+    located = values.get("facilities")
+    if located is None:
+        return []
+    problems = []
+    seen: dict[tuple[str, str | None], str] = {}  # (MSH-4, MSH-3 or None: any) -> facility id
+    for index, facility in enumerate(located.value):
+        for name in facility.facilities or (facility.id,):
+            for application in facility.applications or (None,):
+                other = seen.get((name, application))
+                if other is not None and other != facility.id:
+                    which = f"MSH-3 {application!r}" if application else "any MSH-3"
+                    problems.append(f"{_display(located.file)}: facilities[{index}]: MSH-4 {name!r} with "
+                                    f"{which} also names facility {other}: give each its own "
+                                    "`applications`")
+                seen.setdefault((name, application), facility.id)
+    return problems
+
+
 def _destination_problems(path: str, values: dict) -> list[str]:
     """Destination settings that are each valid but do not fit together: a retry cap below
     its base, an attempt that may outlast the delivery lease."""
@@ -1266,6 +1293,7 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> GatewayC
             reader.problems.extend(_prescription_problems(path, values))
         reader.problems.extend(_sender_mapping_problems(root, values))
         reader.problems.extend(_certificate_problems(values))
+        reader.problems.extend(_header_problems(values))
     if reader.problems:
         raise ConfigError(reader.problems)
 

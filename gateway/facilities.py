@@ -91,11 +91,16 @@ class FacilityRegistry:
         return None
 
     def by_header(self, application: str, facility: str) -> SenderConfig | None:
-        """The facility behind MSH-3/MSH-4 (first components), or None."""
+        """The facility behind MSH-3/MSH-4 (first components), or None. Facilities sharing an
+        MSH-4 name are told apart by MSH-3: one that lists it wins over one that takes any."""
+        application = application.split("^", 1)[0]
+        any_application = None
         for candidate in self._by_header.get(facility.split("^", 1)[0], ()):
-            if not candidate.applications or application.split("^", 1)[0] in candidate.applications:
+            if not candidate.applications:
+                any_application = any_application or candidate
+            elif application in candidate.applications:
                 return candidate
-        return None
+        return any_application
 
     def names_facility(self, facility: SenderConfig, msh4: str) -> bool:
         """Whether MSH-4 (first component) is one of `facility`'s own names."""
@@ -149,7 +154,7 @@ class SourceNetworks:
     """CIDR networks parsed once; `allows(address)`: inside one of them (any, when none)."""
 
     def __init__(self, cidrs: Iterable[str]):
-        self.networks = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+        self.networks = tuple(_unmapped(ipaddress.ip_network(cidr, strict=False)) for cidr in cidrs)
 
     def allows(self, address: str) -> bool:
         if not self.networks:
@@ -161,6 +166,15 @@ class SourceNetworks:
         if ip.version == 6 and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped  # ::ffff:10.1.2.3 on a dual-stack socket is 10.1.2.3
         return any(ip in network for network in self.networks)
+
+
+def _unmapped(network):
+    """An IPv4-mapped network (::ffff:10.0.0.0/104) as the IPv4 one it is (10.0.0.0/8), since
+    addresses are compared in their IPv4 form; any other network as it is."""
+    address = network.network_address
+    if network.version == 6 and network.prefixlen >= 96 and address.ipv4_mapped is not None:
+        return ipaddress.ip_network(f"{address.ipv4_mapped}/{network.prefixlen - 96}")
+    return network
 
 
 # -- authorization: the same rules on every door ---------------------------------------------

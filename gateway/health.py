@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from twisted.internet import defer
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -48,6 +47,7 @@ class ReadinessChecks:
         self._listeners = listeners
         self._mappings = mappings
         self._timeout = timeout
+        self._reading: defer.Deferred | None = None
 
     @classmethod
     def for_gateway(cls, gateway, config, reactor) -> "ReadinessChecks":
@@ -85,6 +85,9 @@ class ReadinessChecks:
         return checks
 
     def _database_check(self) -> defer.Deferred:
+        """A Check firing within the timeout. One read at a time: a probe arriving while the
+        last one's read is still out (a database that hangs) waits for that read instead of
+        queuing another in the pool, where each probe would leave one more behind."""
         answer = defer.Deferred()
 
         def settle(check: Check) -> None:
@@ -94,29 +97,48 @@ class ReadinessChecks:
         timer = self._reactor.callLater(
             self._timeout, settle, Check("database", False, f"no answer within {self._timeout:g} s"))
 
-        def answered(result):
+        def answered(check: Check) -> Check:
             if timer.active():
                 timer.cancel()
-            if isinstance(result, Failure):
-                settle(Check("database", False, _short(result.getErrorMessage())))
-            else:
-                settle(Check("database", True))
+            settle(check)
+            return check
 
-        try:
-            self._database.run(_messages_readable).addBoth(answered)
-        except Exception as error:  # the pool is not running
-            answered(Failure(error))
+        self._database_read().addBoth(answered)
         return answer
+
+    def _database_read(self) -> defer.Deferred:
+        """The read under way (a Deferred firing with a Check, never failing), or a new one."""
+        if self._reading is None:
+            try:
+                reading = self._database.run(_messages_readable)
+            except Exception as error:  # the pool is not running
+                reading = defer.fail(error)
+            reading.addCallbacks(lambda _: Check("database", True),
+                                 lambda failure: Check("database", False, _short(failure.getErrorMessage())))
+            if not reading.called:
+                self._reading = reading
+                reading.addBoth(self._read)
+        else:
+            reading = self._reading
+        waiter = defer.Deferred()
+        reading.addBoth(lambda check: (waiter.callback(check), check)[1])
+        return waiter
+
+    def _read(self, check: Check) -> Check:
+        self._reading = None
+        return check
 
 
 def _messages_readable(conn) -> None:
     """Whether the messages table can be read: a database that answers while a lock holds
     that table (a migration, a VACUUM FULL) stores nothing, and the ingest writer answers
-    STORE_UNAVAILABLE meanwhile. The lock is waited for no longer than the check is."""
+    STORE_UNAVAILABLE meanwhile. The lock is waited for less than the check is: the read has
+    ended (its reason told) when the probe is answered, and the next probe reads again rather
+    than joining a read about to fail."""
     from sqlalchemy import text
 
     if conn.dialect.name == "postgresql":
-        conn.execute(text(f"SET LOCAL lock_timeout = '{round(DATABASE_TIMEOUT * 1000)}ms'"))
+        conn.execute(text(f"SET LOCAL lock_timeout = '{round(DATABASE_TIMEOUT * 750)}ms'"))
     conn.execute(text("SELECT 1 FROM messages LIMIT 1")).all()
 
 

@@ -91,6 +91,12 @@ class IdentityService(Service):
         cert = peer_certificate(transport)
         if cert is None:
             raise PeerRefused("no client certificate")
+        crl = self.revocations.crl
+        if crl is not None and crl.revokes(cert):
+            # Verified before a reload installed this CRL, the handshake ending after it (and
+            # after the reload closed the revoked connections it knew of).
+            raise PeerRefused(f"client certificate {cert.subject.rfc4514_string()!r} (sha256 "
+                              f"{certificate_fingerprint(cert)}) is revoked by the CRL {crl.path}")
         facility = self.registry.current.by_certificate(cert)
         if facility is None:
             raise PeerRefused(f"client certificate {cert.subject.rfc4514_string()!r} (sha256 "
@@ -99,6 +105,11 @@ class IdentityService(Service):
                               "certificate_sha256, or a common name equal to a facility id)")
         self._open[transport] = facility.id
         return facility.id
+
+    def watch(self, transport, facility_id: str) -> None:
+        """Re-check `transport` at each reload as the MLLP connections `identify` saw: a door
+        that identifies its callers itself (HTTPS) hands its kept-alive connections here."""
+        self._open[transport] = facility_id
 
     def _recheck(self) -> None:
         """Close each open connection whose certificate the CRL in force revokes, or which the

@@ -22,9 +22,11 @@ from datetime import datetime, timezone
 from typing import IO
 
 from twisted.logger import (FileLogObserver, FilteringLogObserver, ILogObserver, LogLevel,
-                            LogLevelFilterPredicate, formatEvent, globalLogBeginner,
-                            globalLogPublisher, textFileLogObserver)
+                            LogLevelFilterPredicate, formatEvent, formatEventAsClassicLogText,
+                            globalLogBeginner, globalLogPublisher)
 from zope.interface import implementer
+
+from gateway.terminal import printable
 
 # log_level -> (Twisted's level, the standard library's level)
 LEVELS = {"debug": (LogLevel.debug, logging.DEBUG), "info": (LogLevel.info, logging.INFO),
@@ -80,7 +82,14 @@ def json_observer(stream: IO[str], node: str) -> ILogObserver:
 
 
 def text_observer(stream: IO[str]) -> ILogObserver:
-    return textFileLogObserver(_LockedStream(stream))
+    """Twisted's classic lines (a newline in the text goes on an indented line), control
+    characters shown escaped: a sender's ESC or CR would otherwise drive the operator's
+    terminal (colour, a cursor moved back over the line to forge another)."""
+    def line(event: dict) -> str | None:
+        text = formatEventAsClassicLogText(event)
+        return printable(text, lines=True) if text else text  # as the commands print it
+
+    return FileLogObserver(_LockedStream(stream), line)
 
 
 class _LockedStream(io.TextIOBase):
@@ -92,7 +101,13 @@ class _LockedStream(io.TextIOBase):
 
     def write(self, text: str) -> int:
         with self._lock:
-            self._stream.write(text)
+            try:
+                self._stream.write(text)
+            except UnicodeEncodeError:
+                # A lone surrogate (JSON input's "\\udc80", bytes decoded with surrogateescape)
+                # or a character the stream's encoding lacks: the line, with "?", not lost.
+                encoding = getattr(self._stream, "encoding", None) or "utf-8"
+                self._stream.write(text.encode(encoding, "replace").decode(encoding))
             self._stream.flush()
         return len(text)
 

@@ -60,7 +60,7 @@ class _Bounded:
         value = str(value)
         if value in self._labels:
             return value
-        if len(self._labels) >= self._size or not self._pattern.match(value):
+        if len(self._labels) >= self._size or not self._pattern.fullmatch(value):  # not match: $ passes a final \n
             return OTHER
         self._labels.add(value)
         return value
@@ -187,6 +187,8 @@ class GatewayMetrics:
     # -- handlers, one per kind
 
     def _on_received(self, event: Event) -> None:
+        # A re-sent message counts again: its first copy may have been stored by a commit whose
+        # answer the connection lost (told "not stored" then), and counted nowhere else.
         self._received(event.listener or UNKNOWN, self._facility(event),
                        self._type(event.message_type)).inc()
 

@@ -114,12 +114,13 @@ def init_dev_pki(
     Idempotent: existing, consistent files are kept, so a second call writes only what is
     missing (e.g. certificates for facilities added to the registry since). A party's pair
     is (re)issued when its certificate or key is missing, when they do not match, or when the
-    certificate was not signed by the current CA. With `overwrite`, everything is regenerated,
-    CA included. Leaves are valid `days` days (capped at the CA's expiry); a new CA is valid
-    at least ten years.
+    certificate has expired or was not signed by the current CA. With `overwrite`, everything
+    is regenerated, CA included. Leaves are valid `days` days (capped at the CA's expiry); a
+    new CA is valid at least ten years.
 
     Raises ValueError for a facility id that is not a safe file name or that collides with
-    a reserved name, and PkiError when only half of the CA exists or a file cannot be read.
+    a reserved name, and PkiError when only half of the CA exists, the existing CA is not a CA
+    certificate or has expired, or a file cannot be read.
     """
     if days <= 0:
         raise ValueError(f"days must be positive, not {days}")
@@ -190,6 +191,12 @@ def _load_or_create_ca(
         key = _read_private_key(key_path)
         if not _same_public_key(cert, key):
             raise PkiError(key_path, f"does not match {cert_path}")
+        if not _is_ca(cert):
+            raise PkiError(cert_path, "is not a CA certificate (basicConstraints CA:TRUE): "
+                                      "certificates it signed would be refused")
+        if cert.not_valid_after_utc <= _now():
+            raise PkiError(cert_path, f"the CA expired on {cert.not_valid_after_utc.isoformat()}; "
+                                      "make a new one with --force (every certificate is reissued)")
         return cert, key
 
     key = ec.generate_private_key(ec.SECP256R1())
@@ -244,7 +251,11 @@ def _issue_leaf(
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
     if is_server:
         usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    try:
+        authority = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+            ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value)
+    except x509.ExtensionNotFound:  # a CA of another making, without the extension
+        authority = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -270,10 +281,7 @@ def _issue_leaf(
         )
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-            critical=False,
-        )
+        .add_extension(authority, critical=False)
     )
     if is_server:
         names: list[x509.GeneralName] = [x509.DNSName(n) for n in SERVER_DNS_NAMES]
@@ -283,7 +291,8 @@ def _issue_leaf(
 
 
 def _leaf_is_valid(cert_path: str, key_path: str, ca_cert: x509.Certificate) -> bool:
-    """True when both files exist, match each other and the certificate chains to `ca_cert`."""
+    """True when both files exist, match each other, the certificate chains to `ca_cert` and
+    has not expired (an expired one would be kept for ever, every handshake refused)."""
     if not (os.path.exists(cert_path) and os.path.exists(key_path)):
         return False
     try:
@@ -291,7 +300,15 @@ def _leaf_is_valid(cert_path: str, key_path: str, ca_cert: x509.Certificate) -> 
         key = _read_private_key(key_path)
     except PkiError:
         return False
-    return _same_public_key(cert, key) and _signed_by(cert, ca_cert)
+    return (_same_public_key(cert, key) and _signed_by(cert, ca_cert)
+            and cert.not_valid_after_utc > _now())
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
 
 
 def _signed_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:

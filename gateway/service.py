@@ -3,7 +3,8 @@
 by every door), the translation service with the prescription step (mapping set loaded,
 worker started, untranslated messages swept), the delivery service (when routes are
 configured), then the listeners (MLLP, ASTM, HTTPS), so that nothing is accepted before it can
-be stored and translated. Stopping runs in reverse: listeners close, deliveries in flight
+be stored and translated. Stopping runs in reverse: listeners close (an MLLP listener once
+the frames in hand are committed and answered, see MllpListenerService), deliveries in flight
 finish and are recorded, the translation worker stores what it holds, the writer commits what
 it holds, the database closes last.
 """
@@ -15,7 +16,7 @@ from datetime import datetime, timezone
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 
 from adapters.hl7v2.ack import AckBuilder, Sender
@@ -126,14 +127,15 @@ def build_service(config: GatewayConfig, reactor) -> MultiService:
         factory = _mllp_factory(listener, store, identity, translation, reactor, events)
         if listener.tls:
             watch_handshakes(factory, listener.name, events)
-        _listen(root, listener.name, _endpoint(config, listener, identity, reactor), factory)
+        service = MllpListenerService(_endpoint(config, listener, identity, reactor), factory, reactor)
+        _listen(root, listener.name, service)
     for listener in config.astm:
         factory = astm_listener_factory(listener, store.writer, reactor, translation=translation,
                                         allowed=source_filter(listener.allow_sources, events,
                                                               listener.name, "astm"),
                                         events=events)
-        _listen(root, listener.name,
-                TCP4ServerEndpoint(reactor, listener.port, interface=listener.interface), factory)
+        _listen(root, listener.name, StreamServerEndpointService(
+            TCP4ServerEndpoint(reactor, listener.port, interface=listener.interface), factory))
     routes = prescription_routes(prescriptions, events) if prescriptions is not None else []
     for door in https_door_services(config, store, translation, identity, reactor, extra_routes=routes,
                                     events=events):
@@ -229,8 +231,41 @@ def _identify_or_keep(identity: IdentityService, database: Database, listener: s
     return facility_id
 
 
-def _listen(root: MultiService, name: str, endpoint, factory) -> None:
-    service = StreamServerEndpointService(endpoint, factory)
+# Seconds a stopping MLLP listener waits for the frames in hand to be committed and answered.
+DRAIN_TIMEOUT = 30.0
+_DRAIN_POLL = 0.02
+
+
+class MllpListenerService(StreamServerEndpointService):
+    """An MLLP listener that, on stop, closes its port, then has its pipeline answer every
+    frame received from then on "not stored, send again", and waits (at most DRAIN_TIMEOUT)
+    until the frames in hand are committed and answered, and for a reactor turn that writes
+    those answers out: the reactor drops the connections once the services have stopped, and
+    a committed message must not lose its answer there."""
+
+    def __init__(self, endpoint, factory: MllpServerFactory, clock):
+        super().__init__(endpoint, factory)
+        self.clock = clock
+
+    def privilegedStartService(self) -> None:
+        self.factory.handler.refusing = False  # started again after a stop
+        super().privilegedStartService()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        yield super().stopService()
+        pipeline = self.factory.handler
+        pipeline.refusing = True
+        deadline = self.clock.seconds() + DRAIN_TIMEOUT
+        while pipeline.in_flight > 0 and self.clock.seconds() < deadline:
+            yield task.deferLater(self.clock, _DRAIN_POLL, lambda: None)
+        if pipeline.in_flight > 0:
+            log.error("listener %s stopped with %d frames still unanswered", self.name,
+                      pipeline.in_flight)
+        yield task.deferLater(self.clock, 0, lambda: None)
+
+
+def _listen(root: MultiService, name: str, service: StreamServerEndpointService) -> None:
     service.setName(name)
     service._raiseSynchronously = True  # a port in use fails `gateway run` at once
     service.setServiceParent(root)

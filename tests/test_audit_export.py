@@ -110,6 +110,22 @@ def test_nothing_but_ids_travels_and_hostile_text_stays_well_formed():
     assert details(root.find("ParticipantObjectIdentification"))["MSH-10"] == "C&<>"
 
 
+@pytest.mark.parametrize("source, address", [
+    ("::1:40000", "::1"),
+    ("::1:5000", "::1"),
+    ("2001:db8::5:443", "2001:db8::5"),
+    ("::ffff:10.20.0.5:40000", "::ffff:10.20.0.5"),
+    ("10.20.0.5:40000", "10.20.0.5"),
+])
+def test_an_ipv6_peer_as_the_gateway_writes_it_is_sent_without_its_port(source, address):
+    """Doors and console write a peer as f"{host}:{port}", an IPv6 host unbracketed: it was
+    sent whole, port included, as a machine name, or as another IP address when the port has
+    four digits or fewer (::1:5000 is a valid IPv6 address)."""
+    actor = parsed(atna.audit_message(record(source=source), SOURCE)).find("ActiveParticipant")
+    assert actor.get("NetworkAccessPointID") == address
+    assert actor.get("NetworkAccessPointTypeCode") == "2"
+
+
 def test_text_xml_cannot_carry_is_dropped_from_every_value():
     """U+FFFE, U+FFFF and control characters (a facility's MSH-4, a login name typed at the
     console) are not XML characters: lxml refused the whole message, and the export tried that

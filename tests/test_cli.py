@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -597,3 +599,19 @@ def test_send_escapes_what_a_terminal_would_act_on_in_the_answer(project):
     assert done.stdout.splitlines() == [
         f"{path}#1: AE B00000000032\\x1b[1A\\x1b[2K",
         "    ERR||PID^1|103|E||||رمز \\x1b]52;c;cm0gLXJmIH4=\\x07غير\\x9b2J\\u202e معروف"]
+
+
+@pytest.mark.parametrize("command", [
+    ("messages", "list", "--patient", b"\xff"), ("messages", "list", "--control-id", b"M\xe91"),
+    ("messages", "list", "--facility", b"CHU\xff"), ("messages", "list", "--type", b"\xffADT"),
+    ("audit", "show", "--subject", b"message/\xff"), ("translate", "--sender", b"\xe9", "x.hl7"),
+    ("send", "--to", b"h\xf4te:2575", "x.hl7"),
+], ids=lambda command: " ".join(part if isinstance(part, str) else "BYTES" for part in command))
+def test_an_argument_that_is_not_utf8_is_a_usage_error_not_a_traceback(command):
+    """Bytes that are not UTF-8 in a text argument (a script in Latin-1) reached the database
+    or the encoder as lone surrogates: UnicodeEncodeError and a traceback."""
+    argv = [os.fsencode(part) for part in command]
+    done = subprocess.run([sys.executable, "-c", "import sys; from gateway.cli import main; main(sys.argv[1:])",
+                           *argv], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "not UTF-8 text" in done.stderr and "Traceback" not in done.stderr

@@ -216,6 +216,17 @@ def test_invalid_gateway_db_url_is_reported_without_its_password(project):
         "got 'mysql://gw:***@db/gw'"]
 
 
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite+pysqlite://"])
+def test_an_in_memory_sqlite_database_is_refused(project, url):
+    """Every thread of the gateway would open its own empty in-memory database (and the engine
+    could not even be made: a TypeError at start): refused with the reason."""
+    path = write(project, MINIMAL)
+    found = problems(path, {"GATEWAY_DB_URL": url})
+    assert len(found) == 1 and found[0].startswith(
+        "GATEWAY_DB_URL (environment): database.url: must name a SQLite file (an in-memory database "
+        "keeps nothing"), found
+
+
 def test_relative_paths_are_resolved_against_the_project_root(project, tmp_path_factory):
     """A relative sqlite file and PKI paths resolve against conf/'s parent, not the cwd."""
     path = write(project, MINIMAL)
@@ -325,6 +336,25 @@ def test_a_certificate_bound_to_two_facilities_is_refused(project):
     assert problems(write(project, MINIMAL)) == [
         "conf/facilities.yaml: facilities[1].certificate_sha256: also the certificate of facility A",
         "conf/facilities.yaml: facilities[2].certificate_subject: also the certificate of facility A"]
+
+
+def test_an_msh3_msh4_pair_naming_two_facilities_is_refused(project):
+    """On plain MLLP a message whose MSH-3/MSH-4 two facilities claim went to the first in
+    the file, with its rights and its charset: silently another facility's. Told apart by
+    `applications`, two facilities may share an MSH-4 name."""
+    (project / "conf" / "facilities.yaml").write_text(textwrap.dedent("""\
+        facilities:
+          - {id: A, name: a, type: hospital, facilities: [GRP]}
+          - {id: B, name: b, type: laboratory, facilities: [GRP], applications: [LIS]}
+          - {id: C, name: c, type: clinic, facilities: [GRP, CLI]}
+          - {id: D, name: d, type: laboratory, facilities: [LAB], applications: [LIS, HIS]}
+          - {id: E, name: e, type: laboratory, facilities: [LAB], applications: [HIS]}
+        """))
+    assert problems(write(project, MINIMAL)) == [
+        "conf/facilities.yaml: facilities[2]: MSH-4 'GRP' with any MSH-3 also names facility A: "
+        "give each its own `applications`",
+        "conf/facilities.yaml: facilities[4]: MSH-4 'LAB' with MSH-3 'HIS' also names facility D: "
+        "give each its own `applications`"]
 
 
 def test_missing_config_file_is_an_error():

@@ -74,6 +74,9 @@ def test_accounts_hash_reads_stdin_and_refuses_short_passwords():
     assert "motdepasse" not in done.stdout + done.stderr.replace("password", "")
     short = subprocess.run(command, input="court\n", capture_output=True, text=True, timeout=60)
     assert short.returncode == 1 and short.stdout == "" and "8 characters" in short.stderr
+    # The login form reads 1,024 characters: a longer password's account could never log in.
+    long = subprocess.run(command, input="x" * 1025 + "\n", capture_output=True, text=True, timeout=60)
+    assert long.returncode == 1 and long.stdout == "" and "at most 1024 characters" in long.stderr
 
 
 def _on_terminal(answers: list[str]) -> tuple[int, str, str]:
@@ -221,6 +224,15 @@ def test_search_parameters_are_checked():
         parse_search({"status": ["x"], "type": ["A B"], "since": ["demain"], "patient": ["\x07"],
                       "facility": ["F" * 200], "before": ["1e3"]})
     assert len(refused.value.problems) == 6
+
+
+@pytest.mark.parametrize("before", ["\u00b2", "\u2460", "\u0661\u0662"])
+def test_a_page_number_in_other_digits_is_refused_as_such(before):
+    """"²" and "①" are digits to str.isdigit() and not to int(): a ValueError that was not an
+    InvalidSearch, and the console answered 500."""
+    with pytest.raises(InvalidSearch) as refused:
+        parse_search({"before": [before]})
+    assert refused.value.problems == ["Page : un numéro de message"]
 
 
 @pytest.mark.parametrize("identifier", ["|", "urn:ma:cnie|", "a|b|c", "||"])

@@ -173,6 +173,27 @@ def test_a_missing_table_on_sqlite_is_not_an_outage():
     assert unreachable(sqlite3.OperationalError("attempt to write a readonly database"))
 
 
+@pytest.mark.pg
+def test_a_read_only_postgresql_is_an_outage(pg_url):
+    """A standby that a failover left the gateway connected to refuses every write (25006): an
+    outage, told once and answered STORE_UNAVAILABLE, as SQLite's read-only file is; it was
+    one error line per frame."""
+    from sqlalchemy import text
+
+    from gateway.store.database import create_gateway_engine, unreachable
+
+    engine = create_gateway_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SET default_transaction_read_only = on"))
+            conn.commit()
+            with pytest.raises(Exception) as caught:
+                conn.execute(text("CREATE TABLE read_only_probe (x int)"))
+        assert unreachable(caught.value)
+    finally:
+        engine.dispose()
+
+
 def test_a_lock_held_on_the_messages_table_is_answered_as_an_outage_not_waited_for(pg_url, caplog):
     """A migration, a LOCK TABLE or a VACUUM FULL holding the messages table: the writer waited
     for it without end, senders got no answer and readiness said all was well. Past the lock

@@ -113,3 +113,38 @@ def test_a_lock_held_on_the_messages_table_is_not_ready(pg_url):
         yield port.stopListening()
         yield defer.succeed(database.stop())
         engine.dispose()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_hung_database_is_asked_once_however_often_the_balancer_probes(tmp_path):
+    """A database that does not answer (its pool thread stuck on it): each probe answers 503
+    within its 2 s, and the probes arriving meanwhile wait for the read already out rather than
+    each leaving one more in the pool's queue; once it answers, the next probe is ready."""
+    import threading
+
+    from gateway.store.database import migrate
+
+    engine = create_gateway_engine(f"sqlite:///{tmp_path / 'g.sqlite'}")
+    migrate(engine)
+    database = Database(engine, reactor, 1)
+    database.start()
+    hung = threading.Event()
+    database.pool.callInThread(hung.wait, 30)  # the one thread, waiting on a database that hangs
+    port = reactor.listenTCP(0, Site(HealthResource(ReadinessChecks(reactor, database))), interface=HOST)
+    url = f"http://{HOST}:{port.getHost().port}/ready"
+    try:
+        answers = yield defer.gatherResults([in_thread(get_json, url) for _ in range(5)])
+        for status, body in answers:
+            assert status == 503 and body["checks"]["database"] == {
+                "ok": False, "detail": "no answer within 2 s"}, body
+        status, body = yield in_thread(get_json, url)
+        assert status == 503
+        assert database.pool.q.qsize() == 1  # one read waiting, not one per probe
+        hung.set()
+        status, body = yield in_thread(get_json, url)
+        assert status == 200, body
+    finally:
+        hung.set()
+        yield port.stopListening()
+        yield defer.succeed(database.stop())
+        engine.dispose()

@@ -286,6 +286,101 @@ def test_newer_crl_applies_to_the_next_handshakes(gateway, pki):
     assert (yield in_thread(connects, port, pki, REVOKED, "NEW-3")) is True
 
 
+def held_handshake(port: int, pki, party: str):
+    """A TLS 1.2 client of `party` that sends its certificate and stops before its Finished:
+    (send_rest(frame) -> the answer, None once the server closed); the server has verified
+    the certificate, and ends its handshake only when the rest comes."""
+    import socket
+    import struct
+
+    from OpenSSL import SSL
+
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    context.use_certificate_file(str(pki.main / f"{party}.crt"))
+    context.use_privatekey_file(str(pki.main / f"{party}.key"))
+    context.load_verify_locations(str(pki.main / "ca.crt"))
+    conn = SSL.Connection(context, None)
+    conn.set_connect_state()
+    sock = socket.create_connection((HOST, port), timeout=5)
+
+    def pending() -> bytes:
+        out = b""
+        while True:
+            try:
+                out += conn.bio_read(65536)
+            except SSL.WantReadError:
+                return out
+
+    def handshake() -> None:
+        try:
+            conn.do_handshake()
+        except SSL.WantReadError:
+            pass
+
+    handshake()
+    sock.sendall(pending())  # ClientHello
+    flight = b""
+    while not flight:  # the server's flight read, the client's second one made
+        conn.bio_write(sock.recv(65536))
+        handshake()
+        flight = pending()
+    # The first record holds Certificate, ClientKeyExchange and CertificateVerify; then come
+    # ChangeCipherSpec and Finished.
+    first = 5 + struct.unpack(">H", flight[3:5])[0]
+    sock.sendall(flight[:first])
+
+    def send_rest(frame: bytes) -> bytes | None:
+        sock.sendall(flight[first:])
+        try:
+            while True:
+                try:
+                    conn.send(b"\x0b" + frame + b"\x1c\r")
+                    break
+                except SSL.WantReadError:
+                    data = sock.recv(65536)
+                    if not data:
+                        return None
+                    conn.bio_write(data)
+            sock.sendall(pending())
+            answer = b""
+            while not answer.endswith(b"\x1c\r"):
+                try:
+                    answer += conn.recv(65536)  # what the last read brought first (a close)
+                except SSL.WantReadError:
+                    data = sock.recv(65536)
+                    if not data:
+                        return None
+                    conn.bio_write(data)
+            return answer[1:-2]
+        except (SSL.Error, OSError):
+            return None
+        finally:
+            sock.close()
+
+    return send_rest
+
+
+@pytest_twisted.inlineCallbacks
+def test_certificate_revoked_by_a_reload_during_its_handshake_is_refused(gateway, pki):
+    """A client verified just before a reload installs a CRL revoking it, whose handshake ends
+    just after (when the reload has closed the revoked connections it knew of), is refused."""
+    import time
+
+    from gateway.tls import load_crl
+
+    service, ports, db_url = yield gateway(TLS)
+    revocations = service.getServiceNamed("identity").revocations
+    send_rest = yield in_thread(held_handshake, ports["mllp-tls"], pki, CHU)
+    yield in_thread(time.sleep, 0.3)  # the server reads the certificate and verifies it
+    newer = write_crl(pki.main, "race.crl", [REVOKED, CHU], datetime.timedelta(0),
+                      datetime.timedelta(days=7))
+    assert revocations.use(load_crl(newer, str(pki.main / "ca.crt"))) is True
+    answer = yield in_thread(send_rest, hl7("CHU_A", "RACE-1"))
+    assert answer is None, ack(answer)
+    assert stored(db_url) == []
+
+
 @pytest_twisted.inlineCallbacks
 def test_facility_removed_by_reload_is_refused_on_its_open_connection(gateway, pki):
     """The connection keeps its certificate's facility; once a reload removes that facility,

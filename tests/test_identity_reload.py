@@ -252,6 +252,58 @@ def test_reload_closes_a_tls_connection_its_certificate_may_no_longer_hold(
                for r in caplog.records)
 
 
+@pytest_twisted.inlineCallbacks
+def test_reload_closes_a_kept_alive_https_connection_whose_certificate_it_revokes(
+        tmp_path, dev_pki, gateway_of, caplog):
+    """The HTTPS door refused each further request of a revoked certificate (401), but kept its
+    kept-alive connection open, where the README promises it is closed at once, as MLLP's is."""
+    import http.client
+    import ssl
+
+    crl_path = tmp_path / "ca.crl"
+    write_crl(dev_pki, crl_path, [])
+    https_port = free_port()
+    path = write_project(tmp_path, dev_pki, free_port(), crl=str(crl_path))
+    config_file = tmp_path / "conf" / "gateway.yaml"
+    config_file.write_text(config_file.read_text(encoding="utf-8").replace(
+        "facilities: conf/facilities.yaml\n",
+        f"  https:\n    - {{name: https, port: {https_port}, interface: 127.0.0.1}}\n"
+        "facilities: conf/facilities.yaml\n"), encoding="utf-8")
+    service = gateway_of(path)
+    yield listening_port(service.getServiceNamed("https"))
+    caplog.set_level("INFO", logger="gateway.identity")
+    context = ssl.create_default_context(cafile=f"{dev_pki}/ca.crt")
+    context.load_cert_chain(f"{dev_pki}/INPE-100001.crt", f"{dev_pki}/INPE-100001.key")
+    connection = http.client.HTTPSConnection(HOST, https_port, context=context, timeout=10)
+
+    def get() -> int:
+        connection.request("GET", "/v1/openapi.json")
+        answer = connection.getresponse()
+        answer.read()
+        return answer.status
+
+    try:
+        assert (yield threads.deferToThread(get)) == 200
+        yield task.deferLater(reactor, 1.1, lambda: None)  # a newer CRL, to the second
+        write_crl(dev_pki, crl_path, ["INPE-100001"])
+        assert (yield reload_service(service)) == [True]
+
+        def closed() -> bool:
+            connection.sock.settimeout(5)
+            try:
+                return connection.sock.recv(1) == b""  # the gateway closed it: end of stream
+            except TimeoutError:
+                return False  # still open
+            except OSError:  # reset, or TLS cut short
+                return True
+
+        assert (yield threads.deferToThread(closed))
+    finally:
+        connection.close()
+    assert any("closing the connection of facility INPE-100001" in r.getMessage()
+               and "its certificate is revoked" in r.getMessage() for r in caplog.records)
+
+
 def test_reload_command_reloads_the_registry_of_a_running_gateway(tmp_path, dev_pki):
     """`gateway run`: `gateway reload` refuses a broken registry without signalling; after a
     good one, a facility added to facilities.yaml is accepted on the connection that was

@@ -125,6 +125,29 @@ def test_source_networks():
     assert SourceNetworks([]).allows("anything")
 
 
+def test_ipv4_mapped_source_networks_hold_their_ipv4_addresses():
+    """A network written as IPv4-mapped IPv6 (as a dual-stack socket shows its peers) holds the
+    same addresses whether the peer comes as ::ffff:10.9.0.1 or as 10.9.0.1."""
+    networks = SourceNetworks(["::ffff:10.9.0.0/112", "::ffff:192.0.2.7/128"])
+    assert networks.allows("::ffff:10.9.4.2") and networks.allows("10.9.4.2")
+    assert networks.allows("192.0.2.7") and networks.allows("::ffff:192.0.2.7")
+    assert not networks.allows("10.10.0.1") and not networks.allows("::ffff:10.10.0.1")
+    assert not networks.allows("2001:db8::1")
+
+
+def test_facilities_sharing_an_msh4_name_are_told_apart_by_msh3():
+    """Two establishments behind one MSH-4: the one that lists MSH-3 is the sender, whatever
+    the order of the registry; the one that takes any application gets the others."""
+    group = SenderConfig(id="INPE-300001", name="Groupe", type="hospital", facilities=("GRP",))
+    lab = SenderConfig(id="INPE-300002", name="Labo du groupe", type="laboratory",
+                       applications=("LIS_GRP",), facilities=("GRP",))
+    for registry in (FacilityRegistry([group, lab]), FacilityRegistry([lab, group])):
+        assert registry.by_header("LIS_GRP", "GRP") is lab
+        assert registry.by_header("LIS_GRP^1.2.3^ISO", "GRP^2.16.504^ISO") is lab
+        assert registry.by_header("HIS_GRP", "GRP") is group
+    assert FacilityRegistry([lab]).by_header("HIS_GRP", "GRP") is None
+
+
 def test_astm_listener_needs_a_laboratory_that_may_send_astm():
     """An ASTM listener's facility must be in the registry and of a type allowed ASTM."""
     class Config:

@@ -146,3 +146,39 @@ def test_no_patient_data_in_the_log_above_debug(make_config, tmp_path, dev_pki, 
     for secret in (PATIENT_NAME, PATIENT_GIVEN, PATIENT_ID, "19850714"):
         assert secret not in text, [line for line in text.splitlines() if secret in line]
     assert all(record["level"] != "debug" for record in info_log.lines())
+
+
+def test_a_line_with_a_lone_surrogate_is_written_not_lost():
+    """A lone surrogate in logged text (JSON input's "\\udc80", bytes decoded with
+    surrogateescape) cannot be encoded to stdout's UTF-8: the line comes out with "?" in its
+    place, instead of vanishing with nobody told (the observer raising on its one stream)."""
+    import io
+
+    from twisted.logger import LogPublisher
+
+    from gateway.logs import json_observer
+
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # strict, as sys.stdout is
+    log = Logger(namespace="gateway.test", observer=LogPublisher(json_observer(stdout, "n")))
+    log.warn("request refused: {reason}", reason="key a\udc80b")
+    log.info("next")
+    stdout.flush()
+    lines = [json.loads(line) for line in stdout.buffer.getvalue().decode("utf-8").splitlines()]
+    assert [line["message"] for line in lines] == ["request refused: key a?b", "next"]
+    assert lines[0]["reason"] == "key a?b"
+
+
+def test_text_format_shows_a_senders_control_characters_escaped():
+    """In the terminal format, a CR or an ESC in logged text (an MSH-4, a peer's fault code)
+    would move the cursor back over the line or recolour it: shown as \\r, \\x1b instead."""
+    import io
+
+    from twisted.logger import LogPublisher
+
+    from gateway.logs import text_observer
+
+    terminal = io.StringIO()
+    log = Logger(namespace="gateway.test", observer=LogPublisher(text_observer(terminal)))
+    log.warn("refused {facility}", facility="CHU\r2026-01-01T00:00:00+0000 [gateway#info] \x1b[32mok\x9b")
+    assert terminal.getvalue().endswith(
+        "[gateway.test#warn] refused CHU\\r2026-01-01T00:00:00+0000 [gateway#info] \\x1b[32mok\\x9b\n")

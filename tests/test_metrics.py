@@ -139,3 +139,16 @@ def test_a_sender_inventing_message_types_cannot_grow_the_series_without_end():
     assert len(types) == 512 + 1  # the labels kept, and "other" for every type past them
     assert types["ORU^R01"] == 2 and types["ADT^AAA"] == 1  # the first ones seen keep their label
     assert types["other"] == 1 + 1  # ADT^HHH and ADT^A01, past the bound
+
+
+def test_a_type_or_reason_ending_in_a_newline_is_other():
+    """MSH-9 "ADT^A01<LF>" is not ADT^A01: a label of its own (with a newline in it) next to
+    the real one would split its counts; it is "other", like any type that is not one."""
+    metrics = GatewayMetrics("node-a")
+    for message_type, reason in [("ADT^A01\n", "refused\n"), ("ADT^A01", "refused")]:
+        metrics.observe(Event("message.refused", "x", listener="mllp", message_type=message_type,
+                              detail={"reason": reason}))
+    found = samples(metrics.exposition()[0].decode())
+    labels = {(dict(labels)["type"], dict(labels)["reason"]): v for (name, labels), v in found.items()
+              if name == "gateway_messages_refused_total"}
+    assert labels == {("other", "other"): 1, ("ADT^A01", "refused"): 1}

@@ -215,3 +215,68 @@ def test_cmd_dir_override_and_errors(tmp_path, capsys):
     assert not (tmp_path / "certs").exists()
     assert pki.cmd_pki_init(_config(tmp_path, ["../x"]), SimpleNamespace(dir=str(other))) == 1
     assert "../x" in capsys.readouterr().err
+
+
+def _write_ca(directory, *, ca=True, ski=True, days=(-1, 365)):
+    """A CA of another making in `directory` (ca.crt, ca.key): without subjectKeyIdentifier,
+    not a CA, or already expired, as asked."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Hospital IT CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now + datetime.timedelta(days=days[0]))
+               .not_valid_after(now + datetime.timedelta(days=days[1]))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ski:
+        builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                                        critical=False)
+    cert = builder.sign(key, hashes.SHA256())
+    (directory / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "ca.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert
+
+
+def test_existing_ca_without_subject_key_identifier_signs_the_leaves(tmp_path):
+    """A CA made by other tools without subjectKeyIdentifier is used, not a traceback."""
+    ca = _write_ca(tmp_path, ski=False)
+    pki.init_dev_pki(str(tmp_path), ["FAC001"])
+    leaf = _load(tmp_path / "FAC001.crt")
+    leaf.verify_directly_issued_by(ca)
+    aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    assert aki == x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key())
+
+
+@pytest.mark.parametrize("kind, words", [
+    (dict(ca=False), "is not a CA certificate"),
+    (dict(days=(-400, -35)), "the CA expired on"),
+])
+def test_existing_ca_that_cannot_sign_is_a_precise_error(tmp_path, capsys, kind, words):
+    """A ca.crt that is no CA, or has expired, is refused naming the file: leaves it signed
+    would be refused at every handshake (and an expired CA cannot sign a valid leaf at all)."""
+    _write_ca(tmp_path, **kind)
+    with pytest.raises(pki.PkiError) as info:
+        pki.init_dev_pki(str(tmp_path), ["FAC001"])
+    assert info.value.path == str(tmp_path / "ca.crt") and words in info.value.reason
+    assert not (tmp_path / "FAC001.crt").exists()
+    assert pki.cmd_pki_init(_config(tmp_path, []), SimpleNamespace(dir=str(tmp_path))) == 1
+    assert words in capsys.readouterr().err
+
+
+def test_expired_leaf_is_reissued(tmp_path, monkeypatch):
+    """A leaf past its notAfter is not 'up to date': it is issued again by the same CA."""
+    pki.init_dev_pki(str(tmp_path), ["FAC001"], days=1)
+    ca = _load(tmp_path / "ca.crt")
+    later = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0) \
+        + datetime.timedelta(days=2)
+    monkeypatch.setattr(pki, "_now", lambda: later)
+    written = pki.init_dev_pki(str(tmp_path), ["FAC001"])
+    assert str(tmp_path / "FAC001.crt") in written and str(tmp_path / "gateway.crt") in written
+    assert str(tmp_path / "ca.crt") not in written
+    leaf = _load(tmp_path / "FAC001.crt")
+    leaf.verify_directly_issued_by(ca)
+    assert leaf.not_valid_after_utc > later

@@ -220,7 +220,9 @@ def _host(source: str | None) -> str | None:
     if source.startswith("["):  # [v6]:port
         return source[1:source.index("]")] if "]" in source else source
     host, colon, port = source.rpartition(":")
-    if colon and port.isdigit() and host.count(":") == 0:
+    # The gateway writes an IPv6 peer unbracketed, port last (::1:5000): kept whole, that is
+    # another valid address (or a machine name).
+    if colon and port.isdigit() and (host.count(":") == 0 or _is_ip(host)):
         return host
     return source
 

@@ -100,7 +100,8 @@ def parse_search(params: dict[str, list[str]], zone: tzinfo = timezone.utc) -> S
     before = text("before", "Page")
     before_id = None
     if before is not None:
-        if not before.isdigit() or len(before) > 18:
+        # ASCII digits only: "²" and "①" pass isdigit() and int() refuses them (a 500).
+        if not (before.isascii() and before.isdigit()) or len(before) > 18:
             problems.append("Page : un numéro de message")
         else:
             before_id = int(before)

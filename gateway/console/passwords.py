@@ -16,6 +16,7 @@ from gateway.config import PASSWORD_HASH
 
 N, R, P = 2 ** 15, 8, 1
 SALT_BYTES, KEY_BYTES = 16, 32
+MIN_PASSWORD, MAX_PASSWORD = 8, 1024  # characters; the login form reads no more than the maximum
 _MAX_N = 2 ** 20  # a hash asking more than this is refused, not computed (1 GiB of memory)
 
 

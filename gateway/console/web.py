@@ -39,7 +39,7 @@ from gateway.config import ROLES, AdminListenerConfig, ConsoleAccount, GatewayCo
 from gateway.console import actions, queries
 from gateway.console.criteria import STATUSES, InvalidSearch, parse_search
 from gateway.console.hl7_layout import layout
-from gateway.console.passwords import DUMMY_HASH, verify_password
+from gateway.console.passwords import DUMMY_HASH, MAX_PASSWORD, verify_password
 from gateway.console.sessions import (COOKIE, Session, close_session, find_session, new_session,
                                       opened_with, store_session, touch_session)
 from gateway.console.throttle import LoginThrottle
@@ -318,7 +318,7 @@ class Console(resource.Resource):
 
     async def _login(self, call: _Call) -> None:
         username = call.one("username", 64).strip()
-        password = call.one("password", 1024)
+        password = call.one("password", MAX_PASSWORD)
         console = self.context.config.console
         host = call.source.rsplit(":", 1)[0]
         now = self.context.now()

@@ -355,9 +355,9 @@ def refuse_reused(builder: AckBuilder, item: Inbound) -> None:
     item.outcome = Outcome.REJECT
     item.status = MessageStatus.REJECTED
     item.error = detail
-    header = item.header
+    header = item.header  # None for a document (a FHIR Bundle under its Idempotency-Key): no ACK
     item.ack = (builder.build(header, Outcome.REJECT, header.enhanced_mode, detail)
-                if Inspector._wants_ack(header, False) else None)
+                if header is not None and Inspector._wants_ack(header, False) else None)
 
 
 class FieldView:

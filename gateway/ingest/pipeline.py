@@ -60,36 +60,68 @@ class IngestPipeline:
         self.now = now
         self.translation = translation
         self.ack_after_translation = ack_after_translation and translation is not None
+        # The gateway stopping (gateway.service): the frames in hand are committed and
+        # answered, those received from then on answered "not stored, send again" at once.
+        self.in_flight = 0
+        self.refusing = False
 
     def frame_received(self, payload: bytes, connection: ConnectionInfo,
                        reply: Callable[[Answer], None]) -> None:
+        if self.refusing:
+            self._refuse(payload, connection, reply)
+            return
         self._store(payload, self.inspector.frame(payload, connection), connection, reply)
 
     def frame_too_large(self, prefix: bytes, size: int, limit: int, connection: ConnectionInfo,
                         reply: Callable[[Answer], None]) -> None:
+        if self.refusing:
+            self._refuse(prefix, connection, reply)
+            return
         self._store(prefix, self.inspector.oversize(prefix, size, limit), connection, reply)
+
+    def _refuse(self, payload: bytes, connection: ConnectionInfo, reply: Callable[[Answer], None]) -> None:
+        log.debug("frame of %d bytes from %s not stored: the gateway is stopping; answered AE/CE",
+                 len(payload), connection.peer)
+        # Through `deliver`, not from inside the caller's frame: a connection's queued frames
+        # would otherwise be answered by recursion.
+        self.writer.deliver(reply, Answer(False, self._not_stored(payload)))
+        telemetry.not_stored(self.events, payload, len(payload), connection.listener, connection.peer)
 
     def _store(self, payload: bytes, result: FrameResult, connection: ConnectionInfo,
                reply: Callable[[Answer], None]) -> None:
         builder = self.inspector.builder
         waiting = self._provisional(result)
+        self.in_flight += 1
+
+        def send_answer(answer: Answer) -> None:  # the frame's one answer: no longer in hand
+            self.in_flight -= 1
+            reply(answer)
 
         def done(job: IngestJob, error: Exception | None) -> None:
             if error is None:
                 telemetry.stored(self.events, job)
                 pending = self._to_translate(job)
+
+                def answer() -> None:  # with the items' ACKs as they are then
+                    self._reply(send_answer, job, Answer(True, result.response(builder)))
+
                 if not pending:
-                    self._answer_after_originals(
-                        job, lambda: self._reply(reply, job, Answer(True, result.response(builder))))
+                    self._answer_after_originals(job, answer)
                 elif self.ack_after_translation or waiting:
                     # Whatever the translation's fate, the items' ACKs are then the stored ones.
-                    opened = [p.key for p in pending if id(p.context) in waiting]
+                    # Copies sent meanwhile wait for them: the ACK stored at commit is not the
+                    # answer yet (ack_after: translation, or the provisional AE of the step).
+                    opened = [p.key for p in pending
+                              if self.ack_after_translation or id(p.context) in waiting]
                     for key in opened:
                         self.translation.awaited.opened(key)
-                    self._translate(pending, lambda tjob: self._answered(tjob, job, result, reply, opened),
+                    # The frame's own copies wait from now: their originals may be answered
+                    # before this frame's translation is done.
+                    translated = self._answer_after_originals(job, answer, also=1)
+                    self._translate(pending, lambda tjob: self._answered(tjob, translated, opened),
                                     self._failure_ack)
                 else:
-                    self._reply(reply, job, Answer(True, result.response(builder)))
+                    self._answer_after_originals(job, answer)
                     self._translate(pending)
             else:
                 # In an outage the database's own line tells it, once (and the metrics count
@@ -97,7 +129,7 @@ class IngestPipeline:
                 log.log(logging.DEBUG if during_outage(error) else logging.ERROR,
                         "frame of %d bytes (sha256 %s) from %s not stored; answered AE/CE",
                         len(payload), hashlib.sha256(payload).hexdigest()[:16], connection.peer)
-                reply(Answer(False, self._not_stored(payload)))
+                send_answer(Answer(False, self._not_stored(payload)))
                 telemetry.not_stored(self.events, payload, len(payload), connection.listener,
                                      connection.peer)
 
@@ -131,32 +163,36 @@ class IngestPipeline:
         reply(answer)
         telemetry.answered(self.events, job, self.now())
 
-    def _answered(self, tjob, job: IngestJob, result: FrameResult,
-                  reply: Callable[[Answer], None], opened: list = ()) -> None:
-        """Answer once translated: with the answers stored with the translations (the step's),
-        or, when storing failed, with what the items hold (the provisional AE); then the copies
-        sent meanwhile that wait for them (`opened`: the keys they may wait on)."""
+    def _answered(self, tjob, translated: Callable[[], None], opened: list = ()) -> None:
+        """Answer once translated (`translated()`, once the frame's copies are answered too):
+        with the answers stored with the translations (the step's), or, when storing failed,
+        with what the items hold (the provisional AE); then the copies sent meanwhile that wait
+        for them (`opened`: the keys they may wait on)."""
         if tjob.error is None:
             for pending, record in zip(tjob.items, tjob.results):
                 if record.ack is not None and pending.context is not None:
                     pending.context.ack = record.ack
-        self._reply(reply, job, Answer(True, result.response(self.inspector.builder)))
-        if opened:
-            answers = {p.key: p.context.ack for p in tjob.items if p.context is not None}
-            for key in opened:
-                self.translation.awaited.answered(key, answers.get(key))
+        translated()
+        answers = {p.key: p.context.ack for p in tjob.items if p.context is not None}
+        for key in opened:
+            self.translation.awaited.answered(key, answers.get(key))
 
-    def _answer_after_originals(self, job: IngestJob, answer: Callable[[], None]) -> None:
+    def _answer_after_originals(self, job: IngestJob, answer: Callable[[], None],
+                                also: int = 0) -> Callable[[], None]:
         """Answer a frame at once, unless it holds copies of messages still waiting for the
-        e-prescription step on this node (gateway.ingest.awaited): then once their originals
-        are answered, each copy with its original's answer, as a duplicate gets the stored one."""
+        e-prescription step or for an `ack_after: translation` answer on this node
+        (gateway.ingest.awaited): then once their originals are answered, each copy with its
+        original's answer, as a duplicate gets the stored one. The answer also waits for
+        `also` calls of the function returned."""
         awaited = self.translation.awaited if self.translation is not None else None
+        # Any copy: under ack_after: translation the stored AA of a message still being
+        # translated is not its answer yet either (awaited.wait says which are in flight).
         copies = [item for item in job.items if item.duplicate and item.ack is not None
-                  and is_provisional(item.ack)] if awaited is not None else []
-        if not copies:
+                  ] if awaited is not None else []
+        if not copies and not also:
             answer()
-            return
-        lock, left = threading.Lock(), [len(copies) + 1]  # + 1 until every copy is registered
+            return lambda: None
+        lock, left = threading.Lock(), [len(copies) + also + 1]  # + 1 until every copy is registered
 
         def settle() -> None:
             with lock:
@@ -173,8 +209,9 @@ class IngestPipeline:
         for item in copies:
             key = (item.sending_application, item.sending_facility, item.control_id)
             if not awaited.wait(key, functools.partial(answered, item)):
-                settle()  # not in flight here: the provisional AE
+                settle()  # not in flight here: the stored ACK stands
         settle()
+        return settle
 
     def _to_translate(self, job: IngestJob) -> list[Pending]:
         return pending_translations(job) if self.translation is not None else []
