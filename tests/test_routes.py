@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import ConfigError, RouteConfig, RouteMatch, SenderConfig, load_config
-from gateway.delivery.routes import Router, patient_key
+from gateway.delivery.routes import Router, patient_key, retired_keys
 
 LAB = SenderConfig("INPE-100002", "Lab", "laboratory")
 HOSPITAL = SenderConfig("INPE-100001", "CHU", "hospital")
@@ -72,6 +72,16 @@ def test_all_keys_must_match():
 def test_patient_key_is_the_first_patient():
     assert patient_key(bundle(GLUCOSE, PATIENT, {"resourceType": "Patient", "id": "p-2"})) == "Patient/p-1"
     assert patient_key(bundle(GLUCOSE)) is None
+
+
+def test_a_merge_is_keyed_by_its_survivor_and_retires_the_merged_patient():
+    """ADT^A40: the merged patient (linked replaced-by) is retired, wherever the bundle lists it."""
+    merged = {"resourceType": "Patient", "id": "p-old", "active": False,
+              "link": [{"other": {"reference": "urn:uuid:p-1"}, "type": "replaced-by"}]}
+    survivor = {**PATIENT, "link": [{"other": {"reference": "urn:uuid:p-old"}, "type": "replaces"}]}
+    assert patient_key(bundle(merged, survivor)) == "Patient/p-1"
+    assert retired_keys(bundle(merged, survivor)) == ("Patient/p-old",)
+    assert retired_keys(bundle(PATIENT, GLUCOSE)) == ()
 
 
 BASE = """\

@@ -76,10 +76,25 @@ def _codings(value) -> Iterator[dict]:
 
 
 def patient_key(bundle: dict) -> str | None:
-    """The ordering key of a message's deliveries: its first Patient (None: it has none, and
-    its deliveries are ordered with nothing else)."""
-    for entry in bundle.get("entry", ()):
-        resource = entry.get("resource") or {}
-        if resource.get("resourceType") == "Patient" and resource.get("id"):
-            return f"Patient/{resource['id']}"
-    return None
+    """The ordering key of a message's deliveries: its first Patient that no other replaces (a
+    merge's survivor, wherever the bundle lists it), else its first Patient (None: it has none,
+    and its deliveries are ordered with nothing else)."""
+    patients = _patients(bundle)
+    chosen = [p for p in patients if not _replaced(p)] or patients
+    return f"Patient/{chosen[0]['id']}" if chosen else None
+
+
+def retired_keys(bundle: dict) -> tuple[str, ...]:
+    """The ordering keys of the Patients a message retires (a merge's merged patient: linked
+    `replaced-by`), whose earlier deliveries must reach each destination before it."""
+    return tuple(f"Patient/{p['id']}" for p in _patients(bundle) if _replaced(p))
+
+
+def _patients(bundle: dict) -> list[dict]:
+    resources = (entry.get("resource") or {} for entry in bundle.get("entry", ()))
+    return [r for r in resources if r.get("resourceType") == "Patient" and r.get("id")]
+
+
+def _replaced(patient: dict) -> bool:
+    return any(isinstance(link, dict) and link.get("type") == "replaced-by"
+               for link in patient.get("link") or ())

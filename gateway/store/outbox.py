@@ -4,7 +4,9 @@ transaction, the caller's) and plain data, like the rest of the store.
 - `enqueue` runs inside the transaction that stores a translation, so a translated message and
   its deliveries commit together. Translating a message again (a replay) reopens a delivery
   that is dead, or one whose content changed (with a new idempotency key: a new request);
-  an unchanged delivered one is left alone.
+  an unchanged delivered one is left alone. A message that retires a patient (a merge) takes
+  that patient's pending deliveries to the same destinations into its own patient's order,
+  ahead of it, so that none of them reaches the peer after the merge and undoes it.
 - `claim_batches` hands due deliveries to one node for `lease` seconds, grouped into batches
   (one request each). On PostgreSQL several nodes claim concurrently with `FOR UPDATE SKIP
   LOCKED`; on SQLite (one node) the same queries run in a write transaction. A delivery is due
@@ -54,6 +56,9 @@ class Enqueue:
     destination: str
     patient_key: str
     bundle_sha256: str
+    # The keys of the patients this message retires (a merge's merged patient): their pending
+    # deliveries to this destination join its patient's order, ahead of it.
+    retired: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ def enqueue(connection: Connection, entries: Iterable[Enqueue], now: datetime) -
             .where(_among(connection, deliveries.c.message_id, {e.message_id for e in entries}))
             .order_by(deliveries.c.id).with_for_update())
     }
-    new, reopened = [], []
+    new, reopened, sent = [], [], []  # sent: the entries that will (again) go
     for entry in entries:
         key = idempotency_key(entry.destination, entry.message_id, entry.bundle_sha256)
         row = existing.get((entry.message_id, entry.destination))
@@ -161,13 +166,16 @@ def enqueue(connection: Connection, entries: Iterable[Enqueue], now: datetime) -
                         "patient_key": entry.patient_key, "status": PENDING,
                         "idempotency_key": key, "bundle_sha256": entry.bundle_sha256,
                         "created_at": now, "next_attempt_at": now, "attempts": 0})
+            sent.append(entry)
         elif row.status == DEAD or (row.status == DELIVERED and row.bundle_sha256 != entry.bundle_sha256):
             reopened.append({"b_id": row.id, "b_key": key, "b_sha": entry.bundle_sha256,
                              "b_patient": entry.patient_key, "b_now": now})
+            sent.append(entry)
         elif row.status == PENDING and row.bundle_sha256 != entry.bundle_sha256:
             # Still waiting: the next attempt carries the new content, under a new key.
             reopened.append({"b_id": row.id, "b_key": key, "b_sha": entry.bundle_sha256,
                              "b_patient": entry.patient_key, "b_now": None})
+            sent.append(entry)
     if new and connection.dialect.name == "postgresql":
         # One statement for the batch, its rows as arrays; two nodes translating the same
         # message: the first insert wins, the content is the same.
@@ -186,7 +194,23 @@ def enqueue(connection: Connection, entries: Iterable[Enqueue], now: datetime) -
                           first_attempt_at=None, finished_at=None, lease_owner=None,
                           lease_until=None)
         connection.execute(update(deliveries).where(deliveries.c.id == item["b_id"]).values(**values))
+    _rekey_retired(connection, sent)
     return len(new) + len(reopened)
+
+
+def _rekey_retired(connection: Connection, entries: list[Enqueue]) -> None:
+    """A merge goes after the merged patient's deliveries still pending to its destination,
+    in flight or not: they take the survivor's key, keeping their message ids (hence their
+    place in its order), so the claim holds the merge back until they are settled. Otherwise
+    the merged patient's older update could reach the peer after the merge and undo it there.
+    A dead letter keeps its key: it may never go again, and must not hold the survivor up."""
+    moves = [{"b_destination": e.destination, "b_old": old, "b_new": e.patient_key}
+             for e in entries for old in e.retired if old != e.patient_key]
+    if moves:
+        connection.execute(update(deliveries).where(
+            deliveries.c.destination == bindparam("b_destination"),
+            deliveries.c.patient_key == bindparam("b_old"), deliveries.c.status == PENDING)
+            .values(patient_key=bindparam("b_new")), moves)
 
 
 # Heads (each patient's first pending delivery, when it is free to take) are found two ways.

@@ -76,6 +76,7 @@ class TranslationRecord:
     # Where the routes send it (gateway.delivery.routes); enqueued with the translation.
     destinations: tuple[str, ...] = ()
     patient_key: str | None = None  # the ordering key of its deliveries (None: per message)
+    retired_keys: tuple[str, ...] = ()  # those of the patients it retires (a merge: the merged one)
     encoded: bytes | None = None  # the bundle as stored, once sealed (`bundle` is then None)
     entries: int = 0  # how many resources the bundle holds (kept when sealed)
     identifiers: tuple[tuple[str, str], ...] = ()  # its patients' (system, value), kept when sealed
@@ -286,7 +287,7 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
         if bundle is not None and record.destinations:
             digest = hashlib.sha256(encoded).hexdigest()  # = bundle_digest(bundle)
             patient = record.patient_key or f"message/{pending.message_id}"
-            outgoing.extend(Enqueue(pending.message_id, destination, patient, digest)
+            outgoing.extend(Enqueue(pending.message_id, destination, patient, digest, record.retired_keys)
                             for destination in record.destinations)
     if not rows:
         return 0

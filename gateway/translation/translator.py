@@ -16,7 +16,7 @@ from adapters.hl7v2.codes import ErrorCondition
 from adapters.hl7v2.header import Location
 from adapters.legacy import csv_export
 from gateway.config import SenderConfig
-from gateway.delivery.routes import Router, patient_key
+from gateway.delivery.routes import Router, patient_key, retired_keys
 from gateway.ingest.model import MessageStatus
 from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.runtime import MissingResource, NotTranslated, TranslationContext, TranslationError
@@ -79,7 +79,7 @@ class Translator:
             problem = conformance.check(parsed.message)
             if problem is not None:
                 if sender.validation == "reject":
-                    return _failed(mappings, problem.condition, "", problem.reason)
+                    return _failed(mappings, problem.condition, problem.location, problem.reason)
                 warnings.append(problem.reason)
         sender_id = sender.id if sender else ""
         context = TranslationContext(
@@ -109,6 +109,7 @@ class Translator:
                                                            translation.bundle)
             if record.destinations:
                 record.patient_key = patient_key(translation.bundle)
+                record.retired_keys = retired_keys(translation.bundle)
         return record
 
     def _translate_document(self, pending: Pending, sender: SenderConfig | None,
@@ -138,6 +139,7 @@ class Translator:
             record.destinations = self.router.destinations(message_type, sender_id or None, bundle)
             if record.destinations:
                 record.patient_key = patient_key(bundle)
+                record.retired_keys = retired_keys(bundle)
         return record
 
     def _csv_profiles(self, mappings: MappingSet) -> dict[str, tuple[str, ...]]:
