@@ -15,6 +15,7 @@ from twisted.internet import defer, reactor
 from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
+from gateway.delivery import fhir_record
 from gateway.delivery.fhir_record import (
     classify_response,
     escape_search_value,
@@ -80,7 +81,9 @@ def business_identifier(resource: dict) -> tuple[str, str] | None:
 # -- the request -----------------------------------------------------------------------------
 
 def test_request_shape_for_a_lab_result(canonical):
-    """Identified resources become conditional updates on their first system identifier, others PUT by id; references stay urn:uuid."""
+    """Identified resources become conditional updates on their first system identifier,
+    without their id (R4 refuses one that is not the match's); others PUT by id; references
+    stay urn:uuid."""
     bundle = canonical["lab-value-types"]
     original = copy.deepcopy(bundle)
     request = transaction_request(bundle, base_url=BASE + "/", idempotency_key="msg-42|record")
@@ -91,17 +94,19 @@ def test_request_shape_for_a_lab_result(canonical):
     sent = json.loads(request.body)
     assert sent["resourceType"] == "Bundle" and sent["type"] == "transaction"
     assert [item["fullUrl"] for item in sent["entry"]] == [item["fullUrl"] for item in bundle["entry"]]
-    urls = {item["resource"]["resourceType"] + "/" + item["resource"]["id"]: item["request"]["url"]
-            for item in sent["entry"]}
+    urls = {item["fullUrl"]: item["request"]["url"] for item in sent["entry"]}
     patient_id = bundle["entry"][0]["resource"]["id"]
-    assert urls[f"Patient/{patient_id}"] == "Patient?identifier=urn:ma:cnie|AB123456"
-    for item in sent["entry"]:
+    assert urls[f"urn:uuid:{patient_id}"] == "Patient?identifier=urn:ma:cnie|AB123456"
+    for item, canonical_entry in zip(sent["entry"], bundle["entry"]):
         resource = item["resource"]
         assert item["request"]["method"] == "PUT"
         if business_identifier(resource) is None:
             assert item["request"]["url"] == f"{resource['resourceType']}/{resource['id']}"
+            assert resource == canonical_entry["resource"]
         else:
             assert item["request"]["url"].startswith(resource["resourceType"] + "?identifier=")
+            assert resource == {key: value for key, value in canonical_entry["resource"].items() if key != "id"}
+    assert any("id" not in item["resource"] for item in sent["entry"])
     observation = next(item["resource"] for item in sent["entry"] if item["resource"]["resourceType"] == "Observation")
     assert observation["subject"] == {"reference": f"urn:uuid:{patient_id}"}
 
@@ -148,14 +153,28 @@ def test_stored_texts_give_the_same_request_as_the_bundles(canonical):
         {"resource": {"resourceType": "Encounter", "id": "e", "identifier": [{"value": "V1"}, 7]}},
         {"fullUrl": None, "resource": {"resourceType": "Basic", "id": 12, "identifier": []}},
         {"fullUrl": "urn:uuid:q", "resource": {"resourceType": "Basic", "id": "q", "n": 1.5e-07, "big": 2 ** 40}}]}
+    odd["entry"] += [  # conditional updates with an id that is not plain text
+        {"fullUrl": "urn:uuid:s", "resource": {"resourceType": "Patient", "id": 'sé\\"', "identifier": [
+            {"system": "urn:x", "value": "S"}]}},
+        {"fullUrl": "urn:uuid:n", "resource": {"resourceType": "Basic", "id": 13, "identifier": [
+            {"system": "urn:x", "value": "N"}]}}]
+    # an id after the identifiers: the copying path does not find it, the parsing path drops it
+    reordered = {"resourceType": "Bundle", "entry": [{"fullUrl": "urn:uuid:r", "resource": {
+        "resourceType": "Patient", "identifier": [{"system": "urn:ma:cnie", "value": "R1"}], "id": "r"}}]}
     no_id = {"resourceType": "Bundle", "entry": [{"fullUrl": "urn:uuid:z", "resource": {"resourceType": "Basic"}}]}
     empty = {"resourceType": "Bundle", "type": "collection"}
-    for bundles in (list(canonical.values()), [odd], [empty, odd, empty], []):
+    for bundles in (list(canonical.values()), [odd], [empty, odd, empty], [], [reordered], [odd, reordered]):
         texts = [bundle_text(bundle) for bundle in bundles]
         expected = transaction_request_for_bundles(bundles, base_url=BASE, idempotency_key="k")
         assert transaction_request_for_texts(texts, base_url=BASE, idempotency_key="k") == expected
         assert transaction_request_for_texts([t.encode() for t in texts], base_url=BASE,
                                              idempotency_key="k") == expected
+        for item in json.loads(expected.body)["entry"]:  # a conditional update names no id
+            assert ("id" in item["resource"]) == ("?" not in item["request"]["url"]), item
+    # The golden bundles and the odd ones are copied, not parsed (what the copying path is for).
+    for bundles in (list(canonical.values()), [odd]):
+        expected = transaction_request_for_bundles(bundles, base_url=BASE, idempotency_key="k")
+        assert fhir_record._copied_entries([bundle_text(b) for b in bundles]) == (expected.body, expected.entries)
     # What the bundles' path refuses, the texts' path refuses the same way.
     for bundle in (no_id, {"entry": [{"fullUrl": "x"}]}):
         with pytest.raises(KeyError):
@@ -288,6 +307,7 @@ def test_one_person_from_two_hospitals_in_one_request_goes_once_references_follo
     assert [e["fullUrl"] for e in sent] == ["urn:uuid:p-chu", "urn:uuid:o1", "urn:uuid:o2", "urn:uuid:o3"]
     assert request.entries == 4 and sent[0]["resource"]["name"] == [{"family": "chu"}]  # the last one's
     assert [e["request"]["url"] for e in sent][0] == "Patient?identifier=urn:ma:cnie|BE1"
+    assert "id" not in sent[0]["resource"]  # neither hospital's: the record's
     assert {e["resource"]["subject"]["reference"] for e in sent[1:]} == {"urn:uuid:p-chu"}
     assert {e["resource"]["performer"][0]["reference"] for e in sent[1:]} == {"urn:uuid:p-chu"}
     texts = [bundle_text(bundle) for bundle in bundles]
@@ -296,6 +316,49 @@ def test_one_person_from_two_hospitals_in_one_request_goes_once_references_follo
     assert [e["fullUrl"] for e in json.loads(two.body)["entry"]] == ["urn:uuid:p-lab", "urn:uuid:o1", "urn:uuid:o2"]
     assert {e["resource"]["subject"]["reference"] for e in json.loads(two.body)["entry"][1:]} == {"urn:uuid:p-lab"}
     assert transaction_request_for_texts(texts[:2], base_url=BASE, idempotency_key="k") == two
+
+
+def hospital_message(hospital: str, observation: str) -> dict:
+    """A hospital's message about the person of CNIE BE1: its own Patient id (from its own
+    number), and an Observation of them."""
+    patient = f"p-{hospital}"
+    return {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"fullUrl": f"urn:uuid:{patient}", "resource": {
+            "resourceType": "Patient", "id": patient, "name": [{"family": hospital}],
+            "identifier": [{"value": f"MR-{hospital}"}, {"system": "urn:ma:cnie", "value": "BE1"}]}},
+        {"fullUrl": f"urn:uuid:{observation}", "resource": {
+            "resourceType": "Observation", "id": observation, "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+            "subject": {"reference": f"urn:uuid:{patient}"}}}]}
+
+
+@pytest_twisted.inlineCallbacks
+def test_one_person_from_two_hospitals_is_one_patient_at_the_record(running):
+    """The second hospital's Patient (another id, the same CNIE) is accepted and updates the
+    one Patient the first created: a conformant record refuses a conditional update whose id
+    is not its match's (R4 http.html#cond-update). The record names the Patient; both
+    hospitals' Observations are of it, in separate requests and batched."""
+    from gateway.store.translations import bundle_text
+
+    chu, lab = hospital_message("chu", "o1"), hospital_message("lab", "o2")
+    for number, bundle in enumerate((chu, lab)):
+        request = transaction_request(bundle, base_url=BASE, idempotency_key=f"k{number}")
+        response = yield send(running, request)
+        assert classify_response(response, request).kind == "delivered", response.body
+    client = running.clients[0]
+    found = yield client.get("/fhir/Patient?identifier=urn:ma:cnie|BE1")
+    assert found.json["total"] == 1
+    stored = found.json["entry"][0]["resource"]
+    assert stored["name"] == [{"family": "lab"}] and stored["meta"]["versionId"] == "2"
+    assert stored["id"] not in ("p-chu", "p-lab")  # the record's, not a hospital's
+    batched = transaction_request_for_texts([bundle_text(hospital_message("chu", "o3")), bundle_text(lab)],
+                                            base_url=BASE, idempotency_key="k2")
+    response = yield send(running, batched)
+    assert classify_response(response, batched).kind == "delivered", response.body
+    found = yield client.get("/fhir/Patient?identifier=urn:ma:cnie|BE1")
+    assert [item["resource"]["id"] for item in found.json["entry"]] == [stored["id"]]
+    observations = yield client.get(f"/fhir/Observation?subject=Patient/{stored['id']}")
+    assert {item["resource"]["id"] for item in observations.json["entry"]} == {"o1", "o2", "o3"}
 
 
 @pytest_twisted.inlineCallbacks

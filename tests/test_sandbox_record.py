@@ -280,6 +280,26 @@ def test_conditional_update_without_match_creates_with_the_given_id_or_a_new_one
 
 
 @pytest_twisted.inlineCallbacks
+def test_conditional_update_whose_id_is_not_its_match_is_400(client, running):
+    """R4 (http.html#cond-update): one match and a resource id that is not the match's is a
+    400 naming the entry, nothing stored, whether the match is stored or an earlier entry's;
+    the match's own id updates it."""
+    created = yield client.post(transaction(conditional_patient()))
+    patient_id = locations(created)[0].split("/")[1]
+    before = running.count()
+    for bundle in (transaction(entry(observation("urn:uuid:p-1"), "POST", "Observation"),
+                               conditional_patient(id="other-hospital")),
+                   transaction(entry(patient("CC1", id="a"), "PUT", f"Patient?identifier={CNIE}|CC1", "urn:uuid:a"),
+                               entry(patient("CC1", id="b"), "PUT", f"Patient?identifier={CNIE}|CC1", "urn:uuid:b"))):
+        reply = yield client.post(bundle)
+        assert reply.code == 400, reply.body
+        assert issue(reply)["code"] == "invalid" and issue(reply)["expression"] == ["Bundle.entry[1].resource.id"]
+        assert running.count() == before
+    same = yield client.post(transaction(conditional_patient(id=patient_id, family="Alaoui")))
+    assert locations(same) == [f"Patient/{patient_id}/_history/2"]
+
+
+@pytest_twisted.inlineCallbacks
 def test_same_identifier_twice_in_one_transaction_is_one_resource(client, running):
     """Two entries for the same business identifier in one bundle (batched messages) end as one resource, the later content winning."""
     reply = yield client.post(transaction(
@@ -633,6 +653,7 @@ def test_metadata_is_a_capability_statement(client):
     reply = yield client.get("/fhir/metadata")
     assert reply.code == 200 and reply.json["resourceType"] == "CapabilityStatement"
     assert reply.json["fhirVersion"] == "4.0.1"
+    assert reply.json["rest"][0]["resource"][0]["updateCreate"] is True  # PUT Type/id of a new id creates it
     assert reply.header("content-type").startswith("application/fhir+json")
 
 

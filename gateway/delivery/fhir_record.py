@@ -4,8 +4,11 @@ a transaction request, and the record's answer as a delivery outcome. Pure code.
 `transaction_request(bundle, base_url=..., idempotency_key=...)` turns the mapping engine's
 `collection` Bundle into `POST {base_url}` with a `transaction` Bundle:
 - a resource with an identifier that has both a system and a value is a conditional update
-  on the first such identifier, `PUT Type?identifier=system|value` (the record keeps one
-  resource per business identifier, whatever id another sender gave it);
+  on the first such identifier, `PUT Type?identifier=system|value`, without its id: the
+  record keeps one resource per business identifier under the id it gave it, and R4
+  (http.html#cond-update) refuses a conditional update whose id is not the match's (one
+  person sent by two hospitals has two ids), or one that would create with the client's id
+  where the server does not support update-as-create;
 - any other resource is `PUT Type/id` with its deterministic id;
 - fullUrls and references stay `urn:uuid:`: the record resolves them to the ids it stores.
 `transaction_request_for_bundles` does the same for several canonical bundles in one request
@@ -60,15 +63,15 @@ def transaction_entry(entry: dict) -> dict:
     """One canonical entry as a transaction entry (see the module docstring)."""
     resource = entry["resource"]
     resource_type = resource["resourceType"]
+    full_url = entry.get("fullUrl") or f"urn:uuid:{resource['id']}"
     identifier = _business_identifier(resource)
     if identifier is not None:
         system, value = identifier
         url = f"{resource_type}?identifier={escape_search_value(system)}|{escape_search_value(value)}"
+        resource = {key: item for key, item in resource.items() if key != "id"}  # the record names it
     else:
         url = f"{resource_type}/{resource['id']}"
-    transaction = {"fullUrl": entry.get("fullUrl") or f"urn:uuid:{resource['id']}", "resource": resource,
-                   "request": {"method": "PUT", "url": url}}
-    return transaction
+    return {"fullUrl": full_url, "resource": resource, "request": {"method": "PUT", "url": url}}
 
 
 def transaction_bundle(bundles: Sequence[dict]) -> dict:
@@ -138,11 +141,11 @@ def transaction_request_for_texts(bundle_texts: Sequence[str | bytes], *, base_u
     """`transaction_request_for_bundles` of bundles given as their stored JSON text, with the
     same bytes (stored bundles are orjson's compact text, which is what it writes again).
 
-    Each resource is copied as it is stored, never parsed into objects: msgspec reads of each
-    entry its fullUrl and its resource as raw text, and of the resource only its type, id and
-    identifiers. Half the cost of parsing the bundles and writing them out again (measured on
-    the benchmark's ORU^R01 bundles, 64 per request: 118 -> 62 us per message, on the reactor
-    thread). A bundle that does not read that way (no id to name a resource by, a malformed
+    Each resource is copied as it is stored (a conditional update's without its id), never
+    parsed into objects: msgspec reads of each entry its fullUrl and its resource as raw text,
+    and of the resource only its type, id and identifiers. Half the cost of parsing the
+    bundles and writing them out again (measured on the benchmark's ORU^R01 bundles, 64 per
+    request: 118 -> 62 us per message, on the reactor thread). A bundle that does not read that way (no id to name a resource by, a malformed
     entry) takes the parsing path, which builds the same request or fails as it always did."""
     try:
         return _request(*_copied_entries(bundle_texts), base_url, idempotency_key)
@@ -201,6 +204,7 @@ def _copied_entries(bundle_texts: Sequence[str | bytes]) -> tuple[bytes, int]:
                 system, value = identifier
                 url = (f"{resource.resourceType}?identifier={escape_search_value(system)}"
                        f"|{escape_search_value(value)}")
+                raw = _without_id(raw, resource.resourceType, resource_id)
             else:
                 url = f"{resource.resourceType}/{resource_id}"
             full_url = entry.fullUrl or f"urn:uuid:{resource_id}"
@@ -216,6 +220,19 @@ def _copied_entries(bundle_texts: Sequence[str | bytes]) -> tuple[bytes, int]:
     return _TRANSACTION_START + b",".join(
         b"".join((b'{"fullUrl":', full_url, b',"resource":', raw, b',"request":{"method":"PUT","url":', url, b"}}"))
         for full_url, raw, url in entries) + b"]}", len(entries)
+
+
+def _without_id(raw: bytes, resource_type: str, resource_id: object) -> bytes:
+    """A conditional update's resource text without its id, when the text starts
+    `{"resourceType":...,"id":...,` as the mapping engine writes it (its identifier follows);
+    the parsing path otherwise (an id elsewhere, or written otherwise than orjson does)."""
+    dumps = orjson.dumps
+    head = b'{"resourceType":' + dumps(resource_type)
+    prefix = head + b',"id":' + dumps(resource_id) + b","
+    text = bytes(raw)
+    if not text.startswith(prefix):
+        raise _Unusual
+    return head + text[len(prefix) - 1:]
 
 
 def _swapped(raw: bytes, swaps: list[tuple[bytes, bytes]]) -> bytes:

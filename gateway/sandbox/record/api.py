@@ -164,6 +164,7 @@ class RecordApi:
                     "type": resource_type,
                     "interaction": [{"code": "read"}, {"code": "search-type"}],
                     "conditionalCreate": True,
+                    "updateCreate": True,  # PUT with an id that matches nothing creates it
                     "conditionalUpdate": True,
                     "searchParam": [{"name": name, "type": "reference" if name in ("patient", "subject")
                                      else "token"} for name in SEARCH_PARAMETERS],

@@ -157,8 +157,9 @@ class RecordStore:
                           body_sha256: str = "") -> bytes:
         """Store every entry or none; return the transaction-response Bundle as JSON bytes.
 
-        Raises FhirError (412 several matches, 422 unresolved reference, 422 key reused with
-        another body), after which nothing has changed.
+        Raises FhirError (412 several matches, 400 a conditional update's id not its match's,
+        422 unresolved reference, 422 key reused with another body), after which nothing has
+        changed.
         """
         db = self._db
         db.execute("BEGIN IMMEDIATE")
@@ -295,9 +296,16 @@ class RecordStore:
             raise FhirError.single(412, "multiple-matches", "the condition matches several resources", where)
         if entry.method == "POST":
             return (next(iter(matches)), False) if matches else (str(uuid.uuid4()), True)
+        given = entry.resource.get("id")
         if matches:
-            return next(iter(matches)), True
-        return entry.resource.get("id") or str(uuid.uuid4()), True
+            match = next(iter(matches))
+            if given is not None and given != match:
+                # R4 http.html#cond-update: one match whose id is not the resource's is a 400
+                raise FhirError.single(400, "invalid", "the resource id is not the id of the resource "
+                                       "the condition matches", entry.where + ".resource.id")
+            return match, True
+        return given or str(uuid.uuid4()), True  # update-as-create with the given id
+
 
 def _stored_form(entry: PlannedEntry, targets: dict[str, str], url_targets: bool = False) -> str:
     """The JSON text stored for an entry's resource: without meta.versionId/lastUpdated, its

@@ -6,7 +6,10 @@ Pure code: what the request asks for, checked; the store decides ids and writes 
 Accepted entries (`request.method` / `request.url`):
 - `POST Type`, optionally with `ifNoneExist: identifier=system|value` (conditional create);
 - `PUT Type/id` (create or update with that id; the resource's id, if given, must agree);
-- `PUT Type?identifier=system|value` (conditional update; any search of search.py works).
+- `PUT Type?identifier=system|value` (conditional update; any search of search.py works):
+  as R4 http.html#cond-update, one match is updated, and the resource's id, if given, must
+  be the match's (a 400 otherwise); no match creates the resource, with its id if given
+  (update-as-create), else a new one.
 
 Entries apply in bundle order; the same resource may appear more than once (several messages
 batched in one request), the later entry winning. A condition never resolves to a resource
