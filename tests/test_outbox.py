@@ -228,3 +228,27 @@ def test_two_nodes_claim_disjoint_sets_at_once(pg_url):
         assert len(got["n1"]) + len(got["n2"]) == 200
     finally:
         engine.dispose()
+
+
+def test_nodes_take_leases_on_the_database_clock_not_their_own(pg_url):
+    """On PostgreSQL, where nodes share the outbox, a node whose clock runs ten minutes ahead
+    does not take what another node holds under a 60 s lease: leases are taken and compared on
+    the database's clock. (On SQLite one node runs: its clock is the only one.)"""
+    from gateway.delivery.service import _ClaimPlan, _claim_all
+
+    engine = create_gateway_engine(pg_url)
+    try:
+        migrate(engine)
+        now = datetime.now(timezone.utc)
+        (m,) = add_messages(engine, 1)
+        enqueue(engine, (m, "record", "Patient/p1", "sha-1"), now=now)
+        plan = {"record": _ClaimPlan(requests=10, batch_size=1, batch_bytes=None)}
+        with engine.begin() as conn:
+            (held,) = _claim_all(conn, "n1", plan, now, 60.0)
+        with engine.begin() as conn:
+            assert _claim_all(conn, "n2", plan, now + timedelta(minutes=10), 60.0) == []
+        with engine.begin() as conn:  # n1 holds it for 60 s of the database clock
+            lease_until = conn.execute(select(deliveries.c.lease_until)).scalar_one()
+        assert lease_until > datetime.now(timezone.utc) + timedelta(seconds=50)
+    finally:
+        engine.dispose()

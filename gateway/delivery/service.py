@@ -374,6 +374,9 @@ class _ClaimPlan:
 
 def _claim_all(connection, node: str, plans: dict[str, _ClaimPlan], now: datetime,
                lease: float) -> list[outbox.Batch]:
+    # Leases are taken and compared on one clock, the database's, where nodes share it: a
+    # node whose clock ran ahead would take deliveries whose lease another still holds.
+    now = outbox.shared_clock(connection) or now
     batches = []
     for destination, plan in plans.items():
         batches.extend(outbox.claim_batches(connection, node, destination, now, lease,

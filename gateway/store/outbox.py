@@ -289,6 +289,14 @@ _RUNS_PG = ("SELECT r.* FROM unnest(CAST(:patients AS text[])) AS h(patient_key)
 _RUN_SQLITE = _RUN.format(size="length(CAST(t.bundle AS BLOB))", patient=":patient")
 
 
+def shared_clock(connection: Connection) -> datetime | None:
+    """The time on the clock every node reads (PostgreSQL's, which they share), None on SQLite
+    (one node: its own clock is the only one)."""
+    if connection.dialect.name != "postgresql":
+        return None
+    return connection.execute(text("SELECT clock_timestamp()")).scalar()
+
+
 def claim(connection: Connection, node: str, destination: str, now: datetime, lease: float,
           limit: int) -> list[Claim]:
     """Take up to `limit` due deliveries to `destination` for `node`, oldest message first,
