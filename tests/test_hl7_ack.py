@@ -212,6 +212,18 @@ def test_our_own_names_are_escaped_for_the_senders_delimiters():
     assert seg[b"ERR"][5] == b"NOT\\F\\HL7-Not an HL7 v2 message-MA\\S\\HIE\\S\\ERR"
 
 
+@pytest.mark.parametrize("encoding", [b"+~\\&", b"^-\\&"])
+def test_msh7_has_no_offset_for_a_sender_separating_with_a_sign(encoding):
+    """'20250114083512+0100' read by a sender whose component (or repetition) separator is '+'
+    or '-' is two components: our MSH-7 then goes without its offset; with the usual
+    separators it keeps it."""
+    raw = b"MSH|" + encoding + b"|LABO|CHU|HIE|MA|20260315103000||ORU|LAB1|P|2.5\rPID|1\r"
+    stamp = msh_field(segments(builder().build(parse_header(raw), Outcome.ACCEPT, False))[b"MSH"], 7)
+    assert len(stamp) == 14 and stamp.isdigit(), stamp
+    usual = msh_field(segments(builder().build(parse_header(message()), Outcome.ACCEPT, False))[b"MSH"], 7)
+    assert len(usual) == 19 and usual[14:15] in (b"+", b"-"), usual
+
+
 def test_ack_from_header_error_partial_read():
     """An ACK can be built from a HeaderError: it echoes what was read and defaults the rest."""
     raw = message(control_id="")

@@ -125,8 +125,11 @@ class AckBuilder:
         message_type = b"ACK"
         if trigger and trigger[0]:
             message_type += cs + trigger[0] + (cs + b"ACK" if with_structure else b"")
+        stamp = self.clock.timestamp()
+        if _offset_clashes(d):  # '+0100' would split MSH-7 for a sender separating with + or -
+            stamp = stamp[:14]
         msh = [b"MSH", d.encoding_characters, *_own_names(self.sender, d), application, facility,
-               self.clock.timestamp(), b"", message_type,
+               stamp, b"", message_type,
                self.control_ids.next(), processing or b"P", version_field or DEFAULT_VERSION]
         if charset:
             msh += [b"", b"", b"", b"", b"", charset]
@@ -145,6 +148,13 @@ def _own_names(sender: Sender, d: Delimiters) -> tuple[bytes, bytes]:
     separator is '_' or '-' must not read 'MA_HIE_GATEWAY' as three fields."""
     return (escape(sender.application.decode("ascii"), d),
             escape(sender.facility.decode("ascii"), d))
+
+
+@lru_cache(maxsize=64)
+def _offset_clashes(d: Delimiters) -> bool:
+    """Whether a delimiter of the sender is a sign of a UTC offset: MSH-7 then goes without one
+    (a timestamp is no text to escape)."""
+    return any(sign in d.field + d.encoding_characters for sign in (b"+", b"-"))
 
 
 _ACK_BYTES = {(outcome, enhanced): outcome.ack_code(enhanced).value.encode("ascii")
