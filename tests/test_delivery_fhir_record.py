@@ -282,6 +282,22 @@ def test_a_resource_several_batched_bundles_carry_goes_once_as_the_last_has_it(c
     assert mixed.entries == 5 and json.loads(mixed.body)["entry"][0]["resource"]["name"] == [{"family": "BENALI-ALAOUI"}]
 
 
+def hospital_message(hospital: str, observation: str, performer: bool = False) -> dict:
+    """A hospital's message about the person of CNIE BE1: its own Patient id (from its own
+    number), and an Observation of them (`performer`: naming them a second time)."""
+    patient = f"p-{hospital}"
+    result = {"resourceType": "Observation", "id": observation, "status": "final",
+              "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+              "subject": {"reference": f"urn:uuid:{patient}"}}
+    if performer:
+        result["performer"] = [{"reference": f"urn:uuid:{patient}"}]
+    return {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"fullUrl": f"urn:uuid:{patient}", "resource": {
+            "resourceType": "Patient", "id": patient, "name": [{"family": hospital}],
+            "identifier": [{"value": f"MR-{hospital}"}, {"system": "urn:ma:cnie", "value": "BE1"}]}},
+        {"fullUrl": f"urn:uuid:{observation}", "resource": result}]}
+
+
 def test_one_person_from_two_hospitals_in_one_request_goes_once_references_following(canonical):
     """Each hospital's Patient has its own id (from its own number) but both update
     `Patient?identifier=urn:ma:cnie|BE1`: two entries resolving to one resource fail a
@@ -290,18 +306,8 @@ def test_one_person_from_two_hospitals_in_one_request_goes_once_references_follo
     the earlier's fullUrl names it; both paths build the same bytes."""
     from gateway.store.translations import bundle_text
 
-    def message(hospital: str, observation: str) -> dict:
-        patient = f"p-{hospital}"
-        return {"resourceType": "Bundle", "type": "collection", "entry": [
-            {"fullUrl": f"urn:uuid:{patient}", "resource": {
-                "resourceType": "Patient", "id": patient, "name": [{"family": hospital}],
-                "identifier": [{"value": f"MR-{hospital}"}, {"system": "urn:ma:cnie", "value": "BE1"}]}},
-            {"fullUrl": f"urn:uuid:{observation}", "resource": {
-                "resourceType": "Observation", "id": observation, "status": "final",
-                "subject": {"reference": f"urn:uuid:{patient}"},
-                "performer": [{"reference": f"urn:uuid:{patient}"}]}}]}
-
-    bundles = [message("chu", "o1"), message("lab", "o2"), message("chu", "o3")]
+    bundles = [hospital_message("chu", "o1", performer=True), hospital_message("lab", "o2", performer=True),
+               hospital_message("chu", "o3", performer=True)]
     request = transaction_request_for_bundles(bundles, base_url=BASE, idempotency_key="k")
     sent = json.loads(request.body)["entry"]
     assert [e["fullUrl"] for e in sent] == ["urn:uuid:p-chu", "urn:uuid:o1", "urn:uuid:o2", "urn:uuid:o3"]
@@ -316,20 +322,6 @@ def test_one_person_from_two_hospitals_in_one_request_goes_once_references_follo
     assert [e["fullUrl"] for e in json.loads(two.body)["entry"]] == ["urn:uuid:p-lab", "urn:uuid:o1", "urn:uuid:o2"]
     assert {e["resource"]["subject"]["reference"] for e in json.loads(two.body)["entry"][1:]} == {"urn:uuid:p-lab"}
     assert transaction_request_for_texts(texts[:2], base_url=BASE, idempotency_key="k") == two
-
-
-def hospital_message(hospital: str, observation: str) -> dict:
-    """A hospital's message about the person of CNIE BE1: its own Patient id (from its own
-    number), and an Observation of them."""
-    patient = f"p-{hospital}"
-    return {"resourceType": "Bundle", "type": "collection", "entry": [
-        {"fullUrl": f"urn:uuid:{patient}", "resource": {
-            "resourceType": "Patient", "id": patient, "name": [{"family": hospital}],
-            "identifier": [{"value": f"MR-{hospital}"}, {"system": "urn:ma:cnie", "value": "BE1"}]}},
-        {"fullUrl": f"urn:uuid:{observation}", "resource": {
-            "resourceType": "Observation", "id": observation, "status": "final",
-            "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
-            "subject": {"reference": f"urn:uuid:{patient}"}}}]}
 
 
 @pytest_twisted.inlineCallbacks
