@@ -136,6 +136,80 @@ def test_encounter_references_patient_and_practitioners(mappings):
     assert visit["value"] == "V2025-0001" and visit["type"]["coding"][0]["code"] == "VN"
 
 
+def participants(encounter: dict) -> list[tuple[str, str]]:
+    return [(part["type"][0]["coding"][0]["code"], part["individual"]["reference"].split(":")[-1])
+            for part in encounter["participant"]]
+
+
+def test_every_repetition_of_a_doctor_field_is_a_participant(mappings):
+    """PV1-7, -8, -9, -17 repeat (XCN): each repetition is a participant with its Practitioner
+    (the guide's PV1[Encounter]); a doctor in two roles is one Practitioner, two participants."""
+    bundle = bundle_of(mappings, "a01-several-doctors.hl7")
+    encounter = resources(bundle, "Encounter")[0]
+    family = {p["id"]: p["name"][0]["family"] for p in resources(bundle, "Practitioner")}
+    assert sorted(family.values()) == ["BERRADA", "CHRAIBI", "FILALI", "IDRISSI"]
+    assert [(code, family[who]) for code, who in participants(encounter)] == [
+        ("ATND", "BERRADA"), ("ATND", "CHRAIBI"), ("REF", "IDRISSI"), ("REF", "FILALI"), ("ADM", "CHRAIBI")]
+
+
+PV1_SEGMENT = ("PV1|1|I|CHIR^7^C^CHUIR||||{attending}|{referring}|{consulting}||||||||{admitting}"
+               "||V2025-0200^^^CHUIR^VN")
+
+
+def _doctors_message(trigger: str, **fields) -> str:
+    values = {"attending": "", "referring": "", "consulting": "", "admitting": "", **fields}
+    return ("MSH|^~\\&|HIS_CHU|CHUIR|HIE|MS|20250117093000||ADT^" + trigger + "|D" + trigger + "|P|2.5\n"
+            "PID|1||665544^^^CHUIR^MR||OUAZZANI^Hamid||19700822|M\n" + PV1_SEGMENT.format(**values) + "\n")
+
+
+@pytest.mark.parametrize("trigger", ["A01", "A02", "A03", "A11", "A41", "A60"])
+def test_participants_in_every_adt_structure(mappings, trigger):
+    doctor_a = "100567890^BERRADA^Samir^^^Dr^^^INPE"
+    doctor_b = "100678901^CHRAIBI^Leila^^^Dr^^^INPE"
+    bundle = translate_text(mappings, _doctors_message(
+        trigger, attending=f"{doctor_a}~{doctor_b}", referring=doctor_b, consulting=f"{doctor_a}~{doctor_a}",
+        admitting=doctor_a))
+    encounter = resources(bundle, "Encounter")[0]
+    family = {p["id"]: p["name"][0]["family"] for p in resources(bundle, "Practitioner")}
+    assert len(family) == 2
+    # The same doctor twice in PV1-9 is one consultant.
+    assert [(code, family[who]) for code, who in participants(encounter)] == [
+        ("ATND", "BERRADA"), ("ATND", "CHRAIBI"), ("REF", "CHRAIBI"), ("CON", "BERRADA"), ("ADM", "BERRADA")]
+    assert bundle_problems(bundle) == []
+
+
+def test_a_doctor_after_an_empty_repetition_is_a_participant(mappings):
+    """A first repetition naming nobody (no id, no name: no Practitioner) gives no participant;
+    the doctor after it does (the role was left out, PV1-7's first repetition being empty)."""
+    bundle = translate_text(mappings, _doctors_message(
+        "A01", attending="^^^^^^^^INPE~100567890^BERRADA^Samir^^^Dr^^^INPE"))
+    family = {p["id"]: p["name"][0]["family"] for p in resources(bundle, "Practitioner")}
+    encounter = resources(bundle, "Encounter")[0]
+    assert [(code, family[who]) for code, who in participants(encounter)] == [("ATND", "BERRADA")]
+
+
+def test_each_message_map_names_the_doctors_before_the_encounter():
+    """transforms/encounter.py reads the practitioners the message map named attender, referrer,
+    consultant and admitter: every map that builds PV1.Encounter builds them, before it."""
+    import yaml
+
+    wanted = [("attender", "PV1-7"), ("referrer", "PV1-8"), ("consultant", "PV1-9"), ("admitter", "PV1-17")]
+    checked = 0
+
+    def walk(entries):
+        nonlocal checked
+        for number, entry in enumerate(entries):
+            if entry.get("map") == "PV1.Encounter":
+                before = [(e.get("name"), e.get("each")) for e in entries[:number] if e.get("map") == "XCN.Practitioner"]
+                assert all(role in before for role in wanted), (path.name, before)
+                checked += 1
+            walk(entry.get("resources") or [])
+
+    for path in sorted((ROOT / "mappings" / "messages").glob("*.yaml")):
+        walk(yaml.safe_load(path.read_text(encoding="utf-8")).get("resources") or [])
+    assert checked >= 12
+
+
 def test_coverage_with_cnss_payer(mappings):
     bundle = bundle_of(mappings, "a01-admission.hl7")
     coverage = resources(bundle, "Coverage")[0]

@@ -99,7 +99,8 @@ def test_status_interpretation_range_and_absent_value(mappings):
     found = observation(mappings, "OBX|1|NM|1^x^L||12||10-11|H|||C|||20260115080000")
     assert found["status"] == "corrected"
     assert found["interpretation"][0]["coding"][0] == {
-        "code": "H", "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"}
+        "code": "H", "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+        "display": "High"}
     assert found["referenceRange"] == [{"text": "10-11"}]
     assert found["effectiveDateTime"] == "2026-01-15T08:00:00+01:00"
     assert found["category"][0]["coding"][0]["code"] == "laboratory"
@@ -107,6 +108,39 @@ def test_status_interpretation_range_and_absent_value(mappings):
     assert absent["status"] == "unknown"
     assert absent["dataAbsentReason"]["coding"][0]["code"] == "not-asked"
     assert observation(mappings, "OBX|1|NM|1^x^L||1||||||V")["status"] == "final"  # our choice
+
+
+V3_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+
+
+@pytest.mark.parametrize("flag, coding", [
+    ("h", {"system": V3_INTERPRETATION, "code": "H", "display": "High"}),  # lower case: the guide's code
+    ("l", {"system": V3_INTERPRETATION, "code": "L", "display": "Low"}),
+    (" hh ", {"system": V3_INTERPRETATION, "code": "HH", "display": "Critical high"}),
+    ("WR", {"system": V3_INTERPRETATION, "code": "WR", "display": "Weakly reactive"}),  # v2.5+ table 0078
+    ("nr", {"system": V3_INTERPRETATION, "code": "NR", "display": "Non-reactive"}),
+    ("CAR", {"system": V3_INTERPRETATION, "code": "CAR", "display": "Carrier"}),
+    ("syn-s", {"system": V3_INTERPRETATION, "code": "SYN-S", "display": "Synergy - susceptible"}),
+    ("<", {"system": V3_INTERPRETATION, "code": "<", "display": "Off scale low"}),
+])
+def test_interpretation_follows_the_guides_concept_map(mappings, flag, coding):
+    found = observation(mappings, f"OBX|1|NM|1^x^L||12||10-11|{flag}|||F")
+    assert found["interpretation"] == [{"coding": [coding]}]
+
+
+def test_a_flag_the_guide_does_not_map_is_kept_as_sent(mappings):
+    """AC, QCF, TOX: the guide maps them to nothing (inactive in the v3 value set), so they get
+    no system (they had v3's); a flag its map does not list keeps the sender's text."""
+    found = observation(mappings, "OBX|1|NM|1^x^L||12||10-11|AC~QCF~tox~H>^Tres eleve~Zz^Local|||F")
+    assert [i["coding"] for i in found["interpretation"]] == [
+        [{"code": "AC"}], [{"code": "QCF"}], [{"code": "tox"}],
+        [{"code": "H>", "display": "Tres eleve"}], [{"code": "Zz", "display": "Local"}]]
+
+
+def test_every_interpretation_flag_repetition_is_coded(mappings):
+    found = observation(mappings, "OBX|1|NM|1^x^L||12||10-11|hh~QCF|||F")
+    assert [i["coding"][0]["code"] for i in found["interpretation"]] == ["HH", "QCF"]
+    assert [i["coding"][0].get("system") for i in found["interpretation"]] == [V3_INTERPRETATION, None]
 
 
 def test_invalid_number_is_an_error_at_the_obx(mappings):
