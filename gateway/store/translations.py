@@ -138,7 +138,8 @@ class StoredTranslation:
 
 
 _PENDING_COLUMNS = (messages.c.id, message_payloads.c.raw, messages.c.codec, messages.c.format,
-                    messages.c.sender_id, messages.c.received_at, messages.c.message_type)
+                    messages.c.sender_id, messages.c.received_at, messages.c.message_type,
+                    messages.c.sending_application, messages.c.sending_facility, messages.c.control_id)
 # A message whose payload retention expired cannot be translated again: the join leaves it out.
 _WITH_PAYLOAD = messages.join(message_payloads, message_payloads.c.message_id == messages.c.id)
 # The sweep reads waiting messages whatever their payload: one that expired before its
@@ -148,7 +149,11 @@ _MAYBE_PAYLOAD = messages.outerjoin(message_payloads, message_payloads.c.message
 
 
 def _pending(row) -> Pending:
-    return Pending(row.id, None, bytes(row.raw) if row.raw is not None else None, row.codec,
+    # The key as the live path gives it: a sweep's or a replay's translation names the same
+    # control id (its audit record, a document's ids: the live path's, not a stand-in's).
+    key = ((row.sending_application, row.sending_facility, row.control_id)
+           if row.control_id is not None else None)
+    return Pending(row.id, key, bytes(row.raw) if row.raw is not None else None, row.codec,
                    row.format or "hl7v2", row.sender_id, utc(row.received_at), row.message_type)
 
 
