@@ -174,7 +174,7 @@ def over_tcp_into_a_store(db_url: str, data: bytes, count: int, eot: bool = True
     try:
         answers = yield threads.deferToThread(_send_transfer, port.getHost().port, data, eot)
         rows = []
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while len(rows) < count and time.monotonic() < deadline:
             yield deferLater(reactor, 0.05, lambda: None)
             with engine.connect() as conn:
@@ -239,7 +239,7 @@ def test_gateway_astm_listener_stores_and_translates(db_url, make_config, runnin
     engine = create_gateway_engine(db_url)
     try:
         row = None
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             yield deferLater(reactor, 0.05, lambda: None)
             with engine.connect() as conn:

@@ -48,7 +48,7 @@ def test_run_names_its_astm_listeners_when_ready(project):
                                    env=child_environment(), stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for_port(astm_port, process)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 30
             while " ready: " not in (project.root / "gateway.log").read_text("utf-8"):
                 assert time.monotonic() < deadline
                 time.sleep(0.05)

@@ -152,7 +152,7 @@ def test_reload_by_command_keeps_the_old_set_when_broken(project, gateway):
     import signal
 
     pid_file = project.root / "var" / "gateway.pid"
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while not pid_file.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert int(pid_file.read_text()) == gateway.pid
@@ -164,7 +164,7 @@ def test_reload_by_command_keeps_the_old_set_when_broken(project, gateway):
     assert refused.returncode == 1 and "PID.Patiente" in refused.stderr
     os.kill(gateway.pid, signal.SIGHUP)  # the gateway checks for itself, too
     log = project.root / "gateway.log"
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while "refused" not in log.read_text("utf-8") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "PID.Patiente" in log.read_text("utf-8")
@@ -176,9 +176,10 @@ def test_reload_by_command_keeps_the_old_set_when_broken(project, gateway):
     write_mappings(project.root / "mappings", ORU_FIX)
     done = cli(project, "mappings", "reload", "-c", project.config)
     assert done.returncode == 0 and f"pid {gateway.pid}" in done.stdout
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while "mapping set reloaded" not in log.read_text("utf-8") and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert "mapping set reloaded" in log.read_text("utf-8")  # before the next message is sent
     oru2 = write_file(project, "oru2.hl7", hl7("H-2", kind="ORU^R01^ORU_R01"))
     cli(project, "send", "--to", f"127.0.0.1:{project.port}", oru2)
     wait_for_status(project, ["failed", "translated"])

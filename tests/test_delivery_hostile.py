@@ -436,7 +436,7 @@ def test_an_answer_the_database_refuses_does_not_hold_the_other_settlements(db_u
                                         prepare=_refuse_long_values)
     try:
         found = yield until(DELIVERIES, lambda f: all(r.status != "pending" for r in f), db_url,
-                            timeout=10)
+                            timeout=30)
         assert sorted((r.status, r.attempts) for r in found) == [("dead", 1)] + [("delivered", 1)] * 3
         (dead,) = [r for r in found if r.status == "dead"]
         assert (dead.last_code, dead.last_reason) == (422, "HTTP 422 (answer not stored: DataError)")
@@ -481,11 +481,11 @@ def test_settlements_the_database_could_not_take_are_kept_and_recorded_once(db_u
                                         RetryConfig(base=0.2, factor=2.0, cap=0.5, max_age=600),
                                         [f"Patient/{n}" for n in range(1, 5)], concurrency=4)
     try:
-        yield until(DELIVERIES, lambda f: "recording" in caplog.text, db_url, timeout=10)
+        yield until(DELIVERIES, lambda f: "recording" in caplog.text, db_url, timeout=30)
         yield deferLater(reactor, 0.3, lambda: None)  # a few more tries while it is away
         rename("delivery_attempts_away", "delivery_attempts")
         found = yield until(DELIVERIES, lambda f: all(r.status != "pending" for r in f), db_url,
-                            timeout=10)
+                            timeout=30)
         assert [(r.status, r.attempts) for r in found] == [("delivered", 1)] * 4
         attempts = yield until("SELECT delivery_id FROM delivery_attempts", lambda f: True, db_url)
         assert sorted(a.delivery_id for a in attempts) == sorted(

@@ -225,7 +225,7 @@ def test_slow_sender_within_the_frame_deadline_is_accepted(sqlite_url, make_conf
             return client.receive().response, took
 
     answer, took = yield in_thread(exchange)
-    assert 0.2 < took < 1.0
+    assert took > 0.2  # trickled (the frame deadline is 60 s: a busy machine's slower sleeps fit)
     assert ack_fields(answer)["msa1"] == "AA" and ack_fields(answer)["msa2"] == "SLOW1"
     [row] = stored(sqlite_url)
     assert row.raw == payload and row.summary.status == "received"

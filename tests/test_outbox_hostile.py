@@ -301,7 +301,7 @@ def test_messages_whose_translation_failed_to_store_are_swept_once_the_database_
 
         time.sleep(0.5)  # the sweep's attempts fail too
         outage.end()
-        assert _until(lambda: statuses(engine) == ["translated"], 10.0)
+        assert _until(lambda: statuses(engine) == ["translated"], 30.0)
     finally:
         try:
             outage.end()

@@ -16,7 +16,7 @@ from gateway.prescriptions.eligibility import EligibilityChecker, EligibilityQue
 DAY = date(2026, 1, 16)
 
 
-def checker(peers, dev_pki, timeout=2.0) -> EligibilityChecker:
+def checker(peers, dev_pki, timeout=10.0) -> EligibilityChecker:  # TLS on a busy machine
     def transport():
         return HttpsTransport(reactor, os.path.join(dev_pki, "ca.crt"), os.path.join(dev_pki, "gateway.crt"),
                               os.path.join(dev_pki, "gateway.key"), connect_timeout=timeout,

@@ -280,7 +280,7 @@ def test_two_concurrent_runs_one_skips(pg_engine):
         first = threading.Thread(target=lambda: reports.setdefault(
             "first", run_retention(pg_engine, CONFIG, NOW, AuditTrail(pg_engine, "node-1"))))
         first.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while not _advisory_lock_held(pg_engine):
             assert time.monotonic() < deadline, "the first run never took its lock"
             time.sleep(0.02)
