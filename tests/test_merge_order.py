@@ -117,3 +117,18 @@ def test_a_dead_letter_and_other_destinations_of_the_merged_patient_keep_their_k
     found = keys(engine)
     assert found[(update, "record")] == (MERGED, "dead")
     assert found[(update, "cnss")] == (MERGED, "pending")
+
+
+def test_a_replay_of_the_merged_patients_pending_update_keeps_its_place_before_the_merge(
+        engine, translator):
+    """The merged patient's update, still pending, translated again with other content (a
+    mapping fix, a replay): its next attempt carries the new content and keeps the place the
+    merge gave it, ahead of the merge (it went back to its own patient's key: both were then
+    claimed at once, the merge free to reach the record first)."""
+    update, merge = store(engine, translator, A08, A40)
+    changed = A08.replace(b"BENALLI", b"BENALLY")
+    with engine.begin() as conn:
+        again = Pending(update, None, changed, None, "hl7v2", None, T0)
+        save_translations(conn, [(again, translator.translate(again))], now=T0, again=True)
+    assert keys(engine)[(update, "record")] == (SURVIVOR, "pending")
+    assert [c.message_id for c in claim(engine)] == [update]

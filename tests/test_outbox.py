@@ -169,7 +169,8 @@ def test_a_replay_that_no_longer_routes_a_pending_delivery_withdraws_it(engine):
     m1, m2 = add_messages(engine, 2)
     enqueue(engine, (m1, "record", "Patient/p", "s1"), (m1, "cnss", "Patient/p", "s1"),
             (m2, "cnss", "Patient/q", "s2"))
-    (flying,) = claim(engine, destination="cnss", limit=1)  # m1's CNSS care sheet, in flight
+    # m1's CNSS care sheet, in flight (leased now: PostgreSQL compares leases on its own clock)
+    (flying,) = claim(engine, destination="cnss", limit=1, now=datetime.now(timezone.utc))
     later = T0 + timedelta(seconds=5)
     bundle = {"resourceType": "Bundle", "type": "collection", "entry": []}
     only_record = TranslationRecord("translated", "v2", bundle, destinations=("record",))
@@ -250,5 +251,31 @@ def test_nodes_take_leases_on_the_database_clock_not_their_own(pg_url):
         with engine.begin() as conn:  # n1 holds it for 60 s of the database clock
             lease_until = conn.execute(select(deliveries.c.lease_until)).scalar_one()
         assert lease_until > datetime.now(timezone.utc) + timedelta(seconds=50)
+    finally:
+        engine.dispose()
+
+
+def test_withdrawing_and_the_console_respect_a_lease_on_the_database_clock(pg_url):
+    """A replay on a node whose clock runs ten minutes ahead does not withdraw, and the console
+    does not dead-letter or replay, a delivery another node holds under its lease (its answer
+    then found the row dead: a delivery the peer has, marked never sent)."""
+    from gateway.console import actions
+    from gateway.delivery.service import _ClaimPlan, _claim_all
+
+    engine = create_gateway_engine(pg_url)
+    try:
+        migrate(engine)
+        now = datetime.now(timezone.utc)
+        (m,) = add_messages(engine, 1)
+        enqueue(engine, (m, "record", "Patient/p1", "sha-1"), now=now)
+        with engine.begin() as conn:
+            (held,) = _claim_all(conn, "n1", {"record": _ClaimPlan(10, 1, None)}, now, 60.0)
+        ahead = now + timedelta(minutes=10)
+        with engine.begin() as conn:
+            assert outbox.withdraw(conn, {m: (frozenset(), "no longer routed")}, ahead) == 0
+            assert actions.dead_letter(conn, m, held.ids[0], ahead, "ops")[0] == actions.IN_FLIGHT
+            assert actions.replay_delivery(conn, m, held.ids[0], ahead)[0] == actions.IN_FLIGHT
+        settle(engine, "n1", done(held.claims[0], at=now))
+        assert status(engine) == [(m, "record", "delivered", 1)]
     finally:
         engine.dispose()

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import Connection, exists, or_, select, update
 
-from gateway.store.outbox import DEAD, DELIVERED, PENDING
+from gateway.store.outbox import DEAD, DELIVERED, PENDING, shared_clock
 from gateway.store.schema import canonical_bundles, deliveries
 
 REPLAYED, DEAD_LETTERED = "replayed", "dead-lettered"
@@ -28,6 +28,7 @@ def replay_delivery(connection: Connection, message_id: int, delivery_id: int,
     row = _delivery(connection, message_id, delivery_id)
     if row is None:
         return NOT_FOUND, None
+    now = shared_clock(connection) or now  # the leases' clock
     if _held(row, now):
         return IN_FLIGHT, row.destination
     has_bundle = connection.execute(select(exists().where(
@@ -54,6 +55,7 @@ def dead_letter(connection: Connection, message_id: int, delivery_id: int, now: 
         return NOT_FOUND, None
     if row.status != PENDING:
         return NOT_PENDING, row.destination
+    now = shared_clock(connection) or now  # the leases' clock
     if _held(row, now):
         return IN_FLIGHT, row.destination
     changed = connection.execute(update(deliveries).where(

@@ -153,7 +153,7 @@ def enqueue(connection: Connection, entries: Iterable[Enqueue], now: datetime) -
         (row.message_id, row.destination): row
         for row in connection.execute(
             select(deliveries.c.id, deliveries.c.message_id, deliveries.c.destination,
-                   deliveries.c.status, deliveries.c.bundle_sha256)
+                   deliveries.c.status, deliveries.c.bundle_sha256, deliveries.c.patient_key)
             .where(_among(connection, deliveries.c.message_id, {e.message_id for e in entries}))
             .order_by(deliveries.c.id).with_for_update())
     }
@@ -172,9 +172,10 @@ def enqueue(connection: Connection, entries: Iterable[Enqueue], now: datetime) -
                              "b_patient": entry.patient_key, "b_now": now})
             sent.append(entry)
         elif row.status == PENDING and row.bundle_sha256 != entry.bundle_sha256:
-            # Still waiting: the next attempt carries the new content, under a new key.
+            # Still waiting: the next attempt carries the new content, under a new key, in the
+            # order it waits in (a merge may have taken it into its survivor's).
             reopened.append({"b_id": row.id, "b_key": key, "b_sha": entry.bundle_sha256,
-                             "b_patient": entry.patient_key, "b_now": None})
+                             "b_patient": row.patient_key, "b_now": None})
             sent.append(entry)
     if new and connection.dialect.name == "postgresql":
         # One statement for the batch, its rows as arrays; two nodes translating the same
@@ -556,6 +557,7 @@ def withdraw(connection: Connection, routed: dict[int, tuple[frozenset[str], str
     left to its attempt. `routed`: message id -> (destinations, reason). How many."""
     if not routed:
         return 0
+    now = shared_clock(connection) or now  # the leases' clock
     stale = [
         {"b_id": row.id, "b_reason": routed[row.message_id][1], "b_now": now}
         for row in connection.execute(
