@@ -325,6 +325,21 @@ def test_file_batch_response_has_fhs_and_fts():
     assert lines[-1] == b"FTS|1" and lines[-2] == b"BTS|1"
 
 
+def test_batch_headers_in_odd_delimiters_are_read_where_they_are():
+    """A file from a sender whose field separator is '_' and component separator '+': our
+    names in FHS/BHS-3 and -4 are escaped ('MA_HIE_GATEWAY' was three fields) and FHS/BHS-7
+    has no UTC offset (its '+' split the time), as in our ACKs."""
+    header = b"FHS_+~\\&_LAB_CHUX_HIE_MA_20260101____FILE-9\rBHS_+~\\&_LAB_CHUX_HIE_MA_20260101____B-1\r"
+    body = b"MSH_+~\\&_LAB_CHUX_HIE_MA_20260101__ORU+R01_M1_P_2.5\rPID_1\r"
+    response = inspector().frame(header + body + b"BTS_1\rFTS_1\r").response(make_builder())
+    for line in response.rstrip(b"\r").split(b"\r")[:2]:
+        fields = line.split(b"_")
+        assert fields[0] in (b"FHS", b"BHS") and len(fields) == 12, line
+        assert fields[2:4] == [b"MA\\F\\HIE\\F\\GATEWAY", b"MA\\F\\HIE"], line
+        assert len(fields[6]) == 14 and fields[6].isdigit(), line
+        assert fields[11] in (b"FILE-9", b"B-1"), line
+
+
 def test_batch_without_wanted_acks_counts_zero():
     """Messages whose MSH-15 is NE are not answered: the batch answer says BTS|0."""
     raw = BHS + message(msh15="NE", msh16="NE") + b"BTS|1\r"

@@ -106,6 +106,13 @@ class AckBuilder:
         self.clock = clock or Hl7Clock()
         self.control_ids = control_ids or ControlIds()
 
+    def own_fields(self, d: Delimiters) -> tuple[bytes, bytes, bytes]:
+        """Our application, facility and the time, as the headers of our answers (MSH, FHS,
+        BHS -3, -4 and -7) give them in the sender's delimiters: names escaped, and the time
+        without its UTC offset when '+0100' would split it (a sender separating with + or -)."""
+        stamp = self.clock.timestamp()
+        return (*_own_names(self.sender, d), stamp[:14] if _offset_clashes(d) else stamp)
+
     def build(self, original: HeaderView, outcome: Outcome, enhanced: bool,
               error: ErrorDetail | None = None) -> bytes:
         """The ACK for `original` (without MLLP framing), segments ended by CR."""
@@ -125,10 +132,8 @@ class AckBuilder:
         message_type = b"ACK"
         if trigger and trigger[0]:
             message_type += cs + trigger[0] + (cs + b"ACK" if with_structure else b"")
-        stamp = self.clock.timestamp()
-        if _offset_clashes(d):  # '+0100' would split MSH-7 for a sender separating with + or -
-            stamp = stamp[:14]
-        msh = [b"MSH", d.encoding_characters, *_own_names(self.sender, d), application, facility,
+        own_application, own_facility, stamp = self.own_fields(d)
+        msh = [b"MSH", d.encoding_characters, own_application, own_facility, application, facility,
                stamp, b"", message_type,
                self.control_ids.next(), processing or b"P", version_field or DEFAULT_VERSION]
         if charset:

@@ -412,19 +412,19 @@ def _batch_response(batch: Batch, acks: list[bytes | None], builder: AckBuilder)
     """The batch of ACKs answering a batch: FHS/BHS echoing the sender's ids, then the ACKs."""
     d = batch.delimiters
     fs = d.field
-    timestamp = builder.clock.timestamp()
+    application, facility, timestamp = builder.own_fields(d)
     out: list[bytes] = []
     if batch.file_header is not None:
         fhs = batch.file_header
-        out.append(fs.join([b"FHS", d.encoding_characters, builder.sender.application,
-                            builder.sender.facility, _get(fhs, 3), _get(fhs, 4), timestamp,
-                            b"", b"", b"", builder.control_ids.next(), _get(fhs, 11)]))
+        out.append(fs.join([b"FHS", d.encoding_characters, application, facility, _get(fhs, 3),
+                            _get(fhs, 4), timestamp, b"", b"", b"", builder.control_ids.next(),
+                            _get(fhs, 11)]))
     position = 0
     for part in batch.batches:
         bhs = part.header
-        out.append(fs.join([b"BHS", d.encoding_characters, builder.sender.application,
-                            builder.sender.facility, _get(bhs, 3), _get(bhs, 4), timestamp,
-                            b"", b"", b"", builder.control_ids.next(), _get(bhs, 11)]))
+        out.append(fs.join([b"BHS", d.encoding_characters, application, facility, _get(bhs, 3),
+                            _get(bhs, 4), timestamp, b"", b"", b"", builder.control_ids.next(),
+                            _get(bhs, 11)]))
         answered = [ack for ack in acks[position:position + len(part.messages)] if ack]
         position += len(part.messages)
         out.extend(ack.rstrip(b"\r") for ack in answered)
