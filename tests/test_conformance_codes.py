@@ -56,6 +56,9 @@ CASES = {
                                   ErrorCondition.UNSUPPORTED_MESSAGE_TYPE, "MSH[1]-9.3"),
     "unsupported processing id": (text(ADT, processing="X"),
                                   ErrorCondition.UNSUPPORTED_PROCESSING_ID, "MSH[1]-11"),
+    "version with a space": (text(ADT, "QQQ^A01", version="2.5 "),
+                             ErrorCondition.UNSUPPORTED_MESSAGE_TYPE, "MSH[1]-9.1"),
+    "segment id not upper case": (text(ADT + ["pid|1"]), ErrorCondition.SEGMENT_SEQUENCE_ERROR, ""),
 }
 
 

@@ -153,7 +153,7 @@ def _message_type_problem(message: Hl7Message) -> ConformanceProblem:
     """MSH-9 names no message structure hl7apy knows: which part of it is wrong."""
     from hl7apy import get_default_version
 
-    version = message.value("MSH", 12) or get_default_version()
+    version = message.value("MSH", 12).strip() or get_default_version()  # as hl7apy reads it ('2.5 ')
     kind, event, structure = (message.value("MSH", 9, n) for n in (1, 2, 3))
     if kind not in _table("HL70076", version, kind):
         return _problem(ErrorCondition.UNSUPPORTED_MESSAGE_TYPE, "MSH-9.1 message type not in HL7 table 0076",
@@ -266,7 +266,8 @@ def _placement_problem(message: Hl7Message, parsed) -> ConformanceProblem | None
         counts[name] = counts.get(name, 0) + 1
         if name.startswith("Z"):
             continue
-        location = f"{name}[{counts[name]}]"
+        # ERR-2 takes only an HL7 segment id: a 'pid' or '1AB' line is placed at the MSH
+        location = f"{name}[{counts[name]}]" if _SEGMENT.match(name) else ""
         if at >= len(placed) or placed[at][0] != name:
             return _problem(ErrorCondition.SEGMENT_SEQUENCE_ERROR,
                             f"{name} segment not expected here in {parsed.name}", location)
