@@ -4,6 +4,7 @@ replay, and (PostgreSQL) two nodes claiming at once without overlap."""
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import select
@@ -231,35 +232,10 @@ def test_two_nodes_claim_disjoint_sets_at_once(pg_url):
         engine.dispose()
 
 
-def test_nodes_take_leases_on_the_database_clock_not_their_own(pg_url):
-    """On PostgreSQL, where nodes share the outbox, a node whose clock runs ten minutes ahead
-    does not take what another node holds under a 60 s lease: leases are taken and compared on
-    the database's clock. (On SQLite one node runs: its clock is the only one.)"""
-    from gateway.delivery.service import _ClaimPlan, _claim_all
-
-    engine = create_gateway_engine(pg_url)
-    try:
-        migrate(engine)
-        now = datetime.now(timezone.utc)
-        (m,) = add_messages(engine, 1)
-        enqueue(engine, (m, "record", "Patient/p1", "sha-1"), now=now)
-        plan = {"record": _ClaimPlan(requests=10, batch_size=1, batch_bytes=None)}
-        with engine.begin() as conn:
-            (held,) = _claim_all(conn, "n1", plan, now, 60.0)
-        with engine.begin() as conn:
-            assert _claim_all(conn, "n2", plan, now + timedelta(minutes=10), 60.0) == []
-        with engine.begin() as conn:  # n1 holds it for 60 s of the database clock
-            lease_until = conn.execute(select(deliveries.c.lease_until)).scalar_one()
-        assert lease_until > datetime.now(timezone.utc) + timedelta(seconds=50)
-    finally:
-        engine.dispose()
-
-
-def test_withdrawing_and_the_console_respect_a_lease_on_the_database_clock(pg_url):
-    """A replay on a node whose clock runs ten minutes ahead does not withdraw, and the console
-    does not dead-letter or replay, a delivery another node holds under its lease (its answer
-    then found the row dead: a delivery the peer has, marked never sent)."""
-    from gateway.console import actions
+@contextmanager
+def one_delivery_leased_by_n1(pg_url):
+    """A PostgreSQL outbox with one delivery, leased by node n1 for 60 s through the delivery
+    service's claim: (engine, message id, the batch n1 holds, n1's now)."""
     from gateway.delivery.service import _ClaimPlan, _claim_all
 
     engine = create_gateway_engine(pg_url)
@@ -270,6 +246,33 @@ def test_withdrawing_and_the_console_respect_a_lease_on_the_database_clock(pg_ur
         enqueue(engine, (m, "record", "Patient/p1", "sha-1"), now=now)
         with engine.begin() as conn:
             (held,) = _claim_all(conn, "n1", {"record": _ClaimPlan(10, 1, None)}, now, 60.0)
+        yield engine, m, held, now
+    finally:
+        engine.dispose()
+
+
+def test_nodes_take_leases_on_the_database_clock_not_their_own(pg_url):
+    """On PostgreSQL, where nodes share the outbox, a node whose clock runs ten minutes ahead
+    does not take what another node holds under a 60 s lease: leases are taken and compared on
+    the database's clock. (On SQLite one node runs: its clock is the only one.)"""
+    from gateway.delivery.service import _ClaimPlan, _claim_all
+
+    with one_delivery_leased_by_n1(pg_url) as (engine, m, held, now):
+        with engine.begin() as conn:
+            assert _claim_all(conn, "n2", {"record": _ClaimPlan(10, 1, None)}, now + timedelta(minutes=10),
+                              60.0) == []
+        with engine.begin() as conn:  # n1 holds it for 60 s of the database clock
+            lease_until = conn.execute(select(deliveries.c.lease_until)).scalar_one()
+        assert lease_until > datetime.now(timezone.utc) + timedelta(seconds=50)
+
+
+def test_withdrawing_and_the_console_respect_a_lease_on_the_database_clock(pg_url):
+    """A replay on a node whose clock runs ten minutes ahead does not withdraw, and the console
+    does not dead-letter or replay, a delivery another node holds under its lease (its answer
+    then found the row dead: a delivery the peer has, marked never sent)."""
+    from gateway.console import actions
+
+    with one_delivery_leased_by_n1(pg_url) as (engine, m, held, now):
         ahead = now + timedelta(minutes=10)
         with engine.begin() as conn:
             assert outbox.withdraw(conn, {m: (frozenset(), "no longer routed")}, ahead) == 0
@@ -277,5 +280,3 @@ def test_withdrawing_and_the_console_respect_a_lease_on_the_database_clock(pg_ur
             assert actions.replay_delivery(conn, m, held.ids[0], ahead)[0] == actions.IN_FLIGHT
         settle(engine, "n1", done(held.claims[0], at=now))
         assert status(engine) == [(m, "record", "delivered", 1)]
-    finally:
-        engine.dispose()
