@@ -8,7 +8,12 @@ refused. Here every external resource reads as empty, whatever the bytes hide.
 """
 from __future__ import annotations
 
+import codecs
+
 from lxml import etree
+
+# The byte order marks an XML document may start with (XML 1.0, 4.3.3), which say its encoding.
+XML_BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 class NothingExternal(etree.Resolver):

@@ -53,7 +53,6 @@ amount that is not a finite number of MAD with 2 decimals at most, a character X
 """
 from __future__ import annotations
 
-import codecs
 import functools
 import os
 import re
@@ -67,7 +66,7 @@ import zeep
 import zeep.exceptions
 from lxml import etree
 
-from adapters.safe_xml import safe_parser
+from adapters.safe_xml import XML_BOMS, safe_parser
 from adapters.soap.cnss import HERE as CONTRACT_DIR
 from adapters.soap.cnss import NAMESPACE, WSDL_PATH, XSD_PATH, as_ean13, soap_action, valid_ean13
 from gateway.delivery.outcome import DeliveryOutcome, HttpRequest, HttpResponse
@@ -368,7 +367,6 @@ def _child_text(parent: etree._Element, path: str) -> str | None:
     return value.strip() if value is not None else None
 
 
-_BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 _CHARSET = re.compile(r';\s*charset\s*=\s*"?([A-Za-z0-9._:\-]{1,40})"?', re.IGNORECASE)
 
 
@@ -379,7 +377,7 @@ def _soap_body(data: bytes, content_type: str | None = None) -> etree._Element |
     read in the encoding the document declares (UTF-8 by default) are read again in the
     Content-Type's charset, which RFC 7303 makes authoritative: an ISO-8859-1 fault without an
     XML declaration is still a fault."""
-    if not data or not (data.lstrip().startswith(b"<") or data.startswith(_BOMS)):
+    if not data or not (data.lstrip().startswith(b"<") or data.startswith(XML_BOMS)):
         return None
     root = _parse_xml(data)
     charset = _CHARSET.search(content_type or "")

@@ -24,6 +24,7 @@ from lxml import etree
 from adapters.hl7v2.charsets import CharsetError, codec_for
 from adapters.hl7v2.codes import Outcome
 from adapters.hl7v2.header import HeaderError, parse_header
+from adapters.safe_xml import XML_BOMS
 from adapters.mllp.protocol import ConnectionInfo
 from adapters.soap.gateway import NAMESPACE, WSDL_PATH, XSD_NAME, XSD_PATH
 from adapters.soap.envelope import SoapFault, answer_envelope, client_fault, server_fault
@@ -175,14 +176,13 @@ class SoapDoor:
 
 # The encoding an XML declaration names, in a body without a byte order mark.
 _DECLARED_ENCODING = re.compile(rb"""^\s*<\?xml\s[^>]*?\bencoding\s*=\s*["']([A-Za-z0-9._:-]+)["']""")
-_BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 def _refuse_charset_conflict(body: bytes, charset: str | None) -> None:
     """A Client fault when the Content-Type's charset and the XML declaration's encoding name
     two character sets: the parser reads the declaration, so a UTF-8 body declared ISO-8859-1
     was stored garbled ("Bénali" as "BÃ©nali") and accepted. Which one is right cannot be told."""
-    if not charset or body.startswith(_BOMS):
+    if not charset or body.startswith(XML_BOMS):
         return  # nothing to compare, or a byte order mark says the encoding itself
     declared = _DECLARED_ENCODING.match(body)
     if declared is None:
