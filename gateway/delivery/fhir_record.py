@@ -145,8 +145,9 @@ def transaction_request_for_texts(bundle_texts: Sequence[str | bytes], *, base_u
     parsed into objects: msgspec reads of each entry its fullUrl and its resource as raw text,
     and of the resource only its type, id and identifiers. Half the cost of parsing the
     bundles and writing them out again (measured on the benchmark's ORU^R01 bundles, 64 per
-    request: 118 -> 62 us per message, on the reactor thread). A bundle that does not read that way (no id to name a resource by, a malformed
-    entry) takes the parsing path, which builds the same request or fails as it always did."""
+    request: 118 -> 62 us per message, on the reactor thread). A bundle that does not read
+    that way (no id to name a resource by, a malformed entry) takes the parsing path, which
+    builds the same request or fails as it always did."""
     try:
         return _request(*_copied_entries(bundle_texts), base_url, idempotency_key)
     except (msgspec.ValidationError, msgspec.DecodeError, _Unusual):
