@@ -344,12 +344,7 @@ def _identity_text(value) -> str:
 def _resolve_references(run: Run) -> None:
     lists = []  # arrays holding references among other items: flattened once all are known
     for holder, key, reference, scope in run.references:
-        targets = None
-        while scope is not None:
-            targets = scope.resources.get(reference.name)
-            if targets:
-                break
-            scope = scope.parent
+        targets = scope.named(reference.name) if scope is not None else None
         if holder.__class__ is list:
             lists.append(holder)
         if not targets:

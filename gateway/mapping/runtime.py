@@ -83,6 +83,17 @@ class Scope:
     resources: dict[str, list[dict]] = field(default_factory=dict)
     found: dict | None = None  # Run.find's answers at this level: every OBX asks for its OBR
 
+    def named(self, name: str) -> list[dict]:
+        """The resources named `name` in the nearest scope that has some, from this one out
+        (what `@name` refers to); [] when none has."""
+        scope = self
+        while scope is not None:
+            found = scope.resources.get(name)
+            if found:
+                return found
+            scope = scope.parent
+        return []
+
 
 @dataclass(slots=True)
 class TranslationContext:

@@ -27,17 +27,6 @@ PV1_ROLES = ((7, "attender", "ATND", "attender"),
              (17, "admitter", "ADM", "admitter"))
 
 
-def _named(run, name: str) -> list[dict]:
-    """The resources named `name` in the nearest scope that has some (as `@name` resolves)."""
-    scope = run.scope
-    while scope is not None:
-        found = scope.resources.get(name)
-        if found:
-            return found
-        scope = scope.parent
-    return []
-
-
 @transform("pv1_participants", node=True)
 def pv1_participants(node, run):
     """PV1 -> Encounter.participant: one per Practitioner the message map built from each
@@ -49,7 +38,7 @@ def pv1_participants(node, run):
         if not node.field(number).strip():  # the role not sent in this PV1
             continue
         seen: set[str] = set()
-        for resource in _named(run, name):
+        for resource in run.scope.named(name):
             if resource.get("resourceType") != "Practitioner" or resource["id"] in seen:
                 continue
             seen.add(resource["id"])
