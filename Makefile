@@ -49,6 +49,7 @@ test: $(STAMP) $(CHROMIUM)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py $(BENCH_ARGS)
+	$(BIN)/python bench/ingest_floor.py
 	$(BIN)/python bench/translate.py $(TRANSLATE_ARGS)
 	$(BIN)/python bench/deliver.py $(DELIVER_ARGS)
 

@@ -463,8 +463,9 @@ def store_table(results, store, msgs, conns_list):
     """Markdown table for one store, and the verdicts per (msg, conns) row."""
     lines = [f"### store: {store}, ingest", "",
              "| msg | conns | ref msgs/s | durable msgs/s | gateway msgs/s | gateway/durable "
-             "| gateway p50 ms | gateway p99 ms | durable p99 ms | target |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| gateway p50 ms | gateway p99 ms | durable p99 ms | durable cpu µs/msg "
+             "| gateway cpu µs/msg | 0.8x budget µs/msg | target |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     verdicts = {}
     for msg in msgs:
         for conns in conns_list:
@@ -474,8 +475,28 @@ def store_table(results, store, msgs, conns_list):
             lines.append(f"| {msg} | {conns} | {fmt(field(ref, 'msgs_per_s'), '.0f')} "
                          f"| {fmt(field(dur, 'msgs_per_s'), '.0f')} | {fmt(field(gw, 'msgs_per_s'), '.0f')} "
                          f"| {fmt(ratio, '.2f')} | {fmt(field(gw, 'p50_ms'), '.2f')} "
-                         f"| {fmt(field(gw, 'p99_ms'), '.2f')} | {fmt(field(dur, 'p99_ms'), '.2f')} | {verdict} |")
+                         f"| {fmt(field(gw, 'p99_ms'), '.2f')} | {fmt(field(dur, 'p99_ms'), '.2f')} "
+                         f"| {fmt(cpu_per_message(dur), '.0f')} | {fmt(cpu_per_message(gw), '.0f')} "
+                         f"| {fmt(budget(dur), '.0f')} | {verdict} |")
+    lines += ["", "cpu µs/msg: the server's CPU (all its threads, on its one core) per message acknowledged; "
+              "0.8x budget: the time per message at 0.8x the durable reference's rate, the most CPU the "
+              "gateway can spend per message to meet the target (bench/ingest_floor.py: what its steps "
+              "cost at the least)."]
     return lines, verdicts
+
+
+def cpu_per_message(result):
+    """µs of the server's CPU per message acknowledged."""
+    if not result or result.get("server_cpu") is None or not result["msgs_per_s"]:
+        return None
+    return 1e6 * result["server_cpu"] / result["msgs_per_s"]
+
+
+def budget(durable):
+    """µs per message at TARGET_RATIO of the durable reference's rate."""
+    if not durable or not durable["msgs_per_s"]:
+        return None
+    return 1e6 / (TARGET_RATIO * durable["msgs_per_s"])
 
 
 def translation_alone(msgs, tmp, py):

@@ -131,3 +131,25 @@ def test_translation_table_compares_with_ingest_only_of_the_same_run():
                          "over ingest only; translation alone 400 µs/msg, 2.08x)")
     assert ingest.translation_table(results, "sqlite", ["oru"], [8], {"oru": 900.0})[-1].startswith(
         "verdict sqlite/oru with translation, 8 conns: PASS")
+
+
+def test_the_floor_benchmark_stores_what_the_gateway_stores(tmp_path):
+    """bench/ingest_floor.py: the real writer stores each message with its payload and receipt,
+    and the prebuilt rows copy them (one of each per message, keys all distinct), so that the
+    floor it reports is that of the gateway's schema as it is."""
+    import argparse
+
+    import ingest_floor
+
+    results = ingest_floor.measure(argparse.Namespace(msg="adt", messages=24, batch=[8]), tmp_path)
+    assert [(step, what) for step, what, *_ in results] == [
+        ("inspect", "reference"), ("inspect", "sha256"), ("inspect", "gateway"),
+        ("commit, rounds of 8", "reference"), ("commit, rounds of 8", "rows"),
+        ("commit, rounds of 8", "writer")]
+    assert all(user >= 0 and system >= 0 for *_, user, system in results)
+    for name, receipts in (("gw-8.sqlite", "message.received"), ("rows-8.sqlite", "message.received")):
+        db = sqlite3.connect(tmp_path / name)
+        assert db.execute("SELECT count(DISTINCT control_id), count(*) FROM messages").fetchone() == (24, 24)
+        assert db.execute("SELECT count(*) FROM message_payloads").fetchone() == (24,)
+        assert db.execute("SELECT count(*) FROM audit_log WHERE action = ?", (receipts,)).fetchone() == (24,)
+        db.close()
