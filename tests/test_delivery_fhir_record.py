@@ -72,10 +72,12 @@ def send(running: RunningPeer, request: HttpRequest):
 
 
 def business_identifier(resource: dict) -> tuple[str, str] | None:
-    for identifier in resource.get("identifier") or ():
-        if identifier.get("system") and identifier.get("value"):
-            return identifier["system"], identifier["value"]
-    return None
+    """The first identifier with a system and a value, one minted for a sender's own number
+    (urn:ma:hie:local:...) only if there is no other."""
+    found = [(identifier["system"], identifier["value"]) for identifier in resource.get("identifier") or ()
+             if identifier.get("system") and identifier.get("value")]
+    national = [pair for pair in found if not pair[0].startswith("urn:ma:hie:local:")]
+    return (national or found or [None])[0]
 
 
 # -- the request -----------------------------------------------------------------------------
@@ -109,6 +111,38 @@ def test_request_shape_for_a_lab_result(canonical):
     assert any("id" not in item["resource"] for item in sent["entry"])
     observation = next(item["resource"] for item in sent["entry"] if item["resource"]["resourceType"] == "Observation")
     assert observation["subject"] == {"reference": f"urn:uuid:{patient_id}"}
+
+
+def test_a_patient_goes_by_its_cnie_and_by_its_hospital_number_only_without_one(canonical):
+    """The CNIE, not the hospital's medical record number (a system the gateway minted), is
+    the condition of a Patient that has both; one known by its number alone goes by it; a
+    merge's retired Patient goes by its number, never as the survivor (`identifier:not` the
+    survivor's CNIE), by the bundles' path and by the stored texts' path alike."""
+    from gateway.store.translations import bundle_text
+
+    mr = "urn:ma:hie:local:unknown:CHUIR:MR"
+    cases = {"a01-admission": {"Patient?identifier=urn:ma:cnie|BE123456"},
+             "a28-add-person-newborn": {f"Patient?identifier={mr}|123999"},
+             "a40-merge": {"Patient?identifier=urn:ma:cnie|BE123456",
+                           f"Patient?identifier={mr}|987654&identifier:not=urn:ma:cnie|BE123456"},
+             "a47-change-identifier": {"Patient?identifier=urn:ma:cnie|BE123456",
+                                       f"Patient?identifier={mr}|123456&identifier:not=urn:ma:cnie|BE123456"}}
+    for name, expected in cases.items():
+        request = transaction_request(canonical[name], base_url=BASE, idempotency_key="k")
+        urls = {item["request"]["url"] for item in json.loads(request.body)["entry"]
+                if item["resource"]["resourceType"] == "Patient"}
+        assert urls == expected, name
+        assert transaction_request_for_texts([bundle_text(canonical[name])], base_url=BASE,
+                                             idempotency_key="k").body == request.body
+    # In a batch, the survivor named by another message's bundle is looked for there too.
+    merge = canonical["a40-merge"]
+    retired = [item for item in merge["entry"] if item["resource"].get("active") is False]
+    alone = {**merge, "entry": retired}
+    urls = [item["request"]["url"] for item in json.loads(transaction_request_for_bundles(
+        [canonical["a01-admission"], alone], base_url=BASE, idempotency_key="k").body)["entry"]
+        if item["resource"]["resourceType"] == "Patient"]
+    assert urls == ["Patient?identifier=urn:ma:cnie|BE123456",
+                    f"Patient?identifier={mr}|987654&identifier:not=urn:ma:cnie|BE123456"]
 
 
 def test_request_body_is_utf8_with_text_intact(canonical):

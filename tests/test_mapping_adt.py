@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.mapping.engine import name_id
 from gateway.mapping.golden import GOLDEN_RECEIVED_AT, check_case, find_cases, translate_case
 from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.runtime import TranslationContext, TranslationError
@@ -237,10 +238,10 @@ def test_sender_100001_puts_the_cnie_in_pid2(mappings):
     patient = resources(bundle_of(mappings, "sender-INPE-100001-cnie-in-pid2.hl7"), "Patient")[0]
     assert patient["identifier"][0]["system"] == "urn:ma:cnie"
     assert patient["identifier"][0]["value"] == "AB654321"
-    # without the sender's layer, PID-2 is an ordinary local identifier
+    # without the sender's layer, PID-2 is an ordinary local identifier (no assigner, no type)
     text = (CASES / "sender-INPE-100001-cnie-in-pid2.hl7").read_text(encoding="utf-8")
     shared = resources(translate_text(mappings, text), "Patient")[0]
-    assert shared["identifier"][0].get("system") is None
+    assert shared["identifier"][0].get("system") == "urn:ma:hie:local:unknown::"
 
 
 def test_the_gateway_uses_the_layer_of_the_registry_facility(mappings):
@@ -266,7 +267,7 @@ def test_the_gateway_uses_the_layer_of_the_registry_facility(mappings):
 
     assert first_identifier("INPE-100001") == "urn:ma:cnie"
     assert first_identifier("INPE-777777") == "urn:ma:cnie"
-    assert first_identifier("INPE-100009") is None
+    assert first_identifier("INPE-100009") == "urn:ma:hie:local:INPE-100009::"
 
 
 A01 = """MSH|^~\\&|HIS|CHUIR|HIE|MS|20250114083500||ADT^A01^ADT_A01|BAD1|P|2.5
@@ -429,3 +430,26 @@ def test_cnie_number_is_normalised_whatever_the_case_of_its_authority(mappings, 
     assert patient["identifier"][0]["system"] == "urn:ma:cnie"
     assert patient["identifier"][0]["value"] == "AB654321"
     assert patient["id"] == reference["id"]
+
+
+def test_a_hospitals_own_numbers_get_a_system_of_the_sender_assigner_and_type(mappings):
+    """A CX that no national authority or ISO OID names gets the gateway's system for the
+    sender's own numbers, urn:ma:hie:local:<sender>:<CX-4.1>:<CX-5> (each part percent-encoded,
+    escapes decoded first): what the shared record finds a registration by. National
+    authorities and OIDs keep theirs; the ids stay those made from sender, assigner and type."""
+    def identifiers(pid3: str, sender: str = "") -> list[tuple[str, str]]:
+        patient, = resources(translate_text(mappings, A01.replace("123456^^^CHUIR^MR", pid3), sender), "Patient")
+        return [(i["value"], i.get("system")) for i in patient["identifier"]]
+
+    assert identifiers("123456^^^CHUIR^MR") == [("123456", "urn:ma:hie:local:unknown:CHUIR:MR")]
+    assert identifiers("123456^^^CHUIR^MR", sender="INPE-100001")[-1][1] == \
+        "urn:ma:hie:local:INPE-100001:CHUIR:MR"
+    assert identifiers("77^^^^PI") == [("77", "urn:ma:hie:local:unknown::PI")]
+    assert identifiers("78^^^H\\T\\D:1 é&x^MR") == [("78", "urn:ma:hie:local:unknown:H%26D%3A1%20%C3%A9:MR")]
+    assert identifiers("79^^^CHUIR&2.16.504.1.9&ISO^MR") == [("79", "urn:oid:2.16.504.1.9")]
+    assert identifiers("ab1^^^CNIE^NI~80^^^CHUIR^MR") == [
+        ("AB1", "urn:ma:cnie"), ("80", "urn:ma:hie:local:unknown:CHUIR:MR")]
+    assert identifiers("^^^CHUIR^MR~81^^^CHUIR^MR") == [("81", "urn:ma:hie:local:unknown:CHUIR:MR")]
+    # The id of a Patient known by its number alone is the one it had before numbers had a system.
+    patient, = resources(translate_text(mappings, A01), "Patient")
+    assert patient["id"] == name_id("Patient||CHUIR|MR|123456")

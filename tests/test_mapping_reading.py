@@ -95,6 +95,7 @@ def test_three_character_msh2_translates(mappings):
     """'^~\\' (no subcomponents) as ELR senders write it."""
     bundle = translate(mappings, f"{msh(encoding='^~' + chr(92))}\r{PID}\r")
     assert resource(bundle, "Patient")["name"][0]["family"] == "BENALI"
+    assert resource(bundle, "Patient")["identifier"][0]["system"] == "urn:ma:hie:local:unknown:CHUIR:MR"
 
 
 def test_placeholder_and_null_dates_map_to_nothing(mappings):

@@ -10,11 +10,13 @@ registration, if the record has one of its own, inactive and `replaced-by` the s
 the merged registration's results found from the survivor (on it, or on a Patient it
 `replaces`).
 
-A resource with a system-qualified identifier goes as a conditional update without its id,
-so the record names it; a merged patient known by a local MR alone (MRG-1 without a system)
-goes `PUT Patient/<deterministic id>`. When the merged registration was itself created by a
-conditional update (it carried a CNIE), the record has it under an id of its own: the
-merge's PUT by id cannot reach it (see the xfail reasons)."""
+Every Patient goes as a conditional update without its id, so the record names it: on its
+national identifier (the CNIE) when it has one, else on the sender's own number, whose system
+the gateway mints (gateway.local_identifiers: urn:ma:hie:local:sender:assigner:type). The
+merged patient (MRG-1, a local MR) is found by that number, whichever condition created its
+registration. What is left (the xfails): when one Patient of the record holds two
+registrations of one person (the same CNIE), the later one's update replaces the identifier
+list, and the earlier registration's number is no longer found (see GAP)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,10 +46,10 @@ A01_A = (ADT / "a01-admission.hl7").read_text(encoding="utf-8")
 A40 = (ADT / "a40-merge.hl7").read_text(encoding="utf-8")
 A47 = (ADT / "a47-change-identifier.hl7").read_text(encoding="utf-8")
 
-GAP = ("the merged patient (MRG-1: a local MR, no system) goes `PUT Patient/<deterministic id>`; "
-       "its registration carried a CNIE, so the record created it by conditional update under an "
-       "id of its own, and the merge's PUT by id creates a phantom inactive Patient instead of "
-       "reaching it (needs an identity-model change: local identifiers addressable at the record)")
+GAP = ("one Patient of the record holds both registrations (one CNIE), whose identifiers the later "
+       "update replaced: the merge's conditional update on the merged registration's own number "
+       "finds no registration but the survivor's, which it must not retire, and creates an inactive "
+       "Patient (needs the gateway to know which registrations are one person, a patient index)")
 
 
 def a01(pid3: str, control: str) -> str:
@@ -108,11 +110,14 @@ def linked(patient: dict, kind: str) -> set[str]:
     return {link["other"]["reference"] for link in patient.get("link") or () if link["type"] == kind}
 
 
-def deterministic_id(bundle: dict, value: str) -> str:
-    """The id the gateway gave, in `bundle`, to the Patient whose first identifier is `value`."""
-    return next(entry["resource"]["id"] for entry in bundle["entry"]
-                if entry["resource"]["resourceType"] == "Patient"
-                and entry["resource"]["identifier"][0]["value"] == value)
+def found_by_number(record: RecordApi, bundle: dict, value: str) -> list[str]:
+    """The ids of the record's Patients found by the sender's own number `value`, with the
+    system the gateway gave it in `bundle` (minted for CHUIR's MR)."""
+    system = next(identifier["system"] for entry in bundle["entry"]
+                  if entry["resource"]["resourceType"] == "Patient"
+                  for identifier in entry["resource"]["identifier"] if identifier["value"] == value)
+    assert system.startswith("urn:ma:hie:local:CHUIR:CHUIR:MR"), system
+    return [patient["id"] for patient in search(record, "Patient", f"identifier={quote(system)}|{value}")]
 
 
 def assert_one_person(record: RecordApi, *, patients: int, results: set[str] = frozenset()) -> tuple[dict, list[dict]]:
@@ -144,30 +149,30 @@ def assert_one_person(record: RecordApi, *, patients: int, results: set[str] = f
 # -- (a) the merged registration known by its local MR alone ------------------------------------
 
 def test_a40_merges_a_registration_known_by_its_local_mr_alone(deliver, record):
-    """B registered with CHUIR's MR alone (stored by id), A with a CNIE (stored under the
-    record's id), then A40 B into A: the merge's PUT by id reaches B, which becomes inactive
-    and replaced-by A; B's result is found from A."""
+    """B registered with CHUIR's MR alone, A with a CNIE, then A40 B into A: the merge's
+    conditional update on B's MR reaches B, which becomes inactive and replaced-by A; B's
+    result is found from A."""
     b = deliver(a01("987654^^^CHUIR^MR", "B-A01"))
     deliver(oru("987654^^^CHUIR^MR", "B-ORU"))
     deliver(A01_A)
     deliver(A40)
     survivor, (merged,) = assert_one_person(record, patients=2, results={GLUCOSE})
-    assert merged["id"] == deterministic_id(b, "987654")  # the registration B's own messages made
+    assert found_by_number(record, b, "987654") == [merged["id"]]  # the registration B's own messages made
     assert {identifier["value"] for identifier in survivor["identifier"]} >= {"123456", "BE123456"}
 
 
 # -- (b) the merged registration carried a CNIE -------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=GAP + ": B stays active beside A, with a phantom third Patient")
 def test_a40_merges_a_registration_that_carried_another_cnie(deliver, record):
     """B registered with CHUIR's MR and a CNIE of its own (a duplicate registration under
-    another card number: stored under the record's id), A with hers, then A40 B into A. B
-    must end inactive and replaced-by A, its result found from A, and no third Patient."""
-    deliver(a01("987654^^^CHUIR^MR~bx999999^^^CNIE^NI", "B-A01"))
+    another card number: created by its CNIE), A with hers, then A40 B into A. B must end
+    inactive and replaced-by A, its result found from A, and no third Patient."""
+    b = deliver(a01("987654^^^CHUIR^MR~bx999999^^^CNIE^NI", "B-A01"))
     deliver(oru("987654^^^CHUIR^MR~bx999999^^^CNIE^NI", "B-ORU"))
     deliver(A01_A)
     deliver(A40)
-    assert_one_person(record, patients=2, results={GLUCOSE})
+    _, (merged,) = assert_one_person(record, patients=2, results={GLUCOSE})
+    assert found_by_number(record, b, "987654") == [merged["id"]]
 
 
 @pytest.mark.xfail(strict=True, reason=GAP + ": B and A were one Patient at the record already (one CNIE), "
@@ -189,7 +194,7 @@ def test_a40_merges_a_registration_that_carried_the_same_cnie(deliver, record):
 @pytest.mark.xfail(strict=True, reason=GAP + ": the A01's Patient (with the CNIE) takes the new MR, and the "
                                            "merge adds a phantom inactive Patient for the old MR")
 def test_a47_after_an_admission_with_a_cnie(deliver, record):
-    """A admitted with MR 123456 and a CNIE (stored under the record's id), a result, then
+    """A admitted with MR 123456 and a CNIE (created by its CNIE), a result, then
     A47 123456 -> 123457: one Patient, active, with the new MR and the CNIE, its result; no
     other Patient."""
     deliver(A01_A)
@@ -199,13 +204,27 @@ def test_a47_after_an_admission_with_a_cnie(deliver, record):
     assert {identifier["value"] for identifier in survivor["identifier"]} == {"123457", "BE123456"}
 
 
+def test_a47_after_an_admission_with_a_cnie_leaves_the_survivor_active(deliver, record):
+    """What the xfail above allows, and no more: the A47's retirement of the old number
+    (found on the survivor's own Patient) does not retire the survivor. It stays active, with
+    the new MR, the CNIE and its result, linked to nothing that replaces it."""
+    deliver(A01_A)
+    deliver(oru("123456^^^CHUIR^MR~be123456^^^CNIE^NI", "A-ORU"))
+    deliver(A47)
+    (survivor,) = search(record, "Patient", f"identifier={quote(CNIE)}|BE123456")
+    assert survivor.get("active", True) is True and not linked(survivor, "replaced-by")
+    assert {identifier["value"] for identifier in survivor["identifier"]} == {"123457", "BE123456"}
+    observations = search(record, "Observation", f"subject=Patient/{survivor['id']}")
+    assert {coding["code"] for o in observations for coding in o["code"]["coding"]} == {GLUCOSE}
+
+
 def test_a47_after_an_admission_known_by_its_local_mr_alone(deliver, record):
-    """A admitted with MR 123456 alone (stored by id), a result, then A47 to MR 123457 with the
-    CNIE: the new registration is the active Patient, the old one inactive and replaced-by it,
-    its result found from the survivor."""
+    """A admitted with MR 123456 alone, a result, then A47 to MR 123457 with the CNIE: the new
+    registration is the active Patient, the old one inactive and replaced-by it, its result
+    found from the survivor."""
     admitted = deliver(a01("123456^^^CHUIR^MR", "A-A01"))
     deliver(oru("123456^^^CHUIR^MR", "A-ORU"))
     deliver(A47)
     survivor, (merged,) = assert_one_person(record, patients=2, results={GLUCOSE})
-    assert merged["id"] == deterministic_id(admitted, "123456")
+    assert found_by_number(record, admitted, "123456") == [merged["id"]]
     assert {identifier["value"] for identifier in survivor["identifier"]} == {"123457", "BE123456"}

@@ -335,6 +335,45 @@ def test_condition_skips_a_resource_another_entry_writes_by_id(client):
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_retirement_by_number_never_lands_on_its_survivor(client, running):
+    """A47 after an admission that carried the CNIE: the record's one Patient has the old
+    number and the CNIE. The retired registration goes by its old number `:not` the survivor's
+    CNIE, and is created apart (inactive), instead of turning the survivor inactive; a
+    registration of its own, without that CNIE, is found by the same condition."""
+    mr = "urn:ma:hie:local:CHUIR:CHUIR:MR"
+    admitted = patient("BE2", identifier=[{"system": mr, "value": "111"}, {"system": CNIE, "value": "BE2"}])
+    other = patient("BX9", identifier=[{"system": mr, "value": "222"}, {"system": CNIE, "value": "BX9"}])
+    yield client.post(transaction(entry(admitted, "PUT", f"Patient?identifier={CNIE}|BE2", "urn:uuid:a"),
+                                  entry(other, "PUT", f"Patient?identifier={CNIE}|BX9", "urn:uuid:b")))
+    stored = yield client.get(f"/fhir/Patient?identifier={CNIE}|BE2")
+    (survivor_id,) = ids(stored)
+    stored = yield client.get(f"/fhir/Patient?identifier={CNIE}|BX9")
+    (other_id,) = ids(stored)
+
+    def change(old_number: str, new_number: str) -> dict:
+        new = patient("BE2", identifier=[{"system": mr, "value": new_number}, {"system": CNIE, "value": "BE2"}],
+                      link=[{"other": {"reference": "urn:uuid:old"}, "type": "replaces"}])
+        old = {"resourceType": "Patient", "identifier": [{"system": mr, "value": old_number}], "active": False,
+               "link": [{"other": {"reference": "urn:uuid:new"}, "type": "replaced-by"}]}
+        return transaction(entry(new, "PUT", f"Patient?identifier={CNIE}|BE2", "urn:uuid:new"),
+                           entry(old, "PUT", f"Patient?identifier={mr}|{old_number}"
+                                             f"&identifier:not={CNIE}|BE2", "urn:uuid:old"))
+
+    reply = yield client.post(change("111", "112"))
+    assert statuses(reply) == ["200 OK", "201 Created"]
+    survivor = (yield client.get(f"/fhir/Patient/{survivor_id}")).json
+    assert survivor.get("active", True) and {i["value"] for i in survivor["identifier"]} == {"112", "BE2"}
+    retired_id = reply.json["entry"][1]["response"]["location"].split("/")[1]
+    assert retired_id not in (survivor_id, other_id)
+    # The other registration (its own CNIE) is found by its number: it is the one retired.
+    reply = yield client.post(change("222", "113"))
+    assert reply.json["entry"][1]["response"]["location"].split("/")[1] == other_id
+    retired = (yield client.get(f"/fhir/Patient/{other_id}")).json
+    assert retired["active"] is False and retired["link"][0]["other"] == {"reference": f"Patient/{survivor_id}"}
+    assert running.count(resource_type="Patient") == 3
+
+
+@pytest_twisted.inlineCallbacks
 def test_several_matches_is_412_and_nothing_is_stored(client, running):
     """A conditional update matching two resources fails with 412, and the other entries of the transaction are not stored."""
     yield client.post(transaction(entry(patient("DUP", id="one"), "PUT", "Patient/one"),
@@ -701,6 +740,12 @@ SEARCHES = {
     f"Observation?code={LOINC}|2093-3&patient=amina": {"chol-a"},
     "Observation?code=718-7&subject=Patient/karim": set(),
     "Observation?_id=hb-a&_id=chol-a": set(),
+    # :not: those without such an identifier (a Patient without any identifier too)
+    f"Patient?identifier:not={CNIE}|AB123456": {"karim"},
+    "Patient?identifier:not=|774411": {"karim"},
+    f"Patient?identifier:not={CNIE}|": set(),
+    f"Patient?identifier={CNIE}|&identifier:not={CNIE}|CD789": {"amina"},
+    f"Observation?code:not={LOINC}|718-7": {"chol-a", "chol-k"},
 }
 
 

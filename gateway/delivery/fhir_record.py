@@ -4,7 +4,8 @@ a transaction request, and the record's answer as a delivery outcome. Pure code.
 `transaction_request(bundle, base_url=..., idempotency_key=...)` turns the mapping engine's
 `collection` Bundle into `POST {base_url}` with a `transaction` Bundle:
 - a resource with an identifier that has both a system and a value is a conditional update
-  on the first such identifier, `PUT Type?identifier=system|value`, without its id: the
+  on the first such identifier (one that is not a sender's own number, if it has one:
+  `_business_identifier`), `PUT Type?identifier=system|value`, without its id: the
   record keeps one resource per business identifier under the id it gave it, and R4
   (http.html#cond-update) refuses a conditional update whose id is not the match's (one
   person sent by two hospitals has two ids), or one that would create with the client's id
@@ -38,6 +39,7 @@ import orjson
 
 from gateway import fhir_json
 from gateway.delivery.outcome import DeliveryOutcome, HttpRequest, HttpResponse
+from gateway.local_identifiers import is_local
 
 FHIR_JSON = "application/fhir+json"
 TRANSIENT_STATUSES = frozenset({408, 429})
@@ -59,23 +61,59 @@ def escape_search_value(text: str) -> str:
     return quote(re.sub(r"([\\|,$])", r"\\\1", text), safe=":/")
 
 
-def transaction_entry(entry: dict) -> dict:
-    """One canonical entry as a transaction entry (see the module docstring)."""
+def transaction_entry(entry: dict, keys: dict | None = None) -> dict:
+    """One canonical entry as a transaction entry (see the module docstring); `keys`: the
+    business identifier of each entry of the request by fullUrl (`_identifiers_by_url`)."""
     resource = entry["resource"]
     resource_type = resource["resourceType"]
     full_url = entry.get("fullUrl") or f"urn:uuid:{resource['id']}"
     identifier = _business_identifier(resource)
     if identifier is not None:
-        system, value = identifier
-        url = f"{resource_type}?identifier={escape_search_value(system)}|{escape_search_value(value)}"
+        url = _condition(resource_type, identifier, _survivor_key(resource.get("link"), keys))
         resource = {key: item for key, item in resource.items() if key != "id"}  # the record names it
     else:
         url = f"{resource_type}/{resource['id']}"
     return {"fullUrl": full_url, "resource": resource, "request": {"method": "PUT", "url": url}}
 
 
+def _condition(resource_type: str, identifier: tuple[str, str], survivor: tuple[str, str] | None) -> str:
+    """`Type?identifier=system|value`; for a Patient a merge retires (MRG-1: `replaced-by`),
+    also `&identifier:not=` its survivor's identifier. The retired registration is found by its
+    own number, which may also be on the survivor's Patient at the record (one Patient for two
+    registrations of one person with one CNIE, an A47's old number): that one is the survivor,
+    which the retirement must not turn inactive and replaced-by itself (R4 also fails a
+    transaction two of whose entries resolve to one resource)."""
+    url = f"{resource_type}?identifier={escape_search_value(identifier[0])}|{escape_search_value(identifier[1])}"
+    if survivor is not None and survivor != identifier:
+        url += f"&identifier:not={escape_search_value(survivor[0])}|{escape_search_value(survivor[1])}"
+    return url
+
+
+def _survivor_key(links, keys: dict | None) -> tuple[str, str] | None:
+    """The business identifier of the Patient that `links` say replaces this one, when the
+    request carries it."""
+    if not keys or not isinstance(links, list):
+        return None
+    for link in links:
+        if isinstance(link, dict) and link.get("type") == "replaced-by":
+            other = link.get("other")
+            reference = other.get("reference") if isinstance(other, dict) else None
+            if isinstance(reference, str) and reference in keys:
+                return keys[reference]
+    return None
+
+
+def _identifiers_by_url(entries) -> dict:
+    """fullUrl -> business identifier of each (fullUrl, resource) given that has one."""
+    return {full_url: key for full_url, resource in entries if isinstance(full_url, str)
+            and (key := _business_identifier(resource)) is not None}
+
+
 def transaction_bundle(bundles: Sequence[dict]) -> dict:
-    entries = [transaction_entry(entry) for bundle in bundles for entry in bundle.get("entry", ())]
+    canonical = [entry for bundle in bundles for entry in bundle.get("entry", ())]
+    keys = _identifiers_by_url((entry.get("fullUrl") or f"urn:uuid:{entry['resource']['id']}", entry["resource"])
+                               for entry in canonical)
+    entries = [transaction_entry(entry, keys) for entry in canonical]
     kept, aliases = _one_per_resource((entry["fullUrl"], entry["request"]["url"], entry) for entry in entries)
     if aliases:
         kept = [{**entry, "resource": fhir_json.with_references(entry["resource"], aliases.get)}
@@ -168,6 +206,7 @@ class _Resource(msgspec.Struct):
     resourceType: str
     id: object = None
     identifier: object = None
+    link: object = None
 
 
 class _Entry(msgspec.Struct):
@@ -191,27 +230,27 @@ def _copied_entries(bundle_texts: Sequence[str | bytes]) -> tuple[bytes, int]:
     """The transaction's body, each resource's stored text copied (see above), and its
     number of entries."""
     dumps = orjson.dumps
-    copied = []
+    read = []  # (fullUrl, resource text, what is read of it, its business identifier)
     for text in bundle_texts:
         for entry in _read_bundle(text).entry:
-            raw = entry.resource
-            resource = _read_resource(raw)
-            resource_id = resource.id
-            if resource_id is None:  # `resource['id']` would fail, or print None: the other path
+            resource = _read_resource(entry.resource)
+            if resource.id is None:  # `resource['id']` would fail, or print None: the other path
+                raise _Unusual
+            full_url = entry.fullUrl or f"urn:uuid:{resource.id}"
+            if not isinstance(full_url, str):  # a fullUrl that is no text: the other path
                 raise _Unusual
             identifier = (_business_identifier({"identifier": resource.identifier})
                           if resource.identifier is not None else None)
-            if identifier is not None:
-                system, value = identifier
-                url = (f"{resource.resourceType}?identifier={escape_search_value(system)}"
-                       f"|{escape_search_value(value)}")
-                raw = _without_id(raw, resource.resourceType, resource_id)
-            else:
-                url = f"{resource.resourceType}/{resource_id}"
-            full_url = entry.fullUrl or f"urn:uuid:{resource_id}"
-            if not isinstance(full_url, str):  # a fullUrl that is no text: the other path
-                raise _Unusual
-            copied.append((full_url, url, (dumps(full_url), raw, dumps(url))))
+            read.append((full_url, entry.resource, resource, identifier))
+    keys = {full_url: identifier for full_url, _, _, identifier in read if identifier is not None}
+    copied = []
+    for full_url, raw, resource, identifier in read:
+        if identifier is not None:
+            url = _condition(resource.resourceType, identifier, _survivor_key(resource.link, keys))
+            raw = _without_id(raw, resource.resourceType, resource.id)
+        else:
+            url = f"{resource.resourceType}/{resource.id}"
+        copied.append((full_url, url, (dumps(full_url), raw, dumps(url))))
     entries, aliases = _one_per_resource(copied)
     if aliases:  # a reference's text is its JSON string: the same bytes as the parsing path's
         if any(not target.isascii() or not dropped.isascii() for dropped, target in aliases.items()):
@@ -270,15 +309,21 @@ def classify_response(response: HttpResponse, request: HttpRequest | None = None
 
 
 def _business_identifier(resource: dict) -> tuple[str, str] | None:
+    """The identifier a conditional update goes by: the first with a system and a value, one
+    the gateway minted for a sender's own number (gateway.local_identifiers) only when there is
+    no other (the CNIE, not the hospital's number, is the one two hospitals share)."""
     identifiers = resource.get("identifier")
     if isinstance(identifiers, dict):
         identifiers = [identifiers]
+    local = None
     for identifier in identifiers or ():
         if isinstance(identifier, dict):
             system, value = identifier.get("system"), identifier.get("value")
             if isinstance(system, str) and system and isinstance(value, str) and value:
-                return system, value
-    return None
+                if not is_local(system):
+                    return system, value
+                local = local or (system, value)
+    return local
 
 
 def _classify_success(response: HttpResponse, expected: int | None) -> DeliveryOutcome:

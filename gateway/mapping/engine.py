@@ -45,6 +45,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from adapters.hl7v2.message import Hl7Message
+from gateway.local_identifiers import is_local
 from gateway.mapping import codegen, fhir_schema, message_codegen
 from gateway.mapping.path import PathError, parse_path
 from gateway.mapping.rules import RuleCompiler
@@ -312,7 +313,9 @@ def _resource_id(resource_type: str, body: dict, context: TranslationContext, or
         if not value:
             continue
         system = identifier.get("system")
-        if not system:  # a local identifier: only unique for this sender and assigner
+        if not system or is_local(system):
+            # A local identifier: unique for this sender, assigner and type. The id is made
+            # as it was before such identifiers had a system, so that ids stay the same.
             assigner = identifier.get("assigner") or {}
             coding = ((identifier.get("type") or {}).get("coding") or [{}])[0]
             system = "|".join((context.sender_id, assigner.get("display", ""), coding.get("code", "")))

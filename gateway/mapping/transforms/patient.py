@@ -4,8 +4,10 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from gateway import local_identifiers
+from gateway.mapping.runtime import Part
 from gateway.mapping.transforms import transform
-from gateway.mapping.transforms.core import fhir_datetime
+from gateway.mapping.transforms.core import fhir_datetime, to_code
 
 _OID = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$")
 _ARABIC = re.compile("[\u0600-\u06ff\u0750-\u077f\u08a0-\u08ff\ufb50-\ufdff\ufe70-\ufeff]")
@@ -22,6 +24,27 @@ def oid_uri(value: str, run):
 
 
 CNIE = "urn:ma:cnie"  # the identifier system of the national identity card (DESIGN 4)
+
+
+@transform("local_system", node=True)
+def local_system(node, run):
+    """A local CX's system (gateway.local_identifiers): urn:ma:hie:local:<sender>:<CX-4.1>:<CX-5>,
+    the sender being its registry facility, so that the shared record finds a registration by
+    its number (a merge's MRG-1)."""
+    if node.__class__ is not Part:
+        raise ValueError("local_system reads a CX (a rule without from: in a CX map)")
+    separators = run.separators
+    # A separator a short MSH-2 leaves out ('' here) is never in a value.
+    components = node.raw.split(separators.component) if separators.component else [node.raw]
+    if not separators.text(components[0]).strip():
+        return None  # no ID number: no identifier
+    assigner = components[3] if len(components) > 3 else ""
+    if separators.subcomponent:
+        assigner = assigner.split(separators.subcomponent)[0]
+    kind = components[4] if len(components) > 4 else ""
+    # "unknown": a sender outside the registry, whose ids are made the same way (engine).
+    return local_identifiers.local_system(run.context.sender_id or "unknown", separators.text(assigner),
+                                          to_code(separators.text(kind), run) or "")
 
 
 def national_number(value: str) -> str:

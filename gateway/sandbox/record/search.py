@@ -3,7 +3,8 @@
 
 Parameters (all of them must hold: AND):
 - `identifier=[system|]value`: `value` matches any system, `|value` only no system,
-  `system|` any value in that system;
+  `system|` any value in that system; `identifier:not=...` the resources that have no such
+  identifier (R4 search.html#token: those without any identifier too);
 - `code=[system|]code`: the same forms, on the indexed codings (see indexes.py);
 - `patient=` and `subject=`: `Type/id` or a bare id (`patient` targets Patient only);
 - `_id=`;
@@ -18,7 +19,7 @@ it. Unknown parameters and modifiers, and lists of values (an unescaped `,`: OR)
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl
 
 from gateway.sandbox.record.indexes import parse_reference
@@ -39,6 +40,7 @@ class TokenClause:
     param: str
     system: str | None
     value: str | None
+    negated: bool = False  # `:not`: the resources without a matching one
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ def parse_search(resource_type: str, pairs: list[tuple[str, str]]) -> SearchQuer
     for name, value in pairs:
         if name in ("identifier", "code"):
             clauses.append(_token(name, value))
+        elif name in ("identifier:not", "code:not"):
+            clauses.append(replace(_token(name[:-4], value), negated=True))
         elif name in ("patient", "subject"):
             clauses.append(_reference(name, value))
         elif name == "_id":

@@ -380,8 +380,8 @@ def _with_meta(version: int, last_updated: str, content: str) -> dict:
 def _planned_matches(query: SearchQuery, planned_identifiers: dict, planned_ids: dict) -> set[str]:
     """Ids given to earlier entries of the same transaction that `query` matches.
 
-    Only `identifier=` (with a value) and `_id=` are looked at; a condition with any other
-    parameter sees only what is already stored.
+    Only `identifier=` and `identifier:not=` (with a value) and `_id=` are looked at; a
+    condition with any other parameter sees only what is already stored.
     """
     found: set[str] | None = None
     for clause in query.clauses:
@@ -389,6 +389,8 @@ def _planned_matches(query: SearchQuery, planned_identifiers: dict, planned_ids:
             ids = {clause.id} & planned_ids.get(query.resource_type, set())
         elif isinstance(clause, TokenClause) and clause.param == "identifier" and clause.value is not None:
             ids = planned_identifiers.get((query.resource_type, clause.system, clause.value), set())
+            if clause.negated:
+                ids = planned_ids.get(query.resource_type, set()) - ids
         else:
             return set()
         found = set(ids) if found is None else found & ids
@@ -404,7 +406,7 @@ def _where(query: SearchQuery) -> tuple[str, list]:
             args.append(clause.id)
         elif isinstance(clause, TokenClause):
             table, column = ("identifier_index", "value") if clause.param == "identifier" else ("code_index", "code")
-            sql = f"r.id IN (SELECT id FROM {table} WHERE type = ?"
+            sql = f"r.id {'NOT IN' if clause.negated else 'IN'} (SELECT id FROM {table} WHERE type = ?"
             args.append(query.resource_type)
             if clause.value is not None:
                 sql += f" AND {column} = ?"
