@@ -101,8 +101,9 @@ def commit_writer(writer: IngestWriter, engine, items: list, batch: int) -> None
             writer._commit(connection, jobs)
 
 
-def stored_templates(path: str) -> tuple[tuple, tuple, tuple]:
-    """One stored message, payload and audit row of the gateway's database, as rows."""
+def stored_templates(path: str) -> tuple[list[str], tuple, tuple, tuple]:
+    """The messages table's column names, and one stored message, payload and audit row of
+    the gateway's database."""
     db = sqlite3.connect(path)
     message = db.execute("SELECT * FROM messages ORDER BY id LIMIT 1").fetchone()
     payload = db.execute("SELECT * FROM message_payloads ORDER BY message_id LIMIT 1").fetchone()
