@@ -145,6 +145,33 @@ def test_a_patient_goes_by_its_cnie_and_by_its_hospital_number_only_without_one(
                     f"Patient?identifier={mr}|987654&identifier:not=urn:ma:cnie|BE123456"]
 
 
+def test_a_retired_patient_goes_by_what_is_its_own_and_is_left_out_when_it_has_nothing(canonical):
+    """A merge's retired Patient that also carries its survivor's CNIE goes by its own number
+    (`:not` the survivor); one that carries the survivor's identifiers alone is the survivor's
+    Patient at the record: left out, the survivor's link to it dropped, every other reference
+    to it (the Provenance's) made to the survivor."""
+    merge = copy.deepcopy(canonical["a40-merge"])
+    survivor, retired = (item for item in merge["entry"] if item["resource"]["resourceType"] == "Patient")
+    cnie = next(i for i in survivor["resource"]["identifier"] if i.get("system") == "urn:ma:cnie")
+    mr = retired["resource"]["identifier"][0]["system"]
+    retired["resource"]["identifier"].append(copy.deepcopy(cnie))
+    sent = json.loads(transaction_request(merge, base_url=BASE, idempotency_key="k").body)
+    assert [item["request"]["url"] for item in sent["entry"] if item["resource"]["resourceType"] == "Patient"] == [
+        "Patient?identifier=urn:ma:cnie|BE123456",
+        f"Patient?identifier={mr}|987654&identifier:not=urn:ma:cnie|BE123456"]
+
+    retired["resource"]["identifier"] = [copy.deepcopy(cnie)]
+    body = transaction_request(merge, base_url=BASE, idempotency_key="k").body
+    sent = json.loads(body)
+    patients = [item for item in sent["entry"] if item["resource"]["resourceType"] == "Patient"]
+    assert [item["request"]["url"] for item in patients] == ["Patient?identifier=urn:ma:cnie|BE123456"]
+    assert "link" not in patients[0]["resource"]
+    assert retired["fullUrl"].encode() not in body
+    provenance = next(item["resource"] for item in sent["entry"] if item["resource"]["resourceType"] == "Provenance")
+    assert {target["reference"] for target in provenance["target"]} == {survivor["fullUrl"]}
+    assert transaction_request_for_texts([json.dumps(merge)], base_url=BASE, idempotency_key="k").body == body
+
+
 def test_request_body_is_utf8_with_text_intact(canonical):
     """French and Arabic text travel as UTF-8, not as escapes."""
     bundle = copy.deepcopy(canonical["a01-admission"])
@@ -205,10 +232,16 @@ def test_stored_texts_give_the_same_request_as_the_bundles(canonical):
                                              idempotency_key="k") == expected
         for item in json.loads(expected.body)["entry"]:  # a conditional update names no id
             assert ("id" in item["resource"]) == ("?" not in item["request"]["url"]), item
-    # The golden bundles and the odd ones are copied, not parsed (what the copying path is for).
-    for bundles in (list(canonical.values()), [odd]):
+    # The golden bundles and the odd ones are copied, not parsed (what the copying path is for),
+    # but for a merge's (a Patient with links), which takes the parsing path.
+    merges = {name for name, bundle in canonical.items() if any(
+        item["resource"]["resourceType"] == "Patient" and "link" in item["resource"] for item in bundle["entry"])}
+    assert {"a40-merge", "a47-change-identifier"} <= merges
+    for bundles in ([bundle for name, bundle in canonical.items() if name not in merges], [odd]):
         expected = transaction_request_for_bundles(bundles, base_url=BASE, idempotency_key="k")
         assert fhir_record._copied_entries([bundle_text(b) for b in bundles]) == (expected.body, expected.entries)
+    with pytest.raises(fhir_record._Unusual):
+        fhir_record._copied_entries([bundle_text(canonical["a40-merge"])])
     # What the bundles' path refuses, the texts' path refuses the same way.
     for bundle in (no_id, {"entry": [{"fullUrl": "x"}]}):
         with pytest.raises(KeyError):

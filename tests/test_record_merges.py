@@ -189,6 +189,41 @@ def test_a40_merges_a_registration_that_carried_the_same_cnie(deliver, record):
     assert_one_person(record, patients=1, results={GLUCOSE})
 
 
+# -- (b') MRG-1 names the survivor's CNIE too ------------------------------------------------------
+
+def a40_with_mrg(mrg1: str) -> str:
+    """The golden A40 (B into A) with another MRG-1."""
+    return A40.replace("MRG|987654^^^CHUIR^MR|", f"MRG|{mrg1}|")
+
+
+def test_a40_whose_mrg_lists_the_survivors_cnie_retires_the_registration_by_its_number(deliver, record):
+    """B registered with CHUIR's MR alone; the A40's MRG-1 lists B's MR and the person's CNIE
+    (A's): B is retired by its own number, and A, which the CNIE names, stays active."""
+    b = deliver(a01("987654^^^CHUIR^MR", "B-A01"))
+    deliver(oru("987654^^^CHUIR^MR", "B-ORU"))
+    deliver(A01_A)
+    deliver(a40_with_mrg("987654^^^CHUIR^MR~be123456^^^CNIE^NI"))
+    _, (merged,) = assert_one_person(record, patients=2, results={GLUCOSE})
+    assert found_by_number(record, b, "987654") == [merged["id"]]
+    assert CNIE not in {identifier.get("system") for identifier in merged["identifier"]}
+    # A later update by the CNIE finds one Patient (not a 412 for two).
+    deliver(oru("123456^^^CHUIR^MR~be123456^^^CNIE^NI", "A-ORU"))
+    (survivor,) = search(record, "Patient", f"identifier={quote(CNIE)}|BE123456")
+    assert survivor.get("active", True) is True and survivor["id"] != merged["id"]
+
+
+def test_a40_whose_mrg_lists_only_the_survivors_cnie_leaves_one_patient(deliver, record):
+    """The A40's MRG-1 names the merged registration by the survivor's CNIE alone: at the
+    record that is the survivor's own Patient, which stays as it is, active, with its result;
+    nothing else is made."""
+    deliver(A01_A)
+    deliver(oru("123456^^^CHUIR^MR~be123456^^^CNIE^NI", "A-ORU"))
+    deliver(a40_with_mrg("be123456^^^CNIE^NI"))
+    survivor, _ = assert_one_person(record, patients=1, results={GLUCOSE})
+    assert "link" not in survivor
+    assert {identifier["value"] for identifier in survivor["identifier"]} == {"123456", "BE123456", "112233445"}
+
+
 # -- (c) identifier change (A47) -----------------------------------------------------------------
 
 @pytest.mark.xfail(strict=True, reason=GAP + ": the A01's Patient (with the CNIE) takes the new MR, and the "

@@ -11,6 +11,9 @@ a transaction request, and the record's answer as a delivery outcome. Pure code.
   person sent by two hospitals has two ids), or one that would create with the client's id
   where the server does not support update-as-create;
 - any other resource is `PUT Type/id` with its deterministic id;
+- a Patient a merge retires (linked `replaced-by` a Patient of the request) goes by its own
+  identifiers only, never as its survivor, and is left out when all it has is the survivor's
+  (`_retirement`);
 - fullUrls and references stay `urn:uuid:`: the record resolves them to the ids it stores.
 `transaction_request_for_bundles` does the same for several canonical bundles in one request
 (entries in the given order; a resource that several carry, under one fullUrl, goes once, as
@@ -61,64 +64,115 @@ def escape_search_value(text: str) -> str:
     return quote(re.sub(r"([\\|,$])", r"\\\1", text), safe=":/")
 
 
-def transaction_entry(entry: dict, keys: dict | None = None) -> dict:
-    """One canonical entry as a transaction entry (see the module docstring); `keys`: the
-    business identifier of each entry of the request by fullUrl (`_identifiers_by_url`)."""
+def transaction_entry(entry: dict, patients: dict | None = None) -> dict | None:
+    """One canonical entry as a transaction entry (see the module docstring); `patients`: the
+    request's Patients by fullUrl, for a merge's retired Patient, which is left out (None)
+    when it is its survivor's own Patient at the record (`_retirement`)."""
     resource = entry["resource"]
     resource_type = resource["resourceType"]
     full_url = entry.get("fullUrl") or f"urn:uuid:{resource['id']}"
-    identifier = _business_identifier(resource)
-    if identifier is not None:
-        url = _condition(resource_type, identifier, _survivor_key(resource.get("link"), keys))
-        resource = {key: item for key, item in resource.items() if key != "id"}  # the record names it
+    survivor = patients[reference] if (reference := _survivor_url(resource, patients)) else None
+    if survivor is not None and _identifiers(resource):
+        shared = _identifiers(survivor)
+        identifier = _business_identifier(resource, exclude=shared)
+        if identifier is None:
+            return None
+        url = _retirement(identifier, survivor)
+        # The survivor's identifiers stay the survivor's alone: a later update on its CNIE
+        # must find one Patient, not the retired registration too (412).
+        listed = resource["identifier"] if isinstance(resource["identifier"], list) else [resource["identifier"]]
+        resource = {**resource, "identifier": [item for item in listed if not (
+            isinstance(item, dict) and (item.get("system"), item.get("value")) in shared)]}
     else:
-        url = f"{resource_type}/{resource['id']}"
+        identifier = _business_identifier(resource)
+        url = _condition(resource_type, identifier) if identifier is not None else f"{resource_type}/{resource['id']}"
+    if identifier is not None:
+        resource = {key: item for key, item in resource.items() if key != "id"}  # the record names it
     return {"fullUrl": full_url, "resource": resource, "request": {"method": "PUT", "url": url}}
 
 
-def _condition(resource_type: str, identifier: tuple[str, str], survivor: tuple[str, str] | None) -> str:
-    """`Type?identifier=system|value`; for a Patient a merge retires (MRG-1: `replaced-by`),
-    also `&identifier:not=` its survivor's identifier. The retired registration is found by its
-    own number, which may also be on the survivor's Patient at the record (one Patient for two
-    registrations of one person with one CNIE, an A47's old number): that one is the survivor,
-    which the retirement must not turn inactive and replaced-by itself (R4 also fails a
-    transaction two of whose entries resolve to one resource)."""
-    url = f"{resource_type}?identifier={escape_search_value(identifier[0])}|{escape_search_value(identifier[1])}"
-    if survivor is not None and survivor != identifier:
-        url += f"&identifier:not={escape_search_value(survivor[0])}|{escape_search_value(survivor[1])}"
-    return url
+def _condition(resource_type: str, identifier: tuple[str, str]) -> str:
+    return f"{resource_type}?identifier={escape_search_value(identifier[0])}|{escape_search_value(identifier[1])}"
 
 
-def _survivor_key(links, keys: dict | None) -> tuple[str, str] | None:
-    """The business identifier of the Patient that `links` say replaces this one, when the
-    request carries it."""
-    if not keys or not isinstance(links, list):
+def _survivor_url(resource: dict, patients: dict | None) -> str | None:
+    """The fullUrl of the Patient of the request that replaces `resource` (a merge's or an
+    identifier change's retired registration: linked `replaced-by`), if the request has it."""
+    links = resource.get("link")
+    if not patients or resource.get("resourceType") != "Patient" or not isinstance(links, list):
         return None
     for link in links:
         if isinstance(link, dict) and link.get("type") == "replaced-by":
             other = link.get("other")
             reference = other.get("reference") if isinstance(other, dict) else None
-            if isinstance(reference, str) and reference in keys:
-                return keys[reference]
+            if isinstance(reference, str) and reference in patients:
+                return reference
     return None
 
 
-def _identifiers_by_url(entries) -> dict:
-    """fullUrl -> business identifier of each (fullUrl, resource) given that has one."""
-    return {full_url: key for full_url, resource in entries if isinstance(full_url, str)
-            and (key := _business_identifier(resource)) is not None}
+def _retirement(identifier: tuple[str, str], survivor: dict) -> str:
+    """The condition of a retired Patient. It goes by the first of its identifiers that its
+    survivor does not carry (the registration's own number; national first), and never as its
+    survivor (`&identifier:not=` the survivor's identifier): that number may also be on the
+    survivor's Patient at the record (an A47's old number, still on the Patient its CNIE
+    names), which must not be turned inactive and replaced-by itself. It keeps its own
+    identifiers only (`transaction_entry`). A retired Patient all of whose identifiers are the
+    survivor's is the survivor's own Patient at the record: it is left out
+    (`transaction_bundle`)."""
+    url = _condition("Patient", identifier)
+    kept = _business_identifier(survivor)
+    if kept is not None:
+        url += f"&identifier:not={escape_search_value(kept[0])}|{escape_search_value(kept[1])}"
+    return url
+
+
+def _identifiers(resource: dict) -> set[tuple[str, str]]:
+    """Its (system, value) pairs that have both."""
+    identifiers = resource.get("identifier")
+    if isinstance(identifiers, dict):
+        identifiers = [identifiers]
+    return {(item["system"], item["value"]) for item in identifiers or () if isinstance(item, dict)
+            and isinstance(item.get("system"), str) and item["system"]
+            and isinstance(item.get("value"), str) and item["value"]}
 
 
 def transaction_bundle(bundles: Sequence[dict]) -> dict:
     canonical = [entry for bundle in bundles for entry in bundle.get("entry", ())]
-    keys = _identifiers_by_url((entry.get("fullUrl") or f"urn:uuid:{entry['resource']['id']}", entry["resource"])
-                               for entry in canonical)
-    entries = [transaction_entry(entry, keys) for entry in canonical]
+    patients = {entry.get("fullUrl") or f"urn:uuid:{entry['resource']['id']}": entry["resource"]
+                for entry in canonical if entry["resource"].get("resourceType") == "Patient"}
+    entries, left_out = [], {}  # left_out: fullUrl of a retired Patient -> its survivor's
+    for entry in canonical:
+        built = transaction_entry(entry, patients)
+        if built is not None:
+            entries.append(built)
+            continue
+        left_out[entry.get("fullUrl") or f"urn:uuid:{entry['resource']['id']}"] = _survivor_url(
+            entry["resource"], patients)
+    if left_out:  # the survivor no longer replaces it; other references are to the survivor
+        entries = [_without_links_to(entry, left_out) for entry in entries]
     kept, aliases = _one_per_resource((entry["fullUrl"], entry["request"]["url"], entry) for entry in entries)
+    # (a survivor kept under another fullUrl: the references go there)
+    aliases = {**{url: aliases.get(survivor, survivor) for url, survivor in left_out.items()}, **aliases}
     if aliases:
         kept = [{**entry, "resource": fhir_json.with_references(entry["resource"], aliases.get)}
                 for entry in kept]
     return {"resourceType": "Bundle", "type": "transaction", "entry": kept}
+
+
+def _without_links_to(entry: dict, left_out: dict) -> dict:
+    """`entry` without its Patient's links to the left-out retired Patients."""
+    resource = entry["resource"]
+    links = resource.get("link")
+    if resource.get("resourceType") != "Patient" or not isinstance(links, list):
+        return entry
+    kept = [link for link in links if not (isinstance(link, dict) and isinstance(link.get("other"), dict)
+                                           and link["other"].get("reference") in left_out)]
+    if len(kept) == len(links):
+        return entry
+    resource = {key: value for key, value in resource.items() if key != "link"}
+    if kept:
+        resource["link"] = kept
+    return {**entry, "resource": resource}
 
 
 def _one_per_resource(entries) -> tuple[list, dict[str, str]]:
@@ -230,27 +284,27 @@ def _copied_entries(bundle_texts: Sequence[str | bytes]) -> tuple[bytes, int]:
     """The transaction's body, each resource's stored text copied (see above), and its
     number of entries."""
     dumps = orjson.dumps
-    read = []  # (fullUrl, resource text, what is read of it, its business identifier)
+    copied = []
     for text in bundle_texts:
         for entry in _read_bundle(text).entry:
-            resource = _read_resource(entry.resource)
-            if resource.id is None:  # `resource['id']` would fail, or print None: the other path
+            raw = entry.resource
+            resource = _read_resource(raw)
+            resource_id = resource.id
+            if resource_id is None:  # `resource['id']` would fail, or print None: the other path
                 raise _Unusual
-            full_url = entry.fullUrl or f"urn:uuid:{resource.id}"
-            if not isinstance(full_url, str):  # a fullUrl that is no text: the other path
-                raise _Unusual
+            if resource.link is not None and resource.resourceType == "Patient":
+                raise _Unusual  # a merge (rare): the parsing path sees its retired Patient
             identifier = (_business_identifier({"identifier": resource.identifier})
                           if resource.identifier is not None else None)
-            read.append((full_url, entry.resource, resource, identifier))
-    keys = {full_url: identifier for full_url, _, _, identifier in read if identifier is not None}
-    copied = []
-    for full_url, raw, resource, identifier in read:
-        if identifier is not None:
-            url = _condition(resource.resourceType, identifier, _survivor_key(resource.link, keys))
-            raw = _without_id(raw, resource.resourceType, resource.id)
-        else:
-            url = f"{resource.resourceType}/{resource.id}"
-        copied.append((full_url, url, (dumps(full_url), raw, dumps(url))))
+            if identifier is not None:
+                url = _condition(resource.resourceType, identifier)
+                raw = _without_id(raw, resource.resourceType, resource_id)
+            else:
+                url = f"{resource.resourceType}/{resource_id}"
+            full_url = entry.fullUrl or f"urn:uuid:{resource_id}"
+            if not isinstance(full_url, str):  # a fullUrl that is no text: the other path
+                raise _Unusual
+            copied.append((full_url, url, (dumps(full_url), raw, dumps(url))))
     entries, aliases = _one_per_resource(copied)
     if aliases:  # a reference's text is its JSON string: the same bytes as the parsing path's
         if any(not target.isascii() or not dropped.isascii() for dropped, target in aliases.items()):
@@ -308,10 +362,11 @@ def classify_response(response: HttpResponse, request: HttpRequest | None = None
     return DeliveryOutcome.permanent(reason, response)
 
 
-def _business_identifier(resource: dict) -> tuple[str, str] | None:
-    """The identifier a conditional update goes by: the first with a system and a value, one
-    the gateway minted for a sender's own number (gateway.local_identifiers) only when there is
-    no other (the CNIE, not the hospital's number, is the one two hospitals share)."""
+def _business_identifier(resource: dict, exclude: set = frozenset()) -> tuple[str, str] | None:
+    """The identifier a conditional update goes by: the first with a system and a value (and
+    not in `exclude`), one the gateway minted for a sender's own number
+    (gateway.local_identifiers) only when there is no other (the CNIE, not the hospital's
+    number, is the one two hospitals share)."""
     identifiers = resource.get("identifier")
     if isinstance(identifiers, dict):
         identifiers = [identifiers]
@@ -319,7 +374,8 @@ def _business_identifier(resource: dict) -> tuple[str, str] | None:
     for identifier in identifiers or ():
         if isinstance(identifier, dict):
             system, value = identifier.get("system"), identifier.get("value")
-            if isinstance(system, str) and system and isinstance(value, str) and value:
+            if isinstance(system, str) and system and isinstance(value, str) and value \
+                    and (system, value) not in exclude:
                 if not is_local(system):
                     return system, value
                 local = local or (system, value)
