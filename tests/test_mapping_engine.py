@@ -1,6 +1,7 @@
 """The mapping engine on small mapping sets written by each test (pure)."""
 import textwrap
 from datetime import datetime, timezone
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -558,6 +559,19 @@ def test_export_shows_first_of_transforms_and_data_absent(tmp_path):
     for number, source in ((1, "OBX-14"), (2, "OBR-7")):
         assert ("OBX.Observation", source, f"first of #{number}", "effectiveDateTime", "datetime", "",
                 "unreadable: data-absent-reason error") in rows
+
+
+def test_export_names_what_a_transform_without_from_reads():
+    """A rule without `from:` gives its transform the whole value (a segment, a CX): the
+    export's source is then what the transform reads, for every such rule of the shipped
+    mappings (a transform added without `reads=` shows as a blank source, and fails here)."""
+    from gateway.mapping.export import export_rows
+    rows = export_rows(Path(__file__).resolve().parent.parent / "mappings")
+    assert not [(row.map, row.target, row.transform) for row in rows if row.transform and not row.source]
+    shown = {(row.map, row.target): row.source for row in rows}
+    assert shown[("PV1.Encounter", "participant")] == "PV1-7, PV1-8, PV1-9, PV1-17"
+    assert shown[("OBX.Observation", "valueQuantity")] == "OBX-2, OBX-5, OBX-6"
+    assert shown[("CX.Identifier", "system")] == "CX-1, CX-4.1, CX-5, the sender"
 
 
 REQUIRED_REFERENCES = {

@@ -11,10 +11,12 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from gateway.mapping.mapping_set import KINDS
+from gateway.mapping.transforms import load_all
 from gateway.mapping.rules import VOCABULARY
 from gateway.mapping.source import MappingErrors, Problem, read_yaml
 
 COLUMNS = ("map", "source", "condition", "target", "transform", "lookup", "nested_map")
+TRANSFORMS = load_all()
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ def _rule(name: str, rule, target: str, condition: str = "") -> list[Row]:
     source = rule.get("from") or rule.get("each") or ""
     if "each" in rule:
         source = f"each {source}"
+    elif not source and rule.get("transform") in TRANSFORMS:
+        source = TRANSFORMS[rule["transform"]].reads  # what a node transform reads of its value
     mapped = rule.get("map")
     nested = mapped if isinstance(mapped, str) else ""
     if "default" in rule:

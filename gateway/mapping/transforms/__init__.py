@@ -46,14 +46,17 @@ class Transform:
     description: str
     guard: FieldGuard | None = None  # node transforms: when called on a segment, None unless it holds
     lenient: bool = False  # an unreadable value of an optional element is left out, with a warning
+    reads: str = ""  # node transforms: the fields they read ("OBX-2, OBX-5, OBX-6"), for the export
 
 
 REGISTRY: dict[str, Transform] = {}
 
 
-def transform(name: str, node: bool = False, guard: FieldGuard | None = None, lenient: bool = False):
+def transform(name: str, node: bool = False, guard: FieldGuard | None = None, lenient: bool = False,
+              reads: str = ""):
     """Register `function` as the transform `name` (`guard`: see FieldGuard, node only;
-    `lenient`: see the module's docstring)."""
+    `lenient`: see the module's docstring; `reads`: what a node transform reads of the value
+    it is given, as `mappings export` shows it for a rule without `from:`)."""
     if guard is not None and not node:
         raise ValueError(f"transform {name!r}: a guard reads a segment, so the transform is node=True")
 
@@ -61,7 +64,7 @@ def transform(name: str, node: bool = False, guard: FieldGuard | None = None, le
         if name in REGISTRY:
             raise ValueError(f"transform {name!r} is registered twice")
         doc = (function.__doc__ or "").strip().splitlines()
-        REGISTRY[name] = Transform(name, function, node, doc[0] if doc else "", guard, lenient)
+        REGISTRY[name] = Transform(name, function, node, doc[0] if doc else "", guard, lenient, reads)
         return function
     return register
 

@@ -43,7 +43,7 @@ def numeric(text: str):
     return comparator or "", number
 
 
-@transform("astm_quantity", node=True)
+@transform("astm_quantity", node=True, reads="R-4, R-5")
 def astm_quantity(node, run):
     """valueQuantity: R-4 when it is a number (comparator kept) and R-5 names its units."""
     if not hasattr(node, "field"):
@@ -59,7 +59,7 @@ def astm_quantity(node, run):
     return quantity
 
 
-@transform("astm_text", node=True)
+@transform("astm_text", node=True, reads="R-4, R-5")
 def astm_text(node, run):
     """valueString: R-4 when it is not a number with units (text, or a value sent without
     units, as E1394 has it)."""

@@ -27,7 +27,7 @@ PV1_ROLES = ((7, "attender", "ATND", "attender"),
              (17, "admitter", "ADM", "admitter"))
 
 
-@transform("pv1_participants", node=True)
+@transform("pv1_participants", node=True, reads="PV1-7, PV1-8, PV1-9, PV1-17")
 def pv1_participants(node, run):
     """PV1 -> Encounter.participant: one per Practitioner the message map built from each
     repetition of PV1-7, -8, -9, -17 (named attender, referrer, consultant, admitter), typed."""

@@ -44,7 +44,7 @@ def _components(node, run) -> list[str]:
     return [separators.text(piece) for piece in pieces]
 
 
-@transform("orders_ei_system", node=True)
+@transform("orders_ei_system", node=True, reads="EI-3, EI-4")
 def ei_system(node, run):
     """EI/HD universal id (EI-3, EI-4 type) -> identifier system: urn:oid: for ISO, urn:uuid: for UUID/GUID."""
     parts = _components(node, run) + ["", "", "", ""]

@@ -26,7 +26,7 @@ def oid_uri(value: str, run):
 CNIE = "urn:ma:cnie"  # the identifier system of the national identity card (DESIGN 4)
 
 
-@transform("local_system", node=True)
+@transform("local_system", node=True, reads="CX-1, CX-4.1, CX-5, the sender")
 def local_system(node, run):
     """A local CX's system (gateway.local_identifiers): urn:ma:hie:local:<sender>:<CX-4.1>:<CX-5>,
     the sender being its registry facility, so that the shared record finds a registration by
@@ -63,7 +63,7 @@ def national_id(value: str, run) -> str:
     return national_number(value)
 
 
-@transform("name_language", node=True)
+@transform("name_language", node=True, reads="XPN (the script of its letters)")
 def name_language(node, run):
     """XPN -> the `language` extension when the name is in Arabic or Tifinagh script, so the
     two written forms of one name (CNIE Latin and Arabic) can be told apart (STANDARDS 6.8)."""

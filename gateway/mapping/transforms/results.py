@@ -48,7 +48,7 @@ def obx_text(node, run):
     return run.separators.text(node.raw) or None
 
 
-@transform("comment_text", node=True)
+@transform("comment_text", node=True, reads="NTE-3")
 def comment_text(node, run):
     """NTE-3 (FT, repeating) of the NTE as one text: repetitions as lines, \\.br\\ as line
     breaks; called with a field, the text of its first repetition."""
@@ -175,7 +175,7 @@ def is_narrative(segment: Segment, run, kind: str | None = None) -> bool:
     return True
 
 
-@transform("report_forms", node=True)
+@transform("report_forms", node=True, reads="OBX-2, OBX-5 of the order's OBX")
 def report_forms(node, run):
     """DiagnosticReport.presentedForm: every ED OBX of the order (a PDF report) as an Attachment,
     then the report's narrative (text OBX that name no observation, see is_narrative), in
@@ -194,7 +194,7 @@ def report_forms(node, run):
     return forms or None
 
 
-@transform("document_content", node=True)
+@transform("document_content", node=True, reads="OBX-2, OBX-5 of the document's OBX")
 def document_content(node, run):
     """DocumentReference.content: each ED OBX as its attachment, and the text OBX (TX, FT, ST),
     in order, as one text/plain attachment (line breaks decoded)."""
@@ -250,7 +250,7 @@ def sn_text(node, run):
     return text or None
 
 
-@transform("results_ei_system", node=True)
+@transform("results_ei_system", node=True, reads="EI-3, EI-4")
 def ei_system(node, run):
     """EI (entity^namespace^universal id^type) -> Identifier.system: urn:oid: for ISO OIDs,
     urn:uuid: for UUIDs, a URI as sent; else nothing (local: assigner carries the namespace)."""
@@ -276,7 +276,7 @@ def _is_oid(text: str) -> bool:
     return all(part.isdigit() for part in text.split(".")) and text.count(".") >= 2
 
 
-@transform("obx_unvalued_status", node=True)
+@transform("obx_unvalued_status", node=True, reads="OBX-5, OBX-11")
 def obx_unvalued_status(node, run):
     """For an OBX without a value (OBX-5 empty): its OBX-11 status, the key of the
     dataAbsentReason table ('?' when OBX-11 is empty too, the table's default)."""
@@ -345,7 +345,7 @@ def _number(text: str, run):
     return to_decimal(text, run)
 
 
-@transform("obx_quantity", node=True, guard=_types("NM", "SN"))
+@transform("obx_quantity", node=True, reads="OBX-2, OBX-5, OBX-6", guard=_types("NM", "SN"))
 def obx_quantity(segment, run):
     """valueQuantity: NM (OBX-6 units), or SN comparator^number (the original text kept as an
     extension when a separator or second number would be lost)."""
@@ -373,7 +373,7 @@ def obx_quantity(segment, run):
     return _units(segment, run, quantity)
 
 
-@transform("obx_range", node=True, guard=_types("NR", "SN"))
+@transform("obx_range", node=True, reads="OBX-2, OBX-5, OBX-6", guard=_types("NR", "SN"))
 def obx_range(segment, run):
     """valueRange: NR low^high, or SN num1^-^num2 (with OBX-6 units)."""
     kind = _type_of(segment, run)
@@ -397,7 +397,7 @@ def obx_range(segment, run):
     return found
 
 
-@transform("obx_ratio", node=True, guard=_types("SN"))
+@transform("obx_ratio", node=True, reads="OBX-2, OBX-5, OBX-6", guard=_types("SN"))
 def obx_ratio(segment, run):
     """valueRatio: SN num1^:^num2 or num1^/^num2 (OBX-6 units on both, as the guide)."""
     if _type_of(segment, run) != "SN":
@@ -414,7 +414,7 @@ def obx_ratio(segment, run):
     return ratio
 
 
-@transform("obx_string", node=True, guard=FieldGuard(2, MAPPED - {"SN"}, inside=False))
+@transform("obx_string", node=True, reads="OBX-2, OBX-5", guard=FieldGuard(2, MAPPED - {"SN"}, inside=False))
 def obx_string(segment, run):
     """valueString: ST/TX/FT (repetitions as lines, \\.br\\ as line breaks); SN that is text
     ('<>' comparator, '+' suffix, or written in one component); a type the guide does not map."""
@@ -431,7 +431,7 @@ def obx_string(segment, run):
     return _obx5_text(segment, run) or None
 
 
-@transform("obx_datetime", node=True, guard=_types("DT", "DTM", "TS"))
+@transform("obx_datetime", node=True, reads="OBX-2, OBX-5", guard=_types("DT", "DTM", "TS"))
 def obx_datetime(segment, run):
     """valueDateTime: DT, DTM, TS."""
     if _type_of(segment, run) not in ("DT", "DTM", "TS"):
@@ -443,7 +443,7 @@ def obx_datetime(segment, run):
     return fhir_datetime(run.separators.text(_components(raw, run)[0]), run.context.timezone)
 
 
-@transform("obx_time", node=True, guard=_types("TM"))
+@transform("obx_time", node=True, reads="OBX-2, OBX-5", guard=_types("TM"))
 def obx_time(segment, run):
     """valueTime: TM."""
     if _type_of(segment, run) != "TM":
@@ -455,7 +455,7 @@ def obx_time(segment, run):
     return to_time(run.separators.text(raw), run)
 
 
-@transform("obx_period", node=True, guard=_types("DR"))
+@transform("obx_period", node=True, reads="OBX-2, OBX-5", guard=_types("DR"))
 def obx_period(segment, run):
     """valuePeriod: DR start^end."""
     if _type_of(segment, run) != "DR":
