@@ -266,6 +266,60 @@ def test_nodes_take_leases_on_the_database_clock_not_their_own(pg_url):
         assert lease_until > datetime.now(timezone.utc) + timedelta(seconds=50)
 
 
+def test_deliveries_fall_due_on_the_database_clock_not_the_nodes(pg_url):
+    """On PostgreSQL a node whose clock runs ten minutes ahead neither holds back what it
+    translates (due at once, not ten minutes late) nor the retries it settles (due after the
+    policy's wait on the database's clock)."""
+    from gateway.delivery.service import _ClaimPlan, _claim_all
+
+    engine = create_gateway_engine(pg_url)
+    try:
+        migrate(engine)
+        with engine.begin() as conn:
+            conn.execute(deliveries.delete())
+        ahead = datetime.now(timezone.utc) + timedelta(minutes=10)
+        (m,) = add_messages(engine, 1)
+        with engine.begin() as conn:  # what the translation worker does on a node ahead
+            save_translation(conn, m, ahead, due=outbox.shared_clock(conn))
+
+        def claimed(node):
+            with engine.begin() as conn:  # another node, on time
+                return _claim_all(conn, node, {"record": _ClaimPlan(10, 1, None)},
+                                  datetime.now(timezone.utc), 60.0)
+
+        (batch,) = claimed("n2")
+        with engine.begin() as conn:  # n2 fails it; the policy says: again in 2 s, on n1's clock
+            outbox.settle(conn, "n2", [done(batch.claims[0], "transient", ahead, ahead + timedelta(seconds=2),
+                                            code=503)], now=ahead)
+            due = conn.execute(select(deliveries.c.next_attempt_at)).scalar_one()
+        assert abs((due - datetime.now(timezone.utc)).total_seconds() - 2) < 1
+        (batch,) = retry_when_due(claimed)
+        settle(engine, "n2", done(batch.claims[0], "permanent", code=422))
+    finally:
+        engine.dispose()
+
+
+def save_translation(conn, message_id: int, now: datetime, due: datetime | None = None) -> None:
+    """The translation of a stored message, routed to the record, saved at `now`."""
+    from gateway.store.translations import Pending, TranslationRecord, save_translations
+
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": []}
+    save_translations(conn, [(Pending(message_id, None, b"", "utf-8", "hl7v2", None, T0),
+                              TranslationRecord("translated", "v2", bundle, destinations=("record",)))],
+                      now, due=due)
+
+
+def retry_when_due(claim_due, seconds: float = 10.0):
+    import time
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        batches = claim_due("n2")
+        if batches:
+            return batches
+        time.sleep(0.2)
+    raise AssertionError("the retry never fell due")
+
+
 def test_withdrawing_and_the_console_respect_a_lease_on_the_database_clock(pg_url):
     """A replay on a node whose clock runs ten minutes ahead does not withdraw, and the console
     does not dead-letter or replay, a delivery another node holds under its lease (its answer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from urllib.parse import quote
 
 import pytest_twisted
@@ -205,6 +205,30 @@ def _wait_for_lock(engine, timeout: float = 10.0) -> None:
             return conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                                      "AND pid <> pg_backend_pid()")).scalar()
     assert _until(waiting, timeout), "nobody waits for a lock"
+
+
+def test_a_node_whose_clock_runs_ahead_makes_its_deliveries_due_at_once(pg_url, tmp_path, monkeypatch):
+    """On PostgreSQL, a translation worker whose clock runs ten minutes ahead stores the
+    message's delivery due on the database's clock, which claims compare with: it may go at
+    once, not ten minutes late."""
+    from gateway.translation import service
+
+    class Ahead(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) + timedelta(minutes=10)
+
+    engine = create_gateway_engine(pg_url)
+    migrate(engine)
+    try:
+        (item,) = _stored(engine, [same_patient("AHEAD-1")])
+        worker, _ = worker_for(engine, tmp_path, [])
+        monkeypatch.setattr(service, "datetime", Ahead)
+        job = worker.translate_now([item])
+        assert job.error is None
+        assert claimed(engine, [item.message_id]) == [item.message_id]
+    finally:
+        engine.dispose()
 
 
 def test_a_replay_with_new_content_reopens_a_delivery_refused_meanwhile(pg_url):

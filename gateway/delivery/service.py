@@ -392,7 +392,7 @@ def _settle_and_claim(connection, node: str, settlements: list[outbox.Settlement
     """Settle, record, claim: (the batches claimed, the `deaths` the settlement made: those
     of deliveries this node still held)."""
     deaths = deaths or {}
-    moved = outbox.settle(connection, node, settlements, confirm=deaths) if settlements else set()
+    moved = outbox.settle(connection, node, settlements, confirm=deaths, now=now) if settlements else set()
     dead = [deaths[s.delivery_id] for s in settlements if s.delivery_id in moved]
     if audit is not None and (records or dead):
         # Committed with the attempts they record.

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Iterable, Sequence
 
 from sqlalchemy import BigInteger, Connection, DateTime, String, any_, bindparam, or_, select, text, update
@@ -133,19 +133,22 @@ _PG_ENQUEUE = text("""
     INSERT INTO deliveries (message_id, destination, patient_key, status, idempotency_key,
                             bundle_sha256, created_at, next_attempt_at, attempts)
     SELECT u.message_id, u.destination, u.patient_key, 'pending', u.idempotency_key,
-           u.bundle_sha256, :now, :now, 0
+           u.bundle_sha256, :now, :due, 0
     FROM unnest(CAST(:ids AS bigint[]), CAST(:destinations AS text[]), CAST(:patients AS text[]),
                 CAST(:keys AS text[]), CAST(:digests AS text[]))
          AS u(message_id, destination, patient_key, idempotency_key, bundle_sha256)
     ON CONFLICT (message_id, destination) DO NOTHING""").bindparams(
-    bindparam("now", type_=DateTime(timezone=True)))
+    bindparam("now", type_=DateTime(timezone=True)), bindparam("due", type_=DateTime(timezone=True)))
 
 
-def enqueue(connection: Connection, entries: Iterable[Enqueue], now: datetime) -> int:
-    """Create (or reopen) the deliveries of freshly stored translations; how many changed."""
+def enqueue(connection: Connection, entries: Iterable[Enqueue], now: datetime,
+            due: datetime | None = None) -> int:
+    """Create (or reopen) the deliveries of freshly stored translations, due at `due` (the
+    clock claims compare with: `shared_clock`; default `now`); how many changed."""
     entries = list(entries)
     if not entries:
         return 0
+    due = due or now
     # Locked (PostgreSQL) until the commit: what is decided below holds only for the status
     # read here, and a node settling one of them meanwhile (a refusal: dead) would otherwise
     # leave a replay's new content on a dead letter, never sent.
@@ -165,11 +168,11 @@ def enqueue(connection: Connection, entries: Iterable[Enqueue], now: datetime) -
             new.append({"message_id": entry.message_id, "destination": entry.destination,
                         "patient_key": entry.patient_key, "status": PENDING,
                         "idempotency_key": key, "bundle_sha256": entry.bundle_sha256,
-                        "created_at": now, "next_attempt_at": now, "attempts": 0})
+                        "created_at": now, "next_attempt_at": due, "attempts": 0})
             sent.append(entry)
         elif row.status == DEAD or (row.status == DELIVERED and row.bundle_sha256 != entry.bundle_sha256):
             reopened.append({"b_id": row.id, "b_key": key, "b_sha": entry.bundle_sha256,
-                             "b_patient": entry.patient_key, "b_now": now})
+                             "b_patient": entry.patient_key, "b_now": due})
             sent.append(entry)
         elif row.status == PENDING and row.bundle_sha256 != entry.bundle_sha256:
             # Still waiting: the next attempt carries the new content, under a new key, in the
@@ -183,7 +186,7 @@ def enqueue(connection: Connection, entries: Iterable[Enqueue], now: datetime) -
         connection.execute(_PG_ENQUEUE, {
             "ids": [row["message_id"] for row in new], "destinations": [row["destination"] for row in new],
             "patients": [row["patient_key"] for row in new], "keys": [row["idempotency_key"] for row in new],
-            "digests": [row["bundle_sha256"] for row in new], "now": now})
+            "digests": [row["bundle_sha256"] for row in new], "now": now, "due": due})
     elif new:
         connection.execute(sqlite.insert(deliveries).on_conflict_do_nothing(
             index_elements=[deliveries.c.message_id, deliveries.c.destination]), new)
@@ -464,10 +467,11 @@ def _cut_at_gaps(packed: list[list[int]], runs, leased: set[int]) -> tuple[list[
 
 
 def settle(connection: Connection, node: str, node_results: Iterable[Settlement],
-           confirm: Iterable[int] = ()) -> set[int]:
+           confirm: Iterable[int] = (), now: datetime | None = None) -> set[int]:
     """Record attempts and move their deliveries on (only where this node still holds them,
     under the key it sent). Returns those of the `confirm` ids that this moved: a node whose
-    lease was taken over (it was too slow) must not say it made a dead letter."""
+    lease was taken over (it was too slow) must not say it made a dead letter. `now`: the
+    node's clock, on which the retry times were chosen (default: read now)."""
     results = list(node_results)
     if not results:
         return set()
@@ -500,6 +504,12 @@ def settle(connection: Connection, node: str, node_results: Iterable[Settlement]
                  "lease_owner": None, "lease_until": None,
                  "last_reason": bindparam("b_reason"), "last_code": bindparam("b_code")}
     if retried:
+        # Retry times move to the clock claims compare with (`shared_clock`): on its own, a
+        # node whose clock runs ahead would retry late, one behind early.
+        shared = shared_clock(connection)
+        if shared is not None:
+            shift = shared - (now or datetime.now(timezone.utc))
+            retried = [{**item, "b_next": item["b_next"] + shift} for item in retried]
         connection.execute(update(deliveries).where(mine).values(
             next_attempt_at=bindparam("b_next"), **attempted), retried)
     if finished:

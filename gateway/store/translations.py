@@ -244,11 +244,12 @@ def replace_ack(connection: Connection, message_id: int, ack: bytes) -> None:
 
 
 def save_translations(connection: Connection, results: list[tuple[Pending, TranslationRecord]],
-                      now: datetime | None = None, again: bool = False) -> int:
+                      now: datetime | None = None, again: bool = False, due: datetime | None = None) -> int:
     """Upsert the translation rows, move the messages' statuses (and ACKs, where a new one was
     sent); returns how many were written. Messages found by key get their id set. `again`
     (a replay): their pending deliveries the new translation no longer routes are withdrawn
-    (gateway.store.outbox.withdraw)."""
+    (gateway.store.outbox.withdraw). Their deliveries are due at `due` (default `now`): the
+    worker gives the database's clock, which claims compare with (outbox.shared_clock)."""
     now = now or datetime.now(timezone.utc)
     rows, bundles, unbundled, statuses, acks, outgoing = [], [], [], [], [], []
     routed: dict[int, tuple[frozenset[str], str]] = {}  # again: what each message now routes to
@@ -312,7 +313,7 @@ def save_translations(connection: Connection, results: list[tuple[Pending, Trans
         connection.execute(update(messages).where(messages.c.id == bindparam("b_id"))
                            .values(ack=bindparam("b_ack"), ack_code=bindparam("b_code")), acks)
     withdraw(connection, routed, now)
-    enqueue(connection, outgoing, now)
+    enqueue(connection, outgoing, now, due)
     return len(rows)
 
 

@@ -70,6 +70,7 @@ from gateway.ingest.model import MessageStatus
 from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.source import MappingErrors
 from gateway.store.database import availability, value_refused, write_transaction
+from gateway.store.outbox import shared_clock
 from gateway.store.translations import (Pending, TranslationRecord, claim_messages,
                                         oldest_untranslated, pending_messages, replace_ack,
                                         save_translations, stored_outcome)
@@ -407,7 +408,7 @@ class TranslationWorker:
                 results = [(item, record) for item, record in results if item.message_id in mine]
             if self.step is not None:
                 self.step.apply(connection, _for_step(results), prepared, now)
-            save_translations(connection, results, now, again=replay)
+            save_translations(connection, results, now, again=replay, due=shared_clock(connection))
             events = [_translation_event(item, record, self.audit is not None)
                       for item, record in results]
             if self.audit is not None:
