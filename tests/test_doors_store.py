@@ -115,3 +115,22 @@ def test_a_refusal_of_a_long_or_nul_bearing_path_is_kept(db_url):
     assert kept.operation == path[:64] and kept.certificate == "CN=x\ufffd"
     assert kept.reason == f"too large: {path}".replace("\x00", "\ufffd")
     engine.dispose()
+
+
+def test_a_node_whose_clock_runs_ahead_does_not_take_over_a_request_in_progress(pg_url):
+    """On PostgreSQL the door's claims are leased on the database's clock: a node whose clock
+    runs ten minutes ahead finds another node's 60 s claim still held, instead of taking the
+    request over and processing it a second time."""
+    from gateway.doors.store import claim_request_on_shared_clock
+
+    engine = create_gateway_engine(pg_url)
+    migrate(engine)
+    database = Database(engine, None)
+    now = datetime.now(timezone.utc)
+    claim = lambda who, at: database.run_write_now(claim_request_on_shared_clock, "F9", f"ahead-{now.timestamp()}",
+                                                   "hl7v2.submit", "d1", at, 60, who).outcome
+    try:
+        assert claim(claimant("node-a", "p1"), now) == "new"
+        assert claim(claimant("node-b", "p2"), now + timedelta(minutes=10)) == "in_progress"
+    finally:
+        engine.dispose()

@@ -21,8 +21,8 @@ from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
 from gateway.doors.api import ApiRequest, ApiResponse, Problem, problem_response
-from gateway.doors.store import (StoredAnswer, claim_request, claimant, finish_request,
-                                 release_request)
+from gateway.doors.store import (StoredAnswer, claim_request_on_shared_clock, claimant,
+                                 finish_request, release_request)
 
 HEADER = "idempotency-key"
 # Visible ASCII, 1 to 128 characters (a UUID is the usual choice).
@@ -68,7 +68,7 @@ class IdempotencyGuard:
     async def run(self, request: ApiRequest, key: str, operation: str,
                   process: Callable[[], Awaitable[ApiResponse]]) -> ApiResponse:
         facility = request.facility.id
-        claim = await self.database.run_write(claim_request, facility, key, operation or "-",
+        claim = await self.database.run_write(claim_request_on_shared_clock, facility, key, operation or "-",
                                               request_digest(request), self._instant(), self.lease,
                                               self.claimant)
         if claim.outcome == "replay":

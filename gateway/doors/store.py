@@ -26,6 +26,7 @@ from sqlalchemy import (Column, Connection, DateTime, Index, Integer, LargeBinar
                         Text, delete, select, update)
 from sqlalchemy.dialects import postgresql, sqlite
 
+from gateway.store.database import shared_clock
 from gateway.store.schema import Id, metadata
 from gateway.store.texts import storable
 from gateway.store.timestamps import utc as _aware
@@ -150,6 +151,16 @@ def claim_request(connection: Connection, facility_id: str, key: str, operation:
     connection.execute(update(api_requests).where(api_requests.c.id == row.id)
                        .values(created_at=now, lease_until=until, claimed_by=claimed_by))
     return Claim("new")
+
+
+def claim_request_on_shared_clock(connection: Connection, facility_id: str, key: str, operation: str,
+                                  digest: str, now: datetime, lease: float,
+                                  claimed_by: str | None = None) -> Claim:
+    """`claim_request` with its lease set and compared on the clock the nodes share
+    (PostgreSQL's; `now` on SQLite): a node whose clock ran ahead would otherwise take over a
+    request another node is still processing, and process it a second time."""
+    return claim_request(connection, facility_id, key, operation, digest, shared_clock(connection) or now,
+                         lease, claimed_by)
 
 
 def finish_request(connection: Connection, facility_id: str, key: str, answer: StoredAnswer,

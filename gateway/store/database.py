@@ -14,6 +14,7 @@ import threading
 import time
 import weakref
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import datetime
 from typing import Any, Callable, Iterator, TypeVar
 
 from alembic import command
@@ -133,6 +134,14 @@ def migrate(engine: Engine) -> None:
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATE_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+def shared_clock(connection: Connection) -> datetime | None:
+    """The time on the clock every node reads (PostgreSQL's, which they share), None on SQLite
+    (one node: its own clock is the only one)."""
+    if connection.dialect.name != "postgresql":
+        return None
+    return connection.execute(text("SELECT clock_timestamp()")).scalar()
 
 
 def table_names(engine: Engine) -> list[str]:

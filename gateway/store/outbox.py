@@ -37,6 +37,7 @@ from sqlalchemy import BigInteger, Connection, DateTime, String, any_, bindparam
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from gateway.store.database import shared_clock
 from gateway.store.schema import canonical_bundles, deliveries, delivery_attempts
 from gateway.store.texts import storable
 from gateway.store.timestamps import utc
@@ -291,14 +292,6 @@ _RUN = """
 _RUNS_PG = ("SELECT r.* FROM unnest(CAST(:patients AS text[])) AS h(patient_key) CROSS JOIN LATERAL ("
             + _RUN.format(size="octet_length(t.bundle)", patient="h.patient_key") + ") r")
 _RUN_SQLITE = _RUN.format(size="length(CAST(t.bundle AS BLOB))", patient=":patient")
-
-
-def shared_clock(connection: Connection) -> datetime | None:
-    """The time on the clock every node reads (PostgreSQL's, which they share), None on SQLite
-    (one node: its own clock is the only one)."""
-    if connection.dialect.name != "postgresql":
-        return None
-    return connection.execute(text("SELECT clock_timestamp()")).scalar()
 
 
 def claim(connection: Connection, node: str, destination: str, now: datetime, lease: float,

@@ -69,8 +69,7 @@ from gateway.ingest.awaited import AwaitedAnswers
 from gateway.ingest.model import MessageStatus
 from gateway.mapping.mapping_set import MappingSet
 from gateway.mapping.source import MappingErrors
-from gateway.store.database import availability, value_refused, write_transaction
-from gateway.store.outbox import shared_clock
+from gateway.store.database import availability, shared_clock, value_refused, write_transaction
 from gateway.store.translations import (Pending, TranslationRecord, claim_messages,
                                         oldest_untranslated, pending_messages, replace_ack,
                                         save_translations, stored_outcome)
