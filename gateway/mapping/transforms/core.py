@@ -18,6 +18,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 from gateway.fhir_json import exact_decimal
+from gateway.mapping.runtime import FIELD
 from gateway.mapping.transforms import transform
 
 # ASCII digits only (re.ASCII): \d also matches Arabic-Indic and other digits, which int() reads
@@ -27,6 +28,13 @@ _DTM = re.compile(r"^(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?
                   r"([+-]\d{4})?$", re.ASCII)
 _TM = re.compile(r"^(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,4}))?)?)?([+-]\d{4})?$", re.ASCII)
 _cache: dict[tuple, str | None] = {}
+
+
+def raw_components(raw: str, run, level: int = FIELD) -> list[str]:
+    """A value's components (its subcomponents when `level` is a component's), still escaped;
+    a separator a short MSH-2 leaves out ('') is never in a value."""
+    separator = run.separators.component if level == FIELD else run.separators.subcomponent
+    return raw.split(separator) if separator and separator in raw else [raw]
 
 
 def _parts(text: str):

@@ -5,9 +5,9 @@ import re
 import unicodedata
 
 from gateway import local_identifiers
-from gateway.mapping.runtime import Part
+from gateway.mapping.runtime import COMPONENT, Part
 from gateway.mapping.transforms import transform
-from gateway.mapping.transforms.core import fhir_datetime, to_code
+from gateway.mapping.transforms.core import fhir_datetime, raw_components, to_code
 
 _OID = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$")
 _ARABIC = re.compile("[\u0600-\u06ff\u0750-\u077f\u08a0-\u08ff\ufb50-\ufdff\ufe70-\ufeff]")
@@ -34,13 +34,10 @@ def local_system(node, run):
     if node.__class__ is not Part:
         raise ValueError("local_system reads a CX (a rule without from: in a CX map)")
     separators = run.separators
-    # A separator a short MSH-2 leaves out ('' here) is never in a value.
-    components = node.raw.split(separators.component) if separators.component else [node.raw]
+    components = raw_components(node.raw, run)
     if not separators.text(components[0]).strip():
         return None  # no ID number: no identifier
-    assigner = components[3] if len(components) > 3 else ""
-    if separators.subcomponent:
-        assigner = assigner.split(separators.subcomponent)[0]
+    assigner = raw_components(components[3], run, COMPONENT)[0] if len(components) > 3 else ""
     kind = components[4] if len(components) > 4 else ""
     # "unknown": a sender outside the registry, whose ids are made the same way (engine).
     return local_identifiers.local_system(run.context.sender_id or "unknown", separators.text(assigner),

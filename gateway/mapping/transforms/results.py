@@ -12,9 +12,9 @@ import hashlib
 from bisect import bisect_left
 
 from adapters.hl7v2.message import Segment
-from gateway.mapping.runtime import COMPONENT, FIELD, Part, TranslationError
+from gateway.mapping.runtime import COMPONENT, Part, TranslationError
 from gateway.mapping.transforms import FieldGuard, transform
-from gateway.mapping.transforms.core import to_decimal
+from gateway.mapping.transforms.core import raw_components, to_decimal
 
 # ED-2 (type of data, table 0191) and ED-3 (subtype, table 0291) -> MIME type, when the sender
 # did not already send a MIME type ('application^pdf').
@@ -26,11 +26,6 @@ _MIME_TYPES = ("application", "audio", "image", "text", "video", "multipart", "m
 _TYPES = {"TX": "text/plain", "FT": "text/plain", "TEXT": "text/plain", "AP": "application/octet-stream",
           "IM": "image", "AU": "audio/basic"}
 TEXT_TYPES = frozenset(("TX", "FT", "ST"))
-
-
-def _components(raw: str, run, level: int = FIELD) -> list[str]:
-    separator = run.separators.component if level == FIELD else run.separators.subcomponent
-    return raw.split(separator) if separator and separator in raw else [raw]
 
 
 def _obx5_text(segment: Segment, run) -> str:
@@ -62,7 +57,7 @@ def comment_text(node, run):
 def ed_attachment(raw: str, run) -> dict:
     """An ED value (source^type^subtype^encoding^data) as an Attachment: the bytes exactly as
     sent, re-encoded as canonical base64, with their size and SHA-1 hash."""
-    parts = _components(raw, run) + [""] * 5
+    parts = raw_components(raw, run) + [""] * 5
     text = run.separators.text
     kind, subtype, encoding, data = (text(part) for part in parts[1:5])
     content_type = _content_type(kind.strip(), subtype.strip())
@@ -146,7 +141,7 @@ def _located_attachment(raw: str, segment: Segment, location: str, run) -> dict:
 
 def _value_type(segment: Segment, run) -> str:
     raw = segment.field(2)
-    return _components(raw, run)[0].strip().upper() if raw else ""
+    return raw_components(raw, run)[0].strip().upper() if raw else ""
 
 
 # The components of OBX-3 from which CWE.CodeableConcept makes a code or a text.
@@ -163,7 +158,7 @@ def is_narrative(segment: Segment, run, kind: str | None = None) -> bool:
     raw = segment.field(3)
     if not raw:
         return True
-    components = _components(raw, run)
+    components = raw_components(raw, run)
     subcomponent = run.separators.subcomponent
     for number in _IDENTIFYING:
         if number < len(components):
@@ -216,7 +211,7 @@ def _titled(attachment: dict, segment: Segment, run) -> dict:
     """The OBX-3 text as the attachment's title."""
     code = segment.field(3)
     if code:
-        parts = _components(code, run)
+        parts = raw_components(code, run)
         title = parts[1] if len(parts) > 1 and parts[1] else ""
         if title:
             attachment["title"] = run.separators.text(title)
@@ -227,7 +222,7 @@ def _titled(attachment: dict, segment: Segment, run) -> dict:
 def sn_original_text(node, run):
     """SN (comparator^num1^separator^num2) as the originalText extension, when num2 or the
     separator would otherwise be lost (v2-to-FHIR SN[Quantity])."""
-    parts = [run.separators.text(part) for part in _components(node.raw, run, node.level)]
+    parts = [run.separators.text(part) for part in raw_components(node.raw, run, node.level)]
     text = " ".join(part for part in parts[:4] if part)
     return {"url": "http://hl7.org/fhir/StructureDefinition/originalText", "valueString": text} if text else None
 
@@ -240,11 +235,11 @@ def sn_text(node, run):
         segment = node
     else:
         raw, segment = node.raw, run.segment
-    parts = [run.separators.text(part) for part in _components(raw, run)]
+    parts = [run.separators.text(part) for part in raw_components(raw, run)]
     text = " ".join(part for part in parts[:4] if part)
     unit = segment.field(6) if segment is not None else ""
     if unit:
-        unit_parts = _components(unit, run)
+        unit_parts = raw_components(unit, run)
         label = (unit_parts[1] if len(unit_parts) > 1 and unit_parts[1] else unit_parts[0])
         text = f"{text} {run.separators.text(label)}"
     return text or None
@@ -256,7 +251,7 @@ def ei_system(node, run):
     urn:uuid: for UUIDs, a URI as sent; else nothing (local: assigner carries the namespace)."""
     if node.__class__ is not Part:
         return None
-    parts = _components(node.raw, run, node.level)
+    parts = raw_components(node.raw, run, node.level)
     if len(parts) < 3:
         return None
     universal = run.separators.text(parts[2]).strip()
@@ -315,7 +310,7 @@ def _sn(segment, run) -> list[str] | None:
     raw = _obx5_first(segment, run)
     if not raw:
         return None
-    parts = [run.separators.text(part) for part in _components(raw, run)] + ["", "", ""]
+    parts = [run.separators.text(part) for part in raw_components(raw, run)] + ["", "", ""]
     if not parts[1]:
         return None
     return parts
@@ -379,7 +374,7 @@ def obx_range(segment, run):
     kind = _type_of(segment, run)
     if kind == "NR":
         raw = _obx5_first(segment, run)
-        parts = [run.separators.text(part) for part in _components(raw, run)] + [""] if raw else ["", ""]
+        parts = [run.separators.text(part) for part in raw_components(raw, run)] + [""] if raw else ["", ""]
         found = {}
         if parts[0]:
             found["low"] = {"value": _number(parts[0], run)}
@@ -440,7 +435,7 @@ def obx_datetime(segment, run):
     if not raw:
         return None
     from gateway.mapping.transforms.core import fhir_datetime
-    return fhir_datetime(run.separators.text(_components(raw, run)[0]), run.context.timezone)
+    return fhir_datetime(run.separators.text(raw_components(raw, run)[0]), run.context.timezone)
 
 
 @transform("obx_time", node=True, reads="OBX-2, OBX-5", guard=_types("TM"))
@@ -466,7 +461,7 @@ def obx_period(segment, run):
     from gateway.mapping.transforms.core import fhir_datetime
     # Each component's first subcomponent; _components, since a message whose MSH-2 has three
     # characters has no subcomponent separator (str.split('') raises).
-    parts = [run.separators.text(_components(part, run, COMPONENT)[0]) for part in _components(raw, run)]
+    parts = [run.separators.text(raw_components(part, run, COMPONENT)[0]) for part in raw_components(raw, run)]
     period = {}
     if parts[0]:
         period["start"] = fhir_datetime(parts[0], run.context.timezone)
