@@ -70,7 +70,7 @@ def transaction_entry(entry: dict, patients: dict | None = None) -> dict | None:
     when it is its survivor's own Patient at the record (`_retirement`)."""
     resource = entry["resource"]
     resource_type = resource["resourceType"]
-    full_url = entry.get("fullUrl") or f"urn:uuid:{resource['id']}"
+    full_url = _full_url(entry)
     survivor = patients[reference] if (reference := _survivor_url(resource, patients)) else None
     if survivor is not None and _identifiers(resource):
         shared = _identifiers(survivor)
@@ -89,6 +89,10 @@ def transaction_entry(entry: dict, patients: dict | None = None) -> dict | None:
     if identifier is not None:
         resource = {key: item for key, item in resource.items() if key != "id"}  # the record names it
     return {"fullUrl": full_url, "resource": resource, "request": {"method": "PUT", "url": url}}
+
+
+def _full_url(entry: dict) -> str:
+    return entry.get("fullUrl") or f"urn:uuid:{entry['resource']['id']}"
 
 
 def _condition(resource_type: str, identifier: tuple[str, str]) -> str:
@@ -127,18 +131,24 @@ def _retirement(identifier: tuple[str, str], survivor: dict) -> str:
 
 
 def _identifiers(resource: dict) -> set[tuple[str, str]]:
-    """Its (system, value) pairs that have both."""
+    return set(_pairs(resource))
+
+
+def _pairs(resource: dict):
+    """The (system, value) of each of its identifiers that has both, in order."""
     identifiers = resource.get("identifier")
     if isinstance(identifiers, dict):
         identifiers = [identifiers]
-    return {(item["system"], item["value"]) for item in identifiers or () if isinstance(item, dict)
-            and isinstance(item.get("system"), str) and item["system"]
-            and isinstance(item.get("value"), str) and item["value"]}
+    for identifier in identifiers or ():
+        if isinstance(identifier, dict):
+            system, value = identifier.get("system"), identifier.get("value")
+            if isinstance(system, str) and system and isinstance(value, str) and value:
+                yield system, value
 
 
 def transaction_bundle(bundles: Sequence[dict]) -> dict:
     canonical = [entry for bundle in bundles for entry in bundle.get("entry", ())]
-    patients = {entry.get("fullUrl") or f"urn:uuid:{entry['resource']['id']}": entry["resource"]
+    patients = {_full_url(entry): entry["resource"]
                 for entry in canonical if entry["resource"].get("resourceType") == "Patient"}
     entries, left_out = [], {}  # left_out: fullUrl of a retired Patient -> its survivor's
     for entry in canonical:
@@ -146,8 +156,7 @@ def transaction_bundle(bundles: Sequence[dict]) -> dict:
         if built is not None:
             entries.append(built)
             continue
-        left_out[entry.get("fullUrl") or f"urn:uuid:{entry['resource']['id']}"] = _survivor_url(
-            entry["resource"], patients)
+        left_out[_full_url(entry)] = _survivor_url(entry["resource"], patients)
     if left_out:  # the survivor no longer replaces it; other references are to the survivor
         entries = [_without_links_to(entry, left_out) for entry in entries]
     kept, aliases = _one_per_resource((entry["fullUrl"], entry["request"]["url"], entry) for entry in entries)
@@ -367,18 +376,12 @@ def _business_identifier(resource: dict, exclude: set = frozenset()) -> tuple[st
     not in `exclude`), one the gateway minted for a sender's own number
     (gateway.local_identifiers) only when there is no other (the CNIE, not the hospital's
     number, is the one two hospitals share)."""
-    identifiers = resource.get("identifier")
-    if isinstance(identifiers, dict):
-        identifiers = [identifiers]
     local = None
-    for identifier in identifiers or ():
-        if isinstance(identifier, dict):
-            system, value = identifier.get("system"), identifier.get("value")
-            if isinstance(system, str) and system and isinstance(value, str) and value \
-                    and (system, value) not in exclude:
-                if not is_local(system):
-                    return system, value
-                local = local or (system, value)
+    for pair in _pairs(resource):
+        if pair not in exclude:
+            if not is_local(pair[0]):
+                return pair
+            local = local or pair
     return local
 
 

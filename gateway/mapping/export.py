@@ -11,9 +11,9 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from gateway.mapping.mapping_set import KINDS
-from gateway.mapping.transforms import load_all
 from gateway.mapping.rules import VOCABULARY
 from gateway.mapping.source import MappingErrors, Problem, read_yaml
+from gateway.mapping.transforms import load_all
 
 COLUMNS = ("map", "source", "condition", "target", "transform", "lookup", "nested_map")
 TRANSFORMS = load_all()
